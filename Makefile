@@ -1,0 +1,47 @@
+# Loa — developer entry points. `make demo`, `make test`, `make bench`.
+PY_SYS ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# Debian packages the tests and the demo use (decoders, the Vietnamese voice).
+DEB_PKGS := ffmpeg espeak-ng
+
+.PHONY: demo test lint typecheck pytest bench sysdeps clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]' > $(VENV)/pip.log 2>&1 || (cat $(VENV)/pip.log; exit 1)
+	touch $(STAMP)
+
+# Installs the Debian packages only when one is missing (needs root and apt-get).
+sysdeps:
+	@missing=""; for p in $(DEB_PKGS); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+demo: $(STAMP) sysdeps
+	$(VENV)/bin/loa demo
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check streamer codecs relay web tests
+
+# mypy cannot see setuptools' editable import hook, so it checks a symlink tree loa/<folder>.
+typecheck: $(STAMP)
+	@mkdir -p .typecheck/loa
+	@for d in streamer codecs relay web; do ln -sfn ../../$$d .typecheck/loa/$$d; done
+	cd .typecheck && MYPYPATH=. ../$(VENV)/bin/mypy --namespace-packages --explicit-package-bases -p loa
+
+pytest: $(STAMP) sysdeps
+	$(PY) -m pytest -q
+
+test: sysdeps lint typecheck pytest
+
+bench: $(STAMP)
+	$(VENV)/bin/loa bench mix --zones 20 --seconds 10
+	$(VENV)/bin/loa bench mix --find
+
+clean:
+	rm -rf $(VENV) .typecheck .pytest_cache .mypy_cache .ruff_cache *.egg-info

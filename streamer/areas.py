@@ -1,0 +1,206 @@
+"""The area tree: province, districts, communes, villages ... as data, of any depth.
+
+An area is identified by its official administrative code (GSO) or any unique code the operator
+chooses. The tree decides authority: an area nearer the root outranks the areas below it.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+
+class AreaError(ValueError):
+    """A bad area or area list: unknown code, unknown parent, cycle, duplicate."""
+
+
+@dataclass
+class Area:
+    code: str
+    name: str
+    level: str = ""
+    parent: str | None = None
+    lat: float | None = None
+    lon: float | None = None
+    children: list[str] = field(default_factory=list, repr=False)
+    depth: int = 0
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "code": self.code,
+            "name": self.name,
+            "level": self.level,
+            "parent": self.parent,
+            "lat": self.lat,
+            "lon": self.lon,
+        }
+
+
+def _clean_code(code: str) -> str:
+    code = (code or "").strip()
+    if not code or len(code) > 64 or any(c.isspace() or c in "/?#" for c in code):
+        raise AreaError(f"mã khu vực không hợp lệ / invalid area code: {code!r}")
+    return code
+
+
+class AreaTree:
+    def __init__(self) -> None:
+        self._areas: dict[str, Area] = {}
+
+    # ---- building -------------------------------------------------------------------------
+    def add(
+        self,
+        code: str,
+        name: str,
+        level: str = "",
+        parent: str | None = None,
+        lat: float | None = None,
+        lon: float | None = None,
+    ) -> Area:
+        code = _clean_code(code)
+        if code in self._areas:
+            raise AreaError(f"mã khu vực trùng / duplicate area code: {code}")
+        if parent is not None:
+            parent = parent.strip() or None
+        if parent is not None and parent not in self._areas:
+            raise AreaError(f"khu vực cha không tồn tại / unknown parent {parent!r} of {code}")
+        area = Area(code=code, name=name.strip() or code, level=level.strip(), parent=parent,
+                    lat=lat, lon=lon)
+        if parent is not None:
+            p = self._areas[parent]
+            p.children.append(code)
+            area.depth = p.depth + 1
+        self._areas[code] = area
+        return area
+
+    def update(self, code: str, *, name: str | None = None, level: str | None = None) -> Area:
+        area = self.get(code)
+        if name is not None:
+            area.name = name
+        if level is not None:
+            area.level = level
+        return area
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[tuple[str, str, str, str | None]]) -> AreaTree:
+        """Build from (code, name, level, parent_code) rows in any order.
+
+        Unknown parents, cycles and duplicate codes are reported with the row that caused them.
+        """
+        tree = cls()
+        pending: dict[str, tuple[int, str, str, str | None]] = {}
+        for i, (code, name, level, parent) in enumerate(rows, start=1):
+            code = _clean_code(code)
+            parent = (parent or "").strip() or None
+            if code in pending:
+                raise AreaError(f"dòng {i}: mã khu vực trùng / row {i}: duplicate area code {code}")
+            pending[code] = (i, name, level, parent)
+        for code, (i, _name, _level, parent) in pending.items():
+            if parent is not None and parent not in pending:
+                raise AreaError(
+                    f"dòng {i}: khu vực cha không tồn tại / row {i}: unknown parent {parent!r} of {code}"
+                )
+        # Insert parents before children; whatever is left after that is in a cycle.
+        placed: set[str] = set()
+        progress = True
+        while progress and len(placed) < len(pending):
+            progress = False
+            for code, (_i, name, level, parent) in pending.items():
+                if code not in placed and (parent is None or parent in placed):
+                    tree.add(code, name, level, parent)
+                    placed.add(code)
+                    progress = True
+        if len(placed) < len(pending):
+            stuck = sorted(c for c in pending if c not in placed)
+            raise AreaError(f"vòng lặp trong cây khu vực / cycle in the area tree: {', '.join(stuck[:10])}")
+        return tree
+
+    @classmethod
+    def from_csv(cls, text: str) -> AreaTree:
+        """Official administrative units list: columns code, name, level, parent_code.
+
+        A header row is recognised by its first cell (`code`, `ma`, `mã`) and skipped.
+        """
+        reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
+        rows: list[tuple[str, str, str, str | None]] = []
+        for i, row in enumerate(reader, start=1):
+            if not row or all(not c.strip() for c in row):
+                continue
+            if i == 1 and row[0].strip().lower() in {"code", "ma", "mã", "ma_dvhc", "mã đvhc"}:
+                continue
+            if len(row) < 3:
+                raise AreaError(f"dòng {i}: thiếu cột / row {i}: expected code,name,level,parent_code")
+            parent = row[3] if len(row) > 3 else None
+            rows.append((row[0], row[1], row[2], parent))
+        return cls.from_rows(rows)
+
+    # ---- queries --------------------------------------------------------------------------
+    def __contains__(self, code: object) -> bool:
+        return code in self._areas
+
+    def __len__(self) -> int:
+        return len(self._areas)
+
+    def __iter__(self) -> Iterator[Area]:
+        return iter(self._areas.values())
+
+    def get(self, code: str) -> Area:
+        try:
+            return self._areas[code]
+        except KeyError:
+            raise AreaError(f"không có khu vực / unknown area: {code}") from None
+
+    def roots(self) -> list[Area]:
+        return [a for a in self._areas.values() if a.parent is None]
+
+    def ancestors(self, code: str) -> list[str]:
+        """The area itself, then its parent, up to the root."""
+        out = []
+        cur: str | None = self.get(code).code
+        while cur is not None:
+            out.append(cur)
+            cur = self._areas[cur].parent
+        return out
+
+    def contains(self, outer: str, inner: str) -> bool:
+        """True when `inner` is `outer` or lies below it."""
+        self.get(outer)
+        return outer in self.ancestors(inner)
+
+    def subtree(self, code: str) -> list[str]:
+        """The area and everything below it, parents before children."""
+        out = [self.get(code).code]
+        i = 0
+        while i < len(out):
+            out.extend(self._areas[out[i]].children)
+            i += 1
+        return out
+
+    def covered(self, targets: Iterable[str]) -> list[str]:
+        """Every area a target set reaches (targets and their subtrees), without repeats."""
+        seen: dict[str, None] = {}
+        for t in targets:
+            for c in self.subtree(t):
+                seen.setdefault(c, None)
+        return list(seen)
+
+    def resolve_leaves(self, targets: Iterable[str]) -> list[str]:
+        """The leaf areas a target set covers."""
+        return [c for c in self.covered(targets) if not self._areas[c].children]
+
+    def depth(self, code: str) -> int:
+        return self.get(code).depth
+
+
+def sample_tree() -> AreaTree:
+    """The demo province whose codes docs and tests rely on."""
+    t = AreaTree()
+    t.add("T01", "Tỉnh Mẫu", "province")
+    for h in (1, 2):
+        hc = f"T01-H{h}"
+        t.add(hc, f"Huyện {h}", "district", "T01")
+        for x in (1, 2, 3):
+            t.add(f"{hc}-X{x}", f"Xã {x} huyện {h}", "commune", hc)
+    return t

@@ -1,0 +1,522 @@
+"""The on-air engine: every tick, decide what each area hears, mix it once, encode it once.
+
+Per tick (20 ms) the engine
+1. applies queued commands (start/stop) and due events (scheduled starts and ends, sources that
+   finished or failed), re-arbitrating only the areas they touch;
+2. regroups those areas into mixes: areas whose layers are equal share one `Mix`;
+3. reads every playhead once, renders every mix that someone consumes, encodes it in the codecs
+   its areas' subscribers want, and hands the packets to the hub.
+
+Arbitration (DESIGN.md "Priority"): in each area the winner is the highest class, then the highest
+authority (the issuer nearest the root), then the earliest start. A preempted `resume` programme
+pauses and later resumes at the exact sample where it stopped; `skip` drops it in that area; an
+`overlay` ducks what is under it. Every switch is a short crossfade, never a click.
+
+The engine is synchronous and single-threaded by design: the real clock calls `tick` from its own
+thread, tests call it from a virtual clock. Commands from other threads go through a queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections import defaultdict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from loa.codecs.encoders import EncoderSettings, Packet
+from loa.streamer.areas import AreaTree
+from loa.streamer.broadcast import Broadcast, BroadcastClass, Policy
+from loa.streamer.clock import FRAME, SAMPLE_RATE, tick_of
+from loa.streamer.hub import Channel, PacketHub
+from loa.streamer.mixer import Envelope, Key, Mix, db, ramp
+from loa.streamer.sources import Source
+
+log = logging.getLogger("loa.engine")
+
+PCM = "pcm"  # pseudo-codec: raw 48 kHz float32 frames, for taps, tests and meters
+
+
+class AuthorityError(PermissionError):
+    """A lower authority tried to stop or change a higher authority's broadcast."""
+
+
+@dataclass
+class EngineSettings:
+    fade_ms: float = 10.0  # crossfade on every switch (at most 30 ms)
+    duck_db: float = -15.0  # how far an overlay ducks what is under it
+    duck_ramp_ms: float = 200.0
+    history_ticks: int = 8
+    encoders: EncoderSettings = field(default_factory=EncoderSettings)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.fade_ms <= 30:
+            raise ValueError("fade_ms must be within (0, 30]")
+
+
+@dataclass
+class OnAirChange:
+    """Who is on air in an area changed, and why."""
+
+    area: str
+    tick: int
+    sample: int
+    before: str | None
+    after: str | None
+    cause: str
+    by: str | None = None  # the broadcast whose start/stop/end caused the change
+    resumed_at: int | None = None  # the new programme resumes at this sample of its source
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "area": self.area,
+            "time": self.sample / SAMPLE_RATE,
+            "sample": self.sample,
+            "from": self.before,
+            "to": self.after,
+            "cause": self.cause,
+            "by": self.by,
+            "resumed_at": self.resumed_at,
+        }
+
+
+class Playhead:
+    """A cursor into a broadcast's source, shared by every area that hears the same samples."""
+
+    _ids = 0
+
+    def __init__(self, bid: str, source: Source) -> None:
+        Playhead._ids += 1
+        self.id = Playhead._ids
+        self.bid = bid
+        self.source = source
+        self.failed = False
+
+
+class _Live:
+    """Runtime state of an accepted broadcast."""
+
+    def __init__(self, b: Broadcast, authority: int, start_tick: int, end_tick: int | None,
+                 areas: list[str]) -> None:
+        self.b = b
+        self.authority = authority
+        self.start_tick = start_tick
+        self.end_tick = end_tick
+        self.areas = areas
+        self.active = False
+        self.remaining: set[str] = set()
+        self.shared: Playhead | None = None  # live (unseekable) sources: one playhead for all
+
+    def rank(self) -> tuple[int, int, int, int]:
+        return (-int(self.b.cls), self.authority, self.start_tick, self.b.seq)
+
+
+class _AreaState:
+    def __init__(self, code: str) -> None:
+        self.code = code
+        self.candidates: set[str] = set()
+        self.main: str | None = None
+        self.overlays: tuple[str, ...] = ()
+        self.paused: dict[str, int] = {}
+        self.layers: dict[str, tuple[Playhead, Envelope]] = {}  # bid -> (playhead, envelope)
+        self.fading: list[tuple[Playhead, Envelope]] = []  # outgoing layers, fading to 0
+        self.mix: Mix | None = None
+        self.since: int = 0
+
+    def key(self) -> Key:
+        layers = [(ph.id, env) for ph, env in self.layers.values()]
+        layers += [(ph.id, env) for ph, env in self.fading]
+        return tuple(sorted(layers, key=lambda x: (x[0], x[1].start, x[1].g0, x[1].g1)))
+
+    def ramping(self) -> bool:
+        return bool(self.fading) or any(not env.constant for _, env in self.layers.values())
+
+
+class Engine:
+    def __init__(self, tree: AreaTree, settings: EngineSettings | None = None,
+                 hub: PacketHub | None = None) -> None:
+        self.tree = tree
+        self.settings = settings or EngineSettings()
+        self.hub = hub or PacketHub()
+        self.n = 0  # the tick being rendered (or next to render)
+        self.fade = int(self.settings.fade_ms * SAMPLE_RATE / 1000)
+        self.duck_ramp = int(self.settings.duck_ramp_ms * SAMPLE_RATE / 1000)
+        self.areas: dict[str, _AreaState] = {a.code: _AreaState(a.code) for a in tree}
+        self.broadcasts: dict[str, _Live] = {}
+        self.mixes: dict[Key, Mix] = {}
+        self.playheads: dict[int, Playhead] = {}
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._dirty: dict[str, tuple[str, str | None]] = {}  # area -> (cause, by)
+        self._ramping: set[str] = set()
+        self._pending: list[_Live] = []  # accepted, start tick in the future
+        self._fresh: dict[tuple[str, int, int], Playhead] = {}
+        self._fresh_tick = -1
+        self.changes: deque[OnAirChange] = deque(maxlen=10_000)
+        self.listeners: list[Callable[[OnAirChange], None]] = []
+        self.ended_listeners: list[Callable[[Broadcast, str], None]] = []
+        self.stats = {"ticks": 0, "mix_renders": 0, "encodes": 0, "source_errors": 0}
+        silence = self._mix_for(())
+        for code in self.areas:
+            self.areas[code].mix = silence
+            silence.areas.add(code)
+
+    # ---- commands (any thread) ---------------------------------------------------------------
+    def start(self, b: Broadcast) -> str:
+        """Accept a broadcast; it goes on air at its start (or the next tick). Returns its id."""
+        for t in b.targets:
+            self.tree.get(t)  # AreaError for an unknown target, before anything changes
+        authority = self.tree.depth(b.issuer)
+        areas = self.tree.covered(b.targets)
+        start_tick = self.n if b.start is None else tick_of(b.start)
+        end_tick = None if b.end is None else tick_of(b.end)
+        live = _Live(b, authority, start_tick, end_tick, areas)
+        self.broadcasts[b.id] = live  # visible to stop() at once; airs from the tick thread
+        self._commands.put(lambda: self._accept(live))
+        return b.id
+
+    def stop(self, bid: str, by_area: str | None = None, cause: str = "stopped") -> None:
+        """Stop a broadcast everywhere. `by_area` must be the issuer's area or above it."""
+        live = self.broadcasts.get(bid)
+        if live is None:
+            raise KeyError(bid)
+        if by_area is not None and not self.tree.contains(by_area, live.b.issuer):
+            raise AuthorityError(
+                f"không được dừng phát thanh của cấp trên / {by_area} may not stop a broadcast "
+                f"issued by {live.b.issuer}"
+            )
+        self._commands.put(lambda: self._end(live, cause))
+
+    def on_air(self, area: str) -> dict[str, object]:
+        st = self.areas[self.tree.get(area).code]
+        main = self.broadcasts.get(st.main) if st.main else None
+        return {
+            "area": area,
+            "broadcast": st.main,
+            "title": main.b.title if main else None,
+            "class": main.b.cls.name if main else None,
+            "issuer": main.b.issuer if main else None,
+            "overlays": list(st.overlays),
+            "since": st.since * FRAME / SAMPLE_RATE,
+            "mix": st.mix.id if st.mix else None,
+        }
+
+    def live_broadcast(self, bid: str) -> Broadcast | None:
+        live = self.broadcasts.get(bid)
+        return live.b if live else None
+
+    @property
+    def media_time(self) -> float:
+        return self.n * FRAME / SAMPLE_RATE
+
+    def encoder_count(self) -> int:
+        return sum(len(m.encoders) for m in self.mixes.values())
+
+    def consumed_mixes(self) -> list[Mix]:
+        return [m for m in self.mixes.values() if m.codecs]
+
+    # ---- the tick ----------------------------------------------------------------------------
+    def tick(self, n: int) -> None:
+        self.n = n
+        s = n * FRAME
+        while True:
+            try:
+                self._commands.get_nowait()()
+            except queue.Empty:
+                break
+        self._due(n)
+        regroup: set[str] = set()
+        dirty, self._dirty = self._dirty, {}
+        for code, (cause, by) in dirty.items():
+            self._arbitrate(self.areas[code], n, cause, by)
+            regroup.add(code)
+        for code in list(self._ramping):
+            st = self.areas[code]
+            if self._settle(st, s):
+                regroup.add(code)
+            if not st.ramping():
+                self._ramping.discard(code)
+        if regroup:
+            self._regroup(regroup)
+        self._render(n, s)
+        self.stats["ticks"] += 1
+
+    def _accept(self, live: _Live) -> None:
+        if live.b.id not in self.broadcasts:
+            return  # stopped before it was accepted
+        if live.start_tick <= self.n:
+            self._activate(live)
+        else:
+            self._pending.append(live)
+            self._pending.sort(key=lambda x: x.start_tick)
+
+    def _activate(self, live: _Live) -> None:
+        live.active = True
+        live.remaining = set(live.areas)
+        log.info("broadcast on event=broadcast_start id=%s class=%s issuer=%s targets=%s title=%r",
+                 live.b.id, live.b.cls.name, live.b.issuer, ",".join(live.b.targets),
+                 live.b.title)
+        for code in live.areas:
+            self.areas[code].candidates.add(live.b.id)
+            self._mark(code, "start", live.b.id)
+
+    def _mark(self, code: str, cause: str, by: str | None) -> None:
+        # The first cause of a tick wins: it is the event that made the area change.
+        self._dirty.setdefault(code, (cause, by))
+
+    def _due(self, n: int) -> None:
+        while self._pending and self._pending[0].start_tick <= n:
+            self._activate(self._pending.pop(0))
+        for live in list(self.broadcasts.values()):
+            if live.active and live.end_tick is not None and live.end_tick <= n:
+                self._end(live, "ended")
+
+    def _end(self, live: _Live, cause: str) -> None:
+        if live in self._pending:
+            self._pending.remove(live)
+        for code in list(live.remaining):
+            self._drop(code, live.b.id, cause)
+        self._finish(live, cause)
+
+    def _drop(self, code: str, bid: str, cause: str, mark: bool = True) -> None:
+        """The broadcast is over in this area (ended, finished, skipped, failed, stopped)."""
+        st = self.areas[code]
+        st.candidates.discard(bid)
+        st.paused.pop(bid, None)
+        if mark:
+            self._mark(code, cause, bid)
+        live = self.broadcasts.get(bid)
+        if live is not None:
+            live.remaining.discard(code)
+            if not live.remaining and live.active:
+                self._finish(live, cause)
+
+    def _finish(self, live: _Live, cause: str) -> None:
+        if self.broadcasts.pop(live.b.id, None) is None:
+            return
+        live.active = False
+        log.info("broadcast over event=broadcast_end id=%s cause=%s", live.b.id, cause)
+        for cb in self.ended_listeners:
+            cb(live.b, cause)
+
+    # ---- arbitration -------------------------------------------------------------------------
+    def _arbitrate(self, st: _AreaState, n: int, cause: str, by: str | None) -> None:
+        s = n * FRAME
+        ranked = sorted((self.broadcasts[b] for b in st.candidates if b in self.broadcasts),
+                        key=_Live.rank)
+        main = next((lv for lv in ranked if lv.b.policy is not Policy.overlay), None)
+        overlays = tuple(lv.b.id for lv in ranked
+                         if lv.b.policy is Policy.overlay and (main is None or lv.rank() < main.rank()))
+        new_main = main.b.id if main else None
+        audible = ({new_main} if new_main else set()) | set(overlays)
+        resumed_at: int | None = None
+
+        # Outgoing layers fade out; preempted `resume` programmes remember where they stopped.
+        for bid in list(st.layers):
+            if bid in audible:
+                continue
+            ph, env = st.layers.pop(bid)
+            g = env.at(s)
+            if g > 0 and not ph.failed and not ph.source.finished:
+                st.fading.append((ph, ramp(s, g, 0.0, self.fade)))
+            if bid in st.candidates:
+                lv = self.broadcasts[bid]
+                if lv.b.policy is Policy.skip:
+                    self._drop(st.code, bid, "skipped", mark=False)
+                elif ph.source.seekable:
+                    st.paused[bid] = ph.source.position
+
+        duck = db(main.b.duck_db if main and main.b.duck_db is not None else self.settings.duck_db)
+        if overlays:
+            ov = self.broadcasts[overlays[0]].b
+            duck = db(ov.duck_db if ov.duck_db is not None else self.settings.duck_db)
+        for bid in audible:
+            lv = self.broadcasts[bid]
+            target = lv.b.gain * (duck if bid == new_main and overlays else 1.0)
+            if bid in st.layers:
+                ph, env = st.layers[bid]
+                g = env.at(s)
+                if g != target or env.g1 != target:
+                    st.layers[bid] = (ph, ramp(s, g, target, self.duck_ramp))
+            else:
+                at = st.paused.pop(bid, None)
+                if bid == new_main:
+                    resumed_at = at
+                ph = self._playhead(lv, at or 0, n)
+                st.layers[bid] = (ph, ramp(s, 0.0, target, self.fade))
+
+        if new_main != st.main:
+            if cause == "start" and st.main is not None and by == new_main:
+                cause = "preempt"
+            change = OnAirChange(st.code, n, s, st.main, new_main, cause, by, resumed_at)
+            st.main = new_main
+            st.since = n
+            self.changes.append(change)
+            log.info("on-air change event=on_air area=%s from=%s to=%s cause=%s by=%s",
+                     st.code, change.before, change.after, change.cause, by)
+            for cb in self.listeners:
+                cb(change)
+        st.overlays = overlays
+        if st.ramping():
+            self._ramping.add(st.code)
+
+    def _playhead(self, live: _Live, position: int, n: int) -> Playhead:
+        src = live.b.source
+        if not src.seekable:
+            if live.shared is None:
+                live.shared = Playhead(live.b.id, src)
+                self.playheads[live.shared.id] = live.shared
+            return live.shared
+        # Areas that (re)start this broadcast at the same sample in the same tick share a cursor.
+        key = (live.b.id, position, n)
+        ph = self._fresh.get(key) if self._fresh_tick == n else None
+        if ph is None:
+            if self._fresh_tick != n:
+                self._fresh = {}
+                self._fresh_tick = n
+            ph = Playhead(live.b.id, src.at(position))
+            self._fresh[key] = ph
+            self.playheads[ph.id] = ph
+        return ph
+
+    def _settle(self, st: _AreaState, s: int) -> bool:
+        """Drop finished fade-outs and freeze finished ramps. True when the key changed."""
+        before = st.key()
+        st.fading = [(ph, env) for ph, env in st.fading if s < env.start + env.length]
+        for bid, (ph, env) in list(st.layers.items()):
+            st.layers[bid] = (ph, env.settled(s))
+        return st.key() != before
+
+    # ---- grouping ----------------------------------------------------------------------------
+    def _mix_for(self, key: Key, parent: Mix | None = None) -> Mix:
+        mix = self.mixes.get(key)
+        if mix is None:
+            mix = Mix(key, self.settings.history_ticks, parent)
+            self.mixes[key] = mix
+        return mix
+
+    def _regroup(self, codes: set[str]) -> None:
+        moves: dict[Mix, dict[Key, list[str]]] = defaultdict(lambda: defaultdict(list))
+        for code in codes:
+            st = self.areas[code]
+            k = st.key()
+            assert st.mix is not None
+            if st.mix.key != k:
+                moves[st.mix][k].append(code)
+        for mix, groups in moves.items():
+            leaving = {c for g in groups.values() for c in g}
+            staying = mix.areas - leaving
+            for k, group in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+                target = self.mixes.get(k)
+                if target is None and not staying:
+                    # The whole mix changes together: keep it (and its encoders), new key.
+                    del self.mixes[mix.key]
+                    mix.key = k
+                    self.mixes[k] = mix
+                    staying = set(group)
+                    continue
+                if target is None:
+                    target = self._mix_for(k, parent=mix)
+                for code in group:
+                    mix.areas.discard(code)
+                    target.areas.add(code)
+                    self.areas[code].mix = target
+                target.codecs_version = -1
+            mix.codecs_version = -1
+            if not mix.areas and self.mixes.get(mix.key) is mix:
+                del self.mixes[mix.key]
+                mix.close()
+
+    # ---- rendering ---------------------------------------------------------------------------
+    def _tail_faded(self, length: int | None, first: int, frame: np.ndarray) -> np.ndarray:
+        """Fade out the last `fade` samples of a finite source: its end is a switch too.
+
+        `first` is the source position of the frame's first sample.
+        """
+        if length is None or first + FRAME <= length - self.fade:
+            return frame
+        idx = np.arange(first, first + FRAME)
+        return frame * np.clip((length - idx) / self.fade, 0.0, 1.0).astype(np.float32)
+
+    def _render(self, n: int, s: int) -> None:
+        hub = self.hub
+        version = hub.version
+        wanted: dict[str, set[str]] | None = None
+        used: dict[int, list[Mix]] = defaultdict(list)
+        consumed: list[Mix] = []
+        for mix in self.mixes.values():
+            if mix.codecs_version != version:
+                if wanted is None:
+                    wanted = hub.wanted()
+                mix.codecs = set().union(*(wanted.get(a, set()) for a in mix.areas))
+                mix.codecs_version = version
+                for codec in list(mix.encoders):
+                    if codec not in mix.codecs:
+                        del mix.encoders[codec]
+            for ph_id, _ in mix.key:
+                used[ph_id].append(mix)
+            if mix.codecs:
+                consumed.append(mix)
+
+        # Read every playhead once; nobody listening: just advance it.
+        frames: dict[int, np.ndarray] = {}
+        needed = {ph for m in consumed for ph, _ in m.key}
+        for ph_id in list(self.playheads):
+            ph = self.playheads[ph_id]
+            if ph_id not in used:
+                del self.playheads[ph_id]  # no area hears this cursor any more
+                continue
+            try:
+                if ph_id in needed:
+                    first = ph.source.position
+                    frame = ph.source.read(FRAME)
+                    frames[ph_id] = self._tail_faded(ph.source.length, first, frame)
+                else:
+                    ph.source.skip(FRAME)
+            except Exception as e:  # a failing source must never stop the stream
+                self.stats["source_errors"] += 1
+                log.error("source failed event=source_error broadcast=%s source=%r error=%s",
+                          ph.bid, ph.source.name, e)
+                frames[ph_id] = np.zeros(FRAME, dtype=np.float32)
+                ph.failed = True
+            if ph.failed or ph.source.finished:
+                cause = "source-error" if ph.failed else "finished"
+                for mix in used[ph_id]:
+                    for code in mix.areas:
+                        st = self.areas[code]
+                        layer = st.layers.get(ph.bid)
+                        if layer is not None and layer[0] is ph:
+                            self._drop(code, ph.bid, cause)
+        # Live sources nobody hears right now still run in real time (drain their buffers).
+        for live in list(self.broadcasts.values()):
+            if live.active and live.shared is not None and live.shared.id not in used:
+                live.shared.source.skip(FRAME)
+
+        batch: list[tuple[Channel, list[Packet]]] = []
+        enc_settings = self.settings.encoders
+        for mix in consumed:
+            frame = mix.render(s, frames)
+            self.stats["mix_renders"] += 1
+            for codec in mix.codecs:
+                if codec == PCM:
+                    packets = [Packet(PCM, s, FRAME, frame.tobytes(), SAMPLE_RATE)]
+                else:
+                    packets = mix.open_encoder(codec, s, enc_settings) \
+                        if codec not in mix.encoders else []
+                    packets += mix.encode(codec, frame)
+                    self.stats["encodes"] += 1
+                if not packets:
+                    continue
+                for code in mix.areas:
+                    ch = hub.channels.get((code, codec))
+                    if ch is None or not ch.subs:
+                        continue
+                    admitted = ch.admit(packets)
+                    if admitted:
+                        batch.append((ch, admitted))
+        hub.flush(batch)
+
+
+def class_of(value: str) -> BroadcastClass:
+    return BroadcastClass.parse(value)

@@ -1,0 +1,150 @@
+"""The packet hub: transports subscribe to an area's stream in one codec.
+
+A channel is the stable stream of one area in one codec (what `/streams/A.opus` serves); the
+engine fills it from whichever composition the area hears now. A subscriber that falls behind
+loses its oldest packets; it never delays the clock or another subscriber.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+from collections.abc import Callable
+
+from loa.codecs.encoders import Packet
+
+
+class Subscription:
+    def __init__(self, channel: Channel, maxlen: int) -> None:
+        self.channel = channel
+        self.queue: deque[Packet] = deque(maxlen=maxlen)
+        self.dropped = 0
+        self.received = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self.on_packets: Callable[[list[Packet]], None] | None = None
+        self.closed = False
+
+    def _push(self, packets: list[Packet]) -> None:
+        if self.on_packets is not None:
+            self.received += len(packets)
+            self.on_packets(packets)
+            return
+        overflow = len(self.queue) + len(packets) - (self.queue.maxlen or 0)
+        if overflow > 0:
+            self.dropped += overflow
+        self.queue.extend(packets)
+        self.received += len(packets)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def drain(self) -> list[Packet]:
+        out = list(self.queue)
+        self.queue.clear()
+        return out
+
+    async def get(self) -> Packet:
+        while not self.queue:
+            if self.closed:
+                raise EOFError("subscription closed")
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self.queue.popleft()
+
+    def close(self) -> None:
+        self.channel.unsubscribe(self)
+        self.closed = True
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+
+class Channel:
+    def __init__(self, hub: PacketHub, area: str, codec: str) -> None:
+        self.hub = hub
+        self.area = area
+        self.codec = codec
+        self.subs: list[Subscription] = []
+        self.last_end: int | None = None  # pts end of the last packet sent (engine thread only)
+        self.packets = 0
+        self.bytes = 0
+        self.header: bytes | None = None  # for container streams (Ogg headers ...), transports' use
+
+    def subscribe(self, maxlen: int = 500) -> Subscription:
+        sub = Subscription(self, maxlen)
+        with self.hub.lock:
+            self.subs = [*self.subs, sub]
+            self.hub.version += 1
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        with self.hub.lock:
+            if sub in self.subs:
+                self.subs = [s for s in self.subs if s is not sub]
+                self.hub.version += 1
+
+    def admit(self, packets: list[Packet]) -> list[Packet]:
+        """Keep the packets this area has not had yet (after a move between compositions)."""
+        last = self.last_end
+        if last is not None:
+            packets = [p for p in packets if p.pts >= last]
+        if packets:
+            self.last_end = packets[-1].end
+            self.packets += len(packets)
+            self.bytes += sum(len(p.data) for p in packets)
+        return packets
+
+    def deliver(self, packets: list[Packet]) -> None:
+        for s in self.subs:
+            s._push(packets)
+
+
+class PacketHub:
+    """Channels by (area, codec). `version` changes whenever the set of subscribers changes."""
+
+    def __init__(self) -> None:
+        self.channels: dict[tuple[str, str], Channel] = {}
+        self.lock = threading.Lock()
+        self.version = 0
+        self.loop: asyncio.AbstractEventLoop | None = None  # set: deliveries hop to this loop
+
+    def channel(self, area: str, codec: str) -> Channel:
+        key = (area, codec)
+        ch = self.channels.get(key)
+        if ch is None:
+            with self.lock:
+                ch = self.channels.setdefault(key, Channel(self, area, codec))
+        return ch
+
+    def subscribe(self, area: str, codec: str, maxlen: int = 500) -> Subscription:
+        return self.channel(area, codec).subscribe(maxlen)
+
+    def codecs_wanted(self, area: str) -> set[str]:
+        return {c for (a, c), ch in list(self.channels.items()) if a == area and ch.subs}
+
+    def wanted(self) -> dict[str, set[str]]:
+        """area -> codecs that have at least one subscriber."""
+        out: dict[str, set[str]] = {}
+        for (a, c), ch in list(self.channels.items()):
+            if ch.subs:
+                out.setdefault(a, set()).add(c)
+        return out
+
+    def flush(self, batch: list[tuple[Channel, list[Packet]]]) -> None:
+        """Hand one tick's packets to subscribers, on the event loop when there is one."""
+        if not batch:
+            return
+        loop = self.loop
+        if loop is None:
+            _deliver(batch)
+        elif not loop.is_closed():
+            loop.call_soon_threadsafe(_deliver, batch)
+
+
+def _deliver(batch: list[tuple[Channel, list[Packet]]]) -> None:
+    for ch, packets in batch:
+        ch.deliver(packets)

@@ -1,0 +1,364 @@
+"""Sources: anything that yields 48 kHz mono float32 audio, 20 ms at a time.
+
+A *seekable* source can hand out an independent cursor at any position (`at`), which is how a
+preempted programme resumes at the exact sample where it stopped in one area while it keeps
+playing in another. Live sources (`LivePush`) are not seekable: there is only "now".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import threading
+from collections import deque
+
+import numpy as np
+
+from loa.codecs.decode import decode_file
+from loa.codecs.loudness import integrated_lufs, normalise_gain
+from loa.streamer.clock import FRAME, SAMPLE_RATE
+
+log = logging.getLogger("loa.sources")
+
+_ZERO = np.zeros(FRAME, dtype=np.float32)
+
+
+class Source:
+    """Base class. `read(n)` always returns exactly n samples (zero-padded past the end)."""
+
+    seekable = True
+    name = "source"
+    position = 0
+    length: int | None = None  # samples, None when endless
+
+    @property
+    def finished(self) -> bool:
+        return self.length is not None and self.position >= self.length
+
+    def read(self, n: int = FRAME) -> np.ndarray:
+        raise NotImplementedError
+
+    def skip(self, n: int = FRAME) -> None:
+        """Advance without producing audio (nobody listens to this cursor right now)."""
+        self.read(n)
+
+    def at(self, position: int) -> Source:
+        """An independent cursor on the same audio, at `position`."""
+        raise NotImplementedError
+
+
+class PcmSource(Source):
+    """Audio held in memory (a decoded file, a chime), shared by all cursors, never copied."""
+
+    def __init__(self, pcm: np.ndarray, name: str = "pcm", gain: float = 1.0,
+                 position: int = 0) -> None:
+        self.pcm = pcm
+        self.name = name
+        self.gain = gain
+        self.size = int(pcm.shape[0])
+        self.length = self.size
+        self.position = min(position, self.size)
+
+    def read(self, n: int = FRAME) -> np.ndarray:
+        start = self.position
+        end = min(start + n, self.size)
+        self.position = end
+        chunk = self.pcm[start:end]
+        if chunk.shape[0] < n:
+            chunk = np.concatenate([chunk, np.zeros(n - chunk.shape[0], dtype=np.float32)])
+        return chunk * np.float32(self.gain) if self.gain != 1.0 else chunk
+
+    def skip(self, n: int = FRAME) -> None:
+        self.position = min(self.position + n, self.size)
+
+    def at(self, position: int) -> PcmSource:
+        return PcmSource(self.pcm, self.name, self.gain, position)
+
+    @property
+    def seconds(self) -> float:
+        return self.size / SAMPLE_RATE
+
+
+class ToneSource(Source):
+    """A sine tone, phase-exact at any position."""
+
+    def __init__(self, freq: float, amplitude: float = 0.5, seconds: float | None = None,
+                 position: int = 0, name: str | None = None) -> None:
+        self.freq = freq
+        self.amplitude = amplitude
+        self.length = None if seconds is None else int(round(seconds * SAMPLE_RATE))
+        self.position = position
+        self.name = name or f"tone {freq:g} Hz"
+        self._w = 2 * math.pi * freq / SAMPLE_RATE
+
+    def read(self, n: int = FRAME) -> np.ndarray:
+        idx = np.arange(self.position, self.position + n, dtype=np.float64)
+        out = (self.amplitude * np.sin(self._w * idx)).astype(np.float32)
+        if self.length is not None and self.position + n > self.length:
+            out[max(0, self.length - self.position):] = 0.0
+        self.position += n
+        if self.length is not None:
+            self.position = min(self.position, self.length)
+        return out
+
+    def skip(self, n: int = FRAME) -> None:
+        self.position += n
+        if self.length is not None:
+            self.position = min(self.position, self.length)
+
+    def at(self, position: int) -> ToneSource:
+        return ToneSource(self.freq, self.amplitude,
+                          None if self.length is None else self.length / SAMPLE_RATE,
+                          position, self.name)
+
+
+class Silence(Source):
+    def __init__(self, seconds: float | None = None, position: int = 0) -> None:
+        self.length = None if seconds is None else int(round(seconds * SAMPLE_RATE))
+        self.position = position
+        self.name = "silence"
+
+    def read(self, n: int = FRAME) -> np.ndarray:
+        self.skip(n)
+        return np.zeros(n, dtype=np.float32)
+
+    def skip(self, n: int = FRAME) -> None:
+        self.position += n
+        if self.length is not None:
+            self.position = min(self.position, self.length)
+
+    def at(self, position: int) -> Silence:
+        return Silence(None if self.length is None else self.length / SAMPLE_RATE, position)
+
+
+def chime_pcm(notes: tuple[float, ...] = (659.25, 523.25, 587.33, 392.0),
+              note_seconds: float = 0.45, amplitude: float = 0.45) -> np.ndarray:
+    """The attention signal: a four-note chime with bell-like decay (no clicks at the edges)."""
+    n = int(note_seconds * SAMPLE_RATE)
+    t = np.arange(n) / SAMPLE_RATE
+    env = np.exp(-3.5 * t / note_seconds) * np.minimum(1.0, t / 0.005)
+    parts = []
+    for f in notes:
+        tone = np.sin(2 * np.pi * f * t) + 0.25 * np.sin(2 * np.pi * 2 * f * t)
+        parts.append(amplitude * env * tone / 1.25)
+    parts.append(np.zeros(int(0.3 * SAMPLE_RATE)))
+    return np.concatenate(parts).astype(np.float32)
+
+
+def chime() -> PcmSource:
+    return PcmSource(chime_pcm(), "chime")
+
+
+_lufs_cache: dict[tuple[str, int, int], float] = {}
+
+
+def measure_lufs(path: str | os.PathLike[str], pcm: np.ndarray) -> float:
+    """Integrated loudness of a file's audio, measured once per file version."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+    if key not in _lufs_cache:
+        if len(_lufs_cache) > 4096:
+            _lufs_cache.clear()
+        _lufs_cache[key] = integrated_lufs(pcm)
+    return _lufs_cache[key]
+
+
+async def load_file(path: str | os.PathLike[str], *, gain: float = 1.0,
+                    max_seconds: float | None = None,
+                    loudness_target: float | None = None) -> PcmSource:
+    """Decode a file off the event loop (PyAV in a thread) into a seekable source.
+
+    With `loudness_target` (LUFS, EBU R128), the source's gain brings the file to that loudness.
+    """
+
+    def work() -> tuple[np.ndarray, float]:
+        pcm = decode_file(path, max_seconds=max_seconds)
+        if loudness_target is None:
+            return pcm, 1.0
+        return pcm, normalise_gain(measure_lufs(path, pcm), loudness_target)
+
+    pcm, norm = await asyncio.to_thread(work)
+    return PcmSource(pcm, os.path.basename(os.fspath(path)), gain * norm)
+
+
+class Playlist(Source):
+    """A sequence of seekable sources played `repeat` times with `gap` seconds between items."""
+
+    def __init__(self, items: list[Source], repeat: int = 1, gap: float = 0.0,
+                 position: int = 0, name: str = "playlist") -> None:
+        if not items:
+            raise ValueError("danh sách phát rỗng / empty playlist")
+        if repeat < 1:
+            raise ValueError("số lần lặp phải >= 1 / repeat must be at least 1")
+        for it in items:
+            if not it.seekable or it.length is None:
+                raise ValueError("playlist items must be finite and seekable")
+        self.items = [it.at(0) for it in items]
+        self.repeat = repeat
+        self.gap = gap
+        self.name = name
+        gap_n = int(round(gap * SAMPLE_RATE))
+        # Flatten into (start, source|None for a gap, length) segments.
+        self._segments: list[tuple[int, Source | None, int]] = []
+        pos = 0
+        for r in range(repeat):
+            for i, it in enumerate(self.items):
+                assert it.length is not None
+                self._segments.append((pos, it, it.length))
+                pos += it.length
+                last = r == repeat - 1 and i == len(self.items) - 1
+                if gap_n and not last:
+                    self._segments.append((pos, None, gap_n))
+                    pos += gap_n
+        self.length = pos
+        self.position = 0
+        self._seg = 0
+        self._cursor: Source | None = None
+        self._seek(position)
+
+    def _seek(self, position: int) -> None:
+        self.position = min(position, self.length or 0)
+        self._seg = 0
+        while (self._seg < len(self._segments) - 1
+               and self._segments[self._seg + 1][0] <= self.position):
+            self._seg += 1
+        start, src, _ = self._segments[self._seg]
+        self._cursor = src.at(self.position - start) if src is not None else None
+
+    def read(self, n: int = FRAME) -> np.ndarray:
+        out = np.zeros(n, dtype=np.float32)
+        done = 0
+        while done < n and not self.finished:
+            start, src, length = self._segments[self._seg]
+            take = min(n - done, start + length - self.position)
+            if src is not None and self._cursor is not None:
+                out[done:done + take] = self._cursor.read(take)
+            done += take
+            self.position += take
+            if self.position >= start + length and self._seg < len(self._segments) - 1:
+                self._seg += 1
+                nxt = self._segments[self._seg][1]
+                self._cursor = nxt.at(0) if nxt is not None else None
+        return out
+
+    def skip(self, n: int = FRAME) -> None:
+        self._seek(min(self.position + n, self.length or 0))
+
+    def at(self, position: int) -> Playlist:
+        p = Playlist.__new__(Playlist)
+        p.__dict__.update(self.__dict__)
+        p._seek(position)
+        return p
+
+
+class LivePush(Source):
+    """A jitter buffer that live inputs (WHIP, RTP, a microphone) write into.
+
+    Reading on the media clock: an underrun plays silence and refills to the target delay before
+    playing again; an overrun drops the oldest audio; a sender whose clock runs slightly fast or
+    slow is followed by resampling by at most +-0.5 %, steering the fill towards the target.
+    """
+
+    seekable = False
+
+    def __init__(self, target_ms: float = 60.0, max_ms: float = 500.0, name: str = "live") -> None:
+        self.name = name
+        self.target = int(target_ms * SAMPLE_RATE / 1000)
+        self.max = int(max_ms * SAMPLE_RATE / 1000)
+        self.length = None
+        self.position = 0
+        self._chunks: deque[np.ndarray] = deque()
+        self._fill = 0
+        self._lock = threading.Lock()
+        self._buffering = True
+        self._frac = 0.0  # fractional read position into the buffer head
+        self._avg_fill = float(self.target)
+        self.underruns = 0
+        self.overruns = 0
+        self.closed = False
+
+    @property
+    def finished(self) -> bool:
+        return self.closed and self._fill == 0
+
+    @property
+    def fill_ms(self) -> float:
+        return self._fill * 1000 / SAMPLE_RATE
+
+    def write(self, pcm: np.ndarray) -> None:
+        """Append 48 kHz mono float32 audio (any chunk size; thread-safe)."""
+        pcm = np.asarray(pcm, dtype=np.float32).reshape(-1)
+        if pcm.size == 0:
+            return
+        with self._lock:
+            self._chunks.append(pcm)
+            self._fill += pcm.shape[0]
+            if self._fill > self.max:
+                self.overruns += 1
+                self._drop(self._fill - self.target)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def _drop(self, n: int) -> None:
+        while n > 0 and self._chunks:
+            head = self._chunks[0]
+            if head.shape[0] <= n:
+                self._chunks.popleft()
+                self._fill -= head.shape[0]
+                n -= head.shape[0]
+            else:
+                self._chunks[0] = head[n:]
+                self._fill -= n
+                n = 0
+        self._frac = 0.0
+
+    def _take(self, n: int) -> np.ndarray:
+        parts = []
+        while n > 0 and self._chunks:
+            head = self._chunks[0]
+            if head.shape[0] <= n:
+                parts.append(self._chunks.popleft())
+                n -= head.shape[0]
+                self._fill -= head.shape[0]
+            else:
+                parts.append(head[:n])
+                self._chunks[0] = head[n:]
+                self._fill -= n
+                n = 0
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
+
+    def read(self, n: int = FRAME) -> np.ndarray:
+        self.position += n
+        with self._lock:
+            if self._buffering:
+                if self._fill < self.target:
+                    return np.zeros(n, dtype=np.float32)
+                self._buffering = False
+            # Drift correction: a slow average steers the consumption rate.
+            self._avg_fill += 0.02 * (self._fill - self._avg_fill)
+            error = (self._avg_fill - self.target) / max(self.target, 1)
+            ratio = 1.0 + max(-0.005, min(0.005, 0.05 * error))
+            need_f = n * ratio + self._frac
+            need = int(need_f)
+            if self._fill < need + 1:
+                self.underruns += 1
+                self._buffering = True
+                got = self._take(self._fill)
+                out = np.zeros(n, dtype=np.float32)
+                out[: min(n, got.shape[0])] = got[:n]
+                return out
+            src = self._take(need + 1)
+            # Put back the sample we only peeked at for interpolation.
+            self._chunks.appendleft(src[-1:])
+            self._fill += 1
+            self._frac = need_f - need
+            if need == n:
+                return src[:n].copy()
+            x = np.linspace(0.0, need, n, endpoint=False)
+            return np.interp(x, np.arange(need + 1), src).astype(np.float32)
+
+    def at(self, position: int) -> LivePush:
+        return self

@@ -1,0 +1,32 @@
+"""`loa bench mix` runs end to end and reports honest counts (no timing thresholds)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from loa.web.bench import liquidsoap_script
+from loa.web.cli import main
+
+
+def test_bench_mix_small(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["bench", "mix", "--zones", "3", "--seconds", "0.5"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0
+    assert len(out) == 1  # exactly one JSON object on stdout
+    result = json.loads(out[0])
+    assert result["bench"] == "mix"
+    assert result["zones"] == 3
+    assert result["mixes"] == 3  # every commune is its own composition
+    assert result["encoders"] == 6  # Opus + MP3 per mix
+    assert result["codecs"] == ["opus", "mp3"]
+    assert result["cpu_per_audio_second"] > 0
+    assert result["cpu_per_zone_percent"] > 0
+    assert result["baseline"] is None
+
+
+def test_liquidsoap_script_one_station_per_output() -> None:
+    script = liquidsoap_script(stations=3, mp3_rate=24_000, bitrate_kbps=32, major=2)
+    assert script.count("output.file(%mp3(mono, bitrate=32, samplerate=24000)") == 3
+    assert "settings.init.allow_root.set(true)" in script

@@ -1,0 +1,438 @@
+"""`loa bench mix`: what one distinct composition costs to mix and encode, in CPU per audio second.
+
+The bench builds a province with N communes. Every commune hears its own composition of two
+sources: a background music programme (a looped clip of a chord whose pitch differs per commune)
+ducked under an overlay announcement (a tone at a per-commune frequency). One consumer per commune
+subscribes to Opus and MP3, so the engine renders N distinct mixes and runs 2N encoders. The engine
+runs on a `VirtualClock` (ticks back to back) and the bench reports the CPU the process used per
+second of audio produced: below 1.0 the machine keeps up in real time.
+
+`--find` searches the largest N that stays real time with 20 % headroom (exponential, then binary
+search, short runs). `--baseline liquidsoap` also runs Liquidsoap encoding comparable MP3 streams
+(sine -> mksafe -> output.file(%mp3 mono 32 kbit/s) to /dev/null) on its real-time CPU clock, reads
+its CPU from /proc, and compares it with Loa encoding MP3 only. Only one JSON object goes to
+stdout; diagnostics go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from loa.streamer.areas import AreaTree
+from loa.streamer.broadcast import Broadcast, BroadcastClass, Policy
+from loa.streamer.clock import FRAME, SAMPLE_RATE, VirtualClock
+from loa.streamer.engine import Engine, EngineSettings
+from loa.streamer.hub import Subscription
+from loa.streamer.sources import PcmSource, Playlist, ToneSource
+
+TICKS_PER_SECOND = SAMPLE_RATE // FRAME  # 50
+WARMUP_SECONDS = 1.0
+CLIP_SECONDS = 2.0  # music clip length; every partial is a multiple of 0.5 Hz so it loops cleanly
+DRAIN_EVERY = 25  # ticks between two drains of the subscriptions (0.5 s)
+SUB_MAXLEN = 200  # packets a subscription keeps; older ones drop (bounded memory either way)
+HEADROOM = 0.8  # --find: real time with 20 % headroom
+FIND_SECONDS = 3.0
+FIND_START = 8
+FIND_BUDGET = 100.0  # wall seconds the search may use, so `--find` ends in about two minutes
+MP3_ONLY_MAX_SECONDS = 5.0
+LIQUIDSOAP_MAX_STATIONS = 20
+LIQUIDSOAP_WARMUP = 1.0
+LIQUIDSOAP_START_TIMEOUT = 60.0
+ROOT = "P01"
+
+
+class BenchError(RuntimeError):
+    """The bench could not measure what it claims to measure (e.g. mixes != zones)."""
+
+
+# ---- the Loa side ---------------------------------------------------------------------------
+def _half_hz(f: float) -> float:
+    return round(f * 2) / 2
+
+
+def music_pcm(zone: int, seconds: float = CLIP_SECONDS) -> np.ndarray:
+    """A music-like clip, different for every zone: a pulsing chord on a per-zone root note."""
+    t = np.arange(int(seconds * SAMPLE_RATE), dtype=np.float64) / SAMPLE_RATE
+    f0 = 110.0 + 0.5 * zone
+    partials = ((f0, 1.0), (_half_hz(1.25 * f0), 0.6), (_half_hz(1.5 * f0), 0.45),
+                (2 * f0, 0.25))
+    chord = sum(a * np.sin(2 * np.pi * f * t) for f, a in partials)
+    pulse = 0.6 + 0.4 * (0.5 + 0.5 * np.cos(2 * np.pi * 2.0 * t))  # two beats a second
+    peak = sum(a for _, a in partials)
+    return (0.4 * pulse * chord / peak).astype(np.float32)
+
+
+def overlay_hz(zone: int) -> float:
+    return 600.0 + 2.5 * zone
+
+
+def commune_code(zone: int) -> str:
+    return f"{ROOT}-X{zone + 1:04d}"
+
+
+class MixBench:
+    """N communes, each with its own two-source composition, consumed in `codecs`."""
+
+    def __init__(self, zones: int, codecs: Sequence[str], total_seconds: float,
+                 settings: EngineSettings | None = None) -> None:
+        if zones < 1:
+            raise ValueError("zones must be at least 1")
+        self.zones = zones
+        self.codecs = tuple(codecs)
+        tree = AreaTree()
+        tree.add(ROOT, "Tỉnh bench", "province")
+        codes = [commune_code(i) for i in range(zones)]
+        for i, code in enumerate(codes):
+            tree.add(code, f"Xã {i + 1}", "commune", ROOT)
+        self.engine = Engine(tree, settings or EngineSettings())
+        self.clock = VirtualClock(self.engine.tick)
+        repeat = math.ceil(total_seconds / CLIP_SECONDS) + 2
+        for i, code in enumerate(codes):
+            clip = PcmSource(music_pcm(i), name=f"music {code}")
+            music = Playlist([clip], repeat=repeat, name=f"music loop {code}")
+            self.engine.start(Broadcast(music, [code], code, klass=BroadcastClass.background,
+                                        title=f"nhạc nền {code}"))
+            tone = ToneSource(overlay_hz(i), amplitude=0.3, name=f"announcement {code}")
+            self.engine.start(Broadcast(tone, [code], ROOT, klass=BroadcastClass.normal,
+                                        policy=Policy.overlay, title=f"thông báo {code}"))
+        self.subs: list[Subscription] = [
+            self.engine.hub.subscribe(code, codec, maxlen=SUB_MAXLEN)
+            for code in codes for codec in self.codecs
+        ]
+        self.packets: dict[str, int] = {c: 0 for c in self.codecs}
+        self.bytes: dict[str, int] = {c: 0 for c in self.codecs}
+
+    def drain(self) -> None:
+        for sub in self.subs:
+            got = sub.drain()
+            codec = sub.channel.codec
+            self.packets[codec] += len(got)
+            self.bytes[codec] += sum(len(p.data) for p in got)
+
+    def run(self, ticks: int) -> None:
+        done = 0
+        while done < ticks:
+            step = min(DRAIN_EVERY, ticks - done)
+            self.clock.run(step)
+            self.drain()
+            done += step
+
+    def check(self) -> int:
+        """The figure is honest only if every commune is its own mix with both sources."""
+        mixes = self.engine.consumed_mixes()
+        problems = []
+        if len(mixes) != self.zones:
+            problems.append(f"{len(mixes)} consumed mixes for {self.zones} zones")
+        for m in mixes:
+            if len(m.areas) != 1 or len(m.key) != 2:
+                problems.append(f"mix {m.id}: areas={sorted(m.areas)} layers={len(m.key)}")
+                break
+        if len({m.key for m in mixes}) != len(mixes):
+            problems.append("consumed mixes share a key")
+        want_enc = self.zones * len(self.codecs)
+        if self.engine.encoder_count() != want_enc:
+            problems.append(f"{self.engine.encoder_count()} encoders, expected {want_enc}")
+        if self.engine.stats["source_errors"]:
+            problems.append(f"{self.engine.stats['source_errors']} source errors")
+        if problems:
+            raise BenchError("; ".join(problems))
+        return len(mixes)
+
+
+def measure_mix(zones: int, seconds: float, codecs: Sequence[str] = ("opus", "mp3"),
+                settings: EngineSettings | None = None) -> dict[str, Any]:
+    """Warm up, then render `seconds` of audio back to back; CPU per audio second."""
+    settings = settings or EngineSettings()
+    warm = int(round(WARMUP_SECONDS * TICKS_PER_SECOND))
+    ticks = max(1, int(round(seconds * TICKS_PER_SECOND)))
+    audio_seconds = ticks / TICKS_PER_SECOND
+    bench = MixBench(zones, codecs, WARMUP_SECONDS + audio_seconds, settings)
+    bench.run(warm)
+    bench.check()
+    for c in codecs:
+        bench.packets[c] = bench.bytes[c] = 0
+    gc.collect()
+    c0, w0 = time.process_time(), time.perf_counter()
+    bench.run(ticks)
+    cpu, wall = time.process_time() - c0, time.perf_counter() - w0
+    mixes = bench.check()
+    assert mixes == zones, (mixes, zones)
+    per_audio = cpu / audio_seconds
+    enc = settings.encoders
+    return {
+        "bench": "mix",
+        "zones": zones,
+        "seconds": audio_seconds,
+        "cpu_seconds": round(cpu, 4),
+        "wall_seconds": round(wall, 4),
+        "cpu_per_audio_second": round(per_audio, 5),
+        "cpu_per_zone_percent": round(100 * per_audio / zones, 4),
+        "realtime": per_audio < 1.0,
+        "mixes": mixes,
+        "encoders": bench.engine.encoder_count(),
+        "codecs": list(codecs),
+        "opus_bitrate": enc.opus_bitrate,
+        "opus_complexity": enc.opus_complexity,
+        "mp3_bitrate": enc.mp3_bitrate,
+        "mp3_rate": enc.mp3_rate,
+        "mp3_quality": enc.mp3_quality,
+        "kbps_per_zone": {c: round(bench.bytes[c] * 8 / audio_seconds / zones / 1000, 2)
+                          for c in codecs},
+        "warmup_seconds": WARMUP_SECONDS,
+    }
+
+
+def find_max_zones(seconds: float = FIND_SECONDS, budget: float = FIND_BUDGET,
+                   codecs: Sequence[str] = ("opus", "mp3")) -> dict[str, Any]:
+    """Largest N with cpu_per_audio_second <= HEADROOM: double until too slow, then bisect."""
+    t0 = time.monotonic()
+    tries: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+
+    def fits(n: int) -> bool:
+        nonlocal best
+        r = measure_mix(n, seconds, codecs)
+        ok = r["cpu_per_audio_second"] <= HEADROOM
+        tries.append({"zones": n, "cpu_per_audio_second": r["cpu_per_audio_second"], "fits": ok})
+        print(f"bench: zones={n} cpu_per_audio_second={r['cpu_per_audio_second']:.3f} "
+              f"{'fits' if ok else 'too slow'}", file=sys.stderr)
+        if ok and (best is None or n > best["zones"]):
+            best = r
+        return ok
+
+    def out_of_time() -> bool:
+        return time.monotonic() - t0 > budget
+
+    lo, hi = 0, None  # lo fits (0 trivially), hi does not
+    n = FIND_START
+    while hi is None:
+        if fits(n):
+            lo = n
+            if out_of_time():
+                break
+            n *= 2
+        else:
+            hi = n
+    converged = hi is not None
+    if hi is not None:
+        while hi - lo > 1:
+            if out_of_time():
+                converged = False
+                break
+            mid = (lo + hi) // 2
+            if fits(mid):
+                lo = mid
+            else:
+                hi = mid
+    result: dict[str, Any] = {"bench": "mix", "find": True, "max_realtime_zones": lo}
+    if best is not None:
+        result.update({k: v for k, v in best.items() if k != "bench"})
+    result.update({
+        "headroom_limit": HEADROOM,
+        "converged": converged,
+        "first_too_slow_zones": hi,
+        "search": tries,
+        "search_wall_seconds": round(time.monotonic() - t0, 1),
+    })
+    return result
+
+
+# ---- the Liquidsoap baseline ----------------------------------------------------------------
+def liquidsoap_version(exe: str) -> str | None:
+    try:
+        out = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"Liquidsoap\s+v?(\S+)", out.stdout + out.stderr)
+    return m.group(1) if m else None
+
+
+def liquidsoap_script(stations: int, mp3_rate: int, bitrate_kbps: int, major: int) -> str:
+    """K stations, each sine -> mksafe -> mono MP3 -> /dev/null, on a 48 kHz mono frame."""
+    if major >= 2:
+        head = [
+            "settings.init.allow_root.set(true)",
+            "settings.log.stdout.set(true)",
+            "settings.log.file.set(false)",
+            "settings.log.level.set(3)",
+            f"settings.frame.audio.samplerate.set({SAMPLE_RATE})",
+            "settings.frame.audio.channels.set(1)",
+        ]
+    else:
+        head = [
+            'set("init.allow_root", true)',
+            'set("log.stdout", true)',
+            'set("log.file", false)',
+            'set("log.level", 3)',
+            f'set("frame.audio.samplerate", {SAMPLE_RATE})',
+            'set("frame.audio.channels", 1)',
+        ]
+    body = [
+        f'output.file(%mp3(mono, bitrate={bitrate_kbps}, samplerate={mp3_rate}), "/dev/null", '
+        f"mksafe(sine({300.0 + 7.0 * k:.1f})))"
+        for k in range(stations)
+    ]
+    return "\n".join(head + body) + "\n"
+
+
+def _proc_cpu(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def _run_liquidsoap(exe: str, script: str, seconds: float) -> dict[str, Any]:
+    """Start it, wait until its clock streams, warm up, then measure CPU over `seconds`."""
+    with tempfile.TemporaryDirectory(prefix="loa-bench-") as tmp:
+        path = os.path.join(tmp, "bench.liq")
+        with open(path, "w") as f:
+            f.write(script)
+        proc = subprocess.Popen([exe, path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, text=True, cwd=tmp)
+        log: deque[str] = deque(maxlen=40)
+        ready = threading.Event()
+        catchup = [0]
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                log.append(line.rstrip())
+                if "Streaming loop starts" in line:
+                    ready.set()
+                if "catchup" in line.lower():
+                    catchup[0] += 1
+
+        reader = threading.Thread(target=read, name="liquidsoap-log", daemon=True)
+        reader.start()
+        try:
+            deadline = time.monotonic() + LIQUIDSOAP_START_TIMEOUT
+            while not ready.wait(0.1):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    tail = " | ".join(list(log)[-6:])
+                    raise BenchError(f"liquidsoap did not start streaming (rc={proc.poll()}): "
+                                     f"{tail}")
+            time.sleep(LIQUIDSOAP_WARMUP)
+            if proc.poll() is not None:
+                raise BenchError(f"liquidsoap exited early (rc={proc.returncode})")
+            c0, w0 = _proc_cpu(proc.pid), time.monotonic()
+            catch0 = catchup[0]
+            time.sleep(seconds)
+            c1, w1 = _proc_cpu(proc.pid), time.monotonic()
+            if proc.poll() is not None:
+                raise BenchError(f"liquidsoap exited during the run (rc={proc.returncode})")
+            return {"cpu_seconds": c1 - c0, "wall_seconds": w1 - w0,
+                    "catchup_warnings": catchup[0] - catch0}
+        finally:
+            _stop(proc)
+            reader.join(timeout=5)
+
+
+def liquidsoap_baseline(stations: int, seconds: float,
+                        settings: EngineSettings | None = None
+                        ) -> tuple[dict[str, Any] | None, str | None]:
+    """(figures, None) or (None, why there are none). Never raises for a missing Liquidsoap."""
+    exe = shutil.which("liquidsoap")
+    if exe is None:
+        return None, "liquidsoap not found on PATH"
+    enc = (settings or EngineSettings()).encoders
+    version = liquidsoap_version(exe)
+    try:
+        major = int((version or "2").split(".")[0])
+    except ValueError:
+        major = 2
+    bitrate = enc.mp3_bitrate // 1000
+    errors = []
+    for rate in dict.fromkeys((enc.mp3_rate, 44_100)):
+        script = liquidsoap_script(stations, rate, bitrate, major)
+        try:
+            r = _run_liquidsoap(exe, script, seconds)
+        except (BenchError, OSError) as e:
+            errors.append(f"samplerate {rate}: {e}")
+            continue
+        cpu_per_s = r["cpu_seconds"] / r["wall_seconds"]
+        return {
+            "name": "liquidsoap",
+            "version": version,
+            "stations": stations,
+            "seconds": round(r["wall_seconds"], 3),
+            "cpu_seconds": round(r["cpu_seconds"], 3),
+            "cpu_per_audio_second": round(cpu_per_s, 5),
+            "cpu_per_station_percent": round(100 * cpu_per_s / stations, 4),
+            "samplerate": rate,
+            "bitrate": bitrate * 1000,
+            "channels": 1,
+            "internal_samplerate": SAMPLE_RATE,
+            "pipeline": "sine -> mksafe -> output.file(%mp3(mono), /dev/null)",
+            "clock": "real-time CPU clock (no sound card)",
+            "catchup_warnings": r["catchup_warnings"],
+            "cpu_resolution_seconds": 1 / os.sysconf("SC_CLK_TCK"),
+        }, None
+    return None, "; ".join(errors)
+
+
+# ---- entry point ----------------------------------------------------------------------------
+def run_bench(args: argparse.Namespace) -> int:
+    if getattr(args, "bench", "mix") != "mix":
+        print(f"unknown bench {args.bench!r}", file=sys.stderr)
+        return 2
+    zones = int(args.zones)
+    seconds = float(args.seconds)
+    if zones < 1 or seconds <= 0:
+        print("--zones must be >= 1 and --seconds > 0", file=sys.stderr)
+        return 2
+    try:
+        if args.find:
+            result = find_max_zones(min(seconds, FIND_SECONDS))
+        else:
+            result = measure_mix(zones, seconds)
+        if args.baseline == "liquidsoap":
+            n = int(result.get("zones") or zones)
+            mp3 = measure_mix(n, min(float(result.get("seconds") or seconds),
+                                     MP3_ONLY_MAX_SECONDS), ("mp3",))
+            result["mp3_only_cpu_per_zone_percent"] = mp3["cpu_per_zone_percent"]
+            result["mp3_only_seconds"] = mp3["seconds"]
+            stations = min(n, LIQUIDSOAP_MAX_STATIONS)
+            baseline, reason = liquidsoap_baseline(stations, seconds)
+            result["baseline"] = baseline
+            if baseline is None:
+                result["baseline_reason"] = reason
+                result["ratio_vs_liquidsoap"] = None
+            else:
+                ls = baseline["cpu_per_station_percent"]
+                result["ratio_vs_liquidsoap"] = (
+                    round(mp3["cpu_per_zone_percent"] / ls, 3) if ls > 0 else None)
+        else:
+            result["baseline"] = None
+            result["baseline_reason"] = "not requested (--baseline none)"
+    except BenchError as e:
+        print(f"bench failed: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(result, ensure_ascii=False))
+    return 0

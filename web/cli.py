@@ -1,0 +1,49 @@
+"""The `loa` command line: serve, demo, bench, user, device, sim."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML config file")
+    p.add_argument("--data", help="data directory (default ./loa-data)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="loa", description="Loa broadcast server")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="run the engine with a sample province")
+    _common(demo)
+    demo.add_argument("--http", default="127.0.0.1:8080", help="HOST:PORT to listen on")
+    demo.add_argument("--seconds", type=float, default=None, help="stop after this long")
+
+    bench = sub.add_parser("bench", help="benchmarks printing JSON figures")
+    bsub = bench.add_subparsers(dest="bench", required=True)
+    mix = bsub.add_parser("mix", help="mixing + encoding cost per distinct composition")
+    mix.add_argument("--zones", type=int, default=20)
+    mix.add_argument("--seconds", type=float, default=10.0)
+    mix.add_argument("--find", action="store_true", help="search the largest real-time zones")
+    mix.add_argument("--baseline", choices=["none", "liquidsoap"], default="none",
+                     help="also measure Liquidsoap doing the same work, in the same run")
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        from loa.web.demo import run_demo
+
+        return run_demo(args)
+    if args.command == "bench":
+        from loa.web.bench import run_bench
+
+        return run_bench(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Configuration: one TOML file plus LOA_<SECTION>_<KEY> environment overrides.
+
+Defaults need nothing beyond the package. Every key is typed by its default; an unknown key or a
+value of the wrong type is an error at start-up, not a surprise at 3 a.m.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from loa.codecs.encoders import EncoderSettings
+from loa.streamer.engine import EngineSettings
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass
+class ServerConfig:
+    http: str = "127.0.0.1:8080"
+    data: str = "./loa-data"
+    public_url: str = ""  # how devices and people reach this node (stream URLs); derived if empty
+
+
+@dataclass
+class LogConfig:
+    level: str = "info"
+    format: str = "kv"  # kv | json
+
+
+@dataclass
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    encoders: EncoderSettings = field(default_factory=EncoderSettings)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    @property
+    def data_dir(self) -> Path:
+        return Path(self.server.data).expanduser()
+
+
+def _coerce(name: str, default: Any, value: Any) -> Any:
+    kind = type(default)
+    if isinstance(value, str) and kind is not str:
+        try:
+            if kind is bool:
+                low = value.strip().lower()
+                if low not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                    raise ValueError(value)
+                return low in {"1", "true", "yes", "on"}
+            return kind(value)
+        except ValueError:
+            raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}") from None
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{name}: expected {kind.__name__}, got {value!r}")
+    return value
+
+
+def _apply(section_name: str, obj: Any, values: dict[str, Any]) -> None:
+    known = {f.name for f in fields(obj) if not f.name.startswith("_")}
+    for key, value in values.items():
+        if key not in known or isinstance(getattr(obj, key), EncoderSettings):
+            raise ConfigError(f"unknown config key [{section_name}] {key}")
+        setattr(obj, key, _coerce(f"[{section_name}] {key}", getattr(obj, key), value))
+
+
+def load_config(path: str | os.PathLike[str] | None = None,
+                env: dict[str, str] | None = None, **overrides: Any) -> Config:
+    cfg = Config()
+    data: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config {path} is not valid TOML: {e}") from None
+    env = dict(os.environ if env is None else env)
+    for key, value in env.items():
+        if not key.startswith("LOA_") or key.count("_") < 2:
+            continue
+        section, _, name = key[4:].lower().partition("_")
+        if hasattr(cfg, section):  # LOA_ variables of other tools are not ours to refuse
+            data.setdefault(section, {})[name] = value
+    for section, values in data.items():
+        obj = getattr(cfg, section, None)
+        if obj is None or not isinstance(values, dict):
+            raise ConfigError(f"unknown config section [{section}]")
+        _apply(section, obj, values)
+    for key, value in overrides.items():
+        if value is not None:
+            setattr(cfg.server, key, value)
+    cfg.engine.encoders = cfg.encoders
+    cfg.engine.__post_init__()
+    return cfg
