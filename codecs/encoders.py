@@ -60,15 +60,22 @@ class Decimator:
         self.factor = factor
         self.h = _lowpass(factor, taps) if factor > 1 else np.ones(1, dtype=np.float32)
         self.state = np.zeros(len(self.h) - 1, dtype=np.float32)
+        self._h_rev = np.ascontiguousarray(self.h[::-1])  # convolution = correlation reversed
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
         if self.factor == 1:
             return x
         if x.shape[0] % self.factor:
             raise ValueError("chunk length must be a multiple of the decimation factor")
+        taps = len(self.h)
         buf = np.concatenate([self.state, x])
-        self.state = buf[-(len(self.h) - 1):]
-        return np.convolve(buf, self.h, mode="valid")[:: self.factor].astype(np.float32)
+        self.state = buf[-(taps - 1):]
+        # Only the kept outputs are computed: a strided view of windows times the filter.
+        n_out = x.shape[0] // self.factor
+        windows = np.lib.stride_tricks.as_strided(
+            buf, shape=(n_out, taps), strides=(buf.strides[0] * self.factor, buf.strides[0]),
+            writeable=False)
+        return windows @ self._h_rev
 
 
 class Encoder:
@@ -107,7 +114,8 @@ class _PyAVEncoder(Encoder):
         cc.sample_rate = self.rate
         cc.layout = "mono"
         cc.format = self.av_format
-        cc.time_base = Fraction(1, self.rate)
+        self._time_base = Fraction(1, self.rate)
+        cc.time_base = self._time_base
         self._configure(cc)
         cc.open()
         self.cc = cc
@@ -122,7 +130,7 @@ class _PyAVEncoder(Encoder):
         frame = av.AudioFrame.from_ndarray(x.reshape(1, -1), format=self.av_format, layout="mono")
         frame.sample_rate = self.rate
         frame.pts = self._pts
-        frame.time_base = Fraction(1, self.rate)
+        frame.time_base = self._time_base
         self._pts += x.shape[0]
         return [self._stamp(bytes(p)) for p in self.cc.encode(frame)]
 

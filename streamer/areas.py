@@ -119,22 +119,7 @@ class AreaTree:
 
     @classmethod
     def from_csv(cls, text: str) -> AreaTree:
-        """Official administrative units list: columns code, name, level, parent_code.
-
-        A header row is recognised by its first cell (`code`, `ma`, `mã`) and skipped.
-        """
-        reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
-        rows: list[tuple[str, str, str, str | None]] = []
-        for i, row in enumerate(reader, start=1):
-            if not row or all(not c.strip() for c in row):
-                continue
-            if i == 1 and row[0].strip().lower() in {"code", "ma", "mã", "ma_dvhc", "mã đvhc"}:
-                continue
-            if len(row) < 3:
-                raise AreaError(f"dòng {i}: thiếu cột / row {i}: expected code,name,level,parent_code")
-            parent = row[3] if len(row) > 3 else None
-            rows.append((row[0], row[1], row[2], parent))
-        return cls.from_rows(rows)
+        return cls.from_rows(parse_csv(text))
 
     # ---- queries --------------------------------------------------------------------------
     def __contains__(self, code: object) -> bool:
@@ -192,6 +177,28 @@ class AreaTree:
 
     def depth(self, code: str) -> int:
         return self.get(code).depth
+
+
+def parse_csv(text: str) -> list[tuple[str, str, str, str | None]]:
+    """Official administrative units list: columns code, name, level, parent_code.
+
+    A header row is recognised by its first cell (`code`, `ma`, `mã`) and skipped.
+    """
+    reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
+    rows: list[tuple[str, str, str, str | None]] = []
+    try:
+        for i, row in enumerate(reader, start=1):
+            if not row or all(not c.strip() for c in row):
+                continue
+            if i == 1 and row[0].strip().lower() in {"code", "ma", "mã", "ma_dvhc", "mã đvhc"}:
+                continue
+            if len(row) < 3:
+                raise AreaError(f"dòng {i}: thiếu cột / row {i}: expected code,name,level,parent_code")
+            parent = row[3] if len(row) > 3 else None
+            rows.append((row[0].strip(), row[1], row[2], parent))
+    except csv.Error as e:
+        raise AreaError(f"CSV không hợp lệ / malformed CSV: {e}") from None
+    return rows
 
 
 def sample_tree() -> AreaTree:

@@ -58,6 +58,12 @@ class VirtualClock:
     def run_until(self, seconds: float) -> None:
         self.run(max(0, tick_of(seconds) - self.n))
 
+    def jump_to(self, tick: int) -> None:
+        """Skip ahead without rendering (only when nothing is on air: see Engine.idle)."""
+        if tick < self.n:
+            raise ValueError("the media clock only moves forward")
+        self.n = tick
+
 
 class RealClock:
     """Calls `tick_fn(n)` at t0 + n x TICK from its own thread.

@@ -188,6 +188,29 @@ class Engine:
             )
         self._commands.put(lambda: self._end(live, cause))
 
+    def add_area(self, code: str) -> None:
+        """An area added to the tree (API, import) gets its state; it hears its ancestors'
+        broadcasts from the next tick."""
+        self.tree.get(code)
+        self._commands.put(lambda: self._add_area(code))
+
+    def _add_area(self, code: str) -> None:
+        if code in self.areas:
+            return
+        st = _AreaState(code)
+        self.areas[code] = st
+        silence = self._mix_for(())
+        silence.areas.add(code)
+        silence.codecs_version = -1
+        st.mix = silence
+        above = set(self.tree.ancestors(code))
+        for live in list(self.broadcasts.values()):
+            if live.active and above & set(live.b.targets):
+                live.areas.append(code)
+                live.remaining.add(code)
+                st.candidates.add(live.b.id)
+        self._mark(code, "start", None)
+
     def on_air(self, area: str) -> dict[str, object]:
         st = self.areas[self.tree.get(area).code]
         main = self.broadcasts.get(st.main) if st.main else None
@@ -209,6 +232,19 @@ class Engine:
     @property
     def media_time(self) -> float:
         return self.n * FRAME / SAMPLE_RATE
+
+    @property
+    def next_tick(self) -> int:
+        """The first tick a command given now can still take effect on."""
+        return self.n + 1 if self.stats["ticks"] else self.n
+
+    def idle(self) -> bool:
+        """Nothing on air, nothing fading, nothing queued: ticks until the next event are silent."""
+        return (not self.broadcasts and self._commands.empty() and not self._ramping
+                and not self._dirty)
+
+    def next_pending_tick(self) -> int | None:
+        return self._pending[0].start_tick if self._pending else None
 
     def encoder_count(self) -> int:
         return sum(len(m.encoders) for m in self.mixes.values())
@@ -343,7 +379,9 @@ class Engine:
                 at = st.paused.pop(bid, None)
                 if bid == new_main:
                     resumed_at = at
-                ph = self._playhead(lv, at or 0, n)
+                # Never heard here yet: from where the broadcast's own cursor stands (0, or the
+                # offset a restart resumes at).
+                ph = self._playhead(lv, lv.b.source.position if at is None else at, n)
                 st.layers[bid] = (ph, ramp(s, 0.0, target, self.fade))
 
         if new_main != st.main:

@@ -145,8 +145,10 @@ class Mix:
                 continue
             out += frames[ph] * g
         out = self.limiter(out)
-        self.history = np.roll(self.history, -FRAME)
-        self.history[-FRAME:] = out
+        # The history is a ring of whole frames; slot k holds the frame of tick k mod slots.
+        slots = self.history.shape[0] // FRAME
+        k = (s // FRAME) % slots
+        self.history[k * FRAME:(k + 1) * FRAME] = out
         self.history_end = s + FRAME
         self.history_valid = min(self.history.shape[0], self.history_valid + FRAME)
         return out
@@ -165,14 +167,18 @@ class Mix:
         self.encoders[codec] = enc
         if start >= s:
             return []
-        prime = np.zeros(s - start, dtype=np.float32)
-        # History holds samples [history_end - len, history_end); copy what overlaps.
-        h0 = self.history_end - self.history.shape[0]
-        lo = max(start, h0, self.history_end - self.history_valid)
-        hi = min(s, self.history_end)
+        return enc.encode(self.recent(start, s))
+
+    def recent(self, start: int, end: int) -> np.ndarray:
+        """Mixed audio of media samples [start, end), zeros where the history does not reach."""
+        out = np.zeros(end - start, dtype=np.float32)
+        size = self.history.shape[0]
+        lo = max(start, self.history_end - self.history_valid)
+        hi = min(end, self.history_end)
         if hi > lo:
-            prime[lo - start:hi - start] = self.history[lo - h0:hi - h0]
-        return enc.encode(prime)
+            idx = np.arange(lo, hi) % size
+            out[lo - start:hi - start] = self.history[idx]
+        return out
 
     def encode(self, codec: str, frame: np.ndarray) -> list[Packet]:
         return self.encoders[codec].encode(frame)

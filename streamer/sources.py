@@ -50,13 +50,14 @@ class Source:
 
 
 class PcmSource(Source):
-    """Audio held in memory (a decoded file, a chime), shared by all cursors, never copied."""
+    """Audio in memory or memory-mapped, float32 or 16-bit, shared by all cursors, never copied."""
 
     def __init__(self, pcm: np.ndarray, name: str = "pcm", gain: float = 1.0,
                  position: int = 0) -> None:
         self.pcm = pcm
         self.name = name
         self.gain = gain
+        self._scale = np.float32(gain / 32768 if pcm.dtype.kind == "i" else gain)
         self.size = int(pcm.shape[0])
         self.length = self.size
         self.position = min(position, self.size)
@@ -66,9 +67,11 @@ class PcmSource(Source):
         end = min(start + n, self.size)
         self.position = end
         chunk = self.pcm[start:end]
+        if chunk.dtype != np.float32 or self._scale != 1.0:
+            chunk = chunk.astype(np.float32) * self._scale
         if chunk.shape[0] < n:
             chunk = np.concatenate([chunk, np.zeros(n - chunk.shape[0], dtype=np.float32)])
-        return chunk * np.float32(self.gain) if self.gain != 1.0 else chunk
+        return chunk
 
     def skip(self, n: int = FRAME) -> None:
         self.position = min(self.position + n, self.size)

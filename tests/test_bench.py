@@ -30,3 +30,20 @@ def test_liquidsoap_script_one_station_per_output() -> None:
     script = liquidsoap_script(stations=3, mp3_rate=24_000, bitrate_kbps=32, major=2)
     assert script.count("output.file(%mp3(mono, bitrate=32, samplerate=24000)") == 3
     assert "settings.init.allow_root.set(true)" in script
+
+
+def test_liquidsoap_script_matches_loa_mp3_quality() -> None:
+    script = liquidsoap_script(stations=1, mp3_rate=24_000, bitrate_kbps=32, major=2, quality=7)
+    assert "internal_quality=7" in script
+
+
+def test_bench_without_liquidsoap_reports_null_baseline(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("loa.web.bench.shutil.which", lambda name: None)
+    rc = main(["bench", "mix", "--zones", "2", "--seconds", "0.2", "--baseline", "liquidsoap"])
+    result = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert result["baseline"] is None
+    assert "not found" in result["baseline_reason"]
+    assert result["ratio_vs_liquidsoap"] is None
+    assert result["mp3_only_cpu_per_zone_percent"] > 0

@@ -289,3 +289,14 @@ def test_unknown_target_area_is_refused_and_changes_nothing():
     clock.run(3)
     assert e.broadcasts == {}
     assert all(c.after is None for c in e.changes)
+
+
+def test_a_broadcast_starts_where_its_source_cursor_stands():
+    """How a restart resumes a programme: `source.at(offset)` airs from that sample."""
+    e, clock = make()
+    sub = e.hub.subscribe("T01-H1-X1", PCM, maxlen=100_000)
+    music = noise(10)
+    e.start(Broadcast(music.at(30_000), ["T01-H1-X1"], issuer="T01-H1-X1"))
+    clock.run(50)
+    out = pcm(sub)
+    np.testing.assert_allclose(out[FADE:48_000], music.pcm[30_000 + FADE:78_000], atol=1e-6)

@@ -53,12 +53,16 @@ FIND_BUDGET = 100.0  # wall seconds the search may use, so `--find` ends in abou
 MP3_ONLY_MAX_SECONDS = 5.0
 LIQUIDSOAP_MAX_STATIONS = 20
 LIQUIDSOAP_WARMUP = 1.0
-LIQUIDSOAP_START_TIMEOUT = 60.0
+LIQUIDSOAP_START_TIMEOUT = 30.0
 ROOT = "P01"
 
 
 class BenchError(RuntimeError):
     """The bench could not measure what it claims to measure (e.g. mixes != zones)."""
+
+
+class LiquidsoapRefused(BenchError):
+    """Liquidsoap exited before streaming (e.g. it refused a setting): try another script."""
 
 
 # ---- the Loa side ---------------------------------------------------------------------------
@@ -263,8 +267,12 @@ def liquidsoap_version(exe: str) -> str | None:
     return m.group(1) if m else None
 
 
-def liquidsoap_script(stations: int, mp3_rate: int, bitrate_kbps: int, major: int) -> str:
-    """K stations, each sine -> mksafe -> mono MP3 -> /dev/null, on a 48 kHz mono frame."""
+def liquidsoap_script(stations: int, mp3_rate: int, bitrate_kbps: int, major: int,
+                      quality: int | None = None) -> str:
+    """K stations, each sine -> mksafe -> mono MP3 -> /dev/null, on a 48 kHz mono frame.
+
+    `quality` is LAME's -q (Liquidsoap's `internal_quality`, default 2); Loa uses `mp3_quality`.
+    """
     if major >= 2:
         head = [
             "settings.init.allow_root.set(true)",
@@ -283,9 +291,10 @@ def liquidsoap_script(stations: int, mp3_rate: int, bitrate_kbps: int, major: in
             f'set("frame.audio.samplerate", {SAMPLE_RATE})',
             'set("frame.audio.channels", 1)',
         ]
+    q = "" if quality is None else f", internal_quality={quality}"
     body = [
-        f'output.file(%mp3(mono, bitrate={bitrate_kbps}, samplerate={mp3_rate}), "/dev/null", '
-        f"mksafe(sine({300.0 + 7.0 * k:.1f})))"
+        f"output.file(%mp3(mono, bitrate={bitrate_kbps}, samplerate={mp3_rate}{q}), "
+        f'"/dev/null", mksafe(sine({300.0 + 7.0 * k:.1f})))'
         for k in range(stations)
     ]
     return "\n".join(head + body) + "\n"
@@ -334,10 +343,14 @@ def _run_liquidsoap(exe: str, script: str, seconds: float) -> dict[str, Any]:
         try:
             deadline = time.monotonic() + LIQUIDSOAP_START_TIMEOUT
             while not ready.wait(0.1):
-                if proc.poll() is not None or time.monotonic() > deadline:
+                if proc.poll() is not None:
+                    reader.join(timeout=5)
                     tail = " | ".join(list(log)[-6:])
-                    raise BenchError(f"liquidsoap did not start streaming (rc={proc.poll()}): "
-                                     f"{tail}")
+                    raise LiquidsoapRefused(f"liquidsoap exited before streaming "
+                                            f"(rc={proc.returncode}): {tail}")
+                if time.monotonic() > deadline:
+                    raise BenchError(f"liquidsoap did not start streaming within "
+                                     f"{LIQUIDSOAP_START_TIMEOUT:g} s")
             time.sleep(LIQUIDSOAP_WARMUP)
             if proc.poll() is not None:
                 raise BenchError(f"liquidsoap exited early (rc={proc.returncode})")
@@ -369,13 +382,18 @@ def liquidsoap_baseline(stations: int, seconds: float,
         major = 2
     bitrate = enc.mp3_bitrate // 1000
     errors = []
-    for rate in dict.fromkeys((enc.mp3_rate, 44_100)):
-        script = liquidsoap_script(stations, rate, bitrate, major)
+    attempts = [(rate, q) for rate in dict.fromkeys((enc.mp3_rate, 44_100))
+                for q in (enc.mp3_quality, None)]
+    for rate, quality in attempts:
+        script = liquidsoap_script(stations, rate, bitrate, major, quality)
         try:
             r = _run_liquidsoap(exe, script, seconds)
         except (BenchError, OSError) as e:
-            errors.append(f"samplerate {rate}: {e}")
-            continue
+            errors.append(f"samplerate {rate} internal_quality {quality}: {e}")
+            print(f"bench: liquidsoap attempt failed: {errors[-1]}", file=sys.stderr)
+            if isinstance(e, LiquidsoapRefused):
+                continue  # another setting may be accepted
+            break
         cpu_per_s = r["cpu_seconds"] / r["wall_seconds"]
         return {
             "name": "liquidsoap",
@@ -386,10 +404,12 @@ def liquidsoap_baseline(stations: int, seconds: float,
             "cpu_per_audio_second": round(cpu_per_s, 5),
             "cpu_per_station_percent": round(100 * cpu_per_s / stations, 4),
             "samplerate": rate,
+            "internal_quality": quality,  # None: Liquidsoap's default (2)
             "bitrate": bitrate * 1000,
             "channels": 1,
             "internal_samplerate": SAMPLE_RATE,
             "pipeline": "sine -> mksafe -> output.file(%mp3(mono), /dev/null)",
+            "script_line": script.splitlines()[-1],
             "clock": "real-time CPU clock (no sound card)",
             "catchup_warnings": r["catchup_warnings"],
             "cpu_resolution_seconds": 1 / os.sysconf("SC_CLK_TCK"),

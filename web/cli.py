@@ -16,6 +16,23 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="loa", description="Loa broadcast server")
     sub = ap.add_subparsers(dest="command", required=True)
 
+    serve = sub.add_parser("serve", help="run the server")
+    _common(serve)
+    serve.add_argument("--http", default=None, help="HOST:PORT to listen on")
+
+    user = sub.add_parser("user", help="manage users")
+    usub = user.add_subparsers(dest="user_command", required=True)
+    add = usub.add_parser("add", help="add a user (works while the server runs)")
+    _common(add)
+    add.add_argument("name")
+    add.add_argument("--role", required=True,
+                     choices=["admin", "approver", "editor", "operator", "viewer"])
+    add.add_argument("--area", required=True, help="area code the user acts on (and below)")
+    add.add_argument("--password", default=None, help="generated and printed when omitted")
+    add.add_argument("--emergency", action="store_true", help="grant the emergency right")
+    add.add_argument("--direct", action="store_true",
+                     help="may air content that has not been approved")
+
     demo = sub.add_parser("demo", help="run the engine with a sample province")
     _common(demo)
     demo.add_argument("--http", default="127.0.0.1:8080", help="HOST:PORT to listen on")
@@ -34,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        from loa.web.serve import run_serve
+
+        return run_serve(args)
+    if args.command == "user":
+        from loa.web.serve import run_user
+
+        return run_user(args)
     if args.command == "demo":
         from loa.web.demo import run_demo
 

@@ -28,6 +28,28 @@ class ServerConfig:
 
 
 @dataclass
+class AreasConfig:
+    csv: str = ""  # official administrative units list imported at first start
+    root_code: str = "ROOT"  # used at first start when no csv is given
+    root_name: str = "Tỉnh"
+    root_level: str = "province"
+
+
+@dataclass
+class AuthConfig:
+    token_ttl_hours: float = 12.0
+    max_failed_logins: int = 5
+
+
+@dataclass
+class MediaConfig:
+    max_mb: int = 200
+    max_seconds: float = 4 * 3600.0
+    loudness_target: float = -16.0
+    tts_voice: str = "vi"
+
+
+@dataclass
 class LogConfig:
     level: str = "info"
     format: str = "kv"  # kv | json
@@ -35,7 +57,12 @@ class LogConfig:
 
 @dataclass
 class Config:
+    store: str = "sqlite"  # "sqlite" (under the data directory) or "redis://host:port/db"
+    store_prefix: str = "loa:"
     server: ServerConfig = field(default_factory=ServerConfig)
+    areas: AreasConfig = field(default_factory=AreasConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    media: MediaConfig = field(default_factory=MediaConfig)
     engine: EngineSettings = field(default_factory=EngineSettings)
     encoders: EncoderSettings = field(default_factory=EncoderSettings)
     log: LogConfig = field(default_factory=LogConfig)
@@ -85,13 +112,22 @@ def load_config(path: str | os.PathLike[str] | None = None,
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config {path} is not valid TOML: {e}") from None
     env = dict(os.environ if env is None else env)
+    for top in ("store", "store_prefix"):
+        if f"LOA_{top.upper()}" in env:
+            data[top] = env.pop(f"LOA_{top.upper()}")
     for key, value in env.items():
         if not key.startswith("LOA_") or key.count("_") < 2:
             continue
         section, _, name = key[4:].lower().partition("_")
-        if hasattr(cfg, section):  # LOA_ variables of other tools are not ours to refuse
+        if section not in ("store", "test") and hasattr(cfg, section):
+            # LOA_ variables of other tools (and of the tests) are not ours to refuse.
             data.setdefault(section, {})[name] = value
     for section, values in data.items():
+        if section in ("store", "store_prefix"):
+            if not isinstance(values, str):
+                raise ConfigError(f"{section}: expected a string like \"redis://127.0.0.1:6379/0\"")
+            setattr(cfg, section, values)
+            continue
         obj = getattr(cfg, section, None)
         if obj is None or not isinstance(values, dict):
             raise ConfigError(f"unknown config section [{section}]")

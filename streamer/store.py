@@ -1,0 +1,136 @@
+"""The store: durable records and append-only logs, behind one interface with two backends.
+
+- SQLite under the data directory (`store_sqlite.SqliteStore`): the embedded default, WAL, versioned
+  migrations, so `loa serve` needs nothing else. Blocking SQLite calls run in a thread.
+- Redis (`store_redis.RedisStore`): for several nodes.
+
+Records are JSON objects of a declared kind with a string `id`. Each kind declares the fields it is
+looked up by (`find(kind, field=value)`) and which of them are unique. Logs (audit, as-run) are
+append-only, time-ordered entries. Both backends pass one contract suite (tests/test_store.py).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+Record = dict[str, Any]
+
+
+class StoreError(Exception):
+    pass
+
+
+class NotFound(StoreError, KeyError):
+    pass
+
+
+class Conflict(StoreError):
+    """An id or a unique field value that already exists, or a stale version."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    indexed: tuple[str, ...] = ()  # fields `find` can filter on (equality)
+    unique: tuple[str, ...] = ()  # subset of `indexed` whose values may not repeat
+
+
+KINDS: Mapping[str, Kind] = {
+    "area": Kind(indexed=("parent",)),
+    "user": Kind(indexed=("username", "area"), unique=("username",)),
+    "token": Kind(indexed=("user",)),  # id = sha256 of the bearer token, never the token itself
+    "media": Kind(indexed=("sha256", "area"), unique=("sha256",)),
+    "tts": Kind(),  # id = hash of (engine, voice, text) -> media id
+    "programme": Kind(indexed=("area", "status")),
+    "schedule": Kind(indexed=("area", "programme")),
+    "broadcast": Kind(indexed=("status", "issuer")),  # persisted on-air broadcasts (restart)
+    "device": Kind(indexed=("area", "kind")),
+    "command": Kind(indexed=("device", "status")),
+}
+
+LOGS = ("audit", "asrun")
+
+
+class Store(abc.ABC):
+    """Async interface. Every method may raise StoreError subclasses; none blocks the loop."""
+
+    # ---- records -----------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def get(self, kind: str, id: str) -> Record | None: ...
+
+    @abc.abstractmethod
+    async def create(self, kind: str, record: Record) -> Record:
+        """Insert; Conflict if the id or a unique field value exists. Returns the record."""
+
+    @abc.abstractmethod
+    async def put(self, kind: str, record: Record) -> Record:
+        """Insert or replace by id (unique fields still enforced against other records)."""
+
+    @abc.abstractmethod
+    async def update(self, kind: str, id: str, changes: Record) -> Record:
+        """Merge `changes` into the record (a value of None deletes the field); NotFound."""
+
+    @abc.abstractmethod
+    async def delete(self, kind: str, id: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def find(self, kind: str, /, **eq: Any) -> list[Record]:
+        """Records whose indexed fields equal the given values (all records if none given),
+        ordered by id. Filtering on a field that is not indexed is a ValueError."""
+
+    @abc.abstractmethod
+    async def count(self, kind: str, /, **eq: Any) -> int: ...
+
+    @abc.abstractmethod
+    async def put_many(self, kind: str, records: list[Record]) -> None:
+        """Bulk insert-or-replace in one transaction (imports, seeding)."""
+
+    # ---- logs --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    async def append(self, log: str, entry: Record) -> Record:
+        """Append to an append-only log; sets `ts` (epoch seconds) if missing and `seq`."""
+
+    @abc.abstractmethod
+    async def read_log(self, log: str, *, since: float | None = None, until: float | None = None,
+                       limit: int = 1000, **eq: Any) -> list[Record]:
+        """Entries with since <= ts < until whose top-level fields equal `eq`, oldest first."""
+
+    # ---- counters (rate limits shared by every process on the store) -------------------------
+    @abc.abstractmethod
+    async def hit(self, key: str, window: float) -> int:
+        """Count one event for `key`; returns the events in the current window of `window` s."""
+
+    @abc.abstractmethod
+    async def close(self) -> None: ...
+
+
+def check_kind(kind: str) -> Kind:
+    try:
+        return KINDS[kind]
+    except KeyError:
+        raise ValueError(f"unknown record kind {kind!r}") from None
+
+
+def check_log(log: str) -> None:
+    if log not in LOGS:
+        raise ValueError(f"unknown log {log!r}")
+
+
+async def open_store(url: str, data_dir: str | Path, prefix: str = "loa:") -> Store:
+    """`sqlite` (default, under data_dir) or `redis://...`."""
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        from loa.streamer.store_redis import RedisStore
+
+        return await RedisStore.connect(url, prefix=prefix)
+    if url in ("", "sqlite"):
+        path = Path(data_dir) / "loa.db"
+    elif url.startswith("sqlite:///"):
+        path = Path(url[len("sqlite:///"):])
+    else:
+        raise ValueError(f"unknown store {url!r}: use sqlite or redis://host:port/db")
+    from loa.streamer.store_sqlite import SqliteStore
+
+    return await SqliteStore.open(path)

@@ -1,0 +1,532 @@
+"""SQLite backend of the store: the embedded default, one file under the data directory.
+
+One worker thread owns the connection, so no call blocks the event loop and calls are serialised
+without locks. WAL, `synchronous=NORMAL` and a 5 s `busy_timeout` let a second process (the
+`loa user add` CLI) write while `loa serve` runs on the same file; every multi-statement write
+takes the write lock up front (`BEGIN IMMEDIATE`) so two processes queue for it instead of one
+failing with "database is locked" halfway through a transaction.
+
+The JSON helpers at the top are shared with `store_redis` so both backends agree on what "equal"
+means in `find`/`read_log` (canonical JSON; a missing field equals None).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import math
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from loa.streamer.store import (
+    KINDS,
+    Conflict,
+    Kind,
+    NotFound,
+    Record,
+    Store,
+    StoreError,
+    check_kind,
+    check_log,
+)
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_S = 5.0
+PURGE_EVERY = 1000  # hits between purges of expired counters
+
+
+# ---- JSON helpers shared by both backends ------------------------------------------------------
+def dumps(value: Any) -> str:
+    """Stored form: compact, key order kept, real JSON (NaN/inf refused rather than stored)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def load(data: str) -> Record:
+    """A stored record or log entry back as a dict."""
+    out: Record = json.loads(data)
+    return out
+
+
+def canon(value: Any) -> str:
+    """Comparison form of a field value: equal JSON values give equal strings (1 != "1" != 1.5)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True,
+                      allow_nan=False)
+
+
+def check_record(record: Record) -> tuple[str, str]:
+    """(id, stored JSON); a record is a JSON object with a non-empty string id."""
+    if not isinstance(record, dict):
+        raise ValueError(f"a record is a dict, not {type(record).__name__}")
+    rid = record.get("id")
+    if not isinstance(rid, str) or not rid:
+        raise ValueError(f"a record needs a non-empty string id, got {rid!r}")
+    return rid, dumps(record)
+
+
+def index_entries(spec: Kind, record: Record) -> list[tuple[str, str, bool]]:
+    """(field, canonical value, enforce uniqueness) for every indexed field of the record.
+
+    A missing field is indexed as null so `find(field=None)` finds it; null is never unique (like
+    SQL NULL), so many users may lack a username-like field without clashing.
+    """
+    out = []
+    for field in spec.indexed:
+        value = record.get(field)
+        out.append((field, canon(value), field in spec.unique and value is not None))
+    return out
+
+
+def check_filter(kind: str, spec: Kind, eq: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(field, canonical value) pairs; only indexed fields may be filtered on."""
+    bad = [f for f in eq if f not in spec.indexed]
+    if bad:
+        raise ValueError(f"{kind}: cannot filter on {', '.join(bad)} (indexed: {spec.indexed})")
+    return [(f, canon(v)) for f, v in eq.items()]
+
+
+def merge(id: str, record: Record, changes: Record) -> Record:
+    """Shallow merge; None deletes a field; the id is the record's name and never changes."""
+    if "id" in changes and changes["id"] != id:
+        raise ValueError(f"update cannot change the id ({id!r} -> {changes['id']!r})")
+    out = dict(record)
+    for k, v in changes.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = v
+    out["id"] = id
+    return out
+
+
+def log_entry(entry: Record) -> tuple[float, Record]:
+    """(ts, entry with ts set, seq dropped): the backend assigns seq."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"a log entry is a dict, not {type(entry).__name__}")
+    out = {k: v for k, v in entry.items() if k != "seq"}
+    ts = out.get("ts")
+    if ts is None:
+        ts = out["ts"] = time.time()
+    if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
+        raise ValueError(f"log entry ts must be epoch seconds, got {ts!r}")
+    return float(ts), out
+
+
+def entry_matches(entry: Record, eq: list[tuple[str, str]]) -> bool:
+    return all(canon(entry.get(f)) == v for f, v in eq)
+
+
+def kind_signature(spec: Kind) -> str:
+    """What the stored index entries of a kind were built from; a change means reindex."""
+    return canon({"indexed": list(spec.indexed), "unique": list(spec.unique)})
+
+
+# ---- schema --------------------------------------------------------------------------------------
+Migration = Callable[[sqlite3.Connection], None]
+
+
+def _sql(*statements: str) -> Migration:
+    def run(db: sqlite3.Connection) -> None:
+        for s in statements:  # not executescript(): it would COMMIT the migration transaction
+            db.execute(s)
+
+    return run
+
+
+# Append only: each entry upgrades version i to i+1. Never edit a released one.
+MIGRATIONS: tuple[Migration, ...] = (
+    _sql(
+        """CREATE TABLE records (
+            kind TEXT NOT NULL, id TEXT NOT NULL, data TEXT NOT NULL,
+            PRIMARY KEY (kind, id)) WITHOUT ROWID""",
+        # One row per (record, indexed field); uniq = 1 where the value may not repeat.
+        """CREATE TABLE idx (
+            kind TEXT NOT NULL, field TEXT NOT NULL, value TEXT NOT NULL, id TEXT NOT NULL,
+            uniq INTEGER NOT NULL DEFAULT 0,
+            PRIMARY KEY (kind, field, value, id)) WITHOUT ROWID""",
+        "CREATE UNIQUE INDEX idx_unique ON idx (kind, field, value) WHERE uniq = 1",
+        "CREATE INDEX idx_record ON idx (kind, id)",
+        """CREATE TABLE logs (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT, log TEXT NOT NULL, ts REAL NOT NULL,
+            data TEXT NOT NULL)""",
+        "CREATE INDEX logs_time ON logs (log, ts)",
+        """CREATE TABLE counters (
+            key TEXT PRIMARY KEY, window_start REAL NOT NULL, n INTEGER NOT NULL,
+            expires REAL NOT NULL)""",
+        "CREATE INDEX counters_expires ON counters (expires)",
+        # index:<kind> -> kind_signature() the idx rows were built with
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    ),
+)
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaTooNew(StoreError):
+    """The file was migrated by a newer Loa; an older one must not write to it."""
+
+
+def _schema_version(db: sqlite3.Connection) -> int:
+    if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+                  ).fetchone() is None:
+        return 0
+    row = db.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    return int(row[0] or 0)
+
+
+def _stale_kinds(db: sqlite3.Connection) -> dict[str, str]:
+    """Kinds whose index rows were built with a different declaration than KINDS now has."""
+    stored = dict(db.execute("SELECT key, value FROM meta WHERE key LIKE 'index:%'").fetchall())
+    out = {}
+    for name, spec in KINDS.items():
+        sig = kind_signature(spec)
+        if stored.get(f"index:{name}") != sig:
+            out[name] = sig
+    return out
+
+
+def _reindex(db: sqlite3.Connection, kind: str, spec: Kind) -> None:
+    db.execute("DELETE FROM idx WHERE kind = ?", (kind,))
+    rows = db.execute("SELECT id, data FROM records WHERE kind = ?", (kind,)).fetchall()
+    try:
+        db.executemany(
+            "INSERT INTO idx (kind, field, value, id, uniq) VALUES (?, ?, ?, ?, ?)",
+            ((kind, f, v, rid, int(u)) for rid, data in rows
+             for f, v, u in index_entries(spec, load(data))))
+    except sqlite3.IntegrityError as e:
+        raise Conflict(f"cannot index {kind} as {spec}: existing records repeat a unique value"
+                       ) from e
+
+
+def _migrate(db: sqlite3.Connection, path: Path) -> None:
+    """Bring the file to SCHEMA_VERSION and the index rows to KINDS, in one transaction.
+
+    Checked read-only first, so opening an up-to-date file writes nothing and takes no lock.
+    """
+    version = _schema_version(db)
+    if version > SCHEMA_VERSION:
+        raise SchemaTooNew(f"{path} has store schema version {version}, newer than this Loa "
+                           f"understands ({SCHEMA_VERSION}); upgrade Loa to open it")
+    if version == SCHEMA_VERSION and not _stale_kinds(db):
+        return
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        db.execute("CREATE TABLE IF NOT EXISTS schema_version ("
+                   "version INTEGER PRIMARY KEY, applied REAL NOT NULL)")
+        version = _schema_version(db)  # again, under the write lock: another process may have won
+        if version > SCHEMA_VERSION:
+            raise SchemaTooNew(f"{path} has store schema version {version}, newer than this Loa "
+                               f"understands ({SCHEMA_VERSION}); upgrade Loa to open it")
+        for v in range(version, SCHEMA_VERSION):
+            MIGRATIONS[v](db)
+            db.execute("INSERT INTO schema_version (version, applied) VALUES (?, ?)",
+                       (v + 1, time.time()))
+        for kind, sig in _stale_kinds(db).items():
+            _reindex(db, kind, KINDS[kind])
+            db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                       (f"index:{kind}", sig))
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    # isolation_level=None: no implicit transactions; writes say BEGIN IMMEDIATE themselves.
+    db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                         check_same_thread=False)
+    try:
+        db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise StoreError(f"{path}: cannot use WAL journal mode (got {mode})")
+        db.execute("PRAGMA synchronous = NORMAL")
+        _migrate(db, path)
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+def _tx(db: sqlite3.Connection, fn: Callable[[], T]) -> T:
+    """Run fn in a write transaction; any exception rolls everything back."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        result = fn()
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
+    db.execute("COMMIT")
+    return result
+
+
+def _unique_error(kind: str, e: sqlite3.IntegrityError) -> Conflict:
+    return Conflict(f"{kind}: a unique field value already exists ({e})")
+
+
+class SqliteStore(Store):
+    """The store in one SQLite file. Use `await SqliteStore.open(path)`."""
+
+    def __init__(self, path: Path, db: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+        self.path = path
+        self._db: sqlite3.Connection | None = db
+        self._ex = executor
+        self._hits = 0
+
+    @classmethod
+    async def open(cls, path: Path) -> SqliteStore:
+        """Open (creating the file and its parent directories) and migrate."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # One thread owns the connection: calls are serialised and never run on the loop.
+        ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loa-sqlite")
+        try:
+            db = await asyncio.get_running_loop().run_in_executor(ex, _connect, path)
+        except BaseException:
+            ex.shutdown(wait=False)
+            raise
+        return cls(path, db, ex)
+
+    def __repr__(self) -> str:
+        return f"SqliteStore({str(self.path)!r})"
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._db is None:
+            raise StoreError("store is closed")
+        return await asyncio.get_running_loop().run_in_executor(
+            self._ex, functools.partial(fn, self._db, *args))
+
+    # ---- records -------------------------------------------------------------------------------
+    async def get(self, kind: str, id: str) -> Record | None:
+        check_kind(kind)
+        return await self._run(_get, kind, id)
+
+    async def create(self, kind: str, record: Record) -> Record:
+        spec = check_kind(kind)
+        rid, data = check_record(record)
+        await self._run(_write_one, kind, spec, rid, data, index_entries(spec, record), "create")
+        return load(data)
+
+    async def put(self, kind: str, record: Record) -> Record:
+        spec = check_kind(kind)
+        rid, data = check_record(record)
+        await self._run(_write_one, kind, spec, rid, data, index_entries(spec, record), "put")
+        return load(data)
+
+    async def update(self, kind: str, id: str, changes: Record) -> Record:
+        spec = check_kind(kind)
+        return await self._run(_update, kind, spec, id, dict(changes))
+
+    async def delete(self, kind: str, id: str) -> bool:
+        check_kind(kind)
+        return await self._run(_delete, kind, id)
+
+    # `kind` is positional-only: device records have an indexed field named "kind", and
+    # find("device", kind="speaker") cannot bind under Store's signature (see store.py).
+    async def find(self, kind: str, /, **eq: Any) -> list[Record]:
+        filters = check_filter(kind, check_kind(kind), eq)
+        return await self._run(_find, kind, filters)
+
+    async def count(self, kind: str, /, **eq: Any) -> int:
+        filters = check_filter(kind, check_kind(kind), eq)
+        return await self._run(_count, kind, filters)
+
+    async def put_many(self, kind: str, records: list[Record]) -> None:
+        spec = check_kind(kind)
+        # Encoding 10,000 records is work too: done in the worker thread, not on the loop.
+        await self._run(_put_many, kind, spec, list(records))
+
+    # ---- logs ----------------------------------------------------------------------------------
+    async def append(self, log: str, entry: Record) -> Record:
+        check_log(log)
+        ts, out = log_entry(entry)
+        data = dumps(out)
+        out["seq"] = await self._run(_append, log, ts, data)
+        return out
+
+    async def read_log(self, log: str, *, since: float | None = None, until: float | None = None,
+                       limit: int = 1000, **eq: Any) -> list[Record]:
+        check_log(log)
+        if limit <= 0:
+            return []
+        filters = [(f, canon(v)) for f, v in eq.items()]
+        return await self._run(_read_log, log, since, until, limit, filters)
+
+    # ---- counters ------------------------------------------------------------------------------
+    async def hit(self, key: str, window: float) -> int:
+        if window <= 0:
+            raise ValueError(f"hit window must be > 0 s, got {window}")
+        self._hits += 1
+        return await self._run(_hit, key, window, self._hits % PURGE_EVERY == 0)
+
+    async def close(self) -> None:
+        if self._db is None:
+            return
+        db, self._db = self._db, None
+        await asyncio.get_running_loop().run_in_executor(self._ex, db.close)
+        self._ex.shutdown(wait=False)
+
+
+# ---- the worker-thread side: plain functions of the connection -----------------------------------
+def _get(db: sqlite3.Connection, kind: str, id: str) -> Record | None:
+    row = db.execute("SELECT data FROM records WHERE kind = ? AND id = ?", (kind, id)).fetchone()
+    return None if row is None else load(row[0])
+
+
+def _check_unique(db: sqlite3.Connection, kind: str, rid: str,
+                  entries: list[tuple[str, str, bool]]) -> None:
+    """Name the clash; the partial unique index is the backstop that makes it race-free."""
+    for field, value, unique in entries:
+        if not unique:
+            continue
+        row = db.execute("SELECT id FROM idx WHERE kind = ? AND field = ? AND value = ? "
+                         "AND uniq = 1 AND id <> ?", (kind, field, value, rid)).fetchone()
+        if row is not None:
+            raise Conflict(f"{kind} {field}={value} already belongs to {row[0]!r}")
+
+
+def _set_record(db: sqlite3.Connection, kind: str, rid: str, data: str,
+                entries: list[tuple[str, str, bool]]) -> None:
+    db.execute("INSERT OR REPLACE INTO records (kind, id, data) VALUES (?, ?, ?)",
+               (kind, rid, data))
+    db.execute("DELETE FROM idx WHERE kind = ? AND id = ?", (kind, rid))
+    try:
+        db.executemany("INSERT INTO idx (kind, field, value, id, uniq) VALUES (?, ?, ?, ?, ?)",
+                       [(kind, f, v, rid, int(u)) for f, v, u in entries])
+    except sqlite3.IntegrityError as e:
+        raise _unique_error(kind, e) from e
+
+
+def _write_one(db: sqlite3.Connection, kind: str, spec: Kind, rid: str, data: str,
+               entries: list[tuple[str, str, bool]], mode: str) -> None:
+    def run() -> None:
+        if mode == "create" and db.execute(
+                "SELECT 1 FROM records WHERE kind = ? AND id = ?", (kind, rid)).fetchone():
+            raise Conflict(f"{kind} {rid!r} already exists")
+        _check_unique(db, kind, rid, entries)
+        _set_record(db, kind, rid, data, entries)
+
+    _tx(db, run)
+
+
+def _update(db: sqlite3.Connection, kind: str, spec: Kind, id: str, changes: Record) -> Record:
+    def run() -> Record:
+        old = _get(db, kind, id)
+        if old is None:
+            raise NotFound(f"{kind} {id!r}")
+        new = merge(id, old, changes)
+        entries = index_entries(spec, new)
+        _check_unique(db, kind, id, entries)
+        _set_record(db, kind, id, dumps(new), entries)
+        return new
+
+    return _tx(db, run)
+
+
+def _delete(db: sqlite3.Connection, kind: str, id: str) -> bool:
+    def run() -> bool:
+        n = db.execute("DELETE FROM records WHERE kind = ? AND id = ?", (kind, id)).rowcount
+        db.execute("DELETE FROM idx WHERE kind = ? AND id = ?", (kind, id))
+        return n > 0
+
+    return _tx(db, run)
+
+
+def _joins(kind: str, filters: list[tuple[str, str]]) -> tuple[str, list[str]]:
+    """One join per filter on the idx primary key (kind, field, value, id), then the params."""
+    joins = "".join(f" JOIN idx i{n} ON i{n}.kind = r.kind AND i{n}.id = r.id"
+                    f" AND i{n}.field = ? AND i{n}.value = ?" for n in range(len(filters)))
+    return joins, [x for pair in filters for x in pair] + [kind]
+
+
+def _find(db: sqlite3.Connection, kind: str, filters: list[tuple[str, str]]) -> list[Record]:
+    joins, params = _joins(kind, filters)
+    rows = db.execute(f"SELECT r.data FROM records r{joins} WHERE r.kind = ? ORDER BY r.id",
+                      params).fetchall()
+    return [load(data) for (data,) in rows]
+
+
+def _count(db: sqlite3.Connection, kind: str, filters: list[tuple[str, str]]) -> int:
+    joins, params = _joins(kind, filters)
+    row = db.execute(f"SELECT COUNT(*) FROM records r{joins} WHERE r.kind = ?", params).fetchone()
+    return int(row[0])
+
+
+def _put_many(db: sqlite3.Connection, kind: str, spec: Kind, records: list[Record]) -> None:
+    rows: dict[str, tuple[str, list[tuple[str, str, bool]]]] = {}
+    for record in records:  # a repeated id: the last one wins, as with put() in a loop
+        rid, data = check_record(record)
+        rows[rid] = (data, index_entries(spec, record))
+
+    def run() -> None:
+        db.executemany("DELETE FROM idx WHERE kind = ? AND id = ?", ((kind, r) for r in rows))
+        db.executemany("INSERT OR REPLACE INTO records (kind, id, data) VALUES (?, ?, ?)",
+                       ((kind, r, d) for r, (d, _) in rows.items()))
+        try:
+            db.executemany(
+                "INSERT INTO idx (kind, field, value, id, uniq) VALUES (?, ?, ?, ?, ?)",
+                ((kind, f, v, r, int(u)) for r, (_, es) in rows.items() for f, v, u in es))
+        except sqlite3.IntegrityError as e:
+            raise _unique_error(kind, e) from e
+
+    _tx(db, run)
+
+
+def _append(db: sqlite3.Connection, log: str, ts: float, data: str) -> int:
+    cur = db.execute("INSERT INTO logs (log, ts, data) VALUES (?, ?, ?)", (log, ts, data))
+    assert cur.lastrowid is not None
+    return cur.lastrowid
+
+
+def _read_log(db: sqlite3.Connection, log: str, since: float | None, until: float | None,
+              limit: int, filters: list[tuple[str, str]]) -> list[Record]:
+    sql = "SELECT seq, data FROM logs WHERE log = ?"
+    params: list[Any] = [log]
+    if since is not None:
+        sql += " AND ts >= ?"
+        params.append(since)
+    if until is not None:
+        sql += " AND ts < ?"
+        params.append(until)
+    sql += " ORDER BY ts, seq"
+    if not filters:
+        sql += " LIMIT ?"
+        params.append(limit)
+    out: list[Record] = []
+    cur = db.execute(sql, params)
+    try:
+        for seq, data in _rows(cur):  # filtered here; stop reading once `limit` matched
+            entry = load(data)
+            entry["seq"] = seq
+            if entry_matches(entry, filters):
+                out.append(entry)
+                if len(out) >= limit:
+                    break
+    finally:
+        cur.close()
+    return out
+
+
+def _rows(cur: sqlite3.Cursor) -> Iterable[tuple[int, str]]:
+    while batch := cur.fetchmany(500):
+        yield from batch
+
+
+def _hit(db: sqlite3.Connection, key: str, window: float, purge: bool) -> int:
+    """Fixed window: the first hit after `expires` starts a new window at n = 1."""
+    now = time.time()
+    if purge:
+        db.execute("DELETE FROM counters WHERE expires <= ?", (now,))
+    rows = db.execute(
+        """INSERT INTO counters (key, window_start, n, expires) VALUES (?1, ?2, 1, ?2 + ?3)
+           ON CONFLICT (key) DO UPDATE SET
+             n = CASE WHEN ?2 >= counters.expires THEN 1 ELSE counters.n + 1 END,
+             window_start = CASE WHEN ?2 >= counters.expires THEN ?2
+                                 ELSE counters.window_start END,
+             expires = CASE WHEN ?2 >= counters.expires THEN ?2 + ?3 ELSE counters.expires END
+           RETURNING n""", (key, now, window)).fetchall()  # fetch all: ends the statement
+    return int(rows[0][0])

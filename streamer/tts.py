@@ -1,0 +1,91 @@
+"""Text to speech behind one small interface; espeak-ng's Vietnamese voice is the default.
+
+An external TTS service (a provider's HTTP API) implements `TtsEngine.synthesize` the same way.
+Results are cached by (engine, voice, text) in the media library, so a bulletin read twice is
+synthesised once.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import hashlib
+import shutil
+from pathlib import Path
+
+from loa.streamer.library import MediaLibrary
+from loa.streamer.store import Record
+
+
+class TtsError(RuntimeError):
+    pass
+
+
+class TtsEngine(abc.ABC):
+    name = "tts"
+
+    @abc.abstractmethod
+    async def synthesize(self, text: str, voice: str, out: Path) -> None:
+        """Write speech for `text` to the audio file `out` (any format FFmpeg decodes)."""
+
+
+class EspeakEngine(TtsEngine):
+    name = "espeak-ng"
+
+    def __init__(self, speed: int = 145) -> None:
+        self.exe = shutil.which("espeak-ng")
+        self.speed = speed
+
+    async def synthesize(self, text: str, voice: str, out: Path) -> None:
+        if not self.exe:
+            raise TtsError("chưa cài espeak-ng / espeak-ng is not installed")
+        proc = await asyncio.create_subprocess_exec(
+            self.exe, "-v", voice, "-s", str(self.speed), "-w", str(out), "--", text,
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        try:
+            _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
+        except TimeoutError:
+            proc.kill()
+            raise TtsError("tổng hợp giọng nói quá lâu / speech synthesis timed out") from None
+        if proc.returncode != 0:
+            raise TtsError(f"espeak-ng failed: {err.decode(errors='replace').strip()[:200]}")
+
+
+MAX_TEXT = 5000
+
+
+class Speech:
+    """Text -> media record, cached."""
+
+    def __init__(self, library: MediaLibrary, engine: TtsEngine | None = None,
+                 voice: str = "vi") -> None:
+        self.library = library
+        self.engine = engine or EspeakEngine()
+        self.voice = voice
+
+    async def media_for(self, text: str, *, area: str, owner: str,
+                        voice: str | None = None) -> Record:
+        text = " ".join(text.split())
+        if not text:
+            raise ValueError("văn bản rỗng / empty text")
+        if len(text) > MAX_TEXT:
+            raise ValueError(f"văn bản quá dài / text longer than {MAX_TEXT} characters")
+        voice = voice or self.voice
+        key = hashlib.sha256(f"{self.engine.name}\0{voice}\0{text}".encode()).hexdigest()[:32]
+        store = self.library.store
+        cached = await store.get("tts", key)
+        if cached:
+            media = await store.get("media", cached["media"])
+            if media and self.library.pcm_path(media["sha256"]).exists():
+                return media
+        out = self.library.temp_path(".wav")
+        try:
+            await self.engine.synthesize(text, voice, out)
+            media = await self.library.ingest(out, title=text[:80], area=area, owner=owner,
+                                              filename="tts.wav",
+                                              extra={"tts": {"voice": voice,
+                                                             "engine": self.engine.name}})
+        finally:
+            out.unlink(missing_ok=True)
+        await store.put("tts", {"id": key, "media": media["id"]})
+        return media

@@ -1,0 +1,140 @@
+"""The media library over HTTP: uploads (multipart), listing, text to speech."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import BodyPartReader, web
+
+from loa.codecs.decode import MediaError
+from loa.streamer.store import Record
+from loa.streamer.tts import TtsError
+from loa.web.api_core import node_of
+from loa.web.http import ApiError, audit, field, ok, principal, read_json
+
+routes = web.RouteTableDef()
+CHUNK = 256 * 1024
+
+
+def can_see(request: web.Request, record: Record) -> bool:
+    """Media of the caller's subtree, and media handed down by the areas above it."""
+    p = principal(request)
+    tree = node_of(request).tree
+    area = record.get("area")
+    if not isinstance(area, str) or area not in tree:
+        return False
+    return tree.contains(p.area, area) or tree.contains(area, p.area)
+
+
+@routes.post("/api/v1/media")
+async def upload(request: web.Request) -> web.Response:
+    p = principal(request)
+    p.require("edit")
+    node = node_of(request)
+    lib = node.library
+    if not request.content_type.startswith("multipart/"):
+        raise ApiError(415, "cần multipart/form-data với trường file / "
+                            "send multipart/form-data with a file field")
+    title = ""
+    area = p.area
+    temp = None
+    filename = ""
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                continue
+            if part.name == "title":
+                title = (await part.text())[:200].strip()
+            elif part.name == "area":
+                area = (await part.text()).strip()
+            elif part.name == "file":
+                if temp is not None:
+                    raise ApiError(422, "chỉ một tệp mỗi lần / one file per upload", "file")
+                filename = (part.filename or "")[:200]
+                temp = await asyncio.to_thread(lib.temp_path)
+                size = 0
+                f = await asyncio.to_thread(open, temp, "wb")
+                try:
+                    while chunk := await part.read_chunk(CHUNK):
+                        size += len(chunk)
+                        if size > lib.settings.max_bytes:
+                            raise ApiError(413, "tệp quá lớn / file too large: limit "
+                                                f"{lib.settings.max_bytes // 2**20} MiB", "file")
+                        await asyncio.to_thread(f.write, chunk)
+                finally:
+                    await asyncio.to_thread(f.close)
+        if temp is None:
+            raise ApiError(422, "thiếu tệp / missing field: file", "file")
+        if area not in node.tree:
+            raise ApiError(422, f"không có khu vực / unknown area {area}", "area")
+        p.require_area(node.tree, area)
+        owned, temp = temp, None  # ingest removes it whatever happens
+        try:
+            record = await lib.ingest(owned, title=title, area=area, owner=p.username,
+                                      filename=filename)
+        except MediaError as e:
+            status = 413 if "too long" in str(e) or "too large" in str(e) else 422
+            raise ApiError(status, str(e), "file") from None
+    finally:
+        if temp is not None:
+            await asyncio.to_thread(temp.unlink, missing_ok=True)
+    await audit(request, "media.upload", record["id"], title=record["title"])
+    return ok(record, 201)
+
+
+@routes.get("/api/v1/media")
+async def media_list(request: web.Request) -> web.Response:
+    principal(request).require("read")
+    items = [m for m in await node_of(request).store.find("media") if can_see(request, m)]
+    return ok({"media": items})
+
+
+async def _media(request: web.Request) -> Record:
+    m = await node_of(request).store.get("media", request.match_info["id"])
+    if m is None or not can_see(request, m):
+        raise ApiError(404, "không có tệp âm thanh / unknown media")
+    return m
+
+
+@routes.get("/api/v1/media/{id}")
+async def media_get(request: web.Request) -> web.Response:
+    return ok(await _media(request))
+
+
+@routes.delete("/api/v1/media/{id}")
+async def media_delete(request: web.Request) -> web.Response:
+    p = principal(request)
+    p.require("edit")
+    m = await _media(request)
+    node = node_of(request)
+    p.require_area(node.tree, m["area"])  # handed-down media is read-only below
+    in_use = [pr["id"] for pr in await node.store.find("programme")
+              if pr.get("media") == m["id"] or m["id"] in pr.get("items", [])]
+    if in_use:
+        raise ApiError(409, f"tệp đang được dùng / media used by programmes {', '.join(in_use)}")
+    await node.library.remove(m)
+    await audit(request, "media.delete", m["id"])
+    return web.Response(status=204)
+
+
+@routes.post("/api/v1/tts")
+async def tts(request: web.Request) -> web.Response:
+    p = principal(request)
+    p.require("edit")
+    data = await read_json(request)
+    text = field(data, "text", str)
+    voice = field(data, "voice", str, required=False)
+    try:
+        media = await node_of(request).speech.media_for(text, area=p.area, owner=p.username,
+                                                        voice=voice)
+    except ValueError as e:
+        raise ApiError(422, str(e), "text") from None
+    except TtsError as e:
+        raise ApiError(503, str(e)) from None
+    await audit(request, "tts", media["id"])
+    return ok(media, 201)
+
+
+def setup(app: web.Application) -> None:
+    app.add_routes(routes)

@@ -1,0 +1,159 @@
+"""The composition root: a Node wires store, bus, engine, clock, media, station and HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from pathlib import Path
+
+from aiohttp import web
+
+from loa.streamer.areas import AreaTree
+from loa.streamer.broadcast import Broadcast
+from loa.streamer.bus import Bus, open_bus
+from loa.streamer.clock import LoopLagMonitor, RealClock
+from loa.streamer.engine import Engine
+from loa.streamer.hub import PacketHub
+from loa.streamer.library import LibrarySettings, MediaLibrary
+from loa.streamer.schedule import Scheduler
+from loa.streamer.station import Station
+from loa.streamer.store import Record, Store, open_store
+from loa.streamer.tts import Speech
+from loa.web.auth import Role, add_user
+from loa.web.config import Config
+
+log = logging.getLogger("loa.node")
+
+MAX_UPLOAD_OVERHEAD = 1024 * 1024
+
+
+async def load_tree(store: Store, cfg: Config) -> AreaTree:
+    """The area tree from the store; on first start from the configured official list."""
+    rows = await store.find("area")
+    if rows:
+        return AreaTree.from_rows([(r["id"], r["name"], r.get("level", ""), r.get("parent"))
+                                   for r in rows])
+    if cfg.areas.csv:
+        text = await asyncio.to_thread(Path(cfg.areas.csv).read_text, encoding="utf-8")
+        tree = AreaTree.from_csv(text)
+    else:
+        tree = AreaTree()
+        tree.add(cfg.areas.root_code, cfg.areas.root_name, cfg.areas.root_level)
+    await store.put_many("area", [area_record(a.code, tree) for a in tree])
+    return tree
+
+
+def area_record(code: str, tree: AreaTree) -> dict[str, object]:
+    a = tree.get(code)
+    return {"id": a.code, "name": a.name, "level": a.level, "parent": a.parent,
+            "lat": a.lat, "lon": a.lon}
+
+
+class Node:
+    """One Loa server process."""
+
+    def __init__(self, cfg: Config, *, realtime: bool = True) -> None:
+        self.cfg = cfg
+        self.realtime = realtime
+        self.store: Store
+        self.bus: Bus
+        self.tree: AreaTree
+        self.hub = PacketHub()
+        self.engine: Engine
+        self.clock: RealClock | None = None
+        self.lag = LoopLagMonitor()
+        self.library: MediaLibrary
+        self.speech: Speech
+        self.station: Station
+        self.started = time.time()
+        self.bootstrap_password: str | None = None
+        self.scheduler: Scheduler
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        cfg = self.cfg
+        loop = asyncio.get_running_loop()
+        data = cfg.data_dir
+        await asyncio.to_thread(data.mkdir, parents=True, exist_ok=True)
+        self.store = await open_store(cfg.store, data, cfg.store_prefix)
+        self.bus = await open_bus(cfg.store, cfg.store_prefix)
+        self.tree = await load_tree(self.store, cfg)
+        self.hub.loop = loop
+        self.engine = Engine(self.tree, cfg.engine, self.hub)
+        self.library = MediaLibrary(data / "media", self.store, LibrarySettings(
+            max_bytes=cfg.media.max_mb * 1024 * 1024, max_seconds=cfg.media.max_seconds,
+            loudness_target=cfg.media.loudness_target))
+        self.speech = Speech(self.library, voice=cfg.media.tts_voice)
+        media_epoch = time.time()
+        self.station = Station(self.engine, self.store, self.library, self.speech, loop,
+                               media_epoch)
+        self.station.start()
+        await self._bootstrap_admin()
+        self.scheduler = Scheduler(self.engine, media_epoch, self._scheduled_broadcast)
+        if self.realtime:
+            self.clock = RealClock(self.engine.tick)
+            self.clock.start()
+            self.lag.start()
+            self._tasks.append(loop.create_task(
+                self.scheduler.run(lambda: self.store.find("schedule"))))
+        await self.station.restore()
+
+    async def _scheduled_broadcast(self, sched: Record, occurrence: float
+                                   ) -> tuple[Broadcast, float] | None:
+        """What a schedule airs: its programme (approved, or scheduled by someone who may air it
+        directly), persisted like any broadcast so the as-run log names it."""
+        prog = await self.store.get("programme", sched["programme"])
+        if prog is None:
+            log.warning("schedule without programme event=schedule_skip schedule=%s",
+                        sched["id"])
+            return None
+        content = await self.station.programme_content(prog)
+        b = Broadcast(content.source, list(sched["targets"]), issuer=sched["area"],
+                      klass=sched.get("class", "normal"), title=content.title)
+        await self.store.put("broadcast", {
+            "id": b.id, "status": "on-air", "title": content.title, "targets": b.targets,
+            "class": b.cls.name, "policy": "resume", "issuer": sched["area"],
+            "user": sched.get("owner", ""), "spec": {"programme": prog["id"]},
+            "schedule": sched["id"], "started": occurrence, "offset": 0.0,
+            "duration": content.duration})
+        return b, content.duration or 0.0
+
+    async def _bootstrap_admin(self) -> None:
+        """First start with no admin: create one and print its one-time password once."""
+        users = await self.store.find("user")
+        if any(u["role"] == Role.admin.value for u in users):
+            return
+        root = self.tree.roots()[0].code
+        name = "admin" if not any(u["username"] == "admin" for u in users) else "loa-admin"
+        _, password = await add_user(self.store, self.tree, name, "admin", root, emergency=True)
+        self.bootstrap_password = password
+        # Printed, not logged: logs are kept and shipped, this must be seen once and changed.
+        print(f"Tài khoản quản trị đầu tiên / bootstrap admin: {name} / {password} "
+              f"(khu vực / area {root})", flush=True)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self.clock:
+            self.clock.stop()
+        await self.lag.stop()
+        await self.station.stop_writer()
+        await self.bus.close()
+        await self.store.close()
+
+
+def create_app(node: Node) -> web.Application:
+    from loa.web import api_air, api_core, api_media, api_reports, openapi
+    from loa.web.http import auth_middleware, error_middleware
+
+    max_upload = node.cfg.media.max_mb * 1024 * 1024 + MAX_UPLOAD_OVERHEAD
+    app = web.Application(middlewares=[error_middleware, auth_middleware],
+                          client_max_size=max_upload)
+    app["node"] = node
+    api_core.setup(app)
+    api_media.setup(app)
+    api_air.setup(app)
+    api_reports.setup(app)
+    openapi.setup(app)
+    return app

@@ -1,0 +1,202 @@
+"""People and rights: users bound to an area subtree, roles, bearer tokens, login limits.
+
+Every API call is made by a `Principal` (a user, through a bearer token) and is scoped to the
+subtree of the user's area. Passwords are argon2 hashes; tokens are stored only as SHA-256 hashes,
+expire, and are revoked by deleting them. The right to issue `emergency` is granted explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from enum import StrEnum
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+
+from loa.streamer.areas import AreaTree
+from loa.streamer.store import Conflict, Record, Store
+
+
+class Role(StrEnum):
+    admin = "admin"  # everything in its subtree: users, areas, devices, airing, approval
+    approver = "approver"  # approves or rejects programmes; airs
+    editor = "editor"  # uploads media, writes programmes, submits them for approval
+    operator = "operator"  # runs a station: airs, schedules, goes live
+    viewer = "viewer"  # reads
+
+
+ROLE_RIGHTS: dict[Role, frozenset[str]] = {
+    Role.admin: frozenset({"read", "edit", "air", "approve", "admin", "direct"}),
+    Role.approver: frozenset({"read", "edit", "air", "approve", "direct"}),
+    Role.operator: frozenset({"read", "edit", "air"}),  # airs approved programmes and live
+    Role.editor: frozenset({"read", "edit"}),
+    Role.viewer: frozenset({"read"}),
+}
+
+_hasher = PasswordHasher()
+TOKEN_TTL = 12 * 3600.0
+LOGIN_WINDOW = 300.0
+LOGIN_MAX_FAILURES = 5
+
+
+class AuthError(Exception):
+    """401: who are you?"""
+
+
+class Forbidden(Exception):
+    """403: you may not."""
+
+
+class RateLimited(Exception):
+    def __init__(self, retry_after: float) -> None:
+        super().__init__("quá nhiều lần đăng nhập sai / too many failed logins")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class Principal:
+    id: str
+    username: str
+    role: Role
+    area: str
+    emergency: bool
+    direct: bool = False  # granted: may air content that has not been approved
+
+    def can(self, right: str) -> bool:
+        if right == "direct" and (self.direct or self.emergency) and self.can("air"):
+            return True
+        return right in ROLE_RIGHTS[self.role]
+
+    def require(self, right: str) -> None:
+        if not self.can(right):
+            raise Forbidden(f"vai trò {self.role} không có quyền này / role {self.role} may not {right}")
+
+    def require_area(self, tree: AreaTree, code: str) -> None:
+        """The area must lie inside this user's subtree."""
+        if code not in tree or not tree.contains(self.area, code):
+            raise Forbidden(
+                f"khu vực {code} ngoài phạm vi của bạn / area {code} is outside your area {self.area}")
+
+    @staticmethod
+    def of(user: Record) -> Principal:
+        return Principal(user["id"], user["username"], Role(user["role"]), user["area"],
+                         bool(user.get("emergency")), bool(user.get("direct")))
+
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+def token_id(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def validate_password(password: str) -> None:
+    if len(password) < 8:
+        raise ValueError("mật khẩu phải có ít nhất 8 ký tự / password must have at least 8 characters")
+
+
+async def add_user(store: Store, tree: AreaTree, username: str, role: str, area: str,
+                   password: str | None = None, emergency: bool = False,
+                   direct: bool = False) -> tuple[Record, str]:
+    """Create a user; returns the record and the password (generated when not given)."""
+    username = username.strip()
+    if not username or len(username) > 64 or any(c.isspace() for c in username):
+        raise ValueError("tên đăng nhập không hợp lệ / invalid username")
+    try:
+        role_v = Role(role)
+    except ValueError:
+        raise ValueError(f"vai trò không hợp lệ / unknown role {role!r}: "
+                         f"{', '.join(r.value for r in Role)}") from None
+    tree.get(area)
+    password = password or secrets.token_urlsafe(12)
+    validate_password(password)
+    record: Record = {
+        "id": uuid.uuid4().hex[:12],
+        "username": username,
+        "role": role_v.value,
+        "area": area,
+        "emergency": bool(emergency),
+        "direct": bool(direct),
+        "password": hash_password(password),
+        "created": time.time(),
+        "disabled": False,
+    }
+    try:
+        await store.create("user", record)
+    except Conflict:
+        raise ValueError(f"tên đăng nhập đã tồn tại / username {username} exists") from None
+    return record, password
+
+
+def public_user(user: Record) -> Record:
+    return {k: v for k, v in user.items() if k != "password"}
+
+
+class LoginGuard:
+    """Failed logins are counted in the store (shared by every node); at the limit, the name and
+    the address are refused for the rest of the window without even checking the password."""
+
+    def __init__(self, store: Store, max_failures: int = LOGIN_MAX_FAILURES,
+                 window: float = LOGIN_WINDOW) -> None:
+        self.store = store
+        self.max = max_failures
+        self.window = window
+        self.blocked: dict[str, float] = {}
+
+    def check(self, keys: list[str]) -> None:
+        now = time.time()
+        for k in keys:
+            until = self.blocked.get(k)
+            if until is not None:
+                if until > now:
+                    raise RateLimited(until - now)
+                del self.blocked[k]
+
+    async def failed(self, keys: list[str]) -> None:
+        for k in keys:
+            if await self.store.hit(k, self.window) >= self.max:
+                self.blocked[k] = time.time() + self.window
+
+
+async def login(store: Store, guard: LoginGuard, username: str, password: str, ip: str,
+                ttl: float = TOKEN_TTL) -> tuple[str, Record]:
+    """Password -> bearer token."""
+    keys = [f"login:u:{username}", f"login:ip:{ip}"]
+    guard.check(keys)
+    users = await store.find("user", username=username)
+    user = users[0] if users else None
+    ok = False
+    if user is not None and not user.get("disabled"):
+        try:
+            ok = _hasher.verify(user["password"], password)
+        except (VerificationError, InvalidHashError):
+            ok = False
+    else:
+        _hasher.hash(password)  # spend the same time: no username probing by timing
+    if not ok or user is None:
+        await guard.failed(keys)
+        raise AuthError("sai tên đăng nhập hoặc mật khẩu / wrong username or password")
+    token = secrets.token_urlsafe(32)
+    now = time.time()
+    await store.put("token", {"id": token_id(token), "user": user["id"], "created": now,
+                              "expires": now + ttl, "ip": ip})
+    return token, user
+
+
+async def authenticate(store: Store, header: str | None) -> tuple[Principal, str]:
+    """`Authorization: Bearer <token>` -> the principal and the token's id."""
+    if not header or not header.startswith("Bearer "):
+        raise AuthError("cần đăng nhập / authentication required")
+    tid = token_id(header[7:].strip())
+    tok = await store.get("token", tid)
+    if tok is None or tok["expires"] < time.time():
+        raise AuthError("phiên đăng nhập hết hạn hoặc không hợp lệ / token expired or invalid")
+    user = await store.get("user", tok["user"])
+    if user is None or user.get("disabled"):
+        raise AuthError("tài khoản không còn hiệu lực / account disabled")
+    return Principal.of(user), tid

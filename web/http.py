@@ -1,0 +1,150 @@
+"""HTTP plumbing shared by the API modules: errors, JSON bodies, auth and audit middleware."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from loa.codecs.decode import MediaError
+from loa.streamer.areas import AreaError
+from loa.streamer.engine import AuthorityError
+from loa.streamer.store import Conflict, NotFound, Store
+from loa.web.auth import AuthError, Forbidden, Principal, RateLimited, authenticate
+
+log = logging.getLogger("loa.http")
+
+MAX_JSON = 256 * 1024
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+PUBLIC = {("POST", "/api/v1/auth/token"), ("GET", "/api/v1/openapi.json")}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.field = field
+        self.headers = headers or {}
+
+
+def error_response(status: int, message: str, field: str | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    body: dict[str, Any] = {"error": message}
+    if field:
+        body["field"] = field
+    return web.json_response(body, status=status, headers=headers,
+                             dumps=lambda o: json.dumps(o, ensure_ascii=False))
+
+
+def ok(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status,
+                             dumps=lambda o: json.dumps(o, ensure_ascii=False))
+
+
+async def read_json(request: web.Request, max_bytes: int = MAX_JSON) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise ApiError(413, "nội dung quá lớn / request body too large")
+    ctype = request.headers.get("Content-Type", "")
+    if not ctype.startswith("application/json"):
+        raise ApiError(415, "cần JSON / Content-Type must be application/json")
+    raw = await request.content.read(max_bytes + 1)
+    if len(raw) > max_bytes:
+        raise ApiError(413, "nội dung quá lớn / request body too large")
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"JSON không hợp lệ / malformed JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, "cần một đối tượng JSON / body must be a JSON object")
+    return data
+
+
+def principal(request: web.Request) -> Principal:
+    p: Principal = request["principal"]
+    return p
+
+
+def field(data: dict[str, Any], name: str, kind: type | tuple[type, ...], *,
+          required: bool = True, default: Any = None) -> Any:
+    """A typed field of a JSON body, or 422 naming it."""
+    if name not in data or data[name] is None:
+        if required:
+            raise ApiError(422, f"thiếu trường / missing field: {name}", name)
+        return default
+    value = data[name]
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
+        names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+        raise ApiError(422, f"sai kiểu dữ liệu / {name} must be {names}", name)
+    return value
+
+
+def str_list(data: dict[str, Any], name: str, *, required: bool = True) -> list[str]:
+    value = field(data, name, list, required=required, default=[])
+    if required and not value:
+        raise ApiError(422, f"danh sách rỗng / {name} must not be empty", name)
+    if not all(isinstance(v, str) and v for v in value):
+        raise ApiError(422, f"sai kiểu dữ liệu / {name} must be a list of strings", name)
+    return list(dict.fromkeys(value))
+
+
+async def audit(request: web.Request, action: str, target: str | None = None,
+                **details: Any) -> None:
+    p: Principal | None = request.get("principal")
+    store: Store = request.app["node"].store
+    await store.append("audit", {
+        "user": p.username if p else None,
+        "area": p.area if p else None,
+        "action": action,
+        "target": target,
+        "ip": request.remote,
+        "ts": time.time(),
+        "details": details,
+    })
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except ApiError as e:
+        return error_response(e.status, str(e), e.field, e.headers)
+    except AuthError as e:
+        return error_response(401, str(e), headers={"WWW-Authenticate": "Bearer"})
+    except (Forbidden, AuthorityError) as e:
+        return error_response(403, str(e))
+    except RateLimited as e:
+        return error_response(429, str(e), headers={"Retry-After": str(int(e.retry_after) + 1)})
+    except NotFound as e:
+        return error_response(404, f"không tìm thấy / not found: {e}")
+    except Conflict as e:
+        return error_response(409, str(e))
+    except AreaError as e:
+        return error_response(422, str(e), "targets")
+    except MediaError as e:
+        return error_response(422, str(e), "file")
+    except Exception:
+        log.exception("request failed event=http_500 method=%s path=%s", request.method,
+                      request.path)
+        return error_response(500, "lỗi máy chủ / internal server error")
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    path = request.path
+    if path.startswith("/api/") and (request.method, path) not in PUBLIC \
+            and request.method != "OPTIONS":
+        store: Store = request.app["node"].store
+        p, tid = await authenticate(store, request.headers.get("Authorization"))
+        request["principal"] = p
+        request["token_id"] = tid
+    return await handler(request)

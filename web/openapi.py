@@ -1,0 +1,245 @@
+"""The OpenAPI 3 document of /api/v1, served at /api/v1/openapi.json.
+
+Written by hand next to the handlers; tests/test_api.py checks that every route is documented and
+every documented path exists, and schemathesis drives the whole API from this document.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+S = dict[str, Any]
+
+CODES = ["emergency", "priority", "normal", "background"]
+
+
+def obj(props: S, required: list[str] | None = None) -> S:
+    out: S = {"type": "object", "properties": props}
+    if required:
+        out["required"] = required
+    return out
+
+
+STR: S = {"type": "string"}
+CODE: S = {"type": "string", "minLength": 1, "maxLength": 64}
+TARGETS: S = {"type": "array", "items": CODE, "minItems": 1}
+ERROR: S = obj({"error": STR, "field": STR}, ["error"])
+
+
+def body(schema: S, ctype: str = "application/json") -> S:
+    return {"required": True, "content": {ctype: {"schema": schema}}}
+
+
+def responses(*codes: int, created: bool = False) -> S:
+    out: S = {}
+    for c in codes:
+        desc = {200: "OK", 201: "Created", 204: "No Content", 400: "Malformed request",
+                401: "Not authenticated", 403: "Forbidden", 404: "Not found", 409: "Conflict",
+                413: "Too large", 415: "Unsupported media type", 422: "Invalid field",
+                429: "Too many requests", 503: "Unavailable"}[c]
+        entry: S = {"description": desc}
+        if c >= 400:
+            entry["content"] = {"application/json": {"schema": ERROR}}
+        elif c in (200, 201):
+            entry["content"] = {"application/json": {"schema": {"type": "object"}}}
+        out[str(c)] = entry
+    return out
+
+
+ID_PARAM: S = {"name": "id", "in": "path", "required": True, "schema": STR}
+CODE_PARAM: S = {"name": "code", "in": "path", "required": True, "schema": CODE}
+RANGE_PARAMS: list[S] = [
+    {"name": "from", "in": "query", "schema": STR, "description": "epoch seconds or ISO 8601"},
+    {"name": "to", "in": "query", "schema": STR},
+    {"name": "area", "in": "query", "schema": CODE},
+]
+
+READ = (200, 401, 403)
+WRITE = (400, 401, 403, 415, 422)
+
+PROGRAMME: S = obj({
+    "title": {"type": "string", "minLength": 1, "maxLength": 200},
+    "type": {"type": "string", "enum": ["file", "playlist", "tts", "relay", "live"]},
+    "media": STR, "items": {"type": "array", "items": STR},
+    "text": STR, "url": STR, "area": CODE,
+    "volume": {"type": "integer", "minimum": 0, "maximum": 150},
+    "repeat": {"type": "integer", "minimum": 1, "maximum": 10},
+    "gap": {"type": "number", "minimum": 0, "maximum": 7200},
+}, ["title", "type"])
+
+SCHEDULE: S = obj({
+    "programme": STR, "targets": TARGETS, "class": {"type": "string", "enum": CODES},
+    "kind": {"type": "string", "enum": ["once", "daily", "weekly"]},
+    "time": {"type": "string", "example": "05:00"},
+    "date": {"type": "string", "example": "2026-12-01"},
+    "weekdays": {"type": "array", "items": {"type": "string", "enum": [
+        "mon", "tue", "wed", "thu", "fri", "sat", "sun"]}},
+    "from": STR, "until": STR, "tz": {"type": "string", "example": "Asia/Ho_Chi_Minh"},
+    "enabled": {"type": "boolean"},
+}, ["programme", "targets", "kind", "time"])
+
+BROADCAST: S = obj({
+    "media": STR, "programme": STR, "text": {"type": "string", "maxLength": 5000},
+    "targets": TARGETS, "class": {"type": "string", "enum": CODES},
+    "policy": {"type": "string", "enum": ["resume", "skip", "overlay"]},
+}, ["targets"])
+
+
+def document() -> S:
+    secured: S = {"security": [{"bearer": []}]}
+    paths: S = {
+        "/api/v1/auth/token": {
+            "post": {"summary": "Đăng nhập / log in: a bearer token", "security": [],
+                     "requestBody": body(obj({"username": STR, "password": STR},
+                                             ["username", "password"])),
+                     "responses": responses(201, 400, 401, 415, 422, 429)},
+            "delete": {"summary": "Đăng xuất / revoke this token", **secured,
+                       "responses": responses(204, 401)},
+        },
+        "/api/v1/me": {"get": {"summary": "The caller", **secured, "responses": responses(*READ)}},
+        "/api/v1/areas": {
+            "get": {"summary": "Cây khu vực / the caller's area subtree", **secured,
+                    "responses": responses(*READ)},
+            "post": {"summary": "Tạo khu vực / create an area (admin)", **secured,
+                     "requestBody": body(obj({"code": CODE, "name": STR, "level": STR,
+                                              "parent": CODE}, ["code", "name", "parent"])),
+                     "responses": responses(201, 409, *WRITE)},
+        },
+        "/api/v1/areas/import": {
+            "post": {"summary": "Nhập danh mục đơn vị hành chính / import the official list "
+                                "(CSV code,name,level,parent_code)", **secured,
+                     "requestBody": body({"type": "string"}, "text/csv"),
+                     "responses": responses(201, 413, *WRITE)},
+        },
+        "/api/v1/areas/{code}": {
+            "parameters": [CODE_PARAM],
+            "get": {"summary": "Một khu vực / one area", **secured,
+                    "responses": responses(*READ, 404)},
+            "patch": {"summary": "Sửa khu vực / rename an area", **secured,
+                      "requestBody": body(obj({"name": STR, "level": STR})),
+                      "responses": responses(200, 404, *WRITE)},
+        },
+        "/api/v1/users": {
+            "get": {"summary": "Người dùng / users of the subtree (admin)", **secured,
+                    "responses": responses(*READ)},
+            "post": {"summary": "Tạo người dùng / create a user (admin)", **secured,
+                     "requestBody": body(obj({
+                         "username": STR, "role": {"type": "string", "enum": [
+                             "admin", "approver", "editor", "operator", "viewer"]},
+                         "area": CODE, "password": STR, "emergency": {"type": "boolean"},
+                     }, ["username", "role", "area"])),
+                     "responses": responses(201, 409, *WRITE)},
+        },
+        "/api/v1/users/{id}": {
+            "parameters": [ID_PARAM],
+            "patch": {"summary": "Sửa người dùng / change role, password, disable", **secured,
+                      "requestBody": body(obj({"role": STR, "password": STR,
+                                               "disabled": {"type": "boolean"},
+                                               "emergency": {"type": "boolean"}})),
+                      "responses": responses(200, 404, *WRITE)},
+        },
+        "/api/v1/audit": {
+            "get": {"summary": "Nhật ký thao tác / audit log (admin)", **secured,
+                    "parameters": RANGE_PARAMS[:2], "responses": responses(*READ, 422)},
+        },
+        "/api/v1/media": {
+            "get": {"summary": "Thư viện âm thanh / media library", **secured,
+                    "responses": responses(*READ)},
+            "post": {"summary": "Tải lên / upload audio (decoded, normalised, stored once)",
+                     **secured,
+                     "requestBody": body(obj({"file": {"type": "string", "format": "binary"},
+                                              "title": STR, "area": CODE}, ["file"]),
+                                         "multipart/form-data"),
+                     "responses": responses(201, 413, *WRITE)},
+        },
+        "/api/v1/media/{id}": {
+            "parameters": [ID_PARAM],
+            "get": {"summary": "Một tệp / one media item", **secured,
+                    "responses": responses(*READ, 404)},
+            "delete": {"summary": "Xoá / delete", **secured,
+                       "responses": responses(204, 401, 403, 404, 409)},
+        },
+        "/api/v1/tts": {
+            "post": {"summary": "Chuyển văn bản thành giọng nói / text to speech", **secured,
+                     "requestBody": body(obj({"text": {"type": "string", "maxLength": 5000},
+                                              "voice": STR}, ["text"])),
+                     "responses": responses(201, 503, *WRITE)},
+        },
+        "/api/v1/programmes": {
+            "get": {"summary": "Chương trình / programmes", **secured,
+                    "parameters": [{"name": "status", "in": "query", "schema": {
+                        "type": "string", "enum": ["draft", "pending", "approved", "rejected"]}}],
+                    "responses": responses(*READ)},
+            "post": {"summary": "Tạo chương trình / create a programme", **secured,
+                     "requestBody": body(PROGRAMME), "responses": responses(201, *WRITE)},
+        },
+        "/api/v1/programmes/{id}": {
+            "parameters": [ID_PARAM],
+            "get": {"summary": "Một chương trình", **secured, "responses": responses(*READ, 404)},
+            "patch": {"summary": "Sửa (về nháp) / edit (back to draft)", **secured,
+                      "requestBody": body(obj(PROGRAMME["properties"])),
+                      "responses": responses(200, 404, *WRITE)},
+        },
+        **{f"/api/v1/programmes/{{id}}/{action}": {
+            "parameters": [ID_PARAM],
+            "post": {"summary": summary, **secured,
+                     **({"requestBody": body(obj({"reason": STR}, ["reason"]))}
+                        if action == "reject" else {}),
+                     "responses": responses(200, 404, 409, *WRITE)},
+        } for action, summary in (("submit", "Gửi duyệt / submit for approval"),
+                                  ("approve", "Duyệt / approve"),
+                                  ("reject", "Từ chối / reject with a reason"))},
+        "/api/v1/schedules": {
+            "get": {"summary": "Lịch phát / schedules", **secured, "responses": responses(*READ)},
+            "post": {"summary": "Đặt lịch / schedule a programme (conflicts are reported)",
+                     **secured, "requestBody": body(SCHEDULE),
+                     "responses": responses(201, 409, *WRITE)},
+        },
+        "/api/v1/schedules/{id}": {
+            "parameters": [ID_PARAM],
+            "delete": {"summary": "Xoá lịch / delete", **secured,
+                       "responses": responses(204, 401, 403, 404)},
+        },
+        "/api/v1/broadcasts": {
+            "get": {"summary": "Đang phát / what is on air per area and why", **secured,
+                    "responses": responses(*READ)},
+            "post": {"summary": "Phát ngay / start a broadcast", **secured,
+                     "requestBody": body(BROADCAST),
+                     "responses": responses(201, 404, 409, *WRITE)},
+        },
+        "/api/v1/broadcasts/{id}": {
+            "parameters": [ID_PARAM],
+            "delete": {"summary": "Dừng / stop (the issuer's authority or above)", **secured,
+                       "responses": responses(204, 401, 403, 404)},
+        },
+        "/api/v1/reports/asrun": {
+            "get": {"summary": "Nhật ký phát sóng / as-run log (JSON or CSV)", **secured,
+                    "parameters": [*RANGE_PARAMS, {"name": "format", "in": "query",
+                                                   "schema": {"type": "string",
+                                                              "enum": ["json", "csv"]}}],
+                    "responses": responses(*READ, 422)},
+        },
+        "/api/v1/reports/summary": {
+            "get": {"summary": "Báo cáo / hours on air per area and class, bulletins per day",
+                    **secured, "parameters": RANGE_PARAMS, "responses": responses(*READ, 422)},
+        },
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "Loa API", "version": "1",
+                 "description": "Loa broadcast server. Every call needs a bearer token from "
+                                "POST /api/v1/auth/token and acts within the caller's area."},
+        "servers": [{"url": "/"}],
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": paths,
+    }
+
+
+async def serve(request: web.Request) -> web.Response:
+    return web.json_response(document())
+
+
+def setup(app: web.Application) -> None:
+    app.router.add_get("/api/v1/openapi.json", serve)

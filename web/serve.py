@@ -1,0 +1,85 @@
+"""`loa serve` and `loa user`: the server process and its user administration."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+
+from aiohttp import web
+
+from loa.streamer.areas import AreaError
+from loa.streamer.log import setup_logging
+from loa.streamer.store import open_store
+from loa.web.app import Node, create_app, load_tree
+from loa.web.auth import add_user
+from loa.web.config import Config, ConfigError, load_config
+
+
+def _config(args: argparse.Namespace, http: str | None = None) -> Config:
+    try:
+        return load_config(args.config, data=args.data, http=http)
+    except ConfigError as e:
+        print(f"lỗi cấu hình / config error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
+                stop: asyncio.Event | None = None) -> None:
+    node = Node(cfg)
+    await node.start()
+    app = create_app(node)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    host, _, port = cfg.server.http.rpartition(":")
+    site = web.TCPSite(runner, host or "0.0.0.0", int(port))
+    await site.start()
+    print(f"Loa đang phục vụ / serving on http://{cfg.server.http} "
+          f"(dữ liệu / data {cfg.data_dir})", flush=True)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):
+            pass
+    if ready:
+        ready.set()
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        await node.stop()
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    cfg = _config(args, http=args.http)
+    setup_logging(cfg.log.level, cfg.log.format)
+    asyncio.run(serve(cfg))
+    return 0
+
+
+async def _user_add(cfg: Config, args: argparse.Namespace) -> int:
+    store = await open_store(cfg.store, cfg.data_dir, cfg.store_prefix)
+    try:
+        tree = await load_tree(store, cfg)
+        record, password = await add_user(store, tree, args.name, args.role, args.area,
+                                          args.password, args.emergency, args.direct)
+    except (ValueError, AreaError) as e:
+        print(f"lỗi / error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        await store.close()
+    print(f"Đã tạo / created user {record['username']} role={record['role']} "
+          f"area={record['area']} emergency={record['emergency']}")
+    if args.password is None:
+        print(f"Mật khẩu / password: {password}")
+    return 0
+
+
+def run_user(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    if args.user_command == "add":
+        return asyncio.run(_user_add(cfg, args))
+    return 2
