@@ -8,7 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from loa.streamer.areas import AreaError, AreaTree, parse_csv
-from loa.web.app import Node, area_record
+from loa.web.app import NODE, Node, area_record
 from loa.web.auth import (
     LoginGuard,
     Role,
@@ -19,6 +19,7 @@ from loa.web.auth import (
     validate_password,
 )
 from loa.web.http import (
+    TOKEN_ID,
     ApiError,
     audit,
     field,
@@ -28,11 +29,11 @@ from loa.web.http import (
 )
 
 routes = web.RouteTableDef()
+LOGIN_GUARD: web.AppKey[LoginGuard] = web.AppKey("login_guard", LoginGuard)
 
 
 def node_of(request: web.Request) -> Node:
-    n: Node = request.app["node"]
-    return n
+    return request.app[NODE]
 
 
 @routes.get("/healthz")
@@ -49,17 +50,16 @@ async def token(request: web.Request) -> web.Response:
     data = await read_json(request, 16 * 1024)
     username = field(data, "username", str)
     password = field(data, "password", str)
-    guard: LoginGuard = request.app["login_guard"]
+    guard = request.app[LOGIN_GUARD]
     tok, user = await login(node.store, guard, username, password, request.remote or "?",
                             ttl=node.cfg.auth.token_ttl_hours * 3600)
-    request["principal_name"] = user["username"]
     return ok({"token": tok, "expires_in": int(node.cfg.auth.token_ttl_hours * 3600),
                "user": public_user(user)}, 201)
 
 
 @routes.delete("/api/v1/auth/token")
 async def revoke(request: web.Request) -> web.Response:
-    await node_of(request).store.delete("token", request["token_id"])
+    await node_of(request).store.delete("token", request[TOKEN_ID])
     await audit(request, "logout")
     return web.Response(status=204)
 
@@ -279,6 +279,6 @@ def _num(request: web.Request, name: str) -> float | None:
 
 
 def setup(app: web.Application) -> None:
-    node: Node = app["node"]  # started: its store is open
-    app["login_guard"] = LoginGuard(node.store, node.cfg.auth.max_failed_logins)
+    node = app[NODE]  # started: its store is open
+    app[LOGIN_GUARD] = LoginGuard(node.store, node.cfg.auth.max_failed_logins)
     app.add_routes(routes)

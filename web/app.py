@@ -25,6 +25,8 @@ from loa.web.config import Config
 
 log = logging.getLogger("loa.node")
 
+
+
 MAX_UPLOAD_OVERHEAD = 1024 * 1024
 
 
@@ -143,17 +145,35 @@ class Node:
         await self.store.close()
 
 
+NODE: web.AppKey[Node] = web.AppKey("node", Node)
+
+
 def create_app(node: Node) -> web.Application:
-    from loa.web import api_air, api_core, api_media, api_reports, openapi
-    from loa.web.http import auth_middleware, error_middleware
+    from loa.web import (
+        api_air,
+        api_core,
+        api_media,
+        api_reports,
+        openapi,
+        streams_hls,
+        streams_http,
+        streams_rtp,
+        streams_webrtc,
+    )
+    from loa.web.http import STORE, auth_middleware, error_middleware
 
     max_upload = node.cfg.media.max_mb * 1024 * 1024 + MAX_UPLOAD_OVERHEAD
     app = web.Application(middlewares=[error_middleware, auth_middleware],
                           client_max_size=max_upload)
-    app["node"] = node
+    app[NODE] = node
+    app[STORE] = node.store
     api_core.setup(app)
     api_media.setup(app)
     api_air.setup(app)
     api_reports.setup(app)
     openapi.setup(app)
+    streams_http.setup(app)
+    streams_rtp.setup(app)
+    streams_hls.setup(app)
+    streams_webrtc.setup(app)
     return app

@@ -13,6 +13,10 @@ from pathlib import Path
 from typing import Any
 
 from loa.codecs.encoders import EncoderSettings
+from loa.relay.hls import HlsSettings
+from loa.relay.icecast import HttpStreamSettings
+from loa.relay.rtp import RtpSettings
+from loa.relay.webrtc import WebRtcSettings
 from loa.streamer.engine import EngineSettings
 
 
@@ -66,6 +70,10 @@ class Config:
     engine: EngineSettings = field(default_factory=EngineSettings)
     encoders: EncoderSettings = field(default_factory=EncoderSettings)
     log: LogConfig = field(default_factory=LogConfig)
+    http_streams: HttpStreamSettings = field(default_factory=HttpStreamSettings)
+    rtp: RtpSettings = field(default_factory=RtpSettings)
+    hls: HlsSettings = field(default_factory=HlsSettings)
+    webrtc: WebRtcSettings = field(default_factory=WebRtcSettings)
 
     @property
     def data_dir(self) -> Path:

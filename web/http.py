@@ -21,6 +21,10 @@ log = logging.getLogger("loa.http")
 MAX_JSON = 256 * 1024
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
+PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
+TOKEN_ID: web.RequestKey[str] = web.RequestKey("token_id", str)
+STORE: web.AppKey[Store] = web.AppKey("store", Store)  # set by the app factory
+
 PUBLIC = {("POST", "/api/v1/auth/token"), ("GET", "/api/v1/openapi.json")}
 
 
@@ -66,7 +70,7 @@ async def read_json(request: web.Request, max_bytes: int = MAX_JSON) -> dict[str
 
 
 def principal(request: web.Request) -> Principal:
-    p: Principal = request["principal"]
+    p: Principal = request[PRINCIPAL]
     return p
 
 
@@ -97,8 +101,8 @@ def str_list(data: dict[str, Any], name: str, *, required: bool = True) -> list[
 
 async def audit(request: web.Request, action: str, target: str | None = None,
                 **details: Any) -> None:
-    p: Principal | None = request.get("principal")
-    store: Store = request.app["node"].store
+    p: Principal | None = request.get(PRINCIPAL)
+    store: Store = request.app[STORE]
     await store.append("audit", {
         "user": p.username if p else None,
         "area": p.area if p else None,
@@ -143,8 +147,8 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     path = request.path
     if path.startswith("/api/") and (request.method, path) not in PUBLIC \
             and request.method != "OPTIONS":
-        store: Store = request.app["node"].store
+        store: Store = request.app[STORE]
         p, tid = await authenticate(store, request.headers.get("Authorization"))
-        request["principal"] = p
-        request["token_id"] = tid
+        request[PRINCIPAL] = p
+        request[TOKEN_ID] = tid
     return await handler(request)

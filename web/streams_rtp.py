@@ -1,0 +1,9 @@
+"""Routes and wiring for the rtp transport."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+
+def setup(app: web.Application) -> None:
+    """Register routes and start/stop hooks. The node is app[NODE] (started)."""
