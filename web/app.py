@@ -157,6 +157,7 @@ def create_app(node: Node) -> web.Application:
         openapi,
         streams_hls,
         streams_http,
+        streams_inputs,
         streams_rtp,
         streams_webrtc,
     )
@@ -176,4 +177,5 @@ def create_app(node: Node) -> web.Application:
     streams_rtp.setup(app)
     streams_hls.setup(app)
     streams_webrtc.setup(app)
+    streams_inputs.setup(app)
     return app

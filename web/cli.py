@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     mix.add_argument("--find", action="store_true", help="search the largest real-time zones")
     mix.add_argument("--baseline", choices=["none", "liquidsoap"], default="none",
                      help="also measure Liquidsoap doing the same work, in the same run")
+    fan = bsub.add_parser("fanout", help="delivery cost per listener of one transport")
+    fan.add_argument("--transport", required=True, choices=["http", "rtp", "webrtc"])
+    fan.add_argument("--listeners", type=int, default=1000)
+    fan.add_argument("--seconds", type=float, default=15.0)
+    fan.add_argument("--baseline", choices=["none", "icecast"], default="none",
+                     help="http: also measure Icecast 2 serving the same stream, same run")
     return ap
 
 
@@ -63,6 +69,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from loa.web.demo import run_demo
 
         return run_demo(args)
+    if args.command == "bench" and args.bench == "fanout":
+        import importlib
+
+        mod = importlib.import_module(f"loa.web.bench_{args.transport}")
+        return int(mod.run(args))
     if args.command == "bench":
         from loa.web.bench import run_bench
 
