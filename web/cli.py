@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the engine with a sample province")
     _common(demo)
-    demo.add_argument("--http", default="127.0.0.1:8080", help="HOST:PORT to listen on")
+    demo.add_argument("--http", default=None, help="HOST:PORT to listen on (default 127.0.0.1:8080)")
     demo.add_argument("--seconds", type=float, default=None, help="stop after this long")
 
     bench = sub.add_parser("bench", help="benchmarks printing JSON figures")
@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     mix.add_argument("--find", action="store_true", help="search the largest real-time zones")
     mix.add_argument("--baseline", choices=["none", "liquidsoap"], default="none",
                      help="also measure Liquidsoap doing the same work, in the same run")
+    api = bsub.add_parser("api", help="REST API latency with 5,000 areas and 10,000 devices")
+    api.add_argument("--requests", type=int, default=500, help="per measured operation")
+    api.add_argument("--concurrency", type=int, default=16)
     fan = bsub.add_parser("fanout", help="delivery cost per listener of one transport")
     fan.add_argument("--transport", required=True, choices=["http", "rtp", "webrtc"])
     fan.add_argument("--listeners", type=int, default=1000)
@@ -69,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from loa.web.demo import run_demo
 
         return run_demo(args)
+    if args.command == "bench" and args.bench == "api":
+        from loa.web.bench_api import run
+
+        return int(run(args))
     if args.command == "bench" and args.bench == "fanout":
         import importlib
 

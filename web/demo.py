@@ -1,8 +1,10 @@
-"""`loa demo`: the engine on a sample province, with generated audio, on the real clock.
+"""`loa demo`: a complete node on a sample province, with generated audio, on the real clock.
 
-Every commune plays its own background music; district bulletins (a chime, then speech from
-espeak-ng's Vietnamese voice when installed, tones otherwise) preempt it and the music resumes
-where it stopped. Every on-air change is a log line.
+The data directory (a fresh temporary one unless --data is given) gets the sample area tree
+(province T01, districts T01-H1/T01-H2, communes T01-H1-X1 ... T01-H2-X3) and demo users. Every
+commune plays its own background music; district bulletins (a chime, then speech from espeak-ng's
+Vietnamese voice, tones when it is missing) preempt it and the music resumes where it stopped.
+Every on-air change is a log line; the URLs of every stream are printed.
 """
 
 from __future__ import annotations
@@ -10,29 +12,50 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import shutil
 import signal
 import tempfile
+import wave
 from pathlib import Path
 
 import numpy as np
 from aiohttp import web
 
-from loa.streamer.areas import sample_tree
-from loa.streamer.broadcast import Broadcast
-from loa.streamer.clock import SAMPLE_RATE, LoopLagMonitor, RealClock
-from loa.streamer.engine import Engine
-from loa.streamer.hub import PacketHub
-from loa.streamer.log import setup_logging
-from loa.streamer.sources import PcmSource, Playlist, Source, ToneSource, chime_pcm, load_file
-from loa.web.config import load_config
+from loa.streamer.clock import SAMPLE_RATE
+from loa.streamer.sources import PcmSource, Playlist, Source, ToneSource, chime_pcm
+from loa.streamer.station import Content
+from loa.streamer.store import Record
+from loa.streamer.tts import TtsError
+from loa.web.app import Node, create_app
+from loa.web.auth import add_user
+from loa.web.config import Config, load_config
 
 log = logging.getLogger("loa.demo")
 
+SAMPLE_CSV = """code,name,level,parent_code
+T01,Tỉnh Mẫu,province,
+T01-H1,Huyện Một,district,T01
+T01-H1-X1,Xã Một A,commune,T01-H1
+T01-H1-X2,Xã Một B,commune,T01-H1
+T01-H1-X3,Xã Một C,commune,T01-H1
+T01-H2,Huyện Hai,district,T01
+T01-H2-X1,Xã Hai A,commune,T01-H2
+T01-H2-X2,Xã Hai B,commune,T01-H2
+T01-H2-X3,Xã Hai C,commune,T01-H2
+"""
+
+DEMO_PASSWORD = "loa-demo-2026"
+DEMO_USERS = [  # username, role, area, emergency right
+    ("tinh", "operator", "T01", True),
+    ("huyen1", "operator", "T01-H1", False),
+    ("duyet1", "approver", "T01-H1", False),
+    ("xa11", "operator", "T01-H1-X1", False),
+    ("bientap11", "editor", "T01-H1-X1", False),
+]
+
 BULLETINS = {
-    "T01-H1": "Thông báo của Ủy ban nhân dân huyện một. Đề nghị bà con chủ động phòng chống "
+    "T01-H1": "Thông báo của Ủy ban nhân dân huyện Một. Đề nghị bà con chủ động phòng chống "
               "mưa bão, gia cố nhà cửa và theo dõi bản tin thời tiết.",
-    "T01-H2": "Thông báo của huyện hai. Lịch tiêm phòng cho trẻ em sẽ diễn ra vào sáng thứ bảy "
+    "T01-H2": "Thông báo của huyện Hai. Lịch tiêm phòng cho trẻ em sẽ diễn ra vào sáng thứ bảy "
               "tại trạm y tế xã.",
 }
 
@@ -56,80 +79,97 @@ def music_pcm(root_hz: float, seconds: float = 32.0) -> np.ndarray:
     return ((out + pad) * fade).astype(np.float32)
 
 
-async def speech(text: str, workdir: Path) -> Source:
-    """Vietnamese speech from espeak-ng, or a two-tone stand-in when it is not installed."""
-    exe = shutil.which("espeak-ng")
-    if exe:
-        wav = workdir / f"tts-{abs(hash(text))}.wav"
-        proc = await asyncio.create_subprocess_exec(
-            exe, "-v", "vi", "-s", "145", "-w", str(wav), text,
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        if await proc.wait() == 0:
-            return await load_file(wav, gain=0.9)
-    log.warning("espeak-ng not installed event=tts_fallback: using tones for speech")
-    return Playlist([ToneSource(600, 0.3, seconds=1.5), ToneSource(800, 0.3, seconds=1.5)])
+def write_wav(path: Path, pcm: np.ndarray) -> Path:
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(SAMPLE_RATE)
+        w.writeframes((np.clip(pcm, -1, 1) * 32767).astype("<i2").tobytes())
+    return path
+
+
+async def _media(node: Node, pcm: np.ndarray, title: str, area: str) -> Record:
+    tmp = node.library.temp_path(".wav")
+    await asyncio.to_thread(write_wav, tmp, pcm)
+    return await node.library.ingest(tmp, title=title, area=area, owner="demo")
+
+
+async def _speech(node: Node, district: str) -> Source:
+    try:
+        media = await node.speech.media_for(BULLETINS[district], area=district, owner="demo")
+        return node.library.source(media)
+    except TtsError:
+        log.warning("espeak-ng not installed event=tts_fallback: tones stand in for speech")
+        return Playlist([ToneSource(600, 0.3, seconds=1.5), ToneSource(800, 0.3, seconds=1.5)])
+
+
+def demo_config(args: argparse.Namespace) -> Config:
+    data = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="loa-demo-"))
+    data.mkdir(parents=True, exist_ok=True)
+    csv = data / "areas.csv"
+    csv.write_text(SAMPLE_CSV, encoding="utf-8")
+    cfg = load_config(args.config, http=args.http, data=str(data))
+    cfg.areas.csv = str(csv)
+    cfg.rtp.enabled = True  # on this host only: loopback interface, TTL 0
+    cfg.rtp.interface = "127.0.0.1"
+    cfg.rtp.ttl = 0
+    return cfg
 
 
 async def _demo(args: argparse.Namespace) -> None:
-    cfg = load_config(args.config, http=args.http, data=args.data)
+    from loa.streamer.log import setup_logging
+
+    cfg = demo_config(args)
     setup_logging(cfg.log.level, cfg.log.format)
-    loop = asyncio.get_running_loop()
-    tree = sample_tree()
-    hub = PacketHub()
-    hub.loop = loop
-    engine = Engine(tree, cfg.engine, hub)
-    clock = RealClock(engine.tick)
-    lag = LoopLagMonitor()
-    lag.start()
-    workdir = Path(tempfile.mkdtemp(prefix="loa-demo-"))
-
-    communes = [a.code for a in tree if a.level == "commune"]
-    for i, code in enumerate(communes):
-        music = PcmSource(music_pcm(196.0 * 2 ** (i / 12)), f"nhạc nền {code}")
-        engine.start(Broadcast(Playlist([music], repeat=1000), [code], issuer=code,
-                               klass="background", gain=0.8, title=f"Nhạc nền {code}"))
-    bulletins = {}
-    for district, text in BULLETINS.items():
-        bulletins[district] = Playlist([PcmSource(chime_pcm(), "chime"), await speech(text, workdir)],
-                                       gap=0.3)
-    clock.start()
-
-    async def district_bulletins() -> None:
-        offsets = {"T01-H1": 5.0, "T01-H2": 20.0}
-        period = 45.0
-        start = loop.time()
-        k = 0
-        while True:
-            for district, off in offsets.items():
-                due = start + k * period + off
-                await asyncio.sleep(max(0.0, due - loop.time()))
-                engine.start(Broadcast(bulletins[district].at(0), [district], issuer=district,
-                                       klass="normal", title=f"Bản tin {district}"))
-            k += 1
-
-    async def healthz(_req: web.Request) -> web.Response:
-        return web.json_response({
-            "status": "ok",
-            "media_time": engine.media_time,
-            "clock": clock.stats.as_dict(),
-            **lag.as_dict(),
-            "on_air": [engine.on_air(a.code) for a in tree],
-            "mixes": len(engine.mixes),
-        })
-
-    app = web.Application()
-    app.router.add_get("/healthz", healthz)
-    runner = web.AppRunner(app, access_log=None)
+    node = Node(cfg)
+    await node.start()
+    for name, role, area, emergency in DEMO_USERS:
+        if not await node.store.find("user", username=name):
+            await add_user(node.store, node.tree, name, role, area, DEMO_PASSWORD, emergency)
+    runner = web.AppRunner(create_app(node), access_log=None)
     await runner.setup()
     host, _, port = cfg.server.http.rpartition(":")
-    site = web.TCPSite(runner, host or "127.0.0.1", int(port))
-    await site.start()
+    await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()
+    base = f"http://{cfg.server.http}"
+
+    communes = [a.code for a in node.tree if a.level == "commune"]
+    for i, code in enumerate(communes):
+        media = await _media(node, music_pcm(196.0 * 2 ** (i / 12)), f"Nhạc nền {code}", code)
+        src = Playlist([node.library.source(media, 0.8)], repeat=1000)
+        await node.station.air(Content(src, f"Nhạc nền {code}", None), targets=[code],
+                               klass="background", issuer=code, user="demo",
+                               spec={"media": media["id"]})
+    chime = await _media(node, chime_pcm(), "Chuông báo", "T01")
+    bulletins = {d: Playlist([node.library.source(chime), await _speech(node, d)], gap=0.3)
+                 for d in BULLETINS}
+
+    async def district_bulletins() -> None:
+        loop = asyncio.get_running_loop()
+        start, period = loop.time(), 45.0
+        k = 0
+        while True:
+            for district, offset in (("T01-H1", 5.0), ("T01-H2", 20.0)):
+                await asyncio.sleep(max(0.0, start + k * period + offset - loop.time()))
+                b = bulletins[district]
+                await node.station.air(Content(b.at(0), f"Bản tin {district}",
+                                               (b.length or 0) / SAMPLE_RATE),
+                                       targets=[district], klass="normal", issuer=district,
+                                       user="demo")
+            k += 1
+
     task = asyncio.create_task(district_bulletins())
-    print(f"Loa demo đang chạy / running: http://{host}:{port}/healthz  (Ctrl-C để dừng / to stop)",
-          flush=True)
-    for a in tree:
-        print(f"  {a.code:<10} {a.level:<9} {a.name}", flush=True)
+    print(f"\nLoa demo đang chạy / running at {base}  (Ctrl-C để dừng / to stop)")
+    print(f"  dữ liệu / data: {cfg.data_dir}")
+    print(f"  theo dõi / monitor: {base}/monitor   sức khoẻ / health: {base}/healthz")
+    print(f"  người dùng / users (mật khẩu / password {DEMO_PASSWORD}): "
+          + ", ".join(f"{u} ({r} {a})" for u, r, a, _ in DEMO_USERS))
+    print("  luồng / streams:")
+    for a in node.tree:
+        print(f"    {a.code:<10} {a.name:<12} {base}/streams/{a.code}.mp3  .opus  .sdp  "
+              f"{base}/streams/{a.code}/index.m3u8  WHEP: POST {base}/whep/{a.code}")
+    print(flush=True)
     stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
@@ -137,10 +177,8 @@ async def _demo(args: argparse.Namespace) -> None:
     except TimeoutError:
         pass
     task.cancel()
-    clock.stop()
-    await lag.stop()
     await runner.cleanup()
-    shutil.rmtree(workdir, ignore_errors=True)
+    await node.stop()
 
 
 def run_demo(args: argparse.Namespace) -> int:
