@@ -49,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
     api = bsub.add_parser("api", help="REST API latency with 5,000 areas and 10,000 devices")
     api.add_argument("--requests", type=int, default=500, help="per measured operation")
     api.add_argument("--concurrency", type=int, default=16)
+    dev = bsub.add_parser("devices", help="control-channel cost per device")
+    dev.add_argument("--n", type=int, default=1000)
+    dev.add_argument("--seconds", type=float, default=30.0)
+    dev.add_argument("--heartbeat", type=float, default=30.0)
     fan = bsub.add_parser("fanout", help="delivery cost per listener of one transport")
     fan.add_argument("--transport", required=True, choices=["http", "rtp", "webrtc"])
     fan.add_argument("--listeners", type=int, default=1000)
@@ -72,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from loa.web.demo import run_demo
 
         return run_demo(args)
+    if args.command == "bench" and args.bench == "devices":
+        from loa.web.bench_devices import run as run_devices
+
+        return int(run_devices(args))
     if args.command == "bench" and args.bench == "api":
         from loa.web.bench_api import run
 
