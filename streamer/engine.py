@@ -420,11 +420,17 @@ class Engine:
 
     def _settle(self, st: _AreaState, s: int) -> bool:
         """Drop finished fade-outs and freeze finished ramps. True when the key changed."""
-        before = st.key()
-        st.fading = [(ph, env) for ph, env in st.fading if s < env.start + env.length]
-        for bid, (ph, env) in list(st.layers.items()):
-            st.layers[bid] = (ph, env.settled(s))
-        return st.key() != before
+        changed = False
+        if st.fading:
+            fading = [(ph, env) for ph, env in st.fading if s < env.start + env.length]
+            changed = len(fading) != len(st.fading)
+            st.fading = fading
+        for bid, (ph, env) in st.layers.items():
+            settled = env.settled(s)
+            if settled is not env:
+                st.layers[bid] = (ph, settled)
+                changed = True
+        return changed
 
     # ---- grouping ----------------------------------------------------------------------------
     def _mix_for(self, key: Key, parent: Mix | None = None) -> Mix:
