@@ -43,6 +43,7 @@ class Content:
     title: str
     duration: float | None  # seconds, None when endless (live, relay)
     programme: Record | None = None
+    gain: float = 1.0  # applied by the engine (sources that have no gain of their own)
 
 
 LiveFactory = Callable[[Record], Awaitable[Source]]
@@ -124,7 +125,7 @@ class Station:
             if self.relay_factory is None:
                 raise ContentError("tiếp sóng chưa sẵn sàng / relay input is not available", "type")
             src = await self.relay_factory(prog)
-            return Content(src, prog["title"], None, prog)
+            return Content(src, prog["title"], None, prog, gain)
         else:
             raise ContentError(f"loại chương trình không phát được / cannot air type {kind}",
                                "type")
@@ -151,7 +152,7 @@ class Station:
             src = src.at(int(offset * SAMPLE_RATE))
         b = Broadcast(src, list(targets), issuer=issuer, klass=cls, policy=pol,
                       start=None if start is None else self.media_seconds(start),
-                      title=content.title)
+                      title=content.title, gain=content.gain)
         if bid:
             b.id = bid
         now = time.time()

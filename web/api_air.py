@@ -19,7 +19,7 @@ from loa.web.http import ApiError, audit, field, ok, principal, read_json, str_l
 routes = web.RouteTableDef()
 
 PROGRAMME_TYPES = ("file", "playlist", "tts", "relay", "live")
-RELAY_SCHEMES = ("http://", "https://", "rtp://", "udp://", "rtsp://", "srt://")
+RELAY_SCHEMES = ("http://", "https://", "rtp://", "udp://", "rtsp://")
 
 
 def _class(data: dict[str, Any], p: Principal) -> str:
@@ -94,7 +94,7 @@ async def _programme_fields(request: web.Request, data: dict[str, Any],
         url = field(merged, "url", str)
         if not url.startswith(RELAY_SCHEMES) or len(url) > 2000:
             raise ApiError(422, "địa chỉ tiếp sóng không hợp lệ / url must be http(s), rtp, "
-                                "udp, rtsp or srt", "url")
+                                "udp or rtsp", "url")
         out["url"] = url
     return out
 

@@ -99,7 +99,6 @@ class Node:
             self.lag.start()
             self._tasks.append(loop.create_task(
                 self.scheduler.run(lambda: self.store.find("schedule"))))
-        await self.station.restore()
 
     async def _scheduled_broadcast(self, sched: Record, occurrence: float
                                    ) -> tuple[Broadcast, float] | None:
@@ -178,4 +177,10 @@ def create_app(node: Node) -> web.Application:
     streams_hls.setup(app)
     streams_webrtc.setup(app)
     streams_inputs.setup(app)
+
+    async def restore(_app: web.Application) -> None:
+        # After every transport and input is wired: a relay broadcast needs its input factory.
+        await node.station.restore()
+
+    app.on_startup.append(restore)
     return app

@@ -15,6 +15,7 @@ from typing import Any
 from loa.codecs.encoders import EncoderSettings
 from loa.relay.hls import HlsSettings
 from loa.relay.icecast import HttpStreamSettings
+from loa.relay.inputs import RelayInputSettings
 from loa.relay.rtp import RtpSettings
 from loa.relay.webrtc import WebRtcSettings
 from loa.streamer.engine import EngineSettings
@@ -74,6 +75,7 @@ class Config:
     rtp: RtpSettings = field(default_factory=RtpSettings)
     hls: HlsSettings = field(default_factory=HlsSettings)
     webrtc: WebRtcSettings = field(default_factory=WebRtcSettings)
+    inputs: RelayInputSettings = field(default_factory=RelayInputSettings)
 
     @property
     def data_dir(self) -> Path:

@@ -21,7 +21,7 @@ import numpy as np
 from aiohttp import web
 
 from loa.streamer.clock import SAMPLE_RATE
-from loa.streamer.sources import PcmSource, Playlist, Source, ToneSource, chime_pcm
+from loa.streamer.sources import Playlist, Source, ToneSource, chime_pcm
 from loa.streamer.station import Content
 from loa.streamer.store import Record
 from loa.streamer.tts import TtsError
