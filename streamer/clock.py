@@ -96,6 +96,7 @@ class RealClock:
         if self._thread is not None:
             return
         self._stop.clear()
+        self.t0 = self.clock()  # set before the thread runs: callers map wall time to it at once
         self._thread = threading.Thread(target=self._run, name="loa-media-clock", daemon=True)
         self._thread.start()
 
@@ -109,7 +110,6 @@ class RealClock:
         return self.n * TICK
 
     def _run(self) -> None:
-        self.t0 = self.clock()
         base_tick = self.n
         while not self._stop.is_set():
             deadline = self.t0 + (self.n - base_tick) * TICK

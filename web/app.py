@@ -87,15 +87,19 @@ class Node:
             max_bytes=cfg.media.max_mb * 1024 * 1024, max_seconds=cfg.media.max_seconds,
             loudness_target=cfg.media.loudness_target))
         self.speech = Speech(self.library, voice=cfg.media.tts_voice)
-        media_epoch = time.time()
+        if self.realtime:
+            self.clock = RealClock(self.engine.tick)
+            self.clock.start()
+            # Media time 0 is the clock's t0; map it to the wall clock once, precisely.
+            media_epoch = time.time() - (time.monotonic() - self.clock.t0)
+        else:
+            media_epoch = time.time()
         self.station = Station(self.engine, self.store, self.library, self.speech, loop,
                                media_epoch)
         self.station.start()
         await self._bootstrap_admin()
         self.scheduler = Scheduler(self.engine, media_epoch, self._scheduled_broadcast)
         if self.realtime:
-            self.clock = RealClock(self.engine.tick)
-            self.clock.start()
             self.lag.start()
             self._tasks.append(loop.create_task(
                 self.scheduler.run(lambda: self.store.find("schedule"))))

@@ -1,0 +1,735 @@
+"""RTP out from the outside: ffmpeg plays the multicast groups from the served SDP, plain UDP
+sockets check the wire format, RTCP and SAP; all on loopback (interface 127.0.0.1, TTL 0)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+import struct
+import time
+import wave
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from aiohttp import ClientSession, web
+
+from loa.codecs.encoders import Packet
+from loa.relay.rtp import (
+    NTP_EPOCH_OFFSET,
+    GroupAllocator,
+    PoolExhausted,
+    RtpConfigError,
+    RtpSettings,
+    check_settings,
+)
+from loa.relay.sdp import SdpError, parse_sdp
+from loa.streamer.broadcast import Broadcast
+from loa.streamer.sources import ToneSource
+from loa.web.app import Node, create_app
+from loa.web.cli import main as cli_main
+from loa.web.config import Config, ConfigError, load_config
+from loa.web.streams_rtp import RTP, rtp_stats
+from tests.apiclient import make_config, running_api
+from tests.audio import decode_packets, peak_hz
+
+LOCAL = "127.0.0.1"
+AREA = "T01-H1"
+WAIT = 15.0  # seconds a test waits for something that should take well under one
+
+
+# ---- helpers ---------------------------------------------------------------------------------
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOCAL, 0))
+        return int(s.getsockname()[1])
+
+
+def udp_pair() -> tuple[socket.socket, socket.socket]:
+    """Bound sockets on an even port and port + 1 (RTP, RTCP) of 127.0.0.1."""
+    for _ in range(200):
+        port = random.randrange(20_000, 60_000, 2)
+        a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            a.bind((LOCAL, port))
+            b.bind((LOCAL, port + 1))
+        except OSError:
+            a.close()
+            b.close()
+            continue
+        return a, b
+    raise RuntimeError("no free UDP port pair")
+
+
+def rtp_settings(cfg: Any, **kw: Any) -> None:
+    """Loopback-only RTP on a port and group block of its own (runs may overlap)."""
+    cfg.rtp.enabled = True
+    cfg.rtp.interface = LOCAL
+    cfg.rtp.ttl = 0
+    cfg.rtp.port = random.randrange(20_000, 60_000, 2)
+    cfg.rtp.group_base = f"239.255.{random.randrange(0, 200)}.0"
+    cfg.rtp.pool_size = 64
+    for k, v in kw.items():
+        setattr(cfg.rtp, k, v)
+
+
+@dataclass
+class Rtp:
+    marker: bool
+    pt: int
+    seq: int
+    ts: int
+    ssrc: int
+    payload: bytes
+
+
+def parse_rtp(data: bytes) -> Rtp:
+    b0, b1, seq, ts, ssrc = struct.unpack_from("!BBHII", data)
+    assert b0 == 0x80, f"RTP v2 without padding/extension/CSRC, got {b0:#x}"
+    return Rtp(bool(b1 & 0x80), b1 & 0x7F, seq, ts, ssrc, data[12:])
+
+
+@dataclass
+class SenderReport:
+    ssrc: int
+    ntp: float  # Unix epoch seconds
+    rtp: int
+    packets: int
+    octets: int
+    cname: str
+    bye: bool
+
+
+def parse_rtcp(data: bytes) -> SenderReport:
+    """A compound packet that must start with an SR and carry an SDES CNAME."""
+    off = 0
+    sr: dict[str, Any] = {}
+    cname = ""
+    bye = False
+    while off < len(data):
+        b0, pt, length = struct.unpack_from("!BBH", data, off)
+        assert b0 >> 6 == 2
+        end = off + 4 * (length + 1)
+        assert end <= len(data)
+        if pt == 200:
+            assert off == 0, "a compound RTCP packet starts with the SR"
+            ssrc, sec, frac, rtp, packets, octets = struct.unpack_from("!IIIIII", data, off + 4)
+            sr = {"ssrc": ssrc, "ntp": sec - NTP_EPOCH_OFFSET + frac / 2**32, "rtp": rtp,
+                  "packets": packets, "octets": octets}
+        elif pt == 202:
+            pos = off + 8
+            assert struct.unpack_from("!I", data, off + 4)[0] == sr["ssrc"]
+            while data[pos] != 0:
+                kind, n = data[pos], data[pos + 1]
+                if kind == 1:
+                    cname = data[pos + 2:pos + 2 + n].decode()
+                pos += 2 + n
+        elif pt == 203:
+            bye = True
+        off = end
+    assert sr, "no sender report"
+    return SenderReport(cname=cname, bye=bye, **sr)
+
+
+class Collector(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.items: list[tuple[float, bytes]] = []  # (wall arrival, datagram)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.items.append((time.time(), data))
+
+
+async def collect(sock: socket.socket) -> tuple[asyncio.DatagramTransport, Collector]:
+    loop = asyncio.get_running_loop()
+    transport, proto = await loop.create_datagram_endpoint(Collector, sock=sock)
+    return transport, proto
+
+
+async def until(cond: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+@dataclass
+class Server:
+    node: Node
+    app: web.Application
+    url: str
+    runner: web.AppRunner
+    stopped: bool = field(default=False)
+
+    @property
+    def out(self) -> Any:
+        return self.app[RTP]
+
+    async def stop(self) -> None:
+        if not self.stopped:
+            self.stopped = True
+            await self.runner.cleanup()
+            await self.node.stop()
+
+
+async def start_server(tmp_path: Path, configure: Callable[[Config], None] | None = None,
+                       **rtp: Any) -> Server:
+    cfg = make_config(tmp_path)
+    rtp_settings(cfg, **rtp)
+    if configure is not None:
+        configure(cfg)
+    node = Node(cfg, realtime=True)
+    await node.start()
+    app = create_app(node)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    port = free_tcp_port()
+    await web.TCPSite(runner, LOCAL, port).start()
+    return Server(node, app, f"http://{LOCAL}:{port}", runner)
+
+
+@asynccontextmanager
+async def serving(tmp_path: Path, configure: Callable[[Config], None] | None = None,
+                  **rtp: Any) -> AsyncIterator[Server]:
+    srv = await start_server(tmp_path, configure, **rtp)
+    try:
+        yield srv
+    finally:
+        await srv.stop()
+
+
+def tone(node: Node, hz: float, targets: list[str], issuer: str) -> str:
+    return node.engine.start(Broadcast(ToneSource(hz, 0.3), targets, issuer=issuer,
+                                       title=f"{hz:g} Hz"))
+
+
+def read_wav(path: Path) -> tuple[np.ndarray, int]:
+    with wave.open(str(path)) as w:
+        assert w.getsampwidth() == 2 and w.getnchannels() == 1
+        data = np.frombuffer(w.readframes(w.getnframes()), dtype="<i2")
+        return data.astype(np.float32) / 32768, w.getframerate()
+
+
+# ---- ffmpeg plays the groups -----------------------------------------------------------------
+async def test_ffmpeg_plays_multicast_and_follows_preemption(tmp_path: Path) -> None:
+    async with serving(tmp_path, codecs="opus,pcmu,mp3") as server:
+        tone(server.node, 440, [AREA], AREA)
+        seconds = 4.0
+        procs: dict[str, asyncio.subprocess.Process] = {}
+        progress: dict[str, float] = {}
+        async with ClientSession() as http:
+            for codec in ("opus", "pcmu", "mp3"):
+                r = await http.get(f"{server.url}/streams/{AREA}.sdp", params={"codec": codec})
+                assert r.status == 200
+                sdp = tmp_path / f"{codec}.sdp"
+                sdp.write_bytes(await r.read())
+                # -localaddr joins the group on loopback (this host also has a default route)
+                procs[codec] = await asyncio.create_subprocess_exec(
+                    "ffmpeg", "-hide_banner", "-nostdin", "-loglevel", "error",
+                    "-protocol_whitelist", "file,udp,rtp", "-localaddr", LOCAL,
+                    "-i", str(sdp), "-t", str(seconds), "-ac", "1", "-progress", "pipe:1",
+                    "-stats_period", "0.1", "-y", str(tmp_path / f"{codec}.wav"),
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+        async def follow(codec: str) -> None:
+            out = procs[codec].stdout
+            assert out is not None
+            async for line in out:
+                if line.startswith(b"out_time_us="):
+                    try:
+                        progress[codec] = int(line.split(b"=")[1]) / 1e6
+                    except ValueError:
+                        pass
+
+        async def errors(codec: str) -> bytes:
+            err = procs[codec].stderr
+            assert err is not None
+            return await err.read()
+
+        readers = [asyncio.create_task(follow(c)) for c in procs]
+        stderr = {c: asyncio.create_task(errors(c)) for c in procs}
+        try:
+            await until(lambda: len(progress) == 3 and min(progress.values()) >= 1.0,
+                        "ffmpeg to decode a second of every stream")
+            # The province preempts: the district moves to the province's composition.
+            tone(server.node, 880, ["T01"], "T01")
+            for codec, p in procs.items():
+                await asyncio.wait_for(p.wait(), WAIT)
+                err = await stderr[codec]
+                assert p.returncode == 0, f"ffmpeg {codec}: {err.decode()[-500:]}"
+        finally:
+            for p in procs.values():
+                if p.returncode is None:
+                    p.kill()
+                    await p.wait()
+            for t in [*readers, *stderr.values()]:
+                t.cancel()
+        for codec in procs:
+            pcm, rate = read_wav(tmp_path / f"{codec}.wav")
+            assert pcm.shape[0] >= int(rate * (seconds - 0.1)), codec
+            before = pcm[int(0.2 * rate):int(0.9 * rate)]
+            after = pcm[int(3.0 * rate):int(3.9 * rate)]
+            assert abs(peak_hz(before, rate) - 440) < 5, codec
+            assert abs(peak_hz(after, rate) - 880) < 5, codec
+
+
+# ---- unicast: the wire format across a preemption ---------------------------------------------
+async def test_unicast_sequence_and_timestamps_continue_across_preemption(
+        tmp_path: Path) -> None:
+    async with serving(tmp_path) as server:
+        out = server.out
+        tone(server.node, 440, [AREA], AREA)
+        socks = {c: udp_pair() for c in ("opus", "pcmu")}
+        got: dict[str, Collector] = {}
+        transports = []
+        for codec, (data, rtcp) in socks.items():
+            rtcp.close()
+            tr, got[codec] = await collect(data)
+            transports.append(tr)
+            out.add_receiver(AREA, codec, LOCAL, data.getsockname()[1])
+        try:
+            await until(lambda: min(len(c.items) for c in got.values()) >= 40, "packets")
+            before = server.node.engine.on_air(AREA)["broadcast"]
+            tone(server.node, 880, ["T01"], "T01")
+            await until(lambda: server.node.engine.on_air(AREA)["broadcast"] != before, "preempt")
+            mark = {c: len(got[c].items) for c in got}
+            await until(lambda: min(len(got[c].items) - mark[c] for c in got) >= 40, "more")
+        finally:
+            for tr in transports:
+                tr.close()
+        for codec, step, pt in (("opus", 960, 111), ("pcmu", 160, 0)):
+            pkts = [parse_rtp(d) for _, d in got[codec].items]
+            assert {p.pt for p in pkts} == {pt}
+            assert len({p.ssrc for p in pkts}) == 1
+            for a, b in zip(pkts, pkts[1:], strict=False):
+                assert b.seq == (a.seq + 1) & 0xFFFF, (codec, a.seq, b.seq)
+                assert b.ts == (a.ts + step) & 0xFFFFFFFF, (codec, a.ts, b.ts)
+            # the payload is the audio: the tone before, the province's tone after
+            rate = 48_000 if codec == "opus" else 8_000
+            packets = [Packet(codec, i * step, step, p.payload, rate) for i, p in enumerate(pkts)]
+            pcm, r = decode_packets(codec, packets)
+            per = pcm.shape[0] // len(pkts)
+            assert abs(peak_hz(pcm[5 * per:30 * per], r) - 440) < 5, codec
+            assert abs(peak_hz(pcm[-30 * per:], r) - 880) < 5, codec
+            # the marker bit: only the first packet of the stream (it started for us)
+            assert pkts[0].marker and not any(p.marker for p in pkts[1:]), codec
+        # the socket: EF, TTL 0, loopback interface, multicast loop on
+        sock = out.stream(AREA, "opus").sock
+        assert sock.getsockopt(socket.IPPROTO_IP, socket.IP_TOS) == 46 << 2
+        assert sock.getsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL) == 0
+        assert sock.getsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_LOOP) == 1
+        assert socket.inet_ntoa(sock.getsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, 4)) \
+            == LOCAL
+        stats = {(s["area"], s["codec"]): s for s in rtp_stats(server.app)["streams"]}
+        assert stats[(AREA, "opus")]["receivers"] == 1
+        assert stats[(AREA, "opus")]["errors"] == 0
+
+
+async def test_pcma_and_unicast_only_streams_start_with_the_first_receiver(
+        tmp_path: Path) -> None:
+    async with serving(tmp_path, codecs="pcmu,pcma", multicast=False) as server:
+        out = server.out
+        tone(server.node, 1000, [AREA], AREA)
+        await asyncio.sleep(0.2)
+        assert not any(s["active"] for s in rtp_stats(server.app)["streams"])  # nobody: no encode
+        data, rtcp = udp_pair()
+        rtcp.close()
+        tr, col = await collect(data)
+        try:
+            out.add_receiver(AREA, "pcma", LOCAL, data.getsockname()[1])
+            await until(lambda: len(col.items) >= 30, "pcma packets")
+            assert out.remove_receiver(AREA, "pcma", LOCAL, data.getsockname()[1])
+        finally:
+            tr.close()
+        pkts = [parse_rtp(d) for _, d in col.items]
+        assert {p.pt for p in pkts} == {8}
+        pcm, r = decode_packets("pcma", [Packet("pcma", 0, 160, p.payload, 8000) for p in pkts])
+        assert abs(peak_hz(pcm[800:], r) - 1000) < 10
+        st = {(s["area"], s["codec"]): s for s in rtp_stats(server.app)["streams"]}
+        assert st[(AREA, "pcma")]["active"] is False  # the last receiver left: unsubscribed
+
+
+async def test_mp3_frames_larger_than_a_packet_are_fragmented(tmp_path: Path) -> None:
+    def bigger_frames(cfg: Config) -> None:
+        cfg.encoders.mp3_bitrate = 64_000  # 192-byte frames at 24 kHz
+
+    async with serving(tmp_path, bigger_frames, codecs="mp3", multicast=False,
+                       max_payload=120) as server:
+        tone(server.node, 440, [AREA], AREA)
+        data, rtcp = udp_pair()
+        rtcp.close()
+        tr, col = await collect(data)
+        try:
+            server.out.add_receiver(AREA, "mp3", LOCAL, data.getsockname()[1])
+            await until(lambda: len(col.items) >= 120, "mp3 fragments")
+        finally:
+            tr.close()
+    pkts = [parse_rtp(d) for _, d in col.items]
+    assert {p.pt for p in pkts} == {14}
+    frames: list[bytes] = []
+    stamps: list[int] = []
+    for p in pkts:
+        mbz, offset = struct.unpack_from("!HH", p.payload)
+        assert mbz == 0 and len(p.payload) <= 120
+        if offset == 0:
+            frames.append(p.payload[4:])
+            stamps.append(p.ts)
+        else:
+            assert p.ts == stamps[-1] and offset == len(frames[-1])  # same frame, next bytes
+            frames[-1] += p.payload[4:]
+    assert len(frames) < len(pkts)  # fragmented indeed
+    for t0, t1 in zip(stamps, stamps[1:], strict=False):
+        assert (t1 - t0) & 0xFFFFFFFF == 2160  # 576 samples at 24 kHz on the 90 kHz clock
+    for a, b in zip(pkts, pkts[1:], strict=False):
+        assert b.seq == (a.seq + 1) & 0xFFFF
+    pcm, r = decode_packets("mp3", [Packet("mp3", 0, 576, f, 24_000) for f in frames[1:]])
+    assert abs(peak_hz(pcm[2400:], r) - 440) < 5
+
+
+# ---- RTCP ------------------------------------------------------------------------------------
+async def test_rtcp_sender_reports_map_ntp_to_rtp(tmp_path: Path) -> None:
+    async with serving(tmp_path, codecs="opus", multicast=False, rtcp_interval=0.3) as server:
+        out = server.out
+        tone(server.node, 440, [AREA], AREA)
+        data, rtcp = udp_pair()
+        port = data.getsockname()[1]
+        tr1, pkts = await collect(data)
+        tr2, reports = await collect(rtcp)
+        try:
+            out.add_receiver(AREA, "opus", LOCAL, port)
+            await until(lambda: len(reports.items) >= 4, "four sender reports")
+            rtp = [parse_rtp(d) for _, d in pkts.items]
+            srs = [(t, parse_rtcp(d)) for t, d in reports.items[:4]]
+            info = next(s for s in rtp_stats(server.app)["streams"] if s["codec"] == "opus"
+                        and s["area"] == AREA)
+            await server.stop()  # the stream says goodbye
+            await until(lambda: parse_rtcp(reports.items[-1][1]).bye, "an RTCP BYE")
+        finally:
+            tr1.close()
+            tr2.close()
+        for arrival, sr in srs:
+            assert sr.ssrc == rtp[0].ssrc == info["ssrc"]
+            assert sr.cname.startswith("loa@")
+            assert not sr.bye
+            # the SR follows the data packet whose timestamp it carries: the mapping is exact
+            idx = [i for i, p in enumerate(rtp) if p.ts == sr.rtp]
+            assert len(idx) == 1, "SR timestamp is one of the packets'"
+            sent = rtp[:idx[0] + 1]
+            assert sr.packets == len(sent)  # the stream started with this receiver
+            assert sr.octets == sum(len(p.payload) for p in sent)
+            # NTP = wall clock of that packet's media position (the engine's epoch mapping)
+            sample = (sr.rtp - info["ts_offset"]) & 0xFFFFFFFF  # Opus: 48 kHz clock = samples
+            assert abs(sr.ntp - server.node.station.wall(sample)) < 1e-6
+            assert abs(arrival - sr.ntp) < 2.0  # NTP era and epoch are right
+        # successive reports lie on one line: 48,000 RTP units per NTP second
+        for (_, a), (_, b) in zip(srs, srs[1:], strict=False):
+            assert abs(((b.rtp - a.rtp) & 0xFFFFFFFF) - (b.ntp - a.ntp) * 48_000) < 1.0
+        # the first report comes with the stream's first batch, not an interval (15) later
+        assert srs[0][1].packets < 5
+
+
+# ---- failures stay with their receiver -------------------------------------------------------
+async def test_dead_receivers_do_not_disturb_a_live_one(tmp_path: Path) -> None:
+    async with serving(tmp_path, codecs="opus") as server:
+        out = server.out
+        tone(server.node, 440, [AREA], AREA)
+        closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        closed.bind((LOCAL, 0))
+        closed_port = closed.getsockname()[1]
+        closed.close()  # nothing listens: every packet draws an ICMP port unreachable
+        out.add_receiver(AREA, "opus", LOCAL, closed_port)
+        # a broadcast address without SO_BROADCAST: every send fails at once (EACCES), locally
+        out.add_receiver(AREA, "opus", "127.255.255.255", 40_000)
+        data, rtcp = udp_pair()
+        rtcp.close()
+        tr, col = await collect(data)
+        try:
+            out.add_receiver(AREA, "opus", LOCAL, data.getsockname()[1])
+            await until(lambda: len(col.items) >= 50, "50 packets")
+        finally:
+            tr.close()
+        pkts = [parse_rtp(d) for _, d in col.items]
+        for a, b in zip(pkts, pkts[1:], strict=False):
+            assert b.seq == (a.seq + 1) & 0xFFFF
+            assert b.ts == (a.ts + 960) & 0xFFFFFFFF
+        bad = {(r.host, r.port): r for r in out.receivers(AREA, "opus")}
+        assert bad[("127.255.255.255", 40_000)].errors >= 50
+        assert bad[("127.255.255.255", 40_000)].as_dict()["last_error"] == "EACCES"
+        assert bad[(LOCAL, closed_port)].errors == 0  # ICMP is never read back as a send error
+        assert bad[(LOCAL, data.getsockname()[1])].errors == 0
+
+
+async def test_bad_receivers_are_refused(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    rtp_settings(cfg)
+    async with running_api(cfg) as api:
+        out = api.client.app[RTP]  # type: ignore[union-attr]
+        with pytest.raises(ValueError, match="IPv4"):
+            out.add_receiver(AREA, "opus", "speaker.example", 5004)
+        with pytest.raises(ValueError, match="1-65534"):
+            out.add_receiver(AREA, "opus", LOCAL, 70_000)
+        with pytest.raises(KeyError, match="unknown area"):
+            out.add_receiver("NOPE", "opus", LOCAL, 5004)
+        with pytest.raises(KeyError, match="codec mp3"):
+            out.add_receiver(AREA, "mp3", LOCAL, 5004)
+        assert not out.remove_receiver(AREA, "opus", LOCAL, 5004)
+        assert rtp_stats(api.client.app)["receivers"] == 0  # type: ignore[arg-type]
+
+
+async def test_a_starved_sender_skips_stale_packets_and_stays_continuous(
+        tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    rtp_settings(cfg, codecs="pcmu", multicast=False)
+    async with running_api(cfg) as api:  # virtual clock: the test hands packets itself
+        out = api.client.app[RTP]  # type: ignore[union-attr]
+        data, rtcp = udp_pair()
+        rtcp.close()
+        tr, col = await collect(data)
+        try:
+            out.add_receiver(AREA, "pcmu", LOCAL, data.getsockname()[1])
+            st = out.stream(AREA, "pcmu")
+            silence = bytes([0xFF]) * 160
+            st.send([Packet("pcmu", 0, 160, silence, 8000)], time.monotonic())
+            st.send([Packet("pcmu", 160, 160, silence, 8000)], time.monotonic() - 1.0)
+            st.send([Packet("pcmu", 320, 160, silence, 8000)], time.monotonic())
+            await until(lambda: len(col.items) >= 2, "two packets")
+        finally:
+            tr.close()
+        a, b = (parse_rtp(d) for _, d in col.items)
+        assert b.seq == (a.seq + 1) & 0xFFFF  # nothing was sent for the stale packet
+        assert (b.ts - a.ts) & 0xFFFFFFFF == 320  # and the timestamps show the gap
+        assert rtp_stats(api.client.app)["dropped"] == 1  # type: ignore[arg-type]
+
+
+# ---- SDP over HTTP ---------------------------------------------------------------------------
+async def test_sdp_served_for_known_area_404_otherwise(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    rtp_settings(cfg, codecs="opus,pcmu,pcma,mp3")
+    async with running_api(cfg) as api:
+        streams = {(s["area"], s["codec"]): s for s in rtp_stats(api.client.app)["streams"]}  # type: ignore[arg-type]
+        assert len(streams) == 9 * 4
+        assert len({s["group"] for s in streams.values()}) == 36  # every stream its own group
+        status, text = await api.call(None, "GET", f"/streams/{AREA}.sdp")
+        assert status == 200
+        sdp = parse_sdp(text)
+        assert sdp["name"] == "Huyện 1"
+        m = sdp["media"][0]
+        assert sdp["connection"] == {"address": streams[(AREA, "opus")]["group"], "ttl": 0,
+                                     "nettype": "IN", "addrtype": "IP4"}
+        assert (m["media"], m["port"], m["proto"], m["formats"]) == \
+            ("audio", cfg.rtp.port, "RTP/AVP", ["111"])
+        assert m["rtpmap"][111] == {"encoding": "opus", "clock": 48_000, "channels": 2}
+        assert "sprop-stereo=0" in m["fmtp"][111]
+        want = {"pcmu": (0, "PCMU", 8000), "pcma": (8, "PCMA", 8000), "mp3": (14, "MPA", 90000)}
+        for codec, (pt, enc, clock) in want.items():
+            r = await api.client.get(f"/streams/{AREA}.sdp", params={"codec": codec})
+            assert r.status == 200
+            assert r.content_type == "application/sdp"
+            m = parse_sdp(await r.text())["media"][0]
+            assert m["formats"] == [str(pt)]
+            assert m["rtpmap"][pt]["encoding"] == enc and m["rtpmap"][pt]["clock"] == clock
+        status, body = await api.call(None, "GET", "/streams/NOPE.sdp")
+        assert status == 404 and body["error"] == "không có khu vực / unknown area NOPE"
+        status, body = await api.call(None, "GET", f"/streams/{AREA}.sdp?codec=aac")
+        assert status == 404 and "codec aac" in body["error"] and body["field"] == "codec"
+
+
+async def test_sdp_404_when_rtp_is_off(tmp_path: Path) -> None:
+    async with running_api(make_config(tmp_path)) as api:
+        status, body = await api.call(None, "GET", f"/streams/{AREA}.sdp")
+        assert status == 404
+        assert body["error"].startswith("RTP chưa bật") and "not enabled" in body["error"]
+        assert rtp_stats(api.client.app)["enabled"] is False  # type: ignore[arg-type]
+
+
+# ---- groups stay put --------------------------------------------------------------------------
+async def test_groups_are_stable_across_restart_and_new_areas(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    rtp_settings(cfg)
+
+    async def groups(api: Any) -> dict[tuple[str, str], str]:
+        return {(s["area"], s["codec"]): s["group"]
+                for s in rtp_stats(api.client.app)["streams"]}
+
+    async with running_api(cfg) as api:
+        first = await groups(api)
+        status, _ = await api.call("qtv1", "POST", "/api/v1/areas", json={
+            "code": "T01-H1-X9", "name": "Xã mới", "level": "commune", "parent": AREA})
+        assert status == 201
+        status, text = await api.call(None, "GET", "/streams/T01-H1-X9.sdp")
+        assert status == 200  # a new area has its streams at once
+        added = (await groups(api))[("T01-H1-X9", "opus")]
+        assert parse_sdp(text)["connection"]["address"] == added
+    async with running_api(cfg) as api:  # restarted node, same data directory
+        again = await groups(api)
+    assert {k: again[k] for k in first} == first
+    assert again[("T01-H1-X9", "opus")] == added
+    saved = json.loads((cfg.data_dir / "rtp-groups.json").read_text())
+    assert set(saved["blocks"]) == {k[0] for k in again}
+
+
+def test_allocator_collisions_and_exhaustion(tmp_path: Path) -> None:
+    import ipaddress
+
+    base = ipaddress.IPv4Address("239.72.0.0")
+    a = GroupAllocator(base, 4, tmp_path / "g.json")
+    codes = [f"A{i}" for i in range(4)]
+    blocks = {c: a.block(c) for c in codes}
+    assert sorted(blocks.values()) == [0, 1, 2, 3]  # collisions took the next free block
+    assert a.group("A0", "pcmu") == str(base + blocks["A0"] * 4 + 1)
+    with pytest.raises(PoolExhausted):
+        a.block("A4")
+    a.save()
+    # another order of arrival, same recorded result; a bigger pool keeps every block
+    b = GroupAllocator(base, 8, tmp_path / "g.json")
+    b.load()
+    assert {c: b.block(c) for c in reversed(codes)} == blocks
+    # a shrunk pool moves only the areas beyond it
+    c = GroupAllocator(base, 2, tmp_path / "g.json")
+    c.load()
+    assert set(c.slots) == {k for k, v in blocks.items() if v < 2}
+    (tmp_path / "g.json").write_text("{garbage")
+    d = GroupAllocator(base, 4, tmp_path / "g.json")
+    d.load()  # unreadable: logged, allocated afresh, never a crash
+    assert d.slots == {} and d.dirty
+
+
+# ---- configuration ----------------------------------------------------------------------------
+@pytest.mark.parametrize(("env", "message"), [
+    ({"LOA_RTP_GROUP_BASE": "300.1.2.3"}, "[rtp] group_base"),
+    ({"LOA_RTP_GROUP_BASE": "10.0.0.1"}, "không phải địa chỉ multicast"),
+    ({"LOA_RTP_GROUP_BASE": "239.255.255.250"}, "runs past the multicast range"),
+    ({"LOA_RTP_CODECS": "opus,aac"}, "[rtp] codecs"),
+    ({"LOA_RTP_TTL": "300"}, "[rtp] ttl"),
+    ({"LOA_RTP_INTERFACE": "eth0"}, "[rtp] interface"),
+])
+async def test_garbage_config_fails_clearly_at_start(tmp_path: Path, env: dict[str, str],
+                                                     message: str) -> None:
+    cfg = load_config(None, env={"LOA_RTP_ENABLED": "1", **env}, data=str(tmp_path / "d"))
+    node = Node(cfg, realtime=False)
+    await node.start()
+    try:
+        with pytest.raises(ConfigError) as e:
+            create_app(node)
+        assert message in str(e.value)
+    finally:
+        await node.stop()
+
+
+async def test_interface_not_on_this_host_fails_at_start(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path)
+    rtp_settings(cfg, interface="192.0.2.254")  # TEST-NET-1: never a local address here
+    node = Node(cfg, realtime=False)
+    await node.start()
+    runner = web.AppRunner(create_app(node))
+    try:
+        with pytest.raises(ConfigError, match="not an address of this host"):
+            await runner.setup()
+    finally:
+        await runner.cleanup()
+        await node.stop()
+
+
+def test_check_settings_accepts_defaults() -> None:
+    checked = check_settings(RtpSettings())
+    assert checked.codecs == ("opus", "pcmu")
+    assert checked.blocks == 1024
+    with pytest.raises(RtpConfigError):
+        check_settings(RtpSettings(port=65535))
+
+
+# ---- SAP -------------------------------------------------------------------------------------
+async def test_sap_announces_and_deletes_the_sessions(tmp_path: Path) -> None:
+    sap_port = random.randrange(20_000, 60_000)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("224.2.127.254", sap_port))
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                    socket.inet_aton("224.2.127.254") + socket.inet_aton(LOCAL))
+    tr, col = await collect(sock)
+    srv = await start_server(tmp_path, sap=True, sap_port=sap_port, sap_interval=0.5,
+                             sap_bandwidth=1_000_000, codecs="opus")
+    try:
+        await until(lambda: len(col.items) >= 9, "an announcement of every stream")
+        groups = {s["area"]: s["group"] for s in rtp_stats(srv.app)["streams"]}
+    finally:
+        await srv.stop()
+    await until(lambda: any(d[0] & 0x04 for _, d in col.items), "deletions")
+    tr.close()
+    seen: dict[str, str] = {}
+    deleted = set()
+    for _, d in col.items:
+        flags, auth_len, _hash = struct.unpack_from("!BBH", d)
+        assert flags >> 5 == 1 and auth_len == 0 and not flags & 0x10  # v1, IPv4 origin
+        assert socket.inet_ntoa(d[4:8]) == LOCAL
+        mime, _, body = d[8:].partition(b"\x00")
+        assert mime == b"application/sdp"
+        sdp = parse_sdp(body)
+        area = next(v for k, v in sdp["attributes"] if k == "x-loa-area")
+        if flags & 0x04:
+            deleted.add(area)
+        else:
+            seen[area] = sdp["connection"]["address"]
+    assert seen == groups
+    assert deleted == set(groups)
+
+
+# ---- SDP parsing -----------------------------------------------------------------------------
+@pytest.mark.parametrize(("text", "message"), [
+    ("", "empty SDP"),
+    ("hello", "line 1"),
+    ("v=1\r\n", "v=0"),
+    ("v=0\r\no=- x 1 IN IP4 1.2.3.4\r\ns=a\r\nt=0 0\r\n", "session id"),
+    ("v=0\r\no=- 1 1 IN IP4 1.2.3.4\r\ns=a\r\n", "missing t="),
+    ("v=0\r\no=- 1 1 IN IP4 1.2.3.4\r\ns=a\r\nt=0 0\r\nm=audio 5004 RTP/AVP 0\r\n",
+     "no c= address"),
+    ("v=0\r\no=- 1 1 IN IP4 1.2.3.4\r\ns=a\r\nc=IN IP4 239.1.1.1/999\r\nt=0 0\r\n", "TTL"),
+    ("v=0\r\no=- 1 1 IN IP4 1.2.3.4\r\ns=a\r\nc=IN IP4 1.2.3.4\r\nt=0 0\r\n"
+     "m=audio 99999 RTP/AVP 0\r\n", "port"),
+    ("v=0\r\no=- 1 1 IN IP4 1.2.3.4\r\ns=a\r\nc=IN IP4 1.2.3.4\r\nt=0 0\r\n"
+     "m=audio 5004 RTP/AVP 96\r\na=rtpmap:96 opus\r\n", "rtpmap"),
+])
+def test_parse_sdp_rejects_malformed(text: str, message: str) -> None:
+    with pytest.raises(SdpError, match=message):
+        parse_sdp(text)
+
+
+def test_parse_sdp_reads_a_foreign_description() -> None:
+    text = ("v=0\no=alice 2890844526 2890842807 IN IP4 10.47.16.5\ns=SDP Seminar\n"
+            "i=A Seminar\nu=http://www.example.com/seminars/sdp.pdf\nc=IN IP4 224.2.17.12/127\n"
+            "t=2873397496 2873404696\na=recvonly\nm=audio 49170 RTP/AVP 0 96\n"
+            "a=rtpmap:96 opus/48000/2\na=fmtp:96 minptime=10;useinbandfec=1\na=ptime:20\n")
+    sdp = parse_sdp(text)
+    assert sdp["connection"]["ttl"] == 127
+    assert sdp["attributes"] == [("recvonly", None)]
+    m = sdp["media"][0]
+    assert m["formats"] == ["0", "96"] and m["fmtp"][96] == "minptime=10;useinbandfec=1"
+    assert ("ptime", "20") in m["attributes"]
+
+
+# ---- the benchmark runs ----------------------------------------------------------------------
+def test_bench_fanout_rtp_small(capsys: pytest.CaptureFixture[str],
+                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("loa.web.bench_rtp.WARMUP_SECONDS", 0.3)
+    monkeypatch.setattr("loa.web.bench_rtp.BASELINE_SECONDS", 0.5)
+    rc = cli_main(["bench", "fanout", "--transport", "rtp", "--listeners", "20",
+                   "--seconds", "1"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0
+    assert len(out) == 1
+    r = json.loads(out[0])
+    assert (r["transport"], r["listeners"]) == ("rtp", 20)
+    assert r["delivered_ratio"] == 1.0
+    assert r["packets_received"] == r["packets_expected"] > 0
+    assert r["send_errors"] == 0
+    for k in ("server_cpu_fraction", "server_cpu_per_listener", "receivers_per_core",
+              "max_lateness_ms", "seconds"):
+        assert r[k] is not None and r[k] > 0
