@@ -185,6 +185,11 @@ class Station:
         for rec in await self.store.find("broadcast", status="on-air"):
             if rec.get("schedule"):
                 continue  # the scheduler puts its own occurrences back at the right offset
+            if "live" in rec.get("spec", {}):
+                # A live input (WHIP, microphone) died with the process: nothing to resume.
+                await self.store.update("broadcast", rec["id"], {
+                    "status": "ended", "end_cause": "restart-live-ended"})
+                continue
             elapsed = now - rec["started"] + float(rec.get("offset", 0))
             dur = rec.get("duration")
             if dur is not None and elapsed >= dur:

@@ -436,23 +436,29 @@ def _delete(db: sqlite3.Connection, kind: str, id: str) -> bool:
     return _tx(db, run)
 
 
-def _joins(kind: str, filters: list[tuple[str, str]]) -> tuple[str, list[str]]:
-    """One join per filter on the idx primary key (kind, field, value, id), then the params."""
-    joins = "".join(f" JOIN idx i{n} ON i{n}.kind = r.kind AND i{n}.id = r.id"
-                    f" AND i{n}.field = ? AND i{n}.value = ?" for n in range(len(filters)))
-    return joins, [x for pair in filters for x in pair] + [kind]
+def _select(what: str, kind: str, filters: list[tuple[str, str]]) -> tuple[str, list[str]]:
+    """A query driven from the index when there are filters: the first filter's index rows pick
+    the records (CROSS JOIN keeps SQLite from scanning every record of the kind first), each
+    further filter is a join on the idx primary key (kind, field, value, id)."""
+    if not filters:
+        return f"SELECT {what} FROM records r WHERE r.kind = ?", [kind]
+    more = "".join(f" JOIN idx i{n} ON i{n}.kind = r.kind AND i{n}.id = r.id"
+                   f" AND i{n}.field = ? AND i{n}.value = ?" for n in range(1, len(filters)))
+    sql = (f"SELECT {what} FROM idx i0 CROSS JOIN records r ON r.kind = i0.kind AND r.id = i0.id"
+           f"{more} WHERE i0.kind = ? AND i0.field = ? AND i0.value = ?")
+    params = [x for pair in filters[1:] for x in pair] + [kind, *filters[0]]
+    return sql, params
 
 
 def _find(db: sqlite3.Connection, kind: str, filters: list[tuple[str, str]]) -> list[Record]:
-    joins, params = _joins(kind, filters)
-    rows = db.execute(f"SELECT r.data FROM records r{joins} WHERE r.kind = ? ORDER BY r.id",
-                      params).fetchall()
+    sql, params = _select("r.data", kind, filters)
+    rows = db.execute(sql + " ORDER BY r.id", params).fetchall()
     return [load(data) for (data,) in rows]
 
 
 def _count(db: sqlite3.Connection, kind: str, filters: list[tuple[str, str]]) -> int:
-    joins, params = _joins(kind, filters)
-    row = db.execute(f"SELECT COUNT(*) FROM records r{joins} WHERE r.kind = ?", params).fetchone()
+    sql, params = _select("COUNT(*)", kind, filters)
+    row = db.execute(sql, params).fetchone()
     return int(row[0])
 
 

@@ -155,6 +155,7 @@ def create_app(node: Node) -> web.Application:
     from loa.web import (
         api_air,
         api_core,
+        api_devices,
         api_media,
         api_reports,
         openapi,
@@ -175,6 +176,7 @@ def create_app(node: Node) -> web.Application:
     api_media.setup(app)
     api_air.setup(app)
     api_reports.setup(app)
+    api_devices.setup(app)
     openapi.setup(app)
     streams_http.setup(app)
     streams_rtp.setup(app)

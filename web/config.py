@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loa.codecs.encoders import EncoderSettings
+from loa.relay.control import DeviceSettings
 from loa.relay.hls import HlsSettings
 from loa.relay.icecast import HttpStreamSettings
 from loa.relay.inputs import RelayInputSettings
@@ -76,6 +77,7 @@ class Config:
     hls: HlsSettings = field(default_factory=HlsSettings)
     webrtc: WebRtcSettings = field(default_factory=WebRtcSettings)
     inputs: RelayInputSettings = field(default_factory=RelayInputSettings)
+    devices: DeviceSettings = field(default_factory=DeviceSettings)
 
     @property
     def data_dir(self) -> Path:

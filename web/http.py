@@ -25,7 +25,12 @@ PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
 TOKEN_ID: web.RequestKey[str] = web.RequestKey("token_id", str)
 STORE: web.AppKey[Store] = web.AppKey("store", Store)  # set by the app factory
 
-PUBLIC = {("POST", "/api/v1/auth/token"), ("GET", "/api/v1/openapi.json")}
+PUBLIC = {
+    ("POST", "/api/v1/auth/token"),
+    ("GET", "/api/v1/openapi.json"),
+    ("POST", "/api/v1/devices/provision"),  # a device trades its one-time token for its key
+    ("GET", "/api/v1/devices/connect"),  # devices authenticate in their first message
+}
 
 
 class ApiError(Exception):

@@ -226,6 +226,9 @@ def document() -> S:
                     **secured, "parameters": RANGE_PARAMS, "responses": responses(*READ, 422)},
         },
     }
+    from loa.web import api_devices
+
+    paths.update(api_devices.openapi_paths())
     return {
         "openapi": "3.0.3",
         "info": {"title": "Loa API", "version": "1",

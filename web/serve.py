@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import signal
 import sys
 
@@ -55,6 +56,9 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
 
 def run_serve(args: argparse.Namespace) -> int:
     cfg = _config(args, http=args.http)
+    # Thousands of long-lived connections make full collections walk ~10^6 objects (a 1 s
+    # pause at 10,000 devices, measured): collect the oldest generation far less often.
+    gc.set_threshold(700, 10, 1000)
     setup_logging(cfg.log.level, cfg.log.format)
     asyncio.run(serve(cfg))
     return 0

@@ -1,0 +1,501 @@
+"""WebRTC end to end: real aiortc clients against a real node on 127.0.0.1 (real media clock).
+
+WHEP listeners hear the area's programme (tone found by FFT), switch with a preemption, share one
+hub subscription per area; a WHIP publisher goes live in a district and a commune below hears it;
+auth, SDP and limit errors are refused with the right status and change nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fractions
+import json
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import av
+import numpy as np
+import pytest
+from aiohttp import web
+from aiortc import (
+    RTCConfiguration,
+    RTCPeerConnection,
+    RTCRtpSender,
+    RTCSessionDescription,
+)
+from aiortc.mediastreams import MediaStreamTrack
+
+from loa.codecs.encoders import Packet
+from loa.relay.webrtc import PacketTrack, use_host_addresses
+from loa.streamer.broadcast import Broadcast
+from loa.streamer.sources import ToneSource
+from loa.web.app import Node, create_app
+from loa.web.auth import add_user
+from loa.web.streams_webrtc import RELAY
+from tests.apiclient import PASSWORD, PEOPLE, make_config
+from tests.audio import peak_hz
+
+# Loopback only: the clients offer 127.0.0.1 host candidates too, and nobody uses STUN.
+use_host_addresses(["127.0.0.1"])
+NO_STUN = RTCConfiguration(iceServers=[])
+SDP = {"Content-Type": "application/sdp"}
+
+
+@dataclass
+class Server:
+    node: Node
+    app: web.Application
+    base: str
+    http: aiohttp.ClientSession
+    tokens: dict[str, str]
+
+    async def token(self, who: str) -> str:
+        if who not in self.tokens:
+            async with self.http.post(f"{self.base}/api/v1/auth/token",
+                                      json={"username": who, "password": PASSWORD}) as r:
+                assert r.status == 201, await r.text()
+                self.tokens[who] = (await r.json())["token"]
+        return self.tokens[who]
+
+    async def bearer(self, who: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {await self.token(who)}", **SDP}
+
+
+async def start_server(tmp_path: Path, **webrtc: object) -> tuple[Server, web.AppRunner]:
+    cfg = make_config(tmp_path)
+    cfg.webrtc.ice_addresses = "127.0.0.1"
+    for k, v in webrtc.items():
+        setattr(cfg.webrtc, k, v)
+    node = Node(cfg, realtime=True)
+    await node.start()
+    for name, (role, area, emergency) in PEOPLE.items():
+        await add_user(node.store, node.tree, name, role, area, PASSWORD, emergency)
+    app = create_app(node)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    http = aiohttp.ClientSession()
+    return Server(node, app, f"http://{host}:{port}", http, {}), runner
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    srv, runner = await start_server(tmp_path)
+    try:
+        yield srv
+    finally:
+        await srv.http.close()
+        await runner.cleanup()
+        await srv.node.stop()
+
+
+async def until(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
+    """Wait for an event (not a speed check: the timeout only ends a hung test)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+# ---- clients ---------------------------------------------------------------------------------
+class Listener:
+    def __init__(self, pc: RTCPeerConnection, track: MediaStreamTrack, location: str) -> None:
+        self.pc = pc
+        self.track = track
+        self.location = location
+
+    async def frames(self, n: int) -> np.ndarray:
+        """The next n decoded 20 ms frames as 48 kHz mono float32."""
+        out = []
+        for _ in range(n):
+            f = await asyncio.wait_for(self.track.recv(), 10)
+            a = f.to_ndarray().reshape(-1, len(f.layout.channels))[:, 0]
+            out.append(a.astype(np.float32) / 32768)
+        return np.concatenate(out)
+
+    async def until_tone(self, hz: float, max_frames: int = 250) -> np.ndarray:
+        """Read until the last 0.3 s hold `hz`; returns that audio."""
+        window: list[np.ndarray] = []
+        for _ in range(max_frames):
+            window.append(await self.frames(1))
+            window = window[-15:]
+            if len(window) == 15 and abs(peak_hz(np.concatenate(window), 48_000) - hz) < 5:
+                return np.concatenate(window)
+        raise AssertionError(f"{hz} Hz never heard")
+
+
+def offer_pc(direction: str, codec: str | None = None,
+             track: MediaStreamTrack | None = None) -> RTCPeerConnection:
+    pc = RTCPeerConnection(NO_STUN)
+    tr = pc.addTransceiver(track or "audio", direction=direction)
+    if codec:
+        tr.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("audio").codecs
+                                if c.mimeType.lower() == codec])
+    return pc
+
+
+async def whep(srv: Server, area: str) -> Listener:
+    pc = offer_pc("recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    async with srv.http.post(f"{srv.base}/whep/{area}", data=pc.localDescription.sdp,
+                             headers=SDP) as r:
+        body = await r.text()
+        assert r.status == 201, body
+        assert r.content_type == "application/sdp"
+        location = r.headers["Location"]
+    assert location.startswith(f"/whep/{area}/")
+    assert "opus" in body.lower() and "pcmu" not in body.lower()
+    await pc.setRemoteDescription(RTCSessionDescription(body, "answer"))
+    track = pc.getTransceivers()[0].receiver.track
+    assert track is not None
+    return Listener(pc, track, location)
+
+
+class ToneTrack(MediaStreamTrack):
+    """A microphone stand-in: a sine tone in 20 ms s16 frames, paced on absolute deadlines."""
+
+    kind = "audio"
+
+    def __init__(self, hz: float) -> None:
+        super().__init__()
+        self.hz = hz
+        self.n = 0
+        self.t0: float | None = None
+
+    async def recv(self) -> av.AudioFrame:
+        loop = asyncio.get_running_loop()
+        if self.t0 is None:
+            self.t0 = loop.time()
+        deadline = self.t0 + self.n * 0.02
+        await asyncio.sleep(max(0.0, deadline - loop.time()))
+        idx = np.arange(self.n * 960, (self.n + 1) * 960)
+        pcm = (0.3 * 32767 * np.sin(2 * np.pi * self.hz * idx / 48_000)).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = 48_000
+        frame.pts = self.n * 960
+        frame.time_base = fractions.Fraction(1, 48_000)
+        self.n += 1
+        return frame
+
+
+async def whip_offer(hz: float = 700, codec: str | None = None) -> RTCPeerConnection:
+    pc = offer_pc("sendonly", codec, ToneTrack(hz))
+    await pc.setLocalDescription(await pc.createOffer())
+    return pc
+
+
+async def post_whip(srv: Server, targets: str, pc: RTCPeerConnection,
+                    headers: dict[str, str], query: str = "") -> tuple[int, str, str]:
+    async with srv.http.post(f"{srv.base}/whip/{targets}{query}", data=pc.localDescription.sdp,
+                             headers=headers) as r:
+        return r.status, await r.text(), r.headers.get("Location", "")
+
+
+def pcm_of(packets: list[Packet]) -> np.ndarray:
+    return np.frombuffer(b"".join(p.data for p in packets), dtype=np.float32)
+
+
+# ---- WHEP --------------------------------------------------------------------------------------
+async def test_whep_hears_the_area_and_the_preemption(server: Server) -> None:
+    node = server.node
+    node.engine.start(Broadcast(ToneSource(440, 0.3), ["T01-H1"], issuer="T01-H1"))
+    lst = await whep(server, "T01-H1-X1")
+    try:
+        audio = await lst.until_tone(440)
+        assert abs(peak_hz(audio, 48_000) - 440) < 5
+        assert np.max(np.abs(audio)) > 0.1  # the tone itself, not noise
+        node.engine.start(Broadcast(ToneSource(1000, 0.3), ["T01"], issuer="T01",
+                                    klass="priority", title="bản tin"))
+        audio = await lst.until_tone(1000)
+        assert abs(peak_hz(audio, 48_000) - 1000) < 5
+        relay = server.app[RELAY]
+        (stats,) = await relay.whep_stats()
+        assert stats["area"] == "T01-H1-X1" and stats["state"] == "connected"
+        assert stats["packets_sent"] > 0
+        async with server.http.get(f"{server.base}{lst.location}") as r:
+            assert r.status == 200
+            assert (await r.json())["session"] == lst.location.rsplit("/", 1)[1]
+    finally:
+        await lst.pc.close()
+
+
+async def test_two_peers_share_one_subscription(server: Server) -> None:
+    node = server.node
+    node.engine.start(Broadcast(ToneSource(440, 0.3), ["T01-H1"], issuer="T01-H1"))
+    a = await whep(server, "T01-H1-X1")
+    b = await whep(server, "T01-H1-X1")
+    try:
+        channel = node.hub.channel("T01-H1-X1", "opus")
+        assert len(channel.subs) == 1
+        await a.until_tone(440)
+        await b.until_tone(440)
+        assert len(channel.subs) == 1
+        relay = server.app[RELAY]
+        assert len(relay.feeds["T01-H1-X1"].peers) == 2
+        async with server.http.delete(f"{server.base}{a.location}") as r:
+            assert r.status in (200, 204)
+        assert len(channel.subs) == 1
+        await b.until_tone(440)  # the other peer keeps hearing
+        async with server.http.delete(f"{server.base}{b.location}") as r:
+            assert r.status in (200, 204)
+        assert channel.subs == [] and relay.whep == {} and relay.feeds == {}
+        async with server.http.delete(f"{server.base}{b.location}") as r:
+            assert r.status == 404
+    finally:
+        await a.pc.close()
+        await b.pc.close()
+
+
+async def test_whep_refusals_change_nothing(server: Server) -> None:
+    base = server.base
+    async with server.http.options(f"{base}/whep/T01-H1-X1") as r:
+        assert r.status == 204
+        assert r.headers["Access-Control-Allow-Origin"] == "*"
+        assert "POST" in r.headers["Access-Control-Allow-Methods"]
+    for body in ("hello", "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n\x00garbage", ""):
+        async with server.http.post(f"{base}/whep/T01-H1-X1", data=body, headers=SDP) as r:
+            assert r.status == 400, body
+            err = (await r.json())["error"]
+            assert " / " in err and len(err.split(" / ")[0]) > 3
+    async with server.http.post(f"{base}/whep/T01-H1-X1", data="v=0",
+                                headers={"Content-Type": "text/plain"}) as r:
+        assert r.status == 415
+    pcmu = offer_pc("recvonly", "audio/pcmu")
+    await pcmu.setLocalDescription(await pcmu.createOffer())
+    assert "opus" not in pcmu.localDescription.sdp.lower()
+    async with server.http.post(f"{base}/whep/T01-H1-X1", data=pcmu.localDescription.sdp,
+                                headers=SDP) as r:
+        assert r.status == 406
+        assert "Opus" in (await r.json())["error"]
+    await pcmu.close()
+    ok = offer_pc("recvonly")
+    await ok.setLocalDescription(await ok.createOffer())
+    async with server.http.post(f"{base}/whep/X99", data=ok.localDescription.sdp,
+                                headers=SDP) as r:
+        assert r.status == 404
+        assert (await r.json())["error"].startswith("không có khu vực / unknown area")
+    await ok.close()
+    relay = server.app[RELAY]
+    assert relay.whep == {} and relay.feeds == {}
+    assert server.node.hub.channel("T01-H1-X1", "opus").subs == []
+    # ... and the server still serves a listener.
+    server.node.engine.start(Broadcast(ToneSource(440, 0.3), ["T01"], issuer="T01"))
+    lst = await whep(server, "T01-H1-X1")
+    await lst.until_tone(440)
+    await lst.pc.close()
+
+
+async def test_whep_limits(tmp_path: Path) -> None:
+    srv, runner = await start_server(tmp_path, max_peers=2, max_peers_per_area=1)
+    peers: list[Listener] = []
+    try:
+        peers.append(await whep(srv, "T01-H1-X1"))
+        extra = offer_pc("recvonly")
+        await extra.setLocalDescription(await extra.createOffer())
+        async with srv.http.post(f"{srv.base}/whep/T01-H1-X1", data=extra.localDescription.sdp,
+                                 headers=SDP) as r:
+            assert r.status == 503
+            assert "Retry-After" in r.headers
+        peers.append(await whep(srv, "T01-H1-X2"))
+        async with srv.http.post(f"{srv.base}/whep/T01-H1-X3", data=extra.localDescription.sdp,
+                                 headers=SDP) as r:
+            assert r.status == 503
+        await extra.close()
+        assert len(srv.app[RELAY].whep) == 2
+    finally:
+        for p in peers:
+            await p.pc.close()
+        await srv.http.close()
+        await runner.cleanup()
+        await srv.node.stop()
+    assert srv.app[RELAY].whep == {}  # shutdown closed every peer
+
+
+async def test_client_leaving_closes_its_peer(server: Server) -> None:
+    lst = await whep(server, "T01-H2-X1")
+    await lst.frames(5)
+    relay = server.app[RELAY]
+    assert len(relay.whep) == 1
+    await lst.pc.close()
+    await until(lambda: not relay.whep, "the server to close the peer")
+    assert server.node.hub.channel("T01-H2-X1", "opus").subs == []
+
+
+# ---- WHIP --------------------------------------------------------------------------------------
+async def test_whip_goes_live_and_delete_ends_it(server: Server) -> None:
+    node = server.node
+    sub = node.hub.subscribe("T01-H1-X2", "pcm", maxlen=2000)
+    pc = await whip_offer(700)
+    status, answer, location = await post_whip(server, "T01-H1", pc, await server.bearer("huyen1"),
+                                               "?class=priority&title=Họp%20dân")
+    assert status == 201, answer
+    assert location.startswith("/whip/session/")
+    await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+    try:
+        await until(lambda: node.engine.on_air("T01-H1-X2")["broadcast"] is not None,
+                    "the live broadcast on air")
+        on_air = node.engine.on_air("T01-H1-X2")
+        assert on_air["title"] == "Họp dân" and on_air["class"] == "priority"
+        assert on_air["issuer"] == "T01-H1"
+        bid = on_air["broadcast"]
+        rec = await node.store.get("broadcast", str(bid))
+        assert rec is not None and rec["spec"] == {"live": "whip"} and rec["user"] == "huyen1"
+        heard = False
+        sub.drain()
+        for _ in range(300):  # 6 s of packets at most
+            await until(lambda: len(sub.queue) >= 25, "pcm packets")
+            pcm = pcm_of(sub.drain()[-25:])
+            if abs(peak_hz(pcm, 48_000) - 700) < 5 and np.max(np.abs(pcm)) > 0.1:
+                heard = True
+                break
+        assert heard, "700 Hz never heard in T01-H1-X2"
+        assert node.engine.on_air("T01-H2-X1")["broadcast"] is None  # not its district
+        # Someone else's token may not end it; the publisher's may.
+        async with server.http.delete(f"{server.base}{location}",
+                                      headers=await server.bearer("huyen2")) as r:
+            assert r.status == 403
+        async with server.http.delete(f"{server.base}{location}") as r:
+            assert r.status == 401
+        async with server.http.delete(f"{server.base}{location}",
+                                      headers=await server.bearer("huyen1")) as r:
+            assert r.status in (200, 204)
+        await until(lambda: node.engine.on_air("T01-H1-X2")["broadcast"] is None,
+                    "the live broadcast to end")
+        assert server.app[RELAY].whip == {}
+        await until(lambda: pc.connectionState == "closed", "the publisher's peer to close")
+    finally:
+        sub.close()
+        await pc.close()
+
+
+async def test_whip_publisher_leaving_ends_the_broadcast(server: Server) -> None:
+    node = server.node
+    pc = await whip_offer(700)
+    status, answer, _ = await post_whip(server, "T01-H1-X1", pc, await server.bearer("xa11"))
+    assert status == 201, answer
+    await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+    await until(lambda: pc.connectionState == "connected", "the publisher to connect")
+    await until(lambda: node.engine.on_air("T01-H1-X1")["broadcast"] is not None, "on air")
+    assert node.engine.on_air("T01-H1-X1")["title"] == "Trực tiếp"
+    await pc.close()
+    await until(lambda: node.engine.on_air("T01-H1-X1")["broadcast"] is None,
+                "the broadcast to end when the publisher leaves")
+    assert server.app[RELAY].whip == {}
+
+
+async def test_whip_refusals(server: Server) -> None:
+    node = server.node
+    pc = await whip_offer(700)
+
+    async def refused(targets: str, headers: dict[str, str], query: str = "") -> tuple[int, str]:
+        status, body, _ = await post_whip(server, targets, pc, headers, query)
+        return status, body
+
+    assert (await refused("T01-H1", SDP))[0] == 401
+    status, body = await refused("T01-H1", {"Authorization": "Bearer sai-roi", **SDP})
+    assert status == 401 and " / " in body
+    status, body = await refused("T01-H1-X2", await server.bearer("xa11"))
+    assert status == 403 and "ngoài phạm vi" in body
+    status, body = await refused("T01-H1-X1,T01-H1-X2", await server.bearer("xa11"))
+    assert status == 403
+    status, body = await refused("T01-H1", await server.bearer("huyen1"), "?class=emergency")
+    assert status == 403 and "khẩn cấp" in body
+    assert (await refused("T01-H1", await server.bearer("xem11")))[0] == 403  # a viewer
+    assert (await refused("T01-H1-X1", await server.bearer("xem11")))[0] == 403
+    assert (await refused("T01-H9", await server.bearer("huyen1")))[0] == 404
+    assert (await refused("T01-H1", await server.bearer("huyen1"), "?class=loud"))[0] == 400
+    headers = await server.bearer("huyen1")
+    async with server.http.post(f"{server.base}/whip/T01-H1", data="v=0\r\nnonsense",
+                                headers=headers) as r:
+        assert r.status == 400
+    pcmu = await whip_offer(700, "audio/pcmu")
+    assert (await post_whip(server, "T01-H1", pcmu, headers))[0] == 406
+    await pcmu.close()
+    recv = offer_pc("recvonly")  # a WHEP-style offer sent to WHIP
+    await recv.setLocalDescription(await recv.createOffer())
+    assert (await post_whip(server, "T01-H1", recv, headers))[0] == 400
+    await recv.close()
+    await pc.close()
+    # The province operator with the emergency right may; nothing else went on air.
+    assert all(node.engine.on_air(a.code)["broadcast"] is None for a in node.tree)
+    assert server.app[RELAY].whip == {}
+    assert await node.store.find("broadcast") == []
+    ok = await whip_offer(700)
+    status, answer, location = await post_whip(server, "T01", ok, await server.bearer("tinh"),
+                                               "?class=emergency")
+    assert status == 201, answer
+    await ok.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+    await until(lambda: node.engine.on_air("T01-H2-X3")["class"] == "emergency", "emergency")
+    async with server.http.delete(f"{server.base}{location}",
+                                  headers=await server.bearer("tinh")) as r:
+        assert r.status == 204
+    await ok.close()
+
+
+async def test_stopping_the_broadcast_closes_the_publisher(server: Server) -> None:
+    node = server.node
+    pc = await whip_offer(700)
+    status, answer, _ = await post_whip(server, "T01-H2", pc, await server.bearer("huyen2"))
+    assert status == 201, answer
+    await pc.setRemoteDescription(RTCSessionDescription(answer, "answer"))
+    await until(lambda: node.engine.on_air("T01-H2")["broadcast"] is not None, "on air")
+    # Connected first: a peer closed mid-handshake has no DTLS to tell the client it is over.
+    await until(lambda: pc.connectionState == "connected", "the publisher to connect")
+    bid = str(node.engine.on_air("T01-H2")["broadcast"])
+    node.station.stop(bid, by_area="T01")  # e.g. the province stops it from the API
+    await until(lambda: not server.app[RELAY].whip, "the WHIP session to close")
+    await until(lambda: pc.connectionState == "closed", "the publisher's peer to close")
+    await pc.close()
+
+
+
+async def test_whep_stock_sender_path(tmp_path: Path) -> None:
+    """With direct_send off, aiortc's own sender packs the shared pre-encoded av.Packets."""
+    srv, runner = await start_server(tmp_path, direct_send=False)
+    try:
+        srv.node.engine.start(Broadcast(ToneSource(440, 0.3), ["T01-H2"], issuer="T01-H2"))
+        lst = await whep(srv, "T01-H2-X2")
+        audio = await lst.until_tone(440)
+        assert abs(peak_hz(audio, 48_000) - 440) < 5
+        (stats,) = await srv.app[RELAY].whep_stats()
+        assert stats["path"] == "stock" and stats["packets_sent"] > 0
+        await lst.pc.close()
+    finally:
+        await srv.http.close()
+        await runner.cleanup()
+        await srv.node.stop()
+
+
+async def test_slow_peer_drops_its_oldest_packets() -> None:
+    track = PacketTrack(maxlen=3)
+    packets = [av.Packet(bytes([i])) for i in range(5)]
+    track.push(packets[:2])
+    track.push(packets[2:])
+    assert track.dropped == 2
+    assert [bytes(await track.recv()) for _ in range(3)] == [b"\x02", b"\x03", b"\x04"]
+    track.stop()
+
+
+def test_bench_fanout_webrtc_latency_mode() -> None:
+    """`loa bench fanout --transport webrtc --listeners 1` prints one JSON object with the
+    figures, including WHIP->WHEP onsets actually detected."""
+    out = subprocess.run(
+        [sys.executable, "-m", "loa.web.cli", "bench", "fanout", "--transport", "webrtc",
+         "--listeners", "1", "--seconds", "2"],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)  # nothing else on stdout
+    assert result["transport"] == "webrtc" and result["listeners"] == 1
+    assert result["connected"] == 1 and result["delivered_ratio"] > 0
+    for key in ("seconds", "server_cpu_fraction", "server_cpu_per_listener", "peers_per_core",
+                "max_lateness_ms"):
+        assert key in result
+    lat = result["whip_to_whep_ms"]
+    assert lat["bursts"] >= 1 and lat["p50"] > 0
