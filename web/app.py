@@ -156,8 +156,11 @@ def create_app(node: Node) -> web.Application:
         api_air,
         api_core,
         api_devices,
+        api_emergency,
+        board,
         api_media,
         api_reports,
+        monitor,
         openapi,
         streams_hls,
         streams_http,
@@ -177,6 +180,9 @@ def create_app(node: Node) -> web.Application:
     api_air.setup(app)
     api_reports.setup(app)
     api_devices.setup(app)
+    api_emergency.setup(app)
+    monitor.setup(app)
+    board.setup(app)
     openapi.setup(app)
     streams_http.setup(app)
     streams_rtp.setup(app)

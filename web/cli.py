@@ -33,6 +33,26 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--direct", action="store_true",
                      help="may air content that has not been approved")
 
+    device = sub.add_parser("device", help="the reference loudspeaker agent")
+    device.add_argument("--server", required=True, help="http://host:port of the Loa node")
+    device.add_argument("--key", required=True, help="DEVICE_ID:KEY from provisioning")
+    device.add_argument("--sink", default="null", help="null | wav:FILE | default")
+    device.add_argument("--transport", default=None, choices=["http", "rtp", "webrtc"],
+                        help="override the preference the server sends")
+    device.add_argument("--target-delay-ms", type=float, default=300.0,
+                        help="synchronised playout delay after the RTCP time mapping")
+    device.add_argument("--seconds", type=float, default=None, help="stop after this long")
+
+    sim = sub.add_parser("sim", help="a fleet of light simulated devices")
+    sim.add_argument("--server", required=True)
+    sim.add_argument("--speakers", type=int, default=100)
+    sim.add_argument("--boards", type=int, default=0)
+    sim.add_argument("--decode", type=int, default=0, help="how many also decode audio")
+    sim.add_argument("--token", default=None,
+                     help="admin bearer token used to register the fleet (or LOA_TOKEN)")
+    sim.add_argument("--area", default=None, help="register the fleet under this area")
+    sim.add_argument("--seconds", type=float, default=None)
+
     demo = sub.add_parser("demo", help="run the engine with a sample province")
     _common(demo)
     demo.add_argument("--http", default=None, help="HOST:PORT to listen on (default 127.0.0.1:8080)")
@@ -49,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     api = bsub.add_parser("api", help="REST API latency with 5,000 areas and 10,000 devices")
     api.add_argument("--requests", type=int, default=500, help="per measured operation")
     api.add_argument("--concurrency", type=int, default=16)
+    pre = bsub.add_parser("preempt", help="emergency switch latency per transport")
+    pre.add_argument("--devices", type=int, default=200)
+    pre.add_argument("--rounds", type=int, default=10)
     dev = bsub.add_parser("devices", help="control-channel cost per device")
     dev.add_argument("--n", type=int, default=1000)
     dev.add_argument("--seconds", type=float, default=30.0)
@@ -72,10 +95,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         from loa.web.serve import run_user
 
         return run_user(args)
+    if args.command == "device":
+        from loa.relay.agent import main as agent_main
+
+        return int(agent_main(args))
+    if args.command == "sim":
+        from loa.relay.sim import main as sim_main
+
+        return int(sim_main(args))
     if args.command == "demo":
         from loa.web.demo import run_demo
 
         return run_demo(args)
+    if args.command == "bench" and args.bench == "preempt":
+        from loa.web.bench_preempt import run as run_preempt
+
+        return int(run_preempt(args))
     if args.command == "bench" and args.bench == "devices":
         from loa.web.bench_devices import run as run_devices
 

@@ -1,0 +1,9 @@
+"""(being written)"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+
+def setup(app: web.Application) -> None:
+    """Register routes. The node is app[NODE] (started)."""
