@@ -300,3 +300,17 @@ def test_a_broadcast_starts_where_its_source_cursor_stands():
     clock.run(50)
     out = pcm(sub)
     np.testing.assert_allclose(out[FADE:48_000], music.pcm[30_000 + FADE:78_000], atol=1e-6)
+
+
+def test_a_subscriber_that_falls_behind_loses_packets_and_delays_nobody():
+    e, clock = make()
+    slow = e.hub.subscribe("T01-H1-X1", "opus", maxlen=10)  # never drained
+    fast = e.hub.subscribe("T01-H1-X1", "opus", maxlen=10_000)
+    e.start(Broadcast(ToneSource(440, 0.3), ["T01-H1"], issuer="T01-H1"))
+    clock.run(200)
+    got = fast.drain()
+    assert len(got) >= 200  # every tick's packet (plus the primed ones)
+    assert [b.pts - a.pts for a, b in zip(got, got[1:], strict=False)] == [960] * (len(got) - 1)
+    assert len(slow.queue) == 10 and slow.dropped == len(got) - 10
+    assert [p.pts for p in slow.queue] == [p.pts for p in got[-10:]]  # it keeps the newest
+    assert e.stats["ticks"] == 200
