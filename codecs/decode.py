@@ -20,6 +20,11 @@ class MediaError(ValueError):
     """The input is not usable audio: not media, no audio stream, corrupt, empty, too long."""
 
 
+def _why(e: Exception) -> str:
+    """The reason without the file name (errors are shown to operators; paths are ours)."""
+    return str(getattr(e, "strerror", None) or type(e).__name__)
+
+
 def _open(path: str | os.PathLike[str]) -> av.container.InputContainer:
     try:
         size = os.path.getsize(path)
@@ -30,7 +35,7 @@ def _open(path: str | os.PathLike[str]) -> av.container.InputContainer:
     try:
         return av.open(os.fspath(path), mode="r", options={"probesize": "5000000"})
     except (av.error.FFmpegError, UnicodeDecodeError) as e:
-        raise MediaError(f"không phải tệp âm thanh / not a media file: {e}") from None
+        raise MediaError(f"không phải tệp âm thanh / not a media file: {_why(e)}") from None
 
 
 def decode_file(
@@ -73,11 +78,11 @@ def decode_file(
                 take(resampler.resample(frame))
             take(resampler.resample(None))
         except av.error.FFmpegError as e:
-            raise MediaError(f"tệp âm thanh bị hỏng / corrupt audio: {e}") from None
+            raise MediaError(f"tệp âm thanh bị hỏng / corrupt audio: {_why(e)}") from None
         except (ValueError, RuntimeError) as e:
             if isinstance(e, MediaError):
                 raise
-            raise MediaError(f"tệp âm thanh bị hỏng / corrupt audio: {e}") from None
+            raise MediaError(f"tệp âm thanh bị hỏng / corrupt audio: {_why(e)}") from None
     finally:
         container.close()
     if total == 0:

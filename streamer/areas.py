@@ -75,6 +75,15 @@ class AreaTree:
         self._areas[code] = area
         return area
 
+    def remove(self, code: str) -> None:
+        """Remove a leaf area (undoing an add whose storing failed)."""
+        area = self.get(code)
+        if area.children:
+            raise AreaError(f"khu vực còn khu vực con / area {code} has children")
+        if area.parent is not None:
+            self._areas[area.parent].children.remove(code)
+        del self._areas[code]
+
     def update(self, code: str, *, name: str | None = None, level: str | None = None) -> Area:
         area = self.get(code)
         if name is not None:

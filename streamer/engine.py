@@ -212,7 +212,8 @@ class Engine:
         self._mark(code, "start", None)
 
     def on_air(self, area: str) -> dict[str, object]:
-        st = self.areas[self.tree.get(area).code]
+        code = self.tree.get(area).code
+        st = self.areas.get(code) or _AreaState(code)  # added to the tree, not yet ticked
         main = self.broadcasts.get(st.main) if st.main else None
         return {
             "area": area,
@@ -493,7 +494,10 @@ class Engine:
             if mix.codecs_version != version:
                 if wanted is None:
                     wanted = hub.wanted()
-                mix.codecs = set().union(*(wanted.get(a, set()) for a in mix.areas))
+                if len(wanted) < len(mix.areas):  # few listened areas, a mix of thousands
+                    mix.codecs = set().union(*(c for a, c in wanted.items() if a in mix.areas))
+                else:
+                    mix.codecs = set().union(*(wanted.get(a, set()) for a in mix.areas))
                 mix.codecs_version = version
                 for codec in list(mix.encoders):
                     if codec not in mix.codecs:

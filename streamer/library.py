@@ -49,6 +49,7 @@ class MediaLibrary:
         self.settings = settings or LibrarySettings()
         self.tmp = self.root / "tmp"
         self.tmp.mkdir(parents=True, exist_ok=True)
+        self._maps: dict[str, np.ndarray] = {}  # sha256 -> memory map, opened once
 
     def temp_path(self, suffix: str = "") -> Path:
         fd, name = tempfile.mkstemp(dir=self.tmp, prefix="upload-", suffix=suffix)
@@ -116,15 +117,21 @@ class MediaLibrary:
 
     def source(self, record: Record, gain: float = 1.0) -> PcmSource:
         """The aired audio of a media record: a memory map, instant to open."""
-        path = self.pcm_path(record["sha256"])
-        if not path.exists():
-            raise MediaError(f"thiếu tệp âm thanh / media file missing: {record['id']}")
-        pcm = np.memmap(path, dtype="<i2", mode="r")
+        sha = record["sha256"]
+        pcm = self._maps.get(sha)
+        if pcm is None:
+            try:
+                pcm = np.memmap(self.pcm_path(sha), dtype="<i2", mode="r")
+            except (OSError, ValueError):
+                raise MediaError(
+                    f"thiếu tệp âm thanh / media file missing: {record['id']}") from None
+            self._maps[sha] = pcm
         return PcmSource(pcm, record.get("title") or record["id"], gain)
 
     async def remove(self, record: Record) -> None:
         await self.store.delete("media", record["id"])
         sha = record["sha256"]
+        self._maps.pop(sha, None)
         for suffix in (".s16", ".orig"):
             await asyncio.to_thread((self.root / sha[:2] / f"{sha}{suffix}").unlink,
                                     missing_ok=True)

@@ -21,6 +21,10 @@ class TtsError(RuntimeError):
     pass
 
 
+class UnknownVoice(ValueError):
+    """The caller asked for a voice the engine does not have: their error, not ours."""
+
+
 class TtsEngine(abc.ABC):
     name = "tts"
 
@@ -39,6 +43,8 @@ class EspeakEngine(TtsEngine):
     async def synthesize(self, text: str, voice: str, out: Path) -> None:
         if not self.exe:
             raise TtsError("chưa cài espeak-ng / espeak-ng is not installed")
+        if not voice or len(voice) > 40 or not all(c.isalnum() or c in "-_+" for c in voice):
+            raise UnknownVoice(f"giọng đọc không hợp lệ / invalid voice {voice[:40]!r}")
         proc = await asyncio.create_subprocess_exec(
             self.exe, "-v", voice, "-s", str(self.speed), "-w", str(out), "--", text,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
@@ -47,7 +53,9 @@ class EspeakEngine(TtsEngine):
         except TimeoutError:
             proc.kill()
             raise TtsError("tổng hợp giọng nói quá lâu / speech synthesis timed out") from None
-        if proc.returncode != 0:
+        if proc.returncode != 0 or b"does not exist" in err:
+            if b"does not exist" in err:
+                raise UnknownVoice(f"không có giọng đọc / unknown voice {voice!r}")
             raise TtsError(f"espeak-ng failed: {err.decode(errors='replace').strip()[:200]}")
 
 

@@ -13,7 +13,7 @@ from loa.web.auth import (
     LoginGuard,
     Role,
     add_user,
-    hash_password,
+    hash_password_async,
     login,
     public_user,
     validate_password,
@@ -109,11 +109,17 @@ async def area_create(request: web.Request) -> web.Response:
     if parent not in node.tree:
         raise ApiError(422, f"khu vực cha không tồn tại / unknown parent {parent}", "parent")
     p.require_area(node.tree, parent)
+    if not name.strip() or len(name) > 200:
+        raise ApiError(422, "tên 1-200 ký tự / name must be 1-200 characters", "name")
     try:
-        node.tree.add(code, name, level, parent)
+        code = node.tree.add(code, name, level, parent).code
     except AreaError as e:
         raise ApiError(409 if "duplicate" in str(e) else 422, str(e), "code") from None
-    await node.store.put("area", area_record(code, node.tree))
+    try:
+        await node.store.put("area", area_record(code, node.tree))
+    except BaseException:
+        node.tree.remove(code)  # all or nothing: the tree never holds an unstored area
+        raise
     node.engine.add_area(code)
     await audit(request, "area.create", code, parent=parent)
     return ok(_area_out(node.tree, code), 201)
@@ -133,8 +139,10 @@ async def area_update(request: web.Request) -> web.Response:
     level = field(data, "level", str, required=False)
     if name is not None and not name.strip():
         raise ApiError(422, "tên không được rỗng / name must not be empty", "name")
+    record = {**area_record(code, node.tree), **{k: v for k, v in (("name", name), ("level", level))
+                                                  if v is not None}}
+    await node.store.put("area", record)  # stored first: memory follows only a stored change
     node.tree.update(code, name=name, level=level)
-    await node.store.put("area", area_record(code, node.tree))
     await audit(request, "area.update", code, name=name, level=level)
     return ok(_area_out(node.tree, code))
 
@@ -245,7 +253,7 @@ async def user_update(request: web.Request) -> web.Response:
             validate_password(password)
         except ValueError as e:
             raise ApiError(422, str(e), "password") from None
-        changes["password"] = hash_password(password)
+        changes["password"] = await hash_password_async(password)
     user = await node.store.update("user", user["id"], changes)
     if changes.get("disabled") or "password" in changes:
         for tok in await node.store.find("token", user=user["id"]):

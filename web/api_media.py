@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from loa.codecs.decode import MediaError
 from loa.streamer.store import Record
-from loa.streamer.tts import TtsError
+from loa.streamer.tts import TtsError, UnknownVoice
 from loa.web.api_core import node_of
 from loa.web.http import ApiError, audit, field, ok, principal, read_json
 
@@ -40,14 +41,17 @@ async def upload(request: web.Request) -> web.Response:
     temp = None
     filename = ""
     try:
-        reader = await request.multipart()
-        while (part := await reader.next()) is not None:
+        try:
+            reader = await request.multipart()
+        except (ValueError, LookupError, HttpProcessingError) as e:  # no or bad boundary
+            raise ApiError(400, f"{MALFORMED}: {type(e).__name__}") from None
+        while (part := await _next_part(reader)) is not None:
             if not isinstance(part, BodyPartReader):
                 continue
             if part.name == "title":
-                title = (await part.text())[:200].strip()
+                title = (await _text(part))[:200].strip()
             elif part.name == "area":
-                area = (await part.text()).strip()
+                area = (await _text(part)).strip()
             elif part.name == "file":
                 if temp is not None:
                     raise ApiError(422, "chỉ một tệp mỗi lần / one file per upload", "file")
@@ -81,6 +85,23 @@ async def upload(request: web.Request) -> web.Response:
             await asyncio.to_thread(temp.unlink, missing_ok=True)
     await audit(request, "media.upload", record["id"], title=record["title"])
     return ok(record, 201)
+
+
+MALFORMED = "multipart không hợp lệ / malformed multipart body"
+
+
+async def _next_part(reader: MultipartReader) -> object:
+    try:
+        return await reader.next()
+    except (ValueError, LookupError, HttpProcessingError) as e:
+        raise ApiError(400, f"{MALFORMED}: {type(e).__name__}") from None
+
+
+async def _text(part: BodyPartReader) -> str:
+    try:
+        return await part.text()
+    except (ValueError, LookupError, HttpProcessingError) as e:  # bad charset, not decodable
+        raise ApiError(400, f"{MALFORMED}: {type(e).__name__}") from None
 
 
 @routes.get("/api/v1/media")
@@ -130,6 +151,8 @@ async def tts(request: web.Request) -> web.Response:
                                                         voice=voice)
     except ValueError as e:
         raise ApiError(422, str(e), "text") from None
+    except UnknownVoice as e:
+        raise ApiError(422, str(e), "voice") from None
     except TtsError as e:
         raise ApiError(503, str(e)) from None
     await audit(request, "tts", media["id"])

@@ -7,8 +7,10 @@ expire, and are revoked by deleting them. The right to issue `emergency` is gran
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import secrets
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -91,6 +93,31 @@ def hash_password(password: str) -> str:
     return _hasher.hash(password)
 
 
+# argon2 takes ~100 ms and 64 MiB by design: never on the event loop, two at a time at most
+# (more would not log anyone in faster on two cores, only starve the streams).
+# A thread semaphore, taken inside the worker thread: valid whatever event loop calls.
+_argon_slots = threading.BoundedSemaphore(2)
+
+
+async def hash_password_async(password: str) -> str:
+    def work() -> str:
+        with _argon_slots:
+            return hash_password(password)
+
+    return await asyncio.to_thread(work)
+
+
+async def _verify(hashed: str, password: str) -> bool:
+    def check() -> bool:
+        with _argon_slots:
+            try:
+                return bool(_hasher.verify(hashed, password))
+            except (VerificationError, InvalidHashError):
+                return False
+
+    return await asyncio.to_thread(check)
+
+
 def token_id(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -122,7 +149,7 @@ async def add_user(store: Store, tree: AreaTree, username: str, role: str, area:
         "area": area,
         "emergency": bool(emergency),
         "direct": bool(direct),
-        "password": hash_password(password),
+        "password": await hash_password_async(password),
         "created": time.time(),
         "disabled": False,
     }
@@ -172,12 +199,9 @@ async def login(store: Store, guard: LoginGuard, username: str, password: str, i
     user = users[0] if users else None
     ok = False
     if user is not None and not user.get("disabled"):
-        try:
-            ok = _hasher.verify(user["password"], password)
-        except (VerificationError, InvalidHashError):
-            ok = False
+        ok = await _verify(user["password"], password)
     else:
-        _hasher.hash(password)  # spend the same time: no username probing by timing
+        await hash_password_async(password)  # the same time spent: no probing names by timing
     if not ok or user is None:
         await guard.failed(keys)
         raise AuthError("sai tên đăng nhập hoặc mật khẩu / wrong username or password")

@@ -67,8 +67,10 @@ async def read_json(request: web.Request, max_bytes: int = MAX_JSON) -> dict[str
         raise ApiError(413, "nội dung quá lớn / request body too large")
     try:
         data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ApiError(400, f"JSON không hợp lệ / malformed JSON: {e}") from None
+        # Lone surrogates parse but cannot be stored or logged: refuse them here.
+        json.dumps(data, ensure_ascii=False).encode()
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, too deep, huge ints, surrogates
+        raise ApiError(400, f"JSON không hợp lệ / malformed JSON: {type(e).__name__}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "cần một đối tượng JSON / body must be a JSON object")
     return data

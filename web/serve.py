@@ -31,6 +31,7 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
     node = Node(cfg)
     await node.start()
     app = create_app(node)
+    gc.freeze()  # what start-up built lives forever: keep it out of every later collection
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     host, _, port = cfg.server.http.rpartition(":")
