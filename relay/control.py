@@ -41,6 +41,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol
 from urllib.parse import quote
 
@@ -83,6 +84,14 @@ MAX_SCHEDULE = 16
 _SLOW_BYTES = 16 * 1024  # unsent bytes above which a link is not written to (see DeviceManager)
 _HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
 _URL_SCHEMES = ("http://", "https://", "rtp://", "udp://", "rtsp://", "srt://")
+# The display content model (boards): see docs/device-protocol.md 3.4.1.
+LAYOUTS = ("full", "split")
+REGIONS = ("main", "side")
+ITEM_TYPES = ("text", "image", "video")
+MAX_DISPLAY_ITEMS = 50
+MAX_TITLE = 200
+MAX_DISPLAY_BYTES = 60 * 1024  # encoded args of one display command
+STATEFUL_COMMANDS = ("display", "emergency")  # kept per device and sent again in `config`
 
 
 @dataclass
@@ -324,6 +333,144 @@ def has_display(record: Record) -> bool:
                                                   .get("display"))
 
 
+def _epoch(obj: dict[str, Any], key: str, path: str) -> float | None:
+    """Epoch seconds, or an ISO 8601 date/time (without an offset: the node's local time)."""
+    name = f"{path}{key}"
+    v = obj.get(key)
+    if v is None:
+        return None
+    if isinstance(v, str) and len(v) <= 64:
+        try:
+            t = datetime.fromisoformat(v)
+        except ValueError:
+            pass
+        else:
+            return round((t if t.tzinfo else t.astimezone()).timestamp(), 3)
+    elif isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) \
+            and 0 <= v <= 1e11:
+        return float(v)
+    raise _err(name, f"{name} phải là giây epoch hoặc ngày giờ ISO 8601",
+               f"{name} must be epoch seconds or an ISO 8601 date/time")
+
+
+def _page_url(obj: dict[str, Any], key: str, path: str) -> str:
+    """A URL a board's browser can fetch: http(s), or a path on this node ("/...")."""
+    name = f"{path}{key}"
+    v = _str(obj, key, MAX_URL, path=path, required=True)
+    assert v is not None
+    if not (v.startswith(("http://", "https://")) or (v.startswith("/")
+                                                        and not v.startswith("//"))):
+        raise _err(name, f"{name} phải là URL http(s) hoặc đường dẫn /...",
+                   f"{name} must be an http(s) URL or a path on this node (/...)")
+    return v
+
+
+def validate_display_items(v: Any) -> list[dict[str, Any]]:
+    """The items of the display content model (docs/device-protocol.md, 3.4.1), normalised:
+    valid_from/valid_to as epoch seconds, weekdays sorted, ids filled in and unique."""
+    if not isinstance(v, list) or len(v) > MAX_DISPLAY_ITEMS:
+        raise _err("args.items", f"args.items là danh sách tối đa {MAX_DISPLAY_ITEMS} mục",
+                   f"args.items must be a list of at most {MAX_DISPLAY_ITEMS} items")
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(v):
+        path = f"args.items[{i}]."
+        it = _obj(raw, f"args.items[{i}]")
+        _no_extra(it, ("id", "type", "text", "title", "scroll", "url", "region", "valid_from",
+                       "valid_to", "weekdays", "times", "duration_s"), f"args.items[{i}]")
+        item: dict[str, Any] = {
+            "id": _str(it, "id", 64, path=path) or f"item-{i + 1}",
+            "type": _str(it, "type", 8, path=path, required=True, choices=ITEM_TYPES)}
+        if item["id"] in seen:
+            raise _err(f"{path}id", f"{path}id bị trùng", f"{path}id is not unique")
+        seen.add(item["id"])
+        if item["type"] == "text":
+            _no_extra(it, set(it) - {"url"}, f"args.items[{i}]")
+            item["text"] = _str(it, "text", MAX_TEXT, path=path, required=True)
+            if (title := _str(it, "title", MAX_TITLE, path=path)) is not None:
+                item["title"] = title
+            if _bool(it, "scroll", path=path):
+                item["scroll"] = True
+        else:
+            _no_extra(it, set(it) - {"text", "title", "scroll"}, f"args.items[{i}]")
+            item["url"] = _page_url(it, "url", path)
+        if (region := _str(it, "region", 8, path=path, choices=REGIONS)) is not None:
+            item["region"] = region
+        for key in ("valid_from", "valid_to"):
+            if (t := _epoch(it, key, path)) is not None:
+                item[key] = t
+        if "valid_from" in item and "valid_to" in item and item["valid_to"] <= item["valid_from"]:
+            raise _err(f"{path}valid_to", f"{path}valid_to phải sau valid_from",
+                       f"{path}valid_to must be after valid_from")
+        if it.get("weekdays") is not None:
+            days = it["weekdays"]
+            if not isinstance(days, list) or not days or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 7
+                    for d in days):
+                raise _err(f"{path}weekdays", f"{path}weekdays là danh sách số 1-7 "
+                                              "(1 = thứ Hai)",
+                           f"{path}weekdays must be a list of 1-7 (1 = Monday)")
+            item["weekdays"] = sorted(set(days))
+        if it.get("times") is not None:
+            item["times"] = _time_windows(it["times"], f"{path}times")
+        if (dur := _num(it, "duration_s", 1, 86400, path=path)) is not None:
+            item["duration_s"] = dur
+        out.append(item)
+    return out
+
+
+def _time_windows(v: Any, name: str) -> list[list[str]]:
+    """[["HH:MM", "HH:MM"], ...]: start inclusive, end exclusive ("24:00" allowed), a window
+    whose end is before its start runs over midnight."""
+    if not isinstance(v, list) or not v or len(v) > MAX_SCHEDULE:
+        raise _err(name, f"{name} là danh sách 1-{MAX_SCHEDULE} khung giờ",
+                   f"{name} must be a list of 1-{MAX_SCHEDULE} time windows")
+    out = []
+    for w in v:
+        if not (isinstance(w, list) and len(w) == 2 and isinstance(w[0], str)
+                and isinstance(w[1], str) and _HHMM.match(w[0])
+                and (_HHMM.match(w[1]) or w[1] == "24:00") and w[0] != w[1]):
+            raise _err(name, f"{name}: mỗi khung giờ là [\"HH:MM\", \"HH:MM\"] khác nhau",
+                       f"{name}: each window must be [\"HH:MM\", \"HH:MM\"] (start != end)")
+        out.append([w[0], w[1]])
+    return out
+
+
+def display_state(args: dict[str, Any], now: float) -> dict[str, Any] | None:
+    """What a board shows after a `display` command (validated args): the content model
+    {"layout", "items", "ticker", "updated"}, or None after `clear` alone. The single-item form
+    becomes items ("image"/"video" in the main region, "text" beside it in a split layout) and its
+    duration_s becomes their valid_to."""
+    if "items" in args:
+        items = [dict(it) for it in args["items"]]
+    else:
+        items = []
+        visual = [k for k in ("video", "image") if k in args]
+        for k in visual:
+            items.append({"id": k, "type": k, "url": args[k]})
+        if "text" in args:
+            side = args.get("layout") == "split" and bool(visual)
+            items.append({"id": "text", "type": "text", "text": args["text"],
+                          **({"region": "side"} if side else {})})
+        if "duration_s" in args:
+            for it in items:
+                it["valid_to"] = round(now + args["duration_s"], 3)
+    if not items and not args.get("ticker"):
+        return None
+    return {"layout": args.get("layout", "full"), "items": items,
+            "ticker": args.get("ticker") or None, "updated": round(now, 3)}
+
+
+def emergency_state(args: dict[str, Any], previous: dict[str, Any] | None, now: float
+                    ) -> dict[str, Any] | None:
+    """The emergency state of a device after an `emergency` command (None: off)."""
+    if not args["on"]:
+        return None
+    since = previous["since"] if previous and previous.get("on") else round(now, 3)
+    return {"on": True, **{k: args[k] for k in ("text", "volume") if k in args},
+            "since": since}
+
+
 def validate_command(command: Any, args: Any) -> dict[str, Any]:
     """The args of a command, normalised; ProtocolError naming the bad field."""
     if command not in COMMANDS:
@@ -362,21 +509,32 @@ def validate_command(command: Any, args: Any) -> dict[str, Any]:
         if (d := _num(a, "delay_s", 0, 3600, path="args.")) is not None:
             out["delay_s"] = d
     elif command == "display":
-        _no_extra(a, ("text", "image", "video", "layout", "duration_s", "clear"), "args")
+        _no_extra(a, ("text", "image", "video", "layout", "duration_s", "clear", "items",
+                      "ticker"), "args")
         if (text := _str(a, "text", MAX_TEXT, path="args.")) is not None:
             out["text"] = text
         for key in ("image", "video"):
             if (u := _url(a, key, path="args.")) is not None:
                 out[key] = u
-        if (layout := _str(a, "layout", 16, path="args.", choices=("full", "split"))):
+        if (layout := _str(a, "layout", 16, path="args.", choices=LAYOUTS)):
             out["layout"] = layout
         if (dur := _num(a, "duration_s", 1, 86400, path="args.")) is not None:
             out["duration_s"] = dur
         if _bool(a, "clear", path="args."):
             out["clear"] = True
-        if not out.keys() & {"text", "image", "video", "clear"}:
-            raise _err("args", "display cần text, image, video hoặc clear",
-                       "display needs text, image, video or clear")
+        if (ticker := _str(a, "ticker", MAX_TEXT, path="args.")) is not None:
+            out["ticker"] = ticker
+        if a.get("items") is not None:
+            if out.keys() & {"text", "image", "video", "duration_s"}:
+                raise _err("args.items", "dùng items hoặc text/image/video, không dùng cả hai",
+                           "use items or text/image/video (the single-item form), not both")
+            out["items"] = validate_display_items(a["items"])
+        if not out.keys() & {"text", "image", "video", "clear", "items", "ticker"}:
+            raise _err("args", "display cần items, ticker, text, image, video hoặc clear",
+                       "display needs items, ticker, text, image, video or clear")
+        if len(encode(out)) > MAX_DISPLAY_BYTES:
+            raise _err("args", f"nội dung hiển thị quá lớn (tối đa {MAX_DISPLAY_BYTES} byte)",
+                       f"display content too large (at most {MAX_DISPLAY_BYTES} bytes)")
     elif command == "emergency":
         _no_extra(a, ("on", "volume", "text"), "args")
         out["on"] = _bool(a, "on", path="args.", required=True)
@@ -480,6 +638,22 @@ def parse_heartbeat(msg: dict[str, Any]) -> dict[str, Any]:
                            f"power.relays must be at most {MAX_RELAYS} booleans")
             power["relays"] = list(r)
         out["power"] = power
+    if msg.get("display") is not None:
+        d = _obj(msg["display"], "display")
+        disp: dict[str, Any] = {}
+        for key in ("width", "height"):
+            if (px := _int(d, key, 1, 16384, path="display.")) is not None:
+                disp[key] = px
+        if d.get("items") is not None:
+            shown = d["items"]
+            if not isinstance(shown, list) or len(shown) > MAX_DISPLAY_ITEMS or not all(
+                    isinstance(x, str) and 0 < len(x) <= 64 for x in shown):
+                raise _err("display.items", "display.items là danh sách mã mục đang hiển thị",
+                           "display.items must be a list of the ids of the items shown")
+            disp["items"] = list(shown)
+        if (em := _bool(d, "emergency", path="display.")) is not None:
+            disp["emergency"] = em
+        out["display"] = disp
     faults = msg.get("faults", [])
     if not isinstance(faults, list) or len(faults) > MAX_FAULTS or not all(
             isinstance(f, str) and 0 < len(f) <= 64 for f in faults):
@@ -901,7 +1075,7 @@ class DeviceManager:
                                        self.offer),
                 "volume": r.get("volume", self.settings.default_volume),
                 "power_schedule": r.get("power_schedule", []),
-                "display": (r.get("capabilities") or {}).get("display")}
+                "display": r.get("display"), "emergency": r.get("emergency")}
 
     async def hello(self, link: Link, raw: str | bytes, public: str) -> Device:
         """Authenticate the first message of a connection; welcome and deliver the backlog.
@@ -1147,6 +1321,7 @@ class DeviceManager:
         batch = new_id()
         tally = None if single else self._tally(batch, area or "", command)
         prefix, suffix = command_template(command, args, expires)
+        shown = display_state(args, now) if command == "display" else None  # one for all
         online = 0
         ids = []
         for i, dev in enumerate(devices):
@@ -1157,6 +1332,8 @@ class DeviceManager:
                            "batch": None if single else batch, "issuer": issuer}
             if tally is not None:
                 tally.counts["queued"] += 1
+            if command in STATEFUL_COMMANDS:
+                self._remember(dev, command, args, shown, now)
             waiting = dev.outbox is not None and any(
                 r["status"] == "queued" for r in dev.outbox.values())
             self._enqueue(dev, rec)
@@ -1171,6 +1348,28 @@ class DeviceManager:
         log.info("device command event=device_command command=%s batch=%s devices=%d "
                  "online=%d issuer=%s", command, batch, len(devices), online, issuer)
         return Issued(batch, ids, len(devices), online)
+
+    def _remember(self, dev: Device, command: str, args: dict[str, Any],
+                  shown: dict[str, Any] | None, now: float) -> None:
+        """Keep what a display/emergency command leaves on the device in its record (sent again
+        in `config`, so a board that reconnects or reloads shows it at once) and expire the
+        older commands of that kind it has not received yet: the state supersedes them, and a
+        board coming back must not flash an emergency that has ended since."""
+        for rec in list((dev.outbox or {}).values()):
+            if rec["command"] == command and (rec["status"] == "queued"
+                                              or (rec["status"] == "sent" and dev.link is None)):
+                self._set_status(rec, "expired", error="đã có lệnh mới hơn / superseded by a "
+                                                       "newer command")
+        r = dev.record
+        # `shown` (the display state) is shared by every device of a bulk command: never
+        # mutated in place, only replaced.
+        state = shown if command == "display" else emergency_state(args, r.get("emergency"),
+                                                                   now)
+        if state is None:
+            r.pop(command, None)
+        else:
+            r[command] = state
+        self._devw.mark(r)
 
     def _ack(self, dev: Device, cid: str, ok: bool, error: str | None) -> None:
         rec = (dev.outbox or {}).get(cid)
