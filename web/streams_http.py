@@ -1,9 +1,95 @@
-"""Routes and wiring for the http transport."""
+"""Routes and wiring for the http transport: `GET|HEAD /streams/{area}.mp3` and `.opus` (Ogg).
+
+Streams are public like Icecast mounts (loudspeakers and browsers pull them without a token).
+The handler checks the area and the listener limits with aiohttp's usual error answers, then
+hands the accepted connection to the `HttpStreamer` (loa.relay.icecast), which writes the
+close-delimited response itself; the handler only waits, idle, until the listener is gone.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from typing import Any
+
 from aiohttp import web
+
+from loa.relay.icecast import HttpStreamer, LimitReached
+from loa.streamer.areas import AreaError
+from loa.web.app import NODE
+from loa.web.http import error_response
+
+log = logging.getLogger("loa.http_streams")
+
+HTTP_STREAMER: web.AppKey[HttpStreamer] = web.AppKey("http_streamer", HttpStreamer)
+
+
+def http_stats(app: web.Application) -> dict[str, Any]:
+    """Listeners, bytes and drops per (area, codec), for the monitor and /metrics."""
+    streamer = app.get(HTTP_STREAMER)
+    if streamer is None:
+        return {"listeners": 0, "dropped": 0, "rejected": 0, "streams": []}
+    return streamer.stats()
+
+
+async def _stream(request: web.Request, codec: str) -> web.StreamResponse:
+    app = request.app
+    node = app[NODE]
+    streamer = app[HTTP_STREAMER]
+    code = request.match_info["area"]
+    try:
+        area = node.tree.get(code)
+    except AreaError:
+        return error_response(404, f"không có khu vực / unknown area: {code}")
+    try:
+        streamer.admit(area.code)
+    except LimitReached as e:
+        log.info("listener refused event=http_listener_refused area=%s codec=%s reason=%r",
+                 area.code, codec, str(e))
+        return error_response(503, str(e), headers={"Retry-After": str(e.retry_after)})
+    transport = request.transport
+    if transport is None or transport.is_closing():
+        return web.Response()  # the client left before we answered: nothing is sent
+    icy = request.headers.get("Icy-MetaData", "").strip() == "1"
+    head = streamer.head(area.code, area.name, codec, icy)
+    if request.method == "HEAD":
+        transport.write(head)
+        transport.close()
+        return web.Response()  # not sent: the connection is closed (aiohttp logs the access)
+    listener = streamer.attach(area.code, codec, transport, icy, head)
+    log.debug("listener joined event=http_listener_join area=%s codec=%s peer=%s icy=%s",
+              area.code, codec, request.remote, icy)
+    try:
+        reason = await asyncio.shield(listener.done)
+    except asyncio.CancelledError:
+        listener.channel.remove(listener, "cancelled")
+        raise
+    log.debug("listener left event=http_listener_leave area=%s codec=%s reason=%s bytes=%d",
+              area.code, codec, reason, listener.bytes)
+    # The body was written on the transport, which is closed now: aiohttp's attempt to send this
+    # response finds it closed and only logs the access.
+    return web.Response()
+
+
+async def stream_mp3(request: web.Request) -> web.StreamResponse:
+    return await _stream(request, "mp3")
+
+
+async def stream_opus(request: web.Request) -> web.StreamResponse:
+    return await _stream(request, "opus")
 
 
 def setup(app: web.Application) -> None:
     """Register routes and start/stop hooks. The node is app[NODE] (started)."""
+    node = app[NODE]
+    streamer = HttpStreamer(node.hub, node.cfg.http_streams, node.cfg.encoders,
+                            on_air=node.engine.on_air)
+    app[HTTP_STREAMER] = streamer
+    app.router.add_get("/streams/{area}.mp3", stream_mp3)
+    app.router.add_get("/streams/{area}.opus", stream_opus)
+
+    async def _shutdown(app: web.Application) -> None:
+        streamer.close()  # before aiohttp waits for handlers: every listener's handler returns
+
+    app.on_shutdown.append(_shutdown)
+    app.on_cleanup.append(_shutdown)

@@ -1,0 +1,249 @@
+"""Ogg Opus framing (RFC 3533 pages, RFC 7845 Opus mapping), in pure Python.
+
+`OggOpusMuxer` turns a channel's Opus packets into Ogg pages once; every listener of the channel
+gets the same bytes. A page holds several 20 ms packets (`page_ms` of audio) and its granule
+position is the end of its last packet on the 48 kHz media timeline (`pts + duration`), so a
+listener that joins mid-stream sees a stream with a positive start time, as RFC 7845 allows.
+The two header pages (`OpusHead`, `OpusTags`) are built per joining listener with the page
+sequence numbers just before the first audio page it gets, so each listener's stream has no
+sequence gap; they are cached while joiners share the same first page.
+
+`read_pages` parses pages back (CRC checked): for tests and diagnostics.
+"""
+
+from __future__ import annotations
+
+import random
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+OPUS_RATE = 48_000
+PRE_SKIP = 312  # libopus' encoder delay at 48 kHz (RFC 7845 section 4.2)
+MAX_SEGMENTS = 255
+
+FLAG_CONTINUED = 0x01
+FLAG_BOS = 0x02
+FLAG_EOS = 0x04
+
+_HEADER = struct.Struct("<4sBBqIIIB")  # capture, version, type, granule, serial, seq, crc, nseg
+
+
+def _crc_table() -> tuple[int, ...]:
+    table = []
+    for i in range(256):
+        r = i << 24
+        for _ in range(8):
+            r = ((r << 1) ^ 0x04C11DB7) if r & 0x80000000 else (r << 1)
+        table.append(r & 0xFFFFFFFF)
+    return tuple(table)
+
+
+_CRC_TABLE = _crc_table()
+
+
+def ogg_crc(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
+    """The Ogg page checksum: CRC-32, polynomial 0x04C11DB7, init 0, not reflected, no xor."""
+    table = _CRC_TABLE
+    for b in bytes(data):
+        crc = ((crc << 8) & 0xFFFFFFFF) ^ table[(crc >> 24) ^ b]
+    return crc
+
+
+def lacing(size: int) -> bytes:
+    """The lacing values of one whole packet: 255 per full segment, then the rest (< 255)."""
+    return b"\xff" * (size // 255) + bytes((size % 255,))
+
+
+def build_page(segments: bytes, body: bytes, *, granule: int, serial: int, seq: int,
+               flags: int = 0) -> bytes:
+    """One Ogg page from its lacing table and body; computes the CRC."""
+    if not 0 < len(segments) <= MAX_SEGMENTS:
+        raise ValueError("an Ogg page holds 1..255 lacing values")
+    head = _HEADER.pack(b"OggS", 0, flags, granule, serial, seq & 0xFFFFFFFF, 0, len(segments))
+    page = bytearray(head)
+    page += segments
+    page += body
+    crc = ogg_crc(page)
+    struct.pack_into("<I", page, 22, crc)
+    return bytes(page)
+
+
+def pages_for_packets(packets: list[bytes], granules: list[int], *, serial: int, seq: int,
+                      flags: int = 0) -> tuple[list[bytes], int]:
+    """Pack whole packets into as few pages as the 255-segment limit allows.
+
+    A packet too long for the room left continues on the next page (flag 0x01); a page on which
+    no packet ends carries granule -1 (RFC 3533). `granules[i]` belongs to `packets[i]`.
+    Returns the pages and the next sequence number.
+    """
+    pages: list[bytes] = []
+    segs = bytearray()
+    body = bytearray()
+    page_flags = flags
+    granule = -1
+    for data, g in zip(packets, granules, strict=True):
+        lace = lacing(len(data))
+        offset = 0
+        while lace:
+            room = MAX_SEGMENTS - len(segs)
+            take = lace[:room]
+            nbytes = sum(take)
+            segs += take
+            body += data[offset:offset + nbytes]
+            offset += nbytes
+            lace = lace[room:]
+            if not lace:
+                granule = g  # the packet ends on this page
+            if len(segs) == MAX_SEGMENTS:
+                pages.append(build_page(bytes(segs), bytes(body), granule=granule,
+                                        serial=serial, seq=seq, flags=page_flags))
+                seq += 1
+                page_flags = FLAG_CONTINUED if lace else 0
+                segs.clear()
+                body.clear()
+                granule = -1
+    if segs:
+        pages.append(build_page(bytes(segs), bytes(body), granule=granule, serial=serial,
+                                seq=seq, flags=page_flags))
+        seq += 1
+    return pages, seq
+
+
+def opus_head(channels: int = 1, pre_skip: int = PRE_SKIP, input_rate: int = OPUS_RATE,
+              gain_q8: int = 0) -> bytes:
+    """The identification header (RFC 7845 section 5.1), channel mapping family 0."""
+    return struct.pack("<8sBBHIhB", b"OpusHead", 1, channels, pre_skip, input_rate, gain_q8, 0)
+
+
+def opus_tags(vendor: str = "loa", comments: dict[str, str] | None = None) -> bytes:
+    """The comment header (RFC 7845 section 5.2): vendor string and KEY=value comments."""
+    v = vendor.encode("utf-8")
+    out = bytearray(b"OpusTags")
+    out += struct.pack("<I", len(v)) + v
+    items = [f"{k}={val}".encode() for k, val in (comments or {}).items()]
+    out += struct.pack("<I", len(items))
+    for item in items:
+        out += struct.pack("<I", len(item)) + item
+    return bytes(out)
+
+
+@dataclass
+class OggOpusMuxer:
+    """One logical Ogg Opus stream for one channel: pages made once, shared by every listener.
+
+    `add(pts, duration, data)` takes the channel's packets in order (pts and duration in 48 kHz
+    samples) and returns the pages completed by them: a page is sealed when it holds
+    `page_samples` of audio. `flush()` seals what is pending. Audio pages start at sequence 2,
+    so that `headers(first_seq)` can always number the two header pages first_seq-2, first_seq-1.
+    """
+
+    serial: int = field(default_factory=lambda: random.getrandbits(32))
+    page_samples: int = 4800  # 100 ms of 48 kHz audio per page
+    channels: int = 1
+    pre_skip: int = PRE_SKIP
+    vendor: str = "loa"
+    comments: dict[str, str] = field(default_factory=dict)
+    seq: int = 2  # the sequence number of the next audio page
+    granule: int = 0  # granule position of the last page sealed
+    pages_out: int = 0
+    _packets: list[bytes] = field(default_factory=list, repr=False)
+    _granules: list[int] = field(default_factory=list, repr=False)
+    _pending: int = 0  # samples pending in _packets
+    _head_cache: tuple[int, bytes] | None = field(default=None, repr=False)
+
+    def headers(self, first_seq: int | None = None) -> bytes:
+        """The OpusHead (BOS) and OpusTags pages, numbered just before `first_seq` (the first
+        audio page the listener gets; default: the next page to be sealed)."""
+        first = self.seq if first_seq is None else first_seq
+        if first < 2:
+            raise ValueError("audio pages start at sequence 2")
+        cached = self._head_cache
+        if cached is not None and cached[0] == first:
+            return cached[1]
+        head = build_page(lacing(19), opus_head(self.channels, self.pre_skip), granule=0,
+                          serial=self.serial, seq=first - 2, flags=FLAG_BOS)
+        tags_pages, _ = pages_for_packets([opus_tags(self.vendor, self.comments)], [0],
+                                          serial=self.serial, seq=first - 1)
+        if len(tags_pages) != 1:
+            raise ValueError("OpusTags too long for one page")
+        out = head + tags_pages[0]
+        self._head_cache = (first, out)
+        return out
+
+    @property
+    def pending_samples(self) -> int:
+        return self._pending
+
+    def add(self, pts: int, duration: int, data: bytes) -> list[bytes]:
+        self._packets.append(data)
+        self._granules.append(pts + duration)
+        self._pending += duration
+        if self._pending >= self.page_samples:
+            return self.flush()
+        return []
+
+    def flush(self) -> list[bytes]:
+        if not self._packets:
+            return []
+        pages, self.seq = pages_for_packets(self._packets, self._granules, serial=self.serial,
+                                            seq=self.seq)
+        self.granule = self._granules[-1]
+        self.pages_out += len(pages)
+        self._packets = []
+        self._granules = []
+        self._pending = 0
+        return pages
+
+
+@dataclass
+class OggPage:
+    flags: int
+    granule: int
+    serial: int
+    seq: int
+    crc_ok: bool
+    segments: bytes
+    body: bytes
+    size: int  # bytes of the whole page
+
+    def packets(self) -> list[bytes]:
+        """Packet pieces on this page (the last one may continue on the next page)."""
+        out: list[bytes] = []
+        pos = 0
+        cur = 0
+        for v in self.segments:
+            cur += v
+            if v < 255:
+                out.append(self.body[pos:pos + cur])
+                pos += cur
+                cur = 0
+        if cur:
+            out.append(self.body[pos:pos + cur])
+        return out
+
+
+class OggError(ValueError):
+    pass
+
+
+def read_pages(data: bytes) -> Iterator[OggPage]:
+    """Parse consecutive Ogg pages; raises OggError on a bad capture pattern or a cut page."""
+    pos = 0
+    n = len(data)
+    while pos < n:
+        if n - pos < _HEADER.size:
+            raise OggError(f"truncated page header at {pos}")
+        cap, version, flags, granule, serial, seq, crc, nseg = _HEADER.unpack_from(data, pos)
+        if cap != b"OggS" or version != 0:
+            raise OggError(f"no Ogg page at byte {pos}")
+        seg_end = pos + _HEADER.size + nseg
+        segments = data[pos + _HEADER.size:seg_end]
+        end = seg_end + sum(segments)
+        if len(segments) != nseg or end > n:
+            raise OggError(f"truncated page at {pos}")
+        page = bytearray(data[pos:end])
+        page[22:26] = b"\0\0\0\0"
+        yield OggPage(flags, granule, serial, seq, ogg_crc(page) == crc, bytes(segments),
+                      bytes(data[seg_end:end]), end - pos)
+        pos = end

@@ -1,0 +1,154 @@
+"""Ogg Opus framing: CRC, lacing, headers, and real decoders reading what the muxer writes."""
+
+from __future__ import annotations
+
+import random
+import struct
+import subprocess
+import wave
+from pathlib import Path
+
+import av
+import numpy as np
+
+from loa.codecs.encoders import OpusEncoder
+from loa.codecs.ogg import (
+    FLAG_BOS,
+    FLAG_CONTINUED,
+    OggOpusMuxer,
+    lacing,
+    ogg_crc,
+    pages_for_packets,
+    read_pages,
+)
+from loa.streamer.sources import ToneSource
+from tests.audio import peak_hz
+
+
+def _crc_bitwise(data: bytes) -> int:
+    """Reference: the Ogg CRC bit by bit (poly 0x04C11DB7, init 0, MSB first, no xor)."""
+    crc = 0
+    for byte in data:
+        crc ^= byte << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7) & 0xFFFFFFFF if crc & 0x80000000 else \
+                (crc << 1) & 0xFFFFFFFF
+    return crc
+
+
+def test_crc_known_vectors() -> None:
+    assert ogg_crc(b"") == 0
+    assert ogg_crc(b"123456789") == 0x89A1897F  # the published check value of this CRC
+    rng = random.Random(7)
+    for n in (1, 2, 17, 255, 1000):
+        data = bytes(rng.getrandbits(8) for _ in range(n))
+        assert ogg_crc(data) == _crc_bitwise(data)
+
+
+def test_crc_matches_pages_written_by_ffmpeg(tmp_path: Path) -> None:
+    path = tmp_path / "ff.opus"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
+                    "sine=frequency=500:duration=1", "-ac", "1", "-c:a", "libopus", str(path)],
+                   check=True)
+    pages = list(read_pages(path.read_bytes()))
+    assert len(pages) >= 3
+    assert all(p.crc_ok for p in pages)
+    assert pages[0].flags & FLAG_BOS
+    assert pages[0].packets()[0].startswith(b"OpusHead")
+    corrupt = bytearray(path.read_bytes())
+    corrupt[pages[0].size + 40] ^= 0xFF  # a byte inside the second page
+    assert not list(read_pages(bytes(corrupt)))[1].crc_ok
+
+
+def test_lacing_values() -> None:
+    assert lacing(0) == b"\x00"
+    assert lacing(100) == bytes([100])
+    assert lacing(255) == bytes([255, 0])  # a multiple of 255 ends with a zero lacing value
+    assert lacing(600) == bytes([255, 255, 90])
+
+
+def test_long_packet_continues_on_next_page() -> None:
+    big = bytes(range(256)) * 300  # 76,800 bytes: more than 255 x 255
+    small = b"\x01\x02\x03"
+    pages, seq = pages_for_packets([small, big, small], [960, 1920, 2880], serial=5, seq=10)
+    assert seq == 10 + len(pages) and len(pages) == 2
+    parsed = list(read_pages(b"".join(pages)))
+    assert [p.seq for p in parsed] == [10, 11]
+    assert all(p.crc_ok and p.serial == 5 for p in parsed)
+    assert parsed[0].granule == 960  # only `small` ends on the first page
+    assert parsed[1].flags & FLAG_CONTINUED
+    assert parsed[1].granule == 2880
+    first, second = parsed[0].packets(), parsed[1].packets()
+    assert first[0] == small
+    assert first[1] + second[0] == big
+    assert second[1] == small
+
+
+def _tone_packets(freq: float, seconds: float, start: int = 0) -> list[tuple[int, int, bytes]]:
+    enc = OpusEncoder(start)
+    src = ToneSource(freq, 0.4)
+    out = []
+    for _ in range(int(seconds * 50)):
+        for p in enc.encode(src.read(960)):
+            out.append((p.pts, p.duration, p.data))
+    return out
+
+
+def test_headers_parse_and_pages_are_numbered_and_timed() -> None:
+    mux = OggOpusMuxer(serial=0x1234ABCD, page_samples=4800)
+    start = 48_000 * 60  # a stream joined one minute into the media timeline
+    pages: list[bytes] = []
+    packets = _tone_packets(440, 1.0, start)
+    for pts, dur, data in packets:
+        pages += mux.add(pts, dur, data)
+    pages += mux.flush()
+    data = mux.headers(2) + b"".join(pages)
+    parsed = list(read_pages(data))
+    assert all(p.crc_ok and p.serial == 0x1234ABCD for p in parsed)
+    assert [p.seq for p in parsed] == list(range(len(parsed)))
+    head, tags = parsed[0], parsed[1]
+    assert head.flags == FLAG_BOS and head.granule == 0
+    magic, version, channels, pre_skip, rate, gain, family = struct.unpack(
+        "<8sBBHIhB", head.packets()[0])
+    assert (magic, version, channels, pre_skip, rate, gain, family) == \
+        (b"OpusHead", 1, 1, 312, 48_000, 0, 0)
+    vendor_len = struct.unpack_from("<I", tags.packets()[0], 8)[0]
+    assert tags.packets()[0][:8] == b"OpusTags"
+    assert tags.packets()[0][12:12 + vendor_len] == b"loa"
+    audio = parsed[2:]
+    assert len(audio) == 10  # 50 packets of 20 ms, 5 per 100 ms page
+    assert sum(len(p.packets()) for p in audio) == len(packets)
+    assert [p.granule for p in audio] == [start + 4800 * (i + 1) for i in range(10)]
+    # Headers for a listener joining later are numbered just before its first audio page.
+    late = list(read_pages(mux.headers(7)))
+    assert [p.seq for p in late] == [5, 6]
+
+
+def test_real_decoders_read_the_stream(tmp_path: Path) -> None:
+    mux = OggOpusMuxer(page_samples=4800)
+    body = b""
+    for pts, dur, data in _tone_packets(1000, 2.0):
+        body += b"".join(mux.add(pts, dur, data))
+    body += b"".join(mux.flush())
+    path = tmp_path / "loa.opus"
+    path.write_bytes(mux.headers(2) + body)
+
+    probe = subprocess.run(["ffprobe", "-v", "error", "-show_entries",
+                            "stream=codec_name,channels,sample_rate", "-of", "csv=p=0",
+                            str(path)], capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "opus,48000,1"
+
+    wav = tmp_path / "out.wav"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-i", str(path), "-ac", "1",
+                    "-ar", "48000", str(wav)], check=True)
+    with wave.open(str(wav)) as w:
+        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).astype(np.float32)
+    assert abs(pcm.shape[0] - 2 * 48_000 + 312) <= 960  # pre-skip trimmed, 2 s of audio
+    assert abs(peak_hz(pcm[4800:], 48_000) - 1000) < 5
+
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        assert stream.codec_context.name == "opus"
+        frames = [f.to_ndarray().reshape(-1) for f in container.decode(stream)]
+    decoded = np.concatenate(frames)
+    assert abs(peak_hz(decoded[4800:], 48_000) - 1000) < 5
