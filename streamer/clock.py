@@ -115,12 +115,11 @@ class RealClock:
             deadline = self.t0 + (self.n - base_tick) * TICK
             now = self.clock()
             if deadline > now:
-                # Sleep most of the way, then a short precise wait: time.sleep overshoots ~0.1 ms.
-                self._stop.wait(max(0.0, deadline - now - 0.0005))
-                while (now := self.clock()) < deadline:
-                    time.sleep(0.0001)
-                if self._stop.is_set():
+                # One timed wait: Linux wakes a thread ~0.1 ms late, well inside a tick, and
+                # polling the last half millisecond costs more CPU than all of that is worth.
+                if self._stop.wait(deadline - now):
                     break
+                now = self.clock()
             lateness = now - deadline
             if lateness > self.max_catchup * TICK:
                 behind = int(lateness / TICK)
