@@ -17,6 +17,7 @@ import tempfile
 import wave
 from pathlib import Path
 
+import aiohttp
 import numpy as np
 from aiohttp import web
 
@@ -50,7 +51,9 @@ DEMO_USERS = [  # username, role, area, emergency right
     ("duyet1", "approver", "T01-H1", False),
     ("xa11", "operator", "T01-H1-X1", False),
     ("bientap11", "editor", "T01-H1-X1", False),
+    ("quantri", "admin", "T01", True),  # registers the demo's simulated devices
 ]
+DEMO_SPEAKERS, DEMO_BOARDS, DEMO_DECODERS = 20, 2, 1
 
 BULLETINS = {
     "T01-H1": "Thông báo của Ủy ban nhân dân huyện Một. Đề nghị bà con chủ động phòng chống "
@@ -158,11 +161,27 @@ async def _demo(args: argparse.Namespace) -> None:
             k += 1
 
     task = asyncio.create_task(district_bulletins())
+
+    # A small simulated fleet in this process: loudspeakers and boards connect, heartbeat and
+    # take commands like real devices (one of them also decodes its commune's stream).
+    from loa.relay.sim import run_fleet
+
+    local = base.replace("://0.0.0.0:", "://127.0.0.1:")
+    async with aiohttp.ClientSession() as http, http.post(
+            f"{local}/api/v1/auth/token",
+            json={"username": "quantri", "password": DEMO_PASSWORD}) as r:
+        token = (await r.json())["token"]
+    fleet_stop = asyncio.Event()
+    fleet = asyncio.create_task(run_fleet(
+        local, token, DEMO_SPEAKERS, DEMO_BOARDS, DEMO_DECODERS, "T01", fleet_stop,
+        fleet_file=cfg.data_dir / "loa-sim-fleet.json", status_every=60.0))
     print(f"\nLoa demo đang chạy / running at {base}  (Ctrl-C để dừng / to stop)")
     print(f"  dữ liệu / data: {cfg.data_dir}")
     print(f"  theo dõi / monitor: {base}/monitor   sức khoẻ / health: {base}/healthz")
     print(f"  người dùng / users (mật khẩu / password {DEMO_PASSWORD}): "
           + ", ".join(f"{u} ({r} {a})" for u, r, a, _ in DEMO_USERS))
+    print(f"  thiết bị mô phỏng / simulated devices: {DEMO_SPEAKERS} loa / loudspeakers, "
+          f"{DEMO_BOARDS} bảng tin / boards ({base}/api/v1/devices)")
     print("  luồng / streams:")
     for a in node.tree:
         print(f"    {a.code:<10} {a.name:<12} {base}/streams/{a.code}.mp3  .opus  .sdp  "
@@ -177,6 +196,8 @@ async def _demo(args: argparse.Namespace) -> None:
     except TimeoutError:
         pass
     task.cancel()
+    fleet_stop.set()
+    await fleet  # every simulated device disconnects before the server stops
     await runner.cleanup()
     await node.stop()
 

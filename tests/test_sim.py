@@ -1,0 +1,201 @@
+"""The fleet simulator against a real node on 127.0.0.1 (real clock, HTTP Opus streams).
+
+200 loudspeakers and 5 boards are registered and provisioned through the REST API, connect, show
+online in the server's device list, acknowledge one bulk command each, send heartbeats the server
+keeps; two of them decode their area's stream and hear the tone on air. `loa sim` as a command
+reuses its fleet file on a second run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp import web
+
+from loa.relay.sim import Fleet, load_fleet, recent_audio
+from loa.streamer.broadcast import Broadcast
+from loa.streamer.sources import ToneSource
+from loa.web.api_devices import DEVICES
+from loa.web.app import Node, create_app
+from tests.apiclient import make_config
+from tests.audio import peak_hz
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Server:
+    node: Node
+    app: web.Application
+    runner: web.AppRunner
+    base: str
+    http: aiohttp.ClientSession
+    token: str
+
+    async def get(self, path: str) -> Any:
+        async with self.http.get(self.base + path,
+                                 headers={"Authorization": f"Bearer {self.token}"}) as r:
+            assert r.status == 200, await r.text()
+            return await r.json()
+
+    async def post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        async with self.http.post(self.base + path, json=body,
+                                  headers={"Authorization": f"Bearer {self.token}"}) as r:
+            return r.status, await r.json()
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[Server]:
+    cfg = make_config(tmp_path)
+    cfg.devices.heartbeat = 2.0
+    cfg.devices.retry_interval = 1.0
+    node = Node(cfg, realtime=True)
+    await node.start()
+    app = create_app(node)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    base = f"http://{host}:{port}"
+    http = aiohttp.ClientSession()
+    async with http.post(f"{base}/api/v1/auth/token",
+                         json={"username": "admin", "password": node.bootstrap_password}) as r:
+        assert r.status == 201, await r.text()
+        token = (await r.json())["token"]
+    # the whole province hears a 440 Hz tone
+    node.engine.start(Broadcast(ToneSource(440, 0.3), ["T01"], issuer="T01", title="440 Hz"))
+    try:
+        yield Server(node, app, runner, base, http, token)
+    finally:
+        await http.close()
+        await runner.cleanup()
+        await node.stop()
+
+
+async def until(cond: Callable[[], Any], what: str, timeout: float = 60.0) -> None:
+    """Wait for an event (the timeout only ends a hung test; it is no speed check)."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await _value(cond()):
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def _value(v: Any) -> Any:
+    return await v if asyncio.iscoroutine(v) else v
+
+
+async def test_fleet_of_200_speakers_and_5_boards(server: Server, tmp_path: Path) -> None:
+    fleet = Fleet(server.base, server.token, speakers=200, boards=5, decode=2, area="T01",
+                  fleet_file=tmp_path / "fleet.json", status_every=0)
+    await fleet.start()
+    try:
+        # registered through the REST API, spread over the six communes, keys in the file
+        assert fleet.registered == 205 and fleet.reused == 0
+        saved = load_fleet(tmp_path / "fleet.json", server.base)
+        assert len(saved) == 205 and len({e.id for e in saved}) == 205
+        assert {e.area for e in saved} == {f"T01-H{d}-X{c}" for d in (1, 2) for c in (1, 2, 3)}
+        assert oct((tmp_path / "fleet.json").stat().st_mode & 0o777) == "0o600"
+
+        async def online() -> int:
+            data = await server.get("/api/v1/devices?area=T01&status=online&limit=1000")
+            return int(data["total"])
+
+        await until(lambda: fleet.counts()["connected"] == 205, "every device connected")
+        await until(lambda: _eq(online(), 205), "the server listing 205 devices online")
+        mgr = server.app[DEVICES]
+        assert mgr.connected == 205
+
+        # one bulk command reaches every device, each acknowledges it once
+        status, body = await server.post("/api/v1/devices/commands", {
+            "area": "T01", "command": "power",
+            "args": {"on": True, "steps": [{"relay": 1, "delay_s": 0}, {"relay": 2,
+                                                                       "delay_s": 0}]}})
+        assert status == 202, body
+        assert body["devices"] == 205 and body["online"] == 205
+        batch = body["command_batch"]
+
+        async def acked() -> int:
+            return int((await server.get(f"/api/v1/devices/commands/{batch}"))["acked"])
+
+        await until(lambda: _eq(acked(), 205), "205 acks")
+        tally = await server.get(f"/api/v1/devices/commands/{batch}")
+        assert tally["failed"] == 0 and tally["expired"] == 0
+        assert fleet.commands["power"] == 205  # executed once each: no duplicate execution
+
+        # heartbeats: every device's telemetry is on the server, spread (not all at once)
+        await until(lambda: all(d.telemetry is not None and d.telemetry.get("firmware", "")
+                                .startswith("loa-sim/") for d in mgr.devices.values()),
+                    "a heartbeat from every device")
+        board = next(d for d in mgr.devices.values() if d.record["kind"] == "board")
+        assert board.telemetry is not None and board.telemetry["state"] == "idle"
+        speaker = next(d for d in mgr.devices.values() if d.record["kind"] == "loudspeaker")
+        assert speaker.telemetry is not None
+        assert speaker.telemetry["network"]["type"] == "4g"
+        assert speaker.telemetry["stream"]["url"].endswith(".opus")
+
+        # two decoders hear the tone of their area
+        decoders = fleet.decoders()
+        assert len(decoders) == 2
+        await until(lambda: all(len(recent_audio(d)) >= 24_000 for d in decoders),
+                    "half a second of decoded audio in both decoders")
+        for d in decoders:
+            pcm = recent_audio(d)[-24_000:]
+            assert abs(peak_hz(pcm, 48_000) - 440) < 5
+            assert float(np.abs(pcm).max()) > 0.05
+        dec = mgr.devices[decoders[0].entry.id]
+        await until(lambda: dec.telemetry is not None and "jitter_ms" in dec.telemetry.get(
+            "stream", {}), "a decoder's stream figures in its heartbeat")
+        print(json.dumps({"fleet": fleet.counts()}))
+    finally:
+        await fleet.stop()
+    await until(lambda: server.app[DEVICES].connected == 0, "every connection closed")
+
+
+async def _eq(v: Any, expected: int) -> bool:
+    return bool(await v == expected)
+
+
+def _sim(server: Server, cwd: Path, *extra: str, token: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("LOA_TOKEN", None)
+    if token:
+        env["LOA_TOKEN"] = server.token
+    return subprocess.run([sys.executable, "-m", "loa.web.cli", "sim", "--server", server.base,
+                           "--speakers", "3", "--boards", "1", "--area", "T01-H2",
+                           "--seconds", "3", *extra],
+                          cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+async def test_sim_command_reuses_its_fleet_file(server: Server, tmp_path: Path) -> None:
+    first = await asyncio.to_thread(_sim, server, tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "4 mới / new" in first.stdout
+    assert "kết nối/connected" in first.stdout  # the closing status line
+    fleet = load_fleet(tmp_path / "loa-sim-fleet.json", server.base)
+    assert len(fleet) == 4 and {e.area for e in fleet} <= {"T01-H2-X1", "T01-H2-X2",
+                                                           "T01-H2-X3"}
+    listed = await server.get("/api/v1/devices?area=T01-H2")
+    assert listed["total"] == 4
+    # a second run, even without a token, reuses the same devices and registers nothing
+    second = await asyncio.to_thread(_sim, server, tmp_path, token=False)
+    assert second.returncode == 0, second.stderr
+    assert "4 dùng lại / reused, 0 mới / new" in second.stdout
+    assert (await server.get("/api/v1/devices?area=T01-H2"))["total"] == 4
+    assert load_fleet(tmp_path / "loa-sim-fleet.json", server.base) == fleet
+    # more speakers than the file holds and no token: a clear refusal
+    third = await asyncio.to_thread(_sim, server, tmp_path, "--speakers", "5", token=False)
+    assert third.returncode == 1
+    assert "--token" in third.stderr
