@@ -183,8 +183,8 @@ class Station:
         now = time.time() if now is None else now
         restored = []
         for rec in await self.store.find("broadcast", status="on-air"):
-            if rec.get("schedule"):
-                continue  # the scheduler puts its own occurrences back at the right offset
+            if rec.get("schedule") or rec.get("restored_by"):
+                continue  # its owner (the scheduler, emergencies) puts it back at the right offset
             if "live" in rec.get("spec", {}):
                 # A live input (WHIP, microphone) died with the process: nothing to resume.
                 await self.store.update("broadcast", rec["id"], {

@@ -49,6 +49,7 @@ KINDS: Mapping[str, Kind] = {
     "broadcast": Kind(indexed=("status", "issuer")),  # persisted on-air broadcasts (restart)
     "device": Kind(indexed=("area", "kind")),
     "command": Kind(indexed=("device", "status")),
+    "emergency": Kind(indexed=("status", "issuer", "cap_key", "cancel_key"), unique=("cap_key",)),
 }
 
 LOGS = ("audit", "asrun")

@@ -19,6 +19,7 @@ from loa.relay.icecast import HttpStreamSettings
 from loa.relay.inputs import RelayInputSettings
 from loa.relay.rtp import RtpSettings
 from loa.relay.webrtc import WebRtcSettings
+from loa.streamer.emergency import EmergencySettings
 from loa.streamer.engine import EngineSettings
 
 
@@ -78,6 +79,7 @@ class Config:
     webrtc: WebRtcSettings = field(default_factory=WebRtcSettings)
     inputs: RelayInputSettings = field(default_factory=RelayInputSettings)
     devices: DeviceSettings = field(default_factory=DeviceSettings)
+    emergency: EmergencySettings = field(default_factory=EmergencySettings)
 
     @property
     def data_dir(self) -> Path:
@@ -149,4 +151,5 @@ def load_config(path: str | os.PathLike[str] | None = None,
             setattr(cfg.server, key, value)
     cfg.engine.encoders = cfg.encoders
     cfg.engine.__post_init__()
+    cfg.emergency.__post_init__()
     return cfg

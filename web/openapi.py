@@ -229,9 +229,10 @@ def document() -> S:
     from loa.web import api_devices
 
     paths.update(api_devices.openapi_paths())
-    from loa.web import monitor
+    from loa.web import api_emergency, monitor
 
     paths.update(monitor.openapi_paths())
+    paths.update(api_emergency.openapi_paths())
     return {
         "openapi": "3.0.3",
         "info": {"title": "Loa API", "version": "1",
