@@ -121,8 +121,7 @@ async def _programme(request: web.Request) -> Record:
     p = principal(request)
     node = node_of(request)
     prog = await node.store.get("programme", request.match_info["id"])
-    if prog is None or prog["area"] not in node.tree or not (
-            node.tree.contains(p.area, prog["area"]) or node.tree.contains(prog["area"], p.area)):
+    if prog is None or not p.related(node.tree, prog["area"]):
         raise ApiError(404, "không có chương trình / unknown programme")
     return prog
 
@@ -134,9 +133,7 @@ async def programme_list(request: web.Request) -> web.Response:
     status = request.query.get("status")
     items = await node.store.find("programme", status=status) if status else \
         await node.store.find("programme")
-    tree = node.tree
-    return ok({"programmes": [x for x in items if x["area"] in tree and (
-        tree.contains(p.area, x["area"]) or tree.contains(x["area"], p.area))]})
+    return ok({"programmes": [x for x in items if p.related(node.tree, x["area"])]})
 
 
 @routes.get("/api/v1/programmes/{id}")
@@ -312,8 +309,7 @@ async def broadcast_list(request: web.Request) -> web.Response:
     for code in node.tree.subtree(p.area):
         areas.append(node.engine.on_air(code))
     live = [r for r in await node.store.find("broadcast", status="on-air")
-            if any(t in node.tree and (node.tree.contains(p.area, t) or
-                                       node.tree.contains(t, p.area)) for t in r["targets"])]
+            if any(p.related(node.tree, t) for t in r["targets"])]
     return ok({"areas": areas, "broadcasts": live})
 
 

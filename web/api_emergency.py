@@ -73,8 +73,7 @@ def _concerns(node: Node, p: Principal, rec: Record) -> bool:
     tree = node.tree
     if p.area not in tree:
         return False
-    return any(t in tree and (tree.contains(p.area, t) or tree.contains(t, p.area))
-               for t in rec.get("targets", []))
+    return any(p.related(tree, t) for t in rec.get("targets", []))
 
 
 def _public(rec: Record) -> Record:

@@ -19,12 +19,7 @@ CHUNK = 256 * 1024
 
 def can_see(request: web.Request, record: Record) -> bool:
     """Media of the caller's subtree, and media handed down by the areas above it."""
-    p = principal(request)
-    tree = node_of(request).tree
-    area = record.get("area")
-    if not isinstance(area, str) or area not in tree:
-        return False
-    return tree.contains(p.area, area) or tree.contains(area, p.area)
+    return principal(request).related(node_of(request).tree, record.get("area"))
 
 
 @routes.post("/api/v1/media")

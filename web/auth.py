@@ -83,6 +83,12 @@ class Principal:
             raise Forbidden(
                 f"khu vực {code} ngoài phạm vi của bạn / area {code} is outside your area {self.area}")
 
+    def related(self, tree: AreaTree, code: object) -> bool:
+        """The area lies in this user's subtree or above it: what concerns them and they may
+        read (media handed down, broadcasts of their district), not what they may change."""
+        return isinstance(code, str) and code in tree and (
+            tree.contains(self.area, code) or tree.contains(code, self.area))
+
     @staticmethod
     def of(user: Record) -> Principal:
         return Principal(user["id"], user["username"], Role(user["role"]), user["area"],
