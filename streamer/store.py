@@ -12,6 +12,9 @@ append-only, time-ordered entries. Both backends pass one contract suite (tests/
 from __future__ import annotations
 
 import abc
+import json
+import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,6 +121,92 @@ def check_kind(kind: str) -> Kind:
 def check_log(log: str) -> None:
     if log not in LOGS:
         raise ValueError(f"unknown log {log!r}")
+
+
+# ---- JSON helpers shared by both backends (canonical values, index entries, logs) ------------------------------------------------------
+def dumps(value: Any) -> str:
+    """Stored form: compact, key order kept, real JSON (NaN/inf refused rather than stored)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def load(data: str) -> Record:
+    """A stored record or log entry back as a dict."""
+    out: Record = json.loads(data)
+    return out
+
+
+def canon(value: Any) -> str:
+    """Comparison form of a field value: equal JSON values give equal strings (1 != "1" != 1.5)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True,
+                      allow_nan=False)
+
+
+def check_record(record: Record) -> tuple[str, str]:
+    """(id, stored JSON); a record is a JSON object with a non-empty string id."""
+    if not isinstance(record, dict):
+        raise ValueError(f"a record is a dict, not {type(record).__name__}")
+    rid = record.get("id")
+    if not isinstance(rid, str) or not rid:
+        raise ValueError(f"a record needs a non-empty string id, got {rid!r}")
+    return rid, dumps(record)
+
+
+def index_entries(spec: Kind, record: Record) -> list[tuple[str, str, bool]]:
+    """(field, canonical value, enforce uniqueness) for every indexed field of the record.
+
+    A missing field is indexed as null so `find(field=None)` finds it; null is never unique (like
+    SQL NULL), so many users may lack a username-like field without clashing.
+    """
+    out = []
+    for field in spec.indexed:
+        value = record.get(field)
+        out.append((field, canon(value), field in spec.unique and value is not None))
+    return out
+
+
+def check_filter(kind: str, spec: Kind, eq: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """(field, canonical value) pairs; only indexed fields may be filtered on."""
+    bad = [f for f in eq if f not in spec.indexed]
+    if bad:
+        raise ValueError(f"{kind}: cannot filter on {', '.join(bad)} (indexed: {spec.indexed})")
+    return [(f, canon(v)) for f, v in eq.items()]
+
+
+def merge(id: str, record: Record, changes: Record) -> Record:
+    """Shallow merge; None deletes a field; the id is the record's name and never changes."""
+    if "id" in changes and changes["id"] != id:
+        raise ValueError(f"update cannot change the id ({id!r} -> {changes['id']!r})")
+    out = dict(record)
+    for k, v in changes.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = v
+    out["id"] = id
+    return out
+
+
+def log_entry(entry: Record) -> tuple[float, Record]:
+    """(ts, entry with ts set, seq dropped): the backend assigns seq."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"a log entry is a dict, not {type(entry).__name__}")
+    out = {k: v for k, v in entry.items() if k != "seq"}
+    ts = out.get("ts")
+    if ts is None:
+        ts = out["ts"] = time.time()
+    if isinstance(ts, bool) or not isinstance(ts, int | float) or not math.isfinite(ts):
+        raise ValueError(f"log entry ts must be epoch seconds, got {ts!r}")
+    return float(ts), out
+
+
+def entry_matches(entry: Record, eq: list[tuple[str, str]]) -> bool:
+    return all(canon(entry.get(f)) == v for f, v in eq)
+
+
+def kind_signature(spec: Kind) -> str:
+    """What the stored index entries of a kind were built from; a change means reindex."""
+    return canon({"indexed": list(spec.indexed), "unique": list(spec.unique)})
+
 
 
 async def open_store(url: str, data_dir: str | Path, prefix: str = "loa:") -> Store:

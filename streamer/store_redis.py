@@ -33,12 +33,10 @@ from loa.streamer.store import (
     Record,
     Store,
     StoreError,
-    check_kind,
-    check_log,
-)
-from loa.streamer.store_sqlite import (
     canon,
     check_filter,
+    check_kind,
+    check_log,
     check_record,
     dumps,
     entry_matches,
