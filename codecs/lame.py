@@ -88,11 +88,12 @@ class Lame:
 
     def encode(self, pcm: np.ndarray) -> list[bytes]:
         x = np.ascontiguousarray(pcm, dtype=np.float32)
+        ptr = x.ctypes.data  # mono: the right channel is ignored
         n = LIB.lame_encode_buffer_ieee_float(  # type: ignore[union-attr]
-            self.gfp, x.ctypes.data, x.ctypes.data, x.shape[0], self._out, len(self._out))
+            self.gfp, ptr, ptr, x.shape[0], self._out, len(self._out))
         if n < 0:
             raise RuntimeError(f"lame_encode_buffer_ieee_float failed: {n}")
-        data = self._pending + self._out.raw[:n]
+        data = self._pending + ctypes.string_at(self._out, n)  # not .raw: that copies 64 KiB
         frames = []
         pos = 0
         while pos + 4 <= len(data):

@@ -26,12 +26,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from loa.codecs.encoders import EncoderSettings, Packet
+from loa.codecs.encoders import Encoder, EncoderSettings, Packet
 from loa.streamer.areas import AreaTree
 from loa.streamer.broadcast import Broadcast, BroadcastClass, Policy
 from loa.streamer.clock import FRAME, SAMPLE_RATE, tick_of
 from loa.streamer.hub import Channel, PacketHub
-from loa.streamer.mixer import Envelope, Key, Mix, db, ramp
+from loa.streamer.mixer import Envelope, Key, Mix, Renderer, db, ramp
 from loa.streamer.sources import Source
 
 log = logging.getLogger("loa.engine")
@@ -146,6 +146,7 @@ class Engine:
         self.areas: dict[str, _AreaState] = {a.code: _AreaState(a.code) for a in tree}
         self.broadcasts: dict[str, _Live] = {}
         self.mixes: dict[Key, Mix] = {}
+        self.renderer = Renderer()
         self.playheads: dict[int, Playhead] = {}
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._dirty: dict[str, tuple[str, str | None]] = {}  # area -> (cause, by)
@@ -541,19 +542,27 @@ class Engine:
             if live.active and live.shared is not None and live.shared.id not in used:
                 live.shared.source.skip(FRAME)
 
+        pcm = self.renderer.render(consumed, s, frames)
+        self.stats["mix_renders"] += len(consumed)
+        by_codec: dict[str, list[int]] = defaultdict(list)
+        for i, mix in enumerate(consumed):
+            for codec in mix.codecs:
+                by_codec[codec].append(i)
         batch: list[tuple[Channel, list[Packet]]] = []
         enc_settings = self.settings.encoders
-        for mix in consumed:
-            frame = mix.render(s, frames)
-            self.stats["mix_renders"] += 1
-            for codec in mix.codecs:
-                if codec == PCM:
-                    packets = [Packet(PCM, s, FRAME, frame.tobytes(), SAMPLE_RATE)]
-                else:
-                    packets = mix.open_encoder(codec, s, enc_settings) \
-                        if codec not in mix.encoders else []
-                    packets += mix.encode(codec, frame)
-                    self.stats["encodes"] += 1
+        for codec, rows in by_codec.items():
+            mixes = [consumed[i] for i in rows]
+            if codec == PCM:
+                out = [[Packet(PCM, s, FRAME, pcm[i].tobytes(), SAMPLE_RATE)] for i in rows]
+            else:
+                # A new encoder first catches up on the mix's recent audio, then all encode.
+                primed = [mix.open_encoder(codec, s, enc_settings)
+                          if codec not in mix.encoders else [] for mix in mixes]
+                fresh = Encoder.encode_rows([mix.encoders[codec] for mix in mixes],
+                                            pcm if len(rows) == len(consumed) else pcm[rows])
+                out = [p + f for p, f in zip(primed, fresh, strict=True)]
+                self.stats["encodes"] += len(rows)
+            for mix, packets in zip(mixes, out, strict=True):
                 if not packets:
                     continue
                 for code in mix.areas:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,7 +83,20 @@ class Limiter:
         self.release = math.exp(-FRAME / (release_s * 48_000))
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        peak = float(np.max(np.abs(x))) if x.size else 0.0
+        return self._apply(x, float(np.abs(x).max()) if x.size else 0.0)
+
+    @staticmethod
+    def rows(limiters: Sequence[Limiter], x: np.ndarray) -> None:
+        """Limit row i of `x` (M x n) in place with limiters[i], all of one design.
+
+        One vectorised peak pass; only rows that are loud or still releasing get a gain curve.
+        """
+        peak = np.abs(x).max(axis=1)
+        held = np.fromiter((lim.gain for lim in limiters), dtype=np.float64, count=len(limiters))
+        for i in np.flatnonzero((peak > limiters[0].knee) | (held != 1.0)):
+            x[i] = limiters[int(i)]._apply(x[i], float(peak[i]))
+
+    def _apply(self, x: np.ndarray, peak: float) -> np.ndarray:
         target = min(1.0, self.knee / peak) if peak > self.knee else 1.0
         g_prev = self.gain
         if target < g_prev:
@@ -98,6 +112,8 @@ class Limiter:
                 env = np.linspace(g_prev, g_new, x.shape[0], dtype=np.float32)
             x = x * env
         self.gain = g_new
+        if peak * max(g_prev, g_new) <= self.knee:
+            return x  # the usual case: nothing reaches the knee
         # Soft knee above `knee`: maps (knee, inf) smoothly into (knee, ceiling).
         over = np.abs(x) > self.knee
         if over.any():
@@ -137,21 +153,14 @@ class Mix:
             self.history_valid = parent.history_valid
             self.limiter = copy.copy(parent.limiter)
 
-    def render(self, s: int, frames: dict[int, np.ndarray]) -> np.ndarray:
-        out = np.zeros(FRAME, dtype=np.float32)
-        for ph, env in self.key:
-            g = env.gains(s)
-            if isinstance(g, float) and g == 0.0:
-                continue
-            out += frames[ph] * g
-        out = self.limiter(out)
+    def remember(self, s: int, frame: np.ndarray) -> None:
+        """Keep the frame aired at media sample s (for priming encoders opened later)."""
         # The history is a ring of whole frames; slot k holds the frame of tick k mod slots.
         slots = self.history.shape[0] // FRAME
         k = (s // FRAME) % slots
-        self.history[k * FRAME:(k + 1) * FRAME] = out
+        self.history[k * FRAME:(k + 1) * FRAME] = frame
         self.history_end = s + FRAME
         self.history_valid = min(self.history.shape[0], self.history_valid + FRAME)
-        return out
 
     def open_encoder(self, codec: str, s: int, settings: EncoderSettings) -> list[Packet]:
         """Open a codec's encoder, primed with this mix's recent audio.
@@ -180,8 +189,88 @@ class Mix:
             out[lo - start:hi - start] = self.history[idx]
         return out
 
-    def encode(self, codec: str, frame: np.ndarray) -> list[Packet]:
-        return self.encoders[codec].encode(frame)
-
     def close(self) -> None:
         self.encoders.clear()
+
+
+class _Plan:
+    """How a tick's mixes are summed; it holds while the mixes and their keys stay the same.
+
+    Constant-gain layers (nearly all of them) are grouped by their position in each mix's key:
+    one gather, multiply and add per position across all mixes. Ramping layers (fades, ducking
+    ramps) keep a per-mix path, their gains computed each tick.
+    """
+
+    def __init__(self, mixes: list[Mix]) -> None:
+        self.mixes = mixes
+        self.keys = [m.key for m in mixes]
+        self.limiters = [m.limiter for m in mixes]
+        self.playheads: list[int] = []
+        index: dict[int, int] = {}
+        positions: list[tuple[list[int], list[int], list[float]]] = []
+        self.ramped: list[tuple[int, int, Envelope]] = []
+        for row, key in enumerate(self.keys):
+            j = 0
+            for ph, env in key:
+                if not env.constant:
+                    self.ramped.append((row, ph, env))
+                    continue
+                if env.g1 == 0.0:
+                    continue
+                if j == len(positions):
+                    positions.append(([], [], []))
+                rows, phs, gains = positions[j]
+                rows.append(row)
+                phs.append(index.setdefault(ph, len(index)))
+                gains.append(env.g1)
+                j += 1
+        self.playheads = list(index)
+        # (rows or None for every row in order, stacked-frame indices, gains as a column)
+        self.positions = [
+            (None if rows == list(range(len(mixes))) else np.array(rows),
+             np.array(phs), np.array(gains, dtype=np.float32)[:, None])
+            for rows, phs, gains in positions]
+
+    def holds(self, mixes: list[Mix]) -> bool:
+        return self.mixes == mixes and self.keys == [m.key for m in mixes]
+
+
+class Renderer:
+    """Renders all the mixes of a tick at once (see `render`), keeping its plan between ticks."""
+
+    def __init__(self) -> None:
+        self._plan: _Plan | None = None
+
+    def render(self, mixes: list[Mix], s: int, frames: dict[int, np.ndarray]) -> np.ndarray:
+        """What every mix airs in the tick starting at media sample s: row i for mixes[i].
+
+        `frames` holds this tick's frame of every playhead the mixes use. Per-mix numpy calls
+        would cost more than the arithmetic, and between two of them every encoder evicts the
+        caches: so the sum, the limiter's peak pass and the history are done for all at once.
+        """
+        if not mixes:
+            return np.zeros((0, FRAME), dtype=np.float32)
+        plan = self._plan
+        if plan is None or not plan.holds(mixes):
+            plan = self._plan = _Plan(list(mixes))
+        out: np.ndarray | None = None
+        if plan.playheads:
+            stacked = np.stack([frames[ph] for ph in plan.playheads])
+            for rows, phs, gains in plan.positions:
+                layer = stacked[phs] * gains
+                if rows is None and out is None:
+                    out = layer
+                elif rows is None:
+                    out += layer
+                else:
+                    if out is None:
+                        out = np.zeros((len(mixes), FRAME), dtype=np.float32)
+                    out[rows] += layer  # rows are distinct within a position
+        if out is None:
+            out = np.zeros((len(mixes), FRAME), dtype=np.float32)
+        for row, ph, env in plan.ramped:
+            out[row] += frames[ph] * env.gains(s)
+        Limiter.rows(plan.limiters, out)
+        for mix, frame in zip(mixes, out, strict=True):
+            mix.remember(s, frame)
+        return out

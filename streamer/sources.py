@@ -68,7 +68,7 @@ class PcmSource(Source):
         self.position = end
         chunk = self.pcm[start:end]
         if chunk.dtype != np.float32 or self._scale != 1.0:
-            chunk = chunk.astype(np.float32) * self._scale
+            chunk = np.multiply(chunk, self._scale, dtype=np.float32)
         if chunk.shape[0] < n:
             chunk = np.concatenate([chunk, np.zeros(n - chunk.shape[0], dtype=np.float32)])
         return chunk
@@ -95,10 +95,21 @@ class ToneSource(Source):
         self.position = position
         self.name = name or f"tone {freq:g} Hz"
         self._w = 2 * math.pi * freq / SAMPLE_RATE
+        self._grow(FRAME)
+
+    def _grow(self, n: int) -> None:
+        advance = self._w * np.arange(n, dtype=np.float64)
+        self._cos = np.cos(advance).astype(np.float32)
+        self._sin = np.sin(advance).astype(np.float32)
 
     def read(self, n: int = FRAME) -> np.ndarray:
-        idx = np.arange(self.position, self.position + n, dtype=np.float64)
-        out = (self.amplitude * np.sin(self._w * idx)).astype(np.float32)
+        if n > self._cos.shape[0]:
+            self._grow(n)
+        # sin(p + a) = sin p cos a + cos p sin a: no sine per sample, and the start phase p is
+        # reduced modulo 2*pi in float64, so the tone is exact at any position, however late.
+        p = math.fmod(self._w * self.position, 2 * math.pi)
+        out = self._cos[:n] * np.float32(self.amplitude * math.sin(p))
+        out += self._sin[:n] * np.float32(self.amplitude * math.cos(p))
         if self.length is not None and self.position + n > self.length:
             out[max(0, self.length - self.position):] = 0.0
         self.position += n
@@ -231,6 +242,10 @@ class Playlist(Source):
         self._cursor = src.at(self.position - start) if src is not None else None
 
     def read(self, n: int = FRAME) -> np.ndarray:
+        start, _, length = self._segments[self._seg]
+        if self._cursor is not None and self.position + n < start + length:
+            self.position += n  # the usual case: inside one item
+            return self._cursor.read(n)
         out = np.zeros(n, dtype=np.float32)
         done = 0
         while done < n and not self.finished:

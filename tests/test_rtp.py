@@ -730,6 +730,8 @@ def test_bench_fanout_rtp_small(capsys: pytest.CaptureFixture[str],
     assert r["delivered_ratio"] == 1.0
     assert r["packets_received"] == r["packets_expected"] > 0
     assert r["send_errors"] == 0
-    for k in ("server_cpu_fraction", "server_cpu_per_listener", "receivers_per_core",
-              "max_lateness_ms", "seconds"):
+    for k in ("server_cpu_fraction", "receivers_per_core", "max_lateness_ms", "seconds"):
         assert r[k] is not None and r[k] > 0
+    # The fan-out cost is a difference of two noisy CPU figures: on a busy machine it can round
+    # to zero for 20 receivers, never below.
+    assert r["server_cpu_per_listener"] is not None and r["server_cpu_per_listener"] >= 0

@@ -10,7 +10,8 @@ second of audio produced: below 1.0 the machine keeps up in real time.
 `--find` searches the largest N that stays real time with 20 % headroom (exponential, then binary
 search, short runs). `--baseline liquidsoap` also runs Liquidsoap encoding comparable MP3 streams
 (sine -> mksafe -> output.file(%mp3 mono 32 kbit/s) to /dev/null) on its real-time CPU clock, reads
-its CPU from /proc, and compares it with Loa encoding MP3 only. Only one JSON object goes to
+its CPU from /proc, and compares it with Loa encoding MP3 only: the two take turns for
+COMPARE_ROUNDS rounds and the figures are medians (the machine is shared and noisy). Only one JSON object goes to
 stdout; diagnostics go to stderr.
 """
 
@@ -23,6 +24,7 @@ import math
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from loa.codecs.encoders import EncoderSettings
 from loa.streamer.areas import AreaTree
 from loa.streamer.broadcast import Broadcast, BroadcastClass, Policy
 from loa.streamer.clock import FRAME, SAMPLE_RATE, VirtualClock
@@ -50,7 +53,8 @@ HEADROOM = 0.8  # --find: real time with 20 % headroom
 FIND_SECONDS = 3.0
 FIND_START = 8
 FIND_BUDGET = 100.0  # wall seconds the search may use, so `--find` ends in about two minutes
-MP3_ONLY_MAX_SECONDS = 5.0
+COMPARE_ROUNDS = 5  # --baseline liquidsoap: Loa and Liquidsoap take turns this many times
+COMPARE_ROUND_SECONDS = 3.0
 LIQUIDSOAP_MAX_STATIONS = 20
 LIQUIDSOAP_WARMUP = 1.0
 LIQUIDSOAP_START_TIMEOUT = 30.0
@@ -317,64 +321,69 @@ def _stop(proc: subprocess.Popen[str]) -> None:
             proc.wait(timeout=10)
 
 
-def _run_liquidsoap(exe: str, script: str, seconds: float) -> dict[str, Any]:
-    """Start it, wait until its clock streams, warm up, then measure CPU over `seconds`."""
-    with tempfile.TemporaryDirectory(prefix="loa-bench-") as tmp:
-        path = os.path.join(tmp, "bench.liq")
+class _Liquidsoap:
+    """A running Liquidsoap: started, streaming and warmed up; `measure` reads its CPU."""
+
+    def __init__(self, exe: str, script: str) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="loa-bench-")
+        path = os.path.join(self._tmp.name, "bench.liq")
         with open(path, "w") as f:
             f.write(script)
-        proc = subprocess.Popen([exe, path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, text=True, cwd=tmp)
-        log: deque[str] = deque(maxlen=40)
-        ready = threading.Event()
-        catchup = [0]
-
-        def read() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                log.append(line.rstrip())
-                if "Streaming loop starts" in line:
-                    ready.set()
-                if "catchup" in line.lower():
-                    catchup[0] += 1
-
-        reader = threading.Thread(target=read, name="liquidsoap-log", daemon=True)
-        reader.start()
+        self.proc = subprocess.Popen([exe, path], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, text=True, cwd=self._tmp.name)
+        self._log: deque[str] = deque(maxlen=40)
+        self._ready = threading.Event()
+        self.catchups = 0
+        self._reader = threading.Thread(target=self._read, name="liquidsoap-log", daemon=True)
+        self._reader.start()
         try:
-            deadline = time.monotonic() + LIQUIDSOAP_START_TIMEOUT
-            while not ready.wait(0.1):
-                if proc.poll() is not None:
-                    reader.join(timeout=5)
-                    tail = " | ".join(list(log)[-6:])
-                    raise LiquidsoapRefused(f"liquidsoap exited before streaming "
-                                            f"(rc={proc.returncode}): {tail}")
-                if time.monotonic() > deadline:
-                    raise BenchError(f"liquidsoap did not start streaming within "
-                                     f"{LIQUIDSOAP_START_TIMEOUT:g} s")
-            time.sleep(LIQUIDSOAP_WARMUP)
-            if proc.poll() is not None:
-                raise BenchError(f"liquidsoap exited early (rc={proc.returncode})")
-            c0, w0 = _proc_cpu(proc.pid), time.monotonic()
-            catch0 = catchup[0]
-            time.sleep(seconds)
-            c1, w1 = _proc_cpu(proc.pid), time.monotonic()
-            if proc.poll() is not None:
-                raise BenchError(f"liquidsoap exited during the run (rc={proc.returncode})")
-            return {"cpu_seconds": c1 - c0, "wall_seconds": w1 - w0,
-                    "catchup_warnings": catchup[0] - catch0}
-        finally:
-            _stop(proc)
-            reader.join(timeout=5)
+            self._wait_ready()
+        except BaseException:
+            self.close()
+            raise
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._log.append(line.rstrip())
+            if "Streaming loop starts" in line:
+                self._ready.set()
+            if "catchup" in line.lower():
+                self.catchups += 1
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + LIQUIDSOAP_START_TIMEOUT
+        while not self._ready.wait(0.1):
+            if self.proc.poll() is not None:
+                self._reader.join(timeout=5)
+                tail = " | ".join(list(self._log)[-6:])
+                raise LiquidsoapRefused(f"liquidsoap exited before streaming "
+                                        f"(rc={self.proc.returncode}): {tail}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"liquidsoap did not start streaming within "
+                                 f"{LIQUIDSOAP_START_TIMEOUT:g} s")
+        time.sleep(LIQUIDSOAP_WARMUP)
+
+    def measure(self, seconds: float) -> tuple[float, float]:
+        """(CPU seconds, wall seconds) it used over the next `seconds`."""
+        if self.proc.poll() is not None:
+            raise BenchError(f"liquidsoap exited early (rc={self.proc.returncode})")
+        c0, w0 = _proc_cpu(self.proc.pid), time.monotonic()
+        time.sleep(seconds)
+        c1, w1 = _proc_cpu(self.proc.pid), time.monotonic()
+        if self.proc.poll() is not None:
+            raise BenchError(f"liquidsoap exited during the run (rc={self.proc.returncode})")
+        return c1 - c0, w1 - w0
+
+    def close(self) -> None:
+        _stop(self.proc)
+        self._reader.join(timeout=5)
+        self._tmp.cleanup()
 
 
-def liquidsoap_baseline(stations: int, seconds: float,
-                        settings: EngineSettings | None = None
-                        ) -> tuple[dict[str, Any] | None, str | None]:
-    """(figures, None) or (None, why there are none). Never raises for a missing Liquidsoap."""
-    exe = shutil.which("liquidsoap")
-    if exe is None:
-        return None, "liquidsoap not found on PATH"
-    enc = (settings or EngineSettings()).encoders
+def _start_liquidsoap(exe: str, stations: int,
+                      enc: EncoderSettings) -> tuple[_Liquidsoap, dict[str, Any]]:
+    """Liquidsoap with Loa's MP3 settings, or the nearest it accepts; raises BenchError."""
     version = liquidsoap_version(exe)
     try:
         major = int((version or "2").split(".")[0])
@@ -382,39 +391,96 @@ def liquidsoap_baseline(stations: int, seconds: float,
         major = 2
     bitrate = enc.mp3_bitrate // 1000
     errors = []
-    attempts = [(rate, q) for rate in dict.fromkeys((enc.mp3_rate, 44_100))
-                for q in (enc.mp3_quality, None)]
-    for rate, quality in attempts:
-        script = liquidsoap_script(stations, rate, bitrate, major, quality)
+    for rate in dict.fromkeys((enc.mp3_rate, 44_100)):
+        for quality in (enc.mp3_quality, None):
+            script = liquidsoap_script(stations, rate, bitrate, major, quality)
+            try:
+                ls = _Liquidsoap(exe, script)
+            except LiquidsoapRefused as e:  # another setting may be accepted
+                errors.append(f"samplerate {rate} internal_quality {quality}: {e}")
+                print(f"bench: liquidsoap attempt failed: {errors[-1]}", file=sys.stderr)
+                continue
+            return ls, {
+                "name": "liquidsoap",
+                "version": version,
+                "stations": stations,
+                "samplerate": rate,
+                "internal_quality": quality,  # None: Liquidsoap's default (2)
+                "bitrate": bitrate * 1000,
+                "channels": 1,
+                "internal_samplerate": SAMPLE_RATE,
+                "pipeline": "sine -> mksafe -> output.file(%mp3(mono), /dev/null)",
+                "script_line": script.splitlines()[-1],
+                "clock": "real-time CPU clock (no sound card)",
+                "cpu_resolution_seconds": 1 / os.sysconf("SC_CLK_TCK"),
+            }
+    raise BenchError("; ".join(errors))
+
+
+def compare_with_liquidsoap(zones: int, seconds: float,
+                            settings: EngineSettings | None = None) -> dict[str, Any]:
+    """Loa encoding MP3 only against Liquidsoap encoding the same MP3, round after round.
+
+    This machine is shared and noisy, so the two take turns (Loa renders `seconds` of audio, then
+    Liquidsoap's CPU is read over `seconds`), and the figures are medians over the rounds: the
+    ratio is the median of each round's ratio. Never raises for a missing Liquidsoap.
+    """
+    settings = settings or EngineSettings()
+    window = min(seconds, COMPARE_ROUND_SECONDS)
+    loa_rounds: list[dict[str, Any]] = []
+
+    def loa_round() -> float:
+        r = measure_mix(zones, window, ("mp3",), settings)
+        loa_rounds.append(r)
+        return float(r["cpu_per_zone_percent"])
+
+    exe = shutil.which("liquidsoap")
+    reason = "liquidsoap not found on PATH"
+    rounds: list[dict[str, Any]] = []
+    baseline: dict[str, Any] | None = None
+    if exe is not None:
+        stations = min(zones, LIQUIDSOAP_MAX_STATIONS)
         try:
-            r = _run_liquidsoap(exe, script, seconds)
+            ls, baseline = _start_liquidsoap(exe, stations, settings.encoders)
         except (BenchError, OSError) as e:
-            errors.append(f"samplerate {rate} internal_quality {quality}: {e}")
-            print(f"bench: liquidsoap attempt failed: {errors[-1]}", file=sys.stderr)
-            if isinstance(e, LiquidsoapRefused):
-                continue  # another setting may be accepted
-            break
-        cpu_per_s = r["cpu_seconds"] / r["wall_seconds"]
-        return {
-            "name": "liquidsoap",
-            "version": version,
-            "stations": stations,
-            "seconds": round(r["wall_seconds"], 3),
-            "cpu_seconds": round(r["cpu_seconds"], 3),
-            "cpu_per_audio_second": round(cpu_per_s, 5),
-            "cpu_per_station_percent": round(100 * cpu_per_s / stations, 4),
-            "samplerate": rate,
-            "internal_quality": quality,  # None: Liquidsoap's default (2)
-            "bitrate": bitrate * 1000,
-            "channels": 1,
-            "internal_samplerate": SAMPLE_RATE,
-            "pipeline": "sine -> mksafe -> output.file(%mp3(mono), /dev/null)",
-            "script_line": script.splitlines()[-1],
-            "clock": "real-time CPU clock (no sound card)",
-            "catchup_warnings": r["catchup_warnings"],
-            "cpu_resolution_seconds": 1 / os.sysconf("SC_CLK_TCK"),
-        }, None
-    return None, "; ".join(errors)
+            reason = str(e)
+        else:
+            try:
+                cpu_total = wall_total = 0.0
+                for _ in range(COMPARE_ROUNDS):
+                    loa = loa_round()
+                    cpu, wall = ls.measure(window)
+                    cpu_total, wall_total = cpu_total + cpu, wall_total + wall
+                    theirs = 100 * cpu / wall / stations
+                    rounds.append({"loa_percent": loa, "liquidsoap_percent": round(theirs, 4),
+                                   "ratio": round(loa / theirs, 3) if theirs > 0 else None})
+                baseline.update({
+                    "seconds": round(wall_total, 3),
+                    "cpu_seconds": round(cpu_total, 3),
+                    "cpu_per_station_percent": round(
+                        statistics.median(r["liquidsoap_percent"] for r in rounds), 4),
+                    "catchup_warnings": ls.catchups,
+                })
+            except (BenchError, OSError) as e:
+                baseline, reason = None, str(e)
+            finally:
+                ls.close()
+    if not loa_rounds:
+        loa_round()
+    result: dict[str, Any] = {
+        "mp3_only_cpu_per_zone_percent": round(
+            statistics.median(r["cpu_per_zone_percent"] for r in loa_rounds), 4),
+        "mp3_only_seconds": sum(r["seconds"] for r in loa_rounds),
+        "baseline": baseline,
+        "ratio_vs_liquidsoap": None,
+    }
+    if baseline is None:
+        result["baseline_reason"] = reason
+    else:
+        ratios = [r["ratio"] for r in rounds if r["ratio"] is not None]
+        result["ratio_vs_liquidsoap"] = round(statistics.median(ratios), 3) if ratios else None
+        result["rounds"] = rounds
+    return result
 
 
 # ---- entry point ----------------------------------------------------------------------------
@@ -433,21 +499,7 @@ def run_bench(args: argparse.Namespace) -> int:
         else:
             result = measure_mix(zones, seconds)
         if args.baseline == "liquidsoap":
-            n = int(result.get("zones") or zones)
-            mp3 = measure_mix(n, min(float(result.get("seconds") or seconds),
-                                     MP3_ONLY_MAX_SECONDS), ("mp3",))
-            result["mp3_only_cpu_per_zone_percent"] = mp3["cpu_per_zone_percent"]
-            result["mp3_only_seconds"] = mp3["seconds"]
-            stations = min(n, LIQUIDSOAP_MAX_STATIONS)
-            baseline, reason = liquidsoap_baseline(stations, seconds)
-            result["baseline"] = baseline
-            if baseline is None:
-                result["baseline_reason"] = reason
-                result["ratio_vs_liquidsoap"] = None
-            else:
-                ls = baseline["cpu_per_station_percent"]
-                result["ratio_vs_liquidsoap"] = (
-                    round(mp3["cpu_per_zone_percent"] / ls, 3) if ls > 0 else None)
+            result.update(compare_with_liquidsoap(int(result.get("zones") or zones), seconds))
         else:
             result["baseline"] = None
             result["baseline_reason"] = "not requested (--baseline none)"
