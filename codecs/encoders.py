@@ -98,7 +98,7 @@ class Decimator:
         if n % f:
             raise ValueError("chunk length must be a multiple of the decimation factor")
         buf = np.empty((k, keep + n), dtype=np.float32)
-        buf[:, :keep] = np.stack([dec.state for dec in decimators])
+        buf[:, :keep] = np.concatenate([dec.state for dec in decimators]).reshape(k, keep)
         buf[:, keep:] = x
         tails = buf[:, n:].copy()  # the last `keep` input samples: the next call's state
         for dec, tail in zip(decimators, tails, strict=True):

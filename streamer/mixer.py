@@ -205,8 +205,6 @@ class _Plan:
         self.mixes = mixes
         self.keys = [m.key for m in mixes]
         self.limiters = [m.limiter for m in mixes]
-        self.playheads: list[int] = []
-        index: dict[int, int] = {}
         positions: list[tuple[list[int], list[int], list[float]]] = []
         self.ramped: list[tuple[int, int, Envelope]] = []
         for row, key in enumerate(self.keys):
@@ -221,14 +219,13 @@ class _Plan:
                     positions.append(([], [], []))
                 rows, phs, gains = positions[j]
                 rows.append(row)
-                phs.append(index.setdefault(ph, len(index)))
+                phs.append(ph)
                 gains.append(env.g1)
                 j += 1
-        self.playheads = list(index)
-        # (rows or None for every row in order, stacked-frame indices, gains as a column)
+        # (rows, or None for every row in order; playheads; gains as a column)
         self.positions = [
-            (None if rows == list(range(len(mixes))) else np.array(rows),
-             np.array(phs), np.array(gains, dtype=np.float32)[:, None])
+            (None if rows == list(range(len(mixes))) else np.array(rows), phs,
+             np.array(gains, dtype=np.float32)[:, None])
             for rows, phs, gains in positions]
 
     def holds(self, mixes: list[Mix]) -> bool:
@@ -254,18 +251,17 @@ class Renderer:
         if plan is None or not plan.holds(mixes):
             plan = self._plan = _Plan(list(mixes))
         out: np.ndarray | None = None
-        if plan.playheads:
-            stacked = np.stack([frames[ph] for ph in plan.playheads])
-            for rows, phs, gains in plan.positions:
-                layer = stacked[phs] * gains
-                if rows is None and out is None:
-                    out = layer
-                elif rows is None:
-                    out += layer
-                else:
-                    if out is None:
-                        out = np.zeros((len(mixes), FRAME), dtype=np.float32)
-                    out[rows] += layer  # rows are distinct within a position
+        for rows, phs, gains in plan.positions:
+            layer = np.concatenate([frames[ph] for ph in phs]).reshape(-1, FRAME)
+            layer *= gains
+            if rows is None and out is None:
+                out = layer
+            elif rows is None:
+                out += layer
+            else:
+                if out is None:
+                    out = np.zeros((len(mixes), FRAME), dtype=np.float32)
+                out[rows] += layer  # rows are distinct within a position
         if out is None:
             out = np.zeros((len(mixes), FRAME), dtype=np.float32)
         for row, ph, env in plan.ramped:
