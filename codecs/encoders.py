@@ -20,6 +20,8 @@ from threadpoolctl import threadpool_limits
 
 from loa.codecs.lame import LIB as LAME_LIB
 from loa.codecs.lame import Lame
+from loa.codecs.opus import LIB as OPUS_LIB
+from loa.codecs.opus import Opus
 
 SAMPLE_RATE = 48_000
 
@@ -198,6 +200,23 @@ class OpusEncoder(_PyAVEncoder):
     rate = 48_000
     frame = 960
     grid = 960
+
+    def __init__(self, start: int, settings: EncoderSettings | None = None) -> None:
+        s = settings or EncoderSettings()
+        self.opus: Opus | None = None
+        if OPUS_LIB is not None:  # the system's libopus: ~2.5x cheaper than going through PyAV
+            Encoder.__init__(self, start, s)
+            self.opus = Opus(s.opus_bitrate, s.opus_complexity)
+        else:
+            super().__init__(start, s)
+
+    def _encode(self, x: np.ndarray) -> list[Packet]:
+        if self.opus is None:
+            return super()._encode(x)
+        if x.shape[0] % self.frame:
+            raise ValueError(f"opus input must be whole {self.frame}-sample frames")
+        return [self._stamp(self.opus.encode(x[i:i + self.frame]))
+                for i in range(0, x.shape[0], self.frame)]
 
     def _configure(self, cc: av.AudioCodecContext) -> None:
         cc.bit_rate = self.settings.opus_bitrate
