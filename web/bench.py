@@ -2,7 +2,8 @@
 
 The bench builds a province with N communes. Every commune hears its own composition of two
 sources: a background music programme (a looped clip of a chord whose pitch differs per commune)
-ducked under an overlay announcement (a tone at a per-commune frequency). One consumer per commune
+ducked under an overlay announcement (a looped tone at a per-commune frequency). Both are 16-bit
+PCM clips, as the media library keeps every uploaded file. One consumer per commune
 subscribes to Opus and MP3, so the engine renders N distinct mixes and runs 2N encoders. The engine
 runs on a `VirtualClock` (ticks back to back) and the bench reports the CPU the process used per
 second of audio produced: below 1.0 the machine keeps up in real time.
@@ -36,13 +37,12 @@ from typing import Any
 
 import numpy as np
 
-from loa.codecs.encoders import EncoderSettings
 from loa.streamer.areas import AreaTree
 from loa.streamer.broadcast import Broadcast, BroadcastClass, Policy
 from loa.streamer.clock import FRAME, SAMPLE_RATE, VirtualClock
 from loa.streamer.engine import Engine, EngineSettings
 from loa.streamer.hub import Subscription
-from loa.streamer.sources import PcmSource, Playlist, ToneSource
+from loa.streamer.sources import PcmSource, Playlist
 
 TICKS_PER_SECOND = SAMPLE_RATE // FRAME  # 50
 WARMUP_SECONDS = 1.0
@@ -83,11 +83,22 @@ def music_pcm(zone: int, seconds: float = CLIP_SECONDS) -> np.ndarray:
     chord = sum(a * np.sin(2 * np.pi * f * t) for f, a in partials)
     pulse = 0.6 + 0.4 * (0.5 + 0.5 * np.cos(2 * np.pi * 2.0 * t))  # two beats a second
     peak = sum(a for _, a in partials)
-    return (0.4 * pulse * chord / peak).astype(np.float32)
+    return _s16(0.4 * pulse * chord / peak)
 
 
 def overlay_hz(zone: int) -> float:
     return 600.0 + 2.5 * zone
+
+
+def announcement_pcm(zone: int, seconds: float = CLIP_SECONDS) -> np.ndarray:
+    """A stand-in for a spoken announcement: a tone at a per-zone pitch (loops cleanly)."""
+    t = np.arange(int(seconds * SAMPLE_RATE), dtype=np.float64) / SAMPLE_RATE
+    return _s16(0.3 * np.sin(2 * np.pi * overlay_hz(zone) * t))
+
+
+def _s16(x: np.ndarray) -> np.ndarray:
+    """16-bit PCM, as the media library stores every decoded file (streamer/library.py)."""
+    return np.round(x * 32767).astype(np.int16)
 
 
 def commune_code(zone: int) -> str:
@@ -116,8 +127,9 @@ class MixBench:
             music = Playlist([clip], repeat=repeat, name=f"music loop {code}")
             self.engine.start(Broadcast(music, [code], code, klass=BroadcastClass.background,
                                         title=f"nhạc nền {code}"))
-            tone = ToneSource(overlay_hz(i), amplitude=0.3, name=f"announcement {code}")
-            self.engine.start(Broadcast(tone, [code], ROOT, klass=BroadcastClass.normal,
+            clip = PcmSource(announcement_pcm(i), name=f"announcement {code}")
+            speech = Playlist([clip], repeat=repeat, name=f"announcement loop {code}")
+            self.engine.start(Broadcast(speech, [code], ROOT, klass=BroadcastClass.normal,
                                         policy=Policy.overlay, title=f"thông báo {code}"))
         self.subs: list[Subscription] = [
             self.engine.hub.subscribe(code, codec, maxlen=SUB_MAXLEN)
@@ -271,11 +283,12 @@ def liquidsoap_version(exe: str) -> str | None:
     return m.group(1) if m else None
 
 
-def liquidsoap_script(stations: int, mp3_rate: int, bitrate_kbps: int, major: int,
+def liquidsoap_script(stations: int, mp3_rate: int | None, bitrate_kbps: int, major: int,
                       quality: int | None = None) -> str:
     """K stations, each sine -> mksafe -> mono MP3 -> /dev/null, on a 48 kHz mono frame.
 
     `quality` is LAME's -q (Liquidsoap's `internal_quality`, default 2); Loa uses `mp3_quality`.
+    None leaves Liquidsoap's default (44.1 kHz output, quality 2).
     """
     if major >= 2:
         head = [
@@ -295,9 +308,10 @@ def liquidsoap_script(stations: int, mp3_rate: int, bitrate_kbps: int, major: in
             f'set("frame.audio.samplerate", {SAMPLE_RATE})',
             'set("frame.audio.channels", 1)',
         ]
+    rate = "" if mp3_rate is None else f", samplerate={mp3_rate}"
     q = "" if quality is None else f", internal_quality={quality}"
     body = [
-        f"output.file(%mp3(mono, bitrate={bitrate_kbps}, samplerate={mp3_rate}{q}), "
+        f"output.file(%mp3(mono, bitrate={bitrate_kbps}{rate}{q}), "
         f'"/dev/null", mksafe(sine({300.0 + 7.0 * k:.1f})))'
         for k in range(stations)
     ]
@@ -381,105 +395,116 @@ class _Liquidsoap:
         self._tmp.cleanup()
 
 
-def _start_liquidsoap(exe: str, stations: int,
-                      enc: EncoderSettings) -> tuple[_Liquidsoap, dict[str, Any]]:
-    """Liquidsoap with Loa's MP3 settings, or the nearest it accepts; raises BenchError."""
+def _start_liquidsoap(exe: str, stations: int, bitrate: int,
+                      attempts: Sequence[tuple[int | None, int | None]]
+                      ) -> tuple[_Liquidsoap, dict[str, Any]]:
+    """The first (samplerate, quality) of `attempts` Liquidsoap accepts; raises BenchError."""
     version = liquidsoap_version(exe)
     try:
         major = int((version or "2").split(".")[0])
     except ValueError:
         major = 2
-    bitrate = enc.mp3_bitrate // 1000
     errors = []
-    for rate in dict.fromkeys((enc.mp3_rate, 44_100)):
-        for quality in (enc.mp3_quality, None):
-            script = liquidsoap_script(stations, rate, bitrate, major, quality)
-            try:
-                ls = _Liquidsoap(exe, script)
-            except LiquidsoapRefused as e:  # another setting may be accepted
-                errors.append(f"samplerate {rate} internal_quality {quality}: {e}")
-                print(f"bench: liquidsoap attempt failed: {errors[-1]}", file=sys.stderr)
-                continue
-            return ls, {
-                "name": "liquidsoap",
-                "version": version,
-                "stations": stations,
-                "samplerate": rate,
-                "internal_quality": quality,  # None: Liquidsoap's default (2)
-                "bitrate": bitrate * 1000,
-                "channels": 1,
-                "internal_samplerate": SAMPLE_RATE,
-                "pipeline": "sine -> mksafe -> output.file(%mp3(mono), /dev/null)",
-                "script_line": script.splitlines()[-1],
-                "clock": "real-time CPU clock (no sound card)",
-                "cpu_resolution_seconds": 1 / os.sysconf("SC_CLK_TCK"),
-            }
+    for rate, quality in attempts:
+        script = liquidsoap_script(stations, rate, bitrate // 1000, major, quality)
+        try:
+            ls = _Liquidsoap(exe, script)
+        except LiquidsoapRefused as e:  # another setting may be accepted
+            errors.append(f"samplerate {rate} internal_quality {quality}: {e}")
+            print(f"bench: liquidsoap attempt failed: {errors[-1]}", file=sys.stderr)
+            continue
+        return ls, {
+            "name": "liquidsoap",
+            "version": version,
+            "stations": stations,
+            "samplerate": rate,  # None: Liquidsoap's default (44,100)
+            "internal_quality": quality,  # None: Liquidsoap's default (2)
+            "bitrate": bitrate,
+            "channels": 1,
+            "internal_samplerate": SAMPLE_RATE,
+            "pipeline": "sine -> mksafe -> output.file(%mp3(mono), /dev/null)",
+            "script_line": script.splitlines()[-1],
+            "clock": "real-time CPU clock (no sound card)",
+            "cpu_resolution_seconds": 1 / os.sysconf("SC_CLK_TCK"),
+        }
     raise BenchError("; ".join(errors))
 
 
 def compare_with_liquidsoap(zones: int, seconds: float,
                             settings: EngineSettings | None = None) -> dict[str, Any]:
-    """Loa encoding MP3 only against Liquidsoap encoding the same MP3, round after round.
+    """Loa encoding MP3 only against Liquidsoap encoding 32 kbit/s mono MP3, round after round.
 
-    This machine is shared and noisy, so the two take turns (Loa renders `seconds` of audio, then
-    Liquidsoap's CPU is read over `seconds`), and the figures are medians over the rounds: the
-    ratio is the median of each round's ratio. Never raises for a missing Liquidsoap.
+    Two Liquidsoaps run: `baseline` is its own `%mp3(mono, bitrate=32)` (its defaults: 44.1 kHz,
+    LAME quality 2), the configuration the issue's 1.1 %-per-station baseline describes;
+    `baseline_same_settings` is told Loa's own sample rate and LAME quality. This machine is
+    shared and noisy, so Loa and the Liquidsoaps take turns (Loa renders `seconds` of audio, then
+    each Liquidsoap's CPU is read over `seconds`) and the figures are medians over the rounds;
+    each ratio is the median of the rounds' ratios. Never raises for a missing Liquidsoap.
     """
     settings = settings or EngineSettings()
+    enc = settings.encoders
     window = min(seconds, COMPARE_ROUND_SECONDS)
-    loa_rounds: list[dict[str, Any]] = []
-
-    def loa_round() -> float:
-        r = measure_mix(zones, window, ("mp3",), settings)
-        loa_rounds.append(r)
-        return float(r["cpu_per_zone_percent"])
-
-    exe = shutil.which("liquidsoap")
-    reason = "liquidsoap not found on PATH"
-    rounds: list[dict[str, Any]] = []
-    baseline: dict[str, Any] | None = None
-    if exe is not None:
-        stations = min(zones, LIQUIDSOAP_MAX_STATIONS)
-        try:
-            ls, baseline = _start_liquidsoap(exe, stations, settings.encoders)
-        except (BenchError, OSError) as e:
-            reason = str(e)
-        else:
-            try:
-                cpu_total = wall_total = 0.0
-                for _ in range(COMPARE_ROUNDS):
-                    loa = loa_round()
-                    cpu, wall = ls.measure(window)
-                    cpu_total, wall_total = cpu_total + cpu, wall_total + wall
-                    theirs = 100 * cpu / wall / stations
-                    rounds.append({"loa_percent": loa, "liquidsoap_percent": round(theirs, 4),
-                                   "ratio": round(loa / theirs, 3) if theirs > 0 else None})
-                baseline.update({
-                    "seconds": round(wall_total, 3),
-                    "cpu_seconds": round(cpu_total, 3),
-                    "cpu_per_station_percent": round(
-                        statistics.median(r["liquidsoap_percent"] for r in rounds), 4),
-                    "catchup_warnings": ls.catchups,
-                })
-            except (BenchError, OSError) as e:
-                baseline, reason = None, str(e)
-            finally:
-                ls.close()
-    if not loa_rounds:
-        loa_round()
-    result: dict[str, Any] = {
-        "mp3_only_cpu_per_zone_percent": round(
-            statistics.median(r["cpu_per_zone_percent"] for r in loa_rounds), 4),
-        "mp3_only_seconds": sum(r["seconds"] for r in loa_rounds),
-        "baseline": baseline,
-        "ratio_vs_liquidsoap": None,
+    configs: dict[str, list[tuple[int | None, int | None]]] = {
+        "baseline": [(None, None)],
+        "baseline_same_settings": [(r, q) for r in dict.fromkeys((enc.mp3_rate, 44_100))
+                                   for q in (enc.mp3_quality, None)],
     }
-    if baseline is None:
-        result["baseline_reason"] = reason
-    else:
-        ratios = [r["ratio"] for r in rounds if r["ratio"] is not None]
-        result["ratio_vs_liquidsoap"] = round(statistics.median(ratios), 3) if ratios else None
-        result["rounds"] = rounds
+    loa_rounds: list[float] = []
+    result: dict[str, Any] = {}
+    exe = shutil.which("liquidsoap")
+    stations = min(zones, LIQUIDSOAP_MAX_STATIONS)
+    running: dict[str, tuple[_Liquidsoap, dict[str, Any]]] = {}
+    reasons: dict[str, str] = {}
+    try:
+        for name, attempts in configs.items():
+            if exe is None:
+                reasons[name] = "liquidsoap not found on PATH"
+                continue
+            try:
+                running[name] = _start_liquidsoap(exe, stations, enc.mp3_bitrate, attempts)
+            except (BenchError, OSError) as e:
+                reasons[name] = str(e)
+        theirs: dict[str, list[float]] = {name: [] for name in running}
+        cpu_totals = {name: [0.0, 0.0] for name in running}
+        for _ in range(COMPARE_ROUNDS if running else 1):
+            r = measure_mix(zones, window, ("mp3",), settings)
+            loa_rounds.append(float(r["cpu_per_zone_percent"]))
+            for name, (ls, _) in list(running.items()):
+                try:
+                    cpu, wall = ls.measure(window)
+                except (BenchError, OSError) as e:
+                    reasons[name] = str(e)
+                    ls.close()
+                    del running[name]
+                    continue
+                cpu_totals[name][0] += cpu
+                cpu_totals[name][1] += wall
+                theirs[name].append(100 * cpu / wall / stations)
+    finally:
+        for ls, _ in running.values():
+            ls.close()
+    result["mp3_only_cpu_per_zone_percent"] = round(statistics.median(loa_rounds), 4)
+    result["mp3_only_rounds"] = loa_rounds
+    for name in configs:
+        suffix = name.removeprefix("baseline")
+        if name not in running:
+            result[name] = None
+            result[f"{name}_reason"] = reasons.get(name, "not measured")
+            result[f"ratio_vs_liquidsoap{suffix}"] = None
+            continue
+        info = running[name][1]
+        cpu, wall = cpu_totals[name]
+        info.update({
+            "seconds": round(wall, 3),
+            "cpu_seconds": round(cpu, 3),
+            "cpu_per_station_percent": round(statistics.median(theirs[name]), 4),
+            "rounds_percent": [round(x, 4) for x in theirs[name]],
+            "catchup_warnings": running[name][0].catchups,
+        })
+        result[name] = info
+        ratios = [loa / t for loa, t in zip(loa_rounds, theirs[name], strict=True) if t > 0]
+        result[f"ratio_vs_liquidsoap{suffix}"] = (
+            round(statistics.median(ratios), 3) if ratios else None)
     return result
 
 
