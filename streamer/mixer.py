@@ -233,7 +233,7 @@ class _Plan:
 
 
 class Renderer:
-    """Renders all the mixes of a tick at once (see `render`), keeping its plan between ticks."""
+    """Renders all the mixes of a tick at once, keeping its plan between ticks."""
 
     def __init__(self) -> None:
         self._plan: _Plan | None = None
@@ -243,7 +243,7 @@ class Renderer:
 
         `frames` holds this tick's frame of every playhead the mixes use. Per-mix numpy calls
         would cost more than the arithmetic, and between two of them every encoder evicts the
-        caches: so the sum, the limiter's peak pass and the history are done for all at once.
+        caches: so the sum and the limiter's peak pass are done for all mixes at once.
         """
         if not mixes:
             return np.zeros((0, FRAME), dtype=np.float32)
