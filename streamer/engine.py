@@ -510,6 +510,9 @@ class Engine:
 
         # Read every playhead once; nobody listening: just advance it.
         frames: dict[int, np.ndarray] = {}
+        # Stored PCM (the library's 16-bit maps) is converted for all playheads at once.
+        stored: dict[np.dtype, list[tuple[int, Playhead, int, np.ndarray, float]]] = \
+            defaultdict(list)
         needed = {ph for m in consumed for ph, _ in m.key}
         for ph_id in list(self.playheads):
             ph = self.playheads[ph_id]
@@ -519,8 +522,12 @@ class Engine:
             try:
                 if ph_id in needed:
                     first = ph.source.position
-                    frame = ph.source.read(FRAME)
-                    frames[ph_id] = self._tail_faded(ph.source.length, first, frame)
+                    run = ph.source.read_stored(FRAME)
+                    if run is not None:
+                        stored[run[0].dtype].append((ph_id, ph, first, run[0], run[1]))
+                    else:
+                        frame = ph.source.read(FRAME)
+                        frames[ph_id] = self._tail_faded(ph.source.length, first, frame)
                 else:
                     ph.source.skip(FRAME)
             except Exception as e:  # a failing source must never stop the stream
@@ -537,6 +544,12 @@ class Engine:
                         layer = st.layers.get(ph.bid)
                         if layer is not None and layer[0] is ph:
                             self._drop(code, ph.bid, cause)
+        for group in stored.values():
+            raw = np.concatenate([g[3] for g in group]).reshape(len(group), FRAME)
+            scales = np.array([g[4] for g in group], dtype=np.float32)[:, None]
+            converted = np.multiply(raw, scales, dtype=np.float32)
+            for (ph_id, ph, first, _, _), frame in zip(group, converted, strict=True):
+                frames[ph_id] = self._tail_faded(ph.source.length, first, frame)
         # Live sources nobody hears right now still run in real time (drain their buffers).
         for live in list(self.broadcasts.values()):
             if live.active and live.shared is not None and live.shared.id not in used:

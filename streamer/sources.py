@@ -40,6 +40,12 @@ class Source:
     def read(self, n: int = FRAME) -> np.ndarray:
         raise NotImplementedError
 
+    def read_stored(self, n: int = FRAME) -> tuple[np.ndarray, float] | None:
+        """The next n samples as stored (int16 or float32) and their scale to float, advancing
+        like `read`; None when they are not one stored run (then call `read`). The engine
+        converts every playhead's frame of a tick in one numpy pass with this."""
+        return None
+
     def skip(self, n: int = FRAME) -> None:
         """Advance without producing audio (nobody listens to this cursor right now)."""
         self.read(n)
@@ -72,6 +78,13 @@ class PcmSource(Source):
         if chunk.shape[0] < n:
             chunk = np.concatenate([chunk, np.zeros(n - chunk.shape[0], dtype=np.float32)])
         return chunk
+
+    def read_stored(self, n: int = FRAME) -> tuple[np.ndarray, float] | None:
+        start = self.position
+        if start + n > self.size:
+            return None
+        self.position = start + n
+        return self.pcm[start:start + n], float(self._scale)
 
     def skip(self, n: int = FRAME) -> None:
         self.position = min(self.position + n, self.size)
@@ -260,6 +273,15 @@ class Playlist(Source):
                 nxt = self._segments[self._seg][1]
                 self._cursor = nxt.at(0) if nxt is not None else None
         return out
+
+    def read_stored(self, n: int = FRAME) -> tuple[np.ndarray, float] | None:
+        start, _, length = self._segments[self._seg]
+        if self._cursor is None or self.position + n >= start + length:
+            return None  # a gap or an item boundary: `read` assembles it
+        got = self._cursor.read_stored(n)
+        if got is not None:
+            self.position += n
+        return got
 
     def skip(self, n: int = FRAME) -> None:
         self._seek(min(self.position + n, self.length or 0))
