@@ -47,3 +47,16 @@ def test_bench_without_liquidsoap_reports_null_baseline(
     assert "not found" in result["baseline_reason"]
     assert result["ratio_vs_liquidsoap"] is None
     assert result["mp3_only_cpu_per_zone_percent"] > 0
+
+
+def test_bench_mix_paced_runs_on_the_real_clock(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["bench", "mix", "--zones", "2", "--seconds", "0.6", "--paced"])
+    result = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert result["clock"] == "real (paced)"
+    assert (result["zones"], result["mixes"], result["encoders"]) == (2, 2, 4)
+    # Ticks counted by the real clock over 0.6 s of wall time: about 30 of them.
+    assert 0.4 <= result["seconds"] <= 0.9
+    assert result["wall_seconds"] >= 0.6
+    assert result["late_ticks"] >= 0 and result["cpu_per_zone_percent"] > 0
+    assert result["kbps_per_zone"]["mp3"] > 0

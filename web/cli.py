@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     mix.add_argument("--zones", type=int, default=20)
     mix.add_argument("--seconds", type=float, default=10.0)
     mix.add_argument("--find", action="store_true", help="search the largest real-time zones")
+    mix.add_argument("--paced", action="store_true",
+                     help="run on the real media clock (as a server does), not back to back")
     mix.add_argument("--baseline", choices=["none", "liquidsoap"], default="none",
                      help="also measure Liquidsoap doing the same work, in the same run")
     api = bsub.add_parser("api", help="REST API latency with 5,000 areas and 10,000 devices")
