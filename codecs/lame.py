@@ -9,33 +9,29 @@ most of the per-station MP3 cost. When the library is missing, encoders.py falls
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 import numpy as np
+
+from loa.codecs.native import load_library
 
 _MONO = 3
 
 
 def _load() -> ctypes.CDLL | None:
-    for name in (ctypes.util.find_library("mp3lame"), "libmp3lame.so.0"):
-        if not name:
-            continue
-        try:
-            lib = ctypes.CDLL(name)
-        except OSError:
-            continue
-        lib.lame_init.restype = ctypes.c_void_p
-        lib.lame_close.argtypes = [ctypes.c_void_p]
-        lib.lame_init_params.argtypes = [ctypes.c_void_p]
-        for fn in ("lame_set_in_samplerate", "lame_set_out_samplerate", "lame_set_num_channels",
-                   "lame_set_mode", "lame_set_brate", "lame_set_quality",
-                   "lame_set_disable_reservoir", "lame_set_bWriteVbrTag"):
-            getattr(lib, fn).argtypes = [ctypes.c_void_p, ctypes.c_int]
-        lib.lame_encode_buffer_ieee_float.argtypes = [
-            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-            ctypes.c_void_p, ctypes.c_int]
-        return lib
-    return None
+    lib = load_library("mp3lame", "libmp3lame.so.0")
+    if lib is None:
+        return None
+    lib.lame_init.restype = ctypes.c_void_p
+    lib.lame_close.argtypes = [ctypes.c_void_p]
+    lib.lame_init_params.argtypes = [ctypes.c_void_p]
+    for fn in ("lame_set_in_samplerate", "lame_set_out_samplerate", "lame_set_num_channels",
+               "lame_set_mode", "lame_set_brate", "lame_set_quality",
+               "lame_set_disable_reservoir", "lame_set_bWriteVbrTag"):
+        getattr(lib, fn).argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.lame_encode_buffer_ieee_float.argtypes = [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+        ctypes.c_void_p, ctypes.c_int]
+    return lib
 
 
 LIB = _load()

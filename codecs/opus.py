@@ -12,9 +12,10 @@ to PyAV.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 
 import numpy as np
+
+from loa.codecs.native import load_library
 
 APPLICATION_AUDIO = 2049
 _SET_BITRATE = 4002
@@ -24,23 +25,18 @@ MAX_PACKET = 4000  # bytes: libopus' recommended output buffer for one packet
 
 
 def _load() -> ctypes.CDLL | None:
-    for name in (ctypes.util.find_library("opus"), "libopus.so.0"):
-        if not name:
-            continue
-        try:
-            lib = ctypes.CDLL(name)
-        except OSError:
-            continue
-        lib.opus_encoder_create.restype = ctypes.c_void_p
-        lib.opus_encoder_create.argtypes = [ctypes.c_int32, ctypes.c_int, ctypes.c_int,
-                                            ctypes.POINTER(ctypes.c_int)]
-        lib.opus_encoder_destroy.argtypes = [ctypes.c_void_p]
-        lib.opus_encode_float.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                          ctypes.c_void_p, ctypes.c_int32]
-        lib.opus_strerror.restype = ctypes.c_char_p
-        lib.opus_strerror.argtypes = [ctypes.c_int]
-        return lib
-    return None
+    lib = load_library("opus", "libopus.so.0")
+    if lib is None:
+        return None
+    lib.opus_encoder_create.restype = ctypes.c_void_p
+    lib.opus_encoder_create.argtypes = [ctypes.c_int32, ctypes.c_int, ctypes.c_int,
+                                        ctypes.POINTER(ctypes.c_int)]
+    lib.opus_encoder_destroy.argtypes = [ctypes.c_void_p]
+    lib.opus_encode_float.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                      ctypes.c_void_p, ctypes.c_int32]
+    lib.opus_strerror.restype = ctypes.c_char_p
+    lib.opus_strerror.argtypes = [ctypes.c_int]
+    return lib
 
 
 LIB = _load()

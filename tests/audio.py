@@ -38,3 +38,9 @@ def peak_hz(pcm: np.ndarray, rate: int) -> float:
 
 def rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(x, dtype=np.float64))))
+
+
+def tone_pcm(seconds: float, hz: float = 1000.0, amplitude: float = 0.4) -> np.ndarray:
+    """A 48 kHz float32 sine, what the encoders take in."""
+    t = np.arange(int(seconds * 48_000)) / 48_000
+    return (amplitude * np.sin(2 * np.pi * hz * t)).astype(np.float32)

@@ -2,17 +2,11 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from loa.codecs import encoders, lame
 from loa.codecs.encoders import EncoderSettings, Mp3Encoder
-from tests.audio import decode_packets, peak_hz
-
-
-def tone(seconds: float, hz: float = 1000.0) -> np.ndarray:
-    t = np.arange(int(seconds * 48_000)) / 48_000
-    return (0.4 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+from tests.audio import decode_packets, peak_hz, tone_pcm
 
 
 @pytest.mark.parametrize("use_system_lame", [True, False])
@@ -23,7 +17,7 @@ def test_mp3_encoder_frames_are_whole_and_hold_the_tone(monkeypatch, use_system_
         monkeypatch.setattr(encoders, "LAME_LIB", None)
     enc = Mp3Encoder(0, EncoderSettings())
     assert (enc.lame is not None) is use_system_lame
-    x = tone(3.0)
+    x = tone_pcm(3.0)
     packets = [p for i in range(0, x.shape[0], 960) for p in enc.encode(x[i:i + 960])]
     assert all(lame.frame_length(p.data[:4]) == len(p.data) for p in packets)
     assert [b.pts - a.pts for a, b in zip(packets, packets[1:], strict=False)] == \

@@ -7,12 +7,7 @@ import pytest
 
 from loa.codecs import encoders, opus
 from loa.codecs.encoders import EncoderSettings, OpusEncoder
-from tests.audio import decode_packets, peak_hz
-
-
-def tone(seconds: float, hz: float = 1000.0) -> np.ndarray:
-    t = np.arange(int(seconds * 48_000)) / 48_000
-    return (0.4 * np.sin(2 * np.pi * hz * t)).astype(np.float32)
+from tests.audio import decode_packets, peak_hz, tone_pcm
 
 
 @pytest.mark.parametrize("use_system_opus", [True, False])
@@ -23,7 +18,7 @@ def test_opus_encoder_packet_per_frame_holds_the_tone(monkeypatch, use_system_op
         monkeypatch.setattr(encoders, "OPUS_LIB", None)
     enc = OpusEncoder(0, EncoderSettings())
     assert (enc.opus is not None) is use_system_opus
-    x = tone(3.0, 1234.0)
+    x = tone_pcm(3.0, 1234.0)
     packets = [p for i in range(0, x.shape[0], 1920) for p in enc.encode(x[i:i + 1920])]
     assert len(packets) == 150  # one packet per 20 ms, from the first frame on
     assert [p.pts for p in packets] == [960 * i for i in range(150)]
