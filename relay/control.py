@@ -50,6 +50,7 @@ from loa.streamer.store import NotFound, Record, Store
 log = logging.getLogger("loa.devices")
 
 PROTOCOL_VERSION = 1
+WRITER_STOP_TIMEOUT = 10.0  # seconds a shutdown waits for a store writer, twice at most
 
 # ---- close codes (WebSocket close frames sent by the server) -------------------------------------
 CLOSE_GOING_AWAY = 1001  # the server shuts down: reconnect with back-off
@@ -865,11 +866,11 @@ class _Writer:
     async def stop(self) -> None:
         if self.pending:
             with suppress(Exception):
-                await asyncio.wait_for(self.flush(), 10.0)
+                await asyncio.wait_for(self.flush(), WRITER_STOP_TIMEOUT)
         if self._task:
             self._task.cancel()
-            with suppress(asyncio.CancelledError):
-                await self._task
+            # Bounded: a client library that swallows the cancellation must not hang shutdown.
+            await asyncio.wait({self._task}, timeout=WRITER_STOP_TIMEOUT)
         for _, fut in self._waiters:
             if not fut.done():
                 fut.cancel()

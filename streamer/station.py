@@ -24,6 +24,8 @@ from loa.streamer.tts import Speech
 
 log = logging.getLogger("loa.station")
 
+STOP_TIMEOUT = 10.0  # seconds a shutdown waits for the as-run writer, twice at most
+
 MAX_REPEAT = 10
 MAX_GAP = 7200.0
 
@@ -231,12 +233,21 @@ class Station:
         self._writer = self.loop.create_task(self._write_loop())
 
     async def stop_writer(self) -> None:
-        if self._writer:
-            self._writer.cancel()
-            try:
-                await self._writer
-            except asyncio.CancelledError:
-                pass
+        """Write what is already queued (the as-run log of the last seconds on air), then stop.
+
+        Both waits are bounded: a dead store, or a client library that swallows the
+        cancellation, must not hold up a shutdown.
+        """
+        if self._writer is None:
+            return
+        try:
+            await asyncio.wait_for(self.flush(), STOP_TIMEOUT)
+        except TimeoutError:
+            log.error("as-run writes not flushed at shutdown event=asrun_error queued=%d",
+                      self._writes.qsize())
+        self._writer.cancel()
+        await asyncio.wait({self._writer}, timeout=STOP_TIMEOUT)
+        self._writer = None
 
     async def flush(self) -> None:
         """Wait until every change handed over so far is written (tests, shutdown)."""

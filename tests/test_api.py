@@ -324,6 +324,45 @@ async def test_broadcast_on_air_listing_stop_and_asrun(api, tone):
     assert sum(summ["bulletins_per_day"].values()) == 1
 
 
+async def test_shutdown_writes_the_queued_as_run_log(api, tone):
+    prog = await approved_programme(api, tone, author="huyen1", approver="duyet1")
+    status, b = await api.call("huyen1", "POST", "/api/v1/broadcasts",
+                               json={"programme": prog, "targets": ["T01-H1"]})
+    assert status == 201
+    api.run(8.0)  # it ends by itself: its as-run entries are queued, not yet written
+    await asyncio.sleep(0)  # the clock thread's hand-overs land on the loop
+    await api.node.station.stop_writer()  # what a shutdown does, no flush before it
+    rows = [r for r in await api.node.store.read_log("asrun") if r["broadcast"] == b["id"]]
+    assert {r["area"] for r in rows} == {"T01-H1", "T01-H1-X1", "T01-H1-X2", "T01-H1-X3"}
+    assert (await api.node.store.get("broadcast", b["id"]))["status"] == "ended"
+
+
+async def test_shutdown_is_bounded_when_the_store_hangs(api, tone, monkeypatch, caplog):
+    monkeypatch.setattr("loa.streamer.station.STOP_TIMEOUT", 0.2)
+    released = asyncio.Event()
+
+    async def stuck_append(kind, entry):  # a dead store whose client swallows cancellation
+        while not released.is_set():
+            try:
+                await released.wait()
+            except asyncio.CancelledError:
+                continue
+        return entry
+
+    prog = await approved_programme(api, tone, author="huyen1", approver="duyet1")
+    await api.call("huyen1", "POST", "/api/v1/broadcasts",
+                   json={"programme": prog, "targets": ["T01-H1-X1"]})
+    await api.node.station.flush()
+    monkeypatch.setattr(api.node.store, "append", stuck_append)
+    api.run(8.0)
+    await asyncio.sleep(0)
+    t0 = time.monotonic()
+    await asyncio.wait_for(api.node.station.stop_writer(), 5.0)  # a regression fails, not hangs
+    assert time.monotonic() - t0 < 2.0  # two bounded waits of 0.2 s
+    assert "event=asrun_error" in caplog.text
+    released.set()
+
+
 async def test_text_bulletin_is_spoken_and_cached(api):
     for _ in range(2):
         status, b = await api.call("tinh", "POST", "/api/v1/broadcasts",
