@@ -42,6 +42,7 @@ test: sysdeps lint typecheck pytest
 bench: $(STAMP)
 	$(VENV)/bin/loa bench mix --zones 20 --seconds 10
 	$(VENV)/bin/loa bench mix --find
+	$(VENV)/bin/loa bench mix --find --paced
 
 clean:
 	rm -rf $(VENV) .typecheck .pytest_cache .mypy_cache .ruff_cache *.egg-info
