@@ -166,13 +166,19 @@ def _err(field: str, vi: str, en: str) -> ProtocolError:
     return ProtocolError(f"{vi} / {en}", field)
 
 
-def _int(obj: dict[str, Any], key: str, lo: int, hi: int, *, path: str = "",
-         required: bool = False) -> int | None:
+def _field(obj: dict[str, Any], key: str, path: str, required: bool) -> tuple[str, Any]:
+    """The field's full name and its value (None when absent and not required)."""
     name = f"{path}{key}"
     v = obj.get(key)
+    if v is None and required:
+        raise _err(name, f"thiếu trường {name}", f"missing field {name}")
+    return name, v
+
+
+def _int(obj: dict[str, Any], key: str, lo: int, hi: int, *, path: str = "",
+         required: bool = False) -> int | None:
+    name, v = _field(obj, key, path, required)
     if v is None:
-        if required:
-            raise _err(name, f"thiếu trường {name}", f"missing field {name}")
         return None
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
         raise _err(name, f"{name} phải là số nguyên {lo}-{hi}",
@@ -182,11 +188,8 @@ def _int(obj: dict[str, Any], key: str, lo: int, hi: int, *, path: str = "",
 
 def _num(obj: dict[str, Any], key: str, lo: float, hi: float, *, path: str = "",
          required: bool = False) -> float | None:
-    name = f"{path}{key}"
-    v = obj.get(key)
+    name, v = _field(obj, key, path, required)
     if v is None:
-        if required:
-            raise _err(name, f"thiếu trường {name}", f"missing field {name}")
         return None
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
             or not lo <= v <= hi:
@@ -197,11 +200,8 @@ def _num(obj: dict[str, Any], key: str, lo: float, hi: float, *, path: str = "",
 
 def _str(obj: dict[str, Any], key: str, max_len: int, *, path: str = "",
          required: bool = False, choices: Iterable[str] | None = None) -> str | None:
-    name = f"{path}{key}"
-    v = obj.get(key)
+    name, v = _field(obj, key, path, required)
     if v is None:
-        if required:
-            raise _err(name, f"thiếu trường {name}", f"missing field {name}")
         return None
     if not isinstance(v, str) or len(v) > max_len:
         raise _err(name, f"{name} phải là chuỗi tối đa {max_len} ký tự",
@@ -216,11 +216,8 @@ def _str(obj: dict[str, Any], key: str, max_len: int, *, path: str = "",
 
 def _bool(obj: dict[str, Any], key: str, *, path: str = "", required: bool = False
           ) -> bool | None:
-    name = f"{path}{key}"
-    v = obj.get(key)
+    name, v = _field(obj, key, path, required)
     if v is None:
-        if required:
-            raise _err(name, f"thiếu trường {name}", f"missing field {name}")
         return None
     if not isinstance(v, bool):
         raise _err(name, f"{name} phải là true/false", f"{name} must be a boolean")
