@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 
+from loa.relay.agent import OggReader
 from loa.streamer import cap
 from loa.streamer.areas import AreaTree, sample_tree
 from loa.streamer.cap import CapError
@@ -453,39 +454,19 @@ class OggOpusListener:
         dec = av.CodecContext.create("libopus", "r")
         dec.sample_rate = 48_000
         dec.layout = "mono"
-        buf = b""
-        partial = b""
+        reader = OggReader()
         async with self.http.get(self.url) as r:
             assert r.status == 200
             async for chunk in r.content.iter_any():
-                buf += chunk
-                while True:
-                    at = buf.find(b"OggS")
-                    if at < 0 or len(buf) < at + 27:
-                        break
-                    nseg = buf[at + 26]
-                    head = at + 27 + nseg
-                    if len(buf) < head:
-                        break
-                    lacing = buf[at + 27:head]
-                    size = sum(lacing)
-                    if len(buf) < head + size:
-                        break
-                    body = buf[head:head + size]
-                    buf = buf[head + size:]
-                    off = 0
-                    for lace in lacing:
-                        partial += body[off:off + lace]
-                        off += lace
-                        if lace < 255:
-                            pkt, partial = partial, b""
-                            if pkt.startswith((b"OpusHead", b"OpusTags")) or not pkt:
-                                continue
-                            self.packets += 1
-                            for f in dec.decode(av.Packet(pkt)):
-                                a = f.to_ndarray().reshape(-1)
-                                self.pcm.append(a.astype(np.float32) / (
-                                    32768 if a.dtype == np.int16 else 1))
+                for packets, _, _ in reader.feed(chunk):
+                    for pkt in packets:
+                        if pkt.startswith((b"OpusHead", b"OpusTags")) or not pkt:
+                            continue
+                        self.packets += 1
+                        for f in dec.decode(av.Packet(pkt)):
+                            a = f.to_ndarray().reshape(-1)
+                            self.pcm.append(a.astype(np.float32) / (
+                                32768 if a.dtype == np.int16 else 1))
 
     def recent_hz(self, seconds: float = 0.5) -> float:
         pcm = np.concatenate(self.pcm)[-int(seconds * 48_000):]

@@ -201,39 +201,21 @@ def _multicast_socket(group: str, port: int) -> socket.socket:
 
 
 async def _http_listener(http: Any, url: str, det: Onsets) -> None:
+    from loa.relay.agent import OggReader
+
     dec = _opus_decoder()
-    buf = b""
-    partial = b""
+    reader = OggReader()
     async with http.get(url) as r:
         if r.status != 200:
             log(f"http listener refused: {r.status}")
             return
         async for chunk in r.content.iter_any():
             t = time.monotonic()
-            buf += chunk
-            while True:
-                at = buf.find(b"OggS")
-                if at < 0 or len(buf) < at + 27:
-                    break
-                nseg = buf[at + 26]
-                head = at + 27 + nseg
-                if len(buf) < head:
-                    break
-                lacing = buf[at + 27:head]
-                size = sum(lacing)
-                if len(buf) < head + size:
-                    break
-                body = buf[head:head + size]
-                buf = buf[head + size:]
-                off = 0
-                for lace in lacing:
-                    partial += body[off:off + lace]
-                    off += lace
-                    if lace < 255:
-                        pkt, partial = partial, b""
-                        if pkt and not pkt.startswith((b"OpusHead", b"OpusTags")):
-                            with contextlib.suppress(Exception):
-                                det.feed(_decode_opus(dec, pkt), 48_000, t)
+            for packets, _, _ in reader.feed(chunk):
+                for pkt in packets:
+                    if pkt and not pkt.startswith((b"OpusHead", b"OpusTags")):
+                        with contextlib.suppress(Exception):
+                            det.feed(_decode_opus(dec, pkt), 48_000, t)
 
 
 async def _device(http: Any, base: str, dev_id: str, key: str, got: list[float],
