@@ -822,10 +822,12 @@ class RtpOut:
                     log.error("cannot open rtp socket event=rtp_socket_error area=%s codec=%s "
                               "error=%s", st.area, st.codec, e)
                     return
+            # Marked before the first packet can reach the sender thread: set after wiring, a
+            # packet sent in between left the marker on the stream's second packet instead.
+            st.first = True
             sub = self.hub.subscribe(st.area, st.codec, maxlen=4)
             sub.on_packets = st.queue
             st.sub = sub
-            st.first = True
         elif not st.wanted() and st.sub is not None:
             st.sub.close()
             st.sub = None
