@@ -417,6 +417,8 @@ async def test_page_logs_in_shows_the_area_and_listens(server: Server) -> None:
             errors: list[str] = []
             page.on("pageerror", lambda e: errors.append(str(e)))
             await page.goto(server.base + "/monitor")
+            await page.wait_for_selector("#login-view:not([hidden])")
+            assert await page.is_hidden("#logout")  # nobody is logged in yet
             await page.fill("#username", "xa11")
             await page.fill("#password", "wrong-password")
             await page.click("#login-button")
@@ -426,6 +428,7 @@ async def test_page_logs_in_shows_the_area_and_listens(server: Server) -> None:
             await page.click("#login-button")
             row = page.locator('tr[data-area="T01-H1-X1"]')
             await row.wait_for()
+            assert await page.is_visible("#logout")
             await page.wait_for_function(
                 "document.querySelector('tr[data-area=\"T01-H1-X1\"] .c-onair .title')")
             assert await row.locator(".c-onair .title").text_content() == TITLE
