@@ -19,6 +19,14 @@ code, so every refusal names the element and says why, Vietnamese first:
   `sender,identifier,sent` triples; polygons as closed rings of at least four `lat,lon` points,
   circles as `lat,lon radius_km`, in range.
 
+Inline resources (`derefUri`, base64; real civil-emergency messages carry their EAS audio this
+way, hundreds of KB) have no length limit in CAP 1.2: they are bounded by the caller's
+`max_resource` (decoded bytes) instead of the text-field limit, may hold whitespace and line
+breaks, and are checked against `size` (decoded bytes) and `digest` (SHA-1, hex) when given.
+Optional elements present but empty (`<instruction/>`, `<source></source>`: IPAWS and
+Environment Canada send them) count as absent. An `info` without `language` is taken as
+Vietnamese (CAP's own default is en-US; the feeds Loa serves are Vietnamese).
+
 Beyond the schema, for a message to act on: Alert and Update need at least one `info`; Update
 and Cancel need `references`; restricted and private scopes need `restriction`/`addresses`.
 
@@ -32,6 +40,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -62,6 +71,8 @@ CERTAINTIES = ("Observed", "Likely", "Possible", "Unlikely", "Unknown")
 _DATETIME = re.compile(r"^\d\d\d\d-\d\d-\d\dT\d\d:\d\d:\d\d[-+]\d\d:\d\d$")
 _BAD_ID_CHARS = re.compile(r"[\s,<&]")
 MAX_TEXT_FIELD = 20_000  # characters of one text element (description, instruction ...)
+DEFAULT_LANGUAGE = "vi-VN"  # an info without <language>
+_SHA1_HEX = re.compile(r"^[0-9a-fA-F]{40}$")
 
 
 class CapError(ValueError):
@@ -178,6 +189,10 @@ RESOURCE_SEQ: Seq = (("resourceDesc", 1, 1), ("mimeType", 1, 1), ("size", 0, 1),
 AREA_SEQ: Seq = (("areaDesc", 1, 1), ("polygon", 0, None), ("circle", 0, None),
                  ("geocode", 0, None), ("altitude", 0, 1), ("ceiling", 0, 1))
 VALUE_SEQ: Seq = (("valueName", 1, 1), ("value", 1, 1))
+# Elements that must hold text; any other element present but empty counts as absent (a
+# parameter's <value/> included: Environment Canada sends empty ones).
+REQUIRED_TEXT = frozenset(name for seq in (ALERT_SEQ, INFO_SEQ, RESOURCE_SEQ, AREA_SEQ)
+                          for name, lo, _ in seq if lo and name != "info") | {"valueName"}
 
 
 def _local(el: Element) -> tuple[str | None, str]:
@@ -240,7 +255,7 @@ def _text(el: Element, name: str, *, required: bool = True) -> str:
 
 def _one(found: dict[str, list[Element]], name: str) -> str | None:
     els = found[name]
-    return _text(els[0], name) if els else None
+    return (_text(els[0], name, required=name in REQUIRED_TEXT) or None) if els else None
 
 
 def _enum(value: str, allowed: tuple[str, ...], name: str) -> str:
@@ -317,7 +332,7 @@ def _values(els: list[Element], name: str) -> list[tuple[str, str]]:
     return out
 
 
-def _resource(el: Element) -> CapResource:
+def _resource(el: Element, max_resource: int | None) -> CapResource:
     f = _sequence(el, RESOURCE_SEQ, "resource")
     size = None
     if f["size"]:
@@ -326,23 +341,59 @@ def _resource(el: Element) -> CapResource:
             raise CapError("<size> phải là số nguyên", "<size> must be an integer",
                            element="size")
         size = int(s)
-    deref = None
+    digest = _one(f, "digest")
+    if digest is not None and not _SHA1_HEX.match(digest):
+        raise CapError("<digest> phải là mã SHA-1 dạng hex (40 ký tự)",
+                       "<digest> must be a SHA-1 hash in hex (40 characters, CAP 1.2)",
+                       element="digest")
+    res = CapResource(description=_one(f, "resourceDesc") or "",
+                      mime_type=_one(f, "mimeType") or "", size=size, uri=_one(f, "uri"),
+                      digest=digest)
     if f["derefUri"]:
-        try:
-            deref = base64.b64decode(_one(f, "derefUri") or "", validate=False)
-        except (binascii.Error, ValueError):
-            raise CapError("<derefUri> không phải base64", "<derefUri> is not base64",
-                           element="derefUri") from None
-    return CapResource(description=_one(f, "resourceDesc") or "",
-                       mime_type=_one(f, "mimeType") or "", size=size, uri=_one(f, "uri"),
-                       deref=deref, digest=_one(f, "digest"))
+        res.deref = _deref(f["derefUri"][0], max_resource)
+        verify(res, res.deref)
+    return res
+
+
+def _deref(el: Element, max_resource: int | None) -> bytes:
+    """An inline resource: base64 of any length (whitespace and line breaks allowed), at most
+    `max_resource` bytes once decoded."""
+    if len(el):
+        raise CapError("<derefUri> không được chứa phần tử con",
+                       "<derefUri> must not contain elements", element="derefUri")
+    text = "".join((el.text or "").split())
+    if not text:
+        raise CapError("<derefUri> rỗng", "<derefUri> is empty", element="derefUri")
+    size = len(text) // 4 * 3 - (len(text) - len(text.rstrip("=")))  # decoded, before decoding
+    if max_resource is not None and size > max_resource:
+        raise CapError(f"tài nguyên nhúng quá lớn: {size} byte, tối đa {max_resource} byte",
+                       f"inline resource too large: {size} bytes decoded, the limit is "
+                       f"{max_resource} bytes (cap_resource_mb)", element="derefUri")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise CapError("<derefUri> không phải base64 hợp lệ",
+                       f"<derefUri> is not valid base64: {e}", element="derefUri") from None
+
+
+def verify(res: CapResource, data: bytes) -> None:
+    """The resource's bytes against its declared `size` and `digest` (SHA-1 hex)."""
+    if res.size is not None and res.size != len(data):
+        raise CapError(f"<size> ghi {res.size} byte nhưng tài nguyên có {len(data)} byte",
+                       f"<size> says {res.size} bytes but the resource holds {len(data)}",
+                       element="size")
+    if res.digest is not None and hashlib.sha1(data).hexdigest() != res.digest.lower():
+        raise CapError("<digest> không khớp với tài nguyên (SHA-1)",
+                       "<digest> does not match the resource (SHA-1)", element="digest")
 
 
 def _area(el: Element) -> CapArea:
     f = _sequence(el, AREA_SEQ, "area")
     area = CapArea(description=_one(f, "areaDesc") or "",
-                   polygons=[parse_polygon(_text(p, "polygon")) for p in f["polygon"]],
-                   circles=[parse_circle(_text(c, "circle")) for c in f["circle"]],
+                   polygons=[parse_polygon(t) for p in f["polygon"]
+                             if (t := _text(p, "polygon", required=False))],
+                   circles=[parse_circle(t) for c in f["circle"]
+                            if (t := _text(c, "circle", required=False))],
                    geocodes=_values(f["geocode"], "geocode"))
     if f["altitude"]:
         area.altitude = _number(_one(f, "altitude") or "", "altitude", -1e6, 1e6)
@@ -354,7 +405,7 @@ def _area(el: Element) -> CapArea:
     return area
 
 
-def _info(el: Element) -> CapInfo:
+def _info(el: Element, max_resource: int | None) -> CapInfo:
     f = _sequence(el, INFO_SEQ, "info")
 
     def when(name: str) -> datetime | None:
@@ -362,7 +413,7 @@ def _info(el: Element) -> CapInfo:
         return parse_datetime(v, name) if v is not None else None
 
     return CapInfo(
-        language=_one(f, "language") or "en-US",  # the schema's default
+        language=_one(f, "language") or DEFAULT_LANGUAGE,
         categories=[_enum(_text(c, "category"), CATEGORIES, "category") for c in f["category"]],
         event=_one(f, "event") or "",
         response_types=[_enum(_text(r, "responseType"), RESPONSE_TYPES, "responseType")
@@ -377,7 +428,7 @@ def _info(el: Element) -> CapInfo:
         description=_one(f, "description"), instruction=_one(f, "instruction"),
         web=_one(f, "web"), contact=_one(f, "contact"),
         parameters=_values(f["parameter"], "parameter"),
-        resources=[_resource(r) for r in f["resource"]],
+        resources=[_resource(r, max_resource) for r in f["resource"]],
         areas=[_area(a) for a in f["area"]],
     )
 
@@ -395,8 +446,9 @@ def _references(text: str) -> list[tuple[str, str, str]]:
     return out
 
 
-def parse(data: bytes) -> CapAlert:
-    """Parse and validate one CAP 1.2 alert. CapError (with an HTTP status) when it is bad."""
+def parse(data: bytes, max_resource: int | None = None) -> CapAlert:
+    """Parse and validate one CAP 1.2 alert. CapError (with an HTTP status) when it is bad.
+    `max_resource`: the largest inline resource (decoded bytes); None for no limit."""
     try:
         root = fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
     except DefusedXmlException as e:
@@ -426,7 +478,7 @@ def parse(data: bytes) -> CapAlert:
         codes=[_text(c, "code") for c in f["code"]],
         note=_one(f, "note"),
         incidents=_one(f, "incidents"),
-        infos=[_info(i) for i in f["info"]],
+        infos=[_info(i, max_resource) for i in f["info"]],
     )
     if f["references"]:
         alert.references = _references(_one(f, "references") or "")

@@ -61,7 +61,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hashlib
 import logging
 import time
 import uuid
@@ -84,7 +83,7 @@ from loa.streamer.library import MediaLibrary
 from loa.streamer.sources import PcmSource, Playlist, Silence, Source
 from loa.streamer.station import MAX_GAP, MAX_REPEAT, Content, Station
 from loa.streamer.store import Conflict, NotFound, Record, Store
-from loa.streamer.tts import Speech, TtsError
+from loa.streamer.tts import Speech, TtsError, UnknownVoice
 
 log = logging.getLogger("loa.emergency")
 
@@ -113,8 +112,8 @@ class EmergencySettings:
     cap_test_areas: str = ""  # same for status Test
     cap_repeat: int = 1  # times a CAP message is read
     cap_gap: float = 3.0
-    cap_max_kb: int = 28 * 1024  # a CAP document (derefUri audio included)
-    cap_resource_mb: int = 20  # an audio resource fetched from its uri
+    cap_max_kb: int = 1024  # a CAP document apart from its inline (derefUri) resources
+    cap_resource_mb: int = 20  # one audio resource, inline (decoded) or fetched from its uri
     cap_resource_timeout: float = 15.0
 
     def __post_init__(self) -> None:
@@ -133,6 +132,17 @@ class EmergencySettings:
     @property
     def class_table(self) -> list[tuple[str, str, str]]:
         return capmod.parse_class_table(self.cap_emergency, self.cap_priority)
+
+    @property
+    def cap_resource_bytes(self) -> int:
+        return self.cap_resource_mb * 1024 * 1024
+
+    @property
+    def cap_body_limit(self) -> int:
+        """Bytes of a CAP document: its text, plus one largest resource inline in base64 (4/3)
+        with a line break every 76 characters (MIME style, CRLF)."""
+        b64 = -(-self.cap_resource_bytes // 3) * 4
+        return self.cap_max_kb * 1024 + b64 + -(-b64 // 76) * 2
 
     @property
     def languages(self) -> tuple[str, ...]:
@@ -194,6 +204,17 @@ def node_identity(data_dir: Path) -> str:
     return value
 
 
+def tts_voices(language: str | None) -> list[str | None]:
+    """Voices to try for an RFC 3066 language tag, most specific first ("en-US": "en-us",
+    "en"; espeak-ng's names), then None: the node's default voice, which is Vietnamese (also
+    for "vi", "vi-VN" and no language)."""
+    tag = (language or "").strip().lower()
+    primary = tag.split("-")[0]
+    if not primary or primary == "vi":
+        return [None]
+    return [*dict.fromkeys((tag, primary)), None]
+
+
 def whip_url(targets: list[str], title: str) -> str:
     return (f"/whip/{quote(','.join(targets), safe=',')}?class=emergency"
             f"&title={quote(title, safe='')}")
@@ -217,6 +238,7 @@ class Request:
     text: str | None = None  # for boards; defaults to the spoken text or the title
     title: str | None = None
     intro: str | None = None  # spoken before the message ("Diễn tập." for exercises)
+    language: str | None = None  # of the message text (RFC 3066): chooses the TTS voice
     expires: float | None = None  # epoch; the emergency ends then
     cap: dict[str, Any] | None = None
     cap_key: str | None = None
@@ -335,9 +357,22 @@ class EmergencyService:
                                  "media")
         return self.library.source(media)
 
-    async def _speech_source(self, text: str, rec: Record) -> Source:
+    async def _speech_source(self, text: str, rec: Record, language: str | None = None
+                             ) -> Source:
+        """Text read by TTS in the voice of `language` (RFC 3066, e.g. "en-US": tried as "en-us",
+        then "en"), the node's Vietnamese voice when there is none or the engine has neither."""
+        voices = tts_voices(language)
         try:
-            media = await self.speech.media_for(text, area=rec["issuer"], owner=rec["user"])
+            for voice in voices:
+                try:
+                    media = await self.speech.media_for(text, area=rec["issuer"],
+                                                        owner=rec["user"], voice=voice)
+                    break
+                except UnknownVoice:
+                    if voice is None:
+                        raise
+                    log.warning("no TTS voice event=tts_voice_missing voice=%s language=%s",
+                                voice, language)
         except (ValueError, TtsError) as e:
             raise EmergencyError(f"không đọc được văn bản / cannot speak the text: {e}", 422,
                                  "text") from None
@@ -355,7 +390,8 @@ class EmergencyService:
             if content.get("media"):
                 out.append(await self._library_source(str(content["media"])))
             elif content.get("text"):
-                out.append(await self._speech_source(str(content["text"]), rec))
+                out.append(await self._speech_source(str(content["text"]), rec,
+                                                     spec.get("language")))
             return out
         except (EmergencyError, MediaError, OSError) as e:
             if strict:
@@ -367,7 +403,7 @@ class EmergencyService:
                       "error=%s", rec["id"], e)
             if rec.get("text") and not content.get("text"):
                 with contextlib.suppress(EmergencyError):
-                    return [await self._speech_source(rec["text"], rec)]
+                    return [await self._speech_source(rec["text"], rec, spec.get("language"))]
             return []
 
     async def _programme(self, rec: Record, strict: bool) -> Source | None:
@@ -493,6 +529,7 @@ class EmergencyService:
             "spec": {
                 "content": dict(req.content),
                 "intro": req.intro,
+                "language": req.language,
                 "repeat": req.repeat,
                 "gap": req.gap,
                 "attention": {
@@ -827,10 +864,12 @@ class EmergencyService:
         key = alert.key
         known = await self.store.find(KIND, cap_key=key)
         if known:
-            return 200, {**known[0], "duplicate": True}
+            return 200, self._duplicate(known[0], issuer)
         if alert.msg_type == "Cancel":
             done = await self.store.find(KIND, cancel_key=key)
             if done:
+                for r in done:
+                    self._duplicate(r, issuer)
                 return 200, {"cancelled": [r["id"] for r in done], "duplicate": True}
             return await self._cap_cancel(alert, issuer=issuer, user=user)
         if alert.status in ("System", "Draft") or alert.msg_type in ("Ack", "Error"):
@@ -876,7 +915,7 @@ class EmergencyService:
             content = {"media": media}
         headline = info.headline or info.event
         req = Request(targets=targets, content=content, issuer=issuer, user=user, klass=klass,
-                      repeat=s.cap_repeat, gap=s.cap_gap, intro=intro,
+                      repeat=s.cap_repeat, gap=s.cap_gap, intro=intro, language=info.language,
                       text=capmod.board_text(info, marker.strip()),
                       title=f"{marker}{headline}", expires=exp,
                       cap={**alert.summary(), "key": key, "event": info.event,
@@ -888,9 +927,19 @@ class EmergencyService:
             rec = await self.create(req)
         except EmergencyError as e:
             if e.status == 200 and e.record is not None:
-                return 200, {**e.record, "duplicate": True}
+                return 200, self._duplicate(e.record, issuer)
             raise
         return 201, rec
+
+    def _duplicate(self, rec: Record, issuer: str) -> Record:
+        """A CAP message received before: idempotent for a caller whose area covers the one
+        that sent it first; refused without its content for any other area (409)."""
+        if not (issuer in self.tree and rec["issuer"] in self.tree
+                and self.tree.contains(issuer, rec["issuer"])):
+            raise EmergencyError("khu vực khác đã gửi cảnh báo này (cùng sender, identifier, "
+                                 "sent) / another area already sent this alert (same sender, "
+                                 "identifier and sent)", 409, "identifier")
+        return {**rec, "duplicate": True}
 
     def _allowed(self, targets: list[str], spec: str) -> list[str]:
         spec = spec.strip()
@@ -931,30 +980,38 @@ class EmergencyService:
                      "cap": alert.summary()}
 
     async def _cap_audio(self, info: capmod.CapInfo, issuer: str, user: str) -> str | None:
-        """The first audio resource as a library media id; None (TTS instead) when there is
-        none or it cannot be had within the limits."""
+        """The first audio resource as a library media id. Inline (derefUri, checked by the
+        parser): it must decode as audio, else the alert is refused (422). From a uri: None (TTS
+        instead) when it cannot be had within the limits or does not match its size/digest."""
         for res in info.resources:
             if not res.is_audio:
                 continue
+            if res.deref is not None:
+                try:
+                    return await self._ingest(res, res.deref, info, issuer, user)
+                except MediaError as e:
+                    raise EmergencyError(f"<derefUri> không phải âm thanh đọc được / the inline "
+                                         f"resource is not audio that can be decoded: {e}", 422,
+                                         "derefUri") from None
+            if not (res.uri and res.uri.startswith(("http://", "https://")) and self.fetch):
+                continue
             try:
-                if res.deref is not None:
-                    data = res.deref
-                elif res.uri and res.uri.startswith(("http://", "https://")) and self.fetch:
-                    data = await self.fetch(res.uri)
-                else:
-                    continue
-                if len(data) > self.settings.cap_resource_mb * 1024 * 1024:
+                data = await self.fetch(res.uri)
+                if len(data) > self.settings.cap_resource_bytes:
                     raise ValueError("resource larger than cap_resource_mb")
-                if res.digest and hashlib.sha1(data).hexdigest().lower() != res.digest.lower():
-                    raise ValueError("digest (SHA-1) does not match")
-                tmp = self.library.temp_path(".audio")
-                await asyncio.to_thread(tmp.write_bytes, data)
-                media = await self.library.ingest(tmp, title=res.description or info.event,
-                                                  area=issuer, owner=user,
-                                                  filename="cap-resource",
-                                                  extra={"cap_resource": res.uri or "derefUri"})
-                return str(media["id"])
+                await asyncio.to_thread(capmod.verify, res, data)
+                return await self._ingest(res, data, info, issuer, user)
             except Exception as e:  # noqa: BLE001 - any failure: read the text instead
                 log.warning("cap audio resource unusable event=cap_resource_error uri=%s "
-                            "error=%s", (res.uri or "derefUri")[:200], e)
+                            "error=%s", res.uri[:200], e)
         return None
+
+    async def _ingest(self, res: capmod.CapResource, data: bytes, info: capmod.CapInfo,
+                      issuer: str, user: str) -> str:
+        """Decode a resource's bytes into the media library, like an upload (off the loop)."""
+        tmp = self.library.temp_path(".audio")
+        await asyncio.to_thread(tmp.write_bytes, data)
+        media = await self.library.ingest(tmp, title=res.description or info.event,
+                                          area=issuer, owner=user, filename="cap-resource",
+                                          extra={"cap_resource": res.uri or "derefUri"})
+        return str(media["id"])

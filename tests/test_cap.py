@@ -8,8 +8,10 @@ while a listener elsewhere keeps receiving.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import io
+import re
 import signal
 import sys
 import wave
@@ -28,7 +30,9 @@ from loa.streamer import cap
 from loa.streamer.areas import AreaTree, sample_tree
 from loa.streamer.cap import CapError
 from loa.streamer.clock import SAMPLE_RATE
-from loa.streamer.emergency import ATTENTION_TONES, EmergencySettings
+from loa.streamer.emergency import ATTENTION_TONES, EmergencySettings, tts_voices
+from loa.web.auth import add_user
+from tests.apiclient import PASSWORD
 from tests.audio import peak_hz
 from tests.test_emergency import (
     MUSIC,
@@ -246,6 +250,111 @@ def test_polygons_and_circles_select_areas_by_their_point() -> None:
     assert not cap.point_in_polygon(15.5, 108.5, cap.parse_polygon(ring))
 
 
+# ---- real-world documents (tests/data/cap, sources in its README) ---------------------------------
+DATA = Path(__file__).parent / "data" / "cap"
+
+
+def real(name: str) -> bytes:
+    return (DATA / name).read_bytes()
+
+
+def test_real_documents_parse_validate_and_map() -> None:
+    table = EmergencySettings().class_table
+    # Environment Canada: an Update in English and French, six polygons with CAP-CP geocodes,
+    # empty <instruction/> and <value/> (refused as "empty" before).
+    eccc = cap.parse(real("eccc-wind-warning-update-en-fr.xml"))
+    assert eccc.msg_type == "Update" and eccc.sender == "cap-pac@canada.ca"
+    assert eccc.references == [("cap-pac@canada.ca", "urn:oid:2.49.0.1.124.2075275656.2022",
+                                "2022-10-10T04:49:30-00:00")]
+    assert [i.language for i in eccc.infos] == ["en-CA", "fr-CA"]
+    en, fr = eccc.infos
+    assert en.instruction is None and fr.headline == "avertissement de vent en vigueur"
+    assert len(en.areas) == 6 and all(len(a.polygons) == 1 for a in en.areas)
+    assert en.areas[0].geocodes[0] == ("layer:EC-MSC-SMC:1.0:CLC", "077210")
+    assert en.parameters[-1] == ("layer:EC-MSC-SMC:1.1:Newly_Active_Areas", "")
+    assert cap.pick_info(eccc) is en  # no Vietnamese block: the first one
+    assert cap.classify(en, table) == "normal"  # Moderate / Future
+    # IPAWS (Michigan State Police): the EAS audio inline, MP3 in 76-column base64 lines far
+    # beyond the text-field limit (refused as "not base64" before).
+    mi = cap.parse(real("ipaws-mi-cem-embedded-audio.xml"))
+    res = mi.infos[0].resources[0]
+    assert res.is_audio and res.mime_type == "audio/x-ipaws-audio-mp3"
+    assert res.deref is not None and len(res.deref) == 188_752
+    assert res.deref[:3] == b"ID3"  # an MP3 file
+    assert real("ipaws-mi-cem-embedded-audio.xml").count(b"\n") > 2000  # line breaks inside
+    assert cap.classify(mi.infos[0], table) == "emergency"  # Extreme / Immediate
+    assert mi.infos[0].areas[0].geocodes == [("SAME", "026000")]
+    # IPAWS (Puerto Rico): size and SHA-1 digest of the inline audio, empty optional elements.
+    pr = cap.parse(real("ipaws-pr-rmt-size-digest.xml"))
+    assert pr.source is None and pr.addresses is None and pr.note is None
+    res = pr.infos[0].resources[0]
+    assert res.deref is not None and res.size == len(res.deref)
+    assert res.digest == hashlib.sha1(res.deref).hexdigest()
+    assert pr.infos[0].instruction is None and cap.classify(pr.infos[0], table) == "emergency"
+    # IPAWS Cancel with a signature; NTWC tsunami Update with three references and no
+    # <language> (taken as Vietnamese: the node's voice); the OASIS CAP 1.2 examples.
+    nv = cap.parse(real("ipaws-nv-cancel.xml"))
+    assert nv.msg_type == "Cancel" and not nv.infos and len(nv.references) == 1
+    ts = cap.parse(real("ntwc-tsunami-cancellation-update.xml"))
+    assert [r[1] for r in ts.references] == ["PAAQ-1-mg5a94", "PAAQ-2-mg5a94", "PAAQ-3-mg5a94"]
+    assert ts.infos[0].language == cap.DEFAULT_LANGUAGE and tts_voices(
+        ts.infos[0].language) == [None]
+    assert ts.infos[0].areas[0].circles == [(55.3, -134.9, 0.0)]
+    assert ts.infos[0].resources[0].deref is None  # a JSON document by uri: not aired
+    storm = cap.parse(real("oasis-cap12-a2-thunderstorm-polygon.xml"))
+    assert len(storm.infos[0].areas[0].polygons[0]) == 5
+    assert cap.classify(storm.infos[0], table) == "emergency"  # Severe / Immediate
+    quake = cap.parse(real("oasis-cap12-a3-earthquake-update.xml"))
+    assert quake.msg_type == "Update" and cap.classify(quake.infos[0], table) == "normal"
+    # NWS's CAP 1.1 feed: refused, and the reason says why.
+    with pytest.raises(CapError) as e:
+        cap.parse(real("nws-blizzard-cap11.xml"))
+    assert e.value.status == 422 and "cap:1.1" in str(e.value)
+
+
+def test_polygons_of_a_real_alert_select_the_areas_inside() -> None:
+    tree = AreaTree()
+    tree.add("P", "Tỉnh", "province")
+    tree.add("HINTON", "Hinton", "commune", "P", lat=53.40, lon=-117.57)
+    tree.add("EDMONTON", "Edmonton", "commune", "P", lat=53.55, lon=-113.49)
+    eccc = cap.parse(real("eccc-wind-warning-update-en-fr.xml"))
+    assert cap.target_areas(eccc.infos[0], tree) == ["HINTON"]
+
+
+def _swap_tag(doc: bytes, tag: str, value: str) -> bytes:
+    start = doc.index(f"<{tag}>".encode()) + len(tag) + 2
+    return doc[:start] + value.encode() + doc[doc.index(f"</{tag}>".encode(), start):]
+
+
+@pytest.mark.parametrize("what,change,element,reason", [
+    ("digest", lambda d: _swap_tag(d, "digest", "0" * 40), "digest", "does not match"),
+    ("size", lambda d: _swap_tag(d, "size", "1234"), "size", "says 1234 bytes"),
+    ("base64", lambda d: d.replace(b"<derefUri>", b"<derefUri>@@", 1), "derefUri",
+     "not valid base64"),
+    ("sha-1", lambda d: _swap_tag(d, "digest", "abc"), "digest", "SHA-1"),
+])
+def test_inline_resources_are_refused_with_the_true_reason(
+        what: str, change: Any, element: str, reason: str) -> None:
+    with pytest.raises(CapError) as e:
+        cap.parse(change(real("ipaws-pr-rmt-size-digest.xml")))
+    assert e.value.status == 422 and e.value.element == element, (what, e.value)
+    assert reason in str(e.value) and " / " in str(e.value)
+
+
+def test_an_inline_resource_over_the_configured_size_is_refused_as_too_large() -> None:
+    doc = real("ipaws-mi-cem-embedded-audio.xml")
+    assert cap.parse(doc, 188_752).infos[0].resources[0].deref is not None
+    with pytest.raises(CapError) as e:
+        cap.parse(doc, 100_000)
+    assert e.value.element == "derefUri" and "too large" in str(e.value)
+
+
+def test_the_body_limit_admits_the_largest_resource_in_base64_with_line_breaks() -> None:
+    s = EmergencySettings(cap_max_kb=64, cap_resource_mb=1)
+    inline = len(base64.encodebytes(b"\0" * s.cap_resource_bytes).replace(b"\n", b"\r\n"))
+    assert s.cap_body_limit >= 64 * 1024 + inline
+
+
 # ---- the API, virtual clock ------------------------------------------------------------------------
 async def post_cap(srv: Srv, doc: bytes, who: str = "tinh",
                    headers: dict[str, str] | None = None) -> tuple[int, Any]:
@@ -370,6 +479,113 @@ async def test_polygon_targets_areas_with_coordinates(tmp_path: Path) -> None:
         status, em = await post_cap(srv, cap_doc(info_xml(area_xml(polygon=ring))))
         assert status == 201, em
         assert em["targets"] == [X1, X3]
+
+
+# ---- real-world documents through the API ----------------------------------------------------------
+def future(doc: bytes, seconds: float = 3600) -> bytes:
+    """A published document with its <expires> moved ahead: as published, all have expired."""
+    return re.sub(rb"<expires>[^<]*</expires>", f"<expires>{when(seconds)}</expires>".encode(),
+                  doc)
+
+
+def same_config(tmp_path: Path, **settings: Any) -> Any:
+    """A node whose tree also holds the SAME (US county) codes of the IPAWS documents' areas,
+    with CAP geocodes read from valueName SAME."""
+    cfg = live_config(tmp_path)
+    with open(cfg.areas.csv, "a", encoding="utf-8") as f:
+        f.write("072115,Quebradillas,commune,T01-H1\n026000,Michigan,commune,T01-H2\n")
+    cfg.emergency = EmergencySettings(cap_geocode="SAME", **settings)
+    return cfg
+
+
+async def test_real_alerts_with_inline_audio_air_it(tmp_path: Path) -> None:
+    settings = {"cap_max_kb": 64, "cap_resource_mb": 1}
+    async with serving(same_config(tmp_path, **settings)) as srv:
+        node = srv.node
+        start_music(node)
+        sub = node.hub.subscribe("072115", "pcm", maxlen=100_000)
+        srv.run(0.2)
+        doc = real("ipaws-pr-rmt-size-digest.xml")
+        status, got = await post_cap(srv, doc)
+        assert status == 422 and got["field"] == "expires", got  # as published: over
+        status, em = await post_cap(srv, future(doc))
+        assert status == 201, em
+        assert em["targets"] == ["072115"] and em["class"] == "emergency"
+        media = await node.store.get("media", em["spec"]["content"]["media"])
+        assert media is not None and media["cap_resource"] == "derefUri"
+        assert abs(media["duration"] - 5.0) < 0.1
+        srv.run(3.0 + 0.5 + 2.0)
+        await settle()
+        s = switch(node, "072115", em["broadcast"])
+        # After the attention signal (12 steps) and the pause (2): the authority's 1050 Hz.
+        assert steps_at(sub, s.sample + 14 * STEP + STEP, 4) == [1050] * 4
+        # 258 KB of speech in base64 lines, over cap_max_kb: the body limit adds the resource.
+        mi = future(real("ipaws-mi-cem-embedded-audio.xml"))
+        assert 64 * 1024 < len(mi) < EmergencySettings(**settings).cap_body_limit
+        status, em = await post_cap(srv, mi)
+        assert status == 201, em
+        media = await node.store.get("media", em["spec"]["content"]["media"])
+        assert media is not None and abs(media["duration"] - 23.5) < 0.2
+        # Bytes that are not audio, correctly declared: refused, naming the element.
+        junk = b"EAS audio? no. " * 300
+        bad = future(doc)
+        for tag, value in (("identifier", "NOT-AUDIO-1"), ("size", str(len(junk))),
+                           ("digest", hashlib.sha1(junk).hexdigest()),
+                           ("derefUri", base64.b64encode(junk).decode())):
+            bad = _swap_tag(bad, tag, value)
+        status, got = await post_cap(srv, bad)
+        assert status == 422 and got["field"] == "derefUri" and "not audio" in got["error"]
+        status, got = await post_cap(srv, b" " * (EmergencySettings(**settings).cap_body_limit
+                                                  + 1))
+        assert status == 413
+        assert len(await node.store.find("emergency")) == 2
+
+
+async def test_the_info_language_chooses_the_voice(tmp_path: Path) -> None:
+    async with serving(live_config(tmp_path)) as srv:
+        node = srv.node
+        area = node.tree.get(X2)
+        area.lat, area.lon = 53.40, -117.57  # inside one of Environment Canada's polygons
+        english = cap_doc(info_xml(area_xml(X1), language="en-US", headline="Storm warning",
+                                   description="Gusts of 120 km/h.", instruction="Stay in."),
+                          identifier="EN-1")
+        status, em = await post_cap(srv, english)
+        assert status == 201 and em["spec"]["language"] == "en-US", em
+        # Two languages: the Vietnamese block airs, in the Vietnamese voice.
+        both = cap_doc(info_xml(area_xml(X3), language="en-US", headline="Storm"),
+                       info_xml(area_xml(X3)), identifier="VI-1")
+        status, vi = await post_cap(srv, both)
+        assert status == 201 and vi["title"] == "Bão số 5 đổ bộ" and vi["targets"] == [X3]
+        status, ca = await post_cap(srv, future(real("eccc-wind-warning-update-en-fr.xml")))
+        assert status == 201 and ca["targets"] == [X2] and ca["class"] == "normal", ca
+        voices = {m["title"]: m["tts"]["voice"] for m in await node.store.find("media")
+                  if m.get("tts")}
+        assert voices["Storm warning. Gusts of 120 km/h. Stay in."] == "en-us"
+        assert voices["Bão số 5 đổ bộ. Gió giật cấp 12. Người dân vào nơi trú ẩn."] == "vi"
+        assert [v for t, v in voices.items() if t.startswith("wind warning in effect.")] == [
+            "en-ca"]
+
+
+async def test_a_repeated_alert_from_another_area_gets_no_record(tmp_path: Path) -> None:
+    async with serving(live_config(tmp_path)) as srv:
+        node = srv.node
+        await add_user(node.store, node.tree, "xa12em", "operator", X2, PASSWORD, True)
+        doc = cap_doc(info_xml(area_xml(X1)), identifier="DUP-1")
+        status, em = await post_cap(srv, doc, who="xa11em")
+        assert status == 201, em
+        status, got = await post_cap(srv, doc, who="xa12em")  # another commune, same message
+        assert status == 409 and set(got) == {"error", "field"} and got["field"] == "identifier"
+        assert em["id"] not in got["error"] and "Bão" not in got["error"]
+        for who in ("xa11em", "huyen1em"):  # the sender's own area, or one above it
+            status, again = await post_cap(srv, doc, who=who)
+            assert status == 200 and again["id"] == em["id"] and again["duplicate"] is True
+        cancel = cap_doc(identifier="DUP-2", msg_type="Cancel", references=ref(doc))
+        status, got = await post_cap(srv, cancel, who="xa11em")
+        assert status == 200 and got["ended"] == [em["id"]]
+        status, got = await post_cap(srv, cancel, who="xa12em")
+        assert status == 409 and set(got) == {"error", "field"}
+        refused = [a for a in await node.store.read_log("audit") if a["action"] == "alert.refused"]
+        assert len(refused) == 2
 
 
 def tone_wav(hz: float, seconds: float) -> bytes:

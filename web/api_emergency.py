@@ -236,14 +236,14 @@ async def alert_receive(request: web.Request) -> web.StreamResponse:
     if ctype not in CAP_TYPES:
         return error_response(415, "cần tài liệu CAP / Content-Type must be application/cap+xml "
                                    "or application/xml")
-    limit = svc.settings.cap_max_kb * 1024
+    limit = svc.settings.cap_body_limit  # text + one largest inline resource in base64
     if request.content_length is not None and request.content_length > limit:
         return error_response(413, "tài liệu quá lớn / document too large")
     data = await request.content.read(limit + 1)
     if len(data) > limit:
         return error_response(413, "tài liệu quá lớn / document too large")
     try:
-        alert = await asyncio.to_thread(capmod.parse, data)
+        alert = await asyncio.to_thread(capmod.parse, data, svc.settings.cap_resource_bytes)
     except capmod.CapError as e:
         log.info("cap refused event=cap_refused user=%s status=%d reason=%s", p.username,
                  e.status, str(e)[:300])
