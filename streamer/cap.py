@@ -191,8 +191,8 @@ AREA_SEQ: Seq = (("areaDesc", 1, 1), ("polygon", 0, None), ("circle", 0, None),
 VALUE_SEQ: Seq = (("valueName", 1, 1), ("value", 1, 1))
 # Elements that must hold text; any other element present but empty counts as absent (a
 # parameter's <value/> included: Environment Canada sends empty ones).
-REQUIRED_TEXT = frozenset(name for seq in (ALERT_SEQ, INFO_SEQ, RESOURCE_SEQ, AREA_SEQ)
-                          for name, lo, _ in seq if lo and name != "info") | {"valueName"}
+REQUIRED_TEXT = frozenset(name for seq in (ALERT_SEQ, INFO_SEQ, RESOURCE_SEQ, AREA_SEQ, VALUE_SEQ)
+                          for name, lo, _ in seq if lo and name != "value")
 
 
 def _local(el: Element) -> tuple[str | None, str]:

@@ -376,6 +376,6 @@ def openapi_paths() -> dict[str, Any]:
                          "application/xml": {"schema": {"type": "string"}}}},
                      "responses": {"201": {"description": "Aired"},
                                    "202": {"description": "Accepted, not aired"},
-                                   **responses(200, 400, 401, 403, 404, 413, 415, 422)}},
+                                   **responses(200, 400, 401, 403, 404, 409, 413, 415, 422)}},
         },
     }
