@@ -13,9 +13,10 @@ Design for thousands of devices on one core:
 - No task per device: the aiohttp handler coroutine is the only per-connection task. One periodic
   task (`_run`) marks devices offline after two missed heartbeats, re-sends unacknowledged commands
   (one heap of deadlines on `loop.time()`), expires commands and persists telemetry in batches.
-- Store writes are coalesced (`_Writer`): heartbeats update memory and are written every
-  `persist_interval` seconds with one `put_many`; status changes and command state are written at
-  once, but many of them in one `put_many` when they come together (10,000 acks = a few writes).
+- Store writes are coalesced (`_Writer`, stopped by a marker rather than by cancellation):
+  heartbeats update memory and are written every `persist_interval` seconds with one `put_many`;
+  status changes and command state are written at once, but many of them in one `put_many` when
+  they come together (10,000 acks = a few writes).
 - A bulk command is serialised once: every device gets the same bytes except its command id,
   spliced in between a pre-encoded prefix and suffix.
 
@@ -792,7 +793,9 @@ class Device:
 class _Writer:
     """Coalesces store writes of one kind: `mark` a record, and whatever is marked while the
     previous `put_many` runs goes out in the next one. `flush()` waits until everything marked
-    before the call is written (each batch has a generation number)."""
+    before the call is written (each batch has a generation number). `stop()` ends the task with
+    a marker it reads between two writes, not by cancellation: a store client that swallows a
+    cancellation in the middle of a command (redis-py 8) would leave the task running forever."""
 
     def __init__(self, store: Store, kind: str) -> None:
         self.store = store
@@ -805,6 +808,7 @@ class _Writer:
         self._kick = asyncio.Event()
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False  # the marker: the task ends once it has nothing left to write
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -843,12 +847,16 @@ class _Writer:
                                   self.kind, len(snap))
                     for k, v in batch.items():  # written again with the next batch
                         self.pending.setdefault(k, v)
+                    if self._stopping:
+                        return  # shutting down on a failing store: logged, nothing to wait for
                     await asyncio.sleep(1.0)  # back-off, not a timing loop
                     continue
                 self.batches += 1
                 self.records += len(snap)
                 self._done = gen
                 self._wake()
+            if self._stopping:
+                return
 
     def _wake(self) -> None:
         keep = []
@@ -865,9 +873,15 @@ class _Writer:
             with suppress(Exception):
                 await asyncio.wait_for(self.flush(), WRITER_STOP_TIMEOUT)
         if self._task:
-            self._task.cancel()
-            # Bounded: a client library that swallows the cancellation must not hang shutdown.
-            await asyncio.wait({self._task}, timeout=WRITER_STOP_TIMEOUT)
+            self._stopping = True
+            self._kick.set()
+            # Bounded: the write in flight ends (or fails) and the task reads the marker; only a
+            # store that never answers is cancelled after the wait.
+            done, _ = await asyncio.wait({self._task}, timeout=WRITER_STOP_TIMEOUT)
+            if not done:
+                log.error("store writer still busy at shutdown event=device_store_error "
+                          "kind=%s pending=%d", self.kind, len(self.pending))
+                self._task.cancel()
         for _, fut in self._waiters:
             if not fut.done():
                 fut.cancel()

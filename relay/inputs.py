@@ -7,7 +7,9 @@ demuxing and decoding block. It decodes, resamples to 48 kHz mono float32 and wr
 
 When the input fails or ends, the LivePush underruns and the area hears silence (never the end of
 the broadcast: only `close()` ends it); the thread logs `event=relay_input_down` and reconnects
-with exponential backoff (0.5 s doubling to 10 s; a connection that stayed up a minute resets
+with exponential backoff (0.5 s doubling to `backoff_max`, 1 s, so a station that comes back is on
+air within a second; each wait is shortened by up to `backoff_jitter` of itself at random, so many
+relays of one station do not reconnect in lockstep; a connection that stayed up a minute resets
 it), logging `event=relay_input_up` when audio flows again.
 
 Pacing: the thread writes only while the LivePush holds less than its target delay and otherwise
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import threading
 import time
 from collections.abc import Callable
@@ -50,7 +53,8 @@ class RelayInputSettings:
     open_timeout: float = 5.0  # seconds to connect and find the audio
     read_timeout: float = 5.0  # seconds without data: the input is down
     backoff_min: float = 0.5
-    backoff_max: float = 10.0
+    backoff_max: float = 1.0  # a returning station is on air within this (plus its open time)
+    backoff_jitter: float = 0.25  # each wait is cut by up to this fraction of itself, at random
     good_after: float = 60.0  # up this long: the next failure retries after backoff_min again
     probesize: int = 8192  # bytes FFmpeg reads to recognise the format (32 kbit/s MP3: 2 s)
     analyzeduration_ms: int = 200  # how much of the stream FFmpeg looks at for its parameters
@@ -214,18 +218,25 @@ class RelayInput:
                     delay = s.backoff_min  # a good minute: start the backoff over
             self.downs += 1
             self._set("down")
+            wait = self.retry_delay(delay)
             if not announced:
                 log.warning("relay input down event=relay_input_down url=%s error=%s "
-                            "retry_in=%.1f", safe_url(self.url), reason, delay)
+                            "retry_in=%.2f", safe_url(self.url), reason, wait)
                 announced = True
             else:
                 log.info("relay input still down event=relay_input_retry url=%s attempt=%d "
-                         "error=%s retry_in=%.1f", safe_url(self.url), self.attempts, reason,
-                         delay)
-            if self._stop.wait(delay):
+                         "error=%s retry_in=%.2f", safe_url(self.url), self.attempts, reason,
+                         wait)
+            if self._stop.wait(wait):
                 break
             delay = min(delay * 2, s.backoff_max)
         self._set("closed")
+
+    def retry_delay(self, delay: float) -> float:
+        """The wait before the next attempt: the backoff step, capped, cut by a random jitter."""
+        s = self.settings
+        step = min(delay, s.backoff_max)
+        return step * (1.0 - s.backoff_jitter * random.random())
 
     def _open(self) -> Any:
         fmt, opts = open_options(self.url, self.settings)

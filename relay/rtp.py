@@ -34,7 +34,8 @@ packet: its RTP timestamp is that packet's, and its NTP timestamp is the wall-cl
 packet's media position (`wall(sample)`, the engine's media epoch mapping), plus packet and octet
 counts and an SDES CNAME. A BYE goes out when the stream stops.
 
-SAP (RFC 2974, only when `sap` is on): each multicast stream's SDP is announced to
+SAP (RFC 2974, only when `sap` is on): each multicast stream's SDP, named after the area and the
+codec ("Xã Phú Thuận (Opus)", "... (PCMU)": a player lists an area's streams apart), is announced to
 `sap_address:sap_port` with the session TTL, one stream at a time spread over `sap_interval`
 (stretched so all announcements together stay under `sap_bandwidth`, 4 kbit/s), and deleted at
 stop.
@@ -118,15 +119,21 @@ class PayloadFormat:
     fmtp: str | None = None
     ptime: int | None = None
     header: bytes = b""  # payload header before the media data (RFC 2250 MPA)
+    label: str = ""  # in the session name: an area's streams must be told apart in a player
+
+    @property
+    def title(self) -> str:
+        return self.label or self.rtpmap.encoding
 
 
 FORMATS: dict[str, PayloadFormat] = {
     # RFC 7587: the rtpmap is always opus/48000/2; sprop-stereo=0 says we send mono.
     "opus": PayloadFormat("opus", 111, 48_000, RtpMap("opus", 48_000, 2), 0,
-                          fmtp="sprop-stereo=0", ptime=20),
+                          fmtp="sprop-stereo=0", ptime=20, label="Opus"),
     "pcmu": PayloadFormat("pcmu", 0, 8_000, RtpMap("PCMU", 8_000), 1, ptime=20),
     "pcma": PayloadFormat("pcma", 8, 8_000, RtpMap("PCMA", 8_000), 2, ptime=20),
-    "mp3": PayloadFormat("mp3", 14, 90_000, RtpMap("MPA", 90_000), 3, header=bytes(4)),
+    "mp3": PayloadFormat("mp3", 14, 90_000, RtpMap("MPA", 90_000), 3, header=bytes(4),
+                         label="MP3"),
 }
 
 
@@ -884,7 +891,7 @@ class RtpOut:
         sess_id = zlib.crc32(f"{area}/{fmt.codec}".encode())
         version = zlib.crc32(f"{st.group}:{st.port}/{self.settings.ttl}/{fmt.pt}".encode())
         return rtp_audio_session(
-            name=a.name, origin=self.origin, session_id=sess_id, version=version,
+            name=f"{a.name} ({fmt.title})", origin=self.origin, session_id=sess_id, version=version,
             address=st.group, ttl=self.settings.ttl, port=st.port, payload_type=fmt.pt,
             rtpmap=fmt.rtpmap, fmtp=fmt.fmtp, ptime=fmt.ptime,
             info=f"Loa {a.code} {fmt.codec}",

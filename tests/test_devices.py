@@ -658,3 +658,45 @@ async def test_bulk_command_reaches_2000_connected_devices(tmp_path: Path) -> No
 
 async def _count(srv: Server, status: str, n: int) -> bool:
     return await srv.node.store.count("command", status=status) == n
+
+
+async def test_writer_stops_with_a_marker_when_the_store_swallows_cancellation(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """redis-py 8 may swallow a cancellation in the middle of a command and run on: the device
+    writers must end by themselves once their write is done, not wait for a cancellation."""
+    from loa.relay import control
+    from loa.streamer.store import open_store
+
+    monkeypatch.setattr(control, "WRITER_STOP_TIMEOUT", 3.0)  # the old code waited it out
+    store = await open_store("sqlite", tmp_path)
+    real_put_many = store.put_many
+    started = asyncio.Event()
+
+    async def swallowing_put_many(kind: str, records: list[dict[str, Any]]) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(0.5)
+        except asyncio.CancelledError:
+            pass  # what the client library does: the cancellation is lost, the write goes on
+        await real_put_many(kind, records)
+
+    async def publish(topic: str, msg: dict[str, Any]) -> None:
+        pass
+
+    mgr = control.DeviceManager(store, publish, DeviceSettings())
+    await mgr.start()
+    try:
+        dev = await mgr.create(new_device_record("Cụm loa", "loudspeaker", "T01-H1-X1", {}, [],
+                                                 volume=80))
+        monkeypatch.setattr(store, "put_many", swallowing_put_many)
+        dev.record["volume"] = 55
+        mgr._devw.mark(dev.record)
+        await started.wait()  # a write is in flight when the node stops
+        await mgr.stop()
+        assert mgr._devw._task is not None and mgr._devw._task.done()
+        assert not mgr._devw._task.cancelled()  # it ended by itself, after its write
+        assert mgr._cmdw._task is not None and mgr._cmdw._task.done()
+        rec = await store.get("device", dev.id)
+        assert rec is not None and rec["volume"] == 55  # the write in flight was not lost
+    finally:
+        await store.close()

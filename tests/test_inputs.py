@@ -441,7 +441,8 @@ async def test_close_stops_a_flowing_input_and_a_hung_one(origin: Origin):
 
 async def test_backoff_doubles_and_resets_after_a_good_connection(origin: Origin, caplog):
     caplog.set_level(logging.INFO, logger="loa.relay.inputs")
-    settings = RelayInputSettings(backoff_min=0.1, backoff_max=0.8, good_after=0.6)
+    settings = RelayInputSettings(backoff_min=0.1, backoff_max=0.8, good_after=0.6,
+                                  backoff_jitter=0.0)
     url = f"http://127.0.0.1:{origin.port}/live.mp3"
     inp = RelayInput(url, settings).start()  # nobody reads it: it must not stall on that
     try:
@@ -463,9 +464,41 @@ async def test_backoff_doubles_and_resets_after_a_good_connection(origin: Origin
     finally:
         inp.close()
         await asyncio.to_thread(inp.join, 5)
-    delays = [(m.group(1), m.group(2)) for m in re.finditer(
+    delays = [(m.group(1), float(m.group(2))) for m in re.finditer(
         r"event=relay_input_(down|retry) .*retry_in=([0-9.]+)", caplog.text)]
     first_retries = [d for _, d in delays[:4]]
-    assert first_retries == ["0.1", "0.2", "0.4", "0.8"]
-    assert [d for kind, d in delays if kind == "down"] == ["0.1", "0.8", "0.1"]
+    assert first_retries == [0.1, 0.2, 0.4, 0.8]
+    assert [d for kind, d in delays if kind == "down"] == [0.1, 0.8, 0.1]
     assert inp.samples > 0 and inp.push.overruns > 0  # unread: it kept the newest audio
+
+
+async def test_a_station_back_after_a_long_outage_is_retried_within_a_second(origin: Origin,
+                                                                             caplog):
+    """Default settings: ~15 s off the air, every scheduled retry is at most 1 s away (jittered,
+    so not all equal), and the input is up again soon after the station returns."""
+    caplog.set_level(logging.INFO, logger="loa.relay.inputs")
+    inp = RelayInput(f"http://127.0.0.1:{origin.port}/live.mp3").start()
+    loop = asyncio.get_running_loop()
+    try:
+        await until(lambda: inp.ups == 1, 10, "up")
+        await origin.kill()
+        await until(lambda: inp.downs >= 1, 15, "down")
+        down_at = loop.time()
+        await asyncio.sleep(15)  # off the air long enough for any backoff to grow
+        attempts = inp.attempts
+        back_at = loop.time()
+        await origin.start(origin.port)
+        await until(lambda: inp.ups == 2, 15, "up again")
+        up_after = loop.time() - back_at
+    finally:
+        inp.close()
+        await asyncio.to_thread(inp.join, 5)
+    retries = [float(m.group(1)) for m in re.finditer(
+        r"event=relay_input_(?:down|retry) .*retry_in=([0-9.]+)", caplog.text)]
+    log.info("relay back on air %s", json.dumps({
+        "outage_s": round(back_at - down_at, 1), "attempts_while_down": attempts,
+        "up_after_station_back_s": round(up_after, 3), "max_retry_s": max(retries)}))
+    assert attempts >= 10  # kept trying about once a second, not at 8 and 10 s gaps
+    assert len(retries) >= 10 and max(retries) <= 1.0
+    assert len(set(retries[2:])) > 1  # jittered: many relays do not retry in lockstep
+    assert up_after < 5.0  # generous on a loaded machine; the old backoff waited up to 10 s

@@ -520,7 +520,7 @@ async def test_sdp_served_for_known_area_404_otherwise(tmp_path: Path) -> None:
         status, text = await api.call(None, "GET", f"/streams/{AREA}.sdp")
         assert status == 200
         sdp = parse_sdp(text)
-        assert sdp["name"] == "Huyện 1"
+        assert sdp["name"] == "Huyện 1 (Opus)"
         m = sdp["media"][0]
         assert sdp["connection"] == {"address": streams[(AREA, "opus")]["group"], "ttl": 0,
                                      "nettype": "IN", "addrtype": "IP4"}
@@ -535,6 +535,7 @@ async def test_sdp_served_for_known_area_404_otherwise(tmp_path: Path) -> None:
             assert r.content_type == "application/sdp"
             m = parse_sdp(await r.text())["media"][0]
             assert m["formats"] == [str(pt)]
+            assert parse_sdp(await r.text())["name"] == f"Huyện 1 ({enc.replace('MPA', 'MP3')})"
             assert m["rtpmap"][pt]["encoding"] == enc and m["rtpmap"][pt]["clock"] == clock
         status, body = await api.call(None, "GET", "/streams/NOPE.sdp")
         assert status == 404 and body["error"] == "không có khu vực / unknown area NOPE"
@@ -656,15 +657,17 @@ async def test_sap_announces_and_deletes_the_sessions(tmp_path: Path) -> None:
                     socket.inet_aton("224.2.127.254") + socket.inet_aton(LOCAL))
     tr, col = await collect(sock)
     srv = await start_server(tmp_path, sap=True, sap_port=sap_port, sap_interval=0.5,
-                             sap_bandwidth=1_000_000, codecs="opus")
+                             sap_bandwidth=1_000_000, codecs="opus,pcmu")
     try:
-        await until(lambda: len(col.items) >= 9, "an announcement of every stream")
-        groups = {s["area"]: s["group"] for s in rtp_stats(srv.app)["streams"]}
+        await until(lambda: len(col.items) >= 18, "an announcement of every stream")
+        groups = {(s["area"], s["codec"]): s["group"] for s in rtp_stats(srv.app)["streams"]}
+        names = {a.code: a.name for a in srv.node.tree}
     finally:
         await srv.stop()
     await until(lambda: any(d[0] & 0x04 for _, d in col.items), "deletions")
     tr.close()
-    seen: dict[str, str] = {}
+    seen: dict[tuple[str, str], str] = {}
+    named: dict[tuple[str, str], str] = {}
     deleted = set()
     for _, d in col.items:
         flags, auth_len, _hash = struct.unpack_from("!BBH", d)
@@ -674,12 +677,19 @@ async def test_sap_announces_and_deletes_the_sessions(tmp_path: Path) -> None:
         assert mime == b"application/sdp"
         sdp = parse_sdp(body)
         area = next(v for k, v in sdp["attributes"] if k == "x-loa-area")
+        codec = {"opus": "opus", "PCMU": "pcmu"}[sdp["media"][0]["rtpmap"][
+            int(sdp["media"][0]["formats"][0])]["encoding"]]
         if flags & 0x04:
-            deleted.add(area)
+            deleted.add((area, codec))
         else:
-            seen[area] = sdp["connection"]["address"]
+            seen[(area, codec)] = sdp["connection"]["address"]
+            named[(area, codec)] = sdp["name"]
     assert seen == groups
     assert deleted == set(groups)
+    # A player (VLC's SAP list) shows s=: an area's two sessions are named apart, by codec.
+    assert len(set(named.values())) == len(named) == 18
+    assert named[(AREA, "opus")] == f"{names[AREA]} (Opus)"
+    assert named[(AREA, "pcmu")] == f"{names[AREA]} (PCMU)"
 
 
 # ---- SDP parsing -----------------------------------------------------------------------------
