@@ -253,7 +253,7 @@ class Station:
             pass
 
     def _enqueue(self, op: Write | None) -> None:
-        if len(self._ops) >= QUEUE_MAX and op is not None:
+        if op is not None and len(self._ops) >= max(QUEUE_MAX, 2):
             del self._ops[1]  # the oldest waiting one; [0] may be in flight
             self.dropped += 1
             log.error("store write queue full, oldest write dropped event=asrun_error "
@@ -399,32 +399,39 @@ class Station:
         self._aired.discard(bid)
 
     async def _recover(self) -> None:
-        """At start-up: close the entries a crash left open at their last "on air" mark (this
-        node's, or another node's that has not marked them for STALE_S)."""
+        """At start-up: close the entries a crash left open (this node's, or another node's
+        that has not marked them for STALE_S)."""
         now = time.time()
         for e in await self.store.find("onair"):
-            if e.get("node") != self.node_id and now - float(e.get("seen") or 0) < STALE_S:
-                continue  # on air on another node
-            end = max(float(e.get("seen") or e["start"]), e["start"])
-            e.update(end=end, seconds=round(end - e["start"], 3), end_cause="crash",
-                     followed_by=None)
-            await self._write_closed(e)
-            log.warning("as-run entry closed after a crash event=asrun_recovered id=%s area=%s "
-                        "broadcast=%s", e["id"], e["area"], e["broadcast"])
+            if e.get("node") == self.node_id or now - float(e.get("seen") or 0) >= STALE_S:
+                await self._close_stored(e, "crash")
+
+    async def _close_stored(self, e: Record, cause: str) -> None:
+        """Move a stored open entry to the log, ended at its last "still on air" mark."""
+        end = max(float(e.get("seen") or e["start"]), e["start"])
+        e.update(end=end, seconds=round(end - e["start"], 3), end_cause=cause, followed_by=None)
+        await self._write_closed(e)
+        log.warning("open as-run entry closed event=asrun_recovered id=%s area=%s broadcast=%s "
+                    "cause=%s", e["id"], e["area"], e["broadcast"], cause)
 
     async def reconcile(self) -> list[str]:
-        """End the broadcast records this node aired that are "on-air" in the store while the
-        engine no longer airs them (their end was not written: a store outage, a full queue)."""
+        """After the store returns: end the broadcast records this node aired that are "on-air"
+        in the store while the engine no longer airs them, and close this node's stored open
+        entries that are no longer on air (their writes were dropped from a full queue)."""
         ended = []
+        at = self.wall(self.engine.n * FRAME)
         for rec in await self.store.find("broadcast", status="on-air"):
             bid = rec["id"]
             if bid in self._aired and self.engine.live_broadcast(bid) is None:
                 await self.store.update("broadcast", bid, {
-                    "status": "ended", "end_cause": "reconciled",
-                    "ended": self.wall(self.engine.n * FRAME)})
+                    "status": "ended", "end_cause": "reconciled", "ended": at})
                 self._aired.discard(bid)
                 ended.append(bid)
                 log.warning("broadcast record ended, not on air event=reconciled id=%s", bid)
+        open_ids = {e["id"] for e in self._open.values()}
+        for e in await self.store.find("onair", node=self.node_id):
+            if e["id"] not in open_ids:
+                await self._close_stored(e, "reconciled")
         return ended
 
     def open_entries(self) -> list[Record]:

@@ -11,12 +11,18 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
-from tests.apiclient import tone_file
+from loa.streamer.broadcast import Broadcast
+from loa.streamer.sources import ToneSource
+from tests.apiclient import make_config, running_api, tone_file
+from tests.faults import TcpProxy
+from tests.test_api import approved_programme
 
 WAIT = 60.0
 
@@ -100,6 +106,14 @@ class Client:
         return [e for e in body["entries"] if e["broadcast"] == bid]
 
 
+async def until(cond: Any, what: str, timeout: float = WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
 async def eventually(fn: Any, what: str, timeout: float = WAIT) -> Any:
     """Poll an async predicate until it returns something truthy; the timeout ends a hang."""
     deadline = time.monotonic() + timeout
@@ -168,3 +182,85 @@ async def test_every_segment_is_in_the_as_run_log_across_kill_and_sigterm(tmp_pa
     assert termed - 0.5 <= second["end"] <= termed + 10
     assert third["on_air"] is True and third["end"] is None and third["start"] >= second["end"]
     assert "đang phát / on air" in csv_text and csv_text.count(bid) == 3
+
+
+# ---- store outage during a broadcast -------------------------------------------------------------
+@pytest.fixture
+async def proxy(redis_url: str) -> AsyncIterator[TcpProxy]:
+    host, port = redis_url.split("//")[1].split("/")[0].split(":")
+    p = await TcpProxy(host, int(port)).start()
+    try:
+        yield p
+    finally:
+        await p.close()
+
+
+async def test_a_store_outage_delays_the_as_run_log_and_the_end_of_a_broadcast(
+        tmp_path: Path, proxy: TcpProxy, redis_prefix: str) -> None:
+    tone = tone_file(tmp_path / "tone.wav", 440, 3)
+    cfg = make_config(tmp_path, store=proxy.url(), prefix=redis_prefix)
+    async with running_api(cfg) as api:
+        prog = await approved_programme(api, tone, author="huyen1")
+        status, b = await api.call("huyen1", "POST", "/api/v1/broadcasts",
+                                   json={"programme": prog, "targets": ["T01-H1-X1"]})
+        assert status == 201, b
+        api.run(1.0)
+        await api.node.station.flush()
+        proxy.set("close")  # Redis is gone while the broadcast ends by itself
+        api.run(9.0)
+        await asyncio.sleep(0)
+        assert api.node.engine.live_broadcast(b["id"]) is None
+        r = await api.client.get("/api/v1/broadcasts", headers=api.auth("huyen1"))
+        assert r.status == 503 and int(r.headers["Retry-After"]) > 0
+        assert "kho dữ liệu" in (await r.json())["error"]
+        await until(lambda: api.node.station.store_down is not None, "a failed write")
+        proxy.set("pass")
+        await asyncio.wait_for(api.node.station.flush(), WAIT)
+        rec = await api.node.store.get("broadcast", b["id"])
+        assert rec is not None and rec["status"] == "ended" and rec["end_cause"] == "finished"
+        rows = [e for e in await api.node.store.read_log("asrun") if e["broadcast"] == b["id"]]
+        assert [e["area"] for e in rows] == ["T01-H1-X1"]
+        assert abs(rows[0]["seconds"] - 7.5) < 0.05 and rows[0]["end_cause"] == "finished"
+        assert await api.node.store.find("onair") == []
+
+
+async def test_a_record_whose_end_was_dropped_is_reconciled_when_the_store_returns(
+        tmp_path: Path, proxy: TcpProxy, redis_prefix: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    tone = tone_file(tmp_path / "tone.wav", 440, 3)
+    cfg = make_config(tmp_path, store=proxy.url(), prefix=redis_prefix)
+    async with running_api(cfg) as api:
+        prog = await approved_programme(api, tone, author="huyen1")
+        status, b = await api.call("huyen1", "POST", "/api/v1/broadcasts",
+                                   json={"programme": prog, "targets": ["T01-H1-X1"]})
+        assert status == 201, b
+        api.run(1.0)
+        await api.node.station.flush()
+        monkeypatch.setattr("loa.streamer.station.QUEUE_MAX", 2)  # most writes are dropped
+        proxy.set("close")
+
+        def music(area: str) -> None:  # an on-air change, so a write for the queue
+            api.node.engine.start(Broadcast(ToneSource(330), [area], issuer=area))
+            api.run(0.2)
+
+        music("T01-H1-X2")  # its write is the one in flight, retried
+        await asyncio.sleep(0)
+        await until(lambda: api.node.station.store_down is not None, "a failed write")
+        api.run(9.0)  # the broadcast ends: its as-run entry and its end wait in the queue
+        await asyncio.sleep(0)
+        music("T01-H1-X3")  # and push them out of the full queue
+        await asyncio.sleep(0)
+        assert api.node.station.dropped > 0
+        proxy.set("pass")
+        await asyncio.wait_for(api.node.station.flush(), WAIT)
+        rec = await api.node.store.get("broadcast", b["id"])
+        assert rec is not None and rec["status"] == "ended", rec
+        assert rec["end_cause"] == "reconciled"
+        status, body = await api.call("huyen1", "GET", "/api/v1/broadcasts")
+        assert status == 200 and body["broadcasts"] == []  # no ghost on air
+        # Its as-run entry (its close was dropped) is closed at its last mark, not left open.
+        assert {e["area"] for e in await api.node.store.find("onair")} == {"T01-H1-X2",
+                                                                          "T01-H1-X3"}
+        rows = [e for e in await api.node.store.read_log("asrun") if e["broadcast"] == b["id"]]
+        assert [(e["area"], e["end_cause"]) for e in rows] == [("T01-H1-X1", "reconciled")]
+        assert rows[0]["start"] <= rows[0]["end"]
