@@ -8,8 +8,11 @@ and turns the engine's on-air changes into the as-run log.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
+import uuid
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -19,12 +22,16 @@ from loa.streamer.clock import FRAME, SAMPLE_RATE
 from loa.streamer.engine import Engine, OnAirChange
 from loa.streamer.library import MediaLibrary
 from loa.streamer.sources import Playlist, Source
-from loa.streamer.store import Record, Store
+from loa.streamer.store import Record, Store, StoreUnavailable
 from loa.streamer.tts import Speech
 
 log = logging.getLogger("loa.station")
 
 STOP_TIMEOUT = 10.0  # seconds a shutdown waits for the as-run writer, twice at most
+HEARTBEAT_S = 2.0  # "still on air" marks of open as-run entries: what a crash can lose
+STALE_S = 60.0  # another node's open entry without a mark for this long died with its node
+QUEUE_MAX = 10_000  # store writes waiting for the store; beyond that the oldest are dropped
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0  # seconds between retries of a write the store refused
 
 MAX_REPEAT = 10
 MAX_GAP = 7200.0
@@ -49,11 +56,13 @@ class Content:
 
 
 LiveFactory = Callable[[Record], Awaitable[Source]]
+Write = Callable[[], Awaitable[Any]]
 
 
 class Station:
     def __init__(self, engine: Engine, store: Store, library: MediaLibrary, speech: Speech,
-                 loop: asyncio.AbstractEventLoop, media_epoch: float) -> None:
+                 loop: asyncio.AbstractEventLoop, media_epoch: float,
+                 node_id: str = "") -> None:
         self.engine = engine
         self.store = store
         self.library = library
@@ -61,9 +70,18 @@ class Station:
         self.loop = loop
         self.media_epoch = media_epoch  # wall-clock epoch of media time 0
         self.relay_factory: LiveFactory | None = None  # set by the streams layer
+        self.node_id = node_id  # names this node's open as-run entries in a shared store
         self._open: dict[tuple[str, str], Record] = {}  # (area, broadcast) -> as-run entry
-        self._writes: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._ops: deque[Write | None] = deque()  # None: the writer's stop sentinel
+        self._wake = asyncio.Event()
+        self._idle = asyncio.Event()  # set while nothing is queued
+        self._idle.set()
         self._writer: asyncio.Task[None] | None = None
+        self._beat: asyncio.Task[None] | None = None
+        self._beat_queued = False
+        self._aired: set[str] = set()  # broadcasts this node aired whose end is not written
+        self.store_down: str | None = None  # why the last write failed, until one succeeds
+        self.dropped = 0  # writes dropped from a full queue
         engine.listeners.append(self._on_change_thread)
         engine.ended_listeners.append(self._on_end_thread)
 
@@ -175,6 +193,7 @@ class Station:
         }
         await self.store.put("broadcast", record)  # persisted before it is acknowledged
         self.engine.start(b)
+        self._aired.add(b.id)
         return record
 
     def stop(self, bid: str, by_area: str | None, cause: str = "stopped") -> None:
@@ -216,83 +235,204 @@ class Station:
             restored.append(rec["id"])
         return restored
 
-    # ---- as-run -------------------------------------------------------------------------------
+    # ---- as-run and other store writes --------------------------------------------------------
+    # Every write the engine's changes cause goes through one queue, in order, and is retried
+    # while the store is unavailable (Redis down, disk full): a store outage delays the as-run
+    # log, it does not lose it. Each write is idempotent (records by id, log entries by id), so
+    # a retry after a lost reply changes nothing.
     def _on_change_thread(self, change: OnAirChange) -> None:
-        self._post(("change", change))
+        self._post(self._on_change, change)
 
     def _on_end_thread(self, b: Broadcast, cause: str) -> None:
-        self._post(("end", (b.id, cause, self.engine.n)))
+        self._post(self._on_end, b.id, cause, self.wall(self.engine.n * FRAME))
 
-    def _post(self, item: tuple[str, Any]) -> None:
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
         try:
-            self.loop.call_soon_threadsafe(self._writes.put_nowait, item)
+            self.loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # loop closed: shutting down
             pass
 
+    def _enqueue(self, op: Write | None) -> None:
+        if op is not None and len(self._ops) >= max(QUEUE_MAX, 2):
+            del self._ops[1]  # the oldest waiting one; [0] may be in flight
+            self.dropped += 1
+            log.error("store write queue full, oldest write dropped event=asrun_error "
+                      "dropped=%d", self.dropped)
+        self._ops.append(op)
+        self._idle.clear()
+        self._wake.set()
+
     def start(self) -> None:
         self._writer = self.loop.create_task(self._write_loop())
+        self._beat = self.loop.create_task(self._heartbeat())
+        self._enqueue(self._recover)
 
     async def stop_writer(self) -> None:
-        """Write what is already queued (the as-run log of the last seconds on air), then stop.
+        """Close what is on air in the log, write what is queued, then stop the writer.
 
-        Both waits are bounded: a dead store, or a client library that swallows the
-        cancellation, must not hold up a shutdown.
+        The writer stops at a sentinel, not by cancellation (a Redis client can swallow it);
+        both waits are bounded so a dead store cannot hold up a shutdown.
         """
         if self._writer is None:
             return
-        try:
-            await asyncio.wait_for(self.flush(), STOP_TIMEOUT)
-        except TimeoutError:
-            log.error("as-run writes not flushed at shutdown event=asrun_error queued=%d",
-                      self._writes.qsize())
-        self._writer.cancel()
-        await asyncio.wait({self._writer}, timeout=STOP_TIMEOUT)
+        if self._beat:
+            self._beat.cancel()
+        at = self.wall(self.engine.n * FRAME)
+        for key in list(self._open):
+            self._close(key, at, "shutdown", None)
+        self._enqueue(None)
+        done, _ = await asyncio.wait({self._writer}, timeout=STOP_TIMEOUT)
+        if not done:
+            log.error("store writes not flushed at shutdown event=asrun_error queued=%d",
+                      len(self._ops))
+            self._writer.cancel()
+            await asyncio.wait({self._writer}, timeout=STOP_TIMEOUT)
         self._writer = None
 
     async def flush(self) -> None:
         """Wait until every change handed over so far is written (tests, shutdown)."""
         await asyncio.sleep(0)  # let call_soon_threadsafe deliveries land first
-        await self._writes.join()
+        await self._idle.wait()
 
     async def _write_loop(self) -> None:
+        backoff = BACKOFF_MIN
         while True:
-            kind, item = await self._writes.get()
+            if not self._ops:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            op = self._ops[0]
+            if op is None:
+                self._ops.popleft()
+                self._idle.set()
+                return
             try:
-                if kind == "change":
-                    await self._record_change(item)
-                else:
-                    bid, cause, n = item
-                    if await self.store.get("broadcast", bid):
-                        await self.store.update("broadcast", bid, {
-                            "status": "ended", "end_cause": cause,
-                            "ended": self.wall(n * FRAME)})
-            except Exception:  # the as-run log must never take the station down
-                log.exception("as-run write failed event=asrun_error")
-            finally:
-                self._writes.task_done()
+                await op()
+            except StoreUnavailable as e:
+                if self.store_down is None:
+                    log.error("store unavailable, writes queued event=store_down error=%s", e)
+                self.store_down = str(e)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+                continue  # the same write again: order is kept
+            except Exception:  # a bad write must neither take the station down nor block others
+                log.exception("store write failed event=asrun_error")
+            self._ops.popleft()
+            if not self._ops:
+                self._idle.set()
+            if self.store_down is not None:
+                log.info("store back, queued writes done event=store_up queued=%d",
+                         len(self._ops))
+                self.store_down = None
+                backoff = BACKOFF_MIN
+                self._enqueue(self.reconcile)
 
-    async def _record_change(self, c: OnAirChange) -> None:
+    async def _heartbeat(self) -> None:
+        """Mark open entries "still on air at" now and then: a crash loses at most the time
+        since the last mark. One put_many per mark, skipped while the last is still queued."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            if self._open and not self._beat_queued:
+                self._beat_queued = True
+                self._enqueue(self._mark)
+
+    async def _mark(self) -> None:
+        self._beat_queued = False
+        seen = self.wall(self.engine.n * FRAME)
+        for entry in self._open.values():
+            entry["seen"] = seen
+        if self._open:
+            await self.store.put_many("onair", [dict(e) for e in self._open.values()])
+
+    def _on_change(self, c: OnAirChange) -> None:
         at = self.wall(c.sample)
         if c.before is not None:
-            entry = self._open.pop((c.area, c.before), None)
-            if entry is not None:
-                entry["end"] = at
-                entry["seconds"] = round(at - entry["start"], 3)
-                entry["end_cause"] = c.cause
-                entry["followed_by"] = c.after
-                await self.store.append("asrun", entry)
+            self._close((c.area, c.before), at, c.cause, c.after)
         if c.after is not None:
-            info = await self.store.get("broadcast", c.after) or {}
-            self._open[(c.area, c.after)] = {
+            self._aired.add(c.after)
+            live = self.engine.live_broadcast(c.after)
+            entry: Record = {
+                "id": uuid.uuid4().hex,
                 "area": c.area,
                 "broadcast": c.after,
-                "title": info.get("title"),
-                "class": info.get("class"),
-                "issuer": info.get("issuer"),
+                "title": live.title if live else None,
+                "class": live.cls.name if live else None,
+                "issuer": live.issuer if live else None,
                 "start": at,
                 "start_cause": c.cause,
                 "preempted": c.before,
+                "node": self.node_id,
+                "seen": at,
             }
+            self._open[(c.area, c.after)] = entry
+            self._enqueue(functools.partial(self._write_open, entry))
+
+    async def _write_open(self, entry: Record) -> None:
+        if entry["title"] is None:
+            info = await self.store.get("broadcast", entry["broadcast"]) or {}
+            entry.update({k: info.get(k) for k in ("title", "class", "issuer")})
+        if "end" not in entry:  # closed meanwhile (a backlog): its log entry is next in line
+            await self.store.put("onair", dict(entry))
+
+    def _close(self, key: tuple[str, str], at: float, cause: str, after: str | None) -> None:
+        entry = self._open.pop(key, None)
+        if entry is None:
+            return
+        entry.update(end=at, seconds=round(at - entry["start"], 3), end_cause=cause,
+                     followed_by=after)
+        self._enqueue(functools.partial(self._write_closed, entry))
+
+    async def _write_closed(self, entry: Record) -> None:
+        out = {k: v for k, v in entry.items() if k not in ("node", "seen")}
+        # ts (what reports select by): when it ended, not when a retry or a restart wrote it
+        await self.store.append("asrun", {**out, "ts": min(out["end"], time.time())})
+        await self.store.delete("onair", entry["id"])
+
+    def _on_end(self, bid: str, cause: str, at: float) -> None:
+        self._enqueue(functools.partial(self._write_end, bid, cause, at))
+
+    async def _write_end(self, bid: str, cause: str, at: float) -> None:
+        rec = await self.store.get("broadcast", bid)
+        if rec and rec.get("status") == "on-air":
+            await self.store.update("broadcast", bid, {"status": "ended", "end_cause": cause,
+                                                       "ended": at})
+        self._aired.discard(bid)
+
+    async def _recover(self) -> None:
+        """At start-up: close the entries a crash left open (this node's, or another node's
+        that has not marked them for STALE_S)."""
+        now = time.time()
+        for e in await self.store.find("onair"):
+            if e.get("node") == self.node_id or now - float(e.get("seen") or 0) >= STALE_S:
+                await self._close_stored(e, "crash")
+
+    async def _close_stored(self, e: Record, cause: str) -> None:
+        """Move a stored open entry to the log, ended at its last "still on air" mark."""
+        end = max(float(e.get("seen") or e["start"]), e["start"])
+        e.update(end=end, seconds=round(end - e["start"], 3), end_cause=cause, followed_by=None)
+        await self._write_closed(e)
+        log.warning("open as-run entry closed event=asrun_recovered id=%s area=%s broadcast=%s "
+                    "cause=%s", e["id"], e["area"], e["broadcast"], cause)
+
+    async def reconcile(self) -> list[str]:
+        """After the store returns: end the broadcast records this node aired that are "on-air"
+        in the store while the engine no longer airs them, and close this node's stored open
+        entries that are no longer on air (their writes were dropped from a full queue)."""
+        ended = []
+        at = self.wall(self.engine.n * FRAME)
+        for rec in await self.store.find("broadcast", status="on-air"):
+            bid = rec["id"]
+            if bid in self._aired and self.engine.live_broadcast(bid) is None:
+                await self.store.update("broadcast", bid, {
+                    "status": "ended", "end_cause": "reconciled", "ended": at})
+                self._aired.discard(bid)
+                ended.append(bid)
+                log.warning("broadcast record ended, not on air event=reconciled id=%s", bid)
+        open_ids = {e["id"] for e in self._open.values()}
+        for e in await self.store.find("onair", node=self.node_id):
+            if e["id"] not in open_ids:
+                await self._close_stored(e, "reconciled")
+        return ended
 
     def open_entries(self) -> list[Record]:
         return list(self._open.values())

@@ -35,6 +35,17 @@ class Conflict(StoreError):
     """An id or a unique field value that already exists, or a stale version."""
 
 
+class StoreUnavailable(StoreError):
+    """The store cannot be reached or written now (Redis down or slow, disk full, read-only
+    data directory). Transient: the HTTP layer answers 503 with Retry-After, writers retry."""
+
+    retry_after = 5  # seconds an HTTP client is told to wait
+
+
+UNREACHABLE = "kho dữ liệu không truy cập được / store is unreachable"
+READ_ONLY = "kho dữ liệu không ghi được / store is read-only or full"
+
+
 @dataclass(frozen=True)
 class Kind:
     indexed: tuple[str, ...] = ()  # fields `find` can filter on (equality)
@@ -53,13 +64,17 @@ KINDS: Mapping[str, Kind] = {
     "device": Kind(indexed=("area", "kind")),
     "command": Kind(indexed=("device", "status")),
     "emergency": Kind(indexed=("status", "issuer", "cap_key", "cancel_key"), unique=("cap_key",)),
+    # As-run entries of segments still on air (the log gets them when they close; a crash
+    # leaves them here with the last "still on air" mark, closed at the next start).
+    "onair": Kind(indexed=("area", "node")),
 }
 
 LOGS = ("audit", "asrun")
 
 
 class Store(abc.ABC):
-    """Async interface. Every method may raise StoreError subclasses; none blocks the loop."""
+    """Async interface. Every method may raise StoreError subclasses (StoreUnavailable when the
+    backend cannot be reached or written); none blocks the loop."""
 
     # ---- records -----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -95,7 +110,10 @@ class Store(abc.ABC):
     # ---- logs --------------------------------------------------------------------------------
     @abc.abstractmethod
     async def append(self, log: str, entry: Record) -> Record:
-        """Append to an append-only log; sets `ts` (epoch seconds) if missing and `seq`."""
+        """Append to an append-only log; sets `ts` (epoch seconds) if missing and `seq`.
+
+        An entry with a string `id` is appended once: appending the same id again (a retry
+        after a lost reply) returns the stored entry and adds nothing."""
 
     @abc.abstractmethod
     async def read_log(self, log: str, *, since: float | None = None, until: float | None = None,

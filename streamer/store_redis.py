@@ -5,7 +5,8 @@ Keys, all under the prefix (default `loa:`):
 - `rec:{kind}` hash id -> record JSON
 - `idx:{kind}:{field}:{canonical JSON value}` set of ids (every indexed field, null when missing)
 - `uniq:{kind}:{field}` hash canonical JSON value -> id (unique fields, non-null values)
-- `log:{log}` sorted set, score ts, member `{seq:020d}:{entry JSON}`; `seq:{log}` its INCR counter
+- `log:{log}` sorted set, score ts, member `{seq:020d}:{entry JSON}`; `seq:{log}` its INCR counter;
+  `logid:{log}` hash entry id -> seq (entries with an id are appended once)
 - `hit:{key}` fixed-window counter (SET NX PX + INCR in one MULTI)
 - `meta` hash: `schema` version and `index:{kind}` declarations the index keys were built with
 
@@ -20,19 +21,26 @@ Redis Cluster.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any, cast
+import functools
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any, ParamSpec, TypeVar, cast
+from urllib.parse import parse_qs, urlsplit
 
 import redis.asyncio as aioredis
+import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 
 from loa.streamer.store import (
     KINDS,
+    UNREACHABLE,
     Conflict,
     Kind,
     NotFound,
     Record,
     Store,
     StoreError,
+    StoreUnavailable,
     canon,
     check_filter,
     check_kind,
@@ -50,6 +58,9 @@ from loa.streamer.store import (
 SCHEMA_VERSION = 1
 RETRIES = 100  # compare-and-set attempts before giving up on a record written that often
 LOG_PAGE = 500
+# A black-holed Redis must not hold every request (5 s and 3 retries by default): override with
+# `?socket_timeout=...&socket_connect_timeout=...` in the store URL.
+TIMEOUT_S = 1.0
 
 # ARGV: rec_key, n_ops, then per op: id, expected old JSON ('' = absent), new JSON ('' = delete),
 # n_old_sets, n_old_uniq, n_new_sets, n_new_uniq, old set keys, old (uniq key, value) pairs,
@@ -109,12 +120,48 @@ end
 return {'ok'}
 """
 
-# ARGV: seq key, log key, ts, entry JSON. Returns seq.
+# ARGV: seq key, log key, ts, entry JSON, ids key, entry id ('' if none). Returns seq.
 APPEND = """
+if ARGV[6] ~= '' then
+  local old = redis.call('HGET', ARGV[5], ARGV[6])
+  if old then return tonumber(old) end
+end
 local seq = redis.call('INCR', ARGV[1])
 redis.call('ZADD', ARGV[2], ARGV[3], string.format('%020d', seq) .. ':' .. ARGV[4])
+if ARGV[6] ~= '' then redis.call('HSET', ARGV[5], ARGV[6], seq) end
 return seq
 """
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+def _mapped(fn: Callable[P, Coroutine[Any, Any, T]]) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Redis down, slow or gone: StoreUnavailable, which callers answer 503 to or retry."""
+    @functools.wraps(fn)
+    async def run(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return await fn(*args, **kwargs)
+        except _DOWN as e:
+            raise _unavailable(e) from e
+    return run
+
+
+_DOWN = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError, TimeoutError)
+
+
+def _unavailable(e: BaseException) -> StoreUnavailable:
+    return StoreUnavailable(f"{UNREACHABLE} ({type(e).__name__}: {e})")
+
+
+def _client_options(url: str) -> dict[str, Any]:
+    """Short timeouts and one reconnect attempt, unless the URL sets them."""
+    given = parse_qs(urlsplit(url).query)
+    opts: dict[str, Any] = {"retry": Retry(NoBackoff(), 1)}
+    for key in ("socket_timeout", "socket_connect_timeout"):
+        if key not in given:
+            opts[key] = TIMEOUT_S
+    return opts
 
 Op = tuple[str, str | None, Record | None, str | None, Record | None]  # id, old, old rec, new, rec
 
@@ -135,11 +182,14 @@ class RedisStore(Store):
     @classmethod
     async def connect(cls, url: str, prefix: str = "loa:") -> RedisStore:
         """Connect, refuse a newer schema, rebuild index keys whose declaration changed."""
-        client = aioredis.from_url(url, decode_responses=True)
+        client = aioredis.from_url(url, decode_responses=True, **_client_options(url))
         try:
             await client.ping()
             store = cls(client, prefix)
             await store._check_schema()
+        except _DOWN as e:
+            await client.aclose()
+            raise _unavailable(e) from e
         except BaseException:
             await client.aclose()
             raise
@@ -247,10 +297,12 @@ class RedisStore(Store):
         return data, None if data is None else load(data)
 
     # ---- records -------------------------------------------------------------------------------
+    @_mapped
     async def get(self, kind: str, id: str) -> Record | None:
         check_kind(kind)
         return (await self._read(kind, id))[1]
 
+    @_mapped
     async def create(self, kind: str, record: Record) -> Record:
         spec = check_kind(kind)
         rid, data = check_record(record)
@@ -260,6 +312,7 @@ class RedisStore(Store):
             raise Conflict(f"{kind} {rid!r} already exists")
         return new
 
+    @_mapped
     async def put(self, kind: str, record: Record) -> Record:
         spec = check_kind(kind)
         rid, data = check_record(record)
@@ -270,6 +323,7 @@ class RedisStore(Store):
                 return new
         raise Conflict(f"{kind} {rid!r} kept changing during put; gave up")
 
+    @_mapped
     async def update(self, kind: str, id: str, changes: Record) -> Record:
         spec = check_kind(kind)
         for _ in range(RETRIES):
@@ -281,6 +335,7 @@ class RedisStore(Store):
                 return new
         raise Conflict(f"{kind} {id!r} kept changing during update; gave up")
 
+    @_mapped
     async def delete(self, kind: str, id: str) -> bool:
         spec = check_kind(kind)
         for _ in range(RETRIES):
@@ -291,6 +346,7 @@ class RedisStore(Store):
                 return True
         raise Conflict(f"{kind} {id!r} kept changing during delete; gave up")
 
+    @_mapped
     async def put_many(self, kind: str, records: list[Record]) -> None:
         spec = check_kind(kind)
         new: dict[str, tuple[str, Record]] = {}
@@ -311,6 +367,7 @@ class RedisStore(Store):
     # ---- record reads --------------------------------------------------------------------------
     # `kind` is positional-only: device records have an indexed field named "kind", and
     # find("device", kind="speaker") cannot bind under Store's signature (see store.py).
+    @_mapped
     async def find(self, kind: str, /, **eq: Any) -> list[Record]:
         filters = check_filter(kind, check_kind(kind), eq)
         if not filters:
@@ -329,6 +386,7 @@ class RedisStore(Store):
                 out.append(record)
         return out
 
+    @_mapped
     async def count(self, kind: str, /, **eq: Any) -> int:
         filters = check_filter(kind, check_kind(kind), eq)
         if not filters:
@@ -339,15 +397,18 @@ class RedisStore(Store):
         return len(await self._r.sinter(keys))
 
     # ---- logs ----------------------------------------------------------------------------------
+    @_mapped
     async def append(self, log: str, entry: Record) -> Record:
         check_log(log)
         ts, out = log_entry(entry)
+        eid = out["id"] if isinstance(out.get("id"), str) else ""
         seq = await self._append(
             keys=[], args=[f"{self.prefix}seq:{log}", f"{self.prefix}log:{log}", repr(ts),
-                           dumps(out)])
+                           dumps(out), f"{self.prefix}logid:{log}", eid])
         out["seq"] = int(seq)
         return out
 
+    @_mapped
     async def read_log(self, log: str, *, since: float | None = None, until: float | None = None,
                        limit: int = 1000, **eq: Any) -> list[Record]:
         check_log(log)
@@ -376,6 +437,7 @@ class RedisStore(Store):
         return out
 
     # ---- counters ------------------------------------------------------------------------------
+    @_mapped
     async def hit(self, key: str, window: float) -> int:
         if window <= 0:
             raise ValueError(f"hit window must be > 0 s, got {window}")

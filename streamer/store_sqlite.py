@@ -23,12 +23,14 @@ from typing import Any, TypeVar
 
 from loa.streamer.store import (
     KINDS,
+    READ_ONLY,
     Conflict,
     Kind,
     NotFound,
     Record,
     Store,
     StoreError,
+    StoreUnavailable,
     canon,
     check_filter,
     check_kind,
@@ -85,6 +87,9 @@ MIGRATIONS: tuple[Migration, ...] = (
         # index:<kind> -> kind_signature() the idx rows were built with
         "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     ),
+    # Log entries with an id are appended once (a writer retrying after a lost reply).
+    _sql("ALTER TABLE logs ADD COLUMN eid TEXT",
+         "CREATE UNIQUE INDEX logs_eid ON logs (log, eid) WHERE eid IS NOT NULL"),
 )
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -175,6 +180,36 @@ def _connect(path: Path) -> sqlite3.Connection:
     return db
 
 
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """The file as it is, for a node that must air what is stored on a read-only or full disk.
+
+    `immutable` needs neither the -shm nor the -wal file (a WAL database cannot otherwise be
+    opened where they cannot be created); every write then fails as read-only."""
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?immutable=1", uri=True,
+                         isolation_level=None, check_same_thread=False)
+    try:
+        version = _schema_version(db)
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"{path}: store schema version {version}, this Loa needs "
+                             f"{SCHEMA_VERSION} and cannot migrate a read-only file")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+# What SQLite says when the disk, not the request, is the problem.
+_UNAVAILABLE = ("disk is full", "readonly", "read-only", "disk i/o error", "unable to open",
+                "database is locked")
+
+
+def _unavailable(e: BaseException) -> StoreUnavailable | None:
+    if isinstance(e, OSError) or (isinstance(e, sqlite3.OperationalError) and any(
+            m in str(e).lower() for m in _UNAVAILABLE)):
+        return StoreUnavailable(f"{READ_ONLY} ({e})")
+    return None
+
+
 def _tx(db: sqlite3.Connection, fn: Callable[[], T]) -> T:
     """Run fn in a write transaction; any exception rolls everything back."""
     db.execute("BEGIN IMMEDIATE")
@@ -194,25 +229,41 @@ def _unique_error(kind: str, e: sqlite3.IntegrityError) -> Conflict:
 class SqliteStore(Store):
     """The store in one SQLite file. Use `await SqliteStore.open(path)`."""
 
-    def __init__(self, path: Path, db: sqlite3.Connection, executor: ThreadPoolExecutor) -> None:
+    def __init__(self, path: Path, db: sqlite3.Connection, executor: ThreadPoolExecutor,
+                 read_only: str | None = None) -> None:
         self.path = path
         self._db: sqlite3.Connection | None = db
         self._ex = executor
         self._hits = 0
+        self.read_only = read_only  # why it was opened read-only (degraded start), or None
 
     @classmethod
-    async def open(cls, path: Path) -> SqliteStore:
-        """Open (creating the file and its parent directories) and migrate."""
+    async def open(cls, path: Path, *, degraded: bool = False) -> SqliteStore:
+        """Open (creating the file and its parent directories) and migrate.
+
+        `degraded`: when the disk refuses writes (full, read-only) and the file exists, open it
+        read-only instead of failing, so the node can still air what is stored."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        loop = asyncio.get_running_loop()
         # One thread owns the connection: calls are serialised and never run on the loop.
         ex = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loa-sqlite")
         try:
-            db = await asyncio.get_running_loop().run_in_executor(ex, _connect, path)
+            try:
+                await loop.run_in_executor(
+                    ex, functools.partial(path.parent.mkdir, parents=True, exist_ok=True))
+                db = await loop.run_in_executor(ex, _connect, path)
+                return cls(path, db, ex)
+            except (OSError, sqlite3.Error) as e:
+                unavailable = _unavailable(e)
+                if unavailable is None:
+                    raise
+                if not degraded or not path.exists():
+                    raise unavailable from e
+                db = await loop.run_in_executor(ex, _connect_read_only, path)
+                return cls(path, db, ex, read_only=str(unavailable))
         except BaseException:
             ex.shutdown(wait=False)
             raise
-        return cls(path, db, ex)
 
     def __repr__(self) -> str:
         return f"SqliteStore({str(self.path)!r})"
@@ -220,8 +271,14 @@ class SqliteStore(Store):
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._db is None:
             raise StoreError("store is closed")
-        return await asyncio.get_running_loop().run_in_executor(
-            self._ex, functools.partial(fn, self._db, *args))
+        try:
+            return await asyncio.get_running_loop().run_in_executor(
+                self._ex, functools.partial(fn, self._db, *args))
+        except (OSError, sqlite3.OperationalError) as e:
+            unavailable = _unavailable(e)
+            if unavailable is None:
+                raise
+            raise unavailable from e
 
     # ---- records -------------------------------------------------------------------------------
     async def get(self, kind: str, id: str) -> Record | None:
@@ -267,9 +324,8 @@ class SqliteStore(Store):
     async def append(self, log: str, entry: Record) -> Record:
         check_log(log)
         ts, out = log_entry(entry)
-        data = dumps(out)
-        out["seq"] = await self._run(_append, log, ts, data)
-        return out
+        eid = out.get("id") if isinstance(out.get("id"), str) else None
+        return await self._run(_append, log, ts, out, eid)
 
     async def read_log(self, log: str, *, since: float | None = None, until: float | None = None,
                        limit: int = 1000, **eq: Any) -> list[Record]:
@@ -405,10 +461,17 @@ def _put_many(db: sqlite3.Connection, kind: str, spec: Kind, records: list[Recor
     _tx(db, run)
 
 
-def _append(db: sqlite3.Connection, log: str, ts: float, data: str) -> int:
-    cur = db.execute("INSERT INTO logs (log, ts, data) VALUES (?, ?, ?)", (log, ts, data))
+def _append(db: sqlite3.Connection, log: str, ts: float, entry: Record, eid: str | None
+            ) -> Record:
+    if eid is not None:
+        row = db.execute("SELECT seq, data FROM logs WHERE log = ? AND eid = ?",
+                         (log, eid)).fetchone()
+        if row is not None:
+            return {**load(row[1]), "seq": row[0]}
+    cur = db.execute("INSERT INTO logs (log, ts, data, eid) VALUES (?, ?, ?, ?)",
+                     (log, ts, dumps(entry), eid))
     assert cur.lastrowid is not None
-    return cur.lastrowid
+    return {**entry, "seq": cur.lastrowid}
 
 
 def _read_log(db: sqlite3.Connection, log: str, since: float | None, until: float | None,

@@ -11,7 +11,7 @@ import sqlite3
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
@@ -20,9 +20,18 @@ import pytest
 import redis.asyncio as aioredis
 
 from loa.streamer import store as store_mod
-from loa.streamer.store import Conflict, Kind, NotFound, Store, StoreError, open_store
+from loa.streamer.store import (
+    Conflict,
+    Kind,
+    NotFound,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    open_store,
+)
 from loa.streamer.store_redis import RedisStore
 from loa.streamer.store_sqlite import SCHEMA_VERSION, SchemaTooNew, SqliteStore
+from tests.faults import TcpProxy, fill, tmpfs
 
 VIETNAMESE = "Thông báo khẩn cấp: nước lũ dâng cao ở xã Đồng Tâm, đề nghị sơ tán"
 
@@ -85,6 +94,68 @@ async def store(backend: Backend) -> AsyncIterator[AnyStore]:
 
 def user(id: str, username: str, **more: object) -> dict[str, object]:
     return {"id": id, "username": username, **more}
+
+
+@dataclass
+class Sick:
+    """A store whose backend the test can break for real and heal: a full disk under SQLite,
+    a black-holed network to Redis."""
+
+    store: AnyStore
+    sick: Callable[[bool], None]
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def sick_backend(request: pytest.FixtureRequest) -> str:
+    """"sqlite" or the Redis URL (failing under CI=1 when Redis is down)."""
+    return "sqlite" if request.param == "sqlite" else str(request.getfixturevalue("redis_url"))
+
+
+@pytest.fixture
+async def sick(sick_backend: str, redis_prefix: str) -> AsyncIterator[Sick]:
+    if sick_backend == "sqlite":
+        with tmpfs("2m") as disk:
+            s: AnyStore = await SqliteStore.open(disk / "loa.db")
+            filler: list[Path] = []
+
+            def sqlite_sick(on: bool) -> None:
+                if on:
+                    filler.append(fill(disk))
+                else:
+                    filler.pop().unlink()
+
+            try:
+                yield Sick(s, sqlite_sick)
+            finally:
+                await s.close()
+        return
+    url = sick_backend
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    proxy = await TcpProxy(host, int(port)).start()
+    s = await RedisStore.connect(proxy.url(int(url.rsplit("/", 1)[1])), prefix=redis_prefix)
+    try:
+        yield Sick(s, lambda on: proxy.set("blackhole" if on else "pass"))
+    finally:
+        await s.close()
+        await proxy.close()
+        await _delete_prefix(url, redis_prefix)
+
+
+async def test_a_store_that_cannot_write_says_unavailable_and_recovers(sick: Sick) -> None:
+    s = sick.store
+    await s.put("broadcast", {"id": "b1", "status": "on-air"})
+    sick.sick(True)
+    with pytest.raises(StoreUnavailable):  # a full WAL page or a timeout, never a hang
+        for i in range(1000):
+            await s.append("asrun", {"id": f"x{i}", "pad": "x" * 65536})
+    with pytest.raises(StoreUnavailable):
+        for i in range(1000):
+            await s.put("broadcast", {"id": f"b{i}", "status": "ended", "pad": "y" * 65536})
+    sick.sick(False)
+    await s.update("broadcast", "b1", {"status": "ended"})
+    assert (await s.get("broadcast", "b1")) == {"id": "b1", "status": "ended"}
+    await s.append("asrun", {"id": "after", "area": "A"})
+    assert [e for e in await s.read_log("asrun") if e["id"] == "after"]
 
 
 # ---- records: round trip -------------------------------------------------------------------------
@@ -391,6 +462,16 @@ async def test_append_sets_ts_and_an_increasing_seq(store: AnyStore) -> None:
     assert seqs == sorted(seqs) and len(set(seqs)) == 50
     with pytest.raises(ValueError):
         await store.append("audit", {"ts": "yesterday"})
+
+
+async def test_an_entry_with_an_id_is_appended_once(store: AnyStore) -> None:
+    first = await store.append("asrun", {"id": "e1", "area": "A", "ts": 10.0})
+    again = await store.append("asrun", {"id": "e1", "area": "A", "ts": 10.0})  # a retry
+    other = await store.append("asrun", {"id": "e2", "area": "A", "ts": 11.0})
+    await store.append("audit", {"id": "e1", "ts": 12.0})  # ids are per log
+    assert again == first and other["seq"] > first["seq"]
+    assert [e["id"] for e in await store.read_log("asrun")] == ["e1", "e2"]
+    assert len(await store.read_log("audit")) == 1
 
 
 async def test_concurrent_appends_get_distinct_seqs(store: AnyStore) -> None:

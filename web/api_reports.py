@@ -20,6 +20,7 @@ routes = web.RouteTableDef()
 TZ = ZoneInfo("Asia/Ho_Chi_Minh")
 ASRUN_FIELDS = ["area", "broadcast", "title", "class", "issuer", "start", "end", "seconds",
                 "start_cause", "end_cause", "preempted", "followed_by"]
+ON_AIR = "đang phát / on air"  # the end cause a CSV shows for a segment still on air
 
 
 def _epoch(request: web.Request, name: str, default: float) -> float:
@@ -51,8 +52,21 @@ async def _entries(request: web.Request) -> tuple[list[Record], float, float]:
     p.require_area(node.tree, area)
     inside = set(node.tree.subtree(area))
     rows = await node.store.read_log("asrun", since=since - 86400, until=until, limit=200_000)
-    out = [r for r in rows if r.get("area") in inside and r["end"] > since and r["start"] < until]
+    # Segments still on air (or left open by a crash not yet recovered): no end, `on_air`,
+    # `seen` the last time the node marked them on air.
+    rows += [{**{k: v for k, v in r.items() if k != "node"}, "end": None,
+              "seconds": None, "end_cause": None, "on_air": True}
+             for r in await node.store.find("onair")]
+    now = time.time()
+    out = [r for r in rows if r.get("area") in inside and _end(r, now) > since
+           and r["start"] < until]
+    out.sort(key=lambda r: (r["start"], r["area"]))
     return out, since, until
+
+
+def _end(row: Record, now: float) -> float:
+    """An open entry counts as on air until now."""
+    return float(row["end"]) if row.get("end") is not None else max(now, row["start"])
 
 
 @routes.get("/api/v1/reports/asrun")
@@ -63,7 +77,9 @@ async def asrun(request: web.Request) -> web.StreamResponse:
         w = csv.DictWriter(buf, ASRUN_FIELDS, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({**r, "start": _iso(r["start"]), "end": _iso(r["end"])})
+            closed = r.get("end") is not None
+            w.writerow({**r, "start": _iso(r["start"]), "end": _iso(r["end"]) if closed else "",
+                        "end_cause": r.get("end_cause") if closed else ON_AIR})
         return web.Response(text=buf.getvalue(), content_type="text/csv", charset="utf-8",
                             headers={"Content-Disposition": 'attachment; filename="asrun.csv"'})
     return ok({"entries": rows})
@@ -73,10 +89,11 @@ async def asrun(request: web.Request) -> web.StreamResponse:
 async def summary(request: web.Request) -> web.Response:
     """Hours on air per area and class, and bulletins per local day."""
     rows, since, until = await _entries(request)
+    now = time.time()
     hours: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     per_day: dict[str, set[str]] = defaultdict(set)
     for r in rows:
-        start, end = max(r["start"], since), min(r["end"], until)
+        start, end = max(r["start"], since), min(_end(r, now), until)
         hours[r["area"]][r.get("class") or "unknown"] += (end - start) / 3600
         if r.get("class") != "background":
             per_day[datetime.fromtimestamp(r["start"], TZ).date().isoformat()].add(r["broadcast"])

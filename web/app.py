@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from pathlib import Path
 
@@ -95,7 +96,7 @@ class Node:
         else:
             media_epoch = time.time()
         self.station = Station(self.engine, self.store, self.library, self.speech, loop,
-                               media_epoch)
+                               media_epoch, node_id=f"{socket.gethostname()}:{data.resolve()}")
         self.station.start()
         await self._bootstrap_admin()
         self.scheduler = Scheduler(self.engine, media_epoch, self._scheduled_broadcast)

@@ -13,7 +13,7 @@ from aiohttp import web
 from loa.codecs.decode import MediaError
 from loa.streamer.areas import AreaError
 from loa.streamer.engine import AuthorityError
-from loa.streamer.store import Conflict, NotFound, Store
+from loa.streamer.store import Conflict, NotFound, Store, StoreUnavailable
 from loa.web.auth import AuthError, Forbidden, Principal, RateLimited, authenticate
 
 log = logging.getLogger("loa.http")
@@ -139,6 +139,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(404, f"không tìm thấy / not found: {e}")
     except Conflict as e:
         return error_response(409, str(e))
+    except StoreUnavailable as e:  # transient: no traceback, the client retries
+        log.warning("store unavailable event=http_503 path=%s error=%s", request.path, e)
+        return error_response(503, str(e), headers={"Retry-After": str(e.retry_after)})
     except AreaError as e:
         return error_response(422, str(e), "targets")
     except MediaError as e:
