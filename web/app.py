@@ -169,10 +169,11 @@ def create_app(node: Node) -> web.Application:
         streams_rtp,
         streams_webrtc,
     )
-    from loa.web.http import STORE, auth_middleware, error_middleware
+    from loa.web.http import STORE, auth_middleware, body_limit_middleware, error_middleware
 
     max_upload = node.cfg.media.max_mb * 1024 * 1024 + MAX_UPLOAD_OVERHEAD
-    app = web.Application(middlewares=[error_middleware, auth_middleware],
+    limits = body_limit_middleware({"/api/v1/media": max_upload})
+    app = web.Application(middlewares=[error_middleware, limits, auth_middleware],
                           client_max_size=max_upload)
     app[NODE] = node
     app[STORE] = node.store

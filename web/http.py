@@ -152,6 +152,30 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(500, "lỗi máy chủ / internal server error")
 
 
+def body_limit_middleware(limits: dict[str, int]) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """Refuse a declared Content-Length over the route's limit (`limits` by path, else MAX_JSON
+    for JSON) before reading a byte of the body, and close the connection instead of draining
+    what the client keeps sending."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        limit = limits.get(request.path)
+        if limit is None and request.content_type == "application/json":
+            limit = MAX_JSON
+        size = request.content_length
+        if limit is None or size is None or size <= limit:
+            return await handler(request)
+        resp = error_response(413, "nội dung quá lớn / request body too large: limit "
+                                   f"{limit // 1024} KiB")
+        resp.force_close()
+        await resp.prepare(request)
+        await resp.write_eof()
+        request.protocol.force_close()  # no lingering read of the rest of the body
+        return resp
+
+    return middleware
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     path = request.path
