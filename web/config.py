@@ -113,6 +113,24 @@ def _apply(section_name: str, obj: Any, values: dict[str, Any]) -> None:
         setattr(obj, key, _coerce(f"[{section_name}] {key}", getattr(obj, key), value))
 
 
+# Config sections by length, longest first: LOA_HTTP_STREAMS_BURST_MS is [http_streams]
+# burst_ms, never an [http] section; top-level keys (store, store_prefix) are no sections.
+_SECTIONS = sorted((f.name for f in fields(Config) if f.name not in ("store", "store_prefix")),
+                   key=len, reverse=True)
+
+
+def _env_section(key: str) -> tuple[str, str] | None:
+    """(section, key) of a LOA_<SECTION>_<KEY> variable; None for LOA_ variables of other
+    tools (and of the tests), which are not ours to refuse."""
+    if not key.startswith("LOA_"):
+        return None
+    rest = key[4:].lower()
+    for section in _SECTIONS:
+        if rest.startswith(section + "_") and len(rest) > len(section) + 1:
+            return section, rest[len(section) + 1:]
+    return None
+
+
 def load_config(path: str | os.PathLike[str] | None = None,
                 env: dict[str, str] | None = None, **overrides: Any) -> Config:
     cfg = Config()
@@ -130,11 +148,9 @@ def load_config(path: str | os.PathLike[str] | None = None,
         if f"LOA_{top.upper()}" in env:
             data[top] = env.pop(f"LOA_{top.upper()}")
     for key, value in env.items():
-        if not key.startswith("LOA_") or key.count("_") < 2:
-            continue
-        section, _, name = key[4:].lower().partition("_")
-        if section not in ("store", "test") and hasattr(cfg, section):
-            # LOA_ variables of other tools (and of the tests) are not ours to refuse.
+        found = _env_section(key)
+        if found is not None:
+            section, name = found
             data.setdefault(section, {})[name] = value
     for section, values in data.items():
         if section in ("store", "store_prefix"):
