@@ -168,10 +168,11 @@ def create_app(node: Node) -> web.Application:
         streams_rtp,
         streams_webrtc,
     )
-    from loa.web.http import STORE, auth_middleware, error_middleware
+    from loa.web.http import STORE, auth_middleware, error_middleware, refusal_audit_middleware
 
     max_upload = node.cfg.media.max_mb * 1024 * 1024 + MAX_UPLOAD_OVERHEAD
-    app = web.Application(middlewares=[error_middleware, auth_middleware],
+    app = web.Application(middlewares=[refusal_audit_middleware, error_middleware,
+                                       auth_middleware],
                           client_max_size=max_upload)
     app[NODE] = node
     app[STORE] = node.store
