@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -38,10 +39,17 @@ class Area:
         }
 
 
+# Official (GSO) codes are digits, operators' own codes ASCII letters, digits and '-': nothing
+# that can hide in a URL, a log line or a look-alike (NUL, RTL override, Cyrillic "Т").
+CODE_RE = re.compile(r"[A-Za-z0-9-]{1,32}")
+
+
 def _clean_code(code: str) -> str:
     code = (code or "").strip()
-    if not code or len(code) > 64 or any(c.isspace() or c in "/?#" for c in code):
-        raise AreaError(f"mã khu vực không hợp lệ / invalid area code: {code!r}")
+    if not CODE_RE.fullmatch(code):
+        raise AreaError(f"mã khu vực không hợp lệ (chỉ chữ cái, chữ số ASCII và '-', tối đa 32 "
+                        f"ký tự) / invalid area code {code[:40]!r}: ASCII letters, digits and '-' "
+                        f"only, at most 32 characters")
     return code
 
 
@@ -101,7 +109,10 @@ class AreaTree:
         tree = cls()
         pending: dict[str, tuple[int, str, str, str | None]] = {}
         for i, (code, name, level, parent) in enumerate(rows, start=1):
-            code = _clean_code(code)
+            try:
+                code = _clean_code(code)
+            except AreaError as e:
+                raise AreaError(f"dòng {i} / row {i}: {e}") from None
             parent = (parent or "").strip() or None
             if code in pending:
                 raise AreaError(f"dòng {i}: mã khu vực trùng / row {i}: duplicate area code {code}")

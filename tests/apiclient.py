@@ -78,7 +78,8 @@ class Api:
         return {"Authorization": f"Bearer {self.tokens[who]}"} if who else {}
 
     async def call(self, who: str | None, method: str, path: str, **kw: Any) -> tuple[int, Any]:
-        r = await self.client.request(method, path, headers=self.auth(who), **kw)
+        headers = {**self.auth(who), **kw.pop("headers", {})}
+        r = await self.client.request(method, path, headers=headers, **kw)
         ctype = r.headers.get("Content-Type", "")
         body = await r.json() if ctype.startswith("application/json") else await r.text()
         return r.status, body

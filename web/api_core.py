@@ -26,6 +26,7 @@ from loa.web.http import (
     ok,
     principal,
     read_json,
+    refuse_unknown,
 )
 
 routes = web.RouteTableDef()
@@ -135,6 +136,7 @@ async def area_update(request: web.Request) -> web.Response:
         raise ApiError(404, f"không có khu vực / unknown area {code}")
     p.require_area(node.tree, code)
     data = await read_json(request)
+    refuse_unknown(data, {"name", "level"})  # code and parent are not changed here
     name = field(data, "name", str, required=False)
     level = field(data, "level", str, required=False)
     if name is not None and not name.strip():
@@ -237,6 +239,7 @@ async def user_update(request: web.Request) -> web.Response:
         raise ApiError(404, "không có người dùng / unknown user")
     p.require_area(node.tree, user["area"])
     data = await read_json(request)
+    refuse_unknown(data, {"role", "disabled", "emergency", "password"})
     changes: dict[str, Any] = {}
     if (role := field(data, "role", str, required=False)) is not None:
         if role not in {r.value for r in Role}:

@@ -50,6 +50,7 @@ from loa.web.http import (
     ok,
     principal,
     read_json,
+    refuse_unknown,
 )
 
 log = logging.getLogger("loa.devices")
@@ -357,6 +358,7 @@ async def device_update(request: web.Request) -> web.Response:
     p.require("admin")
     dev = _device(request, p)
     data = await read_json(request)
+    refuse_unknown(data, {"name", "area", "groups", "volume", "power_schedule", "capabilities"})
     changes: Record = {}
     if data.get("name") is not None:
         changes["name"] = _checked(validate_name, data["name"])
@@ -370,11 +372,6 @@ async def device_update(request: web.Request) -> web.Response:
         changes["power_schedule"] = _checked(validate_power_schedule, data["power_schedule"])
     if data.get("capabilities") is not None:
         changes["capabilities"] = _checked(validate_capabilities, data["capabilities"])
-    unknown = sorted(set(data) - {"name", "area", "groups", "volume", "power_schedule",
-                                  "capabilities"})
-    if unknown:
-        raise ApiError(422, f"không sửa được trường / cannot change {', '.join(unknown)}",
-                       unknown[0])
     dev = await _mgr(request).update(dev.id, changes)
     await audit(request, "device.update", dev.id, fields=sorted(changes))
     return ok(dev.view())

@@ -169,11 +169,18 @@ def create_app(node: Node) -> web.Application:
         streams_rtp,
         streams_webrtc,
     )
-    from loa.web.http import STORE, auth_middleware, body_limit_middleware, error_middleware
+    from loa.web.http import (
+        STORE,
+        auth_middleware,
+        body_limit_middleware,
+        error_middleware,
+        refusal_audit_middleware,
+    )
 
     max_upload = node.cfg.media.max_mb * 1024 * 1024 + MAX_UPLOAD_OVERHEAD
     limits = body_limit_middleware({"/api/v1/media": max_upload})
-    app = web.Application(middlewares=[error_middleware, limits, auth_middleware],
+    app = web.Application(middlewares=[refusal_audit_middleware, error_middleware, limits,
+                                       auth_middleware],
                           client_max_size=max_upload)
     app[NODE] = node
     app[STORE] = node.store

@@ -11,9 +11,9 @@ from typing import Any
 from aiohttp import web
 
 from loa.codecs.decode import MediaError
-from loa.streamer.areas import AreaError
+from loa.streamer.areas import AreaError, AreaTree
 from loa.streamer.engine import AuthorityError
-from loa.streamer.store import Conflict, NotFound, Store, StoreUnavailable
+from loa.streamer.store import Conflict, NotFound, Record, Store, StoreUnavailable
 from loa.web.auth import AuthError, Forbidden, Principal, RateLimited, authenticate
 
 log = logging.getLogger("loa.http")
@@ -106,6 +106,35 @@ def str_list(data: dict[str, Any], name: str, *, required: bool = True) -> list[
     return list(dict.fromkeys(value))
 
 
+def refuse_unknown(data: dict[str, Any], allowed: set[str]) -> None:
+    """A write that would silently ignore a field is refused (422 naming it), nothing changes."""
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ApiError(422, f"không sửa được trường / cannot change {', '.join(unknown)}",
+                       unknown[0])
+
+
+REF_NAMES = {"media": "tệp âm thanh", "programme": "chương trình"}
+
+
+async def reference(request: web.Request, tree: AreaTree, kind: str, rid: Any, name: str,
+                    missing: int = 422) -> Record:
+    """A record a request names (a media, a programme): it must exist (`missing` status) and
+    lie in the caller's scope, i.e. its area is in the caller's subtree or above it (shared
+    down from above, `Principal.related`); another area's record is refused with 403."""
+    if not isinstance(rid, str) or not rid:
+        raise ApiError(422, f"sai kiểu dữ liệu / {name} must be a {kind} id", name)
+    rec = await request.app[STORE].get(kind, rid)
+    if rec is None or rec.get("area") not in tree:
+        raise ApiError(missing, f"không có {REF_NAMES.get(kind, kind)} / unknown {kind} {rid}",
+                       name)
+    if not principal(request).related(tree, rec["area"]):
+        raise ApiError(403, f"{name}: {REF_NAMES.get(kind, kind)} {rid} thuộc khu vực ngoài "
+                            f"phạm vi của bạn / {name}: {kind} {rid} belongs to an area outside "
+                            f"your scope", name)
+    return rec
+
+
 async def audit(request: web.Request, action: str, target: str | None = None,
                 **details: Any) -> None:
     p: Principal | None = request.get(PRINCIPAL)
@@ -119,6 +148,42 @@ async def audit(request: web.Request, action: str, target: str | None = None,
         "ts": time.time(),
         "details": details,
     })
+
+
+WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+@web.middleware
+async def refusal_audit_middleware(request: web.Request, handler: Handler
+                                   ) -> web.StreamResponse:
+    """Every write refused with 401/403 leaves an audit entry (who if known, area, ip, method,
+    path, status, reason), whichever handler refused it. Outermost: it sees final answers."""
+    try:
+        resp = await handler(request)
+    except web.HTTPException as e:
+        if e.status in (401, 403) and request.method in WRITES:
+            await _audit_refusal(request, e.status, e.text or "")
+        raise
+    if resp.status in (401, 403) and request.method in WRITES:
+        body = resp.body if isinstance(resp, web.Response) else None
+        await _audit_refusal(request, resp.status, body)
+    return resp
+
+
+async def _audit_refusal(request: web.Request, status: int, body: Any) -> None:
+    reason, name = None, None
+    try:
+        parsed = json.loads(body) if isinstance(body, (bytes, str)) and body else None
+        if isinstance(parsed, dict):
+            reason, name = parsed.get("error"), parsed.get("field")
+    except ValueError:
+        reason = None
+    try:  # the refusal answers even when the store cannot record it
+        await audit(request, "refused", request.path, method=request.method, status=status,
+                    reason=str(reason)[:300] if reason else None, field=name)
+    except Exception:  # noqa: BLE001 - logged; the answer to the caller is what matters
+        log.warning("refusal not audited event=audit_refusal_failed method=%s path=%s status=%d",
+                    request.method, request.path, status, exc_info=True)
 
 
 @web.middleware
