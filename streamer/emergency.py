@@ -993,6 +993,10 @@ class EmergencyService:
                     raise EmergencyError(f"<derefUri> không phải âm thanh đọc được / the inline "
                                          f"resource is not audio that can be decoded: {e}", 422,
                                          "derefUri") from None
+                except OSError as e:  # the node's disk, not the alert: read the text instead
+                    log.error("cap audio resource not stored event=cap_resource_error "
+                              "uri=derefUri error=%s", e)
+                    continue
             if not (res.uri and res.uri.startswith(("http://", "https://")) and self.fetch):
                 continue
             try:
