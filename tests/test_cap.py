@@ -613,12 +613,22 @@ async def test_a_repeated_alert_from_another_area_gets_no_record(tmp_path: Path)
             status, again = await post_cap(srv, doc, who=who)
             assert status == 200 and again["id"] == em["id"] and again["duplicate"] is True
         cancel = cap_doc(identifier="DUP-2", msg_type="Cancel", references=ref(doc))
+        # Another commune's Cancel or Update of it: not known there (no record, no area code).
+        for n, msg_type in enumerate(("Cancel", "Update")):
+            other = cap_doc(info_xml(area_xml(X2)), identifier=f"OTHER-{n}", msg_type=msg_type,
+                            references=ref(doc))
+            status, got = await post_cap(srv, other, who="xa12em")
+            if msg_type == "Cancel":
+                assert status == 404 and X1 not in got["error"], got
+            else:  # airs in its own commune as a new alert; X1's goes on
+                assert status == 201 and got["replaces"] == [] and got["targets"] == [X2], got
+        assert (await node.store.get("emergency", em["id"]))["status"] == "active"
         status, got = await post_cap(srv, cancel, who="xa11em")
         assert status == 200 and got["ended"] == [em["id"]]
         status, got = await post_cap(srv, cancel, who="xa12em")
         assert status == 409 and set(got) == {"error", "field"}
         refused = [a for a in await node.store.read_log("audit") if a["action"] == "alert.refused"]
-        assert len(refused) == 2
+        assert len(refused) == 3
 
 
 def tone_wav(hz: float, seconds: float) -> bytes:
