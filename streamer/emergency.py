@@ -904,11 +904,10 @@ class EmergencyService:
         klass = capmod.classify(info, s.class_table)
         replaces: list[str] = []
         if alert.msg_type == "Update":
-            for k in alert.reference_keys():
-                for r in await self.store.find(KIND, cap_key=k):
-                    if r.get("status") == "active":
-                        self._check_authority(r, issuer)
-                        replaces.append(r["id"])
+            for r in await self._referenced(alert, issuer):
+                if r.get("status") == "active":
+                    self._check_authority(r, issuer)
+                    replaces.append(r["id"])
         content: dict[str, Any] = {"text": capmod.spoken_text(info)}
         media = await self._cap_audio(info, issuer, user)
         if media is not None:
@@ -954,6 +953,19 @@ class EmergencyService:
                 out += [r for r in roots if self.tree.contains(t, r) and r not in out]
         return list(dict.fromkeys(out))
 
+    async def _referenced(self, alert: capmod.CapAlert, issuer: str) -> list[Record]:
+        """The alerts an Update or Cancel refers to, as far as the caller's area may know them:
+        its subtree's, or those above it (which it may not end: `_check_authority`); another
+        branch's alerts are unknown to it."""
+        out = []
+        for k in alert.reference_keys():
+            for r in await self.store.find(KIND, cap_key=k):
+                if issuer in self.tree and r["issuer"] in self.tree and (
+                        self.tree.contains(issuer, r["issuer"])
+                        or self.tree.contains(r["issuer"], issuer)):
+                    out.append(r)
+        return out
+
     def _check_authority(self, rec: Record, area: str) -> None:
         issuer = rec["issuer"]
         if issuer in self.tree and area in self.tree and not self.tree.contains(area, issuer):
@@ -962,9 +974,7 @@ class EmergencyService:
 
     async def _cap_cancel(self, alert: capmod.CapAlert, *, issuer: str, user: str
                           ) -> tuple[int, Record]:
-        found: list[Record] = []
-        for k in alert.reference_keys():
-            found += await self.store.find(KIND, cap_key=k)
+        found = await self._referenced(alert, issuer)
         if not found:
             raise EmergencyError("không có cảnh báo được tham chiếu / the referenced alert is "
                                  "not known here", 404, "references")
@@ -993,6 +1003,10 @@ class EmergencyService:
                     raise EmergencyError(f"<derefUri> không phải âm thanh đọc được / the inline "
                                          f"resource is not audio that can be decoded: {e}", 422,
                                          "derefUri") from None
+                except OSError as e:  # the node's disk, not the alert: read the text instead
+                    log.error("cap audio resource not stored event=cap_resource_error "
+                              "uri=derefUri error=%s", e)
+                    continue
             if not (res.uri and res.uri.startswith(("http://", "https://")) and self.fetch):
                 continue
             try:

@@ -541,6 +541,33 @@ async def test_real_alerts_with_inline_audio_air_it(tmp_path: Path) -> None:
         assert len(await node.store.find("emergency")) == 2
 
 
+async def test_real_documents_as_published_are_refused_with_the_true_reason(
+        tmp_path: Path) -> None:
+    want = {  # file: (status, field); all have expired, the NV Cancel's alert is unknown here
+        "eccc-wind-warning-update-en-fr.xml": (422, "expires"),
+        "ipaws-mi-cem-embedded-audio.xml": (422, "expires"),
+        "ipaws-pr-rmt-size-digest.xml": (422, "expires"),
+        "ipaws-nv-cancel.xml": (404, "references"),
+        "ntwc-tsunami-cancellation-update.xml": (422, "expires"),
+        "oasis-cap12-a2-thunderstorm-polygon.xml": (422, "expires"),
+        "oasis-cap12-a3-earthquake-update.xml": (422, "area"),  # no expiry; not in this tree
+        "nws-blizzard-cap11.xml": (422, "alert"),  # CAP 1.1
+    }
+    assert set(want) == {p.name for p in DATA.glob("*.xml")}
+    async with serving(live_config(tmp_path)) as srv:
+        for name, (status, field) in want.items():
+            got_status, got = await post_cap(srv, real(name))
+            assert (got_status, got.get("field")) == (status, field), (name, got)
+            assert " / " in got["error"]
+        assert await srv.node.store.find("emergency") == []
+
+
+def test_voices_for_rfc3066_languages() -> None:
+    assert tts_voices("en-US") == ["en-us", "en", None]
+    assert tts_voices("fr") == ["fr", None]
+    assert tts_voices("vi-VN") == tts_voices("vi") == tts_voices("") == tts_voices(None) == [None]
+
+
 async def test_the_info_language_chooses_the_voice(tmp_path: Path) -> None:
     async with serving(live_config(tmp_path)) as srv:
         node = srv.node
@@ -558,8 +585,14 @@ async def test_the_info_language_chooses_the_voice(tmp_path: Path) -> None:
         assert status == 201 and vi["title"] == "Bão số 5 đổ bộ" and vi["targets"] == [X3]
         status, ca = await post_cap(srv, future(real("eccc-wind-warning-update-en-fr.xml")))
         assert status == 201 and ca["targets"] == [X2] and ca["class"] == "normal", ca
+        # A language the TTS engine lacks: the Vietnamese voice, and the alert airs.
+        klingon = cap_doc(info_xml(area_xml(X3), language="tlh", headline="Qapla"),
+                          identifier="TLH-1")
+        status, _ = await post_cap(srv, klingon)
+        assert status == 201
         voices = {m["title"]: m["tts"]["voice"] for m in await node.store.find("media")
                   if m.get("tts")}
+        assert voices["Qapla. Gió giật cấp 12. Người dân vào nơi trú ẩn."] == "vi"
         assert voices["Storm warning. Gusts of 120 km/h. Stay in."] == "en-us"
         assert voices["Bão số 5 đổ bộ. Gió giật cấp 12. Người dân vào nơi trú ẩn."] == "vi"
         assert [v for t, v in voices.items() if t.startswith("wind warning in effect.")] == [
@@ -580,12 +613,22 @@ async def test_a_repeated_alert_from_another_area_gets_no_record(tmp_path: Path)
             status, again = await post_cap(srv, doc, who=who)
             assert status == 200 and again["id"] == em["id"] and again["duplicate"] is True
         cancel = cap_doc(identifier="DUP-2", msg_type="Cancel", references=ref(doc))
+        # Another commune's Cancel or Update of it: not known there (no record, no area code).
+        for n, msg_type in enumerate(("Cancel", "Update")):
+            other = cap_doc(info_xml(area_xml(X2)), identifier=f"OTHER-{n}", msg_type=msg_type,
+                            references=ref(doc))
+            status, got = await post_cap(srv, other, who="xa12em")
+            if msg_type == "Cancel":
+                assert status == 404 and X1 not in got["error"], got
+            else:  # airs in its own commune as a new alert; X1's goes on
+                assert status == 201 and got["replaces"] == [] and got["targets"] == [X2], got
+        assert (await node.store.get("emergency", em["id"]))["status"] == "active"
         status, got = await post_cap(srv, cancel, who="xa11em")
         assert status == 200 and got["ended"] == [em["id"]]
         status, got = await post_cap(srv, cancel, who="xa12em")
         assert status == 409 and set(got) == {"error", "field"}
         refused = [a for a in await node.store.read_log("audit") if a["action"] == "alert.refused"]
-        assert len(refused) == 2
+        assert len(refused) == 3
 
 
 def tone_wav(hz: float, seconds: float) -> bytes:
