@@ -26,6 +26,7 @@ import pytest
 from aiohttp import web
 
 from loa.relay.agent import OggReader
+from loa.relay.urlpolicy import FetchSettings
 from loa.streamer import cap
 from loa.streamer.areas import AreaTree, sample_tree
 from loa.streamer.cap import CapError
@@ -659,6 +660,7 @@ async def test_audio_resource_is_fetched_within_limits_and_aired(tmp_path: Path)
     host, port = runner.addresses[0][:2]
     cfg = live_config(tmp_path)
     cfg.emergency = EmergencySettings(cap_resource_mb=1)  # type: ignore[attr-defined]
+    cfg.fetch = FetchSettings(allow_networks=["127.0.0.0/8"])  # the origin is local here
     try:
         async with serving(cfg) as srv:
             node = srv.node

@@ -8,18 +8,27 @@ from typing import Any
 
 from aiohttp import web
 
+from loa.relay.urlpolicy import RELAY_SCHEMES, UrlRefused, check_url
 from loa.streamer.broadcast import BroadcastClass, Policy
 from loa.streamer.schedule import ScheduleError, find_conflicts, validate_schedule
 from loa.streamer.station import MAX_GAP, MAX_REPEAT, ContentError
 from loa.streamer.store import Record
 from loa.web.api_core import node_of
 from loa.web.auth import Principal
-from loa.web.http import ApiError, audit, field, ok, principal, read_json, str_list
+from loa.web.http import (
+    ApiError,
+    audit,
+    field,
+    ok,
+    principal,
+    read_json,
+    reference,
+    str_list,
+)
 
 routes = web.RouteTableDef()
 
 PROGRAMME_TYPES = ("file", "playlist", "tts", "relay", "live")
-RELAY_SCHEMES = ("http://", "https://", "rtp://", "udp://", "rtsp://")
 
 
 def _class(data: dict[str, Any], p: Principal) -> str:
@@ -79,10 +88,8 @@ async def _programme_fields(request: web.Request, data: dict[str, Any],
         ids = []
     seconds = 0.0
     for mid in ids:
-        m = await node.store.get("media", mid)
-        if m is None or m.get("area") not in node.tree:
-            raise ApiError(422, f"không có tệp âm thanh / unknown media {mid}",
-                           "media" if kind == "file" else "items")
+        m = await reference(request, node.tree, "media", mid,
+                            "media" if kind == "file" else "items")
         seconds += float(m.get("duration", 0))
     out["duration"] = seconds or None  # one play; tts/relay/live: known when it airs
     if kind == "tts":
@@ -92,9 +99,12 @@ async def _programme_fields(request: web.Request, data: dict[str, Any],
         out["text"] = text
     if kind == "relay":
         url = field(merged, "url", str)
-        if not url.startswith(RELAY_SCHEMES) or len(url) > 2000:
-            raise ApiError(422, "địa chỉ tiếp sóng không hợp lệ / url must be http(s), rtp, "
-                                "udp or rtsp", "url")
+        if len(url) > 2000:
+            raise ApiError(422, "địa chỉ tiếp sóng quá dài / url longer than 2000", "url")
+        try:
+            await check_url(url, RELAY_SCHEMES, node.cfg.fetch)
+        except UrlRefused as e:
+            raise ApiError(422, str(e), "url") from None
         out["url"] = url
     return out
 
@@ -213,9 +223,7 @@ async def schedule_create(request: web.Request) -> web.Response:
     targets = _targets(request, data)
     cls = _class(data, p)
     pid = field(data, "programme", str)
-    prog = await node.store.get("programme", pid)
-    if prog is None:
-        raise ApiError(422, f"không có chương trình / unknown programme {pid}", "programme")
+    prog = await reference(request, node.tree, "programme", pid, "programme")
     if prog.get("status") != "approved" and not p.can("direct"):
         raise ApiError(409, "chương trình chưa được duyệt / programme is not approved",
                        "programme")
@@ -286,6 +294,8 @@ async def broadcast_start(request: web.Request) -> web.Response:
     for k, v in spec.items():
         if not isinstance(v, str):
             raise ApiError(422, f"sai kiểu dữ liệu / {k} must be a string", k)
+        if k != "text" and len(spec) == 1:  # more than one: the station names the mistake
+            await reference(request, node.tree, k, v, k, missing=404)
     if "programme" not in spec and not p.can("direct") and cls != "emergency":
         raise ApiError(403, "chỉ phát được chương trình đã duyệt / you may only air approved "
                             "programmes")

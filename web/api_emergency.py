@@ -27,8 +27,10 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from loa.relay.control import validate_command
+from loa.relay.urlpolicy import FETCH_SCHEMES, FetchSettings, PolicyResolver, check_url
 from loa.streamer import cap as capmod
 from loa.streamer.emergency import (
     EmergencyError,
@@ -42,7 +44,16 @@ from loa.streamer.store import Record
 from loa.web.api_devices import DEVICES
 from loa.web.app import NODE, Node
 from loa.web.auth import Principal
-from loa.web.http import ApiError, audit, error_response, field, ok, principal, read_json
+from loa.web.http import (
+    ApiError,
+    audit,
+    error_response,
+    field,
+    ok,
+    principal,
+    read_json,
+    reference,
+)
 
 log = logging.getLogger("loa.emergency")
 routes = web.RouteTableDef()
@@ -94,16 +105,7 @@ def _targets(node: Node, p: Principal, data: dict[str, Any]) -> list[str]:
     return targets
 
 
-async def _media(node: Node, mid: Any, name: str) -> str:
-    if not isinstance(mid, str) or not mid:
-        raise ApiError(422, f"sai kiểu dữ liệu / {name} must be a media id", name)
-    m = await node.store.get("media", mid)
-    if m is None or m.get("area") not in node.tree:
-        raise ApiError(422, f"không có tệp âm thanh / unknown media {mid}", name)
-    return mid
-
-
-async def _content(node: Node, data: dict[str, Any]) -> dict[str, Any]:
+async def _content(request: web.Request, node: Node, data: dict[str, Any]) -> dict[str, Any]:
     content = field(data, "content", dict)
     given = [k for k in ("media", "text", "live") if content.get(k) not in (None, "", False)]
     if len(given) != 1 or set(content) - {"media", "text", "live"}:
@@ -112,7 +114,8 @@ async def _content(node: Node, data: dict[str, Any]) -> dict[str, Any]:
                             "{\"live\": true}", "content")
     kind = given[0]
     if kind == "media":
-        return {"media": await _media(node, content["media"], "content.media")}
+        m = await reference(request, node.tree, "media", content["media"], "content.media")
+        return {"media": m["id"]}
     if kind == "text":
         text = content["text"]
         if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT:
@@ -131,7 +134,7 @@ async def emergency_create(request: web.Request) -> web.Response:
     node = request.app[NODE]
     data = await read_json(request)
     targets = _targets(node, p, data)
-    content = await _content(node, data)
+    content = await _content(request, node, data)
     repeat = field(data, "repeat", int, required=False, default=1)
     if not 1 <= repeat <= MAX_REPEAT:
         raise ApiError(422, f"số lần lặp 1-{MAX_REPEAT} / repeat must be within 1-{MAX_REPEAT}",
@@ -148,7 +151,8 @@ async def emergency_create(request: web.Request) -> web.Response:
     after = field(attention, "after", bool, required=False)
     att_media = None
     if attention.get("media") is not None:
-        att_media = await _media(node, attention["media"], "attention.media")
+        att_media = (await reference(request, node.tree, "media", attention["media"],
+                                     "attention.media"))["id"]
     volume = field(data, "volume", int, required=False)
     if volume is not None and not 0 <= volume <= 100:
         raise ApiError(422, "âm lượng 0-100 / volume must be within 0-100", "volume")
@@ -210,12 +214,10 @@ async def emergency_stop(request: web.Request) -> web.Response:
     rec = await _visible(request, p)
     node = request.app[NODE]
     if not p.emergency or not p.can("air"):
-        await audit(request, "emergency.stop.refused", rec["id"], reason="no-right")
         raise ApiError(403, "cần quyền khẩn cấp để dừng / ending an emergency needs the "
                             "emergency right")
     issuer = rec["issuer"]
     if issuer in node.tree and not node.tree.contains(p.area, issuer):
-        await audit(request, "emergency.stop.refused", rec["id"], reason="authority")
         raise ApiError(403, f"không được dừng tình huống khẩn cấp của cấp trên / {p.area} may "
                             f"not end an emergency issued by {issuer}")
     if rec.get("status") != "active":
@@ -287,20 +289,34 @@ def _notifier(app: web.Application) -> Any:
     return notify
 
 
-def _fetcher(svc: EmergencyService) -> Any:
+MAX_REDIRECTS = 3
+
+
+def _fetcher(svc: EmergencyService, policy: FetchSettings) -> Any:
+    """CAP resource URIs: http(s) only, never to the node itself or link-local addresses
+    (relay/urlpolicy.py), checked for every redirect and every address connected to."""
     async def fetch(url: str) -> bytes:
         s = svc.settings
         limit = s.cap_resource_mb * 1024 * 1024
         timeout = aiohttp.ClientTimeout(total=s.cap_resource_timeout)
-        async with aiohttp.ClientSession(timeout=timeout) as http, http.get(url) as r:
-            if r.status != 200:
-                raise ValueError(f"HTTP {r.status}")
-            if r.content_length is not None and r.content_length > limit:
-                raise ValueError(f"resource of {r.content_length} bytes is over the limit")
-            data = await r.content.read(limit + 1)
-            if len(data) > limit:
-                raise ValueError("resource is over the size limit")
-            return data
+        connector = aiohttp.TCPConnector(resolver=PolicyResolver(policy))
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
+            for _ in range(MAX_REDIRECTS + 1):
+                await check_url(url, FETCH_SCHEMES, policy)  # IP literals skip the resolver
+                async with http.get(url, allow_redirects=False) as r:
+                    if r.status in (301, 302, 303, 307, 308) and "Location" in r.headers:
+                        url = str(r.url.join(URL(r.headers["Location"])))
+                        continue
+                    if r.status != 200:
+                        raise ValueError(f"HTTP {r.status}")
+                    if r.content_length is not None and r.content_length > limit:
+                        raise ValueError(f"resource of {r.content_length} bytes is over the "
+                                         "limit")
+                    data = await r.content.read(limit + 1)
+                    if len(data) > limit:
+                        raise ValueError("resource is over the size limit")
+                    return data
+            raise ValueError("too many redirects")
 
     return fetch
 
@@ -313,7 +329,7 @@ def setup(app: web.Application) -> None:
                            bus=node.bus, tree=node.tree, library=node.library,
                            speech=node.speech, settings=settings_of(node),
                            notify=_notifier(app))
-    svc.fetch = _fetcher(svc)
+    svc.fetch = _fetcher(svc, node.cfg.fetch)
     app[EMERGENCY] = svc
 
     async def on_startup(_: web.Application) -> None:

@@ -18,6 +18,7 @@ from loa.relay.hls import HlsSettings
 from loa.relay.icecast import HttpStreamSettings
 from loa.relay.inputs import RelayInputSettings
 from loa.relay.rtp import RtpSettings
+from loa.relay.urlpolicy import FetchSettings
 from loa.relay.webrtc import WebRtcSettings
 from loa.streamer.emergency import EmergencySettings
 from loa.streamer.engine import EngineSettings
@@ -80,6 +81,7 @@ class Config:
     inputs: RelayInputSettings = field(default_factory=RelayInputSettings)
     devices: DeviceSettings = field(default_factory=DeviceSettings)
     emergency: EmergencySettings = field(default_factory=EmergencySettings)
+    fetch: FetchSettings = field(default_factory=FetchSettings)
 
     @property
     def data_dir(self) -> Path:
@@ -88,6 +90,12 @@ class Config:
 
 def _coerce(name: str, default: Any, value: Any) -> Any:
     kind = type(default)
+    if kind is list:  # lists of strings: a TOML array, or "a,b" from the environment
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{name}: expected a list of strings, got {value!r}")
+        return value
     if isinstance(value, str) and kind is not str:
         try:
             if kind is bool:
@@ -168,4 +176,8 @@ def load_config(path: str | os.PathLike[str] | None = None,
     cfg.engine.encoders = cfg.encoders
     cfg.engine.__post_init__()
     cfg.emergency.__post_init__()
+    try:
+        cfg.fetch.__post_init__()
+    except ValueError as e:
+        raise ConfigError(f"[fetch] {e}") from None
     return cfg

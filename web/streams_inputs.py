@@ -16,6 +16,7 @@ import logging
 from aiohttp import web
 
 from loa.relay.inputs import RelayInput, RelayInputSettings, safe_url
+from loa.relay.urlpolicy import RELAY_SCHEMES, UrlRefused, check_url
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.sources import Source
 from loa.streamer.station import ContentError
@@ -42,6 +43,12 @@ class RelayInputs:
         url = prog.get("url")
         if not isinstance(url, str) or not url.strip():
             raise ContentError("thiếu địa chỉ tiếp sóng / relay programme has no url", "url")
+        try:  # again when it opens: the name may resolve elsewhere than when it was stored
+            await check_url(url, RELAY_SCHEMES, self.node.cfg.fetch)
+        except UrlRefused as e:
+            log.warning("relay url refused event=relay_url_refused programme=%s url=%s "
+                        "reason=%s", prog.get("id"), safe_url(url), e)
+            raise ContentError(str(e), "url") from None
         inp = RelayInput(url, self.settings, name=str(prog.get("title") or "relay"))
         self.inputs.append(inp)
         inp.start()
