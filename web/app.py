@@ -89,6 +89,7 @@ class Node:
         self.bootstrap_password: str | None = None
         self.scheduler: Scheduler
         self._tasks: list[asyncio.Task[None]] = []
+        self._known_schedules: list[Record] = []
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -126,8 +127,17 @@ class Node:
         self.scheduler = Scheduler(self.engine, media_epoch, self._scheduled_broadcast)
         if self.realtime:
             self.lag.start()
-            self._tasks.append(loop.create_task(
-                self.scheduler.run(lambda: self.store.find("schedule"))))
+            self._tasks.append(loop.create_task(self.scheduler.run(self._schedules)))
+
+    async def _schedules(self) -> list[Record]:
+        """The schedules for the scheduler's round; the last known ones while the store is
+        unavailable, so what is planned still airs through an outage."""
+        try:
+            self._known_schedules = await self.store.find("schedule")
+        except StoreUnavailable as e:
+            log.warning("store unavailable, last known schedules used event=schedule_stale "
+                        "error=%s", e)
+        return self._known_schedules
 
     def clock_running(self) -> bool:
         """The media clock ticks: it is at most CLOCK_STALL_S behind its schedule (a dead or
