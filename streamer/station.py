@@ -162,9 +162,10 @@ class Station:
     async def air(self, content: Content, *, targets: list[str], klass: str, issuer: str,
                   user: str, policy: str = "resume", spec: Record | None = None,
                   start: float | None = None, offset: float = 0.0, bid: str | None = None,
-                  extra: Record | None = None) -> Record:
+                  extra: Record | None = None, persist: bool = True) -> Record:
         """Persist, then start. `start` is a wall-clock epoch (None: now); `offset` seconds into
-        the content (a restart resuming a broadcast that was on air)."""
+        the content (a restart resuming a broadcast that was on air: its record is stored
+        already, `persist=False`, so it airs even when the store refuses writes)."""
         cls = BroadcastClass.parse(klass)
         pol = Policy(policy)
         src = content.source
@@ -191,7 +192,8 @@ class Station:
             "duration": content.duration,
             **(extra or {}),
         }
-        await self.store.put("broadcast", record)  # persisted before it is acknowledged
+        if persist:
+            await self.store.put("broadcast", record)  # persisted before it is acknowledged
         self.engine.start(b)
         self._aired.add(b.id)
         return record
@@ -208,29 +210,24 @@ class Station:
                 continue  # its owner (the scheduler, emergencies) puts it back at the right offset
             if "live" in rec.get("spec", {}):
                 # A live input (WHIP, microphone) died with the process: nothing to resume.
-                await self.store.update("broadcast", rec["id"], {
-                    "status": "ended", "end_cause": "restart-live-ended"})
+                self._end_record(rec["id"], "restart-live-ended")
                 continue
             elapsed = now - rec["started"] + float(rec.get("offset", 0))
             dur = rec.get("duration")
             if dur is not None and elapsed >= dur:
-                await self.store.update("broadcast", rec["id"], {"status": "ended",
-                                                                 "end_cause": "restart-over"})
+                self._end_record(rec["id"], "restart-over")
                 continue
             try:
                 content = await self.content(rec["spec"], area=rec["issuer"], owner=rec["user"],
                                              require_approved=False)
             except (ContentError, ValueError) as e:
                 log.error("cannot restore event=restore_failed id=%s error=%s", rec["id"], e)
-                await self.store.update("broadcast", rec["id"], {"status": "ended",
-                                                                 "end_cause": "restore-failed"})
+                self._end_record(rec["id"], "restore-failed")
                 continue
-            keep = {k: v for k, v in rec.items() if k not in {
-                "id", "status", "title", "targets", "class", "policy", "issuer", "user", "spec",
-                "started", "offset", "duration"}}
             await self.air(content, targets=rec["targets"], klass=rec["class"],
                            issuer=rec["issuer"], user=rec["user"], policy=rec["policy"],
-                           spec=rec["spec"], offset=max(0.0, elapsed), bid=rec["id"], extra=keep)
+                           spec=rec["spec"], offset=max(0.0, elapsed), bid=rec["id"],
+                           persist=False)
             log.info("restored after restart event=restored id=%s offset=%.2f", rec["id"], elapsed)
             restored.append(rec["id"])
         return restored
@@ -391,6 +388,11 @@ class Station:
     def _on_end(self, bid: str, cause: str, at: float) -> None:
         self._enqueue(functools.partial(self._write_end, bid, cause, at))
 
+    def _end_record(self, bid: str, cause: str) -> None:
+        """End a record that will not air again (through the queue: retried, never lost)."""
+        self._enqueue(functools.partial(self.store.update, "broadcast", bid,
+                                        {"status": "ended", "end_cause": cause}))
+
     async def _write_end(self, bid: str, cause: str, at: float) -> None:
         rec = await self.store.get("broadcast", bid)
         if rec and rec.get("status") == "on-air":
@@ -433,6 +435,11 @@ class Station:
             if e["id"] not in open_ids:
                 await self._close_stored(e, "reconciled")
         return ended
+
+    @property
+    def queued(self) -> int:
+        """Store writes waiting (for the store to return, when it is down)."""
+        return len(self._ops)
 
     def open_entries(self) -> list[Record]:
         return list(self._open.values())

@@ -76,6 +76,8 @@ class Store(abc.ABC):
     """Async interface. Every method may raise StoreError subclasses (StoreUnavailable when the
     backend cannot be reached or written); none blocks the loop."""
 
+    read_only: str | None = None  # why it was opened read-only (a degraded start), or None
+
     # ---- records -----------------------------------------------------------------------------
     @abc.abstractmethod
     async def get(self, kind: str, id: str) -> Record | None: ...
@@ -227,8 +229,10 @@ def kind_signature(spec: Kind) -> str:
 
 
 
-async def open_store(url: str, data_dir: str | Path, prefix: str = "loa:") -> Store:
-    """`sqlite` (default, under data_dir) or `redis://...`."""
+async def open_store(url: str, data_dir: str | Path, prefix: str = "loa:", *,
+                     degraded: bool = False) -> Store:
+    """`sqlite` (default, under data_dir) or `redis://...`. `degraded`: a SQLite file on a disk
+    that refuses writes is opened read-only (see SqliteStore.open) rather than failing."""
     if url.startswith(("redis://", "rediss://", "unix://")):
         from loa.streamer.store_redis import RedisStore
 
@@ -241,4 +245,4 @@ async def open_store(url: str, data_dir: str | Path, prefix: str = "loa:") -> St
         raise ValueError(f"unknown store {url!r}: use sqlite or redis://host:port/db")
     from loa.streamer.store_sqlite import SqliteStore
 
-    return await SqliteStore.open(path)
+    return await SqliteStore.open(path, degraded=degraded)

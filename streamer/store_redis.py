@@ -157,7 +157,10 @@ def _unavailable(e: BaseException) -> StoreUnavailable:
 def _client_options(url: str) -> dict[str, Any]:
     """Short timeouts and one reconnect attempt, unless the URL sets them."""
     given = parse_qs(urlsplit(url).query)
-    opts: dict[str, Any] = {"retry": Retry(NoBackoff(), 1)}
+    # One reconnect for a connection dropped while idle; a timeout is not retried (it would
+    # only double the wait on a black-holed network).
+    opts: dict[str, Any] = {"retry": Retry(NoBackoff(), 1, supported_errors=(
+        redis.exceptions.ConnectionError,))}
     for key in ("socket_timeout", "socket_connect_timeout"):
         if key not in given:
             opts[key] = TIMEOUT_S

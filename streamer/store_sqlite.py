@@ -183,19 +183,26 @@ def _connect(path: Path) -> sqlite3.Connection:
 def _connect_read_only(path: Path) -> sqlite3.Connection:
     """The file as it is, for a node that must air what is stored on a read-only or full disk.
 
-    `immutable` needs neither the -shm nor the -wal file (a WAL database cannot otherwise be
-    opened where they cannot be created); every write then fails as read-only."""
-    db = sqlite3.connect(f"{path.resolve().as_uri()}?immutable=1", uri=True,
-                         isolation_level=None, check_same_thread=False)
-    try:
-        version = _schema_version(db)
+    `mode=ro` reads a WAL left by a crash when its -shm exists; where it cannot be opened that
+    way (no -shm and none can be created), `immutable` reads the file alone. Every write then
+    fails as read-only."""
+    err: sqlite3.Error | None = None
+    for mode in ("mode=ro", "immutable=1"):
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?{mode}", uri=True,
+                             isolation_level=None, check_same_thread=False)
+        try:
+            version = _schema_version(db)
+        except sqlite3.Error as e:
+            db.close()
+            err = e
+            continue
         if version != SCHEMA_VERSION:
+            db.close()
             raise StoreError(f"{path}: store schema version {version}, this Loa needs "
                              f"{SCHEMA_VERSION} and cannot migrate a read-only file")
-    except BaseException:
-        db.close()
-        raise
-    return db
+        return db
+    assert err is not None
+    raise err
 
 
 # What SQLite says when the disk, not the request, is the problem.
@@ -235,7 +242,7 @@ class SqliteStore(Store):
         self._db: sqlite3.Connection | None = db
         self._ex = executor
         self._hits = 0
-        self.read_only = read_only  # why it was opened read-only (degraded start), or None
+        self.read_only = read_only
 
     @classmethod
     async def open(cls, path: Path, *, degraded: bool = False) -> SqliteStore:

@@ -21,8 +21,9 @@ import pytest
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.sources import ToneSource
 from tests.apiclient import make_config, running_api, tone_file
-from tests.faults import TcpProxy
+from tests.faults import TcpProxy, fill, remount, tmpfs
 from tests.test_api import approved_programme
+from tests.test_store import _delete_prefix
 
 WAIT = 60.0
 
@@ -264,3 +265,137 @@ async def test_a_record_whose_end_was_dropped_is_reconciled_when_the_store_retur
         rows = [e for e in await api.node.store.read_log("asrun") if e["broadcast"] == b["id"]]
         assert [(e["area"], e["end_cause"]) for e in rows] == [("T01-H1-X1", "reconciled")]
         assert rows[0]["start"] <= rows[0]["end"]
+
+
+# ---- a sick disk at start-up -------------------------------------------------------------------
+@pytest.mark.parametrize("sickness", ["full", "read-only"])
+async def test_a_node_on_a_full_or_read_only_disk_starts_degraded_and_airs_what_is_stored(
+        tmp_path: Path, sickness: str) -> None:
+    tone = tone_file(tmp_path / "tone.mp3", 440, 60, ("-b:a", "32k"))
+    with tmpfs("24m") as disk:
+        srv = Serve(disk / "data")
+        async with aiohttp.ClientSession() as http:
+            c = Client(srv.base, http)
+            try:
+                await srv.start()
+                assert srv.password
+                await c.login(srv.password)  # the token stays valid across the restart
+                form = aiohttp.FormData()
+                form.add_field("title", "Bản tin")
+                form.add_field("file", tone.read_bytes(), filename=tone.name)
+                status, media = await c.call("POST", "/api/v1/media", data=form)
+                assert status == 201, media
+                status, b = await c.call("POST", "/api/v1/broadcasts",
+                                         json={"media": media["id"], "targets": ["T01"]})
+                assert status == 201, b
+                assert await srv.stop(signal.SIGTERM) == 0
+                if sickness == "full":
+                    fill(disk)
+                else:
+                    remount(disk, "ro")
+                await srv.start()  # today: the failed write aborts start-up
+
+                async def on_air() -> bool:
+                    status, listing = await c.call("GET", "/api/v1/broadcasts")
+                    assert status == 200, listing
+                    return [a["broadcast"] for a in listing["areas"]] == [b["id"]]
+                await eventually(on_air, "the stored broadcast on air again")
+                status, health = await c.call("GET", "/healthz")
+                assert status == 200 and health["status"] == "degraded", health
+                assert health["store"]["writable"] is False and health["store"]["reason"]
+                status, ready = await c.call("GET", "/readyz")
+                assert status == 503 and ready["ready"] is False, ready
+                if sickness == "read-only":
+                    assert ready["disk"]["writable"] is False
+                else:
+                    assert ready["disk"]["free_mb"] < ready["disk"]["min_free_mb"]
+                async with http.post(srv.base + "/api/v1/broadcasts",
+                                     headers={"Authorization": f"Bearer {c.token}"},
+                                     json={"media": media["id"], "targets": ["T01"]}) as r:
+                    body = await r.json()
+                    assert r.status == 503 and int(r.headers["Retry-After"]) > 0, body
+                assert "kho dữ liệu không ghi được / store is read-only or full" in body["error"]
+                status, mon = await c.call("GET", "/api/v1/monitor")
+                assert status == 200 and mon["node"]["store"]["writable"] is False
+                status, page = await c.call("GET", "/monitor")
+                assert status == 200 and 'id="store-degraded"' in page
+            finally:
+                await srv.close()
+                if sickness == "read-only":
+                    remount(disk, "rw")
+    assert "Traceback" not in "".join(srv.output), "".join(srv.output)
+
+
+# ---- a Redis outage with a real server -----------------------------------------------------------
+async def test_a_redis_outage_answers_503_and_the_streams_and_the_clock_go_on(
+        tmp_path: Path, proxy: TcpProxy, redis_url: str, redis_prefix: str) -> None:
+    srv = Serve(tmp_path / "data", store=proxy.url(int(redis_url.rsplit("/", 1)[1])))
+    srv.env["LOA_STORE_PREFIX"] = redis_prefix
+    received = 0
+
+    async def listen(http: aiohttp.ClientSession) -> None:
+        nonlocal received
+        async with http.get(srv.base + "/streams/T01.mp3") as r:
+            assert r.status == 200
+            async for chunk in r.content.iter_any():
+                received += len(chunk)
+
+    async def streaming() -> None:  # the listener gets 8 KB more (1/4 s of 32 kbit/s is 1 KB)
+        start = received
+        await until(lambda: received > start + 8192, "more of the stream")
+
+    async def me(c: Client) -> tuple[int, str, float]:
+        t0 = time.monotonic()
+        async with c.http.get(c.base + "/api/v1/me",
+                              headers={"Authorization": f"Bearer {c.token}"}) as r:
+            await r.read()
+            return r.status, r.headers.get("Retry-After", ""), time.monotonic() - t0
+
+    async def clock_runs(c: Client) -> None:
+        status, first = await c.call("GET", "/healthz")
+        assert status == 200
+        await eventually(lambda: _later(c, first["media_time"]), "the media clock")
+
+    try:
+        async with aiohttp.ClientSession() as http:
+            c = Client(srv.base, http)
+            await srv.start()
+            assert srv.password
+            await c.login(srv.password)
+            assert (await me(c))[0] == 200
+            listener = asyncio.create_task(listen(http))
+            await streaming()
+            status, ready = await c.call("GET", "/readyz")
+            assert status == 200 and ready["ready"] is True, ready
+            for mode in ("blackhole", "close"):
+                proxy.set(mode)
+                status, retry_after, took = await me(c)
+                print(f"{mode}: GET /api/v1/me answered {status} in {took:.2f} s")
+                assert status == 503 and int(retry_after) > 0
+                status, ready = await c.call("GET", "/readyz")
+                assert status == 503 and ready["store"]["writable"] is False, ready
+                await clock_runs(c)
+                await streaming()
+                assert not listener.done()
+            proxy.set("pass")
+            await eventually(lambda: _ok(me(c)), "the API back with the store")
+            await eventually(lambda: _ready(c), "ready again")
+            listener.cancel()
+    finally:
+        await srv.close()
+        await _delete_prefix(redis_url, redis_prefix)
+    out = "".join(srv.output)
+    assert "Traceback" not in out and "event=http_500" not in out, out
+
+
+async def _later(c: Client, media_time: float) -> bool:
+    status, health = await c.call("GET", "/healthz")
+    return status == 200 and health["media_time"] > media_time + 0.5
+
+
+async def _ok(call: Any) -> bool:
+    return bool((await call)[0] == 200)
+
+
+async def _ready(c: Client) -> bool:
+    return (await c.call("GET", "/readyz"))[0] == 200

@@ -39,10 +39,23 @@ def node_of(request: web.Request) -> Node:
 
 @routes.get("/healthz")
 async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process and the media clock run (200 even when the store is degraded: a
+    restart would not fix a full disk, and the node still airs). Readiness: /readyz."""
     node = node_of(request)
     clock = node.clock.stats.as_dict() if node.clock else {}
-    return ok({"status": "ok", "uptime": time.time() - node.started,
-               "media_time": node.engine.media_time, "clock": clock, **node.lag.as_dict()})
+    running = node.clock_running()
+    store = node.store_state()
+    status = "stopped" if not running else "ok" if store["writable"] else "degraded"
+    return ok({"status": status, "uptime": time.time() - node.started,
+               "media_time": node.engine.media_time, "clock": clock, "store": store,
+               **node.lag.as_dict()}, 200 if running else 503)
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: the store takes a write and the data directory has room; 503 if not."""
+    state = await node_of(request).readiness()
+    return ok(state, 200 if state["ready"] else 503)
 
 
 @routes.post("/api/v1/auth/token")

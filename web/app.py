@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -13,13 +15,13 @@ from aiohttp import web
 from loa.streamer.areas import AreaTree
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.bus import Bus, open_bus
-from loa.streamer.clock import LoopLagMonitor, RealClock
+from loa.streamer.clock import TICK, LoopLagMonitor, RealClock
 from loa.streamer.engine import Engine
 from loa.streamer.hub import PacketHub
 from loa.streamer.library import LibrarySettings, MediaLibrary
 from loa.streamer.schedule import Scheduler
 from loa.streamer.station import Station
-from loa.streamer.store import Record, Store, open_store
+from loa.streamer.store import Record, Store, StoreUnavailable, open_store
 from loa.streamer.tts import Speech
 from loa.web.auth import Role, add_user
 from loa.web.config import Config
@@ -53,6 +55,20 @@ def area_record(code: str, tree: AreaTree) -> dict[str, object]:
             "lat": a.lat, "lon": a.lon}
 
 
+READY_TIMEOUT_S = 2.0
+CLOCK_STALL_S = 5.0
+MIN_FREE_MB = 64  # below this the data directory is reported not ready (uploads, the log)
+
+
+def _disk(path: Path) -> tuple[bool, float]:
+    """(writable, MB free) of the data directory; access(2) says EROFS on a read-only mount."""
+    try:
+        free = shutil.disk_usage(path).free
+    except OSError:
+        return False, 0.0
+    return os.access(path, os.W_OK), round(free / 2**20, 1)
+
+
 class Node:
     """One Loa server process."""
 
@@ -73,13 +89,19 @@ class Node:
         self.bootstrap_password: str | None = None
         self.scheduler: Scheduler
         self._tasks: list[asyncio.Task[None]] = []
+        self._known_schedules: list[Record] = []
 
     async def start(self) -> None:
         cfg = self.cfg
         loop = asyncio.get_running_loop()
         data = cfg.data_dir
         await asyncio.to_thread(data.mkdir, parents=True, exist_ok=True)
-        self.store = await open_store(cfg.store, data, cfg.store_prefix)
+        # A full disk or a read-only data directory must not keep a node off the air: it
+        # starts degraded, airs what is stored and refuses writes (503) until the disk is fixed.
+        self.store = await open_store(cfg.store, data, cfg.store_prefix, degraded=True)
+        if self.store.read_only:
+            log.error("store opened read-only, starting degraded event=store_degraded "
+                      "reason=%s", self.store.read_only)
         self.bus = await open_bus(cfg.store, cfg.store_prefix)
         self.tree = await load_tree(self.store, cfg)
         self.hub.loop = loop
@@ -98,12 +120,50 @@ class Node:
         self.station = Station(self.engine, self.store, self.library, self.speech, loop,
                                media_epoch, node_id=f"{socket.gethostname()}:{data.resolve()}")
         self.station.start()
-        await self._bootstrap_admin()
+        try:
+            await self._bootstrap_admin()
+        except StoreUnavailable as e:
+            log.error("no admin created event=store_degraded reason=%s", e)
         self.scheduler = Scheduler(self.engine, media_epoch, self._scheduled_broadcast)
         if self.realtime:
             self.lag.start()
-            self._tasks.append(loop.create_task(
-                self.scheduler.run(lambda: self.store.find("schedule"))))
+            self._tasks.append(loop.create_task(self.scheduler.run(self._schedules)))
+
+    async def _schedules(self) -> list[Record]:
+        """The schedules for the scheduler's round; the last known ones while the store is
+        unavailable, so what is planned still airs through an outage."""
+        try:
+            self._known_schedules = await self.store.find("schedule")
+        except StoreUnavailable as e:
+            log.warning("store unavailable, last known schedules used event=schedule_stale "
+                        "error=%s", e)
+        return self._known_schedules
+
+    def clock_running(self) -> bool:
+        """The media clock ticks: it is at most CLOCK_STALL_S behind its schedule (a dead or
+        stuck tick thread falls behind; a virtual clock in tests always counts as running)."""
+        c = self.clock
+        return c is None or c.clock() - (c.t0 + c.n * TICK) < CLOCK_STALL_S
+
+    def store_state(self) -> dict[str, object]:
+        """What /healthz, /readyz and the monitor say about the store, without asking it:
+        `writable` false while it was opened read-only or its last write failed."""
+        reason = self.store.read_only or self.station.store_down
+        return {"writable": reason is None, "reason": reason, "queued": self.station.queued,
+                "dropped": self.station.dropped}
+
+    async def readiness(self) -> dict[str, object]:
+        """Whether this node can take writes now: the store answers a write within its timeout
+        and the data directory is writable with MIN_FREE_MB free. `ready` false means 503."""
+        store: dict[str, object] = dict(self.store_state())
+        try:
+            await asyncio.wait_for(self.store.hit("readyz", 1.0), READY_TIMEOUT_S)
+        except (StoreUnavailable, TimeoutError) as e:
+            store.update(writable=False, reason=str(e) or "timeout")
+        writable, free_mb = await asyncio.to_thread(_disk, self.cfg.data_dir)
+        ready = bool(store["writable"]) and writable and free_mb >= MIN_FREE_MB
+        return {"ready": ready, "store": store, "disk": {
+            "writable": writable, "free_mb": free_mb, "min_free_mb": MIN_FREE_MB}}
 
     async def _scheduled_broadcast(self, sched: Record, occurrence: float
                                    ) -> tuple[Broadcast, float] | None:

@@ -558,6 +558,7 @@ async def monitor_json(app: web.Application, scope: str, depth: int | None = Non
         "time": round(time.time(), 3),
         "node": {
             "uptime_s": round(time.time() - node.started, 1),
+            "store": node.store_state(),
             "clock": clock_figures(node),
             "loop": {k: round(v, 3) for k, v in node.lag.as_dict().items()},
             "engine": engine_figures(node),

@@ -213,6 +213,12 @@
     renderCrumbs(data.path || []);
     $("hint").hidden = !data.areas.some((a) => a.children > 0);
     const n = data.node;
+    const degraded = $("store-degraded");
+    degraded.hidden = n.store.writable;
+    degraded.textContent = n.store.writable ? "" :
+      "Kho dữ liệu không ghi được, chỉ phát nội dung đã lưu / store is read-only or full, " +
+      "airing what is stored: " + (n.store.reason || "") +
+      (n.store.queued ? " (" + nf.format(n.store.queued) + " chờ ghi / queued)" : "");
     $("node-lag").textContent = fmtMs(n.loop.loop_lag_ms) + " (max " + fmtMs(n.loop.loop_lag_max_ms) + ")";
     $("node-late").textContent = nf.format(n.clock.late_ticks) + " / " + nf.format(n.clock.ticks);
     $("node-lateness").textContent = fmtMs(n.clock.max_lateness_ms);
