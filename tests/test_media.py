@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from tests.apiclient import Api, make_config, running_api
+from tests.apiclient import Api, make_config, running_api, tone_file
 
 
 @pytest.fixture
@@ -42,3 +42,40 @@ async def test_declared_length_over_the_limit_is_refused_before_the_body(api, pa
     assert b"request body too large" in rest
     assert b"\r\nconnection: close\r\n" in rest.lower()  # closed, the rest never read
     assert await api.node.store.count("media") == 0
+
+
+# ---- deduplication: of the stored bytes, never of the record ---------------------------------
+async def test_same_bytes_in_another_commune_get_their_own_record(api, tmp_path):
+    tone = tone_file(tmp_path / "chuong.wav", 440, 3)
+    status, a = await api.upload("xa11", tone, "A")
+    assert status == 201, a
+    status, b = await api.upload("xa12", tone, "B")
+    assert status == 201, b
+    assert b["id"] != a["id"] and b["sha256"] == a["sha256"]
+    assert (b["title"], b["area"], b["owner"]) == ("B", "T01-H1-X2", "xa12")
+    assert await api.call("xa11", "GET", f"/api/v1/media/{a['id']}") == (200, a)  # unchanged
+    assert (await api.call("xa12", "GET", f"/api/v1/media/{a['id']}"))[0] == 404
+    assert len(list(api.node.library.root.glob("*/*.s16"))) == 1  # the audio is shared
+    status, _ = await api.call("xa12", "DELETE", f"/api/v1/media/{b['id']}")
+    assert status == 204
+    assert await api.call("xa11", "GET", f"/api/v1/media/{a['id']}") == (200, a)
+    aired = api.node.library.source(a)  # A still plays: its audio outlived B's record
+    assert abs(aired.size / 48_000 - 3.0) < 0.05 and float(abs(aired.read(4800)).max()) > 0.1
+    assert api.node.library.pcm_path(a["sha256"]).exists()
+    status, _ = await api.call("xa11", "DELETE", f"/api/v1/media/{a['id']}")
+    assert status == 204
+    assert not list(api.node.library.root.glob("*/*.s16"))  # gone with its last record
+    assert not list(api.node.library.root.glob("*/*.orig"))
+
+
+async def test_speech_is_cached_per_area_and_never_hands_over_another_areas_record(api):
+    text = {"text": "Họp tổ dân phố lúc 19 giờ"}
+    status, a = await api.call("xa11", "POST", "/api/v1/tts", json=text)
+    assert status == 201, a
+    status, again = await api.call("bientap11", "POST", "/api/v1/tts", json=text)
+    assert status == 201 and again["id"] == a["id"]  # same area: the cached record
+    status, b = await api.call("xa12", "POST", "/api/v1/tts", json=text)
+    assert status == 201, b
+    assert b["id"] != a["id"] and (b["area"], b["owner"]) == ("T01-H1-X2", "xa12")
+    assert b["sha256"] == a["sha256"]
+    assert await api.call("xa11", "GET", f"/api/v1/media/{a['id']}") == (200, a)
