@@ -4,6 +4,9 @@ content deduplication that never hands one commune's record to another."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 
 import pytest
 
@@ -79,3 +82,46 @@ async def test_speech_is_cached_per_area_and_never_hands_over_another_areas_reco
     assert b["id"] != a["id"] and (b["area"], b["owner"]) == ("T01-H1-X2", "xa12")
     assert b["sha256"] == a["sha256"]
     assert await api.call("xa11", "GET", f"/api/v1/media/{a['id']}") == (200, a)
+
+
+# ---- bounded decoding ----------------------------------------------------------------------------
+INGEST_AND_MEASURE = """
+import asyncio, json, resource, shutil, sys
+from pathlib import Path
+from loa.streamer.library import MediaLibrary
+from loa.streamer.store import open_store
+
+async def main(src, data):
+    store = await open_store("sqlite", data)
+    lib = MediaLibrary(Path(data) / "media", store)
+    temps = [lib.temp_path(".mp3") for _ in range(2)]
+    for t in temps:
+        shutil.copyfile(src, t)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    records = await asyncio.gather(*(lib.ingest(t, title="Dài", area="T01", owner="x")
+                                      for t in temps))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    await store.close()
+    print(json.dumps({"grew_kb": peak - before, "records": records}))
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+def test_two_long_uploads_at_once_decode_in_bounded_memory(tmp_path):
+    """1 h of 8 kbit/s MP3 (3.6 MB) is 2.7 GB of float samples in memory: decoded whole, two
+    such uploads took 5 GB; streamed to the store they take a few tens of MB each."""
+    mp3 = tmp_path / "long.mp3"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
+                    "sine=f=440:r=8000", "-t", "3600", "-ac", "1", "-c:a", "libmp3lame",
+                    "-b:a", "8k", str(mp3)], check=True)
+    out = subprocess.run([sys.executable, "-c", INGEST_AND_MEASURE, str(mp3),
+                          str(tmp_path / "data")], check=True, capture_output=True, text=True)
+    result = json.loads(out.stdout)
+    print(f"peak memory growth of two 1 h decodes at once: {result['grew_kb'] / 1024:.0f} MiB")
+    assert result["grew_kb"] < 400 * 1024
+    for r in result["records"]:
+        assert abs(r["duration"] - 3600) < 1 and r["gain_db"] is not None
+    pcm = tmp_path / "data" / "media" / r["sha256"][:2] / f"{r['sha256']}.s16"
+    assert pcm.stat().st_size == 3600 * 48_000 * 2
+    assert not list((tmp_path / "data" / "media" / "tmp").iterdir())
