@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 
@@ -125,3 +126,40 @@ def test_two_long_uploads_at_once_decode_in_bounded_memory(tmp_path):
     pcm = tmp_path / "data" / "media" / r["sha256"][:2] / f"{r['sha256']}.s16"
     assert pcm.stat().st_size == 3600 * 48_000 * 2
     assert not list((tmp_path / "data" / "media" / "tmp").iterdir())
+
+
+# ---- a full disk -------------------------------------------------------------------------------
+@pytest.fixture
+async def small_disk_api(tmp_path):
+    """A node whose data directory is a 4 MiB tmpfs."""
+    data = tmp_path / "data"
+    data.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(data)], check=True)
+    try:
+        async with running_api(make_config(tmp_path, max_mb=8, max_seconds=600)) as a:
+            yield a
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=True)
+
+
+def stored_files(api: Api) -> list[str]:
+    return sorted(str(p.relative_to(api.node.library.root))
+                  for p in api.node.library.root.rglob("*") if p.is_file())
+
+
+async def test_full_disk_answers_507_and_leaves_no_partial_file(small_disk_api, tmp_path):
+    api = small_disk_api
+    # 60 s of speech-rate MP3 is small, its 16-bit store is 5.8 MB: the disk fills while decoding.
+    long = tone_file(tmp_path / "long.mp3", 440, 60)
+    big = tmp_path / "big.wav"  # bigger than the disk: it fills while the upload is received
+    big.write_bytes(tone_file(tmp_path / "t.wav", 440, 3).read_bytes()[:44] + os.urandom(5 << 20))
+    for path in (long, big):
+        status, body = await api.upload("xa11", path)
+        assert status == 507, (path.name, status, body)
+        assert "disk full" in body["error"] and "ổ đĩa đầy" in body["error"]
+        assert stored_files(api) == []  # no temp upload, no partial PCM, no original
+    assert await api.node.store.count("media") == 0
+    status, m = await api.upload("xa11", tone_file(tmp_path / "short.wav", 440, 3))
+    assert status == 201, m  # the space was given back
+    assert stored_files(api) == sorted(f"{m['sha256'][:2]}/{m['sha256']}{s}"
+                                       for s in (".orig", ".s16"))
