@@ -12,7 +12,7 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["integrated_lufs", "normalise_gain"]
+__all__ = ["LoudnessMeter", "integrated_lufs", "normalise_gain"]
 
 _OFFSET = -0.691  # BS.1770: loudness = -0.691 + 10 log10(weighted mean square)
 _ABS_GATE_LUFS = -70.0
@@ -76,65 +76,94 @@ def _impulse_response(rate: int, taps: int) -> npt.NDArray[np.float64]:
     return np.fft.irfft(response, grid)[:taps]
 
 
-def _segment_energies(
-    x: npt.NDArray[np.floating], rate: int, segment: int
-) -> npt.NDArray[np.float64]:
-    """Sum of squares of the K-weighted signal over each whole 100 ms segment."""
-    n_segments = x.shape[0] // segment
-    taps = max(rate // 3, 64)  # 1/3 s: the tail beyond holds < 1e-25 of the energy
-    h = _impulse_response(rate, taps)
-    hop = 10 * segment  # each overlap-save frame yields 10 whole segments
-    nfft = 1 << (hop + taps - 2).bit_length()  # >= hop + taps - 1
-    h_f = np.fft.rfft(h, nfft)
-    n_frames = -(-n_segments // 10)
-    batch = max(1, (1 << 21) // nfft)  # ~2 M samples per batch keeps the working set small
-    energies = np.empty(n_frames * 10, dtype=np.float64)
-    for f0 in range(0, n_frames, batch):
-        f1 = min(f0 + batch, n_frames)
-        # Frame f covers input [f * hop - (taps - 1), f * hop - (taps - 1) + nfft); samples
-        # before 0 and past the end are zeros (the filter starts from rest).
-        start = f0 * hop - (taps - 1)
-        stop = (f1 - 1) * hop - (taps - 1) + nfft
-        chunk = np.zeros(stop - start, dtype=np.float64)
-        lo, hi = max(start, 0), min(stop, x.shape[0])
-        chunk[lo - start : hi - start] = x[lo:hi]
-        frames = np.lib.stride_tricks.sliding_window_view(chunk, nfft)[::hop]
-        y = np.fft.irfft(np.fft.rfft(frames, axis=-1) * h_f, nfft, axis=-1)
-        valid = y[:, taps - 1 : taps - 1 + hop]  # the linear (non-wrapped) part of each frame
-        segs = valid.reshape(f1 - f0, 10, segment)
-        energies[f0 * 10 : f1 * 10] = np.einsum("fsk,fsk->fs", segs, segs).ravel()
-    return energies[:n_segments]
+class LoudnessMeter:
+    """Integrated loudness of mono float PCM fed in chunks of any size, in bounded memory: it
+    keeps the filter's last 1/3 s of input and one float per 100 ms segment (a 4-hour file is
+    1.2 MB of them). Feeding a signal in pieces gives what `integrated_lufs` gives for it whole."""
+
+    def __init__(self, rate: int = 48_000) -> None:
+        if rate <= 0:
+            raise ValueError(f"sample rate must be positive, got {rate}")
+        self.rate = rate
+        self.segment = round(rate / 10)
+        self.taps = max(rate // 3, 64)  # 1/3 s: the tail beyond holds < 1e-25 of the energy
+        self.hop = 10 * self.segment  # each overlap-save frame yields 10 whole segments
+        self.nfft = 1 << (self.hop + self.taps - 2).bit_length()  # >= hop + taps - 1
+        self.h_f = np.fft.rfft(_impulse_response(rate, self.taps), self.nfft)
+        self.batch = max(1, (1 << 21) // self.nfft)  # ~2 M samples a batch: small working set
+        self.samples = 0
+        # Input not yet filtered, after the taps - 1 samples before it (zeros at the start: the
+        # filter starts from rest); filtered a batch of frames at a time.
+        self._held: list[npt.NDArray[np.floating]] = [np.zeros(self.taps - 1, np.float32)]
+        self._held_samples = self.taps - 1
+        self._energies: list[npt.NDArray[np.float64]] = []
+
+    def add(self, pcm: npt.NDArray[np.floating]) -> None:
+        x = np.asarray(pcm)
+        if x.ndim != 1:
+            raise ValueError(f"mono PCM must be 1-D, got shape {x.shape}")
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"PCM must be floating point (full scale 1.0), got {x.dtype}")
+        step = self.batch * self.hop
+        for i in range(0, x.shape[0], step):  # a whole file in batches: no copy of all of it
+            part = x[i : i + step]
+            self.samples += part.shape[0]
+            self._held.append(part)
+            self._held_samples += part.shape[0]
+            whole = (self._held_samples - self.nfft) // self.hop + 1  # frames with all input
+            if whole >= self.batch:
+                self._filter(whole)
+
+    def _filter(self, frames: int) -> None:
+        """K-weighted energies of the segments of the next `frames` frames of held input (zeros
+        after it: the end of the signal); the input they no longer need is dropped."""
+        buf = np.concatenate(self._held)
+        need = (frames - 1) * self.hop + self.nfft
+        if buf.shape[0] < need:
+            buf = np.concatenate([buf, np.zeros(need - buf.shape[0], buf.dtype)])
+        for f0 in range(0, frames, self.batch):
+            f1 = min(f0 + self.batch, frames)
+            part = buf[f0 * self.hop : (f1 - 1) * self.hop + self.nfft].astype(np.float64)
+            windows = np.lib.stride_tricks.sliding_window_view(part, self.nfft)[:: self.hop]
+            y = np.fft.irfft(np.fft.rfft(windows, axis=-1) * self.h_f, self.nfft, axis=-1)
+            valid = y[:, self.taps - 1 : self.taps - 1 + self.hop]  # the non-wrapped part
+            segs = valid.reshape(f1 - f0, 10, self.segment)
+            self._energies.append(np.einsum("fsk,fsk->fs", segs, segs).ravel())
+        rest = buf[frames * self.hop :]
+        self._held = [rest]
+        self._held_samples = rest.shape[0]
+
+    def lufs(self) -> float:
+        """K-weighted mean square over 400 ms blocks stepped by 100 ms, gated at -70 LUFS
+        (absolute) and then at -10 LU below the absolute-gated loudness (relative); -inf for input
+        shorter than one block or with no block above the absolute gate (e.g. silence)."""
+        n_segments = self.samples // self.segment
+        if n_segments < _BLOCK_SEGMENTS:
+            return float("-inf")
+        left = self._held_samples - (self.taps - 1)
+        if left > 0:
+            self._filter(-(-left // self.hop))
+        energies = np.concatenate(self._energies)[:n_segments]
+        self._energies = [energies]
+        if not np.all(np.isfinite(energies)):
+            raise ValueError("PCM contains non-finite samples")
+        windows = np.lib.stride_tricks.sliding_window_view(energies, _BLOCK_SEGMENTS)
+        power = windows.sum(axis=1) / (_BLOCK_SEGMENTS * self.segment)  # mean square per block
+        abs_gate = 10.0 ** ((_ABS_GATE_LUFS - _OFFSET) / 10.0)
+        gated = power[power > abs_gate]
+        if gated.size == 0:
+            return float("-inf")
+        rel_gate = float(np.mean(gated)) * 10.0 ** (_REL_GATE_LU / 10.0)
+        gated = gated[gated > rel_gate]
+        return _OFFSET + 10.0 * math.log10(float(np.mean(gated)))
 
 
 def integrated_lufs(pcm: npt.NDArray[np.floating], rate: int = 48_000) -> float:
-    """Integrated loudness (LUFS) of mono float PCM (full scale 1.0) per BS.1770-4 / EBU R128.
-
-    K-weighted mean square over 400 ms blocks stepped by 100 ms, gated at -70 LUFS (absolute)
-    and then at -10 LU below the absolute-gated loudness (relative). Returns -inf for input shorter
-    than one block or with no block above the absolute gate (e.g. silence).
-    """
-    x = np.asarray(pcm)
-    if x.ndim != 1:
-        raise ValueError(f"mono PCM must be 1-D, got shape {x.shape}")
-    if rate <= 0:
-        raise ValueError(f"sample rate must be positive, got {rate}")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise ValueError(f"PCM must be floating point (full scale 1.0), got {x.dtype}")
-    segment = round(rate / 10)
-    if x.shape[0] < _BLOCK_SEGMENTS * segment:
-        return float("-inf")
-    energies = _segment_energies(x, rate, segment)
-    if not np.all(np.isfinite(energies)):
-        raise ValueError("PCM contains non-finite samples")
-    windows = np.lib.stride_tricks.sliding_window_view(energies, _BLOCK_SEGMENTS)
-    power = windows.sum(axis=1) / (_BLOCK_SEGMENTS * segment)  # mean square of each block
-    abs_gate = 10.0 ** ((_ABS_GATE_LUFS - _OFFSET) / 10.0)
-    gated = power[power > abs_gate]
-    if gated.size == 0:
-        return float("-inf")
-    rel_gate = float(np.mean(gated)) * 10.0 ** (_REL_GATE_LU / 10.0)
-    gated = gated[gated > rel_gate]
-    return _OFFSET + 10.0 * math.log10(float(np.mean(gated)))
+    """Integrated loudness (LUFS) of mono float PCM (full scale 1.0) per BS.1770-4 / EBU R128;
+    see LoudnessMeter.lufs."""
+    meter = LoudnessMeter(rate)
+    meter.add(pcm)
+    return meter.lufs()
 
 
 def normalise_gain(lufs: float, target: float = -16.0, max_gain_db: float = 12.0) -> float:

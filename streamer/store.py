@@ -56,8 +56,8 @@ KINDS: Mapping[str, Kind] = {
     "area": Kind(indexed=("parent",)),
     "user": Kind(indexed=("username", "area"), unique=("username",)),
     "token": Kind(indexed=("user",)),  # id = sha256 of the bearer token, never the token itself
-    "media": Kind(indexed=("sha256", "area"), unique=("sha256",)),
-    "tts": Kind(),  # id = hash of (engine, voice, text) -> media id
+    "media": Kind(indexed=("sha256", "area")),  # records of the same bytes share their audio
+    "tts": Kind(),  # id = hash of (engine, voice, area, text) -> media id
     "programme": Kind(indexed=("area", "status")),
     "schedule": Kind(indexed=("area", "programme")),
     "broadcast": Kind(indexed=("status", "issuer")),  # persisted on-air broadcasts (restart)

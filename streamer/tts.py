@@ -1,8 +1,8 @@
 """Text to speech behind one small interface; espeak-ng's Vietnamese voice is the default.
 
 An external TTS service (a provider's HTTP API) implements `TtsEngine.synthesize` the same way.
-Results are cached by (engine, voice, text) in the media library, so a bulletin read twice is
-synthesised once.
+Results are cached by (engine, voice, area, text) in the media library, so a bulletin read twice in
+an area is synthesised once.
 """
 
 from __future__ import annotations
@@ -79,12 +79,16 @@ class Speech:
         if len(text) > MAX_TEXT:
             raise ValueError(f"văn bản quá dài / text longer than {MAX_TEXT} characters")
         voice = voice or self.voice
-        key = hashlib.sha256(f"{self.engine.name}\0{voice}\0{text}".encode()).hexdigest()[:32]
+        # A cached record is reused only by its own area: another area gets its own record
+        # (its title, owner, area), sharing the stored audio.
+        key = hashlib.sha256(
+            f"{self.engine.name}\0{voice}\0{area}\0{text}".encode()).hexdigest()[:32]
         store = self.library.store
         cached = await store.get("tts", key)
         if cached:
             media = await store.get("media", cached["media"])
-            if media and self.library.pcm_path(media["sha256"]).exists():
+            if media and media.get("area") == area and await asyncio.to_thread(
+                    self.library.pcm_path(media["sha256"]).exists):
                 return media
         out = self.library.temp_path(".wav")
         try:

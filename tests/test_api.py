@@ -258,8 +258,10 @@ async def test_upload_is_decoded_normalised_and_stored_once(api, tone, tmp_path)
     assert m["lufs"] is not None and m["gain_db"] is not None
     assert api.node.library.pcm_path(m["sha256"]).exists()
     status, again = await api.upload("xa11", tone, "Chuông lần 2")
-    assert status == 201 and again["id"] == m["id"]  # content-addressed: stored once
-    assert await api.node.store.count("media") == 1
+    assert status == 201 and again["id"] != m["id"]  # a record per upload, with its title
+    assert again["title"] == "Chuông lần 2" and again["sha256"] == m["sha256"]
+    assert await api.node.store.count("media") == 2
+    assert len(list(api.node.library.root.glob("*/*.s16"))) == 1  # the audio stored once
     assert no_temp_files(api)
 
 

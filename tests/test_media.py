@@ -4,10 +4,14 @@ content deduplication that never hands one commune's record to another."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from tests.apiclient import Api, make_config, running_api
+from tests.apiclient import Api, make_config, running_api, tone_file
 
 
 @pytest.fixture
@@ -42,3 +46,120 @@ async def test_declared_length_over_the_limit_is_refused_before_the_body(api, pa
     assert b"request body too large" in rest
     assert b"\r\nconnection: close\r\n" in rest.lower()  # closed, the rest never read
     assert await api.node.store.count("media") == 0
+
+
+# ---- deduplication: of the stored bytes, never of the record ---------------------------------
+async def test_same_bytes_in_another_commune_get_their_own_record(api, tmp_path):
+    tone = tone_file(tmp_path / "chuong.wav", 440, 3)
+    status, a = await api.upload("xa11", tone, "A")
+    assert status == 201, a
+    status, b = await api.upload("xa12", tone, "B")
+    assert status == 201, b
+    assert b["id"] != a["id"] and b["sha256"] == a["sha256"]
+    assert (b["title"], b["area"], b["owner"]) == ("B", "T01-H1-X2", "xa12")
+    assert await api.call("xa11", "GET", f"/api/v1/media/{a['id']}") == (200, a)  # unchanged
+    assert (await api.call("xa12", "GET", f"/api/v1/media/{a['id']}"))[0] == 404
+    assert len(list(api.node.library.root.glob("*/*.s16"))) == 1  # the audio is shared
+    status, _ = await api.call("xa12", "DELETE", f"/api/v1/media/{b['id']}")
+    assert status == 204
+    assert await api.call("xa11", "GET", f"/api/v1/media/{a['id']}") == (200, a)
+    aired = api.node.library.source(a)  # A still plays: its audio outlived B's record
+    assert abs(aired.size / 48_000 - 3.0) < 0.05 and float(abs(aired.read(4800)).max()) > 0.1
+    assert api.node.library.pcm_path(a["sha256"]).exists()
+    status, _ = await api.call("xa11", "DELETE", f"/api/v1/media/{a['id']}")
+    assert status == 204
+    assert not list(api.node.library.root.glob("*/*.s16"))  # gone with its last record
+    assert not list(api.node.library.root.glob("*/*.orig"))
+
+
+async def test_speech_is_cached_per_area_and_never_hands_over_another_areas_record(api):
+    text = {"text": "Họp tổ dân phố lúc 19 giờ"}
+    status, a = await api.call("xa11", "POST", "/api/v1/tts", json=text)
+    assert status == 201, a
+    status, again = await api.call("bientap11", "POST", "/api/v1/tts", json=text)
+    assert status == 201 and again["id"] == a["id"]  # same area: the cached record
+    status, b = await api.call("xa12", "POST", "/api/v1/tts", json=text)
+    assert status == 201, b
+    assert b["id"] != a["id"] and (b["area"], b["owner"]) == ("T01-H1-X2", "xa12")
+    assert b["sha256"] == a["sha256"]
+    assert await api.call("xa11", "GET", f"/api/v1/media/{a['id']}") == (200, a)
+
+
+# ---- bounded decoding ----------------------------------------------------------------------------
+INGEST_AND_MEASURE = """
+import asyncio, json, resource, shutil, sys
+from pathlib import Path
+from loa.streamer.library import MediaLibrary
+from loa.streamer.store import open_store
+
+async def main(src, data):
+    store = await open_store("sqlite", data)
+    lib = MediaLibrary(Path(data) / "media", store)
+    temps = [lib.temp_path(".mp3") for _ in range(2)]
+    for t in temps:
+        shutil.copyfile(src, t)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    records = await asyncio.gather(*(lib.ingest(t, title="Dài", area="T01", owner="x")
+                                      for t in temps))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    await store.close()
+    print(json.dumps({"grew_kb": peak - before, "records": records}))
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+def test_two_long_uploads_at_once_decode_in_bounded_memory(tmp_path):
+    """1 h of 8 kbit/s MP3 (3.6 MB) is 2.7 GB of float samples in memory: decoded whole, two
+    such uploads took 5 GB; streamed to the store they take a few tens of MB each."""
+    mp3 = tmp_path / "long.mp3"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-y", "-f", "lavfi", "-i",
+                    "sine=f=440:r=8000", "-t", "3600", "-ac", "1", "-c:a", "libmp3lame",
+                    "-b:a", "8k", str(mp3)], check=True)
+    out = subprocess.run([sys.executable, "-c", INGEST_AND_MEASURE, str(mp3),
+                          str(tmp_path / "data")], check=True, capture_output=True, text=True)
+    result = json.loads(out.stdout)
+    print(f"peak memory growth of two 1 h decodes at once: {result['grew_kb'] / 1024:.0f} MiB")
+    assert result["grew_kb"] < 400 * 1024
+    for r in result["records"]:
+        assert abs(r["duration"] - 3600) < 1 and r["gain_db"] is not None
+    pcm = tmp_path / "data" / "media" / r["sha256"][:2] / f"{r['sha256']}.s16"
+    assert pcm.stat().st_size == 3600 * 48_000 * 2
+    assert not list((tmp_path / "data" / "media" / "tmp").iterdir())
+
+
+# ---- a full disk -------------------------------------------------------------------------------
+@pytest.fixture
+async def small_disk_api(tmp_path):
+    """A node whose data directory is a 4 MiB tmpfs."""
+    data = tmp_path / "data"
+    data.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(data)], check=True)
+    try:
+        async with running_api(make_config(tmp_path, max_mb=8, max_seconds=600)) as a:
+            yield a
+    finally:
+        subprocess.run(["umount", "-l", str(data)], check=True)
+
+
+def stored_files(api: Api) -> list[str]:
+    return sorted(str(p.relative_to(api.node.library.root))
+                  for p in api.node.library.root.rglob("*") if p.is_file())
+
+
+async def test_full_disk_answers_507_and_leaves_no_partial_file(small_disk_api, tmp_path):
+    api = small_disk_api
+    # 60 s of speech-rate MP3 is small, its 16-bit store is 5.8 MB: the disk fills while decoding.
+    long = tone_file(tmp_path / "long.mp3", 440, 60)
+    big = tmp_path / "big.wav"  # bigger than the disk: it fills while the upload is received
+    big.write_bytes(tone_file(tmp_path / "t.wav", 440, 3).read_bytes()[:44] + os.urandom(5 << 20))
+    for path in (long, big):
+        status, body = await api.upload("xa11", path)
+        assert status == 507, (path.name, status, body)
+        assert "disk full" in body["error"] and "ổ đĩa đầy" in body["error"]
+        assert stored_files(api) == []  # no temp upload, no partial PCM, no original
+    assert await api.node.store.count("media") == 0
+    status, m = await api.upload("xa11", tone_file(tmp_path / "short.wav", 440, 3))
+    assert status == 201, m  # the space was given back
+    assert stored_files(api) == sorted(f"{m['sha256'][:2]}/{m['sha256']}{s}"
+                                       for s in (".orig", ".s16"))

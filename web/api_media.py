@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -22,6 +26,25 @@ def can_see(request: web.Request, record: Record) -> bool:
     return principal(request).related(node_of(request).tree, record.get("area"))
 
 
+MAX_PARTS = 8  # file, title, area and a few a client may add; 100k tiny parts cost seconds
+MAX_PART_HEADERS = 16
+MAX_HEADER_LINE = 1024
+MAX_TEXT_FIELD = 4096  # bytes of a title or area part
+MALFORMED = "multipart không hợp lệ / malformed multipart body"
+DISK_FULL = "ổ đĩa đầy / disk full: nothing was stored, free space and try again"
+
+
+@contextmanager
+def disk_full_is_507() -> Iterator[None]:
+    """A full disk is the operator's to fix, not a server bug: 507 with the reason."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ApiError(507, DISK_FULL) from None
+        raise
+
+
 @routes.post("/api/v1/media")
 async def upload(request: web.Request) -> web.Response:
     p = principal(request)
@@ -36,45 +59,42 @@ async def upload(request: web.Request) -> web.Response:
     temp = None
     filename = ""
     try:
-        try:
-            reader = await request.multipart()
-        except (ValueError, LookupError, HttpProcessingError) as e:  # no or bad boundary
-            raise ApiError(400, f"{MALFORMED}: {type(e).__name__}") from None
-        while (part := await _next_part(reader)) is not None:
-            if not isinstance(part, BodyPartReader):
-                continue
-            if part.name == "title":
-                title = (await _text(part))[:200].strip()
-            elif part.name == "area":
-                area = (await _text(part)).strip()
-            elif part.name == "file":
-                if temp is not None:
-                    raise ApiError(422, "chỉ một tệp mỗi lần / one file per upload", "file")
-                filename = (part.filename or "")[:200]
-                temp = await asyncio.to_thread(lib.temp_path)
-                size = 0
-                f = await asyncio.to_thread(open, temp, "wb")
-                try:
-                    while chunk := await part.read_chunk(CHUNK):
-                        size += len(chunk)
-                        if size > lib.settings.max_bytes:
-                            raise ApiError(413, "tệp quá lớn / file too large: limit "
-                                                f"{lib.settings.max_bytes // 2**20} MiB", "file")
-                        await asyncio.to_thread(f.write, chunk)
-                finally:
-                    await asyncio.to_thread(f.close)
-        if temp is None:
-            raise ApiError(422, "thiếu tệp / missing field: file", "file")
-        if area not in node.tree:
-            raise ApiError(422, f"không có khu vực / unknown area {area}", "area")
-        p.require_area(node.tree, area)
-        owned, temp = temp, None  # ingest removes it whatever happens
-        try:
-            record = await lib.ingest(owned, title=title, area=area, owner=p.username,
-                                      filename=filename)
-        except MediaError as e:
-            status = 413 if "too long" in str(e) or "too large" in str(e) else 422
-            raise ApiError(status, str(e), "file") from None
+        with disk_full_is_507():
+            try:  # aiohttp's own limits (8 KB a header, 128 headers) are far above what we use
+                reader = MultipartReader(request.headers, request.content,
+                                         max_field_size=MAX_HEADER_LINE,
+                                         max_headers=MAX_PART_HEADERS)
+            except (ValueError, LookupError, HttpProcessingError) as e:  # no or bad boundary
+                raise ApiError(400, f"{MALFORMED}: {type(e).__name__}") from None
+            parts = 0
+            while (part := await _next_part(reader)) is not None:
+                parts += 1
+                if parts > MAX_PARTS:
+                    raise ApiError(400, f"{MALFORMED}: more than {MAX_PARTS} parts")
+                if not isinstance(part, BodyPartReader):  # nested multipart: never ours
+                    raise ApiError(400, f"{MALFORMED}: nested multipart part")
+                if part.name == "title":
+                    title = (await _text(part))[:200].strip()
+                elif part.name == "area":
+                    area = (await _text(part)).strip()
+                elif part.name == "file":
+                    if temp is not None:
+                        raise ApiError(422, "chỉ một tệp mỗi lần / one file per upload", "file")
+                    filename = (part.filename or "")[:200]
+                    temp = await asyncio.to_thread(lib.temp_path)
+                    await _receive(part, temp, lib.settings.max_bytes)
+            if temp is None:
+                raise ApiError(422, "thiếu tệp / missing field: file", "file")
+            if area not in node.tree:
+                raise ApiError(422, f"không có khu vực / unknown area {area}", "area")
+            p.require_area(node.tree, area)
+            owned, temp = temp, None  # ingest removes it whatever happens
+            try:
+                record = await lib.ingest(owned, title=title, area=area, owner=p.username,
+                                          filename=filename)
+            except MediaError as e:
+                status = 413 if "too long" in str(e) or "too large" in str(e) else 422
+                raise ApiError(status, str(e), "file") from None
     finally:
         if temp is not None:
             await asyncio.to_thread(temp.unlink, missing_ok=True)
@@ -82,7 +102,19 @@ async def upload(request: web.Request) -> web.Response:
     return ok(record, 201)
 
 
-MALFORMED = "multipart không hợp lệ / malformed multipart body"
+async def _receive(part: BodyPartReader, temp: Path, max_bytes: int) -> None:
+    """The file part into `temp`, refused as soon as it passes `max_bytes`."""
+    size = 0
+    f = await asyncio.to_thread(open, temp, "wb")
+    try:
+        while chunk := await part.read_chunk(CHUNK):
+            size += len(chunk)
+            if size > max_bytes:
+                raise ApiError(413, "tệp quá lớn / file too large: limit "
+                                    f"{max_bytes // 2**20} MiB", "file")
+            await asyncio.to_thread(f.write, chunk)
+    finally:
+        await asyncio.to_thread(f.close)
 
 
 async def _next_part(reader: MultipartReader) -> object:
@@ -93,8 +125,15 @@ async def _next_part(reader: MultipartReader) -> object:
 
 
 async def _text(part: BodyPartReader) -> str:
+    """A small text part, refused past MAX_TEXT_FIELD bytes instead of read whole."""
+    raw = b""
     try:
-        return await part.text()
+        while chunk := await part.read_chunk(MAX_TEXT_FIELD):
+            raw += chunk
+            if len(raw) > MAX_TEXT_FIELD:
+                raise ApiError(413, f"trường quá dài / field {part.name} longer than "
+                                    f"{MAX_TEXT_FIELD} bytes", part.name)
+        return raw.decode(part.get_charset(default="utf-8"))  # RFC 7578: no transfer encoding
     except (ValueError, LookupError, HttpProcessingError) as e:  # bad charset, not decodable
         raise ApiError(400, f"{MALFORMED}: {type(e).__name__}") from None
 
@@ -142,8 +181,9 @@ async def tts(request: web.Request) -> web.Response:
     text = field(data, "text", str)
     voice = field(data, "voice", str, required=False)
     try:
-        media = await node_of(request).speech.media_for(text, area=p.area, owner=p.username,
-                                                        voice=voice)
+        with disk_full_is_507():
+            media = await node_of(request).speech.media_for(text, area=p.area,
+                                                            owner=p.username, voice=voice)
     except ValueError as e:
         raise ApiError(422, str(e), "text") from None
     except UnknownVoice as e:
