@@ -20,9 +20,15 @@ Design for thousands of devices on one core:
 - A bulk command is serialised once: every device gets the same bytes except its command id,
   spliced in between a pre-encoded prefix and suffix.
 
-A device's record is owned by the node its session is on; several nodes sharing one store would
-each hold the whole registry in memory and must not accept the same devices (see the protocol
-document).
+Cluster (several nodes on one Redis store and bus): a device's connection, its undelivered
+commands, their retries and expiry belong to the node it is connected to, recorded as `node` in
+its record. On hello a node takes the device over: it reads the device's undelivered commands from
+the store and publishes `device.node` (`{"device", "node", "status", "origin"}`); every other node
+then hands the commands it holds for that device to the new node and stops counting the device's
+heartbeats. A command issued on any node for a device served by another is written to the store
+(`queued`) and sent over the bus's durable stream `devices.<node>` to that node, which delivers,
+retries and expires it and records its ack in the store, where every node reads it. Delivery is
+idempotent by command id: a command already held, or already settled in the store, is dropped.
 """
 
 from __future__ import annotations
@@ -46,12 +52,20 @@ from datetime import datetime
 from typing import Any, Protocol
 from urllib.parse import quote
 
+from loa.streamer.bus import Bus, BusClosed, BusSubscription
 from loa.streamer.store import NotFound, Record, Store
 
 log = logging.getLogger("loa.devices")
 
 PROTOCOL_VERSION = 1
 WRITER_STOP_TIMEOUT = 10.0  # seconds a shutdown waits for a store writer, twice at most
+NODE_TOPIC = "device.node"  # bus event: a device is now served by a node ("" = by none)
+ROUTE_GROUP = "devices"  # consumer group of the per-node command streams (`route_stream`)
+
+
+def route_stream(node: str) -> str:
+    """The durable bus stream of the commands for the devices a node serves."""
+    return f"devices.{node}"
 
 # ---- close codes (WebSocket close frames sent by the server) -------------------------------------
 CLOSE_GOING_AWAY = 1001  # the server shuts down: reconnect with back-off
@@ -895,6 +909,7 @@ class Issued:
     ids: list[str]
     devices: int
     online: int  # sent at once (connected devices)
+    routed: int = 0  # handed to the node serving the device (cluster)
 
 
 @dataclass
@@ -917,11 +932,15 @@ class DeviceManager:
     """The device registry and every device connection of this node."""
 
     MAX_TALLIES = 256
+    MAX_SETTLED = 100_000  # ids of settled commands remembered (ahead of the write-behind)
 
     def __init__(self, store: Store, publish: Publish, settings: DeviceSettings | None = None,
-                 offer: StreamOffer | None = None) -> None:
+                 offer: StreamOffer | None = None, *, bus: Bus | None = None,
+                 node_id: str = "") -> None:
         self.store = store
         self.publish = publish
+        self.bus = bus  # with a node id: commands are routed to the node serving a device
+        self.node_id = node_id
         self.settings = settings or DeviceSettings()
         self.offer = offer or StreamOffer()
         self.devices: dict[str, Device] = {}
@@ -940,7 +959,12 @@ class DeviceManager:
         self._planned = math.inf
         self._task: asyncio.Task[None] | None = None
         self._closers: set[asyncio.Task[None]] = set()
-        self.stats = {"heartbeats": 0, "acks": 0, "sent": 0, "resent": 0, "errors": 0}
+        self._settled: OrderedDict[str, None] = OrderedDict()
+        self._stopping = False
+        self._nodes: BusSubscription | None = None
+        self._bus_tasks: list[asyncio.Task[None]] = []
+        self.stats = {"heartbeats": 0, "acks": 0, "sent": 0, "resent": 0, "errors": 0,
+                      "routed": 0, "received": 0}
 
     # ---- lifecycle -------------------------------------------------------------------------
     async def start(self) -> None:
@@ -966,6 +990,10 @@ class DeviceManager:
         self._devw.start()
         self._cmdw.start()
         self._task = loop.create_task(self._run())
+        if self.bus is not None and self.node_id:
+            self._nodes = await self.bus.subscribe(NODE_TOPIC)
+            self._bus_tasks = [loop.create_task(self._read_nodes(self._nodes)),
+                               loop.create_task(self._read_routes())]
         log.info("device registry loaded event=devices_start devices=%d undelivered=%d",
                  len(self.devices), len(pending))
 
@@ -978,6 +1006,14 @@ class DeviceManager:
             await asyncio.wait(list(self._closers), timeout=5.0)
 
     async def stop(self) -> None:
+        self._stopping = True  # the bus readers end by themselves (within a receive timeout)
+        if self._nodes is not None:
+            await self._nodes.close()
+        if self._bus_tasks:
+            _, late = await asyncio.wait(self._bus_tasks, timeout=WRITER_STOP_TIMEOUT)
+            for t in late:
+                t.cancel()
+            self._bus_tasks = []
         if self._task:
             self._task.cancel()
             with suppress(asyncio.CancelledError):
@@ -1098,6 +1134,8 @@ class DeviceManager:
             raise HelloRejected(CLOSE_MALFORMED_HELLO, f"hello không hợp lệ / bad hello: {e}"
                                 ) from None
         dev = self.devices.get(hello.device)
+        if dev is None or self.remote(dev):  # registered, or last served, by another node
+            dev = await self._load(hello.device, fresh=True)
         if dev is None or not same_hash(dev.record.get("key_hash"), hello.key):
             raise HelloRejected(CLOSE_UNAUTHORISED,
                                 "sai thiết bị hoặc khóa / unknown device or wrong key")
@@ -1114,7 +1152,7 @@ class DeviceManager:
         dev.ready = False
         dev.public = public
         dev.last_seen = loop.time()
-        changes: Record = {"last_seen": time.time()}
+        changes: Record = {"last_seen": time.time(), "node": self.node_id}
         if hello.firmware is not None:
             changes["firmware"] = hello.firmware
         if hello.capabilities is not None and hello.capabilities != dev.record.get(
@@ -1124,6 +1162,7 @@ class DeviceManager:
         dev.record = rec
         status = "fault" if rec.get("faults") else "online"
         try:
+            await self._claim(dev)  # before the welcome: a welcomed device is ready at once
             await self._send(dev, encode({
                 "v": PROTOCOL_VERSION, "type": "welcome", "server_time": time.time(),
                 "heartbeat": self.settings.heartbeat, "config": self.config_of(dev)}))
@@ -1133,6 +1172,7 @@ class DeviceManager:
                 await self._status(dev, status, "connected")
             else:
                 self._devw.mark(rec)
+            await self._publish_node(dev)
             await self._deliver_backlog(dev, link)
         except BaseException:  # cancelled (shutdown) or worse: no dead link left behind
             await self.disconnected(dev, link)
@@ -1270,6 +1310,9 @@ class DeviceManager:
         if status in FINAL:
             rec["done"] = time.time()
             self._due.pop(rec["id"], None)
+            self._settled[rec["id"]] = None  # a copy routed back here later is dropped
+            if len(self._settled) > self.MAX_SETTLED:
+                self._settled.popitem(last=False)
             dev = self.devices.get(rec["device"])
             if dev is not None and dev.outbox is not None:
                 dev.outbox.pop(rec["id"], None)
@@ -1336,6 +1379,7 @@ class DeviceManager:
         shown = display_state(args, now) if command == "display" else None  # one for all
         online = 0
         ids = []
+        routed: list[tuple[str, Record]] = []
         for i, dev in enumerate(devices):
             cid = batch if single else f"{batch}.{i}"
             ids.append(cid)
@@ -1344,22 +1388,180 @@ class DeviceManager:
                            "batch": None if single else batch, "issuer": issuer}
             if tally is not None:
                 tally.counts["queued"] += 1
+            if self.remote(dev):  # its node keeps its state, delivers and retries
+                self._cmdw.mark(rec)
+                routed.append((dev.record["node"], rec))
+                continue
             if command in STATEFUL_COMMANDS:
                 self._remember(dev, command, args, shown, now)
-            waiting = dev.outbox is not None and any(
-                r["status"] == "queued" for r in dev.outbox.values())
-            self._enqueue(dev, rec)
-            if dev.link is not None and dev.ready and not waiting:
-                await self._try_send(dev, rec, prefix + cid.encode() + suffix)
-                online += rec["status"] == "sent"
-            else:  # offline, its backlog is being delivered, or an older command still waits
-                self._cmdw.mark(rec)  # for a write: this one follows, in order
-                if dev.link is not None and dev.ready:
-                    self._schedule(dev.id, rec)
+            online += await self._offer(dev, rec, prefix + cid.encode() + suffix)
         await self._cmdw.flush()
+        for node, rec in routed:  # after the store has them: the receiver may read them back
+            await self._route(node, rec)
         log.info("device command event=device_command command=%s batch=%s devices=%d "
-                 "online=%d issuer=%s", command, batch, len(devices), online, issuer)
-        return Issued(batch, ids, len(devices), online)
+                 "online=%d routed=%d issuer=%s", command, batch, len(devices), online,
+                 len(routed), issuer)
+        return Issued(batch, ids, len(devices), online, len(routed))
+
+    async def _offer(self, dev: Device, rec: Record, data: bytes | None = None) -> bool:
+        """Queue a new command for a device of this node; send it at once when it is connected
+        and nothing older waits. True: sent."""
+        waiting = dev.outbox is not None and any(
+            r["status"] == "queued" for r in dev.outbox.values())
+        self._enqueue(dev, rec)
+        if dev.link is not None and dev.ready and not waiting:
+            await self._try_send(dev, rec, data)
+            return bool(rec["status"] == "sent")
+        self._cmdw.mark(rec)  # offline, its backlog is being delivered, or an older one waits
+        if dev.link is not None and dev.ready:
+            self._schedule(dev.id, rec)
+        return False
+
+    # ---- cluster: which node serves a device, commands routed to it -----------------------------
+    def remote(self, dev: Device) -> bool:
+        """Served by another node of the cluster (its commands go there)."""
+        node = dev.record.get("node")
+        return dev.link is None and bool(node) and node != self.node_id and self.bus is not None
+
+    async def _load(self, device_id: str, fresh: bool = False) -> Device | None:
+        """A device registered by another node since this one started, or (`fresh`) the record
+        another node kept while it served the device: read it from the store."""
+        if not isinstance(device_id, str) or not device_id:
+            return None
+        rec = await self.store.get("device", device_id)
+        dev = self.devices.get(device_id)  # loaded meanwhile, or known and refreshed
+        if rec is None:
+            return dev
+        if dev is None:
+            dev = self.devices[device_id] = Device(rec)
+        elif fresh and dev.link is None:
+            dev.record = rec
+            dev.telemetry = rec.get("telemetry")
+        return dev
+
+    async def _publish_node(self, dev: Device) -> None:
+        if self.bus is None or not self.node_id:
+            return
+        try:
+            await self.bus.publish(NODE_TOPIC, {"v": PROTOCOL_VERSION, "device": dev.id,
+                                                "node": dev.record.get("node") or "",
+                                                "status": dev.status, "origin": self.node_id})
+        except Exception as e:  # noqa: BLE001 - the device is served here all the same
+            log.error("bus publish failed event=device_node_publish_error device=%s error=%s",
+                      dev.id, e)
+
+    async def _claim(self, dev: Device) -> None:
+        """A device connected here: take over the undelivered commands other nodes issued or
+        held for it (from the store), and tell the cluster."""
+        if self.bus is None or not self.node_id:
+            return
+        rows = await self.store.find("command", device=dev.id, status="queued")
+        rows += await self.store.find("command", device=dev.id, status="sent")
+        rows.sort(key=lambda r: (r.get("created", 0), r["id"]))
+        for rec in rows:
+            if rec["id"] not in (dev.outbox or {}) and rec["id"] not in self._settled:
+                rec["status"] = "queued"
+                rec["tries"] = 0
+                self._enqueue(dev, rec)
+
+    async def _route(self, node: str, rec: Record) -> None:
+        assert self.bus is not None
+        try:
+            await self.bus.send(route_stream(node), {"v": PROTOCOL_VERSION, "command": rec})
+            self.stats["routed"] += 1
+        except Exception as e:  # noqa: BLE001 - the bus is down: hold it here instead
+            log.error("bus send failed event=device_route_error device=%s node=%s error=%s",
+                      rec["device"], node, e)
+            dev = self.devices.get(rec["device"])
+            if dev is not None:
+                self._enqueue(dev, rec)
+
+    async def _read_routes(self) -> None:
+        """Commands other nodes issued for the devices of this node (durable: a command read
+        before a crash and not acknowledged is read again after the restart)."""
+        assert self.bus is not None
+        stream = route_stream(self.node_id)
+        while not self._stopping:
+            try:
+                got = await self.bus.receive(stream, ROUTE_GROUP, self.node_id, count=100,
+                                             timeout=1.0)
+            except BusClosed:
+                return
+            except Exception as e:  # noqa: BLE001 - the bus comes back: try again
+                log.error("bus read failed event=device_route_error error=%s", e)
+                await asyncio.sleep(1.0)
+                continue
+            for mid, body in got:
+                try:
+                    await self._accept(body.get("command"))
+                except Exception:
+                    log.exception("routed command failed event=device_route_error")
+                with suppress(Exception):
+                    await self.bus.ack(stream, ROUTE_GROUP, mid)
+
+    async def _accept(self, rec: Any) -> None:
+        """A command routed here: idempotent by id, expiry kept, held if the device left."""
+        if not isinstance(rec, dict) or not isinstance(rec.get("id"), str):
+            return
+        dev = self.devices.get(rec.get("device", "")) or await self._load(rec.get("device", ""))
+        if dev is None or rec["id"] in (dev.outbox or {}) or rec["id"] in self._settled:
+            return
+        stored = await self.store.get("command", rec["id"])
+        if stored is not None and stored.get("status") in FINAL:
+            return
+        self.stats["received"] += 1
+        rec["status"] = "queued"
+        rec["tries"] = 0
+        now = time.time()
+        if float(rec.get("expires", 0)) <= now:
+            rec["done"] = now
+            rec["status"] = "expired"
+            self._cmdw.mark(rec)
+            return
+        if self.remote(dev):  # it moved on meanwhile: pass it along
+            await self._route(dev.record["node"], rec)
+            return
+        command, args = rec["command"], rec["args"]
+        if command in STATEFUL_COMMANDS:
+            shown = display_state(args, now) if command == "display" else None
+            self._remember(dev, command, args, shown, now)
+        await self._offer(dev, rec)
+
+    async def _read_nodes(self, sub: BusSubscription) -> None:
+        while not self._stopping:
+            try:
+                ev = await sub.get()
+            except (BusClosed, asyncio.CancelledError):
+                return
+            except Exception:
+                log.exception("bus read failed event=device_node_error")
+                return
+            try:
+                await self._on_node(ev)
+            except Exception:
+                log.exception("device node event failed event=device_node_error")
+
+    async def _on_node(self, ev: Record) -> None:
+        """Another node serves a device now (or none does): hand over what is held for it."""
+        if ev.get("origin") == self.node_id:
+            return
+        dev = self.devices.get(ev.get("device", "")) or await self._load(ev.get("device", ""))
+        node = ev.get("node")
+        if dev is None or not isinstance(node, str) or dev.link is not None:
+            return  # connected here (an older event, or a half-open link its heartbeats end)
+        dev.record["node"] = node
+        if ev.get("status") in DEVICE_STATUSES:
+            dev.status = ev["status"]
+        if not node or node == self.node_id:
+            return
+        held = [r for r in (dev.outbox or {}).values() if r["status"] not in FINAL]
+        for rec in held:
+            self._due.pop(rec["id"], None)
+        dev.outbox = None
+        self._with_outbox.discard(dev.id)
+        self._tele_dirty.discard(dev.id)
+        for rec in held:
+            await self._route(node, rec)
 
     def _remember(self, dev: Device, command: str, args: dict[str, Any],
                   shown: dict[str, Any] | None, now: float) -> None:
@@ -1435,9 +1637,12 @@ class DeviceManager:
     async def _check_offline(self, now: float) -> None:
         hb = self.settings.heartbeat
         limit = now - (2 * hb + 0.1 * hb)  # two heartbeats missed (plus 10 % for the network)
-        late = [d for d in self.devices.values() if d.status != "offline" and d.last_seen < limit]
+        late = [d for d in self.devices.values() if d.status != "offline" and d.last_seen < limit
+                and not self.remote(d)]
         events = []
         for dev in late:
+            dev.record["node"] = ""
+            await self._publish_node(dev)
             if dev.link is not None:
                 dev.link.close(CLOSE_HEARTBEAT, "mất nhịp tim / missed heartbeats")
                 dev.link = None

@@ -45,6 +45,8 @@ class BusSubscription(abc.ABC):
 
 
 class Bus(abc.ABC):
+    shared = False  # True: other nodes (processes) are on this bus too
+
     @abc.abstractmethod
     async def publish(self, topic: str, event: Event) -> None: ...
 
@@ -425,6 +427,7 @@ class RedisBus(Bus):
     consumer groups (`{prefix}cmd:{stream}`). Bodies are JSON in the field `body`."""
 
     FIELD = b"body"
+    shared = True
 
     def __init__(self, client: aioredis.Redis, prefix: str = "loa:", *,
                  queue_size: int = QUEUE_SIZE, stream_maxlen: int = STREAM_MAXLEN) -> None:

@@ -126,8 +126,9 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 5.0)
 
 
 @asynccontextmanager
-async def serving(tmp_path: Path, **settings: Any) -> AsyncIterator[Server]:
-    cfg = make_config(tmp_path)
+async def serving(tmp_path: Path, store: str = "sqlite", prefix: str = "loa:",
+                  **settings: Any) -> AsyncIterator[Server]:
+    cfg = make_config(tmp_path, store=store, prefix=prefix)
     cfg.devices = DeviceSettings(**settings)  # the [devices] config section
     node = Node(cfg, realtime=False)
     await node.start()
@@ -700,3 +701,115 @@ async def test_writer_stops_with_a_marker_when_the_store_swallows_cancellation(
         assert rec is not None and rec["volume"] == 55  # the write in flight was not lost
     finally:
         await store.close()
+
+
+
+# ---- a cluster: two nodes on one Redis store and bus ----------------------------------------------
+async def test_commands_reach_a_device_connected_to_another_node(
+        tmp_path: Path, redis_url: str, redis_prefix: str) -> None:
+    """Registered on A, connected to B: a command issued on A is routed to B over the bus, the
+    device gets it once, its ack is recorded and visible from A; a command that expires while
+    the device is away is never delivered by the node it comes back to."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with serving(tmp_path / "a", redis_url, redis_prefix, retry_interval=0.3) as a, \
+            serving(tmp_path / "b", redis_url, redis_prefix, retry_interval=0.3) as b:
+        assert a.mgr.node_id and b.mgr.node_id and a.mgr.node_id != b.mgr.node_id
+        d = await a.provisioned("T01-H1-X1")  # B started before it existed
+        d.srv = b
+        await d.connect()
+        dev_a = a.mgr.get(d.id)
+        assert dev_a is not None
+
+        async def a_knows() -> bool:
+            return dev_a.record.get("node") == b.mgr.node_id and dev_a.status == "online"
+        await eventually(a_knows)
+
+        status, body = await a.call("xa11", "POST", f"/api/v1/devices/{d.id}/commands",
+                                    json={"command": "volume", "args": {"volume": 35}})
+        assert status == 202 and body["routed"] is True, body
+        cmd = await d.recv()
+        assert cmd["type"] == "command" and cmd["id"] == body["id"]
+        assert cmd["command"] == "volume" and cmd["args"] == {"volume": 35}
+        await d.ack(cmd["id"])
+
+        async def acked_on_a() -> bool:
+            status, rows = await a.call("xa11", "GET", f"/api/v1/devices/{d.id}/commands")
+            return status == 200 and [r["status"] for r in rows["commands"]
+                                      if r["id"] == body["id"]] == ["acked"]
+        await eventually(acked_on_a)
+        # The same command routed again (a bus redelivery): settled, never sent twice.
+        stored = await a.node.store.get("command", body["id"])
+        await a.node.bus.send(f"devices.{b.mgr.node_id}", {"v": 1, "command": stored})
+
+        # Away from B (still online for two heartbeats): a short-lived command issued on A
+        # waits at B, expires there, and is not delivered when the device comes back to A.
+        await d.close()
+        await eventually(lambda: _async(b.mgr.get(d.id).link is None))  # type: ignore[union-attr]
+        status, short = await a.call("xa11", "POST", f"/api/v1/devices/{d.id}/commands",
+                                     json={"command": "volume", "args": {"volume": 20},
+                                           "ttl_s": 0.3})
+        assert status == 202 and short["routed"] is True
+        status, later = await a.call("xa11", "POST", f"/api/v1/devices/{d.id}/commands",
+                                     json={"command": "volume", "args": {"volume": 60}})
+        assert status == 202
+        await asyncio.sleep(0.5)  # past the first one's expiry
+        d.srv = a
+        await d.connect()  # back, to node A this time
+        cmd = await d.recv()
+        assert cmd["id"] == later["id"] and cmd["args"] == {"volume": 60}  # not the expired one
+        await d.ack(cmd["id"])
+
+        async def settled() -> bool:
+            return (await command_status(a, short["id"]) == "expired"
+                    and await command_status(a, later["id"]) == "acked")
+        await eventually(settled, 10.0)
+        assert b.mgr.stats["received"] >= 1
+        with pytest.raises(asyncio.TimeoutError):
+            await d.recv(timeout=1.0)  # nothing else: no duplicate from B's hand-over
+        await d.close()
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def test_an_emergency_started_on_one_node_reaches_devices_on_another_once(
+        tmp_path: Path, redis_url: str, redis_prefix: str) -> None:
+    """The node serving a device sends it the emergency (it hears of it on the bus); the node
+    that started it must not queue a second copy that a reconnect would deliver again."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    async with serving(tmp_path / "a", redis_url, redis_prefix) as a, \
+            serving(tmp_path / "b", redis_url, redis_prefix) as b:
+        d = await a.provisioned("T01-H1-X1")
+        d.srv = b
+        await d.connect()  # served by B
+
+        async def a_knows() -> bool:
+            dev = a.mgr.get(d.id)
+            return dev is not None and dev.record.get("node") == b.mgr.node_id
+        await eventually(a_knows)
+        status, em = await a.call("tinh", "POST", "/api/v1/emergencies", json={
+            "targets": ["T01-H1-X1"], "content": {"text": "Bão."}, "text": "BÃO"})
+        assert status == 201, em
+        cmd = await d.recv(timeout=10.0)
+        assert cmd["command"] == "emergency" and cmd["args"]["text"] == "BÃO"
+        await d.ack(cmd["id"])
+
+        async def all_acked() -> bool:
+            rows = await a.node.store.find("command", device=d.id)
+            return [r["status"] for r in rows if r["command"] == "emergency"] == ["acked"]
+        await eventually(all_acked)
+        with pytest.raises(asyncio.TimeoutError):
+            await d.recv(timeout=1.0)
+        # Back on node A: the emergency is in its config, no second command.
+        await d.close()
+        d.srv = a
+        welcome = await d.connect()
+        assert welcome["config"]["emergency"]["text"] == "BÃO"
+        with pytest.raises(asyncio.TimeoutError):
+            await d.recv(timeout=1.0)
+        await d.close()
+        status, _ = await a.call("tinh", "DELETE", f"/api/v1/emergencies/{em['id']}")
+        assert status == 200

@@ -37,6 +37,7 @@ from loa.relay.control import (
     validate_power_schedule,
     validate_volume,
 )
+from loa.streamer.emergency import node_identity
 from loa.streamer.store import Record
 from loa.web.app import NODE, Node
 from loa.web.auth import Principal
@@ -425,7 +426,8 @@ async def device_command(request: web.Request) -> web.Response:
     issued = await mgr.issue([dev], command, args, ttl=_ttl(data, mgr), issuer=p.username,
                              area=dev.record["area"], single=True)
     await audit(request, "device.command", dev.id, command=command, id=issued.ids[0])
-    return ok({"id": issued.ids[0], "online": bool(issued.online)}, 202)
+    return ok({"id": issued.ids[0], "online": bool(issued.online),
+               "routed": bool(issued.routed)}, 202)
 
 
 @routes.get("/api/v1/devices/{id}/commands")
@@ -541,11 +543,13 @@ def setup(app: web.Application) -> None:
     if DEVICES in app:
         return
     node = app[NODE]
-    mgr = DeviceManager(node.store, node.bus.publish, settings_of(node.cfg), offer_of(node.cfg))
+    mgr = DeviceManager(node.store, node.bus.publish, settings_of(node.cfg), offer_of(node.cfg),
+                        bus=node.bus if node.bus.shared else None)
     app[DEVICES] = mgr
     PUBLIC.update(PUBLIC_PATHS)  # devices authenticate with their own secrets, not bearer tokens
 
     async def on_startup(_: web.Application) -> None:
+        mgr.node_id = await asyncio.to_thread(node_identity, node.cfg.data_dir)
         await mgr.start()
 
     async def on_shutdown(_: web.Application) -> None:

@@ -276,8 +276,10 @@ def _notifier(app: web.Application) -> Any:
         if mgr is None:
             return {"devices": 0, "online": 0}
         wanted = set(areas)
+        # A device connected to another node of a cluster gets the command from that node,
+        # which hears of the emergency on the bus: sending it from here too would double it.
         devices = [d for d in mgr.find(wanted) if not d.record.get("revoked")
-                   and (include_offline or d.link is not None)]
+                   and (d.link is not None or (include_offline and not mgr.remote(d)))]
         if not devices:
             return {"devices": 0, "online": 0}
         s = mgr.settings
