@@ -150,7 +150,7 @@ async def open_marked(c: Client, bid: str, n: int) -> dict[str, Any]:
     """The n-th entry of `bid`, open and marked on air at least 2 s after it started."""
     async def ready() -> dict[str, Any] | None:
         rows = await c.entries(bid)
-        if len(rows) == n and rows[-1].get("on_air") and rows[-1]["seen"] > rows[-1]["start"] + 2:
+        if len(rows) == n and rows[-1].get("on_air") and (rows[-1]["seen"] or 0) > rows[-1]["start"] + 2:
             return rows[-1]
         return None
     result: dict[str, Any] = await eventually(ready, f"as-run entry {n} of {bid} marked on air")
