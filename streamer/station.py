@@ -37,6 +37,11 @@ MAX_REPEAT = 10
 MAX_GAP = 7200.0
 
 
+async def node_marks(store: Store) -> dict[str, float]:
+    """node id -> its last "still on air" mark (wall-clock epoch)."""
+    return {n["id"]: float(n["seen"]) for n in await store.find("node")}
+
+
 class ContentError(ValueError):
     """The content cannot air: unknown media/programme, not approved, bad programme."""
 
@@ -325,8 +330,9 @@ class Station:
                 self._enqueue(self.reconcile)
 
     async def _heartbeat(self) -> None:
-        """Mark open entries "still on air at" now and then: a crash loses at most the time
-        since the last mark. One put_many per mark, skipped while the last is still queued."""
+        """Mark this node "still on air at" now and then: a crash loses at most the time since
+        the last mark of the end of its open entries. One small record per node, whatever the
+        number of areas on air; skipped while the last mark is still queued."""
         while True:
             await asyncio.sleep(HEARTBEAT_S)
             if self._open and not self._beat_queued:
@@ -335,11 +341,8 @@ class Station:
 
     async def _mark(self) -> None:
         self._beat_queued = False
-        seen = self.wall(self.engine.n * FRAME)
-        for entry in self._open.values():
-            entry["seen"] = seen
-        if self._open:
-            await self.store.put_many("onair", [dict(e) for e in self._open.values()])
+        await self.store.put("node", {"id": self.node_id,
+                                      "seen": self.wall(self.engine.n * FRAME)})
 
     def _on_change(self, c: OnAirChange) -> None:
         at = self.wall(c.sample)
@@ -359,7 +362,6 @@ class Station:
                 "start_cause": c.cause,
                 "preempted": c.before,
                 "node": self.node_id,
-                "seen": at,
             }
             self._open[(c.area, c.after)] = entry
             self._enqueue(functools.partial(self._write_open, entry))
@@ -380,7 +382,7 @@ class Station:
         self._enqueue(functools.partial(self._write_closed, entry))
 
     async def _write_closed(self, entry: Record) -> None:
-        out = {k: v for k, v in entry.items() if k not in ("node", "seen")}
+        out = {k: v for k, v in entry.items() if k != "node"}
         # ts (what reports select by): when it ended, not when a retry or a restart wrote it
         await self.store.append("asrun", {**out, "ts": min(out["end"], time.time())})
         await self.store.delete("onair", entry["id"])
@@ -402,15 +404,17 @@ class Station:
 
     async def _recover(self) -> None:
         """At start-up: close the entries a crash left open (this node's, or another node's
-        that has not marked them for STALE_S)."""
+        that has not marked itself on air for STALE_S)."""
         now = time.time()
+        marks = await node_marks(self.store)
         for e in await self.store.find("onair"):
-            if e.get("node") == self.node_id or now - float(e.get("seen") or 0) >= STALE_S:
-                await self._close_stored(e, "crash")
+            seen = marks.get(e.get("node", ""))
+            if e.get("node") == self.node_id or seen is None or now - seen >= STALE_S:
+                await self._close_stored(e, seen, "crash")
 
-    async def _close_stored(self, e: Record, cause: str) -> None:
-        """Move a stored open entry to the log, ended at its last "still on air" mark."""
-        end = max(float(e.get("seen") or e["start"]), e["start"])
+    async def _close_stored(self, e: Record, seen: float | None, cause: str) -> None:
+        """Move a stored open entry to the log, ended at its node's last "on air" mark."""
+        end = max(seen or e["start"], e["start"])
         e.update(end=end, seconds=round(end - e["start"], 3), end_cause=cause, followed_by=None)
         await self._write_closed(e)
         log.warning("open as-run entry closed event=asrun_recovered id=%s area=%s broadcast=%s "
@@ -431,9 +435,10 @@ class Station:
                 ended.append(bid)
                 log.warning("broadcast record ended, not on air event=reconciled id=%s", bid)
         open_ids = {e["id"] for e in self._open.values()}
+        seen = (await node_marks(self.store)).get(self.node_id)
         for e in await self.store.find("onair", node=self.node_id):
             if e["id"] not in open_ids:
-                await self._close_stored(e, "reconciled")
+                await self._close_stored(e, seen, "reconciled")
         return ended
 
     @property

@@ -65,8 +65,9 @@ KINDS: Mapping[str, Kind] = {
     "command": Kind(indexed=("device", "status")),
     "emergency": Kind(indexed=("status", "issuer", "cap_key", "cancel_key"), unique=("cap_key",)),
     # As-run entries of segments still on air (the log gets them when they close; a crash
-    # leaves them here with the last "still on air" mark, closed at the next start).
+    # leaves them here, closed at the next start at their node's last "still on air" mark).
     "onair": Kind(indexed=("area", "node")),
+    "node": Kind(),  # id = node id, `seen` = its last "still on air" mark
 }
 
 LOGS = ("audit", "asrun")

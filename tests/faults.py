@@ -10,6 +10,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 
 class TcpProxy:
@@ -17,20 +18,28 @@ class TcpProxy:
     reads but forwards nothing either way (a partitioned network); "close" drops every
     connection and refuses new ones (the service is down)."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str, port: int, db: int = 0) -> None:
         self.target = (host, port)
+        self.db = db
         self.mode = "pass"
         self.port = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+
+    @classmethod
+    async def redis(cls, url: str) -> TcpProxy:
+        """A started proxy to the Redis of `redis://host:port/db`."""
+        parts = urlsplit(url)
+        return await cls(parts.hostname or "127.0.0.1", parts.port or 6379,
+                         int(parts.path.strip("/") or 0)).start()
 
     async def start(self) -> TcpProxy:
         self._server = await asyncio.start_server(self._client, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
         return self
 
-    def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/{self.db}"
 
     def set(self, mode: str) -> None:
         self.mode = mode

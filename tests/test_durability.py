@@ -12,6 +12,7 @@ import socket
 import sys
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ import pytest
 
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.sources import ToneSource
-from tests.apiclient import make_config, running_api, tone_file
+from tests.apiclient import Api, make_config, running_api, tone_file
 from tests.faults import TcpProxy, fill, remount, tmpfs
 from tests.test_api import approved_programme
 from tests.test_store import _delete_prefix
@@ -88,6 +89,12 @@ class Client:
         self.http = http
         self.token = ""
 
+    async def start(self, srv: Serve) -> None:
+        """Start the server and log in as its bootstrap admin."""
+        await srv.start()
+        assert srv.password
+        await self.login(srv.password)
+
     async def login(self, password: str) -> None:
         status, body = await self.call("POST", "/api/v1/auth/token",
                                        json={"username": "admin", "password": password})
@@ -100,6 +107,18 @@ class Client:
             body: Any = await r.json() if r.content_type == "application/json" \
                 else await r.text()
             return r.status, body
+
+    async def air(self, audio: Path) -> dict[str, Any]:
+        """Upload `audio` and air it on the root area; the broadcast record."""
+        form = aiohttp.FormData()
+        form.add_field("title", "Bản tin")
+        form.add_field("file", audio.read_bytes(), filename=audio.name)
+        status, media = await self.call("POST", "/api/v1/media", data=form)
+        assert status == 201, media
+        status, b = await self.call("POST", "/api/v1/broadcasts",
+                                    json={"media": media["id"], "targets": ["T01"]})
+        assert status == 201, b
+        return dict(b)
 
     async def entries(self, bid: str) -> list[dict[str, Any]]:
         status, body = await self.call("GET", f"/api/v1/reports/asrun?to={time.time() + 60}")
@@ -131,7 +150,7 @@ async def open_marked(c: Client, bid: str, n: int) -> dict[str, Any]:
     """The n-th entry of `bid`, open and marked on air at least 2 s after it started."""
     async def ready() -> dict[str, Any] | None:
         rows = await c.entries(bid)
-        if len(rows) == n and rows[-1].get("on_air") and rows[-1]["seen"] > rows[-1]["start"] + 2:
+        if len(rows) == n and rows[-1].get("on_air") and (rows[-1]["seen"] or 0) > rows[-1]["start"] + 2:
             return rows[-1]
         return None
     result: dict[str, Any] = await eventually(ready, f"as-run entry {n} of {bid} marked on air")
@@ -144,29 +163,17 @@ async def test_every_segment_is_in_the_as_run_log_across_kill_and_sigterm(tmp_pa
     async with aiohttp.ClientSession() as http:
         c = Client(srv.base, http)
         try:
-            await srv.start()
-            assert srv.password
-            await c.login(srv.password)
-            form = aiohttp.FormData()
-            form.add_field("title", "Bản tin dài")
-            form.add_field("file", tone.read_bytes(), filename=tone.name)
-            status, media = await c.call("POST", "/api/v1/media", data=form)
-            assert status == 201, media
-            status, b = await c.call("POST", "/api/v1/broadcasts",
-                                     json={"media": media["id"], "targets": ["T01"]})
-            assert status == 201, b
-            bid = b["id"]
+            await c.start(srv)
+            bid = (await c.air(tone))["id"]
             await open_marked(c, bid, 1)
             killed = time.time()
             assert await srv.stop(signal.SIGKILL) == -signal.SIGKILL
             restarted = time.time()
-            await srv.start()
-            await c.login(srv.password)
+            await c.start(srv)
             await open_marked(c, bid, 2)
             termed = time.time()
             assert await srv.stop(signal.SIGTERM) == 0
-            await srv.start()
-            await c.login(srv.password)
+            await c.start(srv)
             rows = await eventually(lambda: c.entries(bid), "the third segment")
             status, csv_text = await c.call("GET", f"/api/v1/reports/asrun?format=csv"
                                                    f"&to={time.time() + 60}")
@@ -188,25 +195,32 @@ async def test_every_segment_is_in_the_as_run_log_across_kill_and_sigterm(tmp_pa
 # ---- store outage during a broadcast -------------------------------------------------------------
 @pytest.fixture
 async def proxy(redis_url: str) -> AsyncIterator[TcpProxy]:
-    host, port = redis_url.split("//")[1].split("/")[0].split(":")
-    p = await TcpProxy(host, int(port)).start()
+    p = await TcpProxy.redis(redis_url)
     try:
         yield p
     finally:
         await p.close()
 
 
-async def test_a_store_outage_delays_the_as_run_log_and_the_end_of_a_broadcast(
-        tmp_path: Path, proxy: TcpProxy, redis_prefix: str) -> None:
+@asynccontextmanager
+async def airing(tmp_path: Path, proxy: TcpProxy, prefix: str
+                 ) -> AsyncIterator[tuple[Api, dict[str, Any]]]:
+    """A node on Redis through `proxy`, airing 7.5 s of an approved programme to one commune
+    for 1 s, its writes done."""
     tone = tone_file(tmp_path / "tone.wav", 440, 3)
-    cfg = make_config(tmp_path, store=proxy.url(), prefix=redis_prefix)
-    async with running_api(cfg) as api:
+    async with running_api(make_config(tmp_path, store=proxy.url(), prefix=prefix)) as api:
         prog = await approved_programme(api, tone, author="huyen1")
         status, b = await api.call("huyen1", "POST", "/api/v1/broadcasts",
                                    json={"programme": prog, "targets": ["T01-H1-X1"]})
         assert status == 201, b
         api.run(1.0)
         await api.node.station.flush()
+        yield api, b
+
+
+async def test_a_store_outage_delays_the_as_run_log_and_the_end_of_a_broadcast(
+        tmp_path: Path, proxy: TcpProxy, redis_prefix: str) -> None:
+    async with airing(tmp_path, proxy, redis_prefix) as (api, b):
         proxy.set("close")  # Redis is gone while the broadcast ends by itself
         api.run(9.0)
         await asyncio.sleep(0)
@@ -228,15 +242,7 @@ async def test_a_store_outage_delays_the_as_run_log_and_the_end_of_a_broadcast(
 async def test_a_record_whose_end_was_dropped_is_reconciled_when_the_store_returns(
         tmp_path: Path, proxy: TcpProxy, redis_prefix: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    tone = tone_file(tmp_path / "tone.wav", 440, 3)
-    cfg = make_config(tmp_path, store=proxy.url(), prefix=redis_prefix)
-    async with running_api(cfg) as api:
-        prog = await approved_programme(api, tone, author="huyen1")
-        status, b = await api.call("huyen1", "POST", "/api/v1/broadcasts",
-                                   json={"programme": prog, "targets": ["T01-H1-X1"]})
-        assert status == 201, b
-        api.run(1.0)
-        await api.node.station.flush()
+    async with airing(tmp_path, proxy, redis_prefix) as (api, b):
         monkeypatch.setattr("loa.streamer.station.QUEUE_MAX", 2)  # most writes are dropped
         proxy.set("close")
 
@@ -277,17 +283,8 @@ async def test_a_node_on_a_full_or_read_only_disk_starts_degraded_and_airs_what_
         async with aiohttp.ClientSession() as http:
             c = Client(srv.base, http)
             try:
-                await srv.start()
-                assert srv.password
-                await c.login(srv.password)  # the token stays valid across the restart
-                form = aiohttp.FormData()
-                form.add_field("title", "Bản tin")
-                form.add_field("file", tone.read_bytes(), filename=tone.name)
-                status, media = await c.call("POST", "/api/v1/media", data=form)
-                assert status == 201, media
-                status, b = await c.call("POST", "/api/v1/broadcasts",
-                                         json={"media": media["id"], "targets": ["T01"]})
-                assert status == 201, b
+                await c.start(srv)  # its token stays valid across the restart
+                b = await c.air(tone)
                 assert await srv.stop(signal.SIGTERM) == 0
                 if sickness == "full":
                     fill(disk)
@@ -311,7 +308,7 @@ async def test_a_node_on_a_full_or_read_only_disk_starts_degraded_and_airs_what_
                     assert ready["disk"]["free_mb"] < ready["disk"]["min_free_mb"]
                 async with http.post(srv.base + "/api/v1/broadcasts",
                                      headers={"Authorization": f"Bearer {c.token}"},
-                                     json={"media": media["id"], "targets": ["T01"]}) as r:
+                                     json={"media": b["spec"]["media"], "targets": ["T01"]}) as r:
                     body = await r.json()
                     assert r.status == 503 and int(r.headers["Retry-After"]) > 0, body
                 assert "kho dữ liệu không ghi được / store is read-only or full" in body["error"]
@@ -329,7 +326,7 @@ async def test_a_node_on_a_full_or_read_only_disk_starts_degraded_and_airs_what_
 # ---- a Redis outage with a real server -----------------------------------------------------------
 async def test_a_redis_outage_answers_503_and_the_streams_and_the_clock_go_on(
         tmp_path: Path, proxy: TcpProxy, redis_url: str, redis_prefix: str) -> None:
-    srv = Serve(tmp_path / "data", store=proxy.url(int(redis_url.rsplit("/", 1)[1])))
+    srv = Serve(tmp_path / "data", store=proxy.url())
     srv.env["LOA_STORE_PREFIX"] = redis_prefix
     received = 0
 
@@ -359,9 +356,7 @@ async def test_a_redis_outage_answers_503_and_the_streams_and_the_clock_go_on(
     try:
         async with aiohttp.ClientSession() as http:
             c = Client(srv.base, http)
-            await srv.start()
-            assert srv.password
-            await c.login(srv.password)
+            await c.start(srv)
             assert (await me(c))[0] == 200
             listener = asyncio.create_task(listen(http))
             await streaming()

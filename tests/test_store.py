@@ -130,9 +130,8 @@ async def sick(sick_backend: str, redis_prefix: str) -> AsyncIterator[Sick]:
                 await s.close()
         return
     url = sick_backend
-    host, port = url.split("//")[1].split("/")[0].split(":")
-    proxy = await TcpProxy(host, int(port)).start()
-    s = await RedisStore.connect(proxy.url(int(url.rsplit("/", 1)[1])), prefix=redis_prefix)
+    proxy = await TcpProxy.redis(url)
+    s = await RedisStore.connect(proxy.url(), prefix=redis_prefix)
     try:
         yield Sick(s, lambda on: proxy.set("blackhole" if on else "pass"))
     finally:

@@ -12,6 +12,7 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
+from loa.streamer.station import node_marks
 from loa.streamer.store import Record
 from loa.web.api_core import node_of
 from loa.web.http import ApiError, ok, principal
@@ -53,9 +54,11 @@ async def _entries(request: web.Request) -> tuple[list[Record], float, float]:
     inside = set(node.tree.subtree(area))
     rows = await node.store.read_log("asrun", since=since - 86400, until=until, limit=200_000)
     # Segments still on air (or left open by a crash not yet recovered): no end, `on_air`,
-    # `seen` the last time the node marked them on air.
+    # `seen` the last time their node marked itself on air.
+    marks = await node_marks(node.store)
     rows += [{**{k: v for k, v in r.items() if k != "node"}, "end": None,
-              "seconds": None, "end_cause": None, "on_air": True}
+              "seconds": None, "end_cause": None, "on_air": True,
+              "seen": marks.get(r.get("node", ""))}
              for r in await node.store.find("onair")]
     now = time.time()
     out = [r for r in rows if r.get("area") in inside and _end(r, now) > since
