@@ -9,9 +9,11 @@ import os
 import subprocess
 import sys
 
+import aiohttp
 import pytest
 
 from tests.apiclient import Api, make_config, running_api, tone_file
+from tests.test_emergency import X3, live_config, serving, start_music, until
 
 
 @pytest.fixture
@@ -163,3 +165,52 @@ async def test_full_disk_answers_507_and_leaves_no_partial_file(small_disk_api, 
     assert status == 201, m  # the space was given back
     assert stored_files(api) == sorted(f"{m['sha256'][:2]}/{m['sha256']}{s}"
                                        for s in (".orig", ".s16"))
+
+
+# ---- many parts ----------------------------------------------------------------------------------
+class GapMeter:
+    """An HTTP listener of an Ogg stream that records the largest pause between its reads."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.last = 0.0
+        self.largest = 0.0
+
+    async def listen(self, http: aiohttp.ClientSession, url: str) -> None:
+        loop = asyncio.get_running_loop()
+        async with http.get(url) as r:
+            assert r.status == 200
+            async for _ in r.content.iter_any():
+                now = loop.time()
+                if self.reads:
+                    self.largest = max(self.largest, now - self.last)
+                self.last = now
+                self.reads += 1
+
+
+async def test_many_tiny_parts_are_refused_without_stalling_another_communes_listener(tmp_path):
+    cfg = live_config(tmp_path)
+    cfg.http_streams.batch_bytes = 1  # write every Ogg page (20 ms): a stall shows as a gap
+    cfg.http_streams.batch_ms = 20
+    cfg.http_streams.page_ms = 20
+    parts = b"".join(b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\ny\r\n'
+                     for _ in range(100_000))
+    body = b'--b\r\nContent-Disposition: form-data; name="title"\r\n\r\nA\r\n' + parts + b"--b--\r\n"
+    async with serving(cfg, realtime=True) as srv:
+        start_music(srv.node)
+        meter = GapMeter()
+        task = asyncio.create_task(meter.listen(srv.http, f"{srv.base}/streams/{X3}.opus"))
+        try:
+            await until(lambda: meter.reads >= 20, "the listener's first pages")
+            meter.largest = 0.0
+            status, got = await srv.call("xa11", "POST", "/api/v1/media", data=body,
+                                         headers={"Content-Type":
+                                                  "multipart/form-data; boundary=b"})
+            seen = meter.reads
+            await until(lambda: meter.reads >= seen + 10, "pages after the refusal")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    print(f"largest gap of the listener: {meter.largest * 1000:.0f} ms")
+    assert status == 400 and "more than 8 parts" in got["error"], (status, got)
+    assert meter.largest < 0.3  # pages every 20 ms; the uncapped parser stalled it ~1 s
