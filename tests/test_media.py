@@ -214,3 +214,25 @@ async def test_many_tiny_parts_are_refused_without_stalling_another_communes_lis
     print(f"largest gap of the listener: {meter.largest * 1000:.0f} ms")
     assert status == 400 and "more than 8 parts" in got["error"], (status, got)
     assert meter.largest < 0.3  # pages every 20 ms; the uncapped parser stalled it ~1 s
+
+
+def part(name: str, value: bytes, *headers: str) -> bytes:
+    head = "".join(f"{h}\r\n" for h in headers)
+    return (f'--b\r\nContent-Disposition: form-data; name="{name}"\r\n{head}\r\n'.encode()
+            + value + b"\r\n")
+
+
+@pytest.mark.parametrize("body,status,reason", [
+    (part("title", b"A", *(f"X-Extra-{i}: 1" for i in range(20))), 400, "16 header lines"),
+    (part("title", b"A", "X-Long: " + "a" * 2000), 400, "1024 bytes"),
+    (part("title", b"A" * 5000), 413, "longer than 4096 bytes"),
+    (part("area", b"T01-H1-X1" * 1000), 413, "longer than 4096 bytes"),
+    (b'--b\r\nContent-Type: multipart/mixed; boundary=c\r\n\r\n--c\r\n\r\nz\r\n--c--\r\n', 400,
+     "nested"),
+])
+async def test_oversized_part_headers_and_fields_are_refused(api, body, status, reason):
+    r = await api.client.post("/api/v1/media", data=body + b"--b--\r\n", headers={
+        **api.auth("xa11"), "Content-Type": "multipart/form-data; boundary=b"})
+    got = await r.json()
+    assert (r.status, reason in got["error"]) == (status, True), got
+    assert await api.node.store.count("media") == 0

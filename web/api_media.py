@@ -121,7 +121,9 @@ async def _next_part(reader: MultipartReader) -> object:
     try:
         return await reader.next()
     except (ValueError, LookupError, HttpProcessingError) as e:
-        raise ApiError(400, f"{MALFORMED}: {type(e).__name__}") from None
+        raise ApiError(400, f"{MALFORMED}: {type(e).__name__} (a part has at most "
+                            f"{MAX_PART_HEADERS} header lines of {MAX_HEADER_LINE} bytes)"
+                       ) from None
 
 
 async def _text(part: BodyPartReader) -> str:
