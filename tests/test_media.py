@@ -236,3 +236,37 @@ async def test_oversized_part_headers_and_fields_are_refused(api, body, status, 
     got = await r.json()
     assert (r.status, reason in got["error"]) == (status, True), got
     assert await api.node.store.count("media") == 0
+
+
+async def test_decodes_wait_their_turn(tmp_path, monkeypatch):
+    """At most `decoders` uploads decode at once; the others wait instead of adding memory."""
+    from loa.streamer import library as lib_mod
+    from loa.streamer.store import open_store
+
+    active = peak = 0
+    real = lib_mod.decode_chunks
+
+    def counting(*args, **kw):
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        try:
+            yield from real(*args, **kw)
+        finally:
+            active -= 1
+
+    monkeypatch.setattr(lib_mod, "decode_chunks", counting)
+    store = await open_store("sqlite", tmp_path)
+    lib = lib_mod.MediaLibrary(tmp_path / "media", store, lib_mod.LibrarySettings(decoders=2))
+    temps = []
+    for i in range(4):
+        t = lib.temp_path(".wav")
+        t.write_bytes(tone_file(tmp_path / f"{i}.wav", 300 + 100 * i, 20).read_bytes())
+        temps.append(t)
+    try:
+        records = await asyncio.gather(*(lib.ingest(t, title=f"{i}", area="T01", owner="x")
+                                         for i, t in enumerate(temps)))
+    finally:
+        await store.close()
+    assert len({r["sha256"] for r in records}) == 4
+    assert 1 <= peak <= 2
