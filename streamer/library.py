@@ -10,6 +10,7 @@ memory, at most `decoders` at a time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
@@ -115,7 +116,9 @@ class MediaLibrary:
                 try:
                     return await self.store.create("media", record)
                 except BaseException:
-                    await self._drop_unused(sha)
+                    # Unless the store cannot even say who uses the audio: keep it then.
+                    with contextlib.suppress(Exception):
+                        await self._drop_unused(sha)
                     raise
         finally:
             await asyncio.to_thread(self._unlink, upload, part)

@@ -9,9 +9,11 @@ import os
 import subprocess
 import sys
 
+import aiohttp
 import pytest
 
 from tests.apiclient import Api, make_config, running_api, tone_file
+from tests.test_emergency import X3, live_config, serving, start_music, until
 
 
 @pytest.fixture
@@ -163,3 +165,108 @@ async def test_full_disk_answers_507_and_leaves_no_partial_file(small_disk_api, 
     assert status == 201, m  # the space was given back
     assert stored_files(api) == sorted(f"{m['sha256'][:2]}/{m['sha256']}{s}"
                                        for s in (".orig", ".s16"))
+
+
+# ---- many parts ----------------------------------------------------------------------------------
+class GapMeter:
+    """An HTTP listener of an Ogg stream that records the largest pause between its reads."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.last = 0.0
+        self.largest = 0.0
+
+    async def listen(self, http: aiohttp.ClientSession, url: str) -> None:
+        loop = asyncio.get_running_loop()
+        async with http.get(url) as r:
+            assert r.status == 200
+            async for _ in r.content.iter_any():
+                now = loop.time()
+                if self.reads:
+                    self.largest = max(self.largest, now - self.last)
+                self.last = now
+                self.reads += 1
+
+
+async def test_many_tiny_parts_are_refused_without_stalling_another_communes_listener(tmp_path):
+    cfg = live_config(tmp_path)
+    cfg.http_streams.batch_bytes = 1  # write every Ogg page (20 ms): a stall shows as a gap
+    cfg.http_streams.batch_ms = 20
+    cfg.http_streams.page_ms = 20
+    parts = b"".join(b'--b\r\nContent-Disposition: form-data; name="x"\r\n\r\ny\r\n'
+                     for _ in range(100_000))
+    body = b'--b\r\nContent-Disposition: form-data; name="title"\r\n\r\nA\r\n' + parts + b"--b--\r\n"
+    async with serving(cfg, realtime=True) as srv:
+        start_music(srv.node)
+        meter = GapMeter()
+        task = asyncio.create_task(meter.listen(srv.http, f"{srv.base}/streams/{X3}.opus"))
+        try:
+            await until(lambda: meter.reads >= 20, "the listener's first pages")
+            meter.largest = 0.0
+            status, got = await srv.call("xa11", "POST", "/api/v1/media", data=body,
+                                         headers={"Content-Type":
+                                                  "multipart/form-data; boundary=b"})
+            seen = meter.reads
+            await until(lambda: meter.reads >= seen + 10, "pages after the refusal")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    print(f"largest gap of the listener: {meter.largest * 1000:.0f} ms")
+    assert status == 400 and "more than 8 parts" in got["error"], (status, got)
+    assert meter.largest < 0.3  # pages every 20 ms; the uncapped parser stalled it ~1 s
+
+
+def part(name: str, value: bytes, *headers: str) -> bytes:
+    head = "".join(f"{h}\r\n" for h in headers)
+    return (f'--b\r\nContent-Disposition: form-data; name="{name}"\r\n{head}\r\n'.encode()
+            + value + b"\r\n")
+
+
+@pytest.mark.parametrize("body,status,reason", [
+    (part("title", b"A", *(f"X-Extra-{i}: 1" for i in range(20))), 400, "16 header lines"),
+    (part("title", b"A", "X-Long: " + "a" * 2000), 400, "1024 bytes"),
+    (part("title", b"A" * 5000), 413, "longer than 4096 bytes"),
+    (part("area", b"T01-H1-X1" * 1000), 413, "longer than 4096 bytes"),
+    (b'--b\r\nContent-Type: multipart/mixed; boundary=c\r\n\r\n--c\r\n\r\nz\r\n--c--\r\n', 400,
+     "nested"),
+])
+async def test_oversized_part_headers_and_fields_are_refused(api, body, status, reason):
+    r = await api.client.post("/api/v1/media", data=body + b"--b--\r\n", headers={
+        **api.auth("xa11"), "Content-Type": "multipart/form-data; boundary=b"})
+    got = await r.json()
+    assert (r.status, reason in got["error"]) == (status, True), got
+    assert await api.node.store.count("media") == 0
+
+
+async def test_decodes_wait_their_turn(tmp_path, monkeypatch):
+    """At most `decoders` uploads decode at once; the others wait instead of adding memory."""
+    from loa.streamer import library as lib_mod
+    from loa.streamer.store import open_store
+
+    active = peak = 0
+    real = lib_mod.decode_chunks
+
+    def counting(*args, **kw):
+        nonlocal active, peak
+        active += 1
+        peak = max(peak, active)
+        try:
+            yield from real(*args, **kw)
+        finally:
+            active -= 1
+
+    monkeypatch.setattr(lib_mod, "decode_chunks", counting)
+    store = await open_store("sqlite", tmp_path)
+    lib = lib_mod.MediaLibrary(tmp_path / "media", store, lib_mod.LibrarySettings(decoders=2))
+    temps = []
+    for i in range(4):
+        t = lib.temp_path(".wav")
+        t.write_bytes(tone_file(tmp_path / f"{i}.wav", 300 + 100 * i, 20).read_bytes())
+        temps.append(t)
+    try:
+        records = await asyncio.gather(*(lib.ingest(t, title=f"{i}", area="T01", owner="x")
+                                         for i, t in enumerate(temps)))
+    finally:
+        await store.close()
+    assert len({r["sha256"] for r in records}) == 4
+    assert 1 <= peak <= 2

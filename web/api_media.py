@@ -7,11 +7,13 @@ import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from loa.codecs.decode import MediaError
+from loa.streamer.library import MediaLibrary
 from loa.streamer.store import Record
 from loa.streamer.tts import TtsError, UnknownVoice
 from loa.web.api_core import node_of
@@ -50,56 +52,65 @@ async def upload(request: web.Request) -> web.Response:
     p = principal(request)
     p.require("edit")
     node = node_of(request)
-    lib = node.library
     if not request.content_type.startswith("multipart/"):
         raise ApiError(415, "cần multipart/form-data với trường file / "
                             "send multipart/form-data with a file field")
-    title = ""
-    area = p.area
-    temp = None
-    filename = ""
-    try:
-        with disk_full_is_507():
-            try:  # aiohttp's own limits (8 KB a header, 128 headers) are far above what we use
-                reader = MultipartReader(request.headers, request.content,
-                                         max_field_size=MAX_HEADER_LINE,
-                                         max_headers=MAX_PART_HEADERS)
-            except (ValueError, LookupError, HttpProcessingError) as e:  # no or bad boundary
-                raise ApiError(400, f"{MALFORMED}: {type(e).__name__}") from None
-            parts = 0
-            while (part := await _next_part(reader)) is not None:
-                parts += 1
-                if parts > MAX_PARTS:
-                    raise ApiError(400, f"{MALFORMED}: more than {MAX_PARTS} parts")
-                if not isinstance(part, BodyPartReader):  # nested multipart: never ours
-                    raise ApiError(400, f"{MALFORMED}: nested multipart part")
-                if part.name == "title":
-                    title = (await _text(part))[:200].strip()
-                elif part.name == "area":
-                    area = (await _text(part)).strip()
-                elif part.name == "file":
-                    if temp is not None:
-                        raise ApiError(422, "chỉ một tệp mỗi lần / one file per upload", "file")
-                    filename = (part.filename or "")[:200]
-                    temp = await asyncio.to_thread(lib.temp_path)
-                    await _receive(part, temp, lib.settings.max_bytes)
-            if temp is None:
-                raise ApiError(422, "thiếu tệp / missing field: file", "file")
+    with disk_full_is_507():
+        form = await _read_form(request, node.library)
+        try:
+            area = form.get("area", p.area)
             if area not in node.tree:
                 raise ApiError(422, f"không có khu vực / unknown area {area}", "area")
             p.require_area(node.tree, area)
-            owned, temp = temp, None  # ingest removes it whatever happens
-            try:
-                record = await lib.ingest(owned, title=title, area=area, owner=p.username,
-                                          filename=filename)
-            except MediaError as e:
-                status = 413 if "too long" in str(e) or "too large" in str(e) else 422
-                raise ApiError(status, str(e), "file") from None
-    finally:
-        if temp is not None:
-            await asyncio.to_thread(temp.unlink, missing_ok=True)
+        except BaseException:
+            await asyncio.to_thread(form["file"].unlink, missing_ok=True)
+            raise
+        try:  # ingest removes the temp file whatever happens
+            record = await node.library.ingest(
+                form["file"], title=form.get("title", ""), area=area, owner=p.username,
+                filename=form["filename"])
+        except MediaError as e:
+            status = 413 if "too long" in str(e) or "too large" in str(e) else 422
+            raise ApiError(status, str(e), "file") from None
     await audit(request, "media.upload", record["id"], title=record["title"])
     return ok(record, 201)
+
+
+async def _read_form(request: web.Request, lib: MediaLibrary) -> dict[str, Any]:
+    """The upload's fields, the file in a temp file (removed here if anything fails), within
+    bounded parts: a body of many parts or huge part headers is refused at once."""
+    form: dict[str, Any] = {}
+    try:
+        try:  # aiohttp's own limits (8 KB a header, 128 headers) are far above what we use
+            reader = MultipartReader(request.headers, request.content,
+                                     max_field_size=MAX_HEADER_LINE,
+                                     max_headers=MAX_PART_HEADERS)
+        except (ValueError, LookupError, HttpProcessingError) as e:  # no or bad boundary
+            raise ApiError(400, f"{MALFORMED}: {type(e).__name__}") from None
+        parts = 0
+        while (part := await _next_part(reader)) is not None:
+            parts += 1
+            if parts > MAX_PARTS:
+                raise ApiError(400, f"{MALFORMED}: more than {MAX_PARTS} parts")
+            if not isinstance(part, BodyPartReader):  # nested multipart: never ours
+                raise ApiError(400, f"{MALFORMED}: nested multipart part")
+            if part.name == "title":
+                form["title"] = (await _text(part))[:200].strip()
+            elif part.name == "area":
+                form["area"] = (await _text(part)).strip()
+            elif part.name == "file":
+                if "file" in form:
+                    raise ApiError(422, "chỉ một tệp mỗi lần / one file per upload", "file")
+                form["filename"] = (part.filename or "")[:200]
+                form["file"] = await asyncio.to_thread(lib.temp_path)
+                await _receive(part, form["file"], lib.settings.max_bytes)
+        if "file" not in form:
+            raise ApiError(422, "thiếu tệp / missing field: file", "file")
+    except BaseException:
+        if "file" in form:
+            await asyncio.to_thread(form["file"].unlink, missing_ok=True)
+        raise
+    return form
 
 
 async def _receive(part: BodyPartReader, temp: Path, max_bytes: int) -> None:
@@ -121,7 +132,9 @@ async def _next_part(reader: MultipartReader) -> object:
     try:
         return await reader.next()
     except (ValueError, LookupError, HttpProcessingError) as e:
-        raise ApiError(400, f"{MALFORMED}: {type(e).__name__}") from None
+        raise ApiError(400, f"{MALFORMED}: {type(e).__name__} (a part has at most "
+                            f"{MAX_PART_HEADERS} header lines of {MAX_HEADER_LINE} bytes)"
+                       ) from None
 
 
 async def _text(part: BodyPartReader) -> str:

@@ -38,7 +38,7 @@ def responses(*codes: int, created: bool = False) -> S:
         desc = {200: "OK", 201: "Created", 204: "No Content", 400: "Malformed request",
                 401: "Not authenticated", 403: "Forbidden", 404: "Not found", 409: "Conflict",
                 413: "Too large", 415: "Unsupported media type", 422: "Invalid field",
-                429: "Too many requests", 503: "Unavailable"}[c]
+                429: "Too many requests", 503: "Unavailable", 507: "Disk full"}[c]
         entry: S = {"description": desc}
         if c >= 400:
             entry["content"] = {"application/json": {"schema": ERROR}}
@@ -152,7 +152,7 @@ def document() -> S:
                      "requestBody": body(obj({"file": {"type": "string", "format": "binary"},
                                               "title": STR, "area": CODE}, ["file"]),
                                          "multipart/form-data"),
-                     "responses": responses(201, 413, *WRITE)},
+                     "responses": responses(201, 413, 507, *WRITE)},
         },
         "/api/v1/media/{id}": {
             "parameters": [ID_PARAM],
@@ -165,7 +165,7 @@ def document() -> S:
             "post": {"summary": "Chuyển văn bản thành giọng nói / text to speech", **secured,
                      "requestBody": body(obj({"text": {"type": "string", "maxLength": 5000},
                                               "voice": STR}, ["text"])),
-                     "responses": responses(201, 503, *WRITE)},
+                     "responses": responses(201, 503, 507, *WRITE)},
         },
         "/api/v1/programmes": {
             "get": {"summary": "Chương trình / programmes", **secured,
