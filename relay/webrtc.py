@@ -77,6 +77,11 @@ class WebRtcSettings:
     ice_addresses: str = ""  # comma-separated local IPs for host candidates; "" = all interfaces
     stun_server: str = ""  # "stun:host:port"; "" = none (aiortc's default is a public server)
     max_sdp_bytes: int = 64 * 1024
+    # WHEP (listening) is open to anyone: offers per client address, a token bucket (web layer).
+    whep_offers_per_s: float = 1.0
+    whep_burst: int = 10
+    # "AREA=TOKEN": listening to AREA (and below) needs that token or a logged-in user's.
+    listen_tokens: list[str] = field(default_factory=list)
 
 
 class OfferError(ValueError):

@@ -454,6 +454,7 @@ async def _server(n: int, rounds: int) -> dict[str, Any]:
         cfg.rtp.codecs = "opus,pcmu"
         cfg.webrtc.ice_addresses = "127.0.0.1"
         cfg.webrtc.max_peers = max(cfg.webrtc.max_peers, n_web + 10)
+        cfg.webrtc.whep_burst = max(cfg.webrtc.whep_burst, n_web + 10)  # one address
         cfg.webrtc.max_peers_per_area = max(cfg.webrtc.max_peers_per_area, n_web + 10)
         cfg.webrtc.connect_timeout = 120.0
         node = Node(cfg, realtime=True)

@@ -81,6 +81,7 @@ async def _server(listeners: int, seconds: float) -> dict[str, Any]:
         cfg.webrtc.ice_addresses = "127.0.0.1"
         cfg.webrtc.stun_server = ""
         cfg.webrtc.max_peers = max(cfg.webrtc.max_peers, listeners + 10)
+        cfg.webrtc.whep_burst = max(cfg.webrtc.whep_burst, listeners + 10)  # one address
         cfg.webrtc.max_peers_per_area = max(cfg.webrtc.max_peers_per_area, listeners + 10)
         cfg.webrtc.connect_timeout = max(cfg.webrtc.connect_timeout, 120.0)
         node = Node(cfg, realtime=True)

@@ -33,6 +33,7 @@ class ServerConfig:
     http: str = "127.0.0.1:8080"
     data: str = "./loa-data"
     public_url: str = ""  # how devices and people reach this node (stream URLs); derived if empty
+    header_timeout: float = 15.0  # seconds to send a request's headers (slowloris); also idle
 
 
 @dataclass

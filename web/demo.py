@@ -29,6 +29,7 @@ from loa.streamer.tts import TtsError
 from loa.web.app import Node, create_app
 from loa.web.auth import add_user
 from loa.web.config import Config, load_config
+from loa.web.serve import make_runner
 
 log = logging.getLogger("loa.demo")
 
@@ -129,7 +130,7 @@ async def _demo(args: argparse.Namespace) -> None:
     for name, role, area, emergency in DEMO_USERS:
         if not await node.store.find("user", username=name):
             await add_user(node.store, node.tree, name, role, area, DEMO_PASSWORD, emergency)
-    runner = web.AppRunner(create_app(node), access_log=None)
+    runner = make_runner(create_app(node), cfg)
     await runner.setup()
     host, _, port = cfg.server.http.rpartition(":")
     await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()

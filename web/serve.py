@@ -26,13 +26,23 @@ def _config(args: argparse.Namespace, http: str | None = None) -> Config:
         raise SystemExit(2) from None
 
 
+def make_runner(app: web.Application, cfg: Config, **kw: object) -> web.AppRunner:
+    """The HTTP runner. aiohttp has no header-read timeout of its own, but its keep-alive timer
+    starts when a connection opens, is not reset by incoming bytes, and closes a connection only
+    while it waits for a complete request: as `header_timeout` it bounds a slowloris (partial
+    request line or headers) and idle keep-alive, never a response in progress (streams,
+    websockets)."""
+    return web.AppRunner(app, access_log=None, keepalive_timeout=cfg.server.header_timeout,
+                         **kw)  # type: ignore[arg-type]
+
+
 async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
                 stop: asyncio.Event | None = None) -> None:
     node = Node(cfg)
     await node.start()
     app = create_app(node)
     gc.freeze()  # what start-up built lives forever: keep it out of every later collection
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = make_runner(app, cfg, handle_signals=False)
     await runner.setup()
     host, _, port = cfg.server.http.rpartition(":")
     site = web.TCPSite(runner, host or "0.0.0.0", int(port))

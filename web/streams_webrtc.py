@@ -3,7 +3,10 @@
 - `POST /whep/{area}` (application/sdp offer) -> 201, the answer, `Location:
   /whep/{area}/{session}`; `DELETE` that location closes the peer, `GET` it gives the peer's
   figures (RTT, loss, jitter from its receiver reports). Listening needs no token, like
-  `/streams/...`.
+  `/streams/...`, unless `[webrtc] listen_tokens` names the area or one above it: then the
+  offer carries that token or a user's (whose subtree holds the area), as `Authorization:
+  Bearer` or `?token=`. Offers are limited per client address (token bucket, 429 +
+  Retry-After): a peer costs far more than an HTTP listener, and the peer limit is shared.
 - `POST /whip/{A,B,...}?class=normal|priority|emergency&title=...` with `Authorization: Bearer`
   -> 201, the answer, `Location: /whip/session/{id}`; the publisher's audio airs live in those
   areas until `DELETE /whip/session/{id}` (same token, or an operator above the issuer), the peer
@@ -15,16 +18,20 @@ ICE candidates are gathered before answering (no trickle). Errors are JSON, Viet
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
+import math
 
 from aiohttp import web
 
 from loa.relay.webrtc import LimitError, OfferError, WebRtcRelay, WhipSession
+from loa.streamer.areas import AreaTree
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.engine import AuthorityError
 from loa.streamer.station import Content
 from loa.web.app import NODE
 from loa.web.auth import AuthError, Forbidden, Principal, authenticate
+from loa.web.config import ConfigError
 from loa.web.http import PRINCIPAL, audit, error_response
 
 log = logging.getLogger("loa.webrtc")
@@ -76,12 +83,77 @@ def _answer(sdp: str, location: str) -> web.Response:
 
 
 # ---- WHEP ----------------------------------------------------------------------------------------
+class OfferBuckets:
+    """A token bucket per client address: `rate` offers a second, `burst` at once."""
+
+    MAX_ADDRESSES = 10_000
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self.rate = max(rate, 1e-6)
+        self.burst = float(max(burst, 1))
+        self.buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, at)
+
+    def take(self, addr: str, now: float) -> float:
+        """0 when an offer may go ahead, else the seconds until it may."""
+        tokens, at = self.buckets.get(addr, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - at) * self.rate)
+        if tokens < 1.0:
+            self.buckets[addr] = (tokens, now)
+            return (1.0 - tokens) / self.rate
+        if len(self.buckets) >= self.MAX_ADDRESSES and addr not in self.buckets:
+            full = self.burst / self.rate  # a bucket untouched this long is full: forget it
+            self.buckets = {a: v for a, v in self.buckets.items() if now - v[1] < full}
+        self.buckets[addr] = (tokens - 1.0, now)
+        return 0.0
+
+
+BUCKETS: web.AppKey[OfferBuckets] = web.AppKey("whep_buckets", OfferBuckets)
+
+
+def listen_token(tokens: list[str], tree: AreaTree, area: str) -> str | None:
+    """The token that guards listening to `area`: its own, else the nearest area's above it."""
+    by_area = dict(t.split("=", 1) for t in tokens if "=" in t)
+    return next((by_area[a] for a in tree.ancestors(area) if by_area.get(a)), None)
+
+
+async def _may_listen(request: web.Request, area: str) -> web.Response | None:
+    """None when the listener may go on; else the 401/403 answer."""
+    node = request.app[NODE]
+    wanted = listen_token(node.cfg.webrtc.listen_tokens, node.tree, area)
+    if wanted is None:
+        return None
+    header = request.headers.get("Authorization", "")
+    given = header[7:].strip() if header.startswith("Bearer ") else request.query.get("token", "")
+    if given and hmac.compare_digest(given.encode(), wanted.encode()):
+        return None
+    if given:
+        try:
+            p, _ = await authenticate(node.store, f"Bearer {given}")
+        except AuthError:
+            pass
+        else:
+            request[PRINCIPAL] = p
+            if node.tree.contains(p.area, area):
+                return None
+            return _error(403, f"khu vực {area} ngoài phạm vi của bạn / area {area} is outside "
+                               f"your area {p.area}")
+    return _error(401, "cần mã nghe / this area needs a listen token (Bearer or ?token=)",
+                  {"WWW-Authenticate": "Bearer"})
+
+
 async def whep_post(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE]
     relay = request.app[RELAY]
     area = request.match_info["area"]
+    wait = request.app[BUCKETS].take(request.remote or "?", asyncio.get_running_loop().time())
+    if wait > 0:
+        return _error(429, "quá nhiều yêu cầu nghe / too many listen offers from this address",
+                      {"Retry-After": str(math.ceil(wait))})
     if area not in node.tree:
         return _error(404, f"không có khu vực / unknown area {area}")
+    refused = await _may_listen(request, area)
+    if refused is not None:
+        return refused
     offer = await _read_offer(request, relay.settings.max_sdp_bytes)
     if isinstance(offer, web.Response):
         return offer
@@ -233,6 +305,12 @@ def setup(app: web.Application) -> None:
     node = app[NODE]
     relay = WebRtcRelay(node.hub, node.cfg.webrtc)
     app[RELAY] = relay
+    for entry in node.cfg.webrtc.listen_tokens:
+        code, _, tok = entry.partition("=")
+        if code not in node.tree or len(tok) < 8:
+            raise ConfigError(f"[webrtc] listen_tokens: expected \"AREA=TOKEN\" with a known "
+                              f"area and a token of 8 characters or more, got {code!r}=...")
+    app[BUCKETS] = OfferBuckets(node.cfg.webrtc.whep_offers_per_s, node.cfg.webrtc.whep_burst)
     loop = node.station.loop
 
     def whip_ended(s: WhipSession, cause: str) -> None:

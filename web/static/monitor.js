@@ -399,7 +399,8 @@
       await iceComplete(pc);
       if (state.listening !== session) return;
       const r = await fetch("/whep/" + encodeURIComponent(area), {
-        method: "POST", headers: { "Content-Type": "application/sdp" },
+        method: "POST",  // the user's token: also valid where listening needs a listen token
+        headers: { "Content-Type": "application/sdp", Authorization: "Bearer " + state.token },
         body: pc.localDescription.sdp,
       });
       if (r.status !== 201) throw new Error(await errorText(r));
