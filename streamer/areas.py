@@ -44,9 +44,10 @@ class Area:
 CODE_RE = re.compile(r"[A-Za-z0-9-]{1,32}")
 
 
-def _clean_code(code: str) -> str:
+def _clean_code(code: str, strict: bool = True) -> str:
+    """`strict=False` for codes already stored: a tree saved before the rule must still load."""
     code = (code or "").strip()
-    if not CODE_RE.fullmatch(code):
+    if not (CODE_RE.fullmatch(code) if strict else code):
         raise AreaError(f"mã khu vực không hợp lệ (chỉ chữ cái, chữ số ASCII và '-', tối đa 32 "
                         f"ký tự) / invalid area code {code[:40]!r}: ASCII letters, digits and '-' "
                         f"only, at most 32 characters")
@@ -66,8 +67,9 @@ class AreaTree:
         parent: str | None = None,
         lat: float | None = None,
         lon: float | None = None,
+        strict: bool = True,
     ) -> Area:
-        code = _clean_code(code)
+        code = _clean_code(code, strict)
         if code in self._areas:
             raise AreaError(f"mã khu vực trùng / duplicate area code: {code}")
         if parent is not None:
@@ -101,16 +103,18 @@ class AreaTree:
         return area
 
     @classmethod
-    def from_rows(cls, rows: Iterable[tuple[str, str, str, str | None]]) -> AreaTree:
+    def from_rows(cls, rows: Iterable[tuple[str, str, str, str | None]],
+                  strict: bool = True) -> AreaTree:
         """Build from (code, name, level, parent_code) rows in any order.
 
         Unknown parents, cycles and duplicate codes are reported with the row that caused them.
+        `strict=False` loads stored codes that predate the code alphabet.
         """
         tree = cls()
         pending: dict[str, tuple[int, str, str, str | None]] = {}
         for i, (code, name, level, parent) in enumerate(rows, start=1):
             try:
-                code = _clean_code(code)
+                code = _clean_code(code, strict)
             except AreaError as e:
                 raise AreaError(f"dòng {i} / row {i}: {e}") from None
             parent = (parent or "").strip() or None
@@ -129,7 +133,7 @@ class AreaTree:
             progress = False
             for code, (_i, name, level, parent) in pending.items():
                 if code not in placed and (parent is None or parent in placed):
-                    tree.add(code, name, level, parent)
+                    tree.add(code, name, level, parent, strict=strict)
                     placed.add(code)
                     progress = True
         if len(placed) < len(pending):
