@@ -37,6 +37,14 @@ series restarted when a unicast receiver joins, always right after a data packet
 packet's media position (`wall(sample)`, the engine's media epoch mapping), plus packet and octet
 counts and an SDES CNAME. A BYE goes out when the stream stops.
 
+Receiver reports. One socket per node listens on `port + 1` (every address), receiving the
+RTCP that devices send to a group's `port + 1` (multicast: the node joins every group it sends,
+through membership-only sockets of 20 groups each, Linux's per-socket limit, which the listener
+receives through `IP_MULTICAST_ALL`) or to the node's own address (unicast). Report blocks of RRs
+and SRs about one of our SSRCs update that stream's per-receiver figures (`reports`: fraction
+lost, cumulative lost, jitter in ms, last seen), at most `max_receivers` per stream, forgotten
+after `REPORT_TTL` s of silence. A malformed packet is counted (`rtcp_malformed`) and ignored.
+
 SAP (RFC 2974, only when `sap` is on): each multicast stream's SDP, named after the area and the
 codec ("Xã Phú Thuận (Opus)", "... (PCMU)": a player lists an area's streams apart), is announced to
 `sap_address:sap_port` with the session TTL, one stream at a time spread over `sap_interval`
@@ -82,6 +90,8 @@ REFRESH_SECONDS = 2.0  # how often new areas in the tree get their streams
 MAX_QUEUED_TICKS = 50  # a stream whose sender is this far behind (1 s) drops new packets
 ERROR_LOG_SECONDS = 10.0
 SR_MIN_GAP = 0.5  # a new receiver triggers an early sender report, at most this often
+REPORT_TTL = 60.0  # a receiver that has not reported for this long is dropped from `reports`
+MAX_MEMBERSHIPS = 20  # multicast groups per socket (Linux net.ipv4.igmp_max_memberships)
 FAST_REPORTS = 4  # sender reports at FAST_INTERVAL after a start or a join, then rtcp_interval
 FAST_INTERVAL = 1.0
 
@@ -322,6 +332,73 @@ def _sdes(ssrc: int, cname: str) -> bytes:
     return struct.pack("!BBH", 0x81, 202, len(chunk) // 4) + chunk
 
 
+ReportBlock = tuple[int, float, int, int, int]  # source SSRC, fraction lost, lost, seq, jitter
+
+
+def parse_receiver_reports(data: bytes) -> list[tuple[int, list[ReportBlock]]]:
+    """(reporter SSRC, report blocks) of each SR/RR of a compound RTCP packet (RFC 3550 6.4);
+    other packet types are skipped. ValueError for anything malformed."""
+    out: list[tuple[int, list[ReportBlock]]] = []
+    off = 0
+    if len(data) < 8:
+        raise ValueError("short RTCP packet")
+    while off < len(data):
+        if len(data) - off < 4:
+            raise ValueError("truncated RTCP header")
+        b0, pt, length = struct.unpack_from("!BBH", data, off)
+        end = off + 4 * (length + 1)
+        if b0 >> 6 != 2 or end > len(data):
+            raise ValueError("bad RTCP version or length")
+        if pt in (200, 201):
+            count = b0 & 0x1F
+            first = off + (28 if pt == 200 else 8)
+            if first + 24 * count > end:
+                raise ValueError("report blocks past the packet")
+            reporter = struct.unpack_from("!I", data, off + 4)[0]
+            blocks: list[ReportBlock] = []
+            for i in range(count):
+                src, word, seq, jitter = struct.unpack_from("!IIII", data, first + 24 * i)
+                lost = word & 0xFFFFFF
+                if lost & 0x800000:  # 24-bit two's complement (duplicates make it negative)
+                    lost -= 1 << 24
+                blocks.append((src, (word >> 24) / 256, lost, seq, jitter))
+            out.append((reporter, blocks))
+        off = end
+    return out
+
+
+class ReceiverReport:
+    """What one receiver (by its SSRC) last reported about one stream."""
+
+    __slots__ = ("ssrc", "host", "port", "fraction_lost", "lost", "highest_seq", "jitter_ms",
+                 "last_seen", "reports")
+
+    def __init__(self, ssrc: int, host: str, port: int) -> None:
+        self.ssrc = ssrc
+        self.host = host
+        self.port = port
+        self.fraction_lost = 0.0
+        self.lost = 0
+        self.highest_seq = 0
+        self.jitter_ms = 0.0
+        self.last_seen = 0.0
+        self.reports = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ssrc": self.ssrc, "host": self.host, "port": self.port,
+                "fraction_lost": round(self.fraction_lost, 4), "lost": self.lost,
+                "highest_seq": self.highest_seq, "jitter_ms": round(self.jitter_ms, 2),
+                "last_seen": round(self.last_seen, 3), "reports": self.reports}
+
+
+class _RtcpIn(asyncio.DatagramProtocol):
+    def __init__(self, out: RtpOut) -> None:
+        self.out = out
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.out.on_rtcp(data, addr)
+
+
 def sap_packet(sdp: str, origin: str, delete: bool = False) -> bytes:
     """RFC 2974 announcement (or deletion) of one SDP, IPv4 origin, no authentication."""
     body = sdp.encode("utf-8")
@@ -457,6 +534,7 @@ class RtpStream:
         self._queued = 0  # loop side
         self._done = 0  # sender side
         self.group_dest = _GroupDest(group, self.port)
+        self.reports: dict[int, ReceiverReport] = {}  # by reporter SSRC (loop side)
 
     # ---- loop side ----
     def open(self) -> None:
@@ -641,7 +719,25 @@ class RtpStream:
                 "packets": self.packets, "octets": self.octets,
                 "receivers": len(self.receivers), "errors": self.errors,
                 "dropped": self.dropped, "blocked": self.blocked,
-                "fanout_ms_max": round(self.fanout_ms_max, 3)}
+                "fanout_ms_max": round(self.fanout_ms_max, 3),
+                "reports": [r.as_dict() for r in self.reports.values()]}
+
+    def report(self, reporter: int, block: ReportBlock, addr: tuple[str, int], now: float,
+               limit: int) -> None:
+        """A receiver report block about this stream (loop side)."""
+        r = self.reports.get(reporter)
+        if r is None:
+            if len(self.reports) >= limit:
+                self.reports = {k: v for k, v in self.reports.items()
+                                if now - v.last_seen < REPORT_TTL}
+                if len(self.reports) >= limit:
+                    return
+            r = self.reports[reporter] = ReceiverReport(reporter, addr[0], addr[1])
+        _, r.fraction_lost, r.lost, r.highest_seq, jitter = block
+        r.jitter_ms = jitter * 1000 / self.fmt.clock
+        r.host, r.port = addr[0], addr[1]
+        r.last_seen = now
+        r.reports += 1
 
 
 def _set_sndbuf(sock: socket.socket, size: int) -> None:
@@ -688,6 +784,12 @@ class RtpOut:
         self._thread: threading.Thread | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._sap_sock: socket.socket | None = None
+        self._rtcp_in: asyncio.DatagramTransport | None = None
+        self._members: list[socket.socket] = []  # membership-only sockets (MAX_MEMBERSHIPS each)
+        self._joined: set[str] = set()
+        self.by_ssrc: dict[int, RtpStream] = {}
+        self.rtcp_reports = 0  # report blocks about our streams
+        self.rtcp_malformed = 0  # RTCP packets that could not be parsed
         self._save_task: asyncio.Task[None] | None = None
         self.started = False
 
@@ -699,6 +801,7 @@ class RtpOut:
         self._thread = threading.Thread(target=self._run, name="loa-rtp-send", daemon=True)
         self._thread.start()
         self.started = True
+        await self._listen_rtcp()
         try:
             for area in list(self.tree):
                 self.ensure_area(area.code)
@@ -740,6 +843,13 @@ class RtpOut:
                     pass
             self._sap_sock.close()
             self._sap_sock = None
+        if self._rtcp_in is not None:
+            self._rtcp_in.close()
+            self._rtcp_in = None
+        for m in self._members:
+            m.close()
+        self._members.clear()
+        self._joined.clear()
         for st in self.streams.values():
             if st.sub is not None:
                 st.sub.close()
@@ -801,6 +911,61 @@ class RtpOut:
         finally:
             s.close()
 
+    # ---- receiver reports ----
+    async def _listen_rtcp(self) -> None:
+        """The RTCP listener on port + 1; a port taken by another program is logged, not fatal."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setblocking(False)
+            sock.bind(("0.0.0.0", self.settings.port + 1))
+            loop = asyncio.get_running_loop()
+            self._rtcp_in, _ = await loop.create_datagram_endpoint(lambda: _RtcpIn(self),
+                                                                   sock=sock)
+        except OSError as e:
+            sock.close()
+            log.warning("no rtcp listener event=rtcp_listen_error port=%d error=%s",
+                        self.settings.port + 1, e)
+            return
+        for st in self.streams.values():
+            self._join(st.group)
+
+    def _join(self, group: str) -> None:
+        """Join a group we send so its RTCP reaches the listener (multicast only)."""
+        if self._rtcp_in is None or not self.settings.multicast or group in self._joined:
+            return
+        mreq = socket.inet_aton(group) + socket.inet_aton(self.checked.interface or "0.0.0.0")
+        for attempt in range(2):
+            if attempt or not self._members or len(self._joined) >= MAX_MEMBERSHIPS * len(
+                    self._members):
+                self._members.append(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            try:
+                self._members[-1].setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+                self._joined.add(group)
+                return
+            except OSError as e:
+                if e.errno != errno.ENOBUFS or attempt:
+                    log.warning("cannot join group for rtcp event=rtcp_join_error group=%s "
+                                "error=%s", group, e)
+                    return
+
+    def on_rtcp(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        try:
+            reports = parse_receiver_reports(data)
+        except (ValueError, struct.error):
+            self.rtcp_malformed += 1
+            return
+        now = time.time()
+        limit = self.settings.max_receivers
+        for reporter, blocks in reports:
+            if reporter in self.by_ssrc:
+                continue  # one of our own sender reports, looped back
+            for block in blocks:
+                st = self.by_ssrc.get(block[0])
+                if st is not None:
+                    self.rtcp_reports += 1
+                    st.report(reporter, block, (str(addr[0]), int(addr[1])), now, limit)
+
     # ---- areas and streams ----
     def ensure_area(self, area: str) -> bool:
         """Streams for an area of the tree (allocating its groups). False: unknown area."""
@@ -814,6 +979,8 @@ class RtpOut:
                     continue
                 st = RtpStream(self, area, FORMATS[codec], self.alloc.group(area, codec))
                 self.streams[(area, codec)] = st
+                self.by_ssrc[st.ssrc] = st
+                self._join(st.group)
                 self._sync(st)
         except PoolExhausted as e:
             log.error("no multicast group for area event=rtp_pool_full area=%s error=%s",
@@ -929,6 +1096,8 @@ class RtpOut:
             "errors": sum(s["errors"] for s in streams),
             "dropped": sum(s["dropped"] for s in streams),
             "blocked": sum(s["blocked"] for s in streams),
+            "rtcp_reports": self.rtcp_reports,
+            "rtcp_malformed": self.rtcp_malformed,
         }
 
     # ---- background tasks ----

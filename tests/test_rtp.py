@@ -783,3 +783,61 @@ async def test_sender_reports_come_at_once_and_fast_at_first(tmp_path: Path) -> 
         finally:
             for tr in (tr1, tr2, tr3, tr4):
                 tr.close()
+
+
+# ---- receiver reports ---------------------------------------------------------------------------
+def receiver_report(reporter: int, source: int, fraction: int, lost: int, seq: int,
+                    jitter: int) -> bytes:
+    """An RTCP RR with one report block, plus an SDES CNAME, as a device sends it."""
+    block = struct.pack("!IIIIII", source, (fraction << 24) | (lost & 0xFFFFFF), seq, jitter,
+                        0, 0)
+    rr = struct.pack("!BBHI", 0x81, 201, 7, reporter) + block
+    cname = b"device@x"
+    chunk = struct.pack("!IBB", reporter, 1, len(cname)) + cname + b"\x00"
+    chunk += b"\x00" * (-len(chunk) % 4)
+    return rr + struct.pack("!BBH", 0x81, 202, len(chunk) // 4) + chunk
+
+
+async def test_receiver_reports_show_in_the_monitor(tmp_path: Path) -> None:
+    """RRs from real sockets, to the group's RTCP port (multicast) and to the node's (unicast),
+    show up per receiver in /api/v1/monitor and /metrics; malformed RTCP is counted, ignored."""
+    cfg = make_config(tmp_path)
+    rtp_settings(cfg, codecs="opus,pcmu")
+    async with running_api(cfg) as api:
+        out = api.client.app[RTP]  # type: ignore[union-attr]
+        opus, pcmu = out.stream(AREA, "opus"), out.stream(AREA, "pcmu")
+        mc = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        mc.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(LOCAL))
+        mc.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 0)
+        uc = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        uc.bind((LOCAL, 0))
+        rtcp_port = cfg.rtp.port + 1
+        try:
+            # A listener of the multicast group: 25 % lost lately, 12 in all, 480/48 kHz jitter.
+            mc.sendto(receiver_report(0xD00D, opus.ssrc, 64, 12, 70_000, 480),
+                      (opus.group, rtcp_port))
+            # A unicast device on PCMU: RTCP back to the node's own address.
+            uc.sendto(receiver_report(0xBEEF, pcmu.ssrc, 0, 0, 5_000, 80), (LOCAL, rtcp_port))
+            for junk in (b"\x00" * 3, b"\x81\xc9\x00\x07" + b"\x00" * 8, b"hello world, not rtcp",
+                         struct.pack("!BBHI", 0x9F, 201, 1, 1)):  # 31 blocks claimed, none there
+                uc.sendto(junk, (LOCAL, rtcp_port))
+            await until(lambda: out.rtcp_reports >= 2 and out.rtcp_malformed >= 4, "the reports")
+        finally:
+            mc.close()
+        status, body = await api.call("huyen1", "GET", f"/api/v1/monitor?area={AREA}")
+        assert status == 200, body
+        area = next(a for a in body["areas"] if a["code"] == AREA)
+        rtp = {s["codec"]: s for s in area["rtp"]}
+        [mrep] = rtp["opus"]["reports"]
+        assert mrep["ssrc"] == 0xD00D and mrep["fraction_lost"] == 0.25 and mrep["lost"] == 12
+        assert mrep["jitter_ms"] == 10.0 and mrep["highest_seq"] == 70_000
+        assert abs(mrep["last_seen"] - time.time()) < 60
+        [urep] = rtp["pcmu"]["reports"]
+        assert urep["ssrc"] == 0xBEEF and urep["host"] == LOCAL
+        assert urep["port"] == uc.getsockname()[1] and urep["jitter_ms"] == 10.0
+        assert body["node"]["transports"]["rtp"]["rtcp_malformed"] == 4
+        uc.close()
+        status, text = await api.call(None, "GET", "/metrics")
+        assert status == 200
+        assert f'loa_rtp_receiver_loss_max{{area="{AREA}",codec="opus"}} 0.25' in text
+        assert "loa_rtcp_malformed_total 4" in text

@@ -74,5 +74,5 @@ def rtp_stats(app: web.Application) -> dict[str, Any]:
     out = app.get(RTP)
     if out is None:
         return {"enabled": False, "streams": [], "packets": 0, "octets": 0, "receivers": 0,
-                "errors": 0, "dropped": 0, "blocked": 0}
+                "errors": 0, "dropped": 0, "blocked": 0, "rtcp_reports": 0, "rtcp_malformed": 0}
     return out.stats()
