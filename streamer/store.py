@@ -53,6 +53,7 @@ KINDS: Mapping[str, Kind] = {
     "device": Kind(indexed=("area", "kind")),
     "command": Kind(indexed=("device", "status")),
     "emergency": Kind(indexed=("status", "issuer", "cap_key", "cancel_key"), unique=("cap_key",)),
+    "rtp_group": Kind(indexed=("block",), unique=("block",)),  # id = area: its multicast block
 }
 
 LOGS = ("audit", "asrun")

@@ -28,6 +28,8 @@ from loa.relay.rtp import (
     RtpConfigError,
     RtpSettings,
     check_settings,
+    node_pool,
+    sap_packet,
 )
 from loa.relay.sdp import SdpError, parse_sdp
 from loa.streamer.broadcast import Broadcast
@@ -841,3 +843,95 @@ async def test_receiver_reports_show_in_the_monitor(tmp_path: Path) -> None:
         assert status == 200
         assert f'loa_rtp_receiver_loss_max{{area="{AREA}",codec="opus"}} 0.25' in text
         assert "loa_rtcp_malformed_total 4" in text
+
+
+# ---- groups unique per deployment --------------------------------------------------------------
+def groups_of(server: Server) -> dict[tuple[str, str], str]:
+    return {(s["area"], s["codec"]): s["group"] for s in rtp_stats(server.app)["streams"]}
+
+
+async def test_lone_nodes_take_pools_of_their_own_and_keep_them(tmp_path: Path) -> None:
+    """Two nodes with the same areas on one network, group_base left empty: disjoint groups
+    (each node's pool from its id), kept across a restart in rtp-groups.json."""
+    got = {}
+    for name in ("node-a", "node-b"):
+        data = tmp_path / name / "data"
+        data.mkdir(parents=True)
+        (data / "node-id").write_text(name + "\n")
+        async with serving(tmp_path / name, group_base="") as server:
+            got[name] = groups_of(server)
+            assert server.out.alloc.base == node_pool(name, 64)
+    assert set(got["node-a"]) == set(got["node-b"])
+    assert not set(got["node-a"].values()) & set(got["node-b"].values())
+    saved = json.loads((tmp_path / "node-a" / "data" / "rtp-groups.json").read_text())
+    assert saved["group_base"] == str(node_pool("node-a", 64))
+    (tmp_path / "node-a" / "data" / "node-id").write_text("renamed\n")  # the file wins
+    async with serving(tmp_path / "node-a", group_base="") as server:
+        assert groups_of(server) == got["node-a"]
+
+
+async def test_clustered_nodes_share_one_allocation(tmp_path: Path, redis_url: str,
+                                                    redis_prefix: str) -> None:
+    def clustered(cfg: Config) -> None:
+        cfg.store = redis_url
+        cfg.store_prefix = redis_prefix
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = await asyncio.gather(start_server(tmp_path / "a", clustered, group_base=""),
+                                start_server(tmp_path / "b", clustered, group_base=""))
+    try:
+        assert a.out.node_id != b.out.node_id
+        ga, gb = groups_of(a), groups_of(b)
+        assert ga == gb and len(set(ga.values())) == len(ga) == 9 * 2
+        rows = await a.node.store.find("rtp_group")
+        assert {r["id"] for r in rows} == {k[0] for k in ga}
+        assert len({r["block"] for r in rows}) == len(rows)  # one block per area in the store
+    finally:
+        await asyncio.gather(a.stop(), b.stop())
+
+
+async def test_rival_allocators_on_one_store_never_share_a_block(tmp_path: Path, redis_url: str,
+                                                                 redis_prefix: str) -> None:
+    import ipaddress
+
+    from loa.streamer.store import open_store
+
+    store = await open_store(redis_url, tmp_path, redis_prefix)
+    try:
+        base = ipaddress.IPv4Address("239.72.0.0")
+        areas = [f"A{i}" for i in range(40)]
+        one, two = GroupAllocator(base, 64, None), GroupAllocator(base, 64, None)
+        two.slots = {"A0": 5, "A1": 5 + 1}  # what a node had before it joined the cluster
+        got = await asyncio.gather(one.claim(store, areas), two.claim(store, list(reversed(areas))))
+        assert got[0] == got[1] == set(areas)
+        assert one.slots == two.slots and len(set(one.slots.values())) == len(areas)
+    finally:
+        await store.close()
+
+
+async def test_another_origin_announcing_our_group_is_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sap_port = random.randrange(20_000, 60_000)
+    async with serving(tmp_path, sap=True, sap_port=sap_port, sap_interval=0.2,
+                       sap_bandwidth=1_000_000, codecs="opus") as server:
+        st = server.out.stream(AREA, "opus")
+        await asyncio.sleep(0.5)  # our own announcements come back: no collision
+        assert server.out.collisions == 0
+        foreign = ("v=0\r\no=- 1 1 IN IP4 127.0.0.2\r\ns=Đài khác\r\n"
+                   f"c=IN IP4 {st.group}/0\r\nt=0 0\r\nm=audio {st.port} RTP/AVP 0\r\n")
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(LOCAL))
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 0)
+        try:
+            s.sendto(b"\x20\x00\x00\x01" + b"garbage", ("224.2.127.254", sap_port))
+            s.sendto(sap_packet(foreign, "127.0.0.2"), ("224.2.127.254", sap_port))
+            await until(lambda: server.out.collisions >= 1, "the collision")
+            s.sendto(sap_packet(foreign, "127.0.0.2"), ("224.2.127.254", sap_port))
+            await until(lambda: server.out.collisions >= 2, "the second announcement")
+        finally:
+            s.close()
+    logged = [r for r in caplog.records if "event=rtp_group_collision" in r.getMessage()]
+    assert len(logged) == 1  # logged once, counted every time
+    msg = logged[0].getMessage()
+    assert f"group={st.group}" in msg and f"area={AREA}" in msg and "other_origin=127.0.0.2" in msg
