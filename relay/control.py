@@ -1528,14 +1528,8 @@ class DeviceManager:
         await self._offer(dev, rec)
 
     async def _read_nodes(self, sub: BusSubscription) -> None:
-        while not self._stopping:
-            try:
-                ev = await sub.get()
-            except (BusClosed, asyncio.CancelledError):
-                return
-            except Exception:
-                log.exception("bus read failed event=device_node_error")
-                return
+        """`device.node` events until the subscription closes (at stop)."""
+        async for ev in sub:
             try:
                 await self._on_node(ev)
             except Exception:
