@@ -1134,7 +1134,8 @@ class DeviceManager:
             raise HelloRejected(CLOSE_MALFORMED_HELLO, f"hello không hợp lệ / bad hello: {e}"
                                 ) from None
         dev = self.devices.get(hello.device)
-        if dev is None or self.remote(dev):  # registered, or last served, by another node
+        if dev is None or (self.bus is not None and dev.link is None):
+            # Registered by another node, or changed there (revoked, moved) since: the store's.
             dev = await self._load(hello.device, fresh=True)
         if dev is None or not same_hash(dev.record.get("key_hash"), hello.key):
             raise HelloRejected(CLOSE_UNAUTHORISED,

@@ -769,6 +769,18 @@ async def test_commands_reach_a_device_connected_to_another_node(
             await d.recv(timeout=1.0)  # nothing else: no duplicate from B's hand-over
         await d.close()
 
+        # Served by B again, then revoked on A: B reads the record again at the next hello.
+        d.srv = b
+        await d.connect()
+        await d.close()
+
+        async def a_knows_b_again() -> bool:
+            return dev_a.record.get("node") == b.mgr.node_id
+        await eventually(a_knows_b_again)
+        status, _ = await a.call("qtvtinh", "POST", f"/api/v1/devices/{d.id}/revoke")
+        assert status == 200
+        assert await closed_with(await d.open()) == 4003
+
 
 async def _async(value: bool) -> bool:
     return value
