@@ -1053,6 +1053,8 @@ class DeviceManager:
         """Merge changes (None deletes a field) into the record, write it, push the device's
         configuration when it is connected and something it uses changed."""
         dev = self.devices.get(device_id)
+        if dev is not None and self.remote(dev):  # the serving node's record, not ours
+            dev = await self._load(device_id, fresh=True)
         if dev is None:
             raise NotFound(f"device {device_id!r}")
         rec = dict(dev.record)
@@ -1090,21 +1092,27 @@ class DeviceManager:
 
     async def revoke(self, device_id: str) -> Device:
         dev = await self.update(device_id, {"revoked": True, "revoked_at": time.time()})
-        if dev.link is not None:
-            dev.link.close(CLOSE_REVOKED, "khóa bị thu hồi / key revoked")
+        await self._close_session(dev, "khóa bị thu hồi / key revoked")
+        return dev
+
+    async def _close_session(self, dev: Device, reason: str) -> None:
+        """Close the device's connection with 4003, here or on the node serving it."""
+        if self.remote(dev):
+            assert self.bus is not None
+            with suppress(Exception):  # a bus down: its next hello is refused all the same
+                await self.bus.send(route_stream(dev.record["node"]),
+                                    {"v": PROTOCOL_VERSION, "close": dev.id, "reason": reason})
+        elif dev.link is not None:
+            dev.link.close(CLOSE_REVOKED, reason)
             dev.link = None
             dev.ready = False
             self.connected -= 1
-        return dev
 
     async def remove(self, device_id: str) -> bool:
         dev = self.devices.pop(device_id, None)
         if dev is None:
             return False
-        if dev.link is not None:
-            dev.link.close(CLOSE_REVOKED, "thiết bị đã bị xóa / device deleted")
-            dev.link = None
-            self.connected -= 1
+        await self._close_session(dev, "thiết bị đã bị xóa / device deleted")
         self._devw.forget(device_id)
         self._tele_dirty.discard(device_id)
         self._with_outbox.discard(device_id)
@@ -1134,7 +1142,8 @@ class DeviceManager:
             raise HelloRejected(CLOSE_MALFORMED_HELLO, f"hello không hợp lệ / bad hello: {e}"
                                 ) from None
         dev = self.devices.get(hello.device)
-        if dev is None or self.remote(dev):  # registered, or last served, by another node
+        if dev is None or (self.bus is not None and dev.link is None):
+            # Registered by another node, or changed there (revoked, moved) since: the store's.
             dev = await self._load(hello.device, fresh=True)
         if dev is None or not same_hash(dev.record.get("key_hash"), hello.key):
             raise HelloRejected(CLOSE_UNAUTHORISED,
@@ -1493,7 +1502,13 @@ class DeviceManager:
                 continue
             for mid, body in got:
                 try:
-                    await self._accept(body.get("command"))
+                    if "close" in body:  # revoked or deleted on the node that was asked
+                        dev = self.devices.get(str(body["close"]))
+                        if dev is not None:
+                            await self._close_session(dev, str(body.get("reason", ""))[:100])
+                            await self._load(dev.id, fresh=True)
+                    else:
+                        await self._accept(body.get("command"))
                 except Exception:
                     log.exception("routed command failed event=device_route_error")
                 with suppress(Exception):
@@ -1528,14 +1543,8 @@ class DeviceManager:
         await self._offer(dev, rec)
 
     async def _read_nodes(self, sub: BusSubscription) -> None:
-        while not self._stopping:
-            try:
-                ev = await sub.get()
-            except (BusClosed, asyncio.CancelledError):
-                return
-            except Exception:
-                log.exception("bus read failed event=device_node_error")
-                return
+        """`device.node` events until the subscription closes (at stop)."""
+        async for ev in sub:
             try:
                 await self._on_node(ev)
             except Exception:

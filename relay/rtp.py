@@ -8,8 +8,8 @@ Payload formats: Opus RFC 7587 (PT 111, 48 kHz clock, one 20 ms packet per RTP p
 RFC 3551 (PT 0/8, 8 kHz, 20 ms), MP3 RFC 2250 (PT 14, 90 kHz clock, 4-byte MPA header carrying the
 fragment offset; one frame per packet, fragmented only when a frame would not fit `max_payload`).
 
-Group allocation (stable across restarts and when areas are added). Each area owns a block of four
-consecutive groups from `group_base` (`opus`, `pcmu`, `pcma`, `mp3` in that order, whichever are
+Group allocation (stable across restarts and when areas are added, unique per deployment). Each
+area owns a block of four consecutive groups from `group_base` (`opus`, `pcmu`, `pcma`, `mp3` in that order, whichever are
 configured), all on `port` (RTCP on `port + 1`). The block index is first proposed by a hash of
 the area code (CRC-32 modulo the number of blocks in the pool), taking the next free block on a
 collision, and is then recorded in `rtp-groups.json` in the data directory, which wins from then
@@ -17,6 +17,15 @@ on. So an area keeps its groups across restarts and config edits, adding areas n
 existing one (a position in a sorted list would), and two nodes with the same area list propose
 the same groups; the file only settles the rare collisions. Only a pool shrunk below an area's
 block moves that area (logged).
+
+Two deployments on one network must not send the same groups. A cluster (nodes on one shared
+store) keeps the allocation in the store (kind `rtp_group`, the block unique), so its nodes share
+one map and never hand one block to two areas. A lone node with `group_base = ""` (the default)
+takes a pool of its own: 239.72.0.0/13 cut into pools of `pool_size` groups, the pool chosen by a
+hash of the node id (data directory `node-id`), recorded in `rtp-groups.json` and kept from then
+on; set `group_base` to plan the groups by hand. A collision is still detected: the node listens
+to SAP on `sap_address:sap_port` and logs `event=rtp_group_collision` when an announcement of
+another origin (not this node's `x-loa-node`) names a group and port this node sends.
 
 Sending. Hub deliveries arrive on the event loop; the loop only queues them. One sender thread
 builds each RTP packet once per stream in a fixed buffer and sends it to every destination (the
@@ -36,6 +45,14 @@ of even the 32 kbit/s streams), and again at once (at most every `SR_MIN_GAP`) w
 series restarted when a unicast receiver joins, always right after a data packet: its RTP timestamp is that packet's, and its NTP timestamp is the wall-clock time of the
 packet's media position (`wall(sample)`, the engine's media epoch mapping), plus packet and octet
 counts and an SDES CNAME. A BYE goes out when the stream stops.
+
+Receiver reports. One socket per node listens on `port + 1` (every address), receiving the
+RTCP that devices send to a group's `port + 1` (multicast: the node joins every group it sends,
+through membership-only sockets of 20 groups each, Linux's per-socket limit, which the listener
+receives through `IP_MULTICAST_ALL`) or to the node's own address (unicast). Report blocks of RRs
+and SRs about one of our SSRCs update that stream's per-receiver figures (`reports`: fraction
+lost, cumulative lost, jitter in ms, last seen), at most `max_receivers` per stream, forgotten
+after `REPORT_TTL` s of silence. A malformed packet is counted (`rtcp_malformed`) and ignored.
 
 SAP (RFC 2974, only when `sap` is on): each multicast stream's SDP, named after the area and the
 codec ("Xã Phú Thuận (Opus)", "... (PCMU)": a player lists an area's streams apart), is announced to
@@ -68,9 +85,11 @@ from queue import SimpleQueue
 from typing import Any
 
 from loa.codecs.encoders import Packet
-from loa.relay.sdp import RtpMap, rtp_audio_session
+from loa.relay.sdp import RtpMap, parse_session, rtp_audio_session
 from loa.streamer.areas import AreaTree
+from loa.streamer.emergency import node_identity
 from loa.streamer.hub import PacketHub, Subscription
+from loa.streamer.store import Conflict, Store
 
 log = logging.getLogger("loa.rtp")
 
@@ -78,10 +97,16 @@ NTP_EPOCH_OFFSET = 2_208_988_800  # seconds from 1900-01-01 to 1970-01-01
 MEDIA_RATE = 48_000  # the engine's sample clock (wall() takes 48 kHz samples)
 BLOCK = 4  # groups per area: one per codec slot
 STATE_FILE = "rtp-groups.json"
+GROUP_KIND = "rtp_group"  # the cluster's allocation in the shared store
 REFRESH_SECONDS = 2.0  # how often new areas in the tree get their streams
 MAX_QUEUED_TICKS = 50  # a stream whose sender is this far behind (1 s) drops new packets
 ERROR_LOG_SECONDS = 10.0
+AUTO_BASE = ipaddress.IPv4Address("239.72.0.0")  # node pools (group_base = "") lie in this /13
+AUTO_SPAN = 1 << 19
+COLLISION_LOG_SECONDS = 600.0  # one collision is logged again at most this often
 SR_MIN_GAP = 0.5  # a new receiver triggers an early sender report, at most this often
+REPORT_TTL = 60.0  # a receiver that has not reported for this long is dropped from `reports`
+MAX_MEMBERSHIPS = 20  # multicast groups per socket (Linux net.ipv4.igmp_max_memberships)
 FAST_REPORTS = 4  # sender reports at FAST_INTERVAL after a start or a join, then rtcp_interval
 FAST_INTERVAL = 1.0
 
@@ -93,7 +118,7 @@ class RtpConfigError(ValueError):
 @dataclass
 class RtpSettings:
     enabled: bool = False  # multicast is planned per network: switch it on deliberately
-    group_base: str = "239.72.0.0"  # groups are allocated from here, one per area and codec
+    group_base: str = ""  # groups are allocated from here ("": a pool of this node's, see above)
     port: int = 5004  # every group uses this port (RTCP: port + 1)
     ttl: int = 16  # 0 keeps packets on this host (tests, demo)
     interface: str = ""  # address of the interface multicast leaves by; "" = the default route
@@ -145,17 +170,28 @@ FORMATS: dict[str, PayloadFormat] = {
 # ---- settings ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CheckedSettings:
-    base: ipaddress.IPv4Address
+    base: ipaddress.IPv4Address  # AUTO_BASE while `auto` (the pool is chosen at start)
     blocks: int
     codecs: tuple[str, ...]
     interface: str
     sap_group: ipaddress.IPv4Address
+    auto: bool = False
+
+
+def node_pool(node_id: str, pool_size: int) -> ipaddress.IPv4Address:
+    """The first group of a lone node's own pool (group_base = ""): by a hash of its id."""
+    pools = AUTO_SPAN // pool_size
+    return AUTO_BASE + (zlib.crc32(node_id.encode("utf-8")) % pools) * pool_size
 
 
 def check_settings(s: RtpSettings) -> CheckedSettings:
     """Validate [rtp]; `RtpConfigError` names the key and says what is expected."""
+    auto = not s.group_base.strip()
+    if auto and not BLOCK <= s.pool_size <= AUTO_SPAN:
+        raise RtpConfigError(f"[rtp] pool_size: cần {BLOCK}-{AUTO_SPAN} khi group_base trống / "
+                             f"must be {BLOCK}-{AUTO_SPAN} when group_base is empty")
     try:
-        base = ipaddress.IPv4Address(s.group_base.strip())
+        base = AUTO_BASE if auto else ipaddress.IPv4Address(s.group_base.strip())
     except ValueError:
         raise RtpConfigError(f"[rtp] group_base: địa chỉ IPv4 không hợp lệ / not an IPv4 "
                              f"address: {s.group_base!r}") from None
@@ -213,7 +249,7 @@ def check_settings(s: RtpSettings) -> CheckedSettings:
         raise RtpConfigError("[rtp] max_delay_ms: cần 20-10000 / must be 20-10000")
     if not 100 <= s.max_payload <= 8000:
         raise RtpConfigError("[rtp] max_payload: cần 100-8000 byte / must be 100-8000 bytes")
-    return CheckedSettings(base, s.pool_size // BLOCK, codecs, iface, sap_group)
+    return CheckedSettings(base, s.pool_size // BLOCK, codecs, iface, sap_group, auto)
 
 
 # ---- group allocation ------------------------------------------------------------------------
@@ -230,6 +266,7 @@ class GroupAllocator:
         self.path = path
         self.slots: dict[str, int] = {}
         self.dirty = False
+        self.recorded_base: ipaddress.IPv4Address | None = None  # as in the file
 
     def load(self) -> None:
         """Read the recorded blocks (blocking: call from a thread)."""
@@ -240,6 +277,7 @@ class GroupAllocator:
             slots = data["blocks"]
             if not isinstance(slots, dict):
                 raise ValueError("blocks is not an object")
+            self.recorded_base = ipaddress.IPv4Address(data.get("group_base"))
         except (OSError, ValueError, KeyError, TypeError) as e:
             log.error("unreadable group map, allocating afresh event=rtp_groups_unreadable "
                       "path=%s error=%s", self.path, e)
@@ -289,6 +327,52 @@ class GroupAllocator:
     def group(self, area: str, codec: str) -> str:
         return str(self.base + self.block(area) * BLOCK + FORMATS[codec].slot)
 
+    def adopt(self, area: str, block: int) -> None:
+        """The shared store's block for an area: it wins over what this node had."""
+        if self.slots.get(area) == block:
+            return
+        for other, b in list(self.slots.items()):
+            if b == block:
+                del self.slots[other]
+        self.slots[area] = block
+        self.dirty = True
+
+    async def claim(self, store: Store, areas: list[str]) -> set[str]:
+        """Cluster: every area's block from the shared store, allocating the missing ones there
+        (the block is unique in the store: two nodes never take one block for two areas).
+        Returns the areas that have a block."""
+        rows = await store.find(GROUP_KIND)
+        for r in rows:
+            if isinstance(r.get("block"), int) and 0 <= r["block"] < self.blocks:
+                self.adopt(r["id"], r["block"])
+        have = {r["id"] for r in rows}
+        taken = {r.get("block") for r in rows}
+        for area in areas:
+            if area in have:
+                continue
+            b = self.slots.get(area)
+            if b is None or b in taken:
+                b = zlib.crc32(area.encode("utf-8")) % self.blocks
+            for _ in range(self.blocks):
+                while b in taken and len(taken) < self.blocks:
+                    b = (b + 1) % self.blocks
+                if b in taken:
+                    break  # pool full
+                try:
+                    await store.create(GROUP_KIND, {"id": area, "block": b})
+                except Conflict:
+                    rec = await store.get(GROUP_KIND, area)
+                    if rec is not None:  # another node allocated this area meanwhile
+                        b = int(rec["block"])
+                    else:  # another node took this block for another area
+                        taken.add(b)
+                        continue
+                self.adopt(area, b)
+                have.add(area)
+                taken.add(b)
+                break
+        return have
+
 
 # ---- packets ----------------------------------------------------------------------------------
 def ntp_timestamp(epoch: float) -> tuple[int, int]:
@@ -322,6 +406,77 @@ def _sdes(ssrc: int, cname: str) -> bytes:
     return struct.pack("!BBH", 0x81, 202, len(chunk) // 4) + chunk
 
 
+ReportBlock = tuple[int, float, int, int, int]  # source SSRC, fraction lost, lost, seq, jitter
+
+
+def parse_receiver_reports(data: bytes) -> list[tuple[int, list[ReportBlock]]]:
+    """(reporter SSRC, report blocks) of each SR/RR of a compound RTCP packet (RFC 3550 6.4);
+    other packet types are skipped. ValueError for anything malformed."""
+    out: list[tuple[int, list[ReportBlock]]] = []
+    off = 0
+    if len(data) < 8:
+        raise ValueError("short RTCP packet")
+    while off < len(data):
+        if len(data) - off < 4:
+            raise ValueError("truncated RTCP header")
+        b0, pt, length = struct.unpack_from("!BBH", data, off)
+        end = off + 4 * (length + 1)
+        if b0 >> 6 != 2 or end > len(data):
+            raise ValueError("bad RTCP version or length")
+        if pt in (200, 201):
+            count = b0 & 0x1F
+            first = off + (28 if pt == 200 else 8)
+            if first + 24 * count > end:
+                raise ValueError("report blocks past the packet")
+            reporter = struct.unpack_from("!I", data, off + 4)[0]
+            blocks: list[ReportBlock] = []
+            for i in range(count):
+                src, word, seq, jitter = struct.unpack_from("!IIII", data, first + 24 * i)
+                lost = word & 0xFFFFFF
+                if lost & 0x800000:  # 24-bit two's complement (duplicates make it negative)
+                    lost -= 1 << 24
+                blocks.append((src, (word >> 24) / 256, lost, seq, jitter))
+            out.append((reporter, blocks))
+        off = end
+    return out
+
+
+class ReceiverReport:
+    """What one receiver (by its SSRC) last reported about one stream."""
+
+    __slots__ = ("ssrc", "host", "port", "fraction_lost", "lost", "highest_seq", "jitter_ms",
+                 "last_seen", "reports")
+
+    def __init__(self, ssrc: int, host: str, port: int) -> None:
+        self.ssrc = ssrc
+        self.host = host
+        self.port = port
+        self.fraction_lost = 0.0
+        self.lost = 0
+        self.highest_seq = 0
+        self.jitter_ms = 0.0
+        self.last_seen = 0.0
+        self.reports = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"ssrc": self.ssrc, "host": self.host, "port": self.port,
+                "fraction_lost": round(self.fraction_lost, 4), "lost": self.lost,
+                "highest_seq": self.highest_seq, "jitter_ms": round(self.jitter_ms, 2),
+                "last_seen": round(self.last_seen, 3), "reports": self.reports}
+
+
+class _Datagrams(asyncio.DatagramProtocol):
+    def __init__(self, handle: Callable[[bytes, tuple[str | Any, int]], None]) -> None:
+        self.handle = handle
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.handle(data, addr)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
 def sap_packet(sdp: str, origin: str, delete: bool = False) -> bytes:
     """RFC 2974 announcement (or deletion) of one SDP, IPv4 origin, no authentication."""
     body = sdp.encode("utf-8")
@@ -329,6 +484,23 @@ def sap_packet(sdp: str, origin: str, delete: bool = False) -> bytes:
     flags = 0x20 | (0x04 if delete else 0)  # V=1, A=0 (IPv4), T: 0 announce / 1 delete
     return (struct.pack("!BBH", flags, 0, msg_hash) + socket.inet_aton(origin)
             + b"application/sdp\x00" + body)
+
+
+def parse_sap(data: bytes) -> tuple[str, str]:
+    """(origin, SDP text) of an RFC 2974 announcement; ValueError for a deletion, IPv6,
+    another payload type or a malformed packet."""
+    if len(data) < 8:
+        raise ValueError("short SAP packet")
+    flags, auth_len = data[0], data[1]
+    if flags >> 5 != 1 or flags & 0x10 or flags & 0x04 or flags & 0x03:
+        raise ValueError("not an IPv4, unencrypted, uncompressed SAP announcement")
+    origin = socket.inet_ntoa(data[4:8])
+    body = data[8 + 4 * auth_len:]
+    if not body.startswith(b"v=0"):
+        ptype, sep, body = body.partition(b"\x00")
+        if not sep or ptype != b"application/sdp":
+            raise ValueError("SAP payload is not SDP")
+    return origin, body.decode("utf-8")
 
 
 # ---- fast fan-out (Linux sendmmsg through ctypes) ---------------------------------------------
@@ -457,6 +629,7 @@ class RtpStream:
         self._queued = 0  # loop side
         self._done = 0  # sender side
         self.group_dest = _GroupDest(group, self.port)
+        self.reports: dict[int, ReceiverReport] = {}  # by reporter SSRC (loop side)
 
     # ---- loop side ----
     def open(self) -> None:
@@ -641,7 +814,25 @@ class RtpStream:
                 "packets": self.packets, "octets": self.octets,
                 "receivers": len(self.receivers), "errors": self.errors,
                 "dropped": self.dropped, "blocked": self.blocked,
-                "fanout_ms_max": round(self.fanout_ms_max, 3)}
+                "fanout_ms_max": round(self.fanout_ms_max, 3),
+                "reports": [r.as_dict() for r in self.reports.values()]}
+
+    def report(self, reporter: int, block: ReportBlock, addr: tuple[str, int], now: float,
+               limit: int) -> None:
+        """A receiver report block about this stream (loop side)."""
+        r = self.reports.get(reporter)
+        if r is None:
+            if len(self.reports) >= limit:
+                self.reports = {k: v for k, v in self.reports.items()
+                                if now - v.last_seen < REPORT_TTL}
+                if len(self.reports) >= limit:
+                    return
+            r = self.reports[reporter] = ReceiverReport(reporter, addr[0], addr[1])
+        _, r.fraction_lost, r.lost, r.highest_seq, jitter = block
+        r.jitter_ms = jitter * 1000 / self.fmt.clock
+        r.host, r.port = addr[0], addr[1]
+        r.last_seen = now
+        r.reports += 1
 
 
 def _set_sndbuf(sock: socket.socket, size: int) -> None:
@@ -669,7 +860,8 @@ class RtpOut:
 
     def __init__(self, settings: RtpSettings, hub: PacketHub, tree: AreaTree,
                  wall: Callable[[int], float], *, state_dir: Path | None = None,
-                 cname: str | None = None) -> None:
+                 cname: str | None = None, store: Store | None = None,
+                 node_id: str = "") -> None:
         self.settings = settings
         self.checked = check_settings(settings)
         self.hub = hub
@@ -679,6 +871,13 @@ class RtpOut:
         self.codecs = self.checked.codecs
         self.alloc = GroupAllocator(self.checked.base, self.checked.blocks,
                                     state_dir / STATE_FILE if state_dir else None)
+        self.state_dir = state_dir
+        self.store = store  # the cluster's shared store: the allocation lives there
+        self.node_id = node_id
+        self._confirmed: set[str] = set()  # areas whose block the shared store holds
+        self._sap_in: asyncio.DatagramTransport | None = None
+        self.collisions = 0
+        self._collision_logged: dict[tuple[str, int, str], float] = {}
         self.cname = cname or f"loa@{socket.gethostname()}"
         self.use_sendmmsg = bool(settings.sendmmsg and _SENDMMSG is not None)
         self.max_delay = settings.max_delay_ms / 1000
@@ -688,17 +887,29 @@ class RtpOut:
         self._thread: threading.Thread | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._sap_sock: socket.socket | None = None
+        self._rtcp_in: asyncio.DatagramTransport | None = None
+        self._members: list[socket.socket] = []  # membership-only sockets (MAX_MEMBERSHIPS each)
+        self._joined: set[str] = set()
+        self.by_ssrc: dict[int, RtpStream] = {}
+        self.rtcp_reports = 0  # report blocks about our streams
+        self.rtcp_malformed = 0  # RTCP packets that could not be parsed
         self._save_task: asyncio.Task[None] | None = None
         self.started = False
 
     # ---- lifecycle ----
     async def start(self) -> None:
         await asyncio.to_thread(self.alloc.load)
+        if not self.node_id and self.state_dir is not None:
+            self.node_id = await asyncio.to_thread(node_identity, self.state_dir)
+        self._choose_base()
+        if self.store is not None:
+            self._confirmed = await self.alloc.claim(self.store, [a.code for a in self.tree])
         self.origin = await asyncio.to_thread(self._origin_address)
         self._check_interface()
         self._thread = threading.Thread(target=self._run, name="loa-rtp-send", daemon=True)
         self._thread.start()
         self.started = True
+        await self._listen_rtcp()
         try:
             for area in list(self.tree):
                 self.ensure_area(area.code)
@@ -712,9 +923,11 @@ class RtpOut:
         if self.settings.sap and self.settings.multicast:
             self._sap_sock = self._make_sap_socket()
             self._tasks.append(loop.create_task(self._announce()))
+        if self.settings.multicast:
+            await self._listen_sap()
         log.info("rtp out started event=rtp_start streams=%d codecs=%s multicast=%s "
                  "group_base=%s port=%d ttl=%d interface=%s sendmmsg=%s", len(self.streams),
-                 ",".join(self.codecs), self.settings.multicast, self.checked.base,
+                 ",".join(self.codecs), self.settings.multicast, self.alloc.base,
                  self.settings.port, self.settings.ttl, self.checked.interface or "default",
                  self.use_sendmmsg)
 
@@ -740,6 +953,14 @@ class RtpOut:
                     pass
             self._sap_sock.close()
             self._sap_sock = None
+        for tr in (self._rtcp_in, self._sap_in):
+            if tr is not None:
+                tr.close()
+        self._rtcp_in = self._sap_in = None
+        for m in self._members:
+            m.close()
+        self._members.clear()
+        self._joined.clear()
         for st in self.streams.values():
             if st.sub is not None:
                 st.sub.close()
@@ -801,6 +1022,133 @@ class RtpOut:
         finally:
             s.close()
 
+    # ---- unique groups ----
+    def _choose_base(self) -> None:
+        """group_base = "": the pool recorded in rtp-groups.json, else this node's own (by its
+        id); in a cluster one base for all nodes, which share the allocation."""
+        if not self.checked.auto:
+            return
+        if self.store is not None:
+            base = AUTO_BASE
+        elif self.alloc.recorded_base is not None:
+            base = self.alloc.recorded_base
+        else:
+            base = node_pool(self.node_id, self.checked.blocks * BLOCK)
+        if int(base) + self.checked.blocks * BLOCK > int(AUTO_BASE) + AUTO_SPAN \
+                or int(base) < int(AUTO_BASE):
+            base = node_pool(self.node_id, self.checked.blocks * BLOCK)  # pool_size changed
+        if base != self.alloc.base:
+            self.alloc.base = base
+            self.alloc.dirty = True
+
+    async def claim(self, area: str) -> None:
+        """Cluster: make sure an area added at run time has its block in the shared store."""
+        if self.store is not None and area not in self._confirmed and area in self.tree:
+            try:
+                self._confirmed |= await self.alloc.claim(self.store, [area])
+            except Exception as e:  # noqa: BLE001 - no stream yet (404); the refresh retries
+                log.error("cannot claim groups event=rtp_groups_store_error area=%s error=%s",
+                          area, e)
+
+    async def _listen_sap(self) -> None:
+        """Hear other origins' SAP announcements: a group and port of ours named there is a
+        collision (two deployments on one network), logged."""
+        s = self.settings
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setblocking(False)
+            sock.bind((s.sap_address, s.sap_port))
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP,
+                            socket.inet_aton(s.sap_address)
+                            + socket.inet_aton(self.checked.interface or "0.0.0.0"))
+            loop = asyncio.get_running_loop()
+            self._sap_in, _ = await loop.create_datagram_endpoint(
+                lambda: _Datagrams(self.on_sap), sock=sock)
+        except OSError as e:
+            sock.close()
+            log.warning("no sap listener event=sap_listen_error error=%s", e)
+
+    def on_sap(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        try:
+            origin, sdp = parse_sap(data)
+            session = parse_session(sdp)
+        except (ValueError, struct.error, OSError):
+            return  # not ours to judge; SAP carries other payloads too
+        if any(k == "x-loa-node" and v == self.node_id for k, v in session.attributes):
+            return  # our own announcement, looped back
+        mine = {(st.group, st.port): st for st in self._multicast_streams()}
+        for m in session.media:
+            conn = m.connection or session.connection
+            st = mine.get((conn.address, m.port)) if conn is not None else None
+            if st is None:
+                continue
+            self.collisions += 1
+            key = (st.group, st.port, origin)
+            now = time.monotonic()
+            if now - self._collision_logged.get(key, -COLLISION_LOG_SECONDS) \
+                    >= COLLISION_LOG_SECONDS:
+                self._collision_logged[key] = now
+                log.error("another origin announces one of our groups event=rtp_group_collision "
+                          "group=%s port=%d area=%s codec=%s other_origin=%s other_session=%s",
+                          st.group, st.port, st.area, st.codec, origin,
+                          _one_line(session.name)[:80])
+
+    # ---- receiver reports ----
+    async def _listen_rtcp(self) -> None:
+        """The RTCP listener on port + 1; a port taken by another program is logged, not fatal."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setblocking(False)
+            sock.bind(("0.0.0.0", self.settings.port + 1))
+            loop = asyncio.get_running_loop()
+            self._rtcp_in, _ = await loop.create_datagram_endpoint(lambda: _Datagrams(self.on_rtcp),
+                                                                   sock=sock)
+        except OSError as e:
+            sock.close()
+            log.warning("no rtcp listener event=rtcp_listen_error port=%d error=%s",
+                        self.settings.port + 1, e)
+            return
+        for st in self.streams.values():
+            self._join(st.group)
+
+    def _join(self, group: str) -> None:
+        """Join a group we send so its RTCP reaches the listener (multicast only)."""
+        if self._rtcp_in is None or not self.settings.multicast or group in self._joined:
+            return
+        mreq = socket.inet_aton(group) + socket.inet_aton(self.checked.interface or "0.0.0.0")
+        for attempt in range(2):
+            if attempt or not self._members or len(self._joined) >= MAX_MEMBERSHIPS * len(
+                    self._members):
+                self._members.append(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+            try:
+                self._members[-1].setsockopt(socket.IPPROTO_IP, socket.IP_ADD_MEMBERSHIP, mreq)
+                self._joined.add(group)
+                return
+            except OSError as e:
+                if e.errno != errno.ENOBUFS or attempt:
+                    log.warning("cannot join group for rtcp event=rtcp_join_error group=%s "
+                                "error=%s", group, e)
+                    return
+
+    def on_rtcp(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        try:
+            reports = parse_receiver_reports(data)
+        except (ValueError, struct.error):
+            self.rtcp_malformed += 1
+            return
+        now = time.time()
+        limit = self.settings.max_receivers
+        for reporter, blocks in reports:
+            if reporter in self.by_ssrc:
+                continue  # one of our own sender reports, looped back
+            for block in blocks:
+                st = self.by_ssrc.get(block[0])
+                if st is not None:
+                    self.rtcp_reports += 1
+                    st.report(reporter, block, (str(addr[0]), int(addr[1])), now, limit)
+
     # ---- areas and streams ----
     def ensure_area(self, area: str) -> bool:
         """Streams for an area of the tree (allocating its groups). False: unknown area."""
@@ -808,12 +1156,16 @@ class RtpOut:
             return False
         if all((area, c) in self.streams for c in self.codecs):
             return True
+        if self.store is not None and area not in self._confirmed:
+            return False  # its block comes from the shared store first (claim)
         try:
             for codec in self.codecs:
                 if (area, codec) in self.streams:
                     continue
                 st = RtpStream(self, area, FORMATS[codec], self.alloc.group(area, codec))
                 self.streams[(area, codec)] = st
+                self.by_ssrc[st.ssrc] = st
+                self._join(st.group)
                 self._sync(st)
         except PoolExhausted as e:
             log.error("no multicast group for area event=rtp_pool_full area=%s error=%s",
@@ -914,7 +1266,8 @@ class RtpOut:
             address=st.group, ttl=self.settings.ttl, port=st.port, payload_type=fmt.pt,
             rtpmap=fmt.rtpmap, fmtp=fmt.fmtp, ptime=fmt.ptime,
             info=f"Loa {a.code} {fmt.codec}",
-            extra=[("x-loa-area", a.code)]).to_text()
+            extra=[("x-loa-area", a.code), *([("x-loa-node", self.node_id)]
+                                               if self.node_id else [])]).to_text()
 
     def stats(self) -> dict[str, Any]:
         streams = [st.stats() for st in self.streams.values()]
@@ -929,6 +1282,8 @@ class RtpOut:
             "errors": sum(s["errors"] for s in streams),
             "dropped": sum(s["dropped"] for s in streams),
             "blocked": sum(s["blocked"] for s in streams),
+            "rtcp_reports": self.rtcp_reports,
+            "rtcp_malformed": self.rtcp_malformed,
         }
 
     # ---- background tasks ----
@@ -943,7 +1298,13 @@ class RtpOut:
             deadline += REFRESH_SECONDS
             await asyncio.sleep(max(0.0, deadline - loop.time()))
             known = {a for a, _ in self.streams}
-            for area in [a.code for a in self.tree if a.code not in known]:
+            new = [a.code for a in self.tree if a.code not in known]
+            if new and self.store is not None:
+                try:
+                    self._confirmed |= await self.alloc.claim(self.store, new)
+                except Exception as e:  # noqa: BLE001 - the store comes back: next round
+                    log.error("cannot claim groups event=rtp_groups_store_error error=%s", e)
+            for area in new:
                 self.ensure_area(area)
             for st in list(self.streams.values()):
                 if st.sub is None and st.wanted():

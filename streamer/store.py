@@ -68,6 +68,7 @@ KINDS: Mapping[str, Kind] = {
     # leaves them here, closed at the next start at their node's last "still on air" mark).
     "onair": Kind(indexed=("area", "node")),
     "node": Kind(),  # id = node id, `seen` = its last "still on air" mark
+    "rtp_group": Kind(indexed=("block",), unique=("block",)),  # id = area: its multicast block
 }
 
 LOGS = ("audit", "asrun")

@@ -769,6 +769,33 @@ async def test_commands_reach_a_device_connected_to_another_node(
             await d.recv(timeout=1.0)  # nothing else: no duplicate from B's hand-over
         await d.close()
 
+        # Served by B again, then revoked on A: B reads the record again at the next hello.
+        d.srv = b
+        await d.connect()
+        await d.close()
+
+        async def a_knows_b_again() -> bool:
+            return dev_a.record.get("node") == b.mgr.node_id
+        await eventually(a_knows_b_again)
+        status, _ = await a.call("qtvtinh", "POST", f"/api/v1/devices/{d.id}/revoke")
+        assert status == 200
+        assert await closed_with(await d.open()) == 4003
+
+    # Connected to B and revoked on A: B closes the session.
+    async with serving(tmp_path / "a", redis_url, redis_prefix) as a, \
+            serving(tmp_path / "b", redis_url, redis_prefix) as b:
+        d2 = await a.provisioned("T01-H1-X1")
+        d2.srv = b
+        await d2.connect()
+        dev2 = a.mgr.get(d2.id)
+
+        async def a_knows_d2() -> bool:
+            return dev2 is not None and dev2.record.get("node") == b.mgr.node_id
+        await eventually(a_knows_d2)
+        status, _ = await a.call("qtvtinh", "POST", f"/api/v1/devices/{d2.id}/revoke")
+        assert status == 200
+        assert d2.ws is not None and await closed_with(d2.ws) == 4003
+
 
 async def _async(value: bool) -> bool:
     return value

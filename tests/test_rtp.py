@@ -28,6 +28,8 @@ from loa.relay.rtp import (
     RtpConfigError,
     RtpSettings,
     check_settings,
+    node_pool,
+    sap_packet,
 )
 from loa.relay.sdp import SdpError, parse_sdp
 from loa.streamer.broadcast import Broadcast
@@ -783,3 +785,153 @@ async def test_sender_reports_come_at_once_and_fast_at_first(tmp_path: Path) -> 
         finally:
             for tr in (tr1, tr2, tr3, tr4):
                 tr.close()
+
+
+# ---- receiver reports ---------------------------------------------------------------------------
+def receiver_report(reporter: int, source: int, fraction: int, lost: int, seq: int,
+                    jitter: int) -> bytes:
+    """An RTCP RR with one report block, plus an SDES CNAME, as a device sends it."""
+    block = struct.pack("!IIIIII", source, (fraction << 24) | (lost & 0xFFFFFF), seq, jitter,
+                        0, 0)
+    rr = struct.pack("!BBHI", 0x81, 201, 7, reporter) + block
+    cname = b"device@x"
+    chunk = struct.pack("!IBB", reporter, 1, len(cname)) + cname + b"\x00"
+    chunk += b"\x00" * (-len(chunk) % 4)
+    return rr + struct.pack("!BBH", 0x81, 202, len(chunk) // 4) + chunk
+
+
+async def test_receiver_reports_show_in_the_monitor(tmp_path: Path) -> None:
+    """RRs from real sockets, to the group's RTCP port (multicast) and to the node's (unicast),
+    show up per receiver in /api/v1/monitor and /metrics; malformed RTCP is counted, ignored."""
+    cfg = make_config(tmp_path)
+    rtp_settings(cfg, codecs="opus,pcmu")
+    async with running_api(cfg) as api:
+        out = api.client.app[RTP]  # type: ignore[union-attr]
+        opus, pcmu = out.stream(AREA, "opus"), out.stream(AREA, "pcmu")
+        mc = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        mc.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(LOCAL))
+        mc.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 0)
+        uc = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        uc.bind((LOCAL, 0))
+        rtcp_port = cfg.rtp.port + 1
+        try:
+            # A listener of the multicast group: 25 % lost lately, 12 in all, 480/48 kHz jitter.
+            mc.sendto(receiver_report(0xD00D, opus.ssrc, 64, 12, 70_000, 480),
+                      (opus.group, rtcp_port))
+            # A unicast device on PCMU: RTCP back to the node's own address.
+            uc.sendto(receiver_report(0xBEEF, pcmu.ssrc, 0, 0, 5_000, 80), (LOCAL, rtcp_port))
+            for junk in (b"\x00" * 3, b"\x81\xc9\x00\x07" + b"\x00" * 8, b"hello world, not rtcp",
+                         struct.pack("!BBHI", 0x9F, 201, 1, 1)):  # 31 blocks claimed, none there
+                uc.sendto(junk, (LOCAL, rtcp_port))
+            await until(lambda: out.rtcp_reports >= 2 and out.rtcp_malformed >= 4, "the reports")
+        finally:
+            mc.close()
+        status, body = await api.call("huyen1", "GET", f"/api/v1/monitor?area={AREA}")
+        assert status == 200, body
+        area = next(a for a in body["areas"] if a["code"] == AREA)
+        rtp = {s["codec"]: s for s in area["rtp"]}
+        [mrep] = rtp["opus"]["reports"]
+        assert mrep["ssrc"] == 0xD00D and mrep["fraction_lost"] == 0.25 and mrep["lost"] == 12
+        assert mrep["jitter_ms"] == 10.0 and mrep["highest_seq"] == 70_000
+        assert abs(mrep["last_seen"] - time.time()) < 60
+        [urep] = rtp["pcmu"]["reports"]
+        assert urep["ssrc"] == 0xBEEF and urep["host"] == LOCAL
+        assert urep["port"] == uc.getsockname()[1] and urep["jitter_ms"] == 10.0
+        assert body["node"]["transports"]["rtp"]["rtcp_malformed"] == 4
+        uc.close()
+        status, text = await api.call(None, "GET", "/metrics")
+        assert status == 200
+        assert f'loa_rtp_receiver_loss_max{{area="{AREA}",codec="opus"}} 0.25' in text
+        assert "loa_rtcp_malformed_total 4" in text
+
+
+# ---- groups unique per deployment --------------------------------------------------------------
+def groups_of(server: Server) -> dict[tuple[str, str], str]:
+    return {(s["area"], s["codec"]): s["group"] for s in rtp_stats(server.app)["streams"]}
+
+
+async def test_lone_nodes_take_pools_of_their_own_and_keep_them(tmp_path: Path) -> None:
+    """Two nodes with the same areas on one network, group_base left empty: disjoint groups
+    (each node's pool from its id), kept across a restart in rtp-groups.json."""
+    got = {}
+    for name in ("node-a", "node-b"):
+        data = tmp_path / name / "data"
+        data.mkdir(parents=True)
+        (data / "node-id").write_text(name + "\n")
+        async with serving(tmp_path / name, group_base="") as server:
+            got[name] = groups_of(server)
+            assert server.out.alloc.base == node_pool(name, 64)
+    assert set(got["node-a"]) == set(got["node-b"])
+    assert not set(got["node-a"].values()) & set(got["node-b"].values())
+    saved = json.loads((tmp_path / "node-a" / "data" / "rtp-groups.json").read_text())
+    assert saved["group_base"] == str(node_pool("node-a", 64))
+    (tmp_path / "node-a" / "data" / "node-id").write_text("renamed\n")  # the file wins
+    async with serving(tmp_path / "node-a", group_base="") as server:
+        assert groups_of(server) == got["node-a"]
+
+
+async def test_clustered_nodes_share_one_allocation(tmp_path: Path, redis_url: str,
+                                                    redis_prefix: str) -> None:
+    def clustered(cfg: Config) -> None:
+        cfg.store = redis_url
+        cfg.store_prefix = redis_prefix
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = await asyncio.gather(start_server(tmp_path / "a", clustered, group_base=""),
+                                start_server(tmp_path / "b", clustered, group_base=""))
+    try:
+        assert a.out.node_id != b.out.node_id
+        ga, gb = groups_of(a), groups_of(b)
+        assert ga == gb and len(set(ga.values())) == len(ga) == 9 * 2
+        rows = await a.node.store.find("rtp_group")
+        assert {r["id"] for r in rows} == {k[0] for k in ga}
+        assert len({r["block"] for r in rows}) == len(rows)  # one block per area in the store
+    finally:
+        await asyncio.gather(a.stop(), b.stop())
+
+
+async def test_rival_allocators_on_one_store_never_share_a_block(tmp_path: Path, redis_url: str,
+                                                                 redis_prefix: str) -> None:
+    import ipaddress
+
+    from loa.streamer.store import open_store
+
+    store = await open_store(redis_url, tmp_path, redis_prefix)
+    try:
+        base = ipaddress.IPv4Address("239.72.0.0")
+        areas = [f"A{i}" for i in range(40)]
+        one, two = GroupAllocator(base, 64, None), GroupAllocator(base, 64, None)
+        two.slots = {"A0": 5, "A1": 5 + 1}  # what a node had before it joined the cluster
+        got = await asyncio.gather(one.claim(store, areas), two.claim(store, list(reversed(areas))))
+        assert got[0] == got[1] == set(areas)
+        assert one.slots == two.slots and len(set(one.slots.values())) == len(areas)
+    finally:
+        await store.close()
+
+
+async def test_another_origin_announcing_our_group_is_logged(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    sap_port = random.randrange(20_000, 60_000)
+    async with serving(tmp_path, sap=True, sap_port=sap_port, sap_interval=0.2,
+                       sap_bandwidth=1_000_000, codecs="opus") as server:
+        st = server.out.stream(AREA, "opus")
+        await asyncio.sleep(0.5)  # our own announcements come back: no collision
+        assert server.out.collisions == 0
+        foreign = ("v=0\r\no=- 1 1 IN IP4 127.0.0.2\r\ns=Đài khác\r\n"
+                   f"c=IN IP4 {st.group}/0\r\nt=0 0\r\nm=audio {st.port} RTP/AVP 0\r\n")
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(LOCAL))
+        s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_TTL, 0)
+        try:
+            s.sendto(b"\x20\x00\x00\x01" + b"garbage", ("224.2.127.254", sap_port))
+            s.sendto(sap_packet(foreign, "127.0.0.2"), ("224.2.127.254", sap_port))
+            await until(lambda: server.out.collisions >= 1, "the collision")
+            s.sendto(sap_packet(foreign, "127.0.0.2"), ("224.2.127.254", sap_port))
+            await until(lambda: server.out.collisions >= 2, "the second announcement")
+        finally:
+            s.close()
+    logged = [r for r in caplog.records if "event=rtp_group_collision" in r.getMessage()]
+    assert len(logged) == 1  # logged once, counted every time
+    msg = logged[0].getMessage()
+    assert f"group={st.group}" in msg and f"area={AREA}" in msg and "other_origin=127.0.0.2" in msg

@@ -23,7 +23,8 @@
 
 Listener figures per transport: HTTP listeners (and their bytes, drops) from the HTTP streamer's
 `http_stats(app)`; RTP unicast receivers per stream (a multicast group's listeners cannot be
-counted: `rtp_multicast` says the group is sent); WebRTC peers of the relay, with RTT, loss and
+counted: `rtp_multicast` says the group is sent), and per RTP stream the receivers' RTCP reports
+(`reports`: loss fraction, cumulative lost, jitter in ms, last seen); WebRTC peers of the relay, with RTT, loss and
 jitter from their receiver reports (a peer is named by a hash: its session id would let anyone
 end the session); HLS serves shared segments and has no per-client count, so its figure is the
 segmenter's state. Every hub channel reports its subscriptions too: one per transport and area
@@ -275,10 +276,13 @@ async def collect(app: web.Application, scope: set[str] | None, detail: set[str]
 
     # RTP: unicast receivers per stream; details of streams that send or have receivers
     rtp = app.get(RTP)
-    totals = dict.fromkeys(("packets", "octets", "receivers", "errors", "dropped", "blocked"), 0)
+    totals = dict.fromkeys(("packets", "octets", "receivers", "errors", "dropped", "blocked",
+                            "rtcp_reports", "rtcp_malformed"), 0)
     if rtp is not None:
         out.rtp_enabled = True
         out.rtp_multicast = bool(rtp.settings.multicast)
+        totals["rtcp_reports"] = rtp.rtcp_reports
+        totals["rtcp_malformed"] = rtp.rtcp_malformed
         for i, ((area, _codec), st) in enumerate(list(rtp.streams.items())):
             if i and not i % (CHUNK * 4):
                 await asyncio.sleep(0)
@@ -299,7 +303,7 @@ async def collect(app: web.Application, scope: set[str] | None, detail: set[str]
                     d = st.stats()
                     f.rtp.append({k: d.get(k) for k in (
                         "codec", "group", "port", "active", "receivers", "packets", "octets",
-                        "errors", "dropped", "blocked")})
+                        "errors", "dropped", "blocked", "reports")})
                     f.rtp_multicast = f.rtp_multicast or (out.rtp_multicast
                                                           and st.sub is not None)
     out.rtp = totals
@@ -749,12 +753,26 @@ def format_metrics(snap: MetricsSnapshot) -> str:
            ((lab, s["packets"]) for lab, s in rtp))
     e.rows("loa_rtp_octets_total", "counter", "RTP payload octets sent per stream.",
            ((lab, s["octets"]) for lab, s in rtp))
+    e.rows("loa_rtp_reporting_receivers", "gauge",
+           "Receivers that sent RTCP receiver reports about an area's RTP stream.",
+           ((lab, len(s["reports"])) for lab, s in rtp))
+    e.rows("loa_rtp_receiver_loss_max", "gauge",
+           "Highest loss fraction reported by a receiver of an area's RTP stream (RTCP RR).",
+           ((lab, max((r["fraction_lost"] for r in s["reports"]), default=0.0))
+            for lab, s in rtp))
+    e.rows("loa_rtp_receiver_jitter_ms_max", "gauge",
+           "Highest interarrival jitter reported by a receiver of an area's RTP stream (ms).",
+           ((lab, max((r["jitter_ms"] for r in s["reports"]), default=0.0)) for lab, s in rtp))
     tr = snap.transports
     for name, key, text in (("loa_rtp_send_errors_total", "errors", "Failed RTP sends."),
                             ("loa_rtp_dropped_total", "dropped",
                              "RTP packets dropped (sender thread too far behind)."),
                             ("loa_rtp_blocked_total", "blocked",
-                             "RTP packet copies not sent: send buffer full.")):
+                             "RTP packet copies not sent: send buffer full."),
+                            ("loa_rtcp_reports_total", "rtcp_reports",
+                             "RTCP report blocks received about this node's RTP streams."),
+                            ("loa_rtcp_malformed_total", "rtcp_malformed",
+                             "RTCP packets received that could not be parsed.")):
         e.one(name, "counter", text, int(tr["rtp"].get(key) or 0))
     e.one("loa_http_listeners", "gauge", "HTTP stream listeners (all areas).",
           tr["http"]["listeners"])

@@ -26,7 +26,8 @@ def make_rtp_out(node: Node) -> RtpOut:
     """RtpOut for a started node (cfg.rtp); `ConfigError` for settings that cannot work."""
     try:
         return RtpOut(node.cfg.rtp, node.hub, node.tree, node.station.wall,
-                      state_dir=node.cfg.data_dir, cname=f"loa@{socket.gethostname()}")
+                      state_dir=node.cfg.data_dir, cname=f"loa@{socket.gethostname()}",
+                      store=node.store if node.bus.shared else None)
     except RtpConfigError as e:
         raise ConfigError(str(e)) from None
 
@@ -61,6 +62,7 @@ async def sdp_handler(request: web.Request) -> web.StreamResponse:
                                    "server")
     codec = request.query.get("codec") or None
     try:
+        await out.claim(area)  # a cluster's new area: its groups from the shared store
         text = out.sdp(area, codec)
     except KeyError as e:
         return error_response(404, str(e.args[0]) if e.args else "không có / not found",
@@ -74,5 +76,5 @@ def rtp_stats(app: web.Application) -> dict[str, Any]:
     out = app.get(RTP)
     if out is None:
         return {"enabled": False, "streams": [], "packets": 0, "octets": 0, "receivers": 0,
-                "errors": 0, "dropped": 0, "blocked": 0}
+                "errors": 0, "dropped": 0, "blocked": 0, "rtcp_reports": 0, "rtcp_malformed": 0}
     return out.stats()
