@@ -4,9 +4,11 @@
 gets the same bytes. A page holds several 20 ms packets (`page_ms` of audio) and its granule
 position is the end of its last packet on the 48 kHz media timeline (`pts + duration`), so a
 listener that joins mid-stream sees a stream with a positive start time, as RFC 7845 allows.
-The two header pages (`OpusHead`, `OpusTags`) are built per joining listener with the page
-sequence numbers just before the first audio page it gets, so each listener's stream has no
-sequence gap; they are cached while joiners share the same first page.
+Every listener's logical stream starts at page sequence 0 like a file (libogg clients such as
+VLC insist): the two header pages (`OpusHead` 0, `OpusTags` 1) are the same bytes for everyone,
+and `renumber` rewrites the shared audio pages of a listener that joined later (sequence from 2,
+granule from its first audio page, CRC redone) once per group of listeners that joined at the
+same page (see loa.relay.icecast).
 
 `read_pages` parses pages back (CRC checked): for tests and diagnostics.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import random
 import struct
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -29,25 +32,42 @@ FLAG_EOS = 0x04
 _HEADER = struct.Struct("<4sBBqIIIB")  # capture, version, type, granule, serial, seq, crc, nseg
 
 
-def _crc_table() -> tuple[int, ...]:
-    table = []
-    for i in range(256):
-        r = i << 24
-        for _ in range(8):
-            r = ((r << 1) ^ 0x04C11DB7) if r & 0x80000000 else (r << 1)
-        table.append(r & 0xFFFFFFFF)
-    return tuple(table)
+_REVERSED = bytes(int(f"{i:08b}"[::-1], 2) for i in range(256))  # each byte's bits reversed
 
 
-_CRC_TABLE = _crc_table()
+def _reverse32(x: int) -> int:
+    return int.from_bytes(x.to_bytes(4, "little").translate(_REVERSED), "big")
 
 
 def ogg_crc(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
-    """The Ogg page checksum: CRC-32, polynomial 0x04C11DB7, init 0, not reflected, no xor."""
-    table = _CRC_TABLE
-    for b in bytes(data):
-        crc = ((crc << 8) & 0xFFFFFFFF) ^ table[(crc >> 24) ^ b]
-    return crc
+    """The Ogg page checksum: CRC-32, polynomial 0x04C11DB7, init 0, not reflected, no xor.
+
+    Computed by zlib (C speed): zlib's CRC-32 is the same polynomial bit-reflected, so it gives
+    Ogg's CRC over bit-reversed bytes, with its init and final xor undone."""
+    reflected = zlib.crc32(bytes(data).translate(_REVERSED), _reverse32(crc) ^ 0xFFFFFFFF)
+    return _reverse32(reflected ^ 0xFFFFFFFF)
+
+
+_FIELDS = struct.Struct("<qII")  # granule, serial, sequence (bytes 6..17 of a page)
+_FIELDS_CRC = struct.Struct("<qIII")  # the same and the CRC (bytes 6..25)
+_U32 = struct.Struct("<I")
+
+
+def renumber(data: bytes, seq_offset: int, granule_offset: int) -> bytes:
+    """Whole pages with their sequence numbers lowered by `seq_offset` and their granule positions
+    (unless -1, no packet ends there) by `granule_offset`, checksums recomputed."""
+    buf = bytearray(data)
+    pos, n = 0, len(buf)
+    while pos + 27 <= n:
+        nseg = buf[pos + 26]
+        end = pos + 27 + nseg + sum(buf[pos + 27:pos + 27 + nseg])
+        granule, serial, seq = _FIELDS.unpack_from(buf, pos + 6)
+        if granule != -1:
+            granule -= granule_offset
+        _FIELDS_CRC.pack_into(buf, pos + 6, granule, serial, (seq - seq_offset) & 0xFFFFFFFF, 0)
+        _U32.pack_into(buf, pos + 22, ogg_crc(buf[pos:end]))
+        pos = end
+    return bytes(buf)
 
 
 def lacing(size: int) -> bytes:
@@ -135,7 +155,7 @@ class OggOpusMuxer:
     `add(pts, duration, data)` takes the channel's packets in order (pts and duration in 48 kHz
     samples) and returns the pages completed by them: a page is sealed when it holds
     `page_samples` of audio. `flush()` seals what is pending. Audio pages start at sequence 2,
-    so that `headers(first_seq)` can always number the two header pages first_seq-2, first_seq-1.
+    after the two header pages of `headers()`.
     """
 
     serial: int = field(default_factory=lambda: random.getrandbits(32))
@@ -150,32 +170,29 @@ class OggOpusMuxer:
     _packets: list[bytes] = field(default_factory=list, repr=False)
     _granules: list[int] = field(default_factory=list, repr=False)
     _pending: int = 0  # samples pending in _packets
-    _head_cache: tuple[int, bytes] | None = field(default=None, repr=False)
+    _first: int = 0  # pts of the first packet in _packets
+    start: int = 0  # pts of the first packet of the pages the last flush() sealed
+    _head: bytes = field(default=b"", repr=False)
 
-    def headers(self, first_seq: int | None = None) -> bytes:
-        """The OpusHead (BOS) and OpusTags pages, numbered just before `first_seq` (the first
-        audio page the listener gets; default: the next page to be sealed)."""
-        first = self.seq if first_seq is None else first_seq
-        if first < 2:
-            raise ValueError("audio pages start at sequence 2")
-        cached = self._head_cache
-        if cached is not None and cached[0] == first:
-            return cached[1]
-        head = build_page(lacing(19), opus_head(self.channels, self.pre_skip), granule=0,
-                          serial=self.serial, seq=first - 2, flags=FLAG_BOS)
-        tags_pages, _ = pages_for_packets([opus_tags(self.vendor, self.comments)], [0],
-                                          serial=self.serial, seq=first - 1)
-        if len(tags_pages) != 1:
-            raise ValueError("OpusTags too long for one page")
-        out = head + tags_pages[0]
-        self._head_cache = (first, out)
-        return out
+    def headers(self) -> bytes:
+        """The OpusHead (BOS, sequence 0) and OpusTags (1) pages."""
+        if not self._head:
+            head = build_page(lacing(19), opus_head(self.channels, self.pre_skip), granule=0,
+                              serial=self.serial, seq=0, flags=FLAG_BOS)
+            tags_pages, _ = pages_for_packets([opus_tags(self.vendor, self.comments)], [0],
+                                              serial=self.serial, seq=1)
+            if len(tags_pages) != 1:
+                raise ValueError("OpusTags too long for one page")
+            self._head = head + tags_pages[0]
+        return self._head
 
     @property
     def pending_samples(self) -> int:
         return self._pending
 
     def add(self, pts: int, duration: int, data: bytes) -> list[bytes]:
+        if not self._packets:
+            self._first = pts
         self._packets.append(data)
         self._granules.append(pts + duration)
         self._pending += duration
@@ -189,6 +206,7 @@ class OggOpusMuxer:
         pages, self.seq = pages_for_packets(self._packets, self._granules, serial=self.serial,
                                             seq=self.seq)
         self.granule = self._granules[-1]
+        self.start = self._first
         self.pages_out += len(pages)
         self._packets = []
         self._granules = []

@@ -14,10 +14,15 @@ together stay near `write_budget` per second (3,000 listeners, budget 5,000/s: 6
 the fan-out's CPU stays bounded and the latency grows gently instead. A new listener gets at once the response head and a burst of the last
 `burst_ms` of audio (Ogg: the header pages first), so it starts fast whatever the batch size.
 
+Ogg listeners each get a stream of their own numbering, as from a file: header pages 0 and 1,
+audio pages from 2, granules from their first audio page. The listeners that joined at the same
+page form a `Cohort` that shares one rewrite of each batch (loa.codecs.ogg.renumber): a rewrite
+costs about a page's CRC per page, once per cohort, not per listener.
+
 The response is HTTP/1.0-style and close-delimited (no chunked encoding, `Connection: close`),
 like Icecast's: the head is written by hand on the transport aiohttp accepted, and aiohttp's own
-response writer is never used for the body. ICY metadata (`Icy-MetaData: 1`) inserts a block
-every `icy_metaint` bytes of audio: `StreamTitle='<title> (<class>)';` padded to 16 bytes when
+response writer is never used for the body. ICY metadata (`Icy-MetaData: 1`, MP3 only) inserts a
+block every `icy_metaint` bytes of audio: `StreamTitle='<title> (<class>)';` padded to 16 bytes when
 what is on air in the area changed since the listener's last block, else a single zero byte.
 
 A listener whose transport buffer grows beyond `high_water_kb` (it does not read) is aborted and
@@ -40,7 +45,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from loa.codecs.encoders import EncoderSettings, Packet
-from loa.codecs.ogg import OggOpusMuxer
+from loa.codecs.ogg import OggOpusMuxer, renumber
 from loa.streamer.hub import PacketHub, Subscription
 
 log = logging.getLogger("loa.http_streams")
@@ -68,6 +73,9 @@ class HttpStreamSettings:
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 CONTENT_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg"}
+# ICY metadata goes into MP3 only, as with Icecast: an Ogg stream carries its metadata in its
+# comment header, and bytes between Ogg pages break demuxers (GStreamer's oggdemux).
+ICY_CODECS = {"mp3"}
 
 
 class LimitReached(Exception):
@@ -94,9 +102,33 @@ def icy_block(title: str) -> bytes:
     return bytes((n,)) + text.ljust(n * 16, b"\0")
 
 
+class Cohort:
+    """Ogg listeners that joined at the same page: their own page numbers and granules.
+
+    Each listener's stream starts at sequence 0 with granules from its join (see
+    loa.codecs.ogg); listeners whose first audio page is the same share one rewrite of each
+    batch. The channel's first listeners need none (the muxer numbers pages for them)."""
+
+    __slots__ = ("seq_offset", "granule_offset", "members", "cached")
+
+    def __init__(self, seq_offset: int, granule_offset: int) -> None:
+        self.seq_offset = seq_offset
+        self.granule_offset = granule_offset
+        self.members = 0
+        self.cached: tuple[object, bytes] = (None, b"")  # (key, rewritten)
+
+    def rewrite(self, key: object, data: bytes) -> bytes:
+        """`data` renumbered for this cohort, once per `key` (what identifies those bytes)."""
+        k, out = self.cached
+        if k != key:
+            out = renumber(data, self.seq_offset, self.granule_offset)
+            self.cached = (key, out)
+        return out
+
+
 class Listener:
     __slots__ = ("transport", "fd", "channel", "icy", "next", "skip", "meta_left", "title",
-                 "bytes", "done", "since", "first_write")
+                 "bytes", "done", "since", "first_write", "cohort")
 
     def __init__(self, channel: HttpChannel, transport: asyncio.WriteTransport, icy: bool,
                  metaint: int) -> None:
@@ -116,6 +148,7 @@ class Listener:
         self.done: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self.since = time.time()
         self.first_write = 0  # bytes of audio in the connect burst
+        self.cohort: Cohort | None = None  # Ogg: its page numbering, unless the channel's own
 
 
 class HttpChannel:
@@ -127,7 +160,8 @@ class HttpChannel:
         self.codec = codec
         s = streamer.settings
         self.listeners: list[Listener] = []
-        self.recent: deque[tuple[bytes, float, int]] = deque()  # (unit, seconds, ogg seq)
+        # (unit, seconds, Ogg: page sequence and the pts its audio starts at)
+        self.recent: deque[tuple[bytes, float, int, int]] = deque()
         self.recent_seconds = 0.0
         self.pending: list[bytes] = []
         self.pending_bytes = 0
@@ -138,6 +172,9 @@ class HttpChannel:
         self.muxer = OggOpusMuxer(page_samples=max(960, s.page_ms * 48)) \
             if codec == "opus" else None
         self._acc = 0  # opus: samples added to the muxer since the last sealed page
+        self._base: int | None = None  # opus: pts of the first packet (granule 0 of the channel)
+        self.cohorts: dict[int, Cohort] = {}
+        self.units = 0  # units made so far (what a burst ends with)  # by the sequence number of their first audio page
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._title: tuple[int, str] | None = None  # (batch index, StreamTitle) cache
@@ -161,10 +198,12 @@ class HttpChannel:
         if mux is None:
             for p in packets:
                 if p.data:
-                    self._unit(p.data, p.duration / p.rate, 0)
+                    self._unit(p.data, p.duration / p.rate, 0, 0)
         else:
             for p in packets:
-                pages = mux.add(p.pts, p.duration, p.data)
+                if self._base is None:
+                    self._base = p.pts
+                pages = mux.add(p.pts - self._base, p.duration, p.data)
                 self._acc += p.duration
                 self._pages(pages)
             if self.hurry and mux.pending_samples:
@@ -179,14 +218,15 @@ class HttpChannel:
         first = mux.seq - len(pages)
         for i, page in enumerate(pages):
             last = i == len(pages) - 1
-            self._unit(page, self._acc / 48_000 if last else 0.0, first + i)
+            self._unit(page, self._acc / 48_000 if last else 0.0, first + i, mux.start)
         self._acc = 0
 
-    def _unit(self, data: bytes, seconds: float, seq: int) -> None:
+    def _unit(self, data: bytes, seconds: float, seq: int, start: int) -> None:
         self.pending.append(data)
         self.pending_bytes += len(data)
         self.pending_seconds += seconds
-        self.recent.append((data, seconds, seq))
+        self.recent.append((data, seconds, seq, start))
+        self.units += 1
         self.recent_seconds += seconds
         keep = self.streamer.settings.burst_ms / 1000
         while len(self.recent) > 1 and self.recent_seconds - self.recent[0][1] >= keep:
@@ -245,6 +285,8 @@ class HttpChannel:
                 data = joined.get(start, b"")
                 if not data:
                     data = joined[start] = b"".join(list(batches)[start - oldest:])
+            if ls.cohort is not None:
+                data = ls.cohort.rewrite((start, latest), data)
             if ls.skip:
                 data = data[ls.skip:]
                 ls.skip = 0
@@ -315,20 +357,21 @@ class HttpChannel:
         s = self.streamer.settings
         ls = Listener(self, transport, icy, s.icy_metaint)
         burst: list[bytes] = []
-        first_seq = self.muxer.seq if self.muxer is not None else 0
+        mux = self.muxer
+        first: tuple[int, int] | None = (mux.seq, mux.granule) if mux is not None else None
         if s.burst_ms > 0 and self.recent:
             total = 0.0
-            units: list[tuple[bytes, float, int]] = []
+            units: list[tuple[bytes, float, int, int]] = []
             for unit in reversed(self.recent):
                 if units and total + unit[1] > s.burst_ms / 1000 + 1e-9:
                     break
                 units.append(unit)
                 total += unit[1]
             units.reverse()
-            if self.muxer is not None:
+            if mux is not None:
                 while len(units) > 1 and units[0][0][5] & 1:
                     units.pop(0)  # never start on a page that continues a packet
-                first_seq = units[0][2]
+                first = units[0][2], units[0][3]
             burst = [u[0] for u in units]
         ls.next = self.sealed
         ls.skip = self.pending_bytes  # the pending units are in the burst or before it
@@ -336,10 +379,13 @@ class HttpChannel:
             self.hurry = True
         audio = b"".join(burst)
         ls.first_write = len(audio)
-        if self.muxer is not None:
-            audio = self.muxer.headers(first_seq) + audio
+        if mux is not None and first is not None:
+            ls.cohort = self._cohort(*first)
+            if ls.cohort is not None:
+                audio = ls.cohort.rewrite(("burst", self.units, first), audio)
+            audio = mux.headers() + audio
         if icy and audio:
-            audio = self.icy(ls, audio)  # metaint counts every body byte, Ogg headers too
+            audio = self.icy(ls, audio)  # metaint counts every body byte
         transport.write(head + audio)
         ls.bytes += len(audio)
         self.stats["bytes"] += len(audio)
@@ -348,6 +394,17 @@ class HttpChannel:
         self.stats["joined"] += 1
         return ls
 
+    def _cohort(self, first_seq: int, start: int) -> Cohort | None:
+        """The cohort of a listener whose first audio page is `first_seq`, starting at `start`
+        (pts from the channel's base); None when the channel's own numbering is its."""
+        if first_seq == 2 and start == 0:
+            return None
+        c = self.cohorts.get(first_seq)
+        if c is None:
+            c = self.cohorts[first_seq] = Cohort(first_seq - 2, start)
+        c.members += 1
+        return c
+
     def remove(self, ls: Listener, reason: str, drop: bool = False) -> None:
         if ls.done.done():
             return
@@ -355,6 +412,11 @@ class HttpChannel:
             self.listeners.remove(ls)
         except ValueError:
             pass
+        c = ls.cohort
+        if c is not None:
+            c.members -= 1
+            if not c.members:
+                self.cohorts.pop(int(c.seq_offset) + 2, None)
         self.stats["listeners"] = len(self.listeners)
         if drop:
             self.stats["dropped"] += 1

@@ -1,6 +1,8 @@
 """Icecast-compatible HTTP streams, against a real node on a real port with the real clock.
 
-Clients are real: ffmpeg decodes the streams, raw sockets read ICY metadata and count Ogg pages.
+Clients are real: ffmpeg decodes the streams, raw sockets read ICY metadata and count Ogg pages,
+VLC and GStreamer play Ogg Opus joined mid-stream. VLC (Debian vlc-bin, vlc-plugin-base) refuses
+to run as root: it runs as `nobody` through runuser, writing a WAV file in a directory of its own.
 Waits are bounded polls on the server's own counters (how many bytes it sent, who it dropped),
 never timing thresholds.
 """
@@ -9,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 import socket
 import struct
+import tempfile
 import wave
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -269,9 +274,11 @@ def audio_pages(data: bytes) -> list[OggPage]:
     assert all(p.crc_ok for p in pages)
     assert pages[0].flags & FLAG_BOS and pages[0].packets()[0].startswith(b"OpusHead")
     assert pages[1].packets()[0].startswith(b"OpusTags")
-    seqs = [p.seq for p in pages]
-    assert seqs == list(range(seqs[0], seqs[0] + len(pages)))  # no page missing, none twice
+    # Each listener's stream is numbered as a file: 0, 1, 2, ... (no page missing, none twice)
+    assert [p.seq for p in pages] == list(range(len(pages)))
     audio = pages[2:]
+    # Granules count from the listener's first audio page (a player shows the time since join).
+    assert audio[0].granule == 960 * len(audio[0].packets())
     for prev, page in zip(audio, audio[1:], strict=False):
         assert page.granule - prev.granule == 960 * len(page.packets())  # every 20 ms packet
     return audio
@@ -315,12 +322,16 @@ async def test_stalled_listener_is_dropped_and_others_get_every_page(start: Star
     good = audio_pages(whole_pages(received))
     later = audio_pages(whole_pages(late))
     assert len(good) >= 20  # 100 ms pages: at least 2 s of audio, every packet of it
-    # Mux once: the pages both listeners got are the same bytes.
-    by_seq = {p.seq: p for p in good}
-    shared = [p for p in later if p.seq in by_seq]
-    assert len(shared) >= 5
-    assert all(by_seq[p.seq].body == p.body and by_seq[p.seq].granule == p.granule
-               for p in shared)
+    # Mux once: the pages both listeners got carry the same audio, numbered for each.
+    # (a tone repeats its packets: align the longest run of equal bodies)
+    def overlap(d: int) -> list[tuple[OggPage, OggPage]]:
+        return list(zip(good[d:], later, strict=False))
+
+    d = max(range(len(good)), key=lambda d: sum(a.body == b.body for a, b in overlap(d)))
+    pairs = overlap(d)
+    assert len(pairs) >= 5 and all(a.body == b.body for a, b in pairs)
+    assert len({a.seq - b.seq for a, b in pairs}) == 1
+    assert len({a.granule - b.granule for a, b in pairs}) == 1
     # The dropped socket was cut by the server (reset), not left hanging.
     stalled.settimeout(10)
     with pytest.raises(ConnectionResetError):
@@ -367,3 +378,105 @@ def test_bench_fanout_http_small(capsys: pytest.CaptureFixture[str],
     assert r["first_audio_ms"]["n"] == 3
     assert r["baseline"] is None and "icecast2 not found" in r["baseline_reason"]
     assert r["ratio_vs_icecast"] is None
+
+
+# ---- third-party clients on Ogg Opus -----------------------------------------------------
+OPUS_BYTES_PER_SECOND = 4200  # 32 kbit/s Opus, Ogg framed
+
+
+async def _live_for_a_while(start: Start, seconds: float = 3.0
+                            ) -> tuple[Server, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A node airing 440 Hz whose Ogg channel has run for `seconds`: a listener joining now
+    gets pages far from the channel's first (the live sequence and granule are not 0)."""
+    srv = await start()
+    srv.background(440)
+    reader, writer, _, _ = await open_stream(srv.port, f"/streams/{AREA}.opus")
+    await until(lambda: srv.sent(AREA, "opus") >= seconds * OPUS_BYTES_PER_SECOND,
+                f"{seconds} s of Ogg to the first listener")
+    return srv, reader, writer
+
+
+async def _run(*cmd: str, timeout: float = 60.0, env: dict[str, str] | None = None
+               ) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=env)
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(errors="replace")
+
+
+async def test_late_ogg_listener_stream_is_numbered_from_zero_and_ffmpeg_is_strict(
+        start: Start, tmp_path: Path) -> None:
+    srv, _, first_writer = await _live_for_a_while(start)
+    reader, writer, _, headers = await open_stream(srv.port, f"/streams/{AREA}.opus")
+    assert headers["content-type"] == "audio/ogg"
+    data = bytearray()
+    while len(data) < 3 * OPUS_BYTES_PER_SECOND:
+        data += await reader.read(65536)
+    writer.close()
+    first_writer.close()
+    audio = audio_pages(whole_pages(data))  # CRC, sequence from 0, granules from the join
+    assert len(audio) >= 10
+    # ffmpeg with the Ogg demuxer's strictness (a sequence jump or bad CRC is an error).
+    path = tmp_path / "late.opus"
+    path.write_bytes(whole_pages(data))
+    rc, out = await _run("ffmpeg", "-nostdin", "-v", "warning", "-err_detect", "crccheck",
+                         "-xerror", "-i", str(path), "-f", "null", "-")
+    assert rc == 0 and "error" not in out.lower(), out
+
+
+async def test_vlc_plays_a_late_joined_ogg_opus_stream(start: Start, tmp_path: Path) -> None:
+    cvlc = shutil.which("cvlc")
+    assert cvlc, "Debian vlc-bin (make sysdeps) is missing"
+    srv, _, first_writer = await _live_for_a_while(start)
+    # pytest's tmp_path is under a root-only directory: VLC writes to one of its own.
+    work = Path(tempfile.mkdtemp(prefix="loa-vlc-"))
+    os.chmod(work, 0o777)
+    wav = work / "out.wav"
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(work)}
+    rc, out = await _run(
+        "runuser", "-u", "nobody", "--", cvlc, "-I", "dummy", "--no-video",
+        "--aout=afile", f"--audiofile-file={wav}", "--audiofile-channels=1",
+        srv.url(f"/streams/{AREA}.opus"), "--run-time=5", "vlc://quit", env=env, timeout=90)
+    first_writer.close()
+    try:
+        assert rc == 0 and wav.exists(), out
+        pcm, rate = read_wav(wav)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    assert pcm.shape[0] >= 2 * rate, f"VLC played {pcm.shape[0] / rate:.2f} s\n{out}"
+    assert abs(peak_hz(pcm[-2 * rate:], rate) - 440) < 10
+
+
+async def test_ogg_gets_no_icy_metadata_and_gstreamer_decodes_it(
+        start: Start, tmp_path: Path) -> None:
+    srv, _, first_writer = await _live_for_a_while(start, 1.0)
+    reader, writer, status, headers = await open_stream(srv.port, f"/streams/{AREA}.opus",
+                                                        "Icy-MetaData: 1")
+    assert status == "HTTP/1.0 200 OK"
+    assert "icy-metaint" not in headers
+    data = bytearray()
+    while len(data) < 20_000:  # past several 16,000-byte ICY intervals
+        data += await reader.read(65536)
+    writer.close()
+    pages = list(read_pages(whole_pages(data)))  # raises on any byte between pages
+    assert sum(p.size for p in pages) == len(whole_pages(data)) and all(p.crc_ok for p in pages)
+    # The MP3 stream still gets it.
+    _, w2, _, mp3_headers = await open_stream(srv.port, f"/streams/{AREA}.mp3", "Icy-MetaData: 1")
+    w2.close()
+    assert mp3_headers["icy-metaint"] == str(srv.streamer.settings.icy_metaint)
+
+    gst = shutil.which("gst-launch-1.0")
+    assert gst, "Debian gstreamer1.0-tools (make sysdeps) is missing"
+    wav = tmp_path / "gst.wav"
+    rc, out = await _run(
+        gst, "-q", "souphttpsrc", f"location={srv.url(f'/streams/{AREA}.opus')}",
+        "extra-headers=\"extra, Icy-MetaData=(string)1\"", "iradio-mode=true",
+        "num-buffers=40", "!", "oggdemux", "!", "opusdec", "!", "audioconvert", "!",
+        "audioresample", "!", "audio/x-raw,rate=48000,channels=1,format=S16LE", "!", "wavenc",
+        "!", "filesink", f"location={wav}", timeout=90)
+    first_writer.close()
+    assert rc == 0, out
+    pcm, rate = read_wav(wav)
+    assert pcm.shape[0] >= rate // 2, out
+    assert abs(peak_hz(pcm, rate) - 440) < 10

@@ -20,6 +20,7 @@ from loa.codecs.ogg import (
     ogg_crc,
     pages_for_packets,
     read_pages,
+    renumber,
 )
 from loa.streamer.sources import ToneSource
 from tests.audio import peak_hz
@@ -102,7 +103,7 @@ def test_headers_parse_and_pages_are_numbered_and_timed() -> None:
     for pts, dur, data in packets:
         pages += mux.add(pts, dur, data)
     pages += mux.flush()
-    data = mux.headers(2) + b"".join(pages)
+    data = mux.headers() + b"".join(pages)
     parsed = list(read_pages(data))
     assert all(p.crc_ok and p.serial == 0x1234ABCD for p in parsed)
     assert [p.seq for p in parsed] == list(range(len(parsed)))
@@ -119,9 +120,23 @@ def test_headers_parse_and_pages_are_numbered_and_timed() -> None:
     assert len(audio) == 10  # 50 packets of 20 ms, 5 per 100 ms page
     assert sum(len(p.packets()) for p in audio) == len(packets)
     assert [p.granule for p in audio] == [start + 4800 * (i + 1) for i in range(10)]
-    # Headers for a listener joining later are numbered just before its first audio page.
-    late = list(read_pages(mux.headers(7)))
-    assert [p.seq for p in late] == [5, 6]
+    # A listener joining at the 6th audio page gets it renumbered: sequence 2 after the
+    # headers, granules from its first audio page, valid checksums; the bodies are the same.
+    first = audio[5]
+    late_bytes = mux.headers() + renumber(b"".join(pages[5:]), first.seq - 2,
+                                          first.granule - 4800)
+    late = list(read_pages(late_bytes))
+    assert all(p.crc_ok for p in late)
+    assert [p.seq for p in late] == list(range(len(late)))
+    assert [p.granule for p in late[2:]] == [4800 * (i + 1) for i in range(5)]
+    assert [p.body for p in late[2:]] == [p.body for p in audio[5:]]
+
+
+def test_fast_crc_matches_the_table_crc_and_chains() -> None:
+    data = bytes(random.Random(7).getrandbits(8) for _ in range(3000))
+    for size in (0, 1, 27, 255, 3000):
+        assert ogg_crc(data[:size]) == _crc_bitwise(data[:size])
+    assert ogg_crc(data[1000:], ogg_crc(data[:1000])) == _crc_bitwise(data)
 
 
 def test_real_decoders_read_the_stream(tmp_path: Path) -> None:
@@ -131,7 +146,7 @@ def test_real_decoders_read_the_stream(tmp_path: Path) -> None:
         body += b"".join(mux.add(pts, dur, data))
     body += b"".join(mux.flush())
     path = tmp_path / "loa.opus"
-    path.write_bytes(mux.headers(2) + body)
+    path.write_bytes(mux.headers() + body)
 
     probe = subprocess.run(["ffprobe", "-v", "error", "-show_entries",
                             "stream=codec_name,channels,sample_rate", "-of", "csv=p=0",

@@ -14,7 +14,7 @@ from typing import Any
 
 from aiohttp import web
 
-from loa.relay.icecast import HttpStreamer, LimitReached
+from loa.relay.icecast import ICY_CODECS, HttpStreamer, LimitReached
 from loa.streamer.areas import AreaError
 from loa.web.app import NODE
 from loa.web.http import error_response
@@ -50,7 +50,7 @@ async def _stream(request: web.Request, codec: str) -> web.StreamResponse:
     transport = request.transport
     if transport is None or transport.is_closing():
         return web.Response()  # the client left before we answered: nothing is sent
-    icy = request.headers.get("Icy-MetaData", "").strip() == "1"
+    icy = codec in ICY_CODECS and request.headers.get("Icy-MetaData", "").strip() == "1"
     head = streamer.head(area.code, area.name, codec, icy)
     if request.method == "HEAD":
         transport.write(head)
