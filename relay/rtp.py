@@ -42,7 +42,8 @@ after the stream's first packet, then every second for the first `FAST_REPORTS` 
 `rtcp_interval` seconds after that (a device that joins needs one SR to synchronise its playout:
 it should not wait 5 s for it; one ~70-byte SR a second is under 1 kbit/s, within RFC 3550's 5 %
 of even the 32 kbit/s streams), and again at once (at most every `SR_MIN_GAP`) with the fast
-series restarted when a unicast receiver joins, always right after a data packet: its RTP timestamp is that packet's, and its NTP timestamp is the wall-clock time of the
+series restarted when a unicast receiver joins or a new receiver's first report arrives (a
+multicast listener is known only from its reports), always right after a data packet: its RTP timestamp is that packet's, and its NTP timestamp is the wall-clock time of the
 packet's media position (`wall(sample)`, the engine's media epoch mapping), plus packet and octet
 counts and an SDES CNAME. A BYE goes out when the stream stops.
 
@@ -822,6 +823,7 @@ class RtpStream:
         """A receiver report block about this stream (loop side)."""
         r = self.reports.get(reporter)
         if r is None:
+            self.request_report()  # a new listener (a group's are known only from their RRs)
             if len(self.reports) >= limit:
                 self.reports = {k: v for k, v in self.reports.items()
                                 if now - v.last_seen < REPORT_TTL}

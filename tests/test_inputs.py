@@ -23,7 +23,6 @@ from aiohttp import ClientSession, web
 
 from loa.codecs.encoders import Packet
 from loa.relay.inputs import RelayInput, RelayInputSettings, safe_url
-from loa.relay.urlpolicy import FetchSettings
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.clock import FRAME, SAMPLE_RATE
 from loa.streamer.hub import Subscription
@@ -195,7 +194,6 @@ class LiveNode:
 async def live(tmp_path) -> AsyncIterator[LiveNode]:
     cfg = make_config(tmp_path)
     cfg.hls.segment_seconds = 1.0
-    cfg.fetch = FetchSettings(allow_networks=["127.0.0.0/8"])  # the outside world is local
     node = Node(cfg, realtime=True)
     await node.start()
     for name in ("tinh", "huyen1"):
@@ -345,13 +343,12 @@ async def test_garbage_inputs_are_logged_retried_and_harmless(live: LiveNode, or
     logs = caplog.text
     assert logs.count("event=relay_input_down") == 3  # once per outage...
     assert "event=relay_input_retry" in logs  # ...then quieter retries
-    jitter = node.cfg.inputs.backoff_jitter
-    for url in urls.values():  # backing off: 0.5, then 1 s (the cap), each cut by a jitter
-        delays = [float(d) for d in
-                  re.findall(rf"url={re.escape(url)} .*retry_in=([0-9.]+)", logs)][:3]
-        assert len(delays) == 3, delays
-        for delay, step in zip(delays, (0.5, 1.0, 1.0), strict=True):
-            assert step * (1 - jitter) - 0.01 <= delay <= step, delays
+    for url in urls.values():  # backing off: 0.5, 1, 1 s (capped), each cut by a jitter
+        delays = [float(d) for d in re.findall(rf"url={re.escape(url)} .*retry_in=([0-9.]+)",
+                                               logs)]
+        assert len(delays) >= 3, delays
+        for got, step in zip(delays, (0.5, 1.0, 1.0), strict=False):
+            assert 0.75 * step - 0.01 <= got <= step, delays
 
 
 # ---- HLS -----------------------------------------------------------------------------------

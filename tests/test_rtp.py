@@ -782,6 +782,17 @@ async def test_sender_reports_come_at_once_and_fast_at_first(tmp_path: Path) -> 
             await until(lambda: len(reports2.items) >= 1, "a report for the new receiver")
             assert st.next_sr - st.last_sr == 1.0
             assert all(not parse_rtcp(d).bye for _, d in reports.items)
+            # Back to 5 s; then a listener unknown so far (of a group) sends its first RR.
+            while st.next_sr - st.last_sr != 5.0:
+                n = len(reports.items)
+                now[0] = st.next_sr
+                await until(lambda n=n: len(reports.items) > n, "a sender report")
+            n = len(reports.items)
+            now[0] += 1.0
+            rr = receiver_report(0xC0FFEE, st.ssrc, 0, 0, 1, 0)
+            data2.sendto(rr, (LOCAL, out.settings.port + 1))
+            await until(lambda: len(reports.items) > n, "a report for the new listener")
+            assert st.next_sr - st.last_sr == 1.0  # and the fast series again
         finally:
             for tr in (tr1, tr2, tr3, tr4):
                 tr.close()
