@@ -418,7 +418,7 @@ async def measure_loa(listeners: int, seconds: float) -> dict[str, Any]:
                 if clock else None,
                 "batch": {"batch_ms": hs.batch_ms, "batch_bytes": hs.batch_bytes,
                           "write_budget": hs.write_budget, "max_batch_ms": hs.max_batch_ms,
-                          "burst_ms": hs.burst_ms},
+                          "burst_ms": hs.burst_ms, "burst_kb": hs.burst_kb},
             })
             return out
         finally:
