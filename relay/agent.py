@@ -67,6 +67,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 import av
 import numpy as np
+import yarl
 
 from loa.relay.device_client import Command, DeviceClient, Outcome
 from loa.relay.sdp import SdpError, parse_session
@@ -92,6 +93,9 @@ TRANSPORTS = ["http", "rtp", "webrtc"]
 SUPPORTED = {("http", "opus"), ("rtp", "opus"), ("rtp", "pcmu"), ("rtp", "pcma"),
              ("webrtc", "opus")}
 NO_DATA_TIMEOUT = 10.0  # seconds without media: the stream counts as failed
+# Arrival timing plays an HTTP burst from its start: ask the server for a short one (Loa's
+# default suits browsers, ~18 s at 32 kbit/s), so the loudspeaker stays near live.
+HTTP_BURST_MS = 200
 STALLED_AFTER = 10.0  # seconds playing without audio before the `stream_stalled` fault
 IP_MULTICAST_ALL = 49  # Linux: only groups this socket joined
 
@@ -640,7 +644,10 @@ class HttpOpusInput(Input):
     async def run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=NO_DATA_TIMEOUT)
         try:
-            async with self.session.get(self.url, timeout=timeout,
+            url = yarl.URL(self.url)
+            if "burst_ms" not in url.query:
+                url = url.update_query(burst_ms=HTTP_BURST_MS)
+            async with self.session.get(url, timeout=timeout,
                                         headers={"User-Agent": FIRMWARE}) as r:
                 if r.status != 200:
                     raise InputError(f"HTTP {r.status}: {(await r.text())[:200]}")

@@ -12,7 +12,10 @@ once it holds `batch_bytes` of audio and spans at least `batch_ms`, and at the l
 spans `max_batch_ms`. Under load the shortest span grows so that the writes to all listeners
 together stay near `write_budget` per second (3,000 listeners, budget 5,000/s: 600 ms batches):
 the fan-out's CPU stays bounded and the latency grows gently instead. A new listener gets at once the response head and a burst of the last
-`burst_ms` of audio (Ogg: the header pages first), so it starts fast whatever the batch size.
+`burst_ms` of audio or `burst_kb` KiB, whichever is more (Ogg: the header pages first), so it
+starts fast whatever the batch size, and a browser's <audio autoplay> starts at once. A channel
+stays subscribed `warm_seconds` after its last listener left, so one who comes back gets the
+whole burst; a channel's very first listener gets only what the mixer's history primes.
 
 Ogg listeners each get a stream of their own numbering, as from a file: header pages 0 and 1,
 audio pages from 2, granules from their first audio page. The listeners that joined at the same
@@ -53,7 +56,14 @@ log = logging.getLogger("loa.http_streams")
 
 @dataclass
 class HttpStreamSettings:
-    burst_ms: int = 200  # audio sent at once to a new listener for a fast start
+    # A new listener gets at once the last `burst_ms` of audio or `burst_kb` KiB, whichever is
+    # more. Chromium's <audio autoplay> starts on a live stream only after about 64 KiB at once
+    # (less stays at readyState 3 for good), like Icecast's 64 KB burst-size; 72 KiB is 18 s at
+    # 32 kbit/s. RTP has no burst: its receivers sync on RTCP.
+    burst_ms: int = 2000
+    burst_kb: int = 72
+    warm_seconds: float = 60.0  # a channel keeps encoding this long after its last listener,
+    # so a listener who comes back (reload, reconnect, reboot) gets the whole burst at once
     batch_ms: int = 100  # a write to listeners spans at least this much audio ...
     batch_bytes: int = 1400  # ... and waits until it holds this many bytes (one TCP segment) ...
     write_budget: int = 5000  # ... and, under load, spans long enough to keep the writes to all
@@ -163,6 +173,9 @@ class HttpChannel:
         # (unit, seconds, Ogg: page sequence and the pts its audio starts at)
         self.recent: deque[tuple[bytes, float, int, int]] = deque()
         self.recent_seconds = 0.0
+        self.recent_bytes = 0
+        self.idle: asyncio.TimerHandle | None = None  # closes the channel once warm_seconds
+        # have passed without listeners
         self.pending: list[bytes] = []
         self.pending_bytes = 0
         self.pending_seconds = 0.0
@@ -228,9 +241,15 @@ class HttpChannel:
         self.recent.append((data, seconds, seq, start))
         self.units += 1
         self.recent_seconds += seconds
-        keep = self.streamer.settings.burst_ms / 1000
-        while len(self.recent) > 1 and self.recent_seconds - self.recent[0][1] >= keep:
-            self.recent_seconds -= self.recent.popleft()[1]
+        self.recent_bytes += len(data)
+        s = self.streamer.settings
+        keep, keep_bytes = s.burst_ms / 1000, s.burst_kb * 1024
+        recent = self.recent
+        while len(recent) > 1 and self.recent_seconds - recent[0][1] >= keep \
+                and self.recent_bytes - len(recent[0][0]) >= keep_bytes:
+            unit = recent.popleft()
+            self.recent_seconds -= unit[1]
+            self.recent_bytes -= len(unit[0])
 
     def _maybe_seal(self) -> None:
         if not self.pending:
@@ -352,21 +371,27 @@ class HttpChannel:
         return b"".join(out)
 
     # ---- listeners --------------------------------------------------------------------------
-    def join(self, transport: asyncio.WriteTransport, icy: bool, head: bytes) -> Listener:
-        """Register a listener and write its response head and connect burst at once."""
+    def join(self, transport: asyncio.WriteTransport, icy: bool, head: bytes,
+             burst_ms: int | None = None) -> Listener:
+        """Register a listener and write its response head and connect burst at once (the
+        configured one, or exactly `burst_ms` of audio when the listener asked for that)."""
         s = self.streamer.settings
         ls = Listener(self, transport, icy, s.icy_metaint)
+        burst_s = (s.burst_ms if burst_ms is None else burst_ms) / 1000
+        burst_bytes = s.burst_kb * 1024 if burst_ms is None else 0
         burst: list[bytes] = []
         mux = self.muxer
         first: tuple[int, int] | None = (mux.seq, mux.granule) if mux is not None else None
-        if s.burst_ms > 0 and self.recent:
+        if (burst_s > 0 or burst_bytes > 0) and self.recent:
             total = 0.0
+            size = 0
             units: list[tuple[bytes, float, int, int]] = []
             for unit in reversed(self.recent):
-                if units and total + unit[1] > s.burst_ms / 1000 + 1e-9:
-                    break
+                if units and total >= burst_s - 1e-9 and size >= burst_bytes:
+                    break  # enough of both
                 units.append(unit)
                 total += unit[1]
+                size += len(unit[0])
             units.reverse()
             if mux is not None:
                 while len(units) > 1 and units[0][0][5] & 1:
@@ -439,6 +464,9 @@ class HttpChannel:
         for ls in list(self.listeners):
             self.remove(ls, "shutdown")
         self.closed = True
+        if self.idle is not None:
+            self.idle.cancel()
+            self.idle = None
         self.sub.close()
         self._wake.set()
         if self._task is not None:
@@ -540,7 +568,7 @@ class HttpStreamer:
         return f"{title} ({klass})" if klass else str(title)
 
     def attach(self, area: str, codec: str, transport: asyncio.WriteTransport, icy: bool,
-               head: bytes) -> Listener:
+               head: bytes, burst_ms: int | None = None) -> Listener:
         """Start streaming to an accepted connection (after `admit`)."""
         if codec not in CONTENT_TYPES:
             raise ValueError(f"unknown stream codec {codec!r}")
@@ -556,7 +584,10 @@ class HttpStreamer:
         if ch is None:
             ch = self.channels[(area, codec)] = HttpChannel(self, area, codec)
             log.info("channel open event=http_channel_open area=%s codec=%s", area, codec)
-        ls = ch.join(transport, icy, head)
+        elif ch.idle is not None:
+            ch.idle.cancel()
+            ch.idle = None
+        ls = ch.join(transport, icy, head, burst_ms)
         self.total += 1
         self.per_area[area] = self.per_area.get(area, 0) + 1
         return ls
@@ -568,11 +599,22 @@ class HttpStreamer:
             self.per_area[ch.area] = left
         else:
             self.per_area.pop(ch.area, None)
-        if not ch.listeners and not ch.closed and self.channels.get((ch.area, ch.codec)) is ch:
-            del self.channels[(ch.area, ch.codec)]
-            ch.close()
-            log.info("channel closed event=http_channel_close area=%s codec=%s", ch.area,
-                     ch.codec)
+        if ch.listeners or ch.closed or ch.idle is not None:
+            return
+        warm = self.settings.warm_seconds
+        if warm > 0 and not self.closed:
+            ch.idle = asyncio.get_running_loop().call_later(warm, self._expire, ch)
+        else:
+            self._expire(ch)
+
+    def _expire(self, ch: HttpChannel) -> None:
+        """Close a channel that has no listener (its encoders stop when nobody else listens)."""
+        ch.idle = None
+        if ch.listeners or ch.closed or self.channels.get((ch.area, ch.codec)) is not ch:
+            return
+        del self.channels[(ch.area, ch.codec)]
+        ch.close()
+        log.info("channel closed event=http_channel_close area=%s codec=%s", ch.area, ch.codec)
 
     def stats(self) -> dict[str, Any]:
         streams = [{"area": a, "codec": c, **v} for (a, c), v in sorted(self._counters.items())]

@@ -154,7 +154,7 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
 @pytest.mark.parametrize("codec", ["mp3", "opus"])
 async def test_ffmpeg_hears_the_tone_then_the_preempting_bulletin(
         start: Start, tmp_path: Path, codec: str) -> None:
-    srv = await start()
+    srv = await start(warm_seconds=0.5)
     srv.background(440)
     out = tmp_path / f"out-{codec}.wav"
     proc = await asyncio.create_subprocess_exec(
@@ -170,7 +170,8 @@ async def test_ffmpeg_hears_the_tone_then_the_preempting_bulletin(
     assert abs(peak_hz(pcm[:int(1.2 * rate_hz)], rate_hz) - 440) < 10
     assert abs(peak_hz(pcm[int(2.6 * rate_hz):int(4.0 * rate_hz)], rate_hz) - 1000) < 10
     await until(lambda: srv.streamer.total == 0, "ffmpeg's connection to be closed")
-    assert srv.node.hub.channels[(AREA, codec)].subs == []  # unsubscribed with the last one
+    # Kept warm for a returning listener, then unsubscribed (the encoder stops).
+    await until(lambda: srv.node.hub.channels[(AREA, codec)].subs == [], "the warm time to end")
 
 
 async def test_icy_metadata_names_what_is_on_air(start: Start) -> None:
@@ -247,7 +248,7 @@ async def test_head_404_and_response_headers(start: Start) -> None:
 
 
 async def test_limits_answer_503_with_retry_after(start: Start) -> None:
-    srv = await start(max_listeners_per_area=2, max_listeners=3, retry_after=7)
+    srv = await start(max_listeners_per_area=2, max_listeners=3, retry_after=7, warm_seconds=0.5)
     srv.background()
     a = await open_stream(srv.port, f"/streams/{AREA}.mp3")
     b = await open_stream(srv.port, f"/streams/{AREA}.opus")  # per area: every codec counts
@@ -266,7 +267,7 @@ async def test_limits_answer_503_with_retry_after(start: Start) -> None:
     for _, writer, _, _ in (a, b, c):
         writer.close()
     await until(lambda: srv.streamer.total == 0, "closed listeners to be noticed")
-    assert srv.streamer.channels == {}
+    await until(lambda: srv.streamer.channels == {}, "the channels' warm time to end")
 
 
 def audio_pages(data: bytes) -> list[OggPage]:
@@ -480,3 +481,86 @@ async def test_ogg_gets_no_icy_metadata_and_gstreamer_decodes_it(
     pcm, rate = read_wav(wav)
     assert pcm.shape[0] >= rate // 2, out
     assert abs(peak_hz(pcm, rate) - 440) < 10
+
+
+# ---- browsers ------------------------------------------------------------------------------
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--autoplay-policy=no-user-gesture-required",
+    "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+]
+
+
+@pytest.mark.parametrize("codec", ["mp3", "opus"])
+async def test_chromium_autoplays_the_stream_from_a_page_of_another_origin(
+        start: Start, codec: str) -> None:
+    """Chromium's <audio autoplay> starts on a live stream only once about 64 KiB arrived: the
+    connect burst must hold that much (a 200 ms burst left it waiting ~16 s for the trickle).
+    The listener comes back to a channel kept warm after its previous listener left."""
+    from playwright.async_api import async_playwright
+
+    srv = await start()
+    srv.background(440)
+    burst = srv.streamer.settings.burst_kb * 1024
+    _, writer, _, _ = await open_stream(srv.port, f"/streams/{AREA}.{codec}")
+    await until(lambda: srv.sent(AREA, codec) >= burst + 4096, "a burst's worth of audio",
+                limit=60)
+    writer.close()
+    await until(lambda: srv.streamer.total == 0, "the first listener to leave")
+    assert (AREA, codec) in srv.streamer.channels  # kept warm
+
+    page_app = web.Application()
+    html = (f'<!doctype html><audio id="a" autoplay '
+            f'src="{srv.url(f"/streams/{AREA}.{codec}")}"></audio>')
+    page_app.router.add_get("/", lambda _: web.Response(text=html, content_type="text/html"))
+    runner = web.AppRunner(page_app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    page_port = runner.addresses[0][1]
+    assert page_port != srv.port  # another origin
+    try:
+        async with async_playwright() as p:
+            browser = await p.chromium.launch(executable_path="/usr/bin/chromium",
+                                              args=CHROMIUM_ARGS)
+            try:
+                page = await browser.new_page()
+                await page.goto(f"http://127.0.0.1:{page_port}/")
+                await until(lambda: srv.streamer.total == 1, "Chromium's connection")
+                [ch] = [c for c in srv.streamer.channels.values() if c.codec == codec]
+                [ls] = ch.listeners
+                assert ls.first_write >= burst
+                await page.wait_for_function(
+                    "document.getElementById('a').readyState === 4 && "
+                    "!document.getElementById('a').paused", timeout=60_000)
+                # It started from the burst, not after the trickle of live audio made it up.
+                assert ls.bytes < ls.first_write + burst // 2
+                t0 = await page.evaluate("document.getElementById('a').currentTime")
+                await page.wait_for_function(
+                    f"document.getElementById('a').currentTime > {t0} + 1", timeout=60_000)
+                assert await page.evaluate("document.getElementById('a').error") is None
+            finally:
+                await browser.close()
+    finally:
+        await runner.cleanup()
+
+
+async def test_burst_is_the_larger_of_time_and_bytes_and_a_player_may_ask_for_less(
+        start: Start) -> None:
+    srv = await start(burst_ms=1000, burst_kb=8)
+    srv.background(440)
+    _, first, _, _ = await open_stream(srv.port, f"/streams/{AREA}.mp3")
+    await until(lambda: srv.sent(AREA, "mp3") >= 12_000, "3 s of MP3 to the first listener")
+    _, w1, _, _ = await open_stream(srv.port, f"/streams/{AREA}.mp3")
+    _, w2, _, _ = await open_stream(srv.port, f"/streams/{AREA}.mp3?burst_ms=200")
+    [ch] = srv.streamer.channels.values()
+    default, short = ch.listeners[1], ch.listeners[2]
+    assert default.first_write >= 8 * 1024  # 8 KiB (2 s) is more than 1000 ms (4 KB) here
+    assert 0 < short.first_write <= 200 * MP3_BYTES_PER_SECOND // 1000 + 200
+    for w in (first, w1, w2):
+        w.close()
+    async with aiohttp.ClientSession() as http:
+        for bad in ("-1", "x", "600000"):
+            async with http.get(srv.url(f"/streams/{AREA}.mp3?burst_ms={bad}")) as r:
+                assert r.status == 422
+                assert (await r.json())["field"] == "burst_ms"

@@ -23,6 +23,7 @@ from loa.streamer.station import Content
 from loa.web.app import Node, create_app
 from loa.web.auth import add_user
 from loa.web.monitor import Exposition, RateSampler
+from loa.web.streams_http import HTTP_STREAMER
 from loa.web.streams_rtp import RTP
 from loa.web.streams_webrtc import RELAY
 from tests.apiclient import PASSWORD, PEOPLE, Api, make_config, running_api
@@ -225,6 +226,8 @@ async def test_page_and_assets_are_served(api: Api) -> None:
 # ---- /metrics ------------------------------------------------------------------------------------
 async def test_metrics_series_and_values(api: Api) -> None:
     node = api.node
+    # No warm time: the hub subscription goes with the last listener (asserted at the end).
+    api.client.server.app[HTTP_STREAMER].settings.warm_seconds = 0.0
     await air_tone(node, "emergency")
     listeners = [await api.client.get("/streams/T01-H1-X1.opus") for _ in range(2)]
     await get_metrics(api.client)  # first rate sample at media time 0

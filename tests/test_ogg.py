@@ -85,6 +85,18 @@ def test_long_packet_continues_on_next_page() -> None:
     assert second[1] == small
 
 
+def test_renumber_keeps_granule_minus_one_and_fixes_every_crc() -> None:
+    big = bytes(range(256)) * 600  # spans three pages: the middle one ends no packet
+    pages, _ = pages_for_packets([big, b"\x01"], [1920, 2880], serial=5, seq=40)
+    before = list(read_pages(b"".join(pages)))
+    assert [p.granule for p in before] == [-1, -1, 2880]
+    after = list(read_pages(renumber(b"".join(pages), 38, 960)))
+    assert all(p.crc_ok for p in after)
+    assert [p.seq for p in after] == [2, 3, 4]
+    assert [p.granule for p in after] == [-1, -1, 1920]
+    assert [p.body for p in after] == [p.body for p in before]
+
+
 def _tone_packets(freq: float, seconds: float, start: int = 0) -> list[tuple[int, int, bytes]]:
     enc = OpusEncoder(start)
     src = ToneSource(freq, 0.4)

@@ -37,7 +37,6 @@ from loa.relay.control import (
     validate_power_schedule,
     validate_volume,
 )
-from loa.streamer.emergency import node_identity
 from loa.streamer.store import Record
 from loa.web.app import NODE, Node
 from loa.web.auth import Principal
@@ -549,7 +548,7 @@ def setup(app: web.Application) -> None:
     PUBLIC.update(PUBLIC_PATHS)  # devices authenticate with their own secrets, not bearer tokens
 
     async def on_startup(_: web.Application) -> None:
-        mgr.node_id = await asyncio.to_thread(node_identity, node.cfg.data_dir)
+        mgr.node_id = node.node_id
         await mgr.start()
 
     async def on_shutdown(_: web.Application) -> None:

@@ -37,7 +37,6 @@ from loa.streamer.emergency import (
     EmergencyService,
     EmergencySettings,
     Request,
-    node_identity,
 )
 from loa.streamer.station import MAX_GAP, MAX_REPEAT
 from loa.streamer.store import Record
@@ -336,7 +335,7 @@ def setup(app: web.Application) -> None:
 
     async def on_startup(_: web.Application) -> None:
         t0 = time.monotonic()
-        svc.node_id = await asyncio.to_thread(node_identity, node.cfg.data_dir)
+        svc.node_id = node.node_id
         await svc.start()
         log.info("emergency service started event=emergency_service_start node=%s active=%d "
                  "restored=%d ms=%.1f", svc.node_id, len(svc.active), svc.stats["restored"],

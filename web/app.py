@@ -16,6 +16,7 @@ from loa.streamer.areas import AreaTree
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.bus import Bus, open_bus
 from loa.streamer.clock import TICK, LoopLagMonitor, RealClock
+from loa.streamer.emergency import node_identity
 from loa.streamer.engine import Engine
 from loa.streamer.hub import PacketHub
 from loa.streamer.library import LibrarySettings, MediaLibrary
@@ -88,6 +89,7 @@ class Node:
         self.station: Station
         self.started = time.time()
         self.bootstrap_password: str | None = None
+        self.node_id = ""  # stable across restarts: emergencies, devices, as-run, RTP groups
         self.scheduler: Scheduler
         self._tasks: list[asyncio.Task[None]] = []
         self._known_schedules: list[Record] = []
@@ -97,6 +99,10 @@ class Node:
         loop = asyncio.get_running_loop()
         data = cfg.data_dir
         await asyncio.to_thread(data.mkdir, parents=True, exist_ok=True)
+        try:
+            self.node_id = await asyncio.to_thread(node_identity, data)
+        except OSError:  # a full or read-only data directory that holds no id yet
+            self.node_id = f"{socket.gethostname()}:{data.resolve()}"
         # A full disk or a read-only data directory must not keep a node off the air: it
         # starts degraded, airs what is stored and refuses writes (503) until the disk is fixed.
         self.store = await open_store(cfg.store, data, cfg.store_prefix, degraded=True)
@@ -119,7 +125,7 @@ class Node:
         else:
             media_epoch = time.time()
         self.station = Station(self.engine, self.store, self.library, self.speech, loop,
-                               media_epoch, node_id=f"{socket.gethostname()}:{data.resolve()}")
+                               media_epoch, node_id=self.node_id)
         self.station.start()
         try:
             await self._bootstrap_admin()

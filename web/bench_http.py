@@ -3,7 +3,8 @@
 What Icecast-compatible HTTP fan-out costs per listener, against Icecast 2 doing the same job.
 
 A real node (real-time media clock) airs a tone as 32 kbit/s MP3 (24 kHz mono) on
-`/streams/P01.mp3`. A child process (multiprocessing, spawn) holds the N listeners: plain
+`/streams/P01.mp3` (`--codec opus`: 32 kbit/s Ogg Opus on `/streams/P01.opus`, each listener's
+pages renumbered for it; delivered_ratio then counts the Ogg framing, ~5 % over the bitrate). A child process (multiprocessing, spawn) holds the N listeners: plain
 non-blocking sockets on one epoll loop that count bytes, so the listeners' CPU is not the
 server's. The sequence, identical for Loa and for the Icecast baseline:
 
@@ -365,7 +366,7 @@ async def measure(port: int, path: str, listeners: int, seconds: float, cpu: Any
 
 
 # ---- Loa ----------------------------------------------------------------------------------
-async def measure_loa(listeners: int, seconds: float) -> dict[str, Any]:
+async def measure_loa(listeners: int, seconds: float, codec: str = "mp3") -> dict[str, Any]:
     from aiohttp import web
 
     from loa.streamer.broadcast import Broadcast
@@ -379,6 +380,7 @@ async def measure_loa(listeners: int, seconds: float) -> dict[str, Any]:
         cfg.areas.root_code = ROOT
         cfg.areas.root_name = "Tỉnh bench"
         cfg.encoders.mp3_bitrate = BITRATE
+        cfg.encoders.opus_bitrate = BITRATE
         hs = cfg.http_streams
         hs.max_listeners = max(hs.max_listeners, listeners + FRESH_LISTENERS + 10)
         hs.max_listeners_per_area = max(hs.max_listeners_per_area, hs.max_listeners)
@@ -405,7 +407,7 @@ async def measure_loa(listeners: int, seconds: float) -> dict[str, Any]:
                     skipped = clock.stats.skipped_ticks
                 node.lag.max_ms = 0.0
 
-            out = await measure(port, f"/streams/{ROOT}.mp3", listeners, seconds,
+            out = await measure(port, f"/streams/{ROOT}.{codec}", listeners, seconds,
                                 time.process_time,
                                 lambda: streamer.batch_span_ms(BYTES_PER_SECOND), mark)
             stats = streamer.stats()
@@ -418,7 +420,7 @@ async def measure_loa(listeners: int, seconds: float) -> dict[str, Any]:
                 if clock else None,
                 "batch": {"batch_ms": hs.batch_ms, "batch_bytes": hs.batch_bytes,
                           "write_budget": hs.write_budget, "max_batch_ms": hs.max_batch_ms,
-                          "burst_ms": hs.burst_ms},
+                          "burst_ms": hs.burst_ms, "burst_kb": hs.burst_kb},
             })
             return out
         finally:
@@ -502,7 +504,17 @@ async def _wait_for(cond: Any, what: str, limit: float) -> None:
         await asyncio.sleep(0.2)
 
 
-async def measure_icecast(listeners: int, seconds: float) -> tuple[dict[str, Any] | None, str]:
+# What feeds Icecast the same stream as Loa's, per codec: ffmpeg's encoder arguments.
+FEEDS = {
+    "mp3": (["-c:a", "libmp3lame", "-b:a", "32k", "-ac", "1", "-ar", "24000", "-content_type",
+             "audio/mpeg", "-f", "mp3"], "libmp3lame 32k mono 24 kHz"),
+    "opus": (["-c:a", "libopus", "-b:a", "32k", "-ac", "1", "-ar", "48000", "-content_type",
+              "audio/ogg", "-f", "ogg"], "libopus 32k mono in Ogg"),
+}
+
+
+async def measure_icecast(listeners: int, seconds: float, codec: str = "mp3"
+                          ) -> tuple[dict[str, Any] | None, str]:
     exe = shutil.which("icecast2") or shutil.which("icecast")
     if exe is None:
         return None, "icecast2 not found (Debian: apt-get install icecast2)"
@@ -539,16 +551,15 @@ async def measure_icecast(listeners: int, seconds: float) -> tuple[dict[str, Any
             await _wait_for(lambda: _tcp_open(port), "icecast", 15)
             feed = await asyncio.create_subprocess_exec(
                 ffmpeg, "-nostdin", "-loglevel", "error", "-re", "-f", "lavfi", "-i",
-                "sine=frequency=440:sample_rate=24000", "-c:a", "libmp3lame", "-b:a", "32k",
-                "-ac", "1", "-ar", "24000", "-content_type", "audio/mpeg", "-f", "mp3",
-                f"icecast://source:bench@127.0.0.1:{port}/bench.mp3",
+                "sine=frequency=440:sample_rate=24000", *FEEDS[codec][0],
+                f"icecast://source:bench@127.0.0.1:{port}/bench.{codec}",
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                 stderr=feed_log)
-            await _wait_for(lambda: _http_ok(port, "/bench.mp3"), "the icecast mount", 15)
+            await _wait_for(lambda: _http_ok(port, f"/bench.{codec}"), "the icecast mount", 15)
             ice_pid, feed_pid = ice.pid, feed.pid
             feed_c0 = proc_cpu_seconds(feed_pid)
             feed_t0 = time.monotonic()
-            out = await measure(port, "/bench.mp3", listeners, seconds,
+            out = await measure(port, f"/bench.{codec}", listeners, seconds,
                                 lambda: proc_cpu_seconds(ice_pid),
                                 lambda: ICECAST_CHUNK / BYTES_PER_SECOND * 1000)
             feed_cpu = (proc_cpu_seconds(feed_pid) - feed_c0) / (time.monotonic() - feed_t0)
@@ -556,7 +567,7 @@ async def measure_icecast(listeners: int, seconds: float) -> tuple[dict[str, Any
                                                        stderr=asyncio.subprocess.DEVNULL)
             version = (await ver.communicate())[0].decode(errors="replace").strip()
             out["server"] = version or exe
-            out["feed"] = "ffmpeg -re lavfi sine -> libmp3lame 32k mono 24 kHz -> icecast://"
+            out["feed"] = f"ffmpeg -re lavfi sine -> {FEEDS[codec][1]} -> icecast://"
             out["feed_cpu_fraction"] = round(feed_cpu, 5)  # not counted in the figures above
             return out, ""
         except BenchError as e:
@@ -589,17 +600,20 @@ async def _tcp_open(port: int) -> bool:
     return True
 
 
-async def bench(listeners: int, seconds: float, baseline: str) -> dict[str, Any]:
+async def bench(listeners: int, seconds: float, baseline: str, codec: str = "mp3"
+                ) -> dict[str, Any]:
     result: dict[str, Any] = {"bench": "fanout", "transport": "http", "listeners": listeners,
-                              "bitrate_kbps": BITRATE // 1000, "codec": "mp3 24 kHz mono",
+                              "bitrate_kbps": BITRATE // 1000,
+                              "codec": "mp3 24 kHz mono" if codec == "mp3" else
+                              "opus 48 kHz mono in Ogg",
                               "cpu_count": os.cpu_count(),
                               "lateness_definition": "max_gap_ms (longest wait of any listener "
                               "between two reads) minus nominal_write_interval_ms"}
-    result.update(await measure_loa(listeners, seconds))
+    result.update(await measure_loa(listeners, seconds, codec))
     result["baseline"] = None
     result["ratio_vs_icecast"] = None
     if baseline == "icecast":
-        ice, reason = await measure_icecast(listeners, seconds)
+        ice, reason = await measure_icecast(listeners, seconds, codec)
         result["baseline"] = ice
         if ice is None:
             result["baseline_reason"] = reason
@@ -628,7 +642,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     raise_nofile(2 * listeners + 1024)
     try:
-        result = asyncio.run(bench(listeners, seconds, getattr(args, "baseline", "none")))
+        result = asyncio.run(bench(listeners, seconds, getattr(args, "baseline", "none"),
+                                   getattr(args, "codec", "mp3")))
     except BenchError as e:
         print(f"bench failed: {e}", file=sys.stderr)
         return 1

@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     fan.add_argument("--seconds", type=float, default=15.0)
     fan.add_argument("--baseline", choices=["none", "icecast"], default="none",
                      help="http: also measure Icecast 2 serving the same stream, same run")
+    fan.add_argument("--codec", choices=["mp3", "opus"], default="mp3",
+                     help="http: the stream measured (opus: Ogg Opus)")
     return ap
 
 

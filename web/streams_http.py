@@ -21,6 +21,7 @@ from loa.web.http import error_response
 
 log = logging.getLogger("loa.http_streams")
 
+MAX_BURST_MS = 60_000
 HTTP_STREAMER: web.AppKey[HttpStreamer] = web.AppKey("http_streamer", HttpStreamer)
 
 
@@ -41,6 +42,14 @@ async def _stream(request: web.Request, codec: str) -> web.StreamResponse:
         area = node.tree.get(code)
     except AreaError:
         return error_response(404, f"không có khu vực / unknown area: {code}")
+    burst_ms = None
+    if "burst_ms" in request.query:  # a player that keeps close to live asks for a short burst
+        raw = request.query["burst_ms"]
+        if not raw.isdigit() or int(raw) > MAX_BURST_MS:
+            return error_response(
+                422, f"burst_ms phải là số nguyên từ 0 đến {MAX_BURST_MS} / burst_ms must be an "
+                f"integer from 0 to {MAX_BURST_MS}", field="burst_ms")
+        burst_ms = int(raw)
     try:
         streamer.admit(area.code)
     except LimitReached as e:
@@ -56,7 +65,7 @@ async def _stream(request: web.Request, codec: str) -> web.StreamResponse:
         transport.write(head)
         transport.close()
         return web.Response()  # not sent: the connection is closed (aiohttp logs the access)
-    listener = streamer.attach(area.code, codec, transport, icy, head)
+    listener = streamer.attach(area.code, codec, transport, icy, head, burst_ms)
     log.debug("listener joined event=http_listener_join area=%s codec=%s peer=%s icy=%s",
               area.code, codec, request.remote, icy)
     try:

@@ -27,7 +27,7 @@ def make_rtp_out(node: Node) -> RtpOut:
     try:
         return RtpOut(node.cfg.rtp, node.hub, node.tree, node.station.wall,
                       state_dir=node.cfg.data_dir, cname=f"loa@{socket.gethostname()}",
-                      store=node.store if node.bus.shared else None)
+                      store=node.store if node.bus.shared else None, node_id=node.node_id)
     except RtpConfigError as e:
         raise ConfigError(str(e)) from None
 
