@@ -702,6 +702,10 @@ def command_template(command: str, args: dict[str, Any], expires: float) -> tupl
 
 
 # ---- stream URLs ---------------------------------------------------------------------------------
+# A loudspeaker plays a connect burst from its start, so the burst is its delay behind live: it
+# asks for a short one (browsers get the Icecast-sized default, which they need to autoplay).
+DEVICE_BURST_MS = 200
+
 @dataclass(frozen=True)
 class StreamOffer:
     """What this node serves, to build a device's stream list from."""
@@ -725,7 +729,7 @@ def stream_urls(public: str, area: str, caps: dict[str, Any], offer: StreamOffer
             for c in codecs:
                 if c in offer.http_codecs:
                     out.append({"transport": "http", "codec": c,
-                                "url": f"{base}/streams/{a}.{c}"})
+                                "url": f"{base}/streams/{a}.{c}?burst_ms={DEVICE_BURST_MS}"})
         elif transport == "hls" and offer.hls_codec and offer.hls_codec in codecs:
             out.append({"transport": "hls", "codec": offer.hls_codec,
                         "url": f"{base}/streams/{a}/index.m3u8"})

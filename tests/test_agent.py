@@ -236,7 +236,7 @@ async def test_agent_over_http_plays_the_tone_acks_commands_and_reports(
                     "a heartbeat after the volume and power commands")
         t = await telemetry()
         assert t["state"] == "playing" and t["firmware"].startswith("loa-agent/")
-        assert t["stream"]["url"] == f"{server.base}/streams/{AREA}.opus"
+        assert t["stream"]["url"] == f"{server.base}/streams/{AREA}.opus?burst_ms=200"
         assert 0 <= t["stream"]["loss"] <= 1 and t["stream"]["jitter_ms"] >= 0
         assert t["stream"]["latency_ms"] >= 300  # the target delay at least
         assert t["power"]["relays"] == [True, True] and t["faults"] == []

@@ -205,7 +205,7 @@ async def test_provisioning_token_works_once_and_the_key_connects(srv: Server) -
     assert [(s["transport"], s["codec"]) for s in cfg["streams"]] == [
         ("hls", "mp3"), ("http", "mp3"), ("http", "opus"), ("webrtc", "opus")]
     assert cfg["streams"][0]["url"] == srv.base + "/streams/T01-H1-X1/index.m3u8"
-    assert cfg["streams"][1]["url"] == srv.base + "/streams/T01-H1-X1.mp3"
+    assert cfg["streams"][1]["url"] == srv.base + "/streams/T01-H1-X1.mp3?burst_ms=200"
     assert cfg["streams"][3]["url"] == srv.base + "/whep/T01-H1-X1"
     status, body = await srv.call("xa11", "GET", f"/api/v1/devices/{dev['id']}")
     assert status == 200 and body["status"] == "online" and body["provisioned"] is True
@@ -219,8 +219,8 @@ async def test_public_url_names_the_streams(tmp_path: Path) -> None:
         d = await srv.provisioned("T01-H2-X3")
         welcome = await d.connect()
         assert [s["url"] for s in welcome["config"]["streams"]] == [
-            "https://loa.example.vn/streams/T01-H2-X3.opus",
-            "https://loa.example.vn/streams/T01-H2-X3.mp3"]
+            "https://loa.example.vn/streams/T01-H2-X3.opus?burst_ms=200",
+            "https://loa.example.vn/streams/T01-H2-X3.mp3?burst_ms=200"]
         await d.close()
 
 
@@ -260,7 +260,7 @@ async def test_command_delivered_acked_and_config_pushed(srv: Server) -> None:
     msg = await d.recv()
     assert msg["type"] == "config" and msg["config"]["volume"] == 55
     assert msg["config"]["area"] == "T01-H1-X2"
-    assert msg["config"]["streams"][0]["url"].endswith("/streams/T01-H1-X2.opus")
+    assert msg["config"]["streams"][0]["url"].endswith("/streams/T01-H1-X2.opus?burst_ms=200")
     assert msg["config"]["power_schedule"] == [{"on": "05:00", "off": "06:30",
                                                 "days": [1, 2, 3, 4, 5, 6, 7]}]
     stored = await srv.node.store.get("device", d.id)

@@ -144,7 +144,7 @@ async def test_fleet_of_200_speakers_and_5_boards(server: Server, tmp_path: Path
         speaker = next(d for d in mgr.devices.values() if d.record["kind"] == "loudspeaker")
         assert speaker.telemetry is not None
         assert speaker.telemetry["network"]["type"] == "4g"
-        assert speaker.telemetry["stream"]["url"].endswith(".opus")
+        assert speaker.telemetry["stream"]["url"].endswith(".opus?burst_ms=200")
 
         # two decoders hear the tone of their area
         decoders = fleet.decoders()
