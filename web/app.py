@@ -199,7 +199,14 @@ class Node:
             return
         root = self.tree.roots()[0].code
         name = "admin" if not any(u["username"] == "admin" for u in users) else "loa-admin"
-        _, password = await add_user(self.store, self.tree, name, "admin", root, emergency=True)
+        try:
+            _, password = await add_user(self.store, self.tree, name, "admin", root,
+                                         emergency=True)
+        except ValueError:
+            # Nodes of a cluster starting together on a new store: one of them made the admin.
+            if any(u["role"] == Role.admin.value for u in await self.store.find("user")):
+                return
+            raise
         self.bootstrap_password = password
         # Printed, not logged: logs are kept and shipped, this must be seen once and changed.
         print(f"Tài khoản quản trị đầu tiên / bootstrap admin: {name} / {password} "
