@@ -203,17 +203,21 @@ class Worker:
         ls = streamer.attach(area, codec, transport, icy, head)  # type: ignore[arg-type]
         ls.done.add_done_callback(lambda _f: self.link.send(("left", lid)))
         proto.on_lost = lambda: ls.channel.remove(ls, "closed")
+        self.send_stats()  # its head and burst count at once
+
+    def send_stats(self) -> None:
+        s = self.streamer
+        if s is None:
+            return
+        changed = {k: dict(v) for k, v in s._counters.items() if self._reported.get(k) != v}
+        if changed:
+            self._reported.update(changed)
+            self.link.send(("stats", changed))
 
     async def report(self) -> None:
         while True:
             await asyncio.sleep(STATS_INTERVAL)
-            s = self.streamer
-            if s is None:
-                continue
-            changed = {k: dict(v) for k, v in s._counters.items() if self._reported.get(k) != v}
-            if changed:
-                self._reported.update(changed)
-                self.link.send(("stats", changed))
+            self.send_stats()
 
 
 async def worker_main(fd: int) -> None:
@@ -306,9 +310,6 @@ class FanoutPool:
             w.link = None
         for lid in list(w.listeners):
             self._left(w, lid)
-        for key, c in w.counters.items():
-            self.streamer.counters(*key)["listeners"] -= c.get("listeners", 0)
-            c["listeners"] = 0
         w.counters = {}  # the next worker in this slot counts from zero
         w.titles = {}
         w.packets = []
@@ -323,7 +324,8 @@ class FanoutPool:
                 old = w.counters.get(key, {})
                 total = self.streamer.counters(*key)
                 for name, value in new.items():
-                    total[name] = total.get(name, 0) + value - old.get(name, 0)
+                    if name != "listeners":  # counted here, at once (see hand_off, _left)
+                        total[name] = total.get(name, 0) + value - old.get(name, 0)
                 w.counters[key] = new
 
     def pick(self) -> _WorkerHandle | None:
@@ -344,6 +346,7 @@ class FanoutPool:
         s = self.streamer
         s.total += 1
         s.per_area[area] = s.per_area.get(area, 0) + 1
+        s.counters(area, codec)["listeners"] += 1
         if (area, codec) not in self.subs:
             sub = self.subs[(area, codec)] = s.hub.subscribe(area, codec, maxlen=64)
             sub.on_packets = lambda packets, key=(area, codec): self._on_packets(key, packets)
@@ -364,6 +367,7 @@ class FanoutPool:
             s.per_area[key[0]] = left
         else:
             s.per_area.pop(key[0], None)
+        s.counters(*key)["listeners"] -= 1
         n = w.channels.get(key, 1) - 1
         if n > 0:
             w.channels[key] = n

@@ -8,6 +8,7 @@ never timing thresholds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import struct
@@ -68,12 +69,14 @@ class Server:
 Start = Callable[..., Awaitable[Server]]
 
 
-@pytest.fixture
-async def start(tmp_path: Path) -> AsyncIterator[Start]:
-    servers: list[Server] = []
+@contextlib.asynccontextmanager
+async def servers(tmp_path: Path, workers: int) -> AsyncIterator[Start]:
+    """Start nodes serving HTTP streams themselves (workers = 0) or through fan-out workers."""
+    started: list[Server] = []
 
     async def _start(**settings: Any) -> Server:
-        cfg = make_config(tmp_path / f"node{len(servers)}")
+        cfg = make_config(tmp_path / f"node{len(started)}")
+        cfg.http_streams.workers = workers
         for key, value in settings.items():
             target = cfg.http_streams if hasattr(cfg.http_streams, key) else cfg.encoders
             assert hasattr(target, key), key
@@ -87,15 +90,23 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
         await site.start()
         port = runner.addresses[0][1]
         server = Server(node, app, runner, port)
-        servers.append(server)
+        started.append(server)
         return server
 
     (tmp_path / "node0").mkdir()
     (tmp_path / "node1").mkdir()
-    yield _start
-    for s in servers:
-        await s.runner.cleanup()
-        await s.node.stop()
+    try:
+        yield _start
+    finally:
+        for s in started:
+            await s.runner.cleanup()
+            await s.node.stop()
+
+
+@pytest.fixture(params=[0, 1], ids=["in-process", "worker"])
+async def start(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Start]:
+    async with servers(tmp_path, request.param) as _start:
+        yield _start
 
 
 async def until(cond: Callable[[], bool], what: str, limit: float = 20.0) -> None:
