@@ -55,6 +55,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -126,6 +127,7 @@ def client_main(conn: Connection, port: int, path: str, nofile: int) -> None:
     want_audio = 0
     failed = closed = retried = 0
     marked: float | None = None
+    inflight = INFLIGHT
 
     def start(fresh: bool) -> None:
         nonlocal failed
@@ -163,7 +165,7 @@ def client_main(conn: Connection, port: int, path: str, nofile: int) -> None:
 
     while True:
         now = time.monotonic()
-        while to_open and connecting() < INFLIGHT:
+        while to_open and connecting() < inflight:
             start(False)
             to_open -= 1
         while fresh_due and fresh_due[0] <= now:
@@ -207,6 +209,17 @@ def client_main(conn: Connection, port: int, path: str, nofile: int) -> None:
                         "closed": closed,
                     })
                     marked = None
+                elif cmd == "storm":  # every listener hangs up and calls again at once
+                    gone = streaming()
+                    for x in gone:
+                        with contextlib.suppress(KeyError, ValueError):
+                            sel.unregister(x.sock)
+                        conns.pop(x.sock.fileno(), None)
+                        x.sock.close()
+                    inflight = max(INFLIGHT, int(arg))
+                    to_open += len(gone)
+                    want_audio = len(streaming()) + to_open
+                    waiting = "open"
                 elif cmd == "fresh":
                     base = time.monotonic()
                     fresh_due = [base + i * FRESH_SPACING for i in range(int(arg))]
@@ -365,14 +378,15 @@ async def measure(port: int, path: str, listeners: int, seconds: float, cpu: Any
 
 
 # ---- Loa ----------------------------------------------------------------------------------
-async def measure_loa(listeners: int, seconds: float) -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def loa_node(listeners: int, workers: int | None) -> AsyncIterator[Any]:
+    """A real node airing the bench tone on a free port: yields (node, app, port)."""
     from aiohttp import web
 
     from loa.streamer.broadcast import Broadcast
     from loa.streamer.sources import ToneSource
     from loa.web.app import Node, create_app
     from loa.web.config import load_config
-    from loa.web.streams_http import HTTP_STREAMER
 
     with tempfile.TemporaryDirectory(prefix="loa-bench-http-") as tmp:
         cfg = load_config(None, env={}, data=str(Path(tmp) / "data"))
@@ -380,6 +394,8 @@ async def measure_loa(listeners: int, seconds: float) -> dict[str, Any]:
         cfg.areas.root_name = "Tỉnh bench"
         cfg.encoders.mp3_bitrate = BITRATE
         hs = cfg.http_streams
+        if workers is not None:
+            hs.workers = workers
         hs.max_listeners = max(hs.max_listeners, listeners + FRESH_LISTENERS + 10)
         hs.max_listeners_per_area = max(hs.max_listeners_per_area, hs.max_listeners)
         node = Node(cfg, realtime=True)
@@ -390,40 +406,99 @@ async def measure_loa(listeners: int, seconds: float) -> dict[str, Any]:
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
         await site.start()
-        port = runner.addresses[0][1]
         try:
             node.engine.start(Broadcast(ToneSource(440, 0.3), [ROOT], issuer=ROOT,
                                         title="bench"))
-            streamer = app[HTTP_STREAMER]
-            clock = node.clock
-            skipped = 0
-
-            def mark() -> None:  # the node's own lateness figures cover the window only
-                nonlocal skipped
-                if clock is not None:
-                    clock.stats.max_lateness_ms = 0.0
-                    skipped = clock.stats.skipped_ticks
-                node.lag.max_ms = 0.0
-
-            out = await measure(port, f"/streams/{ROOT}.mp3", listeners, seconds,
-                                time.process_time,
-                                lambda: streamer.batch_span_ms(BYTES_PER_SECOND), mark)
-            stats = streamer.stats()
-            out.update({
-                "dropped": stats["dropped"],
-                "loop_lag_max_ms": round(node.lag.max_ms, 1),
-                "media_clock_max_lateness_ms": round(clock.stats.max_lateness_ms, 1)
-                if clock else None,
-                "media_clock_skipped_ticks": clock.stats.skipped_ticks - skipped
-                if clock else None,
-                "batch": {"batch_ms": hs.batch_ms, "batch_bytes": hs.batch_bytes,
-                          "write_budget": hs.write_budget, "max_batch_ms": hs.max_batch_ms,
-                          "burst_ms": hs.burst_ms},
-            })
-            return out
+            yield node, app, runner.addresses[0][1]
         finally:
             await runner.cleanup()
             await node.stop()
+
+
+def loa_cpu(app: Any) -> Any:
+    """CPU seconds of the node's process and of its fan-out workers."""
+    from loa.web.streams_http import FANOUT
+
+    pool = app.get(FANOUT)
+
+    def cpu() -> float:
+        pids = pool.worker_pids() if pool is not None else []
+        return time.process_time() + sum(proc_cpu_seconds(pid) for pid in pids)
+
+    return cpu
+
+
+async def measure_loa(listeners: int, seconds: float, workers: int | None) -> dict[str, Any]:
+    from loa.web.streams_http import HTTP_STREAMER
+
+    async with loa_node(listeners, workers) as (node, app, port):
+        hs = node.cfg.http_streams
+        streamer = app[HTTP_STREAMER]
+        clock = node.clock
+        skipped = 0
+
+        def mark() -> None:  # the node's own lateness figures cover the window only
+            nonlocal skipped
+            if clock is not None:
+                clock.stats.max_lateness_ms = 0.0
+                skipped = clock.stats.skipped_ticks
+            node.lag.max_ms = 0.0
+
+        out = await measure(port, f"/streams/{ROOT}.mp3", listeners, seconds, loa_cpu(app),
+                            lambda: streamer.batch_span_ms(BYTES_PER_SECOND), mark)
+        stats = streamer.stats()
+        out.update({
+            "workers": hs.workers,
+            "dropped": stats["dropped"],
+            "loop_lag_max_ms": round(node.lag.max_ms, 1),
+            "media_clock_max_lateness_ms": round(clock.stats.max_lateness_ms, 1)
+            if clock else None,
+            "media_clock_skipped_ticks": clock.stats.skipped_ticks - skipped
+            if clock else None,
+            "batch": {"batch_ms": hs.batch_ms, "batch_bytes": hs.batch_bytes,
+                      "write_budget": hs.write_budget, "max_batch_ms": hs.max_batch_ms,
+                      "burst_ms": hs.burst_ms},
+        })
+        return out
+
+
+async def storm(listeners: int, workers: int | None) -> dict[str, Any]:
+    """N listeners stream, then all hang up and reconnect at once; the media clock's figures
+    over the storm (and a settling second after it) say whether a tick was delayed."""
+    async with loa_node(listeners, workers) as (node, app, port):
+        clock = node.clock
+        assert clock is not None
+        client = Listeners(port, f"/streams/{ROOT}.mp3", listeners + FRESH_LISTENERS + 256)
+        cpu = loa_cpu(app)
+        try:
+            got = await client.call("open", listeners)
+            log(f"{got['streaming']} listeners streaming ({got['failed']} failed)")
+            await asyncio.sleep(WARMUP_SECONDS)
+            st = clock.stats
+            skipped, late = st.skipped_ticks, st.late_ticks
+            st.max_lateness_ms = 0.0
+            node.lag.max_ms = 0.0
+            c0, t0 = cpu(), time.monotonic()
+            again = await client.call("storm", listeners)
+            reconnect = time.monotonic() - t0
+            await asyncio.sleep(SETTLE_SECONDS)
+            c1, t1 = cpu(), time.monotonic()
+            rep = await client.call("report")
+        finally:
+            await client.close()
+        return {
+            "bench": "fanout", "transport": "http", "storm": True, "listeners": listeners,
+            "workers": node.cfg.http_streams.workers, "cpu_count": os.cpu_count(),
+            "reconnected": again["streaming"], "reconnect_failed": again["failed"],
+            "connects_retried": rep["retried"],
+            "reconnect_seconds": round(reconnect, 2),
+            "window_seconds": round(t1 - t0, 2),
+            "server_cpu_seconds": round(c1 - c0, 3),
+            "media_clock_skipped_ticks": st.skipped_ticks - skipped,
+            "media_clock_late_ticks": st.late_ticks - late,
+            "media_clock_max_lateness_ms": round(st.max_lateness_ms, 1),
+            "loop_lag_max_ms": round(node.lag.max_ms, 1),
+        }
 
 
 # ---- the Icecast baseline -----------------------------------------------------------------
@@ -589,13 +664,14 @@ async def _tcp_open(port: int) -> bool:
     return True
 
 
-async def bench(listeners: int, seconds: float, baseline: str) -> dict[str, Any]:
+async def bench(listeners: int, seconds: float, baseline: str,
+                workers: int | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {"bench": "fanout", "transport": "http", "listeners": listeners,
                               "bitrate_kbps": BITRATE // 1000, "codec": "mp3 24 kHz mono",
                               "cpu_count": os.cpu_count(),
                               "lateness_definition": "max_gap_ms (longest wait of any listener "
                               "between two reads) minus nominal_write_interval_ms"}
-    result.update(await measure_loa(listeners, seconds))
+    result.update(await measure_loa(listeners, seconds, workers))
     result["baseline"] = None
     result["ratio_vs_icecast"] = None
     if baseline == "icecast":
@@ -627,8 +703,13 @@ def run(args: argparse.Namespace) -> int:
         print("--seconds must be within (0, 600]", file=sys.stderr)
         return 2
     raise_nofile(2 * listeners + 1024)
+    workers = getattr(args, "workers", None)
     try:
-        result = asyncio.run(bench(listeners, seconds, getattr(args, "baseline", "none")))
+        if getattr(args, "storm", False):
+            result = asyncio.run(storm(listeners, workers))
+        else:
+            result = asyncio.run(bench(listeners, seconds, getattr(args, "baseline", "none"),
+                                       workers))
     except BenchError as e:
         print(f"bench failed: {e}", file=sys.stderr)
         return 1

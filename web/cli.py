@@ -84,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     fan.add_argument("--seconds", type=float, default=15.0)
     fan.add_argument("--baseline", choices=["none", "icecast"], default="none",
                      help="http: also measure Icecast 2 serving the same stream, same run")
+    fan.add_argument("--storm", action="store_true",
+                     help="http: every listener reconnects at once; media clock figures")
+    fan.add_argument("--workers", type=int, default=None,
+                     help="http: fan-out worker processes (default: [http_streams] workers)")
     return ap
 
 
