@@ -41,6 +41,7 @@ log = logging.getLogger("loa.http_streams")
 MAX_MESSAGE = 1 << 20  # a tick of packets for every channel fits easily
 STATS_INTERVAL = 0.25  # seconds between the workers' counter reports
 RESTART_DELAY = 0.5  # seconds before a dead worker is started again
+STUCK_TICKS = 250  # messages waiting for a worker that does not read (5 s): it is killed
 BUFFER = 4 << 20  # socketpair buffers: a worker busy for a moment does not block the node
 
 
@@ -400,6 +401,11 @@ class FanoutPool:
                     titles[area] = w.titles[area] = title
             w.link.send(("tick", w.packets, titles))
             w.packets = []
+            if len(w.link.out) > STUCK_TICKS and w.proc is not None:
+                log.warning("fan-out worker stuck event=http_fanout_stuck slot=%d pid=%d",
+                            w.slot, w.proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.kill()  # restarted by _watch; its listeners reconnect
 
     def worker_pids(self) -> list[int]:
         return [w.proc.pid for w in self.workers if w.proc is not None and w.ready]

@@ -1,4 +1,5 @@
-"""`loa bench fanout --transport http --listeners N [--seconds S] [--baseline icecast]`.
+"""`loa bench fanout --transport http --listeners N [--seconds S] [--baseline icecast]
+[--workers W]` and `loa bench fanout --transport http --storm --listeners N [--workers W]`.
 
 What Icecast-compatible HTTP fan-out costs per listener, against Icecast 2 doing the same job.
 
@@ -10,8 +11,8 @@ server's. The sequence, identical for Loa and for the Icecast baseline:
 1. one listener; after a settling second, `baseline_cpu_fraction` over 2 s: the stream with one
    listener (Loa: media clock, mix, MP3 encode; Icecast: reading its source);
 2. N - 1 more listeners (at most 200 connecting at a time), 2 s of warm-up;
-3. the window of S seconds: the server's CPU (Loa: this process's `time.process_time()`;
-   Icecast: the sum of its threads' `/proc/<pid>/task/*/schedstat` run time) and, in the child,
+3. the window of S seconds: the server's CPU (Loa: this process's `time.process_time()` plus
+   its fan-out worker processes' run time, see `[http_streams] workers`; Icecast: the sum of its threads' `/proc/<pid>/task/*/schedstat` run time) and, in the child,
    every listener's bytes and the gaps between its reads;
 4. `first_audio_ms`: 20 fresh listeners, one every 100 ms, from `connect()` to the first byte of
    audio after the response head (p50 and p99), while the N keep streaming.
@@ -30,6 +31,12 @@ the server meant the worst listener got its audio, the client's own scheduling i
 `ratio_vs_icecast` = Loa's server_cpu_per_listener / Icecast's; `ratio_vs_icecast_fanout` the
 same for the fan-out alone; `ratio_vs_icecast_with_source` counts the ffmpeg that encodes for
 Icecast (`feed_cpu_fraction`) on Icecast's side, since Loa mixes and encodes in its own process.
+
+`--storm`: the N listeners stream, then all hang up at once and reconnect (every connect in
+flight together), as after a network blip. Figures over the storm and one second after it:
+`reconnect_seconds` (until all N get audio again), the media clock's `skipped_ticks` (a stall
+over 10 ticks), `late_ticks` (started > 5 ms late) and `max_lateness_ms`, the event loop's lag,
+and `server_cpu_seconds` (node and workers).
 
 The Icecast baseline runs `icecast2` (Debian package icecast2) with a generated config on a free
 127.0.0.1 port (run as user icecast2 or nobody through <changeowner> when the bench runs as
