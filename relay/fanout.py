@@ -13,7 +13,8 @@ Messages are pickled tuples, one per datagram (both ends are this program):
   node -> worker: ("init", HttpStreamSettings, EncoderSettings), ("attach", id, area, codec,
                   icy, head) with the socket, ("tick", [(area, codec, pts, duration, rate,
                   data)...], {area: title}), ("stop",)
-  worker -> node: ("left", id), ("stats", {(area, codec): counters})
+  worker -> node: ("left", id), ("stats", {(area, codec): counters changed}) every
+                  STATS_INTERVAL (a worker silent for STUCK_SECONDS is killed and replaced)
 The node counts listeners (limits hold there) and adds the workers' counters into its own
 `HttpStreamer` counters, so the monitor and /metrics read the same numbers as without workers.
 A worker that dies is started again (its listeners reconnect by themselves).
@@ -41,7 +42,7 @@ log = logging.getLogger("loa.http_streams")
 MAX_MESSAGE = 1 << 20  # a tick of packets for every channel fits easily
 STATS_INTERVAL = 0.25  # seconds between the workers' counter reports
 RESTART_DELAY = 0.5  # seconds before a dead worker is started again
-STUCK_TICKS = 250  # messages waiting for a worker that does not read (5 s): it is killed
+STUCK_SECONDS = 5.0  # a worker silent this long (it reports every STATS_INTERVAL) is killed
 BUFFER = 4 << 20  # socketpair buffers: a worker busy for a moment does not block the node
 
 
@@ -211,9 +212,8 @@ class Worker:
         if s is None:
             return
         changed = {k: dict(v) for k, v in s._counters.items() if self._reported.get(k) != v}
-        if changed:
-            self._reported.update(changed)
-            self.link.send(("stats", changed))
+        self._reported.update(changed)
+        self.link.send(("stats", changed))  # also when empty: the node hears it is alive
 
     async def report(self) -> None:
         while True:
@@ -251,6 +251,7 @@ class _WorkerHandle:
         self.counters: dict[tuple[str, str], dict[str, int]] = {}  # last report
         self.titles: dict[str, str] = {}  # last title sent per area
         self.packets: list[tuple[str, str, int, int, int, bytes]] = []  # this tick's
+        self.heard = 0.0  # loop time of its last message
 
     @property
     def ready(self) -> bool:
@@ -287,13 +288,14 @@ class FanoutPool:
         # Messages wait in the socketpair until the worker has started reading.
         w.link = _Link(mine, lambda msg, fds: self._on_message(w, msg, fds), lambda: None)
         w.link.send(("init", self.streamer.settings, self.streamer.encoders))
+        w.heard = asyncio.get_running_loop().time() + STUCK_SECONDS  # time to start up
         log.info("fan-out worker started event=http_fanout_start slot=%d pid=%d", w.slot,
                  w.proc.pid)
 
     async def _watch(self, w: _WorkerHandle) -> None:
         """Keep a worker process alive in this slot."""
         while not self.closed and w.proc is not None:
-            code = await w.proc.wait()
+            code = await self._wait(w)
             self._lost(w)
             if self.closed:
                 return
@@ -303,6 +305,20 @@ class FanoutPool:
             await asyncio.sleep(RESTART_DELAY)
             if not self.closed:
                 await self._spawn(w)
+
+    async def _wait(self, w: _WorkerHandle) -> int:
+        """The worker's exit code; a worker that stops reporting (frozen) is killed."""
+        assert w.proc is not None
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_task(w.proc.wait())
+        while not waiter.done():
+            await asyncio.wait([waiter], timeout=1.0)
+            if not waiter.done() and loop.time() - w.heard > STUCK_SECONDS:
+                log.warning("fan-out worker silent event=http_fanout_stuck slot=%d pid=%d",
+                            w.slot, w.proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.kill()
+        return waiter.result()
 
     def _lost(self, w: _WorkerHandle) -> None:
         """A worker is gone: its listeners no longer count (their sockets closed with it)."""
@@ -318,6 +334,7 @@ class FanoutPool:
     def _on_message(self, w: _WorkerHandle, msg: Any, fds: list[int]) -> None:
         for fd in fds:  # workers send none
             os.close(fd)
+        w.heard = max(w.heard, asyncio.get_running_loop().time())
         if msg[0] == "left":
             self._left(w, msg[1])
         elif msg[0] == "stats":
@@ -401,11 +418,6 @@ class FanoutPool:
                     titles[area] = w.titles[area] = title
             w.link.send(("tick", w.packets, titles))
             w.packets = []
-            if len(w.link.out) > STUCK_TICKS and w.proc is not None:
-                log.warning("fan-out worker stuck event=http_fanout_stuck slot=%d pid=%d",
-                            w.slot, w.proc.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    w.proc.kill()  # restarted by _watch; its listeners reconnect
 
     def worker_pids(self) -> list[int]:
         return [w.proc.pid for w in self.workers if w.proc is not None and w.ready]

@@ -7,6 +7,7 @@ worker process, which writes the stream. Waits are bounded polls on counters, ne
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -193,3 +194,26 @@ def test_worker_socketpair_passes_a_descriptor() -> None:
     finally:
         for s in (a, b, x, y):
             s.close()
+
+
+async def test_a_worker_that_stops_reading_is_replaced(start: Start) -> None:
+    srv = await start(workers=1)
+    srv.background(440)
+    pool = pool_of(srv)
+    reader, writer, _, _ = await open_stream(srv.port, f"/streams/{AREA}.mp3")
+    await reader.readexactly(2000)
+    [old] = pool.worker_pids()
+    os.kill(old, signal.SIGSTOP)  # alive but frozen: its messages pile up in the node
+    try:
+        await until(lambda: pool.restarts == 1, "the frozen worker to be replaced", limit=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(old, signal.SIGCONT)
+    writer.close()
+    await until(lambda: len(pool.worker_pids()) == 1 and pool.worker_pids() != [old],
+                "a new worker")
+    assert srv.streamer.total == 0
+    reader, writer, status, _ = await open_stream(srv.port, f"/streams/{AREA}.mp3")
+    assert status == "HTTP/1.0 200 OK"
+    assert mp3_frames(await asyncio.wait_for(reader.readexactly(4000), 30)) >= 40
+    writer.close()
