@@ -10,8 +10,8 @@ the node keeps one hub subscription per (area, codec) that any worker has listen
 each worker one message per tick with that tick's packets (and the ICY title when it changed).
 
 Messages are pickled tuples, one per datagram (both ends are this program):
-  node -> worker: ("init", HttpStreamSettings, EncoderSettings), ("attach", id, area, codec,
-                  icy, head) with the socket, ("tick", [(area, codec, pts, duration, rate,
+  node -> worker: ("init", HttpStreamSettings, EncoderSettings), ("attach", [(id, area, codec,
+                  icy, head), ...]) with one socket per entry, ("tick", [(area, codec, pts, duration, rate,
                   data)...], {area: title}), ("stop",)
   worker -> node: ("left", id), ("stats", {(area, codec): counters changed}) every
                   STATS_INTERVAL (a worker silent for STUCK_SECONDS is killed and replaced)
@@ -43,7 +43,14 @@ MAX_MESSAGE = 1 << 20  # a tick of packets for every channel fits easily
 STATS_INTERVAL = 0.25  # seconds between the workers' counter reports
 RESTART_DELAY = 0.5  # seconds before a dead worker is started again
 STUCK_SECONDS = 5.0  # a worker silent this long (it reports every STATS_INTERVAL) is killed
+MAX_FDS = 64  # listener sockets passed in one message (a storm's accepts go in batches)
 BUFFER = 4 << 20  # socketpair buffers: a worker busy for a moment does not block the node
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 def _pair() -> tuple[socket.socket, socket.socket]:
@@ -64,26 +71,25 @@ class _Link:
         self.on_message = on_message
         self.on_eof = on_eof
         self.loop = asyncio.get_running_loop()
-        self.out: list[tuple[bytes, int]] = []  # (message, fd to pass or -1)
+        self.out: list[tuple[bytes, list[int]]] = []  # (message, fds to pass)
         self.closed = False
         self.loop.add_reader(sock.fileno(), self._readable)
 
-    def send(self, msg: Any, fd: int = -1) -> None:
-        """Send a message; `fd` (a dup the link owns) is closed once passed."""
+    def send(self, msg: Any, fds: list[int] | None = None) -> None:
+        """Send a message; `fds` (dups the link owns) are closed once passed."""
         if self.closed:
-            if fd >= 0:
-                os.close(fd)
+            _close_all(fds or [])
             return
-        self.out.append((pickle.dumps(msg, pickle.HIGHEST_PROTOCOL), fd))
+        self.out.append((pickle.dumps(msg, pickle.HIGHEST_PROTOCOL), fds or []))
         if len(self.out) == 1:
             self._flush()
 
     def _flush(self) -> None:
         while self.out and not self.closed:
-            data, fd = self.out[0]
+            data, fds = self.out[0]
             try:
-                if fd >= 0:
-                    socket.send_fds(self.sock, [data], [fd])
+                if fds:
+                    socket.send_fds(self.sock, [data], fds)
                 else:
                     self.sock.send(data)
             except BlockingIOError:
@@ -94,15 +100,15 @@ class _Link:
                 self.on_eof()
                 return
             self.out.pop(0)
-            if fd >= 0:
-                os.close(fd)
+            _close_all(fds)
         with contextlib.suppress(Exception):
             self.loop.remove_writer(self.sock.fileno())
 
     def _readable(self) -> None:
         for _ in range(64):  # then let the loop run other work
             try:
-                data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE, 4)
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE,
+                                                             MAX_FDS)
             except BlockingIOError:
                 return
             except OSError:
@@ -115,9 +121,7 @@ class _Link:
                 self.on_message(pickle.loads(data), fds)
             except Exception:  # a bad message is dropped; the link goes on
                 log.exception("fan-out message failed event=http_fanout_error")
-                for fd in fds:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
+                _close_all(fds)
 
     def close(self) -> None:
         if self.closed:
@@ -126,9 +130,8 @@ class _Link:
         with contextlib.suppress(Exception):
             self.loop.remove_reader(self.sock.fileno())
             self.loop.remove_writer(self.sock.fileno())
-        for _data, fd in self.out:
-            if fd >= 0:
-                os.close(fd)
+        for _data, fds in self.out:
+            _close_all(fds)
         self.out.clear()
         self.sock.close()
 
@@ -173,10 +176,10 @@ class Worker:
                     Packet(codec, pts, duration, data, rate))
             for (area, codec), packets in by_channel.items():
                 self.hub.channel(area, codec).deliver(packets)
-        elif kind == "attach":
-            _kind, lid, area, codec, icy, head = msg
-            asyncio.get_running_loop().create_task(self.attach(lid, area, codec, icy, head,
-                                                               fds[0]))
+        elif kind == "attach":  # one entry per socket passed, in order
+            for (lid, area, codec, icy, head), fd in zip(msg[1], fds, strict=True):
+                asyncio.get_running_loop().create_task(self.attach(lid, area, codec, icy,
+                                                                   head, fd))
         elif kind == "init":
             self.streamer = HttpStreamer(self.hub, msg[1], msg[2], on_air=self.on_air)
         elif kind == "stop":
@@ -252,6 +255,7 @@ class _WorkerHandle:
         self.titles: dict[str, str] = {}  # last title sent per area
         self.packets: list[tuple[str, str, int, int, int, bytes]] = []  # this tick's
         self.heard = 0.0  # loop time of its last message
+        self.attaching: list[tuple[tuple[int, str, str, bool, bytes], int]] = []  # (entry, fd)
 
     @property
     def ready(self) -> bool:
@@ -332,8 +336,7 @@ class FanoutPool:
         w.packets = []
 
     def _on_message(self, w: _WorkerHandle, msg: Any, fds: list[int]) -> None:
-        for fd in fds:  # workers send none
-            os.close(fd)
+        _close_all(fds)  # workers send none
         w.heard = max(w.heard, asyncio.get_running_loop().time())
         if msg[0] == "left":
             self._left(w, msg[1])
@@ -356,8 +359,7 @@ class FanoutPool:
         sock = transport.get_extra_info("socket")
         assert w.link is not None
         fd = os.dup(sock.fileno())  # the worker's copy; closed here once passed
-        transport.pause_reading()  # type: ignore[attr-defined]
-        transport.close()  # closes this process's descriptor only: no FIN, nothing sent
+        transport.close()  # stops reading, closes this process's descriptor only: no FIN
         lid = self.next_id = self.next_id + 1
         w.listeners[lid] = (area, codec)
         w.channels[(area, codec)] = w.channels.get((area, codec), 0) + 1
@@ -372,7 +374,19 @@ class FanoutPool:
         if w.titles.get(area) != title:  # the first ICY block names what is on air now
             w.titles[area] = title
             w.link.send(("tick", [], {area: title}))
-        w.link.send(("attach", lid, area, codec, icy, head), fd)
+        w.attaching.append(((lid, area, codec, icy, head), fd))
+        if len(w.attaching) == 1:  # with the other connections accepted in this loop turn
+            asyncio.get_running_loop().call_soon(self._send_attaches, w)
+
+    def _send_attaches(self, w: _WorkerHandle) -> None:
+        todo, w.attaching = w.attaching, []
+        for i in range(0, len(todo), MAX_FDS):
+            chunk = todo[i:i + MAX_FDS]
+            fds = [fd for _e, fd in chunk]
+            if w.link is None:
+                _close_all(fds)  # the worker died meanwhile: these listeners reconnect
+            else:
+                w.link.send(("attach", [e for e, _fd in chunk]), fds)
 
     def _left(self, w: _WorkerHandle, lid: int) -> None:
         key = w.listeners.pop(lid, None)
