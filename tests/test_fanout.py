@@ -137,15 +137,21 @@ async def test_icy_titles_through_a_worker(start: Start) -> None:
     assert pool_of(srv).workers[0].titles[AREA] == "Bản tin huyện (normal)"
 
 
-async def test_killed_worker_is_restarted_and_new_listeners_play(start: Start) -> None:
+async def one_listener_on_one_worker(start: Start) -> tuple[
+        Server, FanoutPool, asyncio.StreamReader, asyncio.StreamWriter, int]:
     srv = await start(workers=1)
     srv.background(440)
     pool = pool_of(srv)
     reader, writer, _, _ = await open_stream(srv.port, f"/streams/{AREA}.mp3")
     await reader.readexactly(2000)
-    old = pool.worker_pids()
-    assert len(old) == 1
-    os.kill(old[0], signal.SIGKILL)
+    [pid] = pool.worker_pids()
+    return srv, pool, reader, writer, pid
+
+
+async def test_killed_worker_is_restarted_and_new_listeners_play(start: Start) -> None:
+    srv, pool, reader, writer, pid = await one_listener_on_one_worker(start)
+    old = [pid]
+    os.kill(pid, signal.SIGKILL)
     while await asyncio.wait_for(reader.read(65536), 30):
         pass  # the listener's connection ends with its worker
     writer.close()
@@ -197,13 +203,8 @@ def test_worker_socketpair_passes_a_descriptor() -> None:
 
 
 async def test_a_worker_that_stops_reading_is_replaced(start: Start) -> None:
-    srv = await start(workers=1)
-    srv.background(440)
-    pool = pool_of(srv)
-    reader, writer, _, _ = await open_stream(srv.port, f"/streams/{AREA}.mp3")
-    await reader.readexactly(2000)
-    [old] = pool.worker_pids()
-    os.kill(old, signal.SIGSTOP)  # alive but frozen: its messages pile up in the node
+    srv, pool, _reader, writer, old = await one_listener_on_one_worker(start)
+    os.kill(old, signal.SIGSTOP)  # alive but frozen: it stops reporting to the node
     try:
         await until(lambda: pool.restarts == 1, "the frozen worker to be replaced", limit=60)
     finally:

@@ -378,3 +378,21 @@ def test_bench_fanout_http_small(capsys: pytest.CaptureFixture[str],
     assert r["first_audio_ms"]["n"] == 3
     assert r["baseline"] is None and "icecast2 not found" in r["baseline_reason"]
     assert r["ratio_vs_icecast"] is None
+
+
+def test_bench_fanout_http_storm_small(capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The storm bench: every listener reconnects through the worker; clock figures reported."""
+    from loa.web import bench_http
+    from loa.web.cli import main
+
+    monkeypatch.setattr(bench_http, "SETTLE_SECONDS", 0.2)
+    monkeypatch.setattr(bench_http, "WARMUP_SECONDS", 0.5)
+    rc = main(["bench", "fanout", "--transport", "http", "--storm", "--listeners", "20",
+               "--workers", "1"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and len(out) == 1
+    r = json.loads(out[0])
+    assert (r["storm"], r["workers"], r["reconnected"], r["reconnect_failed"]) == (True, 1, 20, 0)
+    assert r["media_clock_skipped_ticks"] >= 0 and r["media_clock_late_ticks"] >= 0
+    assert r["server_cpu_seconds"] >= r["node_process_cpu_seconds"] > 0
