@@ -159,6 +159,7 @@ class Worker:
         self.stopped = asyncio.get_running_loop().create_future()
         self.link = _Link(sock, self.on_message, self.stop)
         self._reported: dict[tuple[str, str], dict[str, int]] = {}
+        self._stats_due = False
 
     def stop(self) -> None:
         if self.streamer is not None:
@@ -208,9 +209,12 @@ class Worker:
         ls = streamer.attach(area, codec, transport, icy, head)  # type: ignore[arg-type]
         ls.done.add_done_callback(lambda _f: self.link.send(("left", lid)))
         proto.on_lost = lambda: ls.channel.remove(ls, "closed")
-        self.send_stats()  # its head and burst count at once
+        if not self._stats_due:  # its head and burst count at once (one report a loop turn)
+            self._stats_due = True
+            asyncio.get_running_loop().call_soon(self.send_stats)
 
     def send_stats(self) -> None:
+        self._stats_due = False
         s = self.streamer
         if s is None:
             return
