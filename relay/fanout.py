@@ -7,12 +7,14 @@ socket to a worker (SCM_RIGHTS over a Unix SOCK_SEQPACKET pair) together with th
 it would have written. The worker runs the unchanged `HttpStreamer` of loa.relay.icecast on its
 own event loop, fed by a local `PacketHub` whose channels receive the node's encoded packets:
 the node keeps one hub subscription per (area, codec) that any worker has listeners for and sends
-each worker one message per tick with that tick's packets (and the ICY title when it changed).
+each worker one message every FORWARD_SECONDS (100 ms, the shortest HTTP batch anyway: a message
+per 20 ms tick cost a worker 1 % of a core in wake-ups alone) with those ticks' packets and the
+ICY title when it changed.
 
 Messages are pickled tuples, one per datagram (both ends are this program):
   node -> worker: ("init", HttpStreamSettings, EncoderSettings), ("attach", [(id, area, codec,
                   icy, head), ...]) with one socket per entry, ("tick", [(area, codec, pts, duration, rate,
-                  data)...], {area: title}), ("stop",)
+                  data)...], {area: title changed}), ("stop",)
   worker -> node: ("left", id), ("stats", {(area, codec): counters changed}) every
                   STATS_INTERVAL (a worker silent for STUCK_SECONDS is killed and replaced)
 The node counts listeners (limits hold there) and adds the workers' counters into its own
@@ -40,6 +42,7 @@ from loa.streamer.hub import PacketHub, Subscription
 log = logging.getLogger("loa.http_streams")
 
 MAX_MESSAGE = 1 << 20  # a tick of packets for every channel fits easily
+FORWARD_SECONDS = 0.1  # packets go to the workers this often (batch_ms: no batch waits longer)
 STATS_INTERVAL = 0.25  # seconds between the workers' counter reports
 RESTART_DELAY = 0.5  # seconds before a dead worker is started again
 STUCK_SECONDS = 5.0  # a worker silent this long (it reports every STATS_INTERVAL) is killed
@@ -420,9 +423,9 @@ class FanoutPool:
             if key in w.channels:
                 w.packets.extend((area, codec, p.pts, p.duration, p.rate, p.data)
                                  for p in packets)
-        if not self._flush_due:  # after the rest of this tick's deliveries
+        if not self._flush_due:  # with the next ticks' packets: fewer wake-ups of the workers
             self._flush_due = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            asyncio.get_running_loop().call_later(FORWARD_SECONDS, self._flush)
 
     def _flush(self) -> None:
         self._flush_due = False
