@@ -78,6 +78,7 @@ class HttpStreamSettings:
     icy_metaint: int = 16000
     retry_after: int = 10  # seconds, in the 503 answer when a limit is reached
     write_chunk: int = 512  # listeners written before yielding to the event loop
+    workers: int = 1  # processes that write to listeners (loa.relay.fanout); 0: this process
 
 
 _LINGER_RESET = struct.pack("ii", 1, 0)

@@ -10,6 +10,7 @@ never timing thresholds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -73,12 +74,14 @@ class Server:
 Start = Callable[..., Awaitable[Server]]
 
 
-@pytest.fixture
-async def start(tmp_path: Path) -> AsyncIterator[Start]:
-    servers: list[Server] = []
+@contextlib.asynccontextmanager
+async def servers(tmp_path: Path, workers: int) -> AsyncIterator[Start]:
+    """Start nodes serving HTTP streams themselves (workers = 0) or through fan-out workers."""
+    started: list[Server] = []
 
     async def _start(**settings: Any) -> Server:
-        cfg = make_config(tmp_path / f"node{len(servers)}")
+        cfg = make_config(tmp_path / f"node{len(started)}")
+        cfg.http_streams.workers = workers
         for key, value in settings.items():
             target = cfg.http_streams if hasattr(cfg.http_streams, key) else cfg.encoders
             assert hasattr(target, key), key
@@ -92,15 +95,23 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
         await site.start()
         port = runner.addresses[0][1]
         server = Server(node, app, runner, port)
-        servers.append(server)
+        started.append(server)
         return server
 
     (tmp_path / "node0").mkdir()
     (tmp_path / "node1").mkdir()
-    yield _start
-    for s in servers:
-        await s.runner.cleanup()
-        await s.node.stop()
+    try:
+        yield _start
+    finally:
+        for s in started:
+            await s.runner.cleanup()
+            await s.node.stop()
+
+
+@pytest.fixture(params=[0, 1], ids=["in-process", "worker"])
+async def start(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Start]:
+    async with servers(tmp_path, request.param) as _start:
+        yield _start
 
 
 async def until(cond: Callable[[], bool], what: str, limit: float = 20.0) -> None:
@@ -564,3 +575,21 @@ async def test_burst_is_the_larger_of_time_and_bytes_and_a_player_may_ask_for_le
             async with http.get(srv.url(f"/streams/{AREA}.mp3?burst_ms={bad}")) as r:
                 assert r.status == 422
                 assert (await r.json())["field"] == "burst_ms"
+
+
+def test_bench_fanout_http_storm_small(capsys: pytest.CaptureFixture[str],
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The storm bench: every listener reconnects through the worker; clock figures reported."""
+    from loa.web import bench_http
+    from loa.web.cli import main
+
+    monkeypatch.setattr(bench_http, "SETTLE_SECONDS", 0.2)
+    monkeypatch.setattr(bench_http, "WARMUP_SECONDS", 0.5)
+    rc = main(["bench", "fanout", "--transport", "http", "--storm", "--listeners", "20",
+               "--workers", "1"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and len(out) == 1
+    r = json.loads(out[0])
+    assert (r["storm"], r["workers"], r["reconnected"], r["reconnect_failed"]) == (True, 1, 20, 0)
+    assert r["media_clock_skipped_ticks"] >= 0 and r["media_clock_late_ticks"] >= 0
+    assert r["server_cpu_seconds"] >= r["node_process_cpu_seconds"] > 0

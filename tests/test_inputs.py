@@ -23,6 +23,7 @@ from aiohttp import ClientSession, web
 
 from loa.codecs.encoders import Packet
 from loa.relay.inputs import RelayInput, RelayInputSettings, safe_url
+from loa.relay.urlpolicy import FetchSettings
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.clock import FRAME, SAMPLE_RATE
 from loa.streamer.hub import Subscription
@@ -194,6 +195,7 @@ class LiveNode:
 async def live(tmp_path) -> AsyncIterator[LiveNode]:
     cfg = make_config(tmp_path)
     cfg.hls.segment_seconds = 1.0
+    cfg.fetch = FetchSettings(allow_networks=["127.0.0.0/8"])  # the outside world is local
     node = Node(cfg, realtime=True)
     await node.start()
     for name in ("tinh", "huyen1"):

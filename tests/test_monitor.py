@@ -133,6 +133,12 @@ async def test_commune_operator_sees_only_its_commune(api: Api) -> None:
     assert status == 200, first
     api.run(2.0)
     assert await x1.content.readexactly(4) == b"OggS"  # audio reached the listener
+    streams = api.client.app[HTTP_STREAMER].stats()["streams"]
+    for _ in range(500):  # fan-out workers report their byte counters within a moment
+        if all(x["bytes"] for x in streams):
+            break
+        await asyncio.sleep(0.02)
+        streams = api.client.app[HTTP_STREAMER].stats()["streams"]
     status, body = await api.call("xa11", "GET", "/api/v1/monitor")
     assert status == 200, body
     assert body["scope"] == "T01-H1-X1"

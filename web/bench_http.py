@@ -1,4 +1,5 @@
-"""`loa bench fanout --transport http --listeners N [--seconds S] [--baseline icecast]`.
+"""`loa bench fanout --transport http --listeners N [--seconds S] [--baseline icecast]
+[--workers W]` and `loa bench fanout --transport http --storm --listeners N [--workers W]`.
 
 What Icecast-compatible HTTP fan-out costs per listener, against Icecast 2 doing the same job.
 
@@ -11,8 +12,8 @@ server's. The sequence, identical for Loa and for the Icecast baseline:
 1. one listener; after a settling second, `baseline_cpu_fraction` over 2 s: the stream with one
    listener (Loa: media clock, mix, MP3 encode; Icecast: reading its source);
 2. N - 1 more listeners (at most 200 connecting at a time), 2 s of warm-up;
-3. the window of S seconds: the server's CPU (Loa: this process's `time.process_time()`;
-   Icecast: the sum of its threads' `/proc/<pid>/task/*/schedstat` run time) and, in the child,
+3. the window of S seconds: the server's CPU (Loa: this process's `time.process_time()` plus
+   its fan-out worker processes' run time, see `[http_streams] workers`; Icecast: the sum of its threads' `/proc/<pid>/task/*/schedstat` run time) and, in the child,
    every listener's bytes and the gaps between its reads;
 4. `first_audio_ms`: 20 fresh listeners, one every 100 ms, from `connect()` to the first byte of
    audio after the response head (p50 and p99), while the N keep streaming.
@@ -31,6 +32,12 @@ the server meant the worst listener got its audio, the client's own scheduling i
 `ratio_vs_icecast` = Loa's server_cpu_per_listener / Icecast's; `ratio_vs_icecast_fanout` the
 same for the fan-out alone; `ratio_vs_icecast_with_source` counts the ffmpeg that encodes for
 Icecast (`feed_cpu_fraction`) on Icecast's side, since Loa mixes and encodes in its own process.
+
+`--storm`: the N listeners stream, then all hang up at once and reconnect (every connect in
+flight together), as after a network blip. Figures over the storm and one second after it:
+`reconnect_seconds` (until all N get audio again), the media clock's `skipped_ticks` (a stall
+over 10 ticks), `late_ticks` (started > 5 ms late) and `max_lateness_ms`, the event loop's lag,
+and `server_cpu_seconds` (node and workers).
 
 The Icecast baseline runs `icecast2` (Debian package icecast2) with a generated config on a free
 127.0.0.1 port (run as user icecast2 or nobody through <changeowner> when the bench runs as
@@ -56,6 +63,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -127,6 +135,7 @@ def client_main(conn: Connection, port: int, path: str, nofile: int) -> None:
     want_audio = 0
     failed = closed = retried = 0
     marked: float | None = None
+    inflight = INFLIGHT
 
     def start(fresh: bool) -> None:
         nonlocal failed
@@ -164,7 +173,7 @@ def client_main(conn: Connection, port: int, path: str, nofile: int) -> None:
 
     while True:
         now = time.monotonic()
-        while to_open and connecting() < INFLIGHT:
+        while to_open and connecting() < inflight:
             start(False)
             to_open -= 1
         while fresh_due and fresh_due[0] <= now:
@@ -208,6 +217,17 @@ def client_main(conn: Connection, port: int, path: str, nofile: int) -> None:
                         "closed": closed,
                     })
                     marked = None
+                elif cmd == "storm":  # every listener hangs up and calls again at once
+                    gone = streaming()
+                    for x in gone:
+                        with contextlib.suppress(KeyError, ValueError):
+                            sel.unregister(x.sock)
+                        conns.pop(x.sock.fileno(), None)
+                        x.sock.close()
+                    inflight = max(INFLIGHT, int(arg))
+                    to_open += len(gone)
+                    want_audio = len(streaming()) + to_open
+                    waiting = "open"
                 elif cmd == "fresh":
                     base = time.monotonic()
                     fresh_due = [base + i * FRESH_SPACING for i in range(int(arg))]
@@ -366,14 +386,15 @@ async def measure(port: int, path: str, listeners: int, seconds: float, cpu: Any
 
 
 # ---- Loa ----------------------------------------------------------------------------------
-async def measure_loa(listeners: int, seconds: float, codec: str = "mp3") -> dict[str, Any]:
+@contextlib.asynccontextmanager
+async def loa_node(listeners: int, workers: int | None) -> AsyncIterator[Any]:
+    """A real node airing the bench tone on a free port: yields (node, app, port)."""
     from aiohttp import web
 
     from loa.streamer.broadcast import Broadcast
     from loa.streamer.sources import ToneSource
     from loa.web.app import Node, create_app
     from loa.web.config import load_config
-    from loa.web.streams_http import HTTP_STREAMER
 
     with tempfile.TemporaryDirectory(prefix="loa-bench-http-") as tmp:
         cfg = load_config(None, env={}, data=str(Path(tmp) / "data"))
@@ -382,6 +403,8 @@ async def measure_loa(listeners: int, seconds: float, codec: str = "mp3") -> dic
         cfg.encoders.mp3_bitrate = BITRATE
         cfg.encoders.opus_bitrate = BITRATE
         hs = cfg.http_streams
+        if workers is not None:
+            hs.workers = workers
         hs.max_listeners = max(hs.max_listeners, listeners + FRESH_LISTENERS + 10)
         hs.max_listeners_per_area = max(hs.max_listeners_per_area, hs.max_listeners)
         node = Node(cfg, realtime=True)
@@ -392,40 +415,101 @@ async def measure_loa(listeners: int, seconds: float, codec: str = "mp3") -> dic
         await runner.setup()
         site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
         await site.start()
-        port = runner.addresses[0][1]
         try:
             node.engine.start(Broadcast(ToneSource(440, 0.3), [ROOT], issuer=ROOT,
                                         title="bench"))
-            streamer = app[HTTP_STREAMER]
-            clock = node.clock
-            skipped = 0
-
-            def mark() -> None:  # the node's own lateness figures cover the window only
-                nonlocal skipped
-                if clock is not None:
-                    clock.stats.max_lateness_ms = 0.0
-                    skipped = clock.stats.skipped_ticks
-                node.lag.max_ms = 0.0
-
-            out = await measure(port, f"/streams/{ROOT}.{codec}", listeners, seconds,
-                                time.process_time,
-                                lambda: streamer.batch_span_ms(BYTES_PER_SECOND), mark)
-            stats = streamer.stats()
-            out.update({
-                "dropped": stats["dropped"],
-                "loop_lag_max_ms": round(node.lag.max_ms, 1),
-                "media_clock_max_lateness_ms": round(clock.stats.max_lateness_ms, 1)
-                if clock else None,
-                "media_clock_skipped_ticks": clock.stats.skipped_ticks - skipped
-                if clock else None,
-                "batch": {"batch_ms": hs.batch_ms, "batch_bytes": hs.batch_bytes,
-                          "write_budget": hs.write_budget, "max_batch_ms": hs.max_batch_ms,
-                          "burst_ms": hs.burst_ms, "burst_kb": hs.burst_kb},
-            })
-            return out
+            yield node, app, runner.addresses[0][1]
         finally:
             await runner.cleanup()
             await node.stop()
+
+
+def loa_cpu(app: Any) -> Any:
+    """CPU seconds of the node's process and of its fan-out workers."""
+    from loa.web.streams_http import FANOUT
+
+    pool = app.get(FANOUT)
+
+    def cpu() -> float:
+        pids = pool.worker_pids() if pool is not None else []
+        return time.process_time() + sum(proc_cpu_seconds(pid) for pid in pids)
+
+    return cpu
+
+
+async def measure_loa(listeners: int, seconds: float, workers: int | None,
+                      codec: str = "mp3") -> dict[str, Any]:
+    from loa.web.streams_http import HTTP_STREAMER
+
+    async with loa_node(listeners, workers) as (node, app, port):
+        hs = node.cfg.http_streams
+        streamer = app[HTTP_STREAMER]
+        clock = node.clock
+        skipped = 0
+
+        def mark() -> None:  # the node's own lateness figures cover the window only
+            nonlocal skipped
+            if clock is not None:
+                clock.stats.max_lateness_ms = 0.0
+                skipped = clock.stats.skipped_ticks
+            node.lag.max_ms = 0.0
+
+        out = await measure(port, f"/streams/{ROOT}.{codec}", listeners, seconds, loa_cpu(app),
+                            lambda: streamer.batch_span_ms(BYTES_PER_SECOND), mark)
+        stats = streamer.stats()
+        out.update({
+            "workers": hs.workers,
+            "dropped": stats["dropped"],
+            "loop_lag_max_ms": round(node.lag.max_ms, 1),
+            "media_clock_max_lateness_ms": round(clock.stats.max_lateness_ms, 1)
+            if clock else None,
+            "media_clock_skipped_ticks": clock.stats.skipped_ticks - skipped
+            if clock else None,
+            "batch": {"batch_ms": hs.batch_ms, "batch_bytes": hs.batch_bytes,
+                      "write_budget": hs.write_budget, "max_batch_ms": hs.max_batch_ms,
+                      "burst_ms": hs.burst_ms, "burst_kb": hs.burst_kb},
+        })
+        return out
+
+
+async def storm(listeners: int, workers: int | None) -> dict[str, Any]:
+    """N listeners stream, then all hang up and reconnect at once; the media clock's figures
+    over the storm (and a settling second after it) say whether a tick was delayed."""
+    async with loa_node(listeners, workers) as (node, app, port):
+        clock = node.clock
+        assert clock is not None
+        client = Listeners(port, f"/streams/{ROOT}.mp3", listeners + FRESH_LISTENERS + 256)
+        cpu = loa_cpu(app)
+        try:
+            got = await client.call("open", listeners)
+            log(f"{got['streaming']} listeners streaming ({got['failed']} failed)")
+            await asyncio.sleep(WARMUP_SECONDS)
+            st = clock.stats
+            skipped, late = st.skipped_ticks, st.late_ticks
+            st.max_lateness_ms = 0.0
+            node.lag.max_ms = 0.0
+            c0, n0, t0 = cpu(), time.process_time(), time.monotonic()
+            again = await client.call("storm", listeners)
+            reconnect = time.monotonic() - t0
+            await asyncio.sleep(SETTLE_SECONDS)
+            c1, n1, t1 = cpu(), time.process_time(), time.monotonic()
+            rep = await client.call("report")
+        finally:
+            await client.close()
+        return {
+            "bench": "fanout", "transport": "http", "storm": True, "listeners": listeners,
+            "workers": node.cfg.http_streams.workers, "cpu_count": os.cpu_count(),
+            "reconnected": again["streaming"], "reconnect_failed": again["failed"],
+            "connects_retried": rep["retried"],
+            "reconnect_seconds": round(reconnect, 2),
+            "window_seconds": round(t1 - t0, 2),
+            "server_cpu_seconds": round(c1 - c0, 3),
+            "node_process_cpu_seconds": round(n1 - n0, 3),  # the rest: the workers
+            "media_clock_skipped_ticks": st.skipped_ticks - skipped,
+            "media_clock_late_ticks": st.late_ticks - late,
+            "media_clock_max_lateness_ms": round(st.max_lateness_ms, 1),
+            "loop_lag_max_ms": round(node.lag.max_ms, 1),
+        }
 
 
 # ---- the Icecast baseline -----------------------------------------------------------------
@@ -600,8 +684,8 @@ async def _tcp_open(port: int) -> bool:
     return True
 
 
-async def bench(listeners: int, seconds: float, baseline: str, codec: str = "mp3"
-                ) -> dict[str, Any]:
+async def bench(listeners: int, seconds: float, baseline: str,
+                workers: int | None = None, codec: str = "mp3") -> dict[str, Any]:
     result: dict[str, Any] = {"bench": "fanout", "transport": "http", "listeners": listeners,
                               "bitrate_kbps": BITRATE // 1000,
                               "codec": "mp3 24 kHz mono" if codec == "mp3" else
@@ -609,7 +693,7 @@ async def bench(listeners: int, seconds: float, baseline: str, codec: str = "mp3
                               "cpu_count": os.cpu_count(),
                               "lateness_definition": "max_gap_ms (longest wait of any listener "
                               "between two reads) minus nominal_write_interval_ms"}
-    result.update(await measure_loa(listeners, seconds, codec))
+    result.update(await measure_loa(listeners, seconds, workers, codec))
     result["baseline"] = None
     result["ratio_vs_icecast"] = None
     if baseline == "icecast":
@@ -641,9 +725,13 @@ def run(args: argparse.Namespace) -> int:
         print("--seconds must be within (0, 600]", file=sys.stderr)
         return 2
     raise_nofile(2 * listeners + 1024)
+    workers = getattr(args, "workers", None)
     try:
-        result = asyncio.run(bench(listeners, seconds, getattr(args, "baseline", "none"),
-                                   getattr(args, "codec", "mp3")))
+        if getattr(args, "storm", False):
+            result = asyncio.run(storm(listeners, workers))
+        else:
+            result = asyncio.run(bench(listeners, seconds, getattr(args, "baseline", "none"),
+                                       workers, getattr(args, "codec", "mp3")))
     except BenchError as e:
         print(f"bench failed: {e}", file=sys.stderr)
         return 1

@@ -22,7 +22,8 @@ the moment the request is sent (`time.monotonic()`, one clock for all processes 
 - `server_ms`: until the first packet of the emergency leaves each transport on the server
   (`hub`: the engine's packets handed to the transports on the event loop; `rtp`: sent by the RTP
   sender thread; `webrtc`: sent to every WHEP peer of the area; `http`: the first HTTP batch
-  holding it written to the listeners). "Of the emergency" = its pts is at or after the sample
+  holding it written to the listeners; with fan-out workers: the tick's message holding it sent
+  to the workers). "Of the emergency" = its pts is at or after the sample
   where the engine switched the area;
 - `rtp_ms`, `webrtc_ms`, `http_ms`: until a client's decoded audio shows the attention signal
   (the first 20 ms frame whose energy is more than half at 800 or 1000 Hz, Goertzel, after at
@@ -365,7 +366,7 @@ class Probe:
 
 
 def _hook(app: Any, node: Any, probe: Probe, areas: list[str]) -> None:
-    from loa.web.streams_http import HTTP_STREAMER
+    from loa.web.streams_http import FANOUT, HTTP_STREAMER
     from loa.web.streams_rtp import RTP
     from loa.web.streams_webrtc import RELAY
 
@@ -422,6 +423,18 @@ def _hook(app: Any, node: Any, probe: Probe, areas: list[str]) -> None:
 
         ch.sub.on_packets = packets_in
         ch.write_all = written
+    pool = app.get(FANOUT)  # fan-out workers: "sent" is the tick's message to the workers
+    for (area, _codec), sub in (pool.subs.items() if pool else []):
+        if area not in areas:
+            continue
+        orig_f = sub.on_packets
+
+        def forwarded(packets: list[Any], _o: Any = orig_f, a: str = area) -> None:
+            _o(packets)
+            if not probe.seen("http", a) and probe.is_emergency(a, packets):
+                probe.mark("http", a)
+
+        sub.on_packets = forwarded
 
 
 async def _server(n: int, rounds: int) -> dict[str, Any]:

@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="http: also measure Icecast 2 serving the same stream, same run")
     fan.add_argument("--codec", choices=["mp3", "opus"], default="mp3",
                      help="http: the stream measured (opus: Ogg Opus)")
+    fan.add_argument("--storm", action="store_true",
+                     help="http: every listener reconnects at once; media clock figures")
+    fan.add_argument("--workers", type=int, default=None,
+                     help="http: fan-out worker processes (default: [http_streams] workers)")
     return ap
 
 

@@ -4,6 +4,8 @@ Streams are public like Icecast mounts (loudspeakers and browsers pull them with
 The handler checks the area and the listener limits with aiohttp's usual error answers, then
 hands the accepted connection to the `HttpStreamer` (loa.relay.icecast), which writes the
 close-delimited response itself; the handler only waits, idle, until the listener is gone.
+With `[http_streams] workers` > 0 the connection goes instead to a fan-out worker process
+(loa.relay.fanout) and the handler returns at once; the limits are still counted here.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from loa.relay.fanout import FanoutPool
 from loa.relay.icecast import ICY_CODECS, HttpStreamer, LimitReached
 from loa.streamer.areas import AreaError
 from loa.web.app import NODE
@@ -23,6 +26,7 @@ log = logging.getLogger("loa.http_streams")
 
 MAX_BURST_MS = 60_000
 HTTP_STREAMER: web.AppKey[HttpStreamer] = web.AppKey("http_streamer", HttpStreamer)
+FANOUT: web.AppKey[FanoutPool] = web.AppKey("http_fanout", FanoutPool)
 
 
 def http_stats(app: web.Application) -> dict[str, Any]:
@@ -65,6 +69,13 @@ async def _stream(request: web.Request, codec: str) -> web.StreamResponse:
         transport.write(head)
         transport.close()
         return web.Response()  # not sent: the connection is closed (aiohttp logs the access)
+    pool = app.get(FANOUT)
+    worker = pool.pick() if pool is not None else None
+    if pool is not None and worker is not None:  # else (all restarting): served here
+        pool.hand_off(worker, area.code, codec, transport, icy, head, burst_ms)
+        log.debug("listener handed off event=http_listener_join area=%s codec=%s peer=%s "
+                  "icy=%s worker=%d", area.code, codec, request.remote, icy, worker.slot)
+        return web.Response()  # not sent: this process closed its copy of the connection
     listener = streamer.attach(area.code, codec, transport, icy, head, burst_ms)
     log.debug("listener joined event=http_listener_join area=%s codec=%s peer=%s icy=%s",
               area.code, codec, request.remote, icy)
@@ -94,6 +105,18 @@ def setup(app: web.Application) -> None:
     streamer = HttpStreamer(node.hub, node.cfg.http_streams, node.cfg.encoders,
                             on_air=node.engine.on_air)
     app[HTTP_STREAMER] = streamer
+    workers = max(0, node.cfg.http_streams.workers)
+    if workers:
+        pool = app[FANOUT] = FanoutPool(streamer, workers)
+
+        async def _start(app: web.Application) -> None:
+            await pool.start()
+
+        async def _stop(app: web.Application) -> None:
+            await pool.close()
+
+        app.on_startup.append(_start)
+        app.on_shutdown.append(_stop)
     app.router.add_get("/streams/{area}.mp3", stream_mp3)
     app.router.add_get("/streams/{area}.opus", stream_opus)
 

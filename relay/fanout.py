@@ -1,0 +1,495 @@
+"""HTTP listener fan-out in worker processes (`[http_streams] workers = N`, 0: in-process).
+
+A reconnect storm of thousands of listeners costs seconds of CPU in accepts, heads, bursts and
+writes; in the node's process that time is taken from the media clock (the GIL). With workers,
+the node's aiohttp still parses each request and applies the limits, then hands the connected
+socket to a worker (SCM_RIGHTS over a Unix SOCK_SEQPACKET pair) together with the response head
+it would have written. The worker runs the unchanged `HttpStreamer` of loa.relay.icecast on its
+own event loop, fed by a local `PacketHub` whose channels receive the node's encoded packets:
+the node keeps one hub subscription per (area, codec) that any worker has listeners for and sends
+each worker one message every FORWARD_SECONDS (100 ms, the shortest HTTP batch anyway: a message
+per 20 ms tick cost a worker 1 % of a core in wake-ups alone) with those ticks' packets and the
+ICY title when it changed.
+
+Messages are pickled tuples, one per datagram (both ends are this program):
+  node -> worker: ("init", HttpStreamSettings, EncoderSettings), ("attach", [(id, area, codec,
+                  icy, head, burst_ms), ...]) with one socket per entry, ("tick", [(area, codec, pts, duration, rate,
+                  data)...], {area: title changed}), ("stop",)
+  worker -> node: ("left", id), ("stats", {(area, codec): counters changed}) every
+                  STATS_INTERVAL (a worker silent for STUCK_SECONDS is killed and replaced)
+The node counts listeners (limits hold there) and adds the workers' counters into its own
+`HttpStreamer` counters, so the monitor and /metrics read the same numbers as without workers.
+A worker that dies is started again (its listeners reconnect by themselves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from loa.codecs.encoders import Packet
+from loa.relay.icecast import HttpStreamer
+from loa.streamer.hub import PacketHub, Subscription
+
+log = logging.getLogger("loa.http_streams")
+
+MAX_MESSAGE = 1 << 20  # a tick of packets for every channel fits easily
+FORWARD_SECONDS = 0.1  # packets go to the workers this often (batch_ms: no batch waits longer)
+STATS_INTERVAL = 0.25  # seconds between the workers' counter reports
+RESTART_DELAY = 0.5  # seconds before a dead worker is started again
+STUCK_SECONDS = 5.0  # a worker silent this long (it reports every STATS_INTERVAL) is killed
+MAX_FDS = 64  # listener sockets passed in one message (a storm's accepts go in batches)
+BUFFER = 4 << 20  # socketpair buffers: a worker busy for a moment does not block the node
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+
+
+def _pair() -> tuple[socket.socket, socket.socket]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for s in (a, b):
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER)
+        s.setblocking(False)
+    return a, b
+
+
+class _Link:
+    """One end of a socketpair: pickled messages out (queued while the peer is busy) and in."""
+
+    def __init__(self, sock: socket.socket, on_message: Callable[[Any, list[int]], None],
+                 on_eof: Callable[[], None]) -> None:
+        self.sock = sock
+        self.on_message = on_message
+        self.on_eof = on_eof
+        self.loop = asyncio.get_running_loop()
+        self.out: list[tuple[bytes, list[int]]] = []  # (message, fds to pass)
+        self.closed = False
+        self.loop.add_reader(sock.fileno(), self._readable)
+
+    def send(self, msg: Any, fds: list[int] | None = None) -> None:
+        """Send a message; `fds` (dups the link owns) are closed once passed."""
+        if self.closed:
+            _close_all(fds or [])
+            return
+        self.out.append((pickle.dumps(msg, pickle.HIGHEST_PROTOCOL), fds or []))
+        if len(self.out) == 1:
+            self._flush()
+
+    def _flush(self) -> None:
+        while self.out and not self.closed:
+            data, fds = self.out[0]
+            try:
+                if fds:
+                    socket.send_fds(self.sock, [data], fds)
+                else:
+                    self.sock.send(data)
+            except BlockingIOError:
+                self.loop.add_writer(self.sock.fileno(), self._flush)
+                return
+            except OSError:
+                self.close()
+                self.on_eof()
+                return
+            self.out.pop(0)
+            _close_all(fds)
+        with contextlib.suppress(Exception):
+            self.loop.remove_writer(self.sock.fileno())
+
+    def _readable(self) -> None:
+        for _ in range(64):  # then let the loop run other work
+            try:
+                data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE,
+                                                             MAX_FDS)
+            except BlockingIOError:
+                return
+            except OSError:
+                data, fds = b"", []
+            if not data:
+                self.close()
+                self.on_eof()
+                return
+            try:
+                self.on_message(pickle.loads(data), fds)
+            except Exception:  # a bad message is dropped; the link goes on
+                log.exception("fan-out message failed event=http_fanout_error")
+                _close_all(fds)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(Exception):
+            self.loop.remove_reader(self.sock.fileno())
+            self.loop.remove_writer(self.sock.fileno())
+        for _data, fds in self.out:
+            _close_all(fds)
+        self.out.clear()
+        self.sock.close()
+
+
+# ---- the worker process -------------------------------------------------------------------
+class _Discard(asyncio.Protocol):
+    """A listener's connection: what it sends is ignored; its end closes the stream."""
+
+    def __init__(self) -> None:
+        self.on_lost: Callable[[], None] | None = None
+
+    def data_received(self, data: bytes) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.on_lost is not None:
+            self.on_lost()
+
+
+class Worker:
+    def __init__(self, sock: socket.socket) -> None:
+        self.hub = PacketHub()  # no loop: deliveries are synchronous, on this loop
+        self.titles: dict[str, str] = {}
+        self.streamer: HttpStreamer | None = None
+        self.stopped = asyncio.get_running_loop().create_future()
+        self.link = _Link(sock, self.on_message, self.stop)
+        self._reported: dict[tuple[str, str], dict[str, int]] = {}
+        self._stats_due = False
+
+    def stop(self) -> None:
+        if self.streamer is not None:
+            self.streamer.close()
+        if not self.stopped.done():
+            self.stopped.set_result(None)
+
+    def on_message(self, msg: Any, fds: list[int]) -> None:
+        kind = msg[0]
+        if kind == "tick":
+            self.titles.update(msg[2])
+            by_channel: dict[tuple[str, str], list[Packet]] = {}
+            for area, codec, pts, duration, rate, data in msg[1]:
+                by_channel.setdefault((area, codec), []).append(
+                    Packet(codec, pts, duration, data, rate))
+            for (area, codec), packets in by_channel.items():
+                self.hub.channel(area, codec).deliver(packets)
+        elif kind == "attach":  # one entry per socket passed, in order
+            for (lid, area, codec, icy, head, burst_ms), fd in zip(msg[1], fds, strict=True):
+                asyncio.get_running_loop().create_task(self.attach(lid, area, codec, icy,
+                                                                   head, burst_ms, fd))
+        elif kind == "init":
+            self.streamer = HttpStreamer(self.hub, msg[1], msg[2], on_air=self.on_air)
+        elif kind == "stop":
+            self.stop()
+
+    def on_air(self, area: str) -> dict[str, Any]:
+        return {"title": self.titles.get(area)}  # the node's title, "(class)" included
+
+    async def attach(self, lid: int, area: str, codec: str, icy: bool, head: bytes,
+                     burst_ms: int | None, fd: int) -> None:
+        sock = socket.socket(fileno=fd)
+        streamer = self.streamer
+        try:
+            assert streamer is not None, "attach before init"
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            transport, proto = await loop.connect_accepted_socket(_Discard, sock)
+        except Exception as e:
+            log.info("listener not taken event=http_fanout_attach_error error=%s", e)
+            sock.close()
+            self.link.send(("left", lid))
+            return
+        if transport.is_closing():  # the listener left while we set it up
+            self.link.send(("left", lid))
+            return
+        ls = streamer.attach(area, codec, transport, icy, head,  # type: ignore[arg-type]
+                             burst_ms)
+        ls.done.add_done_callback(lambda _f: self.link.send(("left", lid)))
+        proto.on_lost = lambda: ls.channel.remove(ls, "closed")
+        if not self._stats_due:  # its head and burst count at once (one report a loop turn)
+            self._stats_due = True
+            asyncio.get_running_loop().call_soon(self.send_stats)
+
+    def send_stats(self) -> None:
+        self._stats_due = False
+        s = self.streamer
+        if s is None:
+            return
+        changed = {k: dict(v) for k, v in s._counters.items() if self._reported.get(k) != v}
+        self._reported.update(changed)
+        self.link.send(("stats", changed))  # also when empty: the node hears it is alive
+
+    async def report(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_INTERVAL)
+            self.send_stats()
+
+
+async def worker_main(fd: int) -> None:
+    w = Worker(socket.socket(fileno=fd))
+    reporting = asyncio.get_running_loop().create_task(w.report())
+    await w.stopped
+    reporting.cancel()
+    await asyncio.sleep(0.2)  # the transports flush what they hold
+    w.link.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m loa.relay.fanout")
+    ap.add_argument("--fd", type=int, required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s fanout-worker %(message)s")
+    asyncio.run(worker_main(args.fd))
+    return 0
+
+
+# ---- the node side ------------------------------------------------------------------------
+class _WorkerHandle:
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
+        self.proc: asyncio.subprocess.Process | None = None
+        self.link: _Link | None = None
+        self.listeners: dict[int, tuple[str, str]] = {}  # id -> (area, codec)
+        self.channels: dict[tuple[str, str], int] = {}  # listeners per channel
+        self.counters: dict[tuple[str, str], dict[str, int]] = {}  # last report
+        self.titles: dict[str, str] = {}  # last title sent per area
+        self.packets: list[tuple[str, str, int, int, int, bytes]] = []  # this tick's
+        self.heard = 0.0  # loop time of its last message
+        self.attaching: list[tuple[tuple[int, str, str, bool, bytes, int | None], int]] = []  # (entry, fd)
+
+    @property
+    def ready(self) -> bool:
+        return self.link is not None and not self.link.closed
+
+
+class FanoutPool:
+    """The node's side: hands listeners to workers and feeds the workers the packets."""
+
+    def __init__(self, streamer: HttpStreamer, workers: int) -> None:
+        self.streamer = streamer
+        self.workers = [_WorkerHandle(i) for i in range(workers)]
+        self.subs: dict[tuple[str, str], Subscription] = {}
+        # Subscriptions kept warm_seconds after their last listener, as the in-process channels
+        # are: the workers' channels keep their burst fresh for whoever comes back.
+        self.cooling: dict[tuple[str, str], asyncio.TimerHandle] = {}
+        self.next_id = 0
+        self.restarts = 0
+        self.closed = False
+        self._flush_due = False
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        for w in self.workers:
+            await self._spawn(w)
+        self._tasks = [asyncio.get_running_loop().create_task(self._watch(w))
+                       for w in self.workers]
+
+    async def _spawn(self, w: _WorkerHandle) -> None:
+        mine, theirs = _pair()
+        try:
+            w.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "loa.relay.fanout", "--fd", str(theirs.fileno()),
+                pass_fds=[theirs.fileno()], stdin=asyncio.subprocess.DEVNULL)
+        finally:
+            theirs.close()
+        # Messages wait in the socketpair until the worker has started reading.
+        w.link = _Link(mine, lambda msg, fds: self._on_message(w, msg, fds), lambda: None)
+        w.link.send(("init", self.streamer.settings, self.streamer.encoders))
+        w.heard = asyncio.get_running_loop().time() + STUCK_SECONDS  # time to start up
+        log.info("fan-out worker started event=http_fanout_start slot=%d pid=%d", w.slot,
+                 w.proc.pid)
+
+    async def _watch(self, w: _WorkerHandle) -> None:
+        """Keep a worker process alive in this slot."""
+        while not self.closed and w.proc is not None:
+            code = await self._wait(w)
+            self._lost(w)
+            if self.closed:
+                return
+            self.restarts += 1
+            log.warning("fan-out worker died event=http_fanout_died slot=%d pid=%d code=%s; "
+                        "its listeners reconnect", w.slot, w.proc.pid, code)
+            await asyncio.sleep(RESTART_DELAY)
+            if not self.closed:
+                await self._spawn(w)
+
+    async def _wait(self, w: _WorkerHandle) -> int:
+        """The worker's exit code; a worker that stops reporting (frozen) is killed."""
+        assert w.proc is not None
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_task(w.proc.wait())
+        while not waiter.done():
+            await asyncio.wait([waiter], timeout=1.0)
+            if not waiter.done() and loop.time() - w.heard > STUCK_SECONDS:
+                log.warning("fan-out worker silent event=http_fanout_stuck slot=%d pid=%d",
+                            w.slot, w.proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.kill()
+        return waiter.result()
+
+    def _lost(self, w: _WorkerHandle) -> None:
+        """A worker is gone: its listeners no longer count (their sockets closed with it)."""
+        if w.link is not None:
+            w.link.close()
+            w.link = None
+        for lid in list(w.listeners):
+            self._left(w, lid)
+        w.channels = {}  # warm ones included: the next worker in this slot starts empty
+        w.counters = {}  # the next worker in this slot counts from zero
+        w.titles = {}
+        w.packets = []
+
+    def _on_message(self, w: _WorkerHandle, msg: Any, fds: list[int]) -> None:
+        _close_all(fds)  # workers send none
+        w.heard = max(w.heard, asyncio.get_running_loop().time())
+        if msg[0] == "left":
+            self._left(w, msg[1])
+        elif msg[0] == "stats":
+            for key, new in msg[1].items():
+                old = w.counters.get(key, {})
+                total = self.streamer.counters(*key)
+                for name, value in new.items():
+                    if name != "listeners":  # counted here, at once (see hand_off, _left)
+                        total[name] = total.get(name, 0) + value - old.get(name, 0)
+                w.counters[key] = new
+
+    def pick(self) -> _WorkerHandle | None:
+        ready = [w for w in self.workers if w.ready]
+        return min(ready, key=lambda w: len(w.listeners)) if ready else None
+
+    def hand_off(self, w: _WorkerHandle, area: str, codec: str, transport: asyncio.BaseTransport,
+                 icy: bool, head: bytes, burst_ms: int | None = None) -> None:
+        """Give an accepted connection (after `admit`) to a worker; this process forgets it."""
+        sock = transport.get_extra_info("socket")
+        assert w.link is not None
+        fd = os.dup(sock.fileno())  # the worker's copy; closed here once passed
+        transport.close()  # stops reading, closes this process's descriptor only: no FIN
+        lid = self.next_id = self.next_id + 1
+        w.listeners[lid] = (area, codec)
+        w.channels[(area, codec)] = w.channels.get((area, codec), 0) + 1
+        s = self.streamer
+        s.total += 1
+        s.per_area[area] = s.per_area.get(area, 0) + 1
+        s.counters(area, codec)["listeners"] += 1
+        cooling = self.cooling.pop((area, codec), None)
+        if cooling is not None:
+            cooling.cancel()
+        if (area, codec) not in self.subs:
+            sub = self.subs[(area, codec)] = s.hub.subscribe(area, codec, maxlen=64)
+            sub.on_packets = lambda packets, key=(area, codec): self._on_packets(key, packets)
+        title = s.title(area)
+        if w.titles.get(area) != title:  # the first ICY block names what is on air now
+            w.titles[area] = title
+            w.link.send(("tick", [], {area: title}))
+        w.attaching.append(((lid, area, codec, icy, head, burst_ms), fd))
+        if len(w.attaching) == 1:  # with the other connections accepted in this loop turn
+            asyncio.get_running_loop().call_soon(self._send_attaches, w)
+
+    def _send_attaches(self, w: _WorkerHandle) -> None:
+        todo, w.attaching = w.attaching, []
+        for i in range(0, len(todo), MAX_FDS):
+            chunk = todo[i:i + MAX_FDS]
+            fds = [fd for _e, fd in chunk]
+            if w.link is None:
+                _close_all(fds)  # the worker died meanwhile: these listeners reconnect
+            else:
+                w.link.send(("attach", [e for e, _fd in chunk]), fds)
+
+    def _left(self, w: _WorkerHandle, lid: int) -> None:
+        key = w.listeners.pop(lid, None)
+        if key is None:
+            return
+        s = self.streamer
+        s.total -= 1
+        left = s.per_area.get(key[0], 1) - 1
+        if left > 0:
+            s.per_area[key[0]] = left
+        else:
+            s.per_area.pop(key[0], None)
+        s.counters(*key)["listeners"] -= 1
+        # Down to 0 the entry stays while the subscription is warm: the worker's channel is
+        # warm too and keeps getting packets.
+        w.channels[key] = max(0, w.channels.get(key, 1) - 1)
+        if not any(x.channels.get(key) for x in self.workers) and key not in self.cooling:
+            warm = self.streamer.settings.warm_seconds
+            if warm > 0:
+                self.cooling[key] = asyncio.get_running_loop().call_later(
+                    warm, self._unsubscribe, key)
+            else:
+                self._unsubscribe(key)
+
+    def _unsubscribe(self, key: tuple[str, str]) -> None:
+        self.cooling.pop(key, None)
+        for w in self.workers:
+            if not w.channels.get(key, 1):
+                del w.channels[key]
+        sub = self.subs.pop(key, None)
+        if sub is not None:
+            sub.close()
+
+    def _on_packets(self, key: tuple[str, str], packets: list[Packet]) -> None:
+        area, codec = key
+        for w in self.workers:
+            if key in w.channels:
+                w.packets.extend((area, codec, p.pts, p.duration, p.rate, p.data)
+                                 for p in packets)
+        if not self._flush_due:  # with the next ticks' packets: fewer wake-ups of the workers
+            self._flush_due = True
+            asyncio.get_running_loop().call_later(FORWARD_SECONDS, self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        for w in self.workers:
+            if not w.packets or w.link is None:
+                continue
+            titles: dict[str, str] = {}
+            for area in {a for a, _c in w.channels}:
+                title = self.streamer.title(area)
+                if w.titles.get(area) != title:
+                    titles[area] = w.titles[area] = title
+            w.link.send(("tick", w.packets, titles))
+            w.packets = []
+
+    def worker_pids(self) -> list[int]:
+        return [w.proc.pid for w in self.workers if w.proc is not None and w.ready]
+
+    async def close(self) -> None:
+        """Stop the workers (they end their listeners' streams) and wait for them."""
+        if self.closed:
+            return
+        self.closed = True
+        for w in self.workers:
+            if w.link is not None:
+                w.link.send(("stop",))
+        for w in self.workers:
+            if w.proc is not None and w.proc.returncode is None:
+                try:
+                    await asyncio.wait_for(w.proc.wait(), 5)
+                except TimeoutError:
+                    w.proc.kill()
+                    await w.proc.wait()
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        for w in self.workers:
+            self._lost(w)
+        for timer in self.cooling.values():
+            timer.cancel()
+        self.cooling.clear()
+        for sub in self.subs.values():
+            sub.close()
+        self.subs.clear()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
