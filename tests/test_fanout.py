@@ -66,7 +66,7 @@ def socket_holders(local_port: int, remote_port: int) -> set[int]:
 
 
 async def test_listener_socket_belongs_to_the_worker_not_the_node(start: Start) -> None:
-    srv = await start(workers=1)
+    srv = await start(workers=1, warm_seconds=0)  # unsubscribed with the last listener
     srv.background(440)
     reader, writer, status, _ = await open_stream(srv.port, f"/streams/{AREA}.mp3")
     assert status == "HTTP/1.0 200 OK"
@@ -139,7 +139,7 @@ async def test_icy_titles_through_a_worker(start: Start) -> None:
 
 async def one_listener_on_one_worker(start: Start) -> tuple[
         Server, FanoutPool, asyncio.StreamReader, asyncio.StreamWriter, int]:
-    srv = await start(workers=1)
+    srv = await start(workers=1, warm_seconds=0)  # unsubscribed with the last listener
     srv.background(440)
     pool = pool_of(srv)
     reader, writer, _, _ = await open_stream(srv.port, f"/streams/{AREA}.mp3")
@@ -217,4 +217,22 @@ async def test_a_worker_that_stops_reading_is_replaced(start: Start) -> None:
     reader, writer, status, _ = await open_stream(srv.port, f"/streams/{AREA}.mp3")
     assert status == "HTTP/1.0 200 OK"
     assert mp3_frames(await asyncio.wait_for(reader.readexactly(4000), 30)) >= 40
+    writer.close()
+
+
+async def test_a_channel_stays_warm_for_the_workers_after_its_last_listener(start: Start) -> None:
+    """A listener who comes back within warm_seconds gets a fresh burst from the worker: the
+    node keeps feeding the worker's channel after its last listener left."""
+    srv = await start(workers=1, warm_seconds=30)
+    srv.background(440)
+    reader, writer, _, _ = await open_stream(srv.port, f"/streams/{AREA}.mp3")
+    await reader.readexactly(2000)
+    writer.close()
+    await until(lambda: srv.streamer.total == 0, "the listener left")
+    pool = pool_of(srv)
+    assert (AREA, "mp3") in pool.subs and (AREA, "mp3") in pool.cooling  # still fed, cooling
+    assert srv.node.hub.channels[(AREA, "mp3")].subs  # the encoder keeps running
+    reader, writer, _, _ = await open_stream(srv.port, f"/streams/{AREA}.mp3")
+    await reader.readexactly(2000)
+    assert (AREA, "mp3") not in pool.cooling  # back in use: no longer cooling
     writer.close()

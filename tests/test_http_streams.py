@@ -114,6 +114,14 @@ async def start(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator
         yield _start
 
 
+@pytest.fixture
+async def start_in_process(tmp_path: Path) -> AsyncIterator[Start]:
+    """For tests that read a channel's listeners: the node's own HttpStreamer (a worker runs the
+    same one; tests/test_fanout.py checks what crosses to it)."""
+    async with servers(tmp_path, 0) as _start:
+        yield _start
+
+
 async def until(cond: Callable[[], bool], what: str, limit: float = 20.0) -> None:
     """Poll a condition on the server's counters; the limit only bounds a broken run."""
     loop = asyncio.get_running_loop()
@@ -504,13 +512,13 @@ CHROMIUM_ARGS = [
 
 @pytest.mark.parametrize("codec", ["mp3", "opus"])
 async def test_chromium_autoplays_the_stream_from_a_page_of_another_origin(
-        start: Start, codec: str) -> None:
+        start_in_process: Start, codec: str) -> None:
     """Chromium's <audio autoplay> starts on a live stream only once about 64 KiB arrived: the
     connect burst must hold that much (a 200 ms burst left it waiting ~16 s for the trickle).
     The listener comes back to a channel kept warm after its previous listener left."""
     from playwright.async_api import async_playwright
 
-    srv = await start()
+    srv = await start_in_process()
     srv.background(440)
     burst = srv.streamer.settings.burst_kb * 1024
     _, writer, _, _ = await open_stream(srv.port, f"/streams/{AREA}.{codec}")
@@ -557,8 +565,8 @@ async def test_chromium_autoplays_the_stream_from_a_page_of_another_origin(
 
 
 async def test_burst_is_the_larger_of_time_and_bytes_and_a_player_may_ask_for_less(
-        start: Start) -> None:
-    srv = await start(burst_ms=1000, burst_kb=8)
+        start_in_process: Start) -> None:
+    srv = await start_in_process(burst_ms=1000, burst_kb=8)
     srv.background(440)
     _, first, _, _ = await open_stream(srv.port, f"/streams/{AREA}.mp3")
     await until(lambda: srv.sent(AREA, "mp3") >= 12_000, "3 s of MP3 to the first listener")

@@ -321,8 +321,9 @@ async def test_unicast_sequence_and_timestamps_continue_across_preemption(
             per = pcm.shape[0] // len(pkts)
             assert abs(peak_hz(pcm[5 * per:30 * per], r) - 440) < 5, codec
             assert abs(peak_hz(pcm[-30 * per:], r) - 880) < 5, codec
-            # the marker bit: only the first packet of the stream (it started for us)
-            assert pkts[0].marker and not any(p.marker for p in pkts[1:]), codec
+            # the marker bit: never after the first packet, preemption included (whether the
+            # first packet we got is the stream's first is a race with the stream's start)
+            assert not any(p.marker for p in pkts[1:]), codec
         # the socket: EF, TTL 0, loopback interface, multicast loop on
         sock = out.stream(AREA, "opus").sock
         assert sock.getsockopt(socket.IPPROTO_IP, socket.IP_TOS) == 46 << 2
