@@ -543,12 +543,11 @@ def setup(app: web.Application) -> None:
         return
     node = app[NODE]
     mgr = DeviceManager(node.store, node.bus.publish, settings_of(node.cfg), offer_of(node.cfg),
-                        bus=node.bus if node.bus.shared else None)
+                        bus=node.bus if node.bus.shared else None, node_id=node.node_id)
     app[DEVICES] = mgr
     PUBLIC.update(PUBLIC_PATHS)  # devices authenticate with their own secrets, not bearer tokens
 
     async def on_startup(_: web.Application) -> None:
-        mgr.node_id = node.node_id
         await mgr.start()
 
     async def on_shutdown(_: web.Application) -> None:

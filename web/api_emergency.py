@@ -329,13 +329,12 @@ def setup(app: web.Application) -> None:
     svc = EmergencyService(engine=node.engine, station=node.station, store=node.store,
                            bus=node.bus, tree=node.tree, library=node.library,
                            speech=node.speech, settings=settings_of(node),
-                           notify=_notifier(app))
+                           notify=_notifier(app), node_id=node.node_id)
     svc.fetch = _fetcher(svc, node.cfg.fetch)
     app[EMERGENCY] = svc
 
     async def on_startup(_: web.Application) -> None:
         t0 = time.monotonic()
-        svc.node_id = node.node_id
         await svc.start()
         log.info("emergency service started event=emergency_service_start node=%s active=%d "
                  "restored=%d ms=%.1f", svc.node_id, len(svc.active), svc.stats["restored"],
