@@ -34,6 +34,7 @@ def _load() -> ctypes.CDLL | None:
     lib.opus_encoder_destroy.argtypes = [ctypes.c_void_p]
     lib.opus_encode_float.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                                       ctypes.c_void_p, ctypes.c_int32]
+    lib.opus_packet_pad.argtypes = [ctypes.c_char_p, ctypes.c_int32, ctypes.c_int32]
     lib.opus_strerror.restype = ctypes.c_char_p
     lib.opus_strerror.argtypes = [ctypes.c_int]
     return lib
@@ -45,6 +46,20 @@ LIB = _load()
 def _error(code: int) -> str:
     assert LIB is not None
     return (LIB.opus_strerror(code) or b"?").decode("ascii", "replace")
+
+
+def pad(packet: bytes, size: int) -> bytes:
+    """The same packet grown to `size` bytes with Opus padding (RFC 6716 3.2.5): a decoder
+    hears exactly what it would have heard from `packet`."""
+    if size <= len(packet):
+        return packet
+    if LIB is None:
+        raise RuntimeError("libopus not found")
+    buf = ctypes.create_string_buffer(packet, size)
+    rc = LIB.opus_packet_pad(buf, len(packet), size)
+    if rc != 0:
+        raise ValueError(f"opus_packet_pad failed: {_error(rc)}")
+    return buf.raw
 
 
 class Opus:

@@ -13,7 +13,7 @@ ICY title when it changed.
 
 Messages are pickled tuples, one per datagram (both ends are this program):
   node -> worker: ("init", HttpStreamSettings, EncoderSettings), ("attach", [(id, area, codec,
-                  icy, head, burst_ms), ...]) with one socket per entry, ("tick", [(area, codec, pts, duration, rate,
+                  icy, head, burst_ms, pad), ...]) with one socket per entry, ("tick", [(area, codec, pts, duration, rate,
                   data)...], {area: title changed}), ("stop",)
   worker -> node: ("left", id), ("stats", {(area, codec): counters changed}) every
                   STATS_INTERVAL (a worker silent for STUCK_SECONDS is killed and replaced)
@@ -181,9 +181,10 @@ class Worker:
             for (area, codec), packets in by_channel.items():
                 self.hub.channel(area, codec).deliver(packets)
         elif kind == "attach":  # one entry per socket passed, in order
-            for (lid, area, codec, icy, head, burst_ms), fd in zip(msg[1], fds, strict=True):
+            for (lid, area, codec, icy, head, burst_ms, pad), fd in zip(msg[1], fds,
+                                                                         strict=True):
                 asyncio.get_running_loop().create_task(self.attach(lid, area, codec, icy,
-                                                                   head, burst_ms, fd))
+                                                                   head, burst_ms, pad, fd))
         elif kind == "init":
             self.streamer = HttpStreamer(self.hub, msg[1], msg[2], on_air=self.on_air)
         elif kind == "stop":
@@ -193,7 +194,7 @@ class Worker:
         return {"title": self.titles.get(area)}  # the node's title, "(class)" included
 
     async def attach(self, lid: int, area: str, codec: str, icy: bool, head: bytes,
-                     burst_ms: int | None, fd: int) -> None:
+                     burst_ms: int | None, pad: bool, fd: int) -> None:
         sock = socket.socket(fileno=fd)
         streamer = self.streamer
         try:
@@ -210,7 +211,7 @@ class Worker:
             self.link.send(("left", lid))
             return
         ls = streamer.attach(area, codec, transport, icy, head,  # type: ignore[arg-type]
-                             burst_ms)
+                             burst_ms, pad)
         ls.done.add_done_callback(lambda _f: self.link.send(("left", lid)))
         proto.on_lost = lambda: ls.channel.remove(ls, "closed")
         if not self._stats_due:  # its head and burst count at once (one report a loop turn)
@@ -263,7 +264,8 @@ class _WorkerHandle:
         self.titles: dict[str, str] = {}  # last title sent per area
         self.packets: list[tuple[str, str, int, int, int, bytes]] = []  # this tick's
         self.heard = 0.0  # loop time of its last message
-        self.attaching: list[tuple[tuple[int, str, str, bool, bytes, int | None], int]] = []  # (entry, fd)
+        self.attaching: list[tuple[tuple[int, str, str, bool, bytes, int | None, bool], int]] = []
+        # (entry, fd)
 
     @property
     def ready(self) -> bool:
@@ -366,7 +368,7 @@ class FanoutPool:
         return min(ready, key=lambda w: len(w.listeners)) if ready else None
 
     def hand_off(self, w: _WorkerHandle, area: str, codec: str, transport: asyncio.BaseTransport,
-                 icy: bool, head: bytes, burst_ms: int | None = None) -> None:
+                 icy: bool, head: bytes, burst_ms: int | None = None, pad: bool = False) -> None:
         """Give an accepted connection (after `admit`) to a worker; this process forgets it."""
         sock = transport.get_extra_info("socket")
         assert w.link is not None
@@ -389,7 +391,7 @@ class FanoutPool:
         if w.titles.get(area) != title:  # the first ICY block names what is on air now
             w.titles[area] = title
             w.link.send(("tick", [], {area: title}))
-        w.attaching.append(((lid, area, codec, icy, head, burst_ms), fd))
+        w.attaching.append(((lid, area, codec, icy, head, burst_ms, pad), fd))
         if len(w.attaching) == 1:  # with the other connections accepted in this loop turn
             asyncio.get_running_loop().call_soon(self._send_attaches, w)
 

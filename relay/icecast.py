@@ -15,7 +15,9 @@ the fan-out's CPU stays bounded and the latency grows gently instead. A new list
 `burst_ms` of audio or `burst_kb` KiB, whichever is more (Ogg: the header pages first), so it
 starts fast whatever the batch size, and a browser's <audio autoplay> starts at once. A channel
 stays subscribed `warm_seconds` after its last listener left, so one who comes back gets the
-whole burst; a channel's very first listener gets only what the mixer's history primes.
+whole burst. A young channel has less past audio than that (its first listener gets what the
+mixer's history primes, 160 ms): a browser's media element, which waits for about 64 KiB before
+it plays, gets encoded silence for the rest of its burst (`pad`, see loa.web.streams_http).
 
 Ogg listeners each get a stream of their own numbering, as from a file: header pages 0 and 1,
 audio pages from 2, granules from their first audio page. The listeners that joined at the same
@@ -38,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import socket
 import struct
@@ -47,8 +50,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from loa.codecs.encoders import EncoderSettings, Packet
-from loa.codecs.ogg import OggOpusMuxer, renumber
+import numpy as np
+
+from loa.codecs import opus
+from loa.codecs.encoders import EncoderSettings, Packet, encoder_grid, make_encoder
+from loa.codecs.ogg import OggOpusMuxer, pages_for_packets, renumber
 from loa.streamer.hub import PacketHub, Subscription
 
 log = logging.getLogger("loa.http_streams")
@@ -100,6 +106,21 @@ class LimitReached(Exception):
 def _header_text(value: str, limit: int = 200) -> str:
     """A header value without control characters (no header injection from area names)."""
     return "".join(c if c >= " " and c != "\x7f" else " " for c in value)[:limit]
+
+
+def _encode_silence(codec: str, settings: EncoderSettings, n: int,
+                    frame_bytes: int) -> list[tuple[bytes, int]]:
+    """n packets of steady silence from the stream's encoder (its first packets are skipped:
+    they carry its start-up)."""
+    warmup = 8
+    enc = make_encoder(codec, 0, settings)
+    packets: list[Packet] = []
+    while len(packets) < n + warmup:
+        packets += enc.encode(np.zeros(960, np.float32))
+    out = [(p.data, p.duration * 48_000 // p.rate) for p in packets[warmup:warmup + n]]
+    if codec == "opus":  # VBR silence is a few bytes a packet: pad it to the bitrate
+        out = [(opus.pad(d, frame_bytes), dur) for d, dur in out]
+    return out
 
 
 def icy_block(title: str) -> bytes:
@@ -187,7 +208,7 @@ class HttpChannel:
             if codec == "opus" else None
         self._acc = 0  # opus: samples added to the muxer since the last sealed page
         self._base: int | None = None  # opus: pts of the first packet (granule 0 of the channel)
-        self.cohorts: dict[int, Cohort] = {}
+        self.cohorts: dict[tuple[int, int], Cohort] = {}  # by their offsets
         self.units = 0  # units made so far (what a burst ends with)  # by the sequence number of their first audio page
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -373,30 +394,31 @@ class HttpChannel:
 
     # ---- listeners --------------------------------------------------------------------------
     def join(self, transport: asyncio.WriteTransport, icy: bool, head: bytes,
-             burst_ms: int | None = None) -> Listener:
+             burst_ms: int | None = None, pad: bool = False) -> Listener:
         """Register a listener and write its response head and connect burst at once (the
-        configured one, or exactly `burst_ms` of audio when the listener asked for that)."""
+        configured one, or exactly `burst_ms` of audio when the listener asked for that),
+        filled up with silence when the channel has less audio than that and `pad` is set."""
         s = self.streamer.settings
         ls = Listener(self, transport, icy, s.icy_metaint)
         burst_s = (s.burst_ms if burst_ms is None else burst_ms) / 1000
         burst_bytes = s.burst_kb * 1024 if burst_ms is None else 0
         burst: list[bytes] = []
+        have_s = 0.0
         mux = self.muxer
         first: tuple[int, int] | None = (mux.seq, mux.granule) if mux is not None else None
         if (burst_s > 0 or burst_bytes > 0) and self.recent:
-            total = 0.0
             size = 0
             units: list[tuple[bytes, float, int, int]] = []
             for unit in reversed(self.recent):
-                if units and total >= burst_s - 1e-9 and size >= burst_bytes:
+                if units and have_s >= burst_s - 1e-9 and size >= burst_bytes:
                     break  # enough of both
                 units.append(unit)
-                total += unit[1]
+                have_s += unit[1]
                 size += len(unit[0])
             units.reverse()
             if mux is not None:
                 while len(units) > 1 and units[0][0][5] & 1:
-                    units.pop(0)  # never start on a page that continues a packet
+                    have_s -= units.pop(0)[1]  # never start on a page that continues a packet
                 first = units[0][2], units[0][3]
             burst = [u[0] for u in units]
         ls.next = self.sealed
@@ -404,12 +426,18 @@ class HttpChannel:
         if not burst:
             self.hurry = True
         audio = b"".join(burst)
-        ls.first_write = len(audio)
-        if mux is not None and first is not None:
-            ls.cohort = self._cohort(*first)
+        # A young channel has less past audio than the burst: silence stands in for the rest.
+        silence = self.streamer.silence(self.codec, burst_s - have_s,
+                                        burst_bytes - len(audio)) if pad else []
+        if mux is None:
+            audio = b"".join(p for p, _ in silence) + audio
+        elif first is not None:
+            pad_pages, pad_samples = self._silence_pages(silence)
+            ls.cohort = self._cohort(*first, len(pad_pages), pad_samples)
             if ls.cohort is not None:
                 audio = ls.cohort.rewrite(("burst", self.units, first), audio)
-            audio = mux.headers() + audio
+            audio = mux.headers() + b"".join(pad_pages) + audio
+        ls.first_write = len(audio)
         if icy and audio:
             audio = self.icy(ls, audio)  # metaint counts every body byte
         transport.write(head + audio)
@@ -420,16 +448,37 @@ class HttpChannel:
         self.stats["joined"] += 1
         return ls
 
-    def _cohort(self, first_seq: int, start: int) -> Cohort | None:
+    def _cohort(self, first_seq: int, start: int, pad_pages: int = 0,
+                pad_samples: int = 0) -> Cohort | None:
         """The cohort of a listener whose first audio page is `first_seq`, starting at `start`
-        (pts from the channel's base); None when the channel's own numbering is its."""
-        if first_seq == 2 and start == 0:
+        (pts from the channel's base), after `pad_pages` of silence lasting `pad_samples`; None
+        when the channel's own numbering is its."""
+        key = (first_seq - 2 - pad_pages, start - pad_samples)
+        if key == (0, 0):
             return None
-        c = self.cohorts.get(first_seq)
+        c = self.cohorts.get(key)
         if c is None:
-            c = self.cohorts[first_seq] = Cohort(first_seq - 2, start)
+            c = self.cohorts[key] = Cohort(*key)
         c.members += 1
         return c
+
+    def _silence_pages(self, pad: list[tuple[bytes, int]]) -> tuple[list[bytes], int]:
+        """Ogg pages (sequence 2 on, granules from 0) of silence packets, `page_ms` each."""
+        mux = self.muxer
+        assert mux is not None
+        pages: list[bytes] = []
+        seq, granule = 2, 0
+        step = max(1, mux.page_samples // 960)
+        for i in range(0, len(pad), step):
+            chunk = pad[i:i + step]
+            granules = []
+            for _, duration in chunk:
+                granule += duration
+                granules.append(granule)
+            more, seq = pages_for_packets([p for p, _ in chunk], granules, serial=mux.serial,
+                                          seq=seq)
+            pages += more
+        return pages, granule
 
     def remove(self, ls: Listener, reason: str, drop: bool = False) -> None:
         if ls.done.done():
@@ -442,7 +491,7 @@ class HttpChannel:
         if c is not None:
             c.members -= 1
             if not c.members:
-                self.cohorts.pop(int(c.seq_offset) + 2, None)
+                self.cohorts.pop((c.seq_offset, c.granule_offset), None)
         self.stats["listeners"] = len(self.listeners)
         if drop:
             self.stats["dropped"] += 1
@@ -489,6 +538,7 @@ class HttpStreamer:
     rejected: int = 0
     closed: bool = False
     _counters: dict[tuple[str, str], dict[str, int]] = field(default_factory=dict)
+    _silence: dict[str, list[tuple[bytes, int]]] = field(default_factory=dict)
 
     @property
     def min_span_ms(self) -> float:
@@ -524,6 +574,22 @@ class HttpStreamer:
             raise LimitReached(
                 f"khu vực đã đủ người nghe / listener limit reached for area {area}",
                 s.retry_after)
+
+    def silence(self, codec: str, seconds: float, size: int) -> list[tuple[bytes, int]]:
+        """Encoded silence (packets and their 48 kHz durations) lasting at least `seconds` and
+        holding at least `size` bytes, at the stream's own bitrate (Opus packets padded to it):
+        what a young channel's burst lacks. Encoded once per codec, longer when asked."""
+        if seconds <= 0 and size <= 0:
+            return []
+        bitrate = self.encoders.mp3_bitrate if codec == "mp3" else self.encoders.opus_bitrate
+        frame = encoder_grid(codec, self.encoders)
+        frame_bytes = max(1, bitrate * frame // (8 * 48_000))
+        n = max(math.ceil(seconds * 48_000 / frame - 1e-9), -(-size // frame_bytes))
+        have = self._silence.get(codec, [])
+        if len(have) < n:
+            have = self._silence[codec] = _encode_silence(codec, self.encoders, n,
+                                                           frame_bytes)
+        return have[len(have) - n:]
 
     def bitrate_kbps(self, codec: str) -> int:
         e = self.encoders
@@ -569,7 +635,7 @@ class HttpStreamer:
         return f"{title} ({klass})" if klass else str(title)
 
     def attach(self, area: str, codec: str, transport: asyncio.WriteTransport, icy: bool,
-               head: bytes, burst_ms: int | None = None) -> Listener:
+               head: bytes, burst_ms: int | None = None, pad: bool = False) -> Listener:
         """Start streaming to an accepted connection (after `admit`)."""
         if codec not in CONTENT_TYPES:
             raise ValueError(f"unknown stream codec {codec!r}")
@@ -588,7 +654,7 @@ class HttpStreamer:
         elif ch.idle is not None:
             ch.idle.cancel()
             ch.idle = None
-        ls = ch.join(transport, icy, head, burst_ms)
+        ls = ch.join(transport, icy, head, burst_ms, pad)
         self.total += 1
         self.per_area[area] = self.per_area.get(area, 0) + 1
         return ls

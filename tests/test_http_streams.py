@@ -132,11 +132,12 @@ async def until(cond: Callable[[], bool], what: str, limit: float = 20.0) -> Non
         await asyncio.sleep(0.02)
 
 
-async def open_stream(port: int, path: str, *extra: str, method: str = "GET"
+async def open_stream(port: int, path: str, *extra: str, method: str = "GET",
+                      user_agent: str = "loa-test"
                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str, dict[str, str]]:
     """A raw HTTP/1.1 client: returns the reader after the response head."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
-    req = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", "User-Agent: loa-test", *extra]
+    req = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", f"User-Agent: {user_agent}", *extra]
     writer.write(("\r\n".join(req) + "\r\n\r\n").encode())
     raw = await reader.readuntil(b"\r\n\r\n")
     lines = raw.decode("utf-8").split("\r\n")
@@ -502,6 +503,65 @@ async def test_ogg_gets_no_icy_metadata_and_gstreamer_decodes_it(
     assert abs(peak_hz(pcm, rate) - 440) < 10
 
 
+async def _read_at_least(reader: asyncio.StreamReader, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = await reader.read(65536)
+        assert chunk, "the stream ended"
+        data += chunk
+    return bytes(data)
+
+
+async def _decode(tmp_path: Path, name: str, data: bytes) -> tuple[np.ndarray, int]:
+    """ffmpeg, strict (a bad CRC, sequence or frame is an error), to 48 kHz mono WAV."""
+    src, wav = tmp_path / name, tmp_path / f"{name}.wav"
+    src.write_bytes(data)
+    rc, out = await _run("ffmpeg", "-nostdin", "-v", "warning", "-err_detect", "crccheck",
+                         "-xerror", "-i", str(src), "-ac", "1", "-ar", "48000", str(wav))
+    assert rc == 0 and "error" not in out.lower(), out
+    return read_wav(wav)
+
+
+@pytest.mark.parametrize("codec", ["mp3", "opus"])
+async def test_a_browser_on_a_young_channel_gets_its_burst_filled_with_silence(
+        start: Start, tmp_path: Path, codec: str) -> None:
+    """A channel's first listener gets the 160 ms the mixer's history primes: a player starts on
+    that (no silence added), a browser (it waits for ~64 KiB) gets encoded silence up to its
+    burst, in one valid stream that continues into the live audio."""
+    srv = await start()
+    srv.background(440)
+    path = f"/streams/{AREA}.{codec}"
+    rate = MP3_BYTES_PER_SECOND if codec == "mp3" else OPUS_BYTES_PER_SECOND
+    reader, player, _, _ = await open_stream(srv.port, path)
+    heard = await _read_at_least(reader, rate)  # about its first second
+    if codec == "opus":
+        heard = whole_pages(bytearray(heard))
+        audio_pages(heard)
+    else:
+        heard = heard[:len(heard) - len(heard) % 96]  # whole 96-byte frames
+        mp3_frames(heard)
+    pcm, hz = await _decode(tmp_path, f"player.{codec}", heard)
+    assert abs(peak_hz(pcm, hz) - 440) < 10  # the tone from the start: no silence first
+
+    burst = srv.streamer.settings.burst_kb * 1024
+    reader, browser, _, _ = await open_stream(
+        srv.port, path, user_agent="Mozilla/5.0 (X11; Linux x86_64) Chrome/120.0")
+    data = await _read_at_least(reader, burst + 3 * rate)  # the burst, then 3 s of live audio
+    player.close()
+    browser.close()
+    if codec == "opus":
+        data = whole_pages(bytearray(data))
+        audio_pages(data)  # numbered from 0, every granule 960 apart, CRCs right
+    else:
+        data = data[:len(data) - len(data) % 96]
+        assert mp3_frames(data) == len(data) // 96  # nothing but MP3 frames
+    pcm, hz = await _decode(tmp_path, f"browser.{codec}", data)
+    burst_seconds = burst / rate
+    assert pcm.shape[0] >= (burst_seconds + 2) * hz  # the whole burst is audio, not a header
+    assert float(np.abs(pcm[:int(10 * hz)]).max()) < 0.01  # silence first (the channel is young)
+    assert abs(peak_hz(pcm[-2 * hz:], hz) - 440) < 10  # then the live tone, in the same stream
+
+
 # ---- browsers ------------------------------------------------------------------------------
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
@@ -510,23 +570,28 @@ CHROMIUM_ARGS = [
 ]
 
 
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "cold"])
 @pytest.mark.parametrize("codec", ["mp3", "opus"])
 async def test_chromium_autoplays_the_stream_from_a_page_of_another_origin(
-        start_in_process: Start, codec: str) -> None:
+        start_in_process: Start, codec: str, warm: bool) -> None:
     """Chromium's <audio autoplay> starts on a live stream only once about 64 KiB arrived: the
-    connect burst must hold that much (a 200 ms burst left it waiting ~16 s for the trickle).
-    The listener comes back to a channel kept warm after its previous listener left."""
+    connect burst must hold that much (a 200 ms burst left it waiting ~16 s for the trickle,
+    and so did a channel's first listener, ~24 s). Warm: the listener comes back to a channel
+    kept warm after its previous listener left. Cold: Chromium is the area's first listener."""
     from playwright.async_api import async_playwright
 
     srv = await start_in_process()
     srv.background(440)
     burst = srv.streamer.settings.burst_kb * 1024
-    _, writer, _, _ = await open_stream(srv.port, f"/streams/{AREA}.{codec}")
-    await until(lambda: srv.sent(AREA, codec) >= burst + 4096, "a burst's worth of audio",
-                limit=60)
-    writer.close()
-    await until(lambda: srv.streamer.total == 0, "the first listener to leave")
-    assert (AREA, codec) in srv.streamer.channels  # kept warm
+    if warm:
+        _, writer, _, _ = await open_stream(srv.port, f"/streams/{AREA}.{codec}")
+        await until(lambda: srv.sent(AREA, codec) >= burst + 4096, "a burst's worth of audio",
+                    limit=60)
+        writer.close()
+        await until(lambda: srv.streamer.total == 0, "the first listener to leave")
+        assert (AREA, codec) in srv.streamer.channels  # kept warm
+    else:
+        assert (AREA, codec) not in srv.streamer.channels
 
     page_app = web.Application()
     html = (f'<!doctype html><audio id="a" autoplay '

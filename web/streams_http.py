@@ -63,6 +63,11 @@ async def _stream(request: web.Request, codec: str) -> web.StreamResponse:
     transport = request.transport
     if transport is None or transport.is_closing():
         return web.Response()  # the client left before we answered: nothing is sent
+    # A browser waits for a burst's worth of bytes before it plays (Chromium's <audio autoplay>
+    # about 64 KiB): it gets silence where a young channel has no past audio yet. Players
+    # (ffmpeg, VLC, GStreamer, devices) start on what there is, without that silence. Every
+    # browser's User-Agent starts "Mozilla/"; Sec-Fetch-Dest is not sent over plain http.
+    pad = request.headers.get("User-Agent", "").startswith("Mozilla/")
     icy = codec in ICY_CODECS and request.headers.get("Icy-MetaData", "").strip() == "1"
     head = streamer.head(area.code, area.name, codec, icy)
     if request.method == "HEAD":
@@ -72,11 +77,11 @@ async def _stream(request: web.Request, codec: str) -> web.StreamResponse:
     pool = app.get(FANOUT)
     worker = pool.pick() if pool is not None else None
     if pool is not None and worker is not None:  # else (all restarting): served here
-        pool.hand_off(worker, area.code, codec, transport, icy, head, burst_ms)
+        pool.hand_off(worker, area.code, codec, transport, icy, head, burst_ms, pad)
         log.debug("listener handed off event=http_listener_join area=%s codec=%s peer=%s "
                   "icy=%s worker=%d", area.code, codec, request.remote, icy, worker.slot)
         return web.Response()  # not sent: this process closed its copy of the connection
-    listener = streamer.attach(area.code, codec, transport, icy, head, burst_ms)
+    listener = streamer.attach(area.code, codec, transport, icy, head, burst_ms, pad)
     log.debug("listener joined event=http_listener_join area=%s codec=%s peer=%s icy=%s",
               area.code, codec, request.remote, icy)
     try:
