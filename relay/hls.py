@@ -13,7 +13,7 @@ so muxing is pure framing (PAT, PMT, PES with a PTS, 188-byte packets). Written 
 continuity counters and the 90 kHz timestamps continuous from one segment to the next (a muxer
 opened per segment restarts both, which demuxers that read segments back to back, like FFmpeg's
 HLS demuxer, report as corrupt), marks discontinuities in the stream itself, costs no container
-set-up per segment, and is cheap enough to run on the event loop (see `python -m loa.relay.hls`:
+set-up per segment, and is cheap enough to run on the event loop (see `python -m loa.web.bench.hls --segmenter`:
 about 1 ms of CPU for a 2 s segment), so no thread hop is needed.
 
 Timestamps: a packet's pts is continuous per area (hub.py). A jump (a gap in the channel, packets
@@ -25,7 +25,6 @@ next one carries `#EXT-X-DISCONTINUITY` (and the TS discontinuity indicator);
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
@@ -419,52 +418,3 @@ class HlsService:
     def close(self) -> None:
         for area in list(self.segmenters):
             self.stop(area, "shutdown")
-
-
-# ---- benchmark ---------------------------------------------------------------------------------
-def bench(seconds: float = 120.0, segment_seconds: float = 2.0) -> dict[str, object]:
-    """CPU to segment and mux the MP3 stream of one area, per segment and per audio second."""
-    import numpy as np
-
-    from loa.codecs.encoders import Mp3Encoder
-
-    enc = Mp3Encoder(0)
-    t = np.arange(int(seconds * 48_000)) / 48_000
-    pcm = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
-    packets: list[Packet] = []
-    for i in range(0, pcm.shape[0] - 960 + 1, 960):
-        packets.extend(enc.encode(pcm[i:i + 960]))
-    settings = HlsSettings(segment_seconds=segment_seconds, window=6)
-    seg = Segmenter("B", settings, 0)
-    made = 0
-    t0 = time.process_time()
-    for i in range(0, len(packets), 2):  # about one hub delivery (20 ms) at a time
-        before = seg.next_seq
-        seg.feed(packets[i:i + 2])
-        made += seg.next_seq - before
-    cpu = time.process_time() - t0
-    t1 = time.process_time()
-    n_pl = 10_000
-    for _ in range(n_pl):
-        seg._playlist = None
-        seg.playlist()
-    pl_cpu = time.process_time() - t1
-    audio_bytes = sum(len(p.data) for p in packets)
-    ts_bytes = sum(len(s.data) for s in seg.segments)
-    ts_audio = sum(s.duration for s in seg.segments)
-    return {
-        "bench": "hls_segmenter",
-        "audio_seconds": round(seconds, 1),
-        "segment_seconds": segment_seconds,
-        "segments": made,
-        "cpu_ms_per_segment": round(cpu * 1000 / max(made, 1), 3),
-        "cpu_percent_of_core_per_area": round(100 * cpu / seconds, 4),
-        "areas_per_core": int(seconds / cpu) if cpu else None,
-        "playlist_render_us": round(pl_cpu * 1e6 / n_pl, 2),
-        "mp3_kbit_s": round(audio_bytes * 8 / seconds / 1000, 2),
-        "ts_kbit_s": round(ts_bytes * 8 / ts_audio / 1000, 2) if ts_audio else None,
-    }
-
-
-if __name__ == "__main__":
-    print(json.dumps(bench()))

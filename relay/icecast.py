@@ -17,7 +17,7 @@ starts fast whatever the batch size, and a browser's <audio autoplay> starts at 
 stays subscribed `warm_seconds` after its last listener left, so one who comes back gets the
 whole burst. A young channel has less past audio than that (its first listener gets what the
 mixer's history primes, 160 ms): a browser's media element, which waits for about 64 KiB before
-it plays, gets encoded silence for the rest of its burst (`pad`, see loa.web.streams_http).
+it plays, gets encoded silence for the rest of its burst (`pad`, see loa.web.streams.http).
 
 Ogg listeners each get a stream of their own numbering, as from a file: header pages 0 and 1,
 audio pages from 2, granules from their first audio page. The listeners that joined at the same

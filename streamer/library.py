@@ -27,7 +27,7 @@ from loa.codecs.decode import MediaError, decode_chunks
 from loa.codecs.loudness import LoudnessMeter, normalise_gain
 from loa.streamer.clock import SAMPLE_RATE
 from loa.streamer.sources import PcmSource
-from loa.streamer.store import Record, Store
+from loa.streamer.state.store import Record, Store
 
 
 @dataclass

@@ -22,7 +22,7 @@ from loa.streamer.clock import FRAME, SAMPLE_RATE
 from loa.streamer.engine import Engine, OnAirChange
 from loa.streamer.library import MediaLibrary
 from loa.streamer.sources import Playlist, Source
-from loa.streamer.store import Record, Store, StoreUnavailable
+from loa.streamer.state.store import Record, Store, StoreUnavailable
 from loa.streamer.tts import Speech
 
 log = logging.getLogger("loa.station")

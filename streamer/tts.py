@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from loa.streamer.library import MediaLibrary
-from loa.streamer.store import Record
+from loa.streamer.state.store import Record
 
 
 class TtsError(RuntimeError):

@@ -14,9 +14,10 @@ from argon2 import PasswordHasher
 
 from loa.streamer.clock import VirtualClock
 from loa.web import auth
-from loa.web.app import Node, create_app
+from loa.web.app import create_app
 from loa.web.auth import add_user
 from loa.web.config import Config, load_config
+from loa.web.node import Node
 
 SAMPLE_CSV = """code,name,level,parent_code
 T01,Tỉnh Mẫu,province,

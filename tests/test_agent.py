@@ -32,7 +32,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from loa.relay.agent import (
+from loa.relay.agent.agent import (
     Agent,
     AgentOptions,
     Impairment,
@@ -41,8 +41,8 @@ from loa.relay.agent import (
     make_sink,
     opus_samples,
 )
-from loa.relay.device_client import Command, DeviceClient, provision, register, ws_url
-from loa.relay.sync import (
+from loa.relay.agent.client import Command, DeviceClient, provision, register, ws_url
+from loa.relay.agent.playout import (
     ArrivalTiming,
     BadPacket,
     ClockMapping,
@@ -55,8 +55,9 @@ from loa.relay.sync import (
 )
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.sources import ToneSource
-from loa.web.api_devices import DEVICES
-from loa.web.app import Node, create_app
+from loa.web.api.devices import DEVICES
+from loa.web.app import create_app
+from loa.web.node import Node
 from tests.apiclient import make_config
 from tests.audio import peak_hz, rms
 
@@ -590,7 +591,7 @@ def test_sinks_and_impairment_specs(tmp_path: Path) -> None:
         with pytest.raises(ValueError):
             Impairment.parse(bad)
     # a real decoder round trip through the agent's PCMU path: 8 kHz in, 48 kHz out
-    from loa.relay.agent import make_decoder
+    from loa.relay.agent.agent import make_decoder
 
     enc = av.CodecContext.create("pcm_mulaw", "w")
     enc.sample_rate, enc.layout, enc.format = 8000, "mono", "s16"

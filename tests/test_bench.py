@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from loa.web.bench import liquidsoap_script
+from loa.web.bench.run import liquidsoap_script
 from loa.web.cli import main
 
 
@@ -39,7 +39,7 @@ def test_liquidsoap_script_matches_loa_mp3_quality() -> None:
 
 def test_bench_without_liquidsoap_reports_null_baseline(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("loa.web.bench.shutil.which", lambda name: None)
+    monkeypatch.setattr("loa.web.bench.run.shutil.which", lambda name: None)
     rc = main(["bench", "mix", "--zones", "2", "--seconds", "0.2", "--baseline", "liquidsoap"])
     result = json.loads(capsys.readouterr().out)
     assert rc == 0

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from loa.streamer.bus import (
+from loa.streamer.state.bus import (
     BufferedSubscription,
     Bus,
     BusClosed,

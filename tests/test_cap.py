@@ -25,13 +25,13 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from loa.relay.agent import OggReader
+from loa.relay.agent.agent import OggReader
 from loa.relay.urlpolicy import FetchSettings
-from loa.streamer import cap
 from loa.streamer.areas import AreaTree, sample_tree
-from loa.streamer.cap import CapError
 from loa.streamer.clock import SAMPLE_RATE
-from loa.streamer.emergency import ATTENTION_TONES, EmergencySettings, tts_voices
+from loa.streamer.emergency import cap
+from loa.streamer.emergency.cap import CapError
+from loa.streamer.emergency.service import ATTENTION_TONES, EmergencySettings, tts_voices
 from loa.web.auth import add_user
 from tests.apiclient import PASSWORD
 from tests.audio import peak_hz

@@ -16,10 +16,11 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 
-from loa.relay.control import DeviceSettings, new_device_record, new_key, secret_hash
-from loa.web import api_devices
-from loa.web.app import Node, create_app
+from loa.relay.devices.manager import DeviceSettings, new_device_record, new_key, secret_hash
+from loa.web.api import devices as api_devices
+from loa.web.app import create_app
 from loa.web.auth import add_user
+from loa.web.node import Node
 from tests.apiclient import PASSWORD, PEOPLE, make_config
 
 EXTRA_PEOPLE = {"qtv11": ("admin", "T01-H1-X1", False), "qtvtinh": ("admin", "T01", True)}
@@ -671,8 +672,8 @@ async def test_writer_stops_with_a_marker_when_the_store_swallows_cancellation(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """redis-py 8 may swallow a cancellation in the middle of a command and run on: the device
     writers must end by themselves once their write is done, not wait for a cancellation."""
-    from loa.relay import control
-    from loa.streamer.store import open_store
+    from loa.relay.devices import manager as control
+    from loa.streamer.state.open import open_store
 
     monkeypatch.setattr(control, "WRITER_STOP_TIMEOUT", 3.0)  # the old code waited it out
     store = await open_store("sqlite", tmp_path)

@@ -30,14 +30,15 @@ from aiortc.mediastreams import MediaStreamTrack
 from loa.codecs.encoders import Packet
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.clock import SAMPLE_RATE, VirtualClock
-from loa.streamer.emergency import ATTENTION_TONES, attention_pcm
+from loa.streamer.emergency.service import ATTENTION_TONES, attention_pcm
 from loa.streamer.hub import Subscription
 from loa.streamer.sources import ToneSource
-from loa.web.api_devices import DEVICES
-from loa.web.api_emergency import EMERGENCY
-from loa.web.app import Node, create_app
+from loa.web.api.devices import DEVICES
+from loa.web.api.emergency import EMERGENCY
+from loa.web.app import create_app
 from loa.web.auth import add_user
 from loa.web.config import Config
+from loa.web.node import Node
 from tests.apiclient import PASSWORD, PEOPLE, make_config
 from tests.audio import peak_hz
 

@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from loa.relay.fanout import FanoutPool
-from loa.web.streams_http import FANOUT
+from loa.web.streams.http import FANOUT
 from tests.audio import peak_hz
 from tests.test_http_streams import (
     AREA,

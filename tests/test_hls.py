@@ -17,8 +17,9 @@ from aiohttp import web
 from loa.codecs.encoders import Mp3Encoder, Packet
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.sources import ToneSource
-from loa.web.app import Node, create_app
-from loa.web.streams_hls import HLS
+from loa.web.app import create_app
+from loa.web.node import Node
+from loa.web.streams.hls import HLS
 from tests.apiclient import Api, make_config, running_api
 from tests.audio import peak_hz, rms
 

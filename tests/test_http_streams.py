@@ -32,8 +32,9 @@ from loa.codecs.ogg import FLAG_BOS, OggPage, read_pages
 from loa.relay.icecast import HttpStreamer, icy_block
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.sources import ToneSource
-from loa.web.app import Node, create_app
-from loa.web.streams_http import HTTP_STREAMER, http_stats
+from loa.web.app import create_app
+from loa.web.node import Node
+from loa.web.streams.http import HTTP_STREAMER, http_stats
 from tests.apiclient import make_config
 from tests.audio import peak_hz
 
@@ -378,7 +379,7 @@ def whole_pages(buf: bytearray) -> bytes:
 def test_bench_fanout_http_small(capsys: pytest.CaptureFixture[str],
                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The bench runs end to end with real listeners; Icecast missing gives a null baseline."""
-    from loa.web import bench_http
+    from loa.web.bench import http as bench_http
     from loa.web.cli import main
 
     monkeypatch.setattr(bench_http, "SETTLE_SECONDS", 0.2)
@@ -653,7 +654,7 @@ async def test_burst_is_the_larger_of_time_and_bytes_and_a_player_may_ask_for_le
 def test_bench_fanout_http_storm_small(capsys: pytest.CaptureFixture[str],
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """The storm bench: every listener reconnects through the worker; clock figures reported."""
-    from loa.web import bench_http
+    from loa.web.bench import http as bench_http
     from loa.web.cli import main
 
     monkeypatch.setattr(bench_http, "SETTLE_SECONDS", 0.2)

@@ -28,9 +28,10 @@ from loa.streamer.broadcast import Broadcast
 from loa.streamer.clock import FRAME, SAMPLE_RATE
 from loa.streamer.hub import Subscription
 from loa.streamer.sources import ToneSource
-from loa.web.app import Node, create_app
+from loa.web.app import create_app
 from loa.web.auth import add_user
-from loa.web.streams_inputs import RELAY_INPUTS
+from loa.web.node import Node
+from loa.web.streams.inputs import RELAY_INPUTS
 from tests.apiclient import PASSWORD, PEOPLE, make_config
 from tests.audio import peak_hz, rms
 

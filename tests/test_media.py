@@ -92,7 +92,7 @@ INGEST_AND_MEASURE = """
 import asyncio, json, resource, shutil, sys
 from pathlib import Path
 from loa.streamer.library import MediaLibrary
-from loa.streamer.store import open_store
+from loa.streamer.state.open import open_store
 
 async def main(src, data):
     store = await open_store("sqlite", data)
@@ -241,7 +241,7 @@ async def test_oversized_part_headers_and_fields_are_refused(api, body, status, 
 async def test_decodes_wait_their_turn(tmp_path, monkeypatch):
     """At most `decoders` uploads decode at once; the others wait instead of adding memory."""
     from loa.streamer import library as lib_mod
-    from loa.streamer.store import open_store
+    from loa.streamer.state.open import open_store
 
     active = peak = 0
     real = lib_mod.decode_chunks

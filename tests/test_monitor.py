@@ -20,12 +20,13 @@ from playwright.async_api import async_playwright
 from loa.streamer.hub import PacketHub
 from loa.streamer.sources import ToneSource
 from loa.streamer.station import Content
-from loa.web.app import Node, create_app
+from loa.web.app import create_app
 from loa.web.auth import add_user
 from loa.web.monitor import Exposition, RateSampler
-from loa.web.streams_http import HTTP_STREAMER
-from loa.web.streams_rtp import RTP
-from loa.web.streams_webrtc import RELAY
+from loa.web.node import Node
+from loa.web.streams.http import HTTP_STREAMER
+from loa.web.streams.rtp import RTP
+from loa.web.streams.webrtc import RELAY
 from tests.apiclient import PASSWORD, PEOPLE, Api, make_config, running_api
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"

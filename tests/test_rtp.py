@@ -21,7 +21,7 @@ import pytest
 from aiohttp import ClientSession, web
 
 from loa.codecs.encoders import Packet
-from loa.relay.rtp import (
+from loa.relay.rtp.out import (
     NTP_EPOCH_OFFSET,
     GroupAllocator,
     PoolExhausted,
@@ -31,13 +31,14 @@ from loa.relay.rtp import (
     node_pool,
     sap_packet,
 )
-from loa.relay.sdp import SdpError, parse_sdp
+from loa.relay.rtp.sdp import SdpError, parse_sdp
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.sources import ToneSource
-from loa.web.app import Node, create_app
+from loa.web.app import create_app
 from loa.web.cli import main as cli_main
 from loa.web.config import Config, ConfigError, load_config
-from loa.web.streams_rtp import RTP, rtp_stats
+from loa.web.node import Node
+from loa.web.streams.rtp import RTP, rtp_stats
 from tests.apiclient import make_config, running_api
 from tests.audio import decode_packets, peak_hz
 
@@ -732,8 +733,8 @@ def test_parse_sdp_reads_a_foreign_description() -> None:
 # ---- the benchmark runs ----------------------------------------------------------------------
 def test_bench_fanout_rtp_small(capsys: pytest.CaptureFixture[str],
                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("loa.web.bench_rtp.WARMUP_SECONDS", 0.3)
-    monkeypatch.setattr("loa.web.bench_rtp.BASELINE_SECONDS", 0.5)
+    monkeypatch.setattr("loa.web.bench.rtp.WARMUP_SECONDS", 0.3)
+    monkeypatch.setattr("loa.web.bench.rtp.BASELINE_SECONDS", 0.5)
     rc = cli_main(["bench", "fanout", "--transport", "rtp", "--listeners", "20",
                    "--seconds", "1"])
     out = capsys.readouterr().out.strip().splitlines()
@@ -907,7 +908,7 @@ async def test_rival_allocators_on_one_store_never_share_a_block(tmp_path: Path,
                                                                  redis_prefix: str) -> None:
     import ipaddress
 
-    from loa.streamer.store import open_store
+    from loa.streamer.state.open import open_store
 
     store = await open_store(redis_url, tmp_path, redis_prefix)
     try:

@@ -497,7 +497,7 @@ def raw_json(text: str) -> bytes:
 
 
 KNOWN_BUGS: dict[str, tuple[RawCase, str]] = {
-    # web/api_media.py upload(): aiohttp's multipart reader raises InvalidHeader / ValueError /
+    # web/api/media.py upload(): aiohttp's multipart reader raises InvalidHeader / ValueError /
     # LookupError, none of which error_middleware maps -> 500.
     "multipart-control-char-in-part-name": (RawCase(
         "POST", "/api/v1/media", MULTIPART,
@@ -548,7 +548,7 @@ KNOWN_BUGS: dict[str, tuple[RawCase, str]] = {
         "PATCH", "/api/v1/areas/T01-H1-X1", "application/json",
         raw_json('{"name":"x\\ud800"}')),
         "UnicodeEncodeError in the store write, after tree.update() renamed it in memory"),
-    # web/api_media.py tts(): an unknown voice is the caller's error, not 503.
+    # web/api/media.py tts(): an unknown voice is the caller's error, not 503.
     "tts-unknown-voice": (RawCase(
         "POST", "/api/v1/tts", "application/json",
         raw_json('{"text":"xin chào","voice":"zz-khong-co"}')),
@@ -571,7 +571,7 @@ async def test_former_5xx_answer_4xx(tmp_path, name):
     assert 400 <= r.status < 500, (r.status, body)
 
 
-# web/api_core.py area_create() adds the area to the in-memory tree before the store write and
+# web/api/core.py area_create() adds the area to the in-memory tree before the store write and
 # before engine.add_area(); streamer/engine.py on_air() indexes engine.areas with a code of the
 # tree. Any area the engine has not taken yet (before the next tick; never, when the request
 # failed after tree.add) makes GET /api/v1/broadcasts 500 for every caller above it.

@@ -23,11 +23,12 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from loa.relay.sim import Fleet, load_fleet, recent_audio
+from loa.relay.agent.sim import Fleet, load_fleet, recent_audio
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.sources import ToneSource
-from loa.web.api_devices import DEVICES
-from loa.web.app import Node, create_app
+from loa.web.api.devices import DEVICES
+from loa.web.app import create_app
+from loa.web.node import Node
 from tests.apiclient import make_config
 from tests.audio import peak_hz
 

@@ -19,18 +19,18 @@ from typing import cast
 import pytest
 import redis.asyncio as aioredis
 
-from loa.streamer import store as store_mod
-from loa.streamer.store import (
+from loa.streamer.state import store as store_mod
+from loa.streamer.state.open import open_store
+from loa.streamer.state.store import (
     Conflict,
     Kind,
     NotFound,
     Store,
     StoreError,
     StoreUnavailable,
-    open_store,
 )
-from loa.streamer.store_redis import RedisStore
-from loa.streamer.store_sqlite import SCHEMA_VERSION, SchemaTooNew, SqliteStore
+from loa.streamer.state.store_redis import RedisStore
+from loa.streamer.state.store_sqlite import SCHEMA_VERSION, SchemaTooNew, SqliteStore
 from tests.faults import TcpProxy, fill, tmpfs
 
 VIETNAMESE = "Thông báo khẩn cấp: nước lũ dâng cao ở xã Đồng Tâm, đề nghị sơ tán"
@@ -645,7 +645,7 @@ async def test_sqlite_refuses_a_file_from_a_newer_schema(tmp_path: Path) -> None
 
 async def test_sqlite_a_failed_migration_changes_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from loa.streamer import store_sqlite
+    from loa.streamer.state import store_sqlite
 
     path = tmp_path / "loa.db"
     await (await SqliteStore.open(path)).close()
@@ -668,7 +668,7 @@ async def test_sqlite_a_failed_migration_changes_nothing(
 CLI = textwrap.dedent("""
     import asyncio, sys
     from pathlib import Path
-    from loa.streamer.store_sqlite import SqliteStore
+    from loa.streamer.state.store_sqlite import SqliteStore
 
     async def main():
         s = await SqliteStore.open(Path(sys.argv[1]))

@@ -16,9 +16,9 @@ from loa.relay.urlpolicy import (
     check_url,
     own_addresses,
 )
-from loa.web.api_emergency import EMERGENCY, _fetcher
+from loa.web.api.emergency import EMERGENCY, _fetcher
 from loa.web.config import ConfigError, load_config
-from loa.web.streams_inputs import RELAY_INPUTS
+from loa.web.streams.inputs import RELAY_INPUTS
 from tests.apiclient import Api, make_config, running_api
 
 REFUSED = ["http://127.0.0.1:8000/live.mp3", "http://[::1]/x", "http://[::ffff:127.0.0.1]/x",

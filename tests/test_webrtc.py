@@ -33,9 +33,10 @@ from loa.codecs.encoders import Packet
 from loa.relay.webrtc import PacketTrack, use_host_addresses
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.sources import ToneSource
-from loa.web.app import Node, create_app
+from loa.web.app import create_app
 from loa.web.auth import add_user
-from loa.web.streams_webrtc import RELAY
+from loa.web.node import Node
+from loa.web.streams.webrtc import RELAY
 from tests.apiclient import PASSWORD, PEOPLE, make_config
 from tests.audio import peak_hz
 

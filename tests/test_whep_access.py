@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from aiortc import RTCSessionDescription
 
-from loa.web.app import Node, create_app
+from loa.web.app import create_app
 from loa.web.config import ConfigError
-from loa.web.streams_webrtc import OfferBuckets
+from loa.web.node import Node
+from loa.web.streams.webrtc import OfferBuckets
 from tests.apiclient import make_config
 from tests.test_webrtc import SDP, offer_pc, start_server
 

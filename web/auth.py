@@ -20,7 +20,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from loa.streamer.areas import AreaTree
-from loa.streamer.store import Conflict, Record, Store
+from loa.streamer.state.store import Conflict, Record, Store
 
 
 class Role(StrEnum):

@@ -104,11 +104,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_user(args)
     if args.command == "device":
-        from loa.relay.agent import main as agent_main
+        from loa.relay.agent.agent import main as agent_main
 
         return int(agent_main(args))
     if args.command == "sim":
-        from loa.relay.sim import main as sim_main
+        from loa.relay.agent.sim import main as sim_main
 
         return int(sim_main(args))
     if args.command == "demo":
@@ -116,24 +116,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_demo(args)
     if args.command == "bench" and args.bench == "preempt":
-        from loa.web.bench_preempt import run as run_preempt
+        from loa.web.bench.preempt import run as run_preempt
 
         return int(run_preempt(args))
     if args.command == "bench" and args.bench == "devices":
-        from loa.web.bench_devices import run as run_devices
+        from loa.web.bench.devices import run as run_devices
 
         return int(run_devices(args))
     if args.command == "bench" and args.bench == "api":
-        from loa.web.bench_api import run
+        from loa.web.bench.api import run
 
         return int(run(args))
     if args.command == "bench" and args.bench == "fanout":
         import importlib
 
-        mod = importlib.import_module(f"loa.web.bench_{args.transport}")
+        mod = importlib.import_module(f"loa.web.bench.{args.transport}")
         return int(mod.run(args))
     if args.command == "bench":
-        from loa.web.bench import run_bench
+        from loa.web.bench.run import run_bench
 
         return run_bench(args)
     return 2

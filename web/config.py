@@ -13,14 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from loa.codecs.encoders import EncoderSettings
-from loa.relay.control import DeviceSettings
+from loa.relay.devices.manager import DeviceSettings
 from loa.relay.hls import HlsSettings
 from loa.relay.icecast import HttpStreamSettings
 from loa.relay.inputs import RelayInputSettings
-from loa.relay.rtp import RtpSettings
+from loa.relay.rtp.out import RtpSettings
 from loa.relay.urlpolicy import FetchSettings
 from loa.relay.webrtc import WebRtcSettings
-from loa.streamer.emergency import EmergencySettings
+from loa.streamer.emergency.service import EmergencySettings
 from loa.streamer.engine import EngineSettings
 
 

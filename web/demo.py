@@ -23,12 +23,13 @@ from aiohttp import web
 
 from loa.streamer.clock import SAMPLE_RATE
 from loa.streamer.sources import Playlist, Source, ToneSource, chime_pcm
+from loa.streamer.state.store import Record
 from loa.streamer.station import Content
-from loa.streamer.store import Record
 from loa.streamer.tts import TtsError
-from loa.web.app import Node, create_app
+from loa.web.app import create_app
 from loa.web.auth import add_user
 from loa.web.config import Config, load_config
+from loa.web.node import Node
 from loa.web.serve import make_runner
 
 log = logging.getLogger("loa.demo")
@@ -165,7 +166,7 @@ async def _demo(args: argparse.Namespace) -> None:
 
     # A small simulated fleet in this process: loudspeakers and boards connect, heartbeat and
     # take commands like real devices (one of them also decodes its commune's stream).
-    from loa.relay.sim import run_fleet
+    from loa.relay.agent.sim import run_fleet
 
     local = base.replace("://0.0.0.0:", "://127.0.0.1:")
     async with aiohttp.ClientSession() as http, http.post(

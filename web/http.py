@@ -13,7 +13,7 @@ from aiohttp import web
 from loa.codecs.decode import MediaError
 from loa.streamer.areas import AreaError, AreaTree
 from loa.streamer.engine import AuthorityError
-from loa.streamer.store import Conflict, NotFound, Record, Store, StoreUnavailable
+from loa.streamer.state.store import Conflict, NotFound, Record, Store, StoreUnavailable
 from loa.web.auth import AuthError, Forbidden, Principal, RateLimited, authenticate
 
 log = logging.getLogger("loa.http")

@@ -32,7 +32,7 @@ however many listeners that transport fans out to (encode once). Bitrates come f
 the hub channels' byte and packet counters kept by a small sampler (every second on the real
 clock; on a virtual clock per request and over media seconds, so tests get exact figures).
 
-Cost (`python -m loa.web.monitor`, 5,000 areas, 10,000 devices): a commune's document is a few
+Cost (`python -m loa.web.bench.monitor`, 5,000 areas, 10,000 devices): a commune's document is a few
 milliseconds; a province one level deep ~25 ms; the whole province (~5 MB) is built and sent in
 chunks of `CHUNK` areas with turns of the event loop between them, and the /metrics text is
 formatted in a worker thread, so neither holds the loop for long. Figures are read on the loop
@@ -60,8 +60,9 @@ from aiohttp import web
 from loa.streamer.areas import AreaTree
 from loa.streamer.clock import TICK
 from loa.streamer.hub import PacketHub
-from loa.web.app import NODE, Node
+from loa.web.api.schema import CODE, responses
 from loa.web.http import ApiError, ok, principal
+from loa.web.node import NODE, Node
 
 log = logging.getLogger("loa.monitor")
 
@@ -214,11 +215,11 @@ async def collect(app: web.Application, scope: set[str] | None, detail: set[str]
     """Listener and device counts of every area in `scope` (None: all areas), and transport
     details of the areas in `detail` (None: the same as scope). Sparse; it lets the loop run
     between chunks of a big province (every list it walks is a copy)."""
-    from loa.web.api_devices import DEVICES
-    from loa.web.streams_hls import HLS
-    from loa.web.streams_http import http_stats
-    from loa.web.streams_rtp import RTP
-    from loa.web.streams_webrtc import RELAY
+    from loa.web.api.devices import DEVICES
+    from loa.web.streams.hls import HLS
+    from loa.web.streams.http import http_stats
+    from loa.web.streams.rtp import RTP
+    from loa.web.streams.webrtc import RELAY
 
     node = app[NODE]
     out = Collected()
@@ -380,8 +381,8 @@ def clock_figures(node: Node) -> dict[str, Any]:
 
 
 def transport_figures(app: web.Application, c: Collected) -> dict[str, Any]:
-    from loa.web.streams_hls import HLS
-    from loa.web.streams_webrtc import RELAY
+    from loa.web.streams.hls import HLS
+    from loa.web.streams.webrtc import RELAY
 
     relay = app.get(RELAY)
     hls = app.get(HLS)
@@ -415,7 +416,7 @@ def _peer_ref(session_id: str) -> str:
 
 async def peer_figures(app: web.Application, codes: set[str]) -> dict[str, list[dict[str, Any]]]:
     """RTT, loss and jitter of every WHEP peer in these areas (from their receiver reports)."""
-    from loa.web.streams_webrtc import RELAY
+    from loa.web.streams.webrtc import RELAY
 
     relay = app.get(RELAY)
     if relay is None:
@@ -653,7 +654,7 @@ class MetricsSnapshot:
 
 
 async def metrics_snapshot(app: web.Application) -> MetricsSnapshot:
-    from loa.web.api_devices import DEVICES
+    from loa.web.api.devices import DEVICES
 
     node = app[NODE]
     c = await collect(app, None, None)
@@ -866,7 +867,6 @@ async def asset_handler(request: web.Request) -> web.StreamResponse:
 
 def openapi_paths() -> dict[str, Any]:
     """The OpenAPI entry of GET /api/v1/monitor (merged by web/openapi.py)."""
-    from loa.web.openapi import CODE, responses
 
     return {
         "/api/v1/monitor": {
@@ -916,134 +916,3 @@ def setup(app: web.Application) -> None:
     r.add_get("/metrics", metrics_handler)
     r.add_get("/monitor", page_handler)
     r.add_get("/monitor/{name}", asset_handler)
-
-
-# ---- benchmark: `python -m loa.web.monitor [--areas N] [--devices N] [--rounds R]` ---------------
-async def _bench(areas: int, devices: int, rounds: int) -> dict[str, object]:
-    """The monitor's cost on a big province: every area on air and listened to (one Opus hub
-    subscription each), `devices` registered devices. Per operation, over real HTTP from a
-    client thread: the event loop thread's CPU (ms, p50 and max over the rounds; the metrics
-    text is built in a worker thread, not counted) and the longest the loop was held meanwhile
-    (a probe task measures the loop thread's CPU time between two of its turns: what every
-    socket of the node waits behind; garbage collections included)."""
-    import contextlib as _contextlib
-    import statistics
-    import sys
-    import tempfile
-    import urllib.request
-
-    from aiohttp.test_utils import TestClient, TestServer
-
-    from loa.streamer.broadcast import Broadcast
-    from loa.streamer.clock import VirtualClock
-    from loa.streamer.sources import ToneSource
-    from loa.web.app import create_app
-    from loa.web.auth import add_user
-    from loa.web.config import load_config
-    from loa.web.monitor import SAMPLER as sampler_key  # this module may run as __main__
-
-    districts = max(1, areas // 100)
-    communes = areas - 1 - districts
-    lines = ["code,name,level,parent_code", "49,Tỉnh mẫu,province,"]
-    lines += [f"{500 + d:03d},Huyện {d + 1:02d},district,49" for d in range(districts)]
-    codes = [f"{20000 + c:05d}" for c in range(communes)]
-    lines += [f"{code},Xã {c + 1:04d},commune,{500 + c % districts:03d}"
-              for c, code in enumerate(codes)]
-    res: dict[str, list[float]] = {}
-    stall: dict[str, float] = {}
-    size: dict[str, int] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        csv = Path(tmp) / "areas.csv"
-        csv.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        cfg = load_config(None, env={}, data=str(Path(tmp) / "data"))
-        cfg.areas.csv = str(csv)
-        node = Node(cfg, realtime=False)
-        with _contextlib.redirect_stdout(sys.stderr):  # the bootstrap password is not the result
-            await node.start()
-        await node.store.put_many("device", [
-            {"id": f"loa-{i:05d}", "area": codes[i % len(codes)], "kind": "loudspeaker",
-             "name": f"Cụm loa {i:05d}", "status": "offline", "volume": 80}
-            for i in range(devices)])
-        await add_user(node.store, node.tree, "bench-tinh", "viewer", "49", "mat-khau-123")
-        await add_user(node.store, node.tree, "bench-xa", "viewer", codes[0], "mat-khau-123")
-        app = create_app(node)
-        client = TestClient(TestServer(app, host="127.0.0.1"))
-        await client.start_server()  # on_startup: the device registry loads the devices
-        base = str(client.make_url("")).rstrip("/")
-        tokens = {}
-        for who in ("bench-tinh", "bench-xa"):
-            r = await client.post("/api/v1/auth/token",
-                                  json={"username": who, "password": "mat-khau-123"})
-            tokens[who] = {"Authorization": "Bearer " + (await r.json())["token"]}
-        node.engine.start(Broadcast(ToneSource(440, 0.3), ["49"], issuer="49", title="Thử"))
-        subs = [node.hub.subscribe(a.code, "opus") for a in node.tree]
-        for sub in subs:
-            sub.on_packets = lambda packets: None  # consumed at once, like a transport
-        clock = VirtualClock(node.engine.tick)
-        app[sampler_key].sample()
-
-        async def probe(gaps: list[float]) -> None:
-            # CPU time of the loop thread between two turns of this task: the work that held
-            # the loop (not time the OS gave to other processes of a busy machine).
-            last = time.thread_time()
-            while True:
-                await asyncio.sleep(0.001)
-                now = time.thread_time()
-                gaps.append(now - last)
-                last = now
-
-        async def measure(name: str, path: str, who: str | None) -> bytes:
-            gaps: list[float] = []
-            task = asyncio.get_running_loop().create_task(probe(gaps))
-            await asyncio.sleep(0.005)
-            gaps.clear()
-            t0 = time.thread_time()
-            # The client runs in a thread: its reading must not hold the server's loop.
-            body = await asyncio.to_thread(fetch, path, tokens[who] if who else {})
-            res.setdefault(name, []).append((time.thread_time() - t0) * 1000)
-            task.cancel()
-            stall[name] = max(stall.get(name, 0.0), max(gaps, default=0.0) * 1000)
-            size[name.replace("_ms", "_bytes")] = len(body)
-            return body
-
-        def fetch(path: str, headers: dict[str, str]) -> bytes:
-            req = urllib.request.Request(f"{base}{path}", headers=headers)
-            with urllib.request.urlopen(req, timeout=60) as r:  # noqa: S310 - 127.0.0.1
-                return bytes(r.read())
-
-        for _ in range(rounds):
-            clock.run(50)
-            await asyncio.sleep(0)  # the hub's deliveries of those ticks run now, not below
-            await measure("monitor_province_all_ms", "/api/v1/monitor", "bench-tinh")
-            await measure("monitor_province_depth1_ms", "/api/v1/monitor?depth=1", "bench-tinh")
-            await measure("monitor_commune_ms", "/api/v1/monitor", "bench-xa")
-            text = await measure("metrics_ms", "/metrics", None)
-            size["metrics_series"] = sum(1 for ln in text.splitlines()
-                                         if not ln.startswith(b"#"))
-            t0 = time.thread_time()
-            app[sampler_key].sample(force=True)
-            res.setdefault("sample_ms", []).append((time.thread_time() - t0) * 1000)
-        for sub in subs:
-            sub.close()
-        await client.close()
-        await node.stop()
-    out: dict[str, object] = {"bench": "monitor", "areas": areas, "devices": devices,
-                              "channels": len(subs), "rounds": rounds}
-    for k, v in res.items():
-        out[k.replace("_ms", "_cpu_p50_ms")] = round(statistics.median(v), 2)
-        out[k.replace("_ms", "_cpu_max_ms")] = round(max(v), 2)
-        if k in stall:
-            out[k.replace("_ms", "_loop_stall_max_ms")] = round(stall[k], 2)
-    out.update(size)
-    return out
-
-
-if __name__ == "__main__":
-    import argparse
-
-    ap = argparse.ArgumentParser(description="Monitor cost: JSON and /metrics on a big province")
-    ap.add_argument("--areas", type=int, default=5000)
-    ap.add_argument("--devices", type=int, default=10_000)
-    ap.add_argument("--rounds", type=int, default=10)
-    a = ap.parse_args()
-    print(json.dumps(asyncio.run(_bench(a.areas, a.devices, a.rounds))))

@@ -12,10 +12,11 @@ from aiohttp import web
 
 from loa.streamer.areas import AreaError
 from loa.streamer.log import setup_logging
-from loa.streamer.store import open_store
-from loa.web.app import Node, create_app, load_tree
+from loa.streamer.state.open import open_store
+from loa.web.app import create_app
 from loa.web.auth import add_user
 from loa.web.config import Config, ConfigError, load_config
+from loa.web.node import Node, load_tree
 
 
 def _config(args: argparse.Namespace, http: str | None = None) -> Config:

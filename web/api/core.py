@@ -1,0 +1,308 @@
+"""Health, tokens, the caller, areas, users and the audit log."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+
+from loa.streamer.areas import AreaError, AreaTree, parse_csv
+from loa.web.auth import (
+    LoginGuard,
+    Role,
+    add_user,
+    hash_password_async,
+    login,
+    public_user,
+    validate_password,
+)
+from loa.web.http import (
+    TOKEN_ID,
+    ApiError,
+    audit,
+    field,
+    ok,
+    principal,
+    read_json,
+    refuse_unknown,
+)
+from loa.web.node import NODE, Node, area_record
+
+routes = web.RouteTableDef()
+LOGIN_GUARD: web.AppKey[LoginGuard] = web.AppKey("login_guard", LoginGuard)
+
+
+def node_of(request: web.Request) -> Node:
+    return request.app[NODE]
+
+
+@routes.get("/healthz")
+async def healthz(request: web.Request) -> web.Response:
+    """Liveness: the process and the media clock run (200 even when the store is degraded: a
+    restart would not fix a full disk, and the node still airs). Readiness: /readyz."""
+    node = node_of(request)
+    clock = node.clock.stats.as_dict() if node.clock else {}
+    running = node.clock_running()
+    store = node.store_state()
+    status = "stopped" if not running else "ok" if store["writable"] else "degraded"
+    return ok({"status": status, "uptime": time.time() - node.started,
+               "media_time": node.engine.media_time, "clock": clock, "store": store,
+               **node.lag.as_dict()}, 200 if running else 503)
+
+
+@routes.get("/readyz")
+async def readyz(request: web.Request) -> web.Response:
+    """Readiness: the store takes a write and the data directory has room; 503 if not."""
+    state = await node_of(request).readiness()
+    return ok(state, 200 if state["ready"] else 503)
+
+
+@routes.post("/api/v1/auth/token")
+async def token(request: web.Request) -> web.Response:
+    node = node_of(request)
+    data = await read_json(request, 16 * 1024)
+    username = field(data, "username", str)
+    password = field(data, "password", str)
+    guard = request.app[LOGIN_GUARD]
+    tok, user = await login(node.store, guard, username, password, request.remote or "?",
+                            ttl=node.cfg.auth.token_ttl_hours * 3600)
+    return ok({"token": tok, "expires_in": int(node.cfg.auth.token_ttl_hours * 3600),
+               "user": public_user(user)}, 201)
+
+
+@routes.delete("/api/v1/auth/token")
+async def revoke(request: web.Request) -> web.Response:
+    await node_of(request).store.delete("token", request[TOKEN_ID])
+    await audit(request, "logout")
+    return web.Response(status=204)
+
+
+@routes.get("/api/v1/me")
+async def me(request: web.Request) -> web.Response:
+    p = principal(request)
+    user = await node_of(request).store.get("user", p.id)
+    assert user is not None
+    return ok(public_user(user))
+
+
+# ---- areas ---------------------------------------------------------------------------------
+def _area_out(tree: AreaTree, code: str) -> dict[str, Any]:
+    a = tree.get(code)
+    return {**a.as_dict(), "children": list(a.children)}
+
+
+@routes.get("/api/v1/areas")
+async def areas(request: web.Request) -> web.Response:
+    p = principal(request)
+    tree = node_of(request).tree
+    return ok({"root": p.area, "areas": [_area_out(tree, c) for c in tree.subtree(p.area)]})
+
+
+@routes.get("/api/v1/areas/{code}")
+async def area_get(request: web.Request) -> web.Response:
+    p = principal(request)
+    tree = node_of(request).tree
+    code = request.match_info["code"]
+    if code not in tree:
+        raise ApiError(404, f"không có khu vực / unknown area {code}")
+    p.require_area(tree, code)
+    return ok(_area_out(tree, code))
+
+
+@routes.post("/api/v1/areas")
+async def area_create(request: web.Request) -> web.Response:
+    p = principal(request)
+    p.require("admin")
+    node = node_of(request)
+    data = await read_json(request)
+    code = field(data, "code", str)
+    name = field(data, "name", str)
+    level = field(data, "level", str, required=False, default="")
+    parent = field(data, "parent", str)
+    if parent not in node.tree:
+        raise ApiError(422, f"khu vực cha không tồn tại / unknown parent {parent}", "parent")
+    p.require_area(node.tree, parent)
+    if not name.strip() or len(name) > 200:
+        raise ApiError(422, "tên 1-200 ký tự / name must be 1-200 characters", "name")
+    try:
+        code = node.tree.add(code, name, level, parent).code
+    except AreaError as e:
+        raise ApiError(409 if "duplicate" in str(e) else 422, str(e), "code") from None
+    try:
+        await node.store.put("area", area_record(code, node.tree))
+    except BaseException:
+        node.tree.remove(code)  # all or nothing: the tree never holds an unstored area
+        raise
+    node.engine.add_area(code)
+    await audit(request, "area.create", code, parent=parent)
+    return ok(_area_out(node.tree, code), 201)
+
+
+@routes.patch("/api/v1/areas/{code}")
+async def area_update(request: web.Request) -> web.Response:
+    p = principal(request)
+    p.require("admin")
+    node = node_of(request)
+    code = request.match_info["code"]
+    if code not in node.tree:
+        raise ApiError(404, f"không có khu vực / unknown area {code}")
+    p.require_area(node.tree, code)
+    data = await read_json(request)
+    refuse_unknown(data, {"name", "level"})  # code and parent are not changed here
+    name = field(data, "name", str, required=False)
+    level = field(data, "level", str, required=False)
+    if name is not None and not name.strip():
+        raise ApiError(422, "tên không được rỗng / name must not be empty", "name")
+    record = {**area_record(code, node.tree), **{k: v for k, v in (("name", name), ("level", level))
+                                                  if v is not None}}
+    await node.store.put("area", record)  # stored first: memory follows only a stored change
+    node.tree.update(code, name=name, level=level)
+    await audit(request, "area.update", code, name=name, level=level)
+    return ok(_area_out(node.tree, code))
+
+
+@routes.post("/api/v1/areas/import")
+async def area_import(request: web.Request) -> web.Response:
+    """CSV of the official administrative units list (code,name,level,parent_code); every new
+    area must hang below the caller's area. All or nothing."""
+    p = principal(request)
+    p.require("admin")
+    node = node_of(request)
+    if request.content_length is not None and request.content_length > 8 * 1024 * 1024:
+        raise ApiError(413, "tệp quá lớn / CSV larger than 8 MiB")
+    raw = await request.content.read(8 * 1024 * 1024 + 1)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(422, "CSV phải là UTF-8 / CSV must be UTF-8", "file") from None
+    existing = [(a.code, a.name, a.level, a.parent) for a in node.tree]
+    try:
+        rows = parse_csv(text)
+        for code, *_ in rows:
+            if code.strip() in node.tree:
+                raise AreaError(f"mã khu vực đã có / area {code.strip()} already exists")
+        merged = AreaTree.from_rows(existing + rows)
+    except AreaError as e:
+        raise ApiError(422, str(e), "file") from None
+    new = [a.code for a in merged if a.code not in node.tree]
+    for code in new:
+        if not merged.contains(p.area, code):
+            raise ApiError(403, f"khu vực {code} ngoài phạm vi / {code} is outside your area")
+    for code in new:  # parents first: `merged` iterates in insertion order
+        a = merged.get(code)
+        node.tree.add(a.code, a.name, a.level, a.parent)
+    await node.store.put_many("area", [area_record(c, node.tree) for c in new])
+    for code in new:
+        node.engine.add_area(code)
+    await audit(request, "area.import", None, count=len(new))
+    return ok({"imported": len(new), "codes": new[:1000]}, 201)
+
+
+# ---- users ---------------------------------------------------------------------------------
+@routes.get("/api/v1/users")
+async def users(request: web.Request) -> web.Response:
+    p = principal(request)
+    p.require("admin")
+    node = node_of(request)
+    inside = set(node.tree.subtree(p.area))
+    return ok({"users": [public_user(u) for u in await node.store.find("user")
+                         if u["area"] in inside]})
+
+
+@routes.post("/api/v1/users")
+async def user_create(request: web.Request) -> web.Response:
+    p = principal(request)
+    p.require("admin")
+    node = node_of(request)
+    data = await read_json(request)
+    username = field(data, "username", str)
+    role = field(data, "role", str)
+    area = field(data, "area", str)
+    password = field(data, "password", str, required=False)
+    emergency = field(data, "emergency", bool, required=False, default=False)
+    if area not in node.tree:
+        raise ApiError(422, f"không có khu vực / unknown area {area}", "area")
+    p.require_area(node.tree, area)
+    if role not in {r.value for r in Role}:
+        raise ApiError(422, f"vai trò không hợp lệ / unknown role {role}", "role")
+    if emergency and not p.emergency:
+        raise ApiError(403, "không thể cấp quyền khẩn cấp / you cannot grant the emergency right")
+    try:
+        record, pw = await add_user(node.store, node.tree, username, role, area, password,
+                                    emergency)
+    except ValueError as e:
+        status = 409 if "exists" in str(e) else 422
+        raise ApiError(status, str(e), "password" if "password" in str(e) else "username") \
+            from None
+    await audit(request, "user.create", record["id"], username=username, role=role, area=area)
+    out = public_user(record)
+    if password is None:
+        out["password"] = pw  # generated: shown once to the admin who created it
+    return ok(out, 201)
+
+
+@routes.patch("/api/v1/users/{id}")
+async def user_update(request: web.Request) -> web.Response:
+    p = principal(request)
+    p.require("admin")
+    node = node_of(request)
+    user = await node.store.get("user", request.match_info["id"])
+    if user is None or user["area"] not in node.tree:
+        raise ApiError(404, "không có người dùng / unknown user")
+    p.require_area(node.tree, user["area"])
+    data = await read_json(request)
+    refuse_unknown(data, {"role", "disabled", "emergency", "password"})
+    changes: dict[str, Any] = {}
+    if (role := field(data, "role", str, required=False)) is not None:
+        if role not in {r.value for r in Role}:
+            raise ApiError(422, f"vai trò không hợp lệ / unknown role {role}", "role")
+        changes["role"] = role
+    if (disabled := field(data, "disabled", bool, required=False)) is not None:
+        changes["disabled"] = disabled
+    if (emergency := field(data, "emergency", bool, required=False)) is not None:
+        if not p.emergency:
+            raise ApiError(403, "không thể cấp quyền khẩn cấp / you cannot grant the emergency right")
+        changes["emergency"] = emergency
+    if (password := field(data, "password", str, required=False)) is not None:
+        try:
+            validate_password(password)
+        except ValueError as e:
+            raise ApiError(422, str(e), "password") from None
+        changes["password"] = await hash_password_async(password)
+    user = await node.store.update("user", user["id"], changes)
+    if changes.get("disabled") or "password" in changes:
+        for tok in await node.store.find("token", user=user["id"]):
+            await node.store.delete("token", tok["id"])
+    await audit(request, "user.update", user["id"], fields=sorted(changes))
+    return ok(public_user(user))
+
+
+@routes.get("/api/v1/audit")
+async def audit_log(request: web.Request) -> web.Response:
+    p = principal(request)
+    p.require("admin")
+    node = node_of(request)
+    inside = set(node.tree.subtree(p.area))
+    since = _num(request, "from")
+    until = _num(request, "to")
+    entries = await node.store.read_log("audit", since=since, until=until, limit=5000)
+    return ok({"entries": [e for e in entries if e.get("area") in inside or e.get("area") is None
+                           and p.area == node.tree.roots()[0].code]})
+
+
+def _num(request: web.Request, name: str) -> float | None:
+    v = request.query.get(name)
+    if v is None or v == "":
+        return None
+    try:
+        return float(v)
+    except ValueError:
+        raise ApiError(422, f"{name} phải là số giây epoch / {name} must be epoch seconds",
+                       name) from None
+
+
+def setup(app: web.Application) -> None:
+    node = app[NODE]  # started: its store is open
+    app[LOGIN_GUARD] = LoginGuard(node.store, node.cfg.auth.max_failed_logins)
+    app.add_routes(routes)

@@ -1,0 +1,397 @@
+"""Emergencies and CAP 1.2 alerts over HTTP (the service is streamer/emergency/service.py).
+
+- `POST /api/v1/emergencies` (bearer, the emergency right; targets inside the caller's area):
+  `{"targets": [codes], "content": {"media": id} | {"text": "..."} | {"live": true},
+  "repeat": 1-10, "gap": s, "attention": {"before", "after", "media"?}, "volume": 0-100,
+  "text": board text, "title"?}` -> `201` the emergency (persisted before the answer), with
+  `devices` (commands sent / queued) and, for live, `whip`: the URL to publish the voice to.
+- `GET /api/v1/emergencies[?status=active|ended|all]`: those the caller's area is concerned by
+  (they target its subtree, or an area above it). `GET /api/v1/emergencies/{id}`.
+- `DELETE /api/v1/emergencies/{id}`: ends it (`200`, the record). Needs the emergency right at the
+  issuer's area or above (`403` otherwise, and it stays on air); `409` when it is already over.
+- `POST /api/v1/alerts` (`application/cap+xml` or `application/xml`): a CAP 1.2 message.
+  Authentication: a bearer token of a user holding the emergency right. A dedicated feed is just
+  such a user (e.g. `loa user add cap-feed --role operator --area T01 --emergency`): the same
+  tokens, rights, area scope and audit as people, no second credential scheme, and its area
+  bounds what the feed may target. `201` aired, `200` already received (same sender, identifier
+  and sent) or a Cancel done, `202` accepted without airing (status System/Draft, msgType
+  Ack/Error); a bad document `4xx` with the reason, and nothing airs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from yarl import URL
+
+from loa.relay.devices.manager import validate_command
+from loa.relay.urlpolicy import FETCH_SCHEMES, FetchSettings, PolicyResolver, check_url
+from loa.streamer.emergency import cap as capmod
+from loa.streamer.emergency.service import (
+    EmergencyError,
+    EmergencyService,
+    EmergencySettings,
+    Request,
+)
+from loa.streamer.state.store import Record
+from loa.streamer.station import MAX_GAP, MAX_REPEAT
+from loa.web.api.devices import DEVICES
+from loa.web.api.schema import CODE, ID_PARAM, READ, STR, WRITE, body, obj, responses
+from loa.web.auth import Principal
+from loa.web.http import (
+    ApiError,
+    audit,
+    error_response,
+    field,
+    ok,
+    principal,
+    read_json,
+    reference,
+)
+from loa.web.node import NODE, Node
+
+log = logging.getLogger("loa.emergency")
+routes = web.RouteTableDef()
+
+EMERGENCY: web.AppKey[EmergencyService] = web.AppKey("emergency", EmergencyService)
+CAP_TYPES = ("application/cap+xml", "application/xml", "text/xml")
+MAX_TEXT = 5000
+
+
+def settings_of(node: Node) -> EmergencySettings:
+    """The [emergency] config section (defaults until Config carries one)."""
+    s = getattr(node.cfg, "emergency", None)
+    return s if isinstance(s, EmergencySettings) else EmergencySettings()
+
+
+def service(request: web.Request) -> EmergencyService:
+    return request.app[EMERGENCY]
+
+
+def _require_right(p: Principal) -> None:
+    if not p.emergency or not p.can("air"):
+        raise ApiError(403, "bạn không có quyền phát khẩn cấp / you do not hold the emergency "
+                            "right")
+
+
+def _concerns(node: Node, p: Principal, rec: Record) -> bool:
+    """The caller's area is concerned: a target lies in its subtree, or above it."""
+    tree = node.tree
+    if p.area not in tree:
+        return False
+    return any(p.related(tree, t) for t in rec.get("targets", []))
+
+
+def _public(rec: Record) -> Record:
+    return {k: v for k, v in rec.items() if k not in ("cancel_key",)}
+
+
+# ---- emergencies ---------------------------------------------------------------------------------
+def _targets(node: Node, p: Principal, data: dict[str, Any]) -> list[str]:
+    raw = field(data, "targets", list)
+    if not raw or not all(isinstance(t, str) and t for t in raw):
+        raise ApiError(422, "targets là danh sách mã khu vực / targets must be a non-empty list "
+                            "of area codes", "targets")
+    targets = list(dict.fromkeys(raw))
+    for t in targets:
+        if t not in node.tree:
+            raise ApiError(422, f"không có khu vực / unknown area {t}", "targets")
+        p.require_area(node.tree, t)
+    return targets
+
+
+async def _content(request: web.Request, node: Node, data: dict[str, Any]) -> dict[str, Any]:
+    content = field(data, "content", dict)
+    given = [k for k in ("media", "text", "live") if content.get(k) not in (None, "", False)]
+    if len(given) != 1 or set(content) - {"media", "text", "live"}:
+        raise ApiError(422, "content cần đúng một trong media, text, live / content must be "
+                            "exactly one of {\"media\": id}, {\"text\": \"...\"}, "
+                            "{\"live\": true}", "content")
+    kind = given[0]
+    if kind == "media":
+        m = await reference(request, node.tree, "media", content["media"], "content.media")
+        return {"media": m["id"]}
+    if kind == "text":
+        text = content["text"]
+        if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT:
+            raise ApiError(422, f"văn bản 1-{MAX_TEXT} ký tự / text must be 1-{MAX_TEXT} "
+                                "characters", "content.text")
+        return {"text": " ".join(text.split())}
+    if content["live"] is not True:
+        raise ApiError(422, "live phải là true / live must be true", "content.live")
+    return {"live": True}
+
+
+@routes.post("/api/v1/emergencies")
+async def emergency_create(request: web.Request) -> web.Response:
+    p = principal(request)
+    _require_right(p)
+    node = request.app[NODE]
+    data = await read_json(request)
+    targets = _targets(node, p, data)
+    content = await _content(request, node, data)
+    repeat = field(data, "repeat", int, required=False, default=1)
+    if not 1 <= repeat <= MAX_REPEAT:
+        raise ApiError(422, f"số lần lặp 1-{MAX_REPEAT} / repeat must be within 1-{MAX_REPEAT}",
+                       "repeat")
+    gap = field(data, "gap", float, required=False, default=0.0)
+    if not 0 <= gap <= MAX_GAP:
+        raise ApiError(422, "khoảng nghỉ 0-7200 giây / gap must be within 0-7200 s", "gap")
+    attention = field(data, "attention", dict, required=False, default={})
+    unknown = set(attention) - {"before", "after", "media"}
+    if unknown:
+        raise ApiError(422, f"attention: trường không hợp lệ / unknown field(s) "
+                            f"{', '.join(sorted(unknown))}", "attention")
+    before = field(attention, "before", bool, required=False)
+    after = field(attention, "after", bool, required=False)
+    att_media = None
+    if attention.get("media") is not None:
+        att_media = (await reference(request, node.tree, "media", attention["media"],
+                                     "attention.media"))["id"]
+    volume = field(data, "volume", int, required=False)
+    if volume is not None and not 0 <= volume <= 100:
+        raise ApiError(422, "âm lượng 0-100 / volume must be within 0-100", "volume")
+    text = field(data, "text", str, required=False)
+    if text is not None and (not text.strip() or len(text) > 2000):
+        raise ApiError(422, "văn bản bảng tin 1-2000 ký tự / text must be 1-2000 characters",
+                       "text")
+    title = field(data, "title", str, required=False)
+    if title is not None and (not title.strip() or len(title) > 200):
+        raise ApiError(422, "tiêu đề 1-200 ký tự / title must be 1-200 characters", "title")
+    req = Request(targets=targets, content=content, issuer=p.area, user=p.username,
+                  repeat=repeat, gap=gap, attention_before=before, attention_after=after,
+                  attention_media=att_media, volume=volume, text=text, title=title)
+    try:
+        rec = await service(request).create(req)
+    except EmergencyError as e:
+        raise ApiError(e.status, str(e), e.field) from None
+    await audit(request, "emergency.start", rec["id"], targets=rec["targets"],
+                areas=rec["areas"], broadcast=rec.get("broadcast"), live=rec["live"],
+                devices=rec["devices"])
+    return ok(_public(rec), 201)
+
+
+@routes.get("/api/v1/emergencies")
+async def emergency_list(request: web.Request) -> web.Response:
+    p = principal(request)
+    p.require("read")
+    node = request.app[NODE]
+    status = request.query.get("status", "active")
+    if status not in ("active", "ended", "all"):
+        raise ApiError(422, "status: active | ended | all", "status")
+    rows = await service(request).records(None if status == "all" else status)
+    rows = [_public(r) for r in rows if _concerns(node, p, r)]
+    rows.sort(key=lambda r: r.get("created", 0), reverse=True)
+    return ok({"emergencies": rows})
+
+
+async def _visible(request: web.Request, p: Principal) -> Record:
+    rec = await service(request).get(request.match_info["id"])
+    if rec is None or not _concerns(request.app[NODE], p, rec):
+        raise ApiError(404, "không có tình huống khẩn cấp / unknown emergency")
+    return rec
+
+
+@routes.get("/api/v1/emergencies/{id}")
+async def emergency_get(request: web.Request) -> web.Response:
+    p = principal(request)
+    p.require("read")
+    rec = await _visible(request, p)
+    out = _public(rec)
+    node = request.app[NODE]
+    out["on_air"] = [node.engine.on_air(a) for a in rec.get("areas", []) if a in node.tree]
+    return ok(out)
+
+
+@routes.delete("/api/v1/emergencies/{id}")
+async def emergency_stop(request: web.Request) -> web.Response:
+    p = principal(request)
+    rec = await _visible(request, p)
+    node = request.app[NODE]
+    if not p.emergency or not p.can("air"):
+        raise ApiError(403, "cần quyền khẩn cấp để dừng / ending an emergency needs the "
+                            "emergency right")
+    issuer = rec["issuer"]
+    if issuer in node.tree and not node.tree.contains(p.area, issuer):
+        raise ApiError(403, f"không được dừng tình huống khẩn cấp của cấp trên / {p.area} may "
+                            f"not end an emergency issued by {issuer}")
+    if rec.get("status") != "active":
+        raise ApiError(409, "tình huống khẩn cấp đã kết thúc / the emergency is already over")
+    ended = await service(request).end(rec["id"], "stopped", user=p.username)
+    await audit(request, "emergency.stop", rec["id"], areas=rec.get("areas"))
+    return ok(_public(ended or rec))
+
+
+# ---- CAP -----------------------------------------------------------------------------------------
+@routes.post("/api/v1/alerts")
+async def alert_receive(request: web.Request) -> web.StreamResponse:
+    p = principal(request)
+    _require_right(p)
+    svc = service(request)
+    node = request.app[NODE]
+    ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    if ctype not in CAP_TYPES:
+        return error_response(415, "cần tài liệu CAP / Content-Type must be application/cap+xml "
+                                   "or application/xml")
+    limit = svc.settings.cap_body_limit  # text + one largest inline resource in base64
+    if request.content_length is not None and request.content_length > limit:
+        return error_response(413, "tài liệu quá lớn / document too large")
+    data = await request.content.read(limit + 1)
+    if len(data) > limit:
+        return error_response(413, "tài liệu quá lớn / document too large")
+    try:
+        alert = await asyncio.to_thread(capmod.parse, data, svc.settings.cap_resource_bytes)
+    except capmod.CapError as e:
+        log.info("cap refused event=cap_refused user=%s status=%d reason=%s", p.username,
+                 e.status, str(e)[:300])
+        await audit(request, "alert.refused", None, reason=str(e)[:500])
+        return error_response(e.status, str(e), e.element)
+    try:
+        status, body = await svc.cap(alert, issuer=p.area, user=p.username,
+                                     check_area=lambda code: p.require_area(node.tree, code))
+    except capmod.CapError as e:
+        await audit(request, "alert.refused", alert.key, reason=str(e)[:500])
+        return error_response(e.status, str(e), e.element)
+    except EmergencyError as e:
+        await audit(request, "alert.refused", alert.key, reason=str(e)[:500])
+        return error_response(e.status, str(e), e.field)
+    await audit(request, "alert.receive", body.get("id"), cap=alert.key, msgType=alert.msg_type,
+                status=alert.status, result=status, areas=body.get("areas"),
+                cancelled=body.get("cancelled"))
+    log.info("cap alert event=cap_alert user=%s key=%s msgType=%s status=%s result=%d id=%s",
+             p.username, alert.key[:200], alert.msg_type, alert.status, status, body.get("id"))
+    return ok(_public(body), status)
+
+
+# ---- wiring ---------------------------------------------------------------------------------------
+def _notifier(app: web.Application) -> Any:
+    async def notify(areas: list[str], args: dict[str, Any], include_offline: bool,
+                     ttl: float | None) -> dict[str, Any]:
+        mgr = app.get(DEVICES)
+        if mgr is None:
+            return {"devices": 0, "online": 0}
+        wanted = set(areas)
+        # A device connected to another node of a cluster gets the command from that node,
+        # which hears of the emergency on the bus: sending it from here too would double it.
+        devices = [d for d in mgr.find(wanted) if not d.record.get("revoked")
+                   and (d.link is not None or (include_offline and not mgr.remote(d)))]
+        if not devices:
+            return {"devices": 0, "online": 0}
+        s = mgr.settings
+        ttl = min(max(ttl or 0.0, s.command_ttl), s.max_command_ttl)
+        issued = await mgr.issue(devices, "emergency", validate_command("emergency", args),
+                                 ttl=ttl, issuer="emergency", area=min(areas, key=len))
+        return {"devices": issued.devices, "online": issued.online, "batch": issued.batch}
+
+    return notify
+
+
+MAX_REDIRECTS = 3
+
+
+def _fetcher(svc: EmergencyService, policy: FetchSettings) -> Any:
+    """CAP resource URIs: http(s) only, never to the node itself or link-local addresses
+    (relay/urlpolicy.py), checked for every redirect and every address connected to."""
+    async def fetch(url: str) -> bytes:
+        s = svc.settings
+        limit = s.cap_resource_mb * 1024 * 1024
+        timeout = aiohttp.ClientTimeout(total=s.cap_resource_timeout)
+        connector = aiohttp.TCPConnector(resolver=PolicyResolver(policy))
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
+            for _ in range(MAX_REDIRECTS + 1):
+                await check_url(url, FETCH_SCHEMES, policy)  # IP literals skip the resolver
+                async with http.get(url, allow_redirects=False) as r:
+                    if r.status in (301, 302, 303, 307, 308) and "Location" in r.headers:
+                        url = str(r.url.join(URL(r.headers["Location"])))
+                        continue
+                    if r.status != 200:
+                        raise ValueError(f"HTTP {r.status}")
+                    if r.content_length is not None and r.content_length > limit:
+                        raise ValueError(f"resource of {r.content_length} bytes is over the "
+                                         "limit")
+                    data = await r.content.read(limit + 1)
+                    if len(data) > limit:
+                        raise ValueError("resource is over the size limit")
+                    return data
+            raise ValueError("too many redirects")
+
+    return fetch
+
+
+def setup(app: web.Application) -> None:
+    """Register routes; the service starts (and restores active emergencies) with the app,
+    before the Station's generic restore."""
+    node = app[NODE]
+    svc = EmergencyService(engine=node.engine, station=node.station, store=node.store,
+                           bus=node.bus, tree=node.tree, library=node.library,
+                           speech=node.speech, settings=settings_of(node),
+                           notify=_notifier(app), node_id=node.node_id)
+    svc.fetch = _fetcher(svc, node.cfg.fetch)
+    app[EMERGENCY] = svc
+
+    async def on_startup(_: web.Application) -> None:
+        t0 = time.monotonic()
+        await svc.start()
+        log.info("emergency service started event=emergency_service_start node=%s active=%d "
+                 "restored=%d ms=%.1f", svc.node_id, len(svc.active), svc.stats["restored"],
+                 (time.monotonic() - t0) * 1000)
+
+    async def on_cleanup(_: web.Application) -> None:
+        await svc.stop()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    app.add_routes(routes)
+
+
+# ---- OpenAPI -------------------------------------------------------------------------------------
+def openapi_paths() -> dict[str, Any]:
+    """The OpenAPI path items of these routes (merge into loa.web.openapi.document)."""
+
+    secured: dict[str, Any] = {"security": [{"bearer": []}]}
+    content = {"oneOf": [obj({"media": STR}, ["media"]), obj({"text": STR}, ["text"]),
+                         obj({"live": {"type": "boolean"}}, ["live"])]}
+    create = obj({
+        "targets": {"type": "array", "items": CODE, "minItems": 1},
+        "content": content,
+        "repeat": {"type": "integer", "minimum": 1, "maximum": MAX_REPEAT},
+        "gap": {"type": "number", "minimum": 0, "maximum": MAX_GAP},
+        "attention": obj({"before": {"type": "boolean"}, "after": {"type": "boolean"},
+                          "media": STR}),
+        "volume": {"type": "integer", "minimum": 0, "maximum": 100},
+        "text": STR, "title": STR}, ["targets", "content"])
+    status = {"name": "status", "in": "query",
+              "schema": {"type": "string", "enum": ["active", "ended", "all"]}}
+    return {
+        "/api/v1/emergencies": {
+            "get": {"summary": "Tình huống khẩn cấp / emergencies concerning the caller's area",
+                    **secured, "parameters": [status], "responses": responses(*READ, 422)},
+            "post": {"summary": "Phát khẩn cấp / start an emergency (emergency right): preempts "
+                                "the targets at once, commands their loudspeakers and boards",
+                     **secured, "requestBody": body(create),
+                     "responses": responses(201, *WRITE)},
+        },
+        "/api/v1/emergencies/{id}": {
+            "parameters": [ID_PARAM],
+            "get": {"summary": "Một tình huống khẩn cấp / one emergency, with what is on air in "
+                               "its areas", **secured, "responses": responses(*READ, 404)},
+            "delete": {"summary": "Kết thúc / end an emergency (emergency right at the issuer's "
+                                  "area or above)", **secured,
+                       "responses": responses(200, 401, 403, 404, 409)},
+        },
+        "/api/v1/alerts": {
+            "post": {"summary": "Cảnh báo CAP 1.2 / a CAP 1.2 alert (Alert, Update, Cancel)",
+                     **secured,
+                     "requestBody": {"required": True, "content": {
+                         "application/cap+xml": {"schema": {"type": "string"}},
+                         "application/xml": {"schema": {"type": "string"}}}},
+                     "responses": {"201": {"description": "Aired"},
+                                   "202": {"description": "Accepted, not aired"},
+                                   **responses(200, 400, 401, 403, 404, 409, 413, 415, 422)}},
+        },
+    }

@@ -1,0 +1,211 @@
+"""The media library over HTTP: uploads (multipart), listing, text to speech."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from aiohttp import BodyPartReader, MultipartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from loa.codecs.decode import MediaError
+from loa.streamer.library import MediaLibrary
+from loa.streamer.state.store import Record
+from loa.streamer.tts import TtsError, UnknownVoice
+from loa.web.api.core import node_of
+from loa.web.http import ApiError, audit, field, ok, principal, read_json
+
+routes = web.RouteTableDef()
+CHUNK = 256 * 1024
+
+
+def can_see(request: web.Request, record: Record) -> bool:
+    """Media of the caller's subtree, and media handed down by the areas above it."""
+    return principal(request).related(node_of(request).tree, record.get("area"))
+
+
+MAX_PARTS = 8  # file, title, area and a few a client may add; 100k tiny parts cost seconds
+MAX_PART_HEADERS = 16
+MAX_HEADER_LINE = 1024
+MAX_TEXT_FIELD = 4096  # bytes of a title or area part
+MALFORMED = "multipart không hợp lệ / malformed multipart body"
+DISK_FULL = "ổ đĩa đầy / disk full: nothing was stored, free space and try again"
+
+
+@contextmanager
+def disk_full_is_507() -> Iterator[None]:
+    """A full disk is the operator's to fix, not a server bug: 507 with the reason."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ApiError(507, DISK_FULL) from None
+        raise
+
+
+@routes.post("/api/v1/media")
+async def upload(request: web.Request) -> web.Response:
+    p = principal(request)
+    p.require("edit")
+    node = node_of(request)
+    if not request.content_type.startswith("multipart/"):
+        raise ApiError(415, "cần multipart/form-data với trường file / "
+                            "send multipart/form-data with a file field")
+    with disk_full_is_507():
+        form = await _read_form(request, node.library)
+        try:
+            area = form.get("area", p.area)
+            if area not in node.tree:
+                raise ApiError(422, f"không có khu vực / unknown area {area}", "area")
+            p.require_area(node.tree, area)
+        except BaseException:
+            await asyncio.to_thread(form["file"].unlink, missing_ok=True)
+            raise
+        try:  # ingest removes the temp file whatever happens
+            record = await node.library.ingest(
+                form["file"], title=form.get("title", ""), area=area, owner=p.username,
+                filename=form["filename"])
+        except MediaError as e:
+            status = 413 if "too long" in str(e) or "too large" in str(e) else 422
+            raise ApiError(status, str(e), "file") from None
+    await audit(request, "media.upload", record["id"], title=record["title"])
+    return ok(record, 201)
+
+
+async def _read_form(request: web.Request, lib: MediaLibrary) -> dict[str, Any]:
+    """The upload's fields, the file in a temp file (removed here if anything fails), within
+    bounded parts: a body of many parts or huge part headers is refused at once."""
+    form: dict[str, Any] = {}
+    try:
+        try:  # aiohttp's own limits (8 KB a header, 128 headers) are far above what we use
+            reader = MultipartReader(request.headers, request.content,
+                                     max_field_size=MAX_HEADER_LINE,
+                                     max_headers=MAX_PART_HEADERS)
+        except (ValueError, LookupError, HttpProcessingError) as e:  # no or bad boundary
+            raise ApiError(400, f"{MALFORMED}: {type(e).__name__}") from None
+        parts = 0
+        while (part := await _next_part(reader)) is not None:
+            parts += 1
+            if parts > MAX_PARTS:
+                raise ApiError(400, f"{MALFORMED}: more than {MAX_PARTS} parts")
+            if not isinstance(part, BodyPartReader):  # nested multipart: never ours
+                raise ApiError(400, f"{MALFORMED}: nested multipart part")
+            if part.name == "title":
+                form["title"] = (await _text(part))[:200].strip()
+            elif part.name == "area":
+                form["area"] = (await _text(part)).strip()
+            elif part.name == "file":
+                if "file" in form:
+                    raise ApiError(422, "chỉ một tệp mỗi lần / one file per upload", "file")
+                form["filename"] = (part.filename or "")[:200]
+                form["file"] = await asyncio.to_thread(lib.temp_path)
+                await _receive(part, form["file"], lib.settings.max_bytes)
+        if "file" not in form:
+            raise ApiError(422, "thiếu tệp / missing field: file", "file")
+    except BaseException:
+        if "file" in form:
+            await asyncio.to_thread(form["file"].unlink, missing_ok=True)
+        raise
+    return form
+
+
+async def _receive(part: BodyPartReader, temp: Path, max_bytes: int) -> None:
+    """The file part into `temp`, refused as soon as it passes `max_bytes`."""
+    size = 0
+    f = await asyncio.to_thread(open, temp, "wb")
+    try:
+        while chunk := await part.read_chunk(CHUNK):
+            size += len(chunk)
+            if size > max_bytes:
+                raise ApiError(413, "tệp quá lớn / file too large: limit "
+                                    f"{max_bytes // 2**20} MiB", "file")
+            await asyncio.to_thread(f.write, chunk)
+    finally:
+        await asyncio.to_thread(f.close)
+
+
+async def _next_part(reader: MultipartReader) -> object:
+    try:
+        return await reader.next()
+    except (ValueError, LookupError, HttpProcessingError) as e:
+        raise ApiError(400, f"{MALFORMED}: {type(e).__name__} (a part has at most "
+                            f"{MAX_PART_HEADERS} header lines of {MAX_HEADER_LINE} bytes)"
+                       ) from None
+
+
+async def _text(part: BodyPartReader) -> str:
+    """A small text part, refused past MAX_TEXT_FIELD bytes instead of read whole."""
+    raw = b""
+    try:
+        while chunk := await part.read_chunk(MAX_TEXT_FIELD):
+            raw += chunk
+            if len(raw) > MAX_TEXT_FIELD:
+                raise ApiError(413, f"trường quá dài / field {part.name} longer than "
+                                    f"{MAX_TEXT_FIELD} bytes", part.name)
+        return raw.decode(part.get_charset(default="utf-8"))  # RFC 7578: no transfer encoding
+    except (ValueError, LookupError, HttpProcessingError) as e:  # bad charset, not decodable
+        raise ApiError(400, f"{MALFORMED}: {type(e).__name__}") from None
+
+
+@routes.get("/api/v1/media")
+async def media_list(request: web.Request) -> web.Response:
+    principal(request).require("read")
+    items = [m for m in await node_of(request).store.find("media") if can_see(request, m)]
+    return ok({"media": items})
+
+
+async def _media(request: web.Request) -> Record:
+    m = await node_of(request).store.get("media", request.match_info["id"])
+    if m is None or not can_see(request, m):
+        raise ApiError(404, "không có tệp âm thanh / unknown media")
+    return m
+
+
+@routes.get("/api/v1/media/{id}")
+async def media_get(request: web.Request) -> web.Response:
+    return ok(await _media(request))
+
+
+@routes.delete("/api/v1/media/{id}")
+async def media_delete(request: web.Request) -> web.Response:
+    p = principal(request)
+    p.require("edit")
+    m = await _media(request)
+    node = node_of(request)
+    p.require_area(node.tree, m["area"])  # handed-down media is read-only below
+    in_use = [pr["id"] for pr in await node.store.find("programme")
+              if pr.get("media") == m["id"] or m["id"] in pr.get("items", [])]
+    if in_use:
+        raise ApiError(409, f"tệp đang được dùng / media used by programmes {', '.join(in_use)}")
+    await node.library.remove(m)
+    await audit(request, "media.delete", m["id"])
+    return web.Response(status=204)
+
+
+@routes.post("/api/v1/tts")
+async def tts(request: web.Request) -> web.Response:
+    p = principal(request)
+    p.require("edit")
+    data = await read_json(request)
+    text = field(data, "text", str)
+    voice = field(data, "voice", str, required=False)
+    try:
+        with disk_full_is_507():
+            media = await node_of(request).speech.media_for(text, area=p.area,
+                                                            owner=p.username, voice=voice)
+    except ValueError as e:
+        raise ApiError(422, str(e), "text") from None
+    except UnknownVoice as e:
+        raise ApiError(422, str(e), "voice") from None
+    except TtsError as e:
+        raise ApiError(503, str(e)) from None
+    await audit(request, "tts", media["id"])
+    return ok(media, 201)
+
+
+def setup(app: web.Application) -> None:
+    app.add_routes(routes)

@@ -1,0 +1,117 @@
+"""As-run log and reports: what aired where, from when to when, preempted by what."""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections import defaultdict
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from aiohttp import web
+
+from loa.streamer.state.store import Record
+from loa.streamer.station import node_marks
+from loa.web.api.core import node_of
+from loa.web.http import ApiError, ok, principal
+
+routes = web.RouteTableDef()
+TZ = ZoneInfo("Asia/Ho_Chi_Minh")
+ASRUN_FIELDS = ["area", "broadcast", "title", "class", "issuer", "start", "end", "seconds",
+                "start_cause", "end_cause", "preempted", "followed_by"]
+ON_AIR = "đang phát / on air"  # the end cause a CSV shows for a segment still on air
+
+
+def _epoch(request: web.Request, name: str, default: float) -> float:
+    v = request.query.get(name)
+    if v is None or v == "":
+        return default
+    try:
+        return float(v)
+    except ValueError:
+        pass
+    try:
+        dt = datetime.fromisoformat(v)
+    except ValueError:
+        raise ApiError(422, f"{name}: cần giây epoch hoặc ISO 8601 / expected epoch seconds or "
+                            "ISO 8601", name) from None
+    return (dt if dt.tzinfo else dt.replace(tzinfo=TZ)).timestamp()
+
+
+async def _entries(request: web.Request) -> tuple[list[Record], float, float]:
+    p = principal(request)
+    node = node_of(request)
+    until = _epoch(request, "to", time.time())
+    since = _epoch(request, "from", until - 7 * 86400)
+    if until <= since:
+        raise ApiError(422, "to phải sau from / to must be after from", "to")
+    area = request.query.get("area") or p.area
+    if area not in node.tree:
+        raise ApiError(422, f"không có khu vực / unknown area {area}", "area")
+    p.require_area(node.tree, area)
+    inside = set(node.tree.subtree(area))
+    rows = await node.store.read_log("asrun", since=since - 86400, until=until, limit=200_000)
+    # Segments still on air (or left open by a crash not yet recovered): no end, `on_air`,
+    # `seen` the last time their node marked itself on air.
+    marks = await node_marks(node.store)
+    rows += [{**{k: v for k, v in r.items() if k != "node"}, "end": None,
+              "seconds": None, "end_cause": None, "on_air": True,
+              "seen": marks.get(r.get("node", ""))}
+             for r in await node.store.find("onair")]
+    now = time.time()
+    out = [r for r in rows if r.get("area") in inside and _end(r, now) > since
+           and r["start"] < until]
+    out.sort(key=lambda r: (r["start"], r["area"]))
+    return out, since, until
+
+
+def _end(row: Record, now: float) -> float:
+    """An open entry counts as on air until now."""
+    return float(row["end"]) if row.get("end") is not None else max(now, row["start"])
+
+
+@routes.get("/api/v1/reports/asrun")
+async def asrun(request: web.Request) -> web.StreamResponse:
+    rows, _, _ = await _entries(request)
+    if request.query.get("format") == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, ASRUN_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            closed = r.get("end") is not None
+            w.writerow({**r, "start": _iso(r["start"]), "end": _iso(r["end"]) if closed else "",
+                        "end_cause": r.get("end_cause") if closed else ON_AIR})
+        return web.Response(text=buf.getvalue(), content_type="text/csv", charset="utf-8",
+                            headers={"Content-Disposition": 'attachment; filename="asrun.csv"'})
+    return ok({"entries": rows})
+
+
+@routes.get("/api/v1/reports/summary")
+async def summary(request: web.Request) -> web.Response:
+    """Hours on air per area and class, and bulletins per local day."""
+    rows, since, until = await _entries(request)
+    now = time.time()
+    hours: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    per_day: dict[str, set[str]] = defaultdict(set)
+    for r in rows:
+        start, end = max(r["start"], since), min(_end(r, now), until)
+        hours[r["area"]][r.get("class") or "unknown"] += (end - start) / 3600
+        if r.get("class") != "background":
+            per_day[datetime.fromtimestamp(r["start"], TZ).date().isoformat()].add(r["broadcast"])
+    out: dict[str, Any] = {
+        "from": since,
+        "to": until,
+        "hours": {a: {c: round(h, 6) for c, h in cs.items()} for a, cs in sorted(hours.items())},
+        "bulletins_per_day": {d: len(ids) for d, ids in sorted(per_day.items())},
+    }
+    return ok(out)
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, TZ).isoformat(timespec="seconds")
+
+
+def setup(app: web.Application) -> None:
+    app.add_routes(routes)

@@ -1,0 +1,422 @@
+"""`loa bench devices --n N --seconds S --heartbeat H`: what the control channel costs per device.
+
+This process runs a real node (SQLite store, in-process bus, no media clock: nothing is on air, so
+only the control channel costs CPU) with its HTTP server on 127.0.0.1. A child process runs N
+devices as aiohttp WebSocket clients on one event loop: each says hello, then sends a heartbeat
+every H seconds, the N of them spread evenly over the interval, and acknowledges every command at
+once.
+
+Measured in the server process:
+
+- `server_cpu_fraction`: CPU time of the whole server process (every thread: the event loop and
+  the SQLite writer) over S wall seconds of steady heartbeats, divided by S. 1.0 = one core.
+- `bytes_per_device`: (VmRSS from /proc/self/status once all devices are connected and have sent
+  heartbeats) minus (VmRSS of the started node before any device was registered), divided by N:
+  the registry record, the connection (socket, aiohttp request and WebSocket objects), the session
+  and its telemetry, together.
+- `command_fanout_ms`: several bulk commands to the whole province (`POST /api/v1/devices/commands`,
+  the REST path operators use); for each device, the time from the request to its ack arriving at
+  the server. p50/p99 over every device of every command; `all_acked_ms` is the slowest command's
+  last ack.
+
+The server process runs with Python's default cyclic-GC thresholds unless LOA_BENCH_GC_THRESHOLD
+is set (e.g. "700,10,1000"): with ~10,000 connections a full (generation 2) collection walks
+about a million aiohttp objects and pauses the loop for up to a second, and a fan-out that
+allocates 10,000 command records triggers one. The thresholds in use are part of the output.
+
+Only the JSON object goes to stdout; progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import gc
+import json
+import os
+import resource
+import socket
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from aiohttp import ClientSession, web
+
+ROOT = "B01"
+COMMUNES_PER_DISTRICT = 20
+DEVICES_PER_COMMUNE = 15
+FANOUT_COMMANDS = 5
+CONNECT_AT_ONCE = 200
+WAIT_LIMIT = 600.0  # seconds any phase may take before the bench gives up
+
+
+def _say(text: str) -> None:
+    print(f"bench devices: {text}", file=sys.stderr, flush=True)
+
+
+def raise_nofile() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def cpu_seconds() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def areas_csv(n: int) -> tuple[str, list[str]]:
+    """A province with enough communes for n devices (15 per commune, 20 per district)."""
+    communes = max(1, -(-n // DEVICES_PER_COMMUNE))
+    lines = ["code,name,level,parent_code", f"{ROOT},Tỉnh bench,province,"]
+    codes = []
+    for c in range(communes):
+        d = c // COMMUNES_PER_DISTRICT
+        if c % COMMUNES_PER_DISTRICT == 0:
+            lines.append(f"{ROOT}-D{d},Huyện {d},district,{ROOT}")
+        code = f"{ROOT}-D{d}-C{c}"
+        lines.append(f"{code},Xã {c},commune,{ROOT}-D{d}")
+        codes.append(code)
+    return "\n".join(lines) + "\n", codes
+
+
+# ---- the device fleet (child process) -------------------------------------------------------------
+HEARTBEAT = {"v": 1, "type": "heartbeat", "state": "playing", "volume": 70,
+             "stream": {"url": "http://127.0.0.1/streams/x.opus", "loss": 0.002,
+                        "jitter_ms": 6.5, "latency_ms": 180, "skew_ms": -2.0},
+             "network": {"type": "4g", "signal_dbm": -79}, "firmware": "2.4.1",
+             "gps": [15.88, 108.33], "power": {"voltage": 12.3, "amp": True,
+                                               "relays": [True, True]}, "faults": []}
+
+
+class FleetDevice(asyncio.Protocol):
+    """One simulated device on a raw asyncio connection: a minimal WebSocket client (RFC 6455:
+    upgrade, masked text frames out, unmasked frames in), so that the fleet process costs far
+    less per message than the server it measures. The masking key is zero (XOR with zero is the
+    identity): allowed by the framing, and what a constrained device firmware may do."""
+
+    __slots__ = ("fleet", "i", "dev_id", "key", "transport", "buf", "upgraded", "welcomed",
+                 "closed")
+
+    def __init__(self, fleet: Fleet, i: int, dev_id: str, key: str) -> None:
+        self.fleet = fleet
+        self.i = i
+        self.dev_id = dev_id
+        self.key = key
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.upgraded = False
+        self.welcomed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        nonce = base64.b64encode(os.urandom(16)).decode()
+        transport.write(
+            f"GET /api/v1/devices/connect HTTP/1.1\r\nHost: {self.fleet.host}\r\n"
+            f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {nonce}\r\n"
+            f"Sec-WebSocket-Version: 13\r\n\r\n".encode())
+
+    def send(self, payload: bytes, opcode: int = 0x1) -> None:
+        n = len(payload)
+        if n < 126:
+            head = bytes((0x80 | opcode, 0x80 | n))
+        elif n < 65536:
+            head = bytes((0x80 | opcode, 0x80 | 126)) + n.to_bytes(2, "big")
+        else:
+            head = bytes((0x80 | opcode, 0x80 | 127)) + n.to_bytes(8, "big")
+        if self.transport is not None and not self.closed:
+            self.transport.write(head + b"\x00\x00\x00\x00" + payload)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data
+        if not self.upgraded:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                self.buf = buf
+                return
+            if not buf.startswith(b"HTTP/1.1 101"):
+                self._fail(RuntimeError(f"no upgrade: {buf[:200]!r}"))
+                return
+            self.upgraded = True
+            buf = buf[end + 4:]
+            self.send(json.dumps({"v": 1, "type": "hello", "device": self.dev_id,
+                                  "key": self.key, "firmware": "2.4.1"}).encode())
+        while len(buf) >= 2:
+            opcode, n, hdr = buf[0] & 0x0F, buf[1] & 0x7F, 2
+            if n == 126:
+                if len(buf) < 4:
+                    break
+                n, hdr = int.from_bytes(buf[2:4], "big"), 4
+            elif n == 127:
+                if len(buf) < 10:
+                    break
+                n, hdr = int.from_bytes(buf[2:10], "big"), 10
+            if len(buf) < hdr + n:
+                break
+            payload, buf = buf[hdr:hdr + n], buf[hdr + n:]
+            self._frame(opcode, payload)
+        self.buf = buf
+
+    def _frame(self, opcode: int, payload: bytes) -> None:
+        if opcode == 0x1:
+            if not self.welcomed.done():
+                if b'"type":"welcome"' in payload:
+                    self.welcomed.set_result(None)
+                else:
+                    self._fail(RuntimeError(f"no welcome: {payload[:200]!r}"))
+            elif b'"type":"command"' in payload:
+                cid = json.loads(payload)["id"]
+                self.send(b'{"v":1,"type":"ack","id":"' + cid.encode() + b'","ok":true}')
+                self.fleet.acks += 1
+        elif opcode == 0x8:
+            self.send(payload[:2], 0x8)
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+            if not self.welcomed.done():
+                self._fail(RuntimeError(f"closed: {payload!r}"))
+        elif opcode == 0x9:
+            self.send(payload, 0xA)
+
+    def _fail(self, exc: Exception) -> None:
+        if not self.welcomed.done():
+            self.welcomed.set_exception(exc)
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.welcomed.done():
+            self.welcomed.set_exception(exc or ConnectionError("connection lost"))
+
+
+class Fleet:
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.acks = 0
+
+
+async def _fleet(spec: dict[str, Any]) -> None:
+    raise_nofile()
+    loop = asyncio.get_running_loop()
+    fleet = Fleet(spec["host"], spec["port"])
+    heartbeat: float = spec["heartbeat"]
+    devices: list[list[str]] = spec["devices"]
+    n = len(devices)
+    gate = asyncio.Semaphore(CONNECT_AT_ONCE)
+    conns: list[FleetDevice] = []
+
+    async def connect(i: int, dev_id: str, key: str) -> None:
+        async with gate:
+            _, proto = await loop.create_connection(
+                lambda: FleetDevice(fleet, i, dev_id, key), fleet.host, fleet.port)
+            await proto.welcomed
+        conns.append(proto)
+
+    await asyncio.gather(*(connect(i, d, k) for i, (d, k) in enumerate(devices)))
+    conns.sort(key=lambda c: c.i)
+    print(json.dumps({"connected": n}), flush=True)
+
+    # Heartbeats spread evenly: device i at start + i * H / N, then every H. One task, absolute
+    # deadlines, everything due sent in one go.
+    data = json.dumps(HEARTBEAT, separators=(",", ":")).encode()
+    start = loop.time()
+    step = heartbeat / n
+    k = 0
+    while True:
+        due_until = int((loop.time() - start) / step)
+        while k <= due_until:
+            conns[k % n].send(data)
+            k += 1
+        await asyncio.sleep(max(0.0, start + k * step - loop.time()))
+
+
+def fleet_main(path: str) -> None:
+    spec = json.loads(Path(path).read_text(encoding="utf-8"))
+    asyncio.run(_fleet(spec))
+
+
+# ---- the server side -------------------------------------------------------------------------------
+async def _bench(n: int, seconds: float, heartbeat: float) -> dict[str, Any]:
+    from loa.relay.devices.manager import DeviceSettings, new_device_record, new_key, secret_hash
+    from loa.streamer.state.store import Record
+    from loa.web.api import devices as api_devices
+    from loa.web.app import create_app
+    from loa.web.auth import add_user
+    from loa.web.config import load_config
+    from loa.web.node import Node
+
+    gc_env = os.environ.get("LOA_BENCH_GC_THRESHOLD", "").strip()
+    if gc_env:
+        gc.set_threshold(*(int(x) for x in gc_env.split(",")))
+    nofile = raise_nofile()
+    if nofile < n + 200:
+        raise RuntimeError(f"open files limit {nofile} is below {n + 200}: raise `ulimit -n`")
+    loop = asyncio.get_running_loop()
+    with tempfile.TemporaryDirectory(prefix="loa-bench-devices-") as tmp:
+        csv_text, communes = areas_csv(n)
+        csv = Path(tmp) / "areas.csv"
+        csv.write_text(csv_text, encoding="utf-8")
+        cfg = load_config(None, env={}, data=str(Path(tmp) / "data"))
+        cfg.areas.csv = str(csv)
+        cfg.devices = DeviceSettings(heartbeat=heartbeat)  # type: ignore[attr-defined]
+        node = Node(cfg, realtime=False)
+        await node.start()
+        password = "bench-password-1"
+        await add_user(node.store, node.tree, "bench", "admin", ROOT, password, emergency=True)
+        gc.collect()
+        rss0 = rss_bytes()
+
+        records: list[Record] = []
+        keys: list[list[str]] = []
+        for i in range(n):
+            rec = new_device_record(f"Cụm loa {i}", "loudspeaker",
+                                    communes[i // DEVICES_PER_COMMUNE],
+                                    {"codecs": ["opus", "mp3"], "transports": ["http", "hls"]},
+                                    [], volume=80)
+            key = new_key()
+            rec["key_hash"] = secret_hash(key)
+            records.append(rec)
+            keys.append([rec["id"], key])
+        await node.store.put_many("device", records)
+        del records
+        app = create_app(node)
+        api_devices.setup(app)  # no-op once the app factory calls it
+        mgr = app[api_devices.DEVICES]
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        sock = socket.create_server(("127.0.0.1", 0), backlog=4096)
+        port = sock.getsockname()[1]
+        site = web.SockSite(runner, sock, backlog=4096)
+        await site.start()
+        base = f"http://127.0.0.1:{port}"
+        spec_path = Path(tmp) / "fleet.json"
+        spec_path.write_text(json.dumps({"host": "127.0.0.1", "port": port,
+                                         "heartbeat": heartbeat, "devices": keys}),
+                             encoding="utf-8")
+        del keys
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "loa.web.bench.devices", "--fleet", str(spec_path),
+            stdout=asyncio.subprocess.PIPE)
+        http = ClientSession()
+        try:
+            async with http.post(base + "/api/v1/auth/token",
+                                 json={"username": "bench", "password": password}) as r:
+                token = (await r.json())["token"]
+            t_connect = loop.time()
+            assert proc.stdout is not None
+            async with asyncio.timeout(WAIT_LIMIT):
+                line = await proc.stdout.readline()
+            if not line:
+                raise RuntimeError("the device fleet exited before connecting")
+            connect_s = loop.time() - t_connect
+            if mgr.connected != n:
+                raise RuntimeError(f"{mgr.connected} of {n} devices connected")
+            _say(f"{n} devices connected in {connect_s:.1f} s")
+
+            # One heartbeat interval to reach the steady state, then the measured window.
+            await asyncio.sleep(min(heartbeat, 30.0))
+            hb0, cpu0, t0 = mgr.stats["heartbeats"], cpu_seconds(), loop.time()
+            await asyncio.sleep(seconds)
+            cpu1, t1, hb1 = cpu_seconds(), loop.time(), mgr.stats["heartbeats"]
+            gc.collect()
+            rss1 = rss_bytes()
+            _say(f"window {t1 - t0:.1f} s: {hb1 - hb0} heartbeats, "
+                 f"{(cpu1 - cpu0) / (t1 - t0):.3f} of a core")
+
+            # Fan-out: bulk commands to every device, acks timed at the server.
+            acks: dict[str, float] = {}
+            done = asyncio.Event()
+
+            def on_ack(rec: Record, t: float) -> None:
+                acks[rec["id"]] = t
+                if len(acks) == n:
+                    done.set()
+
+            mgr.ack_listeners.append(on_ack)
+            latencies: list[float] = []
+            last: list[float] = []
+            accepted: list[float] = []
+            headers = {"Authorization": f"Bearer {token}"}
+            for c in range(FANOUT_COMMANDS):
+                acks.clear()
+                done.clear()
+                ts = loop.time()
+                async with http.post(base + "/api/v1/devices/commands", headers=headers,
+                                     json={"area": ROOT, "command": "volume",
+                                           "args": {"volume": 50 + c}}) as r:
+                    body = await r.json()
+                    if r.status != 202 or body["online"] != n:
+                        raise RuntimeError(f"bulk command: {r.status} {body}")
+                accepted.append(loop.time() - ts)
+                async with asyncio.timeout(WAIT_LIMIT):
+                    await done.wait()
+                lat = [t - ts for t in acks.values()]
+                latencies += lat
+                last.append(max(lat))
+                _say(f"command {c + 1}: all {n} acked in {max(lat) * 1000:.0f} ms")
+                await asyncio.sleep(1.0)  # let the ack writes settle between commands
+            mgr.ack_listeners.remove(on_ack)
+        finally:
+            await http.close()
+            if proc.returncode is None:
+                proc.terminate()
+            await proc.wait()
+            await runner.cleanup()
+            await node.stop()
+    return {
+        "bench": "devices", "devices": n, "heartbeat_s": heartbeat,
+        "window_s": round(t1 - t0, 2),
+        "heartbeats_in_window": hb1 - hb0,
+        "server_cpu_fraction": round((cpu1 - cpu0) / (t1 - t0), 4),
+        "bytes_per_device": round((rss1 - rss0) / n),
+        "memory_measure": "VmRSS delta / N",
+        "connect_s": round(connect_s, 2),
+        "command_fanout_ms": {
+            "p50": round(statistics.median(latencies) * 1000, 1),
+            "p99": round(percentile(latencies, 0.99) * 1000, 1),
+            "all_acked_ms": round(max(last) * 1000, 1),
+            "http_202_ms_median": round(statistics.median(accepted) * 1000, 1),
+            "commands": FANOUT_COMMANDS,
+        },
+        "store": "sqlite", "media_clock": False, "gc_threshold": list(gc.get_threshold()),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    n = int(args.n)
+    if n < 1:
+        print("--n must be at least 1", file=sys.stderr)
+        return 2
+    result = asyncio.run(_bench(n, float(args.seconds), float(args.heartbeat)))
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--fleet":
+        fleet_main(sys.argv[2])
+    else:
+        print("usage: loa bench devices --n N (this module's own entry is the device fleet)",
+              file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,73 @@
+"""Routes and wiring for the hls transport.
+
+`GET /streams/{area}/index.m3u8` (starts the area's segmenter on the first request and waits for
+its first segment) and `GET /streams/{area}/{seq}.ts`, served from memory. Streams are public like
+the other `/streams` paths: loudspeakers pull them without a token.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from loa.relay.hls import HlsService
+from loa.web.http import error_response
+from loa.web.node import NODE
+
+HLS: web.AppKey[HlsService] = web.AppKey("hls", HlsService)
+
+PLAYLIST_TYPE = "application/vnd.apple.mpegurl"
+SEGMENT_TYPE = "video/mp2t"
+FIRST_SEGMENT_WAIT = 3.0  # extra seconds beyond one segment a first request waits
+
+
+def _unknown_area(area: str) -> web.Response:
+    return error_response(404, f"không có khu vực / unknown area {area}")
+
+
+async def playlist(request: web.Request) -> web.StreamResponse:
+    node = request.app[NODE]
+    area = request.match_info["area"]
+    if area not in node.tree:
+        return _unknown_area(area)
+    hls = request.app[HLS]
+    seg = hls.touch(area)
+    if not seg.segments and not await seg.wait_segments(
+            hls.settings.segment_seconds * 2 + FIRST_SEGMENT_WAIT):
+        return error_response(503, "luồng HLS chưa sẵn sàng / HLS stream not ready yet",
+                              headers={"Retry-After": "1"})
+    return web.Response(body=seg.playlist(), headers={
+        "Content-Type": PLAYLIST_TYPE, "Cache-Control": "no-cache",
+        "Access-Control-Allow-Origin": "*"})
+
+
+async def segment(request: web.Request) -> web.StreamResponse:
+    node = request.app[NODE]
+    area = request.match_info["area"]
+    if area not in node.tree:
+        return _unknown_area(area)
+    seg = request.app[HLS].get(area)
+    found = seg.segment(int(request.match_info["seq"])) if seg is not None else None
+    if found is None:
+        return error_response(404, "không có đoạn này (đã hết hạn?) / unknown or expired segment")
+    max_age = int(request.app[HLS].settings.segment_seconds * (seg.settings.window + 1)) \
+        if seg is not None else 0
+    return web.Response(body=found.data, headers={
+        "Content-Type": SEGMENT_TYPE, "Cache-Control": f"public, max-age={max_age}",
+        "Access-Control-Allow-Origin": "*"})
+
+
+def setup(app: web.Application) -> None:
+    """Register routes and start/stop hooks. The node is app[NODE] (started)."""
+    node = app[NODE]
+    settings = node.cfg.hls
+    if not settings.enabled:
+        return
+    service = HlsService(node.hub, settings)
+    app[HLS] = service
+    app.router.add_get(r"/streams/{area}/index.m3u8", playlist)
+    app.router.add_get(r"/streams/{area}/{seq:\d{1,18}}.ts", segment)
+
+    async def close(_app: web.Application) -> None:
+        service.close()
+
+    app.on_cleanup.append(close)
