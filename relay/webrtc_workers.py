@@ -202,14 +202,14 @@ class WhepPool(WorkerPool[_Handle]):
         """Send a request to the worker and wait for its reply."""
         if w.link is None:
             raise ConnectionError("worker gone")
-        self.next_req += 1
+        req = self.next_req = self.next_req + 1
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        w.waiting[self.next_req] = fut
-        w.link.send((kind, self.next_req, *args))
+        w.waiting[req] = fut
+        w.link.send((kind, req, *args))
         try:
             return await asyncio.wait_for(fut, REPLY_TIMEOUT)
         finally:
-            w.waiting.pop(self.next_req, None)
+            w.waiting.pop(req, None)
 
     def end_session(self, s: RemoteWhep, cause: str) -> None:
         """The node ends a session (DELETE, shutdown): its worker closes the peer."""

@@ -164,8 +164,9 @@ def worker_main(make: Callable[[socket.socket], WorkerBase], prog: str,
     ap = argparse.ArgumentParser(prog=f"python -m {prog}")
     ap.add_argument("--fd", type=int, required=True)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s %(name)s {prog} worker %(message)s")
+    logging.getLogger("loa").setLevel(logging.INFO)  # not aioice's per-check INFO lines
     asyncio.run(_serve(make, args.fd))
     return 0
 

@@ -382,6 +382,16 @@ async def test_whep_peer_runs_in_the_worker(worker_server: Server) -> None:
         await lst.pc.close()
 
 
+async def test_concurrent_offers_all_answered_by_the_worker(worker_server: Server) -> None:
+    """Each offer gets its own worker's answer (replies matched to their requests)."""
+    peers = await asyncio.gather(*(whep(worker_server, "T01-H1-X2") for _ in range(3)))
+    try:
+        assert len(worker_server.app[RELAY].whep) == 3
+    finally:
+        for p in peers:
+            await p.pc.close()
+
+
 async def test_killed_worker_ends_its_peers_and_is_replaced(worker_server: Server) -> None:
     srv = worker_server
     relay = srv.app[RELAY]
