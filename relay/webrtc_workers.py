@@ -147,7 +147,10 @@ class RemoteWhep:
     async def stats(self) -> dict[str, Any]:
         """The figures of `WhepSession.stats`, from the worker."""
         if not self.closed:
-            with_stats = await self.pool.request(self.worker, "stats", self.id)
+            try:
+                with_stats = await self.pool.request(self.worker, "stats", self.id)
+            except (ConnectionError, TimeoutError):  # the worker died meanwhile
+                with_stats = None
             if with_stats is not None:
                 return dict(with_stats)
         return peer_stats(self.id, self.area, "closed", self.dropped)
