@@ -11,7 +11,7 @@ each worker one message every FORWARD_SECONDS (100 ms, the shortest HTTP batch a
 per 20 ms tick cost a worker 1 % of a core in wake-ups alone) with those ticks' packets and the
 ICY title when it changed.
 
-Messages are pickled tuples, one per datagram (both ends are this program):
+Messages are pickled tuples, one per datagram (the link and the supervision: loa.relay.workers):
   node -> worker: ("init", HttpStreamSettings, EncoderSettings), ("attach", [(id, area, codec,
                   icy, head, burst_ms, pad), ...]) with one socket per entry, ("tick", [(area, codec, pts, duration, rate,
                   data)...], {area: title changed}), ("stop",)
@@ -24,12 +24,9 @@ A worker that dies is started again (its listeners reconnect by themselves).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
-import contextlib
 import logging
 import os
-import pickle
 import socket
 import sys
 from collections.abc import Callable
@@ -37,106 +34,12 @@ from typing import Any
 
 from loa.codecs.encoders import Packet
 from loa.relay.icecast import HttpStreamer
+from loa.relay.workers import MAX_FDS, WorkerBase, WorkerHandle, WorkerPool, close_all, worker_main
 from loa.streamer.hub import PacketHub, Subscription
 
 log = logging.getLogger("loa.http_streams")
 
-MAX_MESSAGE = 1 << 20  # a tick of packets for every channel fits easily
 FORWARD_SECONDS = 0.1  # packets go to the workers this often (batch_ms: no batch waits longer)
-STATS_INTERVAL = 0.25  # seconds between the workers' counter reports
-RESTART_DELAY = 0.5  # seconds before a dead worker is started again
-STUCK_SECONDS = 5.0  # a worker silent this long (it reports every STATS_INTERVAL) is killed
-MAX_FDS = 64  # listener sockets passed in one message (a storm's accepts go in batches)
-BUFFER = 4 << 20  # socketpair buffers: a worker busy for a moment does not block the node
-
-
-def _close_all(fds: list[int]) -> None:
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-
-
-def _pair() -> tuple[socket.socket, socket.socket]:
-    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    for s in (a, b):
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, BUFFER)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER)
-        s.setblocking(False)
-    return a, b
-
-
-class _Link:
-    """One end of a socketpair: pickled messages out (queued while the peer is busy) and in."""
-
-    def __init__(self, sock: socket.socket, on_message: Callable[[Any, list[int]], None],
-                 on_eof: Callable[[], None]) -> None:
-        self.sock = sock
-        self.on_message = on_message
-        self.on_eof = on_eof
-        self.loop = asyncio.get_running_loop()
-        self.out: list[tuple[bytes, list[int]]] = []  # (message, fds to pass)
-        self.closed = False
-        self.loop.add_reader(sock.fileno(), self._readable)
-
-    def send(self, msg: Any, fds: list[int] | None = None) -> None:
-        """Send a message; `fds` (dups the link owns) are closed once passed."""
-        if self.closed:
-            _close_all(fds or [])
-            return
-        self.out.append((pickle.dumps(msg, pickle.HIGHEST_PROTOCOL), fds or []))
-        if len(self.out) == 1:
-            self._flush()
-
-    def _flush(self) -> None:
-        while self.out and not self.closed:
-            data, fds = self.out[0]
-            try:
-                if fds:
-                    socket.send_fds(self.sock, [data], fds)
-                else:
-                    self.sock.send(data)
-            except BlockingIOError:
-                self.loop.add_writer(self.sock.fileno(), self._flush)
-                return
-            except OSError:
-                self.close()
-                self.on_eof()
-                return
-            self.out.pop(0)
-            _close_all(fds)
-        with contextlib.suppress(Exception):
-            self.loop.remove_writer(self.sock.fileno())
-
-    def _readable(self) -> None:
-        for _ in range(64):  # then let the loop run other work
-            try:
-                data, fds, _flags, _addr = socket.recv_fds(self.sock, MAX_MESSAGE,
-                                                             MAX_FDS)
-            except BlockingIOError:
-                return
-            except OSError:
-                data, fds = b"", []
-            if not data:
-                self.close()
-                self.on_eof()
-                return
-            try:
-                self.on_message(pickle.loads(data), fds)
-            except Exception:  # a bad message is dropped; the link goes on
-                log.exception("fan-out message failed event=http_fanout_error")
-                _close_all(fds)
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        with contextlib.suppress(Exception):
-            self.loop.remove_reader(self.sock.fileno())
-            self.loop.remove_writer(self.sock.fileno())
-        for _data, fds in self.out:
-            _close_all(fds)
-        self.out.clear()
-        self.sock.close()
 
 
 # ---- the worker process -------------------------------------------------------------------
@@ -154,21 +57,19 @@ class _Discard(asyncio.Protocol):
             self.on_lost()
 
 
-class Worker:
+class Worker(WorkerBase):
     def __init__(self, sock: socket.socket) -> None:
         self.hub = PacketHub()  # no loop: deliveries are synchronous, on this loop
         self.titles: dict[str, str] = {}
         self.streamer: HttpStreamer | None = None
-        self.stopped = asyncio.get_running_loop().create_future()
-        self.link = _Link(sock, self.on_message, self.stop)
         self._reported: dict[tuple[str, str], dict[str, int]] = {}
         self._stats_due = False
+        super().__init__(sock)
 
     def stop(self) -> None:
         if self.streamer is not None:
             self.streamer.close()
-        if not self.stopped.done():
-            self.stopped.set_result(None)
+        super().stop()
 
     def on_message(self, msg: Any, fds: list[int]) -> None:
         kind = msg[0]
@@ -227,121 +128,51 @@ class Worker:
         self._reported.update(changed)
         self.link.send(("stats", changed))  # also when empty: the node hears it is alive
 
-    async def report(self) -> None:
-        while True:
-            await asyncio.sleep(STATS_INTERVAL)
-            self.send_stats()
-
-
-async def worker_main(fd: int) -> None:
-    w = Worker(socket.socket(fileno=fd))
-    reporting = asyncio.get_running_loop().create_task(w.report())
-    await w.stopped
-    reporting.cancel()
-    await asyncio.sleep(0.2)  # the transports flush what they hold
-    w.link.close()
+    def report(self) -> None:
+        self.send_stats()
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m loa.relay.fanout")
-    ap.add_argument("--fd", type=int, required=True)
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s fanout-worker %(message)s")
-    asyncio.run(worker_main(args.fd))
-    return 0
+    return worker_main(Worker, "loa.relay.fanout", argv)
 
 
 # ---- the node side ------------------------------------------------------------------------
-class _WorkerHandle:
+class _WorkerHandle(WorkerHandle):
     def __init__(self, slot: int) -> None:
-        self.slot = slot
-        self.proc: asyncio.subprocess.Process | None = None
-        self.link: _Link | None = None
+        super().__init__(slot)
         self.listeners: dict[int, tuple[str, str]] = {}  # id -> (area, codec)
         self.channels: dict[tuple[str, str], int] = {}  # listeners per channel
         self.counters: dict[tuple[str, str], dict[str, int]] = {}  # last report
         self.titles: dict[str, str] = {}  # last title sent per area
         self.packets: list[tuple[str, str, int, int, int, bytes]] = []  # this tick's
-        self.heard = 0.0  # loop time of its last message
         self.attaching: list[tuple[tuple[int, str, str, bool, bytes, int | None, bool], int]] = []
         # (entry, fd)
 
-    @property
-    def ready(self) -> bool:
-        return self.link is not None and not self.link.closed
 
-
-class FanoutPool:
+class FanoutPool(WorkerPool[_WorkerHandle]):
     """The node's side: hands listeners to workers and feeds the workers the packets."""
 
+    module = "loa.relay.fanout"
+    event = "http_fanout"
+
     def __init__(self, streamer: HttpStreamer, workers: int) -> None:
+        super().__init__([_WorkerHandle(i) for i in range(workers)])
         self.streamer = streamer
-        self.workers = [_WorkerHandle(i) for i in range(workers)]
         self.subs: dict[tuple[str, str], Subscription] = {}
         # Subscriptions kept warm_seconds after their last listener, as the in-process channels
         # are: the workers' channels keep their burst fresh for whoever comes back.
         self.cooling: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self.next_id = 0
-        self.restarts = 0
-        self.closed = False
         self._flush_due = False
-        self._tasks: list[asyncio.Task[None]] = []
 
-    async def start(self) -> None:
-        for w in self.workers:
-            await self._spawn(w)
-        self._tasks = [asyncio.get_running_loop().create_task(self._watch(w))
-                       for w in self.workers]
+    def init_message(self) -> Any:
+        return ("init", self.streamer.settings, self.streamer.encoders)
 
-    async def _spawn(self, w: _WorkerHandle) -> None:
-        mine, theirs = _pair()
-        try:
-            w.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "loa.relay.fanout", "--fd", str(theirs.fileno()),
-                pass_fds=[theirs.fileno()], stdin=asyncio.subprocess.DEVNULL)
-        finally:
-            theirs.close()
-        # Messages wait in the socketpair until the worker has started reading.
-        w.link = _Link(mine, lambda msg, fds: self._on_message(w, msg, fds), lambda: None)
-        w.link.send(("init", self.streamer.settings, self.streamer.encoders))
-        w.heard = asyncio.get_running_loop().time() + STUCK_SECONDS  # time to start up
-        log.info("fan-out worker started event=http_fanout_start slot=%d pid=%d", w.slot,
-                 w.proc.pid)
+    def load(self, w: _WorkerHandle) -> int:
+        return len(w.listeners)
 
-    async def _watch(self, w: _WorkerHandle) -> None:
-        """Keep a worker process alive in this slot."""
-        while not self.closed and w.proc is not None:
-            code = await self._wait(w)
-            self._lost(w)
-            if self.closed:
-                return
-            self.restarts += 1
-            log.warning("fan-out worker died event=http_fanout_died slot=%d pid=%d code=%s; "
-                        "its listeners reconnect", w.slot, w.proc.pid, code)
-            await asyncio.sleep(RESTART_DELAY)
-            if not self.closed:
-                await self._spawn(w)
-
-    async def _wait(self, w: _WorkerHandle) -> int:
-        """The worker's exit code; a worker that stops reporting (frozen) is killed."""
-        assert w.proc is not None
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_task(w.proc.wait())
-        while not waiter.done():
-            await asyncio.wait([waiter], timeout=1.0)
-            if not waiter.done() and loop.time() - w.heard > STUCK_SECONDS:
-                log.warning("fan-out worker silent event=http_fanout_stuck slot=%d pid=%d",
-                            w.slot, w.proc.pid)
-                with contextlib.suppress(ProcessLookupError):
-                    w.proc.kill()
-        return waiter.result()
-
-    def _lost(self, w: _WorkerHandle) -> None:
+    def lost(self, w: _WorkerHandle) -> None:
         """A worker is gone: its listeners no longer count (their sockets closed with it)."""
-        if w.link is not None:
-            w.link.close()
-            w.link = None
         for lid in list(w.listeners):
             self._left(w, lid)
         w.channels = {}  # warm ones included: the next worker in this slot starts empty
@@ -349,9 +180,8 @@ class FanoutPool:
         w.titles = {}
         w.packets = []
 
-    def _on_message(self, w: _WorkerHandle, msg: Any, fds: list[int]) -> None:
-        _close_all(fds)  # workers send none
-        w.heard = max(w.heard, asyncio.get_running_loop().time())
+    def on_message(self, w: _WorkerHandle, msg: Any, fds: list[int]) -> None:
+        close_all(fds)  # workers send none
         if msg[0] == "left":
             self._left(w, msg[1])
         elif msg[0] == "stats":
@@ -362,10 +192,6 @@ class FanoutPool:
                     if name != "listeners":  # counted here, at once (see hand_off, _left)
                         total[name] = total.get(name, 0) + value - old.get(name, 0)
                 w.counters[key] = new
-
-    def pick(self) -> _WorkerHandle | None:
-        ready = [w for w in self.workers if w.ready]
-        return min(ready, key=lambda w: len(w.listeners)) if ready else None
 
     def hand_off(self, w: _WorkerHandle, area: str, codec: str, transport: asyncio.BaseTransport,
                  icy: bool, head: bytes, burst_ms: int | None = None, pad: bool = False) -> None:
@@ -401,7 +227,7 @@ class FanoutPool:
             chunk = todo[i:i + MAX_FDS]
             fds = [fd for _e, fd in chunk]
             if w.link is None:
-                _close_all(fds)  # the worker died meanwhile: these listeners reconnect
+                close_all(fds)  # the worker died meanwhile: these listeners reconnect
             else:
                 w.link.send(("attach", [e for e, _fd in chunk]), fds)
 
@@ -460,31 +286,9 @@ class FanoutPool:
             w.link.send(("tick", w.packets, titles))
             w.packets = []
 
-    def worker_pids(self) -> list[int]:
-        return [w.proc.pid for w in self.workers if w.proc is not None and w.ready]
-
     async def close(self) -> None:
         """Stop the workers (they end their listeners' streams) and wait for them."""
-        if self.closed:
-            return
-        self.closed = True
-        for w in self.workers:
-            if w.link is not None:
-                w.link.send(("stop",))
-        for w in self.workers:
-            if w.proc is not None and w.proc.returncode is None:
-                try:
-                    await asyncio.wait_for(w.proc.wait(), 5)
-                except TimeoutError:
-                    w.proc.kill()
-                    await w.proc.wait()
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await t
-        for w in self.workers:
-            self._lost(w)
+        await super().close()
         for timer in self.cooling.values():
             timer.cancel()
         self.cooling.clear()

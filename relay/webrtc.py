@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import av
 from aioice import ice as aioice_ice
@@ -58,6 +58,9 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from loa.codecs.encoders import Packet
 from loa.streamer.hub import PacketHub, Subscription
 from loa.streamer.sources import LivePush
+
+if TYPE_CHECKING:
+    from loa.relay.webrtc_workers import RemoteWhep, WhepPool
 
 log = logging.getLogger("loa.webrtc")
 
@@ -82,6 +85,9 @@ class WebRtcSettings:
     whep_burst: int = 10
     # "AREA=TOKEN": listening to AREA (and below) needs that token or a logged-in user's.
     listen_tokens: list[str] = field(default_factory=list)
+    # Processes that run the WHEP peers (ICE, DTLS, SRTP, sending; loa.relay.webrtc_workers);
+    # 0: this process. WHIP inputs always run here.
+    workers: int = 1
 
 
 class OfferError(ValueError):
@@ -262,6 +268,13 @@ class DirectSender:
         s._RTCRtpSender__ntp_timestamp = ntp  # type: ignore[attr-defined]
 
 
+def peer_stats(sid: str, area: str, state: str, dropped: int) -> dict[str, Any]:
+    """A WHEP peer's figures, those from its receiver reports not known yet."""
+    return {"session": sid, "area": area, "state": state, "connected_seconds": None,
+            "path": None, "dropped": dropped, "packets_sent": None, "bytes_sent": None,
+            "rtt_ms": None, "fraction_lost": None, "packets_lost": None, "jitter_ms": None}
+
+
 @dataclass
 class WhepSession:
     id: str
@@ -285,14 +298,10 @@ class WhepSession:
 
     async def stats(self) -> dict[str, Any]:
         """RTT, loss and jitter from the peer's receiver reports, plus what was sent."""
-        out: dict[str, Any] = {
-            "session": self.id, "area": self.area, "state": self.state,
-            "connected_seconds": (round(time.time() - self.connected, 1)
-                                  if self.connected else None),
-            "path": "direct" if self.direct else "stock", "dropped": self.dropped,
-            "packets_sent": None, "bytes_sent": None, "rtt_ms": None, "fraction_lost": None,
-            "packets_lost": None, "jitter_ms": None,
-        }
+        out = peer_stats(self.id, self.area, self.state, self.dropped)
+        out["connected_seconds"] = (round(time.time() - self.connected, 1)
+                                    if self.connected else None)
+        out["path"] = "direct" if self.direct else "stock"
         if self.closed:
             return out
         try:
@@ -384,6 +393,7 @@ class WhipSession:
 
 
 WhipEnd = Callable[[WhipSession, str], None]
+WhepChange = Callable[[WhepSession, str], None]
 
 
 class WebRtcRelay:
@@ -393,9 +403,12 @@ class WebRtcRelay:
         self.hub = hub
         self.settings = settings or WebRtcSettings()
         self.feeds: dict[str, AreaFeed] = {}
-        self.whep: dict[str, WhepSession] = {}
+        self.whep: dict[str, WhepSession | RemoteWhep] = {}
         self.whip: dict[str, WhipSession] = {}
         self.on_whip_end: WhipEnd | None = None  # the web layer ends the broadcast
+        # A WHEP peer "connected" or closed (the cause): a worker tells its node.
+        self.on_whep_change: WhepChange | None = None
+        self.pool: WhepPool | None = None  # set: WHEP peers run in worker processes
         self.counters = {"whep_opened": 0, "whep_refused": 0, "whip_opened": 0}
         addrs = [a.strip() for a in self.settings.ice_addresses.split(",") if a.strip()]
         if addrs:
@@ -405,7 +418,15 @@ class WebRtcRelay:
     # ---- WHEP --------------------------------------------------------------------------------
     def area_peers(self, area: str) -> int:
         feed = self.feeds.get(area)
-        return len(feed.peers) if feed else 0
+        return (len(feed.peers) if feed else 0) + (self.pool.areas.get(area, 0)
+                                                   if self.pool else 0)
+
+    def peers_by_area(self) -> dict[str, int]:
+        """WHEP peers per area, in this process and in the workers."""
+        out = {area: len(feed.peers) for area, feed in self.feeds.items() if feed.peers}
+        for area, n in (self.pool.areas.items() if self.pool else ()):
+            out[area] = out.get(area, 0) + n
+        return out
 
     def _check_limits(self, area: str) -> None:
         st = self.settings
@@ -417,19 +438,25 @@ class WebRtcRelay:
             raise LimitError(f"quá số người nghe của khu vực / too many WebRTC listeners in "
                              f"{area} ({st.max_peers_per_area})")
 
-    async def open_whep(self, area: str, offer: str) -> tuple[WhepSession, str]:
-        """Answer a WHEP offer for `area` (the caller checked the area exists)."""
+    async def open_whep(self, area: str, offer: str, sid: str | None = None
+                        ) -> tuple[WhepSession | RemoteWhep, str]:
+        """Answer a WHEP offer for `area` (the caller checked the area exists); with workers,
+        a worker answers it (`sid`: the id the node gave it)."""
         try:
             self._check_limits(area)
         except LimitError:
             self.counters["whep_refused"] += 1
             raise
         check_offer(offer, publish=False)
+        if self.pool is not None:
+            remote, answer = await self.pool.open(area, offer)
+            self.counters["whep_opened"] += 1
+            return remote, answer
         pc = RTCPeerConnection(rtc_configuration(self.settings))
         track = PacketTrack(self.settings.peer_queue)
         tr = pc.addTransceiver(track, direction="sendonly")
         tr.setCodecPreferences(opus_capabilities())
-        s = WhepSession(secrets.token_urlsafe(16), area, pc, track, tr)
+        s = WhepSession(sid or secrets.token_urlsafe(16), area, pc, track, tr)
         # Registered before the first await, so concurrent offers count against the limits.
         self.whep[s.id] = s
         feed = self.feeds.get(area)
@@ -455,6 +482,8 @@ class WebRtcRelay:
                 s.connected = time.time()
                 log.info("whep peer connected event=whep_connected session=%s area=%s",
                          s.id, area)
+                if self.on_whep_change is not None:
+                    self.on_whep_change(s, "connected")
             elif state in ("failed", "closed"):
                 await self.close_whep(s.id, state)
 
@@ -480,6 +509,10 @@ class WebRtcRelay:
         if s is None:
             return False
         s.closed = True
+        if not isinstance(s, WhepSession):  # its worker closes the peer
+            assert self.pool is not None
+            self.pool.end_session(s, cause)
+            return True
         s.ready = False
         feed = self.feeds.get(s.area)
         if feed is not None:
@@ -492,6 +525,8 @@ class WebRtcRelay:
             await s.pc.close()
         log.info("whep peer closed event=whep_close session=%s area=%s cause=%s dropped=%d",
                  sid, s.area, cause, s.dropped)
+        if self.on_whep_change is not None:
+            self.on_whep_change(s, cause)
         return True
 
     async def whep_stats(self) -> list[dict[str, Any]]:

@@ -186,7 +186,7 @@ async def test_limits_still_answer_503_with_workers(start: Start) -> None:
 
 def test_worker_socketpair_passes_a_descriptor() -> None:
     """SCM_RIGHTS over SOCK_SEQPACKET: one message, one socket, the bytes intact."""
-    from loa.relay.fanout import _pair
+    from loa.relay.workers import pair as _pair
 
     a, b = _pair()
     x, y = socket.socketpair()

@@ -1,7 +1,8 @@
 """WebRTC end to end: real aiortc clients against a real node on 127.0.0.1 (real media clock).
 
 WHEP listeners hear the area's programme (tone found by FFT), switch with a preemption, share one
-hub subscription per area; a WHIP publisher goes live in a district and a commune below hears it;
+hub subscription per area, with the peers in the node's process (`workers = 0`) or in a worker
+(`workers = 1`: the DELETE ends it there, a killed worker ends its peers and is replaced); a WHIP publisher goes live in a district and a commune below hears it;
 auth, SDP and limit errors are refused with the right status and change nothing.
 """
 
@@ -10,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import fractions
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
@@ -39,6 +42,7 @@ from loa.web.node import Node
 from loa.web.streams.webrtc import RELAY
 from tests.apiclient import PASSWORD, PEOPLE, make_config
 from tests.audio import peak_hz
+from tests.test_monitor import get_metrics, val
 
 # Loopback only: the clients offer 127.0.0.1 host candidates too, and nobody uses STUN.
 use_host_addresses(["127.0.0.1"])
@@ -85,9 +89,9 @@ async def start_server(tmp_path: Path, **webrtc: object) -> tuple[Server, web.Ap
     return Server(node, app, f"http://{host}:{port}", http, {}), runner
 
 
-@pytest.fixture
-async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    srv, runner = await start_server(tmp_path)
+@pytest.fixture(params=[0, 1], ids=["in-process", "worker"])
+async def server(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Server]:
+    srv, runner = await start_server(tmp_path, workers=request.param)
     try:
         yield srv
     finally:
@@ -239,7 +243,7 @@ async def test_two_peers_share_one_subscription(server: Server) -> None:
         await b.until_tone(440)
         assert len(channel.subs) == 1
         relay = server.app[RELAY]
-        assert len(relay.feeds["T01-H1-X1"].peers) == 2
+        assert relay.area_peers("T01-H1-X1") == 2
         async with server.http.delete(f"{server.base}{a.location}") as r:
             assert r.status in (200, 204)
         assert len(channel.subs) == 1
@@ -293,8 +297,11 @@ async def test_whep_refusals_change_nothing(server: Server) -> None:
     await lst.pc.close()
 
 
-async def test_whep_limits(tmp_path: Path) -> None:
-    srv, runner = await start_server(tmp_path, max_peers=2, max_peers_per_area=1)
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_whep_limits(tmp_path: Path, workers: int) -> None:
+    """The limits hold over all the peers, whichever worker runs them."""
+    srv, runner = await start_server(tmp_path, max_peers=2, max_peers_per_area=1,
+                                     workers=workers)
     peers: list[Listener] = []
     try:
         peers.append(await whep(srv, "T01-H1-X1"))
@@ -310,6 +317,9 @@ async def test_whep_limits(tmp_path: Path) -> None:
             assert r.status == 503
         await extra.close()
         assert len(srv.app[RELAY].whep) == 2
+        pool = srv.app[RELAY].pool
+        if workers:  # one peer in each worker, and still refused beyond the limits
+            assert pool is not None and sorted(len(w.sessions) for w in pool.workers) == [1, 1]
     finally:
         for p in peers:
             await p.pc.close()
@@ -327,6 +337,83 @@ async def test_client_leaving_closes_its_peer(server: Server) -> None:
     await lst.pc.close()
     await until(lambda: not relay.whep, "the server to close the peer")
     assert server.node.hub.channel("T01-H2-X1", "opus").subs == []
+
+
+@pytest.fixture
+async def worker_server(tmp_path: Path) -> AsyncIterator[Server]:
+    srv, runner = await start_server(tmp_path, workers=1)
+    try:
+        yield srv
+    finally:
+        await srv.http.close()
+        await runner.cleanup()
+        await srv.node.stop()
+
+
+async def test_whep_peer_runs_in_the_worker(worker_server: Server) -> None:
+    """The worker runs the peer (the node holds no feed of its own, only the one subscription
+    that forwards the packets), the monitor and /metrics see it, and DELETE ends it there."""
+    srv = worker_server
+    relay = srv.app[RELAY]
+    pool = relay.pool
+    assert pool is not None
+    srv.node.engine.start(Broadcast(ToneSource(440, 0.3), ["T01-H1"], issuer="T01-H1"))
+    lst = await whep(srv, "T01-H1-X1")
+    try:
+        audio = await lst.until_tone(440)
+        assert abs(peak_hz(audio, 48_000) - 440) < 5
+        sid = lst.location.rsplit("/", 1)[1]
+        [w] = pool.workers
+        assert list(w.sessions) == [sid] and relay.feeds == {}
+        assert len(srv.node.hub.channel("T01-H1-X1", "opus").subs) == 1
+        await until(lambda: relay.whep[sid].connected is not None, "the worker's connected")
+        (stats,) = await relay.whep_stats()  # the monitor's per-peer figures, from the worker
+        assert stats["session"] == sid and stats["state"] == "connected"
+        assert stats["path"] == "direct" and stats["packets_sent"] > 0
+        series, _ = await get_metrics(srv.http, srv.base + "/metrics")
+        assert val(series, "loa_webrtc_peers") == 1
+        assert val(series, "loa_listeners", area="T01-H1-X1", transport="webrtc") == 1
+        async with srv.http.delete(f"{srv.base}{lst.location}") as r:
+            assert r.status == 204
+        assert relay.whep == {} and w.sessions == {}
+        assert srv.node.hub.channel("T01-H1-X1", "opus").subs == []
+        # The worker closed the peer: it no longer knows the session.
+        assert await pool.request(w, "stats", sid) is None
+    finally:
+        await lst.pc.close()
+
+
+async def test_concurrent_offers_all_answered_by_the_worker(worker_server: Server) -> None:
+    """Each offer gets its own worker's answer (replies matched to their requests)."""
+    peers = await asyncio.gather(*(whep(worker_server, "T01-H1-X2") for _ in range(3)))
+    try:
+        assert len(worker_server.app[RELAY].whep) == 3
+    finally:
+        for p in peers:
+            await p.pc.close()
+
+
+async def test_killed_worker_ends_its_peers_and_is_replaced(worker_server: Server) -> None:
+    srv = worker_server
+    relay = srv.app[RELAY]
+    pool = relay.pool
+    assert pool is not None
+    srv.node.engine.start(Broadcast(ToneSource(440, 0.3), ["T01"], issuer="T01"))
+    first = await whep(srv, "T01-H2-X1")
+    await first.until_tone(440)
+    [pid] = pool.worker_pids()
+    os.kill(pid, signal.SIGKILL)
+    await until(lambda: not relay.whep, "the dead worker's session to end")
+    assert srv.node.hub.channel("T01-H2-X1", "opus").subs == []
+    await first.pc.close()
+    await until(lambda: pool.worker_pids() not in ([], [pid]), "a new worker")
+    again = await whep(srv, "T01-H2-X1")  # served by the restarted worker
+    try:
+        audio = await again.until_tone(440)
+        assert abs(peak_hz(audio, 48_000) - 440) < 5
+        assert pool.restarts == 1 and len(pool.workers[0].sessions) == 1
+    finally:
+        await again.pc.close()
 
 
 # ---- WHIP --------------------------------------------------------------------------------------

@@ -89,7 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     fan.add_argument("--storm", action="store_true",
                      help="http: every listener reconnects at once; media clock figures")
     fan.add_argument("--workers", type=int, default=None,
-                     help="http: fan-out worker processes (default: [http_streams] workers)")
+                     help="http: fan-out worker processes (default: [http_streams] workers); "
+                          "webrtc: WHEP worker processes (default: [webrtc] workers)")
     return ap
 
 

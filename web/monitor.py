@@ -312,9 +312,9 @@ async def collect(app: web.Application, scope: set[str] | None, detail: set[str]
     # WebRTC peers
     relay = app.get(RELAY)
     if relay is not None:
-        for area, feed in list(relay.feeds.items()):
-            if in_scope(area) and feed.peers:
-                out.count(area)[WEBRTC_I] += len(feed.peers)
+        for area, n in relay.peers_by_area().items():
+            if in_scope(area):
+                out.count(area)[WEBRTC_I] += n
 
     # HLS segmenters (details)
     hls = app.get(HLS)

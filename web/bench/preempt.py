@@ -392,15 +392,18 @@ def _hook(app: Any, node: Any, probe: Probe, areas: list[str]) -> None:
 
         st.send = send
     relay = app[RELAY]
-    for area, feed in relay.feeds.items():
-        orig_w = feed.sub.on_packets
+    # The in-process feeds' subscriptions, or those forwarding to the WHEP workers.
+    subs = {**{a: f.sub for a, f in relay.feeds.items()}, **(relay.pool.subs if relay.pool else {})}
+    for area, sub in subs.items():
+        orig_w = sub.on_packets
 
         def whep(packets: list[Any], _o: Any = orig_w, a: str = area) -> None:
-            _o(packets)
+            if _o is not None:
+                _o(packets)
             if not probe.seen("webrtc", a) and probe.is_emergency(a, packets):
                 probe.mark("webrtc", a)
 
-        feed.sub.on_packets = whep
+        sub.on_packets = whep
     streamer = app.get(HTTP_STREAMER)
     for (area, _codec), ch in (streamer.channels.items() if streamer else []):
         state = {"samples": 0}

@@ -15,6 +15,12 @@ of the first packet that carries it (p50/p99). Both ends are in the child proces
 the same monotonic clock. aiortc's receive jitter buffer at the listener is bypassed: a browser's
 own jitter buffer comes on top of this figure.
 
+`--workers W` overrides `[webrtc] workers` (0: the peers in the node's process). CPU is split:
+`node_cpu_*` is the node's own process (the media clock's), `worker_cpu_fraction` the WHEP
+workers' (from /proc), `server_cpu_*` both; the media clock figures (`server_clock_*`: late and
+skipped ticks, max lateness; `server_loop_lag_max_ms`) cover the measured window and, with the
+suffix `_setup`, the connection of the peers before it.
+
 Only one JSON object goes to stdout; diagnostics go to stderr. `LOA_WEBRTC_DIRECT_SEND=0` in the
 environment measures aiortc's stock send path instead of the direct one.
 """
@@ -58,12 +64,12 @@ def run(args: argparse.Namespace) -> int:
     if listeners < 0 or seconds <= 0:
         log("listeners must be >= 0 and seconds > 0")
         return 2
-    result = asyncio.run(_server(listeners, seconds))
+    result = asyncio.run(_server(listeners, seconds, getattr(args, "workers", None)))
     print(json.dumps(result), flush=True)
     return 0 if result.get("connected", 0) >= max(1, listeners) else 1
 
 
-async def _server(listeners: int, seconds: float) -> dict[str, Any]:
+async def _server(listeners: int, seconds: float, workers: int | None) -> dict[str, Any]:
     from aiohttp import ClientSession, web
 
     from loa.streamer.broadcast import Broadcast
@@ -85,6 +91,8 @@ async def _server(listeners: int, seconds: float) -> dict[str, Any]:
         cfg.webrtc.whep_burst = max(cfg.webrtc.whep_burst, listeners + 10)  # one address
         cfg.webrtc.max_peers_per_area = max(cfg.webrtc.max_peers_per_area, listeners + 10)
         cfg.webrtc.connect_timeout = max(cfg.webrtc.connect_timeout, 120.0)
+        if workers is not None:
+            cfg.webrtc.workers = workers
         node = Node(cfg, realtime=True)
         with contextlib.redirect_stdout(sys.stderr):  # the bootstrap admin notice: not JSON
             await node.start()
@@ -103,9 +111,14 @@ async def _server(listeners: int, seconds: float) -> dict[str, Any]:
         keep = node.hub.subscribe(AREA, "opus", maxlen=10)
         keep.on_packets = lambda packets: None
         loop = asyncio.get_running_loop()
+        workers_cpu = _workers_cpu(app)
         try:
             await asyncio.sleep(SETTLE_SECONDS)
+            w0 = workers_cpu()
             base_cpu = await _cpu_over(BASELINE_SECONDS)
+            base_workers = (workers_cpu() - w0) / BASELINE_SECONDS
+            clock0 = _ticks(node)
+            node.lag.max_ms = 0.0
             async with ClientSession() as http, http.post(
                     f"{url}/api/v1/auth/token",
                     json={"username": "bench", "password": password}) as r:
@@ -123,14 +136,17 @@ async def _server(listeners: int, seconds: float) -> dict[str, Any]:
             await asyncio.sleep(SETTLE_SECONDS)
             relay_stats = _relay_counters(app)
             clock_before = node.clock.stats.max_lateness_ms if node.clock else 0.0
+            clock1 = _ticks(node)
+            lag_setup = node.lag.max_ms
             node.lag.max_ms = 0.0
             if node.clock:
                 node.clock.stats.max_lateness_ms = 0.0
             proc.stdin.write(b"GO\n")
             await proc.stdin.drain()
-            cpu0, t0 = time.process_time(), loop.time()
+            cpu0, t0, wcpu0 = time.process_time(), loop.time(), workers_cpu()
             await asyncio.sleep(max(0.0, t0 + seconds - loop.time()))
-            cpu1, t1 = time.process_time(), loop.time()
+            cpu1, t1, wcpu1 = time.process_time(), loop.time(), workers_cpu()
+            clock2 = _ticks(node)
             line = (await proc.stdout.readline()).decode().strip()
             child = json.loads(line) if line.startswith("{") else {}
             proc.stdin.close()
@@ -142,17 +158,23 @@ async def _server(listeners: int, seconds: float) -> dict[str, Any]:
             await runner.cleanup()
             await node.stop()
     frac = (cpu1 - cpu0) / (t1 - t0)
+    wfrac = (wcpu1 - wcpu0) / (t1 - t0)
     connected = int(child.get("connected", 0))
-    per = (frac - base_cpu) / connected if connected else None
+    node_per = (frac - base_cpu) / connected if connected else None
+    per = (frac + wfrac - base_cpu - base_workers) / connected if connected else None
     expected = connected * seconds * 50
     out: dict[str, Any] = {
         "transport": "webrtc",
         "path": "direct" if cfg.webrtc.direct_send else "stock",
         "listeners": listeners,
+        "workers": cfg.webrtc.workers,
         "connected": connected,
         "seconds": seconds,
-        "server_cpu_fraction": round(frac, 4),
-        "baseline_cpu_fraction": round(base_cpu, 4),
+        "node_cpu_fraction": round(frac, 4),
+        "node_cpu_per_listener": None if node_per is None else round(node_per, 6),
+        "worker_cpu_fraction": round(wfrac, 4),
+        "server_cpu_fraction": round(frac + wfrac, 4),
+        "baseline_cpu_fraction": round(base_cpu + base_workers, 4),
         "server_cpu_per_listener": None if per is None else round(per, 6),
         "peers_per_core": None if not per or per <= 0 else round(1.0 / per, 1),
         "delivered_ratio": round(child.get("received", 0) / expected, 4) if expected else 0.0,
@@ -160,7 +182,12 @@ async def _server(listeners: int, seconds: float) -> dict[str, Any]:
         "p99_lateness_ms": child.get("p99_lateness_ms"),
         "server_clock_max_lateness_ms": round(max(clock_max, 0.0), 2),
         "server_clock_max_lateness_ms_setup": round(clock_before, 2),
+        "server_clock_late_ticks": clock2[0] - clock1[0],
+        "server_clock_skipped_ticks": clock2[1] - clock1[1],
+        "server_clock_late_ticks_setup": clock1[0] - clock0[0],
+        "server_clock_skipped_ticks_setup": clock1[1] - clock0[1],
         "server_loop_lag_max_ms": round(node.lag.max_ms, 2),
+        "server_loop_lag_max_ms_setup": round(lag_setup, 2),
         "server_dropped_packets": dropped,
         "child_cpu_fraction": child.get("cpu_fraction"),
     }
@@ -180,6 +207,25 @@ def _relay_counters(app: Any) -> Any:
         return sum(s.dropped for s in relay.whep.values())
 
     return dropped
+
+
+def _workers_cpu(app: Any) -> Any:
+    """CPU seconds of the WHEP worker processes (those alive now)."""
+    from loa.web.bench.http import proc_cpu_seconds
+    from loa.web.streams.webrtc import RELAY
+
+    pool = app[RELAY].pool
+
+    def cpu() -> float:
+        return sum(proc_cpu_seconds(pid) for pid in (pool.worker_pids() if pool else []))
+
+    return cpu
+
+
+def _ticks(node: Any) -> tuple[int, int]:
+    """The media clock's late and skipped ticks so far."""
+    st = node.clock.stats if node.clock else None
+    return (st.late_ticks, st.skipped_ticks) if st else (0, 0)
 
 
 async def _cpu_over(seconds: float) -> float:

@@ -25,6 +25,7 @@ import math
 from aiohttp import web
 
 from loa.relay.webrtc import LimitError, OfferError, WebRtcRelay, WhipSession
+from loa.relay.webrtc_workers import WhepPool
 from loa.streamer.areas import AreaTree
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.engine import AuthorityError
@@ -305,6 +306,14 @@ def setup(app: web.Application) -> None:
     node = app[NODE]
     relay = WebRtcRelay(node.hub, node.cfg.webrtc)
     app[RELAY] = relay
+    workers = max(0, node.cfg.webrtc.workers)
+    if workers:
+        pool = relay.pool = WhepPool(relay, workers)
+
+        async def _start(app: web.Application) -> None:
+            await pool.start()
+
+        app.on_startup.append(_start)
     for entry in node.cfg.webrtc.listen_tokens:
         code, _, tok = entry.partition("=")
         if code not in node.tree or len(tok) < 8:
@@ -336,6 +345,8 @@ def setup(app: web.Application) -> None:
         if broadcast_ended in node.engine.ended_listeners:
             node.engine.ended_listeners.remove(broadcast_ended)
         await relay.close_all()
+        if relay.pool is not None:
+            await relay.pool.close()
 
     app.on_shutdown.append(shutdown)
     r = app.router
