@@ -68,6 +68,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from loa.web.bench.errors import BenchError
+
 ROOT = "P01"
 BITRATE = 32_000
 BYTES_PER_SECOND = BITRATE // 8
@@ -81,10 +83,6 @@ ICECAST_CHUNK = 1400  # Icecast 2.4 sends its source data in chunks of this size
 MAX_RETRIES = 10_000  # connection attempts retried in all (refused, reset before the head)
 CHILD_TIMEOUT = 300.0  # Icecast accepts slowly: thousands of listeners take a while
 MAX_LISTENERS = 50_000
-
-
-class BenchError(RuntimeError):
-    pass
 
 
 def raise_nofile(want: int) -> int:

@@ -41,6 +41,7 @@ from typing import Any
 from loa.relay.rtp.out import RtpOut, RtpStream
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.sources import ToneSource
+from loa.web.bench.errors import BenchError
 
 WARMUP_SECONDS = 1.0
 BASELINE_SECONDS = 2.0
@@ -49,10 +50,6 @@ FIRST_HOST = ipaddress.IPv4Address("127.0.0.2")
 MAX_LISTENERS = 1_000_000
 MAX_SECONDS = 600.0  # the window must stay well inside the 16-bit sequence space
 CHILD_TIMEOUT = 30.0
-
-
-class BenchError(RuntimeError):
-    pass
 
 
 # ---- the receiving child ------------------------------------------------------------------

@@ -44,6 +44,7 @@ from loa.streamer.clock import FRAME, SAMPLE_RATE, RealClock, VirtualClock
 from loa.streamer.engine import Engine, EngineSettings
 from loa.streamer.hub import Subscription
 from loa.streamer.sources import PcmSource, Playlist
+from loa.web.bench.errors import BenchError
 
 TICKS_PER_SECOND = SAMPLE_RATE // FRAME  # 50
 WARMUP_SECONDS = 1.0
@@ -61,9 +62,6 @@ LIQUIDSOAP_WARMUP = 1.0
 LIQUIDSOAP_START_TIMEOUT = 30.0
 ROOT = "P01"
 
-
-class BenchError(RuntimeError):
-    """The bench could not measure what it claims to measure (e.g. mixes != zones)."""
 
 
 class LiquidsoapRefused(BenchError):
