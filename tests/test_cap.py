@@ -826,7 +826,9 @@ async def test_cap_end_to_end_with_reference_agents_a_board_and_a_cancel(tmp_pat
             first, last = tones[0], tones[-1]
             assert {seq[i] for i in range(first, last + 1) if seq[i] in ATTENTION_TONES} == {
                 int(t) for t in ATTENTION_TONES}
-            assert set(seq[:first]) == {int(MUSIC[a])}, (a, seq)
+            # The first window may hold the playback's onset (part silence: its peak is off by a
+            # bin under load); from the second on, music until the signal.
+            assert set(seq[1:first]) == {int(MUSIC[a])}, (a, seq)
             after = seq[last + 1:]
             assert len(after) >= 5 and set(after) == {int(MUSIC[a])}, (a, seq)
         assert set(windows(wavs[X3])) == {400}  # the third commune kept its music
