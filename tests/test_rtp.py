@@ -21,17 +21,12 @@ import pytest
 from aiohttp import ClientSession, web
 
 from loa.codecs.encoders import Packet
-from loa.relay.rtp.out import (
-    NTP_EPOCH_OFFSET,
-    GroupAllocator,
-    PoolExhausted,
-    RtpConfigError,
-    RtpSettings,
-    check_settings,
-    node_pool,
-    sap_packet,
-)
+from loa.relay.rtp import wire
+from loa.relay.rtp.groups import GroupAllocator, PoolExhausted, node_pool
+from loa.relay.rtp.out import RtpConfigError, RtpSettings, check_settings
+from loa.relay.rtp.sap import sap_packet
 from loa.relay.rtp.sdp import SdpError, parse_sdp
+from loa.relay.rtp.wire import NTP_EPOCH_OFFSET
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.sources import ToneSource
 from loa.web.app import create_app
@@ -83,20 +78,9 @@ def rtp_settings(cfg: Any, **kw: Any) -> None:
         setattr(cfg.rtp, k, v)
 
 
-@dataclass
-class Rtp:
-    marker: bool
-    pt: int
-    seq: int
-    ts: int
-    ssrc: int
-    payload: bytes
-
-
-def parse_rtp(data: bytes) -> Rtp:
-    b0, b1, seq, ts, ssrc = struct.unpack_from("!BBHII", data)
-    assert b0 == 0x80, f"RTP v2 without padding/extension/CSRC, got {b0:#x}"
-    return Rtp(bool(b1 & 0x80), b1 & 0x7F, seq, ts, ssrc, data[12:])
+def parse_rtp(data: bytes) -> wire.RtpHeader:
+    assert data[0] == 0x80, f"RTP v2 without padding/extension/CSRC, got {data[0]:#x}"
+    return wire.parse_rtp(data)
 
 
 @dataclass
@@ -715,6 +699,26 @@ async def test_sap_announces_and_deletes_the_sessions(tmp_path: Path) -> None:
 def test_parse_sdp_rejects_malformed(text: str, message: str) -> None:
     with pytest.raises(SdpError, match=message):
         parse_sdp(text)
+
+
+def test_parse_rtp_reads_any_rfc3550_header_and_refuses_garbage() -> None:
+    """The receiver side of the wire format (what a device's RTP input parses)."""
+    for bad in (b"", b"\x80", b"\x40" + bytes(11), b"\xa0\x6f" + bytes(10) + b"\x00",
+                b"\x81" + bytes(11), b"\x90\x00" + bytes(10) + b"\x00\x00\x00\x05"):
+        with pytest.raises(wire.BadPacket):
+            wire.parse_rtp(bad)
+    # marker, PT 111, one CSRC, a one-word header extension, 3 bytes of padding
+    h = wire.parse_rtp(b"\xb1\xef\x00\x07" + (1234).to_bytes(4, "big") + (9).to_bytes(4, "big")
+                       + b"\x00\x00\x00\x42" + b"\xbe\xde\x00\x01" + b"\xaa\xbb\xcc\xdd"
+                       + b"payload" + b"\x00\x00\x03")
+    assert (h.marker, h.pt, h.seq, h.ts, h.ssrc, h.payload) == (True, 111, 7, 1234, 9,
+                                                                b"payload")
+    buf = bytearray(16)
+    wire.pack_rtp_header_into(buf, False, 0, 65535, 0xFFFFFFFF, 0xDEADBEEF)
+    buf[12:] = b"\xff\x7f\x00\x01"
+    h = wire.parse_rtp(bytes(buf))
+    assert (h.marker, h.pt, h.seq, h.ts, h.ssrc, h.payload) == (
+        False, 0, 65535, 0xFFFFFFFF, 0xDEADBEEF, b"\xff\x7f\x00\x01")
 
 
 def test_parse_sdp_reads_a_foreign_description() -> None:

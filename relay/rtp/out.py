@@ -4,28 +4,9 @@ Streams. Every area has one stream per configured codec. A stream is one UDP soc
 SSRC, a continuous sequence number and an RTP timestamp taken from the packets' media pts (which
 the engine keeps continuous when the area moves between compositions) plus a random offset, so a
 preemption upstream is invisible to a receiver: same SSRC, next sequence number, next timestamp.
-Payload formats: Opus RFC 7587 (PT 111, 48 kHz clock, one 20 ms packet per RTP packet), PCMU/PCMA
-RFC 3551 (PT 0/8, 8 kHz, 20 ms), MP3 RFC 2250 (PT 14, 90 kHz clock, 4-byte MPA header carrying the
-fragment offset; one frame per packet, fragmented only when a frame would not fit `max_payload`).
-
-Group allocation (stable across restarts and when areas are added, unique per deployment). Each
-area owns a block of four consecutive groups from `group_base` (`opus`, `pcmu`, `pcma`, `mp3` in that order, whichever are
-configured), all on `port` (RTCP on `port + 1`). The block index is first proposed by a hash of
-the area code (CRC-32 modulo the number of blocks in the pool), taking the next free block on a
-collision, and is then recorded in `rtp-groups.json` in the data directory, which wins from then
-on. So an area keeps its groups across restarts and config edits, adding areas never moves an
-existing one (a position in a sorted list would), and two nodes with the same area list propose
-the same groups; the file only settles the rare collisions. Only a pool shrunk below an area's
-block moves that area (logged).
-
-Two deployments on one network must not send the same groups. A cluster (nodes on one shared
-store) keeps the allocation in the store (kind `rtp_group`, the block unique), so its nodes share
-one map and never hand one block to two areas. A lone node with `group_base = ""` (the default)
-takes a pool of its own: 239.72.0.0/13 cut into pools of `pool_size` groups, the pool chosen by a
-hash of the node id (data directory `node-id`), recorded in `rtp-groups.json` and kept from then
-on; set `group_base` to plan the groups by hand. A collision is still detected: the node listens
-to SAP on `sap_address:sap_port` and logs `event=rtp_group_collision` when an announcement of
-another origin (not this node's `x-loa-node`) names a group and port this node sends.
+Payload formats: loa.codecs.rtp_payload (MP3 frames larger than `max_payload` are fragmented).
+Groups: loa.relay.rtp.groups (a block of groups per area, stable and unique per deployment); a
+group another origin announces over SAP is logged (`event=rtp_group_collision`).
 
 Sending. Hub deliveries arrive on the event loop; the loop only queues them. One sender thread
 builds each RTP packet once per stream in a fixed buffer and sends it to every destination (the
@@ -66,16 +47,12 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import errno
 import ipaddress
-import json
 import logging
-import os
 import random
 import socket
 import struct
-import sys
 import threading
 import time
 import zlib
@@ -86,24 +63,38 @@ from queue import SimpleQueue
 from typing import Any
 
 from loa.codecs.encoders import Packet
+from loa.codecs.rtp_payload import FORMATS, PayloadFormat
+from loa.relay.rtp import sendmmsg
+from loa.relay.rtp.groups import (
+    AUTO_BASE,
+    AUTO_SPAN,
+    BLOCK,
+    STATE_FILE,
+    GroupAllocator,
+    PoolExhausted,
+    node_pool,
+)
+from loa.relay.rtp.sap import parse_sap, sap_packet
 from loa.relay.rtp.sdp import RtpMap, parse_session, rtp_audio_session
+from loa.relay.rtp.wire import (
+    HEADER_SIZE,
+    ReportBlock,
+    bye_packet,
+    pack_rtp_header_into,
+    parse_receiver_reports,
+    sender_report,
+)
 from loa.streamer.areas import AreaTree
 from loa.streamer.emergency.service import node_identity
 from loa.streamer.hub import PacketHub, Subscription
-from loa.streamer.state.store import Conflict, Store
+from loa.streamer.state.store import Store
 
 log = logging.getLogger("loa.rtp")
 
-NTP_EPOCH_OFFSET = 2_208_988_800  # seconds from 1900-01-01 to 1970-01-01
 MEDIA_RATE = 48_000  # the engine's sample clock (wall() takes 48 kHz samples)
-BLOCK = 4  # groups per area: one per codec slot
-STATE_FILE = "rtp-groups.json"
-GROUP_KIND = "rtp_group"  # the cluster's allocation in the shared store
 REFRESH_SECONDS = 2.0  # how often new areas in the tree get their streams
 MAX_QUEUED_TICKS = 50  # a stream whose sender is this far behind (1 s) drops new packets
 ERROR_LOG_SECONDS = 10.0
-AUTO_BASE = ipaddress.IPv4Address("239.72.0.0")  # node pools (group_base = "") lie in this /13
-AUTO_SPAN = 1 << 19
 COLLISION_LOG_SECONDS = 600.0  # one collision is logged again at most this often
 SR_MIN_GAP = 0.5  # a new receiver triggers an early sender report, at most this often
 REPORT_TTL = 60.0  # a receiver that has not reported for this long is dropped from `reports`
@@ -140,34 +131,6 @@ class RtpSettings:
     max_delay_ms: int = 500  # packets that waited longer for the sender are dropped, not sent
 
 
-@dataclass(frozen=True)
-class PayloadFormat:
-    codec: str
-    pt: int
-    clock: int
-    rtpmap: RtpMap
-    slot: int  # position in the area's block of groups
-    fmtp: str | None = None
-    ptime: int | None = None
-    header: bytes = b""  # payload header before the media data (RFC 2250 MPA)
-    label: str = ""  # in the session name: an area's streams must be told apart in a player
-
-    @property
-    def title(self) -> str:
-        return self.label or self.rtpmap.encoding
-
-
-FORMATS: dict[str, PayloadFormat] = {
-    # RFC 7587: the rtpmap is always opus/48000/2; sprop-stereo=0 says we send mono.
-    "opus": PayloadFormat("opus", 111, 48_000, RtpMap("opus", 48_000, 2), 0,
-                          fmtp="sprop-stereo=0", ptime=20, label="Opus"),
-    "pcmu": PayloadFormat("pcmu", 0, 8_000, RtpMap("PCMU", 8_000), 1, ptime=20),
-    "pcma": PayloadFormat("pcma", 8, 8_000, RtpMap("PCMA", 8_000), 2, ptime=20),
-    "mp3": PayloadFormat("mp3", 14, 90_000, RtpMap("MPA", 90_000), 3, header=bytes(4),
-                         label="MP3"),
-}
-
-
 # ---- settings ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CheckedSettings:
@@ -177,12 +140,6 @@ class CheckedSettings:
     interface: str
     sap_group: ipaddress.IPv4Address
     auto: bool = False
-
-
-def node_pool(node_id: str, pool_size: int) -> ipaddress.IPv4Address:
-    """The first group of a lone node's own pool (group_base = ""): by a hash of its id."""
-    pools = AUTO_SPAN // pool_size
-    return AUTO_BASE + (zlib.crc32(node_id.encode("utf-8")) % pools) * pool_size
 
 
 def check_settings(s: RtpSettings) -> CheckedSettings:
@@ -253,195 +210,6 @@ def check_settings(s: RtpSettings) -> CheckedSettings:
     return CheckedSettings(base, s.pool_size // BLOCK, codecs, iface, sap_group, auto)
 
 
-# ---- group allocation ------------------------------------------------------------------------
-class PoolExhausted(RuntimeError):
-    pass
-
-
-class GroupAllocator:
-    """Area -> block of groups: hash proposal, first free block on collision, persisted."""
-
-    def __init__(self, base: ipaddress.IPv4Address, blocks: int, path: Path | None) -> None:
-        self.base = base
-        self.blocks = blocks
-        self.path = path
-        self.slots: dict[str, int] = {}
-        self.dirty = False
-        self.recorded_base: ipaddress.IPv4Address | None = None  # as in the file
-
-    def load(self) -> None:
-        """Read the recorded blocks (blocking: call from a thread)."""
-        if self.path is None or not self.path.exists():
-            return
-        try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-            slots = data["blocks"]
-            if not isinstance(slots, dict):
-                raise ValueError("blocks is not an object")
-            self.recorded_base = ipaddress.IPv4Address(data.get("group_base"))
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.error("unreadable group map, allocating afresh event=rtp_groups_unreadable "
-                      "path=%s error=%s", self.path, e)
-            self.dirty = True
-            return
-        taken: set[int] = set()
-        for area, block in slots.items():
-            if not isinstance(block, int) or isinstance(block, bool) or block in taken:
-                self.dirty = True
-                continue
-            if not 0 <= block < self.blocks:
-                log.warning("area outside the shrunk pool moves event=rtp_group_moved area=%s "
-                            "block=%s blocks=%d", area, block, self.blocks)
-                self.dirty = True
-                continue
-            self.slots[str(area)] = block
-            taken.add(block)
-
-    def save(self) -> None:
-        """Write atomically (blocking: call from a thread)."""
-        if self.path is None:
-            self.dirty = False
-            return
-        data = {"version": 1, "group_base": str(self.base), "block_size": BLOCK,
-                "blocks": dict(sorted(self.slots.items()))}
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(data, ensure_ascii=False, indent=1), encoding="utf-8")
-        os.replace(tmp, self.path)
-        self.dirty = False
-
-    def block(self, area: str) -> int:
-        got = self.slots.get(area)
-        if got is not None:
-            return got
-        if len(self.slots) >= self.blocks:
-            raise PoolExhausted(f"hết nhóm multicast / multicast pool exhausted "
-                                f"({self.blocks} areas)")
-        taken = set(self.slots.values())
-        b = zlib.crc32(area.encode("utf-8")) % self.blocks
-        while b in taken:
-            b = (b + 1) % self.blocks
-        self.slots[area] = b
-        self.dirty = True
-        return b
-
-    def group(self, area: str, codec: str) -> str:
-        return str(self.base + self.block(area) * BLOCK + FORMATS[codec].slot)
-
-    def adopt(self, area: str, block: int) -> None:
-        """The shared store's block for an area: it wins over what this node had."""
-        if self.slots.get(area) == block:
-            return
-        for other, b in list(self.slots.items()):
-            if b == block:
-                del self.slots[other]
-        self.slots[area] = block
-        self.dirty = True
-
-    async def claim(self, store: Store, areas: list[str]) -> set[str]:
-        """Cluster: every area's block from the shared store, allocating the missing ones there
-        (the block is unique in the store: two nodes never take one block for two areas).
-        Returns the areas that have a block."""
-        rows = await store.find(GROUP_KIND)
-        for r in rows:
-            if isinstance(r.get("block"), int) and 0 <= r["block"] < self.blocks:
-                self.adopt(r["id"], r["block"])
-        have = {r["id"] for r in rows}
-        taken = {r.get("block") for r in rows}
-        for area in areas:
-            if area in have:
-                continue
-            b = self.slots.get(area)
-            if b is None or b in taken:
-                b = zlib.crc32(area.encode("utf-8")) % self.blocks
-            for _ in range(self.blocks):
-                while b in taken and len(taken) < self.blocks:
-                    b = (b + 1) % self.blocks
-                if b in taken:
-                    break  # pool full
-                try:
-                    await store.create(GROUP_KIND, {"id": area, "block": b})
-                except Conflict:
-                    rec = await store.get(GROUP_KIND, area)
-                    if rec is not None:  # another node allocated this area meanwhile
-                        b = int(rec["block"])
-                    else:  # another node took this block for another area
-                        taken.add(b)
-                        continue
-                self.adopt(area, b)
-                have.add(area)
-                taken.add(b)
-                break
-        return have
-
-
-# ---- packets ----------------------------------------------------------------------------------
-def ntp_timestamp(epoch: float) -> tuple[int, int]:
-    """(seconds since 1900 mod 2^32, 32-bit fraction) of a Unix epoch time."""
-    sec = int(epoch // 1)
-    frac = int((epoch - sec) * (1 << 32))
-    if frac >= 1 << 32:
-        sec, frac = sec + 1, 0
-    return (sec + NTP_EPOCH_OFFSET) & 0xFFFFFFFF, frac
-
-
-def sender_report(ssrc: int, ntp: float, rtp_ts: int, packets: int, octets: int,
-                  cname: str) -> bytes:
-    """RTCP compound packet: SR (no report blocks) + SDES CNAME (RFC 3550 6.4.1, 6.5)."""
-    sec, frac = ntp_timestamp(ntp)
-    sr = struct.pack("!BBHIIIIII", 0x80, 200, 6, ssrc, sec, frac, rtp_ts & 0xFFFFFFFF,
-                     packets & 0xFFFFFFFF, octets & 0xFFFFFFFF)
-    return sr + _sdes(ssrc, cname)
-
-
-def bye_packet(ssrc: int, ntp: float, rtp_ts: int, packets: int, octets: int,
-               cname: str) -> bytes:
-    bye = struct.pack("!BBHI", 0x81, 203, 1, ssrc)
-    return sender_report(ssrc, ntp, rtp_ts, packets, octets, cname) + bye
-
-
-def _sdes(ssrc: int, cname: str) -> bytes:
-    text = cname.encode("utf-8")[:255]
-    chunk = struct.pack("!IBB", ssrc, 1, len(text)) + text + b"\x00"
-    chunk += b"\x00" * (-len(chunk) % 4)
-    return struct.pack("!BBH", 0x81, 202, len(chunk) // 4) + chunk
-
-
-ReportBlock = tuple[int, float, int, int, int]  # source SSRC, fraction lost, lost, seq, jitter
-
-
-def parse_receiver_reports(data: bytes) -> list[tuple[int, list[ReportBlock]]]:
-    """(reporter SSRC, report blocks) of each SR/RR of a compound RTCP packet (RFC 3550 6.4);
-    other packet types are skipped. ValueError for anything malformed."""
-    out: list[tuple[int, list[ReportBlock]]] = []
-    off = 0
-    if len(data) < 8:
-        raise ValueError("short RTCP packet")
-    while off < len(data):
-        if len(data) - off < 4:
-            raise ValueError("truncated RTCP header")
-        b0, pt, length = struct.unpack_from("!BBH", data, off)
-        end = off + 4 * (length + 1)
-        if b0 >> 6 != 2 or end > len(data):
-            raise ValueError("bad RTCP version or length")
-        if pt in (200, 201):
-            count = b0 & 0x1F
-            first = off + (28 if pt == 200 else 8)
-            if first + 24 * count > end:
-                raise ValueError("report blocks past the packet")
-            reporter = struct.unpack_from("!I", data, off + 4)[0]
-            blocks: list[ReportBlock] = []
-            for i in range(count):
-                src, word, seq, jitter = struct.unpack_from("!IIII", data, first + 24 * i)
-                lost = word & 0xFFFFFF
-                if lost & 0x800000:  # 24-bit two's complement (duplicates make it negative)
-                    lost -= 1 << 24
-                blocks.append((src, (word >> 24) / 256, lost, seq, jitter))
-            out.append((reporter, blocks))
-        off = end
-    return out
-
-
 class ReceiverReport:
     """What one receiver (by its SSRC) last reported about one stream."""
 
@@ -476,95 +244,6 @@ class _Datagrams(asyncio.DatagramProtocol):
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())
-
-
-def sap_packet(sdp: str, origin: str, delete: bool = False) -> bytes:
-    """RFC 2974 announcement (or deletion) of one SDP, IPv4 origin, no authentication."""
-    body = sdp.encode("utf-8")
-    msg_hash = (zlib.crc32(body) & 0xFFFF) or 1  # 0 is reserved for "no hash"
-    flags = 0x20 | (0x04 if delete else 0)  # V=1, A=0 (IPv4), T: 0 announce / 1 delete
-    return (struct.pack("!BBH", flags, 0, msg_hash) + socket.inet_aton(origin)
-            + b"application/sdp\x00" + body)
-
-
-def parse_sap(data: bytes) -> tuple[str, str]:
-    """(origin, SDP text) of an RFC 2974 announcement; ValueError for a deletion, IPv6,
-    another payload type or a malformed packet."""
-    if len(data) < 8:
-        raise ValueError("short SAP packet")
-    flags, auth_len = data[0], data[1]
-    if flags >> 5 != 1 or flags & 0x10 or flags & 0x04 or flags & 0x03:
-        raise ValueError("not an IPv4, unencrypted, uncompressed SAP announcement")
-    origin = socket.inet_ntoa(data[4:8])
-    body = data[8 + 4 * auth_len:]
-    if not body.startswith(b"v=0"):
-        ptype, sep, body = body.partition(b"\x00")
-        if not sep or ptype != b"application/sdp":
-            raise ValueError("SAP payload is not SDP")
-    return origin, body.decode("utf-8")
-
-
-# ---- fast fan-out (Linux sendmmsg through ctypes) ---------------------------------------------
-class _SockaddrIn(ctypes.Structure):
-    _fields_ = [("family", ctypes.c_ushort), ("port", ctypes.c_uint16),
-                ("addr", ctypes.c_uint32), ("zero", ctypes.c_char * 8)]
-
-
-class _Iovec(ctypes.Structure):
-    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
-
-
-class _Msghdr(ctypes.Structure):
-    _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32),
-                ("iov", ctypes.POINTER(_Iovec)), ("iovlen", ctypes.c_size_t),
-                ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
-                ("flags", ctypes.c_int)]
-
-
-class _Mmsghdr(ctypes.Structure):
-    _fields_ = [("hdr", _Msghdr), ("len", ctypes.c_uint)]
-
-
-def _load_sendmmsg() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.sendmmsg
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_SENDMMSG = _load_sendmmsg()
-_MMSG_SIZE = ctypes.sizeof(_Mmsghdr)
-_MAX_BATCH = 1024  # UIO_MAXIOV: the kernel takes at most this many messages per call
-_MSG_DONTWAIT = getattr(socket, "MSG_DONTWAIT", 0)
-_FULL = {errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS}
-
-
-class _DestTable:
-    """Precomputed `sockaddr_in` + `mmsghdr` arrays for one destination list and one buffer."""
-
-    def __init__(self, dests: list[tuple[str, int]], iov: _Iovec) -> None:
-        n = len(dests)
-        self.n = n
-        self.addrs = (_SockaddrIn * max(n, 1))()
-        self.msgs = (_Mmsghdr * max(n, 1))()
-        iov_ptr = ctypes.pointer(iov)
-        for i, (host, port) in enumerate(dests):
-            a = self.addrs[i]
-            a.family = socket.AF_INET
-            a.port = socket.htons(port)
-            a.addr = struct.unpack("=I", socket.inet_aton(host))[0]
-            h = self.msgs[i].hdr
-            h.name = ctypes.addressof(a)
-            h.namelen = ctypes.sizeof(_SockaddrIn)
-            h.iov = iov_ptr
-            h.iovlen = 1
-        self.base = ctypes.addressof(self.msgs)
 
 
 # ---- streams ----------------------------------------------------------------------------------
@@ -622,10 +301,10 @@ class RtpStream:
         self._built = -1
         self._dests: list[Receiver] = []
         self._addrs: list[tuple[str, int]] = []
-        self._table: _DestTable | None = None
+        self._table: sendmmsg.DestTable | None = None
         self._buf = ctypes.create_string_buffer(out.settings.max_payload + 16)
         self._view = memoryview(self._buf).cast("B")
-        self._iov = _Iovec(ctypes.addressof(self._buf), 0)
+        self._iov = sendmmsg.Iovec(ctypes.addressof(self._buf), 0)
         self._last_error_log = 0.0
         self._queued = 0  # loop side
         self._done = 0  # sender side
@@ -672,7 +351,8 @@ class RtpStream:
             dests += list(self.receivers.values())
         self._dests = dests
         self._addrs = [(d.host, d.port) for d in dests]
-        self._table = _DestTable(self._addrs, self._iov) if self.out.use_sendmmsg else None
+        self._table = (sendmmsg.DestTable(self._addrs, self._iov) if self.out.use_sendmmsg
+                       else None)
         self._built = version
 
     def send(self, packets: list[Packet], queued_at: float) -> None:
@@ -688,29 +368,22 @@ class RtpStream:
             return
         self._refresh()
         fmt = self.fmt
-        hdr_len = 12 + len(fmt.header)
-        room = self.out.settings.max_payload - len(fmt.header)
+        view = self._view
+        hdr_len = HEADER_SIZE + fmt.header_size
+        room = self.out.settings.max_payload - fmt.header_size
         for p in packets:
-            ts = (p.pts * fmt.clock // p.rate + self.ts_offset) & 0xFFFFFFFF
-            data = p.data
-            offset = 0
-            while True:  # one RTP packet, or several fragments of an oversized MP3 frame
-                chunk = data[offset:offset + room]
-                marker = 0x80 if self.first else 0
-                struct.pack_into("!BBHII", self._buf, 0, 0x80, marker | fmt.pt, self.seq, ts,
-                                 self.ssrc)
-                if fmt.header:
-                    struct.pack_into("!HH", self._buf, 12, 0, offset)
+            ts = (fmt.timestamp(p.pts, p.rate) + self.ts_offset) & 0xFFFFFFFF
+            # one RTP packet, or several fragments of an oversized MP3 frame
+            for offset, chunk in fmt.fragments(p.data, room):
+                pack_rtp_header_into(view, self.first, fmt.pt, self.seq, ts, self.ssrc)
+                fmt.pack_header_into(view, HEADER_SIZE, offset)
                 n = hdr_len + len(chunk)
-                self._view[hdr_len:n] = chunk
+                view[hdr_len:n] = chunk
                 self._fanout(sock, n)
                 self.first = False
                 self.seq = (self.seq + 1) & 0xFFFF
                 self.packets += 1
-                self.octets += n - 12
-                offset += len(chunk)
-                if offset >= len(data):
-                    break
+                self.octets += n - HEADER_SIZE
             self.last_ts = ts
             self.last_sample = p.pts * MEDIA_RATE // p.rate
         self.fanout_ms_max = max(self.fanout_ms_max, (time.monotonic() - queued_at) * 1000)
@@ -729,7 +402,7 @@ class RtpStream:
                 try:
                     sock.sendto(view, addr)
                 except OSError as e:
-                    if e.errno in _FULL:
+                    if e.errno in sendmmsg.BUFFER_FULL:
                         self.blocked += n - i
                         return
                     self._failed(i, e.errno or 0)
@@ -738,8 +411,8 @@ class RtpStream:
         fd = sock.fileno()
         i = 0
         while i < n:
-            sent = _SENDMMSG(fd, table.base + i * _MMSG_SIZE, min(_MAX_BATCH, n - i),
-                             _MSG_DONTWAIT)
+            sent = sendmmsg.SENDMMSG(fd, table.base + i * sendmmsg.MMSG_SIZE,
+                                     min(sendmmsg.MAX_BATCH, n - i), sendmmsg.MSG_DONTWAIT)
             if sent > 0:
                 i += sent
                 continue
@@ -747,7 +420,7 @@ class RtpStream:
             try:  # the one that failed: once more on its own, then count it and move on
                 sock.sendto(self._view[:length], self._addrs[i])
             except OSError as e:
-                if e.errno in _FULL:  # the send buffer is full: this packet ends here
+                if e.errno in sendmmsg.BUFFER_FULL:  # the send buffer is full: this packet ends here
                     self.blocked += n - i
                     return
                 self._failed(i, e.errno or err)
@@ -881,7 +554,7 @@ class RtpOut:
         self.collisions = 0
         self._collision_logged: dict[tuple[str, int, str], float] = {}
         self.cname = cname or f"loa@{socket.gethostname()}"
-        self.use_sendmmsg = bool(settings.sendmmsg and _SENDMMSG is not None)
+        self.use_sendmmsg = bool(settings.sendmmsg and sendmmsg.SENDMMSG is not None)
         self.max_delay = settings.max_delay_ms / 1000
         self.streams: dict[tuple[str, str], RtpStream] = {}
         self.origin = self.checked.interface or "127.0.0.1"
@@ -1266,7 +939,7 @@ class RtpOut:
         return rtp_audio_session(
             name=f"{a.name} ({fmt.title})", origin=self.origin, session_id=sess_id, version=version,
             address=st.group, ttl=self.settings.ttl, port=st.port, payload_type=fmt.pt,
-            rtpmap=fmt.rtpmap, fmtp=fmt.fmtp, ptime=fmt.ptime,
+            rtpmap=RtpMap(fmt.encoding, fmt.clock, fmt.channels), fmtp=fmt.fmtp, ptime=fmt.ptime,
             info=f"Loa {a.code} {fmt.codec}",
             extra=[("x-loa-area", a.code), *([("x-loa-node", self.node_id)]
                                                if self.node_id else [])]).to_text()
