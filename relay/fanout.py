@@ -66,10 +66,10 @@ class Worker(WorkerBase):
         self._stats_due = False
         super().__init__(sock)
 
-    def stop(self) -> None:
+    async def finish(self) -> None:
         if self.streamer is not None:
-            self.streamer.close()
-        super().stop()
+            await self.streamer.close()
+        await super().finish()
 
     def on_message(self, msg: Any, fds: list[int]) -> None:
         kind = msg[0]

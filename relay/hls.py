@@ -24,6 +24,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from loa.codecs.encoders import Packet
 from loa.codecs.mpegts import TsMuxer
@@ -277,6 +278,13 @@ class HlsService:
         log.info("hls segmenter stopped event=hls_stop area=%s cause=%s segments=%d", area, cause,
                  seg.next_seq - (seg.segments[0].seq if seg.segments else seg.next_seq))
 
-    def close(self) -> None:
+    async def start(self) -> None:
+        """Nothing to open: a segmenter starts with its area's first request."""
+
+    async def close(self) -> None:
         for area in list(self.segmenters):
             self.stop(area, "shutdown")
+
+    def stats(self) -> dict[str, Any]:
+        return {"segmenters": len(self.segmenters), "started": self.started,
+                "stopped": self.stopped}

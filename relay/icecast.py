@@ -692,7 +692,10 @@ class HttpStreamer:
             "streams": streams,
         }
 
-    def close(self) -> None:
+    async def start(self) -> None:
+        """Nothing to open: a channel opens with its first listener."""
+
+    async def close(self) -> None:
         """End every stream (the transports flush what they hold, then close)."""
         self.closed = True
         for ch in list(self.channels.values()):

@@ -627,10 +627,16 @@ class WebRtcRelay:
         return None
 
     # ---- all ---------------------------------------------------------------------------------
-    async def close_all(self) -> None:
+    async def start(self) -> None:
+        """Nothing to open: peers and inputs come with their offers."""
+
+    async def close(self) -> None:
         self._closing = True
         await asyncio.gather(*(self.close_whep(sid, "shutdown") for sid in list(self.whep)),
                              *(self.close_whip(sid, "shutdown") for sid in list(self.whip)))
+
+    def stats(self) -> dict[str, Any]:
+        return {"peers": len(self.whep), "inputs": len(self.whip), **self.counters}
 
 
 def _short_jitter_buffer(receiver: RTCRtpReceiver) -> None:

@@ -113,7 +113,7 @@ class Worker(WorkerBase):
 
     async def finish(self) -> None:
         if self.relay is not None:
-            await self.relay.close_all()
+            await self.relay.close()
         await super().finish()
 
 

@@ -589,7 +589,7 @@ class RtpOut:
             for area in list(self.tree):
                 self.ensure_area(area.code)
         except Exception:
-            await self.stop()
+            await self.close()
             raise
         if self.alloc.dirty:
             await asyncio.to_thread(self.alloc.save)
@@ -606,7 +606,7 @@ class RtpOut:
                  self.settings.port, self.settings.ttl, self.checked.interface or "default",
                  self.use_sendmmsg)
 
-    async def stop(self) -> None:
+    async def close(self) -> None:
         if not self.started:
             return
         self.started = False

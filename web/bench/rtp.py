@@ -229,7 +229,7 @@ async def measure(listeners: int, seconds: float) -> dict[str, Any]:
                 proc.kill()
                 await proc.wait()
             if out is not None:
-                await out.stop()
+                await out.close()
             await node.stop()
     fraction = cpu / wall
     net = max(fraction - base_cpu, 1e-9)

@@ -68,6 +68,6 @@ def setup(app: web.Application) -> None:
     app.router.add_get(r"/streams/{area}/{seq:\d{1,18}}.ts", segment)
 
     async def close(_app: web.Application) -> None:
-        service.close()
+        await service.close()
 
     app.on_cleanup.append(close)

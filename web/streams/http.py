@@ -126,7 +126,7 @@ def setup(app: web.Application) -> None:
     app.router.add_get("/streams/{area}.opus", stream_opus)
 
     async def _shutdown(app: web.Application) -> None:
-        streamer.close()  # before aiohttp waits for handlers: every listener's handler returns
+        await streamer.close()  # before aiohttp waits for handlers: every listener's handler returns
 
     app.on_shutdown.append(_shutdown)
     app.on_cleanup.append(_shutdown)

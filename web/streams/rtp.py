@@ -48,7 +48,7 @@ def setup(app: web.Application) -> None:
             raise ConfigError(str(e)) from None
 
     async def stop(app: web.Application) -> None:
-        await out.stop()
+        await out.close()
 
     app.on_startup.append(start)
     app.on_cleanup.append(stop)

@@ -344,7 +344,7 @@ def setup(app: web.Application) -> None:
     async def shutdown(app: web.Application) -> None:
         if broadcast_ended in node.engine.ended_listeners:
             node.engine.ended_listeners.remove(broadcast_ended)
-        await relay.close_all()
+        await relay.close()
         if relay.pool is not None:
             await relay.pool.close()
 
