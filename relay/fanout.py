@@ -13,8 +13,8 @@ ICY title when it changed.
 
 Messages are pickled tuples, one per datagram (the link and the supervision: loa.relay.workers):
   node -> worker: ("init", HttpStreamSettings, EncoderSettings), ("attach", [(id, area, codec,
-                  icy, head, burst_ms, pad), ...]) with one socket per entry, ("tick", [(area, codec, pts, duration, rate,
-                  data)...], {area: title changed}), ("stop",)
+                  icy, head, burst_ms, pad), ...]) with one socket per entry, ("tick", [PacketRow, ...],
+                  {area: title changed}), ("stop",)
   worker -> node: ("left", id), ("stats", {(area, codec): counters changed}) every
                   STATS_INTERVAL (a worker silent for STUCK_SECONDS is killed and replaced)
 The node counts listeners (limits hold there) and adds the workers' counters into its own
@@ -35,7 +35,7 @@ from typing import Any
 from loa.codecs.encoders import Packet
 from loa.relay.icecast import HttpStreamer
 from loa.relay.workers import MAX_FDS, WorkerBase, WorkerHandle, WorkerPool, close_all, worker_main
-from loa.streamer.hub import PacketHub, Subscription
+from loa.streamer.hub import Subscription
 
 log = logging.getLogger("loa.http_streams")
 
@@ -59,7 +59,6 @@ class _Discard(asyncio.Protocol):
 
 class Worker(WorkerBase):
     def __init__(self, sock: socket.socket) -> None:
-        self.hub = PacketHub()  # no loop: deliveries are synchronous, on this loop
         self.titles: dict[str, str] = {}
         self.streamer: HttpStreamer | None = None
         self._reported: dict[tuple[str, str], dict[str, int]] = {}
@@ -75,12 +74,7 @@ class Worker(WorkerBase):
         kind = msg[0]
         if kind == "tick":
             self.titles.update(msg[2])
-            by_channel: dict[tuple[str, str], list[Packet]] = {}
-            for area, codec, pts, duration, rate, data in msg[1]:
-                by_channel.setdefault((area, codec), []).append(
-                    Packet(codec, pts, duration, data, rate))
-            for (area, codec), packets in by_channel.items():
-                self.hub.channel(area, codec).deliver(packets)
+            self.deliver(msg[1])
         elif kind == "attach":  # one entry per socket passed, in order
             for (lid, area, codec, icy, head, burst_ms, pad), fd in zip(msg[1], fds,
                                                                          strict=True):
@@ -144,7 +138,6 @@ class _WorkerHandle(WorkerHandle):
         self.channels: dict[tuple[str, str], int] = {}  # listeners per channel
         self.counters: dict[tuple[str, str], dict[str, int]] = {}  # last report
         self.titles: dict[str, str] = {}  # last title sent per area
-        self.packets: list[tuple[str, str, int, int, int, bytes]] = []  # this tick's
         self.attaching: list[tuple[tuple[int, str, str, bool, bytes, int | None, bool], int]] = []
         # (entry, fd)
 
@@ -163,7 +156,6 @@ class FanoutPool(WorkerPool[_WorkerHandle]):
         # are: the workers' channels keep their burst fresh for whoever comes back.
         self.cooling: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self.next_id = 0
-        self._flush_due = False
 
     def init_message(self) -> Any:
         return ("init", self.streamer.settings, self.streamer.encoders)
@@ -264,17 +256,12 @@ class FanoutPool(WorkerPool[_WorkerHandle]):
             sub.close()
 
     def _on_packets(self, key: tuple[str, str], packets: list[Packet]) -> None:
-        area, codec = key
         for w in self.workers:
             if key in w.channels:
-                w.packets.extend((area, codec, p.pts, p.duration, p.rate, p.data)
-                                 for p in packets)
-        if not self._flush_due:  # with the next ticks' packets: fewer wake-ups of the workers
-            self._flush_due = True
-            asyncio.get_running_loop().call_later(FORWARD_SECONDS, self._flush)
+                w.forward(key[0], packets)
+        self.flush_soon(FORWARD_SECONDS)  # with the next ticks' packets
 
-    def _flush(self) -> None:
-        self._flush_due = False
+    def flush(self) -> None:
         for w in self.workers:
             if not w.packets or w.link is None:
                 continue

@@ -12,8 +12,7 @@ messages a second cost a worker little next to SRTP for its peers). WHIP inputs 
 
 Messages (pickled tuples over loa.relay.workers' link):
   node -> worker: ("init", WebRtcSettings), ("open", req, session, area, offer), ("close",
-                  session, cause), ("stats", req, session), ("tick", [(area, pts, duration, rate,
-                  data), ...]), ("stop",)
+                  session, cause), ("stats", req, session), ("tick", [PacketRow, ...]), ("stop",)
   worker -> node: ("reply", req, value), ("connected", session, time), ("ended", session,
                   cause), ("alive", {session: dropped changed}) every STATS_INTERVAL
 A session the worker ends (ICE failed, connect timeout, client gone) is reported and forgotten
@@ -42,7 +41,7 @@ from loa.relay.webrtc import (
     peer_stats,
 )
 from loa.relay.workers import WorkerBase, WorkerHandle, WorkerPool, close_all, worker_main
-from loa.streamer.hub import PacketHub, Subscription
+from loa.streamer.hub import Subscription
 
 log = logging.getLogger("loa.webrtc")
 
@@ -53,7 +52,6 @@ NO_LIMIT = 1 << 30  # the node holds the limits; a worker takes what it is given
 # ---- the worker process -------------------------------------------------------------------
 class Worker(WorkerBase):
     def __init__(self, sock: socket.socket) -> None:
-        self.hub = PacketHub()  # no loop: deliveries are synchronous, on this loop
         self.relay: WebRtcRelay | None = None
         self._reported: dict[str, int] = {}  # dropped packets last told, per session
         super().__init__(sock)
@@ -62,11 +60,7 @@ class Worker(WorkerBase):
         close_all(fds)  # the node sends none
         kind = msg[0]
         if kind == "tick":
-            by_area: dict[str, list[Packet]] = {}
-            for area, pts, duration, rate, data in msg[1]:
-                by_area.setdefault(area, []).append(Packet("opus", pts, duration, data, rate))
-            for area, packets in by_area.items():
-                self.hub.channel(area, "opus").deliver(packets)
+            self.deliver(msg[1])
         elif kind == "init":
             settings = dataclasses.replace(msg[1], max_peers=NO_LIMIT,
                                            max_peers_per_area=NO_LIMIT, workers=0)
@@ -127,7 +121,6 @@ class _Handle(WorkerHandle):
         super().__init__(slot)
         self.sessions: dict[str, RemoteWhep] = {}
         self.areas: dict[str, int] = {}  # sessions per area
-        self.packets: list[tuple[str, int, int, int, bytes]] = []  # this tick's
         self.waiting: dict[int, asyncio.Future[Any]] = {}  # requests by id
 
 
@@ -168,7 +161,6 @@ class WhepPool(WorkerPool[_Handle]):
         self.areas: dict[str, int] = {}  # sessions per area, all workers
         self.subs: dict[str, Subscription] = {}
         self.next_req = 0
-        self._flush_due = False
 
     def init_message(self) -> Any:
         return ("init", self.relay.settings)
@@ -278,14 +270,10 @@ class WhepPool(WorkerPool[_Handle]):
     def _on_packets(self, area: str, packets: list[Packet]) -> None:
         for w in self.workers:
             if area in w.areas:
-                w.packets.extend((area, p.pts, p.duration, p.rate, p.data)
-                                 for p in packets if p.codec == "opus")
-        if not self._flush_due:  # with the other areas' packets of this tick (same loop turn)
-            self._flush_due = True
-            asyncio.get_running_loop().call_soon(self._flush)
+                w.forward(area, [p for p in packets if p.codec == "opus"])
+        self.flush_soon()  # with the other areas' packets of this tick (same loop turn)
 
-    def _flush(self) -> None:
-        self._flush_due = False
+    def flush(self) -> None:
         for w in self.workers:
             if w.packets and w.link is not None:
                 w.link.send(("tick", w.packets))

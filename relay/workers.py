@@ -6,6 +6,11 @@ Node and worker talk over an AF_UNIX SOCK_SEQPACKET socketpair, one pickled tupl
 at least every STATS_INTERVAL; the node kills a worker silent for STUCK_SECONDS and starts a new
 one in its slot after any death (RESTART_DELAY later). What a worker held ends with it: the
 pool's `lost` hook forgets it, and the clients reconnect by themselves.
+
+Packets reach a worker the same way in both: the node batches each worker's rows on its handle
+(`WorkerHandle.forward`) and sends them in one message a flush (`WorkerPool.flush_soon`); the
+worker feeds them to a hub of its own (`WorkerBase.deliver`), where its unchanged transport
+subscribes as in the node.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ import socket
 import sys
 from collections.abc import Callable
 from typing import Any, Generic, TypeVar
+
+from loa.codecs.encoders import Packet
+from loa.streamer.hub import PacketHub
 
 log = logging.getLogger("loa.workers")
 
@@ -44,6 +52,10 @@ def pair() -> tuple[socket.socket, socket.socket]:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, BUFFER)
         s.setblocking(False)
     return a, b
+
+
+PacketRow = tuple[str, str, int, int, int, bytes]  # a packet over the link: area, codec, pts,
+# duration, rate, data
 
 
 class Link:
@@ -125,8 +137,18 @@ class WorkerBase:
     (it must send something: the node hears the worker is alive), `stop` on ("stop",) or EOF."""
 
     def __init__(self, sock: socket.socket) -> None:
+        self.hub = PacketHub()  # no loop: deliveries are synchronous, on this loop
         self.stopped = asyncio.get_running_loop().create_future()
         self.link = Link(sock, self.on_message, self.stop)
+
+    def deliver(self, rows: list[PacketRow]) -> None:
+        """Packets the node forwarded, into this worker's hub: one delivery per channel."""
+        by_channel: dict[tuple[str, str], list[Packet]] = {}
+        for area, codec, pts, duration, rate, data in rows:
+            by_channel.setdefault((area, codec), []).append(
+                Packet(codec, pts, duration, data, rate))
+        for (area, codec), packets in by_channel.items():
+            self.hub.channel(area, codec).deliver(packets)
 
     def on_message(self, msg: Any, fds: list[int]) -> None:
         raise NotImplementedError
@@ -178,10 +200,15 @@ class WorkerHandle:
         self.proc: asyncio.subprocess.Process | None = None
         self.link: Link | None = None
         self.heard = 0.0  # loop time of its last message
+        self.packets: list[PacketRow] = []  # for this worker, until the next flush
 
     @property
     def ready(self) -> bool:
         return self.link is not None and not self.link.closed
+
+    def forward(self, area: str, packets: list[Packet]) -> None:
+        """Packets for this worker, sent at the pool's next flush."""
+        self.packets.extend((area, p.codec, p.pts, p.duration, p.rate, p.data) for p in packets)
 
 
 H = TypeVar("H", bound=WorkerHandle)
@@ -200,9 +227,30 @@ class WorkerPool(Generic[H]):
         self.restarts = 0
         self.closed = False
         self._tasks: list[asyncio.Task[None]] = []
+        self._flush_due = False
 
     def init_message(self) -> Any:
         raise NotImplementedError
+
+    def flush(self) -> None:
+        """Send each worker its pending `packets` (and clear them)."""
+        raise NotImplementedError
+
+    def flush_soon(self, delay: float = 0.0) -> None:
+        """One flush `delay` s from now (0: this loop turn's end), whatever adds packets
+        meanwhile: fewer, larger messages wake the workers less often."""
+        if self._flush_due:
+            return
+        self._flush_due = True
+        loop = asyncio.get_running_loop()
+        if delay > 0:
+            loop.call_later(delay, self._flush)
+        else:
+            loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        self.flush()
 
     def on_message(self, w: H, msg: Any, fds: list[int]) -> None:
         raise NotImplementedError
