@@ -87,6 +87,7 @@ from loa.relay.rtp.wire import (
 from loa.streamer.areas import AreaTree
 from loa.streamer.emergency.service import node_identity
 from loa.streamer.hub import PacketHub, Subscription
+from loa.streamer.messages import say
 from loa.streamer.state.store import Store
 
 log = logging.getLogger("loa.rtp")
@@ -858,7 +859,7 @@ class RtpOut:
             if area in self.tree:
                 raise KeyError(f"khu vực {area} chưa có luồng RTP (hết nhóm multicast?) / "
                                f"no RTP stream for area {area} (multicast pool full?)")
-            raise KeyError(f"không có khu vực / unknown area {area}")
+            raise KeyError(say("area.unknown", area=area))
         return self.streams[(area, codec)]
 
     def _sync(self, st: RtpStream) -> None:
