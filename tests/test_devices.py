@@ -16,7 +16,8 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 
-from loa.relay.devices.manager import DeviceSettings, new_device_record, new_key, secret_hash
+from loa.relay.devices.manager import DeviceSettings
+from loa.relay.devices.records import new_device_record, new_key, secret_hash
 from loa.web.api import devices as api_devices
 from loa.web.app import create_app
 from loa.web.auth import add_user
@@ -673,9 +674,11 @@ async def test_writer_stops_with_a_marker_when_the_store_swallows_cancellation(
     """redis-py 8 may swallow a cancellation in the middle of a command and run on: the device
     writers must end by themselves once their write is done, not wait for a cancellation."""
     from loa.relay.devices import manager as control
+    from loa.relay.devices import writer
     from loa.streamer.state.open import open_store
 
-    monkeypatch.setattr(control, "WRITER_STOP_TIMEOUT", 3.0)  # the old code waited it out
+    monkeypatch.setattr(writer, "WRITER_STOP_TIMEOUT", 3.0)  # the old code waited it out
+    monkeypatch.setattr(control, "WRITER_STOP_TIMEOUT", 3.0)
     store = await open_store("sqlite", tmp_path)
     real_put_many = store.put_many
     started = asyncio.Event()
