@@ -37,9 +37,7 @@ from loa.relay.agent.agent import (
     AgentOptions,
     Impairment,
     NullSink,
-    OggReader,
     make_sink,
-    opus_samples,
 )
 from loa.relay.agent.client import Command, DeviceClient, provision, register, ws_url
 from loa.relay.agent.playout import (
@@ -518,27 +516,6 @@ def test_rtp_rtcp_parsing_and_counters() -> None:
         s.update(seq)
     assert s.expected == 5 and s.interval_loss() == pytest.approx(0.2)
     assert s.interval_loss() == 0.0
-
-
-def test_ogg_reader_splits_a_real_opus_stream(tmp_path: Path) -> None:
-    path = tmp_path / "t.opus"
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i",
-                    "sine=frequency=440:duration=2", "-ac", "1", "-c:a", "libopus",
-                    "-frame_duration", "20", str(path)], check=True)
-    data = path.read_bytes()
-    r = OggReader()
-    pages = []
-    for i in range(0, len(data), 333):  # arbitrary chunking, as the network delivers
-        pages += r.feed(data[i:i + 333])
-    packets = [p for page in pages for p in page[0]]
-    assert packets[0].startswith(b"OpusHead") and packets[1].startswith(b"OpusTags")
-    audio = packets[2:]
-    assert all(opus_samples(p) == 960 for p in audio[:-1])
-    pre_skip = int.from_bytes(packets[0][10:12], "little")
-    assert pages[-1][1] == 2 * 48_000 + pre_skip  # the last granule: every sample counted
-    assert pages[0][2] is True and not any(p[2] for p in pages[1:])
-    with pytest.raises(Exception, match="Ogg"):
-        OggReader().feed(b"x" * (OggReader.MAX_BUFFER + 10))
 
 
 class _Collect:

@@ -69,6 +69,8 @@ import av
 import numpy as np
 import yarl
 
+from loa.codecs.ogg import OggError, OggReader
+from loa.codecs.opus import packet_samples
 from loa.relay.agent.client import Command, DeviceClient, Outcome
 from loa.relay.agent.playout import (
     SAMPLE_RATE,
@@ -541,91 +543,6 @@ class RtpInput(Input):
         return {"loss": self.seq.interval_loss(), "jitter_ms": self.jitter.value * 1000}
 
 
-class OggReader:
-    """Ogg pages -> (packet, end position) for the packets that complete on each page; the end
-    position (the page's granule) is given with the page's last packet. Chained streams (a new
-    BOS page) restart with their headers."""
-
-    MAX_BUFFER = 1 << 20
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.partial = bytearray()
-        self.serial: int | None = None
-        self.pages = 0
-
-    def feed(self, data: bytes) -> list[tuple[list[bytes], int | None, bool]]:
-        """Complete pages: (packets completed on it, granule or None, beginning of stream)."""
-        self.buf += data
-        out: list[tuple[list[bytes], int | None, bool]] = []
-        while True:
-            start = self.buf.find(b"OggS")
-            if start < 0:
-                if len(self.buf) > self.MAX_BUFFER:
-                    raise InputError("không phải Ogg / not an Ogg stream")
-                del self.buf[:max(0, len(self.buf) - 3)]
-                return out
-            if start:
-                del self.buf[:start]
-            if len(self.buf) < 27:
-                return out
-            version, htype = self.buf[4], self.buf[5]
-            if version != 0:
-                del self.buf[:4]  # not a page: look for the next capture pattern
-                continue
-            granule = int.from_bytes(self.buf[6:14], "little", signed=True)
-            serial = int.from_bytes(self.buf[14:18], "little")
-            nsegs = self.buf[26]
-            if len(self.buf) < 27 + nsegs:
-                return out
-            lacing = self.buf[27:27 + nsegs]
-            size = 27 + nsegs + sum(lacing)
-            if len(self.buf) < size:
-                return out
-            body = bytes(self.buf[27 + nsegs:size])
-            del self.buf[:size]
-            self.pages += 1
-            bos = bool(htype & 0x02)
-            if bos or serial != self.serial:
-                self.serial = serial
-                self.partial.clear()
-            elif not htype & 0x01:
-                self.partial.clear()  # not a continuation: a partial packet cannot complete
-            packets: list[bytes] = []
-            pos = 0
-            for lace in lacing:
-                self.partial += body[pos:pos + lace]
-                pos += lace
-                if lace < 255:
-                    packets.append(bytes(self.partial))
-                    self.partial.clear()
-            out.append((packets, granule if granule >= 0 else None, bos))
-
-
-def opus_samples(packet: bytes) -> int:
-    """Samples (48 kHz) in an Opus packet, from its TOC byte (RFC 6716 3.1); 0 if malformed."""
-    if not packet:
-        return 0
-    toc = packet[0]
-    config = toc >> 3
-    if config < 12:
-        size = (480, 960, 1920, 2880)[config & 3]
-    elif config < 16:
-        size = (480, 960)[config & 1]
-    else:
-        size = (120, 240, 480, 960)[config & 3]
-    code = toc & 3
-    if code == 0:
-        frames = 1
-    elif code in (1, 2):
-        frames = 2
-    else:
-        if len(packet) < 2:
-            return 0
-        frames = packet[1] & 0x3F
-    return frames * size
-
-
 class HttpOpusInput(Input):
     """Ogg Opus over HTTP, paced by arrival."""
 
@@ -658,7 +575,11 @@ class HttpOpusInput(Input):
                 async for chunk in r.content.iter_any():
                     arrival = self.player.now_wall()
                     self.last_data = time.monotonic()
-                    for packets, granule, bos in reader.feed(chunk):
+                    try:
+                        pages = reader.feed(chunk)
+                    except OggError as e:
+                        raise InputError(str(e)) from None
+                    for packets, granule, bos in pages:
                         if bos:
                             head_seen = False
                         head_seen = self._page(packets, granule, arrival, head_seen)
@@ -686,11 +607,11 @@ class HttpOpusInput(Input):
         end = granule
         starts = []
         for p in reversed(audio):
-            end -= opus_samples(p)
+            end -= packet_samples(p)
             starts.append(end)
         starts.reverse()
         for p, ts in zip(audio, starts, strict=True):
-            n = opus_samples(p)
+            n = packet_samples(p)
             if self.next_ts is not None and ts > self.next_ts:
                 self.lost += ts - self.next_ts
             self.received += n
