@@ -1,8 +1,9 @@
 """The device control channel on the node: sessions, commands, queues, heartbeats.
 
 Devices (IP loudspeaker clusters, LED/LCD boards) hold one WebSocket to the node and speak JSON
-messages with `"v": 1` (relay/devices/protocol.py, docs/device-protocol.md is the contract).
-This module knows nothing of HTTP: the web layer hands it a `Link` (send bytes, close with a code) and the raw messages.
+messages with `"v": 1` (relay/devices/protocol.py; docs/device-protocol.md is the contract).
+This module knows nothing of HTTP: the web layer hands it a `Link` (send bytes, close with a
+code) and the raw messages.
 
 Design for thousands of devices on one core:
 
