@@ -10,7 +10,8 @@ and `renumber` rewrites the shared audio pages of a listener that joined later (
 granule from its first audio page, CRC redone) once per group of listeners that joined at the
 same page (see loa.relay.icecast).
 
-`read_pages` parses pages back (CRC checked): for tests and diagnostics.
+`read_pages` parses pages back (CRC checked): for tests and diagnostics. `OggReader` splits
+a stream into packets as it arrives from the network, for receivers (the device agent).
 """
 
 from __future__ import annotations
@@ -273,3 +274,66 @@ def read_pages(data: bytes) -> Iterator[OggPage]:
         yield OggPage(flags, granule, serial, seq, ogg_crc(page) == crc, bytes(segments),
                       bytes(data[seg_end:end]), end - pos)
         pos = end
+
+
+class OggReader:
+    """Incremental parsing of an Ogg byte stream as it arrives (any chunking): `feed` returns,
+    for each page completed, the packets that end on it, the page's granule (the end position
+    of its last packet) and whether it begins a stream. Chained streams (a new BOS page) restart
+    with their headers. CRCs are not checked: a receiver plays what arrives (`read_pages`
+    checks them)."""
+
+    MAX_BUFFER = 1 << 20
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.partial = bytearray()
+        self.serial: int | None = None
+        self.pages = 0
+
+    def feed(self, data: bytes) -> list[tuple[list[bytes], int | None, bool]]:
+        """Complete pages: (packets completed on it, granule or None, beginning of stream)."""
+        self.buf += data
+        out: list[tuple[list[bytes], int | None, bool]] = []
+        while True:
+            start = self.buf.find(b"OggS")
+            if start < 0:
+                if len(self.buf) > self.MAX_BUFFER:
+                    raise OggError("không phải Ogg / not an Ogg stream")
+                del self.buf[:max(0, len(self.buf) - 3)]
+                return out
+            if start:
+                del self.buf[:start]
+            if len(self.buf) < 27:
+                return out
+            version, htype = self.buf[4], self.buf[5]
+            if version != 0:
+                del self.buf[:4]  # not a page: look for the next capture pattern
+                continue
+            granule = int.from_bytes(self.buf[6:14], "little", signed=True)
+            serial = int.from_bytes(self.buf[14:18], "little")
+            nsegs = self.buf[26]
+            if len(self.buf) < 27 + nsegs:
+                return out
+            lacing = self.buf[27:27 + nsegs]
+            size = 27 + nsegs + sum(lacing)
+            if len(self.buf) < size:
+                return out
+            body = bytes(self.buf[27 + nsegs:size])
+            del self.buf[:size]
+            self.pages += 1
+            bos = bool(htype & 0x02)
+            if bos or serial != self.serial:
+                self.serial = serial
+                self.partial.clear()
+            elif not htype & 0x01:
+                self.partial.clear()  # not a continuation: a partial packet cannot complete
+            packets: list[bytes] = []
+            pos = 0
+            for lace in lacing:
+                self.partial += body[pos:pos + lace]
+                pos += lace
+                if lace < 255:
+                    packets.append(bytes(self.partial))
+                    self.partial.clear()
+            out.append((packets, granule if granule >= 0 else None, bos))

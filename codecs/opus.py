@@ -7,6 +7,8 @@ encodes Opus once per composition and tick, so this is most of the per-compositi
 The settings are FFmpeg's libopus defaults that encoders.py used through PyAV (application
 "audio", unconstrained VBR, 20 ms frames). When the library is missing, encoders.py falls back
 to PyAV.
+
+`packet_samples` reads a packet's duration from its TOC byte, for receivers that time packets.
 """
 
 from __future__ import annotations
@@ -102,3 +104,27 @@ class Opus:
         if LIB is not None and enc:
             LIB.opus_encoder_destroy(enc)
             self.enc = None
+
+
+def packet_samples(packet: bytes) -> int:
+    """Samples (48 kHz) in an Opus packet, from its TOC byte (RFC 6716 3.1); 0 if malformed."""
+    if not packet:
+        return 0
+    toc = packet[0]
+    config = toc >> 3
+    if config < 12:
+        size = (480, 960, 1920, 2880)[config & 3]
+    elif config < 16:
+        size = (480, 960)[config & 1]
+    else:
+        size = (120, 240, 480, 960)[config & 3]
+    code = toc & 3
+    if code == 0:
+        frames = 1
+    elif code in (1, 2):
+        frames = 2
+    else:
+        if len(packet) < 2:
+            return 0
+        frames = packet[1] & 0x3F
+    return frames * size

@@ -21,8 +21,7 @@ import subprocess
 import sys
 import time
 import wave
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +31,9 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from loa.relay.agent.agent import (
-    Agent,
-    AgentOptions,
-    Impairment,
-    NullSink,
-    OggReader,
-    make_sink,
-    opus_samples,
-)
-from loa.relay.agent.client import Command, DeviceClient, provision, register, ws_url
+from loa.relay.agent.agent import Agent, AgentOptions
+from loa.relay.agent.client import Command, DeviceClient, ws_url
+from loa.relay.agent.impair import Impairment
 from loa.relay.agent.playout import (
     ArrivalTiming,
     BadPacket,
@@ -53,48 +45,14 @@ from loa.relay.agent.playout import (
     parse_rtcp,
     parse_rtp,
 )
-from loa.streamer.broadcast import Broadcast
-from loa.streamer.sources import ToneSource
+from loa.relay.agent.sinks import NullSink, make_sink
 from loa.web.api.devices import DEVICES
-from loa.web.app import create_app
-from loa.web.node import Node
-from tests.apiclient import make_config
+from tests import devicetools
 from tests.audio import peak_hz, rms
-
-LOCAL = "127.0.0.1"
-AREA = "T01-H1-X1"
+from tests.devicetools import AREA, LOCAL, Server, stop_node, until
 
 
 # ---- a node ------------------------------------------------------------------------------------
-@dataclass
-class Server:
-    node: Node
-    app: web.Application
-    runner: web.AppRunner
-    base: str
-    http: aiohttp.ClientSession
-    token: str
-    port: int
-
-    def headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.token}"}
-
-    async def get(self, path: str) -> Any:
-        async with self.http.get(self.base + path, headers=self.headers()) as r:
-            assert r.status == 200, await r.text()
-            return await r.json()
-
-    async def post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-        async with self.http.post(self.base + path, json=body, headers=self.headers()) as r:
-            return r.status, await r.json()
-
-    async def device(self, area: str = AREA, name: str = "Cụm loa chợ") -> tuple[str, str]:
-        """Register (admin) and provision (the device's public exchange): (id, key)."""
-        dev, ptoken = await register(self.http, self.base, self.token, name=name,
-                                     kind="loudspeaker", area=area)
-        return dev, await provision(self.http, self.base, dev, ptoken)
-
-
 def configure(cfg: Any) -> None:
     cfg.rtp.enabled = True
     cfg.rtp.interface = LOCAL
@@ -110,35 +68,12 @@ def configure(cfg: Any) -> None:
 
 async def start_node(data: Path, port: int = 0, token: str | None = None,
                      rtp_codecs: str = "opus,pcmu") -> Server:
-    data.mkdir(parents=True, exist_ok=True)
-    cfg = make_config(data)
-    configure(cfg)
-    cfg.rtp.codecs = rtp_codecs
-    node = Node(cfg, realtime=True)
-    await node.start()
-    app = create_app(node)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, LOCAL, port).start()
-    port = runner.addresses[0][1]
-    base = f"http://{LOCAL}:{port}"
-    http = aiohttp.ClientSession()
-    if token is None:
-        async with http.post(f"{base}/api/v1/auth/token",
-                             json={"username": "admin",
-                                   "password": node.bootstrap_password}) as r:
-            assert r.status == 201, await r.text()
-            token = (await r.json())["token"]
+    def setup(cfg: Any) -> None:
+        configure(cfg)
+        cfg.rtp.codecs = rtp_codecs
+
     # the district and its communes hear a 440 Hz tone
-    node.engine.start(Broadcast(ToneSource(440, 0.3), ["T01-H1"], issuer="T01-H1",
-                                title="440 Hz"))
-    return Server(node, app, runner, base, http, token, port)
-
-
-async def stop_node(srv: Server) -> None:
-    await srv.http.close()
-    await srv.runner.cleanup()
-    await srv.node.stop()
+    return await devicetools.start_node(data, setup, "T01-H1", port=port, token=token)
 
 
 @pytest.fixture
@@ -148,20 +83,6 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
         yield srv
     finally:
         await stop_node(srv)
-
-
-async def until(cond: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
-    """Wait for an event (the timeout only ends a hung test; it is no speed check)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        v = cond()
-        if asyncio.iscoroutine(v):
-            v = await v
-        if v:
-            return
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def read_wav(path: Path) -> np.ndarray:
@@ -520,27 +441,6 @@ def test_rtp_rtcp_parsing_and_counters() -> None:
     assert s.interval_loss() == 0.0
 
 
-def test_ogg_reader_splits_a_real_opus_stream(tmp_path: Path) -> None:
-    path = tmp_path / "t.opus"
-    subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i",
-                    "sine=frequency=440:duration=2", "-ac", "1", "-c:a", "libopus",
-                    "-frame_duration", "20", str(path)], check=True)
-    data = path.read_bytes()
-    r = OggReader()
-    pages = []
-    for i in range(0, len(data), 333):  # arbitrary chunking, as the network delivers
-        pages += r.feed(data[i:i + 333])
-    packets = [p for page in pages for p in page[0]]
-    assert packets[0].startswith(b"OpusHead") and packets[1].startswith(b"OpusTags")
-    audio = packets[2:]
-    assert all(opus_samples(p) == 960 for p in audio[:-1])
-    pre_skip = int.from_bytes(packets[0][10:12], "little")
-    assert pages[-1][1] == 2 * 48_000 + pre_skip  # the last granule: every sample counted
-    assert pages[0][2] is True and not any(p[2] for p in pages[1:])
-    with pytest.raises(Exception, match="Ogg"):
-        OggReader().feed(b"x" * (OggReader.MAX_BUFFER + 10))
-
-
 class _Collect:
     def __init__(self) -> None:
         self.recs: list[PlayRecord] = []
@@ -591,7 +491,7 @@ def test_sinks_and_impairment_specs(tmp_path: Path) -> None:
         with pytest.raises(ValueError):
             Impairment.parse(bad)
     # a real decoder round trip through the agent's PCMU path: 8 kHz in, 48 kHz out
-    from loa.relay.agent.agent import make_decoder
+    from loa.relay.agent.decoders import make_decoder
 
     enc = av.CodecContext.create("pcm_mulaw", "w")
     enc.sample_rate, enc.layout, enc.format = 8000, "mono", "s16"

@@ -20,13 +20,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 from playwright.async_api import Browser, BrowserContext, Page, async_playwright, expect
 
-from loa.relay.devices.manager import (
-    DeviceManager,
-    DeviceSettings,
-    ProtocolError,
-    display_state,
-    validate_command,
-)
+from loa.relay.devices.manager import DeviceManager, DeviceSettings
+from loa.relay.devices.protocol import ProtocolError, display_state, validate_command
 from loa.web.api.devices import DEVICES
 from tests.apiclient import Api, make_config, running_api
 
@@ -399,7 +394,7 @@ async def test_board_schedule_rules_in_the_browser(api: Api, browser: Browser) -
     assert not await valid({"valid_from": friday_8 + 1})
     assert not await valid({"valid_from": "không phải ngày"})  # malformed: hidden
     assert not await valid({"weekdays": [5], "times": [["09:00", "10:00"]]})
-    # The single-item form, as the server normalises it (relay/devices/manager.py display_state).
+    # The single-item form, as the server normalises it (relay/devices/protocol.py display_state).
     legacy = {"text": "Bão số 3", "image": "https://example.invalid/a.png", "layout": "split",
               "duration_s": 60}
     got = await page.evaluate("([a, t]) => window.loaBoard.normalize(a, t)", [legacy, 1000])

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from aiohttp import web
 
-from loa.relay.agent.agent import OggReader
+from loa.codecs.ogg import OggReader
 from loa.relay.urlpolicy import FetchSettings
 from loa.streamer.areas import AreaTree, sample_tree
 from loa.streamer.clock import SAMPLE_RATE

@@ -16,7 +16,9 @@ import aiohttp
 import pytest
 from aiohttp import WSMsgType, web
 
-from loa.relay.devices.manager import DeviceSettings, new_device_record, new_key, secret_hash
+from loa.relay.devices import protocol
+from loa.relay.devices.manager import DeviceSettings
+from loa.relay.devices.records import new_device_record, new_key, secret_hash
 from loa.web.api import devices as api_devices
 from loa.web.app import create_app
 from loa.web.auth import add_user
@@ -673,9 +675,11 @@ async def test_writer_stops_with_a_marker_when_the_store_swallows_cancellation(
     """redis-py 8 may swallow a cancellation in the middle of a command and run on: the device
     writers must end by themselves once their write is done, not wait for a cancellation."""
     from loa.relay.devices import manager as control
+    from loa.relay.devices import writer
     from loa.streamer.state.open import open_store
 
-    monkeypatch.setattr(control, "WRITER_STOP_TIMEOUT", 3.0)  # the old code waited it out
+    monkeypatch.setattr(writer, "WRITER_STOP_TIMEOUT", 3.0)  # the old code waited it out
+    monkeypatch.setattr(control, "WRITER_STOP_TIMEOUT", 3.0)
     store = await open_store("sqlite", tmp_path)
     real_put_many = store.put_many
     started = asyncio.Event()
@@ -847,3 +851,24 @@ async def test_an_emergency_started_on_one_node_reaches_devices_on_another_once(
         await d.close()
         status, _ = await a.call("tinh", "DELETE", f"/api/v1/emergencies/{em['id']}")
         assert status == 200
+
+
+def test_what_a_device_builds_is_what_the_node_reads() -> None:
+    """Both ends speak relay/devices/protocol.py: the device's hello, ack and heartbeat parse on
+    the node, and a message of another version is refused by both."""
+    caps = {"codecs": ["opus"], "transports": ["http", "rtp"]}
+    raw = json.dumps(protocol.hello_message("d1", "k" * 43, "loa-agent/1", caps),
+                     ensure_ascii=False)
+    hello = protocol.parse_hello(protocol.parse_message(raw))
+    assert (hello.device, hello.key, hello.firmware, hello.capabilities) == (
+        "d1", "k" * 43, "loa-agent/1", caps)
+    assert "capabilities" not in protocol.hello_message("d1", "k", "fw")
+    ack = protocol.ack_message("c1", False, "x" * 900)
+    assert protocol.parse_ack(protocol.parse_message(json.dumps(ack))) == ("c1", False, "x" * 500)
+    assert "error" not in protocol.ack_message("c1", True, "ignored")
+    beat = protocol.heartbeat_message({"state": "idle", "volume": 30, "faults": []})
+    assert protocol.parse_heartbeat(protocol.parse_message(json.dumps(beat)))["volume"] == 30
+    for v in (2, True, None):
+        assert not protocol.same_version({"v": v, "type": "ack"})
+        with pytest.raises(protocol.ProtocolError):
+            protocol.parse_message(json.dumps({"v": v, "type": "ack"}))

@@ -10,18 +10,21 @@ from pathlib import Path
 
 import av
 import numpy as np
+import pytest
 
 from loa.codecs.encoders import OpusEncoder
 from loa.codecs.ogg import (
     FLAG_BOS,
     FLAG_CONTINUED,
     OggOpusMuxer,
+    OggReader,
     lacing,
     ogg_crc,
     pages_for_packets,
     read_pages,
     renumber,
 )
+from loa.codecs.opus import packet_samples
 from loa.streamer.sources import ToneSource
 from tests.audio import peak_hz
 
@@ -179,3 +182,53 @@ def test_real_decoders_read_the_stream(tmp_path: Path) -> None:
         frames = [f.to_ndarray().reshape(-1) for f in container.decode(stream)]
     decoded = np.concatenate(frames)
     assert abs(peak_hz(decoded[4800:], 48_000) - 1000) < 5
+
+
+def test_ogg_reader_splits_a_real_opus_stream(tmp_path: Path) -> None:
+    path = tmp_path / "t.opus"
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-f", "lavfi", "-i",
+                    "sine=frequency=440:duration=2", "-ac", "1", "-c:a", "libopus",
+                    "-frame_duration", "20", str(path)], check=True)
+    data = path.read_bytes()
+    r = OggReader()
+    pages = []
+    for i in range(0, len(data), 333):  # arbitrary chunking, as the network delivers
+        pages += r.feed(data[i:i + 333])
+    packets = [p for page in pages for p in page[0]]
+    assert packets[0].startswith(b"OpusHead") and packets[1].startswith(b"OpusTags")
+    audio = packets[2:]
+    assert all(packet_samples(p) == 960 for p in audio[:-1])
+    pre_skip = int.from_bytes(packets[0][10:12], "little")
+    assert pages[-1][1] == 2 * 48_000 + pre_skip  # the last granule: every sample counted
+    assert pages[0][2] is True and not any(p[2] for p in pages[1:])
+    with pytest.raises(Exception, match="Ogg"):
+        OggReader().feed(b"x" * (OggReader.MAX_BUFFER + 10))
+
+
+def test_ogg_reader_joins_packets_across_pages_and_restarts_on_a_new_stream() -> None:
+    long = bytes(range(256)) * 300  # 76,800 bytes: continues over two more pages
+    short = [b"\x01" * 10, b"\x02" * 20]
+    pages, seq = pages_for_packets([long] + short, [960, 1920, 2880], serial=7, seq=0,
+                                   flags=FLAG_BOS)
+    chained, _ = pages_for_packets([b"OpusHead" + bytes(11)], [0], serial=8, seq=0,
+                                   flags=FLAG_BOS)
+    data = b"junk" + b"".join(pages) + b"".join(chained)
+    r = OggReader()
+    got = []
+    for i in range(0, len(data), 1000):
+        got += r.feed(data[i:i + 1000])
+    assert r.pages == len(pages) + 1
+    packets = [p for page in got for p in page[0]]
+    assert packets == [long, *short, b"OpusHead" + bytes(11)]
+    assert [g for _, g, _ in got[:len(pages) - 1]] == [None] * (len(pages) - 1)  # no packet ends
+    assert got[len(pages) - 1][1] == 2880 and got[-1][2] is True and r.serial == 8
+
+
+def test_ogg_reader_drops_a_packet_whose_start_was_lost() -> None:
+    pages, _ = pages_for_packets([b"\xaa" * 70_000], [960], serial=1, seq=0)
+    r = OggReader()
+    assert r.feed(pages[0]) == [([], None, False)]  # the packet goes on on the next page...
+    # ...which was lost: the next page is not a continuation, the partial packet is dropped
+    nxt, _ = pages_for_packets([b"\xcc" * 5], [2880], serial=1, seq=2)
+    assert r.feed(nxt[0]) == [([b"\xcc" * 5], 2880, False)]
+

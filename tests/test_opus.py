@@ -36,3 +36,17 @@ def test_system_opus_matches_the_settings_and_refuses_partial_frames():
     enc = OpusEncoder(0, EncoderSettings())
     with pytest.raises(ValueError):
         enc.encode(np.zeros(1000, dtype=np.float32))
+
+
+def test_packet_samples_reads_the_toc_byte() -> None:
+    """RFC 6716 3.1: config (5 bits) gives the frame size, code (2 bits) the frame count."""
+    assert opus.packet_samples(b"") == 0
+    assert opus.packet_samples(bytes([(1 << 3) | 0])) == 960  # SILK NB 20 ms, one frame
+    assert opus.packet_samples(bytes([(3 << 3) | 1])) == 2 * 2880  # SILK 60 ms, two frames
+    assert opus.packet_samples(bytes([(13 << 3) | 2])) == 2 * 960  # hybrid 20 ms, two frames
+    assert opus.packet_samples(bytes([(16 << 3) | 0])) == 120  # CELT 2.5 ms
+    assert opus.packet_samples(bytes([(31 << 3) | 3, 5])) == 5 * 960  # CELT 20 ms, code 3
+    assert opus.packet_samples(bytes([(31 << 3) | 3])) == 0  # code 3 without its count byte
+    enc = OpusEncoder(0, EncoderSettings())
+    packets = enc.encode(tone_pcm(0.2, 440))
+    assert packets and all(opus.packet_samples(p.data) == 960 for p in packets)

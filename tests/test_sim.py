@@ -14,88 +14,38 @@ import os
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import numpy as np
 import pytest
-from aiohttp import web
 
 from loa.relay.agent.sim import Fleet, load_fleet, recent_audio
-from loa.streamer.broadcast import Broadcast
-from loa.streamer.sources import ToneSource
 from loa.web.api.devices import DEVICES
-from loa.web.app import create_app
-from loa.web.node import Node
-from tests.apiclient import make_config
+from tests import devicetools
 from tests.audio import peak_hz
+from tests.devicetools import Server, start_node, stop_node
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@dataclass
-class Server:
-    node: Node
-    app: web.Application
-    runner: web.AppRunner
-    base: str
-    http: aiohttp.ClientSession
-    token: str
-
-    async def get(self, path: str) -> Any:
-        async with self.http.get(self.base + path,
-                                 headers={"Authorization": f"Bearer {self.token}"}) as r:
-            assert r.status == 200, await r.text()
-            return await r.json()
-
-    async def post(self, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-        async with self.http.post(self.base + path, json=body,
-                                  headers={"Authorization": f"Bearer {self.token}"}) as r:
-            return r.status, await r.json()
+def _settings(cfg: Any) -> None:
+    cfg.devices.heartbeat = 2.0
+    cfg.devices.retry_interval = 1.0
 
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
-    cfg = make_config(tmp_path)
-    cfg.devices.heartbeat = 2.0
-    cfg.devices.retry_interval = 1.0
-    node = Node(cfg, realtime=True)
-    await node.start()
-    app = create_app(node)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    base = f"http://{host}:{port}"
-    http = aiohttp.ClientSession()
-    async with http.post(f"{base}/api/v1/auth/token",
-                         json={"username": "admin", "password": node.bootstrap_password}) as r:
-        assert r.status == 201, await r.text()
-        token = (await r.json())["token"]
     # the whole province hears a 440 Hz tone
-    node.engine.start(Broadcast(ToneSource(440, 0.3), ["T01"], issuer="T01", title="440 Hz"))
+    srv = await start_node(tmp_path, _settings, "T01")
     try:
-        yield Server(node, app, runner, base, http, token)
+        yield srv
     finally:
-        await http.close()
-        await runner.cleanup()
-        await node.stop()
+        await stop_node(srv)
 
 
 async def until(cond: Callable[[], Any], what: str, timeout: float = 60.0) -> None:
-    """Wait for an event (the timeout only ends a hung test; it is no speed check)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await _value(cond()):
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
-async def _value(v: Any) -> Any:
-    return await v if asyncio.iscoroutine(v) else v
+    await devicetools.until(cond, what, timeout, step=0.1)
 
 
 async def test_fleet_of_200_speakers_and_5_boards(server: Server, tmp_path: Path) -> None:

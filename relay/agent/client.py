@@ -32,11 +32,22 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import aiohttp
 
+from loa.relay.devices.protocol import (
+    CLOSE_REPLACED,
+    CLOSE_REVOKED,
+    CLOSE_UNAUTHORISED,
+    MAX_ID,
+    ack_message,
+    heartbeat_message,
+    hello_message,
+    same_version,
+)
+
 log = logging.getLogger("loa.device")
 
-PROTOCOL_VERSION = 1
 CONNECT_PATH = "/api/v1/devices/connect"
-FINAL_CODES = {4001: "unauthorised", 4003: "revoked", 4009: "replaced"}
+FINAL_CODES = {CLOSE_UNAUTHORISED: "unauthorised", CLOSE_REVOKED: "revoked",
+               CLOSE_REPLACED: "replaced"}
 MAX_MESSAGE = 64 * 1024
 REMEMBERED_COMMANDS = 1024  # ids kept to recognise a command sent twice
 
@@ -121,7 +132,7 @@ def parse_command(msg: dict[str, Any]) -> Command:
     """ValueError for a command the device cannot act on (its id, when present, is acked)."""
     cid, name, args, expires = (msg.get("id"), msg.get("command"), msg.get("args", {}),
                                 msg.get("expires"))
-    if not isinstance(cid, str) or not cid or len(cid) > 64:
+    if not isinstance(cid, str) or not cid or len(cid) > MAX_ID:
         raise ValueError("command without a valid id")
     if not isinstance(name, str) or not isinstance(args, dict):
         raise ValueError("command name or args malformed")
@@ -225,11 +236,7 @@ class DeviceClient:
             self._ws = ws
             if self._stopping.is_set():
                 return None
-            hello: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": "hello",
-                                     "device": self.device, "key": self._key,
-                                     "firmware": self.firmware}
-            if self.capabilities is not None:
-                hello["capabilities"] = self.capabilities
+            hello = hello_message(self.device, self._key, self.firmware, self.capabilities)
             await ws.send_str(json.dumps(hello, ensure_ascii=False))
             first = await ws.receive(timeout=self.hello_timeout)
             if first.type is not aiohttp.WSMsgType.TEXT:
@@ -266,7 +273,7 @@ class DeviceClient:
             msg = json.loads(raw)
         except ValueError:
             return None
-        if not isinstance(msg, dict) or msg.get("v") != PROTOCOL_VERSION:
+        if not isinstance(msg, dict) or not same_version(msg):
             return None
         return msg
 
@@ -320,7 +327,7 @@ class DeviceClient:
             cid = msg.get("id")
             log.warning("malformed command event=device_bad_command device=%s error=%s",
                         self.device, e)
-            if isinstance(cid, str) and 0 < len(cid) <= 64:
+            if isinstance(cid, str) and 0 < len(cid) <= MAX_ID:
                 await self._ack(cid, (False, f"lệnh không hợp lệ / malformed command: {e}"))
             return
         done = self._done.get(cmd.id)
@@ -347,10 +354,7 @@ class DeviceClient:
 
     async def _ack(self, cid: str, outcome: Outcome) -> None:
         ok, error = outcome
-        msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": "ack", "id": cid, "ok": ok}
-        if not ok and error:
-            msg["error"] = error[:500]
-        if await self._send(msg):
+        if await self._send(ack_message(cid, ok, error)):
             self.stats["acks" if ok else "nacks"] += 1
 
     async def _send(self, msg: dict[str, Any]) -> bool:
@@ -368,8 +372,7 @@ class DeviceClient:
     async def send_heartbeat(self) -> bool:
         if not self.connected:
             return False
-        msg = {"v": PROTOCOL_VERSION, "type": "heartbeat", **self.telemetry()}
-        if await self._send(msg):
+        if await self._send(heartbeat_message(self.telemetry())):
             self.stats["heartbeats"] += 1
             return True
         return False

@@ -18,8 +18,8 @@ fleet, spread evenly over the interval the server gives (N devices: one every in
 10,000 devices on a 60 s interval make a steady 167 messages per second, never a burst.
 
 Audio. The first K loudspeakers also play their area's HTTP Opus stream through the reference
-agent's pipeline (relay/agent/agent.py) into a null sink: real decoding, real loss/jitter figures in
-their heartbeats, the last seconds of audio kept for inspection.
+agent's pipeline (relay/agent/pipeline.py) into a null sink: real decoding, real loss/jitter
+figures in their heartbeats, the last seconds of audio kept for inspection.
 
 Connection ramp: devices connect in batches of `CONNECT_BATCH`, each waiting for the previous one
 to be welcomed (or to fail), so the server never sees thousands of handshakes at once.
@@ -47,13 +47,13 @@ import time
 from contextlib import suppress
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any
 from urllib.parse import quote
 
 import aiohttp
 import numpy as np
 
-from loa.relay.agent.agent import NullSink, Pipeline, gain_of, version
+from loa.relay.agent import commands
 from loa.relay.agent.client import (
     ApiFailure,
     Command,
@@ -64,7 +64,11 @@ from loa.relay.agent.client import (
     register,
     ws_url,
 )
+from loa.relay.agent.commands import Volume, gain_of
+from loa.relay.agent.firmware import version
+from loa.relay.agent.pipeline import Pipeline
 from loa.relay.agent.playout import Player
+from loa.relay.agent.sinks import NullSink
 
 log = logging.getLogger("loa.sim")
 
@@ -125,10 +129,7 @@ class SimDevice:
         self.fleet = fleet
         self.entry = entry
         self.board = entry.kind == "board"
-        self.volume = 80
-        self.config_volume: int | None = None
-        self.saved_volume: int | None = None
-        self.emergency = False
+        self.vol = Volume(80)
         self.power = True
         self.playing = not self.board
         self.display_items: list[str] = []
@@ -163,18 +164,9 @@ class SimDevice:
         return p is not None and p.playing and time.monotonic() - p.last_audio < 2.0
 
     async def on_config(self, config: dict[str, Any]) -> None:
-        vol = config.get("volume")
-        if _volume(vol) and vol != self.config_volume:  # new or changed by an operator
-            self.config_volume = vol
-            if self.emergency:
-                self.saved_volume = vol
-            else:
-                self.volume = vol
-        em = config.get("emergency")
-        if isinstance(em, dict) and em.get("on"):
-            self._emergency(True, em.get("volume"))
-        elif "emergency" in config and em is None and self.emergency:
-            self._emergency(False, None)
+        self.vol.configure(config.get("volume"))
+        if (em := commands.config_emergency(config)) is not None:
+            self._emergency(*em)
         disp = config.get("display")
         if self.board and isinstance(disp, dict) and isinstance(disp.get("items"), list):
             self.display_items = [str(i.get("id")) for i in disp["items"]
@@ -188,23 +180,14 @@ class SimDevice:
 
     def _gain(self) -> None:
         if self.player is not None:
-            self.player.gain = gain_of(self.volume) if self.power else 0.0
+            self.player.gain = gain_of(self.vol.level) if self.power else 0.0
 
     def _emergency(self, on: bool, volume: Any) -> None:
         if on:
-            if not self.emergency:
-                self.saved_volume = self.volume
-            self.emergency = True
+            self.vol.emergency_on(volume, None if self.board else commands.EMERGENCY_VOLUME)
             self.power = True
-            if _volume(volume):
-                self.volume = volume
-            elif not self.board:
-                self.volume = 100
-        elif self.emergency:
-            self.emergency = False
-            if self.saved_volume is not None:
-                self.volume = self.saved_volume
-            self.saved_volume = None
+        else:
+            self.vol.emergency_off()
 
     async def on_command(self, cmd: Command) -> Outcome:
         a, name = cmd.args, cmd.command
@@ -212,18 +195,15 @@ class SimDevice:
         if name in ("play", "stop", "volume") and self.board:
             return False, "bảng tin không phát âm thanh / a board plays no audio"
         if name == "display" and not self.board:
-            return False, "loa không có màn hình / a loudspeaker has no display"
+            return False, commands.NO_DISPLAY
         if name == "volume":
-            if not _volume(a.get("volume")):
-                return False, "âm lượng 0-100 / volume must be 0-100"
-            if self.emergency:
-                self.saved_volume = a["volume"]
-            else:
-                self.volume = a["volume"]
+            if not commands.is_volume(a.get("volume")):
+                return False, commands.BAD_VOLUME
+            self.vol.set(a["volume"])
         elif name == "play":
             self.playing = True
-            if _volume(a.get("volume")):
-                self.volume = a["volume"]
+            if commands.is_volume(a.get("volume")):
+                self.vol.level = a["volume"]
             if self.pipeline is not None:
                 self.pipeline.start(a.get("url") if isinstance(a.get("url"), str) else None)
         elif name == "stop":
@@ -232,11 +212,11 @@ class SimDevice:
                 await self.pipeline.stop()
         elif name == "power":
             if not isinstance(a.get("on"), bool):
-                return False, "thiếu on / missing on"
+                return False, commands.MISSING_ON
             self.power = a["on"]
         elif name == "emergency":
             if not isinstance(a.get("on"), bool):
-                return False, "thiếu on / missing on"
+                return False, commands.MISSING_ON
             self._emergency(a["on"], a.get("volume"))
         elif name == "display":
             items = a.get("items")
@@ -250,14 +230,14 @@ class SimDevice:
         elif name == "reboot":
             pass  # a simulated device comes back at once: nothing to restart
         else:
-            return False, f"lệnh không hỗ trợ / unsupported command {name}"
+            return False, commands.unsupported(name)
         self._gain()
         return True, None
 
     def telemetry(self) -> dict[str, Any]:
         state = "off" if not self.power else "playing" if self.playing and not self.board \
             else "idle"
-        t: dict[str, Any] = {"state": state, "volume": self.volume,
+        t: dict[str, Any] = {"state": state, "volume": self.vol.level,
                              "network": {"type": "4g", "signal_dbm": round(self.signal, 1)},
                              "firmware": FIRMWARE,
                              "power": {"amp": self.power, "relays": [self.power, self.power]},
@@ -280,12 +260,8 @@ class SimDevice:
             t["stream"] = {"url": streams[0]["url"][:2000]}
         if self.board:
             t["display"] = {"width": 1920, "height": 1080, "items": self.display_items,
-                            "emergency": self.emergency}
+                            "emergency": self.vol.emergency}
         return t
-
-
-def _volume(v: Any) -> TypeGuard[int]:
-    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 100
 
 
 # ---- the fleet -----------------------------------------------------------------------------------

@@ -3,7 +3,7 @@
 Public paths (no bearer token; see `PUBLIC_PATHS`): the provisioning exchange, where a device
 trades its one-time token for a key, and the control WebSocket, where it authenticates with that
 key in its first message. Everything else needs a bearer token and acts within the caller's area.
-The protocol itself is relay/devices/manager.py and docs/device-protocol.md.
+The protocol itself is relay/devices/protocol.py and docs/device-protocol.md.
 """
 
 from __future__ import annotations
@@ -15,21 +15,13 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from loa.relay.devices.manager import (
+from loa.relay.devices.manager import Device, DeviceManager, DeviceSettings, HelloRejected
+from loa.relay.devices.protocol import (
     CLOSE_MALFORMED_HELLO,
     COMMANDS,
     DEVICE_KINDS,
     DEVICE_STATUSES,
-    Device,
-    DeviceManager,
-    DeviceSettings,
-    HelloRejected,
     ProtocolError,
-    StreamOffer,
-    has_display,
-    new_device_record,
-    new_provisioning_token,
-    secret_hash,
     validate_capabilities,
     validate_command,
     validate_groups,
@@ -37,6 +29,13 @@ from loa.relay.devices.manager import (
     validate_power_schedule,
     validate_volume,
 )
+from loa.relay.devices.records import (
+    has_display,
+    new_device_record,
+    new_provisioning_token,
+    secret_hash,
+)
+from loa.relay.devices.streams import StreamOffer
 from loa.streamer.state.store import Record
 from loa.web.api.schema import CODE, ID_PARAM, READ, STR, WRITE, body, obj, responses
 from loa.web.auth import Principal

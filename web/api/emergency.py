@@ -29,7 +29,7 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from loa.relay.devices.manager import validate_command
+from loa.relay.devices.protocol import validate_command
 from loa.relay.urlpolicy import FETCH_SCHEMES, FetchSettings, PolicyResolver, check_url
 from loa.streamer.emergency import cap as capmod
 from loa.streamer.emergency.service import (

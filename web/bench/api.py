@@ -85,7 +85,7 @@ def area_rows() -> list[dict[str, Any]]:
 def device_rows(communes: list[str]) -> list[dict[str, Any]]:
     """Registered loudspeaker clusters, as the registry writes them (offline until they connect:
     no device session runs during the bench, so none goes stale and gets rewritten)."""
-    from loa.relay.devices.manager import new_device_record
+    from loa.relay.devices.records import new_device_record
 
     out = []
     for i in range(DEVICES):

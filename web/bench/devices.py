@@ -258,7 +258,8 @@ def fleet_main(path: str) -> None:
 
 # ---- the server side -------------------------------------------------------------------------------
 async def _bench(n: int, seconds: float, heartbeat: float) -> dict[str, Any]:
-    from loa.relay.devices.manager import DeviceSettings, new_device_record, new_key, secret_hash
+    from loa.relay.devices.manager import DeviceSettings
+    from loa.relay.devices.records import new_device_record, new_key, secret_hash
     from loa.streamer.state.store import Record
     from loa.web.api import devices as api_devices
     from loa.web.app import create_app

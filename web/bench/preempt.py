@@ -202,7 +202,7 @@ def _multicast_socket(group: str, port: int) -> socket.socket:
 
 
 async def _http_listener(http: Any, url: str, det: Onsets) -> None:
-    from loa.relay.agent.agent import OggReader
+    from loa.codecs.ogg import OggReader
 
     dec = _opus_decoder()
     reader = OggReader()

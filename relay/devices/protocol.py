@@ -1,0 +1,623 @@
+"""The device protocol, defined once for both ends (docs/device-protocol.md is the contract).
+
+JSON messages with `"v": 1` over one WebSocket: the device sends `hello`, `heartbeat` and `ack`;
+the node sends `welcome`, `config`, `command` and `error`. This module holds the version, the
+close codes, the vocabularies and limits, the validators the node applies to what a device sends
+and to the commands an operator issues, and the builders of the messages both ends send. It knows
+nothing of sessions or storage (relay/devices/manager.py) nor of the device's audio
+(relay/agent/).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+PROTOCOL_VERSION = 1
+
+# ---- close codes (WebSocket close frames sent by the server) -------------------------------------
+CLOSE_GOING_AWAY = 1001  # the server shuts down: reconnect with back-off
+CLOSE_TOO_BIG = 1009  # a message over max_message_kb
+CLOSE_MALFORMED_HELLO = 4000  # first message missing, late, not JSON or not a valid hello
+CLOSE_UNAUTHORISED = 4001  # unknown device or wrong key
+CLOSE_HEARTBEAT = 4002  # two heartbeats missed: the server considers the device offline
+CLOSE_REVOKED = 4003  # key revoked or device deleted: do not reconnect with this key
+CLOSE_ABUSE = 4008  # too many malformed messages on one connection
+CLOSE_REPLACED = 4009  # another connection of the same device took over
+
+# ---- vocabularies -----------------------------------------------------------------------------
+DEVICE_KINDS = ("loudspeaker", "board")
+TRANSPORTS = ("http", "hls", "rtp", "webrtc")
+CODECS = ("opus", "mp3", "aac", "pcmu", "pcma")
+COMMANDS = ("play", "stop", "volume", "power", "reboot", "display", "emergency")
+STATES = ("playing", "idle", "off")
+NETWORKS = ("4g", "3g", "5g", "ethernet", "wifi")
+DEVICE_STATUSES = ("online", "offline", "fault")
+COMMAND_STATUSES = ("queued", "sent", "acked", "failed", "expired")
+FINAL = frozenset({"acked", "failed", "expired"})
+KNOWN_FAULTS = ("speaker_open", "speaker_short", "power_lost", "sim_error", "amp_fault",
+                "stream_stalled", "overheat", "display_fault")
+
+MAX_GROUPS = 10
+MAX_TEXT = 2000
+MAX_URL = 2000
+MAX_NAME = 100
+MAX_FAULTS = 32
+MAX_RELAYS = 8
+MAX_SCHEDULE = 16
+MAX_ERROR = 500  # characters of the error of a refused command (ack)
+MAX_ID = 64  # characters of a device or command id
+_HHMM = re.compile(r"^([01]\d|2[0-3]):[0-5]\d$")
+_URL_SCHEMES = ("http://", "https://", "rtp://", "udp://", "rtsp://", "srt://")
+# The display content model (boards): see docs/device-protocol.md 3.4.1.
+LAYOUTS = ("full", "split")
+REGIONS = ("main", "side")
+ITEM_TYPES = ("text", "image", "video")
+MAX_DISPLAY_ITEMS = 50
+MAX_TITLE = 200
+MAX_DISPLAY_BYTES = 60 * 1024  # encoded args of one display command
+STATEFUL_COMMANDS = ("display", "emergency")  # kept per device and sent again in `config`
+
+
+# ---- errors -------------------------------------------------------------------------------------
+class ProtocolError(ValueError):
+    """A message or a field that breaks the protocol; the text is sent back to its sender."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+# ---- field validation ----------------------------------------------------------------------------
+def _err(field: str, vi: str, en: str) -> ProtocolError:
+    return ProtocolError(f"{vi} / {en}", field)
+
+
+def _field(obj: dict[str, Any], key: str, path: str, required: bool) -> tuple[str, Any]:
+    """The field's full name and its value (None when absent and not required)."""
+    name = f"{path}{key}"
+    v = obj.get(key)
+    if v is None and required:
+        raise _err(name, f"thiếu trường {name}", f"missing field {name}")
+    return name, v
+
+
+def _int(obj: dict[str, Any], key: str, lo: int, hi: int, *, path: str = "",
+         required: bool = False) -> int | None:
+    name, v = _field(obj, key, path, required)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise _err(name, f"{name} phải là số nguyên {lo}-{hi}",
+                   f"{name} must be an integer within {lo}-{hi}")
+    return v
+
+
+def _num(obj: dict[str, Any], key: str, lo: float, hi: float, *, path: str = "",
+         required: bool = False) -> float | None:
+    name, v = _field(obj, key, path, required)
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
+            or not lo <= v <= hi:
+        raise _err(name, f"{name} phải là số trong khoảng {lo}-{hi}",
+                   f"{name} must be a number within {lo}-{hi}")
+    return float(v)
+
+
+def _str(obj: dict[str, Any], key: str, max_len: int, *, path: str = "",
+         required: bool = False, choices: Iterable[str] | None = None) -> str | None:
+    name, v = _field(obj, key, path, required)
+    if v is None:
+        return None
+    if not isinstance(v, str) or len(v) > max_len:
+        raise _err(name, f"{name} phải là chuỗi tối đa {max_len} ký tự",
+                   f"{name} must be a string of at most {max_len} characters")
+    if choices is not None:
+        allowed = tuple(choices)
+        if v not in allowed:
+            raise _err(name, f"{name} phải là một trong {', '.join(allowed)}",
+                       f"{name} must be one of {', '.join(allowed)}")
+    return v
+
+
+def _bool(obj: dict[str, Any], key: str, *, path: str = "", required: bool = False
+          ) -> bool | None:
+    name, v = _field(obj, key, path, required)
+    if v is None:
+        return None
+    if not isinstance(v, bool):
+        raise _err(name, f"{name} phải là true/false", f"{name} must be a boolean")
+    return v
+
+
+def _obj(v: Any, name: str) -> dict[str, Any]:
+    if not isinstance(v, dict):
+        raise _err(name, f"{name} phải là đối tượng JSON", f"{name} must be a JSON object")
+    return v
+
+
+def _url(obj: dict[str, Any], key: str, *, path: str = "", required: bool = False
+         ) -> str | None:
+    v = _str(obj, key, MAX_URL, path=path, required=required)
+    if v is not None and not v.startswith(_URL_SCHEMES):
+        raise _err(f"{path}{key}", f"{path}{key} phải là URL http(s)/rtp/udp/rtsp/srt",
+                   f"{path}{key} must be an http(s), rtp, udp, rtsp or srt URL")
+    return v
+
+
+def _no_extra(obj: dict[str, Any], allowed: Iterable[str], name: str) -> None:
+    extra = sorted(set(obj) - set(allowed))
+    if extra:
+        raise _err(name, f"{name}: trường không hợp lệ {', '.join(extra)}",
+                   f"{name}: unknown field(s) {', '.join(extra)}")
+
+
+def _names(v: Any, name: str, choices: tuple[str, ...]) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise _err(name, f"{name} phải là danh sách chuỗi", f"{name} must be a list of strings")
+    bad = [x for x in v if x not in choices]
+    if bad:
+        raise _err(name, f"{name}: giá trị không hỗ trợ {', '.join(bad[:5])}",
+                   f"{name}: unsupported value(s) {', '.join(bad[:5])} "
+                   f"(supported: {', '.join(choices)})")
+    return list(dict.fromkeys(v))
+
+
+def validate_capabilities(v: Any) -> dict[str, Any]:
+    """{"codecs": [...], "transports": [...], "display": {"width", "height"}?}."""
+    caps = _obj(v, "capabilities")
+    _no_extra(caps, ("codecs", "transports", "display"), "capabilities")
+    out: dict[str, Any] = {
+        "codecs": _names(caps.get("codecs", ["opus", "mp3"]), "capabilities.codecs", CODECS),
+        "transports": _names(caps.get("transports", ["http"]), "capabilities.transports",
+                             TRANSPORTS),
+    }
+    if not out["codecs"] or not out["transports"]:
+        raise _err("capabilities", "cần ít nhất một codec và một phương thức truyền",
+                   "capabilities need at least one codec and one transport")
+    if caps.get("display") is not None:
+        d = _obj(caps["display"], "capabilities.display")
+        _no_extra(d, ("width", "height"), "capabilities.display")
+        out["display"] = {
+            "width": _int(d, "width", 1, 16384, path="capabilities.display.", required=True),
+            "height": _int(d, "height", 1, 16384, path="capabilities.display.", required=True),
+        }
+    return out
+
+
+def validate_groups(v: Any) -> list[str]:
+    if not isinstance(v, list) or not all(isinstance(g, str) and 0 < len(g) <= 64 for g in v):
+        raise _err("groups", "groups phải là danh sách tên 1-64 ký tự",
+                   "groups must be a list of names of 1-64 characters")
+    groups = list(dict.fromkeys(v))
+    if len(groups) > MAX_GROUPS:
+        raise _err("groups", f"tối đa {MAX_GROUPS} nhóm", f"at most {MAX_GROUPS} groups")
+    return groups
+
+
+def validate_name(v: Any) -> str:
+    if not isinstance(v, str) or not v.strip() or len(v) > MAX_NAME:
+        raise _err("name", f"tên 1-{MAX_NAME} ký tự", f"name must be 1-{MAX_NAME} characters")
+    return v.strip()
+
+
+def validate_power_schedule(v: Any) -> list[dict[str, Any]]:
+    """[{"on": "HH:MM", "off": "HH:MM", "days": [1..7]}] (1 = Monday), local time of the node."""
+    if not isinstance(v, list) or len(v) > MAX_SCHEDULE:
+        raise _err("power_schedule", f"power_schedule là danh sách tối đa {MAX_SCHEDULE} mục",
+                   f"power_schedule must be a list of at most {MAX_SCHEDULE} entries")
+    out = []
+    for i, item in enumerate(v):
+        name = f"power_schedule[{i}]"
+        e = _obj(item, name)
+        _no_extra(e, ("on", "off", "days"), name)
+        on = _str(e, "on", 5, path=f"{name}.", required=True)
+        off = _str(e, "off", 5, path=f"{name}.", required=True)
+        for key, hhmm in (("on", on), ("off", off)):
+            if not _HHMM.match(hhmm or ""):
+                raise _err(f"{name}.{key}", f"{name}.{key} phải có dạng HH:MM",
+                           f"{name}.{key} must be HH:MM")
+        days = e.get("days", [1, 2, 3, 4, 5, 6, 7])
+        if not isinstance(days, list) or not days or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 7 for d in days):
+            raise _err(f"{name}.days", f"{name}.days là danh sách số 1-7 (1 = thứ Hai)",
+                       f"{name}.days must be a list of 1-7 (1 = Monday)")
+        out.append({"on": on, "off": off, "days": sorted(set(days))})
+    return out
+
+
+def validate_volume(v: Any) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 100:
+        raise _err("volume", "âm lượng 0-100", "volume must be an integer within 0-100")
+    return v
+
+
+def _epoch(obj: dict[str, Any], key: str, path: str) -> float | None:
+    """Epoch seconds, or an ISO 8601 date/time (without an offset: the node's local time)."""
+    name = f"{path}{key}"
+    v = obj.get(key)
+    if v is None:
+        return None
+    if isinstance(v, str) and len(v) <= 64:
+        try:
+            t = datetime.fromisoformat(v)
+        except ValueError:
+            pass
+        else:
+            return round((t if t.tzinfo else t.astimezone()).timestamp(), 3)
+    elif isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) \
+            and 0 <= v <= 1e11:
+        return float(v)
+    raise _err(name, f"{name} phải là giây epoch hoặc ngày giờ ISO 8601",
+               f"{name} must be epoch seconds or an ISO 8601 date/time")
+
+
+def _page_url(obj: dict[str, Any], key: str, path: str) -> str:
+    """A URL a board's browser can fetch: http(s), or a path on this node ("/...")."""
+    name = f"{path}{key}"
+    v = _str(obj, key, MAX_URL, path=path, required=True)
+    assert v is not None
+    if not (v.startswith(("http://", "https://")) or (v.startswith("/")
+                                                        and not v.startswith("//"))):
+        raise _err(name, f"{name} phải là URL http(s) hoặc đường dẫn /...",
+                   f"{name} must be an http(s) URL or a path on this node (/...)")
+    return v
+
+
+def validate_display_items(v: Any) -> list[dict[str, Any]]:
+    """The items of the display content model (docs/device-protocol.md, 3.4.1), normalised:
+    valid_from/valid_to as epoch seconds, weekdays sorted, ids filled in and unique."""
+    if not isinstance(v, list) or len(v) > MAX_DISPLAY_ITEMS:
+        raise _err("args.items", f"args.items là danh sách tối đa {MAX_DISPLAY_ITEMS} mục",
+                   f"args.items must be a list of at most {MAX_DISPLAY_ITEMS} items")
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(v):
+        path = f"args.items[{i}]."
+        it = _obj(raw, f"args.items[{i}]")
+        _no_extra(it, ("id", "type", "text", "title", "scroll", "url", "region", "valid_from",
+                       "valid_to", "weekdays", "times", "duration_s"), f"args.items[{i}]")
+        item: dict[str, Any] = {
+            "id": _str(it, "id", 64, path=path) or f"item-{i + 1}",
+            "type": _str(it, "type", 8, path=path, required=True, choices=ITEM_TYPES)}
+        if item["id"] in seen:
+            raise _err(f"{path}id", f"{path}id bị trùng", f"{path}id is not unique")
+        seen.add(item["id"])
+        if item["type"] == "text":
+            _no_extra(it, set(it) - {"url"}, f"args.items[{i}]")
+            item["text"] = _str(it, "text", MAX_TEXT, path=path, required=True)
+            if (title := _str(it, "title", MAX_TITLE, path=path)) is not None:
+                item["title"] = title
+            if _bool(it, "scroll", path=path):
+                item["scroll"] = True
+        else:
+            _no_extra(it, set(it) - {"text", "title", "scroll"}, f"args.items[{i}]")
+            item["url"] = _page_url(it, "url", path)
+        if (region := _str(it, "region", 8, path=path, choices=REGIONS)) is not None:
+            item["region"] = region
+        for key in ("valid_from", "valid_to"):
+            if (t := _epoch(it, key, path)) is not None:
+                item[key] = t
+        if "valid_from" in item and "valid_to" in item and item["valid_to"] <= item["valid_from"]:
+            raise _err(f"{path}valid_to", f"{path}valid_to phải sau valid_from",
+                       f"{path}valid_to must be after valid_from")
+        if it.get("weekdays") is not None:
+            days = it["weekdays"]
+            if not isinstance(days, list) or not days or not all(
+                    isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 7
+                    for d in days):
+                raise _err(f"{path}weekdays", f"{path}weekdays là danh sách số 1-7 "
+                                              "(1 = thứ Hai)",
+                           f"{path}weekdays must be a list of 1-7 (1 = Monday)")
+            item["weekdays"] = sorted(set(days))
+        if it.get("times") is not None:
+            item["times"] = _time_windows(it["times"], f"{path}times")
+        if (dur := _num(it, "duration_s", 1, 86400, path=path)) is not None:
+            item["duration_s"] = dur
+        out.append(item)
+    return out
+
+
+def _time_windows(v: Any, name: str) -> list[list[str]]:
+    """[["HH:MM", "HH:MM"], ...]: start inclusive, end exclusive ("24:00" allowed), a window
+    whose end is before its start runs over midnight."""
+    if not isinstance(v, list) or not v or len(v) > MAX_SCHEDULE:
+        raise _err(name, f"{name} là danh sách 1-{MAX_SCHEDULE} khung giờ",
+                   f"{name} must be a list of 1-{MAX_SCHEDULE} time windows")
+    out = []
+    for w in v:
+        if not (isinstance(w, list) and len(w) == 2 and isinstance(w[0], str)
+                and isinstance(w[1], str) and _HHMM.match(w[0])
+                and (_HHMM.match(w[1]) or w[1] == "24:00") and w[0] != w[1]):
+            raise _err(name, f"{name}: mỗi khung giờ là [\"HH:MM\", \"HH:MM\"] khác nhau",
+                       f"{name}: each window must be [\"HH:MM\", \"HH:MM\"] (start != end)")
+        out.append([w[0], w[1]])
+    return out
+
+
+def display_state(args: dict[str, Any], now: float) -> dict[str, Any] | None:
+    """What a board shows after a `display` command (validated args): the content model
+    {"layout", "items", "ticker", "updated"}, or None after `clear` alone. The single-item form
+    becomes items ("image"/"video" in the main region, "text" beside it in a split layout) and its
+    duration_s becomes their valid_to."""
+    if "items" in args:
+        items = [dict(it) for it in args["items"]]
+    else:
+        items = []
+        visual = [k for k in ("video", "image") if k in args]
+        for k in visual:
+            items.append({"id": k, "type": k, "url": args[k]})
+        if "text" in args:
+            side = args.get("layout") == "split" and bool(visual)
+            items.append({"id": "text", "type": "text", "text": args["text"],
+                          **({"region": "side"} if side else {})})
+        if "duration_s" in args:
+            for it in items:
+                it["valid_to"] = round(now + args["duration_s"], 3)
+    if not items and not args.get("ticker"):
+        return None
+    return {"layout": args.get("layout", "full"), "items": items,
+            "ticker": args.get("ticker") or None, "updated": round(now, 3)}
+
+
+def emergency_state(args: dict[str, Any], previous: dict[str, Any] | None, now: float
+                    ) -> dict[str, Any] | None:
+    """The emergency state of a device after an `emergency` command (None: off)."""
+    if not args["on"]:
+        return None
+    since = previous["since"] if previous and previous.get("on") else round(now, 3)
+    return {"on": True, **{k: args[k] for k in ("text", "volume") if k in args},
+            "since": since}
+
+
+def validate_command(command: Any, args: Any) -> dict[str, Any]:
+    """The args of a command, normalised; ProtocolError naming the bad field."""
+    if command not in COMMANDS:
+        raise _err("command", f"lệnh không hợp lệ, cần một trong {', '.join(COMMANDS)}",
+                   f"command must be one of {', '.join(COMMANDS)}")
+    a = _obj({} if args is None else args, "args")
+    out: dict[str, Any] = {}
+    if command == "play":
+        _no_extra(a, ("url", "volume"), "args")
+        if (url := _url(a, "url", path="args.")) is not None:
+            out["url"] = url
+        if (vol := _int(a, "volume", 0, 100, path="args.")) is not None:
+            out["volume"] = vol
+    elif command == "stop":
+        _no_extra(a, (), "args")
+    elif command == "volume":
+        _no_extra(a, ("volume",), "args")
+        out["volume"] = _int(a, "volume", 0, 100, path="args.", required=True)
+    elif command == "power":
+        _no_extra(a, ("on", "steps"), "args")
+        out["on"] = _bool(a, "on", path="args.", required=True)
+        steps = a.get("steps", [])
+        if not isinstance(steps, list) or len(steps) > MAX_RELAYS:
+            raise _err("args.steps", f"args.steps là danh sách tối đa {MAX_RELAYS} bước",
+                       f"args.steps must be a list of at most {MAX_RELAYS} steps")
+        out["steps"] = []
+        for i, st in enumerate(steps):
+            name = f"args.steps[{i}]"
+            s = _obj(st, name)
+            _no_extra(s, ("relay", "delay_s"), name)
+            out["steps"].append({
+                "relay": _int(s, "relay", 1, MAX_RELAYS, path=f"{name}.", required=True),
+                "delay_s": _num(s, "delay_s", 0, 3600, path=f"{name}.", required=True)})
+    elif command == "reboot":
+        _no_extra(a, ("delay_s",), "args")
+        if (d := _num(a, "delay_s", 0, 3600, path="args.")) is not None:
+            out["delay_s"] = d
+    elif command == "display":
+        _no_extra(a, ("text", "image", "video", "layout", "duration_s", "clear", "items",
+                      "ticker"), "args")
+        if (text := _str(a, "text", MAX_TEXT, path="args.")) is not None:
+            out["text"] = text
+        for key in ("image", "video"):
+            if (u := _url(a, key, path="args.")) is not None:
+                out[key] = u
+        if (layout := _str(a, "layout", 16, path="args.", choices=LAYOUTS)):
+            out["layout"] = layout
+        if (dur := _num(a, "duration_s", 1, 86400, path="args.")) is not None:
+            out["duration_s"] = dur
+        if _bool(a, "clear", path="args."):
+            out["clear"] = True
+        if (ticker := _str(a, "ticker", MAX_TEXT, path="args.")) is not None:
+            out["ticker"] = ticker
+        if a.get("items") is not None:
+            if out.keys() & {"text", "image", "video", "duration_s"}:
+                raise _err("args.items", "dùng items hoặc text/image/video, không dùng cả hai",
+                           "use items or text/image/video (the single-item form), not both")
+            out["items"] = validate_display_items(a["items"])
+        if not out.keys() & {"text", "image", "video", "clear", "items", "ticker"}:
+            raise _err("args", "display cần items, ticker, text, image, video hoặc clear",
+                       "display needs items, ticker, text, image, video or clear")
+        if len(encode(out)) > MAX_DISPLAY_BYTES:
+            raise _err("args", f"nội dung hiển thị quá lớn (tối đa {MAX_DISPLAY_BYTES} byte)",
+                       f"display content too large (at most {MAX_DISPLAY_BYTES} bytes)")
+    elif command == "emergency":
+        _no_extra(a, ("on", "volume", "text"), "args")
+        out["on"] = _bool(a, "on", path="args.", required=True)
+        if (vol := _int(a, "volume", 0, 100, path="args.")) is not None:
+            out["volume"] = vol
+        if (text := _str(a, "text", MAX_TEXT, path="args.")) is not None:
+            out["text"] = text
+    return out
+
+
+# ---- messages ------------------------------------------------------------------------------------
+def encode(msg: dict[str, Any]) -> bytes:
+    return json.dumps(msg, ensure_ascii=False, separators=(",", ":"),
+                      allow_nan=False).encode()
+
+
+def error_message(text: str) -> bytes:
+    return encode({"v": PROTOCOL_VERSION, "type": "error", "error": text})
+
+
+def same_version(msg: dict[str, Any]) -> bool:
+    """Whether a message speaks this version of the protocol (both ends check it)."""
+    v = msg.get("v")
+    return v == PROTOCOL_VERSION and not isinstance(v, bool)
+
+
+def parse_message(raw: str | bytes) -> dict[str, Any]:
+    """A protocol message: a JSON object with "v": 1 and a string "type"."""
+    try:
+        msg = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("JSON không hợp lệ / malformed JSON") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError("cần một đối tượng JSON / a message must be a JSON object")
+    if not same_version(msg):
+        raise ProtocolError(f"phiên bản không hỗ trợ / unsupported protocol version "
+                            f"(\"v\" must be {PROTOCOL_VERSION})", "v")
+    if not isinstance(msg.get("type"), str):
+        raise ProtocolError("thiếu loại thông điệp / missing message type", "type")
+    return msg
+
+
+@dataclass
+class Hello:
+    device: str
+    key: str
+    firmware: str | None
+    capabilities: dict[str, Any] | None
+
+
+def parse_hello(msg: dict[str, Any]) -> Hello:
+    if msg.get("type") != "hello":
+        raise ProtocolError("thông điệp đầu tiên phải là hello / first message must be hello")
+    device = _str(msg, "device", MAX_ID, required=True)
+    key = _str(msg, "key", 256, required=True)
+    assert device is not None and key is not None
+    caps = msg.get("capabilities")
+    return Hello(device, key, _str(msg, "firmware", 64),
+                 None if caps is None else validate_capabilities(caps))
+
+
+def parse_heartbeat(msg: dict[str, Any]) -> dict[str, Any]:
+    """The telemetry of a heartbeat, validated; unknown fields are ignored (newer firmware)."""
+    out: dict[str, Any] = {"state": _str(msg, "state", 16, required=True, choices=STATES)}
+    if (vol := _int(msg, "volume", 0, 100)) is not None:
+        out["volume"] = vol
+    if msg.get("stream") is not None:
+        s = _obj(msg["stream"], "stream")
+        stream: dict[str, Any] = {}
+        if (url := _str(s, "url", MAX_URL, path="stream.")) is not None:
+            stream["url"] = url
+        for key, lo, hi in (("loss", 0.0, 1.0), ("jitter_ms", 0.0, 1e6),
+                            ("latency_ms", 0.0, 1e7), ("skew_ms", -1e7, 1e7)):
+            if (x := _num(s, key, lo, hi, path="stream.")) is not None:
+                stream[key] = x
+        out["stream"] = stream
+    if msg.get("network") is not None:
+        n = _obj(msg["network"], "network")
+        net: dict[str, Any] = {}
+        if (kind := _str(n, "type", 16, path="network.", choices=NETWORKS)) is not None:
+            net["type"] = kind
+        if (dbm := _num(n, "signal_dbm", -200, 0, path="network.")) is not None:
+            net["signal_dbm"] = dbm
+        out["network"] = net
+    if (fw := _str(msg, "firmware", 64)) is not None:
+        out["firmware"] = fw
+    if msg.get("gps") is not None:
+        g = msg["gps"]
+        if not (isinstance(g, list) and len(g) == 2 and all(
+                isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+                for x in g) and -90 <= g[0] <= 90 and -180 <= g[1] <= 180):
+            raise _err("gps", "gps là [vĩ độ, kinh độ]", "gps must be [lat, lon]")
+        out["gps"] = [float(g[0]), float(g[1])]
+    if msg.get("power") is not None:
+        p = _obj(msg["power"], "power")
+        power: dict[str, Any] = {}
+        if (volt := _num(p, "voltage", 0, 1000, path="power.")) is not None:
+            power["voltage"] = volt
+        if (amp := _bool(p, "amp", path="power.")) is not None:
+            power["amp"] = amp
+        if p.get("relays") is not None:
+            r = p["relays"]
+            if not isinstance(r, list) or len(r) > MAX_RELAYS or not all(
+                    isinstance(x, bool) for x in r):
+                raise _err("power.relays", f"power.relays là tối đa {MAX_RELAYS} giá trị "
+                                           "true/false",
+                           f"power.relays must be at most {MAX_RELAYS} booleans")
+            power["relays"] = list(r)
+        out["power"] = power
+    if msg.get("display") is not None:
+        d = _obj(msg["display"], "display")
+        disp: dict[str, Any] = {}
+        for key in ("width", "height"):
+            if (px := _int(d, key, 1, 16384, path="display.")) is not None:
+                disp[key] = px
+        if d.get("items") is not None:
+            shown = d["items"]
+            if not isinstance(shown, list) or len(shown) > MAX_DISPLAY_ITEMS or not all(
+                    isinstance(x, str) and 0 < len(x) <= 64 for x in shown):
+                raise _err("display.items", "display.items là danh sách mã mục đang hiển thị",
+                           "display.items must be a list of the ids of the items shown")
+            disp["items"] = list(shown)
+        if (em := _bool(d, "emergency", path="display.")) is not None:
+            disp["emergency"] = em
+        out["display"] = disp
+    faults = msg.get("faults", [])
+    if not isinstance(faults, list) or len(faults) > MAX_FAULTS or not all(
+            isinstance(f, str) and 0 < len(f) <= 64 for f in faults):
+        raise _err("faults", f"faults là danh sách tối đa {MAX_FAULTS} mã lỗi",
+                   f"faults must be a list of at most {MAX_FAULTS} fault codes")
+    out["faults"] = list(dict.fromkeys(faults))
+    return out
+
+
+def parse_ack(msg: dict[str, Any]) -> tuple[str, bool, str | None]:
+    cid = _str(msg, "id", MAX_ID, required=True)
+    ok = _bool(msg, "ok", required=True)
+    error = _str(msg, "error", MAX_ERROR)
+    assert cid is not None and ok is not None
+    return cid, ok, error
+
+
+def command_message(rec: dict[str, Any]) -> bytes:
+    return encode({"v": PROTOCOL_VERSION, "type": "command", "id": rec["id"],
+                   "command": rec["command"], "args": rec["args"], "expires": rec["expires"]})
+
+
+_ID_MARK = "\x00id\x00"
+
+
+def command_template(command: str, args: dict[str, Any], expires: float) -> tuple[bytes, bytes]:
+    """(prefix, suffix): prefix + id + suffix is `command_message` of a command with that id.
+    Ids are [0-9a-f.] so they need no JSON escaping."""
+    data = encode({"v": PROTOCOL_VERSION, "type": "command", "id": _ID_MARK,
+                   "command": command, "args": args, "expires": expires})
+    prefix, suffix = data.split(b"\\u0000id\\u0000")
+    return prefix, suffix
+
+
+# ---- what a device sends (relay/agent/client.py) -------------------------------------------------
+def hello_message(device: str, key: str, firmware: str,
+                  capabilities: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The first message of a connection (`parse_hello` reads it on the node)."""
+    msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": "hello", "device": device, "key": key,
+                           "firmware": firmware}
+    if capabilities is not None:
+        msg["capabilities"] = capabilities
+    return msg
+
+
+def ack_message(cid: str, ok: bool, error: str | None = None) -> dict[str, Any]:
+    """The answer to every copy of a command (`parse_ack`)."""
+    msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": "ack", "id": cid, "ok": ok}
+    if not ok and error:
+        msg["error"] = error[:MAX_ERROR]
+    return msg
+
+
+def heartbeat_message(telemetry: dict[str, Any]) -> dict[str, Any]:
+    """A heartbeat with the device's telemetry (`parse_heartbeat`)."""
+    return {"v": PROTOCOL_VERSION, "type": "heartbeat", **telemetry}
