@@ -55,7 +55,6 @@ from loa.relay.agent.playout import (
 )
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.sources import ToneSource
-from loa.web.api.devices import DEVICES
 from loa.web.app import create_app
 from loa.web.node import Node
 from tests.apiclient import make_config
@@ -357,7 +356,7 @@ async def test_agent_over_webrtc_plays_the_tone(server: Server, tmp_path: Path) 
         assert await run.finish() == 0
     pcm = read_wav(wav)
     assert abs(peak_hz(pcm[-48_000:], 48_000) - 440) < 5
-    await until(lambda: not server.app[DEVICES].get(dev).link, "the control link closed")
+    await until(lambda: not server.node.devices.get(dev).link, "the control link closed")
 
 
 async def _url_has(v: Any, part: str) -> bool:

@@ -27,7 +27,6 @@ from loa.relay.devices.manager import (
     display_state,
     validate_command,
 )
-from loa.web.api.devices import DEVICES
 from tests.apiclient import Api, make_config, running_api
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -133,7 +132,7 @@ async def register(api: Api, kind: str = "board", area: str = "T01-H1-X1",
 
 
 def manager(api: Api) -> DeviceManager:
-    return api.client.app[DEVICES]  # type: ignore[union-attr]
+    return api.node.devices
 
 
 async def connected(api: Api, device: str) -> None:

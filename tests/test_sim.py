@@ -26,7 +26,6 @@ from aiohttp import web
 from loa.relay.agent.sim import Fleet, load_fleet, recent_audio
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.sources import ToneSource
-from loa.web.api.devices import DEVICES
 from loa.web.app import create_app
 from loa.web.node import Node
 from tests.apiclient import make_config
@@ -116,7 +115,7 @@ async def test_fleet_of_200_speakers_and_5_boards(server: Server, tmp_path: Path
 
         await until(lambda: fleet.counts()["connected"] == 205, "every device connected")
         await until(lambda: _eq(online(), 205), "the server listing 205 devices online")
-        mgr = server.app[DEVICES]
+        mgr = server.node.devices
         assert mgr.connected == 205
 
         # one bulk command reaches every device, each acknowledges it once
@@ -162,7 +161,7 @@ async def test_fleet_of_200_speakers_and_5_boards(server: Server, tmp_path: Path
         print(json.dumps({"fleet": fleet.counts()}))
     finally:
         await fleet.stop()
-    await until(lambda: server.app[DEVICES].connected == 0, "every connection closed")
+    await until(lambda: server.node.devices.connected == 0, "every connection closed")
 
 
 async def _eq(v: Any, expected: int) -> bool:
