@@ -67,14 +67,14 @@ Write = Callable[[], Awaitable[Any]]
 class Station:
     def __init__(self, engine: Engine, store: Store, library: MediaLibrary, speech: Speech,
                  loop: asyncio.AbstractEventLoop, media_epoch: float,
-                 node_id: str = "") -> None:
+                 node_id: str = "", relay_factory: LiveFactory | None = None) -> None:
         self.engine = engine
         self.store = store
         self.library = library
         self.speech = speech
         self.loop = loop
         self.media_epoch = media_epoch  # wall-clock epoch of media time 0
-        self.relay_factory: LiveFactory | None = None  # set by the streams layer
+        self.relay_factory = relay_factory  # opens the input of a relay programme
         self.node_id = node_id  # names this node's open as-run entries in a shared store
         self._open: dict[tuple[str, str], Record] = {}  # (area, broadcast) -> as-run entry
         self._ops: deque[Write | None] = deque()  # None: the writer's stop sentinel

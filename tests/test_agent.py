@@ -46,7 +46,6 @@ from loa.relay.agent.playout import (
     parse_rtp,
 )
 from loa.relay.agent.sinks import NullSink, make_sink
-from loa.web.api.devices import DEVICES
 from tests import devicetools
 from tests.audio import peak_hz, rms
 from tests.devicetools import AREA, LOCAL, Server, stop_node, until
@@ -278,7 +277,7 @@ async def test_agent_over_webrtc_plays_the_tone(server: Server, tmp_path: Path) 
         assert await run.finish() == 0
     pcm = read_wav(wav)
     assert abs(peak_hz(pcm[-48_000:], 48_000) - 440) < 5
-    await until(lambda: not server.app[DEVICES].get(dev).link, "the control link closed")
+    await until(lambda: not server.node.devices.get(dev).link, "the control link closed")
 
 
 async def _url_has(v: Any, part: str) -> bool:

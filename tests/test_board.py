@@ -22,7 +22,6 @@ from playwright.async_api import Browser, BrowserContext, Page, async_playwright
 
 from loa.relay.devices.manager import DeviceManager, DeviceSettings
 from loa.relay.devices.protocol import ProtocolError, display_state, validate_command
-from loa.web.api.devices import DEVICES
 from tests.apiclient import Api, make_config, running_api
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -128,7 +127,7 @@ async def register(api: Api, kind: str = "board", area: str = "T01-H1-X1",
 
 
 def manager(api: Api) -> DeviceManager:
-    return api.client.app[DEVICES]  # type: ignore[union-attr]
+    return api.node.devices
 
 
 async def connected(api: Api, device: str) -> None:

@@ -37,7 +37,7 @@ class Server:
 
     @property
     def mgr(self) -> api_devices.DeviceManager:
-        return self.app[api_devices.DEVICES]
+        return self.node.devices
 
     app: web.Application = None  # type: ignore[assignment]
 
@@ -139,7 +139,6 @@ async def serving(tmp_path: Path, store: str = "sqlite", prefix: str = "loa:",
         if not await node.store.find("user", username=name):  # a restarted node has them
             await add_user(node.store, node.tree, name, role, area, PASSWORD, emergency)
     app = create_app(node)
-    api_devices.setup(app)  # no-op once create_app calls it
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)

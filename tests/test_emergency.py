@@ -33,8 +33,6 @@ from loa.streamer.clock import SAMPLE_RATE, VirtualClock
 from loa.streamer.emergency.service import ATTENTION_TONES, attention_pcm
 from loa.streamer.hub import Subscription
 from loa.streamer.sources import ToneSource
-from loa.web.api.devices import DEVICES
-from loa.web.api.emergency import EMERGENCY
 from loa.web.app import create_app
 from loa.web.auth import add_user
 from loa.web.config import Config
@@ -65,7 +63,7 @@ class Srv:
 
     @property
     def svc(self) -> Any:
-        return self.app[EMERGENCY]
+        return self.node.emergency
 
     async def login(self, who: str) -> str:
         if who not in self.tokens:
@@ -583,7 +581,7 @@ async def test_the_second_node_airs_what_the_first_started(tmp_path: Path, redis
         b.run(0.1)
         assert b.node.engine.on_air(X1)["broadcast"] == music_b[X1]
         await board_b.close()
-        mgr = b.app[DEVICES]
+        mgr = b.node.devices
         await until(lambda: all(d.link is None for d in mgr.devices.values()), "disconnect")
         await quiesce(a)
         await quiesce(b)
@@ -595,7 +593,7 @@ async def quiesce(srv: Srv) -> None:
     the Station's and the device manager's writer tasks could wait forever (reported)."""
     await settle()
     await srv.node.station.flush()
-    mgr = srv.app[DEVICES]
+    mgr = srv.node.devices
     await mgr._devw.flush()
     await mgr._cmdw.flush()
     if srv.svc._tasks:

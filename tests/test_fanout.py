@@ -18,7 +18,6 @@ import aiohttp
 import pytest
 
 from loa.relay.fanout import FanoutPool
-from loa.web.streams.http import FANOUT
 from tests.audio import peak_hz
 from tests.test_http_streams import (
     AREA,
@@ -40,7 +39,7 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
 
 
 def pool_of(srv: Server) -> FanoutPool:
-    return srv.app[FANOUT]
+    return srv.node.fanout
 
 
 def socket_holders(local_port: int, remote_port: int) -> set[int]:

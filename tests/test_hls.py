@@ -19,7 +19,6 @@ from loa.streamer.broadcast import Broadcast
 from loa.streamer.sources import ToneSource
 from loa.web.app import create_app
 from loa.web.node import Node
-from loa.web.streams.hls import HLS
 from tests.apiclient import Api, make_config, running_api
 from tests.audio import peak_hz, rms
 
@@ -95,7 +94,7 @@ async def test_ffmpeg_plays_the_playlist_and_hears_the_preemption(live: LiveNode
         "ffmpeg", "-nostdin", "-loglevel", "warning", "-y",
         "-i", f"{live.url}/streams/{AREA}/index.m3u8", "-t", "6", "-ac", "1", "-ar", "24000",
         str(out), stderr=asyncio.subprocess.PIPE)
-    hls = live.app[HLS]
+    hls = live.node.hls
     while not (AREA in hls.segmenters and hls.segmenters[AREA].segments):
         await asyncio.sleep(0.05)
     await asyncio.sleep(2.5)
@@ -124,7 +123,7 @@ async def get_playlist(api: Api, area: str = AREA, drive: float = 0.0) -> str:
     task = asyncio.ensure_future(api.client.get(f"/streams/{area}/index.m3u8"))
     for _ in range(20):
         await asyncio.sleep(0)
-        if area in api.client.app[HLS].segmenters:
+        if area in api.node.hls.segmenters:
             break
     api.run(drive)
     r = await task
@@ -189,7 +188,7 @@ def mp3_packets(freq: float, seconds: float, start: int) -> list[Packet]:
 
 async def test_a_gap_in_the_channel_is_a_discontinuity(api: Api):
     get = asyncio.ensure_future(api.client.get(f"/streams/{AREA}/index.m3u8"))
-    while AREA not in api.client.app[HLS].segmenters:
+    while AREA not in api.node.hls.segmenters:
         await asyncio.sleep(0)
     channel = api.node.hub.channel(AREA, "mp3")
     before = mp3_packets(440, 3.0, 0)
@@ -208,7 +207,7 @@ async def test_a_gap_in_the_channel_is_a_discontinuity(api: Api):
     assert len(flagged) == 1  # exactly one tag, on the first segment after the gap
     assert head["DISCONTINUITY-SEQUENCE"] == 0
     idx = segs.index(flagged[0])
-    seg = api.client.app[HLS].segmenters[AREA]
+    seg = api.node.hls.segmenters[AREA]
     assert seg.segment(flagged[0][0]).pts == after[0].pts  # type: ignore[union-attr]
     assert seg.segment(segs[idx - 1][0]).pts < gap_start  # type: ignore[union-attr]
     # Both sides decode from the served bytes: 440 Hz before the tag, 880 Hz after it.
@@ -247,7 +246,7 @@ async def test_unknown_area_and_unknown_segments_are_404(api: Api):
     assert (await api.client.get(f"/streams/{AREA}/{last}.ts")).status == 200
     assert (await api.client.get(f"/streams/{AREA}/abc.ts")).status == 404
     # Garbage in the channel is dropped and logged; the segmenter keeps going.
-    seg = api.client.app[HLS].segmenters[AREA]
+    seg = api.node.hls.segmenters[AREA]
     api.node.hub.channel(AREA, "mp3").deliver([Packet("mp3", 0, 0, b"", 24_000)])
     assert seg.ignored == 1
     api.run(1)
@@ -261,7 +260,7 @@ async def test_segmenter_stops_when_nobody_asks(tmp_path: Path):
     cfg.hls.idle_seconds = 0.3
     async with running_api(cfg) as api:
         await get_playlist(api, drive=2.5)
-        hls = api.client.app[HLS]
+        hls = api.node.hls
         channel = api.node.hub.channel(AREA, "mp3")
         assert AREA in hls.segmenters and len(channel.subs) == 1
         for _ in range(200):  # no requests: the idle timer stops it

@@ -34,7 +34,7 @@ from loa.streamer.broadcast import Broadcast
 from loa.streamer.sources import ToneSource
 from loa.web.app import create_app
 from loa.web.node import Node
-from loa.web.streams.http import HTTP_STREAMER, http_stats
+from loa.web.streams.http import http_stats
 from tests.apiclient import make_config
 from tests.audio import peak_hz
 
@@ -51,7 +51,7 @@ class Server:
 
     @property
     def streamer(self) -> HttpStreamer:
-        return self.app[HTTP_STREAMER]
+        return self.node.http
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"

@@ -31,7 +31,6 @@ from loa.streamer.sources import ToneSource
 from loa.web.app import create_app
 from loa.web.auth import add_user
 from loa.web.node import Node
-from loa.web.streams.inputs import RELAY_INPUTS
 from tests.apiclient import PASSWORD, PEOPLE, make_config
 from tests.audio import peak_hz, rms
 
@@ -259,7 +258,7 @@ def quiet_from(tap: Tap, sample: int) -> int:
 
 
 def relay_inputs(ln: LiveNode) -> list[RelayInput]:
-    return ln.app[RELAY_INPUTS].inputs
+    return ln.node.inputs.inputs
 
 
 # ---- HTTP / Icecast ------------------------------------------------------------------------

@@ -24,9 +24,6 @@ from loa.web.app import create_app
 from loa.web.auth import add_user
 from loa.web.monitor import Exposition, RateSampler
 from loa.web.node import Node
-from loa.web.streams.http import HTTP_STREAMER
-from loa.web.streams.rtp import RTP
-from loa.web.streams.webrtc import RELAY
 from tests.apiclient import PASSWORD, PEOPLE, Api, make_config, running_api
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -134,12 +131,12 @@ async def test_commune_operator_sees_only_its_commune(api: Api) -> None:
     assert status == 200, first
     api.run(2.0)
     assert await x1.content.readexactly(4) == b"OggS"  # audio reached the listener
-    streams = api.client.app[HTTP_STREAMER].stats()["streams"]
+    streams = api.node.http.stats()["streams"]
     for _ in range(500):  # fan-out workers report their byte counters within a moment
         if all(x["bytes"] for x in streams):
             break
         await asyncio.sleep(0.02)
-        streams = api.client.app[HTTP_STREAMER].stats()["streams"]
+        streams = api.node.http.stats()["streams"]
     status, body = await api.call("xa11", "GET", "/api/v1/monitor")
     assert status == 200, body
     assert body["scope"] == "T01-H1-X1"
@@ -234,7 +231,7 @@ async def test_page_and_assets_are_served(api: Api) -> None:
 async def test_metrics_series_and_values(api: Api) -> None:
     node = api.node
     # No warm time: the hub subscription goes with the last listener (asserted at the end).
-    api.client.server.app[HTTP_STREAMER].settings.warm_seconds = 0.0
+    api.node.http.settings.warm_seconds = 0.0
     await air_tone(node, "emergency")
     listeners = [await api.client.get("/streams/T01-H1-X1.opus") for _ in range(2)]
     await get_metrics(api.client)  # first rate sample at media time 0
@@ -353,7 +350,7 @@ async def test_rtp_receivers_are_counted(tmp_path: Path) -> None:
     cfg.rtp.ttl = 0
     cfg.rtp.multicast = False
     async with running_api(cfg) as api:
-        out = api.client.app[RTP]
+        out = api.node.rtp
         out.add_receiver("T01-H1-X1", "opus", "127.0.0.1", 39_000)
         out.add_receiver("T01-H1-X1", "opus", "127.0.0.1", 39_002)
         status, body = await api.call("xa11", "GET", "/api/v1/monitor")
@@ -418,7 +415,7 @@ async def _truthy(v: object) -> bool:
 
 async def test_page_logs_in_shows_the_area_and_listens(server: Server) -> None:
     bid = await air_tone(server.node)
-    relay = server.app[RELAY]
+    relay = server.node.webrtc
     ARTIFACTS.mkdir(exist_ok=True)
     async with async_playwright() as p:
         browser = await p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)

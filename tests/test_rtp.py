@@ -33,7 +33,7 @@ from loa.web.app import create_app
 from loa.web.cli import main as cli_main
 from loa.web.config import Config, ConfigError, load_config
 from loa.web.node import Node
-from loa.web.streams.rtp import RTP, rtp_stats
+from loa.web.streams.rtp import rtp_stats
 from tests.apiclient import make_config, running_api
 from tests.audio import decode_packets, peak_hz
 
@@ -158,7 +158,7 @@ class Server:
 
     @property
     def out(self) -> Any:
-        return self.app[RTP]
+        return self.node.rtp
 
     async def stop(self) -> None:
         if not self.stopped:
@@ -460,7 +460,7 @@ async def test_bad_receivers_are_refused(tmp_path: Path) -> None:
     cfg = make_config(tmp_path)
     rtp_settings(cfg)
     async with running_api(cfg) as api:
-        out = api.client.app[RTP]  # type: ignore[union-attr]
+        out = api.node.rtp
         with pytest.raises(ValueError, match="IPv4"):
             out.add_receiver(AREA, "opus", "speaker.example", 5004)
         with pytest.raises(ValueError, match="1-65534"):
@@ -478,7 +478,7 @@ async def test_a_starved_sender_skips_stale_packets_and_stays_continuous(
     cfg = make_config(tmp_path)
     rtp_settings(cfg, codecs="pcmu", multicast=False)
     async with running_api(cfg) as api:  # virtual clock: the test hands packets itself
-        out = api.client.app[RTP]  # type: ignore[union-attr]
+        out = api.node.rtp
         data, rtcp = udp_pair()
         rtcp.close()
         tr, col = await collect(data)
@@ -605,10 +605,9 @@ async def test_garbage_config_fails_clearly_at_start(tmp_path: Path, env: dict[s
                                                      message: str) -> None:
     cfg = load_config(None, env={"LOA_RTP_ENABLED": "1", **env}, data=str(tmp_path / "d"))
     node = Node(cfg, realtime=False)
-    await node.start()
     try:
         with pytest.raises(ConfigError) as e:
-            create_app(node)
+            await node.start()
         assert message in str(e.value)
     finally:
         await node.stop()
@@ -618,13 +617,10 @@ async def test_interface_not_on_this_host_fails_at_start(tmp_path: Path) -> None
     cfg = make_config(tmp_path)
     rtp_settings(cfg, interface="192.0.2.254")  # TEST-NET-1: never a local address here
     node = Node(cfg, realtime=False)
-    await node.start()
-    runner = web.AppRunner(create_app(node))
     try:
         with pytest.raises(ConfigError, match="not an address of this host"):
-            await runner.setup()
+            await node.start()
     finally:
-        await runner.cleanup()
         await node.stop()
 
 
@@ -823,7 +819,7 @@ async def test_receiver_reports_show_in_the_monitor(tmp_path: Path) -> None:
     cfg = make_config(tmp_path)
     rtp_settings(cfg, codecs="opus,pcmu")
     async with running_api(cfg) as api:
-        out = api.client.app[RTP]  # type: ignore[union-attr]
+        out = api.node.rtp
         opus, pcmu = out.stream(AREA, "opus"), out.stream(AREA, "pcmu")
         mc = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         mc.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(LOCAL))

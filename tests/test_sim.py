@@ -21,7 +21,6 @@ import numpy as np
 import pytest
 
 from loa.relay.agent.sim import Fleet, load_fleet, recent_audio
-from loa.web.api.devices import DEVICES
 from tests import devicetools
 from tests.audio import peak_hz
 from tests.devicetools import Server, start_node, stop_node
@@ -66,7 +65,7 @@ async def test_fleet_of_200_speakers_and_5_boards(server: Server, tmp_path: Path
 
         await until(lambda: fleet.counts()["connected"] == 205, "every device connected")
         await until(lambda: _eq(online(), 205), "the server listing 205 devices online")
-        mgr = server.app[DEVICES]
+        mgr = server.node.devices
         assert mgr.connected == 205
 
         # one bulk command reaches every device, each acknowledges it once
@@ -112,7 +111,7 @@ async def test_fleet_of_200_speakers_and_5_boards(server: Server, tmp_path: Path
         print(json.dumps({"fleet": fleet.counts()}))
     finally:
         await fleet.stop()
-    await until(lambda: server.app[DEVICES].connected == 0, "every connection closed")
+    await until(lambda: server.node.devices.connected == 0, "every connection closed")
 
 
 async def _eq(v: Any, expected: int) -> bool:

@@ -16,9 +16,8 @@ from loa.relay.urlpolicy import (
     check_url,
     own_addresses,
 )
-from loa.web.api.emergency import EMERGENCY, _fetcher
+from loa.web.cap_fetch import cap_fetcher
 from loa.web.config import ConfigError, load_config
-from loa.web.streams.inputs import RELAY_INPUTS
 from tests.apiclient import Api, make_config, running_api
 
 REFUSED = ["http://127.0.0.1:8000/live.mp3", "http://[::1]/x", "http://[::ffff:127.0.0.1]/x",
@@ -92,7 +91,7 @@ async def test_relay_programmes_refuse_internal_urls_when_stored_and_when_aired(
     status, out = await api.call("tinh", "POST", "/api/v1/broadcasts",
                                  json={"programme": prog["id"], "targets": ["T01-H1"]})
     assert status == 422 and out["field"] == "url" and "loopback" in out["error"], out
-    assert not api.client.app[RELAY_INPUTS].inputs
+    assert not api.node.inputs.inputs
     assert await api.node.store.count("broadcast") == 0
 
 
@@ -110,12 +109,12 @@ async def test_cap_resources_are_not_fetched_from_inside(api: Api):
     await web.TCPSite(runner, "127.0.0.1", 0).start()
     port = runner.addresses[0][1]
     try:
-        svc = api.client.app[EMERGENCY]
+        svc = api.node.emergency
         with pytest.raises(UrlRefused, match="loopback"):
-            await _fetcher(svc, FetchSettings())(f"http://127.0.0.1:{port}/clip.wav")
+            await cap_fetcher(svc.settings, FetchSettings())(f"http://127.0.0.1:{port}/clip.wav")
         assert hits == []
         # Allowed origin, but its redirect leads to a loopback address that is not.
-        fetch = _fetcher(svc, FetchSettings(allow_networks=["127.0.0.1/32"]))
+        fetch = cap_fetcher(svc.settings, FetchSettings(allow_networks=["127.0.0.1/32"]))
         with pytest.raises(UrlRefused, match="127.0.0.2"):
             await fetch(f"http://127.0.0.1:{port}/clip.wav")
         assert hits == ["/clip.wav"]

@@ -39,7 +39,6 @@ from loa.streamer.sources import ToneSource
 from loa.web.app import create_app
 from loa.web.auth import add_user
 from loa.web.node import Node
-from loa.web.streams.webrtc import RELAY
 from tests.apiclient import PASSWORD, PEOPLE, make_config
 from tests.audio import peak_hz
 from tests.test_monitor import get_metrics, val
@@ -220,7 +219,7 @@ async def test_whep_hears_the_area_and_the_preemption(server: Server) -> None:
                                     klass="priority", title="bản tin"))
         audio = await lst.until_tone(1000)
         assert abs(peak_hz(audio, 48_000) - 1000) < 5
-        relay = server.app[RELAY]
+        relay = server.node.webrtc
         (stats,) = await relay.whep_stats()
         assert stats["area"] == "T01-H1-X1" and stats["state"] == "connected"
         assert stats["packets_sent"] > 0
@@ -242,7 +241,7 @@ async def test_two_peers_share_one_subscription(server: Server) -> None:
         await a.until_tone(440)
         await b.until_tone(440)
         assert len(channel.subs) == 1
-        relay = server.app[RELAY]
+        relay = server.node.webrtc
         assert relay.area_peers("T01-H1-X1") == 2
         async with server.http.delete(f"{server.base}{a.location}") as r:
             assert r.status in (200, 204)
@@ -287,7 +286,7 @@ async def test_whep_refusals_change_nothing(server: Server) -> None:
         assert r.status == 404
         assert (await r.json())["error"].startswith("không có khu vực / unknown area")
     await ok.close()
-    relay = server.app[RELAY]
+    relay = server.node.webrtc
     assert relay.whep == {} and relay.feeds == {}
     assert server.node.hub.channel("T01-H1-X1", "opus").subs == []
     # ... and the server still serves a listener.
@@ -316,8 +315,8 @@ async def test_whep_limits(tmp_path: Path, workers: int) -> None:
                                  headers=SDP) as r:
             assert r.status == 503
         await extra.close()
-        assert len(srv.app[RELAY].whep) == 2
-        pool = srv.app[RELAY].pool
+        assert len(srv.node.webrtc.whep) == 2
+        pool = srv.node.webrtc.pool
         if workers:  # one peer in each worker, and still refused beyond the limits
             assert pool is not None and sorted(len(w.sessions) for w in pool.workers) == [1, 1]
     finally:
@@ -326,13 +325,13 @@ async def test_whep_limits(tmp_path: Path, workers: int) -> None:
         await srv.http.close()
         await runner.cleanup()
         await srv.node.stop()
-    assert srv.app[RELAY].whep == {}  # shutdown closed every peer
+    assert srv.node.webrtc.whep == {}  # shutdown closed every peer
 
 
 async def test_client_leaving_closes_its_peer(server: Server) -> None:
     lst = await whep(server, "T01-H2-X1")
     await lst.frames(5)
-    relay = server.app[RELAY]
+    relay = server.node.webrtc
     assert len(relay.whep) == 1
     await lst.pc.close()
     await until(lambda: not relay.whep, "the server to close the peer")
@@ -354,7 +353,7 @@ async def test_whep_peer_runs_in_the_worker(worker_server: Server) -> None:
     """The worker runs the peer (the node holds no feed of its own, only the one subscription
     that forwards the packets), the monitor and /metrics see it, and DELETE ends it there."""
     srv = worker_server
-    relay = srv.app[RELAY]
+    relay = srv.node.webrtc
     pool = relay.pool
     assert pool is not None
     srv.node.engine.start(Broadcast(ToneSource(440, 0.3), ["T01-H1"], issuer="T01-H1"))
@@ -387,7 +386,7 @@ async def test_concurrent_offers_all_answered_by_the_worker(worker_server: Serve
     """Each offer gets its own worker's answer (replies matched to their requests)."""
     peers = await asyncio.gather(*(whep(worker_server, "T01-H1-X2") for _ in range(3)))
     try:
-        assert len(worker_server.app[RELAY].whep) == 3
+        assert len(worker_server.node.webrtc.whep) == 3
     finally:
         for p in peers:
             await p.pc.close()
@@ -395,7 +394,7 @@ async def test_concurrent_offers_all_answered_by_the_worker(worker_server: Serve
 
 async def test_killed_worker_ends_its_peers_and_is_replaced(worker_server: Server) -> None:
     srv = worker_server
-    relay = srv.app[RELAY]
+    relay = srv.node.webrtc
     pool = relay.pool
     assert pool is not None
     srv.node.engine.start(Broadcast(ToneSource(440, 0.3), ["T01"], issuer="T01"))
@@ -456,7 +455,7 @@ async def test_whip_goes_live_and_delete_ends_it(server: Server) -> None:
             assert r.status in (200, 204)
         await until(lambda: node.engine.on_air("T01-H1-X2")["broadcast"] is None,
                     "the live broadcast to end")
-        assert server.app[RELAY].whip == {}
+        assert server.node.webrtc.whip == {}
         await until(lambda: pc.connectionState == "closed", "the publisher's peer to close")
     finally:
         sub.close()
@@ -475,7 +474,7 @@ async def test_whip_publisher_leaving_ends_the_broadcast(server: Server) -> None
     await pc.close()
     await until(lambda: node.engine.on_air("T01-H1-X1")["broadcast"] is None,
                 "the broadcast to end when the publisher leaves")
-    assert server.app[RELAY].whip == {}
+    assert server.node.webrtc.whip == {}
 
 
 async def test_whip_refusals(server: Server) -> None:
@@ -513,7 +512,7 @@ async def test_whip_refusals(server: Server) -> None:
     await pc.close()
     # The province operator with the emergency right may; nothing else went on air.
     assert all(node.engine.on_air(a.code)["broadcast"] is None for a in node.tree)
-    assert server.app[RELAY].whip == {}
+    assert server.node.webrtc.whip == {}
     assert await node.store.find("broadcast") == []
     ok = await whip_offer(700)
     status, answer, location = await post_whip(server, "T01", ok, await server.bearer("tinh"),
@@ -538,7 +537,7 @@ async def test_stopping_the_broadcast_closes_the_publisher(server: Server) -> No
     await until(lambda: pc.connectionState == "connected", "the publisher to connect")
     bid = str(node.engine.on_air("T01-H2")["broadcast"])
     node.station.stop(bid, by_area="T01")  # e.g. the province stops it from the API
-    await until(lambda: not server.app[RELAY].whip, "the WHIP session to close")
+    await until(lambda: not server.node.webrtc.whip, "the WHIP session to close")
     await until(lambda: pc.connectionState == "closed", "the publisher's peer to close")
     await pc.close()
 
@@ -552,7 +551,7 @@ async def test_whep_stock_sender_path(tmp_path: Path) -> None:
         lst = await whep(srv, "T01-H2-X2")
         audio = await lst.until_tone(440)
         assert abs(peak_hz(audio, 48_000) - 440) < 5
-        (stats,) = await srv.app[RELAY].whep_stats()
+        (stats,) = await srv.node.webrtc.whep_stats()
         assert stats["path"] == "stock" and stats["packets_sent"] > 0
         await lst.pc.close()
     finally:

@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 from aiortc import RTCSessionDescription
 
-from loa.web.app import create_app
 from loa.web.config import ConfigError
 from loa.web.node import Node
-from loa.web.streams.webrtc import OfferBuckets
+from loa.web.offer_buckets import OfferBuckets
 from tests.apiclient import make_config
 from tests.test_webrtc import SDP, offer_pc, start_server
 
@@ -85,9 +84,8 @@ async def test_bad_listen_tokens_stop_start_up(tmp_path: Path, entry: str):
     cfg = make_config(tmp_path)
     cfg.webrtc.listen_tokens = [entry]
     node = Node(cfg, realtime=False)
-    await node.start()
     try:
         with pytest.raises(ConfigError, match="listen_tokens"):
-            create_app(node)
+            await node.start()
     finally:
         await node.stop()

@@ -1,4 +1,6 @@
-"""The HTTP application of a node: every route module registers on it (routes only route)."""
+"""The HTTP application of a node: every route module registers on it (routes only route).
+
+The node (web/node.py) is started before and stopped after: it owns every service."""
 
 from __future__ import annotations
 
@@ -18,12 +20,13 @@ from loa.web.http import (
     error_middleware,
     refusal_audit_middleware,
 )
-from loa.web.node import MAX_UPLOAD_OVERHEAD, NODE, Node
+from loa.web.node import NODE, Node
 from loa.web.streams import hls as streams_hls
 from loa.web.streams import http as streams_http
-from loa.web.streams import inputs as streams_inputs
 from loa.web.streams import rtp as streams_rtp
 from loa.web.streams import webrtc as streams_webrtc
+
+MAX_UPLOAD_OVERHEAD = 1024 * 1024
 
 
 def create_app(node: Node) -> web.Application:
@@ -47,11 +50,9 @@ def create_app(node: Node) -> web.Application:
     streams_rtp.setup(app)
     streams_hls.setup(app)
     streams_webrtc.setup(app)
-    streams_inputs.setup(app)
 
-    async def restore(_app: web.Application) -> None:
-        # After every transport and input is wired: a relay broadcast needs its input factory.
-        await node.station.restore()
+    async def close_clients(_app: web.Application) -> None:
+        await node.close_clients()  # before aiohttp waits for the handlers of streams, links
 
-    app.on_startup.append(restore)
+    app.on_shutdown.append(close_clients)
     return app

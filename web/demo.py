@@ -19,18 +19,16 @@ from pathlib import Path
 
 import aiohttp
 import numpy as np
-from aiohttp import web
 
 from loa.streamer.clock import SAMPLE_RATE
 from loa.streamer.sources import Playlist, Source, ToneSource, chime_pcm
 from loa.streamer.state.store import Record
 from loa.streamer.station import Content
 from loa.streamer.tts import TtsError
-from loa.web.app import create_app
 from loa.web.auth import add_user
 from loa.web.config import Config, load_config
 from loa.web.node import Node
-from loa.web.serve import make_runner
+from loa.web.testing import start_node
 
 log = logging.getLogger("loa.demo")
 
@@ -126,15 +124,16 @@ async def _demo(args: argparse.Namespace) -> None:
 
     cfg = demo_config(args)
     setup_logging(cfg.log.level, cfg.log.format)
-    node = Node(cfg)
-    await node.start()
-    for name, role, area, emergency in DEMO_USERS:
-        if not await node.store.find("user", username=name):
-            await add_user(node.store, node.tree, name, role, area, DEMO_PASSWORD, emergency)
-    runner = make_runner(create_app(node), cfg)
-    await runner.setup()
+    async def prepare(node: Node) -> None:
+        for name, role, area, emergency in DEMO_USERS:
+            if not await node.store.find("user", username=name):
+                await add_user(node.store, node.tree, name, role, area, DEMO_PASSWORD,
+                               emergency)
+
     host, _, port = cfg.server.http.rpartition(":")
-    await web.TCPSite(runner, host or "127.0.0.1", int(port)).start()
+    live = await start_node(cfg, prepare=prepare, host=host or "127.0.0.1", port=int(port),
+                            header_timeout=True)
+    node = live.node
     base = f"http://{cfg.server.http}"
 
     communes = [a.code for a in node.tree if a.level == "commune"]
@@ -200,8 +199,7 @@ async def _demo(args: argparse.Namespace) -> None:
     task.cancel()
     fleet_stop.set()
     await fleet  # every simulated device disconnects before the server stops
-    await runner.cleanup()
-    await node.stop()
+    await live.stop()
 
 
 def run_demo(args: argparse.Namespace) -> int:

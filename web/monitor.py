@@ -22,7 +22,7 @@
   of the tree at a time (with subtree totals and drill-down), listen to an area over WHEP.
 
 Listener figures per transport: HTTP listeners (and their bytes, drops) from the HTTP streamer's
-`http_stats(app)`; RTP unicast receivers per stream (a multicast group's listeners cannot be
+`HttpStreamer.stats()`; RTP unicast receivers per stream (a multicast group's listeners cannot be
 counted: `rtp_multicast` says the group is sent), and per RTP stream the receivers' RTCP reports
 (`reports`: loss fraction, cumulative lost, jitter in ms, last seen); WebRTC peers of the relay, with RTT, loss and
 jitter from their receiver reports (a peer is named by a hash: its session id would let anyone
@@ -215,12 +215,6 @@ async def collect(app: web.Application, scope: set[str] | None, detail: set[str]
     """Listener and device counts of every area in `scope` (None: all areas), and transport
     details of the areas in `detail` (None: the same as scope). Sparse; it lets the loop run
     between chunks of a big province (every list it walks is a copy)."""
-    from loa.web.api.devices import DEVICES
-    from loa.web.streams.hls import HLS
-    from loa.web.streams.http import http_stats
-    from loa.web.streams.rtp import RTP
-    from loa.web.streams.webrtc import RELAY
-
     node = app[NODE]
     out = Collected()
     if detail is None:
@@ -262,7 +256,7 @@ async def collect(app: web.Application, scope: set[str] | None, detail: set[str]
         })
 
     # HTTP listeners (the HTTP streamer's own figures)
-    http = http_stats(app)
+    http = node.http.stats()
     out.http = {k: int(http.get(k) or 0) for k in ("listeners", "dropped", "rejected")}
     for st in http.get("streams", []):
         area = str(st["area"])
@@ -276,7 +270,7 @@ async def collect(app: web.Application, scope: set[str] | None, detail: set[str]
                                                   "dropped", "batches")})
 
     # RTP: unicast receivers per stream; details of streams that send or have receivers
-    rtp = app.get(RTP)
+    rtp = node.rtp
     totals = dict.fromkeys(("packets", "octets", "receivers", "errors", "dropped", "blocked",
                             "rtcp_reports", "rtcp_malformed"), 0)
     if rtp is not None:
@@ -310,14 +304,14 @@ async def collect(app: web.Application, scope: set[str] | None, detail: set[str]
     out.rtp = totals
 
     # WebRTC peers
-    relay = app.get(RELAY)
+    relay = node.webrtc
     if relay is not None:
         for area, n in relay.peers_by_area().items():
             if in_scope(area):
                 out.count(area)[WEBRTC_I] += n
 
     # HLS segmenters (details)
-    hls = app.get(HLS)
+    hls = node.hls
     if hls is not None:
         now = asyncio.get_running_loop().time()
         for area, seg in list(hls.segmenters.items()):
@@ -329,7 +323,7 @@ async def collect(app: web.Application, scope: set[str] | None, detail: set[str]
 
     # devices
     dev_totals = {**dict.fromkeys(DEVICE_STATUSES, 0), "connected": 0, "total": 0}
-    mgr = app.get(DEVICES)
+    mgr = node.devices
     if mgr is not None:
         index = {k: DEV_I + i for i, k in enumerate(DEVICE_STATUSES)}
         for n, dev in enumerate(list(mgr.devices.values())):
@@ -381,11 +375,8 @@ def clock_figures(node: Node) -> dict[str, Any]:
 
 
 def transport_figures(app: web.Application, c: Collected) -> dict[str, Any]:
-    from loa.web.streams.hls import HLS
-    from loa.web.streams.webrtc import RELAY
-
-    relay = app.get(RELAY)
-    hls = app.get(HLS)
+    relay = app[NODE].webrtc
+    hls = app[NODE].hls
     return {
         "http": dict(c.http),
         "rtp": {"enabled": c.rtp_enabled, "multicast": c.rtp_multicast, **c.rtp},
@@ -416,11 +407,7 @@ def _peer_ref(session_id: str) -> str:
 
 async def peer_figures(app: web.Application, codes: set[str]) -> dict[str, list[dict[str, Any]]]:
     """RTT, loss and jitter of every WHEP peer in these areas (from their receiver reports)."""
-    from loa.web.streams.webrtc import RELAY
-
-    relay = app.get(RELAY)
-    if relay is None:
-        return {}
+    relay = app[NODE].webrtc
     sessions = [s for s in list(relay.whep.values()) if s.area in codes]
     stats = await asyncio.gather(*(s.stats() for s in sessions), return_exceptions=True)
     out: dict[str, list[dict[str, Any]]] = {}
@@ -654,11 +641,9 @@ class MetricsSnapshot:
 
 
 async def metrics_snapshot(app: web.Application) -> MetricsSnapshot:
-    from loa.web.api.devices import DEVICES
-
     node = app[NODE]
     c = await collect(app, None, None)
-    mgr = app.get(DEVICES)
+    mgr = node.devices
     return MetricsSnapshot(
         node=node, collected=c, uptime=time.time() - node.started, clock=clock_figures(node),
         lag=node.lag.as_dict(), engine=engine_figures(node),

@@ -1,4 +1,6 @@
-"""The node: one Loa server process, which wires store, bus, engine, clock, media and station."""
+"""The node: one Loa server process. It builds every service from the Config (web/build.py) in
+dependency order, hands each its collaborators, starts them in that order and stops them in
+reverse; the HTTP routes only read them (`app[NODE].rtp`, `.http`, `.devices`, ...)."""
 
 from __future__ import annotations
 
@@ -8,14 +10,21 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aiohttp import web
 
+from loa.relay.devices.manager import DeviceManager
+from loa.relay.fanout import FanoutPool
+from loa.relay.hls import HlsService
+from loa.relay.icecast import HttpStreamer
+from loa.relay.rtp.out import RtpConfigError, RtpOut
+from loa.relay.webrtc import WebRtcRelay
 from loa.streamer.areas import AreaTree
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.clock import TICK, LoopLagMonitor, RealClock
-from loa.streamer.emergency.service import node_identity
+from loa.streamer.emergency.service import EmergencyService, node_identity
 from loa.streamer.engine import Engine
 from loa.streamer.hub import PacketHub
 from loa.streamer.library import LibrarySettings, MediaLibrary
@@ -25,38 +34,15 @@ from loa.streamer.state.open import open_store
 from loa.streamer.state.store import Record, Store, StoreUnavailable
 from loa.streamer.station import Station
 from loa.streamer.tts import Speech
-from loa.web.auth import Role, add_user
-from loa.web.config import Config
+from loa.web import build
+from loa.web.auth import LoginGuard, Role, add_user
+from loa.web.cap_fetch import cap_fetcher
+from loa.web.config import Config, ConfigError
+from loa.web.emergency_devices import EmergencyDeviceCommands
+from loa.web.offer_buckets import OfferBuckets
+from loa.web.relay_inputs import RelayInputs
 
 log = logging.getLogger("loa.node")
-
-
-
-MAX_UPLOAD_OVERHEAD = 1024 * 1024
-
-
-async def load_tree(store: Store, cfg: Config) -> AreaTree:
-    """The area tree from the store; on first start from the configured official list."""
-    rows = await store.find("area")
-    if rows:
-        # Not strict: a tree stored before the code alphabet (streamer/areas.py) still loads.
-        return AreaTree.from_rows([(r["id"], r["name"], r.get("level", ""), r.get("parent"))
-                                   for r in rows], strict=False)
-    if cfg.areas.csv:
-        text = await asyncio.to_thread(Path(cfg.areas.csv).read_text, encoding="utf-8")
-        tree = AreaTree.from_csv(text)
-    else:
-        tree = AreaTree()
-        tree.add(cfg.areas.root_code, cfg.areas.root_name, cfg.areas.root_level)
-    await store.put_many("area", [area_record(a.code, tree) for a in tree])
-    return tree
-
-
-def area_record(code: str, tree: AreaTree) -> dict[str, object]:
-    a = tree.get(code)
-    return {"id": a.code, "name": a.name, "level": a.level, "parent": a.parent,
-            "lat": a.lat, "lon": a.lon}
-
 
 READY_TIMEOUT_S = 2.0
 CLOCK_STALL_S = 5.0
@@ -92,8 +78,22 @@ class Node:
         self.bootstrap_password: str | None = None
         self.node_id = ""  # stable across restarts: emergencies, devices, as-run, RTP groups
         self.scheduler: Scheduler
+        # The services (web/build.py), started in this order by start().
+        self.inputs: RelayInputs
+        self.login_guard: LoginGuard
+        self.devices: DeviceManager
+        self.emergency: EmergencyService
+        self.http: HttpStreamer
+        self.fanout: FanoutPool | None = None  # `[http_streams] workers` > 0
+        self.rtp: RtpOut | None = None  # [rtp] enabled
+        self.hls: HlsService | None = None  # [hls] enabled
+        self.webrtc: WebRtcRelay
+        self.whep_offers: OfferBuckets
         self._tasks: list[asyncio.Task[None]] = []
         self._known_schedules: list[Record] = []
+        self._stops: list[Callable[[], Awaitable[None]]] = []  # of what started, in order
+        self._closes: list[Callable[[], Awaitable[None]]] = []  # client connections
+        self._clients_closed = False
 
     async def start(self) -> None:
         cfg = self.cfg
@@ -111,7 +111,7 @@ class Node:
             log.error("store opened read-only, starting degraded event=store_degraded "
                       "reason=%s", self.store.read_only)
         self.bus = await open_bus(cfg.store, cfg.store_prefix)
-        self.tree = await load_tree(self.store, cfg)
+        self.tree = await build.load_tree(self.store, cfg)
         self.hub.loop = loop
         self.engine = Engine(self.tree, cfg.engine, self.hub)
         self.library = MediaLibrary(data / "media", self.store, LibrarySettings(
@@ -125,8 +125,11 @@ class Node:
             media_epoch = time.time() - (time.monotonic() - self.clock.t0)
         else:
             media_epoch = time.time()
+        self.inputs = RelayInputs(self.engine, loop, cfg.fetch, build.relay_input_settings(cfg))
+        self._stops.append(self.inputs.close)
         self.station = Station(self.engine, self.store, self.library, self.speech, loop,
-                               media_epoch, node_id=self.node_id)
+                               media_epoch, node_id=self.node_id,
+                               relay_factory=self.inputs.factory)
         self.station.start()
         try:
             await self._bootstrap_admin()
@@ -136,6 +139,83 @@ class Node:
         if self.realtime:
             self.lag.start()
             self._tasks.append(loop.create_task(self.scheduler.run(self._schedules)))
+        await self._start_services(loop)
+        # Last, once every transport and input is up: a relay broadcast needs its input.
+        await self.station.restore()
+
+    async def _start_services(self, loop: asyncio.AbstractEventLoop) -> None:
+        cfg = self.cfg
+        self.login_guard = LoginGuard(self.store, cfg.auth.max_failed_logins)
+        self.devices = build.device_manager(cfg, self.store, self.bus, self.node_id)
+        # Each stop is registered before its start: a start that fails half-way is undone too.
+        self._stops.append(self.devices.stop)
+        self._closes.append(self.devices.close_all)
+        await self.devices.start()
+        settings = build.emergency_settings(cfg)
+        self.emergency = EmergencyService(
+            engine=self.engine, station=self.station, store=self.store, bus=self.bus,
+            tree=self.tree, library=self.library, speech=self.speech, settings=settings,
+            devices=EmergencyDeviceCommands(self.devices),
+            fetch=cap_fetcher(settings, cfg.fetch), node_id=self.node_id)
+        await self._start_emergency()  # before the Station's generic restore
+        self.http = build.http_streamer(cfg, self.hub, self.engine.on_air)
+        self.fanout = build.fanout_pool(cfg, self.http)
+        if self.fanout is not None:
+            self._closes.append(self.fanout.close)
+            await self.fanout.start()
+
+        self._closes.append(self.http.close)  # every listener's handler returns
+        self._stops.append(self.http.close)
+        await self.http.start()
+        self.rtp = build.rtp_out(cfg, self.hub, self.tree, self.station, self.store, self.bus,
+                                 self.node_id)
+        if self.rtp is not None:
+            self._stops.append(self.rtp.close)
+            try:
+                await self.rtp.start()
+            except RtpConfigError as e:
+                raise ConfigError(str(e)) from None
+        self.hls = build.hls_service(cfg, self.hub)
+        if self.hls is not None:
+            self._stops.append(self.hls.close)
+            await self.hls.start()
+        self.webrtc = build.webrtc_relay(cfg, self.hub, self.tree, self.station)
+        self.whep_offers = OfferBuckets(cfg.webrtc.whep_offers_per_s, cfg.webrtc.whep_burst)
+        await self._start_webrtc(loop)
+
+    async def _start_emergency(self) -> None:
+        svc = self.emergency
+        t0 = time.monotonic()
+        self._stops.append(svc.stop)
+        await svc.start()
+        log.info("emergency service started event=emergency_service_start node=%s active=%d "
+                 "restored=%d ms=%.1f", svc.node_id, len(svc.active), svc.stats["restored"],
+                 (time.monotonic() - t0) * 1000)
+
+    async def _start_webrtc(self, loop: asyncio.AbstractEventLoop) -> None:
+        relay = self.webrtc
+        closer = build.whip_closer(relay, loop)
+        self.engine.ended_listeners.append(closer)
+
+        async def close_peers() -> None:
+            if closer in self.engine.ended_listeners:
+                self.engine.ended_listeners.remove(closer)
+            await relay.close()
+            if relay.pool is not None:
+                await relay.pool.close()
+
+        self._closes.append(close_peers)
+        if relay.pool is not None:
+            await relay.pool.start()
+
+    async def close_clients(self) -> None:
+        """Close every client connection the services hold (device links, HTTP listeners,
+        WebRTC peers): the HTTP server's shutdown calls it before it waits for its handlers."""
+        if self._clients_closed:
+            return
+        self._clients_closed = True
+        for close in self._closes:
+            await close()
 
     async def _schedules(self) -> list[Record]:
         """The schedules for the scheduler's round; the last known ones while the store is
@@ -214,6 +294,11 @@ class Node:
               f"(khu vực / area {root})", flush=True)
 
     async def stop(self) -> None:
+        """Stop what start() started, in reverse order (also after a start that failed)."""
+        await self.close_clients()
+        for stop in reversed(self._stops):
+            await stop()
+        self._stops.clear()
         for t in self._tasks:
             t.cancel()
         if self.clock:

@@ -15,8 +15,9 @@ from loa.streamer.log import setup_logging
 from loa.streamer.state.open import open_store
 from loa.web.app import create_app
 from loa.web.auth import add_user
+from loa.web.build import load_tree
 from loa.web.config import Config, ConfigError, load_config
-from loa.web.node import Node, load_tree
+from loa.web.node import Node
 
 
 def _config(args: argparse.Namespace, http: str | None = None) -> Config:

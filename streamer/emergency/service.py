@@ -67,7 +67,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import numpy as np
@@ -160,10 +160,16 @@ class EmergencyError(Exception):
         self.record = record
 
 
-# Device commands go through the web layer's device manager: (areas, args of the `emergency`
-# command, also queue for devices not connected now, ttl or None) -> {"devices", "online"}.
-DeviceNotifier = Callable[[list[str], dict[str, Any], bool, float | None],
-                          Awaitable[dict[str, Any]]]
+class EmergencyDevices(Protocol):
+    """The loudspeakers and boards of the areas (the device manager, in relay/)."""
+
+    async def emergency_command(self, areas: list[str], args: dict[str, Any],
+                                include_offline: bool, ttl: float | None) -> dict[str, Any]:
+        """Send the `emergency` command with `args` to the devices of `areas` (also queued for
+        those not connected now when `include_offline`) -> {"devices", "online", ...}."""
+        ...
+
+
 # An audio resource of a CAP alert: url -> bytes (size and time limits are the fetcher's).
 Fetcher = Callable[[str], Awaitable[bytes]]
 
@@ -260,7 +266,7 @@ class EmergencyService:
     def __init__(self, *, engine: Engine, station: Station, store: Store, bus: Bus,
                  tree: AreaTree, library: MediaLibrary, speech: Speech,
                  settings: EmergencySettings | None = None, node_id: str = "",
-                 notify: DeviceNotifier | None = None, fetch: Fetcher | None = None) -> None:
+                 devices: EmergencyDevices | None = None, fetch: Fetcher | None = None) -> None:
         self.engine = engine
         self.station = station
         self.store = store
@@ -270,7 +276,7 @@ class EmergencyService:
         self.speech = speech
         self.settings = settings or EmergencySettings()
         self.node_id = node_id or uuid.uuid4().hex[:16]
-        self.notify = notify
+        self.devices = devices
         self.fetch = fetch
         self.active: dict[str, Record] = {}  # eid -> record (this node's view)
         self._local: dict[str, str] = {}  # eid -> this node's broadcast id
@@ -660,7 +666,7 @@ class EmergencyService:
                 groups.setdefault(new.get(a), []).append(a)
         self._winners = new
         total = {"devices": 0, "online": 0}
-        if self.notify is None:
+        if self.devices is None:
             return total
         for eid, areas in groups.items():
             if eid is None:
@@ -672,7 +678,8 @@ class EmergencyService:
                 ttl = None if rec.get("duration") is None or rec.get("live") else \
                     float(rec["duration"]) + 60.0
             try:
-                got = await self.notify(sorted(areas), args, include_offline, ttl)
+                got = await self.devices.emergency_command(sorted(areas), args, include_offline,
+                                                           ttl)
             except Exception:
                 log.exception("device commands failed event=emergency_devices_error id=%s", eid)
                 continue
@@ -850,10 +857,10 @@ class EmergencyService:
         # the device manager); only what ended meanwhile is sent now.
         stale = set(self._winners)
         self._winners = self._compute_winners()
-        if self.notify is not None:
+        if self.devices is not None:
             gone = sorted(a for a in stale if a not in self._winners)
             if gone:
-                await self.notify(gone, {"on": False}, True, None)
+                await self.devices.emergency_command(gone, {"on": False}, True, None)
 
     # ---- CAP ---------------------------------------------------------------------------------
     async def cap(self, alert: capmod.CapAlert, *, issuer: str, user: str,

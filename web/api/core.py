@@ -9,7 +9,6 @@ from aiohttp import web
 
 from loa.streamer.areas import AreaError, AreaTree, parse_csv
 from loa.web.auth import (
-    LoginGuard,
     Role,
     add_user,
     hash_password_async,
@@ -17,6 +16,7 @@ from loa.web.auth import (
     public_user,
     validate_password,
 )
+from loa.web.build import area_record
 from loa.web.http import (
     TOKEN_ID,
     ApiError,
@@ -27,12 +27,9 @@ from loa.web.http import (
     read_json,
     refuse_unknown,
 )
-from loa.web.node import NODE, Node, area_record
+from loa.web.node import NODE, Node
 
 routes = web.RouteTableDef()
-LOGIN_GUARD: web.AppKey[LoginGuard] = web.AppKey("login_guard", LoginGuard)
-
-
 def node_of(request: web.Request) -> Node:
     return request.app[NODE]
 
@@ -64,8 +61,7 @@ async def token(request: web.Request) -> web.Response:
     data = await read_json(request, 16 * 1024)
     username = field(data, "username", str)
     password = field(data, "password", str)
-    guard = request.app[LOGIN_GUARD]
-    tok, user = await login(node.store, guard, username, password, request.remote or "?",
+    tok, user = await login(node.store, node.login_guard, username, password, request.remote or "?",
                             ttl=node.cfg.auth.token_ttl_hours * 3600)
     return ok({"token": tok, "expires_in": int(node.cfg.auth.token_ttl_hours * 3600),
                "user": public_user(user)}, 201)
@@ -303,6 +299,4 @@ def _num(request: web.Request, name: str) -> float | None:
 
 
 def setup(app: web.Application) -> None:
-    node = app[NODE]  # started: its store is open
-    app[LOGIN_GUARD] = LoginGuard(node.store, node.cfg.auth.max_failed_logins)
     app.add_routes(routes)

@@ -15,7 +15,7 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from loa.relay.devices.manager import Device, DeviceManager, DeviceSettings, HelloRejected
+from loa.relay.devices.manager import Device, DeviceManager, HelloRejected
 from loa.relay.devices.protocol import (
     CLOSE_MALFORMED_HELLO,
     COMMANDS,
@@ -35,11 +35,9 @@ from loa.relay.devices.records import (
     new_provisioning_token,
     secret_hash,
 )
-from loa.relay.devices.streams import StreamOffer
 from loa.streamer.state.store import Record
 from loa.web.api.schema import CODE, ID_PARAM, READ, STR, WRITE, body, obj, responses
 from loa.web.auth import Principal
-from loa.web.config import Config
 from loa.web.http import (
     PUBLIC,
     ApiError,
@@ -56,27 +54,10 @@ from loa.web.node import NODE, Node
 log = logging.getLogger("loa.devices")
 routes = web.RouteTableDef()
 
-DEVICES: web.AppKey[DeviceManager] = web.AppKey("devices", DeviceManager)
 # (method, path) pairs outside bearer authentication: add them to loa.web.http.PUBLIC.
 PUBLIC_PATHS = {("POST", "/api/v1/devices/provision"), ("GET", "/api/v1/devices/connect")}
 PROVISION_FAILURES_PER_IP = 20  # failed exchanges per address per 5 minutes
 MAX_LIST = 10_000
-
-
-# ---- wiring ------------------------------------------------------------------------------------
-def settings_of(cfg: Config) -> DeviceSettings:
-    """The [devices] config section (DeviceSettings defaults until Config carries one)."""
-    s = getattr(cfg, "devices", None)
-    return s if isinstance(s, DeviceSettings) else DeviceSettings()
-
-
-def offer_of(cfg: Config) -> StreamOffer:
-    return StreamOffer(
-        http_codecs=("opus", "mp3"),
-        hls_codec=cfg.hls.codec if cfg.hls.enabled else None,
-        rtp_codecs=tuple(c.strip() for c in cfg.rtp.codecs.split(",") if c.strip())
-        if cfg.rtp.enabled else (),
-        webrtc=True)
 
 
 def public_base(request: web.Request, node: Node) -> str:
@@ -133,7 +114,7 @@ class WsLink:
 @routes.get("/api/v1/devices/connect")
 async def connect(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE]
-    mgr = request.app[DEVICES]
+    mgr = request.app[NODE].devices
     s = mgr.settings
     ws = web.WebSocketResponse(compress=False, max_msg_size=s.max_message_kb * 1024,
                                timeout=5.0, autoping=True)
@@ -182,7 +163,7 @@ async def connect(request: web.Request) -> web.StreamResponse:
 
 # ---- helpers -------------------------------------------------------------------------------------
 def _mgr(request: web.Request) -> DeviceManager:
-    return request.app[DEVICES]
+    return request.app[NODE].devices
 
 
 def _device(request: web.Request, p: Principal) -> Device:
@@ -537,25 +518,6 @@ def openapi_paths() -> dict[str, Any]:
 
 
 def setup(app: web.Application) -> None:
-    """Routes, and the device manager started and stopped with the app. Idempotent."""
-    if DEVICES in app:
-        return
-    node = app[NODE]
-    mgr = DeviceManager(node.store, node.bus.publish, settings_of(node.cfg), offer_of(node.cfg),
-                        bus=node.bus if node.bus.shared else None, node_id=node.node_id)
-    app[DEVICES] = mgr
+    """Register routes. The device manager is app[NODE].devices (started)."""
     PUBLIC.update(PUBLIC_PATHS)  # devices authenticate with their own secrets, not bearer tokens
-
-    async def on_startup(_: web.Application) -> None:
-        await mgr.start()
-
-    async def on_shutdown(_: web.Application) -> None:
-        await mgr.close_all()
-
-    async def on_cleanup(_: web.Application) -> None:
-        await mgr.stop()
-
-    app.on_startup.append(on_startup)
-    app.on_shutdown.append(on_shutdown)
-    app.on_cleanup.append(on_cleanup)
     app.add_routes(routes)

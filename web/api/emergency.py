@@ -22,25 +22,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from typing import Any
 
-import aiohttp
 from aiohttp import web
-from yarl import URL
 
-from loa.relay.devices.protocol import validate_command
-from loa.relay.urlpolicy import FETCH_SCHEMES, FetchSettings, PolicyResolver, check_url
 from loa.streamer.emergency import cap as capmod
 from loa.streamer.emergency.service import (
     EmergencyError,
     EmergencyService,
-    EmergencySettings,
     Request,
 )
 from loa.streamer.state.store import Record
 from loa.streamer.station import MAX_GAP, MAX_REPEAT
-from loa.web.api.devices import DEVICES
 from loa.web.api.schema import CODE, ID_PARAM, READ, STR, WRITE, body, obj, responses
 from loa.web.auth import Principal
 from loa.web.http import (
@@ -58,19 +51,12 @@ from loa.web.node import NODE, Node
 log = logging.getLogger("loa.emergency")
 routes = web.RouteTableDef()
 
-EMERGENCY: web.AppKey[EmergencyService] = web.AppKey("emergency", EmergencyService)
 CAP_TYPES = ("application/cap+xml", "application/xml", "text/xml")
 MAX_TEXT = 5000
 
 
-def settings_of(node: Node) -> EmergencySettings:
-    """The [emergency] config section (defaults until Config carries one)."""
-    s = getattr(node.cfg, "emergency", None)
-    return s if isinstance(s, EmergencySettings) else EmergencySettings()
-
-
 def service(request: web.Request) -> EmergencyService:
-    return request.app[EMERGENCY]
+    return request.app[NODE].emergency
 
 
 def _require_right(p: Principal) -> None:
@@ -268,84 +254,8 @@ async def alert_receive(request: web.Request) -> web.StreamResponse:
     return ok(_public(body), status)
 
 
-# ---- wiring ---------------------------------------------------------------------------------------
-def _notifier(app: web.Application) -> Any:
-    async def notify(areas: list[str], args: dict[str, Any], include_offline: bool,
-                     ttl: float | None) -> dict[str, Any]:
-        mgr = app.get(DEVICES)
-        if mgr is None:
-            return {"devices": 0, "online": 0}
-        wanted = set(areas)
-        # A device connected to another node of a cluster gets the command from that node,
-        # which hears of the emergency on the bus: sending it from here too would double it.
-        devices = [d for d in mgr.find(wanted) if not d.record.get("revoked")
-                   and (d.link is not None or (include_offline and not mgr.remote(d)))]
-        if not devices:
-            return {"devices": 0, "online": 0}
-        s = mgr.settings
-        ttl = min(max(ttl or 0.0, s.command_ttl), s.max_command_ttl)
-        issued = await mgr.issue(devices, "emergency", validate_command("emergency", args),
-                                 ttl=ttl, issuer="emergency", area=min(areas, key=len))
-        return {"devices": issued.devices, "online": issued.online, "batch": issued.batch}
-
-    return notify
-
-
-MAX_REDIRECTS = 3
-
-
-def _fetcher(svc: EmergencyService, policy: FetchSettings) -> Any:
-    """CAP resource URIs: http(s) only, never to the node itself or link-local addresses
-    (relay/urlpolicy.py), checked for every redirect and every address connected to."""
-    async def fetch(url: str) -> bytes:
-        s = svc.settings
-        limit = s.cap_resource_mb * 1024 * 1024
-        timeout = aiohttp.ClientTimeout(total=s.cap_resource_timeout)
-        connector = aiohttp.TCPConnector(resolver=PolicyResolver(policy))
-        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as http:
-            for _ in range(MAX_REDIRECTS + 1):
-                await check_url(url, FETCH_SCHEMES, policy)  # IP literals skip the resolver
-                async with http.get(url, allow_redirects=False) as r:
-                    if r.status in (301, 302, 303, 307, 308) and "Location" in r.headers:
-                        url = str(r.url.join(URL(r.headers["Location"])))
-                        continue
-                    if r.status != 200:
-                        raise ValueError(f"HTTP {r.status}")
-                    if r.content_length is not None and r.content_length > limit:
-                        raise ValueError(f"resource of {r.content_length} bytes is over the "
-                                         "limit")
-                    data = await r.content.read(limit + 1)
-                    if len(data) > limit:
-                        raise ValueError("resource is over the size limit")
-                    return data
-            raise ValueError("too many redirects")
-
-    return fetch
-
-
 def setup(app: web.Application) -> None:
-    """Register routes; the service starts (and restores active emergencies) with the app,
-    before the Station's generic restore."""
-    node = app[NODE]
-    svc = EmergencyService(engine=node.engine, station=node.station, store=node.store,
-                           bus=node.bus, tree=node.tree, library=node.library,
-                           speech=node.speech, settings=settings_of(node),
-                           notify=_notifier(app), node_id=node.node_id)
-    svc.fetch = _fetcher(svc, node.cfg.fetch)
-    app[EMERGENCY] = svc
-
-    async def on_startup(_: web.Application) -> None:
-        t0 = time.monotonic()
-        await svc.start()
-        log.info("emergency service started event=emergency_service_start node=%s active=%d "
-                 "restored=%d ms=%.1f", svc.node_id, len(svc.active), svc.stats["restored"],
-                 (time.monotonic() - t0) * 1000)
-
-    async def on_cleanup(_: web.Application) -> None:
-        await svc.stop()
-
-    app.on_startup.append(on_startup)
-    app.on_cleanup.append(on_cleanup)
+    """Register routes. The service is app[NODE].emergency (started)."""
     app.add_routes(routes)
 
 

@@ -250,14 +250,13 @@ async def wait_idle(engine: Any, limit: float) -> int:
 async def bench_backend(store_url: str, prefix: str, data_dir: Path, requests: int,
                         concurrency: int, pool: ProcessPoolExecutor,
                         only: tuple[str, ...] = PHASES) -> dict[str, Any]:
-    from aiohttp import ClientSession, FormData, web
+    from aiohttp import ClientSession, FormData
 
     from loa.streamer.areas import AreaTree
     from loa.streamer.state.open import open_store
-    from loa.web.app import create_app
     from loa.web.auth import add_user
     from loa.web.config import load_config
-    from loa.web.node import Node
+    from loa.web.testing import start_node
 
     loop = asyncio.get_running_loop()
     cfg = load_config(None, env={}, data=str(data_dir))
@@ -283,14 +282,8 @@ async def bench_backend(store_url: str, prefix: str, data_dir: Path, requests: i
     seed_s = time.perf_counter() - t0
     assert n_areas == AREAS and n_devices == DEVICES, (n_areas, n_devices)
 
-    node = Node(cfg, realtime=True)
-    await node.start()
-    runner = web.AppRunner(create_app(node), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    base = f"http://{host}:{port}"
+    live = await start_node(cfg, access_log=None)
+    node, base = live.node, live.url
     result: dict[str, Any] = {"seed_s": round(seed_s, 2), "areas_loaded": len(list(node.tree))}
     try:
         assert len(list(node.tree)) == AREAS
@@ -344,8 +337,7 @@ async def bench_backend(store_url: str, prefix: str, data_dir: Path, requests: i
             result[name] = out
         result["left_on_air"] = await wait_idle(node.engine, 10 * MEDIA_SECONDS)
     finally:
-        await runner.cleanup()
-        await node.stop()
+        await live.stop()
     return result
 
 

@@ -36,14 +36,13 @@ import gc
 import json
 import os
 import resource
-import socket
 import statistics
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from aiohttp import ClientSession, web
+from aiohttp import ClientSession
 
 ROOT = "B01"
 COMMUNES_PER_DISTRICT = 20
@@ -260,12 +259,12 @@ def fleet_main(path: str) -> None:
 async def _bench(n: int, seconds: float, heartbeat: float) -> dict[str, Any]:
     from loa.relay.devices.manager import DeviceSettings
     from loa.relay.devices.records import new_device_record, new_key, secret_hash
+    from loa.streamer.state.open import open_store
     from loa.streamer.state.store import Record
-    from loa.web.api import devices as api_devices
-    from loa.web.app import create_app
     from loa.web.auth import add_user
     from loa.web.config import load_config
     from loa.web.node import Node
+    from loa.web.testing import start_node
 
     gc_env = os.environ.get("LOA_BENCH_GC_THRESHOLD", "").strip()
     if gc_env:
@@ -281,13 +280,7 @@ async def _bench(n: int, seconds: float, heartbeat: float) -> dict[str, Any]:
         cfg = load_config(None, env={}, data=str(Path(tmp) / "data"))
         cfg.areas.csv = str(csv)
         cfg.devices = DeviceSettings(heartbeat=heartbeat)  # type: ignore[attr-defined]
-        node = Node(cfg, realtime=False)
-        await node.start()
         password = "bench-password-1"
-        await add_user(node.store, node.tree, "bench", "admin", ROOT, password, emergency=True)
-        gc.collect()
-        rss0 = rss_bytes()
-
         records: list[Record] = []
         keys: list[list[str]] = []
         for i in range(n):
@@ -299,18 +292,24 @@ async def _bench(n: int, seconds: float, heartbeat: float) -> dict[str, Any]:
             rec["key_hash"] = secret_hash(key)
             records.append(rec)
             keys.append([rec["id"], key])
-        await node.store.put_many("device", records)
+        # Seeded before the node starts: its device manager loads the registry at start.
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        store = await open_store(cfg.store, cfg.data_dir, cfg.store_prefix)
+        try:
+            await store.put_many("device", records)
+        finally:
+            await store.close()
         del records
-        app = create_app(node)
-        api_devices.setup(app)  # no-op once the app factory calls it
-        mgr = app[api_devices.DEVICES]
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await runner.setup()
-        sock = socket.create_server(("127.0.0.1", 0), backlog=4096)
-        port = sock.getsockname()[1]
-        site = web.SockSite(runner, sock, backlog=4096)
-        await site.start()
-        base = f"http://127.0.0.1:{port}"
+        gc.collect()
+        rss0 = rss_bytes()  # before the node: its own baseline now counts in bytes_per_device
+
+        async def prepare(node: Node) -> None:
+            await add_user(node.store, node.tree, "bench", "admin", ROOT, password,
+                           emergency=True)
+
+        live = await start_node(cfg, realtime=False, prepare=prepare, backlog=4096,
+                                access_log=None, handle_signals=False)
+        mgr, port, base = live.node.devices, live.port, live.url
         spec_path = Path(tmp) / "fleet.json"
         spec_path.write_text(json.dumps({"host": "127.0.0.1", "port": port,
                                          "heartbeat": heartbeat, "devices": keys}),
@@ -383,8 +382,7 @@ async def _bench(n: int, seconds: float, heartbeat: float) -> dict[str, Any]:
             if proc.returncode is None:
                 proc.terminate()
             await proc.wait()
-            await runner.cleanup()
-            await node.stop()
+            await live.stop()
     return {
         "bench": "devices", "devices": n, "heartbeat_s": heartbeat,
         "window_s": round(t1 - t0, 2),

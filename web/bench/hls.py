@@ -7,8 +7,6 @@ import asyncio
 import json
 import time
 
-from aiohttp import web
-
 from loa.codecs.encoders import Packet
 from loa.relay.hls import HlsSettings, Segmenter
 
@@ -97,24 +95,17 @@ async def _bench(clients: int, seconds: float) -> dict[str, object]:
     import numpy as np
 
     from loa.codecs.encoders import Mp3Encoder
-    from loa.web.app import create_app
     from loa.web.config import load_config
-    from loa.web.node import Node
-    from loa.web.streams.hls import HLS as hls_key
+    from loa.web.testing import start_node
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, env={}, data=str(Path(tmp) / "data"))
-        node = Node(cfg, realtime=False)
         with contextlib.redirect_stdout(sys.stderr):  # the bootstrap password is not the result
-            await node.start()
-        app = create_app(node)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
+            live = await start_node(cfg, realtime=False, access_log=None)
+        node, port = live.node, live.port
         area = node.tree.roots()[0].code
-        seg = app[hls_key].touch(area)
+        assert node.hls is not None
+        seg = node.hls.touch(area)
         enc = Mp3Encoder(0)
         t = np.arange(48_000 * 20) / 48_000
         pcm = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
@@ -128,8 +119,7 @@ async def _bench(clients: int, seconds: float) -> dict[str, object]:
         out, _ = await proc.communicate()
         cpu = time.process_time() - cpu0
         done, errors = (int(x) for x in out.split())
-        await runner.cleanup()
-        await node.stop()
+        await live.stop()
     per_req = cpu / max(done, 1)
     polls = 2 / cfg.hls.segment_seconds  # a player: playlist + segment per segment
     return {

@@ -386,14 +386,11 @@ async def measure(port: int, path: str, listeners: int, seconds: float, cpu: Any
 # ---- Loa ----------------------------------------------------------------------------------
 @contextlib.asynccontextmanager
 async def loa_node(listeners: int, workers: int | None) -> AsyncIterator[Any]:
-    """A real node airing the bench tone on a free port: yields (node, app, port)."""
-    from aiohttp import web
-
+    """A real node airing the bench tone on a free port: yields (node, port)."""
     from loa.streamer.broadcast import Broadcast
     from loa.streamer.sources import ToneSource
-    from loa.web.app import create_app
     from loa.web.config import load_config
-    from loa.web.node import Node
+    from loa.web.testing import start_node
 
     with tempfile.TemporaryDirectory(prefix="loa-bench-http-") as tmp:
         cfg = load_config(None, env={}, data=str(Path(tmp) / "data"))
@@ -406,28 +403,19 @@ async def loa_node(listeners: int, workers: int | None) -> AsyncIterator[Any]:
             hs.workers = workers
         hs.max_listeners = max(hs.max_listeners, listeners + FRESH_LISTENERS + 10)
         hs.max_listeners_per_area = max(hs.max_listeners_per_area, hs.max_listeners)
-        node = Node(cfg, realtime=True)
         with contextlib.redirect_stdout(sys.stderr):  # the bootstrap password line
-            await node.start()
-        app = create_app(node)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=4096)
-        await site.start()
+            live = await start_node(cfg, backlog=4096, access_log=None)
         try:
-            node.engine.start(Broadcast(ToneSource(440, 0.3), [ROOT], issuer=ROOT,
-                                        title="bench"))
-            yield node, app, runner.addresses[0][1]
+            live.node.engine.start(Broadcast(ToneSource(440, 0.3), [ROOT], issuer=ROOT,
+                                             title="bench"))
+            yield live.node, live.port
         finally:
-            await runner.cleanup()
-            await node.stop()
+            await live.stop()
 
 
-def loa_cpu(app: Any) -> Any:
+def loa_cpu(node: Any) -> Any:
     """CPU seconds of the node's process and of its fan-out workers."""
-    from loa.web.streams.http import FANOUT
-
-    pool = app.get(FANOUT)
+    pool = node.fanout
 
     def cpu() -> float:
         pids = pool.worker_pids() if pool is not None else []
@@ -438,11 +426,9 @@ def loa_cpu(app: Any) -> Any:
 
 async def measure_loa(listeners: int, seconds: float, workers: int | None,
                       codec: str = "mp3") -> dict[str, Any]:
-    from loa.web.streams.http import HTTP_STREAMER
-
-    async with loa_node(listeners, workers) as (node, app, port):
+    async with loa_node(listeners, workers) as (node, port):
         hs = node.cfg.http_streams
-        streamer = app[HTTP_STREAMER]
+        streamer = node.http
         clock = node.clock
         skipped = 0
 
@@ -453,7 +439,7 @@ async def measure_loa(listeners: int, seconds: float, workers: int | None,
                 skipped = clock.stats.skipped_ticks
             node.lag.max_ms = 0.0
 
-        out = await measure(port, f"/streams/{ROOT}.{codec}", listeners, seconds, loa_cpu(app),
+        out = await measure(port, f"/streams/{ROOT}.{codec}", listeners, seconds, loa_cpu(node),
                             lambda: streamer.batch_span_ms(BYTES_PER_SECOND), mark)
         stats = streamer.stats()
         out.update({
@@ -474,11 +460,11 @@ async def measure_loa(listeners: int, seconds: float, workers: int | None,
 async def storm(listeners: int, workers: int | None) -> dict[str, Any]:
     """N listeners stream, then all hang up and reconnect at once; the media clock's figures
     over the storm (and a settling second after it) say whether a tick was delayed."""
-    async with loa_node(listeners, workers) as (node, app, port):
+    async with loa_node(listeners, workers) as (node, port):
         clock = node.clock
         assert clock is not None
         client = Listeners(port, f"/streams/{ROOT}.mp3", listeners + FRESH_LISTENERS + 256)
-        cpu = loa_cpu(app)
+        cpu = loa_cpu(node)
         try:
             got = await client.call("open", listeners)
             log(f"{got['streaming']} listeners streaming ({got['failed']} failed)")

@@ -24,15 +24,16 @@ async def _bench(areas: int, devices: int, rounds: int) -> dict[str, object]:
     import tempfile
     import urllib.request
 
-    from aiohttp.test_utils import TestClient, TestServer
+    import aiohttp
 
     from loa.streamer.broadcast import Broadcast
     from loa.streamer.clock import VirtualClock
     from loa.streamer.sources import ToneSource
-    from loa.web.app import create_app
+    from loa.streamer.state.open import open_store
     from loa.web.auth import add_user
     from loa.web.config import load_config
     from loa.web.monitor import SAMPLER as sampler_key
+    from loa.web.testing import start_node
 
     districts = max(1, areas // 100)
     communes = areas - 1 - districts
@@ -49,19 +50,26 @@ async def _bench(areas: int, devices: int, rounds: int) -> dict[str, object]:
         csv.write_text("\n".join(lines) + "\n", encoding="utf-8")
         cfg = load_config(None, env={}, data=str(Path(tmp) / "data"))
         cfg.areas.csv = str(csv)
-        node = Node(cfg, realtime=False)
+        # Seeded before the node starts: its device manager loads the registry at start.
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+        store = await open_store(cfg.store, cfg.data_dir, cfg.store_prefix)
+        try:
+            await store.put_many("device", [
+                {"id": f"loa-{i:05d}", "area": codes[i % len(codes)], "kind": "loudspeaker",
+                 "name": f"Cụm loa {i:05d}", "status": "offline", "volume": 80}
+                for i in range(devices)])
+        finally:
+            await store.close()
+
+        async def prepare(node: Node) -> None:
+            await add_user(node.store, node.tree, "bench-tinh", "viewer", "49", "mat-khau-123")
+            await add_user(node.store, node.tree, "bench-xa", "viewer", codes[0],
+                           "mat-khau-123")
+
         with _contextlib.redirect_stdout(sys.stderr):  # the bootstrap password is not the result
-            await node.start()
-        await node.store.put_many("device", [
-            {"id": f"loa-{i:05d}", "area": codes[i % len(codes)], "kind": "loudspeaker",
-             "name": f"Cụm loa {i:05d}", "status": "offline", "volume": 80}
-            for i in range(devices)])
-        await add_user(node.store, node.tree, "bench-tinh", "viewer", "49", "mat-khau-123")
-        await add_user(node.store, node.tree, "bench-xa", "viewer", codes[0], "mat-khau-123")
-        app = create_app(node)
-        client = TestClient(TestServer(app, host="127.0.0.1"))
-        await client.start_server()  # on_startup: the device registry loads the devices
-        base = str(client.make_url("")).rstrip("/")
+            live = await start_node(cfg, realtime=False, prepare=prepare)
+        node, app, base = live.node, live.app, live.url
+        client = aiohttp.ClientSession(base_url=base)
         tokens = {}
         for who in ("bench-tinh", "bench-xa"):
             r = await client.post("/api/v1/auth/token",
@@ -118,7 +126,7 @@ async def _bench(areas: int, devices: int, rounds: int) -> dict[str, object]:
         for sub in subs:
             sub.close()
         await client.close()
-        await node.stop()
+        await live.stop()
     out: dict[str, object] = {"bench": "monitor", "areas": areas, "devices": devices,
                               "channels": len(subs), "rounds": rounds}
     for k, v in res.items():

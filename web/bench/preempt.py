@@ -365,11 +365,7 @@ class Probe:
         return (where, area, self.round) in self.first
 
 
-def _hook(app: Any, node: Any, probe: Probe, areas: list[str]) -> None:
-    from loa.web.streams.http import FANOUT, HTTP_STREAMER
-    from loa.web.streams.rtp import RTP
-    from loa.web.streams.webrtc import RELAY
-
+def _hook(node: Any, probe: Probe, areas: list[str]) -> None:
     node.engine.listeners.append(probe.on_change)
     for area in areas:
         sub = node.hub.subscribe(area, "opus", maxlen=10)
@@ -379,7 +375,7 @@ def _hook(app: Any, node: Any, probe: Probe, areas: list[str]) -> None:
                 probe.mark("hub", a)
 
         sub.on_packets = hub_tap
-    out = app.get(RTP)
+    out = node.rtp
     for (area, _codec), st in (out.streams.items() if out else []):
         if area not in areas:
             continue
@@ -391,7 +387,7 @@ def _hook(app: Any, node: Any, probe: Probe, areas: list[str]) -> None:
                 probe.mark("rtp", a)
 
         st.send = send
-    relay = app[RELAY]
+    relay = node.webrtc
     # The in-process feeds' subscriptions, or those forwarding to the WHEP workers.
     subs = {**{a: f.sub for a, f in relay.feeds.items()}, **(relay.pool.subs if relay.pool else {})}
     for area, sub in subs.items():
@@ -404,7 +400,7 @@ def _hook(app: Any, node: Any, probe: Probe, areas: list[str]) -> None:
                 probe.mark("webrtc", a)
 
         sub.on_packets = whep
-    streamer = app.get(HTTP_STREAMER)
+    streamer = node.http
     for (area, _codec), ch in (streamer.channels.items() if streamer else []):
         state = {"samples": 0}
         orig_p = ch.sub.on_packets
@@ -426,7 +422,7 @@ def _hook(app: Any, node: Any, probe: Probe, areas: list[str]) -> None:
 
         ch.sub.on_packets = packets_in
         ch.write_all = written
-    pool = app.get(FANOUT)  # fan-out workers: "sent" is the tick's message to the workers
+    pool = node.fanout  # fan-out workers: "sent" is the tick's message to the workers
     for (area, _codec), sub in (pool.subs.items() if pool else []):
         if area not in areas:
             continue
@@ -442,15 +438,13 @@ def _hook(app: Any, node: Any, probe: Probe, areas: list[str]) -> None:
 
 async def _server(n: int, rounds: int) -> dict[str, Any]:
     import aiohttp
-    from aiohttp import web
 
     from loa.streamer.broadcast import Broadcast
     from loa.streamer.sources import ToneSource
-    from loa.web.app import create_app
     from loa.web.auth import add_user
     from loa.web.config import load_config
     from loa.web.node import Node
-    from loa.web.streams.rtp import RTP
+    from loa.web.testing import start_node
 
     areas = [f"{PROVINCE}-X{i}" for i in range(1, COMMUNES + 1)]
     n_rtp = n // 3
@@ -474,22 +468,18 @@ async def _server(n: int, rounds: int) -> dict[str, Any]:
         cfg.webrtc.whep_burst = max(cfg.webrtc.whep_burst, n_web + 10)  # one address
         cfg.webrtc.max_peers_per_area = max(cfg.webrtc.max_peers_per_area, n_web + 10)
         cfg.webrtc.connect_timeout = 120.0
-        node = Node(cfg, realtime=True)
-        with contextlib.redirect_stdout(sys.stderr):
-            await node.start()
         password = secrets.token_urlsafe(12)
-        await add_user(node.store, node.tree, "bench", "operator", PROVINCE, password,
-                       emergency=True)
-        await add_user(node.store, node.tree, "bench-admin", "admin", PROVINCE, password)
-        node.engine.start(Broadcast(ToneSource(MUSIC_HZ, 0.3), [PROVINCE], issuer=PROVINCE,
-                                    title="nhạc"))
-        app = create_app(node)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        base = f"http://{host}:{port}"
+
+        async def prepare(node: Node) -> None:
+            await add_user(node.store, node.tree, "bench", "operator", PROVINCE, password,
+                           emergency=True)
+            await add_user(node.store, node.tree, "bench-admin", "admin", PROVINCE, password)
+            node.engine.start(Broadcast(ToneSource(MUSIC_HZ, 0.3), [PROVINCE],
+                                        issuer=PROVINCE, title="nhạc"))
+
+        with contextlib.redirect_stdout(sys.stderr):  # the bootstrap admin line is not JSON
+            live = await start_node(cfg, prepare=prepare, backlog=1024, access_log=None)
+        node, base = live.node, live.url
         procs: list[asyncio.subprocess.Process] = []
         probe = Probe(node.engine)
         try:
@@ -510,7 +500,8 @@ async def _server(n: int, rounds: int) -> dict[str, Any]:
                     async with http.post(f"{base}/api/v1/devices/provision", json={
                             "device": dev["id"], "token": dev["provisioning_token"]}) as r:
                         devices.append({"id": dev["id"], "key": (await r.json())["key"]})
-                rtp_out = app[RTP]
+                rtp_out = node.rtp
+                assert rtp_out is not None
                 rtp = []
                 for i in range(n_rtp):
                     area, codec = areas[i % COMMUNES], ("opus", "pcmu")[(i // COMMUNES) % 2]
@@ -533,7 +524,7 @@ async def _server(n: int, rounds: int) -> dict[str, Any]:
                     assert p.stdout is not None
                     line = (await p.stdout.readline()).decode().strip()
                     log(f"bench: child {line}")
-                _hook(app, node, probe, areas)
+                _hook(node, probe, areas)
                 node.lag.max_ms = 0.0  # from here on: the rounds, not the clients' set-up
                 body = {"targets": [PROVINCE], "content": {"text": MESSAGE},
                         "attention": {"after": False}}
@@ -584,8 +575,7 @@ async def _server(n: int, rounds: int) -> dict[str, Any]:
             with contextlib.suppress(ValueError):
                 node.engine.listeners.remove(probe.on_change)
             lag = node.lag.max_ms
-            await runner.cleanup()
-            await node.stop()
+            await live.stop()
     # ---- figures ----
     per: dict[str, list[float]] = {"rtp": [], "webrtc": [], "http": []}
     missed: dict[str, int] = {"rtp": 0, "webrtc": 0, "http": 0}

@@ -172,7 +172,6 @@ async def _sleep_until(deadline: float) -> None:
 async def measure(listeners: int, seconds: float) -> dict[str, Any]:
     from loa.web.config import load_config
     from loa.web.node import Node
-    from loa.web.streams.rtp import make_rtp_out
 
     loop = asyncio.get_running_loop()
     with tempfile.TemporaryDirectory(prefix="loa-bench-rtp-") as tmp:
@@ -187,14 +186,13 @@ async def measure(listeners: int, seconds: float) -> dict[str, Any]:
         node = Node(cfg, realtime=True)
         with contextlib.redirect_stdout(sys.stderr):  # the bootstrap admin line is not JSON
             await node.start()
-        out: RtpOut | None = None
+        out: RtpOut | None = node.rtp  # the node started it ([rtp] enabled)
         proc: asyncio.subprocess.Process | None = None
         try:
             area = node.tree.roots()[0].code
             node.engine.start(Broadcast(ToneSource(440, 0.3), [area], issuer=area,
                                         title="bench"))
-            out = make_rtp_out(node)
-            await out.start()
+            assert out is not None
             st = out.stream(area, "opus")
             # Baseline: the same stream encoded, nobody to send it to.
             hold = node.hub.subscribe(area, "opus", maxlen=1)
@@ -228,8 +226,6 @@ async def measure(listeners: int, seconds: float) -> dict[str, Any]:
             if proc is not None and proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-            if out is not None:
-                await out.close()
             await node.stop()
     fraction = cpu / wall
     net = max(fraction - base_cpu, 1e-9)

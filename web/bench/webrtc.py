@@ -70,14 +70,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 async def _server(listeners: int, seconds: float, workers: int | None) -> dict[str, Any]:
-    from aiohttp import ClientSession, web
+    from aiohttp import ClientSession
 
     from loa.streamer.broadcast import Broadcast
     from loa.streamer.sources import ToneSource
-    from loa.web.app import create_app
     from loa.web.auth import add_user
     from loa.web.config import load_config
     from loa.web.node import Node
+    from loa.web.testing import start_node
 
     latency = listeners <= 1
     with tempfile.TemporaryDirectory(prefix="loa-bench-webrtc-") as tmp:
@@ -93,25 +93,21 @@ async def _server(listeners: int, seconds: float, workers: int | None) -> dict[s
         cfg.webrtc.connect_timeout = max(cfg.webrtc.connect_timeout, 120.0)
         if workers is not None:
             cfg.webrtc.workers = workers
-        node = Node(cfg, realtime=True)
-        with contextlib.redirect_stdout(sys.stderr):  # the bootstrap admin notice: not JSON
-            await node.start()
         password = secrets.token_urlsafe(12)
-        await add_user(node.store, node.tree, "bench", "operator", "P01", password)
-        if not latency:
-            node.engine.start(Broadcast(ToneSource(440, 0.3), ["P01"], issuer="P01"))
-        app = create_app(node)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        host, port = runner.addresses[0][:2]
-        url = f"http://{host}:{port}"
+
+        async def prepare(node: Node) -> None:
+            await add_user(node.store, node.tree, "bench", "operator", "P01", password)
+            if not latency:
+                node.engine.start(Broadcast(ToneSource(440, 0.3), ["P01"], issuer="P01"))
+
+        with contextlib.redirect_stdout(sys.stderr):  # the bootstrap admin notice: not JSON
+            live = await start_node(cfg, prepare=prepare, access_log=None)
+        node, url = live.node, live.url
         # The stream is encoded for a subscriber in both phases: the difference is the peers.
         keep = node.hub.subscribe(AREA, "opus", maxlen=10)
         keep.on_packets = lambda packets: None
         loop = asyncio.get_running_loop()
-        workers_cpu = _workers_cpu(app)
+        workers_cpu = _workers_cpu(node)
         try:
             await asyncio.sleep(SETTLE_SECONDS)
             w0 = workers_cpu()
@@ -134,7 +130,7 @@ async def _server(listeners: int, seconds: float, workers: int | None) -> dict[s
                 raise RuntimeError(f"listener process failed: {ready!r}")
             log(f"bench: {ready}")
             await asyncio.sleep(SETTLE_SECONDS)
-            relay_stats = _relay_counters(app)
+            relay_stats = _relay_counters(node)
             clock_before = node.clock.stats.max_lateness_ms if node.clock else 0.0
             clock1 = _ticks(node)
             lag_setup = node.lag.max_ms
@@ -155,8 +151,7 @@ async def _server(listeners: int, seconds: float, workers: int | None) -> dict[s
             clock_max = node.clock.stats.max_lateness_ms if node.clock else 0.0
         finally:
             keep.close()
-            await runner.cleanup()
-            await node.stop()
+            await live.stop()
     frac = (cpu1 - cpu0) / (t1 - t0)
     wfrac = (wcpu1 - wcpu0) / (t1 - t0)
     connected = int(child.get("connected", 0))
@@ -198,10 +193,8 @@ async def _server(listeners: int, seconds: float, workers: int | None) -> dict[s
     return out
 
 
-def _relay_counters(app: Any) -> Any:
-    from loa.web.streams.webrtc import RELAY
-
-    relay = app[RELAY]
+def _relay_counters(node: Any) -> Any:
+    relay = node.webrtc
 
     def dropped() -> int:
         return sum(s.dropped for s in relay.whep.values())
@@ -209,12 +202,11 @@ def _relay_counters(app: Any) -> Any:
     return dropped
 
 
-def _workers_cpu(app: Any) -> Any:
+def _workers_cpu(node: Any) -> Any:
     """CPU seconds of the WHEP worker processes (those alive now)."""
     from loa.web.bench.http import proc_cpu_seconds
-    from loa.web.streams.webrtc import RELAY
 
-    pool = app[RELAY].pool
+    pool = node.webrtc.pool
 
     def cpu() -> float:
         return sum(proc_cpu_seconds(pid) for pid in (pool.worker_pids() if pool else []))

@@ -1,4 +1,4 @@
-"""Routes and wiring for the hls transport.
+"""Routes of the hls transport (the HlsService is app[NODE].hls, None when [hls] is off).
 
 `GET /streams/{area}/index.m3u8` (starts the area's segmenter on the first request and waits for
 its first segment) and `GET /streams/{area}/{seq}.ts`, served from memory. Streams are public like
@@ -13,11 +13,15 @@ from loa.relay.hls import HlsService
 from loa.web.http import error_response
 from loa.web.node import NODE
 
-HLS: web.AppKey[HlsService] = web.AppKey("hls", HlsService)
-
 PLAYLIST_TYPE = "application/vnd.apple.mpegurl"
 SEGMENT_TYPE = "video/mp2t"
 FIRST_SEGMENT_WAIT = 3.0  # extra seconds beyond one segment a first request waits
+
+
+def _service(request: web.Request) -> HlsService:
+    hls = request.app[NODE].hls
+    assert hls is not None  # the routes exist only when it does
+    return hls
 
 
 def _unknown_area(area: str) -> web.Response:
@@ -29,7 +33,7 @@ async def playlist(request: web.Request) -> web.StreamResponse:
     area = request.match_info["area"]
     if area not in node.tree:
         return _unknown_area(area)
-    hls = request.app[HLS]
+    hls = _service(request)
     seg = hls.touch(area)
     if not seg.segments and not await seg.wait_segments(
             hls.settings.segment_seconds * 2 + FIRST_SEGMENT_WAIT):
@@ -45,11 +49,12 @@ async def segment(request: web.Request) -> web.StreamResponse:
     area = request.match_info["area"]
     if area not in node.tree:
         return _unknown_area(area)
-    seg = request.app[HLS].get(area)
+    hls = _service(request)
+    seg = hls.get(area)
     found = seg.segment(int(request.match_info["seq"])) if seg is not None else None
     if found is None:
         return error_response(404, "không có đoạn này (đã hết hạn?) / unknown or expired segment")
-    max_age = int(request.app[HLS].settings.segment_seconds * (seg.settings.window + 1)) \
+    max_age = int(hls.settings.segment_seconds * (seg.settings.window + 1)) \
         if seg is not None else 0
     return web.Response(body=found.data, headers={
         "Content-Type": SEGMENT_TYPE, "Cache-Control": f"public, max-age={max_age}",
@@ -57,17 +62,8 @@ async def segment(request: web.Request) -> web.StreamResponse:
 
 
 def setup(app: web.Application) -> None:
-    """Register routes and start/stop hooks. The node is app[NODE] (started)."""
-    node = app[NODE]
-    settings = node.cfg.hls
-    if not settings.enabled:
+    """Register routes. The node is app[NODE] (started)."""
+    if app[NODE].hls is None:
         return
-    service = HlsService(node.hub, settings)
-    app[HLS] = service
     app.router.add_get(r"/streams/{area}/index.m3u8", playlist)
     app.router.add_get(r"/streams/{area}/{seq:\d{1,18}}.ts", segment)
-
-    async def close(_app: web.Application) -> None:
-        await service.close()
-
-    app.on_cleanup.append(close)

@@ -1,4 +1,4 @@
-"""Routes and wiring for the http transport: `GET|HEAD /streams/{area}.mp3` and `.opus` (Ogg).
+"""Routes of the http transport (app[NODE].http, .fanout): `GET|HEAD /streams/{area}.mp3` and `.opus` (Ogg).
 
 Streams are public like Icecast mounts (loudspeakers and browsers pull them without a token).
 The handler checks the area and the listener limits with aiohttp's usual error answers, then
@@ -16,8 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from loa.relay.fanout import FanoutPool
-from loa.relay.icecast import ICY_CODECS, HttpStreamer, LimitReached
+from loa.relay.icecast import ICY_CODECS, LimitReached
 from loa.streamer.areas import AreaError
 from loa.web.http import error_response
 from loa.web.node import NODE
@@ -25,22 +24,17 @@ from loa.web.node import NODE
 log = logging.getLogger("loa.http_streams")
 
 MAX_BURST_MS = 60_000
-HTTP_STREAMER: web.AppKey[HttpStreamer] = web.AppKey("http_streamer", HttpStreamer)
-FANOUT: web.AppKey[FanoutPool] = web.AppKey("http_fanout", FanoutPool)
 
 
 def http_stats(app: web.Application) -> dict[str, Any]:
     """Listeners, bytes and drops per (area, codec), for the monitor and /metrics."""
-    streamer = app.get(HTTP_STREAMER)
-    if streamer is None:
-        return {"listeners": 0, "dropped": 0, "rejected": 0, "streams": []}
-    return streamer.stats()
+    return app[NODE].http.stats()
 
 
 async def _stream(request: web.Request, codec: str) -> web.StreamResponse:
     app = request.app
     node = app[NODE]
-    streamer = app[HTTP_STREAMER]
+    streamer = node.http
     code = request.match_info["area"]
     try:
         area = node.tree.get(code)
@@ -74,7 +68,7 @@ async def _stream(request: web.Request, codec: str) -> web.StreamResponse:
         transport.write(head)
         transport.close()
         return web.Response()  # not sent: the connection is closed (aiohttp logs the access)
-    pool = app.get(FANOUT)
+    pool = node.fanout
     worker = pool.pick() if pool is not None else None
     if pool is not None and worker is not None:  # else (all restarting): served here
         pool.hand_off(worker, area.code, codec, transport, icy, head, burst_ms, pad)
@@ -105,28 +99,6 @@ async def stream_opus(request: web.Request) -> web.StreamResponse:
 
 
 def setup(app: web.Application) -> None:
-    """Register routes and start/stop hooks. The node is app[NODE] (started)."""
-    node = app[NODE]
-    streamer = HttpStreamer(node.hub, node.cfg.http_streams, node.cfg.encoders,
-                            on_air=node.engine.on_air)
-    app[HTTP_STREAMER] = streamer
-    workers = max(0, node.cfg.http_streams.workers)
-    if workers:
-        pool = app[FANOUT] = FanoutPool(streamer, workers)
-
-        async def _start(app: web.Application) -> None:
-            await pool.start()
-
-        async def _stop(app: web.Application) -> None:
-            await pool.close()
-
-        app.on_startup.append(_start)
-        app.on_shutdown.append(_stop)
+    """Register routes. The node is app[NODE] (started)."""
     app.router.add_get("/streams/{area}.mp3", stream_mp3)
     app.router.add_get("/streams/{area}.opus", stream_opus)
-
-    async def _shutdown(app: web.Application) -> None:
-        await streamer.close()  # before aiohttp waits for handlers: every listener's handler returns
-
-    app.on_shutdown.append(_shutdown)
-    app.on_cleanup.append(_shutdown)

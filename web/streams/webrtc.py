@@ -1,4 +1,4 @@
-"""Routes and wiring for the webrtc transport: WHEP listen, WHIP go-live.
+"""Routes of the webrtc transport (app[NODE].webrtc): WHEP listen, WHIP go-live.
 
 - `POST /whep/{area}` (application/sdp offer) -> 201, the answer, `Location:
   /whep/{area}/{session}`; `DELETE` that location closes the peer, `GET` it gives the peer's
@@ -24,20 +24,16 @@ import math
 
 from aiohttp import web
 
-from loa.relay.webrtc import LimitError, OfferError, WebRtcRelay, WhipSession
-from loa.relay.webrtc_workers import WhepPool
+from loa.relay.webrtc import LimitError, OfferError
 from loa.streamer.areas import AreaTree
-from loa.streamer.broadcast import Broadcast
 from loa.streamer.engine import AuthorityError
 from loa.streamer.station import Content
 from loa.web.auth import AuthError, Forbidden, Principal, authenticate
-from loa.web.config import ConfigError
+from loa.web.build import stop_whip_broadcast
 from loa.web.http import PRINCIPAL, audit, error_response
 from loa.web.node import NODE
 
 log = logging.getLogger("loa.webrtc")
-
-RELAY: web.AppKey[WebRtcRelay] = web.AppKey("webrtc_relay", WebRtcRelay)
 
 CLASSES = ("normal", "priority", "emergency")
 LIVE_TITLE = "Trực tiếp"
@@ -84,33 +80,6 @@ def _answer(sdp: str, location: str) -> web.Response:
 
 
 # ---- WHEP ----------------------------------------------------------------------------------------
-class OfferBuckets:
-    """A token bucket per client address: `rate` offers a second, `burst` at once."""
-
-    MAX_ADDRESSES = 10_000
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate = max(rate, 1e-6)
-        self.burst = float(max(burst, 1))
-        self.buckets: dict[str, tuple[float, float]] = {}  # address -> (tokens, at)
-
-    def take(self, addr: str, now: float) -> float:
-        """0 when an offer may go ahead, else the seconds until it may."""
-        tokens, at = self.buckets.get(addr, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - at) * self.rate)
-        if tokens < 1.0:
-            self.buckets[addr] = (tokens, now)
-            return (1.0 - tokens) / self.rate
-        if len(self.buckets) >= self.MAX_ADDRESSES and addr not in self.buckets:
-            full = self.burst / self.rate  # a bucket untouched this long is full: forget it
-            self.buckets = {a: v for a, v in self.buckets.items() if now - v[1] < full}
-        self.buckets[addr] = (tokens - 1.0, now)
-        return 0.0
-
-
-BUCKETS: web.AppKey[OfferBuckets] = web.AppKey("whep_buckets", OfferBuckets)
-
-
 def listen_token(tokens: list[str], tree: AreaTree, area: str) -> str | None:
     """The token that guards listening to `area`: its own, else the nearest area's above it."""
     by_area = dict(t.split("=", 1) for t in tokens if "=" in t)
@@ -144,9 +113,9 @@ async def _may_listen(request: web.Request, area: str) -> web.Response | None:
 
 async def whep_post(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE]
-    relay = request.app[RELAY]
+    relay = node.webrtc
     area = request.match_info["area"]
-    wait = request.app[BUCKETS].take(request.remote or "?", asyncio.get_running_loop().time())
+    wait = node.whep_offers.take(request.remote or "?", asyncio.get_running_loop().time())
     if wait > 0:
         return _error(429, "quá nhiều yêu cầu nghe / too many listen offers from this address",
                       {"Retry-After": str(math.ceil(wait))})
@@ -171,7 +140,7 @@ async def whep_post(request: web.Request) -> web.StreamResponse:
 
 
 def _whep_session(request: web.Request) -> str | None:
-    relay = request.app[RELAY]
+    relay = request.app[NODE].webrtc
     sid = request.match_info["session"]
     s = relay.whep.get(sid)
     if s is None or s.area != request.match_info["area"]:
@@ -183,7 +152,7 @@ async def whep_delete(request: web.Request) -> web.StreamResponse:
     sid = _whep_session(request)
     if sid is None:
         return _error(404, "không có phiên / unknown session")
-    await request.app[RELAY].close_whep(sid, "deleted")
+    await request.app[NODE].webrtc.close_whep(sid, "deleted")
     return web.Response(status=204, headers=CORS)
 
 
@@ -191,7 +160,7 @@ async def whep_get(request: web.Request) -> web.StreamResponse:
     sid = _whep_session(request)
     if sid is None:
         return _error(404, "không có phiên / unknown session")
-    stats = await request.app[RELAY].whep[sid].stats()
+    stats = await request.app[NODE].webrtc.whep[sid].stats()
     return web.json_response(stats, headers=CORS)
 
 
@@ -207,7 +176,7 @@ async def _principal(request: web.Request) -> tuple[Principal, str] | web.Respon
 
 async def whip_post(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE]
-    relay = request.app[RELAY]
+    relay = node.webrtc
     who = await _principal(request)
     if isinstance(who, web.Response):
         return who
@@ -258,7 +227,7 @@ async def whip_post(request: web.Request) -> web.StreamResponse:
         raise
     session.bid = str(record["id"])
     if session.closed:  # the peer went away while the broadcast was being persisted
-        _stop_broadcast(request.app, session, "whip-ended")
+        stop_whip_broadcast(node.station, session, "whip-ended")
     await audit(request, "live.whip", session.bid, targets=targets, klass=klass, title=title)
     log.info("whip live on air event=whip_live session=%s broadcast=%s user=%s class=%s "
              "targets=%s", session.id, session.bid, principal.username, klass, ",".join(targets))
@@ -267,7 +236,7 @@ async def whip_post(request: web.Request) -> web.StreamResponse:
 
 async def whip_delete(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE]
-    relay = request.app[RELAY]
+    relay = node.webrtc
     s = relay.whip.get(request.match_info["session"])
     if s is None:
         return _error(404, "không có phiên / unknown session")
@@ -291,64 +260,8 @@ async def whip_delete(request: web.Request) -> web.StreamResponse:
     return web.Response(status=204, headers=CORS)
 
 
-def _stop_broadcast(app: web.Application, s: WhipSession, cause: str) -> None:
-    if s.bid is None:
-        return
-    try:
-        app[NODE].station.stop(s.bid, by_area=None, cause=cause)
-    except KeyError:
-        pass  # already over
-
-
-# ---- wiring --------------------------------------------------------------------------------------
 def setup(app: web.Application) -> None:
-    """Register routes and start/stop hooks. The node is app[NODE] (started)."""
-    node = app[NODE]
-    relay = WebRtcRelay(node.hub, node.cfg.webrtc)
-    app[RELAY] = relay
-    workers = max(0, node.cfg.webrtc.workers)
-    if workers:
-        pool = relay.pool = WhepPool(relay, workers)
-
-        async def _start(app: web.Application) -> None:
-            await pool.start()
-
-        app.on_startup.append(_start)
-    for entry in node.cfg.webrtc.listen_tokens:
-        code, _, tok = entry.partition("=")
-        if code not in node.tree or len(tok) < 8:
-            raise ConfigError(f"[webrtc] listen_tokens: expected \"AREA=TOKEN\" with a known "
-                              f"area and a token of 8 characters or more, got {code!r}=...")
-    app[BUCKETS] = OfferBuckets(node.cfg.webrtc.whep_offers_per_s, node.cfg.webrtc.whep_burst)
-    loop = node.station.loop
-
-    def whip_ended(s: WhipSession, cause: str) -> None:
-        if cause not in ("deleted", "shutdown"):
-            _stop_broadcast(app, s, "whip-" + cause)
-
-    relay.on_whip_end = whip_ended
-
-    def broadcast_ended(b: Broadcast, cause: str) -> None:  # engine thread
-        def close() -> None:
-            s = relay.whip_for_broadcast(b.id)
-            if s is not None:
-                asyncio.ensure_future(relay.close_whip(s.id, "broadcast-" + cause))
-
-        try:
-            loop.call_soon_threadsafe(close)
-        except RuntimeError:  # loop closed: shutting down
-            pass
-
-    node.engine.ended_listeners.append(broadcast_ended)
-
-    async def shutdown(app: web.Application) -> None:
-        if broadcast_ended in node.engine.ended_listeners:
-            node.engine.ended_listeners.remove(broadcast_ended)
-        await relay.close()
-        if relay.pool is not None:
-            await relay.pool.close()
-
-    app.on_shutdown.append(shutdown)
+    """Register routes. The node is app[NODE] (started): its relay is app[NODE].webrtc."""
     r = app.router
     r.add_route("OPTIONS", "/whep/{area}", _options)
     r.add_post("/whep/{area}", whep_post)

@@ -1,11 +1,11 @@
-"""Wiring of relay inputs ("tiếp sóng"): programmes of type relay air an outside stream.
+"""Relay inputs ("tiếp sóng"): programmes of type relay air an outside stream.
 
-`station.relay_factory(programme)` starts a `RelayInput` for `programme["url"]` and returns its
+`RelayInputs.factory(programme)`, the station's `relay_factory`, starts a `RelayInput` for `programme["url"]` and returns its
 LivePush, which the station airs like any source. The input's life follows its broadcast: the
 engine's `ended_listeners` (however the broadcast ends: stopped, preempted with `skip`, its
 schedule's end, a source error) close the input whose LivePush was the broadcast's source. An
 input that never made it on air (the store refused the broadcast, a restore failed) is closed
-after `ORPHAN_SECONDS`; app cleanup closes every input and waits for the threads.
+after `ORPHAN_SECONDS`; `close()` (the node's stop) closes every input and waits for the threads.
 """
 
 from __future__ import annotations
@@ -13,15 +13,13 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from aiohttp import web
-
 from loa.relay.inputs import RelayInput, RelayInputSettings, safe_url
-from loa.relay.urlpolicy import RELAY_SCHEMES, UrlRefused, check_url
+from loa.relay.urlpolicy import RELAY_SCHEMES, FetchSettings, UrlRefused, check_url
 from loa.streamer.broadcast import Broadcast
+from loa.streamer.engine import Engine
 from loa.streamer.sources import Source
 from loa.streamer.state.store import Record
 from loa.streamer.station import ContentError
-from loa.web.node import NODE, Node
 
 log = logging.getLogger("loa.relay.inputs")
 
@@ -32,19 +30,21 @@ JOIN_SECONDS = 10.0
 class RelayInputs:
     """The relay inputs of one node."""
 
-    def __init__(self, node: Node, settings: RelayInputSettings | None = None) -> None:
-        self.node = node
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, policy: FetchSettings,
+                 settings: RelayInputSettings | None = None) -> None:
+        self.engine = engine
+        self.loop = loop
+        self.policy = policy
         self.settings = settings or RelayInputSettings()
         self.inputs: list[RelayInput] = []
-        self.loop = node.station.loop
-        node.engine.ended_listeners.append(self._ended_thread)
+        engine.ended_listeners.append(self._ended_thread)
 
     async def factory(self, prog: Record) -> Source:
         url = prog.get("url")
         if not isinstance(url, str) or not url.strip():
             raise ContentError("thiếu địa chỉ tiếp sóng / relay programme has no url", "url")
         try:  # again when it opens: the name may resolve elsewhere than when it was stored
-            await check_url(url, RELAY_SCHEMES, self.node.cfg.fetch)
+            await check_url(url, RELAY_SCHEMES, self.policy)
         except UrlRefused as e:
             log.warning("relay url refused event=relay_url_refused programme=%s url=%s "
                         "reason=%s", prog.get("id"), safe_url(url), e)
@@ -70,7 +70,7 @@ class RelayInputs:
 
     def _on_air(self, inp: RelayInput) -> bool:
         return any(live.b.source is inp.push
-                   for live in list(self.node.engine.broadcasts.values()))
+                   for live in list(self.engine.broadcasts.values()))
 
     def _reap_if_orphan(self, inp: RelayInput) -> None:
         if inp in self.inputs and not self._on_air(inp):
@@ -84,6 +84,8 @@ class RelayInputs:
             self.inputs.remove(inp)
 
     async def close(self) -> None:
+        self.engine.ended_listeners[:] = [cb for cb in self.engine.ended_listeners
+                                          if cb != self._ended_thread]
         inputs = list(self.inputs)
         for inp in inputs:
             self._close(inp)
@@ -93,23 +95,3 @@ class RelayInputs:
                 inp.join(JOIN_SECONDS)
 
         await asyncio.to_thread(join)
-
-
-RELAY_INPUTS: web.AppKey[RelayInputs] = web.AppKey("relay_inputs", RelayInputs)
-
-
-def setup(app: web.Application) -> None:
-    """Set app[NODE].station.relay_factory so relay programmes can air."""
-    node = app[NODE]
-    # An `[inputs]` config section (RelayInputSettings) is used once Config has one.
-    settings = getattr(node.cfg, "inputs", None)
-    inputs = RelayInputs(node, settings if isinstance(settings, RelayInputSettings) else None)
-    app[RELAY_INPUTS] = inputs
-    node.station.relay_factory = inputs.factory
-
-    async def close(_app: web.Application) -> None:
-        node.engine.ended_listeners[:] = [cb for cb in node.engine.ended_listeners
-                                          if cb != inputs._ended_thread]
-        await inputs.close()
-
-    app.on_cleanup.append(close)
