@@ -30,7 +30,7 @@ from loa.codecs.encoders import Encoder, EncoderSettings, Packet
 from loa.streamer.areas import AreaTree
 from loa.streamer.broadcast import Broadcast, BroadcastClass, Policy
 from loa.streamer.clock import FRAME, SAMPLE_RATE, tick_of
-from loa.streamer.hub import Channel, PacketHub
+from loa.streamer.hub import PacketHub
 from loa.streamer.mixer import Envelope, Key, Mix, Renderer, db, ramp
 from loa.streamer.sources import Source
 
@@ -561,7 +561,6 @@ class Engine:
         for i, mix in enumerate(consumed):
             for codec in mix.codecs:
                 by_codec[codec].append(i)
-        batch: list[tuple[Channel, list[Packet]]] = []
         enc_settings = self.settings.encoders
         for codec, rows in by_codec.items():
             mixes = [consumed[i] for i in rows]
@@ -579,13 +578,8 @@ class Engine:
                 if not packets:
                     continue
                 for code in mix.areas:
-                    ch = hub.channels.get((code, codec))
-                    if ch is None or not ch.subs:
-                        continue
-                    admitted = ch.admit(packets)
-                    if admitted:
-                        batch.append((ch, admitted))
-        hub.flush(batch)
+                    hub.publish(code, codec, packets)
+        hub.flush()
 
 
 def class_of(value: str) -> BroadcastClass:
