@@ -7,8 +7,8 @@ Per tick (20 ms) the engine
 3. reads every playhead once, renders every mix that someone consumes, encodes it in the codecs
    its areas' subscribers want, and hands the packets to the hub.
 
-Arbitration (DESIGN.md "Priority"): in each area the winner is the highest class, then the highest
-authority (the issuer nearest the root), then the earliest start. A preempted `resume` programme
+Arbitration (DESIGN.md "Priority") is decided by `arbiter`: highest class, then highest authority,
+then earliest start. The engine carries the decision out: a preempted `resume` programme
 pauses and later resumes at the exact sample where it stopped; `skip` drops it in that area; an
 `overlay` ducks what is under it. Every switch is a short crossfade, never a click.
 
@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from loa.codecs.encoders import Encoder, EncoderSettings, Packet
+from loa.streamer import arbiter
 from loa.streamer.areas import AreaTree
 from loa.streamer.broadcast import Broadcast, BroadcastClass, Policy
 from loa.streamer.clock import FRAME, SAMPLE_RATE, tick_of
@@ -108,9 +109,8 @@ class _Live:
         self.active = False
         self.remaining: set[str] = set()
         self.shared: Playhead | None = None  # live (unseekable) sources: one playhead for all
-
-    def rank(self) -> tuple[int, int, int, int]:
-        return (-int(self.b.cls), self.authority, self.start_tick, self.b.seq)
+        self.candidate = arbiter.Candidate(b.id, b.cls, authority, start_tick, b.seq,
+                                           b.policy is Policy.overlay)
 
 
 class _AreaState:
@@ -341,13 +341,11 @@ class Engine:
     # ---- arbitration -------------------------------------------------------------------------
     def _arbitrate(self, st: _AreaState, n: int, cause: str, by: str | None) -> None:
         s = n * FRAME
-        ranked = sorted((self.broadcasts[b] for b in st.candidates if b in self.broadcasts),
-                        key=_Live.rank)
-        main = next((lv for lv in ranked if lv.b.policy is not Policy.overlay), None)
-        overlays = tuple(lv.b.id for lv in ranked
-                         if lv.b.policy is Policy.overlay and (main is None or lv.rank() < main.rank()))
-        new_main = main.b.id if main else None
-        audible = ({new_main} if new_main else set()) | set(overlays)
+        decision = arbiter.decide(self.broadcasts[b].candidate for b in st.candidates
+                                  if b in self.broadcasts)
+        new_main, overlays = decision.main, decision.overlays
+        main = self.broadcasts[new_main] if new_main else None
+        audible = decision.audible
         resumed_at: int | None = None
 
         # Outgoing layers fade out; preempted `resume` programmes remember where they stopped.
@@ -387,8 +385,7 @@ class Engine:
                 st.layers[bid] = (ph, ramp(s, 0.0, target, self.fade))
 
         if new_main != st.main:
-            if cause == "start" and st.main is not None and by == new_main:
-                cause = "preempt"
+            cause = arbiter.change_cause(cause, st.main, new_main, by)
             change = OnAirChange(st.code, n, s, st.main, new_main, cause, by, resumed_at)
             st.main = new_main
             st.since = n
