@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from loa.streamer.broadcast import BroadcastClass
+from loa.streamer.clock import FRAME
 
 Rank = tuple[int, int, int, int]
 
@@ -53,9 +54,28 @@ def decide(candidates: Iterable[Candidate]) -> Decision:
     return Decision(main.id if main else None, overlays)
 
 
-def change_cause(cause: str, before: str | None, after: str | None, by: str | None) -> str:
-    """The cause logged for a change of who is on air: a start that takes the air from another
-    broadcast is a preemption."""
+@dataclass(frozen=True)
+class Switch:
+    """Who is on air changed at the start of `tick`: the switch (a crossfade) starts at `sample`."""
+
+    tick: int
+    before: str | None
+    after: str | None
+    cause: str  # the event's cause; "preempt" when a start takes the air from another broadcast
+
+    @property
+    def sample(self) -> int:
+        return self.tick * FRAME
+
+
+def switch(before: str | None, decision: Decision, tick: int, cause: str,
+           by: str | None) -> Switch | None:
+    """The change a decision makes to what was on air, None if the same broadcast stays.
+
+    `cause` and `by` name the event that made the area re-arbitrate (a start, stop, end ...)."""
+    after = decision.main
+    if after == before:
+        return None
     if cause == "start" and before is not None and by == after:
-        return "preempt"
-    return cause
+        cause = "preempt"
+    return Switch(tick, before, after, cause)

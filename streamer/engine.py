@@ -384,9 +384,10 @@ class Engine:
                 ph = self._playhead(lv, lv.b.source.position if at is None else at, n)
                 st.layers[bid] = (ph, ramp(s, 0.0, target, self.fade))
 
-        if new_main != st.main:
-            cause = arbiter.change_cause(cause, st.main, new_main, by)
-            change = OnAirChange(st.code, n, s, st.main, new_main, cause, by, resumed_at)
+        sw = arbiter.switch(st.main, decision, n, cause, by)
+        if sw is not None:
+            change = OnAirChange(st.code, sw.tick, sw.sample, sw.before, sw.after, sw.cause, by,
+                                 resumed_at)
             st.main = new_main
             st.since = n
             self.changes.append(change)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loa.streamer.arbiter import Candidate, Decision, change_cause, decide
+from loa.streamer.arbiter import Candidate, Decision, Switch, decide, switch
 from loa.streamer.broadcast import BroadcastClass as C
 
 
@@ -45,8 +45,20 @@ def test_an_overlay_below_the_main_is_not_heard_and_never_airs_alone_as_main():
     assert decide([cand("chime", overlay=True)]) == Decision(None, ("chime",))
 
 
-def test_a_start_that_takes_the_air_is_a_preemption():
-    assert change_cause("start", "music", "bulletin", by="bulletin") == "preempt"
-    assert change_cause("start", None, "bulletin", by="bulletin") == "start"  # from silence
-    assert change_cause("start", "music", "other", by="bulletin") == "start"
-    assert change_cause("ended", "bulletin", "music", by="bulletin") == "ended"
+def test_a_start_that_takes_the_air_is_a_preemption_at_the_ticks_first_sample():
+    bulletin = decide([cand("music", C.background), cand("bulletin")])
+    sw = switch("music", bulletin, 500, "start", by="bulletin")
+    assert sw == Switch(500, "music", "bulletin", "preempt")
+    assert sw.sample == 480_000
+    assert switch(None, bulletin, 0, "start", by="bulletin") == \
+        Switch(0, None, "bulletin", "start")  # from silence
+    assert switch("music", bulletin, 7, "start", by="other").cause == "start"  # not its start
+
+
+def test_no_switch_while_the_same_broadcast_stays_and_an_end_keeps_its_cause():
+    music = decide([cand("music", C.background)])
+    assert switch("music", music, 9, "start", by="chime") is None  # an overlay came, say
+    assert switch("bulletin", music, 9, "ended", by="bulletin") == \
+        Switch(9, "bulletin", "music", "ended")
+    assert switch("music", decide([]), 9, "stopped", by="music") == \
+        Switch(9, "music", None, "stopped")
