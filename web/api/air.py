@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
@@ -11,7 +13,6 @@ from aiohttp import web
 from loa.relay.urlpolicy import RELAY_SCHEMES, check_url
 from loa.streamer import programmes
 from loa.streamer.broadcast import BroadcastClass, Policy
-from loa.streamer.programmes import ProgrammeError
 from loa.streamer.schedule import ScheduleError, find_conflicts, validate_schedule
 from loa.streamer.state.store import Record
 from loa.streamer.station import ContentError
@@ -29,6 +30,16 @@ from loa.web.http import (
 )
 
 routes = web.RouteTableDef()
+
+
+@contextlib.contextmanager
+def _rule_errors() -> Iterator[None]:
+    """A programme or content rule that refuses becomes its HTTP status, with the same text."""
+    try:
+        yield
+    except ContentError as e:  # programmes.ProgrammeError included
+        raise ApiError(e.status, str(e), e.field) from None
+
 
 def _class(data: dict[str, Any], p: Principal) -> str:
     value = field(data, "class", str, required=False, default="normal")
@@ -78,10 +89,8 @@ async def _programme_fields(request: web.Request, data: dict[str, Any],
     async def relay_url(url: str) -> None:
         await check_url(url, RELAY_SCHEMES, node.cfg.fetch)  # UrlRefused is a ValueError
 
-    try:
+    with _rule_errors():
         return await programmes.programme_fields(_Body(merged), media, relay_url)
-    except ProgrammeError as e:
-        raise ApiError(e.status, str(e), e.field) from None
 
 
 @routes.post("/api/v1/programmes")
@@ -145,7 +154,7 @@ async def _transition(request: web.Request, action: str) -> web.Response:
     p.require_area(node.tree, prog["area"])
     changes: Record
     p.require("edit" if action == "submit" else "approve")
-    try:
+    with _rule_errors():
         if action == "submit":
             changes = programmes.submission(prog, p.username)
         elif action == "approve":
@@ -154,8 +163,6 @@ async def _transition(request: web.Request, action: str) -> web.Response:
             programmes.check_reviewable(prog, action)  # before reading the reason
             reason = field(await read_json(request), "reason", str)
             changes = programmes.rejection(prog, p.username, reason)
-    except ProgrammeError as e:
-        raise ApiError(e.status, str(e), e.field) from None
     prog = await node.store.update("programme", prog["id"], changes)
     await audit(request, f"programme.{action}", prog["id"], reason=changes.get("reason"))
     return ok(prog)
@@ -187,10 +194,8 @@ async def schedule_create(request: web.Request) -> web.Response:
     cls = _class(data, p)
     pid = field(data, "programme", str)
     prog = await reference(request, node.tree, "programme", pid, "programme")
-    try:
+    with _rule_errors():
         programmes.check_schedulable(prog, direct=p.can("direct"))
-    except ProgrammeError as e:
-        raise ApiError(e.status, str(e), e.field) from None
     rec: Record = {k: data.get(k) for k in ("kind", "time", "date", "weekdays", "from", "until",
                                             "tz", "enabled") if k in data}
     rec.update({"id": uuid.uuid4().hex[:12], "programme": pid, "targets": targets,
@@ -252,12 +257,10 @@ async def broadcast_start(request: web.Request) -> web.Response:
     if "programme" not in spec and not p.can("direct") and cls != "emergency":
         raise ApiError(403, "chỉ phát được chương trình đã duyệt / you may only air approved "
                             "programmes")
-    try:
+    with _rule_errors():
         content = await node.station.content(
             spec, area=p.area, owner=p.username,
             require_approved=not p.can("direct") and cls != "emergency")
-    except ContentError as e:
-        raise ApiError(e.status, str(e), e.field) from None
     rec = await node.station.air(content, targets=targets, klass=cls, issuer=p.area,
                                  user=p.username, policy=policy, spec=spec)
     await audit(request, "broadcast.start", rec["id"], targets=targets, **{"class": cls})
