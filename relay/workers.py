@@ -148,7 +148,7 @@ class WorkerBase:
             by_channel.setdefault((area, codec), []).append(
                 Packet(codec, pts, duration, data, rate))
         for (area, codec), packets in by_channel.items():
-            self.hub.channel(area, codec).deliver(packets)
+            self.hub.deliver(area, codec, packets)
 
     def on_message(self, msg: Any, fds: list[int]) -> None:
         raise NotImplementedError

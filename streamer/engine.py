@@ -7,8 +7,8 @@ Per tick (20 ms) the engine
 3. reads every playhead once, renders every mix that someone consumes, encodes it in the codecs
    its areas' subscribers want, and hands the packets to the hub.
 
-Arbitration (DESIGN.md "Priority"): in each area the winner is the highest class, then the highest
-authority (the issuer nearest the root), then the earliest start. A preempted `resume` programme
+Arbitration (DESIGN.md "Priority") is decided by `arbiter`: highest class, then highest authority,
+then earliest start. The engine carries the decision out: a preempted `resume` programme
 pauses and later resumes at the exact sample where it stopped; `skip` drops it in that area; an
 `overlay` ducks what is under it. Every switch is a short crossfade, never a click.
 
@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from loa.codecs.encoders import Encoder, EncoderSettings, Packet
+from loa.streamer import arbiter
 from loa.streamer.areas import AreaTree
 from loa.streamer.broadcast import Broadcast, BroadcastClass, Policy
 from loa.streamer.clock import FRAME, SAMPLE_RATE, tick_of
-from loa.streamer.hub import Channel, PacketHub
+from loa.streamer.hub import PacketHub
 from loa.streamer.mixer import Envelope, Key, Mix, Renderer, db, ramp
 from loa.streamer.sources import Source
 
@@ -108,9 +109,8 @@ class _Live:
         self.active = False
         self.remaining: set[str] = set()
         self.shared: Playhead | None = None  # live (unseekable) sources: one playhead for all
-
-    def rank(self) -> tuple[int, int, int, int]:
-        return (-int(self.b.cls), self.authority, self.start_tick, self.b.seq)
+        self.candidate = arbiter.Candidate(b.id, b.cls, authority, start_tick, b.seq,
+                                           b.policy is Policy.overlay)
 
 
 class _AreaState:
@@ -341,13 +341,11 @@ class Engine:
     # ---- arbitration -------------------------------------------------------------------------
     def _arbitrate(self, st: _AreaState, n: int, cause: str, by: str | None) -> None:
         s = n * FRAME
-        ranked = sorted((self.broadcasts[b] for b in st.candidates if b in self.broadcasts),
-                        key=_Live.rank)
-        main = next((lv for lv in ranked if lv.b.policy is not Policy.overlay), None)
-        overlays = tuple(lv.b.id for lv in ranked
-                         if lv.b.policy is Policy.overlay and (main is None or lv.rank() < main.rank()))
-        new_main = main.b.id if main else None
-        audible = ({new_main} if new_main else set()) | set(overlays)
+        decision = arbiter.decide(self.broadcasts[b].candidate for b in st.candidates
+                                  if b in self.broadcasts)
+        new_main, overlays = decision.main, decision.overlays
+        main = self.broadcasts[new_main] if new_main else None
+        audible = decision.audible
         resumed_at: int | None = None
 
         # Outgoing layers fade out; preempted `resume` programmes remember where they stopped.
@@ -386,10 +384,10 @@ class Engine:
                 ph = self._playhead(lv, lv.b.source.position if at is None else at, n)
                 st.layers[bid] = (ph, ramp(s, 0.0, target, self.fade))
 
-        if new_main != st.main:
-            if cause == "start" and st.main is not None and by == new_main:
-                cause = "preempt"
-            change = OnAirChange(st.code, n, s, st.main, new_main, cause, by, resumed_at)
+        sw = arbiter.switch(st.main, decision, n, cause, by)
+        if sw is not None:
+            change = OnAirChange(st.code, sw.tick, sw.sample, sw.before, sw.after, sw.cause, by,
+                                 resumed_at)
             st.main = new_main
             st.since = n
             self.changes.append(change)
@@ -561,7 +559,6 @@ class Engine:
         for i, mix in enumerate(consumed):
             for codec in mix.codecs:
                 by_codec[codec].append(i)
-        batch: list[tuple[Channel, list[Packet]]] = []
         enc_settings = self.settings.encoders
         for codec, rows in by_codec.items():
             mixes = [consumed[i] for i in rows]
@@ -579,13 +576,8 @@ class Engine:
                 if not packets:
                     continue
                 for code in mix.areas:
-                    ch = hub.channels.get((code, codec))
-                    if ch is None or not ch.subs:
-                        continue
-                    admitted = ch.admit(packets)
-                    if admitted:
-                        batch.append((ch, admitted))
-        hub.flush(batch)
+                    hub.publish(code, codec, packets)
+        hub.flush()
 
 
 def class_of(value: str) -> BroadcastClass:

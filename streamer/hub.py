@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from loa.codecs.encoders import Packet
 
@@ -103,14 +104,29 @@ class Channel:
             s._push(packets)
 
 
+Key = tuple[str, str]  # (area, codec)
+
+
+@dataclass(frozen=True)
+class ChannelStats:
+    subscribers: int
+    packets: int
+    bytes: int
+
+
 class PacketHub:
-    """Channels by (area, codec). `version` changes whenever the set of subscribers changes."""
+    """Channels by (area, codec). `version` changes whenever the set of subscribers changes.
+
+    The engine publishes into it and flushes once a tick; transports subscribe; the monitor reads
+    counters. Those three go through the methods below, not through the channels themselves.
+    """
 
     def __init__(self) -> None:
-        self.channels: dict[tuple[str, str], Channel] = {}
+        self.channels: dict[Key, Channel] = {}
         self.lock = threading.Lock()
         self.version = 0
         self.loop: asyncio.AbstractEventLoop | None = None  # set: deliveries hop to this loop
+        self._batch: list[tuple[Channel, list[Packet]]] = []  # published, not yet flushed
 
     def channel(self, area: str, codec: str) -> Channel:
         key = (area, codec)
@@ -123,6 +139,20 @@ class PacketHub:
     def subscribe(self, area: str, codec: str, maxlen: int = 500) -> Subscription:
         return self.channel(area, codec).subscribe(maxlen)
 
+    def counters(self) -> dict[Key, tuple[int, int]]:
+        """(bytes, packets) sent so far, per channel."""
+        return {key: (ch.bytes, ch.packets) for key, ch in list(self.channels.items())}
+
+    def channel_count(self) -> int:
+        return len(self.channels)
+
+    def channel_stats(self, keys: Iterable[Key] | None = None) -> list[tuple[Key, ChannelStats]]:
+        """Figures of the given channels that exist (of every channel without `keys`)."""
+        channels = self.channels
+        found = (list(channels.items()) if keys is None
+                 else [(k, channels[k]) for k in keys if k in channels])
+        return [(k, ChannelStats(len(ch.subs), ch.packets, ch.bytes)) for k, ch in found]
+
     def codecs_wanted(self, area: str) -> set[str]:
         return {c for (a, c), ch in list(self.channels.items()) if a == area and ch.subs}
 
@@ -134,10 +164,28 @@ class PacketHub:
                 out.setdefault(a, set()).add(c)
         return out
 
-    def flush(self, batch: list[tuple[Channel, list[Packet]]]) -> None:
-        """Hand one tick's packets to subscribers, on the event loop when there is one."""
+    def publish(self, area: str, codec: str, packets: list[Packet]) -> list[Packet]:
+        """Queue a tick's packets for the area's subscribers (engine thread); returns those
+        admitted (none without subscribers, or the ones it had before a move between mixes)."""
+        ch = self.channels.get((area, codec))
+        if ch is None or not ch.subs:
+            return []
+        admitted = ch.admit(packets)
+        if admitted:
+            self._batch.append((ch, admitted))
+        return admitted
+
+    def deliver(self, area: str, codec: str, packets: list[Packet]) -> None:
+        """Hand packets straight to the channel's subscribers, on the caller's thread (the local
+        hub of a worker process, fed by the node's)."""
+        self.channel(area, codec).deliver(packets)
+
+    def flush(self) -> None:
+        """Hand the tick's published packets to subscribers, on the event loop when there is one."""
+        batch = self._batch
         if not batch:
             return
+        self._batch = []
         loop = self.loop
         if loop is None:
             _deliver(batch)

@@ -13,16 +13,9 @@ from typing import Any
 
 import pytest
 
-from loa.streamer.state.bus import (
-    BufferedSubscription,
-    Bus,
-    BusClosed,
-    Event,
-    InProcessBus,
-    RedisBus,
-    _RedisSubscription,
-    open_bus,
-)
+from loa.streamer.state.bus import BufferedSubscription, Bus, BusClosed, Event, InProcessBus
+from loa.streamer.state.bus_redis import RedisBus, _RedisSubscription
+from loa.streamer.state.open import open_bus
 
 VIETNAMESE = {
     "tiêu_đề": "Thông báo khẩn của Ủy ban nhân dân xã Quảng Điền",

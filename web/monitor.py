@@ -100,7 +100,7 @@ class RateSampler:
         now = self.clock()
         if self.samples and now - self.samples[-1][0] < self.interval / 2 and not force:
             return
-        counters = {key: (ch.bytes, ch.packets) for key, ch in list(self.hub.channels.items())}
+        counters = self.hub.counters()
         self.samples.append((now, counters))
         while len(self.samples) > 2 and now - self.samples[1][0] >= self.window:
             self.samples.popleft()
@@ -235,11 +235,10 @@ async def collect(app: web.Application, scope: set[str] | None, detail: set[str]
     sampler = app[SAMPLER]
     sampler.sample()
     hub = node.hub
-    if detail is not None and len(detail) * len(HUB_CODECS) < len(hub.channels):
-        found = [((a, c), hub.channels[(a, c)]) for a in detail for c in HUB_CODECS
-                 if (a, c) in hub.channels]
+    if detail is not None and len(detail) * len(HUB_CODECS) < hub.channel_count():
+        found = hub.channel_stats((a, c) for a in detail for c in HUB_CODECS)
     else:
-        found = list(hub.channels.items())
+        found = hub.channel_stats()
     for i, ((area, codec), ch) in enumerate(found):
         if i and not i % (CHUNK * 4):
             await asyncio.sleep(0)
@@ -248,7 +247,7 @@ async def collect(app: web.Application, scope: set[str] | None, detail: set[str]
             continue
         bps, pps = sampler.rate((area, codec)) or (None, None)
         f.channels.append({
-            "codec": codec, "subscribers": len(ch.subs), "packets": ch.packets,
+            "codec": codec, "subscribers": ch.subscribers, "packets": ch.packets,
             "bytes": ch.bytes,
             "bytes_per_s": None if bps is None else round(bps, 1),
             "kbps": None if bps is None else round(bps * 0.008, 2),

@@ -29,8 +29,8 @@ from loa.streamer.engine import Engine
 from loa.streamer.hub import PacketHub
 from loa.streamer.library import LibrarySettings, MediaLibrary
 from loa.streamer.schedule import Scheduler
-from loa.streamer.state.bus import Bus, open_bus
-from loa.streamer.state.open import open_store
+from loa.streamer.state.bus import Bus
+from loa.streamer.state.open import open_bus, open_store
 from loa.streamer.state.store import Record, Store, StoreUnavailable
 from loa.streamer.station import Station
 from loa.streamer.tts import Speech

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
 
-from loa.relay.urlpolicy import RELAY_SCHEMES, UrlRefused, check_url
+from loa.relay.urlpolicy import RELAY_SCHEMES, check_url
+from loa.streamer import programmes
 from loa.streamer.broadcast import BroadcastClass, Policy
 from loa.streamer.schedule import ScheduleError, find_conflicts, validate_schedule
 from loa.streamer.state.store import Record
-from loa.streamer.station import MAX_GAP, MAX_REPEAT, ContentError
+from loa.streamer.station import ContentError
 from loa.web.api.core import node_of
 from loa.web.auth import Principal
 from loa.web.http import (
@@ -28,7 +31,14 @@ from loa.web.http import (
 
 routes = web.RouteTableDef()
 
-PROGRAMME_TYPES = ("file", "playlist", "tts", "relay", "live")
+
+@contextlib.contextmanager
+def _rule_errors() -> Iterator[None]:
+    """A programme or content rule that refuses becomes its HTTP status, with the same text."""
+    try:
+        yield
+    except ContentError as e:  # programmes.ProgrammeError included
+        raise ApiError(e.status, str(e), e.field) from None
 
 
 def _class(data: dict[str, Any], p: Principal) -> str:
@@ -55,58 +65,32 @@ def _targets(request: web.Request, data: dict[str, Any]) -> list[str]:
 
 
 # ---- programmes ----------------------------------------------------------------------------
+class _Body:
+    """The programme rules' typed reads of a JSON body: 422 naming the field."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+    def value(self, name: str, kind: type, *, required: bool = True, default: Any = None) -> Any:
+        return field(self.data, name, kind, required=required, default=default)
+
+    def strings(self, name: str) -> list[str]:
+        return str_list(self.data, name)
+
+
 async def _programme_fields(request: web.Request, data: dict[str, Any],
                             base: Record | None = None) -> Record:
     node = node_of(request)
     merged = {**(base or {}), **{k: v for k, v in data.items() if v is not None}}
-    title = field(merged, "title", str)
-    if not title.strip() or len(title) > 200:
-        raise ApiError(422, "tiêu đề 1-200 ký tự / title must be 1-200 characters", "title")
-    kind = field(merged, "type", str)
-    if kind not in PROGRAMME_TYPES:
-        raise ApiError(422, f"loại không hợp lệ / type must be one of {', '.join(PROGRAMME_TYPES)}",
-                       "type")
-    volume = field(merged, "volume", int, required=False, default=100)
-    if not 0 <= volume <= 150:
-        raise ApiError(422, "âm lượng 0-150 / volume must be within 0-150", "volume")
-    repeat = field(merged, "repeat", int, required=False, default=1)
-    if not 1 <= repeat <= MAX_REPEAT:
-        raise ApiError(422, f"số lần lặp 1-{MAX_REPEAT} / repeat must be within 1-{MAX_REPEAT}",
-                       "repeat")
-    gap = field(merged, "gap", float, required=False, default=0.0)
-    if not 0 <= gap <= MAX_GAP:
-        raise ApiError(422, "khoảng nghỉ 0-7200 giây / gap must be within 0-7200 s", "gap")
-    out: Record = {"title": title.strip(), "type": kind, "volume": volume, "repeat": repeat,
-                   "gap": gap}
-    if kind == "file":
-        out["media"] = field(merged, "media", str)
-        ids = [out["media"]]
-    elif kind == "playlist":
-        out["items"] = str_list(merged, "items")
-        ids = out["items"]
-    else:
-        ids = []
-    seconds = 0.0
-    for mid in ids:
-        m = await reference(request, node.tree, "media", mid,
-                            "media" if kind == "file" else "items")
-        seconds += float(m.get("duration", 0))
-    out["duration"] = seconds or None  # one play; tts/relay/live: known when it airs
-    if kind == "tts":
-        text = field(merged, "text", str)
-        if not text.strip() or len(text) > 5000:
-            raise ApiError(422, "văn bản 1-5000 ký tự / text must be 1-5000 characters", "text")
-        out["text"] = text
-    if kind == "relay":
-        url = field(merged, "url", str)
-        if len(url) > 2000:
-            raise ApiError(422, "địa chỉ tiếp sóng quá dài / url longer than 2000", "url")
-        try:
-            await check_url(url, RELAY_SCHEMES, node.cfg.fetch)
-        except UrlRefused as e:
-            raise ApiError(422, str(e), "url") from None
-        out["url"] = url
-    return out
+
+    async def media(mid: str, name: str) -> Record:
+        return await reference(request, node.tree, "media", mid, name)
+
+    async def relay_url(url: str) -> None:
+        await check_url(url, RELAY_SCHEMES, node.cfg.fetch)  # UrlRefused is a ValueError
+
+    with _rule_errors():
+        return await programmes.programme_fields(_Body(merged), media, relay_url)
 
 
 @routes.post("/api/v1/programmes")
@@ -119,9 +103,7 @@ async def programme_create(request: web.Request) -> web.Response:
     if area not in node.tree:
         raise ApiError(422, f"không có khu vực / unknown area {area}", "area")
     p.require_area(node.tree, area)
-    rec = await _programme_fields(request, data)
-    rec.update({"id": uuid.uuid4().hex[:12], "area": area, "owner": p.username,
-                "status": "draft", "created": time.time()})
+    rec = programmes.new_programme(await _programme_fields(request, data), area, p.username)
     await node.store.create("programme", rec)
     await audit(request, "programme.create", rec["id"], title=rec["title"])
     return ok(rec, 201)
@@ -159,9 +141,7 @@ async def programme_update(request: web.Request) -> web.Response:
     prog = await _programme(request)
     p.require_area(node.tree, prog["area"])
     data = await read_json(request)
-    changes = await _programme_fields(request, data, prog)
-    changes["status"] = "draft"  # an edited programme needs a new editorial check
-    changes["reason"] = None
+    changes = programmes.edited(await _programme_fields(request, data, prog))
     prog = await node.store.update("programme", prog["id"], changes)
     await audit(request, "programme.update", prog["id"])
     return ok(prog)
@@ -173,26 +153,16 @@ async def _transition(request: web.Request, action: str) -> web.Response:
     prog = await _programme(request)
     p.require_area(node.tree, prog["area"])
     changes: Record
-    if action == "submit":
-        p.require("edit")
-        if prog["status"] not in ("draft", "rejected"):
-            raise ApiError(409, f"không thể gửi duyệt ở trạng thái {prog['status']} / "
-                                f"cannot submit a {prog['status']} programme")
-        changes = {"status": "pending", "submitted_by": p.username, "reason": None}
-    else:
-        p.require("approve")
-        if prog["status"] != "pending":
-            raise ApiError(409, f"chỉ duyệt chương trình chờ duyệt / only pending programmes "
-                                f"can be {action}d (this one is {prog['status']})")
-        if action == "approve":
-            changes = {"status": "approved", "approved_by": p.username,
-                       "approved_at": time.time()}
+    p.require("edit" if action == "submit" else "approve")
+    with _rule_errors():
+        if action == "submit":
+            changes = programmes.submission(prog, p.username)
+        elif action == "approve":
+            changes = programmes.approval(prog, p.username)
         else:
-            data = await read_json(request)
-            reason = field(data, "reason", str)
-            if not reason.strip():
-                raise ApiError(422, "cần lý do từ chối / a reason is required", "reason")
-            changes = {"status": "rejected", "reason": reason.strip(), "rejected_by": p.username}
+            programmes.check_reviewable(prog, action)  # before reading the reason
+            reason = field(await read_json(request), "reason", str)
+            changes = programmes.rejection(prog, p.username, reason)
     prog = await node.store.update("programme", prog["id"], changes)
     await audit(request, f"programme.{action}", prog["id"], reason=changes.get("reason"))
     return ok(prog)
@@ -224,9 +194,8 @@ async def schedule_create(request: web.Request) -> web.Response:
     cls = _class(data, p)
     pid = field(data, "programme", str)
     prog = await reference(request, node.tree, "programme", pid, "programme")
-    if prog.get("status") != "approved" and not p.can("direct"):
-        raise ApiError(409, "chương trình chưa được duyệt / programme is not approved",
-                       "programme")
+    with _rule_errors():
+        programmes.check_schedulable(prog, direct=p.can("direct"))
     rec: Record = {k: data.get(k) for k in ("kind", "time", "date", "weekdays", "from", "until",
                                             "tz", "enabled") if k in data}
     rec.update({"id": uuid.uuid4().hex[:12], "programme": pid, "targets": targets,
@@ -236,24 +205,13 @@ async def schedule_create(request: web.Request) -> web.Response:
     except ScheduleError as e:
         raise ApiError(422, str(e), e.field) from None
     existing = await node.store.find("schedule")
-    durations: dict[str, float] = {}
-    for s in existing + [rec]:
-        other = await node.store.get("programme", s["programme"])
-        durations[s["programme"]] = _programme_seconds(other)
+    durations = await programmes.airtimes(node.store, existing + [rec])
     conflicts = find_conflicts(rec, existing, durations,
                                covers=lambda a, b: a in node.tree and b in node.tree and (
                                    node.tree.contains(a, b) or node.tree.contains(b, a)))
     await node.store.create("schedule", rec)
     await audit(request, "schedule.create", rec["id"], programme=pid)
     return ok({**rec, "conflicts": conflicts}, 201)
-
-
-def _programme_seconds(prog: Record | None) -> float:
-    """Airtime for conflict checks; a programme whose length is known only on air counts 60 s."""
-    if prog is None:
-        return 0.0
-    repeat = int(prog.get("repeat", 1))
-    return float(prog.get("duration") or 60.0) * repeat + float(prog.get("gap", 0)) * (repeat - 1)
 
 
 @routes.get("/api/v1/schedules")
@@ -299,12 +257,10 @@ async def broadcast_start(request: web.Request) -> web.Response:
     if "programme" not in spec and not p.can("direct") and cls != "emergency":
         raise ApiError(403, "chỉ phát được chương trình đã duyệt / you may only air approved "
                             "programmes")
-    try:
+    with _rule_errors():
         content = await node.station.content(
             spec, area=p.area, owner=p.username,
             require_approved=not p.can("direct") and cls != "emergency")
-    except ContentError as e:
-        raise ApiError(e.status, str(e), e.field) from None
     rec = await node.station.air(content, targets=targets, klass=cls, issuer=p.area,
                                  user=p.username, policy=policy, spec=spec)
     await audit(request, "broadcast.start", rec["id"], targets=targets, **{"class": cls})
