@@ -55,7 +55,9 @@ import numpy as np
 from loa.codecs import opus
 from loa.codecs.encoders import EncoderSettings, Packet, encoder_grid, make_encoder
 from loa.codecs.ogg import OggOpusMuxer, pages_for_packets, renumber
+from loa.streamer.errors import Kind, LoaError
 from loa.streamer.hub import PacketHub, Subscription
+from loa.streamer.messages import say
 
 log = logging.getLogger("loa.http_streams")
 
@@ -95,11 +97,13 @@ CONTENT_TYPES = {"mp3": "audio/mpeg", "opus": "audio/ogg"}
 ICY_CODECS = {"mp3"}
 
 
-class LimitReached(Exception):
-    """The server or the area has as many listeners as allowed."""
+class LimitReached(LoaError):
+    """The server or the area has as many listeners as allowed (or is shutting down)."""
 
-    def __init__(self, message: str, retry_after: int) -> None:
-        super().__init__(message)
+    kind = "limit"
+
+    def __init__(self, message: str, retry_after: int, *, kind: Kind | None = None) -> None:
+        super().__init__(message, kind=kind)
         self.retry_after = retry_after
 
 
@@ -564,16 +568,13 @@ class HttpStreamer:
         """Raise LimitReached when one more listener of `area` is over a limit."""
         s = self.settings
         if self.closed:
-            raise LimitReached("máy chủ đang dừng / server shutting down", s.retry_after)
+            raise LimitReached(say("server.shutting_down"), s.retry_after, kind="unavailable")
         if self.total >= s.max_listeners:
             self.rejected += 1
-            raise LimitReached("máy chủ đã đủ người nghe / server listener limit reached",
-                               s.retry_after)
+            raise LimitReached(say("listeners.server_full"), s.retry_after)
         if self.per_area.get(area, 0) >= s.max_listeners_per_area:
             self.rejected += 1
-            raise LimitReached(
-                f"khu vực đã đủ người nghe / listener limit reached for area {area}",
-                s.retry_after)
+            raise LimitReached(say("listeners.area_full", area=area), s.retry_after)
 
     def silence(self, codec: str, seconds: float, size: int) -> list[tuple[bytes, int]]:
         """Encoded silence (packets and their 48 kHz durations) lasting at least `seconds` and
@@ -612,7 +613,7 @@ class HttpStreamer:
             "Access-Control-Allow-Origin: *",
             "X-Content-Type-Options: nosniff",
             f"icy-name: {name}",
-            f"icy-description: {_header_text(f'Loa {area}: phát thanh cơ sở / grassroots broadcast')}",
+            f"icy-description: {_header_text(say('icy.description', area=area))}",
             f"icy-br: {self.bitrate_kbps(codec)}",
             f"icy-sr: {self.sample_rate(codec)}",
             "icy-pub: 0",

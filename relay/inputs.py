@@ -38,6 +38,8 @@ import av
 import numpy as np
 
 from loa.streamer.clock import SAMPLE_RATE
+from loa.streamer.errors import LoaError
+from loa.streamer.messages import say
 from loa.streamer.sources import LivePush
 
 log = logging.getLogger("loa.relay.inputs")
@@ -113,8 +115,10 @@ def open_options(url: str, settings: RelayInputSettings) -> tuple[str | None, di
     return fmt, opts
 
 
-class InputDown(Exception):
+class InputDown(LoaError):
     """The input cannot be opened, carries no audio, or stopped."""
+
+    kind = "unavailable"
 
 
 class RelayInput:
@@ -123,7 +127,7 @@ class RelayInput:
     def __init__(self, url: str, settings: RelayInputSettings | None = None,
                  name: str = "relay", clock: Callable[[], float] = time.monotonic) -> None:
         if not isinstance(url, str) or not url.strip():
-            raise ValueError("thiếu địa chỉ tiếp sóng / relay url is empty")
+            raise ValueError(say("relay.no_url"))
         self.url = url.strip()
         self.settings = settings or RelayInputSettings()
         s = self.settings

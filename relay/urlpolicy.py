@@ -25,6 +25,9 @@ from urllib.parse import urlsplit
 from aiohttp.abc import ResolveResult
 from aiohttp.resolver import ThreadedResolver
 
+from loa.streamer.errors import LoaError
+from loa.streamer.messages import say
+
 IpAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -34,8 +37,10 @@ MULTICAST_SCHEMES = ("rtp", "udp")
 OWN_TTL = 30.0  # seconds the node's own addresses are cached (interfaces rarely change)
 
 
-class UrlRefused(ValueError):
+class UrlRefused(LoaError, ValueError):
     """The URL may not be opened; the message says why (Vietnamese / English)."""
+
+    kind = "forbidden"
 
 
 @dataclass
@@ -102,18 +107,18 @@ async def own_addresses() -> set[IpAddress]:
 def address_problem(ip: IpAddress, scheme: str, own: set[IpAddress]) -> str | None:
     """Why `ip` may not be opened with `scheme` ("vi / en"), or None."""
     if ip.is_unspecified:
-        return "địa chỉ không xác định / unspecified address"
+        return say("url.unspecified")
     if ip.is_loopback:
-        return "địa chỉ loopback / loopback address"
+        return say("url.loopback")
     if ip.is_link_local:
-        return "địa chỉ link-local / link-local address"
+        return say("url.link_local")
     if ip == ipaddress.IPv4Address("255.255.255.255"):
-        return "địa chỉ quảng bá / broadcast address"
+        return say("url.broadcast")
     if ip.is_multicast:
         return None if scheme in MULTICAST_SCHEMES else \
-            "multicast chỉ dùng cho rtp/udp / multicast is for rtp and udp only"
+            say("url.multicast_scheme")
     if ip in own:
-        return "địa chỉ của chính máy chủ / one of this node's own addresses"
+        return say("url.own_address")
     return None
 
 
@@ -123,7 +128,7 @@ async def resolve(host: str, port: int | None, seconds: float) -> list[IpAddress
         async with asyncio.timeout(seconds):
             infos = await loop.getaddrinfo(host, port or 0, type=socket.SOCK_STREAM)
     except (OSError, TimeoutError, UnicodeError):
-        raise UrlRefused(f"không phân giải được tên máy / cannot resolve host {host}") from None
+        raise UrlRefused(say("url.unresolvable", host=host), kind="invalid") from None
     return [_ip(str(info[4][0])) for info in infos]
 
 
@@ -135,9 +140,9 @@ async def check_addresses(host: str, ips: Iterable[IpAddress], scheme: str,
             continue
         why = address_problem(ip, scheme, own)
         if why:
-            raise UrlRefused(f"không được mở địa chỉ {host} ({ip}): {why.split(' / ')[0]} / "
-                             f"address {host} ({ip}) is not allowed: {why.split(' / ')[1]} "
-                             f"(allow its network with [fetch] allow_networks)")
+            why_vi, why_en = why.split(" / ")
+            raise UrlRefused(say("url.address_refused", host=host, ip=ip, why_vi=why_vi,
+                                 why_en=why_en))
 
 
 async def check_url(url: str, schemes: Iterable[str], settings: FetchSettings) -> None:
@@ -147,15 +152,14 @@ async def check_url(url: str, schemes: Iterable[str], settings: FetchSettings) -
         parts = urlsplit(url)
         port = parts.port
     except ValueError:
-        raise UrlRefused("địa chỉ không hợp lệ / malformed url") from None
+        raise UrlRefused(say("url.malformed"), kind="invalid") from None
     scheme = parts.scheme.lower()
     allowed = tuple(schemes)
     if scheme not in allowed:
-        raise UrlRefused(f"giao thức không được phép / scheme must be one of "
-                         f"{', '.join(allowed)}")
+        raise UrlRefused(say("url.scheme", schemes=", ".join(allowed)))
     host = parts.hostname
     if not host:
-        raise UrlRefused("địa chỉ thiếu tên máy / url has no host")
+        raise UrlRefused(say("url.no_host"), kind="invalid")
     await check_addresses(host, await resolve(host, port, settings.resolve_timeout), scheme,
                           settings)
 

@@ -56,7 +56,9 @@ from aiortc.jitterbuffer import JitterBuffer
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from loa.codecs.encoders import Packet
+from loa.streamer.errors import Kind, LoaError
 from loa.streamer.hub import PacketHub, Subscription
+from loa.streamer.messages import say
 from loa.streamer.sources import LivePush
 
 if TYPE_CHECKING:
@@ -90,16 +92,23 @@ class WebRtcSettings:
     workers: int = 1
 
 
-class OfferError(ValueError):
+class OfferError(LoaError, ValueError):
     """The SDP offer cannot be answered: 400 (malformed) or 406 (no Opus)."""
+
+    kind = "invalid"
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
 
 
-class LimitError(RuntimeError):
-    """Too many peers (503)."""
+class LimitError(LoaError, RuntimeError):
+    """Too many peers, or no peer can be made now (503)."""
+
+    kind = "limit"
+
+    def __init__(self, message: str, *, kind: Kind | None = None) -> None:
+        super().__init__(message, kind=kind)
 
 
 # ---- ICE host addresses ------------------------------------------------------------------------
@@ -138,29 +147,29 @@ def check_offer(text: str, *, publish: bool) -> None:
     """Refuse what cannot work before any peer is created. `publish`: a WHIP offer (the client
     sends audio); otherwise WHEP (the client receives audio)."""
     if "v=0" not in text[:200] or "m=" not in text:
-        raise OfferError(400, "SDP không hợp lệ / malformed SDP: not a session description")
+        raise OfferError(400, say("webrtc.offer_not_sdp"))
     try:
         desc = rtc_sdp.SessionDescription.parse(text)
     except Exception as e:  # noqa: BLE001 - the parser raises anything on garbage
-        raise OfferError(400, f"SDP không hợp lệ / malformed SDP: {type(e).__name__}: {e}"
+        raise OfferError(400, say("webrtc.offer_malformed", error=f"{type(e).__name__}: {e}")
                          ) from None
     audio = [m for m in desc.media if m.kind == "audio"]
     if not audio:
-        raise OfferError(400, "SDP không có âm thanh / offer has no audio m-line")
+        raise OfferError(400, say("webrtc.offer_no_audio"))
     if len(audio) > 1:
-        raise OfferError(400, "SDP có nhiều luồng âm thanh / offer has more than one audio m-line")
+        raise OfferError(400, say("webrtc.offer_many_audio"))
     m = audio[0]
     wanted = ("sendonly", "sendrecv") if publish else ("recvonly", "sendrecv")
     direction = m.direction or "sendrecv"  # RFC 4566: sendrecv when absent
     if direction not in wanted:
-        raise OfferError(400, f"hướng luồng không phù hợp / audio direction must be "
-                              f"{' or '.join(wanted)}, got {direction}")
+        raise OfferError(400, say("webrtc.offer_direction", wanted=" or ".join(wanted),
+                                  direction=direction))
     if m.ice is None or not m.ice.usernameFragment or not m.ice.password:
-        raise OfferError(400, "SDP thiếu thông tin ICE / offer lacks ice-ufrag/ice-pwd")
+        raise OfferError(400, say("webrtc.offer_no_ice"))
     if not m.dtls or not m.dtls.fingerprints:
-        raise OfferError(400, "SDP thiếu dấu vân tay DTLS / offer lacks a DTLS fingerprint")
+        raise OfferError(400, say("webrtc.offer_no_fingerprint"))
     if not any(c.mimeType.lower() == "audio/opus" for c in m.rtp.codecs):
-        raise OfferError(406, "chỉ hỗ trợ Opus / the offer must include Opus (audio/opus)")
+        raise OfferError(406, say("webrtc.offer_no_opus"))
 
 
 # ---- WHEP: the send side -----------------------------------------------------------------------
@@ -431,12 +440,12 @@ class WebRtcRelay:
     def _check_limits(self, area: str) -> None:
         st = self.settings
         if self._closing:
-            raise LimitError("máy chủ đang dừng / server is shutting down")
+            raise LimitError(say("server.shutting_down"), kind="unavailable")
         if len(self.whep) >= st.max_peers:
-            raise LimitError(f"quá số người nghe / too many WebRTC listeners ({st.max_peers})")
+            raise LimitError(say("webrtc.too_many_listeners", limit=st.max_peers))
         if self.area_peers(area) >= st.max_peers_per_area:
-            raise LimitError(f"quá số người nghe của khu vực / too many WebRTC listeners in "
-                             f"{area} ({st.max_peers_per_area})")
+            raise LimitError(say("webrtc.too_many_area_listeners", area=area,
+                                 limit=st.max_peers_per_area))
 
     async def open_whep(self, area: str, offer: str, sid: str | None = None
                         ) -> tuple[WhepSession | RemoteWhep, str]:
@@ -468,8 +477,8 @@ class WebRtcRelay:
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as e:  # noqa: BLE001 - aiortc raises several kinds on a bad offer
             await self.close_whep(s.id, "bad-offer")
-            raise OfferError(400, f"không thương lượng được / cannot negotiate the offer: "
-                                  f"{type(e).__name__}: {e}") from None
+            raise OfferError(400, say("webrtc.cannot_negotiate",
+                                      error=f"{type(e).__name__}: {e}")) from None
         pt = tr._codecs[0].payloadType if tr._codecs else None
         if self.settings.direct_send and pt is not None:
             s.direct = DirectSender(tr.sender, pt)
@@ -537,10 +546,9 @@ class WebRtcRelay:
     async def open_whip(self, offer: str, targets: list[str]) -> tuple[WhipSession, str]:
         """Answer a WHIP offer; the returned session's `live` source is what to air."""
         if self._closing:
-            raise LimitError("máy chủ đang dừng / server is shutting down")
+            raise LimitError(say("server.shutting_down"), kind="unavailable")
         if len(self.whip) >= self.settings.max_inputs:
-            raise LimitError(f"quá số nguồn trực tiếp / too many live inputs "
-                             f"({self.settings.max_inputs})")
+            raise LimitError(say("webrtc.too_many_inputs", limit=self.settings.max_inputs))
         check_offer(offer, publish=True)
         pc = RTCPeerConnection(rtc_configuration(self.settings))
         tr = pc.addTransceiver("audio", direction="recvonly")
@@ -554,8 +562,8 @@ class WebRtcRelay:
             await pc.setLocalDescription(await pc.createAnswer())
         except Exception as e:  # noqa: BLE001
             await self.close_whip(s.id, "bad-offer")
-            raise OfferError(400, f"không thương lượng được / cannot negotiate the offer: "
-                                  f"{type(e).__name__}: {e}") from None
+            raise OfferError(400, say("webrtc.cannot_negotiate",
+                                      error=f"{type(e).__name__}: {e}")) from None
         track = tr.receiver.track
         s.task = asyncio.ensure_future(self._pump(s, track))
 

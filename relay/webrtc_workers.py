@@ -42,6 +42,7 @@ from loa.relay.webrtc import (
 )
 from loa.relay.workers import WorkerBase, WorkerHandle, WorkerPool, close_all, worker_main
 from loa.streamer.hub import Subscription
+from loa.streamer.messages import say
 
 log = logging.getLogger("loa.webrtc")
 
@@ -172,7 +173,7 @@ class WhepPool(WorkerPool[_Handle]):
         """A worker's answer to the offer (the caller checked it and the limits)."""
         w = self.pick()
         if w is None:
-            raise LimitError("bộ phát WebRTC đang khởi động lại / WebRTC workers restarting")
+            raise LimitError(say("webrtc.workers_restarting"), kind="unavailable")
         s = RemoteWhep(secrets.token_urlsafe(16), area, self, w)
         # Counted before the first await, so concurrent offers count against the limits.
         self.relay.whep[s.id] = s
@@ -182,8 +183,7 @@ class WhepPool(WorkerPool[_Handle]):
             reply = await self.request(w, "open", s.id, area, offer)
         except (TimeoutError, ConnectionError) as e:
             await self.relay.close_whep(s.id, "worker-error")
-            raise LimitError("bộ phát WebRTC không trả lời / WebRTC worker did not answer"
-                             ) from e
+            raise LimitError(say("webrtc.worker_silent"), kind="unavailable") from e
         if reply[0] == "refused":
             self.ended(s, "refused")
             if reply[1] == 503:

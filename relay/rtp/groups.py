@@ -29,6 +29,8 @@ import os
 import zlib
 from pathlib import Path
 
+from loa.streamer.errors import LoaError
+from loa.streamer.messages import say
 from loa.streamer.state.store import Conflict, Store
 
 log = logging.getLogger("loa.rtp")
@@ -47,8 +49,10 @@ def node_pool(node_id: str, pool_size: int) -> ipaddress.IPv4Address:
     return AUTO_BASE + (zlib.crc32(node_id.encode("utf-8")) % pools) * pool_size
 
 
-class PoolExhausted(RuntimeError):
-    pass
+class PoolExhausted(LoaError, RuntimeError):
+    """Every block of groups is taken: one more area gets no RTP stream."""
+
+    kind = "limit"
 
 
 class GroupAllocator:
@@ -108,8 +112,7 @@ class GroupAllocator:
         if got is not None:
             return got
         if len(self.slots) >= self.blocks:
-            raise PoolExhausted(f"hết nhóm multicast / multicast pool exhausted "
-                                f"({self.blocks} areas)")
+            raise PoolExhausted(say("rtp.pool_exhausted", blocks=self.blocks))
         taken = set(self.slots.values())
         b = zlib.crc32(area.encode("utf-8")) % self.blocks
         while b in taken:

@@ -86,6 +86,7 @@ from loa.relay.rtp.wire import (
 )
 from loa.streamer.areas import AreaTree
 from loa.streamer.emergency.service import node_identity
+from loa.streamer.errors import LoaError
 from loa.streamer.hub import PacketHub, Subscription
 from loa.streamer.messages import say
 from loa.streamer.state.store import Store
@@ -104,8 +105,10 @@ FAST_REPORTS = 4  # sender reports at FAST_INTERVAL after a start or a join, the
 FAST_INTERVAL = 1.0
 
 
-class RtpConfigError(ValueError):
+class RtpConfigError(LoaError, ValueError):
     """The [rtp] settings cannot work (bad group, port, interface, codec ...)."""
+
+    kind = "invalid"
 
 
 @dataclass
@@ -147,67 +150,65 @@ def check_settings(s: RtpSettings) -> CheckedSettings:
     """Validate [rtp]; `RtpConfigError` names the key and says what is expected."""
     auto = not s.group_base.strip()
     if auto and not BLOCK <= s.pool_size <= AUTO_SPAN:
-        raise RtpConfigError(f"[rtp] pool_size: cần {BLOCK}-{AUTO_SPAN} khi group_base trống / "
-                             f"must be {BLOCK}-{AUTO_SPAN} when group_base is empty")
+        raise RtpConfigError(say("rtp_config.pool_size_auto", low=BLOCK, high=AUTO_SPAN))
     try:
         base = AUTO_BASE if auto else ipaddress.IPv4Address(s.group_base.strip())
     except ValueError:
-        raise RtpConfigError(f"[rtp] group_base: địa chỉ IPv4 không hợp lệ / not an IPv4 "
-                             f"address: {s.group_base!r}") from None
+        raise RtpConfigError(say("rtp_config.bad_address", setting="group_base",
+                                 value=s.group_base)) from None
     if not base.is_multicast:
-        raise RtpConfigError(f"[rtp] group_base: {base} không phải địa chỉ multicast "
-                             f"(224.0.0.0/4) / is not a multicast address")
+        raise RtpConfigError(say("rtp_config.not_multicast", setting="group_base", address=base))
     if s.pool_size < BLOCK:
-        raise RtpConfigError(f"[rtp] pool_size: cần ít nhất {BLOCK} / must be at least {BLOCK}")
+        raise RtpConfigError(say("rtp_config.pool_size_min", low=BLOCK))
     last = int(base) + s.pool_size - 1
     if last > int(ipaddress.IPv4Address("239.255.255.255")):
-        raise RtpConfigError(f"[rtp] group_base + pool_size vượt quá 239.255.255.255 / "
-                             f"runs past the multicast range ({base} + {s.pool_size})")
+        raise RtpConfigError(say("rtp_config.past_multicast_range", base=base, size=s.pool_size))
     if int(base) < int(ipaddress.IPv4Address("224.0.1.0")):
-        raise RtpConfigError(f"[rtp] group_base: {base} thuộc dải điều khiển cục bộ 224.0.0.0/24"
-                             f" / is in the link-local control block 224.0.0.0/24")
+        raise RtpConfigError(say("rtp_config.control_block", base=base))
     if not 1 <= s.port <= 65534:
-        raise RtpConfigError(f"[rtp] port: cần 1-65534 (RTCP dùng port+1) / must be 1-65534 "
-                             f"(RTCP uses port+1), got {s.port}")
+        raise RtpConfigError(say("rtp_config.port", value=s.port))
     if not 0 <= s.ttl <= 255:
-        raise RtpConfigError(f"[rtp] ttl: cần 0-255 / must be 0-255, got {s.ttl}")
+        raise RtpConfigError(say("rtp_config.out_of_range", setting="ttl", low=0, high=255,
+                                 value=s.ttl))
     if not 0 <= s.dscp <= 63:
-        raise RtpConfigError(f"[rtp] dscp: cần 0-63 / must be 0-63, got {s.dscp}")
+        raise RtpConfigError(say("rtp_config.out_of_range", setting="dscp", low=0, high=63,
+                                 value=s.dscp))
     codecs = tuple(c.strip().lower() for c in s.codecs.split(",") if c.strip())
     unknown = [c for c in codecs if c not in FORMATS]
     if not codecs or unknown or len(set(codecs)) != len(codecs):
-        raise RtpConfigError(f"[rtp] codecs: cần danh sách không trùng trong {', '.join(FORMATS)}"
-                             f" / must be distinct names from {', '.join(FORMATS)}, got "
-                             f"{s.codecs!r}")
+        raise RtpConfigError(say("rtp_config.codecs", formats=", ".join(FORMATS),
+                                 value=s.codecs))
     iface = s.interface.strip()
     if iface:
         try:
             ipaddress.IPv4Address(iface)
         except ValueError:
-            raise RtpConfigError(f"[rtp] interface: cần địa chỉ IPv4 của giao diện / must be the "
-                                 f"IPv4 address of an interface, got {s.interface!r}") from None
+            raise RtpConfigError(say("rtp_config.interface", value=s.interface)) from None
     if not s.rtcp_interval > 0:
-        raise RtpConfigError("[rtp] rtcp_interval: cần > 0 / must be > 0")
+        raise RtpConfigError(say("rtp_config.positive", setting="rtcp_interval"))
     if not s.sap_interval > 0:
-        raise RtpConfigError("[rtp] sap_interval: cần > 0 / must be > 0")
+        raise RtpConfigError(say("rtp_config.positive", setting="sap_interval"))
     try:
         sap_group = ipaddress.IPv4Address(s.sap_address.strip())
     except ValueError:
-        raise RtpConfigError(f"[rtp] sap_address: địa chỉ IPv4 không hợp lệ / not an IPv4 "
-                             f"address: {s.sap_address!r}") from None
+        raise RtpConfigError(say("rtp_config.bad_address", setting="sap_address",
+                                 value=s.sap_address)) from None
     if not sap_group.is_multicast:
-        raise RtpConfigError(f"[rtp] sap_address: {sap_group} không phải multicast / "
-                             "is not a multicast address")
+        raise RtpConfigError(say("rtp_config.not_multicast", setting="sap_address",
+                                 address=sap_group))
     if not 1 <= s.sap_port <= 65535:
-        raise RtpConfigError(f"[rtp] sap_port: cần 1-65535 / must be 1-65535, got {s.sap_port}")
+        raise RtpConfigError(say("rtp_config.out_of_range", setting="sap_port", low=1, high=65535,
+                                 value=s.sap_port))
     if s.sap_bandwidth < 100:
-        raise RtpConfigError("[rtp] sap_bandwidth: cần >= 100 bit/s / must be >= 100 bit/s")
+        raise RtpConfigError(say("rtp_config.sap_bandwidth"))
     if not 1 <= s.max_receivers <= 1_000_000:
-        raise RtpConfigError("[rtp] max_receivers: cần 1-1000000 / must be 1-1000000")
+        raise RtpConfigError(say("rtp_config.out_of_range", setting="max_receivers", low=1,
+                                 high=1_000_000, value=s.max_receivers))
     if not 20 <= s.max_delay_ms <= 10_000:
-        raise RtpConfigError("[rtp] max_delay_ms: cần 20-10000 / must be 20-10000")
+        raise RtpConfigError(say("rtp_config.out_of_range", setting="max_delay_ms", low=20,
+                                 high=10_000, value=s.max_delay_ms))
     if not 100 <= s.max_payload <= 8000:
-        raise RtpConfigError("[rtp] max_payload: cần 100-8000 byte / must be 100-8000 bytes")
+        raise RtpConfigError(say("rtp_config.max_payload"))
     return CheckedSettings(base, s.pool_size // BLOCK, codecs, iface, sap_group, auto)
 
 
@@ -523,10 +524,9 @@ def _parse_host(host: str) -> str:
     try:
         ip = ipaddress.IPv4Address(host.strip())
     except ValueError:
-        raise ValueError(f"địa chỉ nhận phải là IPv4 / receiver host must be an IPv4 address: "
-                         f"{host!r}") from None
+        raise ValueError(say("rtp.receiver_bad_host", host=host)) from None
     if ip.is_unspecified or ip == ipaddress.IPv4Address("255.255.255.255"):
-        raise ValueError(f"địa chỉ nhận không dùng được / unusable receiver address: {ip}")
+        raise ValueError(say("rtp.receiver_unusable", ip=ip))
     return str(ip)
 
 
@@ -693,8 +693,8 @@ class RtpOut:
         try:
             s.setsockopt(socket.IPPROTO_IP, socket.IP_MULTICAST_IF, socket.inet_aton(iface))
         except OSError as e:
-            raise RtpConfigError(f"[rtp] interface: {iface} không phải địa chỉ của máy này / is "
-                                 f"not an address of this host ({e.strerror})") from None
+            raise RtpConfigError(say("rtp_config.interface_not_local", iface=iface,
+                                     error=e.strerror)) from None
         finally:
             s.close()
 
@@ -853,12 +853,11 @@ class RtpOut:
         """KeyError (bilingual) for an unknown area or a codec that is not configured."""
         codec = (codec or self.codecs[0]).lower()
         if codec not in self.codecs:
-            raise KeyError(f"không có mã hóa {codec} / codec {codec} is not served "
-                           f"(có / available: {', '.join(self.codecs)})")
+            available = say("rtp.codecs_available", codecs=", ".join(self.codecs))
+            raise KeyError(say("rtp.codec_not_served", codec=codec, available=available))
         if not self.ensure_area(area):
             if area in self.tree:
-                raise KeyError(f"khu vực {area} chưa có luồng RTP (hết nhóm multicast?) / "
-                               f"no RTP stream for area {area} (multicast pool full?)")
+                raise KeyError(say("rtp.area_no_stream", area=area))
             raise KeyError(say("area.unknown", area=area))
         return self.streams[(area, codec)]
 
@@ -889,7 +888,7 @@ class RtpOut:
     def add_receiver(self, area: str, codec: str, host: str, port: int) -> Receiver:
         """Send this stream also to host:port (RTCP to port+1). ValueError/KeyError if bad."""
         if not isinstance(port, int) or isinstance(port, bool) or not 1 <= port <= 65534:
-            raise ValueError(f"cổng nhận cần 1-65534 / receiver port must be 1-65534: {port!r}")
+            raise ValueError(say("rtp.receiver_port", port=port))
         ip = _parse_host(host)
         st = self.stream(area, codec)
         with st.lock:
@@ -897,8 +896,9 @@ class RtpOut:
             if got is not None:
                 return got
             if len(st.receivers) >= self.settings.max_receivers:
-                raise ValueError(f"quá nhiều máy nhận / too many receivers for {area} {codec} "
-                                 f"(tối đa / max {self.settings.max_receivers})")
+                limit = say("limit.max", limit=self.settings.max_receivers)
+                raise ValueError(say("rtp.too_many_receivers", area=area, codec=codec,
+                                     limit=limit))
             r = Receiver(ip, port)
             st.receivers[(ip, port)] = r
             st.version += 1

@@ -13,12 +13,17 @@ import ipaddress
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from loa.streamer.errors import LoaError
+from loa.streamer.messages import say
+
 MAX_SDP_BYTES = 64 * 1024
 MAX_LINES = 2000
 
 
-class SdpError(ValueError):
+class SdpError(LoaError, ValueError):
     """A malformed session description; the message names the line."""
+
+    kind = "invalid"
 
 
 @dataclass
@@ -159,20 +164,20 @@ def parse_session(text: str | bytes) -> Session:
     """Parse a session description; `SdpError` (a ValueError) names the first bad line."""
     if isinstance(text, bytes | bytearray):
         if len(text) > MAX_SDP_BYTES:
-            raise SdpError(f"SDP quá lớn / SDP larger than {MAX_SDP_BYTES} bytes")
+            raise SdpError(say("sdp.too_large", limit=MAX_SDP_BYTES))
         try:
             text = bytes(text).decode("utf-8")
         except UnicodeDecodeError:
-            raise SdpError("SDP không phải UTF-8 / SDP is not UTF-8") from None
+            raise SdpError(say("sdp.bad_encoding")) from None
     if len(text) > MAX_SDP_BYTES:
-        raise SdpError(f"SDP quá lớn / SDP larger than {MAX_SDP_BYTES} bytes")
+        raise SdpError(say("sdp.too_large", limit=MAX_SDP_BYTES))
     lines = [ln.rstrip("\r") for ln in text.split("\n")]
     while lines and not lines[-1].strip():
         lines.pop()
     if not lines:
-        raise SdpError("SDP rỗng / empty SDP")
+        raise SdpError(say("sdp.empty"))
     if len(lines) > MAX_LINES:
-        raise SdpError(f"SDP quá nhiều dòng / SDP has more than {MAX_LINES} lines")
+        raise SdpError(say("sdp.too_many_lines", limit=MAX_LINES))
     origin: tuple[str, int, int, str] | None = None
     name: str | None = None
     seen_t = False
@@ -184,23 +189,20 @@ def parse_session(text: str | bytes) -> Session:
     media: list[Media] = []
     for no, line in enumerate(lines, 1):
         if len(line) < 2 or line[1] != "=" or not line[0].isalpha():
-            raise SdpError(f"dòng {no} không đúng dạng x=... / line {no} is not 'x=value': "
-                           f"{line[:40]!r}")
+            raise SdpError(say("sdp.bad_line", no=no, text=line[:40]))
         kind, value = line[0], line[2:]
         if no == 1:
             if kind != "v" or value.strip() != "0":
-                raise SdpError("SDP phải bắt đầu bằng v=0 / SDP must start with v=0")
+                raise SdpError(say("sdp.no_version"))
             continue
         if kind == "o":
             parts = value.split()
             if len(parts) != 6 or parts[3] != "IN":
-                raise SdpError(f"dòng {no}: o= cần 6 trường / line {no}: o= needs "
-                               "'username sess-id sess-version IN addrtype address'")
+                raise SdpError(say("sdp.bad_origin", no=no))
             try:
                 origin = (parts[0], int(parts[1]), int(parts[2]), parts[5])
             except ValueError:
-                raise SdpError(f"dòng {no}: o= sess-id/version phải là số / line {no}: "
-                               "o= session id and version must be numbers") from None
+                raise SdpError(say("sdp.bad_origin_numbers", no=no)) from None
         elif kind == "s":
             name = value
         elif kind == "i" and current is None:
@@ -218,8 +220,7 @@ def parse_session(text: str | bytes) -> Session:
                     raise ValueError(value)
                 timing = (int(parts[0]), int(parts[1]))
             except ValueError:
-                raise SdpError(f"dòng {no}: t= cần 2 số / line {no}: t= needs "
-                               "'start stop'") from None
+                raise SdpError(say("sdp.bad_timing", no=no)) from None
             seen_t = True
         elif kind == "m":
             current = _parse_media(value, no)
@@ -227,7 +228,7 @@ def parse_session(text: str | bytes) -> Session:
         elif kind == "a":
             aname, sep, aval = value.partition(":")
             if not aname:
-                raise SdpError(f"dòng {no}: thuộc tính rỗng / line {no}: empty attribute")
+                raise SdpError(say("sdp.empty_attribute", no=no))
             val: str | None = aval if sep else None
             if current is None:
                 sess_attrs.append((aname, val))
@@ -239,21 +240,19 @@ def parse_session(text: str | bytes) -> Session:
                 try:
                     current.fmtp[int(pt_s)] = params.strip()
                 except ValueError:
-                    raise SdpError(f"dòng {no}: fmtp cần payload type / line {no}: fmtp needs "
-                                   "a payload type") from None
+                    raise SdpError(say("sdp.bad_fmtp", no=no)) from None
             else:
                 current.attributes.append((aname, val))
         # b= k= r= z= u= e= p= and unknown letters: allowed, not needed here
     if origin is None:
-        raise SdpError("thiếu dòng o= / missing o= line")
+        raise SdpError(say("sdp.missing_line", kind="o"))
     if name is None:
-        raise SdpError("thiếu dòng s= / missing s= line")
+        raise SdpError(say("sdp.missing_line", kind="s"))
     if not seen_t:
-        raise SdpError("thiếu dòng t= / missing t= line")
+        raise SdpError(say("sdp.missing_line", kind="t"))
     for m in media:
         if m.connection is None and sess_conn is None:
-            raise SdpError(f"thiếu địa chỉ c= cho m={m.media} / no c= address for "
-                           f"m={m.media}")
+            raise SdpError(say("sdp.no_connection", media=m.media))
     return Session(name=name, origin_address=origin[3], session_id=origin[1],
                    session_version=origin[2], username=origin[0], info=info,
                    connection=sess_conn, timing=timing, attributes=sess_attrs, media=media)
@@ -267,35 +266,32 @@ def parse_sdp(text: str | bytes) -> dict[str, Any]:
 def _parse_connection(value: str, no: int) -> Connection:
     parts = value.split()
     if len(parts) != 3 or parts[0] != "IN" or parts[1] not in ("IP4", "IP6"):
-        raise SdpError(f"dòng {no}: c= cần 'IN IP4 địa-chỉ' / line {no}: c= needs "
-                       "'IN IP4 address'")
+        raise SdpError(say("sdp.bad_connection", no=no))
     addr, _, rest = parts[2].partition("/")
     ttl: int | None = None
     if rest:
         try:
             ttl = int(rest.split("/")[0])
         except ValueError:
-            raise SdpError(f"dòng {no}: TTL không hợp lệ / line {no}: bad TTL") from None
+            raise SdpError(say("sdp.bad_ttl", no=no)) from None
         if not 0 <= ttl <= 255:
-            raise SdpError(f"dòng {no}: TTL ngoài 0-255 / line {no}: TTL outside 0-255")
+            raise SdpError(say("sdp.ttl_range", no=no))
     if not addr:
-        raise SdpError(f"dòng {no}: thiếu địa chỉ / line {no}: missing address")
+        raise SdpError(say("sdp.no_address", no=no))
     return Connection(addr, ttl, parts[0], parts[1])
 
 
 def _parse_media(value: str, no: int) -> Media:
     parts = value.split()
     if len(parts) < 4:
-        raise SdpError(f"dòng {no}: m= cần 'media port proto fmt...' / line {no}: m= needs "
-                       "'media port proto fmt ...'")
+        raise SdpError(say("sdp.bad_media", no=no))
     port_s = parts[1].split("/")[0]
     try:
         port = int(port_s)
     except ValueError:
-        raise SdpError(f"dòng {no}: cổng không hợp lệ / line {no}: bad port {parts[1]!r}") \
-            from None
+        raise SdpError(say("sdp.bad_port", no=no, port=parts[1])) from None
     if not 0 <= port <= 65535:
-        raise SdpError(f"dòng {no}: cổng ngoài 0-65535 / line {no}: port outside 0-65535")
+        raise SdpError(say("sdp.port_range", no=no))
     return Media(parts[0], port, parts[2], parts[3:])
 
 
@@ -311,6 +307,5 @@ def _parse_rtpmap(value: str, no: int) -> tuple[int, RtpMap]:
         if clock <= 0 or (channels is not None and channels <= 0):
             raise ValueError(value)
     except ValueError:
-        raise SdpError(f"dòng {no}: rtpmap cần 'pt tên/clock[/kênh]' / line {no}: rtpmap needs "
-                       "'pt encoding/clock[/channels]'") from None
+        raise SdpError(say("sdp.bad_rtpmap", no=no)) from None
     return pt, RtpMap(bits[0], clock, channels)

@@ -11,12 +11,17 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from loa.streamer.errors import LoaError
+from loa.streamer.messages import say
+
 NTP_EPOCH_OFFSET = 2_208_988_800  # seconds from 1900-01-01 to 1970-01-01
 HEADER_SIZE = 12  # RTP fixed header, no CSRC, no extension (what we send)
 
 
-class BadPacket(ValueError):
+class BadPacket(LoaError, ValueError):
     """A datagram that is not a usable RTP or RTCP packet (dropped and counted)."""
+
+    kind = "invalid"
 
 
 # ---- RTP -----------------------------------------------------------------------------------
@@ -39,24 +44,24 @@ def pack_rtp_header_into(buf: bytearray | memoryview, marker: bool, pt: int, seq
 def parse_rtp(data: bytes) -> RtpHeader:
     """RFC 3550 5.1: version 2, CSRCs, header extension and padding handled."""
     if len(data) < HEADER_SIZE:
-        raise BadPacket("gói RTP quá ngắn / RTP packet shorter than 12 bytes")
+        raise BadPacket(say("rtp.packet_short"))
     b0, b1, seq, ts, ssrc = struct.unpack_from("!BBHII", data)
     if b0 >> 6 != 2:
-        raise BadPacket("không phải RTP phiên bản 2 / not RTP version 2")
+        raise BadPacket(say("rtp.packet_bad_version"))
     off = HEADER_SIZE + 4 * (b0 & 0x0F)
     end = len(data)
     if b0 & 0x20:  # padding: the last byte counts the padding bytes
         pad = data[-1]
         if pad == 0 or pad > end - off:
-            raise BadPacket("phần đệm RTP sai / bad RTP padding")
+            raise BadPacket(say("rtp.packet_bad_padding"))
         end -= pad
     if b0 & 0x10:  # header extension
         if off + 4 > end:
-            raise BadPacket("phần mở rộng RTP cụt / truncated RTP header extension")
+            raise BadPacket(say("rtp.packet_truncated_extension"))
         (words,) = struct.unpack_from("!H", data, off + 2)
         off += 4 + 4 * words
     if off > end:
-        raise BadPacket("tiêu đề RTP cụt / truncated RTP header")
+        raise BadPacket(say("rtp.packet_truncated_header"))
     return RtpHeader(bool(b1 & 0x80), b1 & 0x7F, seq, ts, ssrc, bytes(data[off:end]))
 
 
