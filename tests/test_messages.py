@@ -51,3 +51,13 @@ def test_a_loa_error_carries_its_kind_and_field():
     e = LoaError(say("area.unknown", area="A"), kind="not_found", field="area")
     assert (e.kind, e.field, str(e)) == ("not_found", "area", "không có khu vực / unknown area A")
     assert LoaError("x").kind == "invalid"
+
+
+def test_every_kind_of_refusal_has_an_http_status():
+    from typing import get_args
+
+    from loa.streamer.errors import Kind
+    from loa.web.http import STATUS_OF_KIND, status_of
+    assert set(STATUS_OF_KIND) == set(get_args(Kind))
+    assert status_of(LoaError("x", kind="forbidden")) == 403
+    assert status_of(LoaError("x")) == 422

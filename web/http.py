@@ -13,6 +13,7 @@ from aiohttp import web
 from loa.codecs.decode import MediaError
 from loa.streamer.areas import AreaError, AreaTree
 from loa.streamer.engine import AuthorityError
+from loa.streamer.errors import Kind, LoaError
 from loa.streamer.state.store import Conflict, NotFound, Record, Store, StoreUnavailable
 from loa.web.auth import AuthError, Forbidden, Principal, RateLimited, authenticate
 
@@ -31,6 +32,17 @@ PUBLIC = {
     ("POST", "/api/v1/devices/provision"),  # a device trades its one-time token for its key
     ("GET", "/api/v1/devices/connect"),  # devices authenticate in their first message
 }
+
+
+# The one place a kind of refusal (streamer/errors.py) becomes an HTTP status.
+STATUS_OF_KIND: dict[Kind, int] = {
+    "invalid": 422, "not_found": 404, "forbidden": 403, "conflict": 409,
+    "unavailable": 503, "limit": 429,
+}
+
+
+def status_of(e: LoaError) -> int:
+    return STATUS_OF_KIND[e.kind]
 
 
 class ApiError(Exception):
@@ -211,6 +223,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(422, str(e), "targets")
     except MediaError as e:
         return error_response(422, str(e), "file")
+    except LoaError as e:  # a domain refusal no handler mapped itself
+        return error_response(status_of(e), str(e), e.field)
     except Exception:
         log.exception("request failed event=http_500 method=%s path=%s", request.method,
                       request.path)
