@@ -137,6 +137,14 @@ CATALOGUE: dict[str, Text] = {
                                      "must be >= 100 bit/s"),
     "rtp_config.max_payload": Text("[rtp] max_payload: cần 100-8000 byte",
                                    "must be 100-8000 bytes"),
+    # devices (relay/devices, relay/agent)
+    # (end devices)
+
+    # streamer (domain: areas, programmes, schedule, emergency, state)
+    # (end streamer)
+
+    # web (api, streams, monitor, board, auth, config, cli)
+    # (end web)
 }
 
 
