@@ -145,6 +145,9 @@ CATALOGUE: dict[str, Text] = {
 
     # web (api, streams, monitor, board, auth, config, cli)
     # (end web)
+
+    # console (web/console: the operator console's own texts)
+    # (end console)
 }
 
 
