@@ -1,5 +1,5 @@
 """Device-side test helpers: a real node on 127.0.0.1 with a 440 Hz tone on air, its admin
-token, and waiting for an event. Shared by tests/test_agent.py and tests/test_sim.py."""
+token, and waiting for an event. Shared by tests/relay/test_agent.py and tests/relay/test_sim.py."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import pytest
 
 from loa.relay.fanout import FanoutPool
 from tests.audio import peak_hz
-from tests.test_http_streams import (
+from tests.relay.test_http_streams import (
     AREA,
     Server,
     Start,

@@ -23,8 +23,8 @@ from loa.streamer.broadcast import Broadcast
 from loa.streamer.sources import ToneSource
 from tests.apiclient import Api, make_config, running_api, tone_file
 from tests.faults import TcpProxy, fill, remount, tmpfs
-from tests.test_api import approved_programme
-from tests.test_store import _delete_prefix
+from tests.streamer.test_store import _delete_prefix
+from tests.web.test_api import approved_programme
 
 WAIT = 60.0
 

@@ -118,7 +118,7 @@ async def start(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator
 @pytest.fixture
 async def start_in_process(tmp_path: Path) -> AsyncIterator[Start]:
     """For tests that read a channel's listeners: the node's own HttpStreamer (a worker runs the
-    same one; tests/test_fanout.py checks what crosses to it)."""
+    same one; tests/relay/test_fanout.py checks what crosses to it)."""
     async with servers(tmp_path, 0) as _start:
         yield _start
 

@@ -41,7 +41,7 @@ from loa.web.auth import add_user
 from loa.web.node import Node
 from tests.apiclient import PASSWORD, PEOPLE, make_config
 from tests.audio import peak_hz
-from tests.test_monitor import get_metrics, val
+from tests.web.test_monitor import get_metrics, val
 
 # Loopback only: the clients offer 127.0.0.1 host candidates too, and nobody uses STUN.
 use_host_addresses(["127.0.0.1"])

@@ -26,7 +26,7 @@ from loa.web.monitor import Exposition, RateSampler
 from loa.web.node import Node
 from tests.apiclient import PASSWORD, PEOPLE, Api, make_config, running_api
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 TITLE = "Bản tin thử nghiệm 440 Hz"
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

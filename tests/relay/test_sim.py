@@ -25,7 +25,7 @@ from tests import devicetools
 from tests.audio import peak_hz
 from tests.devicetools import Server, start_node, stop_node
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _settings(cfg: Any) -> None:
