@@ -15,77 +15,25 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import av
 import numpy as np
 import pytest
-from aiohttp import web
 from aiortc import (
-    RTCConfiguration,
     RTCPeerConnection,
-    RTCRtpSender,
     RTCSessionDescription,
 )
 from aiortc.mediastreams import MediaStreamTrack
 
 from loa.codecs.encoders import Packet
-from loa.relay.webrtc import PacketTrack, use_host_addresses
+from loa.relay.webrtc import PacketTrack
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.sources import ToneSource
-from loa.web.app import create_app
-from loa.web.auth import add_user
-from loa.web.node import Node
-from tests.apiclient import PASSWORD, PEOPLE, make_config
 from tests.audio import peak_hz
-from tests.web.test_monitor import get_metrics, val
-
-# Loopback only: the clients offer 127.0.0.1 host candidates too, and nobody uses STUN.
-use_host_addresses(["127.0.0.1"])
-NO_STUN = RTCConfiguration(iceServers=[])
-SDP = {"Content-Type": "application/sdp"}
-
-
-@dataclass
-class Server:
-    node: Node
-    app: web.Application
-    base: str
-    http: aiohttp.ClientSession
-    tokens: dict[str, str]
-
-    async def token(self, who: str) -> str:
-        if who not in self.tokens:
-            async with self.http.post(f"{self.base}/api/v1/auth/token",
-                                      json={"username": who, "password": PASSWORD}) as r:
-                assert r.status == 201, await r.text()
-                self.tokens[who] = (await r.json())["token"]
-        return self.tokens[who]
-
-    async def bearer(self, who: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {await self.token(who)}", **SDP}
-
-
-async def start_server(tmp_path: Path, **webrtc: object) -> tuple[Server, web.AppRunner]:
-    cfg = make_config(tmp_path)
-    cfg.webrtc.ice_addresses = "127.0.0.1"
-    for k, v in webrtc.items():
-        setattr(cfg.webrtc, k, v)
-    node = Node(cfg, realtime=True)
-    await node.start()
-    for name, (role, area, emergency) in PEOPLE.items():
-        await add_user(node.store, node.tree, name, role, area, PASSWORD, emergency)
-    app = create_app(node)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    http = aiohttp.ClientSession()
-    return Server(node, app, f"http://{host}:{port}", http, {}), runner
+from tests.helpers import get_metrics, until, val
+from tests.webrtcpeers import SDP, Server, offer_pc, start_server
 
 
 @pytest.fixture(params=[0, 1], ids=["in-process", "worker"])
@@ -97,15 +45,6 @@ async def server(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterato
         await srv.http.close()
         await runner.cleanup()
         await srv.node.stop()
-
-
-async def until(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    """Wait for an event (not a speed check: the timeout only ends a hung test)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 # ---- clients ---------------------------------------------------------------------------------
@@ -133,16 +72,6 @@ class Listener:
             if len(window) == 15 and abs(peak_hz(np.concatenate(window), 48_000) - hz) < 5:
                 return np.concatenate(window)
         raise AssertionError(f"{hz} Hz never heard")
-
-
-def offer_pc(direction: str, codec: str | None = None,
-             track: MediaStreamTrack | None = None) -> RTCPeerConnection:
-    pc = RTCPeerConnection(NO_STUN)
-    tr = pc.addTransceiver(track or "audio", direction=direction)
-    if codec:
-        tr.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("audio").codecs
-                                if c.mimeType.lower() == codec])
-    return pc
 
 
 async def whep(srv: Server, area: str) -> Listener:
@@ -540,7 +469,6 @@ async def test_stopping_the_broadcast_closes_the_publisher(server: Server) -> No
     await until(lambda: not server.node.webrtc.whip, "the WHIP session to close")
     await until(lambda: pc.connectionState == "closed", "the publisher's peer to close")
     await pc.close()
-
 
 
 async def test_whep_stock_sender_path(tmp_path: Path) -> None:

@@ -35,7 +35,7 @@ from loa.streamer.emergency.service import ATTENTION_TONES, EmergencySettings, t
 from loa.web.auth import add_user
 from tests.apiclient import PASSWORD
 from tests.audio import peak_hz
-from tests.streamer.test_emergency import (
+from tests.emergencynode import (
     MUSIC,
     STEP,
     WAIT,
@@ -50,8 +50,8 @@ from tests.streamer.test_emergency import (
     start_music,
     steps_at,
     switch,
-    until,
 )
+from tests.helpers import until
 
 ICT = timezone(timedelta(hours=7))
 CAP_XML = {"Content-Type": "application/cap+xml"}
