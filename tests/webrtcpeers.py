@@ -1,13 +1,17 @@
-"""WebRTC test peers: a real node on 127.0.0.1 with the people of tests/apiclient.py, and aiortc
-peer connections offering on loopback only. Shared by tests/relay/test_webrtc.py and
-tests/web/test_whep_access.py."""
+"""WebRTC test peers: a real node on 127.0.0.1 with the people of tests/apiclient.py, aiortc peer
+connections offering on loopback only, and a tone as a microphone. Shared by
+tests/relay/test_webrtc.py, tests/web/test_whep_access.py and tests/streamer/test_emergency.py."""
 
 from __future__ import annotations
 
+import asyncio
+import fractions
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
+import av
+import numpy as np
 from aiohttp import web
 from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender
 from aiortc.mediastreams import MediaStreamTrack
@@ -71,3 +75,30 @@ def offer_pc(direction: str, codec: str | None = None,
         tr.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("audio").codecs
                                 if c.mimeType.lower() == codec])
     return pc
+
+
+class ToneTrack(MediaStreamTrack):
+    """A microphone stand-in: a sine tone in 20 ms s16 frames, paced on absolute deadlines."""
+
+    kind = "audio"
+
+    def __init__(self, hz: float) -> None:
+        super().__init__()
+        self.hz = hz
+        self.n = 0
+        self.t0: float | None = None
+
+    async def recv(self) -> av.AudioFrame:
+        loop = asyncio.get_running_loop()
+        if self.t0 is None:
+            self.t0 = loop.time()
+        deadline = self.t0 + self.n * 0.02
+        await asyncio.sleep(max(0.0, deadline - loop.time()))
+        idx = np.arange(self.n * 960, (self.n + 1) * 960)
+        pcm = (0.3 * 32767 * np.sin(2 * np.pi * self.hz * idx / 48_000)).astype(np.int16)
+        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = 48_000
+        frame.pts = self.n * 960
+        frame.time_base = fractions.Fraction(1, 48_000)
+        self.n += 1
+        return frame

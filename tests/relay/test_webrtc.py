@@ -9,7 +9,6 @@ auth, SDP and limit errors are refused with the right status and change nothing.
 from __future__ import annotations
 
 import asyncio
-import fractions
 import json
 import os
 import signal
@@ -33,7 +32,7 @@ from loa.streamer.broadcast import Broadcast
 from loa.streamer.sources import ToneSource
 from tests.audio import peak_hz
 from tests.helpers import get_metrics, until, val
-from tests.webrtcpeers import SDP, Server, offer_pc, start_server
+from tests.webrtcpeers import SDP, Server, ToneTrack, offer_pc, start_server
 
 
 @pytest.fixture(params=[0, 1], ids=["in-process", "worker"])
@@ -89,33 +88,6 @@ async def whep(srv: Server, area: str) -> Listener:
     track = pc.getTransceivers()[0].receiver.track
     assert track is not None
     return Listener(pc, track, location)
-
-
-class ToneTrack(MediaStreamTrack):
-    """A microphone stand-in: a sine tone in 20 ms s16 frames, paced on absolute deadlines."""
-
-    kind = "audio"
-
-    def __init__(self, hz: float) -> None:
-        super().__init__()
-        self.hz = hz
-        self.n = 0
-        self.t0: float | None = None
-
-    async def recv(self) -> av.AudioFrame:
-        loop = asyncio.get_running_loop()
-        if self.t0 is None:
-            self.t0 = loop.time()
-        deadline = self.t0 + self.n * 0.02
-        await asyncio.sleep(max(0.0, deadline - loop.time()))
-        idx = np.arange(self.n * 960, (self.n + 1) * 960)
-        pcm = (0.3 * 32767 * np.sin(2 * np.pi * self.hz * idx / 48_000)).astype(np.int16)
-        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = 48_000
-        frame.pts = self.n * 960
-        frame.time_base = fractions.Fraction(1, 48_000)
-        self.n += 1
-        return frame
 
 
 async def whip_offer(hz: float = 700, codec: str | None = None) -> RTCPeerConnection:

@@ -10,15 +10,12 @@ decode; devices are WebSocket clients speaking docs/device-protocol.md.
 from __future__ import annotations
 
 import asyncio
-import fractions
 import time
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamTrack
+from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from loa.streamer.clock import SAMPLE_RATE
 from loa.streamer.emergency.service import ATTENTION_TONES, attention_pcm
@@ -45,6 +42,7 @@ from tests.emergencynode import (
     switch,
 )
 from tests.helpers import until
+from tests.webrtcpeers import NO_STUN, ToneTrack
 
 
 # ---- the attention signal ------------------------------------------------------------------------
@@ -231,32 +229,6 @@ async def test_a_lower_authority_waits_behind_the_province(tmp_path: Path) -> No
 
 
 # ---- live voice over WHIP (real clock, real aiortc publisher) ---------------------------------------
-class ToneTrack(MediaStreamTrack):
-    """A microphone stand-in: a sine tone in 20 ms frames on absolute deadlines."""
-
-    kind = "audio"
-
-    def __init__(self, hz: float) -> None:
-        super().__init__()
-        self.hz = hz
-        self.n = 0
-        self.t0: float | None = None
-
-    async def recv(self) -> av.AudioFrame:
-        loop = asyncio.get_running_loop()
-        if self.t0 is None:
-            self.t0 = loop.time()
-        await asyncio.sleep(max(0.0, self.t0 + self.n * 0.02 - loop.time()))
-        idx = np.arange(self.n * 960, (self.n + 1) * 960)
-        pcm = (0.3 * 32767 * np.sin(2 * np.pi * self.hz * idx / 48_000)).astype(np.int16)
-        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = 48_000
-        frame.pts = self.n * 960
-        frame.time_base = fractions.Fraction(1, 48_000)
-        self.n += 1
-        return frame
-
-
 def recent_hz(sub: Subscription, seconds: float = 0.3) -> float:
     packets = list(sub.queue)[-int(seconds * 50):]
     _, pcm = pcm_from(packets)
@@ -276,7 +248,7 @@ async def test_live_emergency_publishes_over_whip_and_ends_with_the_voice(
         assert status == 201, em
         assert em["live"] is True and em["broadcast"] is None
         assert em["whip"].startswith(f"/whip/{X1}?class=emergency")
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc = RTCPeerConnection(NO_STUN)
         pc.addTransceiver(ToneTrack(700), direction="sendonly")
         await pc.setLocalDescription(await pc.createOffer())
         try:
