@@ -124,3 +124,24 @@ def tone_file(path: Path, freq: float = 440, seconds: float = 3, extra: tuple[st
                     f"sine=frequency={freq}:duration={seconds}", "-ac", "1", *extra, str(path)],
                    check=True)
     return path
+
+
+# ---- API flows used by several test modules ------------------------------------------------
+async def media_id(api: Api, tone: Path, who: str = "xa11") -> str:
+    status, body = await api.upload(who, tone)
+    assert status == 201, body
+    return body["id"]
+
+
+async def approved_programme(api: Api, tone: Path, author: str = "bientap11",
+                             approver: str = "duyet1") -> str:
+    mid = await media_id(api, tone, author)
+    status, prog = await api.call(author, "POST", "/api/v1/programmes",
+                                  json={"title": "Bản tin sáng", "type": "file", "media": mid,
+                                        "repeat": 2, "gap": 1.5})
+    assert status == 201, prog
+    status, body = await api.call(author, "POST", f"/api/v1/programmes/{prog['id']}/submit")
+    assert status == 200 and body["status"] == "pending", body
+    status, body = await api.call(approver, "POST", f"/api/v1/programmes/{prog['id']}/approve")
+    assert status == 200 and body["status"] == "approved", body
+    return str(prog["id"])

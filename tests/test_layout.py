@@ -108,3 +108,37 @@ def test_one_bench_error() -> None:
     defined = [str(p.relative_to(ROOT)) for p in modules().values()
                if "class BenchError" in p.read_text(encoding="utf-8")]
     assert defined == ["web/bench/errors.py"]
+
+
+def imported_test_modules(path: Path) -> list[str]:
+    """The test modules (tests/**/test_*.py) that `path` imports."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+        else:
+            continue
+        for name in names:
+            parts = name.split(".")
+            at = next((i for i, part in enumerate(parts) if part.startswith("test_")), None)
+            if parts[0] == "tests" and at is not None:
+                found.add(".".join(parts[:at + 1]))
+    return sorted(found)
+
+
+def test_no_test_module_imports_another() -> None:
+    """What tests share lives in tests/helpers.py and the other shared modules, or conftest.py."""
+    tests = ROOT / "tests"
+    offenders = {str(p.relative_to(ROOT)): got for p in tests.rglob("*.py")
+                 if (got := imported_test_modules(p))}
+    assert offenders == {}
+
+
+def test_the_test_import_check_sees_one(tmp_path: Path) -> None:
+    probe = tmp_path / "probe.py"
+    probe.write_text("import tests.relay.test_rtp\nfrom tests.web.test_api import x\n"
+                     "from tests import test_layout\nfrom tests.helpers import until\n")
+    assert imported_test_modules(probe) == ["tests.relay.test_rtp", "tests.test_layout",
+                                            "tests.web.test_api"]

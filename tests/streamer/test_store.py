@@ -32,6 +32,7 @@ from loa.streamer.state.store import (
 from loa.streamer.state.store_redis import RedisStore
 from loa.streamer.state.store_sqlite import SCHEMA_VERSION, SchemaTooNew, SqliteStore
 from tests.faults import TcpProxy, fill, tmpfs
+from tests.helpers import delete_prefix
 
 VIETNAMESE = "Thông báo khẩn cấp: nước lũ dâng cao ở xã Đồng Tâm, đề nghị sơ tán"
 
@@ -64,16 +65,6 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path, redis_prefix: str) -
     return Backend("sqlite", tmp_path / "loa.db")
 
 
-async def _delete_prefix(url: str, prefix: str) -> None:
-    client = aioredis.from_url(url)
-    try:
-        keys = [k async for k in client.scan_iter(match=prefix + "*", count=1000)]
-        for i in range(0, len(keys), 1000):
-            await client.delete(*keys[i:i + 1000])
-    finally:
-        await client.aclose()
-
-
 # The concrete classes, not Store: their find/count take `kind` positionally only, so the
 # device field "kind" can be filtered on (Store's signature cannot bind it).
 AnyStore = SqliteStore | RedisStore
@@ -89,7 +80,7 @@ async def store(backend: Backend) -> AsyncIterator[AnyStore]:
         for opened in backend.opened:
             await opened.close()
         if backend.name == "redis":
-            await _delete_prefix(backend.redis_url, backend.prefix)
+            await delete_prefix(backend.redis_url, backend.prefix)
 
 
 def user(id: str, username: str, **more: object) -> dict[str, object]:
@@ -137,7 +128,7 @@ async def sick(sick_backend: str, redis_prefix: str) -> AsyncIterator[Sick]:
     finally:
         await s.close()
         await proxy.close()
-        await _delete_prefix(url, redis_prefix)
+        await delete_prefix(url, redis_prefix)
 
 
 async def test_a_store_that_cannot_write_says_unavailable_and_recovers(sick: Sick) -> None:
@@ -588,7 +579,7 @@ async def test_open_store_picks_the_backend(tmp_path: Path, redis_url: str,
         assert await r.get("area", "T01") == {"id": "T01"}
     finally:
         await r.close()
-        await _delete_prefix(redis_url, redis_prefix)
+        await delete_prefix(redis_url, redis_prefix)
     with pytest.raises(ValueError):
         await open_store("postgres://x", tmp_path)
 
@@ -750,7 +741,7 @@ async def test_redis_keeps_every_key_under_its_prefix(redis_url: str, redis_pref
         await a.close()
         await b.close()
         await client.aclose()
-        await _delete_prefix(redis_url, redis_prefix)
+        await delete_prefix(redis_url, redis_prefix)
 
 
 async def test_redis_refuses_a_newer_schema(redis_url: str, redis_prefix: str) -> None:
@@ -761,4 +752,4 @@ async def test_redis_refuses_a_newer_schema(redis_url: str, redis_prefix: str) -
             await RedisStore.connect(redis_url, prefix=redis_prefix)
     finally:
         await client.aclose()
-        await _delete_prefix(redis_url, redis_prefix)
+        await delete_prefix(redis_url, redis_prefix)

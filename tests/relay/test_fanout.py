@@ -19,16 +19,8 @@ import pytest
 
 from loa.relay.fanout import FanoutPool
 from tests.audio import peak_hz
-from tests.test_http_streams import (
-    AREA,
-    Server,
-    Start,
-    mp3_frames,
-    open_stream,
-    read_wav,
-    servers,
-    until,
-)
+from tests.helpers import until
+from tests.httpstreams import AREA, Server, Start, mp3_frames, open_stream, read_wav, servers
 
 
 @pytest.fixture
@@ -74,11 +66,11 @@ async def test_listener_socket_belongs_to_the_worker_not_the_node(start: Start) 
     client_port = writer.get_extra_info("sockname")[1]
     pool = pool_of(srv)
     await until(lambda: socket_holders(srv.port, client_port) == set(pool.worker_pids()),
-                "the node to let go of the listener's socket")
+                "the node to let go of the listener's socket", timeout=20.0)
     assert os.getpid() not in socket_holders(srv.port, client_port)
     assert srv.streamer.total == 1 and srv.streamer.channels == {}  # counted, not served here
     writer.close()
-    await until(lambda: srv.streamer.total == 0, "the worker to report the listener gone")
+    await until(lambda: srv.streamer.total == 0, "the worker to report the listener gone", timeout=20.0)
     assert srv.node.hub.channels[(AREA, "mp3")].subs == []  # unsubscribed with the last one
 
 
@@ -94,9 +86,9 @@ async def test_worker_streams_decodable_audio_with_counters(start: Start, tmp_pa
             "ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i",
             srv.url(f"/streams/{AREA}.{codec}"), "-t", "2", "-ac", "1", "-ar", "48000",
             str(out)))
-    await until(lambda: srv.streamer.total == 2, "both listeners")
+    await until(lambda: srv.streamer.total == 2, "both listeners", timeout=20.0)
     await until(lambda: srv.sent(AREA, "mp3") > 4000 and srv.sent(AREA, "opus") > 4000,
-                "the workers' byte counters to reach the node")
+                "the workers' byte counters to reach the node", timeout=20.0)
     assert sorted(len(w.listeners) for w in pool_of(srv).workers) == [1, 1]  # least loaded
     for proc in procs:
         assert await asyncio.wait_for(proc.wait(), 30) == 0
@@ -104,12 +96,12 @@ async def test_worker_streams_decodable_audio_with_counters(start: Start, tmp_pa
         pcm, rate = read_wav(out)
         assert pcm.shape[0] >= 1.9 * rate
         assert abs(peak_hz(pcm[int(0.3 * rate):], rate) - 440) < 10
-    await until(lambda: srv.streamer.total == 0, "ffmpeg's connections to be closed")
+    await until(lambda: srv.streamer.total == 0, "ffmpeg's connections to be closed", timeout=20.0)
     stats = srv.streamer.stats()
     assert stats["listeners"] == 0 and len(stats["streams"]) == 2
     assert all(s["listeners"] == 0 for s in stats["streams"])
     await until(lambda: all(s["joined"] == 1 for s in srv.streamer.stats()["streams"]),
-                "the workers' join counters")
+                "the workers' join counters", timeout=20.0)
 
 
 async def test_icy_titles_through_a_worker(start: Start) -> None:
@@ -155,7 +147,7 @@ async def test_killed_worker_is_restarted_and_new_listeners_play(start: Start) -
         pass  # the listener's connection ends with its worker
     writer.close()
     await until(lambda: pool.restarts == 1 and len(pool.worker_pids()) == 1,
-                "the worker to be started again")
+                "the worker to be started again", timeout=20.0)
     assert pool.worker_pids() != old
     assert srv.streamer.total == 0 and srv.node.hub.channels[(AREA, "mp3")].subs == []
     reader, writer, status, _ = await open_stream(srv.port, f"/streams/{AREA}.mp3")
@@ -176,7 +168,7 @@ async def test_limits_still_answer_503_with_workers(start: Start) -> None:
             assert r.headers["Retry-After"] == "7"
             assert "khu vực đã đủ người nghe" in (await r.json())["error"]
         a[1].close()
-        await until(lambda: srv.streamer.total == 0, "the worker to report the listener gone")
+        await until(lambda: srv.streamer.total == 0, "the worker to report the listener gone", timeout=20.0)
         async with http.get(srv.url(f"/streams/{AREA}.opus")) as r:
             assert r.status == 200
             assert (await r.content.readexactly(4)) == b"OggS"
@@ -205,13 +197,13 @@ async def test_a_worker_that_stops_reading_is_replaced(start: Start) -> None:
     srv, pool, _reader, writer, old = await one_listener_on_one_worker(start)
     os.kill(old, signal.SIGSTOP)  # alive but frozen: it stops reporting to the node
     try:
-        await until(lambda: pool.restarts == 1, "the frozen worker to be replaced", limit=60)
+        await until(lambda: pool.restarts == 1, "the frozen worker to be replaced", timeout=60)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(old, signal.SIGCONT)
     writer.close()
     await until(lambda: len(pool.worker_pids()) == 1 and pool.worker_pids() != [old],
-                "a new worker")
+                "a new worker", timeout=20.0)
     assert srv.streamer.total == 0
     reader, writer, status, _ = await open_stream(srv.port, f"/streams/{AREA}.mp3")
     assert status == "HTTP/1.0 200 OK"
@@ -227,7 +219,7 @@ async def test_a_channel_stays_warm_for_the_workers_after_its_last_listener(star
     reader, writer, _, _ = await open_stream(srv.port, f"/streams/{AREA}.mp3")
     await reader.readexactly(2000)
     writer.close()
-    await until(lambda: srv.streamer.total == 0, "the listener left")
+    await until(lambda: srv.streamer.total == 0, "the listener left", timeout=20.0)
     pool = pool_of(srv)
     assert (AREA, "mp3") in pool.subs and (AREA, "mp3") in pool.cooling  # still fed, cooling
     assert srv.node.hub.channels[(AREA, "mp3")].subs  # the encoder keeps running

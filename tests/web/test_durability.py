@@ -21,10 +21,9 @@ import pytest
 
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.sources import ToneSource
-from tests.apiclient import Api, make_config, running_api, tone_file
+from tests.apiclient import Api, approved_programme, make_config, running_api, tone_file
 from tests.faults import TcpProxy, fill, remount, tmpfs
-from tests.test_api import approved_programme
-from tests.test_store import _delete_prefix
+from tests.helpers import delete_prefix, until
 
 WAIT = 60.0
 
@@ -126,14 +125,6 @@ class Client:
         return [e for e in body["entries"] if e["broadcast"] == bid]
 
 
-async def until(cond: Any, what: str, timeout: float = WAIT) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 async def eventually(fn: Any, what: str, timeout: float = WAIT) -> Any:
     """Poll an async predicate until it returns something truthy; the timeout ends a hang."""
     deadline = time.monotonic() + timeout
@@ -228,7 +219,7 @@ async def test_a_store_outage_delays_the_as_run_log_and_the_end_of_a_broadcast(
         r = await api.client.get("/api/v1/broadcasts", headers=api.auth("huyen1"))
         assert r.status == 503 and int(r.headers["Retry-After"]) > 0
         assert "kho dữ liệu" in (await r.json())["error"]
-        await until(lambda: api.node.station.store_down is not None, "a failed write")
+        await until(lambda: api.node.station.store_down is not None, "a failed write", timeout=WAIT)
         proxy.set("pass")
         await asyncio.wait_for(api.node.station.flush(), WAIT)
         rec = await api.node.store.get("broadcast", b["id"])
@@ -252,7 +243,7 @@ async def test_a_record_whose_end_was_dropped_is_reconciled_when_the_store_retur
 
         music("T01-H1-X2")  # its write is the one in flight, retried
         await asyncio.sleep(0)
-        await until(lambda: api.node.station.store_down is not None, "a failed write")
+        await until(lambda: api.node.station.store_down is not None, "a failed write", timeout=WAIT)
         api.run(9.0)  # the broadcast ends: its as-run entry and its end wait in the queue
         await asyncio.sleep(0)
         music("T01-H1-X3")  # and push them out of the full queue
@@ -339,7 +330,7 @@ async def test_a_redis_outage_answers_503_and_the_streams_and_the_clock_go_on(
 
     async def streaming() -> None:  # the listener gets 8 KB more (1/4 s of 32 kbit/s is 1 KB)
         start = received
-        await until(lambda: received > start + 8192, "more of the stream")
+        await until(lambda: received > start + 8192, "more of the stream", timeout=WAIT)
 
     async def me(c: Client) -> tuple[int, str, float]:
         t0 = time.monotonic()
@@ -378,7 +369,7 @@ async def test_a_redis_outage_answers_503_and_the_streams_and_the_clock_go_on(
             listener.cancel()
     finally:
         await srv.close()
-        await _delete_prefix(redis_url, redis_prefix)
+        await delete_prefix(redis_url, redis_prefix)
     out = "".join(srv.output)
     assert "Traceback" not in out and "event=http_500" not in out, out
 

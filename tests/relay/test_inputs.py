@@ -33,6 +33,7 @@ from loa.web.auth import add_user
 from loa.web.node import Node
 from tests.apiclient import PASSWORD, PEOPLE, make_config
 from tests.audio import peak_hz, rms
+from tests.helpers import until
 
 TARGET = "T01-H1"  # the relay airs here
 LISTEN = "T01-H1-X1"  # ... and is heard here
@@ -225,17 +226,6 @@ async def live(tmp_path) -> AsyncIterator[LiveNode]:
         await node.stop()
 
 
-async def until(cond: Any, limit: float, what: str) -> float:
-    """Wait for `cond()`; returns the seconds it took. `limit` only ends a hung test."""
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    while not cond():
-        if loop.time() - t0 > limit:
-            raise AssertionError(f"not within {limit} s: {what}")
-        await asyncio.sleep(0.05)
-    return loop.time() - t0
-
-
 def onset(tap: Tap, sample: int, hz: float | None = None) -> int:
     """The first media sample at or after `sample` where sound starts (loud frames follow)."""
     frames = tap.since(sample)
@@ -270,7 +260,7 @@ async def test_http_relay_survives_the_station_going_off_air(live: LiveNode, ori
     here, other = live.tap(LISTEN), live.tap(OTHER)
     bid = await live.air_relay(f"http://vov:mat-khau-bi-mat@127.0.0.1:{origin.port}/live.mp3"
                                "?token=bi-mat-nua", [TARGET])
-    await until(lambda: here.hears(440), 15, "the relayed tone")
+    await until(lambda: here.hears(440), "the relayed tone", 15)
     [inp] = relay_inputs(live)
     assert inp.state == "up" and inp.ups == 1
 
@@ -278,9 +268,9 @@ async def test_http_relay_survives_the_station_going_off_air(live: LiveNode, ori
     ticks = node.engine.stats["ticks"]
     killed_at = node.engine.n * FRAME
     await origin.kill()
-    await until(lambda: here.silent(), 10, "silence after the source died")
+    await until(lambda: here.silent(), "silence after the source died", 10)
     silent_after = (quiet_from(here, killed_at) - killed_at) / SAMPLE_RATE
-    await until(lambda: inp.state in ("down", "connecting") and inp.downs >= 1, 15, "input down")
+    await until(lambda: inp.state in ("down", "connecting") and inp.downs >= 1, "input down", 15)
     await asyncio.sleep(1.5)  # down a while: reconnect attempts fail, the backoff grows
     assert inp.attempts >= 2 and node.engine.stats["ticks"] > ticks + 50
     assert here.silent()
@@ -288,7 +278,7 @@ async def test_http_relay_survives_the_station_going_off_air(live: LiveNode, ori
     # Back on the air: the relay picks it up again by itself.
     back_at = node.engine.n * FRAME
     await origin.start(origin.port)
-    await until(lambda: here.hears(440), 15, "the tone after the source came back")
+    await until(lambda: here.hears(440), "the tone after the source came back", 15)
     heard = onset(here, back_at, 440)
     assert inp.ups == 2 and inp.attempt_at is not None and node.clock is not None
     # The successful attempt on the media clock: how long from connecting to being on air.
@@ -312,7 +302,7 @@ async def test_http_relay_survives_the_station_going_off_air(live: LiveNode, ori
     # Stopping the broadcast stops the input's thread.
     status, _ = await live.call("tinh", "DELETE", f"/api/v1/broadcasts/{bid}")
     assert status == 204
-    await until(lambda: not relay_inputs(live), 5, "input released")
+    await until(lambda: not relay_inputs(live), "input released", 5)
     assert await asyncio.to_thread(inp.join, 10) and not inp.alive and inp.state == "closed"
 
 
@@ -338,7 +328,7 @@ async def test_garbage_inputs_are_logged_retried_and_harmless(live: LiveNode, or
     # Three failed attempts each, logged (an attempt counts when it starts, its log comes when
     # it fails: under load the third may still be connecting when the count says 3).
     await until(lambda: all(len(re.findall(rf"url={re.escape(u)} .*retry_in=", caplog.text)) >= 3
-                            for u in urls.values()), 20, "three failed attempts each")
+                            for u in urls.values()), "three failed attempts each", 20)
     assert all(i.ups == 0 and i.alive for i in inputs)
     assert all(tap.silent(1.0) for tap in taps.values())
     assert other.hears(660)
@@ -363,7 +353,7 @@ async def test_hls_input_relays_another_streams_hls(live: LiveNode):
     node.engine.start(Broadcast(ToneSource(660, 0.3), ["T01-H2"], issuer="T01-H2"))
     here = live.tap(LISTEN)
     await live.air_relay(f"{live.url}/streams/{OTHER}/index.m3u8", [TARGET])
-    await until(lambda: here.hears(660, 1.0), 20, "the tone relayed from HLS")
+    await until(lambda: here.hears(660, 1.0), "the tone relayed from HLS", 20)
     [inp] = relay_inputs(live)
     assert inp.ups == 1
     # Paced by the engine, not by the download: no overruns, audio keeps flowing.
@@ -402,14 +392,14 @@ async def test_rtp_input_from_an_sdp_url(live: LiveNode, origin: Origin):
     sender = await rtp_sender(port, 550)
     try:
         await live.air_relay(f"http://127.0.0.1:{origin.port}/in.sdp", [TARGET])
-        await until(lambda: here.hears(550), 15, "the tone relayed from RTP")
+        await until(lambda: here.hears(550), "the tone relayed from RTP", 15)
         [inp] = relay_inputs(live)
         sender.kill()
         await sender.wait()
-        await until(lambda: here.silent(), 10, "silence when the RTP sender stops")
+        await until(lambda: here.silent(), "silence when the RTP sender stops", 10)
         back_at = live.node.engine.n * FRAME
         sender = await rtp_sender(port, 550)
-        await until(lambda: here.hears(550), 20, "the tone when the sender is back")
+        await until(lambda: here.hears(550), "the tone when the sender is back", 20)
         log.info("relay rtp timing %s", json.dumps({
             "tone_after_sender_back_s": round((onset(here, back_at, 550) - back_at)
                                               / SAMPLE_RATE, 3), "attempts": inp.attempts}))
@@ -431,12 +421,12 @@ def test_safe_url_hides_credentials_and_queries():
 async def test_close_stops_a_flowing_input_and_a_hung_one(origin: Origin):
     settings = RelayInputSettings(read_timeout=1.0, open_timeout=1.0)
     flowing = RelayInput(f"http://127.0.0.1:{origin.port}/live.mp3", settings).start()
-    await until(lambda: flowing.state == "up", 10, "flowing")
+    await until(lambda: flowing.state == "up", "flowing", 10)
     # A server that accepts and then says nothing: the open blocks until its timeout.
     srv = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
     hung_port = srv.sockets[0].getsockname()[1]
     hung = RelayInput(f"http://127.0.0.1:{hung_port}/x.mp3", settings).start()
-    await until(lambda: hung.attempts >= 1, 5, "hung attempt")
+    await until(lambda: hung.attempts >= 1, "hung attempt", 5)
     await asyncio.sleep(0.2)  # inside av.open, waiting for an answer
     flowing.close()
     hung.close()
@@ -454,21 +444,21 @@ async def test_backoff_doubles_and_resets_after_a_good_connection(origin: Origin
     url = f"http://127.0.0.1:{origin.port}/live.mp3"
     inp = RelayInput(url, settings).start()  # nobody reads it: it must not stall on that
     try:
-        await until(lambda: inp.ups == 1, 10, "up")
+        await until(lambda: inp.ups == 1, "up", 10)
         await asyncio.sleep(0.8)  # a good connection (longer than good_after)
         await origin.kill()
-        await until(lambda: inp.attempts >= 5, 10, "four failed attempts")
+        await until(lambda: inp.attempts >= 5, "four failed attempts", 10)
         await origin.start(origin.port)
-        await until(lambda: inp.ups == 2, 10, "up again")
+        await until(lambda: inp.ups == 2, "up again", 10)
         downs = inp.downs
         await origin.kill()  # a short connection: the backoff goes on where it was
-        await until(lambda: inp.downs > downs, 10, "down again")
+        await until(lambda: inp.downs > downs, "down again", 10)
         await origin.start(origin.port)
-        await until(lambda: inp.ups == 3, 10, "up a third time")
+        await until(lambda: inp.ups == 3, "up a third time", 10)
         await asyncio.sleep(0.8)  # a good one again
         downs = inp.downs
         await origin.kill()
-        await until(lambda: inp.downs > downs, 10, "down a third time")
+        await until(lambda: inp.downs > downs, "down a third time", 10)
     finally:
         inp.close()
         await asyncio.to_thread(inp.join, 5)
@@ -488,15 +478,15 @@ async def test_a_station_back_after_a_long_outage_is_retried_within_a_second(ori
     inp = RelayInput(f"http://127.0.0.1:{origin.port}/live.mp3").start()
     loop = asyncio.get_running_loop()
     try:
-        await until(lambda: inp.ups == 1, 10, "up")
+        await until(lambda: inp.ups == 1, "up", 10)
         await origin.kill()
-        await until(lambda: inp.downs >= 1, 15, "down")
+        await until(lambda: inp.downs >= 1, "down", 15)
         down_at = loop.time()
         await asyncio.sleep(15)  # off the air long enough for any backoff to grow
         attempts = inp.attempts
         back_at = loop.time()
         await origin.start(origin.port)
-        await until(lambda: inp.ups == 2, 15, "up again")
+        await until(lambda: inp.ups == 2, "up again", 15)
         up_after = loop.time() - back_at
     finally:
         inp.close()

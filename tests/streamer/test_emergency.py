@@ -10,246 +10,39 @@ decode; devices are WebSocket clients speaking docs/device-protocol.md.
 from __future__ import annotations
 
 import asyncio
-import fractions
-import json
-import random
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import av
 import numpy as np
-from aiohttp import WSMsgType, web
-from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-from aiortc.mediastreams import MediaStreamTrack
+from aiortc import RTCPeerConnection, RTCSessionDescription
 
-from loa.codecs.encoders import Packet
-from loa.streamer.broadcast import Broadcast
-from loa.streamer.clock import SAMPLE_RATE, VirtualClock
+from loa.streamer.clock import SAMPLE_RATE
 from loa.streamer.emergency.service import ATTENTION_TONES, attention_pcm
 from loa.streamer.hub import Subscription
-from loa.streamer.sources import ToneSource
-from loa.web.app import create_app
-from loa.web.auth import add_user
-from loa.web.config import Config
 from loa.web.node import Node
-from tests.apiclient import PASSWORD, PEOPLE, make_config
 from tests.audio import peak_hz
-
-X1, X2, X3 = "T01-H1-X1", "T01-H1-X2", "T01-H1-X3"
-MUSIC = {X1: 300.0, X2: 350.0, X3: 400.0}
-STEP = int(0.25 * SAMPLE_RATE)  # one tone of the attention signal
-WAIT = 15.0  # bound for waits on events (never a speed check)
-EXTRA_PEOPLE = {
-    "huyen1em": ("operator", "T01-H1", True),  # district operator with the emergency right
-    "xa11em": ("operator", "T01-H1-X1", True),  # commune operator with the emergency right
-}
-
-
-# ---- a node on a real port -------------------------------------------------------------------------
-@dataclass
-class Srv:
-    node: Node
-    app: web.Application
-    runner: web.AppRunner
-    base: str
-    http: aiohttp.ClientSession
-    clock: VirtualClock | None
-    tokens: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def svc(self) -> Any:
-        return self.node.emergency
-
-    async def login(self, who: str) -> str:
-        if who not in self.tokens:
-            async with self.http.post(f"{self.base}/api/v1/auth/token",
-                                      json={"username": who, "password": PASSWORD}) as r:
-                assert r.status == 201, await r.text()
-                self.tokens[who] = (await r.json())["token"]
-        return self.tokens[who]
-
-    async def call(self, who: str | None, method: str, path: str, **kw: Any) -> tuple[int, Any]:
-        headers = dict(kw.pop("headers", {}))
-        if who:
-            headers["Authorization"] = f"Bearer {await self.login(who)}"
-        async with self.http.request(method, self.base + path, headers=headers, **kw) as r:
-            ctype = r.headers.get("Content-Type", "")
-            body = await r.json() if ctype.startswith("application/json") else await r.text()
-            return r.status, body
-
-    def run(self, seconds: float) -> None:
-        assert self.clock is not None, "virtual clock only"
-        self.clock.run(int(round(seconds * 50)))
-
-    async def device(self, area: str, kind: str = "loudspeaker", **caps: Any) -> DeviceWs:
-        dev_id, key = await self.provision(area, kind, **caps)
-        d = DeviceWs(self, dev_id)
-        await d.connect(key, kind)
-        return d
-
-    async def provision(self, area: str, kind: str = "loudspeaker", **caps: Any
-                        ) -> tuple[str, str]:
-        body: dict[str, Any] = {"name": f"{kind} {area}", "kind": kind, "area": area}
-        if caps:
-            body["capabilities"] = caps
-        status, dev = await self.call("qtv1", "POST", "/api/v1/devices", json=body)
-        assert status == 201, dev
-        status, got = await self.call(None, "POST", "/api/v1/devices/provision",
-                                      json={"device": dev["id"],
-                                            "token": dev["provisioning_token"]})
-        assert status == 201, got
-        return dev["id"], got["key"]
-
-
-@dataclass
-class DeviceWs:
-    """A device client: hello, welcome, every command acked, commands kept in order."""
-
-    srv: Srv
-    id: str
-    ws: aiohttp.ClientWebSocketResponse | None = None
-    commands: list[dict[str, Any]] = field(default_factory=list)
-    welcome: dict[str, Any] | None = None
-
-    async def connect(self, key: str, kind: str) -> None:
-        self.ws = await self.srv.http.ws_connect(self.srv.base + "/api/v1/devices/connect")
-        caps: dict[str, Any] = {"codecs": ["opus"], "transports": ["http"]}
-        if kind == "board":
-            caps["display"] = {"width": 1920, "height": 1080}
-        await self.ws.send_str(json.dumps({"v": 1, "type": "hello", "device": self.id,
-                                           "key": key, "firmware": "test",
-                                           "capabilities": caps}))
-        msg = await self.ws.receive(timeout=WAIT)
-        self.welcome = json.loads(msg.data)
-        assert self.welcome["type"] == "welcome", self.welcome
-
-    async def command(self, name: str, timeout: float = WAIT) -> dict[str, Any]:
-        """The next command called `name` (acking everything on the way)."""
-        assert self.ws is not None
-        async with asyncio.timeout(timeout):
-            while True:
-                msg = await self.ws.receive()
-                assert msg.type is WSMsgType.TEXT, (msg.type, msg.data)
-                m = json.loads(msg.data)
-                if m["type"] != "command":
-                    continue
-                await self.ws.send_str(json.dumps({"v": 1, "type": "ack", "id": m["id"],
-                                                   "ok": True}))
-                self.commands.append(m)
-                if m["command"] == name:
-                    return m
-
-    async def close(self) -> None:
-        if self.ws is not None:
-            await self.ws.close()
-
-
-def live_config(tmp_path: Path, *, rtp: bool = False, store: str = "sqlite",
-                prefix: str = "loa:", data: Path | None = None) -> Config:
-    cfg = make_config(tmp_path, store=store, prefix=prefix)
-    if data is not None:
-        cfg.server.data = str(data)
-    cfg.webrtc.ice_addresses = "127.0.0.1"
-    cfg.devices.retry_interval = 0.5
-    if rtp:
-        cfg.rtp.enabled = True
-        cfg.rtp.interface = "127.0.0.1"
-        cfg.rtp.ttl = 0
-        cfg.rtp.port = random.randrange(20_000, 60_000, 2)
-        cfg.rtp.group_base = f"239.255.{random.randrange(0, 200)}.0"
-        cfg.rtp.pool_size = 64
-    return cfg
-
-
-@asynccontextmanager
-async def serving(cfg: Config, *, realtime: bool = False) -> AsyncIterator[Srv]:
-    node = Node(cfg, realtime=realtime)
-    await node.start()
-    for name, (role, area, emergency) in {**PEOPLE, **EXTRA_PEOPLE}.items():
-        if not await node.store.find("user", username=name):
-            await add_user(node.store, node.tree, name, role, area, PASSWORD, emergency)
-    srv = await open_app(node, realtime)
-    try:
-        yield srv
-    finally:
-        await close_app(srv)
-
-
-async def open_app(node: Node, realtime: bool) -> Srv:
-    app = create_app(node)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    http = aiohttp.ClientSession()
-    return Srv(node, app, runner, f"http://{host}:{port}", http,
-               None if realtime else VirtualClock(node.engine.tick))
-
-
-async def close_app(srv: Srv) -> None:
-    await srv.http.close()
-    await srv.runner.cleanup()
-    await srv.node.stop()
-
-
-async def until(cond: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    """Wait for an event; the timeout only ends a hung test."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
-async def ended(node: Node, eid: str, timeout: float = WAIT) -> dict[str, Any]:
-    """The emergency record once it is ended (waits for the service to write it)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        rec = await node.store.get("emergency", eid)
-        if rec is not None and rec["status"] == "ended":
-            return rec
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"emergency {eid} never ended")
-        await asyncio.sleep(0.01)
-
-
-async def settle() -> None:
-    """Let the hub's hops to the loop and the service's follow-ups run."""
-    for _ in range(5):
-        await asyncio.sleep(0.005)
-
-
-def start_music(node: Node) -> dict[str, str]:
-    return {a: node.engine.start(Broadcast(ToneSource(hz, 0.3), [a], issuer=a,
-                                           title=f"nhạc {a}"))
-            for a, hz in MUSIC.items()}
-
-
-def pcm_from(packets: list[Packet]) -> tuple[int, np.ndarray]:
-    """(first sample, audio) of consecutive pcm packets."""
-    return packets[0].pts, np.frombuffer(b"".join(p.data for p in packets), dtype=np.float32)
-
-
-def steps_at(sub: Subscription, start: int, n: int) -> list[int]:
-    """The peak frequency (rounded to 10 Hz) of n 250 ms windows from sample `start`."""
-    first, pcm = pcm_from(list(sub.queue))
-    out = []
-    for k in range(n):
-        a = start - first + k * STEP
-        win = pcm[a:a + STEP]
-        assert len(win) == STEP, "not enough audio captured"
-        out.append(int(round(peak_hz(win, SAMPLE_RATE) / 10) * 10))
-    return out
-
-
-def switch(node: Node, area: str, to: str) -> Any:
-    return next(c for c in node.engine.changes if c.area == area and c.after == to)
+from tests.emergencynode import (
+    MUSIC,
+    STEP,
+    WAIT,
+    X1,
+    X2,
+    X3,
+    Srv,
+    close_app,
+    ended,
+    live_config,
+    open_app,
+    pcm_from,
+    serving,
+    settle,
+    start_music,
+    steps_at,
+    switch,
+)
+from tests.helpers import until
+from tests.webrtcpeers import NO_STUN, ToneTrack
 
 
 # ---- the attention signal ------------------------------------------------------------------------
@@ -436,32 +229,6 @@ async def test_a_lower_authority_waits_behind_the_province(tmp_path: Path) -> No
 
 
 # ---- live voice over WHIP (real clock, real aiortc publisher) ---------------------------------------
-class ToneTrack(MediaStreamTrack):
-    """A microphone stand-in: a sine tone in 20 ms frames on absolute deadlines."""
-
-    kind = "audio"
-
-    def __init__(self, hz: float) -> None:
-        super().__init__()
-        self.hz = hz
-        self.n = 0
-        self.t0: float | None = None
-
-    async def recv(self) -> av.AudioFrame:
-        loop = asyncio.get_running_loop()
-        if self.t0 is None:
-            self.t0 = loop.time()
-        await asyncio.sleep(max(0.0, self.t0 + self.n * 0.02 - loop.time()))
-        idx = np.arange(self.n * 960, (self.n + 1) * 960)
-        pcm = (0.3 * 32767 * np.sin(2 * np.pi * self.hz * idx / 48_000)).astype(np.int16)
-        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = 48_000
-        frame.pts = self.n * 960
-        frame.time_base = fractions.Fraction(1, 48_000)
-        self.n += 1
-        return frame
-
-
 def recent_hz(sub: Subscription, seconds: float = 0.3) -> float:
     packets = list(sub.queue)[-int(seconds * 50):]
     _, pcm = pcm_from(packets)
@@ -481,7 +248,7 @@ async def test_live_emergency_publishes_over_whip_and_ends_with_the_voice(
         assert status == 201, em
         assert em["live"] is True and em["broadcast"] is None
         assert em["whip"].startswith(f"/whip/{X1}?class=emergency")
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc = RTCPeerConnection(NO_STUN)
         pc.addTransceiver(ToneTrack(700), direction="sendonly")
         await pc.setLocalDescription(await pc.createOffer())
         try:

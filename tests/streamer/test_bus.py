@@ -16,6 +16,7 @@ import pytest
 from loa.streamer.state.bus import BufferedSubscription, Bus, BusClosed, Event, InProcessBus
 from loa.streamer.state.bus_redis import RedisBus, _RedisSubscription
 from loa.streamer.state.open import open_bus
+from tests.helpers import delete_prefix
 
 VIETNAMESE = {
     "tiêu_đề": "Thông báo khẩn của Ủy ban nhân dân xã Quảng Điền",
@@ -50,18 +51,6 @@ def redis_backend(redis_url: str, redis_prefix: str) -> Backend:
     return Backend("redis", redis_url, redis_prefix)
 
 
-async def _delete_prefix(url: str, prefix: str) -> None:
-    import redis.asyncio as aioredis
-
-    client = aioredis.from_url(url)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
-
-
 async def _opener(backend: Backend) -> AsyncIterator[MakeBus]:
     """`make_bus(**kw)` opens one more bus; for Redis each is a separate node (own connections)
     on the same prefix. All are closed, and the Redis keys deleted, at teardown."""
@@ -82,7 +71,7 @@ async def _opener(backend: Backend) -> AsyncIterator[MakeBus]:
         for bus in opened:
             await bus.close()
         if backend.name == "redis":
-            await _delete_prefix(backend.url, backend.prefix)
+            await delete_prefix(backend.url, backend.prefix)
 
 
 @pytest.fixture
@@ -553,4 +542,4 @@ async def test_open_bus_redis(redis_backend: Backend) -> None:
         assert await sub.get(timeout=5) == {"ok": True}
     finally:
         await bus.close()
-        await _delete_prefix(redis_backend.url, redis_backend.prefix)
+        await delete_prefix(redis_backend.url, redis_backend.prefix)

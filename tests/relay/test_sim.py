@@ -13,7 +13,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +21,10 @@ import numpy as np
 import pytest
 
 from loa.relay.agent.sim import Fleet, load_fleet, recent_audio
-from tests import devicetools
 from tests.audio import peak_hz
-from tests.devicetools import Server, start_node, stop_node
+from tests.helpers import Server, start_node, stop_node, until
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _settings(cfg: Any) -> None:
@@ -41,10 +40,6 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
         yield srv
     finally:
         await stop_node(srv)
-
-
-async def until(cond: Callable[[], Any], what: str, timeout: float = 60.0) -> None:
-    await devicetools.until(cond, what, timeout, step=0.1)
 
 
 async def test_fleet_of_200_speakers_and_5_boards(server: Server, tmp_path: Path) -> None:
@@ -63,8 +58,8 @@ async def test_fleet_of_200_speakers_and_5_boards(server: Server, tmp_path: Path
             data = await server.get("/api/v1/devices?area=T01&status=online&limit=1000")
             return int(data["total"])
 
-        await until(lambda: fleet.counts()["connected"] == 205, "every device connected")
-        await until(lambda: _eq(online(), 205), "the server listing 205 devices online")
+        await until(lambda: fleet.counts()["connected"] == 205, "every device connected", timeout=60.0, step=0.1)
+        await until(lambda: _eq(online(), 205), "the server listing 205 devices online", timeout=60.0, step=0.1)
         mgr = server.node.devices
         assert mgr.connected == 205
 
@@ -80,7 +75,7 @@ async def test_fleet_of_200_speakers_and_5_boards(server: Server, tmp_path: Path
         async def acked() -> int:
             return int((await server.get(f"/api/v1/devices/commands/{batch}"))["acked"])
 
-        await until(lambda: _eq(acked(), 205), "205 acks")
+        await until(lambda: _eq(acked(), 205), "205 acks", timeout=60.0, step=0.1)
         tally = await server.get(f"/api/v1/devices/commands/{batch}")
         assert tally["failed"] == 0 and tally["expired"] == 0
         assert fleet.commands["power"] == 205  # executed once each: no duplicate execution
@@ -88,7 +83,7 @@ async def test_fleet_of_200_speakers_and_5_boards(server: Server, tmp_path: Path
         # heartbeats: every device's telemetry is on the server, spread (not all at once)
         await until(lambda: all(d.telemetry is not None and d.telemetry.get("firmware", "")
                                 .startswith("loa-sim/") for d in mgr.devices.values()),
-                    "a heartbeat from every device")
+                    "a heartbeat from every device", timeout=60.0, step=0.1)
         board = next(d for d in mgr.devices.values() if d.record["kind"] == "board")
         assert board.telemetry is not None and board.telemetry["state"] == "idle"
         speaker = next(d for d in mgr.devices.values() if d.record["kind"] == "loudspeaker")
@@ -100,18 +95,18 @@ async def test_fleet_of_200_speakers_and_5_boards(server: Server, tmp_path: Path
         decoders = fleet.decoders()
         assert len(decoders) == 2
         await until(lambda: all(len(recent_audio(d)) >= 24_000 for d in decoders),
-                    "half a second of decoded audio in both decoders")
+                    "half a second of decoded audio in both decoders", timeout=60.0, step=0.1)
         for d in decoders:
             pcm = recent_audio(d)[-24_000:]
             assert abs(peak_hz(pcm, 48_000) - 440) < 5
             assert float(np.abs(pcm).max()) > 0.05
         dec = mgr.devices[decoders[0].entry.id]
         await until(lambda: dec.telemetry is not None and "jitter_ms" in dec.telemetry.get(
-            "stream", {}), "a decoder's stream figures in its heartbeat")
+            "stream", {}), "a decoder's stream figures in its heartbeat", timeout=60.0, step=0.1)
         print(json.dumps({"fleet": fleet.counts()}))
     finally:
         await fleet.stop()
-    await until(lambda: server.node.devices.connected == 0, "every connection closed")
+    await until(lambda: server.node.devices.connected == 0, "every connection closed", timeout=60.0, step=0.1)
 
 
 async def _eq(v: Any, expected: int) -> bool:

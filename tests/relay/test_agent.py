@@ -46,9 +46,9 @@ from loa.relay.agent.playout import (
     parse_rtp,
 )
 from loa.relay.agent.sinks import NullSink, make_sink
-from tests import devicetools
+from tests import helpers
 from tests.audio import peak_hz, rms
-from tests.devicetools import AREA, LOCAL, Server, stop_node, until
+from tests.helpers import AREA, LOCAL, Server, stop_node, until
 
 
 # ---- a node ------------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ async def start_node(data: Path, port: int = 0, token: str | None = None,
         cfg.rtp.codecs = rtp_codecs
 
     # the district and its communes hear a 440 Hz tone
-    return await devicetools.start_node(data, setup, "T01-H1", port=port, token=token)
+    return await helpers.start_node(data, setup, "T01-H1", port=port, token=token)
 
 
 @pytest.fixture
@@ -123,7 +123,7 @@ async def test_agent_over_http_plays_the_tone_acks_commands_and_reports(
     try:
         ev = await events.get(timeout=20)
         assert (ev["device"], ev["status"], ev["reason"]) == (dev, "online", "connected")
-        await until(lambda: a.player.totals["frames"] >= 100, "two seconds played")
+        await until(lambda: a.player.totals["frames"] >= 100, "two seconds played", timeout=30.0)
         assert a.pipeline is not None and a.pipeline.input is not None
         assert a.pipeline.input.transport == "http"
         frames_before = a.player.totals["frames"]
@@ -137,7 +137,7 @@ async def test_agent_over_http_plays_the_tone_acks_commands_and_reports(
             rows = (await server.get(f"/api/v1/devices/{dev}/commands"))["commands"]
             return str(next(r["status"] for r in rows if r["id"] == cid))
 
-        await until(lambda: _is(command_status(), "acked"), "the volume command acked")
+        await until(lambda: _is(command_status(), "acked"), "the volume command acked", timeout=30.0)
         assert a.volume == 50
         mark = a.player.totals["frames"]
 
@@ -146,7 +146,7 @@ async def test_agent_over_http_plays_the_tone_acks_commands_and_reports(
             "command": "power", "args": {"on": True, "steps": [
                 {"relay": 1, "delay_s": 0}, {"relay": 2, "delay_s": 0.3}]}})
         assert status == 202
-        await until(lambda: a.relays == [True, True] and a.power_on, "both relays on")
+        await until(lambda: a.relays == [True, True] and a.power_on, "both relays on", timeout=30.0)
         assert [c.command for c in a.executed] == ["volume", "power"]
 
         # heartbeats: kept by the server (registry and store), with the stream figures
@@ -154,14 +154,14 @@ async def test_agent_over_http_plays_the_tone_acks_commands_and_reports(
             return dict((await server.get(f"/api/v1/devices/{dev}"))["telemetry"] or {})
 
         await until(lambda: _has_stream(telemetry(), volume=50),
-                    "a heartbeat after the volume and power commands")
+                    "a heartbeat after the volume and power commands", timeout=30.0)
         t = await telemetry()
         assert t["state"] == "playing" and t["firmware"].startswith("loa-agent/")
         assert t["stream"]["url"] == f"{server.base}/streams/{AREA}.opus?burst_ms=200"
         assert 0 <= t["stream"]["loss"] <= 1 and t["stream"]["jitter_ms"] >= 0
         assert t["stream"]["latency_ms"] >= 300  # the target delay at least
         assert t["power"]["relays"] == [True, True] and t["faults"] == []
-        await until(lambda: a.player.totals["frames"] >= mark + 75, "1.5 s at the new volume")
+        await until(lambda: a.player.totals["frames"] >= mark + 75, "1.5 s at the new volume", timeout=30.0)
     finally:
         assert await run.finish() == 0
         await events.close()
@@ -245,7 +245,7 @@ async def test_agent_over_rtp_pcmu_plays_the_tone(tmp_path: Path) -> None:
         wav = tmp_path / "pcmu.wav"
         run = agent(srv, dev, key, sink=f"wav:{wav}", transport="rtp")
         try:
-            await until(lambda: run.agent.player.totals["frames"] >= 75, "1.5 s played")
+            await until(lambda: run.agent.player.totals["frames"] >= 75, "1.5 s played", timeout=30.0)
             inp = run.agent.pipeline.input if run.agent.pipeline else None
             assert inp is not None and inp.transport == "rtp" and inp.codec == "pcmu"
         finally:
@@ -263,7 +263,7 @@ async def test_agent_over_webrtc_plays_the_tone(server: Server, tmp_path: Path) 
     wav = tmp_path / "webrtc.wav"
     run = agent(server, dev, key, sink=f"wav:{wav}", transport="webrtc")
     try:
-        await until(lambda: run.agent.player.totals["frames"] >= 100, "two seconds played")
+        await until(lambda: run.agent.player.totals["frames"] >= 100, "two seconds played", timeout=30.0)
         inp = run.agent.pipeline.input if run.agent.pipeline else None
         assert inp is not None and inp.transport == "webrtc"
         assert inp.url == f"{server.base}/whep/{AREA}"
@@ -272,12 +272,12 @@ async def test_agent_over_webrtc_plays_the_tone(server: Server, tmp_path: Path) 
             t = (await server.get(f"/api/v1/devices/{dev}"))["telemetry"] or {}
             return dict(t.get("stream") or {})
 
-        await until(lambda: _url_has(stream(), "/whep/"), "a heartbeat naming the WHEP stream")
+        await until(lambda: _url_has(stream(), "/whep/"), "a heartbeat naming the WHEP stream", timeout=30.0)
     finally:
         assert await run.finish() == 0
     pcm = read_wav(wav)
     assert abs(peak_hz(pcm[-48_000:], 48_000) - 440) < 5
-    await until(lambda: not server.node.devices.get(dev).link, "the control link closed")
+    await until(lambda: not server.node.devices.get(dev).link, "the control link closed", timeout=30.0)
 
 
 async def _url_has(v: Any, part: str) -> bool:
@@ -291,17 +291,17 @@ async def test_agent_reconnects_after_a_server_restart(tmp_path: Path) -> None:
     run = agent(srv, dev, key, transport="http")
     a = run.agent
     try:
-        await until(lambda: a.client is not None and a.client.connected, "connected")
-        await until(lambda: a.player.totals["frames"] >= 25, "audio")
+        await until(lambda: a.client is not None and a.client.connected, "connected", timeout=30.0)
+        await until(lambda: a.player.totals["frames"] >= 25, "audio", timeout=30.0)
         port, token = srv.port, srv.token
         await stop_node(srv)
-        await until(lambda: a.client is not None and not a.client.connected, "disconnected")
+        await until(lambda: a.client is not None and not a.client.connected, "disconnected", timeout=30.0)
         srv = await start_node(tmp_path / "node", port=port, token=token)
         await until(lambda: a.client is not None and a.client.stats["welcomes"] == 2,
-                    "welcomed again by the new server")
+                    "welcomed again by the new server", timeout=30.0)
         assert a.client.final_code is None
         frames = a.player.totals["frames"]
-        await until(lambda: a.player.totals["frames"] >= frames + 50, "audio again")
+        await until(lambda: a.player.totals["frames"] >= frames + 50, "audio again", timeout=30.0)
         assert a.player.recent_pcm().size and abs(
             peak_hz(a.player.recent_pcm()[-24_000:], 48_000) - 440) < 5
         dev_view = await srv.get(f"/api/v1/devices/{dev}")

@@ -6,15 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
-from aiohttp.test_utils import TestClient
 from playwright.async_api import async_playwright
 
 from loa.streamer.hub import PacketHub
@@ -25,8 +23,9 @@ from loa.web.auth import add_user
 from loa.web.monitor import Exposition, RateSampler
 from loa.web.node import Node
 from tests.apiclient import PASSWORD, PEOPLE, Api, make_config, running_api
+from tests.helpers import get_metrics, parse_metrics, until, val
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 TITLE = "Bản tin thử nghiệm 440 Hz"
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -52,66 +51,6 @@ def area(body: dict, code: str) -> dict:
     found = [a for a in body["areas"] if a["code"] == code]
     assert len(found) == 1, [a["code"] for a in body["areas"]]
     return found[0]
-
-
-# ---- Prometheus text parsing ---------------------------------------------------------------------
-SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$')
-LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(,|$)')
-
-Series = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def parse_metrics(text: str) -> tuple[Series, dict[str, str]]:
-    """Every non-comment line must be `name{labels} value`; HELP and TYPE come before a family's
-    samples; no series twice. Returns the series and the declared type of each family."""
-    series: Series = {}
-    types: dict[str, str] = {}
-    helped: set[str] = set()
-    assert text.endswith("\n")
-    for line in text.splitlines():
-        assert line.strip(), "blank line"
-        if line.startswith("# HELP "):
-            name = line.split(" ")[2]
-            assert name not in helped, f"HELP twice for {name}"
-            helped.add(name)
-            continue
-        if line.startswith("# TYPE "):
-            _, _, name, kind = line.split(" ")
-            assert kind in ("counter", "gauge"), line
-            assert name not in types, f"TYPE twice for {name}"
-            types[name] = kind
-            continue
-        assert not line.startswith("#"), line
-        m = SAMPLE.match(line)
-        assert m, f"not a sample line: {line!r}"
-        name, labels_text, value = m.groups()
-        assert name in types and name in helped, f"{name} sampled before HELP/TYPE"
-        labels: set[tuple[str, str]] = set()
-        if labels_text:
-            pos = 0
-            while pos < len(labels_text):
-                lm = LABEL.match(labels_text, pos)
-                assert lm, f"bad labels in {line!r}"
-                raw = lm.group(2)
-                labels.add((lm.group(1), re.sub(r"\\(.)", lambda x: {"n": "\n"}.get(
-                    x.group(1), x.group(1)), raw)))
-                pos = lm.end()
-        key = (name, frozenset(labels))
-        assert key not in series, f"series twice: {line!r}"
-        series[key] = float(value)
-    return series, types
-
-
-def val(series: Series, name: str, **labels: str) -> float | None:
-    return series.get((name, frozenset(labels.items())))
-
-
-async def get_metrics(client: aiohttp.ClientSession | TestClient, url: str = "/metrics"
-                      ) -> tuple[Series, dict[str, str]]:
-    r = await client.get(url)
-    assert r.status == 200
-    assert r.headers["Content-Type"].startswith("text/plain; version=0.0.4")
-    return parse_metrics(await r.text())
 
 
 # ---- JSON API (virtual clock) --------------------------------------------------------------------
@@ -271,7 +210,7 @@ async def test_metrics_series_and_values(api: Api) -> None:
         series, _ = await get_metrics(api.client)
         return val(series, "loa_listeners", area="T01-H1-X1", transport="http") == 0
 
-    await until(gone, "the HTTP listeners counted out after they hung up")
+    await until(gone, "the HTTP listeners counted out after they hung up", timeout=20.0, step=0.1)
     series, _ = await get_metrics(api.client)
     assert val(series, "loa_http_listeners") == 0
     assert val(series, "loa_channel_subscribers", area="T01-H1-X1", codec="opus") == 0
@@ -397,22 +336,6 @@ async def server(tmp_path: Path) -> AsyncIterator[Server]:
         await node.stop()
 
 
-async def until(cond: Callable[[], object], what: str, timeout: float = 20.0) -> None:
-    """Wait for an event (the timeout only ends a hung test; it is not a speed check)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await _truthy(cond()):
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
-async def _truthy(v: object) -> bool:
-    if asyncio.iscoroutine(v):
-        v = await v
-    return bool(v)
-
-
 async def test_page_logs_in_shows_the_area_and_listens(server: Server) -> None:
     bid = await air_tone(server.node)
     relay = server.node.webrtc
@@ -446,7 +369,7 @@ async def test_page_logs_in_shows_the_area_and_listens(server: Server) -> None:
 
             await row.locator("button.listen").click()
             await until(lambda: page.evaluate("window.loaMonitor.bytesReceived() > 0"),
-                        "audio bytes in the page")
+                        "audio bytes in the page", timeout=20.0, step=0.1)
             assert len(relay.whep) == 1
             [session] = relay.whep.values()
             assert session.area == "T01-H1-X1" and session.connected is not None
@@ -461,23 +384,23 @@ async def test_page_logs_in_shows_the_area_and_listens(server: Server) -> None:
                 return a["listeners"]["webrtc"] == 1 and bool(a["webrtc"]) and \
                     a["webrtc"][0]["packets_sent"] and a["quality"]["rtt_ms_max"] is not None
 
-            await until(peer_reported, "the peer in /api/v1/monitor with an RTT")
+            await until(peer_reported, "the peer in /api/v1/monitor with an RTT", timeout=20.0, step=0.1)
             await until(lambda: page.evaluate(
                 "document.querySelector('tr[data-area=\"T01-H1-X1\"] .c-webrtc')"
-                ".textContent === '1'"), "the page counting its own WebRTC peer")
+                ".textContent === '1'"), "the page counting its own WebRTC peer", timeout=20.0, step=0.1)
             await until(lambda: page.evaluate(
                 "/^RTT [0-9]/.test(document.querySelector("
                 "'tr[data-area=\"T01-H1-X1\"] .c-quality').textContent)"),
-                "the peer's RTT in the page")
+                "the peer's RTT in the page", timeout=20.0, step=0.1)
             # Audio keeps flowing (not just a first burst).
             seen = await page.evaluate("window.loaMonitor.bytesReceived()")
             await until(lambda: page.evaluate(f"window.loaMonitor.bytesReceived() > {seen}"),
-                        "more audio bytes in the page")
+                        "more audio bytes in the page", timeout=20.0, step=0.1)
             # What plays is the programme: the analyser of the page's level meter finds the
             # tone (one FFT bin is 48000/4096 = 11.7 Hz wide).
             await until(lambda: page.evaluate(
                 "isFinite(parseFloat(document.getElementById('listen-level').dataset.value))"),
-                "a sound level in the page")
+                "a sound level in the page", timeout=20.0, step=0.1)
             level = float(await page.evaluate(
                 "document.getElementById('listen-level').dataset.value"))
             assert -20 < level < -6  # a 0.3 sine is -13.5 dBFS
@@ -498,7 +421,7 @@ async def test_page_logs_in_shows_the_area_and_listens(server: Server) -> None:
             assert await page2.locator("#areas tbody tr").count() == 3  # T01, T01-H1, T01-H2
             await until(lambda: page2.evaluate(
                 "(document.querySelector('tr[data-area=\"T01-H1\"] .c-webrtc .sum') || {})"
-                ".textContent === 'Σ 1'"), "the district's subtree counting the peer")
+                ".textContent === 'Σ 1'"), "the district's subtree counting the peer", timeout=20.0, step=0.1)
             await h1.locator("button.drill").click()
             x1 = page2.locator('tr[data-area="T01-H1-X1"] .c-onair .title')
             await x1.wait_for()
@@ -518,7 +441,7 @@ async def test_page_logs_in_shows_the_area_and_listens(server: Server) -> None:
             assert val(series, "loa_area_on_air", area="T01-H1-X1", **{"class": "priority"}) == 1
 
             await page.click("#listen-stop")
-            await until(lambda: not relay.whep, "the WHEP session deleted by the page")
+            await until(lambda: not relay.whep, "the WHEP session deleted by the page", timeout=20.0, step=0.1)
             assert errors == []
         finally:
             await browser.close()

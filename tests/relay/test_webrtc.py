@@ -9,83 +9,30 @@ auth, SDP and limit errors are refused with the right status and change nothing.
 from __future__ import annotations
 
 import asyncio
-import fractions
 import json
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
 
-import aiohttp
 import av
 import numpy as np
 import pytest
-from aiohttp import web
 from aiortc import (
-    RTCConfiguration,
     RTCPeerConnection,
-    RTCRtpSender,
     RTCSessionDescription,
 )
 from aiortc.mediastreams import MediaStreamTrack
 
 from loa.codecs.encoders import Packet
-from loa.relay.webrtc import PacketTrack, use_host_addresses
+from loa.relay.webrtc import PacketTrack
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.sources import ToneSource
-from loa.web.app import create_app
-from loa.web.auth import add_user
-from loa.web.node import Node
-from tests.apiclient import PASSWORD, PEOPLE, make_config
 from tests.audio import peak_hz
-from tests.test_monitor import get_metrics, val
-
-# Loopback only: the clients offer 127.0.0.1 host candidates too, and nobody uses STUN.
-use_host_addresses(["127.0.0.1"])
-NO_STUN = RTCConfiguration(iceServers=[])
-SDP = {"Content-Type": "application/sdp"}
-
-
-@dataclass
-class Server:
-    node: Node
-    app: web.Application
-    base: str
-    http: aiohttp.ClientSession
-    tokens: dict[str, str]
-
-    async def token(self, who: str) -> str:
-        if who not in self.tokens:
-            async with self.http.post(f"{self.base}/api/v1/auth/token",
-                                      json={"username": who, "password": PASSWORD}) as r:
-                assert r.status == 201, await r.text()
-                self.tokens[who] = (await r.json())["token"]
-        return self.tokens[who]
-
-    async def bearer(self, who: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {await self.token(who)}", **SDP}
-
-
-async def start_server(tmp_path: Path, **webrtc: object) -> tuple[Server, web.AppRunner]:
-    cfg = make_config(tmp_path)
-    cfg.webrtc.ice_addresses = "127.0.0.1"
-    for k, v in webrtc.items():
-        setattr(cfg.webrtc, k, v)
-    node = Node(cfg, realtime=True)
-    await node.start()
-    for name, (role, area, emergency) in PEOPLE.items():
-        await add_user(node.store, node.tree, name, role, area, PASSWORD, emergency)
-    app = create_app(node)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    http = aiohttp.ClientSession()
-    return Server(node, app, f"http://{host}:{port}", http, {}), runner
+from tests.helpers import get_metrics, until, val
+from tests.webrtcpeers import SDP, Server, ToneTrack, offer_pc, start_server
 
 
 @pytest.fixture(params=[0, 1], ids=["in-process", "worker"])
@@ -97,15 +44,6 @@ async def server(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterato
         await srv.http.close()
         await runner.cleanup()
         await srv.node.stop()
-
-
-async def until(cond: Callable[[], bool], what: str, timeout: float = 15.0) -> None:
-    """Wait for an event (not a speed check: the timeout only ends a hung test)."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not cond():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 # ---- clients ---------------------------------------------------------------------------------
@@ -135,16 +73,6 @@ class Listener:
         raise AssertionError(f"{hz} Hz never heard")
 
 
-def offer_pc(direction: str, codec: str | None = None,
-             track: MediaStreamTrack | None = None) -> RTCPeerConnection:
-    pc = RTCPeerConnection(NO_STUN)
-    tr = pc.addTransceiver(track or "audio", direction=direction)
-    if codec:
-        tr.setCodecPreferences([c for c in RTCRtpSender.getCapabilities("audio").codecs
-                                if c.mimeType.lower() == codec])
-    return pc
-
-
 async def whep(srv: Server, area: str) -> Listener:
     pc = offer_pc("recvonly")
     await pc.setLocalDescription(await pc.createOffer())
@@ -160,33 +88,6 @@ async def whep(srv: Server, area: str) -> Listener:
     track = pc.getTransceivers()[0].receiver.track
     assert track is not None
     return Listener(pc, track, location)
-
-
-class ToneTrack(MediaStreamTrack):
-    """A microphone stand-in: a sine tone in 20 ms s16 frames, paced on absolute deadlines."""
-
-    kind = "audio"
-
-    def __init__(self, hz: float) -> None:
-        super().__init__()
-        self.hz = hz
-        self.n = 0
-        self.t0: float | None = None
-
-    async def recv(self) -> av.AudioFrame:
-        loop = asyncio.get_running_loop()
-        if self.t0 is None:
-            self.t0 = loop.time()
-        deadline = self.t0 + self.n * 0.02
-        await asyncio.sleep(max(0.0, deadline - loop.time()))
-        idx = np.arange(self.n * 960, (self.n + 1) * 960)
-        pcm = (0.3 * 32767 * np.sin(2 * np.pi * self.hz * idx / 48_000)).astype(np.int16)
-        frame = av.AudioFrame.from_ndarray(pcm.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = 48_000
-        frame.pts = self.n * 960
-        frame.time_base = fractions.Fraction(1, 48_000)
-        self.n += 1
-        return frame
 
 
 async def whip_offer(hz: float = 700, codec: str | None = None) -> RTCPeerConnection:
@@ -540,7 +441,6 @@ async def test_stopping_the_broadcast_closes_the_publisher(server: Server) -> No
     await until(lambda: not server.node.webrtc.whip, "the WHIP session to close")
     await until(lambda: pc.connectionState == "closed", "the publisher's peer to close")
     await pc.close()
-
 
 
 async def test_whep_stock_sender_path(tmp_path: Path) -> None:

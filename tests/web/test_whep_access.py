@@ -12,7 +12,7 @@ from loa.web.config import ConfigError
 from loa.web.node import Node
 from loa.web.offer_buckets import OfferBuckets
 from tests.apiclient import make_config
-from tests.test_webrtc import SDP, offer_pc, start_server
+from tests.webrtcpeers import SDP, offer_pc, start_server
 
 LISTEN = "bi-mat-nghe-123"
 

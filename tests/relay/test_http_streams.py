@@ -10,18 +10,13 @@ never timing thresholds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import shutil
 import socket
-import struct
 import tempfile
-import wave
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import numpy as np
@@ -29,84 +24,13 @@ import pytest
 from aiohttp import web
 
 from loa.codecs.ogg import FLAG_BOS, OggPage, read_pages
-from loa.relay.icecast import HttpStreamer, icy_block
-from loa.streamer.broadcast import Broadcast
-from loa.streamer.sources import ToneSource
-from loa.web.app import create_app
-from loa.web.node import Node
+from loa.relay.icecast import icy_block
 from loa.web.streams.http import http_stats
-from tests.apiclient import make_config
 from tests.audio import peak_hz
+from tests.helpers import until
+from tests.httpstreams import AREA, Server, Start, mp3_frames, open_stream, read_wav, servers
 
-AREA = "T01-H1-X1"
 MP3_BYTES_PER_SECOND = 4000  # 32 kbit/s
-
-
-@dataclass
-class Server:
-    node: Node
-    app: web.Application
-    runner: web.AppRunner
-    port: int
-
-    @property
-    def streamer(self) -> HttpStreamer:
-        return self.node.http
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
-
-    def background(self, freq: float = 440, title: str = "Nhạc nền") -> str:
-        return self.node.engine.start(Broadcast(ToneSource(freq, 0.3), ["T01-H1"],
-                                                issuer="T01-H1", klass="background",
-                                                title=title))
-
-    def bulletin(self, freq: float = 1000, title: str = "Bản tin huyện") -> str:
-        return self.node.engine.start(Broadcast(ToneSource(freq, 0.3), ["T01-H1"],
-                                                issuer="T01-H1", klass="normal", title=title))
-
-    def sent(self, area: str, codec: str) -> int:
-        for s in self.streamer.stats()["streams"]:
-            if (s["area"], s["codec"]) == (area, codec):
-                return int(s["bytes"])
-        return 0
-
-
-Start = Callable[..., Awaitable[Server]]
-
-
-@contextlib.asynccontextmanager
-async def servers(tmp_path: Path, workers: int) -> AsyncIterator[Start]:
-    """Start nodes serving HTTP streams themselves (workers = 0) or through fan-out workers."""
-    started: list[Server] = []
-
-    async def _start(**settings: Any) -> Server:
-        cfg = make_config(tmp_path / f"node{len(started)}")
-        cfg.http_streams.workers = workers
-        for key, value in settings.items():
-            target = cfg.http_streams if hasattr(cfg.http_streams, key) else cfg.encoders
-            assert hasattr(target, key), key
-            setattr(target, key, value)
-        node = Node(cfg, realtime=True)
-        await node.start()
-        app = create_app(node)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        server = Server(node, app, runner, port)
-        started.append(server)
-        return server
-
-    (tmp_path / "node0").mkdir()
-    (tmp_path / "node1").mkdir()
-    try:
-        yield _start
-    finally:
-        for s in started:
-            await s.runner.cleanup()
-            await s.node.stop()
 
 
 @pytest.fixture(params=[0, 1], ids=["in-process", "worker"])
@@ -118,58 +42,9 @@ async def start(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator
 @pytest.fixture
 async def start_in_process(tmp_path: Path) -> AsyncIterator[Start]:
     """For tests that read a channel's listeners: the node's own HttpStreamer (a worker runs the
-    same one; tests/test_fanout.py checks what crosses to it)."""
+    same one; tests/relay/test_fanout.py checks what crosses to it)."""
     async with servers(tmp_path, 0) as _start:
         yield _start
-
-
-async def until(cond: Callable[[], bool], what: str, limit: float = 20.0) -> None:
-    """Poll a condition on the server's counters; the limit only bounds a broken run."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + limit
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-async def open_stream(port: int, path: str, *extra: str, method: str = "GET",
-                      user_agent: str = "loa-test"
-                      ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str, dict[str, str]]:
-    """A raw HTTP/1.1 client: returns the reader after the response head."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
-    req = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1", f"User-Agent: {user_agent}", *extra]
-    writer.write(("\r\n".join(req) + "\r\n\r\n").encode())
-    raw = await reader.readuntil(b"\r\n\r\n")
-    lines = raw.decode("utf-8").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        if ":" in line:
-            k, _, v = line.partition(":")
-            headers[k.strip().lower()] = v.strip()
-    return reader, writer, lines[0], headers
-
-
-def mp3_frames(data: bytes) -> int:
-    """Count consecutive MPEG-2 layer III frames; fails on any byte that is not a frame."""
-    bitrates = [0, 8, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 144, 160]
-    rates = [22050, 24000, 16000]
-    pos = n = 0
-    while pos + 4 <= len(data):
-        h = struct.unpack_from(">I", data, pos)[0]
-        assert h >> 21 == 0x7FF, f"no MP3 frame sync at byte {pos}"
-        assert (h >> 19) & 3 == 2 and (h >> 17) & 3 == 1, "not MPEG-2 layer III"
-        br = bitrates[(h >> 12) & 15] * 1000
-        sr = rates[(h >> 10) & 3]
-        pos += 72 * br // sr + ((h >> 9) & 1)
-        n += 1
-    return n
-
-
-def read_wav(path: Path) -> tuple[np.ndarray, int]:
-    with wave.open(str(path)) as w:
-        pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).astype(np.float32)
-        return pcm / 32768, w.getframerate()
 
 
 @pytest.mark.parametrize("codec", ["mp3", "opus"])
@@ -183,16 +58,16 @@ async def test_ffmpeg_hears_the_tone_then_the_preempting_bulletin(
         "-t", "4", "-ac", "1", "-ar", "48000", str(out))
     # Switch once the server has written 1.5 s of audio to ffmpeg (bytes, not wall time).
     rate = MP3_BYTES_PER_SECOND if codec == "mp3" else 4200  # Opus 32 kbit/s, Ogg framed
-    await until(lambda: srv.sent(AREA, codec) >= 1.5 * rate, "1.5 s of audio sent")
+    await until(lambda: srv.sent(AREA, codec) >= 1.5 * rate, "1.5 s of audio sent", timeout=20.0)
     srv.bulletin(1000)
     assert await asyncio.wait_for(proc.wait(), 30) == 0
     pcm, rate_hz = read_wav(out)
     assert pcm.shape[0] >= 3.9 * rate_hz  # ffmpeg got 4 s of audio
     assert abs(peak_hz(pcm[:int(1.2 * rate_hz)], rate_hz) - 440) < 10
     assert abs(peak_hz(pcm[int(2.6 * rate_hz):int(4.0 * rate_hz)], rate_hz) - 1000) < 10
-    await until(lambda: srv.streamer.total == 0, "ffmpeg's connection to be closed")
+    await until(lambda: srv.streamer.total == 0, "ffmpeg's connection to be closed", timeout=20.0)
     # Kept warm for a returning listener, then unsubscribed (the encoder stops).
-    await until(lambda: srv.node.hub.channels[(AREA, codec)].subs == [], "the warm time to end")
+    await until(lambda: srv.node.hub.channels[(AREA, codec)].subs == [], "the warm time to end", timeout=20.0)
 
 
 async def test_icy_metadata_names_what_is_on_air(start: Start) -> None:
@@ -287,8 +162,8 @@ async def test_limits_answer_503_with_retry_after(start: Start) -> None:
     assert http_stats(srv.app)["listeners"] == 3
     for _, writer, _, _ in (a, b, c):
         writer.close()
-    await until(lambda: srv.streamer.total == 0, "closed listeners to be noticed")
-    await until(lambda: srv.streamer.channels == {}, "the channels' warm time to end")
+    await until(lambda: srv.streamer.total == 0, "closed listeners to be noticed", timeout=20.0)
+    await until(lambda: srv.streamer.channels == {}, "the channels' warm time to end", timeout=20.0)
 
 
 def audio_pages(data: bytes) -> list[OggPage]:
@@ -318,20 +193,20 @@ async def test_stalled_listener_is_dropped_and_others_get_every_page(start: Star
             received.extend(chunk)
 
     reading = asyncio.create_task(read_good())
-    await until(lambda: len(received) > 8000, "the good listener to receive audio")
+    await until(lambda: len(received) > 8000, "the good listener to receive audio", timeout=20.0)
     # A raw socket with a tiny receive buffer that never calls recv(): the server's backlog for
     # it grows (past the 32 KiB kernel buffer) until it passes 16 KiB, and the server drops it.
     stalled = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)
     stalled.connect(("127.0.0.1", srv.port))
     stalled.sendall(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode())
-    await until(lambda: http_stats(srv.app)["dropped"] == 1, "the stalled listener's drop")
+    await until(lambda: http_stats(srv.app)["dropped"] == 1, "the stalled listener's drop", timeout=20.0)
     mark = len(received)
     late_reader, late_writer, _, _ = await open_stream(srv.port, path)
     late = bytearray()
     while len(late) < 20_000:
         late += await late_reader.read(65536)
-    await until(lambda: len(received) > mark + 40_000, "more audio after the drop")
+    await until(lambda: len(received) > mark + 40_000, "more audio after the drop", timeout=20.0)
     assert srv.streamer.total == 2
     assert len(srv.node.hub.channels[(AREA, "opus")].subs) == 1  # one subscription for all
     good_writer.close()
@@ -414,7 +289,7 @@ async def _live_for_a_while(start: Start, seconds: float = 3.0
     srv.background(440)
     reader, writer, _, _ = await open_stream(srv.port, f"/streams/{AREA}.opus")
     await until(lambda: srv.sent(AREA, "opus") >= seconds * OPUS_BYTES_PER_SECOND,
-                f"{seconds} s of Ogg to the first listener")
+                f"{seconds} s of Ogg to the first listener", timeout=20.0)
     return srv, reader, writer
 
 
@@ -587,9 +462,9 @@ async def test_chromium_autoplays_the_stream_from_a_page_of_another_origin(
     if warm:
         _, writer, _, _ = await open_stream(srv.port, f"/streams/{AREA}.{codec}")
         await until(lambda: srv.sent(AREA, codec) >= burst + 4096, "a burst's worth of audio",
-                    limit=60)
+                    timeout=60)
         writer.close()
-        await until(lambda: srv.streamer.total == 0, "the first listener to leave")
+        await until(lambda: srv.streamer.total == 0, "the first listener to leave", timeout=20.0)
         assert (AREA, codec) in srv.streamer.channels  # kept warm
     else:
         assert (AREA, codec) not in srv.streamer.channels
@@ -611,7 +486,7 @@ async def test_chromium_autoplays_the_stream_from_a_page_of_another_origin(
             try:
                 page = await browser.new_page()
                 await page.goto(f"http://127.0.0.1:{page_port}/")
-                await until(lambda: srv.streamer.total == 1, "Chromium's connection")
+                await until(lambda: srv.streamer.total == 1, "Chromium's connection", timeout=20.0)
                 [ch] = [c for c in srv.streamer.channels.values() if c.codec == codec]
                 [ls] = ch.listeners
                 assert ls.first_write >= burst
@@ -635,7 +510,7 @@ async def test_burst_is_the_larger_of_time_and_bytes_and_a_player_may_ask_for_le
     srv = await start_in_process(burst_ms=1000, burst_kb=8)
     srv.background(440)
     _, first, _, _ = await open_stream(srv.port, f"/streams/{AREA}.mp3")
-    await until(lambda: srv.sent(AREA, "mp3") >= 12_000, "3 s of MP3 to the first listener")
+    await until(lambda: srv.sent(AREA, "mp3") >= 12_000, "3 s of MP3 to the first listener", timeout=20.0)
     _, w1, _, _ = await open_stream(srv.port, f"/streams/{AREA}.mp3")
     _, w2, _, _ = await open_stream(srv.port, f"/streams/{AREA}.mp3?burst_ms=200")
     [ch] = srv.streamer.channels.values()

@@ -24,7 +24,7 @@ from loa.relay.devices.manager import DeviceManager, DeviceSettings
 from loa.relay.devices.protocol import ProtocolError, display_state, validate_command
 from tests.apiclient import Api, make_config, running_api
 
-ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--autoplay-policy=no-user-gesture-required"]

@@ -35,7 +35,7 @@ from loa.streamer.emergency.service import ATTENTION_TONES, EmergencySettings, t
 from loa.web.auth import add_user
 from tests.apiclient import PASSWORD
 from tests.audio import peak_hz
-from tests.test_emergency import (
+from tests.emergencynode import (
     MUSIC,
     STEP,
     WAIT,
@@ -50,8 +50,8 @@ from tests.test_emergency import (
     start_music,
     steps_at,
     switch,
-    until,
 )
+from tests.helpers import until
 
 ICT = timezone(timedelta(hours=7))
 CAP_XML = {"Content-Type": "application/cap+xml"}
@@ -252,7 +252,7 @@ def test_polygons_and_circles_select_areas_by_their_point() -> None:
 
 
 # ---- real-world documents (tests/data/cap, sources in its README) ---------------------------------
-DATA = Path(__file__).parent / "data" / "cap"
+DATA = Path(__file__).resolve().parents[1] / "data" / "cap"
 
 
 def real(name: str) -> bytes:

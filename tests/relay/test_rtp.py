@@ -36,6 +36,7 @@ from loa.web.node import Node
 from loa.web.streams.rtp import rtp_stats
 from tests.apiclient import make_config, running_api
 from tests.audio import decode_packets, peak_hz
+from tests.helpers import until
 
 LOCAL = "127.0.0.1"
 AREA = "T01-H1"
@@ -137,15 +138,6 @@ async def collect(sock: socket.socket) -> tuple[asyncio.DatagramTransport, Colle
     loop = asyncio.get_running_loop()
     transport, proto = await loop.create_datagram_endpoint(Collector, sock=sock)
     return transport, proto
-
-
-async def until(cond: Callable[[], bool], what: str, timeout: float = WAIT) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.02)
 
 
 @dataclass

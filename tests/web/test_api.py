@@ -14,7 +14,15 @@ import pytest
 
 from loa.web.http import PUBLIC
 from loa.web.openapi import document
-from tests.apiclient import PASSWORD, Api, make_config, running_api, tone_file
+from tests.apiclient import (
+    PASSWORD,
+    Api,
+    approved_programme,
+    make_config,
+    media_id,
+    running_api,
+    tone_file,
+)
 
 
 @pytest.fixture
@@ -26,12 +34,6 @@ async def api(tmp_path):
 @pytest.fixture
 def tone(tmp_path) -> Path:
     return tone_file(tmp_path / "tone.wav", 440, 3)
-
-
-async def media_id(api: Api, tone: Path, who: str = "xa11") -> str:
-    status, body = await api.upload(who, tone)
-    assert status == 201, body
-    return body["id"]
 
 
 # ---- authentication -------------------------------------------------------------------------
@@ -145,20 +147,6 @@ async def test_only_the_emergency_right_issues_emergency(api, tone):
     status, body = await api.call("tinh", "POST", "/api/v1/broadcasts",
                                   json={"media": mid, "targets": ["T01"], "class": "emergency"})
     assert status == 201, body
-
-
-async def approved_programme(api: Api, tone: Path, author: str = "bientap11",
-                             approver: str = "duyet1") -> str:
-    mid = await media_id(api, tone, author)
-    status, prog = await api.call(author, "POST", "/api/v1/programmes",
-                                  json={"title": "Bản tin sáng", "type": "file", "media": mid,
-                                        "repeat": 2, "gap": 1.5})
-    assert status == 201, prog
-    status, body = await api.call(author, "POST", f"/api/v1/programmes/{prog['id']}/submit")
-    assert status == 200 and body["status"] == "pending", body
-    status, body = await api.call(approver, "POST", f"/api/v1/programmes/{prog['id']}/approve")
-    assert status == 200 and body["status"] == "approved", body
-    return str(prog["id"])
 
 
 async def test_editorial_check_only_approved_programmes_air(api, tone):

@@ -13,7 +13,8 @@ import aiohttp
 import pytest
 
 from tests.apiclient import Api, make_config, running_api, tone_file
-from tests.test_emergency import X3, live_config, serving, start_music, until
+from tests.emergencynode import X3, live_config, serving, start_music
+from tests.helpers import until
 
 
 @pytest.fixture
