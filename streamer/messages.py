@@ -138,6 +138,9 @@ CATALOGUE: dict[str, Text] = {
     "rtp_config.max_payload": Text("[rtp] max_payload: cần 100-8000 byte",
                                    "must be 100-8000 bytes"),
     # devices (relay/devices, relay/agent)
+    "rtcp.packet_short": Text("gói RTCP quá ngắn", "RTCP packet too short"),
+    "rtcp.packet_bad_version": Text("không phải RTCP phiên bản 2", "not RTCP version 2"),
+    "rtcp.packet_truncated": Text("gói RTCP cụt", "truncated RTCP packet"),
     # (end devices)
 
     # streamer (domain: areas, programmes, schedule, emergency, state)

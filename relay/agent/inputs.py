@@ -27,16 +27,14 @@ from loa.relay.agent.firmware import FIRMWARE
 from loa.relay.agent.impair import Impairment
 from loa.relay.agent.playout import (
     ArrivalTiming,
-    BadPacket,
     Jitter,
     Player,
     RtpTiming,
     SeqStats,
     extend,
-    parse_rtcp,
-    parse_rtp,
 )
 from loa.relay.rtp.sdp import SdpError, parse_session
+from loa.relay.rtp.wire import BadPacket, parse_rtcp, parse_rtp
 
 log = logging.getLogger("loa.agent")
 NO_DATA_TIMEOUT = 10.0  # seconds without media: the stream counts as failed
