@@ -67,6 +67,7 @@ from loa.relay.agent.commands import (
     config_emergency,
     gain_of,
     is_volume,
+    stream_figures,
     unsupported,
 )
 from loa.relay.agent.firmware import FIRMWARE
@@ -289,17 +290,9 @@ class Agent:
         pipe = self.pipeline
         inp = pipe.input if pipe else None
         play = self.player.take_interval()
-        out: dict[str, Any] = {}
         if inp is None:
-            return out
-        out["url"] = inp.url[:2000]
-        fig = inp.interval()
-        if "loss" in fig:
-            out["loss"] = round(max(0.0, min(1.0, fig["loss"])), 4)
-        if "jitter_ms" in fig:
-            out["jitter_ms"] = round(max(0.0, fig["jitter_ms"]), 2)
-        if "latency_ms" in play:
-            out["latency_ms"] = round(max(0.0, play["latency_ms"]), 1)
+            return {}
+        out = stream_figures(inp.url, inp.interval(), play)
         if play.get("synced") and "skew_ms" in play:
             out["skew_ms"] = round(play["skew_ms"], 3)
         return out

@@ -248,14 +248,7 @@ class SimDevice:
             inp = self.pipeline.input
             fig = inp.interval()
             play = self.player.take_interval() if self.player else {}
-            stream: dict[str, Any] = {"url": inp.url[:2000]}
-            if "loss" in fig:
-                stream["loss"] = round(max(0.0, min(1.0, fig["loss"])), 4)
-            if "jitter_ms" in fig:
-                stream["jitter_ms"] = round(max(0.0, fig["jitter_ms"]), 2)
-            if "latency_ms" in play:
-                stream["latency_ms"] = round(max(0.0, play["latency_ms"]), 1)
-            t["stream"] = stream
+            t["stream"] = commands.stream_figures(inp.url, fig, play)
         elif streams and isinstance(streams[0], dict) and isinstance(streams[0].get("url"), str):
             t["stream"] = {"url": streams[0]["url"][:2000]}
         if self.board:
