@@ -42,6 +42,7 @@ from loa.relay.devices.protocol import (
     hello_message,
     same_version,
 )
+from loa.streamer.messages import say
 
 log = logging.getLogger("loa.device")
 
@@ -78,8 +79,7 @@ def ws_url(server: str) -> str:
     """http(s)://host[:port][/prefix] -> ws(s)://host[:port][/prefix]/api/v1/devices/connect."""
     u = urlsplit(server.rstrip("/"))
     if u.scheme not in ("http", "https", "ws", "wss") or not u.netloc:
-        raise ValueError(f"địa chỉ máy chủ cần http(s)://máy:cổng / server must be an "
-                         f"http(s)://host:port URL, got {server!r}")
+        raise ValueError(say("agent.bad_server_url", server=server))
     scheme = {"http": "ws", "https": "wss"}.get(u.scheme, u.scheme)
     return urlunsplit((scheme, u.netloc, u.path.rstrip("/") + CONNECT_PATH, "", ""))
 
@@ -328,7 +328,7 @@ class DeviceClient:
             log.warning("malformed command event=device_bad_command device=%s error=%s",
                         self.device, e)
             if isinstance(cid, str) and 0 < len(cid) <= MAX_ID:
-                await self._ack(cid, (False, f"lệnh không hợp lệ / malformed command: {e}"))
+                await self._ack(cid, (False, say("agent.malformed_command", error=e)))
             return
         done = self._done.get(cmd.id)
         if done is not None:  # sent again (our ack was lost): ack again, do not execute twice
@@ -344,7 +344,7 @@ class DeviceClient:
             except Exception as e:  # noqa: BLE001 - a failing handler is a refused command
                 log.exception("command failed event=device_command_error device=%s "
                               "command=%s id=%s", self.device, cmd.command, cmd.id)
-                outcome = (False, f"lỗi thiết bị / device error: {type(e).__name__}")
+                outcome = (False, say("agent.device_error", error=type(e).__name__))
         self._done[cmd.id] = outcome
         while len(self._done) > REMEMBERED_COMMANDS:
             self._done.popitem(last=False)

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 from typing import Any, TypeGuard
 
+from loa.streamer.messages import say
+
 EMERGENCY_VOLUME = 100  # a loudspeaker's volume in an emergency that names none
-BAD_VOLUME = "âm lượng 0-100 / volume must be 0-100"
-MISSING_ON = "thiếu on / missing on"
-NO_DISPLAY = "loa không có màn hình / a loudspeaker has no display"
+BAD_VOLUME = say("agent.bad_volume")
+MISSING_ON = say("agent.missing_on")
+NO_DISPLAY = say("agent.no_display")
 
 
 def unsupported(command: str) -> str:
-    return f"lệnh không hỗ trợ / unsupported command {command}"
+    return say("agent.unsupported_command", command=command)
 
 
 def is_volume(v: Any) -> TypeGuard[int]:
