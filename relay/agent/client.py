@@ -42,6 +42,7 @@ from loa.relay.devices.protocol import (
     hello_message,
     same_version,
 )
+from loa.streamer.errors import LoaError
 from loa.streamer.messages import say
 
 log = logging.getLogger("loa.device")
@@ -53,8 +54,14 @@ MAX_MESSAGE = 64 * 1024
 REMEMBERED_COMMANDS = 1024  # ids kept to recognise a command sent twice
 
 
-class ApiFailure(RuntimeError):
-    """A REST call answered with an error status (message from the server's body)."""
+class ApiFailure(LoaError, RuntimeError):
+    """A REST call answered with an error status (message from the server's body).
+
+    An HTTP *client's* error: `status` is the server's answer, kept as is (callers and the text
+    show it). It is not turned into a domain kind: to this side the call simply did not succeed,
+    hence `unavailable` whatever the status; the status says why."""
+
+    kind = "unavailable"
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"{status}: {message}")

@@ -14,6 +14,7 @@ from typing import TextIO
 import numpy as np
 
 from loa.relay.agent.playout import SAMPLE_RATE, PlayRecord
+from loa.streamer.errors import LoaError
 from loa.streamer.messages import say
 
 
@@ -82,8 +83,10 @@ class AplaySink:
             self._proc.kill()
 
 
-class SinkError(ValueError):
-    pass
+class SinkError(LoaError, ValueError):
+    """A `--sink` that cannot be opened (unknown spec, no sound device, no directory)."""
+
+    kind = "invalid"
 
 
 def make_sink(spec: str) -> NullSink | WavSink | AplaySink:

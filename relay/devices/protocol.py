@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from loa.streamer.errors import LoaError
 from loa.streamer.messages import say
 
 PROTOCOL_VERSION = 1
@@ -67,12 +68,14 @@ STATEFUL_COMMANDS = ("display", "emergency")  # kept per device and sent again i
 
 
 # ---- errors -------------------------------------------------------------------------------------
-class ProtocolError(ValueError):
-    """A message or a field that breaks the protocol; the text is sent back to its sender."""
+class ProtocolError(LoaError, ValueError):
+    """A message or a field that breaks the protocol; the text is sent back to its sender.
+    `field` stays positional: every validator names the field it refuses."""
+
+    kind = "invalid"
 
     def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
+        super().__init__(message, field=field)
 
 
 # ---- field validation ----------------------------------------------------------------------------
