@@ -67,6 +67,7 @@ from loa.relay.agent.commands import (
     config_emergency,
     gain_of,
     is_volume,
+    stream_figures,
     unsupported,
 )
 from loa.relay.agent.firmware import FIRMWARE
@@ -75,6 +76,7 @@ from loa.relay.agent.inputs import WebRtcInput
 from loa.relay.agent.pipeline import CODECS, TRANSPORTS, Pipeline
 from loa.relay.agent.playout import Player
 from loa.relay.agent.sinks import make_sink
+from loa.streamer.messages import say
 
 log = logging.getLogger("loa.agent")
 
@@ -193,7 +195,7 @@ class Agent:
             url = a.get("url")
             if url is not None and not (isinstance(url, str)
                                         and url.startswith(("http://", "https://"))):
-                return False, "chỉ phát được URL http(s) / only http(s) URLs can be played"
+                return False, say("agent.only_http")
             if "volume" in a:
                 if not is_volume(a["volume"]):
                     return False, BAD_VOLUME
@@ -207,7 +209,7 @@ class Agent:
             on = a.get("on")
             steps = a.get("steps") or []
             if not isinstance(on, bool) or not isinstance(steps, list):
-                return False, "tham số power sai / bad power arguments"
+                return False, say("agent.bad_power")
             self._power(on, steps)
         elif name == "reboot":
             delay = a.get("delay_s", 0)
@@ -289,17 +291,9 @@ class Agent:
         pipe = self.pipeline
         inp = pipe.input if pipe else None
         play = self.player.take_interval()
-        out: dict[str, Any] = {}
         if inp is None:
-            return out
-        out["url"] = inp.url[:2000]
-        fig = inp.interval()
-        if "loss" in fig:
-            out["loss"] = round(max(0.0, min(1.0, fig["loss"])), 4)
-        if "jitter_ms" in fig:
-            out["jitter_ms"] = round(max(0.0, fig["jitter_ms"]), 2)
-        if "latency_ms" in play:
-            out["latency_ms"] = round(max(0.0, play["latency_ms"]), 1)
+            return {}
+        out = stream_figures(inp.url, inp.interval(), play)
         if play.get("synced") and "skew_ms" in play:
             out["skew_ms"] = round(play["skew_ms"], 3)
         return out
@@ -327,13 +321,13 @@ class Agent:
 def options_from_args(args: argparse.Namespace) -> AgentOptions:
     device, sep, key = str(args.key).partition(":")
     if not sep or not device or not key:
-        raise ValueError("--key cần dạng DEVICE_ID:KEY / --key must be DEVICE_ID:KEY")
+        raise ValueError(say("agent.bad_key_option"))
     transport = getattr(args, "transport", None)
     if transport is not None and transport not in TRANSPORTS:
         raise ValueError(f"--transport: {', '.join(TRANSPORTS)}")
     delay = float(getattr(args, "target_delay_ms", 300.0))
     if not 20 <= delay <= 10_000:
-        raise ValueError("--target-delay-ms cần 20-10000 / must be within 20-10000")
+        raise ValueError(say("agent.bad_target_delay"))
     seconds = getattr(args, "seconds", None)
     return AgentOptions(server=str(args.server), device=device, key=key,
                         sink=str(getattr(args, "sink", "null") or "null"), transport=transport,
@@ -379,7 +373,6 @@ def main(args: argparse.Namespace) -> int:
     gc.freeze()
     code = asyncio.run(_main(opts, sink))
     if code:
-        print(f"loa device: máy chủ từ chối thiết bị / the server refused this device "
-              f"(close code {code})", file=sys.stderr)
+        print(f"loa device: {say('agent.refused', code=code)}", file=sys.stderr)
         return 3
     return 0

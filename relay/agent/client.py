@@ -42,6 +42,8 @@ from loa.relay.devices.protocol import (
     hello_message,
     same_version,
 )
+from loa.streamer.errors import LoaError
+from loa.streamer.messages import say
 
 log = logging.getLogger("loa.device")
 
@@ -52,8 +54,14 @@ MAX_MESSAGE = 64 * 1024
 REMEMBERED_COMMANDS = 1024  # ids kept to recognise a command sent twice
 
 
-class ApiFailure(RuntimeError):
-    """A REST call answered with an error status (message from the server's body)."""
+class ApiFailure(LoaError, RuntimeError):
+    """A REST call answered with an error status (message from the server's body).
+
+    An HTTP *client's* error: `status` is the server's answer, kept as is (callers and the text
+    show it). It is not turned into a domain kind: to this side the call simply did not succeed,
+    hence `unavailable` whatever the status; the status says why."""
+
+    kind = "unavailable"
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"{status}: {message}")
@@ -78,8 +86,7 @@ def ws_url(server: str) -> str:
     """http(s)://host[:port][/prefix] -> ws(s)://host[:port][/prefix]/api/v1/devices/connect."""
     u = urlsplit(server.rstrip("/"))
     if u.scheme not in ("http", "https", "ws", "wss") or not u.netloc:
-        raise ValueError(f"địa chỉ máy chủ cần http(s)://máy:cổng / server must be an "
-                         f"http(s)://host:port URL, got {server!r}")
+        raise ValueError(say("agent.bad_server_url", server=server))
     scheme = {"http": "ws", "https": "wss"}.get(u.scheme, u.scheme)
     return urlunsplit((scheme, u.netloc, u.path.rstrip("/") + CONNECT_PATH, "", ""))
 
@@ -328,7 +335,7 @@ class DeviceClient:
             log.warning("malformed command event=device_bad_command device=%s error=%s",
                         self.device, e)
             if isinstance(cid, str) and 0 < len(cid) <= MAX_ID:
-                await self._ack(cid, (False, f"lệnh không hợp lệ / malformed command: {e}"))
+                await self._ack(cid, (False, say("agent.malformed_command", error=e)))
             return
         done = self._done.get(cmd.id)
         if done is not None:  # sent again (our ack was lost): ack again, do not execute twice
@@ -344,7 +351,7 @@ class DeviceClient:
             except Exception as e:  # noqa: BLE001 - a failing handler is a refused command
                 log.exception("command failed event=device_command_error device=%s "
                               "command=%s id=%s", self.device, cmd.command, cmd.id)
-                outcome = (False, f"lỗi thiết bị / device error: {type(e).__name__}")
+                outcome = (False, say("agent.device_error", error=type(e).__name__))
         self._done[cmd.id] = outcome
         while len(self._done) > REMEMBERED_COMMANDS:
             self._done.popitem(last=False)

@@ -1,20 +1,23 @@
 """What commands and configuration mean to a loudspeaker, written once for the reference agent
 (relay/agent/agent.py) and the fleet simulator (relay/agent/sim.py). Each of them applies the
 effects its own way (real audio, relays and a pipeline; or counters); the volume an operator set,
-its override during an emergency and the refusals are decided here."""
+its override during an emergency, the refusals and the stream figures a heartbeat reports are
+decided here."""
 
 from __future__ import annotations
 
 from typing import Any, TypeGuard
 
+from loa.streamer.messages import say
+
 EMERGENCY_VOLUME = 100  # a loudspeaker's volume in an emergency that names none
-BAD_VOLUME = "âm lượng 0-100 / volume must be 0-100"
-MISSING_ON = "thiếu on / missing on"
-NO_DISPLAY = "loa không có màn hình / a loudspeaker has no display"
+BAD_VOLUME = say("agent.bad_volume")
+MISSING_ON = say("agent.missing_on")
+NO_DISPLAY = say("agent.no_display")
 
 
 def unsupported(command: str) -> str:
-    return f"lệnh không hỗ trợ / unsupported command {command}"
+    return say("agent.unsupported_command", command=command)
 
 
 def is_volume(v: Any) -> TypeGuard[int]:
@@ -79,3 +82,16 @@ def config_emergency(config: dict[str, Any]) -> tuple[bool, Any] | None:
     if em is None:
         return False, None
     return None
+
+
+def stream_figures(url: str, fig: dict[str, Any], play: dict[str, Any]) -> dict[str, Any]:
+    """A heartbeat's `stream`: the input's figures (`fig`: loss, jitter) and the player's
+    (`play`: latency) since the last one, clamped and rounded as the protocol carries them."""
+    out: dict[str, Any] = {"url": url[:2000]}
+    if "loss" in fig:
+        out["loss"] = round(max(0.0, min(1.0, fig["loss"])), 4)
+    if "jitter_ms" in fig:
+        out["jitter_ms"] = round(max(0.0, fig["jitter_ms"]), 2)
+    if "latency_ms" in play:
+        out["latency_ms"] = round(max(0.0, play["latency_ms"]), 1)
+    return out

@@ -7,6 +7,7 @@ import numpy as np
 
 from loa.relay.agent.errors import InputError
 from loa.relay.agent.playout import Decoder
+from loa.streamer.messages import say
 
 
 def mono_float(frame: av.AudioFrame) -> np.ndarray:
@@ -56,4 +57,4 @@ def make_decoder(codec: str) -> Decoder:
             return up.reshape(-1).astype(np.float32)
 
         return pcm8k
-    raise InputError(f"mã hóa không hỗ trợ / unsupported codec {codec}")
+    raise InputError(say("agent.unsupported_codec", codec=codec))

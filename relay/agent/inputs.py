@@ -27,16 +27,15 @@ from loa.relay.agent.firmware import FIRMWARE
 from loa.relay.agent.impair import Impairment
 from loa.relay.agent.playout import (
     ArrivalTiming,
-    BadPacket,
     Jitter,
     Player,
     RtpTiming,
     SeqStats,
     extend,
-    parse_rtcp,
-    parse_rtp,
 )
 from loa.relay.rtp.sdp import SdpError, parse_session
+from loa.relay.rtp.wire import BadPacket, parse_rtcp, parse_rtp
+from loa.streamer.messages import say
 
 log = logging.getLogger("loa.agent")
 NO_DATA_TIMEOUT = 10.0  # seconds without media: the stream counts as failed
@@ -52,7 +51,7 @@ async def local_address(host: str) -> str:
     loop = asyncio.get_running_loop()
     infos = await loop.getaddrinfo(host, None, family=socket.AF_INET, type=socket.SOCK_DGRAM)
     if not infos:
-        raise InputError(f"không phân giải được / cannot resolve {host}")
+        raise InputError(say("agent.cannot_resolve", host=host))
     ip = str(infos[0][4][0])
     if ipaddress.ip_address(ip).is_loopback:
         return "127.0.0.1"
@@ -129,8 +128,7 @@ class Input:
         while True:
             await asyncio.sleep(1.0)
             if time.monotonic() - self.last_data > NO_DATA_TIMEOUT:
-                raise InputError(f"không có dữ liệu {NO_DATA_TIMEOUT:g} giây / no media for "
-                                 f"{NO_DATA_TIMEOUT:g} s")
+                raise InputError(say("agent.no_media", seconds=NO_DATA_TIMEOUT))
 
 
 RTP_STATIC = {0: ("pcmu", 8000), 8: ("pcma", 8000)}
@@ -168,11 +166,11 @@ class RtpInput(Input):
                     raise InputError(f"SDP {r.status}: {(await r.text())[:200]}")
                 text = await r.read()
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise InputError(f"không tải được SDP / cannot fetch the SDP: {e}") from None
+            raise InputError(say("agent.sdp_fetch_failed", error=e)) from None
         try:
             sess = parse_session(text)
         except SdpError as e:
-            raise InputError(f"SDP không hợp lệ / malformed SDP: {e}") from None
+            raise InputError(say("webrtc.offer_malformed", error=e)) from None
         for m in sess.media:
             if m.media != "audio" or not m.proto.startswith("RTP/AVP") or not m.formats:
                 continue
@@ -193,8 +191,7 @@ class RtpInput(Input):
                     continue
                 if name in ("opus", "pcmu", "pcma"):
                     return conn.address, m.port, pt, name, clock
-        raise InputError("SDP không có luồng Opus/PCMU/PCMA / the SDP has no Opus, PCMU or "
-                         "PCMA audio")
+        raise InputError(say("agent.sdp_no_audio"))
 
     async def run(self) -> None:
         address, port, self.pt, self.codec, self.clock = await self._sdp()
@@ -203,14 +200,14 @@ class RtpInput(Input):
         try:
             rtp_sock = open_udp(address, port, iface)
         except (OSError, ValueError) as e:
-            raise InputError(f"không mở được cổng RTP / cannot receive {address}:{port}: {e}"
-                             ) from None
+            raise InputError(say("agent.rtp_port_failed", address=address, port=port,
+                                 error=e)) from None
         try:
             rtcp_sock = open_udp(address, port + 1, iface)
         except (OSError, ValueError) as e:
             rtp_sock.close()
-            raise InputError(f"không mở được cổng RTCP / cannot receive {address}:{port + 1}: "
-                             f"{e}") from None
+            raise InputError(say("agent.rtcp_port_failed", address=address,
+                                 port=port + 1, error=e)) from None
         loop = asyncio.get_running_loop()
         tr1, _ = await loop.create_datagram_endpoint(lambda: _Udp(self._rtp), sock=rtp_sock)
         tr2, _ = await loop.create_datagram_endpoint(lambda: _Udp(self._rtcp), sock=rtcp_sock)
@@ -343,9 +340,9 @@ class HttpOpusInput(Input):
                             head_seen = False
                         head_seen = self._page(packets, granule, arrival, head_seen)
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise InputError(f"luồng HTTP lỗi / HTTP stream failed: {type(e).__name__} {e}"
-                             ) from None
-        raise InputError("luồng HTTP kết thúc / HTTP stream ended")
+            raise InputError(say("agent.http_failed", kind=type(e).__name__,
+                                 error=e)) from None
+        raise InputError(say("agent.http_ended"))
 
     def _page(self, packets: list[bytes], granule: int | None, arrival: float,
               head_seen: bool) -> bool:
@@ -432,7 +429,7 @@ class WebRtcInput(Input):
                     if r.headers.get("Location"):
                         location = urljoin(self.url, r.headers["Location"])
             except (aiohttp.ClientError, TimeoutError) as e:
-                raise InputError(f"WHEP lỗi / WHEP failed: {e}") from None
+                raise InputError(say("agent.whep_failed", error=e)) from None
             await pc.setRemoteDescription(RTCSessionDescription(body, "answer"))
             track = tr.receiver.track
             gen = self.player.open_stream(48_000, ArrivalTiming(48_000), make_decoder("opus"))
@@ -441,10 +438,10 @@ class WebRtcInput(Input):
                 try:
                     frame = await asyncio.wait_for(track.recv(), NO_DATA_TIMEOUT)
                 except TimeoutError:
-                    raise InputError("WebRTC không có dữ liệu / no WebRTC media") from None
+                    raise InputError(say("agent.webrtc_no_media")) from None
                 except Exception as e:  # MediaStreamError: the peer closed
-                    raise InputError(f"WebRTC kết thúc / WebRTC ended: {type(e).__name__}"
-                                     ) from None
+                    raise InputError(say("agent.webrtc_ended",
+                                         kind=type(e).__name__)) from None
                 arrival = self.player.now_wall()
                 self.last_data = time.monotonic()
                 self.packets += 1

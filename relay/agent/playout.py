@@ -38,7 +38,6 @@ import logging
 import math
 import queue
 import statistics
-import struct
 import threading
 import time
 from collections import deque
@@ -50,7 +49,6 @@ import numpy as np
 
 log = logging.getLogger("loa.sync")
 
-NTP_EPOCH_OFFSET = 2_208_988_800  # seconds from 1900-01-01 to 1970-01-01
 SAMPLE_RATE = 48_000  # the player's output rate
 MIN_SPAN = 1.0  # seconds of reports before the slope is fitted
 MAX_PPM = 1000.0  # a fitted slope further than this from nominal is not believed
@@ -58,83 +56,7 @@ JUMP = 0.020  # a report this far (s) off the fitted line restarts the fit
 WINDOW = 16  # reports kept for the fit
 
 
-# ---- RTP / RTCP ------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class SenderReport:
-    ssrc: int
-    ntp: float  # Unix epoch seconds
-    rtp: int  # 32-bit RTP timestamp of the same instant
-    packets: int
-    octets: int
-
-
-@dataclass(frozen=True)
-class RtpHeader:
-    marker: bool
-    pt: int
-    seq: int
-    ts: int
-    ssrc: int
-    payload: bytes
-
-
-class BadPacket(ValueError):
-    """A datagram that is not a usable RTP or RTCP packet (dropped and counted)."""
-
-
-def ntp_to_unix(sec: int, frac: int) -> float:
-    return sec - NTP_EPOCH_OFFSET + frac / (1 << 32)
-
-
-def parse_rtp(data: bytes) -> RtpHeader:
-    """RFC 3550 5.1: version 2, CSRCs, header extension and padding handled."""
-    if len(data) < 12:
-        raise BadPacket("gói RTP quá ngắn / RTP packet shorter than 12 bytes")
-    b0, b1, seq, ts, ssrc = struct.unpack_from("!BBHII", data)
-    if b0 >> 6 != 2:
-        raise BadPacket("không phải RTP phiên bản 2 / not RTP version 2")
-    off = 12 + 4 * (b0 & 0x0F)
-    end = len(data)
-    if b0 & 0x20:  # padding: the last byte counts the padding bytes
-        pad = data[-1]
-        if pad == 0 or pad > end - off:
-            raise BadPacket("phần đệm RTP sai / bad RTP padding")
-        end -= pad
-    if b0 & 0x10:  # header extension
-        if off + 4 > end:
-            raise BadPacket("phần mở rộng RTP cụt / truncated RTP header extension")
-        (words,) = struct.unpack_from("!H", data, off + 2)
-        off += 4 + 4 * words
-    if off > end:
-        raise BadPacket("tiêu đề RTP cụt / truncated RTP header")
-    return RtpHeader(bool(b1 & 0x80), b1 & 0x7F, seq, ts, ssrc, bytes(data[off:end]))
-
-
-def parse_rtcp(data: bytes) -> tuple[list[SenderReport], set[int]]:
-    """Sender reports and BYE'd SSRCs of a compound RTCP packet; other packets are skipped."""
-    reports: list[SenderReport] = []
-    bye: set[int] = set()
-    off = 0
-    if len(data) < 8:
-        raise BadPacket("gói RTCP quá ngắn / RTCP packet too short")
-    while off + 4 <= len(data):
-        b0, pt, length = struct.unpack_from("!BBH", data, off)
-        if b0 >> 6 != 2:
-            raise BadPacket("không phải RTCP phiên bản 2 / not RTCP version 2")
-        size = 4 * (length + 1)
-        if off + size > len(data):
-            raise BadPacket("gói RTCP cụt / truncated RTCP packet")
-        if pt == 200 and size >= 28:
-            ssrc, sec, frac, rtp, packets, octets = struct.unpack_from("!IIIIII", data, off + 4)
-            reports.append(SenderReport(ssrc, ntp_to_unix(sec, frac), rtp, packets, octets))
-        elif pt == 203:
-            count = b0 & 0x1F
-            for i in range(min(count, (size - 4) // 4)):
-                bye.add(struct.unpack_from("!I", data, off + 4 + 4 * i)[0])
-        off += size
-    return reports, bye
-
-
+# ---- RTP sequence and timing statistics (the wire format is relay/rtp/wire.py) -------------
 def extend(ts32: int, reference: int) -> int:
     """The extended (unwrapped) value of a 32-bit timestamp nearest to `reference`."""
     delta = (ts32 - reference) & 0xFFFFFFFF

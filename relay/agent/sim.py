@@ -69,6 +69,7 @@ from loa.relay.agent.firmware import version
 from loa.relay.agent.pipeline import Pipeline
 from loa.relay.agent.playout import Player
 from loa.relay.agent.sinks import NullSink
+from loa.streamer.messages import say
 
 log = logging.getLogger("loa.sim")
 
@@ -193,7 +194,7 @@ class SimDevice:
         a, name = cmd.args, cmd.command
         self.fleet.commands[name] = self.fleet.commands.get(name, 0) + 1
         if name in ("play", "stop", "volume") and self.board:
-            return False, "bảng tin không phát âm thanh / a board plays no audio"
+            return False, say("sim.board_no_audio")
         if name == "display" and not self.board:
             return False, commands.NO_DISPLAY
         if name == "volume":
@@ -248,14 +249,7 @@ class SimDevice:
             inp = self.pipeline.input
             fig = inp.interval()
             play = self.player.take_interval() if self.player else {}
-            stream: dict[str, Any] = {"url": inp.url[:2000]}
-            if "loss" in fig:
-                stream["loss"] = round(max(0.0, min(1.0, fig["loss"])), 4)
-            if "jitter_ms" in fig:
-                stream["jitter_ms"] = round(max(0.0, fig["jitter_ms"]), 2)
-            if "latency_ms" in play:
-                stream["latency_ms"] = round(max(0.0, play["latency_ms"]), 1)
-            t["stream"] = stream
+            t["stream"] = commands.stream_figures(inp.url, fig, play)
         elif streams and isinstance(streams[0], dict) and isinstance(streams[0].get("url"), str):
             t["stream"] = {"url": streams[0]["url"][:2000]}
         if self.board:
@@ -272,7 +266,7 @@ class Fleet:
                  decode: int = 0, area: str | None = None, *, fleet_file: Path | None = None,
                  status_every: float = 10.0, connect_batch: int = CONNECT_BATCH) -> None:
         if speakers < 0 or boards < 0 or decode < 0:
-            raise ValueError("--speakers/--boards/--decode phải >= 0 / must be >= 0")
+            raise ValueError(say("sim.negative_counts"))
         ws_url(server)  # validates the URL
         self.server = server.rstrip("/")
         self.token = token
@@ -299,8 +293,8 @@ class Fleet:
         areas = {a["code"]: a for a in data.get("areas", []) if isinstance(a, dict)}
         root = self.area or data.get("root")
         if root not in areas:
-            raise ApiFailure(404, f"không có khu vực / unknown area {root} (hoặc ngoài quyền / "
-                                  f"or outside the token's area)")
+            raise ApiFailure(404, f"{say('area.unknown', area=root)} "
+                                  f"({say('sim.outside_token_area')})")
         leaves: list[str] = []
         todo = [root]
         while todo:  # depth-first, children in the server's order
@@ -351,9 +345,7 @@ class Fleet:
         need = [("loudspeaker", i) for i in range(len(speakers), self.speakers)]
         need += [("board", i) for i in range(len(boards), self.boards)]
         if need and not self.token:
-            raise ApiFailure(401, f"cần --token (hoặc LOA_TOKEN) của quản trị viên để đăng ký "
-                                  f"{len(need)} thiết bị / an admin --token (or LOA_TOKEN) is "
-                                  f"needed to register {len(need)} devices")
+            raise ApiFailure(401, say("sim.token_needed", count=len(need)))
         new: list[FleetEntry] = []
         sem = asyncio.Semaphore(REGISTER_CONCURRENCY)
         all_entries = list(entries)
@@ -375,11 +367,11 @@ class Fleet:
             if len(new) % 500 == 0:
                 await asyncio.to_thread(save_fleet, self.fleet_file, self.server,
                                         list(all_entries))
-                _say(f"đã đăng ký / registered {len(new)}/{len(need)}")
+                _say(say("sim.registered", done=len(new), total=len(need)))
 
         if need:
-            _say(f"đăng ký {len(need)} thiết bị / registering {len(need)} devices "
-                 f"({len(leaves)} khu vực / areas)")
+            _say(f"{say('sim.registering', count=len(need))} "
+                 f"({say('sim.area_count', count=len(leaves))})")
         try:
             await asyncio.gather(*(one(k, i) for k, i in need))
         finally:
@@ -523,7 +515,7 @@ async def run_fleet(server_url: str, token: str | None, speakers: int, boards: i
     try:
         await fleet.start()
     except (ApiFailure, aiohttp.ClientError, OSError) as e:
-        print(f"loa sim: không chuẩn bị được đội thiết bị / cannot prepare the fleet: {e}",
+        print(f"loa sim: {say('sim.cannot_prepare', error=e)}",
               file=sys.stderr, flush=True)
         return 1
     c = fleet.counts()
@@ -592,7 +584,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         ws_url(args.server)
         if int(args.speakers) < 0 or int(args.boards) < 0 or int(args.decode or 0) < 0:
-            raise ValueError("--speakers/--boards/--decode phải >= 0 / must be >= 0")
+            raise ValueError(say("sim.negative_counts"))
     except ValueError as e:
         print(f"loa sim: {e}", file=sys.stderr)
         return 2

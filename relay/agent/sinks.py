@@ -14,6 +14,8 @@ from typing import TextIO
 import numpy as np
 
 from loa.relay.agent.playout import SAMPLE_RATE, PlayRecord
+from loa.streamer.errors import LoaError
+from loa.streamer.messages import say
 
 
 class NullSink:
@@ -62,8 +64,7 @@ class AplaySink:
     def __init__(self) -> None:
         exe = shutil.which("aplay")
         if exe is None:
-            raise SinkError("không có thiết bị âm thanh: cần 'aplay' (ALSA) / no sound device: "
-                            "'default' needs ALSA's aplay; use --sink null or --sink wav:FILE")
+            raise SinkError(say("agent.no_sound_device"))
         self._proc = subprocess.Popen([exe, "-q", "-t", "raw", "-f", "S16_LE", "-r",
                                        str(SAMPLE_RATE), "-c", "1", "-B", "100000"],
                                       stdin=subprocess.PIPE)
@@ -82,8 +83,10 @@ class AplaySink:
             self._proc.kill()
 
 
-class SinkError(ValueError):
-    pass
+class SinkError(LoaError, ValueError):
+    """A `--sink` that cannot be opened (unknown spec, no sound device, no directory)."""
+
+    kind = "invalid"
 
 
 def make_sink(spec: str) -> NullSink | WavSink | AplaySink:
@@ -93,8 +96,8 @@ def make_sink(spec: str) -> NullSink | WavSink | AplaySink:
     if spec.startswith("wav:") and len(spec) > 4:
         path = Path(spec[4:]).expanduser()
         if not path.parent.is_dir():
-            raise SinkError(f"không có thư mục / no such directory: {path.parent}")
+            raise SinkError(say("agent.no_directory", path=path.parent))
         return WavSink(path)
     if spec == "default":
         return AplaySink()
-    raise SinkError(f"sink không hợp lệ / unknown sink {spec!r}: null | wav:FILE | default")
+    raise SinkError(say("agent.unknown_sink", spec=spec))

@@ -74,6 +74,7 @@ from loa.relay.devices.protocol import (
 from loa.relay.devices.records import new_id, new_key, public_device, same_hash, secret_hash
 from loa.relay.devices.streams import StreamOffer, stream_urls
 from loa.relay.devices.writer import WRITER_STOP_TIMEOUT, Writer
+from loa.streamer.messages import say
 from loa.streamer.state.bus import Bus, BusClosed, BusSubscription
 from loa.streamer.state.store import NotFound, Record, Store
 
@@ -265,7 +266,7 @@ class DeviceManager:
                  len(self.devices), len(pending))
 
     async def close_all(self, code: int = CLOSE_GOING_AWAY,
-                        reason: str = "máy chủ dừng / server shutting down") -> None:
+                        reason: str = say("device.server_stopping")) -> None:
         for dev in self.devices.values():
             if dev.link is not None:
                 dev.link.close(code, reason)
@@ -359,7 +360,7 @@ class DeviceManager:
 
     async def revoke(self, device_id: str) -> Device:
         dev = await self.update(device_id, {"revoked": True, "revoked_at": time.time()})
-        await self._close_session(dev, "khóa bị thu hồi / key revoked")
+        await self._close_session(dev, say("device.key_revoked"))
         return dev
 
     async def _close_session(self, dev: Device, reason: str) -> None:
@@ -379,14 +380,14 @@ class DeviceManager:
         dev = self.devices.pop(device_id, None)
         if dev is None:
             return False
-        await self._close_session(dev, "thiết bị đã bị xóa / device deleted")
+        await self._close_session(dev, say("device.deleted"))
         self._devw.forget(device_id)
         self._tele_dirty.discard(device_id)
         self._with_outbox.discard(device_id)
         await self._devw.flush()  # a batch already taken may still hold it
         await self.store.delete("device", device_id)
         for rec in list((dev.outbox or {}).values()):
-            self._set_status(rec, "expired", error="thiết bị đã bị xóa / device deleted")
+            self._set_status(rec, "expired", error=say("device.deleted"))
         return True
 
     # ---- connections ---------------------------------------------------------------------------
@@ -406,21 +407,20 @@ class DeviceManager:
         try:
             hello = parse_hello(parse_message(raw))
         except ProtocolError as e:
-            raise HelloRejected(CLOSE_MALFORMED_HELLO, f"hello không hợp lệ / bad hello: {e}"
-                                ) from None
+            raise HelloRejected(CLOSE_MALFORMED_HELLO, say("device.bad_hello", error=e)) from None
         dev = self.devices.get(hello.device)
         if dev is None or (self.bus is not None and dev.link is None):
             # Registered by another node, or changed there (revoked, moved) since: the store's.
             dev = await self._load(hello.device, fresh=True)
         if dev is None or not same_hash(dev.record.get("key_hash"), hello.key):
             raise HelloRejected(CLOSE_UNAUTHORISED,
-                                "sai thiết bị hoặc khóa / unknown device or wrong key")
+                                say("device.unknown_or_wrong_key"))
         if dev.record.get("revoked"):
-            raise HelloRejected(CLOSE_REVOKED, "khóa bị thu hồi / key revoked")
+            raise HelloRejected(CLOSE_REVOKED, say("device.key_revoked"))
         loop = asyncio.get_running_loop()
         old = dev.link
         if old is not None:
-            old.close(CLOSE_REPLACED, "kết nối mới thay thế / replaced by a new connection")
+            old.close(CLOSE_REPLACED, say("device.replaced"))
             log.info("device connection replaced event=device_replaced device=%s", dev.id)
         else:
             self.connected += 1
@@ -500,7 +500,7 @@ class DeviceManager:
             elif kind == "ack":
                 self._ack(dev, *parse_ack(msg))
             else:
-                raise ProtocolError(f"loại thông điệp không rõ / unknown message type {kind!r}",
+                raise ProtocolError(say("protocol.unknown_type", kind=kind),
                                     "type")
         except ProtocolError as e:
             await self.protocol_error(dev, link, str(e))
@@ -511,7 +511,7 @@ class DeviceManager:
         log.info("bad device message event=device_bad_message device=%s errors=%d error=%s",
                  dev.id, link.errors, text[:200])
         if link.errors >= self.settings.max_errors:
-            link.close(CLOSE_ABUSE, "quá nhiều lỗi / too many malformed messages")
+            link.close(CLOSE_ABUSE, say("device.too_many_errors"))
             return
         if not link.closing():
             with suppress(Exception):
@@ -577,7 +577,7 @@ class DeviceManager:
         if len(dev.outbox) > self.settings.max_queued:
             oldest = next(iter(dev.outbox.values()))
             self._set_status(oldest, "expired",
-                             error="hàng đợi đầy / too many undelivered commands")
+                             error=say("outbox.full"))
 
     def _set_status(self, rec: Record, status: str, **fields: Any) -> None:
         old = rec["status"]
@@ -848,8 +848,7 @@ class DeviceManager:
         for rec in list((dev.outbox or {}).values()):
             if rec["command"] == command and (rec["status"] == "queued"
                                               or (rec["status"] == "sent" and dev.link is None)):
-                self._set_status(rec, "expired", error="đã có lệnh mới hơn / superseded by a "
-                                                       "newer command")
+                self._set_status(rec, "expired", error=say("outbox.superseded"))
         r = dev.record
         # `shown` (the display state) is shared by every device of a bulk command: never
         # mutated in place, only replaced.
@@ -870,7 +869,7 @@ class DeviceManager:
             self._set_status(rec, "acked", acked=time.time())
         else:
             self._set_status(rec, "failed", acked=time.time(),
-                             error=(error or "thiết bị từ chối / refused by the device")[:500])
+                             error=(error or say("outbox.refused"))[:500])
         if self.ack_listeners:
             t = asyncio.get_running_loop().time()
             for fn in self.ack_listeners:
@@ -920,7 +919,7 @@ class DeviceManager:
             dev.record["node"] = ""
             await self._publish_node(dev)
             if dev.link is not None:
-                dev.link.close(CLOSE_HEARTBEAT, "mất nhịp tim / missed heartbeats")
+                dev.link.close(CLOSE_HEARTBEAT, say("device.missed_heartbeats"))
                 dev.link = None
                 dev.ready = False
                 self.connected -= 1
@@ -963,7 +962,6 @@ class DeviceManager:
                 self._schedule(dev.id, rec)
             elif rec["tries"] >= self.settings.max_tries:
                 self._set_status(rec, "failed",
-                                 error=f"không xác nhận sau {rec['tries']} lần gửi / "
-                                       f"no ack after {rec['tries']} sends")
+                                 error=say("outbox.no_ack", tries=rec["tries"]))
             else:
                 await self._try_send(dev, rec)

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from loa.streamer.errors import LoaError
+from loa.streamer.messages import say
+
 PROTOCOL_VERSION = 1
 
 # ---- close codes (WebSocket close frames sent by the server) -------------------------------------
@@ -65,25 +68,23 @@ STATEFUL_COMMANDS = ("display", "emergency")  # kept per device and sent again i
 
 
 # ---- errors -------------------------------------------------------------------------------------
-class ProtocolError(ValueError):
-    """A message or a field that breaks the protocol; the text is sent back to its sender."""
+class ProtocolError(LoaError, ValueError):
+    """A message or a field that breaks the protocol; the text is sent back to its sender.
+    `field` stays positional: every validator names the field it refuses."""
+
+    kind = "invalid"
 
     def __init__(self, message: str, field: str | None = None) -> None:
-        super().__init__(message)
-        self.field = field
+        super().__init__(message, field=field)
 
 
 # ---- field validation ----------------------------------------------------------------------------
-def _err(field: str, vi: str, en: str) -> ProtocolError:
-    return ProtocolError(f"{vi} / {en}", field)
-
-
 def _field(obj: dict[str, Any], key: str, path: str, required: bool) -> tuple[str, Any]:
     """The field's full name and its value (None when absent and not required)."""
     name = f"{path}{key}"
     v = obj.get(key)
     if v is None and required:
-        raise _err(name, f"thiếu trường {name}", f"missing field {name}")
+        raise ProtocolError(say("protocol.missing_field", name=name), name)
     return name, v
 
 
@@ -93,8 +94,7 @@ def _int(obj: dict[str, Any], key: str, lo: int, hi: int, *, path: str = "",
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-        raise _err(name, f"{name} phải là số nguyên {lo}-{hi}",
-                   f"{name} must be an integer within {lo}-{hi}")
+        raise ProtocolError(say("protocol.not_integer", name=name, lo=lo, hi=hi), name)
     return v
 
 
@@ -105,8 +105,7 @@ def _num(obj: dict[str, Any], key: str, lo: float, hi: float, *, path: str = "",
         return None
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) \
             or not lo <= v <= hi:
-        raise _err(name, f"{name} phải là số trong khoảng {lo}-{hi}",
-                   f"{name} must be a number within {lo}-{hi}")
+        raise ProtocolError(say("protocol.not_number", name=name, lo=lo, hi=hi), name)
     return float(v)
 
 
@@ -116,13 +115,12 @@ def _str(obj: dict[str, Any], key: str, max_len: int, *, path: str = "",
     if v is None:
         return None
     if not isinstance(v, str) or len(v) > max_len:
-        raise _err(name, f"{name} phải là chuỗi tối đa {max_len} ký tự",
-                   f"{name} must be a string of at most {max_len} characters")
+        raise ProtocolError(say("protocol.not_string", name=name, limit=max_len), name)
     if choices is not None:
         allowed = tuple(choices)
         if v not in allowed:
-            raise _err(name, f"{name} phải là một trong {', '.join(allowed)}",
-                       f"{name} must be one of {', '.join(allowed)}")
+            raise ProtocolError(say("protocol.not_choice", name=name, allowed=", ".join(allowed)),
+                                name)
     return v
 
 
@@ -132,13 +130,13 @@ def _bool(obj: dict[str, Any], key: str, *, path: str = "", required: bool = Fal
     if v is None:
         return None
     if not isinstance(v, bool):
-        raise _err(name, f"{name} phải là true/false", f"{name} must be a boolean")
+        raise ProtocolError(say("protocol.not_boolean", name=name), name)
     return v
 
 
 def _obj(v: Any, name: str) -> dict[str, Any]:
     if not isinstance(v, dict):
-        raise _err(name, f"{name} phải là đối tượng JSON", f"{name} must be a JSON object")
+        raise ProtocolError(say("protocol.not_object", name=name), name)
     return v
 
 
@@ -146,26 +144,24 @@ def _url(obj: dict[str, Any], key: str, *, path: str = "", required: bool = Fals
          ) -> str | None:
     v = _str(obj, key, MAX_URL, path=path, required=required)
     if v is not None and not v.startswith(_URL_SCHEMES):
-        raise _err(f"{path}{key}", f"{path}{key} phải là URL http(s)/rtp/udp/rtsp/srt",
-                   f"{path}{key} must be an http(s), rtp, udp, rtsp or srt URL")
+        raise ProtocolError(say("protocol.not_stream_url", name=f"{path}{key}"), f"{path}{key}")
     return v
 
 
 def _no_extra(obj: dict[str, Any], allowed: Iterable[str], name: str) -> None:
     extra = sorted(set(obj) - set(allowed))
     if extra:
-        raise _err(name, f"{name}: trường không hợp lệ {', '.join(extra)}",
-                   f"{name}: unknown field(s) {', '.join(extra)}")
+        raise ProtocolError(say("protocol.unknown_fields", name=name, fields=", ".join(extra)),
+                            name)
 
 
 def _names(v: Any, name: str, choices: tuple[str, ...]) -> list[str]:
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise _err(name, f"{name} phải là danh sách chuỗi", f"{name} must be a list of strings")
+        raise ProtocolError(say("protocol.not_string_list", name=name), name)
     bad = [x for x in v if x not in choices]
     if bad:
-        raise _err(name, f"{name}: giá trị không hỗ trợ {', '.join(bad[:5])}",
-                   f"{name}: unsupported value(s) {', '.join(bad[:5])} "
-                   f"(supported: {', '.join(choices)})")
+        raise ProtocolError(say("protocol.unsupported_values", name=name, values=", ".join(bad[:5]),
+                                supported=", ".join(choices)), name)
     return list(dict.fromkeys(v))
 
 
@@ -179,8 +175,7 @@ def validate_capabilities(v: Any) -> dict[str, Any]:
                              TRANSPORTS),
     }
     if not out["codecs"] or not out["transports"]:
-        raise _err("capabilities", "cần ít nhất một codec và một phương thức truyền",
-                   "capabilities need at least one codec and one transport")
+        raise ProtocolError(say("protocol.no_capabilities"), "capabilities")
     if caps.get("display") is not None:
         d = _obj(caps["display"], "capabilities.display")
         _no_extra(d, ("width", "height"), "capabilities.display")
@@ -193,25 +188,24 @@ def validate_capabilities(v: Any) -> dict[str, Any]:
 
 def validate_groups(v: Any) -> list[str]:
     if not isinstance(v, list) or not all(isinstance(g, str) and 0 < len(g) <= 64 for g in v):
-        raise _err("groups", "groups phải là danh sách tên 1-64 ký tự",
-                   "groups must be a list of names of 1-64 characters")
+        raise ProtocolError(say("protocol.bad_groups"), "groups")
     groups = list(dict.fromkeys(v))
     if len(groups) > MAX_GROUPS:
-        raise _err("groups", f"tối đa {MAX_GROUPS} nhóm", f"at most {MAX_GROUPS} groups")
+        raise ProtocolError(say("protocol.too_many_groups", limit=MAX_GROUPS), "groups")
     return groups
 
 
 def validate_name(v: Any) -> str:
     if not isinstance(v, str) or not v.strip() or len(v) > MAX_NAME:
-        raise _err("name", f"tên 1-{MAX_NAME} ký tự", f"name must be 1-{MAX_NAME} characters")
+        raise ProtocolError(say("protocol.bad_name", limit=MAX_NAME), "name")
     return v.strip()
 
 
 def validate_power_schedule(v: Any) -> list[dict[str, Any]]:
     """[{"on": "HH:MM", "off": "HH:MM", "days": [1..7]}] (1 = Monday), local time of the node."""
     if not isinstance(v, list) or len(v) > MAX_SCHEDULE:
-        raise _err("power_schedule", f"power_schedule là danh sách tối đa {MAX_SCHEDULE} mục",
-                   f"power_schedule must be a list of at most {MAX_SCHEDULE} entries")
+        raise ProtocolError(say("protocol.bad_power_schedule", limit=MAX_SCHEDULE),
+                            "power_schedule")
     out = []
     for i, item in enumerate(v):
         name = f"power_schedule[{i}]"
@@ -221,20 +215,18 @@ def validate_power_schedule(v: Any) -> list[dict[str, Any]]:
         off = _str(e, "off", 5, path=f"{name}.", required=True)
         for key, hhmm in (("on", on), ("off", off)):
             if not _HHMM.match(hhmm or ""):
-                raise _err(f"{name}.{key}", f"{name}.{key} phải có dạng HH:MM",
-                           f"{name}.{key} must be HH:MM")
+                raise ProtocolError(say("protocol.not_hhmm", name=f"{name}.{key}"), f"{name}.{key}")
         days = e.get("days", [1, 2, 3, 4, 5, 6, 7])
         if not isinstance(days, list) or not days or not all(
                 isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 7 for d in days):
-            raise _err(f"{name}.days", f"{name}.days là danh sách số 1-7 (1 = thứ Hai)",
-                       f"{name}.days must be a list of 1-7 (1 = Monday)")
+            raise ProtocolError(say("protocol.bad_weekdays", name=f"{name}.days"), f"{name}.days")
         out.append({"on": on, "off": off, "days": sorted(set(days))})
     return out
 
 
 def validate_volume(v: Any) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 100:
-        raise _err("volume", "âm lượng 0-100", "volume must be an integer within 0-100")
+        raise ProtocolError(say("protocol.bad_volume"), "volume")
     return v
 
 
@@ -254,8 +246,7 @@ def _epoch(obj: dict[str, Any], key: str, path: str) -> float | None:
     elif isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) \
             and 0 <= v <= 1e11:
         return float(v)
-    raise _err(name, f"{name} phải là giây epoch hoặc ngày giờ ISO 8601",
-               f"{name} must be epoch seconds or an ISO 8601 date/time")
+    raise ProtocolError(say("protocol.bad_time", name=name), name)
 
 
 def _page_url(obj: dict[str, Any], key: str, path: str) -> str:
@@ -265,8 +256,7 @@ def _page_url(obj: dict[str, Any], key: str, path: str) -> str:
     assert v is not None
     if not (v.startswith(("http://", "https://")) or (v.startswith("/")
                                                         and not v.startswith("//"))):
-        raise _err(name, f"{name} phải là URL http(s) hoặc đường dẫn /...",
-                   f"{name} must be an http(s) URL or a path on this node (/...)")
+        raise ProtocolError(say("protocol.not_page_url", name=name), name)
     return v
 
 
@@ -274,8 +264,7 @@ def validate_display_items(v: Any) -> list[dict[str, Any]]:
     """The items of the display content model (docs/device-protocol.md, 3.4.1), normalised:
     valid_from/valid_to as epoch seconds, weekdays sorted, ids filled in and unique."""
     if not isinstance(v, list) or len(v) > MAX_DISPLAY_ITEMS:
-        raise _err("args.items", f"args.items là danh sách tối đa {MAX_DISPLAY_ITEMS} mục",
-                   f"args.items must be a list of at most {MAX_DISPLAY_ITEMS} items")
+        raise ProtocolError(say("protocol.too_many_items", limit=MAX_DISPLAY_ITEMS), "args.items")
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
     for i, raw in enumerate(v):
@@ -287,7 +276,7 @@ def validate_display_items(v: Any) -> list[dict[str, Any]]:
             "id": _str(it, "id", 64, path=path) or f"item-{i + 1}",
             "type": _str(it, "type", 8, path=path, required=True, choices=ITEM_TYPES)}
         if item["id"] in seen:
-            raise _err(f"{path}id", f"{path}id bị trùng", f"{path}id is not unique")
+            raise ProtocolError(say("protocol.duplicate_id", name=f"{path}id"), f"{path}id")
         seen.add(item["id"])
         if item["type"] == "text":
             _no_extra(it, set(it) - {"url"}, f"args.items[{i}]")
@@ -305,16 +294,15 @@ def validate_display_items(v: Any) -> list[dict[str, Any]]:
             if (t := _epoch(it, key, path)) is not None:
                 item[key] = t
         if "valid_from" in item and "valid_to" in item and item["valid_to"] <= item["valid_from"]:
-            raise _err(f"{path}valid_to", f"{path}valid_to phải sau valid_from",
-                       f"{path}valid_to must be after valid_from")
+            raise ProtocolError(say("protocol.valid_to_early", name=f"{path}valid_to"),
+                                f"{path}valid_to")
         if it.get("weekdays") is not None:
             days = it["weekdays"]
             if not isinstance(days, list) or not days or not all(
                     isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 7
                     for d in days):
-                raise _err(f"{path}weekdays", f"{path}weekdays là danh sách số 1-7 "
-                                              "(1 = thứ Hai)",
-                           f"{path}weekdays must be a list of 1-7 (1 = Monday)")
+                raise ProtocolError(say("protocol.bad_weekdays", name=f"{path}weekdays"),
+                                    f"{path}weekdays")
             item["weekdays"] = sorted(set(days))
         if it.get("times") is not None:
             item["times"] = _time_windows(it["times"], f"{path}times")
@@ -328,15 +316,13 @@ def _time_windows(v: Any, name: str) -> list[list[str]]:
     """[["HH:MM", "HH:MM"], ...]: start inclusive, end exclusive ("24:00" allowed), a window
     whose end is before its start runs over midnight."""
     if not isinstance(v, list) or not v or len(v) > MAX_SCHEDULE:
-        raise _err(name, f"{name} là danh sách 1-{MAX_SCHEDULE} khung giờ",
-                   f"{name} must be a list of 1-{MAX_SCHEDULE} time windows")
+        raise ProtocolError(say("protocol.bad_windows", name=name, limit=MAX_SCHEDULE), name)
     out = []
     for w in v:
         if not (isinstance(w, list) and len(w) == 2 and isinstance(w[0], str)
                 and isinstance(w[1], str) and _HHMM.match(w[0])
                 and (_HHMM.match(w[1]) or w[1] == "24:00") and w[0] != w[1]):
-            raise _err(name, f"{name}: mỗi khung giờ là [\"HH:MM\", \"HH:MM\"] khác nhau",
-                       f"{name}: each window must be [\"HH:MM\", \"HH:MM\"] (start != end)")
+            raise ProtocolError(say("protocol.bad_window", name=name), name)
         out.append([w[0], w[1]])
     return out
 
@@ -379,8 +365,8 @@ def emergency_state(args: dict[str, Any], previous: dict[str, Any] | None, now: 
 def validate_command(command: Any, args: Any) -> dict[str, Any]:
     """The args of a command, normalised; ProtocolError naming the bad field."""
     if command not in COMMANDS:
-        raise _err("command", f"lệnh không hợp lệ, cần một trong {', '.join(COMMANDS)}",
-                   f"command must be one of {', '.join(COMMANDS)}")
+        raise ProtocolError(say("protocol.unknown_command", commands=", ".join(COMMANDS)),
+                            "command")
     a = _obj({} if args is None else args, "args")
     out: dict[str, Any] = {}
     if command == "play":
@@ -399,8 +385,7 @@ def validate_command(command: Any, args: Any) -> dict[str, Any]:
         out["on"] = _bool(a, "on", path="args.", required=True)
         steps = a.get("steps", [])
         if not isinstance(steps, list) or len(steps) > MAX_RELAYS:
-            raise _err("args.steps", f"args.steps là danh sách tối đa {MAX_RELAYS} bước",
-                       f"args.steps must be a list of at most {MAX_RELAYS} steps")
+            raise ProtocolError(say("protocol.too_many_steps", limit=MAX_RELAYS), "args.steps")
         out["steps"] = []
         for i, st in enumerate(steps):
             name = f"args.steps[{i}]"
@@ -431,15 +416,12 @@ def validate_command(command: Any, args: Any) -> dict[str, Any]:
             out["ticker"] = ticker
         if a.get("items") is not None:
             if out.keys() & {"text", "image", "video", "duration_s"}:
-                raise _err("args.items", "dùng items hoặc text/image/video, không dùng cả hai",
-                           "use items or text/image/video (the single-item form), not both")
+                raise ProtocolError(say("protocol.display_both_forms"), "args.items")
             out["items"] = validate_display_items(a["items"])
         if not out.keys() & {"text", "image", "video", "clear", "items", "ticker"}:
-            raise _err("args", "display cần items, ticker, text, image, video hoặc clear",
-                       "display needs items, ticker, text, image, video or clear")
+            raise ProtocolError(say("protocol.display_empty"), "args")
         if len(encode(out)) > MAX_DISPLAY_BYTES:
-            raise _err("args", f"nội dung hiển thị quá lớn (tối đa {MAX_DISPLAY_BYTES} byte)",
-                       f"display content too large (at most {MAX_DISPLAY_BYTES} bytes)")
+            raise ProtocolError(say("protocol.display_too_large", limit=MAX_DISPLAY_BYTES), "args")
     elif command == "emergency":
         _no_extra(a, ("on", "volume", "text"), "args")
         out["on"] = _bool(a, "on", path="args.", required=True)
@@ -471,14 +453,13 @@ def parse_message(raw: str | bytes) -> dict[str, Any]:
     try:
         msg = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
-        raise ProtocolError("JSON không hợp lệ / malformed JSON") from None
+        raise ProtocolError(say("protocol.malformed_json")) from None
     if not isinstance(msg, dict):
-        raise ProtocolError("cần một đối tượng JSON / a message must be a JSON object")
+        raise ProtocolError(say("protocol.not_json_object"))
     if not same_version(msg):
-        raise ProtocolError(f"phiên bản không hỗ trợ / unsupported protocol version "
-                            f"(\"v\" must be {PROTOCOL_VERSION})", "v")
+        raise ProtocolError(say("protocol.unsupported_version", version=PROTOCOL_VERSION), "v")
     if not isinstance(msg.get("type"), str):
-        raise ProtocolError("thiếu loại thông điệp / missing message type", "type")
+        raise ProtocolError(say("protocol.missing_type"), "type")
     return msg
 
 
@@ -492,7 +473,7 @@ class Hello:
 
 def parse_hello(msg: dict[str, Any]) -> Hello:
     if msg.get("type") != "hello":
-        raise ProtocolError("thông điệp đầu tiên phải là hello / first message must be hello")
+        raise ProtocolError(say("protocol.hello_first"))
     device = _str(msg, "device", MAX_ID, required=True)
     key = _str(msg, "key", 256, required=True)
     assert device is not None and key is not None
@@ -531,7 +512,7 @@ def parse_heartbeat(msg: dict[str, Any]) -> dict[str, Any]:
         if not (isinstance(g, list) and len(g) == 2 and all(
                 isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
                 for x in g) and -90 <= g[0] <= 90 and -180 <= g[1] <= 180):
-            raise _err("gps", "gps là [vĩ độ, kinh độ]", "gps must be [lat, lon]")
+            raise ProtocolError(say("protocol.bad_gps"), "gps")
         out["gps"] = [float(g[0]), float(g[1])]
     if msg.get("power") is not None:
         p = _obj(msg["power"], "power")
@@ -544,9 +525,7 @@ def parse_heartbeat(msg: dict[str, Any]) -> dict[str, Any]:
             r = p["relays"]
             if not isinstance(r, list) or len(r) > MAX_RELAYS or not all(
                     isinstance(x, bool) for x in r):
-                raise _err("power.relays", f"power.relays là tối đa {MAX_RELAYS} giá trị "
-                                           "true/false",
-                           f"power.relays must be at most {MAX_RELAYS} booleans")
+                raise ProtocolError(say("protocol.bad_relays", limit=MAX_RELAYS), "power.relays")
             power["relays"] = list(r)
         out["power"] = power
     if msg.get("display") is not None:
@@ -559,8 +538,7 @@ def parse_heartbeat(msg: dict[str, Any]) -> dict[str, Any]:
             shown = d["items"]
             if not isinstance(shown, list) or len(shown) > MAX_DISPLAY_ITEMS or not all(
                     isinstance(x, str) and 0 < len(x) <= 64 for x in shown):
-                raise _err("display.items", "display.items là danh sách mã mục đang hiển thị",
-                           "display.items must be a list of the ids of the items shown")
+                raise ProtocolError(say("protocol.bad_display_items"), "display.items")
             disp["items"] = list(shown)
         if (em := _bool(d, "emergency", path="display.")) is not None:
             disp["emergency"] = em
@@ -568,8 +546,7 @@ def parse_heartbeat(msg: dict[str, Any]) -> dict[str, Any]:
     faults = msg.get("faults", [])
     if not isinstance(faults, list) or len(faults) > MAX_FAULTS or not all(
             isinstance(f, str) and 0 < len(f) <= 64 for f in faults):
-        raise _err("faults", f"faults là danh sách tối đa {MAX_FAULTS} mã lỗi",
-                   f"faults must be a list of at most {MAX_FAULTS} fault codes")
+        raise ProtocolError(say("protocol.bad_faults", limit=MAX_FAULTS), "faults")
     out["faults"] = list(dict.fromkeys(faults))
     return out
 

@@ -2,7 +2,8 @@
 
 RTP: the fixed 12-byte header written into a send buffer, and `parse_rtp` for a received packet
 (CSRCs, header extension and padding handled). RTCP: the sender report with its SDES CNAME,
-BYE, and the report blocks of receivers' RRs/SRs. A malformed packet raises `BadPacket` (a
+BYE, the report blocks of receivers' RRs/SRs, and `parse_rtcp` for the sender reports and BYEs
+a receiver (relay/agent) maps its clock with. A malformed packet raises `BadPacket` (a
 `ValueError`): at the edge it is counted and dropped, never fatal.
 """
 
@@ -75,6 +76,20 @@ def ntp_timestamp(epoch: float) -> tuple[int, int]:
     return (sec + NTP_EPOCH_OFFSET) & 0xFFFFFFFF, frac
 
 
+def ntp_to_unix(sec: int, frac: int) -> float:
+    """The Unix epoch time of an NTP (seconds since 1900, 32-bit fraction) timestamp."""
+    return sec - NTP_EPOCH_OFFSET + frac / (1 << 32)
+
+
+@dataclass(frozen=True)
+class SenderReport:
+    ssrc: int
+    ntp: float  # Unix epoch seconds
+    rtp: int  # 32-bit RTP timestamp of the same instant
+    packets: int
+    octets: int
+
+
 def sender_report(ssrc: int, ntp: float, rtp_ts: int, packets: int, octets: int,
                   cname: str) -> bytes:
     """RTCP compound packet: SR (no report blocks) + SDES CNAME (RFC 3550 6.4.1, 6.5)."""
@@ -131,3 +146,29 @@ def parse_receiver_reports(data: bytes) -> list[tuple[int, list[ReportBlock]]]:
             out.append((reporter, blocks))
         off = end
     return out
+
+
+def parse_rtcp(data: bytes) -> tuple[list[SenderReport], set[int]]:
+    """Sender reports and BYE'd SSRCs of a compound RTCP packet (what a receiver needs to map
+    RTP time to the wall clock); other packets are skipped. `BadPacket` for anything malformed."""
+    reports: list[SenderReport] = []
+    bye: set[int] = set()
+    off = 0
+    if len(data) < 8:
+        raise BadPacket(say("rtcp.packet_short"))
+    while off + 4 <= len(data):
+        b0, pt, length = struct.unpack_from("!BBH", data, off)
+        if b0 >> 6 != 2:
+            raise BadPacket(say("rtcp.packet_bad_version"))
+        size = 4 * (length + 1)
+        if off + size > len(data):
+            raise BadPacket(say("rtcp.packet_truncated"))
+        if pt == 200 and size >= 28:
+            ssrc, sec, frac, rtp, packets, octets = struct.unpack_from("!IIIIII", data, off + 4)
+            reports.append(SenderReport(ssrc, ntp_to_unix(sec, frac), rtp, packets, octets))
+        elif pt == 203:
+            count = b0 & 0x1F
+            for i in range(min(count, (size - 4) // 4)):
+                bye.add(struct.unpack_from("!I", data, off + 4 + 4 * i)[0])
+        off += size
+    return reports, bye

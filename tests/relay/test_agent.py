@@ -36,16 +36,14 @@ from loa.relay.agent.client import Command, DeviceClient, ws_url
 from loa.relay.agent.impair import Impairment
 from loa.relay.agent.playout import (
     ArrivalTiming,
-    BadPacket,
     ClockMapping,
     Player,
     PlayRecord,
     SeqStats,
     extend,
-    parse_rtcp,
-    parse_rtp,
 )
 from loa.relay.agent.sinks import NullSink, make_sink
+from loa.relay.rtp.wire import BadPacket, parse_rtcp, parse_rtp
 from tests import helpers
 from tests.audio import peak_hz, rms
 from tests.helpers import AREA, LOCAL, Server, stop_node, until
