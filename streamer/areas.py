@@ -12,9 +12,12 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from loa.streamer.errors import LoaError
 
-class AreaError(ValueError):
-    """A bad area or area list: unknown code, unknown parent, cycle, duplicate."""
+
+class AreaError(LoaError, ValueError):
+    """A bad area or area list: unknown code, unknown parent, cycle, duplicate (kind invalid:
+    the API answers 422 naming the targets)."""
 
 
 @dataclass

@@ -31,6 +31,7 @@ from loa.streamer import arbiter
 from loa.streamer.areas import AreaTree
 from loa.streamer.broadcast import Broadcast, BroadcastClass, Policy
 from loa.streamer.clock import FRAME, SAMPLE_RATE, tick_of
+from loa.streamer.errors import Kind, LoaError
 from loa.streamer.hub import PacketHub
 from loa.streamer.mixer import Envelope, Key, Mix, Renderer, db, ramp
 from loa.streamer.sources import Source
@@ -40,8 +41,10 @@ log = logging.getLogger("loa.engine")
 PCM = "pcm"  # pseudo-codec: raw 48 kHz float32 frames, for taps, tests and meters
 
 
-class AuthorityError(PermissionError):
+class AuthorityError(LoaError, PermissionError):
     """A lower authority tried to stop or change a higher authority's broadcast."""
+
+    kind: Kind = "forbidden"
 
 
 @dataclass

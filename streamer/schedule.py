@@ -24,6 +24,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from loa.streamer.broadcast import Broadcast, BroadcastClass
 from loa.streamer.clock import FRAME, SAMPLE_RATE, tick_of
 from loa.streamer.engine import Engine
+from loa.streamer.errors import LoaError
 
 log = logging.getLogger("loa.schedule")
 
@@ -42,12 +43,13 @@ Covers = Callable[[str, str], bool]
 MakeBroadcast = Callable[[Schedule, float], Awaitable[tuple[Broadcast, float] | None]]
 
 
-class ScheduleError(ValueError):
+class ScheduleError(LoaError, ValueError):
     """An invalid schedule; `field` names the offending field so a form can point at it."""
 
+    field: str
+
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
+        super().__init__(message, field=field)
 
 
 def _time(value: object) -> dt.time:

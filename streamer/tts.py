@@ -13,15 +13,18 @@ import hashlib
 import shutil
 from pathlib import Path
 
+from loa.streamer.errors import Kind, LoaError
 from loa.streamer.library import MediaLibrary
 from loa.streamer.state.store import Record
 
 
-class TtsError(RuntimeError):
-    pass
+class TtsError(LoaError, RuntimeError):
+    """Speech cannot be made now (no engine, timeout, engine failure): the API answers 503."""
+
+    kind: Kind = "unavailable"
 
 
-class UnknownVoice(ValueError):
+class UnknownVoice(LoaError, ValueError):
     """The caller asked for a voice the engine does not have: their error, not ours."""
 
 

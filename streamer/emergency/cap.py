@@ -52,6 +52,7 @@ from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import fromstring
 
 from loa.streamer.areas import AreaTree
+from loa.streamer.errors import LoaError
 
 NS = "urn:oasis:names:tc:emergency:cap:1.2"
 _Q = "{" + NS + "}"
@@ -75,13 +76,17 @@ DEFAULT_LANGUAGE = "vi-VN"  # an info without <language>
 _SHA1_HEX = re.compile(r"^[0-9a-fA-F]{40}$")
 
 
-class CapError(ValueError):
-    """A CAP document that cannot be accepted; `status` is the HTTP status to answer with."""
+class CapError(LoaError, ValueError):
+    """A CAP document that cannot be accepted (kind invalid); `element` names the CAP element."""
 
-    def __init__(self, vi: str, en: str, status: int = 422, element: str | None = None) -> None:
+    def __init__(self, vi: str, en: str, element: str | None = None) -> None:
         super().__init__(f"{vi} / {en}")
-        self.status = status
         self.element = element
+
+
+class CapNotXml(CapError):
+    """Not an XML document Loa reads at all (malformed, DTD, entities): the API answers 400,
+    a status no kind has, where a well-formed document that breaks CAP's rules gets 422."""
 
 
 # ---- the model --------------------------------------------------------------------------------
@@ -447,16 +452,16 @@ def _references(text: str) -> list[tuple[str, str, str]]:
 
 
 def parse(data: bytes, max_resource: int | None = None) -> CapAlert:
-    """Parse and validate one CAP 1.2 alert. CapError (with an HTTP status) when it is bad.
+    """Parse and validate one CAP 1.2 alert. CapError (CapNotXml: not XML) when it is bad.
     `max_resource`: the largest inline resource (decoded bytes); None for no limit."""
     try:
         root = fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
     except DefusedXmlException as e:
-        raise CapError("tài liệu XML bị từ chối: không cho phép DTD, khai báo thực thể hay tham "
-                       "chiếu ngoài", f"XML refused: DTDs, entity declarations and external "
-                       f"references are not allowed ({type(e).__name__})", status=400) from None
+        raise CapNotXml("tài liệu XML bị từ chối: không cho phép DTD, khai báo thực thể hay tham "
+                        "chiếu ngoài", f"XML refused: DTDs, entity declarations and external "
+                        f"references are not allowed ({type(e).__name__})") from None
     except (ParseError, ValueError) as e:
-        raise CapError("không phải XML hợp lệ", f"not well-formed XML: {e}", status=400) from None
+        raise CapNotXml("không phải XML hợp lệ", f"not well-formed XML: {e}") from None
     ns, local = _local(root)
     if local != "alert" or ns != NS:
         raise CapError(f"sai không gian tên hoặc phần tử gốc: cần <alert xmlns=\"{NS}\">",

@@ -19,24 +19,32 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from loa.streamer import errors
+from loa.streamer.errors import LoaError
+
 Record = dict[str, Any]
 
 
 class StoreError(Exception):
-    pass
+    """A store failure. Not a LoaError itself: a closed store or an unusable file is a bug or a
+    set-up fault (500, or no start), not a refusal; its subclasses below are refusals."""
 
 
-class NotFound(StoreError, KeyError):
-    pass
+class NotFound(StoreError, LoaError, KeyError):
+    kind: errors.Kind = "not_found"
 
 
-class Conflict(StoreError):
+class Conflict(StoreError, LoaError):
     """An id or a unique field value that already exists, or a stale version."""
 
+    kind: errors.Kind = "conflict"
 
-class StoreUnavailable(StoreError):
+
+class StoreUnavailable(StoreError, LoaError):
     """The store cannot be reached or written now (Redis down or slow, disk full, read-only
     data directory). Transient: the HTTP layer answers 503 with Retry-After, writers retry."""
+
+    kind: errors.Kind = "unavailable"
 
     retry_after = 5  # seconds an HTTP client is told to wait
 

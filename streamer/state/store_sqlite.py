@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from loa.streamer import errors
+from loa.streamer.errors import LoaError
 from loa.streamer.state.store import (
     KINDS,
     READ_ONLY,
@@ -94,8 +96,11 @@ MIGRATIONS: tuple[Migration, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-class SchemaTooNew(StoreError):
-    """The file was migrated by a newer Loa; an older one must not write to it."""
+class SchemaTooNew(StoreError, LoaError):
+    """The file was migrated by a newer Loa; an older one must not write to it (the operator
+    reads it at start-up: a conflict of versions)."""
+
+    kind: errors.Kind = "conflict"
 
 
 def _schema_version(db: sqlite3.Connection) -> int:

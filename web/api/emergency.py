@@ -62,6 +62,11 @@ def service(request: web.Request) -> EmergencyService:
     return request.app[NODE].emergency
 
 
+def cap_status(e: capmod.CapError) -> int:
+    """A refused CAP document: 400 when it is not XML at all, else the status of its kind."""
+    return 400 if isinstance(e, capmod.CapNotXml) else status_of(e)
+
+
 def _require_right(p: Principal) -> None:
     if not p.emergency or not p.can("air"):
         raise ApiError(403, say("emergency.no_right"))
@@ -229,15 +234,15 @@ async def alert_receive(request: web.Request) -> web.StreamResponse:
         alert = await asyncio.to_thread(capmod.parse, data, svc.settings.cap_resource_bytes)
     except capmod.CapError as e:
         log.info("cap refused event=cap_refused user=%s status=%d reason=%s", p.username,
-                 e.status, str(e)[:300])
+                 cap_status(e), str(e)[:300])
         await audit(request, "alert.refused", None, reason=str(e)[:500])
-        return error_response(e.status, str(e), e.element)
+        return error_response(cap_status(e), str(e), e.element)
     try:
         status, body = await svc.cap(alert, issuer=p.area, user=p.username,
                                      check_area=lambda code: p.require_area(node.tree, code))
     except capmod.CapError as e:
         await audit(request, "alert.refused", alert.key, reason=str(e)[:500])
-        return error_response(e.status, str(e), e.element)
+        return error_response(cap_status(e), str(e), e.element)
     except EmergencyError as e:
         await audit(request, "alert.refused", alert.key, reason=str(e)[:500])
         code = 200 if isinstance(e, DuplicateAlert) else status_of(e)  # a duplicate: 200
