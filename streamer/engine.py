@@ -33,6 +33,7 @@ from loa.streamer.broadcast import Broadcast, BroadcastClass, Policy
 from loa.streamer.clock import FRAME, SAMPLE_RATE, tick_of
 from loa.streamer.errors import Kind, LoaError
 from loa.streamer.hub import PacketHub
+from loa.streamer.messages import say
 from loa.streamer.mixer import Envelope, Key, Mix, Renderer, db, ramp
 from loa.streamer.sources import Source
 
@@ -186,10 +187,7 @@ class Engine:
         if live is None:
             raise KeyError(bid)
         if by_area is not None and not self.tree.contains(by_area, live.b.issuer):
-            raise AuthorityError(
-                f"không được dừng phát thanh của cấp trên / {by_area} may not stop a broadcast "
-                f"issued by {live.b.issuer}"
-            )
+            raise AuthorityError(say("broadcast.not_yours", area=by_area, issuer=live.b.issuer))
         self._commands.put(lambda: self._end(live, cause))
 
     def add_area(self, code: str) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 from loa.streamer import errors
 from loa.streamer.errors import LoaError
+from loa.streamer.messages import say
 
 Record = dict[str, Any]
 
@@ -49,8 +50,8 @@ class StoreUnavailable(StoreError, LoaError):
     retry_after = 5  # seconds an HTTP client is told to wait
 
 
-UNREACHABLE = "kho dữ liệu không truy cập được / store is unreachable"
-READ_ONLY = "kho dữ liệu không ghi được / store is read-only or full"
+UNREACHABLE = say("store.unreachable")
+READ_ONLY = say("store.read_only")
 
 
 @dataclass(frozen=True)
