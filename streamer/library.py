@@ -135,8 +135,7 @@ class MediaLibrary:
         decoded chunks are written as they come and measured on the way (EBU R128), then a
         second pass over the file applies the gain."""
         if upload.stat().st_size > self.settings.max_bytes:
-            raise MediaError(
-                f"tệp quá lớn / file too large: limit {self.settings.max_bytes // 2**20} MiB")
+            raise MediaError(say("media.too_large", limit=self.settings.max_bytes // 2**20))
         part = self.temp_path(".s16.part")
         try:
             meter = LoudnessMeter(SAMPLE_RATE)

@@ -175,6 +175,8 @@ CATALOGUE: dict[str, Text] = {
     "store.unreachable": Text("kho dữ liệu không truy cập được", "store is unreachable"),
     "store.read_only": Text("kho dữ liệu không ghi được", "store is read-only or full"),
     "media.file_missing": Text("thiếu tệp âm thanh", "media file missing: {media}"),
+    "media.too_large": Text("tệp quá lớn", "file too large: limit {limit} MiB"),
+    "playlist.repeat": Text("số lần lặp phải >= 1", "repeat must be at least 1"),
     "area.bad_code": Text("mã khu vực không hợp lệ (chỉ chữ cái, chữ số ASCII và '-', tối đa 32 "
                           "ký tự)",
                           "invalid area code {code!r}: ASCII letters, digits and '-' only, at "
