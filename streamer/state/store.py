@@ -153,6 +153,19 @@ def check_log(log: str) -> None:
         raise ValueError(f"unknown log {log!r}")
 
 
+def log_filters(log: str, limit: int, eq: Mapping[str, Any]) -> list[tuple[str, str]] | None:
+    """A `read_log` query checked: its field filters, or None when `limit` asks for nothing."""
+    check_log(log)
+    if limit <= 0:
+        return None
+    return [(f, canon(v)) for f, v in eq.items()]
+
+
+def check_window(window: float) -> None:
+    if window <= 0:
+        raise ValueError(f"hit window must be > 0 s, got {window}")
+
+
 # ---- JSON helpers shared by both backends (canonical values, index entries, logs) ------------------------------------------------------
 def dumps(value: Any) -> str:
     """Stored form: compact, key order kept, real JSON (NaN/inf refused rather than stored)."""
