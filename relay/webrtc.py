@@ -33,7 +33,6 @@ import random
 import secrets
 import struct
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -57,7 +56,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from loa.codecs.encoders import Packet
 from loa.streamer.errors import Kind, LoaError
-from loa.streamer.hub import PacketHub, Subscription
+from loa.streamer.hub import DropOldest, PacketHub, Subscription
 from loa.streamer.messages import say
 from loa.streamer.sources import LivePush
 
@@ -173,7 +172,7 @@ def check_offer(text: str, *, publish: bool) -> None:
 
 
 # ---- WHEP: the send side -----------------------------------------------------------------------
-class PacketTrack(MediaStreamTrack):
+class PacketTrack(MediaStreamTrack, DropOldest[av.Packet]):
     """An audio track whose `recv()` returns pre-encoded Opus `av.Packet`s (pts at 48 kHz).
 
     With the direct path the feed sends by itself and nothing is queued: `recv()` then only
@@ -183,36 +182,21 @@ class PacketTrack(MediaStreamTrack):
     kind = "audio"
 
     def __init__(self, maxlen: int) -> None:
-        super().__init__()
-        self.queue: deque[av.Packet] = deque(maxlen=maxlen)
-        self.dropped = 0
-        self._waiter: asyncio.Future[None] | None = None
+        MediaStreamTrack.__init__(self)  # pyee's emitter does not chain: both, by name
+        DropOldest.__init__(self, maxlen)
 
     def push(self, packets: list[av.Packet]) -> None:
-        overflow = len(self.queue) + len(packets) - (self.queue.maxlen or 0)
-        if overflow > 0:
-            self.dropped += overflow
-        self.queue.extend(packets)
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        self._enqueue(packets)
 
     async def recv(self) -> av.Packet:
-        while not self.queue:
-            if self.readyState != "live":
-                raise MediaStreamError
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        return self.queue.popleft()
+        packet = await self._next(lambda: self.readyState != "live")
+        if packet is None:
+            raise MediaStreamError
+        return packet
 
     def stop(self) -> None:
         super().stop()
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        self._wake()
 
 
 class DirectSender:

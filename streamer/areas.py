@@ -12,9 +12,13 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from loa.streamer.errors import LoaError
+from loa.streamer.messages import say
 
-class AreaError(ValueError):
-    """A bad area or area list: unknown code, unknown parent, cycle, duplicate."""
+
+class AreaError(LoaError, ValueError):
+    """A bad area or area list: unknown code, unknown parent, cycle, duplicate (kind invalid:
+    the API answers 422 naming the targets)."""
 
 
 @dataclass
@@ -48,9 +52,7 @@ def _clean_code(code: str, strict: bool = True) -> str:
     """`strict=False` for codes already stored: a tree saved before the rule must still load."""
     code = (code or "").strip()
     if not (CODE_RE.fullmatch(code) if strict else code):
-        raise AreaError(f"mã khu vực không hợp lệ (chỉ chữ cái, chữ số ASCII và '-', tối đa 32 "
-                        f"ký tự) / invalid area code {code[:40]!r}: ASCII letters, digits and '-' "
-                        f"only, at most 32 characters")
+        raise AreaError(say("area.bad_code", code=code[:40]))
     return code
 
 
@@ -71,11 +73,11 @@ class AreaTree:
     ) -> Area:
         code = _clean_code(code, strict)
         if code in self._areas:
-            raise AreaError(f"mã khu vực trùng / duplicate area code: {code}")
+            raise AreaError(say("area.duplicate", code=code))
         if parent is not None:
             parent = parent.strip() or None
         if parent is not None and parent not in self._areas:
-            raise AreaError(f"khu vực cha không tồn tại / unknown parent {parent!r} of {code}")
+            raise AreaError(say("area.unknown_parent", parent=parent, code=code))
         area = Area(code=code, name=name.strip() or code, level=level.strip(), parent=parent,
                     lat=lat, lon=lon)
         if parent is not None:
@@ -89,7 +91,7 @@ class AreaTree:
         """Remove a leaf area (undoing an add whose storing failed)."""
         area = self.get(code)
         if area.children:
-            raise AreaError(f"khu vực còn khu vực con / area {code} has children")
+            raise AreaError(say("area.has_children", code=code))
         if area.parent is not None:
             self._areas[area.parent].children.remove(code)
         del self._areas[code]
@@ -116,16 +118,14 @@ class AreaTree:
             try:
                 code = _clean_code(code, strict)
             except AreaError as e:
-                raise AreaError(f"dòng {i} / row {i}: {e}") from None
+                raise AreaError(say("area.row", row=i, error=e)) from None
             parent = (parent or "").strip() or None
             if code in pending:
-                raise AreaError(f"dòng {i}: mã khu vực trùng / row {i}: duplicate area code {code}")
+                raise AreaError(say("area.row_duplicate", row=i, code=code))
             pending[code] = (i, name, level, parent)
         for code, (i, _name, _level, parent) in pending.items():
             if parent is not None and parent not in pending:
-                raise AreaError(
-                    f"dòng {i}: khu vực cha không tồn tại / row {i}: unknown parent {parent!r} of {code}"
-                )
+                raise AreaError(say("area.row_unknown_parent", row=i, parent=parent, code=code))
         # Insert parents before children; whatever is left after that is in a cycle.
         placed: set[str] = set()
         progress = True
@@ -138,7 +138,7 @@ class AreaTree:
                     progress = True
         if len(placed) < len(pending):
             stuck = sorted(c for c in pending if c not in placed)
-            raise AreaError(f"vòng lặp trong cây khu vực / cycle in the area tree: {', '.join(stuck[:10])}")
+            raise AreaError(say("area.cycle", codes=", ".join(stuck[:10])))
         return tree
 
     @classmethod
@@ -159,7 +159,7 @@ class AreaTree:
         try:
             return self._areas[code]
         except KeyError:
-            raise AreaError(f"không có khu vực / unknown area: {code}") from None
+            raise AreaError(say("area.unknown", area=code)) from None
 
     def roots(self) -> list[Area]:
         return [a for a in self._areas.values() if a.parent is None]
@@ -217,11 +217,11 @@ def parse_csv(text: str) -> list[tuple[str, str, str, str | None]]:
             if i == 1 and row[0].strip().lower() in {"code", "ma", "mã", "ma_dvhc", "mã đvhc"}:
                 continue
             if len(row) < 3:
-                raise AreaError(f"dòng {i}: thiếu cột / row {i}: expected code,name,level,parent_code")
+                raise AreaError(say("area.row_columns", row=i))
             parent = row[3] if len(row) > 3 else None
             rows.append((row[0].strip(), row[1], row[2], parent))
     except csv.Error as e:
-        raise AreaError(f"CSV không hợp lệ / malformed CSV: {e}") from None
+        raise AreaError(say("area.bad_csv", error=e)) from None
     return rows
 
 

@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass, field
 from enum import IntEnum, StrEnum
 
+from loa.streamer.messages import say
 from loa.streamer.sources import Source
 
 
@@ -27,10 +28,7 @@ class BroadcastClass(IntEnum):
         try:
             return cls[str(value).strip().lower()]
         except KeyError:
-            raise ValueError(
-                f"loại bản tin không hợp lệ / bad class {value!r}: "
-                "emergency | priority | normal | background"
-            ) from None
+            raise ValueError(say("class.bad", value=value)) from None
 
 
 class Policy(StrEnum):
@@ -66,10 +64,10 @@ class Broadcast:
         self.klass = BroadcastClass.parse(self.klass)
         self.policy = Policy(self.policy)
         if not self.targets:
-            raise ValueError("cần ít nhất một khu vực đích / targets must not be empty")
+            raise ValueError(say("broadcast.no_targets"))
         if self.start is not None and self.end is not None and self.end <= self.start:
-            raise ValueError("thời điểm kết thúc phải sau bắt đầu / end must be after start")
+            raise ValueError(say("broadcast.end_before_start"))
         if not 0.0 <= self.gain <= 4.0:
-            raise ValueError("âm lượng không hợp lệ / gain must be within 0..4")
+            raise ValueError(say("broadcast.gain"))
         if not self.title:
             self.title = self.source.name

@@ -31,7 +31,9 @@ from loa.streamer import arbiter
 from loa.streamer.areas import AreaTree
 from loa.streamer.broadcast import Broadcast, BroadcastClass, Policy
 from loa.streamer.clock import FRAME, SAMPLE_RATE, tick_of
+from loa.streamer.errors import Kind, LoaError
 from loa.streamer.hub import PacketHub
+from loa.streamer.messages import say
 from loa.streamer.mixer import Envelope, Key, Mix, Renderer, db, ramp
 from loa.streamer.sources import Source
 
@@ -40,8 +42,10 @@ log = logging.getLogger("loa.engine")
 PCM = "pcm"  # pseudo-codec: raw 48 kHz float32 frames, for taps, tests and meters
 
 
-class AuthorityError(PermissionError):
+class AuthorityError(LoaError, PermissionError):
     """A lower authority tried to stop or change a higher authority's broadcast."""
+
+    kind: Kind = "forbidden"
 
 
 @dataclass
@@ -183,10 +187,7 @@ class Engine:
         if live is None:
             raise KeyError(bid)
         if by_area is not None and not self.tree.contains(by_area, live.b.issuer):
-            raise AuthorityError(
-                f"không được dừng phát thanh của cấp trên / {by_area} may not stop a broadcast "
-                f"issued by {live.b.issuer}"
-            )
+            raise AuthorityError(say("broadcast.not_yours", area=by_area, issuer=live.b.issuer))
         self._commands.put(lambda: self._end(live, cause))
 
     def add_area(self, code: str) -> None:

@@ -12,43 +12,40 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from loa.codecs.encoders import Packet
 
+T = TypeVar("T")
 
-class Subscription:
-    def __init__(self, channel: Channel, maxlen: int) -> None:
-        self.channel = channel
-        self.queue: deque[Packet] = deque(maxlen=maxlen)
+
+class DropOldest(Generic[T]):
+    """A bounded queue read by one task: when full it drops its oldest items (counted in
+    `dropped`), so a slow reader never holds up the writer. Hub subscriptions and the WebRTC
+    send track (relay/webrtc.py) are both one."""
+
+    def __init__(self, maxlen: int) -> None:
+        self.queue: deque[T] = deque(maxlen=maxlen)
         self.dropped = 0
-        self.received = 0
         self._waiter: asyncio.Future[None] | None = None
-        self.on_packets: Callable[[list[Packet]], None] | None = None
-        self.closed = False
 
-    def _push(self, packets: list[Packet]) -> None:
-        if self.on_packets is not None:
-            self.received += len(packets)
-            self.on_packets(packets)
-            return
-        overflow = len(self.queue) + len(packets) - (self.queue.maxlen or 0)
+    def _enqueue(self, items: list[T]) -> None:
+        overflow = len(self.queue) + len(items) - (self.queue.maxlen or 0)
         if overflow > 0:
             self.dropped += overflow
-        self.queue.extend(packets)
-        self.received += len(packets)
+        self.queue.extend(items)
+        self._wake()
+
+    def _wake(self) -> None:
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
 
-    def drain(self) -> list[Packet]:
-        out = list(self.queue)
-        self.queue.clear()
-        return out
-
-    async def get(self) -> Packet:
+    async def _next(self, ended: Callable[[], bool]) -> T | None:
+        """The oldest item, waiting for one; None once `ended()` and nothing is left."""
         while not self.queue:
-            if self.closed:
-                raise EOFError("subscription closed")
+            if ended():
+                return None
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -56,12 +53,37 @@ class Subscription:
                 self._waiter = None
         return self.queue.popleft()
 
+
+class Subscription(DropOldest[Packet]):
+    def __init__(self, channel: Channel, maxlen: int) -> None:
+        super().__init__(maxlen)
+        self.channel = channel
+        self.received = 0
+        self.on_packets: Callable[[list[Packet]], None] | None = None
+        self.closed = False
+
+    def _push(self, packets: list[Packet]) -> None:
+        self.received += len(packets)
+        if self.on_packets is not None:
+            self.on_packets(packets)
+            return
+        self._enqueue(packets)
+
+    def drain(self) -> list[Packet]:
+        out = list(self.queue)
+        self.queue.clear()
+        return out
+
+    async def get(self) -> Packet:
+        packet = await self._next(lambda: self.closed)
+        if packet is None:
+            raise EOFError("subscription closed")
+        return packet
+
     def close(self) -> None:
         self.channel.unsubscribe(self)
         self.closed = True
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+        self._wake()
 
 
 class Channel:

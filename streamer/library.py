@@ -26,6 +26,7 @@ import numpy as np
 from loa.codecs.decode import MediaError, decode_chunks
 from loa.codecs.loudness import LoudnessMeter, normalise_gain
 from loa.streamer.clock import SAMPLE_RATE
+from loa.streamer.messages import say
 from loa.streamer.sources import PcmSource
 from loa.streamer.state.store import Record, Store
 
@@ -134,8 +135,7 @@ class MediaLibrary:
         decoded chunks are written as they come and measured on the way (EBU R128), then a
         second pass over the file applies the gain."""
         if upload.stat().st_size > self.settings.max_bytes:
-            raise MediaError(
-                f"tệp quá lớn / file too large: limit {self.settings.max_bytes // 2**20} MiB")
+            raise MediaError(say("media.too_large", limit=self.settings.max_bytes // 2**20))
         part = self.temp_path(".s16.part")
         try:
             meter = LoudnessMeter(SAMPLE_RATE)
@@ -186,8 +186,7 @@ class MediaLibrary:
             try:
                 pcm = np.memmap(self.pcm_path(sha), dtype="<i2", mode="r")
             except (OSError, ValueError):
-                raise MediaError(
-                    f"thiếu tệp âm thanh / media file missing: {record['id']}") from None
+                raise MediaError(say("media.file_missing", media=record["id"])) from None
             self._maps[sha] = pcm
         return PcmSource(pcm, record.get("title") or record["id"], gain)
 

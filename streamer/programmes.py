@@ -16,12 +16,15 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
+from loa.streamer.messages import say
 from loa.streamer.state.store import Record, Store
-from loa.streamer.station import MAX_GAP, MAX_REPEAT, ContentError
+from loa.streamer.station import ContentError
 
 PROGRAMME_TYPES = ("file", "playlist", "tts", "relay", "live")
 ACTIONS = ("submit", "approve", "reject")
 FALLBACK_SECONDS = 60.0  # airtime counted for a programme whose length is known only on air
+MAX_REPEAT = 10  # plays of a programme's (or an emergency's) message
+MAX_GAP = 7200.0  # seconds between two plays
 
 
 class ProgrammeError(ContentError):
@@ -46,21 +49,20 @@ async def programme_fields(fields: Fields, media: MediaLookup, check_url: UrlChe
     """The stored fields of a programme, validated, with its duration (one play) where known."""
     title = fields.value("title", str)
     if not title.strip() or len(title) > 200:
-        raise ProgrammeError("tiêu đề 1-200 ký tự / title must be 1-200 characters", "title")
+        raise ProgrammeError(say("title.length", limit=200), field="title")
     kind = fields.value("type", str)
     if kind not in PROGRAMME_TYPES:
-        raise ProgrammeError(
-            f"loại không hợp lệ / type must be one of {', '.join(PROGRAMME_TYPES)}", "type")
+        raise ProgrammeError(say("programme.type", types=", ".join(PROGRAMME_TYPES)),
+                             field="type")
     volume = fields.value("volume", int, required=False, default=100)
     if not 0 <= volume <= 150:
-        raise ProgrammeError("âm lượng 0-150 / volume must be within 0-150", "volume")
+        raise ProgrammeError(say("volume.range", limit=150), field="volume")
     repeat = fields.value("repeat", int, required=False, default=1)
     if not 1 <= repeat <= MAX_REPEAT:
-        raise ProgrammeError(
-            f"số lần lặp 1-{MAX_REPEAT} / repeat must be within 1-{MAX_REPEAT}", "repeat")
+        raise ProgrammeError(say("programme.repeat", limit=MAX_REPEAT), field="repeat")
     gap = fields.value("gap", float, required=False, default=0.0)
     if not 0 <= gap <= MAX_GAP:
-        raise ProgrammeError("khoảng nghỉ 0-7200 giây / gap must be within 0-7200 s", "gap")
+        raise ProgrammeError(say("programme.gap", limit=MAX_GAP), field="gap")
     out: Record = {"title": title.strip(), "type": kind, "volume": volume, "repeat": repeat,
                    "gap": gap}
     if kind == "file":
@@ -79,16 +81,16 @@ async def programme_fields(fields: Fields, media: MediaLookup, check_url: UrlChe
     if kind == "tts":
         text = fields.value("text", str)
         if not text.strip() or len(text) > 5000:
-            raise ProgrammeError("văn bản 1-5000 ký tự / text must be 1-5000 characters", "text")
+            raise ProgrammeError(say("text.length", limit=5000), field="text")
         out["text"] = text
     if kind == "relay":
         url = fields.value("url", str)
         if len(url) > 2000:
-            raise ProgrammeError("địa chỉ tiếp sóng quá dài / url longer than 2000", "url")
+            raise ProgrammeError(say("programme.url_length", limit=2000), field="url")
         try:
             await check_url(url)
         except ValueError as e:
-            raise ProgrammeError(str(e), "url") from None
+            raise ProgrammeError(str(e), field="url") from None
         out["url"] = url
     return out
 
@@ -106,16 +108,16 @@ def edited(fields: Record) -> Record:
 
 def submission(prog: Record, user: str) -> Record:
     if prog["status"] not in ("draft", "rejected"):
-        raise ProgrammeError(f"không thể gửi duyệt ở trạng thái {prog['status']} / "
-                             f"cannot submit a {prog['status']} programme", status=409)
+        raise ProgrammeError(say("programme.cannot_submit", status=prog["status"]),
+                             kind="conflict")
     return {"status": "pending", "submitted_by": user, "reason": None}
 
 
 def check_reviewable(prog: Record, action: str) -> None:
     """Only a pending programme is approved or rejected."""
     if prog["status"] != "pending":
-        raise ProgrammeError(f"chỉ duyệt chương trình chờ duyệt / only pending programmes "
-                             f"can be {action}d (this one is {prog['status']})", status=409)
+        raise ProgrammeError(say("programme.not_pending", action=action, status=prog["status"]),
+                             kind="conflict")
 
 
 def approval(prog: Record, user: str, now: float | None = None) -> Record:
@@ -128,15 +130,14 @@ def rejection(prog: Record, user: str, reason: str) -> Record:
     """Call `check_reviewable` first when reading the reason costs something (a request body)."""
     check_reviewable(prog, "reject")
     if not reason.strip():
-        raise ProgrammeError("cần lý do từ chối / a reason is required", "reason")
+        raise ProgrammeError(say("programme.reason_required"), field="reason")
     return {"status": "rejected", "reason": reason.strip(), "rejected_by": user}
 
 
 def check_schedulable(prog: Record, direct: bool) -> None:
     """Only an approved programme is scheduled, unless the scheduler may air directly."""
     if prog.get("status") != "approved" and not direct:
-        raise ProgrammeError("chương trình chưa được duyệt / programme is not approved",
-                             "programme", 409)
+        raise ProgrammeError(say("programme.not_approved"), kind="conflict", field="programme")
 
 
 def airtime(prog: Record | None) -> float:

@@ -24,6 +24,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from loa.streamer.broadcast import Broadcast, BroadcastClass
 from loa.streamer.clock import FRAME, SAMPLE_RATE, tick_of
 from loa.streamer.engine import Engine
+from loa.streamer.errors import LoaError
+from loa.streamer.messages import say
 
 log = logging.getLogger("loa.schedule")
 
@@ -42,21 +44,22 @@ Covers = Callable[[str, str], bool]
 MakeBroadcast = Callable[[Schedule, float], Awaitable[tuple[Broadcast, float] | None]]
 
 
-class ScheduleError(ValueError):
+class ScheduleError(LoaError, ValueError):
     """An invalid schedule; `field` names the offending field so a form can point at it."""
 
+    field: str
+
     def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
+        super().__init__(message, field=field)
 
 
 def _time(value: object) -> dt.time:
     m = _TIME.fullmatch(value) if isinstance(value, str) else None
     if m is None:
-        raise ScheduleError("time", f"giờ không hợp lệ / invalid time {value!r}: HH:MM or HH:MM:SS")
+        raise ScheduleError("time", say("schedule.time_format", value=value))
     h, mi, s = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
     if h > 23 or mi > 59 or s > 59:
-        raise ScheduleError("time", f"giờ không hợp lệ / invalid time {value!r}")
+        raise ScheduleError("time", say("schedule.time", value=value))
     return dt.time(h, mi, s)
 
 
@@ -67,8 +70,7 @@ def _date(field: str, value: object) -> dt.date:
             return dt.date.fromisoformat(value)
         except ValueError:
             pass
-    raise ScheduleError(field, f"ngày không hợp lệ / invalid date in {field!r}: {value!r} "
-                               "(YYYY-MM-DD)")
+    raise ScheduleError(field, say("schedule.date", field=field, value=value))
 
 
 def _zone(value: object) -> ZoneInfo:
@@ -77,13 +79,13 @@ def _zone(value: object) -> ZoneInfo:
             return ZoneInfo(value)
     except (ZoneInfoNotFoundError, ValueError):
         pass
-    raise ScheduleError("tz", f"múi giờ không hợp lệ / unknown time zone {value!r}")
+    raise ScheduleError("tz", say("schedule.tz", value=value))
 
 
-def _nonempty_str(rec: Mapping[str, Any], field: str, vi: str, en: str) -> str:
+def _nonempty_str(rec: Mapping[str, Any], field: str, message: str) -> str:
     value = rec.get(field)
     if not isinstance(value, str) or not value.strip():
-        raise ScheduleError(field, f"{vi} / {en}")
+        raise ScheduleError(field, message)
     return value.strip()
 
 
@@ -93,15 +95,13 @@ def validate_schedule(rec: Mapping[str, Any]) -> Schedule:
     Unknown keys are kept: the store may add its own (version, timestamps).
     """
     out: Schedule = dict(rec)
-    out["programme"] = _nonempty_str(rec, "programme", "thiếu chương trình",
-                                     "programme is required")
-    out["area"] = _nonempty_str(rec, "area", "thiếu khu vực quản lý", "owner area is required")
+    out["programme"] = _nonempty_str(rec, "programme", say("schedule.no_programme"))
+    out["area"] = _nonempty_str(rec, "area", say("schedule.no_area"))
 
     targets = rec.get("targets")
     if (not isinstance(targets, list | tuple) or not targets
             or not all(isinstance(t, str) and t.strip() for t in targets)):
-        raise ScheduleError("targets", "cần ít nhất một khu vực đích / targets must be a "
-                                       "non-empty list of area codes")
+        raise ScheduleError("targets", say("schedule.targets"))
     out["targets"] = list(dict.fromkeys(t.strip() for t in targets))
 
     klass = rec.get("class", "normal")
@@ -110,34 +110,30 @@ def validate_schedule(rec: Mapping[str, Any]) -> Schedule:
             raise ValueError(klass)
         out["class"] = BroadcastClass.parse(klass).name
     except ValueError:
-        raise ScheduleError("class", f"loại bản tin không hợp lệ / bad class {klass!r}: "
-                                     "emergency | priority | normal | background") from None
+        raise ScheduleError("class", say("class.bad", value=klass)) from None
 
     kind = rec.get("kind")
     if kind not in KINDS:
-        raise ScheduleError("kind", f"kiểu lịch không hợp lệ / bad kind {kind!r}: "
-                                    "once | daily | weekly")
+        raise ScheduleError("kind", say("schedule.kind", value=kind))
     t = _time(rec.get("time"))
     out["time"] = t.strftime("%H:%M:%S" if t.second else "%H:%M")
 
     if kind == "once":
         if rec.get("date") is None:
-            raise ScheduleError("date", "lịch một lần cần ngày / a once schedule needs a date")
+            raise ScheduleError("date", say("schedule.once_date"))
         out["date"] = _date("date", rec["date"]).isoformat()
     if kind == "weekly":
         days = rec.get("weekdays")
         if not isinstance(days, list | tuple) or not days:
-            raise ScheduleError("weekdays", "lịch hằng tuần cần ngày trong tuần / a weekly "
-                                            "schedule needs weekdays")
+            raise ScheduleError("weekdays", say("schedule.weekly_days"))
         norm: list[str] = []
         for d in days:
             key = d.strip().lower() if isinstance(d, str) else ""
             key = _FULL_DAYS.get(key, key)
             if key not in WEEKDAYS:
-                raise ScheduleError("weekdays", f"ngày trong tuần không hợp lệ / unknown "
-                                                f"weekday {d!r}: mon..sun")
+                raise ScheduleError("weekdays", say("schedule.weekday", value=d))
             if key in norm:
-                raise ScheduleError("weekdays", f"ngày trong tuần bị lặp / repeated weekday {d!r}")
+                raise ScheduleError("weekdays", say("schedule.weekday_repeated", value=d))
             norm.append(key)
         out["weekdays"] = sorted(norm, key=WEEKDAYS.index)
 
@@ -149,15 +145,14 @@ def validate_schedule(rec: Mapping[str, Any]) -> Schedule:
         out[f] = None if d is None else d.isoformat()
     lo, hi = bounds["from"], bounds["until"]
     if lo is not None and hi is not None and hi < lo:
-        raise ScheduleError("until", "ngày kết thúc trước ngày bắt đầu / until is before from")
+        raise ScheduleError("until", say("schedule.until_before_from"))
 
     tz = rec.get("tz")
     out["tz"] = DEFAULT_TZ if tz is None else tz
     _zone(out["tz"])
     enabled = rec.get("enabled", True)
     if not isinstance(enabled, bool):
-        raise ScheduleError("enabled", f"giá trị bật/tắt không hợp lệ / enabled must be true or "
-                                       f"false, not {enabled!r}")
+        raise ScheduleError("enabled", say("schedule.enabled", value=enabled))
     out["enabled"] = enabled
     return out
 

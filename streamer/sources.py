@@ -19,6 +19,7 @@ import numpy as np
 from loa.codecs.decode import decode_file
 from loa.codecs.loudness import integrated_lufs, normalise_gain
 from loa.streamer.clock import FRAME, SAMPLE_RATE
+from loa.streamer.messages import say
 
 log = logging.getLogger("loa.sources")
 
@@ -216,9 +217,9 @@ class Playlist(Source):
     def __init__(self, items: list[Source], repeat: int = 1, gap: float = 0.0,
                  position: int = 0, name: str = "playlist") -> None:
         if not items:
-            raise ValueError("danh sách phát rỗng / empty playlist")
+            raise ValueError(say("programme.empty_playlist"))
         if repeat < 1:
-            raise ValueError("số lần lặp phải >= 1 / repeat must be at least 1")
+            raise ValueError(say("playlist.repeat"))
         for it in items:
             if not it.seekable or it.length is None:
                 raise ValueError("playlist items must be finite and seekable")

@@ -20,7 +20,9 @@ from typing import Any
 from loa.streamer.broadcast import Broadcast, BroadcastClass, Policy
 from loa.streamer.clock import FRAME, SAMPLE_RATE
 from loa.streamer.engine import Engine, OnAirChange
+from loa.streamer.errors import Kind, LoaError
 from loa.streamer.library import MediaLibrary
+from loa.streamer.messages import say
 from loa.streamer.sources import Playlist, Source
 from loa.streamer.state.store import Record, Store, StoreUnavailable
 from loa.streamer.tts import Speech
@@ -33,22 +35,18 @@ STALE_S = 60.0  # another node's open entry without a mark for this long died wi
 QUEUE_MAX = 10_000  # store writes waiting for the store; beyond that the oldest are dropped
 BACKOFF_MIN, BACKOFF_MAX = 0.1, 5.0  # seconds between retries of a write the store refused
 
-MAX_REPEAT = 10
-MAX_GAP = 7200.0
-
 
 async def node_marks(store: Store) -> dict[str, float]:
     """node id -> its last "still on air" mark (wall-clock epoch)."""
     return {n["id"]: float(n["seen"]) for n in await store.find("node")}
 
 
-class ContentError(ValueError):
+class ContentError(LoaError, ValueError):
     """The content cannot air: unknown media/programme, not approved, bad programme."""
 
-    def __init__(self, message: str, field: str | None = None, status: int = 422) -> None:
-        super().__init__(message)
-        self.field = field
-        self.status = status
+    def __init__(self, message: str, field: str | None = None, *,
+                 kind: Kind | None = None) -> None:  # `field` second: callers name it so
+        super().__init__(message, kind=kind, field=field)
 
 
 @dataclass
@@ -101,7 +99,8 @@ class Station:
     async def media_source(self, media_id: str, gain: float = 1.0) -> tuple[Source, Record]:
         media = await self.store.get("media", media_id)
         if media is None:
-            raise ContentError(f"không có tệp âm thanh / unknown media {media_id}", "media", 404)
+            raise ContentError(say("media.unknown_id", media=media_id), kind="not_found",
+                               field="media")
         return self.library.source(media, gain), media
 
     async def content(self, spec: Record, *, area: str, owner: str,
@@ -109,28 +108,27 @@ class Station:
         """Resolve `{"media": id}`, `{"programme": id}` or `{"text": "..."}` into a source."""
         given = [k for k in ("media", "programme", "text") if spec.get(k) not in (None, "")]
         if len(given) != 1:
-            raise ContentError("cần đúng một trong media, programme, text / "
-                               "give exactly one of media, programme, text", "media")
+            raise ContentError(say("content.one_of"), field="media")
         if "media" in given:
             src, media = await self.media_source(str(spec["media"]))
             return Content(src, media["title"], media["duration"])
         if "text" in given:
             text = spec["text"]
             if not isinstance(text, str):
-                raise ContentError("văn bản phải là chuỗi / text must be a string", "text")
+                raise ContentError(say("text.not_string"), field="text")
             try:
                 media = await self.speech.media_for(text, area=area, owner=owner)
             except ValueError as e:
-                raise ContentError(str(e), "text") from None
+                raise ContentError(str(e), field="text") from None
             src, media = await self.media_source(media["id"])
             return Content(src, media["title"], media["duration"])
         prog = await self.store.get("programme", str(spec["programme"]))
         if prog is None:
-            raise ContentError(f"không có chương trình / unknown programme {spec['programme']}",
-                               "programme", 404)
+            raise ContentError(say("programme.unknown_id", programme=spec["programme"]),
+                               kind="not_found", field="programme")
         if require_approved and prog.get("status") != "approved":
-            raise ContentError("chương trình chưa được duyệt / programme is not approved",
-                               "programme", 409)
+            raise ContentError(say("programme.not_approved"), kind="conflict",
+                               field="programme")
         return await self.programme_content(prog)
 
     async def programme_content(self, prog: Record) -> Content:
@@ -148,14 +146,13 @@ class Station:
             items.append((await self.media_source(media["id"], gain))[0])
         elif kind == "relay":
             if self.relay_factory is None:
-                raise ContentError("tiếp sóng chưa sẵn sàng / relay input is not available", "type")
+                raise ContentError(say("programme.relay_unavailable"), field="type")
             src = await self.relay_factory(prog)
             return Content(src, prog["title"], None, prog, gain)
         else:
-            raise ContentError(f"loại chương trình không phát được / cannot air type {kind}",
-                               "type")
+            raise ContentError(say("programme.cannot_air_type", type=kind), field="type")
         if not items:
-            raise ContentError("danh sách phát rỗng / empty playlist", "items")
+            raise ContentError(say("programme.empty_playlist"), field="items")
         repeat = int(prog.get("repeat", 1))
         gap = float(prog.get("gap", 0))
         source: Source = items[0] if len(items) == 1 and repeat == 1 else Playlist(

@@ -13,15 +13,19 @@ import hashlib
 import shutil
 from pathlib import Path
 
+from loa.streamer.errors import Kind, LoaError
 from loa.streamer.library import MediaLibrary
+from loa.streamer.messages import say
 from loa.streamer.state.store import Record
 
 
-class TtsError(RuntimeError):
-    pass
+class TtsError(LoaError, RuntimeError):
+    """Speech cannot be made now (no engine, timeout, engine failure): the API answers 503."""
+
+    kind: Kind = "unavailable"
 
 
-class UnknownVoice(ValueError):
+class UnknownVoice(LoaError, ValueError):
     """The caller asked for a voice the engine does not have: their error, not ours."""
 
 
@@ -42,9 +46,9 @@ class EspeakEngine(TtsEngine):
 
     async def synthesize(self, text: str, voice: str, out: Path) -> None:
         if not self.exe:
-            raise TtsError("chưa cài espeak-ng / espeak-ng is not installed")
+            raise TtsError(say("tts.not_installed"))
         if not voice or len(voice) > 40 or not all(c.isalnum() or c in "-_+" for c in voice):
-            raise UnknownVoice(f"giọng đọc không hợp lệ / invalid voice {voice[:40]!r}")
+            raise UnknownVoice(say("tts.bad_voice", voice=voice[:40]))
         proc = await asyncio.create_subprocess_exec(
             self.exe, "-v", voice, "-s", str(self.speed), "-w", str(out), "--", text,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
@@ -52,10 +56,10 @@ class EspeakEngine(TtsEngine):
             _, err = await asyncio.wait_for(proc.communicate(), timeout=60)
         except TimeoutError:
             proc.kill()
-            raise TtsError("tổng hợp giọng nói quá lâu / speech synthesis timed out") from None
+            raise TtsError(say("tts.timeout")) from None
         if proc.returncode != 0 or b"does not exist" in err:
             if b"does not exist" in err:
-                raise UnknownVoice(f"không có giọng đọc / unknown voice {voice!r}")
+                raise UnknownVoice(say("tts.unknown_voice", voice=voice))
             raise TtsError(f"espeak-ng failed: {err.decode(errors='replace').strip()[:200]}")
 
 
@@ -75,9 +79,9 @@ class Speech:
                         voice: str | None = None) -> Record:
         text = " ".join(text.split())
         if not text:
-            raise ValueError("văn bản rỗng / empty text")
+            raise ValueError(say("tts.empty"))
         if len(text) > MAX_TEXT:
-            raise ValueError(f"văn bản quá dài / text longer than {MAX_TEXT} characters")
+            raise ValueError(say("tts.too_long", limit=MAX_TEXT))
         voice = voice or self.voice
         # A cached record is reused only by its own area: another area gets its own record
         # (its title, owner, area), sharing the stored audio.

@@ -52,6 +52,8 @@ from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import fromstring
 
 from loa.streamer.areas import AreaTree
+from loa.streamer.errors import LoaError
+from loa.streamer.messages import say
 
 NS = "urn:oasis:names:tc:emergency:cap:1.2"
 _Q = "{" + NS + "}"
@@ -75,13 +77,17 @@ DEFAULT_LANGUAGE = "vi-VN"  # an info without <language>
 _SHA1_HEX = re.compile(r"^[0-9a-fA-F]{40}$")
 
 
-class CapError(ValueError):
-    """A CAP document that cannot be accepted; `status` is the HTTP status to answer with."""
+class CapError(LoaError, ValueError):
+    """A CAP document that cannot be accepted (kind invalid); `element` names the CAP element."""
 
-    def __init__(self, vi: str, en: str, status: int = 422, element: str | None = None) -> None:
-        super().__init__(f"{vi} / {en}")
-        self.status = status
+    def __init__(self, message: str, element: str | None = None) -> None:
+        super().__init__(message)
         self.element = element
+
+
+class CapNotXml(CapError):
+    """Not an XML document Loa reads at all (malformed, DTD, entities): the API answers 400,
+    a status no kind has, where a well-formed document that breaks CAP's rules gets 422."""
 
 
 # ---- the model --------------------------------------------------------------------------------
@@ -218,38 +224,30 @@ def _sequence(parent: Element, seq: Seq, where: str, *, foreign_tail: bool = Fal
             i += 1
         n = len(out[name])
         if n < lo and any(_local(c) == (NS, name) for c in children[i:]):
-            raise CapError(f"<{name}> sai thứ tự trong <{where}>",
-                           f"<{name}> is out of order in <{where}> (CAP 1.2 order: "
-                           f"{', '.join(x for x, _, _ in seq)})", element=name)
+            raise CapError(say("cap.out_of_order", name=name, where=where,
+                               order=", ".join(x for x, _, _ in seq)), element=name)
         if n < lo:
-            raise CapError(f"thiếu phần tử <{name}> trong <{where}>",
-                           f"missing element <{name}> in <{where}>", element=name)
+            raise CapError(say("cap.missing", name=name, where=where), element=name)
         if hi is not None and n > hi:
-            raise CapError(f"<{name}> xuất hiện quá {hi} lần trong <{where}>",
-                           f"<{name}> may appear at most {hi} time(s) in <{where}>",
-                           element=name)
+            raise CapError(say("cap.too_many", name=name, hi=hi, where=where), element=name)
     if foreign_tail:  # the schema's <any namespace="##other">: signatures, encryption
         while i < len(children) and _local(children[i])[0] not in (NS, None):
             i += 1
     if i < len(children):
         ns, local = _local(children[i])
         shown = local if ns == NS else children[i].tag
-        raise CapError(f"phần tử <{shown}> không hợp lệ hoặc sai thứ tự trong <{where}>",
-                       f"unexpected or out-of-order element <{shown}> in <{where}> "
-                       "(CAP 1.2 defines the order of elements)", element=str(local))
+        raise CapError(say("cap.unexpected", name=shown, where=where), element=str(local))
     return out
 
 
 def _text(el: Element, name: str, *, required: bool = True) -> str:
     if len(el):
-        raise CapError(f"<{name}> không được chứa phần tử con",
-                       f"<{name}> must not contain elements", element=name)
+        raise CapError(say("cap.has_children", name=name), element=name)
     value = (el.text or "").strip()
     if required and not value:
-        raise CapError(f"<{name}> rỗng", f"<{name}> is empty", element=name)
+        raise CapError(say("cap.empty", name=name), element=name)
     if len(value) > MAX_TEXT_FIELD:
-        raise CapError(f"<{name}> quá dài", f"<{name}> is longer than {MAX_TEXT_FIELD} "
-                       "characters", element=name)
+        raise CapError(say("cap.too_long", name=name, limit=MAX_TEXT_FIELD), element=name)
     return value
 
 
@@ -260,29 +258,23 @@ def _one(found: dict[str, list[Element]], name: str) -> str | None:
 
 def _enum(value: str, allowed: tuple[str, ...], name: str) -> str:
     if value not in allowed:
-        raise CapError(f"<{name}> không hợp lệ: {value!r} (cần một trong {', '.join(allowed)})",
-                       f"bad <{name}> {value!r}: must be one of {', '.join(allowed)}",
+        raise CapError(say("cap.not_one_of", name=name, value=value, allowed=", ".join(allowed)),
                        element=name)
     return value
 
 
 def parse_datetime(value: str, name: str = "sent") -> datetime:
     if not _DATETIME.match(value):
-        raise CapError(f"<{name}> sai định dạng thời gian: {value!r} (cần "
-                       "YYYY-MM-DDThh:mm:ss+hh:mm)",
-                       f"bad <{name}> {value!r}: CAP 1.2 dateTime is YYYY-MM-DDThh:mm:ss with an "
-                       "explicit offset like +07:00 (no 'Z', no fractions)", element=name)
+        raise CapError(say("cap.datetime", name=name, value=value), element=name)
     try:
         return datetime.fromisoformat(value)
     except ValueError:
-        raise CapError(f"<{name}> không phải thời điểm có thật: {value!r}",
-                       f"<{name}> is not a real instant: {value!r}", element=name) from None
+        raise CapError(say("cap.not_instant", name=name, value=value), element=name) from None
 
 
 def _id_text(value: str, name: str) -> str:
     if _BAD_ID_CHARS.search(value):
-        raise CapError(f"<{name}> không được chứa dấu cách, dấu phẩy, '<' hoặc '&'",
-                       f"<{name}> must not contain spaces, commas, '<' or '&'", element=name)
+        raise CapError(say("cap.bad_chars", name=name), element=name)
     return value
 
 
@@ -290,36 +282,30 @@ def _number(text: str, name: str, lo: float, hi: float) -> float:
     try:
         v = float(text)
     except ValueError:
-        raise CapError(f"<{name}> không phải số: {text!r}", f"<{name}> is not a number: {text!r}",
-                       element=name) from None
+        raise CapError(say("cap.not_number", name=name, value=text), element=name) from None
     if not math.isfinite(v) or not lo <= v <= hi:
-        raise CapError(f"<{name}> ngoài khoảng {lo}..{hi}", f"<{name}> out of range {lo}..{hi}",
-                       element=name)
+        raise CapError(say("cap.out_of_range", name=name, lo=lo, hi=hi), element=name)
     return v
 
 
 def _point(text: str, name: str) -> tuple[float, float]:
     lat_s, sep, lon_s = text.partition(",")
     if not sep:
-        raise CapError(f"<{name}>: điểm phải là 'vĩ độ,kinh độ': {text!r}",
-                       f"<{name}>: a point is 'lat,lon': {text!r}", element=name)
+        raise CapError(say("cap.point", name=name, value=text), element=name)
     return _number(lat_s, name, -90, 90), _number(lon_s, name, -180, 180)
 
 
 def parse_polygon(text: str) -> list[tuple[float, float]]:
     pts = [_point(p, "polygon") for p in text.split()]
     if len(pts) < 4 or pts[0] != pts[-1]:
-        raise CapError("<polygon> cần ít nhất 4 điểm và điểm đầu trùng điểm cuối",
-                       "<polygon> needs at least 4 points, the first equal to the last",
-                       element="polygon")
+        raise CapError(say("cap.polygon"), element="polygon")
     return pts
 
 
 def parse_circle(text: str) -> tuple[float, float, float]:
     parts = text.split()
     if len(parts) != 2:
-        raise CapError("<circle> phải là 'vĩ độ,kinh độ bán_kính_km'",
-                       "<circle> must be 'lat,lon radius_km'", element="circle")
+        raise CapError(say("cap.circle"), element="circle")
     lat, lon = _point(parts[0], "circle")
     return lat, lon, _number(parts[1], "circle", 0, 20_000)
 
@@ -338,14 +324,11 @@ def _resource(el: Element, max_resource: int | None) -> CapResource:
     if f["size"]:
         s = _one(f, "size") or ""
         if not s.isdigit():
-            raise CapError("<size> phải là số nguyên", "<size> must be an integer",
-                           element="size")
+            raise CapError(say("cap.size_integer"), element="size")
         size = int(s)
     digest = _one(f, "digest")
     if digest is not None and not _SHA1_HEX.match(digest):
-        raise CapError("<digest> phải là mã SHA-1 dạng hex (40 ký tự)",
-                       "<digest> must be a SHA-1 hash in hex (40 characters, CAP 1.2)",
-                       element="digest")
+        raise CapError(say("cap.digest_format"), element="digest")
     res = CapResource(description=_one(f, "resourceDesc") or "",
                       mime_type=_one(f, "mimeType") or "", size=size, uri=_one(f, "uri"),
                       digest=digest)
@@ -359,32 +342,26 @@ def _deref(el: Element, max_resource: int | None) -> bytes:
     """An inline resource: base64 of any length (whitespace and line breaks allowed), at most
     `max_resource` bytes once decoded."""
     if len(el):
-        raise CapError("<derefUri> không được chứa phần tử con",
-                       "<derefUri> must not contain elements", element="derefUri")
+        raise CapError(say("cap.has_children", name="derefUri"), element="derefUri")
     text = "".join((el.text or "").split())
     if not text:
-        raise CapError("<derefUri> rỗng", "<derefUri> is empty", element="derefUri")
+        raise CapError(say("cap.empty", name="derefUri"), element="derefUri")
     size = len(text) // 4 * 3 - (len(text) - len(text.rstrip("=")))  # decoded, before decoding
     if max_resource is not None and size > max_resource:
-        raise CapError(f"tài nguyên nhúng quá lớn: {size} byte, tối đa {max_resource} byte",
-                       f"inline resource too large: {size} bytes decoded, the limit is "
-                       f"{max_resource} bytes (cap_resource_mb)", element="derefUri")
+        raise CapError(say("cap.resource_too_large", size=size, limit=max_resource),
+                       element="derefUri")
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError) as e:
-        raise CapError("<derefUri> không phải base64 hợp lệ",
-                       f"<derefUri> is not valid base64: {e}", element="derefUri") from None
+        raise CapError(say("cap.deref_encoding", error=e), element="derefUri") from None
 
 
 def verify(res: CapResource, data: bytes) -> None:
     """The resource's bytes against its declared `size` and `digest` (SHA-1 hex)."""
     if res.size is not None and res.size != len(data):
-        raise CapError(f"<size> ghi {res.size} byte nhưng tài nguyên có {len(data)} byte",
-                       f"<size> says {res.size} bytes but the resource holds {len(data)}",
-                       element="size")
+        raise CapError(say("cap.size_mismatch", declared=res.size, size=len(data)), element="size")
     if res.digest is not None and hashlib.sha1(data).hexdigest() != res.digest.lower():
-        raise CapError("<digest> không khớp với tài nguyên (SHA-1)",
-                       "<digest> does not match the resource (SHA-1)", element="digest")
+        raise CapError(say("cap.digest_mismatch"), element="digest")
 
 
 def _area(el: Element) -> CapArea:
@@ -399,8 +376,7 @@ def _area(el: Element) -> CapArea:
         area.altitude = _number(_one(f, "altitude") or "", "altitude", -1e6, 1e6)
     if f["ceiling"]:
         if area.altitude is None:
-            raise CapError("<ceiling> cần <altitude>", "<ceiling> needs <altitude>",
-                           element="ceiling")
+            raise CapError(say("cap.ceiling"), element="ceiling")
         area.ceiling = _number(_one(f, "ceiling") or "", "ceiling", -1e6, 1e6)
     return area
 
@@ -438,30 +414,25 @@ def _references(text: str) -> list[tuple[str, str, str]]:
     for item in text.split():
         parts = item.split(",")
         if len(parts) != 3 or not all(parts):
-            raise CapError(f"<references> phải là các bộ 'sender,identifier,sent': {item!r}",
-                           f"<references> must be 'sender,identifier,sent' triples: {item!r}",
-                           element="references")
+            raise CapError(say("cap.references_format", value=item), element="references")
         parse_datetime(parts[2], "references")
         out.append((parts[0], parts[1], parts[2]))
     return out
 
 
 def parse(data: bytes, max_resource: int | None = None) -> CapAlert:
-    """Parse and validate one CAP 1.2 alert. CapError (with an HTTP status) when it is bad.
+    """Parse and validate one CAP 1.2 alert. CapError (CapNotXml: not XML) when it is bad.
     `max_resource`: the largest inline resource (decoded bytes); None for no limit."""
     try:
         root = fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
     except DefusedXmlException as e:
-        raise CapError("tài liệu XML bị từ chối: không cho phép DTD, khai báo thực thể hay tham "
-                       "chiếu ngoài", f"XML refused: DTDs, entity declarations and external "
-                       f"references are not allowed ({type(e).__name__})", status=400) from None
+        raise CapNotXml(say("cap.xml_refused", error=type(e).__name__)) from None
     except (ParseError, ValueError) as e:
-        raise CapError("không phải XML hợp lệ", f"not well-formed XML: {e}", status=400) from None
+        raise CapNotXml(say("cap.not_xml", error=e)) from None
     ns, local = _local(root)
     if local != "alert" or ns != NS:
-        raise CapError(f"sai không gian tên hoặc phần tử gốc: cần <alert xmlns=\"{NS}\">",
-                       f"wrong namespace or root element: expected <alert> in {NS}, got "
-                       f"<{local}> in {ns or 'no namespace'}", element="alert")
+        raise CapError(say("cap.root", ns=NS, local=local, found=ns or "no namespace"),
+                       element="alert")
     f = _sequence(root, ALERT_SEQ, "alert", foreign_tail=True)
     sent_text = _one(f, "sent") or ""
     alert = CapAlert(
@@ -483,18 +454,13 @@ def parse(data: bytes, max_resource: int | None = None) -> CapAlert:
     if f["references"]:
         alert.references = _references(_one(f, "references") or "")
     if alert.scope == "Restricted" and not alert.restriction:
-        raise CapError("phạm vi Restricted cần <restriction>",
-                       "scope Restricted needs <restriction>", element="restriction")
+        raise CapError(say("cap.restricted"), element="restriction")
     if alert.scope == "Private" and not alert.addresses:
-        raise CapError("phạm vi Private cần <addresses>", "scope Private needs <addresses>",
-                       element="addresses")
+        raise CapError(say("cap.private"), element="addresses")
     if alert.msg_type in ("Alert", "Update") and not alert.infos:
-        raise CapError(f"thông điệp {alert.msg_type} cần ít nhất một <info>",
-                       f"{alert.msg_type} needs at least one <info>", element="info")
+        raise CapError(say("cap.no_info", type=alert.msg_type), element="info")
     if alert.msg_type in ("Update", "Cancel") and not alert.references:
-        raise CapError(f"thông điệp {alert.msg_type} cần <references> tới cảnh báo trước",
-                       f"{alert.msg_type} needs <references> to the earlier alert",
-                       element="references")
+        raise CapError(say("cap.no_references", type=alert.msg_type), element="references")
     return alert
 
 
@@ -570,9 +536,7 @@ def target_areas(info: CapInfo, tree: AreaTree, geocode_name: str = "area") -> l
             if name != geocode_name:
                 continue
             if value not in tree:
-                raise CapError(f"không có khu vực / unknown area {value}",
-                               f"geocode {geocode_name}={value} is not a known area",
-                               element="geocode")
+                raise CapError(say("area.unknown", area=value), element="geocode")
             picked.setdefault(value, None)
         if area.polygons or area.circles:
             for a in tree:

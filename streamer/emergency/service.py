@@ -78,11 +78,14 @@ from loa.streamer.broadcast import Broadcast, BroadcastClass
 from loa.streamer.clock import SAMPLE_RATE
 from loa.streamer.emergency import cap as capmod
 from loa.streamer.engine import Engine, OnAirChange
+from loa.streamer.errors import Kind, LoaError
 from loa.streamer.library import MediaLibrary
+from loa.streamer.messages import say
+from loa.streamer.programmes import MAX_GAP, MAX_REPEAT
 from loa.streamer.sources import PcmSource, Playlist, Silence, Source
 from loa.streamer.state.bus import Bus, BusClosed, BusSubscription
 from loa.streamer.state.store import Conflict, NotFound, Record, Store
-from loa.streamer.station import MAX_GAP, MAX_REPEAT, Content, Station
+from loa.streamer.station import Content, Station
 from loa.streamer.tts import Speech, TtsError, UnknownVoice
 
 log = logging.getLogger("loa.emergency")
@@ -149,14 +152,18 @@ class EmergencySettings:
         return tuple(x.strip() for x in self.cap_languages.split(",") if x.strip())
 
 
-class EmergencyError(Exception):
-    """Refused: the text is Vietnamese, then English; `status` is the HTTP status."""
+class EmergencyError(LoaError):
+    """Refused: bilingual text, the kind of refusal (streamer/errors.py), the field."""
 
-    def __init__(self, message: str, status: int = 422, field: str | None = None,
-                 record: Record | None = None) -> None:
+
+class DuplicateAlert(EmergencyError):
+    """Not a refusal: an alert received before (same sender, identifier, sent). `record` is
+    the emergency it made, when this node knows it; the API answers 200."""
+
+    kind: Kind = "conflict"
+
+    def __init__(self, message: str, record: Record | None = None) -> None:
         super().__init__(message)
-        self.status = status
-        self.field = field
         self.record = record
 
 
@@ -359,8 +366,7 @@ class EmergencyService:
     async def _library_source(self, media_id: str) -> Source:
         media = await self.store.get("media", media_id)
         if media is None:
-            raise EmergencyError(f"không có tệp âm thanh / unknown media {media_id}", 422,
-                                 "media")
+            raise EmergencyError(say("media.unknown_id", media=media_id), field="media")
         return self.library.source(media)
 
     async def _speech_source(self, text: str, rec: Record, language: str | None = None
@@ -380,8 +386,7 @@ class EmergencyService:
                     log.warning("no TTS voice event=tts_voice_missing voice=%s language=%s",
                                 voice, language)
         except (ValueError, TtsError) as e:
-            raise EmergencyError(f"không đọc được văn bản / cannot speak the text: {e}", 422,
-                                 "text") from None
+            raise EmergencyError(say("tts.cannot_speak", error=e), field="text") from None
         return self.library.source(media)
 
     async def _message(self, rec: Record, strict: bool) -> list[Source]:
@@ -403,8 +408,8 @@ class EmergencyService:
             if strict:
                 if isinstance(e, EmergencyError):
                     raise
-                raise EmergencyError(f"không phát được nội dung / cannot air the content: {e}",
-                                     422, "content") from None
+                raise EmergencyError(say("emergency.cannot_air", error=e),
+                                     field="content") from None
             log.error("emergency content unavailable event=emergency_content_error id=%s "
                       "error=%s", rec["id"], e)
             if rec.get("text") and not content.get("text"):
@@ -497,24 +502,22 @@ class EmergencyService:
         s = self.settings
         for t in req.targets:
             if t not in self.tree:
-                raise EmergencyError(f"không có khu vực / unknown area {t}", 422, "targets")
+                raise EmergencyError(say("area.unknown", area=t), field="targets")
         try:
             BroadcastClass.parse(req.klass)
         except ValueError as e:
-            raise EmergencyError(str(e), 422, "class") from None
+            raise EmergencyError(str(e), field="class") from None
         if not 1 <= req.repeat <= MAX_REPEAT:
-            raise EmergencyError(f"số lần lặp 1-{MAX_REPEAT} / repeat must be within "
-                                 f"1-{MAX_REPEAT}", 422, "repeat")
+            raise EmergencyError(say("programme.repeat", limit=MAX_REPEAT), field="repeat")
         if not 0 <= req.gap <= MAX_GAP:
-            raise EmergencyError("khoảng nghỉ 0-7200 giây / gap must be within 0-7200 s", 422,
-                                 "gap")
+            raise EmergencyError(say("programme.gap", limit=MAX_GAP), field="gap")
         now = time.time()
         if req.expires is not None and req.expires <= now:
-            raise EmergencyError("đã hết hạn / already expired", 422, "expires")
+            raise EmergencyError(say("emergency.expired"), field="expires")
         live = bool(req.content.get("live"))
         spoken = req.content.get("text")
         title = (req.title or (f"Khẩn cấp: {spoken}" if spoken and req.klass == "emergency"
-                               else spoken) or "Khẩn cấp / Emergency").strip()
+                               else spoken) or say("emergency.title")).strip()
         title = " ".join(title.split())
         if len(title) > MAX_TITLE:
             title = title[:MAX_TITLE - 1] + "…"
@@ -569,7 +572,7 @@ class EmergencyService:
             except Conflict:
                 existing = (await self.store.find(KIND, cap_key=req.cap_key))[:1] \
                     if req.cap_key else []
-                raise EmergencyError("đã nhận cảnh báo này / duplicate alert", 200, None,
+                raise DuplicateAlert(say("cap.duplicate"),
                                      existing[0] if existing else None) from None
             bid = await self._air(rec, source, 0, rec["broadcast"])
             self._register(rec)
@@ -881,33 +884,29 @@ class EmergencyService:
             return await self._cap_cancel(alert, issuer=issuer, user=user)
         if alert.status in ("System", "Draft") or alert.msg_type in ("Ack", "Error"):
             return 202, {"aired": False, "cap": alert.summary(),
-                         "reason": f"{alert.status}/{alert.msg_type}: không phát / not aired"}
+                         "reason": say("cap.not_aired", status=alert.status,
+                                       type=alert.msg_type)}
         info = capmod.pick_info(alert, s.languages)
         exp = capmod.expiry(info)
         if exp is not None and exp <= time.time():
-            raise EmergencyError("cảnh báo đã hết hạn / the alert has expired "
-                                 f"({info.expires.isoformat() if info.expires else ''})", 422,
-                                 "expires")
+            raise EmergencyError(say("cap.expired", expires=info.expires.isoformat()
+                                     if info.expires else ""), field="expires")
         targets = capmod.target_areas(info, self.tree, s.cap_geocode)
         if not targets:
-            raise EmergencyError("cảnh báo không có khu vực nào của hệ thống / no area of this "
-                                 f"system in the alert (geocode {s.cap_geocode}, polygon, "
-                                 "circle)", 422, "area")
+            raise EmergencyError(say("cap.no_area", geocode=s.cap_geocode), field="area")
         for t in targets:
             check_area(t)
         intro = None
         marker = ""
         if alert.status in ("Exercise", "Test"):
-            allowed = s.cap_exercise_areas if alert.status == "Exercise" else s.cap_test_areas
+            exercise = alert.status == "Exercise"
+            allowed = s.cap_exercise_areas if exercise else s.cap_test_areas
             targets = self._allowed(targets, allowed)
             if not targets:
-                raise EmergencyError(
-                    f"{'diễn tập' if alert.status == 'Exercise' else 'thử nghiệm'} không được "
-                    f"bật cho các khu vực này / status {alert.status} is not enabled for these "
-                    "areas", 422, "status")
-            intro = "Diễn tập." if alert.status == "Exercise" else "Thử nghiệm."
-            marker = "[DIỄN TẬP / EXERCISE] " if alert.status == "Exercise" else \
-                "[THỬ NGHIỆM / TEST] "
+                raise EmergencyError(say("cap.exercise_disabled") if exercise
+                                     else say("cap.test_disabled"), field="status")
+            intro = "Diễn tập." if exercise else "Thử nghiệm."
+            marker = f"[{say('cap.exercise') if exercise else say('cap.test')}] "
         klass = capmod.classify(info, s.class_table)
         replaces: list[str] = []
         if alert.msg_type == "Update":
@@ -931,8 +930,8 @@ class EmergencyService:
                       cap_key=key, replaces=replaces)
         try:
             rec = await self.create(req)
-        except EmergencyError as e:
-            if e.status == 200 and e.record is not None:
+        except DuplicateAlert as e:
+            if e.record is not None:
                 return 200, self._duplicate(e.record, issuer)
             raise
         return 201, rec
@@ -942,9 +941,7 @@ class EmergencyService:
         that sent it first; refused without its content for any other area (409)."""
         if not (issuer in self.tree and rec["issuer"] in self.tree
                 and self.tree.contains(issuer, rec["issuer"])):
-            raise EmergencyError("khu vực khác đã gửi cảnh báo này (cùng sender, identifier, "
-                                 "sent) / another area already sent this alert (same sender, "
-                                 "identifier and sent)", 409, "identifier")
+            raise EmergencyError(say("cap.sent_elsewhere"), kind="conflict", field="identifier")
         return {**rec, "duplicate": True}
 
     def _allowed(self, targets: list[str], spec: str) -> list[str]:
@@ -976,15 +973,15 @@ class EmergencyService:
     def _check_authority(self, rec: Record, area: str) -> None:
         issuer = rec["issuer"]
         if issuer in self.tree and area in self.tree and not self.tree.contains(area, issuer):
-            raise EmergencyError(f"không được dừng cảnh báo của cấp trên / {area} may not end "
-                                 f"an alert issued by {issuer}", 403)
+            raise EmergencyError(say("cap.not_yours", area=area, issuer=issuer),
+                                 kind="forbidden")
 
     async def _cap_cancel(self, alert: capmod.CapAlert, *, issuer: str, user: str
                           ) -> tuple[int, Record]:
         found = await self._referenced(alert, issuer)
         if not found:
-            raise EmergencyError("không có cảnh báo được tham chiếu / the referenced alert is "
-                                 "not known here", 404, "references")
+            raise EmergencyError(say("cap.unknown_reference"), kind="not_found",
+                                 field="references")
         for r in found:
             self._check_authority(r, issuer)
         ended = []
@@ -1007,9 +1004,8 @@ class EmergencyService:
                 try:
                     return await self._ingest(res, res.deref, info, issuer, user)
                 except MediaError as e:
-                    raise EmergencyError(f"<derefUri> không phải âm thanh đọc được / the inline "
-                                         f"resource is not audio that can be decoded: {e}", 422,
-                                         "derefUri") from None
+                    raise EmergencyError(say("cap.resource_not_audio", error=e),
+                                         field="derefUri") from None
                 except OSError as e:  # the node's disk, not the alert: read the text instead
                     log.error("cap audio resource not stored event=cap_resource_error "
                               "uri=derefUri error=%s", e)

@@ -19,30 +19,39 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from loa.streamer import errors
+from loa.streamer.errors import LoaError
+from loa.streamer.messages import say
+
 Record = dict[str, Any]
 
 
 class StoreError(Exception):
-    pass
+    """A store failure. Not a LoaError itself: a closed store or an unusable file is a bug or a
+    set-up fault (500, or no start), not a refusal; its subclasses below are refusals."""
 
 
-class NotFound(StoreError, KeyError):
-    pass
+class NotFound(StoreError, LoaError, KeyError):
+    kind: errors.Kind = "not_found"
 
 
-class Conflict(StoreError):
+class Conflict(StoreError, LoaError):
     """An id or a unique field value that already exists, or a stale version."""
 
+    kind: errors.Kind = "conflict"
 
-class StoreUnavailable(StoreError):
+
+class StoreUnavailable(StoreError, LoaError):
     """The store cannot be reached or written now (Redis down or slow, disk full, read-only
     data directory). Transient: the HTTP layer answers 503 with Retry-After, writers retry."""
+
+    kind: errors.Kind = "unavailable"
 
     retry_after = 5  # seconds an HTTP client is told to wait
 
 
-UNREACHABLE = "kho dữ liệu không truy cập được / store is unreachable"
-READ_ONLY = "kho dữ liệu không ghi được / store is read-only or full"
+UNREACHABLE = say("store.unreachable")
+READ_ONLY = say("store.read_only")
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,19 @@ def check_kind(kind: str) -> Kind:
 def check_log(log: str) -> None:
     if log not in LOGS:
         raise ValueError(f"unknown log {log!r}")
+
+
+def log_filters(log: str, limit: int, eq: Mapping[str, Any]) -> list[tuple[str, str]] | None:
+    """A `read_log` query checked: its field filters, or None when `limit` asks for nothing."""
+    check_log(log)
+    if limit <= 0:
+        return None
+    return [(f, canon(v)) for f, v in eq.items()]
+
+
+def check_window(window: float) -> None:
+    if window <= 0:
+        raise ValueError(f"hit window must be > 0 s, got {window}")
 
 
 # ---- JSON helpers shared by both backends (canonical values, index entries, logs) ------------------------------------------------------

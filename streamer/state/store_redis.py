@@ -41,17 +41,18 @@ from loa.streamer.state.store import (
     Store,
     StoreError,
     StoreUnavailable,
-    canon,
     check_filter,
     check_kind,
     check_log,
     check_record,
+    check_window,
     dumps,
     entry_matches,
     index_entries,
     kind_signature,
     load,
     log_entry,
+    log_filters,
     merge,
 )
 
@@ -414,10 +415,9 @@ class RedisStore(Store):
     @_mapped
     async def read_log(self, log: str, *, since: float | None = None, until: float | None = None,
                        limit: int = 1000, **eq: Any) -> list[Record]:
-        check_log(log)
-        if limit <= 0:
+        filters = log_filters(log, limit, eq)
+        if filters is None:
             return []
-        filters = [(f, canon(v)) for f, v in eq.items()]
         lo = "-inf" if since is None else repr(float(since))
         hi = "+inf" if until is None else "(" + repr(float(until))
         page = limit if not filters else max(limit, LOG_PAGE)
@@ -442,8 +442,7 @@ class RedisStore(Store):
     # ---- counters ------------------------------------------------------------------------------
     @_mapped
     async def hit(self, key: str, window: float) -> int:
-        if window <= 0:
-            raise ValueError(f"hit window must be > 0 s, got {window}")
+        check_window(window)
         k = f"{self.prefix}hit:{key}"
         # SET NX PX and INCR in one MULTI: a crash cannot leave a counter without its expiry.
         async with self._r.pipeline(transaction=True) as pipe:

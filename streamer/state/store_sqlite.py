@@ -21,6 +21,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from loa.streamer import errors
+from loa.streamer.errors import LoaError
 from loa.streamer.state.store import (
     KINDS,
     READ_ONLY,
@@ -31,17 +33,18 @@ from loa.streamer.state.store import (
     Store,
     StoreError,
     StoreUnavailable,
-    canon,
     check_filter,
     check_kind,
     check_log,
     check_record,
+    check_window,
     dumps,
     entry_matches,
     index_entries,
     kind_signature,
     load,
     log_entry,
+    log_filters,
     merge,
 )
 
@@ -94,8 +97,11 @@ MIGRATIONS: tuple[Migration, ...] = (
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-class SchemaTooNew(StoreError):
-    """The file was migrated by a newer Loa; an older one must not write to it."""
+class SchemaTooNew(StoreError, LoaError):
+    """The file was migrated by a newer Loa; an older one must not write to it (the operator
+    reads it at start-up: a conflict of versions)."""
+
+    kind: errors.Kind = "conflict"
 
 
 def _schema_version(db: sqlite3.Connection) -> int:
@@ -336,16 +342,14 @@ class SqliteStore(Store):
 
     async def read_log(self, log: str, *, since: float | None = None, until: float | None = None,
                        limit: int = 1000, **eq: Any) -> list[Record]:
-        check_log(log)
-        if limit <= 0:
+        filters = log_filters(log, limit, eq)
+        if filters is None:
             return []
-        filters = [(f, canon(v)) for f, v in eq.items()]
         return await self._run(_read_log, log, since, until, limit, filters)
 
     # ---- counters ------------------------------------------------------------------------------
     async def hit(self, key: str, window: float) -> int:
-        if window <= 0:
-            raise ValueError(f"hit window must be > 0 s, got {window}")
+        check_window(window)
         self._hits += 1
         return await self._run(_hit, key, window, self._hits % PURGE_EVERY == 0)
 

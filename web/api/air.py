@@ -13,6 +13,7 @@ from aiohttp import web
 from loa.relay.urlpolicy import RELAY_SCHEMES, check_url
 from loa.streamer import programmes
 from loa.streamer.broadcast import BroadcastClass, Policy
+from loa.streamer.messages import say
 from loa.streamer.schedule import ScheduleError, find_conflicts, validate_schedule
 from loa.streamer.state.store import Record
 from loa.streamer.station import ContentError
@@ -26,6 +27,7 @@ from loa.web.http import (
     principal,
     read_json,
     reference,
+    status_of,
     str_list,
 )
 
@@ -34,11 +36,11 @@ routes = web.RouteTableDef()
 
 @contextlib.contextmanager
 def _rule_errors() -> Iterator[None]:
-    """A programme or content rule that refuses becomes its HTTP status, with the same text."""
+    """A programme or content rule that refuses becomes the status of its kind, same text."""
     try:
         yield
     except ContentError as e:  # programmes.ProgrammeError included
-        raise ApiError(e.status, str(e), e.field) from None
+        raise ApiError(status_of(e), str(e), e.field) from None
 
 
 def _class(data: dict[str, Any], p: Principal) -> str:
@@ -48,8 +50,7 @@ def _class(data: dict[str, Any], p: Principal) -> str:
     except ValueError as e:
         raise ApiError(422, str(e), "class") from None
     if cls is BroadcastClass.emergency and not p.emergency:
-        raise ApiError(403, "bạn không có quyền phát khẩn cấp / "
-                            "you do not hold the emergency right")
+        raise ApiError(403, say("emergency.no_right"))
     return cls.name
 
 
@@ -59,7 +60,7 @@ def _targets(request: web.Request, data: dict[str, Any]) -> list[str]:
     targets = str_list(data, "targets")
     for t in targets:
         if t not in tree:
-            raise ApiError(422, f"không có khu vực / unknown area {t}", "targets")
+            raise ApiError(422, say("area.unknown", area=t), "targets")
         p.require_area(tree, t)
     return targets
 
@@ -101,7 +102,7 @@ async def programme_create(request: web.Request) -> web.Response:
     data = await read_json(request)
     area = field(data, "area", str, required=False, default=p.area)
     if area not in node.tree:
-        raise ApiError(422, f"không có khu vực / unknown area {area}", "area")
+        raise ApiError(422, say("area.unknown", area=area), "area")
     p.require_area(node.tree, area)
     rec = programmes.new_programme(await _programme_fields(request, data), area, p.username)
     await node.store.create("programme", rec)
@@ -114,7 +115,7 @@ async def _programme(request: web.Request) -> Record:
     node = node_of(request)
     prog = await node.store.get("programme", request.match_info["id"])
     if prog is None or not p.related(node.tree, prog["area"]):
-        raise ApiError(404, "không có chương trình / unknown programme")
+        raise ApiError(404, say("programme.unknown"))
     return prog
 
 
@@ -230,7 +231,7 @@ async def schedule_delete(request: web.Request) -> web.Response:
     node = node_of(request)
     s = await node.store.get("schedule", request.match_info["id"])
     if s is None or s["area"] not in node.tree or not node.tree.contains(p.area, s["area"]):
-        raise ApiError(404, "không có lịch / unknown schedule")
+        raise ApiError(404, say("schedule.unknown"))
     await node.store.delete("schedule", s["id"])
     await audit(request, "schedule.delete", s["id"])
     return web.Response(status=204)
@@ -251,12 +252,11 @@ async def broadcast_start(request: web.Request) -> web.Response:
     spec = {k: data[k] for k in ("media", "programme", "text") if data.get(k) is not None}
     for k, v in spec.items():
         if not isinstance(v, str):
-            raise ApiError(422, f"sai kiểu dữ liệu / {k} must be a string", k)
+            raise ApiError(422, say("broadcast.not_string", field=k), k)
         if k != "text" and len(spec) == 1:  # more than one: the station names the mistake
             await reference(request, node.tree, k, v, k, missing=404)
     if "programme" not in spec and not p.can("direct") and cls != "emergency":
-        raise ApiError(403, "chỉ phát được chương trình đã duyệt / you may only air approved "
-                            "programmes")
+        raise ApiError(403, say("broadcast.approved_only"))
     with _rule_errors():
         content = await node.station.content(
             spec, area=p.area, owner=p.username,
@@ -287,10 +287,9 @@ async def broadcast_stop(request: web.Request) -> web.Response:
     bid = request.match_info["id"]
     rec = await node.store.get("broadcast", bid)
     if rec is None or rec.get("status") != "on-air" or node.engine.live_broadcast(bid) is None:
-        raise ApiError(404, "không có phát thanh đang phát / no such broadcast on air")
+        raise ApiError(404, say("broadcast.not_on_air"))
     if rec["class"] == "emergency" and not p.emergency:
-        raise ApiError(403, "cần quyền khẩn cấp để dừng / stopping an emergency needs the "
-                            "emergency right")
+        raise ApiError(403, say("broadcast.stop_right"))
     node.station.stop(bid, by_area=p.area)  # AuthorityError -> 403 below the issuer
     await audit(request, "broadcast.stop", bid)
     return web.Response(status=204)

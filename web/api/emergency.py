@@ -28,12 +28,14 @@ from aiohttp import web
 
 from loa.streamer.emergency import cap as capmod
 from loa.streamer.emergency.service import (
+    DuplicateAlert,
     EmergencyError,
     EmergencyService,
     Request,
 )
+from loa.streamer.messages import say
+from loa.streamer.programmes import MAX_GAP, MAX_REPEAT
 from loa.streamer.state.store import Record
-from loa.streamer.station import MAX_GAP, MAX_REPEAT
 from loa.web.api.schema import CODE, ID_PARAM, READ, STR, WRITE, body, obj, responses
 from loa.web.auth import Principal
 from loa.web.http import (
@@ -45,6 +47,7 @@ from loa.web.http import (
     principal,
     read_json,
     reference,
+    status_of,
 )
 from loa.web.node import NODE, Node
 
@@ -59,10 +62,14 @@ def service(request: web.Request) -> EmergencyService:
     return request.app[NODE].emergency
 
 
+def cap_status(e: capmod.CapError) -> int:
+    """A refused CAP document: 400 when it is not XML at all, else the status of its kind."""
+    return 400 if isinstance(e, capmod.CapNotXml) else status_of(e)
+
+
 def _require_right(p: Principal) -> None:
     if not p.emergency or not p.can("air"):
-        raise ApiError(403, "bạn không có quyền phát khẩn cấp / you do not hold the emergency "
-                            "right")
+        raise ApiError(403, say("emergency.no_right"))
 
 
 def _concerns(node: Node, p: Principal, rec: Record) -> bool:
@@ -81,12 +88,11 @@ def _public(rec: Record) -> Record:
 def _targets(node: Node, p: Principal, data: dict[str, Any]) -> list[str]:
     raw = field(data, "targets", list)
     if not raw or not all(isinstance(t, str) and t for t in raw):
-        raise ApiError(422, "targets là danh sách mã khu vực / targets must be a non-empty list "
-                            "of area codes", "targets")
+        raise ApiError(422, say("emergency.targets"), "targets")
     targets = list(dict.fromkeys(raw))
     for t in targets:
         if t not in node.tree:
-            raise ApiError(422, f"không có khu vực / unknown area {t}", "targets")
+            raise ApiError(422, say("area.unknown", area=t), "targets")
         p.require_area(node.tree, t)
     return targets
 
@@ -95,9 +101,7 @@ async def _content(request: web.Request, node: Node, data: dict[str, Any]) -> di
     content = field(data, "content", dict)
     given = [k for k in ("media", "text", "live") if content.get(k) not in (None, "", False)]
     if len(given) != 1 or set(content) - {"media", "text", "live"}:
-        raise ApiError(422, "content cần đúng một trong media, text, live / content must be "
-                            "exactly one of {\"media\": id}, {\"text\": \"...\"}, "
-                            "{\"live\": true}", "content")
+        raise ApiError(422, say("emergency.content"), "content")
     kind = given[0]
     if kind == "media":
         m = await reference(request, node.tree, "media", content["media"], "content.media")
@@ -105,11 +109,10 @@ async def _content(request: web.Request, node: Node, data: dict[str, Any]) -> di
     if kind == "text":
         text = content["text"]
         if not isinstance(text, str) or not text.strip() or len(text) > MAX_TEXT:
-            raise ApiError(422, f"văn bản 1-{MAX_TEXT} ký tự / text must be 1-{MAX_TEXT} "
-                                "characters", "content.text")
+            raise ApiError(422, say("text.length", limit=MAX_TEXT), "content.text")
         return {"text": " ".join(text.split())}
     if content["live"] is not True:
-        raise ApiError(422, "live phải là true / live must be true", "content.live")
+        raise ApiError(422, say("emergency.live"), "content.live")
     return {"live": True}
 
 
@@ -123,16 +126,15 @@ async def emergency_create(request: web.Request) -> web.Response:
     content = await _content(request, node, data)
     repeat = field(data, "repeat", int, required=False, default=1)
     if not 1 <= repeat <= MAX_REPEAT:
-        raise ApiError(422, f"số lần lặp 1-{MAX_REPEAT} / repeat must be within 1-{MAX_REPEAT}",
-                       "repeat")
+        raise ApiError(422, say("programme.repeat", limit=MAX_REPEAT), "repeat")
     gap = field(data, "gap", float, required=False, default=0.0)
     if not 0 <= gap <= MAX_GAP:
-        raise ApiError(422, "khoảng nghỉ 0-7200 giây / gap must be within 0-7200 s", "gap")
+        raise ApiError(422, say("programme.gap", limit=MAX_GAP), "gap")
     attention = field(data, "attention", dict, required=False, default={})
     unknown = set(attention) - {"before", "after", "media"}
     if unknown:
-        raise ApiError(422, f"attention: trường không hợp lệ / unknown field(s) "
-                            f"{', '.join(sorted(unknown))}", "attention")
+        raise ApiError(422, say("emergency.attention_fields", fields=", ".join(sorted(unknown))),
+                       "attention")
     before = field(attention, "before", bool, required=False)
     after = field(attention, "after", bool, required=False)
     att_media = None
@@ -141,21 +143,22 @@ async def emergency_create(request: web.Request) -> web.Response:
                                      "attention.media"))["id"]
     volume = field(data, "volume", int, required=False)
     if volume is not None and not 0 <= volume <= 100:
-        raise ApiError(422, "âm lượng 0-100 / volume must be within 0-100", "volume")
+        raise ApiError(422, say("volume.range", limit=100), "volume")
     text = field(data, "text", str, required=False)
     if text is not None and (not text.strip() or len(text) > 2000):
-        raise ApiError(422, "văn bản bảng tin 1-2000 ký tự / text must be 1-2000 characters",
-                       "text")
+        raise ApiError(422, say("emergency.board_text", limit=2000), "text")
     title = field(data, "title", str, required=False)
     if title is not None and (not title.strip() or len(title) > 200):
-        raise ApiError(422, "tiêu đề 1-200 ký tự / title must be 1-200 characters", "title")
+        raise ApiError(422, say("title.length", limit=200), "title")
     req = Request(targets=targets, content=content, issuer=p.area, user=p.username,
                   repeat=repeat, gap=gap, attention_before=before, attention_after=after,
                   attention_media=att_media, volume=volume, text=text, title=title)
     try:
         rec = await service(request).create(req)
+    except DuplicateAlert as e:  # not a refusal: answered 200, as before
+        raise ApiError(200, str(e)) from None
     except EmergencyError as e:
-        raise ApiError(e.status, str(e), e.field) from None
+        raise ApiError(status_of(e), str(e), e.field) from None
     await audit(request, "emergency.start", rec["id"], targets=rec["targets"],
                 areas=rec["areas"], broadcast=rec.get("broadcast"), live=rec["live"],
                 devices=rec["devices"])
@@ -179,7 +182,7 @@ async def emergency_list(request: web.Request) -> web.Response:
 async def _visible(request: web.Request, p: Principal) -> Record:
     rec = await service(request).get(request.match_info["id"])
     if rec is None or not _concerns(request.app[NODE], p, rec):
-        raise ApiError(404, "không có tình huống khẩn cấp / unknown emergency")
+        raise ApiError(404, say("emergency.unknown"))
     return rec
 
 
@@ -200,14 +203,12 @@ async def emergency_stop(request: web.Request) -> web.Response:
     rec = await _visible(request, p)
     node = request.app[NODE]
     if not p.emergency or not p.can("air"):
-        raise ApiError(403, "cần quyền khẩn cấp để dừng / ending an emergency needs the "
-                            "emergency right")
+        raise ApiError(403, say("emergency.stop_right"))
     issuer = rec["issuer"]
     if issuer in node.tree and not node.tree.contains(p.area, issuer):
-        raise ApiError(403, f"không được dừng tình huống khẩn cấp của cấp trên / {p.area} may "
-                            f"not end an emergency issued by {issuer}")
+        raise ApiError(403, say("emergency.not_yours", area=p.area, issuer=issuer))
     if rec.get("status") != "active":
-        raise ApiError(409, "tình huống khẩn cấp đã kết thúc / the emergency is already over")
+        raise ApiError(409, say("emergency.over"))
     ended = await service(request).end(rec["id"], "stopped", user=p.username)
     await audit(request, "emergency.stop", rec["id"], areas=rec.get("areas"))
     return ok(_public(ended or rec))
@@ -222,30 +223,30 @@ async def alert_receive(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE]
     ctype = request.headers.get("Content-Type", "").split(";")[0].strip().lower()
     if ctype not in CAP_TYPES:
-        return error_response(415, "cần tài liệu CAP / Content-Type must be application/cap+xml "
-                                   "or application/xml")
+        return error_response(415, say("cap.content_type"))
     limit = svc.settings.cap_body_limit  # text + one largest inline resource in base64
     if request.content_length is not None and request.content_length > limit:
-        return error_response(413, "tài liệu quá lớn / document too large")
+        return error_response(413, say("cap.too_large"))
     data = await request.content.read(limit + 1)
     if len(data) > limit:
-        return error_response(413, "tài liệu quá lớn / document too large")
+        return error_response(413, say("cap.too_large"))
     try:
         alert = await asyncio.to_thread(capmod.parse, data, svc.settings.cap_resource_bytes)
     except capmod.CapError as e:
         log.info("cap refused event=cap_refused user=%s status=%d reason=%s", p.username,
-                 e.status, str(e)[:300])
+                 cap_status(e), str(e)[:300])
         await audit(request, "alert.refused", None, reason=str(e)[:500])
-        return error_response(e.status, str(e), e.element)
+        return error_response(cap_status(e), str(e), e.element)
     try:
         status, body = await svc.cap(alert, issuer=p.area, user=p.username,
                                      check_area=lambda code: p.require_area(node.tree, code))
     except capmod.CapError as e:
         await audit(request, "alert.refused", alert.key, reason=str(e)[:500])
-        return error_response(e.status, str(e), e.element)
+        return error_response(cap_status(e), str(e), e.element)
     except EmergencyError as e:
         await audit(request, "alert.refused", alert.key, reason=str(e)[:500])
-        return error_response(e.status, str(e), e.field)
+        code = 200 if isinstance(e, DuplicateAlert) else status_of(e)  # a duplicate: 200
+        return error_response(code, str(e), e.field)
     await audit(request, "alert.receive", body.get("id"), cap=alert.key, msgType=alert.msg_type,
                 status=alert.status, result=status, areas=body.get("areas"),
                 cancelled=body.get("cancelled"))
