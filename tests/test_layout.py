@@ -142,3 +142,16 @@ def test_the_test_import_check_sees_one(tmp_path: Path) -> None:
                      "from tests import test_layout\nfrom tests.helpers import until\n")
     assert imported_test_modules(probe) == ["tests.relay.test_rtp", "tests.test_layout",
                                             "tests.web.test_api"]
+
+
+def test_every_package_is_listed_in_pyproject() -> None:
+    """setuptools cannot discover packages under the package-dir mapping: a subpackage missing
+    from [tool.setuptools] packages is left out of the wheel (and of a node installed from it)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+                 ["packages"])
+    found = {".".join(["loa", *p.parent.relative_to(ROOT).parts])
+             for top in LAYERS
+             for p in (ROOT / top).rglob("__init__.py")}
+    assert found == listed, (sorted(found - listed), sorted(listed - found))
