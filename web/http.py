@@ -14,6 +14,7 @@ from loa.codecs.decode import MediaError
 from loa.streamer.areas import AreaError, AreaTree
 from loa.streamer.engine import AuthorityError
 from loa.streamer.errors import Kind, LoaError
+from loa.streamer.messages import say
 from loa.streamer.state.store import Conflict, NotFound, Record, Store, StoreUnavailable
 from loa.web.auth import AuthError, Forbidden, Principal, RateLimited, authenticate
 
@@ -124,6 +125,16 @@ def refuse_unknown(data: dict[str, Any], allowed: set[str]) -> None:
     if unknown:
         raise ApiError(422, f"không sửa được trường / cannot change {', '.join(unknown)}",
                        unknown[0])
+
+
+def scoped_area(p: Principal, tree: AreaTree, code: object, name: str | None = "area",
+                missing: int = 422) -> str:
+    """An area a request names: known to the tree (else `missing`: 422 for a body field, 404 for
+    a path) and inside the caller's subtree (else 403)."""
+    if not isinstance(code, str) or code not in tree:
+        raise ApiError(missing, say("area.unknown", area=code), name)
+    p.require_area(tree, code)
+    return code
 
 
 REF_NAMES = {"media": "tệp âm thanh", "programme": "chương trình"}

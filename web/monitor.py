@@ -61,7 +61,7 @@ from loa.streamer.areas import AreaTree
 from loa.streamer.clock import TICK
 from loa.streamer.hub import PacketHub
 from loa.web.api.schema import CODE, responses
-from loa.web.http import ApiError, ok, principal
+from loa.web.http import ApiError, ok, principal, scoped_area
 from loa.web.node import NODE, Node
 
 log = logging.getLogger("loa.monitor")
@@ -794,9 +794,7 @@ async def monitor_handler(request: web.Request) -> web.StreamResponse:
     p.require("read")
     node = request.app[NODE]
     scope = request.query.get("area") or p.area
-    if scope not in node.tree:
-        raise ApiError(404, f"không có khu vực / unknown area {scope}", "area")
-    p.require_area(node.tree, scope)
+    scoped_area(p, node.tree, scope, missing=404)
     depth: int | None = None
     raw = request.query.get("depth")
     if raw:

@@ -27,6 +27,7 @@ from loa.web.http import (
     principal,
     read_json,
     reference,
+    scoped_area,
     status_of,
     str_list,
 )
@@ -59,9 +60,7 @@ def _targets(request: web.Request, data: dict[str, Any]) -> list[str]:
     tree = node_of(request).tree
     targets = str_list(data, "targets")
     for t in targets:
-        if t not in tree:
-            raise ApiError(422, say("area.unknown", area=t), "targets")
-        p.require_area(tree, t)
+        scoped_area(p, tree, t, "targets")
     return targets
 
 
@@ -101,9 +100,7 @@ async def programme_create(request: web.Request) -> web.Response:
     node = node_of(request)
     data = await read_json(request)
     area = field(data, "area", str, required=False, default=p.area)
-    if area not in node.tree:
-        raise ApiError(422, say("area.unknown", area=area), "area")
-    p.require_area(node.tree, area)
+    scoped_area(p, node.tree, area)
     rec = programmes.new_programme(await _programme_fields(request, data), area, p.username)
     await node.store.create("programme", rec)
     await audit(request, "programme.create", rec["id"], title=rec["title"])

@@ -26,6 +26,7 @@ from loa.web.http import (
     principal,
     read_json,
     refuse_unknown,
+    scoped_area,
 )
 from loa.web.node import NODE, Node
 
@@ -100,9 +101,7 @@ async def area_get(request: web.Request) -> web.Response:
     p = principal(request)
     tree = node_of(request).tree
     code = request.match_info["code"]
-    if code not in tree:
-        raise ApiError(404, f"không có khu vực / unknown area {code}")
-    p.require_area(tree, code)
+    scoped_area(p, tree, code, None, missing=404)
     return ok(_area_out(tree, code))
 
 
@@ -141,9 +140,7 @@ async def area_update(request: web.Request) -> web.Response:
     p.require("admin")
     node = node_of(request)
     code = request.match_info["code"]
-    if code not in node.tree:
-        raise ApiError(404, f"không có khu vực / unknown area {code}")
-    p.require_area(node.tree, code)
+    scoped_area(p, node.tree, code, None, missing=404)
     data = await read_json(request)
     refuse_unknown(data, {"name", "level"})  # code and parent are not changed here
     name = field(data, "name", str, required=False)
@@ -217,9 +214,7 @@ async def user_create(request: web.Request) -> web.Response:
     area = field(data, "area", str)
     password = field(data, "password", str, required=False)
     emergency = field(data, "emergency", bool, required=False, default=False)
-    if area not in node.tree:
-        raise ApiError(422, f"không có khu vực / unknown area {area}", "area")
-    p.require_area(node.tree, area)
+    scoped_area(p, node.tree, area)
     if role not in {r.value for r in Role}:
         raise ApiError(422, f"vai trò không hợp lệ / unknown role {role}", "role")
     if emergency and not p.emergency:

@@ -48,6 +48,7 @@ from loa.web.http import (
     principal,
     read_json,
     refuse_unknown,
+    scoped_area,
 )
 from loa.web.node import NODE, Node
 
@@ -176,14 +177,6 @@ def _device(request: web.Request, p: Principal) -> Device:
     return dev
 
 
-def _area(request: web.Request, p: Principal, code: Any, name: str = "area") -> str:
-    tree = request.app[NODE].tree
-    if not isinstance(code, str) or code not in tree:
-        raise ApiError(422, f"không có khu vực / unknown area {code}", name)
-    p.require_area(tree, code)
-    return code
-
-
 def _checked(fn: Any, *args: Any) -> Any:
     try:
         return fn(*args)
@@ -216,7 +209,7 @@ async def device_create(request: web.Request) -> web.Response:
     p.require("admin")
     mgr = _mgr(request)
     data = await read_json(request)
-    area = _area(request, p, field(data, "area", str))
+    area = scoped_area(p, request.app[NODE].tree, field(data, "area", str))
     name = _checked(validate_name, field(data, "name", str))
     kind = field(data, "kind", str)
     if kind not in DEVICE_KINDS:
@@ -243,7 +236,7 @@ async def device_list(request: web.Request) -> web.Response:
     p.require("read")
     tree = request.app[NODE].tree
     q = request.query
-    area = _area(request, p, q.get("area") or p.area)
+    area = scoped_area(p, request.app[NODE].tree, q.get("area") or p.area)
     status = q.get("status") or None
     if status is not None and status not in DEVICE_STATUSES:
         raise ApiError(422, f"status phải là {', '.join(DEVICE_STATUSES)} / status must be one "
@@ -297,7 +290,7 @@ async def device_bulk_command(request: web.Request) -> web.Response:
     tree = request.app[NODE].tree
     data = await read_json(request)
     command, args = _command(data, p)
-    area = _area(request, p, field(data, "area", str))
+    area = scoped_area(p, request.app[NODE].tree, field(data, "area", str))
     kind = field(data, "kind", str, required=False)
     if kind is not None and kind not in DEVICE_KINDS:
         raise ApiError(422, f"kind phải là {', '.join(DEVICE_KINDS)} / kind must be one of "
@@ -344,7 +337,7 @@ async def device_update(request: web.Request) -> web.Response:
     if data.get("name") is not None:
         changes["name"] = _checked(validate_name, data["name"])
     if data.get("area") is not None:
-        changes["area"] = _area(request, p, data["area"])
+        changes["area"] = scoped_area(p, request.app[NODE].tree, data["area"])
     if data.get("groups") is not None:
         changes["groups"] = _checked(validate_groups, data["groups"])
     if data.get("volume") is not None:

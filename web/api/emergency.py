@@ -47,6 +47,7 @@ from loa.web.http import (
     principal,
     read_json,
     reference,
+    scoped_area,
     status_of,
 )
 from loa.web.node import NODE, Node
@@ -91,9 +92,7 @@ def _targets(node: Node, p: Principal, data: dict[str, Any]) -> list[str]:
         raise ApiError(422, say("emergency.targets"), "targets")
     targets = list(dict.fromkeys(raw))
     for t in targets:
-        if t not in node.tree:
-            raise ApiError(422, say("area.unknown", area=t), "targets")
-        p.require_area(node.tree, t)
+        scoped_area(p, node.tree, t, "targets")
     return targets
 
 
