@@ -476,9 +476,14 @@ CATALOGUE: dict[str, Text] = {
     # (end streamer)
 
     # web (api, streams, monitor, board, auth, config, cli)
+    # web: http errors, api, streams, monitor, node, serve, demo
+
+    # web: auth, session, event stream, overview
+
     # (end web)
 
     # console (web/console: the operator console's own texts)
+
     # (end console)
 }
 
