@@ -6,30 +6,20 @@ import asyncio
 import io
 import re
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
-from aiohttp import web
 
 from loa.codecs.encoders import Mp3Encoder, Packet
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.sources import ToneSource
-from loa.web.app import create_app
-from loa.web.node import Node
+from loa.web.testing import LiveNode, running_node
 from tests.apiclient import Api, make_config, running_api
 from tests.audio import peak_hz, rms
 
 AREA = "T01-H1-X1"
-
-
-@dataclass
-class LiveNode:
-    node: Node
-    url: str
-    app: web.Application
 
 
 @pytest.fixture
@@ -38,19 +28,8 @@ async def live(tmp_path) -> AsyncIterator[LiveNode]:
     cfg = make_config(tmp_path)
     cfg.hls.segment_seconds = 1.0
     cfg.hls.window = 4
-    node = Node(cfg, realtime=True)
-    await node.start()
-    app = create_app(node)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    try:
-        yield LiveNode(node, f"http://127.0.0.1:{port}", app)
-    finally:
-        await runner.cleanup()
-        await node.stop()
+    async with running_node(cfg) as ln:
+        yield ln
 
 
 @pytest.fixture
