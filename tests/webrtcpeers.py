@@ -17,9 +17,9 @@ from aiortc import RTCConfiguration, RTCPeerConnection, RTCRtpSender
 from aiortc.mediastreams import MediaStreamTrack
 
 from loa.relay.webrtc import use_host_addresses
-from loa.web.app import create_app
 from loa.web.auth import add_user
 from loa.web.node import Node
+from loa.web.testing import start_node
 from tests.apiclient import PASSWORD, PEOPLE, make_config
 
 # Loopback only: the clients offer 127.0.0.1 host candidates too, and nobody uses STUN.
@@ -53,18 +53,13 @@ async def start_server(tmp_path: Path, **webrtc: object) -> tuple[Server, web.Ap
     cfg.webrtc.ice_addresses = "127.0.0.1"
     for k, v in webrtc.items():
         setattr(cfg.webrtc, k, v)
-    node = Node(cfg, realtime=True)
-    await node.start()
-    for name, (role, area, emergency) in PEOPLE.items():
-        await add_user(node.store, node.tree, name, role, area, PASSWORD, emergency)
-    app = create_app(node)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    http = aiohttp.ClientSession()
-    return Server(node, app, f"http://{host}:{port}", http, {}), runner
+
+    async def people(node: Node) -> None:
+        for name, (role, area, emergency) in PEOPLE.items():
+            await add_user(node.store, node.tree, name, role, area, PASSWORD, emergency)
+
+    live = await start_node(cfg, prepare=people)
+    return Server(live.node, live.app, live.url, aiohttp.ClientSession(), {}), live.runner
 
 
 def offer_pc(direction: str, codec: str | None = None,
