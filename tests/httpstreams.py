@@ -19,8 +19,8 @@ from aiohttp import web
 from loa.relay.icecast import HttpStreamer
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.sources import ToneSource
-from loa.web.app import create_app
 from loa.web.node import Node
+from loa.web.testing import start_node
 from tests.apiclient import make_config
 
 AREA = "T01-H1-X1"
@@ -71,15 +71,8 @@ async def servers(tmp_path: Path, workers: int) -> AsyncIterator[Start]:
             target = cfg.http_streams if hasattr(cfg.http_streams, key) else cfg.encoders
             assert hasattr(target, key), key
             setattr(target, key, value)
-        node = Node(cfg, realtime=True)
-        await node.start()
-        app = create_app(node)
-        runner = web.AppRunner(app)
-        await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
-        await site.start()
-        port = runner.addresses[0][1]
-        server = Server(node, app, runner, port)
+        live = await start_node(cfg)
+        server = Server(live.node, live.app, live.runner, live.port)
         started.append(server)
         return server
 

@@ -18,10 +18,10 @@ from playwright.async_api import async_playwright
 from loa.streamer.hub import PacketHub
 from loa.streamer.sources import ToneSource
 from loa.streamer.station import Content
-from loa.web.app import create_app
 from loa.web.auth import add_user
 from loa.web.monitor import Exposition, RateSampler
 from loa.web.node import Node
+from loa.web.testing import running_node
 from tests.apiclient import PASSWORD, PEOPLE, Api, make_config, running_api
 from tests.helpers import get_metrics, parse_metrics, until, val
 
@@ -317,23 +317,13 @@ class Server:
 async def server(tmp_path: Path) -> AsyncIterator[Server]:
     cfg = make_config(tmp_path)
     cfg.webrtc.ice_addresses = "127.0.0.1"
-    node = Node(cfg, realtime=True)
-    await node.start()
-    for name, (role, code, emergency) in PEOPLE.items():
-        await add_user(node.store, node.tree, name, role, code, PASSWORD, emergency)
-    app = create_app(node)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    http = aiohttp.ClientSession()
-    try:
-        yield Server(node, app, f"http://{host}:{port}", http)
-    finally:
-        await http.close()
-        await runner.cleanup()
-        await node.stop()
+
+    async def people(node: Node) -> None:
+        for name, (role, code, emergency) in PEOPLE.items():
+            await add_user(node.store, node.tree, name, role, code, PASSWORD, emergency)
+
+    async with running_node(cfg, prepare=people) as live, aiohttp.ClientSession() as http:
+        yield Server(live.node, live.app, live.url, http)
 
 
 async def test_page_logs_in_shows_the_area_and_listens(server: Server) -> None:
