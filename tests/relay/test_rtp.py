@@ -12,13 +12,13 @@ import time
 import wave
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from aiohttp import ClientSession, web
+from aiohttp import ClientSession
 
 from loa.codecs.encoders import Packet
 from loa.relay.rtp import wire
@@ -29,11 +29,11 @@ from loa.relay.rtp.sdp import SdpError, parse_sdp
 from loa.relay.rtp.wire import NTP_EPOCH_OFFSET
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.sources import ToneSource
-from loa.web.app import create_app
 from loa.web.cli import main as cli_main
 from loa.web.config import Config, ConfigError, load_config
 from loa.web.node import Node
 from loa.web.streams.rtp import rtp_stats
+from loa.web.testing import LiveNode, start_node
 from tests.apiclient import make_config, running_api
 from tests.audio import decode_packets, peak_hz
 from tests.helpers import until
@@ -44,12 +44,6 @@ WAIT = 15.0  # seconds a test waits for something that should take well under on
 
 
 # ---- helpers ---------------------------------------------------------------------------------
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOCAL, 0))
-        return int(s.getsockname()[1])
-
-
 def udp_pair() -> tuple[socket.socket, socket.socket]:
     """Bound sockets on an even port and port + 1 (RTP, RTCP) of 127.0.0.1."""
     for _ in range(200):
@@ -140,39 +134,18 @@ async def collect(sock: socket.socket) -> tuple[asyncio.DatagramTransport, Colle
     return transport, proto
 
 
-@dataclass
-class Server:
-    node: Node
-    app: web.Application
-    url: str
-    runner: web.AppRunner
-    stopped: bool = field(default=False)
-
+class Server(LiveNode):
     @property
     def out(self) -> Any:
         return self.node.rtp
-
-    async def stop(self) -> None:
-        if not self.stopped:
-            self.stopped = True
-            await self.runner.cleanup()
-            await self.node.stop()
 
 
 async def start_server(tmp_path: Path, configure: Callable[[Config], None] | None = None,
                        **rtp: Any) -> Server:
     cfg = make_config(tmp_path)
     rtp_settings(cfg, **rtp)
-    if configure is not None:
-        configure(cfg)
-    node = Node(cfg, realtime=True)
-    await node.start()
-    app = create_app(node)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_tcp_port()
-    await web.TCPSite(runner, LOCAL, port).start()
-    return Server(node, app, f"http://{LOCAL}:{port}", runner)
+    live = await start_node(cfg, configure=configure, host=LOCAL, access_log=None)
+    return Server(live.node, live.app, live.runner, live.url, live.port)
 
 
 @asynccontextmanager
