@@ -18,8 +18,8 @@ from aiohttp.test_utils import TestClient
 from loa.relay.agent.client import provision, register
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.sources import ToneSource
-from loa.web.app import create_app
 from loa.web.node import Node
+from loa.web.testing import start_node as start_node_on
 from tests.apiclient import make_config
 
 # ---- a node for device tests ---------------------------------------------------------------
@@ -61,16 +61,9 @@ async def start_node(data: Path, configure: Callable[[Any], None], tone_area: st
     """A node serving on 127.0.0.1 (`port` 0: any), `tone_area` and its children hearing a
     440 Hz tone; `token` reuses an admin token of a node on the same data directory."""
     data.mkdir(parents=True, exist_ok=True)
-    cfg = make_config(data)
-    configure(cfg)
-    node = Node(cfg, realtime=True)
-    await node.start()
-    app = create_app(node)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, LOCAL, port).start()
-    port = runner.addresses[0][1]
-    base = f"http://{LOCAL}:{port}"
+    live = await start_node_on(make_config(data), configure=configure, host=LOCAL, port=port,
+                               access_log=None)
+    node, base = live.node, live.url
     http = aiohttp.ClientSession()
     if token is None:
         async with http.post(f"{base}/api/v1/auth/token",
@@ -80,7 +73,7 @@ async def start_node(data: Path, configure: Callable[[Any], None], tone_area: st
             token = (await r.json())["token"]
     node.engine.start(Broadcast(ToneSource(440, 0.3), [tone_area], issuer=tone_area,
                                 title="440 Hz"))
-    return Server(node, app, runner, base, http, token, port)
+    return Server(node, live.app, live.runner, base, http, token, live.port)
 
 
 async def stop_node(srv: Server) -> None:
