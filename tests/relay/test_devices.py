@@ -20,9 +20,9 @@ from loa.relay.devices import protocol
 from loa.relay.devices.manager import DeviceSettings
 from loa.relay.devices.records import new_device_record, new_key, secret_hash
 from loa.web.api import devices as api_devices
-from loa.web.app import create_app
 from loa.web.auth import add_user
 from loa.web.node import Node
+from loa.web.testing import start_node
 from tests.apiclient import PASSWORD, PEOPLE, make_config
 
 EXTRA_PEOPLE = {"qtv11": ("admin", "T01-H1-X1", False), "qtvtinh": ("admin", "T01", True)}
@@ -133,20 +133,16 @@ async def serving(tmp_path: Path, store: str = "sqlite", prefix: str = "loa:",
                   **settings: Any) -> AsyncIterator[Server]:
     cfg = make_config(tmp_path, store=store, prefix=prefix)
     cfg.devices = DeviceSettings(**settings)  # the [devices] config section
-    node = Node(cfg, realtime=False)
-    await node.start()
-    for name, (role, area, emergency) in {**PEOPLE, **EXTRA_PEOPLE}.items():
-        if not await node.store.find("user", username=name):  # a restarted node has them
-            await add_user(node.store, node.tree, name, role, area, PASSWORD, emergency)
-    app = create_app(node)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, backlog=1024)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def people(node: Node) -> None:
+        for name, (role, area, emergency) in {**PEOPLE, **EXTRA_PEOPLE}.items():
+            if not await node.store.find("user", username=name):  # a restarted node has them
+                await add_user(node.store, node.tree, name, role, area, PASSWORD, emergency)
+
+    live = await start_node(cfg, realtime=False, prepare=people, backlog=1024, access_log=None)
     http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
-    srv = Server(node, f"http://127.0.0.1:{port}", http)
-    srv.app = app
+    srv = Server(live.node, live.url, http)
+    srv.app = live.app
     try:
         for name in ("tinh", "xa11", "huyen1", "xem11", "qtv1", "qtv11", "qtvtinh"):
             async with http.post(srv.base + "/api/v1/auth/token",
@@ -156,8 +152,7 @@ async def serving(tmp_path: Path, store: str = "sqlite", prefix: str = "loa:",
         yield srv
     finally:
         await http.close()
-        await runner.cleanup()
-        await node.stop()
+        await live.stop()
 
 
 @pytest.fixture
