@@ -28,9 +28,9 @@ from loa.streamer.broadcast import Broadcast
 from loa.streamer.clock import FRAME, SAMPLE_RATE
 from loa.streamer.hub import Subscription
 from loa.streamer.sources import ToneSource
-from loa.web.app import create_app
 from loa.web.auth import add_user
 from loa.web.node import Node
+from loa.web.testing import start_node
 from tests.apiclient import PASSWORD, PEOPLE, make_config
 from tests.audio import peak_hz, rms
 from tests.helpers import until
@@ -197,17 +197,14 @@ async def live(tmp_path) -> AsyncIterator[LiveNode]:
     cfg = make_config(tmp_path)
     cfg.hls.segment_seconds = 1.0
     cfg.fetch = FetchSettings(allow_networks=["127.0.0.0/8"])  # the outside world is local
-    node = Node(cfg, realtime=True)
-    await node.start()
-    for name in ("tinh", "huyen1"):
-        role, area, emergency = PEOPLE[name]
-        await add_user(node.store, node.tree, name, role, area, PASSWORD, emergency)
-    app = create_app(node)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+
+    async def people(node: Node) -> None:
+        for name in ("tinh", "huyen1"):
+            role, area, emergency = PEOPLE[name]
+            await add_user(node.store, node.tree, name, role, area, PASSWORD, emergency)
+
+    node_on = await start_node(cfg, prepare=people, shutdown_timeout=0.5)
+    node, app, url = node_on.node, node_on.app, node_on.url
     session = ClientSession()
     tokens = {}
     for name in ("tinh", "huyen1"):
@@ -222,8 +219,7 @@ async def live(tmp_path) -> AsyncIterator[LiveNode]:
         for tap in ln.taps.values():
             tap.sub.close()
         await session.close()
-        await runner.cleanup()
-        await node.stop()
+        await node_on.stop()
 
 
 def onset(tap: Tap, sample: int, hz: float | None = None) -> int:
