@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from loa.web import board, monitor, openapi
+from loa.web import board, console, monitor, openapi
 from loa.web.api import air as api_air
 from loa.web.api import core as api_core
 from loa.web.api import devices as api_devices
@@ -45,6 +45,7 @@ def create_app(node: Node) -> web.Application:
     api_emergency.setup(app)
     monitor.setup(app)
     board.setup(app)
+    console.setup(app)
     openapi.setup(app)
     streams_http.setup(app)
     streams_rtp.setup(app)
