@@ -12,6 +12,7 @@ from loa.web.api import core as api_core
 from loa.web.api import devices as api_devices
 from loa.web.api import emergency as api_emergency
 from loa.web.api import media as api_media
+from loa.web.api import overview as api_overview
 from loa.web.api import reports as api_reports
 from loa.web.api import session as api_session
 from loa.web.http import (
@@ -40,6 +41,7 @@ def create_app(node: Node) -> web.Application:
     app[STORE] = node.store
     api_core.setup(app)
     api_session.setup(app)
+    api_overview.setup(app)
     api_media.setup(app)
     api_air.setup(app)
     api_reports.setup(app)
