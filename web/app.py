@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from loa.web import board, monitor, openapi
+from loa.web import board, events, monitor, openapi
 from loa.web.api import air as api_air
 from loa.web.api import core as api_core
 from loa.web.api import devices as api_devices
@@ -42,6 +42,7 @@ def create_app(node: Node) -> web.Application:
     api_core.setup(app)
     api_session.setup(app)
     api_overview.setup(app)
+    events.setup(app)
     api_media.setup(app)
     api_air.setup(app)
     api_reports.setup(app)
