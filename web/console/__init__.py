@@ -13,8 +13,11 @@ Everything is public: the page holds no data; the data comes from /api/, which a
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import gzip
 import hashlib
+import json
 import re
 from pathlib import Path, PurePosixPath
 
@@ -48,6 +51,19 @@ def csp(script_hash: str) -> str:
             "frame-ancestors 'none'; form-action 'self'")
 
 
+def send(request: web.Request, body: bytes, headers: dict[str, str]) -> web.Response:
+    """`body` gzipped when the browser accepts it (the first load must stay small), with an ETag
+    so the revalidated files answer 304 unchanged."""
+    tag = '"' + hashlib.sha256(body).hexdigest()[:16] + '"'
+    head = {**headers, "ETag": tag, "Vary": "Accept-Encoding"}
+    if request.headers.get("If-None-Match") == tag:
+        return web.Response(status=304, headers=head)
+    if "gzip" in request.headers.get("Accept-Encoding", ""):
+        return web.Response(body=gzip.compress(body, 6, mtime=0),
+                            headers={**head, "Content-Encoding": "gzip"})
+    return web.Response(body=body, headers=head)
+
+
 def catalogue() -> dict[str, dict[str, str]]:
     return {k: {"vi": t.vi, "en": t.en} for k, t in CATALOGUE.items()
             if k.startswith(PREFIX) or k in SHOWN}
@@ -57,24 +73,28 @@ def setup(app: web.Application) -> None:
     """Register routes. The page's hash is computed once: the file ships with the package."""
     security = {"Content-Security-Policy": csp(import_map_hash(INDEX.read_text("utf-8"))),
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin"}
-    texts = catalogue()
+    texts = json.dumps(catalogue(), ensure_ascii=False).encode()
 
     async def index(request: web.Request) -> web.StreamResponse:
-        return web.FileResponse(INDEX, headers={**security, "Cache-Control": "no-cache",
-                                                "Content-Type": "text/html; charset=utf-8"})
+        return send(request, await asyncio.to_thread(INDEX.read_bytes), {**security, "Cache-Control": "no-cache",
+                                                  "Content-Type": "text/html; charset=utf-8"})
 
     async def static(request: web.Request) -> web.StreamResponse:
         rel = PurePosixPath(request.match_info["path"])
         ctype = TYPES.get(rel.suffix)
         if ctype is None or rel.is_absolute() or any(p.startswith(".") for p in rel.parts):
-            raise web.HTTPNotFound()  # FileResponse answers 404 for a missing file itself
+            raise web.HTTPNotFound()
+        path = STATIC / rel
+        if not path.is_file():
+            raise web.HTTPNotFound()
         vendor = rel.parts[0] == "vendor"
-        return web.FileResponse(STATIC / rel, headers={
+        return send(request, await asyncio.to_thread(path.read_bytes), {
             **security, "Content-Type": f"{ctype}; charset=utf-8",
             "Cache-Control": VENDOR_CACHE if vendor else "no-cache"})
 
     async def catalogue_json(request: web.Request) -> web.Response:
-        return web.json_response(texts, headers={**security, "Cache-Control": "no-cache"})
+        return send(request, texts, {**security, "Cache-Control": "no-cache",
+                                     "Content-Type": "application/json; charset=utf-8"})
 
     app.router.add_get("/", index)
     app.router.add_get("/console/static/{path:.+}", static)
