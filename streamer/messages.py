@@ -500,6 +500,16 @@ CATALOGUE: dict[str, Text] = {
     # (end web)
 
     # console (web/console: the operator console's own texts)
+    "console.title": Text("Loa: bảng điều khiển", "Loa: console"),
+    "console.username": Text("Tên đăng nhập", "Username"),
+    "console.password": Text("Mật khẩu", "Password"),
+    "console.login": Text("Đăng nhập", "Log in"),
+    "console.logout": Text("Đăng xuất", "Log out"),
+    "console.network": Text("không kết nối được máy chủ", "cannot reach the server"),
+    "console.switch_language": Text("Ngôn ngữ: English", "Language: Vietnamese"),
+    "console.account": Text("Tài khoản", "Account"),
+    "console.area": Text("Khu vực", "Area"),
+    "console.area_path": Text("Đường dẫn khu vực", "Area path"),
 
     # (end console)
 }
