@@ -479,10 +479,37 @@ CATALOGUE: dict[str, Text] = {
     # web: http errors, api, streams, monitor, node, serve, demo
 
     # web: auth, session, event stream, overview
+    "auth.too_many_failures": Text("quá nhiều lần đăng nhập sai", "too many failed logins"),
+    "auth.role_may_not": Text("vai trò {role} không có quyền này", "role {role} may not {right}"),
+    "auth.area_outside": Text("khu vực {area} ngoài phạm vi của bạn",
+                              "area {area} is outside your area {own}"),
+    "auth.password_short": Text("mật khẩu phải có ít nhất 8 ký tự",
+                                "password must have at least 8 characters"),
+    "auth.username_invalid": Text("tên đăng nhập không hợp lệ", "invalid username"),
+    "auth.role_unknown": Text("vai trò không hợp lệ", "unknown role {role}: {roles}"),
+    "auth.username_exists": Text("tên đăng nhập đã tồn tại", "username {username} exists"),
+    "auth.wrong_password": Text("sai tên đăng nhập hoặc mật khẩu", "wrong username or password"),
+    "auth.required": Text("cần đăng nhập", "authentication required"),
+    "auth.token_invalid": Text("phiên đăng nhập hết hạn hoặc không hợp lệ",
+                               "token expired or invalid"),
+    "auth.account_disabled": Text("tài khoản không còn hiệu lực", "account disabled"),
+    "auth.csrf_missing": Text("thiếu hoặc sai mã chống giả mạo (X-CSRF-Token)",
+                              "missing or wrong X-CSRF-Token"),
+    "auth.current_wrong": Text("mật khẩu hiện tại không đúng", "current password is wrong"),
 
     # (end web)
 
     # console (web/console: the operator console's own texts)
+    "console.title": Text("Loa: bảng điều khiển", "Loa: console"),
+    "console.username": Text("Tên đăng nhập", "Username"),
+    "console.password": Text("Mật khẩu", "Password"),
+    "console.login": Text("Đăng nhập", "Log in"),
+    "console.logout": Text("Đăng xuất", "Log out"),
+    "console.network": Text("không kết nối được máy chủ", "cannot reach the server"),
+    "console.switch_language": Text("Ngôn ngữ: English", "Language: Vietnamese"),
+    "console.account": Text("Tài khoản", "Account"),
+    "console.area": Text("Khu vực", "Area"),
+    "console.area_path": Text("Đường dẫn khu vực", "Area path"),
 
     # (end console)
 }

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from loa.web import board, monitor, openapi
+from loa.web import board, console, events, monitor, openapi
 from loa.web.api import air as api_air
 from loa.web.api import core as api_core
 from loa.web.api import devices as api_devices
 from loa.web.api import emergency as api_emergency
 from loa.web.api import media as api_media
+from loa.web.api import overview as api_overview
 from loa.web.api import reports as api_reports
+from loa.web.api import session as api_session
 from loa.web.http import (
     STORE,
     auth_middleware,
@@ -38,6 +40,9 @@ def create_app(node: Node) -> web.Application:
     app[NODE] = node
     app[STORE] = node.store
     api_core.setup(app)
+    api_session.setup(app)
+    api_overview.setup(app)
+    events.setup(app)
     api_media.setup(app)
     api_air.setup(app)
     api_reports.setup(app)
@@ -45,6 +50,7 @@ def create_app(node: Node) -> web.Application:
     api_emergency.setup(app)
     monitor.setup(app)
     board.setup(app)
+    console.setup(app)
     openapi.setup(app)
     streams_http.setup(app)
     streams_rtp.setup(app)

@@ -20,6 +20,7 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 
 from loa.streamer.areas import AreaTree
+from loa.streamer.messages import say
 from loa.streamer.state.store import Conflict, Record, Store
 
 
@@ -55,7 +56,7 @@ class Forbidden(Exception):
 
 class RateLimited(Exception):
     def __init__(self, retry_after: float) -> None:
-        super().__init__("quá nhiều lần đăng nhập sai / too many failed logins")
+        super().__init__(say("auth.too_many_failures"))
         self.retry_after = retry_after
 
 
@@ -75,13 +76,12 @@ class Principal:
 
     def require(self, right: str) -> None:
         if not self.can(right):
-            raise Forbidden(f"vai trò {self.role} không có quyền này / role {self.role} may not {right}")
+            raise Forbidden(say("auth.role_may_not", role=self.role, right=right))
 
     def require_area(self, tree: AreaTree, code: str) -> None:
         """The area must lie inside this user's subtree."""
         if code not in tree or not tree.contains(self.area, code):
-            raise Forbidden(
-                f"khu vực {code} ngoài phạm vi của bạn / area {code} is outside your area {self.area}")
+            raise Forbidden(say("auth.area_outside", area=code, own=self.area))
 
     def related(self, tree: AreaTree, code: object) -> bool:
         """The area lies in this user's subtree or above it: what concerns them and they may
@@ -130,7 +130,7 @@ def token_id(token: str) -> str:
 
 def validate_password(password: str) -> None:
     if len(password) < 8:
-        raise ValueError("mật khẩu phải có ít nhất 8 ký tự / password must have at least 8 characters")
+        raise ValueError(say("auth.password_short"))
 
 
 async def add_user(store: Store, tree: AreaTree, username: str, role: str, area: str,
@@ -139,12 +139,12 @@ async def add_user(store: Store, tree: AreaTree, username: str, role: str, area:
     """Create a user; returns the record and the password (generated when not given)."""
     username = username.strip()
     if not username or len(username) > 64 or any(c.isspace() for c in username):
-        raise ValueError("tên đăng nhập không hợp lệ / invalid username")
+        raise ValueError(say("auth.username_invalid"))
     try:
         role_v = Role(role)
     except ValueError:
-        raise ValueError(f"vai trò không hợp lệ / unknown role {role!r}: "
-                         f"{', '.join(r.value for r in Role)}") from None
+        raise ValueError(say("auth.role_unknown", role=repr(role),
+                             roles=", ".join(r.value for r in Role))) from None
     tree.get(area)
     password = password or secrets.token_urlsafe(12)
     validate_password(password)
@@ -162,7 +162,7 @@ async def add_user(store: Store, tree: AreaTree, username: str, role: str, area:
     try:
         await store.create("user", record)
     except Conflict:
-        raise ValueError(f"tên đăng nhập đã tồn tại / username {username} exists") from None
+        raise ValueError(say("auth.username_exists", username=username)) from None
     return record, password
 
 
@@ -197,8 +197,9 @@ class LoginGuard:
 
 
 async def login(store: Store, guard: LoginGuard, username: str, password: str, ip: str,
-                ttl: float = TOKEN_TTL) -> tuple[str, Record]:
-    """Password -> bearer token."""
+                ttl: float = TOKEN_TTL, csrf: str | None = None) -> tuple[str, Record]:
+    """Password -> bearer token (a session cookie's token when `csrf` is given: the token
+    record holds the value every unsafe request of that session must repeat)."""
     keys = [f"login:u:{username}", f"login:ip:{ip}"]
     guard.check(keys)
     users = await store.find("user", username=username)
@@ -210,23 +211,69 @@ async def login(store: Store, guard: LoginGuard, username: str, password: str, i
         await hash_password_async(password)  # the same time spent: no probing names by timing
     if not ok or user is None:
         await guard.failed(keys)
-        raise AuthError("sai tên đăng nhập hoặc mật khẩu / wrong username or password")
+        raise AuthError(say("auth.wrong_password"))
     token = secrets.token_urlsafe(32)
     now = time.time()
     await store.put("token", {"id": token_id(token), "user": user["id"], "created": now,
-                              "expires": now + ttl, "ip": ip})
+                              "expires": now + ttl, "ip": ip,
+                              **({"csrf": csrf} if csrf else {})})
     return token, user
 
 
 async def authenticate(store: Store, header: str | None) -> tuple[Principal, str]:
     """`Authorization: Bearer <token>` -> the principal and the token's id."""
     if not header or not header.startswith("Bearer "):
-        raise AuthError("cần đăng nhập / authentication required")
-    tid = token_id(header[7:].strip())
+        raise AuthError(say("auth.required"))
+    principal, tid, _ = await authenticate_token(store, header[7:].strip())
+    return principal, tid
+
+
+async def authenticate_token(store: Store, token: str) -> tuple[Principal, str, str | None]:
+    """A bearer or session token -> the principal, the token's id and the session's csrf value
+    (None for a bearer token)."""
+    tid = token_id(token)
     tok = await store.get("token", tid)
     if tok is None or tok["expires"] < time.time():
-        raise AuthError("phiên đăng nhập hết hạn hoặc không hợp lệ / token expired or invalid")
+        raise AuthError(say("auth.token_invalid"))
     user = await store.get("user", tok["user"])
     if user is None or user.get("disabled"):
-        raise AuthError("tài khoản không còn hiệu lực / account disabled")
-    return Principal.of(user), tid
+        raise AuthError(say("auth.account_disabled"))
+    return Principal.of(user), tid, tok.get("csrf")
+
+
+def new_csrf() -> str:
+    return secrets.token_urlsafe(24)
+
+
+def csrf_matches(expected: str | None, given: str | None) -> bool:
+    if not expected or given is None:
+        return False
+    return secrets.compare_digest(expected.encode(), given.encode())
+
+
+def rights(p: Principal) -> list[str]:
+    """The words `Principal.can` accepts for this user, plus "emergency" when granted."""
+    words = set(ROLE_RIGHTS[p.role]) | ({"direct"} if p.can("direct") else set())
+    return sorted(words | ({"emergency"} if p.emergency else set()))
+
+
+def area_out(tree: AreaTree, code: str) -> Record:
+    """An area with its path from the tree's root (the console's breadcrumb)."""
+    def brief(c: str) -> Record:
+        a = tree.get(c)
+        return {"code": a.code, "name": a.name, "level": a.level}
+
+    return {**brief(code), "path": [brief(c) for c in reversed(tree.ancestors(code))]}
+
+
+async def change_password(store: Store, p: Principal, keep_tid: str, current: str,
+                          new: str) -> None:
+    """Check the current password, set the new one, end every other token of the user."""
+    user = await store.get("user", p.id)
+    if user is None or not await _verify(user["password"], current):
+        raise Forbidden(say("auth.current_wrong"))
+    validate_password(new)
+    await store.update("user", p.id, {"password": await hash_password_async(new)})
+    for tok in await store.find("token", user=p.id):
+        if tok["id"] != keep_tid:
+            await store.delete("token", tok["id"])

@@ -176,11 +176,11 @@ async def _demo(args: argparse.Namespace) -> None:
     fleet = asyncio.create_task(run_fleet(
         local, token, DEMO_SPEAKERS, DEMO_BOARDS, DEMO_DECODERS, "T01", fleet_stop,
         fleet_file=cfg.data_dir / "loa-sim-fleet.json", status_every=60.0))
-    print(f"\nLoa demo đang chạy / running at {base}  (Ctrl-C để dừng / to stop)")
-    print(f"  dữ liệu / data: {cfg.data_dir}")
-    print(f"  theo dõi / monitor: {base}/monitor   sức khoẻ / health: {base}/healthz")
+    print(f"\nBảng điều khiển / console: {base}/  (Ctrl-C để dừng / to stop)")
     print(f"  người dùng / users (mật khẩu / password {DEMO_PASSWORD}): "
           + ", ".join(f"{u} ({r} {a})" for u, r, a, _ in DEMO_USERS))
+    print(f"  dữ liệu / data: {cfg.data_dir}")
+    print(f"  theo dõi / monitor: {base}/monitor   sức khoẻ / health: {base}/healthz")
     print(f"  thiết bị mô phỏng / simulated devices: {DEMO_SPEAKERS} loa / loudspeakers, "
           f"{DEMO_BOARDS} bảng tin / boards ({base}/api/v1/devices)")
     print("  luồng / streams:")

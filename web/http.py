@@ -16,7 +16,15 @@ from loa.streamer.engine import AuthorityError
 from loa.streamer.errors import Kind, LoaError
 from loa.streamer.messages import say
 from loa.streamer.state.store import Conflict, NotFound, Record, Store, StoreUnavailable
-from loa.web.auth import AuthError, Forbidden, Principal, RateLimited, authenticate
+from loa.web.auth import (
+    AuthError,
+    Forbidden,
+    Principal,
+    RateLimited,
+    authenticate,
+    authenticate_token,
+    csrf_matches,
+)
 
 log = logging.getLogger("loa.http")
 
@@ -25,10 +33,13 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 PRINCIPAL: web.RequestKey[Principal] = web.RequestKey("principal", Principal)
 TOKEN_ID: web.RequestKey[str] = web.RequestKey("token_id", str)
+CSRF: web.RequestKey[str] = web.RequestKey("csrf", str)  # set for a cookie session only
+SESSION_COOKIE = "loa_session"
 STORE: web.AppKey[Store] = web.AppKey("store", Store)  # set by the app factory
 
 PUBLIC = {
     ("POST", "/api/v1/auth/token"),
+    ("POST", "/api/v1/auth/session"),
     ("GET", "/api/v1/openapi.json"),
     ("POST", "/api/v1/devices/provision"),  # a device trades its one-time token for its key
     ("GET", "/api/v1/devices/connect"),  # devices authenticate in their first message
@@ -272,7 +283,19 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if path.startswith("/api/") and (request.method, path) not in PUBLIC \
             and request.method != "OPTIONS":
         store: Store = request.app[STORE]
-        p, tid = await authenticate(store, request.headers.get("Authorization"))
+        header = request.headers.get("Authorization")
+        cookie = request.cookies.get(SESSION_COOKIE)
+        if header or not cookie:  # a bearer header wins: scripts need no CSRF
+            p, tid = await authenticate(store, header)
+        else:
+            p, tid, csrf = await authenticate_token(store, cookie)
+            # A cookie rides along with any cross-site request: a write must prove it comes
+            # from the console, which alone read the session's csrf value.
+            if request.method in WRITES and not csrf_matches(
+                    csrf, request.headers.get("X-CSRF-Token")):
+                return error_response(403, say("auth.csrf_missing"))
+            if csrf:
+                request[CSRF] = csrf
         request[PRINCIPAL] = p
         request[TOKEN_ID] = tid
     return await handler(request)

@@ -64,6 +64,34 @@ def document() -> S:
                        "responses": responses(204, 401)},
         },
         "/api/v1/me": {"get": {"summary": "The caller", **secured, "responses": responses(*READ)}},
+        "/api/v1/auth/session": {
+            "post": {"summary": "Đăng nhập bảng điều khiển / console log in: an HttpOnly session "
+                                "cookie (loa_session) and its CSRF value", "security": [],
+                     "requestBody": body(obj({"username": STR, "password": STR},
+                                             ["username", "password"])),
+                     "responses": responses(200, 400, 401, 415, 422, 429)},
+            "delete": {"summary": "Đăng xuất / end this session (or token), clear the cookie",
+                       **secured, "responses": responses(204, 401, 403)},
+        },
+        "/api/v1/auth/me": {"get": {"summary": "Người dùng, khu vực, quyền / the caller, its "
+                                               "area path, rights and CSRF value", **secured,
+                                    "responses": responses(*READ)}},
+        "/api/v1/auth/password": {
+            "post": {"summary": "Đổi mật khẩu / change one's password; ends every other session",
+                     **secured,
+                     "requestBody": body(obj({"current": STR, "new": STR}, ["current", "new"])),
+                     "responses": responses(204, *WRITE)},
+        },
+        "/api/v1/events": {"get": {"summary": "Sự kiện trực tiếp / live events of the caller's "
+                                              "scope (text/event-stream)", **secured,
+                                   "responses": responses(*READ)}},
+        "/api/v1/overview": {
+            "get": {"summary": "Tổng quan / one level of the area tree: on air, devices, today, "
+                               "emergencies, faults", **secured,
+                    "parameters": [{"name": "root", "in": "query", "required": False,
+                                    "schema": CODE}],
+                    "responses": responses(*READ, 404)},
+        },
         "/api/v1/areas": {
             "get": {"summary": "Cây khu vực / the caller's area subtree", **secured,
                     "responses": responses(*READ)},

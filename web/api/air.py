@@ -19,6 +19,7 @@ from loa.streamer.state.store import Record
 from loa.streamer.station import ContentError
 from loa.web.api.core import node_of
 from loa.web.auth import Principal
+from loa.web.events import hub_of
 from loa.web.http import (
     ApiError,
     audit,
@@ -104,6 +105,7 @@ async def programme_create(request: web.Request) -> web.Response:
     rec = programmes.new_programme(await _programme_fields(request, data), area, p.username)
     await node.store.create("programme", rec)
     await audit(request, "programme.create", rec["id"], title=rec["title"])
+    _programme_event(request, rec)
     return ok(rec, 201)
 
 
@@ -142,6 +144,7 @@ async def programme_update(request: web.Request) -> web.Response:
     changes = programmes.edited(await _programme_fields(request, data, prog))
     prog = await node.store.update("programme", prog["id"], changes)
     await audit(request, "programme.update", prog["id"])
+    _programme_event(request, prog)
     return ok(prog)
 
 
@@ -163,7 +166,20 @@ async def _transition(request: web.Request, action: str) -> web.Response:
             changes = programmes.rejection(prog, p.username, reason)
     prog = await node.store.update("programme", prog["id"], changes)
     await audit(request, f"programme.{action}", prog["id"], reason=changes.get("reason"))
+    _programme_event(request, prog)
     return ok(prog)
+
+
+def _programme_event(request: web.Request, prog: Record) -> None:
+    """The console's live view (web/events.py) hears of every programme change."""
+    hub_of(request).publish("programme", {"id": prog["id"], "area": prog["area"],
+                                          "title": prog.get("title"),
+                                          "status": prog.get("status")}, [prog["area"]])
+
+
+def _schedule_event(request: web.Request, rec: Record, action: str) -> None:
+    hub_of(request).publish("schedule", {"id": rec["id"], "area": rec["area"],
+                                         "action": action}, [rec["area"]])
 
 
 @routes.post("/api/v1/programmes/{id}/submit")
@@ -209,6 +225,7 @@ async def schedule_create(request: web.Request) -> web.Response:
                                    node.tree.contains(a, b) or node.tree.contains(b, a)))
     await node.store.create("schedule", rec)
     await audit(request, "schedule.create", rec["id"], programme=pid)
+    _schedule_event(request, rec, "created")
     return ok({**rec, "conflicts": conflicts}, 201)
 
 
@@ -231,6 +248,7 @@ async def schedule_delete(request: web.Request) -> web.Response:
         raise ApiError(404, say("schedule.unknown"))
     await node.store.delete("schedule", s["id"])
     await audit(request, "schedule.delete", s["id"])
+    _schedule_event(request, s, "deleted")
     return web.Response(status=204)
 
 

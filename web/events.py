@@ -1,0 +1,187 @@
+"""GET /api/v1/events: the console's live events (Server-Sent Events), each client seeing only
+the areas related to it (Principal.related).
+
+One hub per app fans in the engine's on-air changes, the bus topics "device.status" and
+"emergency", and programme/schedule changes published by the API handlers. Each client has a
+bounded queue: on overflow the oldest events go and one `resync` tells it to reload its view.
+Engine listeners run on the engine's tick: they only append to queues, never wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from loa.streamer.emergency.service import TOPIC as EMERGENCY_TOPIC
+from loa.streamer.engine import OnAirChange
+from loa.streamer.state.bus import BusSubscription
+from loa.web.auth import Principal
+from loa.web.http import TOKEN_ID, principal
+from loa.web.node import NODE, Node
+
+log = logging.getLogger("loa.events")
+
+QUEUE = 256
+PING = 15.0
+
+
+class Client:
+    def __init__(self, p: Principal, tid: str) -> None:
+        self.principal = p
+        self.tid = tid
+        self.queue: deque[tuple[str, dict[str, Any]]] = deque(maxlen=QUEUE)
+        self.overflowed = False
+        self.wake = asyncio.Event()
+
+    def put(self, name: str, data: dict[str, Any]) -> None:
+        if len(self.queue) == QUEUE:
+            self.overflowed = True  # deque drops the oldest itself
+        self.queue.append((name, data))
+        self.wake.set()
+
+
+class EventHub:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.clients: set[Client] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._subs: list[BusSubscription] = []
+        self.closing = False
+
+    async def start(self) -> None:
+        self.node.engine.listeners.append(self._on_air)
+        for topic, handle in (("device.status", self._device), (EMERGENCY_TOPIC, self._emergency)):
+            sub = await self.node.bus.subscribe(topic)
+            self._subs.append(sub)
+            self._tasks.append(asyncio.create_task(self._pump(sub, handle)))
+
+    async def stop(self) -> None:
+        with contextlib.suppress(ValueError):
+            self.node.engine.listeners.remove(self._on_air)
+        for t in self._tasks:
+            t.cancel()
+        for sub in self._subs:
+            await sub.close()
+
+    def publish(self, name: str, data: dict[str, Any], areas: list[str]) -> None:
+        """To every client related to one of `areas`; `data["areas"]`, when present, is cut
+        down to the areas in that client's scope."""
+        tree = self.node.tree
+        for c in list(self.clients):
+            mine = [a for a in areas if c.principal.related(tree, a)]
+            if mine:
+                c.put(name, {**data, "areas": mine} if "areas" in data else data)
+
+    def _on_air(self, change: OnAirChange) -> None:
+        try:
+            now = self.node.engine.on_air(change.area)
+        except Exception:  # noqa: BLE001 - the tick must go on
+            return
+        self.publish("onair", {k: now[k] for k in ("area", "broadcast", "title", "class",
+                                                   "issuer", "since")} | {"cause": change.cause},
+                     [change.area])
+
+    async def _device(self, ev: dict[str, Any]) -> None:
+        self.publish("device", {"id": ev.get("device"), "name": ev.get("name"),
+                                "area": ev.get("area"), "status": ev.get("status"),
+                                "at": ev.get("ts")}, [str(ev.get("area"))])
+
+    async def _emergency(self, ev: dict[str, Any]) -> None:
+        start = ev.get("event") == "start"
+        eid = str(ev.get("id"))
+        # An end carries only the id: the areas and title are the record's.
+        rec = ev.get("record") if start else await self.node.store.get("emergency", eid)
+        if not isinstance(rec, dict):
+            return
+        areas = [a for a in rec.get("areas", []) if isinstance(a, str)]
+        self.publish("emergency", {"id": eid, "state": "start" if start else "end",
+                                   "title": rec.get("title"), "areas": areas,
+                                   "issuer": rec.get("issuer")}, areas)
+
+    async def _pump(self, sub: BusSubscription,
+                    handle: Callable[[dict[str, Any]], Awaitable[None]]) -> None:
+        async for ev in sub:
+            try:
+                await handle(ev)
+            except Exception:  # noqa: BLE001 - one odd event must not end the stream
+                log.exception("event not relayed event=events_relay_error")
+
+    def close_all(self) -> None:
+        self.closing = True
+        for c in self.clients:
+            c.wake.set()
+
+
+HUB: web.AppKey[EventHub] = web.AppKey("events", EventHub)
+
+
+def hub_of(request: web.Request) -> EventHub:
+    return request.app[HUB]
+
+
+def _frame(name: str, data: dict[str, Any]) -> bytes:
+    return f"event: {name}\ndata: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
+
+
+async def _still_valid(node: Node, tid: str) -> bool:
+    tok = await node.store.get("token", tid)
+    return tok is not None and tok["expires"] >= time.time()
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    p = principal(request)
+    p.require("read")
+    hub = hub_of(request)
+    client = Client(p, request[TOKEN_ID])
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    await resp.prepare(request)
+    hub.clients.add(client)
+    try:
+        await resp.write(b"retry: 1000\n\n")
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(client.wake.wait(), PING)
+            client.wake.clear()
+            if hub.closing or not await _still_valid(hub.node, client.tid):
+                break  # revoked or expired: the client must log in again
+            if not client.queue:
+                await resp.write(b": ping\n\n")
+            if client.overflowed:
+                client.overflowed = False
+                await resp.write(_frame("resync", {}))
+            while client.queue:
+                await resp.write(_frame(*client.queue.popleft()))
+    except ConnectionResetError:
+        pass  # the client left
+    finally:
+        hub.clients.discard(client)
+    return resp
+
+
+def setup(app: web.Application) -> None:
+    node = app[NODE]
+    hub = EventHub(node)
+    app[HUB] = hub
+    app.router.add_get("/api/v1/events", events)
+
+    async def start(_app: web.Application) -> None:
+        await hub.start()
+
+    async def stop(_app: web.Application) -> None:
+        await hub.stop()
+
+    async def closing(_app: web.Application) -> None:
+        hub.close_all()  # before aiohttp waits for the handlers
+
+    app.on_startup.append(start)
+    app.on_shutdown.append(closing)
+    app.on_cleanup.append(stop)
