@@ -124,6 +124,9 @@ def attempts(w: World) -> dict[tuple[str, str], Callable[[], list[Attempt]] | st
     return {
         ("POST", "/api/v1/auth/token"): "public login: names no area",
         ("DELETE", "/api/v1/auth/token"): "ends the caller's own token",
+        ("POST", "/api/v1/auth/session"): "public login: names no area",
+        ("DELETE", "/api/v1/auth/session"): "ends the caller's own session",
+        ("POST", "/api/v1/auth/password"): "changes the caller's own password only",
         ("POST", "/api/v1/devices/provision"): "public: a device's one-time token (401 below)",
         ("POST", "/api/v1/tts"): "speaks into the caller's own area (checked below)",
         ("POST", "/api/v1/areas"): lambda: [
