@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,10 +23,10 @@ from loa.streamer.broadcast import Broadcast
 from loa.streamer.clock import SAMPLE_RATE, VirtualClock
 from loa.streamer.hub import Subscription
 from loa.streamer.sources import ToneSource
-from loa.web.app import create_app
 from loa.web.auth import add_user
 from loa.web.config import Config
 from loa.web.node import Node
+from loa.web.testing import start_node
 from tests.apiclient import PASSWORD, PEOPLE, make_config
 from tests.audio import peak_hz
 
@@ -157,28 +157,25 @@ def live_config(tmp_path: Path, *, rtp: bool = False, store: str = "sqlite",
 
 @asynccontextmanager
 async def serving(cfg: Config, *, realtime: bool = False) -> AsyncIterator[Srv]:
-    node = Node(cfg, realtime=realtime)
-    await node.start()
-    for name, (role, area, emergency) in {**PEOPLE, **EXTRA_PEOPLE}.items():
-        if not await node.store.find("user", username=name):
-            await add_user(node.store, node.tree, name, role, area, PASSWORD, emergency)
-    srv = await open_app(node, realtime)
+    srv = await open_node(cfg, realtime=realtime, prepare=add_people)
     try:
         yield srv
     finally:
         await close_app(srv)
 
 
-async def open_app(node: Node, realtime: bool) -> Srv:
-    app = create_app(node)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    http = aiohttp.ClientSession()
-    return Srv(node, app, runner, f"http://{host}:{port}", http,
-               None if realtime else VirtualClock(node.engine.tick))
+async def add_people(node: Node) -> None:
+    """The people of tests/apiclient.py and EXTRA_PEOPLE (a restarted node has them)."""
+    for name, (role, area, emergency) in {**PEOPLE, **EXTRA_PEOPLE}.items():
+        if not await node.store.find("user", username=name):
+            await add_user(node.store, node.tree, name, role, area, PASSWORD, emergency)
+
+
+async def open_node(cfg: Config, *, realtime: bool,
+                    prepare: Callable[[Node], Awaitable[None]] | None = None) -> Srv:
+    live = await start_node(cfg, realtime=realtime, prepare=prepare, access_log=None)
+    return Srv(live.node, live.app, live.runner, live.url, aiohttp.ClientSession(),
+               None if realtime else VirtualClock(live.node.engine.tick))
 
 
 async def close_app(srv: Srv) -> None:

@@ -20,7 +20,6 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from loa.streamer.clock import SAMPLE_RATE
 from loa.streamer.emergency.service import ATTENTION_TONES, attention_pcm
 from loa.streamer.hub import Subscription
-from loa.web.node import Node
 from tests.audio import peak_hz
 from tests.emergencynode import (
     MUSIC,
@@ -33,7 +32,7 @@ from tests.emergencynode import (
     close_app,
     ended,
     live_config,
-    open_app,
+    open_node,
     pcm_from,
     serving,
     settle,
@@ -288,9 +287,8 @@ async def test_restart_puts_the_emergency_back_on_air_within_two_seconds(tmp_pat
         aired = time.time() - on_air_at  # seconds of it heard before the process went away
     # The process is gone (nothing ended the emergency). A new one starts on the same data.
     t0 = time.monotonic()
-    node = Node(cfg, realtime=True)
-    await node.start()
-    srv2 = await open_app(node, realtime=True)
+    srv2 = await open_node(cfg, realtime=True)
+    node = srv2.node
     try:
         await until(lambda: node.engine.on_air(X1)["class"] == "emergency"
                     and node.engine.on_air(X2)["class"] == "emergency", "back on air", 10.0)
