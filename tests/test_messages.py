@@ -69,3 +69,26 @@ def test_every_kind_of_refusal_has_an_http_status():
     assert set(STATUS_OF_KIND) == set(get_args(Kind))
     assert status_of(LoaError("x", kind="forbidden")) == 403
     assert status_of(LoaError("x")) == 422
+
+
+def _inline_bilingual(path: Path) -> list[int]:
+    """Lines of string literals (f-string parts too) holding Vietnamese before " / "."""
+    import ast
+
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if not (isinstance(node, ast.Constant) and isinstance(node.value, str)):
+            continue
+        head, sep, _ = node.value.partition(" / ")
+        if sep and VIETNAMESE.search(head):
+            found.append(node.lineno)
+    return found
+
+
+def test_no_module_writes_a_bilingual_text_inline():
+    # codecs/ stays a library apart: its few texts are translated by their callers
+    catalogue = ROOT / "streamer" / "messages.py"
+    inline = {str(p.relative_to(ROOT)): lines
+              for d in ("streamer", "relay", "web") for p in (ROOT / d).rglob("*.py")
+              if p != catalogue and (lines := _inline_bilingual(p))}
+    assert not inline, inline

@@ -21,6 +21,7 @@ import aiohttp
 import numpy as np
 
 from loa.streamer.clock import SAMPLE_RATE
+from loa.streamer.messages import say
 from loa.streamer.sources import Playlist, Source, ToneSource, chime_pcm
 from loa.streamer.state.store import Record
 from loa.streamer.station import Content
@@ -176,14 +177,15 @@ async def _demo(args: argparse.Namespace) -> None:
     fleet = asyncio.create_task(run_fleet(
         local, token, DEMO_SPEAKERS, DEMO_BOARDS, DEMO_DECODERS, "T01", fleet_stop,
         fleet_file=cfg.data_dir / "loa-sim-fleet.json", status_every=60.0))
-    print(f"\nBảng điều khiển / console: {base}/  (Ctrl-C để dừng / to stop)")
-    print(f"  người dùng / users (mật khẩu / password {DEMO_PASSWORD}): "
+    print(f"\n{say('demo.console', url=f'{base}/')}  ({say('demo.ctrl_c')})")
+    print(f"  {say('demo.users')} ({say('demo.password', password=DEMO_PASSWORD)}): "
           + ", ".join(f"{u} ({r} {a})" for u, r, a, _ in DEMO_USERS))
-    print(f"  dữ liệu / data: {cfg.data_dir}")
-    print(f"  theo dõi / monitor: {base}/monitor   sức khoẻ / health: {base}/healthz")
-    print(f"  thiết bị mô phỏng / simulated devices: {DEMO_SPEAKERS} loa / loudspeakers, "
-          f"{DEMO_BOARDS} bảng tin / boards ({base}/api/v1/devices)")
-    print("  luồng / streams:")
+    print(f"  {say('demo.data_dir', path=cfg.data_dir)}")
+    print(f"  {say('demo.monitor', url=f'{base}/monitor')}   "
+          f"{say('demo.health', url=f'{base}/healthz')}")
+    print(f"  {say('demo.devices', speakers=DEMO_SPEAKERS, boards=DEMO_BOARDS)} "
+          f"({base}/api/v1/devices)")
+    print(f"  {say('demo.streams')}:")
     for a in node.tree:
         print(f"    {a.code:<10} {a.name:<12} {base}/streams/{a.code}.mp3  .opus  .sdp  "
               f"{base}/streams/{a.code}/index.m3u8  WHEP: POST {base}/whep/{a.code}")

@@ -82,21 +82,21 @@ def ok(data: Any, status: int = 200) -> web.Response:
 
 async def read_json(request: web.Request, max_bytes: int = MAX_JSON) -> dict[str, Any]:
     if request.content_length is not None and request.content_length > max_bytes:
-        raise ApiError(413, "nội dung quá lớn / request body too large")
+        raise ApiError(413, say("http.body_too_large"))
     ctype = request.headers.get("Content-Type", "")
     if not ctype.startswith("application/json"):
-        raise ApiError(415, "cần JSON / Content-Type must be application/json")
+        raise ApiError(415, say("http.json_required"))
     raw = await request.content.read(max_bytes + 1)
     if len(raw) > max_bytes:
-        raise ApiError(413, "nội dung quá lớn / request body too large")
+        raise ApiError(413, say("http.body_too_large"))
     try:
         data = json.loads(raw)
         # Lone surrogates parse but cannot be stored or logged: refuse them here.
         json.dumps(data, ensure_ascii=False).encode()
     except (ValueError, RecursionError) as e:  # JSONDecodeError, too deep, huge ints, surrogates
-        raise ApiError(400, f"JSON không hợp lệ / malformed JSON: {type(e).__name__}") from None
+        raise ApiError(400, say("http.malformed_json", error=type(e).__name__)) from None
     if not isinstance(data, dict):
-        raise ApiError(400, "cần một đối tượng JSON / body must be a JSON object")
+        raise ApiError(400, say("http.json_not_object"))
     return data
 
 
@@ -110,23 +110,23 @@ def field(data: dict[str, Any], name: str, kind: type | tuple[type, ...], *,
     """A typed field of a JSON body, or 422 naming it."""
     if name not in data or data[name] is None:
         if required:
-            raise ApiError(422, f"thiếu trường / missing field: {name}", name)
+            raise ApiError(422, say("field.missing", name=name), name)
         return default
     value = data[name]
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (isinstance(value, bool) and kind in (int, float)):
         names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
-        raise ApiError(422, f"sai kiểu dữ liệu / {name} must be {names}", name)
+        raise ApiError(422, say("field.type", name=name, kind=names), name)
     return value
 
 
 def str_list(data: dict[str, Any], name: str, *, required: bool = True) -> list[str]:
     value = field(data, name, list, required=required, default=[])
     if required and not value:
-        raise ApiError(422, f"danh sách rỗng / {name} must not be empty", name)
+        raise ApiError(422, say("field.empty_list", name=name), name)
     if not all(isinstance(v, str) and v for v in value):
-        raise ApiError(422, f"sai kiểu dữ liệu / {name} must be a list of strings", name)
+        raise ApiError(422, say("field.type", name=name, kind="a list of strings"), name)
     return list(dict.fromkeys(value))
 
 
@@ -134,8 +134,7 @@ def refuse_unknown(data: dict[str, Any], allowed: set[str]) -> None:
     """A write that would silently ignore a field is refused (422 naming it), nothing changes."""
     unknown = sorted(set(data) - allowed)
     if unknown:
-        raise ApiError(422, f"không sửa được trường / cannot change {', '.join(unknown)}",
-                       unknown[0])
+        raise ApiError(422, say("field.unchangeable", fields=", ".join(unknown)), unknown[0])
 
 
 def scoped_area(p: Principal, tree: AreaTree, code: object, name: str | None = "area",
@@ -148,7 +147,13 @@ def scoped_area(p: Principal, tree: AreaTree, code: object, name: str | None = "
     return code
 
 
-REF_NAMES = {"media": "tệp âm thanh", "programme": "chương trình"}
+# What `reference` answers, by kind of record: (unknown id, out of the caller's scope).
+REF_TEXTS: dict[str, tuple[Callable[[str], str], Callable[[str, str], str]]] = {
+    "media": (lambda rid: say("media.unknown_id", media=rid),
+              lambda name, rid: say("media.out_of_scope", name=name, media=rid)),
+    "programme": (lambda rid: say("programme.unknown_id", programme=rid),
+                  lambda name, rid: say("programme.out_of_scope", name=name, programme=rid)),
+}
 
 
 async def reference(request: web.Request, tree: AreaTree, kind: str, rid: Any, name: str,
@@ -157,15 +162,13 @@ async def reference(request: web.Request, tree: AreaTree, kind: str, rid: Any, n
     lie in the caller's scope, i.e. its area is in the caller's subtree or above it (shared
     down from above, `Principal.related`); another area's record is refused with 403."""
     if not isinstance(rid, str) or not rid:
-        raise ApiError(422, f"sai kiểu dữ liệu / {name} must be a {kind} id", name)
+        raise ApiError(422, say("field.type", name=name, kind=f"a {kind} id"), name)
+    unknown, out_of_scope = REF_TEXTS[kind]
     rec = await request.app[STORE].get(kind, rid)
     if rec is None or rec.get("area") not in tree:
-        raise ApiError(missing, f"không có {REF_NAMES.get(kind, kind)} / unknown {kind} {rid}",
-                       name)
+        raise ApiError(missing, unknown(rid), name)
     if not principal(request).related(tree, rec["area"]):
-        raise ApiError(403, f"{name}: {REF_NAMES.get(kind, kind)} {rid} thuộc khu vực ngoài "
-                            f"phạm vi của bạn / {name}: {kind} {rid} belongs to an area outside "
-                            f"your scope", name)
+        raise ApiError(403, out_of_scope(name, rid), name)
     return rec
 
 
@@ -235,7 +238,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except RateLimited as e:
         return error_response(429, str(e), headers={"Retry-After": str(int(e.retry_after) + 1)})
     except NotFound as e:
-        return error_response(404, f"không tìm thấy / not found: {e}")
+        return error_response(404, say("http.not_found", error=e))
     except Conflict as e:
         return error_response(409, str(e))
     except StoreUnavailable as e:  # transient: no traceback, the client retries
@@ -250,7 +253,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         log.exception("request failed event=http_500 method=%s path=%s", request.method,
                       request.path)
-        return error_response(500, "lỗi máy chủ / internal server error")
+        return error_response(500, say("http.internal_error"))
 
 
 def body_limit_middleware(limits: dict[str, int]) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -266,8 +269,7 @@ def body_limit_middleware(limits: dict[str, int]) -> Callable[..., Awaitable[web
         size = request.content_length
         if limit is None or size is None or size <= limit:
             return await handler(request)
-        resp = error_response(413, "nội dung quá lớn / request body too large: limit "
-                                   f"{limit // 1024} KiB")
+        resp = error_response(413, say("http.body_over_limit", limit=limit // 1024))
         resp.force_close()
         await resp.prepare(request)
         await resp.write_eof()

@@ -60,6 +60,7 @@ from aiohttp import web
 from loa.streamer.areas import AreaTree
 from loa.streamer.clock import TICK
 from loa.streamer.hub import PacketHub
+from loa.streamer.messages import say
 from loa.web.api.schema import CODE, responses
 from loa.web.http import ApiError, ok, principal, scoped_area
 from loa.web.node import NODE, Node
@@ -800,8 +801,7 @@ async def monitor_handler(request: web.Request) -> web.StreamResponse:
     if raw:
         depth = int(raw) if raw.isascii() and raw.isdigit() and len(raw) <= 3 else -1
         if not 0 <= depth <= MAX_DEPTH:
-            raise ApiError(422, f"depth phải là số nguyên 0-{MAX_DEPTH} / depth must be an "
-                                f"integer within 0-{MAX_DEPTH}", "depth")
+            raise ApiError(422, say("monitor.bad_depth", limit=MAX_DEPTH), "depth")
     return await send_json(request, await monitor_json(request.app, scope, depth, p.area))
 
 
@@ -853,8 +853,7 @@ def openapi_paths() -> dict[str, Any]:
     return {
         "/api/v1/monitor": {
             "get": {
-                "summary": "Giám sát / what is on air per area and why, listeners per "
-                           "transport, bitrates, quality, node figures",
+                "summary": say("openapi.monitor"),
                 "security": [{"bearer": []}],
                 "parameters": [
                     {"name": "area", "in": "query", "schema": CODE,

@@ -28,6 +28,7 @@ from loa.streamer.emergency.service import EmergencyService, node_identity
 from loa.streamer.engine import Engine
 from loa.streamer.hub import PacketHub
 from loa.streamer.library import LibrarySettings, MediaLibrary
+from loa.streamer.messages import say
 from loa.streamer.schedule import Scheduler
 from loa.streamer.state.bus import Bus
 from loa.streamer.state.open import open_bus, open_store
@@ -290,8 +291,8 @@ class Node:
             raise
         self.bootstrap_password = password
         # Printed, not logged: logs are kept and shipped, this must be seen once and changed.
-        print(f"Tài khoản quản trị đầu tiên / bootstrap admin: {name} / {password} "
-              f"(khu vực / area {root})", flush=True)
+        print(f"{say('node.bootstrap_admin', name=name)} / {password} "
+              f"({say('node.bootstrap_area', area=root)})", flush=True)
 
     async def stop(self) -> None:
         """Stop what start() started, in reverse order (also after a start that failed)."""

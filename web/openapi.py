@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from loa.streamer.messages import say
 from loa.web.api.schema import (
     CODE,
     CODE_PARAM,
@@ -56,68 +57,63 @@ def document() -> S:
     secured: S = {"security": [{"bearer": []}]}
     paths: S = {
         "/api/v1/auth/token": {
-            "post": {"summary": "Đăng nhập / log in: a bearer token", "security": [],
+            "post": {"summary": say("openapi.login"), "security": [],
                      "requestBody": body(obj({"username": STR, "password": STR},
                                              ["username", "password"])),
                      "responses": responses(201, 400, 401, 415, 422, 429)},
-            "delete": {"summary": "Đăng xuất / revoke this token", **secured,
+            "delete": {"summary": say("openapi.logout"), **secured,
                        "responses": responses(204, 401)},
         },
         "/api/v1/me": {"get": {"summary": "The caller", **secured, "responses": responses(*READ)}},
         "/api/v1/auth/session": {
-            "post": {"summary": "Đăng nhập bảng điều khiển / console log in: an HttpOnly session "
-                                "cookie (loa_session) and its CSRF value", "security": [],
+            "post": {"summary": say("openapi.session_login"), "security": [],
                      "requestBody": body(obj({"username": STR, "password": STR},
                                              ["username", "password"])),
                      "responses": responses(200, 400, 401, 415, 422, 429)},
-            "delete": {"summary": "Đăng xuất / end this session (or token), clear the cookie",
+            "delete": {"summary": say("openapi.session_logout"),
                        **secured, "responses": responses(204, 401, 403)},
         },
-        "/api/v1/auth/me": {"get": {"summary": "Người dùng, khu vực, quyền / the caller, its "
-                                               "area path, rights and CSRF value", **secured,
+        "/api/v1/auth/me": {"get": {"summary": say("openapi.auth_me"), **secured,
                                     "responses": responses(*READ)}},
         "/api/v1/auth/password": {
-            "post": {"summary": "Đổi mật khẩu / change one's password; ends every other session",
+            "post": {"summary": say("openapi.password"),
                      **secured,
                      "requestBody": body(obj({"current": STR, "new": STR}, ["current", "new"])),
                      "responses": responses(204, *WRITE)},
         },
-        "/api/v1/events": {"get": {"summary": "Sự kiện trực tiếp / live events of the caller's "
-                                              "scope (text/event-stream)", **secured,
+        "/api/v1/events": {"get": {"summary": say("openapi.events"), **secured,
                                    "responses": responses(*READ)}},
         "/api/v1/overview": {
-            "get": {"summary": "Tổng quan / one level of the area tree: on air, devices, today, "
-                               "emergencies, faults", **secured,
+            "get": {"summary": say("openapi.overview"), **secured,
                     "parameters": [{"name": "root", "in": "query", "required": False,
                                     "schema": CODE}],
                     "responses": responses(*READ, 404)},
         },
         "/api/v1/areas": {
-            "get": {"summary": "Cây khu vực / the caller's area subtree", **secured,
+            "get": {"summary": say("openapi.areas"), **secured,
                     "responses": responses(*READ)},
-            "post": {"summary": "Tạo khu vực / create an area (admin)", **secured,
+            "post": {"summary": say("openapi.area_create"), **secured,
                      "requestBody": body(obj({"code": CODE, "name": STR, "level": STR,
                                               "parent": CODE}, ["code", "name", "parent"])),
                      "responses": responses(201, 409, *WRITE)},
         },
         "/api/v1/areas/import": {
-            "post": {"summary": "Nhập danh mục đơn vị hành chính / import the official list "
-                                "(CSV code,name,level,parent_code)", **secured,
+            "post": {"summary": say("openapi.area_import"), **secured,
                      "requestBody": body({"type": "string"}, "text/csv"),
                      "responses": responses(201, 413, *WRITE)},
         },
         "/api/v1/areas/{code}": {
             "parameters": [CODE_PARAM],
-            "get": {"summary": "Một khu vực / one area", **secured,
+            "get": {"summary": say("openapi.area"), **secured,
                     "responses": responses(*READ, 404)},
-            "patch": {"summary": "Sửa khu vực / rename an area", **secured,
+            "patch": {"summary": say("openapi.area_update"), **secured,
                       "requestBody": body(obj({"name": STR, "level": STR})),
                       "responses": responses(200, 404, *WRITE)},
         },
         "/api/v1/users": {
-            "get": {"summary": "Người dùng / users of the subtree (admin)", **secured,
+            "get": {"summary": say("openapi.users"), **secured,
                     "responses": responses(*READ)},
-            "post": {"summary": "Tạo người dùng / create a user (admin)", **secured,
+            "post": {"summary": say("openapi.user_create"), **secured,
                      "requestBody": body(obj({
                          "username": STR, "role": {"type": "string", "enum": [
                              "admin", "approver", "editor", "operator", "viewer"]},
@@ -127,20 +123,20 @@ def document() -> S:
         },
         "/api/v1/users/{id}": {
             "parameters": [ID_PARAM],
-            "patch": {"summary": "Sửa người dùng / change role, password, disable", **secured,
+            "patch": {"summary": say("openapi.user_update"), **secured,
                       "requestBody": body(obj({"role": STR, "password": STR,
                                                "disabled": {"type": "boolean"},
                                                "emergency": {"type": "boolean"}})),
                       "responses": responses(200, 404, *WRITE)},
         },
         "/api/v1/audit": {
-            "get": {"summary": "Nhật ký thao tác / audit log (admin)", **secured,
+            "get": {"summary": say("openapi.audit"), **secured,
                     "parameters": RANGE_PARAMS[:2], "responses": responses(*READ, 422)},
         },
         "/api/v1/media": {
-            "get": {"summary": "Thư viện âm thanh / media library", **secured,
+            "get": {"summary": say("openapi.media"), **secured,
                     "responses": responses(*READ)},
-            "post": {"summary": "Tải lên / upload audio (decoded, normalised, stored once)",
+            "post": {"summary": say("openapi.media_upload"),
                      **secured,
                      "requestBody": body(obj({"file": {"type": "string", "format": "binary"},
                                               "title": STR, "area": CODE}, ["file"]),
@@ -149,29 +145,29 @@ def document() -> S:
         },
         "/api/v1/media/{id}": {
             "parameters": [ID_PARAM],
-            "get": {"summary": "Một tệp / one media item", **secured,
+            "get": {"summary": say("openapi.media_item"), **secured,
                     "responses": responses(*READ, 404)},
-            "delete": {"summary": "Xoá / delete", **secured,
+            "delete": {"summary": say("openapi.media_delete"), **secured,
                        "responses": responses(204, 401, 403, 404, 409)},
         },
         "/api/v1/tts": {
-            "post": {"summary": "Chuyển văn bản thành giọng nói / text to speech", **secured,
+            "post": {"summary": say("openapi.tts"), **secured,
                      "requestBody": body(obj({"text": {"type": "string", "maxLength": 5000},
                                               "voice": STR}, ["text"])),
                      "responses": responses(201, 503, 507, *WRITE)},
         },
         "/api/v1/programmes": {
-            "get": {"summary": "Chương trình / programmes", **secured,
+            "get": {"summary": say("openapi.programmes"), **secured,
                     "parameters": [{"name": "status", "in": "query", "schema": {
                         "type": "string", "enum": ["draft", "pending", "approved", "rejected"]}}],
                     "responses": responses(*READ)},
-            "post": {"summary": "Tạo chương trình / create a programme", **secured,
+            "post": {"summary": say("openapi.programme_create"), **secured,
                      "requestBody": body(PROGRAMME), "responses": responses(201, *WRITE)},
         },
         "/api/v1/programmes/{id}": {
             "parameters": [ID_PARAM],
             "get": {"summary": "Một chương trình", **secured, "responses": responses(*READ, 404)},
-            "patch": {"summary": "Sửa (về nháp) / edit (back to draft)", **secured,
+            "patch": {"summary": say("openapi.programme_update"), **secured,
                       "requestBody": body(obj(PROGRAMME["properties"])),
                       "responses": responses(200, 404, *WRITE)},
         },
@@ -181,41 +177,41 @@ def document() -> S:
                      **({"requestBody": body(obj({"reason": STR}, ["reason"]))}
                         if action == "reject" else {}),
                      "responses": responses(200, 404, 409, *WRITE)},
-        } for action, summary in (("submit", "Gửi duyệt / submit for approval"),
-                                  ("approve", "Duyệt / approve"),
-                                  ("reject", "Từ chối / reject with a reason"))},
+        } for action, summary in (("submit", say("openapi.programme_submit")),
+                                  ("approve", say("openapi.programme_approve")),
+                                  ("reject", say("openapi.programme_reject")))},
         "/api/v1/schedules": {
-            "get": {"summary": "Lịch phát / schedules", **secured, "responses": responses(*READ)},
-            "post": {"summary": "Đặt lịch / schedule a programme (conflicts are reported)",
+            "get": {"summary": say("openapi.schedules"), **secured, "responses": responses(*READ)},
+            "post": {"summary": say("openapi.schedule_create"),
                      **secured, "requestBody": body(SCHEDULE),
                      "responses": responses(201, 409, *WRITE)},
         },
         "/api/v1/schedules/{id}": {
             "parameters": [ID_PARAM],
-            "delete": {"summary": "Xoá lịch / delete", **secured,
+            "delete": {"summary": say("openapi.schedule_delete"), **secured,
                        "responses": responses(204, 401, 403, 404)},
         },
         "/api/v1/broadcasts": {
-            "get": {"summary": "Đang phát / what is on air per area and why", **secured,
+            "get": {"summary": say("openapi.broadcasts"), **secured,
                     "responses": responses(*READ)},
-            "post": {"summary": "Phát ngay / start a broadcast", **secured,
+            "post": {"summary": say("openapi.broadcast_start"), **secured,
                      "requestBody": body(BROADCAST),
                      "responses": responses(201, 404, 409, *WRITE)},
         },
         "/api/v1/broadcasts/{id}": {
             "parameters": [ID_PARAM],
-            "delete": {"summary": "Dừng / stop (the issuer's authority or above)", **secured,
+            "delete": {"summary": say("openapi.broadcast_stop"), **secured,
                        "responses": responses(204, 401, 403, 404)},
         },
         "/api/v1/reports/asrun": {
-            "get": {"summary": "Nhật ký phát sóng / as-run log (JSON or CSV)", **secured,
+            "get": {"summary": say("openapi.asrun"), **secured,
                     "parameters": [*RANGE_PARAMS, {"name": "format", "in": "query",
                                                    "schema": {"type": "string",
                                                               "enum": ["json", "csv"]}}],
                     "responses": responses(*READ, 422)},
         },
         "/api/v1/reports/summary": {
-            "get": {"summary": "Báo cáo / hours on air per area and class, bulletins per day",
+            "get": {"summary": say("openapi.summary"),
                     **secured, "parameters": RANGE_PARAMS, "responses": responses(*READ, 422)},
         },
     }

@@ -17,6 +17,7 @@ from loa.relay.inputs import RelayInput, RelayInputSettings, safe_url
 from loa.relay.urlpolicy import RELAY_SCHEMES, FetchSettings, UrlRefused, check_url
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.engine import Engine
+from loa.streamer.messages import say
 from loa.streamer.sources import Source
 from loa.streamer.state.store import Record
 from loa.streamer.station import ContentError
@@ -42,7 +43,7 @@ class RelayInputs:
     async def factory(self, prog: Record) -> Source:
         url = prog.get("url")
         if not isinstance(url, str) or not url.strip():
-            raise ContentError("thiếu địa chỉ tiếp sóng / relay programme has no url", "url")
+            raise ContentError(say("relay.programme_no_url"), "url")
         try:  # again when it opens: the name may resolve elsewhere than when it was stored
             await check_url(url, RELAY_SCHEMES, self.policy)
         except UrlRefused as e:

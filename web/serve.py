@@ -12,6 +12,7 @@ from aiohttp import web
 
 from loa.streamer.areas import AreaError
 from loa.streamer.log import setup_logging
+from loa.streamer.messages import say
 from loa.streamer.state.open import open_store
 from loa.web.app import create_app
 from loa.web.auth import add_user
@@ -24,7 +25,7 @@ def _config(args: argparse.Namespace, http: str | None = None) -> Config:
     try:
         return load_config(args.config, data=args.data, http=http)
     except ConfigError as e:
-        print(f"lỗi cấu hình / config error: {e}", file=sys.stderr)
+        print(say("serve.config_error", error=e), file=sys.stderr)
         raise SystemExit(2) from None
 
 
@@ -49,8 +50,8 @@ async def serve(cfg: Config, *, ready: asyncio.Event | None = None,
     host, _, port = cfg.server.http.rpartition(":")
     site = web.TCPSite(runner, host or "0.0.0.0", int(port))
     await site.start()
-    print(f"Loa đang phục vụ / serving on http://{cfg.server.http} "
-          f"(dữ liệu / data {cfg.data_dir})", flush=True)
+    print(f"{say('serve.serving', address=cfg.server.http)} "
+          f"({say('serve.data_dir', path=cfg.data_dir)})", flush=True)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -84,14 +85,14 @@ async def _user_add(cfg: Config, args: argparse.Namespace) -> int:
         record, password = await add_user(store, tree, args.name, args.role, args.area,
                                           args.password, args.emergency, args.direct)
     except (ValueError, AreaError) as e:
-        print(f"lỗi / error: {e}", file=sys.stderr)
+        print(say("serve.error", error=e), file=sys.stderr)
         return 2
     finally:
         await store.close()
-    print(f"Đã tạo / created user {record['username']} role={record['role']} "
-          f"area={record['area']} emergency={record['emergency']}")
+    print(say("serve.user_created", username=record["username"], role=record["role"],
+              area=record["area"], emergency=record["emergency"]))
     if args.password is None:
-        print(f"Mật khẩu / password: {password}")
+        print(say("serve.password", password=password))
     return 0
 
 

@@ -519,8 +519,10 @@ async def run_fleet(server_url: str, token: str | None, speakers: int, boards: i
               file=sys.stderr, flush=True)
         return 1
     c = fleet.counts()
-    _say(f"{c['devices']} thiết bị / devices ({c['reused']} dùng lại / reused, "
-         f"{c['registered']} mới / new) -> {fleet.server}; tệp / file {fleet.fleet_file}")
+    _say(f"{say('sim.device_count', count=c['devices'])} "
+         f"({say('sim.reused_count', count=c['reused'])}, "
+         f"{say('sim.new_count', count=c['registered'])}) -> {fleet.server}; "
+         f"{say('sim.fleet_file', path=fleet.fleet_file)}")
     if duration:
         asyncio.get_running_loop().call_later(duration, stop_event.set)
     cpu0, t0 = _cpu_seconds(), time.monotonic()

@@ -8,6 +8,7 @@ from typing import Any
 from aiohttp import web
 
 from loa.streamer.areas import AreaError, AreaTree, parse_csv
+from loa.streamer.messages import say
 from loa.web.auth import (
     Role,
     add_user,
@@ -116,10 +117,10 @@ async def area_create(request: web.Request) -> web.Response:
     level = field(data, "level", str, required=False, default="")
     parent = field(data, "parent", str)
     if parent not in node.tree:
-        raise ApiError(422, f"khu vực cha không tồn tại / unknown parent {parent}", "parent")
+        raise ApiError(422, say("area.no_parent", parent=parent), "parent")
     p.require_area(node.tree, parent)
     if not name.strip() or len(name) > 200:
-        raise ApiError(422, "tên 1-200 ký tự / name must be 1-200 characters", "name")
+        raise ApiError(422, say("area.name_length", limit=200), "name")
     try:
         code = node.tree.add(code, name, level, parent).code
     except AreaError as e:
@@ -146,7 +147,7 @@ async def area_update(request: web.Request) -> web.Response:
     name = field(data, "name", str, required=False)
     level = field(data, "level", str, required=False)
     if name is not None and not name.strip():
-        raise ApiError(422, "tên không được rỗng / name must not be empty", "name")
+        raise ApiError(422, say("area.name_empty"), "name")
     record = {**area_record(code, node.tree), **{k: v for k, v in (("name", name), ("level", level))
                                                   if v is not None}}
     await node.store.put("area", record)  # stored first: memory follows only a stored change
@@ -163,25 +164,25 @@ async def area_import(request: web.Request) -> web.Response:
     p.require("admin")
     node = node_of(request)
     if request.content_length is not None and request.content_length > 8 * 1024 * 1024:
-        raise ApiError(413, "tệp quá lớn / CSV larger than 8 MiB")
+        raise ApiError(413, say("area.csv_too_large", limit=8))
     raw = await request.content.read(8 * 1024 * 1024 + 1)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise ApiError(422, "CSV phải là UTF-8 / CSV must be UTF-8", "file") from None
+        raise ApiError(422, say("area.csv_encoding"), "file") from None
     existing = [(a.code, a.name, a.level, a.parent) for a in node.tree]
     try:
         rows = parse_csv(text)
         for code, *_ in rows:
             if code.strip() in node.tree:
-                raise AreaError(f"mã khu vực đã có / area {code.strip()} already exists")
+                raise AreaError(say("area.exists", code=code.strip()))
         merged = AreaTree.from_rows(existing + rows)
     except AreaError as e:
         raise ApiError(422, str(e), "file") from None
     new = [a.code for a in merged if a.code not in node.tree]
     for code in new:
         if not merged.contains(p.area, code):
-            raise ApiError(403, f"khu vực {code} ngoài phạm vi / {code} is outside your area")
+            raise ApiError(403, say("area.import_outside", code=code))
     for code in new:  # parents first: `merged` iterates in insertion order
         a = merged.get(code)
         node.tree.add(a.code, a.name, a.level, a.parent)
@@ -216,9 +217,9 @@ async def user_create(request: web.Request) -> web.Response:
     emergency = field(data, "emergency", bool, required=False, default=False)
     scoped_area(p, node.tree, area)
     if role not in {r.value for r in Role}:
-        raise ApiError(422, f"vai trò không hợp lệ / unknown role {role}", "role")
+        raise ApiError(422, say("user.unknown_role", role=role), "role")
     if emergency and not p.emergency:
-        raise ApiError(403, "không thể cấp quyền khẩn cấp / you cannot grant the emergency right")
+        raise ApiError(403, say("user.cannot_grant_emergency"))
     try:
         record, pw = await add_user(node.store, node.tree, username, role, area, password,
                                     emergency)
@@ -240,20 +241,20 @@ async def user_update(request: web.Request) -> web.Response:
     node = node_of(request)
     user = await node.store.get("user", request.match_info["id"])
     if user is None or user["area"] not in node.tree:
-        raise ApiError(404, "không có người dùng / unknown user")
+        raise ApiError(404, say("user.unknown"))
     p.require_area(node.tree, user["area"])
     data = await read_json(request)
     refuse_unknown(data, {"role", "disabled", "emergency", "password"})
     changes: dict[str, Any] = {}
     if (role := field(data, "role", str, required=False)) is not None:
         if role not in {r.value for r in Role}:
-            raise ApiError(422, f"vai trò không hợp lệ / unknown role {role}", "role")
+            raise ApiError(422, say("user.unknown_role", role=role), "role")
         changes["role"] = role
     if (disabled := field(data, "disabled", bool, required=False)) is not None:
         changes["disabled"] = disabled
     if (emergency := field(data, "emergency", bool, required=False)) is not None:
         if not p.emergency:
-            raise ApiError(403, "không thể cấp quyền khẩn cấp / you cannot grant the emergency right")
+            raise ApiError(403, say("user.cannot_grant_emergency"))
         changes["emergency"] = emergency
     if (password := field(data, "password", str, required=False)) is not None:
         try:
@@ -289,8 +290,7 @@ def _num(request: web.Request, name: str) -> float | None:
     try:
         return float(v)
     except ValueError:
-        raise ApiError(422, f"{name} phải là số giây epoch / {name} must be epoch seconds",
-                       name) from None
+        raise ApiError(422, say("time.not_epoch", name=name), name) from None
 
 
 def setup(app: web.Application) -> None:

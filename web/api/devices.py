@@ -35,6 +35,7 @@ from loa.relay.devices.records import (
     new_provisioning_token,
     secret_hash,
 )
+from loa.streamer.messages import say
 from loa.streamer.state.store import Record
 from loa.web.api.schema import CODE, ID_PARAM, READ, STR, WRITE, body, obj, responses
 from loa.web.auth import Principal
@@ -120,8 +121,8 @@ async def connect(request: web.Request) -> web.StreamResponse:
     ws = web.WebSocketResponse(compress=False, max_msg_size=s.max_message_kb * 1024,
                                timeout=5.0, autoping=True)
     if not ws.can_prepare(request).ok:
-        return error_response(426, "cần nâng cấp lên WebSocket / this endpoint needs a "
-                                   "WebSocket upgrade", headers={"Upgrade": "websocket"})
+        return error_response(426, say("device.needs_websocket"),
+                              headers={"Upgrade": "websocket"})
     await ws.prepare(request)
     link = WsLink(ws, request, mgr)
     peer = request.remote
@@ -131,13 +132,12 @@ async def connect(request: web.Request) -> web.StreamResponse:
     except TimeoutError:
         log.info("device without hello event=device_hello_timeout peer=%s", peer)
         await ws.close(code=CLOSE_MALFORMED_HELLO,
-                       message=_reason(f"không có hello trong {s.hello_timeout:g} giây / "
-                                       f"no hello within {s.hello_timeout:g} s"))
+                       message=_reason(say("device.no_hello", seconds=s.hello_timeout)))
         return ws
     if msg.type not in (WSMsgType.TEXT, WSMsgType.BINARY):
         if not ws.closed:  # a too-big first message was already closed with 1009 by aiohttp
             await ws.close(code=CLOSE_MALFORMED_HELLO,
-                           message=_reason("cần hello / first message must be hello"))
+                           message=_reason(say("device.hello_needed")))
         return ws
     try:
         dev = await mgr.hello(link, msg.data, public_base(request, node))
@@ -148,15 +148,14 @@ async def connect(request: web.Request) -> web.StreamResponse:
         return ws
     except Exception:
         log.exception("device hello failed event=device_hello_error peer=%s", peer)
-        await ws.close(code=1011, message=_reason("lỗi máy chủ / internal server error"))
+        await ws.close(code=1011, message=_reason(say("http.internal_error")))
         return ws
     try:
         async for msg in ws:
             if msg.type is WSMsgType.TEXT:
                 await mgr.receive(dev, link, msg.data)
             elif msg.type is WSMsgType.BINARY:
-                await mgr.protocol_error(dev, link, "chỉ nhận khung văn bản JSON / binary "
-                                                    "frames are not part of the protocol")
+                await mgr.protocol_error(dev, link, say("device.binary_frame"))
     finally:
         await mgr.disconnected(dev, link)
     return ws
@@ -173,7 +172,7 @@ def _device(request: web.Request, p: Principal) -> Device:
     dev = _mgr(request).get(request.match_info["id"])
     if dev is None or dev.record["area"] not in node.tree \
             or not node.tree.contains(p.area, dev.record["area"]):
-        raise ApiError(404, "không có thiết bị / unknown device")
+        raise ApiError(404, say("device.unknown"))
     return dev
 
 
@@ -187,8 +186,7 @@ def _checked(fn: Any, *args: Any) -> Any:
 def _ttl(data: dict[str, Any], mgr: DeviceManager) -> float:
     ttl = field(data, "ttl_s", float, required=False, default=mgr.settings.command_ttl)
     if not 0 < ttl <= mgr.settings.max_command_ttl:
-        raise ApiError(422, f"ttl_s phải trong khoảng 0-{mgr.settings.max_command_ttl:g} / "
-                            f"ttl_s must be within 0-{mgr.settings.max_command_ttl:g} s", "ttl_s")
+        raise ApiError(422, say("device.bad_ttl", limit=mgr.settings.max_command_ttl), "ttl_s")
     return float(ttl)
 
 
@@ -197,8 +195,7 @@ def _command(data: dict[str, Any], p: Principal) -> tuple[str, dict[str, Any]]:
     command = field(data, "command", str)
     args = _checked(validate_command, command, data.get("args"))
     if command == "emergency" and not p.emergency:
-        raise ApiError(403, "bạn không có quyền phát khẩn cấp / "
-                            "you do not hold the emergency right")
+        raise ApiError(403, say("emergency.no_right"))
     return command, args
 
 
@@ -213,8 +210,8 @@ async def device_create(request: web.Request) -> web.Response:
     name = _checked(validate_name, field(data, "name", str))
     kind = field(data, "kind", str)
     if kind not in DEVICE_KINDS:
-        raise ApiError(422, f"loại thiết bị phải là {' hoặc '.join(DEVICE_KINDS)} / kind must "
-                            f"be one of {', '.join(DEVICE_KINDS)}", "kind")
+        raise ApiError(422, say("device.bad_kind", first=", ".join(DEVICE_KINDS[:-1]),
+                                last=DEVICE_KINDS[-1], kinds=", ".join(DEVICE_KINDS)), "kind")
     caps = _checked(validate_capabilities, data.get("capabilities") or {})
     groups = _checked(validate_groups, data.get("groups") or [])
     volume = data.get("volume", mgr.settings.default_volume)
@@ -239,18 +236,16 @@ async def device_list(request: web.Request) -> web.Response:
     area = scoped_area(p, request.app[NODE].tree, q.get("area") or p.area)
     status = q.get("status") or None
     if status is not None and status not in DEVICE_STATUSES:
-        raise ApiError(422, f"status phải là {', '.join(DEVICE_STATUSES)} / status must be one "
-                            f"of {', '.join(DEVICE_STATUSES)}", "status")
+        raise ApiError(422, say("device.status_filter", statuses=", ".join(DEVICE_STATUSES)),
+                       "status")
     kind = q.get("kind") or None
     if kind is not None and kind not in DEVICE_KINDS:
-        raise ApiError(422, f"kind phải là {', '.join(DEVICE_KINDS)} / kind must be one of "
-                            f"{', '.join(DEVICE_KINDS)}", "kind")
+        raise ApiError(422, say("device.kind_filter", kinds=", ".join(DEVICE_KINDS)), "kind")
     try:
         limit = int(q.get("limit", 1000))
         offset = int(q.get("offset", 0))
     except ValueError:
-        raise ApiError(422, "limit/offset phải là số nguyên / limit and offset must be "
-                            "integers", "limit") from None
+        raise ApiError(422, say("device.bad_paging"), "limit") from None
     if not 1 <= limit <= MAX_LIST or offset < 0:
         raise ApiError(422, f"limit 1-{MAX_LIST}, offset >= 0", "limit")
     found = _mgr(request).find(set(tree.subtree(area)), kind=kind, status=status,
@@ -272,12 +267,11 @@ async def device_provision(request: web.Request) -> web.Response:
     key = await mgr.provision(device_id, token)
     if key is None:
         if await node.store.hit(f"provision:ip:{ip}", 300.0) > PROVISION_FAILURES_PER_IP:
-            raise ApiError(429, "quá nhiều lần thử / too many failed attempts",
+            raise ApiError(429, say("device.too_many_attempts"),
                            headers={"Retry-After": "300"})
         log.info("provisioning refused event=device_provision_refused device=%s ip=%s",
                  device_id[:64], ip)
-        raise ApiError(401, "mã cấp phát không hợp lệ, đã dùng hoặc hết hạn / provisioning "
-                            "token invalid, already used or expired")
+        raise ApiError(401, say("device.bad_provisioning_token"))
     await audit(request, "device.provision", device_id)
     ws = public_base(request, node).replace("http", "ws", 1)
     return ok({"device": device_id, "key": key, "connect": f"{ws}/api/v1/devices/connect"}, 201)
@@ -293,8 +287,7 @@ async def device_bulk_command(request: web.Request) -> web.Response:
     area = scoped_area(p, request.app[NODE].tree, field(data, "area", str))
     kind = field(data, "kind", str, required=False)
     if kind is not None and kind not in DEVICE_KINDS:
-        raise ApiError(422, f"kind phải là {', '.join(DEVICE_KINDS)} / kind must be one of "
-                            f"{', '.join(DEVICE_KINDS)}", "kind")
+        raise ApiError(422, say("device.kind_filter", kinds=", ".join(DEVICE_KINDS)), "kind")
     group = field(data, "group", str, required=False)
     ttl = _ttl(data, mgr)
     devices = [d for d in mgr.find(set(tree.subtree(area)), kind=kind, group=group)
@@ -314,8 +307,7 @@ async def device_batch(request: web.Request) -> web.Response:
     tree = request.app[NODE].tree
     t = _mgr(request).tally(request.match_info["batch"])
     if t is None or t["area"] not in tree or not tree.contains(p.area, t["area"]):
-        raise ApiError(404, "không có lô lệnh (hoặc đã quá cũ) / unknown (or too old) command "
-                            "batch")
+        raise ApiError(404, say("device.unknown_batch"))
     return ok(t)
 
 
@@ -393,9 +385,9 @@ async def device_command(request: web.Request) -> web.Response:
     data = await read_json(request)
     command, args = _command(data, p)
     if command == "display" and not has_display(dev.record):
-        raise ApiError(422, "thiết bị không có màn hình / this device has no display", "command")
+        raise ApiError(422, say("device.no_display"), "command")
     if dev.record.get("revoked"):
-        raise ApiError(409, "thiết bị đã bị thu hồi khóa / the device's key is revoked")
+        raise ApiError(409, say("device.revoked"))
     issued = await mgr.issue([dev], command, args, ttl=_ttl(data, mgr), issuer=p.username,
                              area=dev.record["area"], single=True)
     await audit(request, "device.command", dev.id, command=command, id=issued.ids[0])
@@ -430,7 +422,7 @@ def openapi_paths() -> dict[str, Any]:
     batch_param = {"name": "batch", "in": "path", "required": True, "schema": STR}
     return {
         "/api/v1/devices": {
-            "get": {"summary": "Thiết bị / devices of the caller's area", **secured,
+            "get": {"summary": say("openapi.devices"), **secured,
                     "parameters": [{"name": n, "in": "query", "schema": s} for n, s in (
                         ("area", CODE), ("status", {"type": "string",
                                                     "enum": list(DEVICE_STATUSES)}),
@@ -438,8 +430,7 @@ def openapi_paths() -> dict[str, Any]:
                         ("group", STR), ("limit", {"type": "integer"}),
                         ("offset", {"type": "integer"}))],
                     "responses": responses(*READ, 422)},
-            "post": {"summary": "Đăng ký thiết bị / register a device (admin): returns a "
-                                "one-time provisioning token", **secured,
+            "post": {"summary": say("openapi.device_create"), **secured,
                      "requestBody": body(obj({
                          "name": STR, "kind": {"type": "string", "enum": list(DEVICE_KINDS)},
                          "area": CODE, "capabilities": caps,
@@ -448,20 +439,18 @@ def openapi_paths() -> dict[str, Any]:
                      "responses": responses(201, *WRITE)},
         },
         "/api/v1/devices/provision": {
-            "post": {"summary": "Cấp khóa / a device exchanges its provisioning token for its "
-                                "key (once)", "security": [],
+            "post": {"summary": say("openapi.device_provision"), "security": [],
                      "requestBody": body(obj({"device": STR, "token": STR},
                                              ["device", "token"])),
                      "responses": responses(201, 400, 401, 415, 422, 429)},
         },
         "/api/v1/devices/connect": {
-            "get": {"summary": "Kênh điều khiển / the device control WebSocket (authenticated "
-                               "by its hello message; see docs/device-protocol.md)",
+            "get": {"summary": say("openapi.device_connect"),
                     "security": [], "responses": {"101": {"description": "Switching Protocols"},
                                                   "426": {"description": "Upgrade Required"}}},
         },
         "/api/v1/devices/commands": {
-            "post": {"summary": "Lệnh hàng loạt / a command to every device of an area subtree",
+            "post": {"summary": say("openapi.device_bulk_command"),
                      **secured,
                      "requestBody": body(obj({"area": CODE, **command,
                                               "kind": {"type": "string",
@@ -472,37 +461,37 @@ def openapi_paths() -> dict[str, Any]:
         },
         "/api/v1/devices/commands/{batch}": {
             "parameters": [batch_param],
-            "get": {"summary": "Tiến độ lô lệnh / delivery counts of a bulk command", **secured,
+            "get": {"summary": say("openapi.device_batch"), **secured,
                     "responses": responses(*READ, 404)},
         },
         "/api/v1/devices/{id}": {
             "parameters": [ID_PARAM],
-            "get": {"summary": "Một thiết bị / one device with its live telemetry", **secured,
+            "get": {"summary": say("openapi.device"), **secured,
                     "responses": responses(*READ, 404)},
-            "patch": {"summary": "Sửa thiết bị / rename, move, groups, volume, power schedule",
+            "patch": {"summary": say("openapi.device_update"),
                       **secured,
                       "requestBody": body(obj({"name": STR, "area": CODE, "capabilities": caps,
                                                "groups": {"type": "array", "items": STR},
                                                "volume": volume, "power_schedule": schedule})),
                       "responses": responses(200, 404, *WRITE)},
-            "delete": {"summary": "Xoá thiết bị / delete (closes its connection)", **secured,
+            "delete": {"summary": say("openapi.device_delete"), **secured,
                        "responses": responses(204, 401, 403, 404)},
         },
         "/api/v1/devices/{id}/revoke": {
             "parameters": [ID_PARAM],
-            "post": {"summary": "Thu hồi khóa / revoke the key (closes its connection)",
+            "post": {"summary": say("openapi.device_revoke"),
                      **secured, "responses": responses(200, 401, 403, 404)},
         },
         "/api/v1/devices/{id}/provisioning": {
             "parameters": [ID_PARAM],
-            "post": {"summary": "Mã cấp phát mới / a new one-time provisioning token", **secured,
+            "post": {"summary": say("openapi.device_reprovision"), **secured,
                      "responses": responses(201, 401, 403, 404)},
         },
         "/api/v1/devices/{id}/commands": {
             "parameters": [ID_PARAM],
-            "get": {"summary": "Lịch sử lệnh / the device's commands, newest first", **secured,
+            "get": {"summary": say("openapi.device_commands"), **secured,
                     "responses": responses(*READ, 404)},
-            "post": {"summary": "Gửi lệnh / a command to one device", **secured,
+            "post": {"summary": say("openapi.device_command"), **secured,
                      "requestBody": body(obj(command, ["command"])),
                      "responses": {"202": {"description": "Accepted"},
                                    **responses(404, 409, *WRITE)}},

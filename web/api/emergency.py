@@ -279,23 +279,20 @@ def openapi_paths() -> dict[str, Any]:
               "schema": {"type": "string", "enum": ["active", "ended", "all"]}}
     return {
         "/api/v1/emergencies": {
-            "get": {"summary": "Tình huống khẩn cấp / emergencies concerning the caller's area",
+            "get": {"summary": say("openapi.emergencies"),
                     **secured, "parameters": [status], "responses": responses(*READ, 422)},
-            "post": {"summary": "Phát khẩn cấp / start an emergency (emergency right): preempts "
-                                "the targets at once, commands their loudspeakers and boards",
+            "post": {"summary": say("openapi.emergency_start"),
                      **secured, "requestBody": body(create),
                      "responses": responses(201, *WRITE)},
         },
         "/api/v1/emergencies/{id}": {
             "parameters": [ID_PARAM],
-            "get": {"summary": "Một tình huống khẩn cấp / one emergency, with what is on air in "
-                               "its areas", **secured, "responses": responses(*READ, 404)},
-            "delete": {"summary": "Kết thúc / end an emergency (emergency right at the issuer's "
-                                  "area or above)", **secured,
+            "get": {"summary": say("openapi.emergency"), **secured, "responses": responses(*READ, 404)},
+            "delete": {"summary": say("openapi.emergency_end"), **secured,
                        "responses": responses(200, 401, 403, 404, 409)},
         },
         "/api/v1/alerts": {
-            "post": {"summary": "Cảnh báo CAP 1.2 / a CAP 1.2 alert (Alert, Update, Cancel)",
+            "post": {"summary": say("openapi.alert"),
                      **secured,
                      "requestBody": {"required": True, "content": {
                          "application/cap+xml": {"schema": {"type": "string"}},

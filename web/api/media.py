@@ -14,10 +14,11 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from loa.codecs.decode import MediaError
 from loa.streamer.library import MediaLibrary
+from loa.streamer.messages import say
 from loa.streamer.state.store import Record
 from loa.streamer.tts import TtsError, UnknownVoice
 from loa.web.api.core import node_of
-from loa.web.http import ApiError, audit, field, ok, principal, read_json
+from loa.web.http import ApiError, audit, field, ok, principal, read_json, scoped_area
 
 routes = web.RouteTableDef()
 CHUNK = 256 * 1024
@@ -32,8 +33,6 @@ MAX_PARTS = 8  # file, title, area and a few a client may add; 100k tiny parts c
 MAX_PART_HEADERS = 16
 MAX_HEADER_LINE = 1024
 MAX_TEXT_FIELD = 4096  # bytes of a title or area part
-MALFORMED = "multipart không hợp lệ / malformed multipart body"
-DISK_FULL = "ổ đĩa đầy / disk full: nothing was stored, free space and try again"
 
 
 @contextmanager
@@ -43,7 +42,7 @@ def disk_full_is_507() -> Iterator[None]:
         yield
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise ApiError(507, DISK_FULL) from None
+            raise ApiError(507, say("media.disk_full")) from None
         raise
 
 
@@ -53,15 +52,11 @@ async def upload(request: web.Request) -> web.Response:
     p.require("edit")
     node = node_of(request)
     if not request.content_type.startswith("multipart/"):
-        raise ApiError(415, "cần multipart/form-data với trường file / "
-                            "send multipart/form-data with a file field")
+        raise ApiError(415, say("media.multipart_required"))
     with disk_full_is_507():
         form = await _read_form(request, node.library)
         try:
-            area = form.get("area", p.area)
-            if area not in node.tree:
-                raise ApiError(422, f"không có khu vực / unknown area {area}", "area")
-            p.require_area(node.tree, area)
+            area = scoped_area(p, node.tree, form.get("area", p.area))
         except BaseException:
             await asyncio.to_thread(form["file"].unlink, missing_ok=True)
             raise
@@ -86,26 +81,27 @@ async def _read_form(request: web.Request, lib: MediaLibrary) -> dict[str, Any]:
                                      max_field_size=MAX_HEADER_LINE,
                                      max_headers=MAX_PART_HEADERS)
         except (ValueError, LookupError, HttpProcessingError) as e:  # no or bad boundary
-            raise ApiError(400, f"{MALFORMED}: {type(e).__name__}") from None
+            raise ApiError(400, say("media.malformed_multipart", error=type(e).__name__)) from None
         parts = 0
         while (part := await _next_part(reader)) is not None:
             parts += 1
             if parts > MAX_PARTS:
-                raise ApiError(400, f"{MALFORMED}: more than {MAX_PARTS} parts")
+                raise ApiError(400, say("media.malformed_multipart",
+                                        error=f"more than {MAX_PARTS} parts"))
             if not isinstance(part, BodyPartReader):  # nested multipart: never ours
-                raise ApiError(400, f"{MALFORMED}: nested multipart part")
+                raise ApiError(400, say("media.malformed_multipart", error="nested multipart part"))
             if part.name == "title":
                 form["title"] = (await _text(part))[:200].strip()
             elif part.name == "area":
                 form["area"] = (await _text(part)).strip()
             elif part.name == "file":
                 if "file" in form:
-                    raise ApiError(422, "chỉ một tệp mỗi lần / one file per upload", "file")
+                    raise ApiError(422, say("media.one_file"), "file")
                 form["filename"] = (part.filename or "")[:200]
                 form["file"] = await asyncio.to_thread(lib.temp_path)
                 await _receive(part, form["file"], lib.settings.max_bytes)
         if "file" not in form:
-            raise ApiError(422, "thiếu tệp / missing field: file", "file")
+            raise ApiError(422, say("media.no_file"), "file")
     except BaseException:
         if "file" in form:
             await asyncio.to_thread(form["file"].unlink, missing_ok=True)
@@ -121,8 +117,7 @@ async def _receive(part: BodyPartReader, temp: Path, max_bytes: int) -> None:
         while chunk := await part.read_chunk(CHUNK):
             size += len(chunk)
             if size > max_bytes:
-                raise ApiError(413, "tệp quá lớn / file too large: limit "
-                                    f"{max_bytes // 2**20} MiB", "file")
+                raise ApiError(413, say("media.too_large", limit=max_bytes // 2**20), "file")
             await asyncio.to_thread(f.write, chunk)
     finally:
         await asyncio.to_thread(f.close)
@@ -132,9 +127,9 @@ async def _next_part(reader: MultipartReader) -> object:
     try:
         return await reader.next()
     except (ValueError, LookupError, HttpProcessingError) as e:
-        raise ApiError(400, f"{MALFORMED}: {type(e).__name__} (a part has at most "
-                            f"{MAX_PART_HEADERS} header lines of {MAX_HEADER_LINE} bytes)"
-                       ) from None
+        raise ApiError(400, say("media.malformed_multipart", error=(
+            f"{type(e).__name__} (a part has at most {MAX_PART_HEADERS} header lines of "
+            f"{MAX_HEADER_LINE} bytes)"))) from None
 
 
 async def _text(part: BodyPartReader) -> str:
@@ -144,11 +139,11 @@ async def _text(part: BodyPartReader) -> str:
         while chunk := await part.read_chunk(MAX_TEXT_FIELD):
             raw += chunk
             if len(raw) > MAX_TEXT_FIELD:
-                raise ApiError(413, f"trường quá dài / field {part.name} longer than "
-                                    f"{MAX_TEXT_FIELD} bytes", part.name)
+                raise ApiError(413, say("media.field_too_long", field=part.name,
+                                        limit=MAX_TEXT_FIELD), part.name)
         return raw.decode(part.get_charset(default="utf-8"))  # RFC 7578: no transfer encoding
     except (ValueError, LookupError, HttpProcessingError) as e:  # bad charset, not decodable
-        raise ApiError(400, f"{MALFORMED}: {type(e).__name__}") from None
+        raise ApiError(400, say("media.malformed_multipart", error=type(e).__name__)) from None
 
 
 @routes.get("/api/v1/media")
@@ -161,7 +156,7 @@ async def media_list(request: web.Request) -> web.Response:
 async def _media(request: web.Request) -> Record:
     m = await node_of(request).store.get("media", request.match_info["id"])
     if m is None or not can_see(request, m):
-        raise ApiError(404, "không có tệp âm thanh / unknown media")
+        raise ApiError(404, say("media.unknown"))
     return m
 
 
@@ -180,7 +175,7 @@ async def media_delete(request: web.Request) -> web.Response:
     in_use = [pr["id"] for pr in await node.store.find("programme")
               if pr.get("media") == m["id"] or m["id"] in pr.get("items", [])]
     if in_use:
-        raise ApiError(409, f"tệp đang được dùng / media used by programmes {', '.join(in_use)}")
+        raise ApiError(409, say("media.in_use", programmes=", ".join(in_use)))
     await node.library.remove(m)
     await audit(request, "media.delete", m["id"])
     return web.Response(status=204)

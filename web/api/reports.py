@@ -12,16 +12,17 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
+from loa.streamer.messages import say
 from loa.streamer.state.store import Record
 from loa.streamer.station import node_marks
 from loa.web.api.core import node_of
-from loa.web.http import ApiError, ok, principal
+from loa.web.http import ApiError, ok, principal, scoped_area
 
 routes = web.RouteTableDef()
 TZ = ZoneInfo("Asia/Ho_Chi_Minh")
 ASRUN_FIELDS = ["area", "broadcast", "title", "class", "issuer", "start", "end", "seconds",
                 "start_cause", "end_cause", "preempted", "followed_by"]
-ON_AIR = "đang phát / on air"  # the end cause a CSV shows for a segment still on air
+ON_AIR = say("asrun.on_air")  # the end cause a CSV shows for a segment still on air
 
 
 def _epoch(request: web.Request, name: str, default: float) -> float:
@@ -35,8 +36,7 @@ def _epoch(request: web.Request, name: str, default: float) -> float:
     try:
         dt = datetime.fromisoformat(v)
     except ValueError:
-        raise ApiError(422, f"{name}: cần giây epoch hoặc ISO 8601 / expected epoch seconds or "
-                            "ISO 8601", name) from None
+        raise ApiError(422, say("report.bad_time", name=name), name) from None
     return (dt if dt.tzinfo else dt.replace(tzinfo=TZ)).timestamp()
 
 
@@ -46,11 +46,8 @@ async def _entries(request: web.Request) -> tuple[list[Record], float, float]:
     until = _epoch(request, "to", time.time())
     since = _epoch(request, "from", until - 7 * 86400)
     if until <= since:
-        raise ApiError(422, "to phải sau from / to must be after from", "to")
-    area = request.query.get("area") or p.area
-    if area not in node.tree:
-        raise ApiError(422, f"không có khu vực / unknown area {area}", "area")
-    p.require_area(node.tree, area)
+        raise ApiError(422, say("report.to_before_from"), "to")
+    area = scoped_area(p, node.tree, request.query.get("area") or p.area)
     inside = set(node.tree.subtree(area))
     rows = await node.store.read_log("asrun", since=since - 86400, until=until, limit=200_000)
     # Segments still on air (or left open by a crash not yet recovered): no end, `on_air`,

@@ -253,6 +253,7 @@ async def bench_backend(store_url: str, prefix: str, data_dir: Path, requests: i
     from aiohttp import ClientSession, FormData
 
     from loa.streamer.areas import AreaTree
+    from loa.streamer.messages import say
     from loa.streamer.state.open import open_store
     from loa.web.auth import add_user
     from loa.web.config import load_config
@@ -294,7 +295,7 @@ async def bench_backend(store_url: str, prefix: str, data_dir: Path, requests: i
             token = (await r.json())["token"]
             auth = {"Authorization": f"Bearer {token}"}
             form = FormData()
-            form.add_field("title", "Bản tin thử tải / load test")
+            form.add_field("title", say("bench.media_title"))
             form.add_field("file", tone_wav(), filename="bench.wav")
             r = await s.post(f"{base}/api/v1/media", data=form, headers=auth)
             assert r.status == 201, await r.text()

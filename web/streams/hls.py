@@ -10,6 +10,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from loa.relay.hls import HlsService
+from loa.streamer.messages import say
 from loa.web.http import error_response
 from loa.web.node import NODE
 
@@ -25,7 +26,7 @@ def _service(request: web.Request) -> HlsService:
 
 
 def _unknown_area(area: str) -> web.Response:
-    return error_response(404, f"không có khu vực / unknown area {area}")
+    return error_response(404, say("area.unknown", area=area))
 
 
 async def playlist(request: web.Request) -> web.StreamResponse:
@@ -37,7 +38,7 @@ async def playlist(request: web.Request) -> web.StreamResponse:
     seg = hls.touch(area)
     if not seg.segments and not await seg.wait_segments(
             hls.settings.segment_seconds * 2 + FIRST_SEGMENT_WAIT):
-        return error_response(503, "luồng HLS chưa sẵn sàng / HLS stream not ready yet",
+        return error_response(503, say("hls.not_ready"),
                               headers={"Retry-After": "1"})
     return web.Response(body=seg.playlist(), headers={
         "Content-Type": PLAYLIST_TYPE, "Cache-Control": "no-cache",
@@ -53,7 +54,7 @@ async def segment(request: web.Request) -> web.StreamResponse:
     seg = hls.get(area)
     found = seg.segment(int(request.match_info["seq"])) if seg is not None else None
     if found is None:
-        return error_response(404, "không có đoạn này (đã hết hạn?) / unknown or expired segment")
+        return error_response(404, say("hls.unknown_segment"))
     max_age = int(hls.settings.segment_seconds * (seg.settings.window + 1)) \
         if seg is not None else 0
     return web.Response(body=found.data, headers={

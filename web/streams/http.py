@@ -18,6 +18,7 @@ from aiohttp import web
 
 from loa.relay.icecast import ICY_CODECS, LimitReached
 from loa.streamer.areas import AreaError
+from loa.streamer.messages import say
 from loa.web.http import error_response
 from loa.web.node import NODE
 
@@ -39,14 +40,13 @@ async def _stream(request: web.Request, codec: str) -> web.StreamResponse:
     try:
         area = node.tree.get(code)
     except AreaError:
-        return error_response(404, f"không có khu vực / unknown area: {code}")
+        return error_response(404, say("stream.unknown_area", area=code))
     burst_ms = None
     if "burst_ms" in request.query:  # a player that keeps close to live asks for a short burst
         raw = request.query["burst_ms"]
         if not raw.isdigit() or int(raw) > MAX_BURST_MS:
             return error_response(
-                422, f"burst_ms phải là số nguyên từ 0 đến {MAX_BURST_MS} / burst_ms must be an "
-                f"integer from 0 to {MAX_BURST_MS}", field="burst_ms")
+                422, say("stream.bad_burst", limit=MAX_BURST_MS), field="burst_ms")
         burst_ms = int(raw)
     try:
         streamer.admit(area.code)

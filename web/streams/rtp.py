@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 
+from loa.streamer.messages import say
 from loa.web.http import error_response
 from loa.web.node import NODE
 
@@ -26,14 +27,13 @@ async def sdp_handler(request: web.Request) -> web.StreamResponse:
     area = request.match_info["area"]
     out = request.app[NODE].rtp
     if out is None or not out.started:
-        return error_response(404, "RTP chưa bật trên máy chủ này / RTP is not enabled on this "
-                                   "server")
+        return error_response(404, say("rtp.not_enabled"))
     codec = request.query.get("codec") or None
     try:
         await out.claim(area)  # a cluster's new area: its groups from the shared store
         text = out.sdp(area, codec)
     except KeyError as e:
-        return error_response(404, str(e.args[0]) if e.args else "không có / not found",
+        return error_response(404, str(e.args[0]) if e.args else say("rtp.not_found"),
                               "codec" if codec and area in out.tree else None)
     return web.Response(text=text, content_type="application/sdp", charset="utf-8",
                         headers={"Cache-Control": "no-cache"})

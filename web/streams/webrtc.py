@@ -27,6 +27,7 @@ from aiohttp import web
 from loa.relay.webrtc import LimitError, OfferError
 from loa.streamer.areas import AreaTree
 from loa.streamer.engine import AuthorityError
+from loa.streamer.messages import say
 from loa.streamer.station import Content
 from loa.web.auth import AuthError, Forbidden, Principal, authenticate
 from loa.web.build import stop_whip_broadcast
@@ -62,16 +63,16 @@ async def _options(request: web.Request) -> web.Response:
 async def _read_offer(request: web.Request, max_bytes: int) -> str | web.Response:
     ctype = request.headers.get("Content-Type", "")
     if not ctype.lower().startswith("application/sdp"):
-        return _error(415, "cần SDP / Content-Type must be application/sdp")
+        return _error(415, say("webrtc.sdp_required"))
     if request.content_length is not None and request.content_length > max_bytes:
-        return _error(413, "SDP quá lớn / offer too large")
+        return _error(413, say("webrtc.offer_too_large"))
     raw = await request.content.read(max_bytes + 1)
     if len(raw) > max_bytes:
-        return _error(413, "SDP quá lớn / offer too large")
+        return _error(413, say("webrtc.offer_too_large"))
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
-        return _error(400, "SDP không hợp lệ / malformed SDP: not UTF-8")
+        return _error(400, say("webrtc.offer_bad_encoding"))
 
 
 def _answer(sdp: str, location: str) -> web.Response:
@@ -103,11 +104,12 @@ async def _may_listen(request: web.Request, area: str) -> web.Response | None:
             pass
         else:
             request[PRINCIPAL] = p
-            if node.tree.contains(p.area, area):
-                return None
-            return _error(403, f"khu vực {area} ngoài phạm vi của bạn / area {area} is outside "
-                               f"your area {p.area}")
-    return _error(401, "cần mã nghe / this area needs a listen token (Bearer or ?token=)",
+            try:
+                p.require_area(node.tree, area)
+            except Forbidden as e:
+                return _error(403, str(e))
+            return None
+    return _error(401, say("webrtc.listen_token"),
                   {"WWW-Authenticate": "Bearer"})
 
 
@@ -117,10 +119,10 @@ async def whep_post(request: web.Request) -> web.StreamResponse:
     area = request.match_info["area"]
     wait = node.whep_offers.take(request.remote or "?", asyncio.get_running_loop().time())
     if wait > 0:
-        return _error(429, "quá nhiều yêu cầu nghe / too many listen offers from this address",
+        return _error(429, say("webrtc.too_many_offers"),
                       {"Retry-After": str(math.ceil(wait))})
     if area not in node.tree:
-        return _error(404, f"không có khu vực / unknown area {area}")
+        return _error(404, say("area.unknown", area=area))
     refused = await _may_listen(request, area)
     if refused is not None:
         return refused
@@ -151,7 +153,7 @@ def _whep_session(request: web.Request) -> str | None:
 async def whep_delete(request: web.Request) -> web.StreamResponse:
     sid = _whep_session(request)
     if sid is None:
-        return _error(404, "không có phiên / unknown session")
+        return _error(404, say("webrtc.unknown_session"))
     await request.app[NODE].webrtc.close_whep(sid, "deleted")
     return web.Response(status=204, headers=CORS)
 
@@ -159,7 +161,7 @@ async def whep_delete(request: web.Request) -> web.StreamResponse:
 async def whep_get(request: web.Request) -> web.StreamResponse:
     sid = _whep_session(request)
     if sid is None:
-        return _error(404, "không có phiên / unknown session")
+        return _error(404, say("webrtc.unknown_session"))
     stats = await request.app[NODE].webrtc.whep[sid].stats()
     return web.json_response(stats, headers=CORS)
 
@@ -182,25 +184,23 @@ async def whip_post(request: web.Request) -> web.StreamResponse:
         return who
     principal, tid = who
     if not principal.can("air"):
-        return _error(403, f"vai trò {principal.role} không được phát / role {principal.role} "
-                           "may not go live")
+        return _error(403, say("webrtc.role_not_live", role=principal.role))
     targets = list(dict.fromkeys(
         t.strip() for t in request.match_info["targets"].split(",") if t.strip()))
     if not targets or len(targets) > MAX_TARGETS:
-        return _error(400, "danh sách khu vực không hợp lệ / bad list of target areas")
+        return _error(400, say("webrtc.bad_targets"))
     for t in targets:
         if t not in node.tree:
-            return _error(404, f"không có khu vực / unknown area {t}")
+            return _error(404, say("area.unknown", area=t))
         try:
             principal.require_area(node.tree, t)
         except Forbidden as e:
             return _error(403, str(e))
     klass = request.query.get("class", "normal").strip().lower()
     if klass not in CLASSES:
-        return _error(400, f"loại bản tin không hợp lệ / bad class {klass!r}: "
-                           f"{' | '.join(CLASSES)}")
+        return _error(400, say("webrtc.bad_class", value=klass, classes=" | ".join(CLASSES)))
     if klass == "emergency" and not principal.emergency:
-        return _error(403, "không có quyền phát khẩn cấp / no right to issue emergency")
+        return _error(403, say("webrtc.no_emergency_right"))
     title = " ".join(request.query.get("title", "").split())[:MAX_TITLE] or LIVE_TITLE
     offer = await _read_offer(request, relay.settings.max_sdp_bytes)
     if isinstance(offer, web.Response):
@@ -239,7 +239,7 @@ async def whip_delete(request: web.Request) -> web.StreamResponse:
     relay = node.webrtc
     s = relay.whip.get(request.match_info["session"])
     if s is None:
-        return _error(404, "không có phiên / unknown session")
+        return _error(404, say("webrtc.unknown_session"))
     who = await _principal(request)
     if isinstance(who, web.Response):
         return who
@@ -247,7 +247,7 @@ async def whip_delete(request: web.Request) -> web.StreamResponse:
     if tid != s.token_id:
         # Not the publisher's token: an operator at or above the issuer may end it.
         if not principal.can("air") or not node.tree.contains(principal.area, s.issuer):
-            return _error(403, "không được dừng phiên này / may not end this live session")
+            return _error(403, say("webrtc.may_not_end"))
     if s.bid is not None:
         try:
             node.station.stop(s.bid, by_area=principal.area, cause="stopped")
