@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,6 +21,7 @@ from aiohttp import web
 
 from loa.streamer.emergency.service import TOPIC as EMERGENCY_TOPIC
 from loa.streamer.engine import OnAirChange
+from loa.streamer.hub import DropOldest
 from loa.streamer.state.bus import BusSubscription
 from loa.web.auth import Principal
 from loa.web.http import TOKEN_ID, principal
@@ -33,19 +33,17 @@ QUEUE = 256
 PING = 15.0
 
 
-class Client:
+class Client(DropOldest[tuple[str, dict[str, Any]]]):
+    """One stream's queue, the hub's drop-oldest one: `dropped` growing means `resync`."""
+
     def __init__(self, p: Principal, tid: str) -> None:
+        super().__init__(QUEUE)
         self.principal = p
         self.tid = tid
-        self.queue: deque[tuple[str, dict[str, Any]]] = deque(maxlen=QUEUE)
-        self.overflowed = False
-        self.wake = asyncio.Event()
+        self.told = 0  # `dropped` when the client was last told to resync
 
     def put(self, name: str, data: dict[str, Any]) -> None:
-        if len(self.queue) == QUEUE:
-            self.overflowed = True  # deque drops the oldest itself
-        self.queue.append((name, data))
-        self.wake.set()
+        self._enqueue([(name, data)])
 
 
 class EventHub:
@@ -117,7 +115,7 @@ class EventHub:
     def close_all(self) -> None:
         self.closing = True
         for c in self.clients:
-            c.wake.set()
+            c._wake()
 
 
 HUB: web.AppKey[EventHub] = web.AppKey("events", EventHub)
@@ -148,16 +146,19 @@ async def events(request: web.Request) -> web.StreamResponse:
     try:
         await resp.write(b"retry: 1000\n\n")
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(client.wake.wait(), PING)
-            client.wake.clear()
+            try:
+                item = await asyncio.wait_for(client._next(lambda: hub.closing), PING)
+            except TimeoutError:
+                item = None
             if hub.closing or not await _still_valid(hub.node, client.tid):
                 break  # revoked or expired: the client must log in again
-            if not client.queue:
+            if item is None:
                 await resp.write(b": ping\n\n")
-            if client.overflowed:
-                client.overflowed = False
+                continue
+            if client.dropped != client.told:
+                client.told = client.dropped
                 await resp.write(_frame("resync", {}))
+            await resp.write(_frame(*item))
             while client.queue:
                 await resp.write(_frame(*client.queue.popleft()))
     except ConnectionResetError:
