@@ -13,7 +13,8 @@ from loa.web import console
 from loa.web.auth import add_user
 from loa.web.node import Node
 from loa.web.testing import running_node
-from tests.apiclient import PASSWORD, make_config
+from tests.apiclient import PASSWORD, make_config, tone_file
+from tests.emergencynode import Srv, live_config, serving
 
 
 async def test_page_assets_and_catalogue_are_served_safely_and_compressed(tmp_path: Path) -> None:
@@ -81,7 +82,9 @@ async def test_login_account_language_and_logout_in_chromium(tmp_path: Path) -> 
         await _shots(page, "login")
         await page.fill("#password", PASSWORD)
         await page.click("button[type=submit]")
-        await expect(page.locator(".area")).to_have_text("Xã 1 huyện 1")
+        await expect(page.locator("main h1")).to_have_text("Tổng quan: Xã 1 huyện 1")
+        await page.click("nav.screens >> text=Tài khoản")
+        await expect(page.locator("dd.area")).to_have_text("Xã 1 huyện 1")
         assert "loa_session" not in await page.evaluate("document.cookie")
         stored = await page.evaluate("JSON.stringify(Object.entries(localStorage))")
         assert "token" not in stored and "csrf" not in stored
@@ -91,4 +94,159 @@ async def test_login_account_language_and_logout_in_chromium(tmp_path: Path) -> 
         await page.click("text=Log out")
         await expect(page.locator("#username")).to_be_visible()
         assert outside == []
+        await browser.close()
+
+
+AXE = Path(__file__).resolve().parents[2] / "web/console/node_modules/axe-core/axe.min.js"
+XSS = "<img src=x onerror=alert(1)>"
+
+
+async def _login(page: Page, url: str, who: str, password: str = PASSWORD) -> None:
+    await page.goto(url)
+    await page.fill("#username", who)
+    await page.fill("#password", password)
+    await page.click("button[type=submit]")
+    await expect(page.locator("header .who")).to_contain_text(who)
+
+
+async def _axe(page: Page) -> list[str]:
+    """Serious or critical axe-core violations of the page as it stands (WCAG 2.1 A/AA)."""
+    await page.add_script_tag(path=str(AXE))
+    found = await page.evaluate("""async () => (await axe.run(document, {runOnly:
+        ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"]})).violations
+        .filter(v => v.impact === "serious" || v.impact === "critical")
+        .map(v => `${v.id}: ${v.nodes.map(n => n.target.join(" ")).join(", ")}`)""")
+    return list(found)
+
+
+async def _on_air_programme(srv: Srv, tmp_path: Path, area: str) -> str:
+    """A tone programme of the district, approved, put on air in `area` now: its broadcast id."""
+    tone = tone_file(tmp_path / "tone.wav", 440, 30)
+    form = aiohttp.FormData()
+    form.add_field("title", "tone")
+    form.add_field("file", tone.read_bytes(), filename="tone.wav")
+    status, media = await srv.call("huyen1", "POST", "/api/v1/media", data=form)
+    assert status == 201, media
+    status, prog = await srv.call("huyen1", "POST", "/api/v1/programmes", json={
+        "title": "Bản tin sáng", "type": "file", "media": media["id"]})
+    assert status == 201, prog
+    for who, action in (("huyen1", "submit"), ("duyet1", "approve")):
+        status, body = await srv.call(who, "POST", f"/api/v1/programmes/{prog['id']}/{action}")
+        assert status == 200, body
+    status, b = await srv.call("huyen1", "POST", "/api/v1/broadcasts",
+                               json={"programme": prog["id"], "targets": [area]})
+    assert status == 201, b
+    return str(b["id"])
+
+
+async def test_overview_live_on_air_emergency_banner_and_escaped_names(tmp_path: Path) -> None:
+    async with serving(live_config(tmp_path)) as srv, async_playwright() as pw:
+        assert srv.clock is not None
+        status, body = await srv.call("qtv1", "POST", "/api/v1/areas", json={
+            "code": "T01-H1-X9", "name": XSS, "level": "commune", "parent": "T01-H1"})
+        assert status == 201, body
+        browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = await (await browser.new_context(viewport={"width": 360, "height": 640},
+                                                timezone_id="Asia/Ho_Chi_Minh")).new_page()
+        dialogs: list[str] = []
+        page.on("dialog", lambda d: dialogs.append(d.message))
+        await _login(page, f"{srv.base}/", "tinh")
+        await expect(page.locator("main h1")).to_have_text("Tổng quan: Tỉnh Mẫu")
+        rows = page.locator("#level-root > li.area-row")
+        await expect(rows).to_have_count(2)  # one level only: the districts
+        assert await page.locator("li[data-code=T01-H1-X1]").count() == 0
+        district = page.locator("li[data-code=T01-H1] > .row button.name")
+        await district.click()
+        await expect(district).to_have_attribute("aria-expanded", "true")
+        await expect(page.locator("#level-T01-H1 > li.area-row")).to_have_count(4)
+        await expect(page.locator("li[data-code=T01-H1-X9] .name")).to_have_text(XSS)
+        assert await page.locator("main img").count() == 0 and dialogs == []
+        x1 = page.locator("li[data-code=T01-H1-X1] .on-air")
+        await expect(x1).to_have_text("không phát")
+
+        # on air: the row changes in place from the event stream, with the class and issuer
+        bid = await _on_air_programme(srv, tmp_path, "T01-H1-X1")
+        srv.run(0.2)
+        await expect(x1).to_have_attribute("data-broadcast", bid)
+        await expect(x1.locator("strong")).to_have_text("Bản tin sáng")
+        await expect(x1.locator(".why")).to_contain_text("thông thường")
+        await expect(page.locator("li[data-code=T01-H1-X2] .on-air")).to_have_text("không phát")
+        await _shots(page, "overview")
+
+        # an emergency to district 2: the banner (role=alert), gone when it ends
+        status, em = await srv.call("tinh", "POST", "/api/v1/emergencies", json={
+            "targets": ["T01-H2"], "title": "Bão số 3", "content": {"text": "Bão số ba"}})
+        assert status in (200, 201), em
+        banner = page.locator(".emergency[role=alert]")
+        await expect(banner).to_contain_text("Bão số 3")
+        await expect(banner.locator("h2")).to_have_text("ĐANG PHÁT KHẨN CẤP (1)")
+        await _shots(page, "overview-emergency")
+        status, _ = await srv.call("tinh", "DELETE", f"/api/v1/emergencies/{em['id']}")
+        assert status in (200, 204)
+        await expect(banner).to_have_count(0)
+        await browser.close()
+
+
+async def test_commune_sees_its_subtree_and_the_refusal_and_changes_its_password(
+        tmp_path: Path) -> None:
+    async with serving(live_config(tmp_path)) as srv, async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        page = await (await browser.new_context(viewport={"width": 360, "height": 640},
+                                                timezone_id="UTC")).new_page()
+        await _login(page, f"{srv.base}/", "xa11")
+        await expect(page.locator("main h1")).to_have_text("Tổng quan: Xã 1 huyện 1")
+        await expect(page.locator("main")).not_to_contain_text("Xã 2 huyện 1")
+        await expect(page.locator("nav.screens a")).to_have_text(["Tổng quan", "Tài khoản"])
+        # dd/mm/yyyy HH:MM in Asia/Ho_Chi_Minh even in a browser set to UTC
+        shown = await page.evaluate(
+            "import('/console/static/format.js').then(m => m.dateTime(1767225600))")
+        assert shown == "07:00 01/01/2026"
+
+        # a forced look at the sibling commune: the server's 403, in Vietnamese, on the page
+        await page.goto(f"{srv.base}/#/overview/T01-H1-X2")
+        await expect(page.locator("main .error[role=alert]")).to_contain_text("khu vực T01-H1-X2 ngoài phạm vi của bạn")
+
+        await page.click("nav.screens >> text=Tài khoản")
+        await expect(page.locator(".area")).to_have_text("Xã 1 huyện 1")
+        form = page.locator("form.password")
+        for current, new, again, where in (("sai", "mat-khau-moi-1", "mat-khau-moi-1", "current"),
+                                           (PASSWORD, "ngan", "ngan", "new"),
+                                           (PASSWORD, "mat-khau-moi-1", "khac-han", "again")):
+            await page.fill("#current", current)
+            await page.fill("#new", new)
+            await page.fill("#again", again)
+            await form.locator("button[type=submit]").click()
+            await expect(page.locator(f"#{where}-error")).to_be_visible()
+            await expect(page.locator(f"#{where}")).to_have_attribute("aria-invalid", "true")
+        await _shots(page, "account-error")
+        await page.fill("#current", PASSWORD)
+        await page.fill("#new", "mat-khau-moi-1")
+        await page.fill("#again", "mat-khau-moi-1")
+        await form.locator("button[type=submit]").click()
+        await expect(page.locator("form.password .ok")).to_contain_text("Đã đổi mật khẩu")
+        await page.click("text=Đăng xuất")
+        await _login(page, f"{srv.base}/", "xa11", "mat-khau-moi-1")
+        await browser.close()
+
+
+async def test_screens_have_no_serious_accessibility_violation(tmp_path: Path) -> None:
+    async with serving(live_config(tmp_path)) as srv, async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        # axe is injected as a script: this one context lets it past the page's CSP
+        page = await (await browser.new_context(viewport={"width": 360, "height": 640},
+                                                bypass_csp=True)).new_page()
+        await page.goto(f"{srv.base}/")
+        await expect(page.locator("#username")).to_be_visible()
+        assert await _axe(page) == [], "login"
+        await _login(page, f"{srv.base}/", "tinh")
+        await page.locator("li[data-code=T01-H1] button.name").click()
+        await expect(page.locator("#level-T01-H1 > li")).to_have_count(3)
+        assert await _axe(page) == [], "overview"
+        await page.click("nav.screens >> text=Tài khoản")
+        await page.fill("#current", "sai")
+        await page.fill("#new", "x")
+        await page.fill("#again", "x")
+        await page.locator("form.password button[type=submit]").click()
+        await expect(page.locator("#new-error, #current-error")).to_have_count(1)
+        assert await _axe(page) == [], "account"
         await browser.close()

@@ -1,11 +1,24 @@
-// The console's entry: texts, the session, and the screens (login, account). Preact + htm:
-// every text goes through the template, so it is rendered escaped.
+// The console's entry: texts, the session, the screens and the address bar (#/overview, ...).
+// Preact + htm: every text goes through the template, so it is rendered escaped.
 import { render } from "preact";
 import { signal } from "@preact/signals";
 import { html, t, lang, setLang, half, loadTexts } from "./i18n.js";
 import { api, session, ApiFailure } from "./api.js";
+import * as live from "./live.js";
+import { Overview } from "./overview.js";
+import { Account } from "./account.js";
+
+// Each screen: its address (#/id or #/id/arg), its title's text key, who may see it, and what
+// it draws. #/overview/CODE opens the overview at another area (the server decides if it may).
+const SCREENS = [
+  { id: "overview", key: "console.overview", may: (s) => s.rights.includes("read"),
+    draw: (s, arg) => html`<${Overview} key=${arg || s.area.code} root=${arg || s.area.code} />` },
+  { id: "account", key: "console.account", may: () => true, draw: () => html`<${Account} />` },
+];
 
 const failure = signal("");
+const route = signal(location.hash.slice(2));
+addEventListener("hashchange", () => { route.value = location.hash.slice(2); });
 
 function Login() {
   const submit = async (ev) => {
@@ -36,6 +49,10 @@ function LangSwitch() {
 
 function Shell() {
   const s = session.value;
+  const mine = SCREENS.filter((x) => x.may(s));
+  const [id, ...rest] = route.value.split("/");
+  const screen = mine.find((x) => x.id === id) || mine[0];
+  const arg = screen.id === id ? decodeURIComponent(rest.join("/")) : "";
   const logout = async () => {
     try { await api("DELETE", "/api/v1/auth/session"); } finally { session.value = null; }
   };
@@ -43,13 +60,17 @@ function Shell() {
       <span class="who">${s.user.username} · ${s.area.name}</span>
       <${LangSwitch} /><button type="button" onClick=${logout}>${t("console.logout")}</button>
     </header>
-    <main><h1>${t("console.account")}</h1>
-      <p>${t("console.area")}: <span class="area">${s.area.name}</span></p>
-      <nav aria-label=${t("console.area_path")}><ol class="path">
-        ${s.area.path.map((a) => html`<li>${a.name}</li>`)}</ol></nav></main>`;
+    <nav class="screens" aria-label=${t("console.screens")}><ul>
+      ${mine.map((x) => html`<li><a href=${`#/${x.id}`}
+        aria-current=${x === screen ? "page" : undefined}>${t(x.key)}</a></li>`)}</ul></nav>
+    <main data-screen=${screen.id}>${screen.draw(s, arg)}</main>`;
 }
 
-function App() { return session.value ? html`<${Shell} />` : html`<${Login} />`; }
+function App() {
+  if (!session.value) { live.close(); return html`<${Login} />`; }
+  live.open();
+  return html`<${Shell} />`;
+}
 
 await loadTexts();
 try { session.value = await api("GET", "/api/v1/auth/me"); } catch { session.value = null; }
