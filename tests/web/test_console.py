@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import aiohttp
-from playwright.async_api import Page, async_playwright, expect
+from playwright.async_api import expect
 
 from loa.web import console
 from loa.web.auth import add_user
@@ -15,6 +15,7 @@ from loa.web.node import Node
 from loa.web.testing import running_node
 from tests.apiclient import PASSWORD, make_config, tone_file
 from tests.emergencynode import Srv, live_config, serving
+from tests.web.browser import XSS, axe_violations, chromium, login, phone, shots
 
 
 async def test_page_assets_and_catalogue_are_served_safely_and_compressed(tmp_path: Path) -> None:
@@ -45,31 +46,13 @@ async def test_page_assets_and_catalogue_are_served_safely_and_compressed(tmp_pa
         assert all(set(v) == {"vi", "en"} for v in texts.values())
 
 
-# ---- in Chromium ---------------------------------------------------------------------------------
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
-async def _shots(page: Page, name: str) -> None:
-    ARTIFACTS.mkdir(exist_ok=True)
-    for width in (360, 1280):
-        await page.set_viewport_size({"width": width, "height": 640 if width == 360 else 800})
-        await page.screenshot(path=str(ARTIFACTS / f"console-{name}-{width}.png"), full_page=True)
-    await page.set_viewport_size({"width": 360, "height": 640})
-    assert await page.evaluate("document.scrollingElement.scrollWidth") <= 360, name
-
-
 async def test_login_account_language_and_logout_in_chromium(tmp_path: Path) -> None:
     async def prepare(node: Node) -> None:
         await add_user(node.store, node.tree, "xa11", "operator", "T01-H1-X1", PASSWORD)
 
     async with running_node(make_config(tmp_path), realtime=False, prepare=prepare) as live, \
-            async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        ctx = await browser.new_context(viewport={"width": 360, "height": 640},
-                                        timezone_id="Asia/Ho_Chi_Minh", locale="vi-VN")
-        page = await ctx.new_page()
+            chromium() as browser:
+        page = await phone(browser, locale="vi-VN")
         outside: list[str] = []
         page.on("request", lambda r: None if r.url.startswith(live.url) else outside.append(r.url))
         answer = await page.goto(f"{live.url}/")
@@ -79,7 +62,7 @@ async def test_login_account_language_and_logout_in_chromium(tmp_path: Path) -> 
         await page.fill("#password", "sai-mat-khau")
         await page.click("button[type=submit]")
         await expect(page.locator(".error")).to_have_text("sai tên đăng nhập hoặc mật khẩu")
-        await _shots(page, "login")
+        await shots(page, "login")
         await page.fill("#password", PASSWORD)
         await page.click("button[type=submit]")
         await expect(page.locator("main h1")).to_have_text("Tổng quan: Xã 1 huyện 1")
@@ -88,35 +71,12 @@ async def test_login_account_language_and_logout_in_chromium(tmp_path: Path) -> 
         assert "loa_session" not in await page.evaluate("document.cookie")
         stored = await page.evaluate("JSON.stringify(Object.entries(localStorage))")
         assert "token" not in stored and "csrf" not in stored
-        await _shots(page, "account")
+        await shots(page, "account")
         await page.click("button.lang")
         await expect(page.locator("h1")).to_have_text("Account")
         await page.click("text=Log out")
         await expect(page.locator("#username")).to_be_visible()
         assert outside == []
-        await browser.close()
-
-
-AXE = Path(__file__).resolve().parents[2] / "web/console/node_modules/axe-core/axe.min.js"
-XSS = "<img src=x onerror=alert(1)>"
-
-
-async def _login(page: Page, url: str, who: str, password: str = PASSWORD) -> None:
-    await page.goto(url)
-    await page.fill("#username", who)
-    await page.fill("#password", password)
-    await page.click("button[type=submit]")
-    await expect(page.locator("header .who")).to_contain_text(who)
-
-
-async def _axe(page: Page) -> list[str]:
-    """Serious or critical axe-core violations of the page as it stands (WCAG 2.1 A/AA)."""
-    await page.add_script_tag(path=str(AXE))
-    found = await page.evaluate("""async () => (await axe.run(document, {runOnly:
-        ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"]})).violations
-        .filter(v => v.impact === "serious" || v.impact === "critical")
-        .map(v => `${v.id}: ${v.nodes.map(n => n.target.join(" ")).join(", ")}`)""")
-    return list(found)
 
 
 async def _on_air_programme(srv: Srv, tmp_path: Path, area: str) -> str:
@@ -140,17 +100,14 @@ async def _on_air_programme(srv: Srv, tmp_path: Path, area: str) -> str:
 
 
 async def test_overview_live_on_air_emergency_banner_and_escaped_names(tmp_path: Path) -> None:
-    async with serving(live_config(tmp_path)) as srv, async_playwright() as pw:
-        assert srv.clock is not None
+    async with serving(live_config(tmp_path)) as srv, chromium() as browser:
         status, body = await srv.call("qtv1", "POST", "/api/v1/areas", json={
             "code": "T01-H1-X9", "name": XSS, "level": "commune", "parent": "T01-H1"})
         assert status == 201, body
-        browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = await (await browser.new_context(viewport={"width": 360, "height": 640},
-                                                timezone_id="Asia/Ho_Chi_Minh")).new_page()
+        page = await phone(browser)
         dialogs: list[str] = []
         page.on("dialog", lambda d: dialogs.append(d.message))
-        await _login(page, f"{srv.base}/", "tinh")
+        await login(page, f"{srv.base}/", "tinh")
         await expect(page.locator("main h1")).to_have_text("Tổng quan: Tỉnh Mẫu")
         rows = page.locator("#level-root > li.area-row")
         await expect(rows).to_have_count(2)  # one level only: the districts
@@ -171,7 +128,7 @@ async def test_overview_live_on_air_emergency_banner_and_escaped_names(tmp_path:
         await expect(x1.locator("strong")).to_have_text("Bản tin sáng")
         await expect(x1.locator(".why")).to_contain_text("thông thường")
         await expect(page.locator("li[data-code=T01-H1-X2] .on-air")).to_have_text("không phát")
-        await _shots(page, "overview")
+        await shots(page, "overview")
 
         # an emergency to district 2: the banner (role=alert), gone when it ends
         status, em = await srv.call("tinh", "POST", "/api/v1/emergencies", json={
@@ -180,20 +137,17 @@ async def test_overview_live_on_air_emergency_banner_and_escaped_names(tmp_path:
         banner = page.locator(".emergency[role=alert]")
         await expect(banner).to_contain_text("Bão số 3")
         await expect(banner.locator("h2")).to_have_text("ĐANG PHÁT KHẨN CẤP (1)")
-        await _shots(page, "overview-emergency")
+        await shots(page, "overview-emergency")
         status, _ = await srv.call("tinh", "DELETE", f"/api/v1/emergencies/{em['id']}")
         assert status in (200, 204)
         await expect(banner).to_have_count(0)
-        await browser.close()
 
 
 async def test_commune_sees_its_subtree_and_the_refusal_and_changes_its_password(
         tmp_path: Path) -> None:
-    async with serving(live_config(tmp_path)) as srv, async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        page = await (await browser.new_context(viewport={"width": 360, "height": 640},
-                                                timezone_id="UTC")).new_page()
-        await _login(page, f"{srv.base}/", "xa11")
+    async with serving(live_config(tmp_path)) as srv, chromium() as browser:
+        page = await phone(browser, timezone_id="UTC")
+        await login(page, f"{srv.base}/", "xa11")
         await expect(page.locator("main h1")).to_have_text("Tổng quan: Xã 1 huyện 1")
         await expect(page.locator("main")).not_to_contain_text("Xã 2 huyện 1")
         await expect(page.locator("nav.screens a")).to_have_text(["Tổng quan", "Tài khoản"])
@@ -218,35 +172,30 @@ async def test_commune_sees_its_subtree_and_the_refusal_and_changes_its_password
             await form.locator("button[type=submit]").click()
             await expect(page.locator(f"#{where}-error")).to_be_visible()
             await expect(page.locator(f"#{where}")).to_have_attribute("aria-invalid", "true")
-        await _shots(page, "account-error")
+        await shots(page, "account-error")
         await page.fill("#current", PASSWORD)
         await page.fill("#new", "mat-khau-moi-1")
         await page.fill("#again", "mat-khau-moi-1")
         await form.locator("button[type=submit]").click()
         await expect(page.locator("form.password .ok")).to_contain_text("Đã đổi mật khẩu")
         await page.click("text=Đăng xuất")
-        await _login(page, f"{srv.base}/", "xa11", "mat-khau-moi-1")
-        await browser.close()
+        await login(page, f"{srv.base}/", "xa11", "mat-khau-moi-1")
 
 
 async def test_screens_have_no_serious_accessibility_violation(tmp_path: Path) -> None:
-    async with serving(live_config(tmp_path)) as srv, async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        # axe is injected as a script: this one context lets it past the page's CSP
-        page = await (await browser.new_context(viewport={"width": 360, "height": 640},
-                                                bypass_csp=True)).new_page()
+    async with serving(live_config(tmp_path)) as srv, chromium() as browser:
+        page = await phone(browser, bypass_csp=True)  # axe is injected as a script
         await page.goto(f"{srv.base}/")
         await expect(page.locator("#username")).to_be_visible()
-        assert await _axe(page) == [], "login"
-        await _login(page, f"{srv.base}/", "tinh")
+        assert await axe_violations(page) == [], "login"
+        await login(page, f"{srv.base}/", "tinh")
         await page.locator("li[data-code=T01-H1] button.name").click()
         await expect(page.locator("#level-T01-H1 > li")).to_have_count(3)
-        assert await _axe(page) == [], "overview"
+        assert await axe_violations(page) == [], "overview"
         await page.click("nav.screens >> text=Tài khoản")
         await page.fill("#current", "sai")
         await page.fill("#new", "x")
         await page.fill("#again", "x")
         await page.locator("form.password button[type=submit]").click()
         await expect(page.locator("#new-error, #current-error")).to_have_count(1)
-        assert await _axe(page) == [], "account"
-        await browser.close()
+        assert await axe_violations(page) == [], "account"
