@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -31,6 +32,7 @@ class Area:
     lon: float | None = None
     children: list[str] = field(default_factory=list, repr=False)
     depth: int = 0
+    _folded: tuple[str, str] | None = field(default=None, repr=False, compare=False)
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -48,6 +50,12 @@ class Area:
 CODE_RE = re.compile(r"[A-Za-z0-9-]{1,32}")
 
 
+def fold(text: str) -> str:
+    """Lower case without diacritics (đ as d): how an operator types a place on a phone."""
+    plain = unicodedata.normalize("NFD", text.lower().replace("đ", "d"))
+    return "".join(c for c in plain if not unicodedata.combining(c)).strip()
+
+
 def _clean_code(code: str, strict: bool = True) -> str:
     """`strict=False` for codes already stored: a tree saved before the rule must still load."""
     code = (code or "").strip()
@@ -59,6 +67,7 @@ def _clean_code(code: str, strict: bool = True) -> str:
 class AreaTree:
     def __init__(self) -> None:
         self._areas: dict[str, Area] = {}
+        self.version = 0  # bumped by every change: what a cached rendering of the tree checks
 
     # ---- building -------------------------------------------------------------------------
     def add(
@@ -85,6 +94,7 @@ class AreaTree:
             p.children.append(code)
             area.depth = p.depth + 1
         self._areas[code] = area
+        self.version += 1
         return area
 
     def remove(self, code: str) -> None:
@@ -95,6 +105,7 @@ class AreaTree:
         if area.parent is not None:
             self._areas[area.parent].children.remove(code)
         del self._areas[code]
+        self.version += 1
 
     def update(self, code: str, *, name: str | None = None, level: str | None = None) -> Area:
         area = self.get(code)
@@ -102,6 +113,7 @@ class AreaTree:
             area.name = name
         if level is not None:
             area.level = level
+        self.version += 1
         return area
 
     @classmethod
@@ -198,6 +210,25 @@ class AreaTree:
     def resolve_leaves(self, targets: Iterable[str]) -> list[str]:
         """The leaf areas a target set covers."""
         return [c for c in self.covered(targets) if not self._areas[c].children]
+
+    def search(self, root: str, query: str, limit: int) -> tuple[list[str], bool]:
+        """Areas of `root`'s subtree whose name holds `query` (case and diacritics ignored:
+        "quang nam" finds "Quảng Nam") or whose code starts with it, in tree order; and whether
+        there were more than `limit`."""
+        want = fold(query)
+        found: list[str] = []
+        for code in self.subtree(root):
+            if code.lower().startswith(want) or want in self._folded(code):
+                if len(found) == limit:
+                    return found, True
+                found.append(code)
+        return found, False
+
+    def _folded(self, code: str) -> str:
+        area = self._areas[code]
+        if area._folded is None or area._folded[0] != area.name:
+            area._folded = (area.name, fold(area.name))
+        return area._folded[1]
 
     def depth(self, code: str) -> int:
         return self.get(code).depth

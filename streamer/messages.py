@@ -504,6 +504,10 @@ CATALOGUE: dict[str, Text] = {
     "area.csv_encoding": Text("CSV phải là UTF-8", "CSV must be UTF-8"),
     "area.exists": Text("mã khu vực đã có", "area {code} already exists"),
     "area.import_outside": Text("khu vực {code} ngoài phạm vi", "{code} is outside your area"),
+    "area.bad_limit": Text("limit phải là số nguyên từ 1 đến {limit}",
+                           "limit must be a whole number from 1 to {limit}"),
+    "area.bad_query": Text("từ khoá tìm kiếm phải có 1-{limit} ký tự",
+                           "the search text must have 1-{limit} characters"),
     "user.unknown": Text("không có người dùng", "unknown user"),
     "user.unknown_role": Text("vai trò không hợp lệ", "unknown role {role}"),
     "user.cannot_grant_emergency": Text("không thể cấp quyền khẩn cấp",
@@ -608,7 +612,8 @@ CATALOGUE: dict[str, Text] = {
                     "live events of the caller's scope (text/event-stream)"),
     "openapi.overview": Text("Tổng quan",
                     "one level of the area tree: on air, devices, today, emergencies, faults"),
-    "openapi.areas": Text("Cây khu vực", "the caller's area subtree"),
+    "openapi.areas": Text("Cây khu vực của người gọi; parent: một cấp; q: tìm theo tên hoặc mã",
+                          "the caller's area subtree; parent: one level; q: search by name or code"),
     "openapi.area_create": Text("Tạo khu vực", "create an area (admin)"),
     "openapi.area_import": Text("Nhập danh mục đơn vị hành chính",
                                 "import the official list (CSV code,name,level,parent_code)"),
@@ -752,6 +757,36 @@ CATALOGUE: dict[str, Text] = {
     "console.nothing_today": Text("Hôm nay không có lịch phát", "Nothing scheduled today"),
     "console.faults": Text("Sự cố gần đây", "Recent faults"),
     "console.no_faults": Text("Không có sự cố", "No faults"),
+
+    # console: areas (shared area picker (areapicker.js))
+    # (end console: areas)
+
+    # console: library (library.js)
+    # (end console: library)
+
+    # console: programmes (programmes.js)
+    # (end console: programmes)
+
+    # console: schedule (schedule.js)
+    # (end console: schedule)
+
+    # console: air (air.js: air now and go live)
+    # (end console: air)
+
+    # console: emergency (emergency.js)
+    # (end console: emergency)
+
+    # console: devices (devices.js)
+    # (end console: devices)
+
+    # console: boards (boards.js)
+    # (end console: boards)
+
+    # console: reports (reports.js)
+    # (end console: reports)
+
+    # console: admin (admin.js)
+    # (end console: admin)
 
     # (end console)
 }

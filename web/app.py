@@ -8,6 +8,7 @@ from aiohttp import web
 
 from loa.web import board, console, events, monitor, openapi
 from loa.web.api import air as api_air
+from loa.web.api import areas as api_areas
 from loa.web.api import core as api_core
 from loa.web.api import devices as api_devices
 from loa.web.api import emergency as api_emergency
@@ -40,6 +41,7 @@ def create_app(node: Node) -> web.Application:
     app[NODE] = node
     app[STORE] = node.store
     api_core.setup(app)
+    api_areas.setup(app)
     api_session.setup(app)
     api_overview.setup(app)
     events.setup(app)

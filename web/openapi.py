@@ -91,7 +91,13 @@ def document() -> S:
         },
         "/api/v1/areas": {
             "get": {"summary": say("openapi.areas"), **secured,
-                    "responses": responses(*READ)},
+                    "parameters": [
+                        {"name": "parent", "in": "query", "required": False, "schema": CODE},
+                        {"name": "q", "in": "query", "required": False,
+                         "schema": {"type": "string", "minLength": 1, "maxLength": 100}},
+                        {"name": "limit", "in": "query", "required": False,
+                         "schema": {"type": "integer", "minimum": 1, "maximum": 500}}],
+                    "responses": responses(*READ, 304, 404, 422)},
             "post": {"summary": say("openapi.area_create"), **secured,
                      "requestBody": body(obj({"code": CODE, "name": STR, "level": STR,
                                               "parent": CODE}, ["code", "name", "parent"])),

@@ -1,4 +1,4 @@
-"""Health, tokens, the caller, areas, users and the audit log."""
+"""Health, tokens, the caller, users and the audit log."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ from typing import Any
 
 from aiohttp import web
 
-from loa.streamer.areas import AreaError, AreaTree, parse_csv
 from loa.streamer.messages import say
 from loa.web.auth import (
     Role,
@@ -17,7 +16,6 @@ from loa.web.auth import (
     public_user,
     validate_password,
 )
-from loa.web.build import area_record
 from loa.web.http import (
     TOKEN_ID,
     ApiError,
@@ -82,115 +80,6 @@ async def me(request: web.Request) -> web.Response:
     user = await node_of(request).store.get("user", p.id)
     assert user is not None
     return ok(public_user(user))
-
-
-# ---- areas ---------------------------------------------------------------------------------
-def _area_out(tree: AreaTree, code: str) -> dict[str, Any]:
-    a = tree.get(code)
-    return {**a.as_dict(), "children": list(a.children)}
-
-
-@routes.get("/api/v1/areas")
-async def areas(request: web.Request) -> web.Response:
-    p = principal(request)
-    tree = node_of(request).tree
-    return ok({"root": p.area, "areas": [_area_out(tree, c) for c in tree.subtree(p.area)]})
-
-
-@routes.get("/api/v1/areas/{code}")
-async def area_get(request: web.Request) -> web.Response:
-    p = principal(request)
-    tree = node_of(request).tree
-    code = request.match_info["code"]
-    scoped_area(p, tree, code, None, missing=404)
-    return ok(_area_out(tree, code))
-
-
-@routes.post("/api/v1/areas")
-async def area_create(request: web.Request) -> web.Response:
-    p = principal(request)
-    p.require("admin")
-    node = node_of(request)
-    data = await read_json(request)
-    code = field(data, "code", str)
-    name = field(data, "name", str)
-    level = field(data, "level", str, required=False, default="")
-    parent = field(data, "parent", str)
-    if parent not in node.tree:
-        raise ApiError(422, say("area.no_parent", parent=parent), "parent")
-    p.require_area(node.tree, parent)
-    if not name.strip() or len(name) > 200:
-        raise ApiError(422, say("area.name_length", limit=200), "name")
-    try:
-        code = node.tree.add(code, name, level, parent).code
-    except AreaError as e:
-        raise ApiError(409 if "duplicate" in str(e) else 422, str(e), "code") from None
-    try:
-        await node.store.put("area", area_record(code, node.tree))
-    except BaseException:
-        node.tree.remove(code)  # all or nothing: the tree never holds an unstored area
-        raise
-    node.engine.add_area(code)
-    await audit(request, "area.create", code, parent=parent)
-    return ok(_area_out(node.tree, code), 201)
-
-
-@routes.patch("/api/v1/areas/{code}")
-async def area_update(request: web.Request) -> web.Response:
-    p = principal(request)
-    p.require("admin")
-    node = node_of(request)
-    code = request.match_info["code"]
-    scoped_area(p, node.tree, code, None, missing=404)
-    data = await read_json(request)
-    refuse_unknown(data, {"name", "level"})  # code and parent are not changed here
-    name = field(data, "name", str, required=False)
-    level = field(data, "level", str, required=False)
-    if name is not None and not name.strip():
-        raise ApiError(422, say("area.name_empty"), "name")
-    record = {**area_record(code, node.tree), **{k: v for k, v in (("name", name), ("level", level))
-                                                  if v is not None}}
-    await node.store.put("area", record)  # stored first: memory follows only a stored change
-    node.tree.update(code, name=name, level=level)
-    await audit(request, "area.update", code, name=name, level=level)
-    return ok(_area_out(node.tree, code))
-
-
-@routes.post("/api/v1/areas/import")
-async def area_import(request: web.Request) -> web.Response:
-    """CSV of the official administrative units list (code,name,level,parent_code); every new
-    area must hang below the caller's area. All or nothing."""
-    p = principal(request)
-    p.require("admin")
-    node = node_of(request)
-    if request.content_length is not None and request.content_length > 8 * 1024 * 1024:
-        raise ApiError(413, say("area.csv_too_large", limit=8))
-    raw = await request.content.read(8 * 1024 * 1024 + 1)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ApiError(422, say("area.csv_encoding"), "file") from None
-    existing = [(a.code, a.name, a.level, a.parent) for a in node.tree]
-    try:
-        rows = parse_csv(text)
-        for code, *_ in rows:
-            if code.strip() in node.tree:
-                raise AreaError(say("area.exists", code=code.strip()))
-        merged = AreaTree.from_rows(existing + rows)
-    except AreaError as e:
-        raise ApiError(422, str(e), "file") from None
-    new = [a.code for a in merged if a.code not in node.tree]
-    for code in new:
-        if not merged.contains(p.area, code):
-            raise ApiError(403, say("area.import_outside", code=code))
-    for code in new:  # parents first: `merged` iterates in insertion order
-        a = merged.get(code)
-        node.tree.add(a.code, a.name, a.level, a.parent)
-    await node.store.put_many("area", [area_record(c, node.tree) for c in new])
-    for code in new:
-        node.engine.add_area(code)
-    await audit(request, "area.import", None, count=len(new))
-    return ok({"imported": len(new), "codes": new[:1000]}, 201)
 
 
 # ---- users ---------------------------------------------------------------------------------
