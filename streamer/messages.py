@@ -759,6 +759,15 @@ CATALOGUE: dict[str, Text] = {
     "console.no_faults": Text("Không có sự cố", "No faults"),
 
     # console: areas (shared area picker (areapicker.js))
+    "console.areas.search": Text("Tìm khu vực (tên hoặc mã)", "Find an area (name or code)"),
+    "console.areas.none_found": Text("Không tìm thấy khu vực", "No area found"),
+    "console.areas.more": Text("Còn nữa: gõ thêm để thu hẹp", "More: type more to narrow"),
+    "console.areas.chosen": Text("Khu vực đã chọn", "Chosen areas"),
+    "console.areas.none_chosen": Text("Chưa chọn khu vực nào", "No area chosen"),
+    "console.areas.remove": Text("Bỏ chọn {name}", "Remove {name}"),
+    "console.areas.open": Text("Mở các khu vực thuộc {name}", "Open the areas of {name}"),
+    "console.areas.included": Text("đã gồm trong khu vực cấp trên đã chọn",
+                                   "included in a chosen area above"),
     # (end console: areas)
 
     # console: library (library.js)
