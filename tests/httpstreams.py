@@ -1,6 +1,6 @@
 """HTTP stream tests' nodes and clients: nodes on 127.0.0.1 serving /streams/ themselves or
 through fan-out workers, a raw HTTP/1.1 client, MP3 frame counting, WAV reading. Shared by
-tests/relay/test_http_streams.py and tests/relay/test_fanout.py."""
+tests/relay/test_http_streams.py, tests/relay/test_fanout.py and the console tests (ffmpeg_record)."""
 
 from __future__ import annotations
 
@@ -123,3 +123,19 @@ def read_wav(path: Path) -> tuple[np.ndarray, int]:
     with wave.open(str(path)) as w:
         pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16).astype(np.float32)
         return pcm / 32768, w.getframerate()
+
+
+async def ffmpeg_record(url: str, out: Path, seconds: float, timeout: float = 60.0
+                        ) -> tuple[np.ndarray, int]:
+    """FFmpeg (a real third-party client) records `seconds` of a stream URL to a mono 48 kHz WAV;
+    its samples and rate. With ?burst_ms=0 in `url` it hears what airs from now on."""
+    proc = await asyncio.create_subprocess_exec(
+        "ffmpeg", "-nostdin", "-loglevel", "error", "-y", "-i", url,
+        "-t", str(seconds), "-ac", "1", "-ar", "48000", str(out))
+    try:
+        assert await asyncio.wait_for(proc.wait(), timeout) == 0, f"ffmpeg failed on {url}"
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    return read_wav(out)
