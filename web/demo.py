@@ -107,6 +107,38 @@ async def _speech(node: Node, district: str) -> Source:
         return Playlist([ToneSource(600, 0.3, seconds=1.5), ToneSource(800, 0.3, seconds=1.5)])
 
 
+class FleetLines(logging.Filter):
+    """The demo's simulated fleet connects all at once and leaves all at once: instead of two
+    log lines per device (connected, online; disconnected, offline), one summary line each way.
+    Connections and losses in between, and every fault, are logged as usual."""
+
+    ARRIVING = ("event=device_connect ", "online")
+    LEAVING = ("event=device_disconnect ", "offline")
+
+    def __init__(self, expected: int) -> None:
+        super().__init__()
+        self.expected = expected
+        self.seen: set[object] = set()
+        self.phase: tuple[str, str] | None = self.ARRIVING
+        self.summary = "demo.fleet_connected"
+
+    def leaving(self) -> None:
+        self.phase, self.seen, self.summary = self.LEAVING, set(), "demo.fleet_disconnected"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.phase is None or not isinstance(record.args, tuple):
+            return True
+        event, status = self.phase
+        if event in record.msg:
+            self.seen.add(record.args[0])
+            if len(self.seen) == self.expected:
+                print(say(self.summary, n=self.expected), flush=True)
+                self.phase = None if self.phase == self.LEAVING else self.phase
+            return False
+        # args of device_status: device, status, previous, reason
+        return not ("event=device_status " in record.msg and record.args[1:2] == (status,))
+
+
 def demo_config(args: argparse.Namespace) -> Config:
     data = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="loa-demo-"))
     data.mkdir(parents=True, exist_ok=True)
@@ -131,11 +163,20 @@ async def _demo(args: argparse.Namespace) -> None:
                 await add_user(node.store, node.tree, name, role, area, DEMO_PASSWORD,
                                emergency)
 
+    base = f"http://{cfg.server.http}"
+    # the console and its logins first: what a visitor opens; the node's own lines follow
+    print(f"{say('demo.console', url=f'{base}/')}  ({say('demo.ctrl_c')})")
+    print(f"  {say('demo.users')} ({say('demo.password', password=DEMO_PASSWORD)}): "
+          + ", ".join(f"{u} ({r} {a})" for u, r, a, _ in DEMO_USERS), flush=True)
+    fleet_lines = FleetLines(DEMO_SPEAKERS + DEMO_BOARDS)
+    logging.getLogger("loa.devices").addFilter(fleet_lines)
+    # the simulated devices' own side (loa sim prints a fleet summary line instead)
+    logging.getLogger("loa.device").setLevel(logging.WARNING)
+
     host, _, port = cfg.server.http.rpartition(":")
     live = await start_node(cfg, prepare=prepare, host=host or "127.0.0.1", port=int(port),
                             header_timeout=True)
     node = live.node
-    base = f"http://{cfg.server.http}"
 
     communes = [a.code for a in node.tree if a.level == "commune"]
     for i, code in enumerate(communes):
@@ -177,10 +218,7 @@ async def _demo(args: argparse.Namespace) -> None:
     fleet = asyncio.create_task(run_fleet(
         local, token, DEMO_SPEAKERS, DEMO_BOARDS, DEMO_DECODERS, "T01", fleet_stop,
         fleet_file=cfg.data_dir / "loa-sim-fleet.json", status_every=60.0))
-    print(f"\n{say('demo.console', url=f'{base}/')}  ({say('demo.ctrl_c')})")
-    print(f"  {say('demo.users')} ({say('demo.password', password=DEMO_PASSWORD)}): "
-          + ", ".join(f"{u} ({r} {a})" for u, r, a, _ in DEMO_USERS))
-    print(f"  {say('demo.data_dir', path=cfg.data_dir)}")
+    print(f"\n  {say('demo.data_dir', path=cfg.data_dir)}")
     print(f"  {say('demo.monitor', url=f'{base}/monitor')}   "
           f"{say('demo.health', url=f'{base}/healthz')}")
     print(f"  {say('demo.devices', speakers=DEMO_SPEAKERS, boards=DEMO_BOARDS)} "
@@ -199,6 +237,7 @@ async def _demo(args: argparse.Namespace) -> None:
     except TimeoutError:
         pass
     task.cancel()
+    fleet_lines.leaving()
     fleet_stop.set()
     await fleet  # every simulated device disconnects before the server stops
     await live.stop()
