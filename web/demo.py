@@ -120,10 +120,9 @@ class FleetLines(logging.Filter):
         self.expected = expected
         self.seen: set[object] = set()
         self.phase: tuple[str, str] | None = self.ARRIVING
-        self.summary = "demo.fleet_connected"
 
     def leaving(self) -> None:
-        self.phase, self.seen, self.summary = self.LEAVING, set(), "demo.fleet_disconnected"
+        self.phase, self.seen = self.LEAVING, set()
 
     def filter(self, record: logging.LogRecord) -> bool:
         if self.phase is None or not isinstance(record.args, tuple):
@@ -132,8 +131,10 @@ class FleetLines(logging.Filter):
         if event in record.msg:
             self.seen.add(record.args[0])
             if len(self.seen) == self.expected:
-                print(say(self.summary, n=self.expected), flush=True)
-                self.phase = None if self.phase == self.LEAVING else self.phase
+                arrived = self.phase == self.ARRIVING
+                print(say("demo.fleet_connected", n=self.expected) if arrived
+                      else say("demo.fleet_disconnected", n=self.expected), flush=True)
+                self.phase = self.phase if arrived else None
             return False
         # args of device_status: device, status, previous, reason
         return not ("event=device_status " in record.msg and record.args[1:2] == (status,))
