@@ -134,7 +134,7 @@ class FleetLines(logging.Filter):
                 arrived = self.phase == self.ARRIVING
                 print(say("demo.fleet_connected", n=self.expected) if arrived
                       else say("demo.fleet_disconnected", n=self.expected), flush=True)
-                self.phase = self.phase if arrived else None
+                self.phase = None  # later comings and goings are logged as usual
             return False
         # args of device_status: device, status, previous, reason
         return not ("event=device_status " in record.msg and record.args[1:2] == (status,))
