@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     api = bsub.add_parser("api", help="REST API latency with 5,000 areas and 10,000 devices")
     api.add_argument("--requests", type=int, default=500, help="per measured operation")
     api.add_argument("--concurrency", type=int, default=16)
+    con = bsub.add_parser("console", help="the console in Chromium on a 5,000-area province")
+    con.add_argument("--rounds", type=int, default=5)
     pre = bsub.add_parser("preempt", help="emergency switch latency per transport")
     pre.add_argument("--devices", type=int, default=200)
     pre.add_argument("--rounds", type=int, default=10)
@@ -124,6 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from loa.web.bench.devices import run as run_devices
 
         return int(run_devices(args))
+    if args.command == "bench" and args.bench == "console":
+        from loa.web.bench.console import run as run_console
+
+        return int(run_console(args))
     if args.command == "bench" and args.bench == "api":
         from loa.web.bench.api import run
 

@@ -60,3 +60,18 @@ def test_bench_mix_paced_runs_on_the_real_clock(capsys: pytest.CaptureFixture[st
     assert result["wall_seconds"] >= 0.6
     assert result["late_ticks"] >= 0 and result["cpu_per_zone_percent"] > 0
     assert result["kbps_per_zone"]["mp3"] > 0
+
+
+def test_bench_console_runs_in_chromium_on_a_5000_area_province(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["bench", "console", "--rounds", "1"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and len(out) == 1
+    result = json.loads(out[0])
+    assert (result["bench"], result["areas"], result["devices"]) == ("console", 5000, 10000)
+    assert result["first_load"]["requests"] >= 10  # page, modules, texts: all counted
+    assert 0 < result["first_load"]["kb_p50"] < 1000
+    assert result["overview"]["overview_ms"] > 0 and result["overview"]["district_ms"] > 0
+    assert result["on_air_visible_ms"]["n"] == 4  # two starts and two stops seen on the page
+    api = result["areas_api"]
+    assert api["whole_gzip_kb"] > 0 and api["baseline_whole_ms_p50"] == 340

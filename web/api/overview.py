@@ -4,6 +4,8 @@ schedule, active emergencies and recent device faults (the console's home screen
 from __future__ import annotations
 
 import datetime as dt
+import heapq
+from collections import Counter
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -30,18 +32,19 @@ def _on_air(node: Node, code: str) -> dict[str, Any] | None:
 
 
 def _device_counts(node: Node, rows: set[str]) -> dict[str, dict[str, int]]:
-    """Devices by status for each row, over its whole subtree: one pass over the devices."""
+    """Devices by status for each row, over its whole subtree: one pass over the devices, then
+    one walk up the tree per (area, status) pair (10,000 devices sit in ~5,000 areas)."""
     counts = {c: {**dict.fromkeys(DEVICE_STATUSES, 0), "total": 0} for c in rows}
     tree = node.tree
-    for dev in node.devices.devices.values():
-        where = dev.record.get("area")
+    pairs = Counter((dev.record.get("area"), dev.status) for dev in node.devices.devices.values())
+    for (where, status), n in pairs.items():
         if not isinstance(where, str) or where not in tree:
             continue
         for a in tree.ancestors(where):
             if a in counts:
-                counts[a]["total"] += 1
-                if dev.status in counts[a]:
-                    counts[a][dev.status] += 1
+                counts[a]["total"] += n
+                if status in counts[a]:
+                    counts[a][status] += n
     return counts
 
 
@@ -52,15 +55,20 @@ def _row(node: Node, code: str, counts: dict[str, dict[str, int]]) -> dict[str, 
 
 
 def _faults(node: Node, tree: AreaTree, root: str) -> list[dict[str, Any]]:
-    out = []
-    for dev in node.devices.devices.values():
-        where = dev.record.get("area")
-        if dev.status in ("fault", "offline") and isinstance(where, str) and where in tree \
-                and tree.contains(root, where):
-            out.append({"device": dev.id, "name": dev.record.get("name"), "area": where,
-                        "at": dev.record.get("last_seen"), "status": dev.status})
-    out.sort(key=lambda f: f["at"] or 0, reverse=True)
-    return out[:MAX_FAULTS]
+    """The latest offline or faulty devices of the subtree (whether an area is inside is
+    decided once per area, not once per device)."""
+    inside: dict[object, bool] = {}
+
+    def within(where: object) -> bool:
+        if where not in inside:
+            inside[where] = isinstance(where, str) and where in tree and tree.contains(root, where)
+        return inside[where]
+
+    down = (dev for dev in node.devices.devices.values()
+            if dev.status in ("fault", "offline") and within(dev.record.get("area")))
+    latest = heapq.nlargest(MAX_FAULTS, down, key=lambda d: d.record.get("last_seen") or 0)
+    return [{"device": d.id, "name": d.record.get("name"), "area": d.record["area"],
+             "at": d.record.get("last_seen"), "status": d.status} for d in latest]
 
 
 async def _today(node: Node, root: str) -> list[dict[str, Any]]:

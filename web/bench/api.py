@@ -52,6 +52,7 @@ PROVINCE = "49"  # GSO-like: 2-digit province, 3-digit districts, 5-digit commun
 REDIS_URL = "redis://127.0.0.1:6379/0"
 MEDIA_SECONDS = 0.2  # each benchmark broadcast airs 10 ticks: few overlap, none piles up
 USER = "bench-tinh"
+ADMIN = "bench-admin"
 PASSWORD = "bench-mat-khau-123"
 PHASES = ("auth", "broadcast_start", "broadcast_start_c1", "area_tree")
 SERIAL_REQUESTS = 200  # broadcast_start_c1: one request at a time, what one operator sees
@@ -247,25 +248,13 @@ async def wait_idle(engine: Any, limit: float) -> int:
     return len(engine.broadcasts)
 
 
-async def bench_backend(store_url: str, prefix: str, data_dir: Path, requests: int,
-                        concurrency: int, pool: ProcessPoolExecutor,
-                        only: tuple[str, ...] = PHASES) -> dict[str, Any]:
-    from aiohttp import ClientSession, FormData
-
+async def seed_province(cfg: Any) -> float:
+    """The 5,000 areas, 10,000 devices and the bench's users, put in the store before the node
+    starts (load_tree() takes the areas from the store); the seconds it took."""
     from loa.streamer.areas import AreaTree
-    from loa.streamer.messages import say
     from loa.streamer.state.open import open_store
     from loa.web.auth import add_user
-    from loa.web.config import load_config
-    from loa.web.testing import start_node
 
-    loop = asyncio.get_running_loop()
-    cfg = load_config(None, env={}, data=str(data_dir))
-    cfg.store = store_url
-    cfg.store_prefix = prefix
-    cfg.media.max_seconds = 60
-
-    # seed before the node starts: load_tree() takes the areas from the store
     t0 = time.perf_counter()
     rows = area_rows()
     communes = [r["id"] for r in rows if r["level"] == "commune"]
@@ -275,13 +264,32 @@ async def bench_backend(store_url: str, prefix: str, data_dir: Path, requests: i
         await store.put_many("device", device_rows(communes))
         tree = AreaTree.from_rows([(r["id"], r["name"], r["level"], r["parent"]) for r in rows])
         # an admin exists, so the node prints no bootstrap password on stdout (JSON only there)
-        await add_user(store, tree, "bench-admin", "admin", PROVINCE, PASSWORD, emergency=True)
+        await add_user(store, tree, ADMIN, "admin", PROVINCE, PASSWORD, emergency=True)
         await add_user(store, tree, USER, "operator", PROVINCE, PASSWORD, direct=True)
         n_areas, n_devices = await store.count("area"), await store.count("device")
     finally:
         await store.close()
-    seed_s = time.perf_counter() - t0
     assert n_areas == AREAS and n_devices == DEVICES, (n_areas, n_devices)
+    return time.perf_counter() - t0
+
+
+async def bench_backend(store_url: str, prefix: str, data_dir: Path, requests: int,
+                        concurrency: int, pool: ProcessPoolExecutor,
+                        only: tuple[str, ...] = PHASES) -> dict[str, Any]:
+    from aiohttp import ClientSession, FormData
+
+    from loa.streamer.messages import say
+    from loa.web.config import load_config
+    from loa.web.testing import start_node
+
+    loop = asyncio.get_running_loop()
+    cfg = load_config(None, env={}, data=str(data_dir))
+    cfg.store = store_url
+    cfg.store_prefix = prefix
+    cfg.media.max_seconds = 60
+
+    seed_s = await seed_province(cfg)
+    communes = [r["id"] for r in area_rows() if r["level"] == "commune"]
 
     live = await start_node(cfg, access_log=None)
     node, base = live.node, live.url
