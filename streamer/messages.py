@@ -497,13 +497,22 @@ CATALOGUE: dict[str, Text] = {
                                    "{name}: programme {programme} belongs to an area outside "
                                    "your scope"),
     # areas and users (web/api/core.py)
-    "area.no_parent": Text("khu vực cha không tồn tại", "unknown parent {parent}"),
+    "area.no_parent": Text("khu vực cha {parent} không tồn tại", "unknown parent {parent}"),
     "area.name_length": Text("tên 1-{limit} ký tự", "name must be 1-{limit} characters"),
     "area.name_empty": Text("tên không được rỗng", "name must not be empty"),
     "area.csv_too_large": Text("tệp quá lớn", "CSV larger than {limit} MiB"),
     "area.csv_encoding": Text("CSV phải là UTF-8", "CSV must be UTF-8"),
     "area.exists": Text("mã khu vực đã có", "area {code} already exists"),
     "area.import_outside": Text("khu vực {code} ngoài phạm vi", "{code} is outside your area"),
+    # area import, row by row (streamer/areaimport.py)
+    "area.import_columns": Text("thiếu cột (cần: mã, tên, cấp, mã khu vực cha)",
+                                "missing columns: expected code,name,level,parent_code"),
+    "area.import_duplicate": Text("mã {code} trùng với dòng {first}",
+                                  "code {code} repeats line {first}"),
+    "area.import_parent_invalid": Text("khu vực cha {parent} không nhập được (dòng của nó có "
+                                       "lỗi, hoặc vòng lặp)",
+                                       "parent {parent} cannot be imported (its row has a "
+                                       "problem, or a cycle)"),
     "area.bad_limit": Text("limit phải là số nguyên từ 1 đến {limit}",
                            "limit must be a whole number from 1 to {limit}"),
     "area.bad_query": Text("từ khoá tìm kiếm phải có 1-{limit} ký tự",
@@ -512,6 +521,9 @@ CATALOGUE: dict[str, Text] = {
     "user.unknown_role": Text("vai trò không hợp lệ", "unknown role {role}"),
     "user.cannot_grant_emergency": Text("không thể cấp quyền khẩn cấp",
                                         "you cannot grant the emergency right"),
+    "user.reset_above_rights": Text("không thể đặt lại mật khẩu của người có quyền khẩn cấp mà "
+                                    "bạn không có", "you cannot reset the password of a user "
+                                    "holding the emergency right you do not hold"),
     # media (web/api/media.py)
     "media.malformed_multipart": Text("multipart không hợp lệ", "malformed multipart body: {error}"),
     "media.disk_full": Text("ổ đĩa đầy", "disk full: nothing was stored, free space and try again"),
@@ -623,6 +635,9 @@ CATALOGUE: dict[str, Text] = {
     "openapi.user_create": Text("Tạo người dùng", "create a user (admin)"),
     "openapi.user_update": Text("Sửa người dùng", "change role, password, disable"),
     "openapi.audit": Text("Nhật ký thao tác", "audit log (admin)"),
+    "openapi.user_password_reset": Text("Cấp lại mật khẩu (hiện một lần)",
+                                        "reset a user's password: a new one, shown once; "
+                                        "the user's sessions end"),
     "openapi.media": Text("Thư viện âm thanh", "media library"),
     "openapi.media_upload": Text("Tải lên", "upload audio (decoded, normalised, stored once)"),
     "openapi.media_item": Text("Một tệp", "one media item"),
