@@ -11,6 +11,7 @@ from aiohttp import web
 from loa.streamer.messages import say
 from loa.streamer.state.store import Record
 from loa.web.auth import (
+    Forbidden,
     Principal,
     Role,
     add_user,
@@ -109,7 +110,10 @@ async def user_create(request: web.Request) -> web.Response:
     area = field(data, "area", str)
     password = field(data, "password", str, required=False)
     emergency = field(data, "emergency", bool, required=False, default=False)
-    scoped_area(p, node.tree, area)
+    try:
+        scoped_area(p, node.tree, area)
+    except Forbidden as e:  # named: the console shows it under the area field
+        raise ApiError(403, str(e), "area") from None
     if role not in {r.value for r in Role}:
         raise ApiError(422, say("user.unknown_role", role=role), "role")
     if emergency and not p.emergency:

@@ -16,7 +16,7 @@ const SCREENS = [
   { id: "overview", key: "console.overview", may: (s) => s.rights.includes("read"),
     draw: (s, arg) => html`<${Overview} key=${arg || s.area.code} root=${arg || s.area.code} />` },
   { id: "reports", key: "console.reports", may: (s) => s.rights.includes("read"),
-    draw: () => html`<${Reports} />` },
+    draw: (s, arg) => html`<${Reports} key=${arg} area=${arg || s.area.code} />` },
   { id: "admin", key: "console.admin", may: (s) => s.rights.includes("admin"),
     draw: (s, arg) => html`<${Admin} tab=${arg} />` },
   { id: "account", key: "console.account", may: () => true, draw: () => html`<${Account} />` },

@@ -124,12 +124,13 @@ function AsRun({ entries }) {
       <td data-label=${cols[6]}>${e.end_cause || ""}</td></tr>`)}</tbody></table>`;
 }
 
-export function Reports() {
+// `area`: the area asked for (#/reports/CODE); the server decides whether the caller may see it.
+export function Reports({ area }) {
   const s = session.value;
   const now = Date.now() / 1000;
   const [filters, setFilters] = useState(null); // the query string shown
   const [data, setData] = useState(null); // {entries, summary}
-  const [areas, setAreas] = useState([s.area]);
+  const [areas, setAreas] = useState(area === s.area.code ? [s.area] : [{ code: area, name: area }, s.area]);
   const [failure, setFailure] = useState("");
   const form = useSubmit(async (f) => setFilters(query(f)));
 
@@ -143,12 +144,12 @@ export function Reports() {
   };
   useEffect(() => {
     api("GET", `/api/v1/areas?parent=${encodeURIComponent(s.area.code)}`)
-      .then((r) => setAreas([s.area, ...r.areas])).catch(() => {});
+      .then((r) => setAreas((old) => [...old, ...r.areas])).catch(() => {});
   }, []);
   useEffect(() => {
     if (filters === null) {
       const f = new FormData();
-      f.set("from", date(now - 6 * DAY)); f.set("to", date(now)); f.set("area", s.area.code);
+      f.set("from", date(now - 6 * DAY)); f.set("to", date(now)); f.set("area", area);
       setFilters(query(f));
       return undefined;
     }
