@@ -320,6 +320,9 @@ async def test_admin_users_areas_and_audit_in_chromium(tmp_path: Path) -> None:
 async def test_reports_and_admin_have_no_serious_accessibility_violation(tmp_path: Path) -> None:
     async with serving(live_config(tmp_path)) as srv, chromium() as browser:
         await air(srv, "T01-H1-X1", "normal", 1.0)
+        status, _ = await srv.call("qtv1", "POST", "/api/v1/areas", json={
+            "code": "T01-H1-X1-T9", "name": "Thôn 9", "parent": "T01-H1-X1"})  # audited
+        assert status == 201
         page = await phone(browser, bypass_csp=True)  # axe is injected as a script
         await login(page, f"{srv.base}/", "qtv1")
         await page.goto(f"{srv.base}/#/reports")
