@@ -76,7 +76,7 @@ function NewUser({ areas, mayEmergency, onCreated }) {
               failure=${form.failure} />
     <label for="new-role">${t("console.role")}</label>
     <select id="new-role" name="role">${ROLES.map((r) => html`<option value=${r}
-      selected=${r === "operator"}>${word("role", r)}</option>`)}</select>
+      defaultSelected=${r === "operator"}>${word("role", r)}</option>`)}</select>
     <${Field} name="area" label=${t("console.area")} list="admin-areas" required
               failure=${form.failure} />
     <datalist id="admin-areas">${areas.map((a) => html`<option value=${a.code}>${a.name}</option>`)}</datalist>

@@ -66,7 +66,7 @@ function HoursChart({ hours, names }) {
 function DaysChart({ days }) {
   const keys = Object.keys(days);
   const most = Math.max(...Object.values(days), 1);
-  const slot = 300 / Math.max(keys.length, 1);
+  const slot = 300 / Math.max(keys.length, 7); // a lone day is not one wall of a bar
   const label = (d) => `${d.slice(8, 10)}/${d.slice(5, 7)}`;
   return html`<svg class="chart days" viewBox="0 0 300 130" role="img"
       aria-labelledby="days-caption">
