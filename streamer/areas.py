@@ -234,6 +234,9 @@ class AreaTree:
         return self.get(code).depth
 
 
+HEADER_CELLS = {"code", "ma", "mã", "ma_dvhc", "mã đvhc"}  # a header row's first cell
+
+
 def parse_csv(text: str) -> list[tuple[str, str, str, str | None]]:
     """Official administrative units list: columns code, name, level, parent_code.
 
@@ -245,7 +248,7 @@ def parse_csv(text: str) -> list[tuple[str, str, str, str | None]]:
         for i, row in enumerate(reader, start=1):
             if not row or all(not c.strip() for c in row):
                 continue
-            if i == 1 and row[0].strip().lower() in {"code", "ma", "mã", "ma_dvhc", "mã đvhc"}:
+            if i == 1 and row[0].strip().lower() in HEADER_CELLS:
                 continue
             if len(row) < 3:
                 raise AreaError(say("area.row_columns", row=i))

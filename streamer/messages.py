@@ -497,13 +497,22 @@ CATALOGUE: dict[str, Text] = {
                                    "{name}: programme {programme} belongs to an area outside "
                                    "your scope"),
     # areas and users (web/api/core.py)
-    "area.no_parent": Text("khu vực cha không tồn tại", "unknown parent {parent}"),
+    "area.no_parent": Text("khu vực cha {parent} không tồn tại", "unknown parent {parent}"),
     "area.name_length": Text("tên 1-{limit} ký tự", "name must be 1-{limit} characters"),
     "area.name_empty": Text("tên không được rỗng", "name must not be empty"),
     "area.csv_too_large": Text("tệp quá lớn", "CSV larger than {limit} MiB"),
     "area.csv_encoding": Text("CSV phải là UTF-8", "CSV must be UTF-8"),
     "area.exists": Text("mã khu vực đã có", "area {code} already exists"),
     "area.import_outside": Text("khu vực {code} ngoài phạm vi", "{code} is outside your area"),
+    # area import, row by row (streamer/areaimport.py)
+    "area.import_columns": Text("thiếu cột (cần: mã, tên, cấp, mã khu vực cha)",
+                                "missing columns: expected code,name,level,parent_code"),
+    "area.import_duplicate": Text("mã {code} trùng với dòng {first}",
+                                  "code {code} repeats line {first}"),
+    "area.import_parent_invalid": Text("khu vực cha {parent} không nhập được (dòng của nó có "
+                                       "lỗi, hoặc vòng lặp)",
+                                       "parent {parent} cannot be imported (its row has a "
+                                       "problem, or a cycle)"),
     "area.bad_limit": Text("limit phải là số nguyên từ 1 đến {limit}",
                            "limit must be a whole number from 1 to {limit}"),
     "area.bad_query": Text("từ khoá tìm kiếm phải có 1-{limit} ký tự",
@@ -512,6 +521,9 @@ CATALOGUE: dict[str, Text] = {
     "user.unknown_role": Text("vai trò không hợp lệ", "unknown role {role}"),
     "user.cannot_grant_emergency": Text("không thể cấp quyền khẩn cấp",
                                         "you cannot grant the emergency right"),
+    "user.reset_above_rights": Text("không thể đặt lại mật khẩu của người có quyền khẩn cấp mà "
+                                    "bạn không có", "you cannot reset the password of a user "
+                                    "holding the emergency right you do not hold"),
     # media (web/api/media.py)
     "media.malformed_multipart": Text("multipart không hợp lệ", "malformed multipart body: {error}"),
     "media.disk_full": Text("ổ đĩa đầy", "disk full: nothing was stored, free space and try again"),
@@ -627,6 +639,9 @@ CATALOGUE: dict[str, Text] = {
     "openapi.user_create": Text("Tạo người dùng", "create a user (admin)"),
     "openapi.user_update": Text("Sửa người dùng", "change role, password, disable"),
     "openapi.audit": Text("Nhật ký thao tác", "audit log (admin)"),
+    "openapi.user_password_reset": Text("Cấp lại mật khẩu (hiện một lần)",
+                                        "reset a user's password: a new one, shown once; "
+                                        "the user's sessions end"),
     "openapi.media": Text("Thư viện âm thanh", "media library"),
     "openapi.media_upload": Text("Tải lên", "upload audio (decoded, normalised, stored once)"),
     "openapi.media_item": Text("Một tệp", "one media item"),
@@ -796,9 +811,76 @@ CATALOGUE: dict[str, Text] = {
     # (end console: boards)
 
     # console: reports (reports.js)
+    "console.reports": Text("Báo cáo", "Reports"),
+    "console.reports.from": Text("Từ ngày (dd/mm/yyyy)", "From (dd/mm/yyyy)"),
+    "console.reports.to": Text("Đến hết ngày (dd/mm/yyyy)", "To, inclusive (dd/mm/yyyy)"),
+    "console.reports.area": Text("Khu vực", "Area"),
+    "console.reports.class": Text("Loại bản tin", "Class"),
+    "console.reports.all_classes": Text("Tất cả các loại", "All classes"),
+    "console.reports.show": Text("Xem báo cáo", "Show report"),
+    "console.reports.bad_date": Text("ngày phải có dạng dd/mm/yyyy", "a date is dd/mm/yyyy"),
+    "console.reports.csv": Text("Tải nhật ký phát sóng (CSV)", "Download the as-run log (CSV)"),
+    "console.reports.hours": Text("Thời lượng phát theo khu vực và loại bản tin",
+                                  "Time on air per area and class"),
+    "console.reports.per_day": Text("Số bản tin mỗi ngày", "Bulletins per day"),
+    "console.reports.bulletins_n": Text("{n} bản tin", "{n} bulletins"),
+    "console.reports.table": Text("Xem số liệu dạng bảng", "The numbers as a table"),
+    "console.reports.time": Text("Thời lượng (giờ:phút:giây)", "Time (h:mm:ss)"),
+    "console.reports.day": Text("Ngày", "Day"),
+    "console.reports.count": Text("Số bản tin", "Bulletins"),
+    "console.reports.asrun": Text("Nhật ký phát sóng", "As-run log"),
+    "console.reports.nothing": Text("Không có gì được phát trong khoảng này",
+                                    "Nothing aired in this span"),
+    "console.reports.more": Text("Hiển thị {n} trên {total} dòng; tải CSV để xem đủ",
+                                 "Showing {n} of {total} rows; download the CSV for all"),
+    "console.reports.start": Text("Bắt đầu", "Start"),
+    "console.reports.end": Text("Kết thúc", "End"),
+    "console.reports.content": Text("Nội dung", "Content"),
+    "console.reports.issuer": Text("Người phát", "Issuer"),
+    "console.reports.end_cause": Text("Lý do kết thúc", "End cause"),
+    "console.reports.on_air": Text("đang phát", "on air"),
     # (end console: reports)
 
     # console: admin (admin.js)
+    "console.admin": Text("Quản trị", "Administration"),
+    "console.admin.users": Text("Người dùng", "Users"),
+    "console.admin.areas": Text("Khu vực", "Areas"),
+    "console.admin.audit": Text("Nhật ký thao tác", "Audit log"),
+    "console.admin.new_user": Text("Thêm người dùng", "New user"),
+    "console.admin.password_optional": Text("Mật khẩu (để trống: hệ thống tạo)",
+                                            "Password (empty: one is generated)"),
+    "console.admin.emergency_right": Text("Quyền phát khẩn cấp", "Emergency right"),
+    "console.admin.emergency_not_yours": Text("Bạn không có quyền khẩn cấp nên không cấp được "
+                                              "quyền này", "You do not hold the emergency "
+                                              "right, so you cannot grant it"),
+    "console.admin.create": Text("Tạo người dùng", "Create user"),
+    "console.admin.created": Text("Đã tạo người dùng {user}.", "User {user} created."),
+    "console.admin.new_password": Text("Mật khẩu mới của {user} (chỉ hiện một lần):",
+                                       "New password of {user} (shown once):"),
+    "console.admin.disabled": Text("đã khoá", "disabled"),
+    "console.admin.disable": Text("Khoá tài khoản", "Disable"),
+    "console.admin.enable": Text("Mở khoá", "Enable"),
+    "console.admin.reset_password": Text("Cấp lại mật khẩu", "Reset password"),
+    "console.admin.grant_emergency": Text("Cấp quyền khẩn cấp", "Grant emergency right"),
+    "console.admin.revoke_emergency": Text("Bỏ quyền khẩn cấp", "Revoke emergency right"),
+    "console.admin.import": Text("Nhập danh sách khu vực (CSV)", "Import areas (CSV)"),
+    "console.admin.import_help": Text("Các cột: mã, tên, cấp, mã khu vực cha. Tệp được kiểm tra "
+                                      "trước; chưa lưu gì cho đến khi bạn bấm nhập.",
+                                      "Columns: code, name, level, parent code. The file is "
+                                      "checked first; nothing is stored until you import."),
+    "console.admin.csv_file": Text("Tệp CSV", "CSV file"),
+    "console.admin.problems": Text("{n} lỗi, chưa nhập gì", "{n} problems, nothing imported"),
+    "console.admin.line": Text("Dòng", "Line"),
+    "console.admin.field": Text("Cột", "Field"),
+    "console.admin.error": Text("Lỗi", "Problem"),
+    "console.admin.would_import": Text("Tệp hợp lệ: {n} khu vực mới", "Valid: {n} new areas"),
+    "console.admin.do_import": Text("Nhập {n} khu vực", "Import {n} areas"),
+    "console.admin.imported": Text("Đã nhập {n} khu vực", "{n} areas imported"),
+    "console.admin.tree": Text("Cây khu vực", "Area tree"),
+    "console.admin.action": Text("Thao tác", "Action"),
+    "console.admin.filter": Text("Lọc", "Filter"),
+    "console.admin.no_entries": Text("Không có mục nào", "No entries"),
+    "console.admin.older": Text("Xem các mục cũ hơn", "Older entries"),
     # (end console: admin)
 
     # (end console)

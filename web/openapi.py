@@ -53,6 +53,9 @@ BROADCAST: S = obj({
 }, ["targets"])
 
 
+CLASS_PARAM: S = {"name": "class", "in": "query", "schema": {"type": "string", "enum": CODES}}
+
+
 def document() -> S:
     secured: S = {"security": [{"bearer": []}]}
     paths: S = {
@@ -105,8 +108,11 @@ def document() -> S:
         },
         "/api/v1/areas/import": {
             "post": {"summary": say("openapi.area_import"), **secured,
+                     "parameters": [{"name": "dry_run", "in": "query", "required": False,
+                                     "description": "1: check every row, store nothing",
+                                     "schema": {"type": "string", "enum": ["0", "1"]}}],
                      "requestBody": body({"type": "string"}, "text/csv"),
-                     "responses": responses(201, 413, *WRITE)},
+                     "responses": responses(200, 201, 413, *WRITE)},
         },
         "/api/v1/areas/{code}": {
             "parameters": [CODE_PARAM],
@@ -135,9 +141,21 @@ def document() -> S:
                                                "emergency": {"type": "boolean"}})),
                       "responses": responses(200, 404, *WRITE)},
         },
+        "/api/v1/users/{id}/password": {
+            "parameters": [ID_PARAM],
+            "post": {"summary": say("openapi.user_password_reset"), **secured,
+                     "responses": responses(200, 401, 403, 404)},
+        },
         "/api/v1/audit": {
             "get": {"summary": say("openapi.audit"), **secured,
-                    "parameters": RANGE_PARAMS[:2], "responses": responses(*READ, 422)},
+                    "parameters": [*RANGE_PARAMS[:2],
+                                   {"name": "user", "in": "query", "schema": STR},
+                                   {"name": "action", "in": "query", "schema": STR},
+                                   {"name": "limit", "in": "query", "schema": {
+                                       "type": "integer", "minimum": 1, "maximum": 1000}},
+                                   {"name": "before", "in": "query", "schema": {
+                                       "type": "integer", "minimum": 1}}],
+                    "responses": responses(*READ, 422)},
         },
         "/api/v1/media": {
             "get": {"summary": say("openapi.media"), **secured,
@@ -211,14 +229,15 @@ def document() -> S:
         },
         "/api/v1/reports/asrun": {
             "get": {"summary": say("openapi.asrun"), **secured,
-                    "parameters": [*RANGE_PARAMS, {"name": "format", "in": "query",
-                                                   "schema": {"type": "string",
-                                                              "enum": ["json", "csv"]}}],
+                    "parameters": [*RANGE_PARAMS, CLASS_PARAM,
+                                   {"name": "format", "in": "query",
+                                    "schema": {"type": "string", "enum": ["json", "csv"]}}],
                     "responses": responses(*READ, 422)},
         },
         "/api/v1/reports/summary": {
-            "get": {"summary": say("openapi.summary"),
-                    **secured, "parameters": RANGE_PARAMS, "responses": responses(*READ, 422)},
+            "get": {"summary": say("openapi.summary"), **secured,
+                    "parameters": [*RANGE_PARAMS, CLASS_PARAM],
+                    "responses": responses(*READ, 422)},
         },
     }
     from loa.web.api import devices as api_devices

@@ -146,6 +146,8 @@ def attempts(w: World) -> dict[tuple[str, str], Callable[[], list[Attempt]] | st
             (f"/api/v1/users/{a['user']}", {"json": {"area": B}}),
             (f"/api/v1/users/{a['user']}", {"json": {"role": "viewer", "area": B}}),
             (f"/api/v1/users/{a['user']}", {"json": {"direct": True}})],
+        ("POST", "/api/v1/users/{id}/password"): lambda: [
+            (f"/api/v1/users/{b['user']}/password", {})],
         ("POST", "/api/v1/media"): lambda: [("/api/v1/media", {"data": media_form(B)})],
         ("DELETE", "/api/v1/media/{id}"): lambda: [(f"/api/v1/media/{media_b}", {})],
         ("POST", "/api/v1/programmes"): lambda: [

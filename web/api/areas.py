@@ -7,6 +7,7 @@ asks for one level (`parent=`) or a search (`q=`) instead."""
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import uuid
@@ -15,7 +16,8 @@ from typing import Any
 
 from aiohttp import web
 
-from loa.streamer.areas import AreaError, AreaTree, parse_csv
+from loa.streamer import areaimport
+from loa.streamer.areas import AreaError, AreaTree
 from loa.streamer.messages import say
 from loa.web.api.core import node_of
 from loa.web.auth import area_out
@@ -167,38 +169,57 @@ async def area_update(request: web.Request) -> web.Response:
 @routes.post("/api/v1/areas/import")
 async def area_import(request: web.Request) -> web.Response:
     """CSV of the official administrative units list (code,name,level,parent_code); every new
-    area must hang below the caller's area. All or nothing."""
+    area must hang below the caller's area. Every row is checked first and every problem
+    reported (line, field, error); `dry_run=1` stops there and tells what would be imported.
+    All or nothing."""
     p = principal(request)
     p.require("admin")
     node = node_of(request)
+    dry_run = request.query.get("dry_run", "") in {"1", "true"}
     if request.content_length is not None and request.content_length > 8 * 1024 * 1024:
         raise ApiError(413, say("area.csv_too_large", limit=8))
     raw = await request.content.read(8 * 1024 * 1024 + 1)
+    if len(raw) > 8 * 1024 * 1024:
+        raise ApiError(413, say("area.csv_too_large", limit=8))
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise ApiError(422, say("area.csv_encoding"), "file") from None
-    existing = [(a.code, a.name, a.level, a.parent) for a in node.tree]
+    known = {a.code for a in node.tree}
+    inside = set(node.tree.subtree(p.area))
+    checked = await asyncio.to_thread(areaimport.check, text, known, inside)
+    problems = [e.as_dict() for e in checked.problems[:areaimport.MAX_PROBLEMS]]
+    rows = [{"line": r.line, "code": r.code, "name": r.name, "level": r.level,
+             "parent": r.parent} for r in checked.rows[:1000]]
+    if dry_run:
+        return ok({"valid": not checked.problems, "count": len(checked.rows), "rows": rows,
+                   "problems": len(checked.problems), "errors": problems})
+    if checked.problems:
+        first = checked.problems[0]
+        outside = all(e.kind == "forbidden" for e in checked.problems)
+        return ok({"error": first.error, "field": "file", "line": first.line,
+                   "problems": len(checked.problems), "errors": problems},
+                  403 if outside else 422)
+    return ok({"imported": len(await _add_all(request, checked.rows)),
+               "codes": [r.code for r in checked.rows[:1000]]}, 201)
+
+
+async def _add_all(request: web.Request, rows: list[areaimport.Row]) -> list[str]:
+    """Into the tree and the store together: if storing fails, the tree is as it was."""
+    node = node_of(request)
+    added: list[str] = []
     try:
-        rows = parse_csv(text)
-        for code, *_ in rows:
-            if code.strip() in node.tree:
-                raise AreaError(say("area.exists", code=code.strip()))
-        merged = AreaTree.from_rows(existing + rows)
-    except AreaError as e:
-        raise ApiError(422, str(e), "file") from None
-    new = [a.code for a in merged if a.code not in node.tree]
-    for code in new:
-        if not merged.contains(p.area, code):
-            raise ApiError(403, say("area.import_outside", code=code))
-    for code in new:  # parents first: `merged` iterates in insertion order
-        a = merged.get(code)
-        node.tree.add(a.code, a.name, a.level, a.parent)
-    await node.store.put_many("area", [area_record(c, node.tree) for c in new])
-    for code in new:
+        for r in rows:  # parents first
+            added.append(node.tree.add(r.code, r.name, r.level, r.parent).code)
+        await node.store.put_many("area", [area_record(c, node.tree) for c in added])
+    except BaseException:
+        for code in reversed(added):
+            node.tree.remove(code)
+        raise
+    for code in added:
         node.engine.add_area(code)
-    await audit(request, "area.import", None, count=len(new))
-    return ok({"imported": len(new), "codes": new[:1000]}, 201)
+    await audit(request, "area.import", None, count=len(added))
+    return added
 
 
 def setup(app: web.Application) -> None:

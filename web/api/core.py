@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from typing import Any
 
 from aiohttp import web
 
 from loa.streamer.messages import say
+from loa.streamer.state.store import Record
 from loa.web.auth import (
+    Forbidden,
+    Principal,
     Role,
     add_user,
     hash_password_async,
@@ -30,6 +34,8 @@ from loa.web.http import (
 from loa.web.node import NODE, Node
 
 routes = web.RouteTableDef()
+
+
 def node_of(request: web.Request) -> Node:
     return request.app[NODE]
 
@@ -104,11 +110,14 @@ async def user_create(request: web.Request) -> web.Response:
     area = field(data, "area", str)
     password = field(data, "password", str, required=False)
     emergency = field(data, "emergency", bool, required=False, default=False)
-    scoped_area(p, node.tree, area)
+    try:
+        scoped_area(p, node.tree, area)
+    except Forbidden as e:  # named: the console shows it under the area field
+        raise ApiError(403, str(e), "area") from None
     if role not in {r.value for r in Role}:
         raise ApiError(422, say("user.unknown_role", role=role), "role")
     if emergency and not p.emergency:
-        raise ApiError(403, say("user.cannot_grant_emergency"))
+        raise ApiError(403, say("user.cannot_grant_emergency"), "emergency")
     try:
         record, pw = await add_user(node.store, node.tree, username, role, area, password,
                                     emergency)
@@ -128,10 +137,7 @@ async def user_update(request: web.Request) -> web.Response:
     p = principal(request)
     p.require("admin")
     node = node_of(request)
-    user = await node.store.get("user", request.match_info["id"])
-    if user is None or user["area"] not in node.tree:
-        raise ApiError(404, say("user.unknown"))
-    p.require_area(node.tree, user["area"])
+    user = await _user_in_scope(request)
     data = await read_json(request)
     refuse_unknown(data, {"role", "disabled", "emergency", "password"})
     changes: dict[str, Any] = {}
@@ -143,9 +149,10 @@ async def user_update(request: web.Request) -> web.Response:
         changes["disabled"] = disabled
     if (emergency := field(data, "emergency", bool, required=False)) is not None:
         if not p.emergency:
-            raise ApiError(403, say("user.cannot_grant_emergency"))
+            raise ApiError(403, say("user.cannot_grant_emergency"), "emergency")
         changes["emergency"] = emergency
     if (password := field(data, "password", str, required=False)) is not None:
+        _may_set_password(p, user)
         try:
             validate_password(password)
         except ValueError as e:
@@ -153,23 +160,88 @@ async def user_update(request: web.Request) -> web.Response:
         changes["password"] = await hash_password_async(password)
     user = await node.store.update("user", user["id"], changes)
     if changes.get("disabled") or "password" in changes:
-        for tok in await node.store.find("token", user=user["id"]):
-            await node.store.delete("token", tok["id"])
+        await _end_sessions(node, user["id"])
     await audit(request, "user.update", user["id"], fields=sorted(changes))
     return ok(public_user(user))
 
 
+@routes.post("/api/v1/users/{id}/password")
+async def user_password_reset(request: web.Request) -> web.Response:
+    """A new password generated for a user who lost theirs: shown once, to this admin only;
+    every token of the user ends."""
+    p = principal(request)
+    p.require("admin")
+    node = node_of(request)
+    user = await _user_in_scope(request)
+    _may_set_password(p, user)
+    password = secrets.token_urlsafe(12)
+    await node.store.update("user", user["id"], {"password": await hash_password_async(password)})
+    await _end_sessions(node, user["id"])
+    await audit(request, "user.password_reset", user["id"], username=user["username"])
+    return ok({"id": user["id"], "username": user["username"], "password": password})
+
+
+async def _user_in_scope(request: web.Request) -> Record:
+    """The user the path names: 404 if unknown, 403 outside the caller's subtree."""
+    node = node_of(request)
+    user = await node.store.get("user", request.match_info["id"])
+    if user is None or user["area"] not in node.tree:
+        raise ApiError(404, say("user.unknown"))
+    principal(request).require_area(node.tree, user["area"])
+    return user
+
+
+def _may_set_password(p: Principal, user: Record) -> None:
+    """Setting someone's password is taking over their account: not one holding the emergency
+    right when the admin does not (that would grant the right it may not grant)."""
+    if user.get("emergency") and not p.emergency:
+        raise ApiError(403, say("user.reset_above_rights"), "password")
+
+
+async def _end_sessions(node: Node, user_id: str) -> None:
+    for tok in await node.store.find("token", user=user_id):
+        await node.store.delete("token", tok["id"])
+
+
+AUDIT_DAYS = 30  # the window when `from` is not given
+AUDIT_PAGE = 100
+AUDIT_MAX_PAGE = 1000
+
+
 @routes.get("/api/v1/audit")
 async def audit_log(request: web.Request) -> web.Response:
+    """The audit entries of the caller's subtree, newest first: `from`/`to` (epoch seconds,
+    default the last 30 days), `user` and `action` (exact), `limit` a page; `before` (an entry's
+    `seq`) the page after the one that ended with it."""
     p = principal(request)
     p.require("admin")
     node = node_of(request)
     inside = set(node.tree.subtree(p.area))
-    since = _num(request, "from")
+    at_root = p.area == node.tree.roots()[0].code  # entries without an area are the root's
     until = _num(request, "to")
-    entries = await node.store.read_log("audit", since=since, until=until, limit=5000)
-    return ok({"entries": [e for e in entries if e.get("area") in inside or e.get("area") is None
-                           and p.area == node.tree.roots()[0].code]})
+    since = _num(request, "from")
+    if since is None:
+        since = (until or time.time()) - AUDIT_DAYS * 86400
+    limit = _whole(request, "limit", AUDIT_PAGE, 1, AUDIT_MAX_PAGE)
+    before = _whole(request, "before", 0, 0, 2**62) or None
+    eq = {k: request.query[k] for k in ("user", "action") if request.query.get(k)}
+    entries = await node.store.read_log("audit", since=since, until=until, limit=200_000, **eq)
+    mine = [e for e in reversed(entries)
+            if (e.get("area") in inside or e.get("area") is None and at_root)
+            and (before is None or e["seq"] < before)]
+    page = mine[:limit]
+    return ok({"entries": page, "more": len(mine) > limit,
+               "next": page[-1]["seq"] if len(mine) > limit else None})
+
+
+def _whole(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name, "")
+    if raw == "":
+        return default
+    if not raw.isdigit() or not low <= int(raw) <= high:
+        raise ApiError(422, say("field.type", name=name,
+                                kind=f"a whole number from {low} to {high}"), name)
+    return int(raw)
 
 
 def _num(request: web.Request, name: str) -> float | None:

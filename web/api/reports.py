@@ -12,6 +12,8 @@ from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
+from loa.streamer.areas import AreaTree
+from loa.streamer.broadcast import BroadcastClass
 from loa.streamer.messages import say
 from loa.streamer.state.store import Record
 from loa.streamer.station import node_marks
@@ -49,6 +51,9 @@ async def _entries(request: web.Request) -> tuple[list[Record], float, float]:
         raise ApiError(422, say("report.to_before_from"), "to")
     area = scoped_area(p, node.tree, request.query.get("area") or p.area)
     inside = set(node.tree.subtree(area))
+    klass = request.query.get("class") or None
+    if klass is not None and klass not in BroadcastClass.__members__:
+        raise ApiError(422, say("class.bad", value=klass), "class")
     rows = await node.store.read_log("asrun", since=since - 86400, until=until, limit=200_000)
     # Segments still on air (or left open by a crash not yet recovered): no end, `on_air`,
     # `seen` the last time their node marked itself on air.
@@ -59,7 +64,7 @@ async def _entries(request: web.Request) -> tuple[list[Record], float, float]:
              for r in await node.store.find("onair")]
     now = time.time()
     out = [r for r in rows if r.get("area") in inside and _end(r, now) > since
-           and r["start"] < until]
+           and r["start"] < until and (klass is None or r.get("class") == klass)]
     out.sort(key=lambda r: (r["start"], r["area"]))
     return out, since, until
 
@@ -82,7 +87,8 @@ async def asrun(request: web.Request) -> web.StreamResponse:
                         "end_cause": r.get("end_cause") if closed else ON_AIR})
         return web.Response(text=buf.getvalue(), content_type="text/csv", charset="utf-8",
                             headers={"Content-Disposition": 'attachment; filename="asrun.csv"'})
-    return ok({"entries": rows})
+    tree = node_of(request).tree
+    return ok({"entries": [{**r, "area_name": _name(tree, r["area"])} for r in rows]})
 
 
 @routes.get("/api/v1/reports/summary")
@@ -102,8 +108,13 @@ async def summary(request: web.Request) -> web.Response:
         "to": until,
         "hours": {a: {c: round(h, 6) for c, h in cs.items()} for a, cs in sorted(hours.items())},
         "bulletins_per_day": {d: len(ids) for d, ids in sorted(per_day.items())},
+        "names": {a: _name(node_of(request).tree, a) for a in sorted(hours)},
     }
     return ok(out)
+
+
+def _name(tree: AreaTree, code: str) -> str:
+    return tree.get(code).name if code in tree else code
 
 
 def _iso(epoch: float) -> str:

@@ -7,12 +7,18 @@ import { api, session, ApiFailure } from "./api.js";
 import * as live from "./live.js";
 import { Overview } from "./overview.js";
 import { Account } from "./account.js";
+import { Reports } from "./reports.js";
+import { Admin } from "./admin.js";
 
 // Each screen: its address (#/id or #/id/arg), its title's text key, who may see it, and what
 // it draws. #/overview/CODE opens the overview at another area (the server decides if it may).
 const SCREENS = [
   { id: "overview", key: "console.overview", may: (s) => s.rights.includes("read"),
     draw: (s, arg) => html`<${Overview} key=${arg || s.area.code} root=${arg || s.area.code} />` },
+  { id: "reports", key: "console.reports", may: (s) => s.rights.includes("read"),
+    draw: (s, arg) => html`<${Reports} key=${arg} area=${arg || s.area.code} />` },
+  { id: "admin", key: "console.admin", may: (s) => s.rights.includes("admin"),
+    draw: (s, arg) => html`<${Admin} tab=${arg} />` },
   { id: "account", key: "console.account", may: () => true, draw: () => html`<${Account} />` },
 ];
 
