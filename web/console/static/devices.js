@@ -23,7 +23,12 @@ const acks = new Map(); // command id or batch -> its last `command` event (it m
 const ackTick = signal(0);
 
 function refused(e) { return e instanceof ApiFailure ? half(e.message) : t("console.network"); }
-const here = () => trail.value[trail.value.length - 1].code;
+// The trail, starting at the caller's area (a new login starts there again).
+function path() {
+  const me = session.value.area;
+  return trail.value[0]?.code === me.code ? trail.value : [{ code: me.code, name: me.name }];
+}
+const here = () => path()[path().length - 1].code;
 
 async function reload() {
   const f = filters.value;
@@ -41,8 +46,8 @@ async function reload() {
 }
 
 function goTo(area) { // an area of the trail (up) or just below (down)
-  const at = trail.value.findIndex((a) => a.code === area.code);
-  trail.value = at >= 0 ? trail.value.slice(0, at + 1) : [...trail.value, area];
+  const at = path().findIndex((a) => a.code === area.code);
+  trail.value = at >= 0 ? path().slice(0, at + 1) : [...path(), area];
   offset.value = 0;
   reload();
 }
@@ -173,13 +178,13 @@ function Filters() {
   const set = (k) => (e) => { filters.value = { ...f, [k]: e.target.value }; offset.value = 0; reload(); };
   const pick = (e) => {
     const code = e.target.value;
-    goTo(trail.value.find((a) => a.code === code) || below.value.find((a) => a.code === code)
+    goTo(path().find((a) => a.code === code) || below.value.find((a) => a.code === code)
          || { code, name: code });
   };
   return html`<form class="filters" onSubmit=${(e) => e.preventDefault()}>
     <div><label for="filter-area">${t("console.devices.area")}</label>
       <select id="filter-area" value=${here()} onChange=${pick}>
-        ${trail.value.map((a, i) => html`<option value=${a.code}>${"‹ ".repeat(i)}${a.name}</option>`)}
+        ${path().map((a, i) => html`<option value=${a.code}>${"‹ ".repeat(i)}${a.name}</option>`)}
         ${below.value.map((a) => html`<option value=${a.code}>› ${a.name}</option>`)}
       </select></div>
     <div><label for="filter-status">${t("console.devices.status")}</label>
@@ -239,8 +244,6 @@ function DeviceList() {
 
 export function Devices() {
   useEffect(() => {
-    const me = session.value.area;
-    if (!trail.value.length || trail.value[0].code !== me.code) trail.value = [{ code: me.code, name: me.name }];
     reload();
     const offs = [on("device", statusChanged), on("command", acked), on("resync", reload)];
     return () => offs.forEach((off) => off());
