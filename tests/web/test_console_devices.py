@@ -18,7 +18,6 @@ from playwright.async_api import Page, expect
 
 from tests.emergencynode import WAIT, DeviceWs, Srv, live_config, serving
 from tests.web.browser import XSS, axe_violations, chromium, login, phone, shots
-from tests.web.test_events import Stream
 
 X1, X2 = "T01-H1-X1", "T01-H1-X2"
 SLOW = WAIT * 1000  # ms: bound for waits on live events (never a speed check)
@@ -53,6 +52,35 @@ async def alive(devices: dict[str, tuple[DeviceWs, dict[str, Any]]]):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+class Stream:
+    """The console's event stream as `who` reads it (Server-Sent Events)."""
+
+    def __init__(self, resp: Any) -> None:
+        self.resp = resp
+
+    async def frame(self) -> tuple[str, dict[str, Any]]:
+        name, data = "", {}
+        while True:
+            line = (await self.resp.content.readline()).decode()
+            assert line, "stream closed"
+            line = line.rstrip("\n")
+            if line.startswith(("event: ", "retry:")):
+                name = line.partition(": ")[2] if line.startswith("event") else "retry"
+            elif line.startswith("data: "):
+                data = json.loads(line[6:])
+            elif not line and name:
+                return name, data
+
+    async def until(self, name: str, **match: Any) -> list[tuple[str, dict[str, Any]]]:
+        """Every event up to and including the first `name` whose data has `match`."""
+        seen: list[tuple[str, dict[str, Any]]] = []
+        async with asyncio.timeout(WAIT):
+            while not seen or seen[-1][0] != name or any(
+                    seen[-1][1].get(k) != v for k, v in match.items()):
+                seen.append(await self.frame())
+        return seen
 
 
 async def stream(srv: Srv, who: str) -> Stream:
@@ -149,8 +177,6 @@ async def test_devices_list_filters_live_offline_commands_acks_and_map(tmp_path:
             page = await phone(browser, bypass_csp=True)
             dialogs: list[str] = []
             page.on("dialog", lambda d: dialogs.append(d.message))
-            page.on("console", lambda m: print("CONSOLE", m.text))
-            page.on("pageerror", lambda e: print("PAGEERROR", e))
             await login(page, f"{srv.base}/#/devices", "huyen1")
             rows = page.locator("li.device")
             await expect(rows).to_have_count(3)
