@@ -275,8 +275,8 @@ export function Device({ id }) {
     ${problem ? html`<p class="error" role="alert">${problem}</p>` : html`<p class="loading">${t("console.loading")}</p>`}`;
   const tm = d.telemetry || {};
   return html`${back}<h1>${d.name}</h1>
-    <p><${Status} status=${d.status} /> · ${d.connected ? t("console.devices.connected") : t("console.devices.not_connected")}
-      · ${d.area}</p>
+    <p><${Status} status=${d.status} />${` · ${d.connected ? t("console.devices.connected")
+                                                          : t("console.devices.not_connected")} · ${d.area}`}</p>
     ${problem && html`<p class="error" role="alert">${problem}</p>`}
     <${Facts} d=${d} />
     <dl class="facts">
