@@ -2,7 +2,9 @@
 the areas related to it (Principal.related).
 
 One hub per app fans in the engine's on-air changes, the bus topics "device.status" and
-"emergency", and programme/schedule changes published by the API handlers. Each client has a
+"emergency", device command acknowledgements (`command`: one per single command, a batch's counts
+at most every BATCH_EVERY seconds, so a bulk command to 10,000 devices never floods the queues),
+and programme/schedule changes published by the API handlers. Each client has a
 bounded queue: on overflow the oldest events go and one `resync` tells it to reload its view.
 Engine listeners run on the engine's tick: they only append to queues, never wait.
 """
@@ -31,6 +33,7 @@ log = logging.getLogger("loa.events")
 
 QUEUE = 256
 PING = 15.0
+BATCH_EVERY = 0.3  # seconds between two `command` events of one batch
 
 
 class Client(DropOldest[tuple[str, dict[str, Any]]]):
@@ -52,10 +55,12 @@ class EventHub:
         self.clients: set[Client] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._subs: list[BusSubscription] = []
+        self._batches: set[str] = set()  # batches with acks not told yet
         self.closing = False
 
     async def start(self) -> None:
         self.node.engine.listeners.append(self._on_air)
+        self.node.devices.ack_listeners.append(self._ack)
         for topic, handle in (("device.status", self._device), (EMERGENCY_TOPIC, self._emergency)):
             sub = await self.node.bus.subscribe(topic)
             self._subs.append(sub)
@@ -64,17 +69,21 @@ class EventHub:
     async def stop(self) -> None:
         with contextlib.suppress(ValueError):
             self.node.engine.listeners.remove(self._on_air)
+        with contextlib.suppress(ValueError):
+            self.node.devices.ack_listeners.remove(self._ack)
         for t in self._tasks:
             t.cancel()
         for sub in self._subs:
             await sub.close()
 
-    def publish(self, name: str, data: dict[str, Any], areas: list[str]) -> None:
-        """To every client related to one of `areas`; `data["areas"]`, when present, is cut
-        down to the areas in that client's scope."""
+    def publish(self, name: str, data: dict[str, Any], areas: list[str],
+                inside: bool = False) -> None:
+        """To every client related to one of `areas` (`inside`: only clients whose subtree holds
+        it); `data["areas"]`, when present, is cut down to the areas in that client's scope."""
         tree = self.node.tree
         for c in list(self.clients):
-            mine = [a for a in areas if c.principal.related(tree, a)]
+            mine = [a for a in areas if (tree.contains(c.principal.area, a) if inside
+                                         else c.principal.related(tree, a))]
             if mine:
                 c.put(name, {**data, "areas": mine} if "areas" in data else data)
 
@@ -86,6 +95,29 @@ class EventHub:
         self.publish("onair", {k: now[k] for k in ("area", "broadcast", "title", "class",
                                                    "issuer", "since")} | {"cause": change.cause},
                      [change.area])
+
+    def _ack(self, rec: dict[str, Any], _t: float) -> None:
+        """A command acknowledged (or refused) by its device: a single command's outcome goes
+        to those who see the device; a batch's counts once per BATCH_EVERY to those who may read
+        the batch (its area in their subtree, as GET /devices/commands/{batch})."""
+        batch = rec.get("batch")
+        if not batch:
+            dev = self.node.devices.get(rec["device"])
+            if dev is not None:
+                self.publish("command", {"id": rec["id"], "device": rec["device"],
+                                         "command": rec["command"], "status": rec["status"],
+                                         "error": rec.get("error")}, [dev.record["area"]],
+                             inside=True)
+            return
+        if batch not in self._batches:
+            self._batches.add(batch)
+            asyncio.get_running_loop().call_later(BATCH_EVERY, self._tell_batch, batch)
+
+    def _tell_batch(self, batch: str) -> None:
+        self._batches.discard(batch)
+        tally = self.node.devices.tally(batch)
+        if tally is not None and tally["area"] in self.node.tree:
+            self.publish("command", tally, [tally["area"]], inside=True)
 
     async def _device(self, ev: dict[str, Any]) -> None:
         self.publish("device", {"id": ev.get("device"), "name": ev.get("name"),

@@ -289,13 +289,19 @@ async def device_bulk_command(request: web.Request) -> web.Response:
     if kind is not None and kind not in DEVICE_KINDS:
         raise ApiError(422, say("device.kind_filter", kinds=", ".join(DEVICE_KINDS)), "kind")
     group = field(data, "group", str, required=False)
+    status = field(data, "status", str, required=False)  # the console's list filter
+    if status is not None and status not in DEVICE_STATUSES:
+        raise ApiError(422, say("device.status_filter", statuses=", ".join(DEVICE_STATUSES)),
+                       "status")
     ttl = _ttl(data, mgr)
-    devices = [d for d in mgr.find(set(tree.subtree(area)), kind=kind, group=group)
+    devices = [d for d in mgr.find(set(tree.subtree(area)), kind=kind, group=group,
+                                   status=status)
                if not d.record.get("revoked")
                and (command != "display" or has_display(d.record))]
     issued = await mgr.issue(devices, command, args, ttl=ttl, issuer=p.username, area=area)
     await audit(request, "device.commands", area, command=command, batch=issued.batch,
-                devices=issued.devices, online=issued.online, kind=kind, group=group)
+                devices=issued.devices, online=issued.online, kind=kind, group=group,
+                status=status)
     return ok({"command_batch": issued.batch, "devices": issued.devices,
                "online": issued.online}, 202)
 
@@ -455,6 +461,8 @@ def openapi_paths() -> dict[str, Any]:
                      "requestBody": body(obj({"area": CODE, **command,
                                               "kind": {"type": "string",
                                                        "enum": list(DEVICE_KINDS)},
+                                              "status": {"type": "string",
+                                                         "enum": list(DEVICE_STATUSES)},
                                               "group": STR}, ["area", "command"])),
                      "responses": {"202": {"description": "Accepted"},
                                    **responses(*WRITE)}},

@@ -598,7 +598,8 @@
     }
   }
 
-  function init() {
+  /** The page's elements and regions (the board and its preview). */
+  function bind() {
     for (const id of ["board", "idle", "status", "emergency", "blank", "gate", "ticker"]) {
       el[id] = $(id);
     }
@@ -613,11 +614,22 @@
     el.gateMessage = $("gate-message");
     el.loginDevice = $("login-device");
     el.loginKey = $("login-key");
-    $("login").addEventListener("submit", onLogin);
     state.regions = {
       main: {el: $("region-main"), boxes: new Map(), current: null, since: 0},
       side: {el: $("region-side"), boxes: new Map(), current: null, since: 0},
     };
+    window.addEventListener("resize", refit);
+  }
+
+  /** Validity is evaluated every second, on the second. */
+  function tick() {
+    render();
+    setTimeout(tick, 1000 - (Date.now() % 1000) + 5);
+  }
+
+  function init() {
+    bind();
+    $("login").addEventListener("submit", onLogin);
 
     const params = new URLSearchParams(location.search);
     const storedDevice = store.get(LS.device) || "";
@@ -637,21 +649,31 @@
     device = device.trim();
     key = key.trim();
     state.device = device;
-    window.addEventListener("resize", refit);
-    // Validity is evaluated every second, on the second.
-    const tick = () => {
-      render();
-      setTimeout(tick, 1000 - (Date.now() % 1000) + 5);
-    };
     if (device) restoreContent(device);
     tick();
     if (device && key) start(device, key);
     else gate(TEXT.login);
   }
 
+  /** Preview mode (`/board?preview`, framed by the operator console): this renderer with no
+   *  connection, login or storage; the console calls loaBoard.preview(args) with a display
+   *  command's args, so what it shows is what a board shows for them. */
+  function previewMode() {
+    bind();
+    el.status.hidden = true;
+    tick();
+    window.loaBoard.preview = (args) => {
+      state.content = normalize(args, now());
+      state.failed.clear();
+      render();
+    };
+  }
+
   // For operators' consoles and tests: the schedule rules of this page.
   window.loaBoard = {isValid, normalize, state};
+  const preview = new URLSearchParams(location.search).has("preview");
+  const begin = preview ? previewMode : init;
 
-  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", init);
-  else init();
+  if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", begin);
+  else begin();
 })();

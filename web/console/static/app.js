@@ -7,6 +7,8 @@ import { api, session, ApiFailure } from "./api.js";
 import * as live from "./live.js";
 import { Overview } from "./overview.js";
 import { Account } from "./account.js";
+import { Devices, Device } from "./devices.js";
+import { Boards } from "./boards.js";
 import { Reports } from "./reports.js";
 import { Admin } from "./admin.js";
 
@@ -15,6 +17,9 @@ import { Admin } from "./admin.js";
 const SCREENS = [
   { id: "overview", key: "console.overview", may: (s) => s.rights.includes("read"),
     draw: (s, arg) => html`<${Overview} key=${arg || s.area.code} root=${arg || s.area.code} />` },
+  { id: "devices", key: "console.devices", may: (s) => s.rights.includes("read"),
+    draw: (s, arg) => (arg ? html`<${Device} key=${arg} id=${arg} />` : html`<${Devices} />`) },
+  { id: "boards", key: "console.boards", may: (s) => s.rights.includes("read"), draw: () => html`<${Boards} />` },
   { id: "reports", key: "console.reports", may: (s) => s.rights.includes("read"),
     draw: (s, arg) => html`<${Reports} key=${arg} area=${arg || s.area.code} />` },
   { id: "admin", key: "console.admin", may: (s) => s.rights.includes("admin"),
