@@ -667,7 +667,12 @@ CATALOGUE: dict[str, Text] = {
                                     "start an emergency (emergency right): preempts the targets "
                                     "at once, commands their loudspeakers and boards"),
     "openapi.emergency": Text("Một tình huống khẩn cấp",
-                              "one emergency, with what is on air in its areas"),
+                              "one emergency, with what is on air in its areas and `status`: "
+                              "the caller's areas on air, loudspeakers and boards that "
+                              "acknowledged it"),
+    "openapi.emergency_preview": Text("Xem trước tình huống khẩn cấp",
+                                      "what an emergency to these targets would interrupt now "
+                                      "(nothing starts)"),
     "openapi.emergency_end": Text("Kết thúc",
                                   "end an emergency (emergency right at the issuer's area or "
                                   "above)"),
