@@ -38,8 +38,8 @@ async def acked_status(srv: Srv, who: str, eid: str, speakers: int) -> dict:
         while True:
             status, one = await srv.call(who, "GET", f"/api/v1/emergencies/{eid}")
             assert status == 200, one
-            if one["status"]["loudspeakers"]["acked"] >= speakers:
-                return one["status"]
+            if one["reach"]["loudspeakers"]["acked"] >= speakers:
+                return one["reach"]
             await asyncio.sleep(0.02)
 
 
@@ -113,12 +113,12 @@ async def test_status_counts_acks_on_air_areas_and_is_cut_to_the_callers_subtree
             # a commune sees its own part only
             status, one = await srv.call("xa11", "GET", f"/api/v1/emergencies/{em['id']}")
             assert status == 200
-            assert one["status"]["loudspeakers"] == {"acked": 1, "total": 1}
-            assert [a["code"] for a in one["status"]["on_air"]] == [X1]
+            assert one["reach"]["loudspeakers"] == {"acked": 1, "total": 1}
+            assert [a["code"] for a in one["reach"]["on_air"]] == [X1]
             # another district does not know it
             status, _ = await srv.call("huyen2", "GET", f"/api/v1/emergencies/{em['id']}")
             assert status == 404
             status, _ = await srv.call("tinh", "DELETE", f"/api/v1/emergencies/{em['id']}")
             assert status == 200
             status, one = await srv.call("tinh", "GET", f"/api/v1/emergencies/{em['id']}")
-            assert one["status"]["on_air"] == [] and one["status"]["loudspeakers"]["acked"] == 0
+            assert one["reach"]["on_air"] == [] and one["reach"]["loudspeakers"]["acked"] == 0

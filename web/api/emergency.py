@@ -11,7 +11,7 @@
   distinct broadcasts in `communes` leaf areas), and those it would wait behind (`waits`: an
   emergency of the same or a higher authority).
 - `GET /api/v1/emergencies[?status=active|ended|all]`: those the caller's area is concerned by
-  (they target its subtree, or an area above it). `GET /api/v1/emergencies/{id}`, with `status`:
+  (they target its subtree, or an area above it). `GET /api/v1/emergencies/{id}`, with `reach`:
   its leaf areas on air and the loudspeakers and boards that acknowledged it (acked / total), all
   cut down to the caller's subtree. Acknowledgements are told as the live event
   `emergency_status` (`{"id"}`, at most every 0.3 s per emergency) to those it concerns.
@@ -241,11 +241,11 @@ async def emergency_get(request: web.Request) -> web.Response:
     out = _public(rec)
     node = request.app[NODE]
     out["on_air"] = [node.engine.on_air(a) for a in rec.get("areas", []) if a in node.tree]
-    out["status"] = _status(node, p, rec)
+    out["reach"] = _reach(node, p, rec)
     return ok(out)
 
 
-def _status(node: Node, p: Principal, rec: Record) -> dict[str, Any]:
+def _reach(node: Node, p: Principal, rec: Record) -> dict[str, Any]:
     """Where the emergency stands in the caller's subtree: its leaf areas on air (this node's
     broadcast of it), loudspeakers and boards that acknowledged it, of those there."""
     tree = node.tree
