@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from playwright.async_api import expect
+
 from tests.emergencynode import X1, X2, X3, DeviceWs, Srv, live_config, serving, settle, start_music
+from tests.web.browser import XSS, axe_violations, chromium, login, phone, shots
 
 TEXT = "Bão số năm sắp đổ bộ, người dân sơ tán ngay."
 
@@ -122,3 +126,104 @@ async def test_status_counts_acks_on_air_areas_and_is_cut_to_the_callers_subtree
             assert status == 200
             status, one = await srv.call("tinh", "GET", f"/api/v1/emergencies/{em['id']}")
             assert one["reach"]["on_air"] == [] and one["reach"]["loudspeakers"]["acked"] == 0
+
+
+# ---- the screen in Chromium ----------------------------------------------------------------------
+async def test_province_runs_a_tts_emergency_to_two_communes_and_stops_it(tmp_path: Path) -> None:
+    async with serving(live_config(tmp_path)) as srv, chromium() as browser:
+        node = srv.node
+        music = start_music(node)
+        speakers = [await srv.device(X1), await srv.device(X2)]
+        bystander = await srv.device(X3)
+        srv.run(0.3)
+        async with acking(*speakers, bystander):
+            page = await phone(browser, bypass_csp=True)
+            await login(page, f"{srv.base}/", "tinh")
+            await page.click("nav.screens >> text=Khẩn cấp")
+            await expect(page.locator("main h1")).to_have_text("Khẩn cấp")
+            # areas: open the district, tick two of its communes
+            tree = page.locator(".pick-tree")
+            await tree.locator("li[data-code=T01-H1] button.expand").click()
+            await tree.locator(f"input[data-code={X1}]").check()
+            await tree.locator(f"input[data-code={X2}]").check()
+            await expect(page.locator(".chosen li span")).to_have_text(["Xã 1 huyện 1",
+                                                                        "Xã 2 huyện 1"])
+            # content: the text, heard first (the speech is made on the node, played from it)
+            await page.get_by_label("Nội dung cần đọc").fill(TEXT)
+            await page.click("button.em-listen")
+            audio = page.locator("audio.em-preview")
+            await expect(audio).to_have_attribute("src", re.compile(r"^/api/v1/media/\w+/audio$"))
+            media_id = (await audio.get_attribute("src") or "").split("/")[4]
+            assert (await node.store.get("media", media_id) or {}).get("tts")
+            await page.get_by_label("Số lần phát (1-10)").fill("2")
+            await shots(page, "emergency-form")
+            assert await axe_violations(page) == []
+            # the confirmation says what it interrupts; nothing is on air yet
+            await page.click("button.em-next")
+            await expect(page.locator(".em-interrupts")).to_have_text(
+                "Sẽ ngắt 2 chương trình tại 2 xã")
+            await expect(page.locator(".em-rows li")).to_have_count(2)
+            await expect(page.locator("form.em-form")).to_be_hidden()
+            assert await node.store.find("emergency") == []
+            await shots(page, "emergency-confirm")
+            assert await axe_violations(page) == []
+            await page.click("button.em-go")
+            await expect(page).to_have_url(re.compile(r"#/emergency/\w+$"))
+            (em,) = await node.store.find("emergency")
+            assert em["targets"] == [X1, X2] and em["spec"]["repeat"] == 2
+            srv.run(0.5)
+            await settle()
+            # the two communes switch, the third keeps its music; the screen follows live
+            assert node.engine.on_air(X1)["broadcast"] == em["broadcast"]
+            assert node.engine.on_air(X2)["broadcast"] == em["broadcast"]
+            assert node.engine.on_air(X3)["broadcast"] == music[X3]
+            await expect(page.locator(".em-state")).to_have_text("Đang phát tại 2/2 xã")
+            await expect(page.locator(".em-speakers strong")).to_have_text("2/2")
+            await expect(page.locator(".em-boards strong")).to_have_text("0/0")
+            await expect(page.locator(".em-areas li")).to_have_text(["Xã 1 huyện 1",
+                                                                     "Xã 2 huyện 1"])
+            await shots(page, "emergency-live")
+            assert await axe_violations(page) == []
+            # stop: what was preempted resumes
+            await page.click("button.em-stop")
+            await expect(page.locator(".em-state")).to_contain_text("Đã kết thúc")
+            await expect(page.locator("button.em-stop")).to_have_count(0)
+            srv.run(0.3)
+            await settle()
+            assert node.engine.on_air(X1)["broadcast"] == music[X1]
+            assert node.engine.on_air(X2)["broadcast"] == music[X2]
+            await shots(page, "emergency-ended")
+
+
+async def test_no_screen_without_the_right_and_a_commune_may_not_stop_the_province(
+        tmp_path: Path) -> None:
+    async with serving(live_config(tmp_path)) as srv, chromium() as browser:
+        start_music(srv.node)
+        srv.run(0.2)
+        page = await phone(browser)
+        await login(page, f"{srv.base}/", "xa11")
+        await expect(page.locator("nav.screens a")).not_to_contain_text(["Khẩn cấp"])
+        await page.goto(f"{srv.base}/#/emergency")
+        await expect(page.locator("main .error")).to_have_text(
+            "Bạn không có quyền phát khẩn cấp: quyền này do quản trị viên cấp riêng")
+        assert await page.locator("fieldset.area-picker").count() == 0
+
+        status, em = await srv.call("tinh", "POST", "/api/v1/emergencies", json={
+            "targets": ["T01-H1"], "content": {"text": TEXT}, "title": XSS})
+        assert status == 201, em
+        srv.run(0.3)
+        page = await phone(browser, bypass_csp=True)
+        await login(page, f"{srv.base}/", "xa11em")
+        await page.click("nav.screens >> text=Khẩn cấp")
+        await page.locator(".em-active a").click()  # the title, shown as text
+        await expect(page.locator(".em-live h2")).to_have_text(XSS)
+        await expect(page.locator(".em-state")).to_have_text("Đang phát tại 1/1 xã")
+        await expect(page.locator("button.em-stop")).to_be_disabled()
+        await expect(page.locator("#em-stop-why")).to_have_text(
+            "Không được dừng: tin khẩn cấp do cấp trên (Tỉnh Mẫu) phát")
+        await shots(page, "emergency-refused")
+        assert await axe_violations(page) == []
+        # the server refuses it too, with its reason, and it stays on air
+        status, got = await srv.call("xa11em", "DELETE", f"/api/v1/emergencies/{em['id']}")
+        assert status == 403 and "cấp trên" in got["error"]
+        assert (await srv.node.store.get("emergency", em["id"]))["status"] == "active"
