@@ -686,7 +686,12 @@ CATALOGUE: dict[str, Text] = {
                                     "start an emergency (emergency right): preempts the targets "
                                     "at once, commands their loudspeakers and boards"),
     "openapi.emergency": Text("Một tình huống khẩn cấp",
-                              "one emergency, with what is on air in its areas"),
+                              "one emergency, with what is on air in its areas and `reach`: "
+                              "the caller's areas on air, loudspeakers and boards that "
+                              "acknowledged it"),
+    "openapi.emergency_preview": Text("Xem trước tình huống khẩn cấp",
+                                      "what an emergency to these targets would interrupt now "
+                                      "(nothing starts)"),
     "openapi.emergency_end": Text("Kết thúc",
                                   "end an emergency (emergency right at the issuer's area or "
                                   "above)"),
@@ -802,6 +807,55 @@ CATALOGUE: dict[str, Text] = {
     # (end console: air)
 
     # console: emergency (emergency.js)
+    "console.emergency.title": Text("Khẩn cấp", "Emergency"),
+    "console.emergency.no_right": Text(
+        "Bạn không có quyền phát khẩn cấp: quyền này do quản trị viên cấp riêng",
+        "You do not hold the emergency right: an administrator grants it explicitly"),
+    "console.emergency.active": Text("Đang phát khẩn cấp", "Emergencies on air"),
+    "console.emergency.areas": Text("Khu vực nhận tin khẩn cấp", "Areas to reach"),
+    "console.emergency.no_targets": Text("Chọn ít nhất một khu vực", "Choose at least one area"),
+    "console.emergency.content": Text("Nội dung", "Content"),
+    "console.emergency.kind_text": Text("Văn bản đọc tự động", "Text read aloud"),
+    "console.emergency.kind_media": Text("Tệp trong thư viện", "A library item"),
+    "console.emergency.kind_live": Text("Nói trực tiếp (micrô)", "Live microphone"),
+    "console.emergency.text": Text("Nội dung cần đọc", "Text to read"),
+    "console.emergency.text_first": Text("Nhập nội dung trước khi nghe thử",
+                                         "Type the text before listening"),
+    "console.emergency.listen": Text("Nghe thử", "Listen"),
+    "console.emergency.preview_audio": Text("Bản nghe thử", "Preview"),
+    "console.emergency.media": Text("Chọn tệp âm thanh", "Choose the audio"),
+    "console.emergency.no_media": Text("Thư viện chưa có tệp nào", "The library is empty"),
+    "console.emergency.live_note": Text(
+        "Tín hiệu chú ý phát ngay; giọng nói trực tiếp được gửi tới địa chỉ WHIP hiện ở bước sau",
+        "The attention signal airs at once; the live voice is published to the WHIP address "
+        "shown next"),
+    "console.emergency.repeat": Text("Số lần phát (1-10)", "Times to air (1-10)"),
+    "console.emergency.gap": Text("Nghỉ giữa các lần (giây)", "Pause between (seconds)"),
+    "console.emergency.volume": Text("Âm lượng loa (0-100)", "Loudspeaker volume (0-100)"),
+    "console.emergency.next": Text("Tiếp tục: xem những gì sẽ bị ngắt",
+                                   "Next: see what it interrupts"),
+    "console.emergency.confirm_title": Text("Xác nhận phát khẩn cấp", "Confirm the emergency"),
+    "console.emergency.interrupts": Text("Sẽ ngắt {n} chương trình tại {m} xã",
+                                         "It interrupts {n} programmes in {m} communes"),
+    "console.emergency.reaches": Text("Phát tới {n} xã", "Reaches {n} communes"),
+    "console.emergency.waits": Text(
+        "{n} xã đang phát khẩn cấp của cấp trên: tin này phát sau khi tin đó kết thúc",
+        "{n} communes air a higher authority's emergency: this one airs after it"),
+    "console.emergency.go": Text("PHÁT KHẨN CẤP NGAY", "START THE EMERGENCY NOW"),
+    "console.emergency.back": Text("Quay lại sửa", "Back to edit"),
+    "console.emergency.on_air_in": Text("Đang phát tại {n}/{m} xã", "On air in {n}/{m} communes"),
+    "console.emergency.ended_at": Text("Đã kết thúc {at}", "Ended {at}"),
+    "console.emergency.speakers": Text("Loa đã nhận lệnh", "Loudspeakers acknowledged"),
+    "console.emergency.boards": Text("Bảng tin đang hiển thị", "Boards showing it"),
+    "console.emergency.areas_on_air": Text("Các xã đang phát", "Communes on air"),
+    "console.emergency.started": Text("Bắt đầu {at}, người phát: {who}", "Started {at} by {who}"),
+    "console.emergency.whip": Text("Gửi giọng nói trực tiếp tới: {url}",
+                                   "Publish the live voice to: {url}"),
+    "console.emergency.stop": Text("DỪNG PHÁT KHẨN CẤP", "STOP THE EMERGENCY"),
+    "console.emergency.stop_above": Text(
+        "Không được dừng: tin khẩn cấp do cấp trên ({issuer}) phát",
+        "You may not stop it: a higher authority ({issuer}) issued it"),
+    "console.emergency.new": Text("Phát tin khẩn cấp khác", "Start another emergency"),
     # (end console: emergency)
 
     # console: devices (devices.js)

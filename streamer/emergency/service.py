@@ -64,6 +64,7 @@ import functools
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,6 +97,7 @@ MAX_BOARD_TEXT = 2000  # the device protocol's limit for `emergency.text`
 MAX_TITLE = 200
 ATTENTION_TONES = (800.0, 1000.0)
 ATTENTION_STEP = 0.25  # seconds per tone
+MAX_ACKED_BATCHES = 256
 
 
 @dataclass
@@ -292,6 +294,10 @@ class EmergencyService:
         self._linked: dict[str, str] = {}  # live (WHIP) broadcast id -> eid
         self._covered: dict[str, set[str]] = {}  # eid -> areas its targets cover
         self._winners: dict[str, str] = {}  # area -> the emergency its devices show
+        self._batches: dict[str, str] = {}  # device command batch -> the emergency it shows
+        # batch -> devices that acknowledged it; kept apart from `_batches` because a connected
+        # device may ack before `issue` returns the batch id (bounded: emergency batches only)
+        self._acked: OrderedDict[str, set[str]] = OrderedDict()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lock = asyncio.Lock()
@@ -358,6 +364,31 @@ class EmergencyService:
 
     def local_broadcast(self, eid: str) -> str | None:
         return self._local.get(eid)
+
+    def broadcasts(self, eid: str) -> set[str]:
+        """This node's broadcasts of the emergency: its own, and a live emergency's voice."""
+        out = {b for b, e in self._linked.items() if e == eid}
+        local = self._local.get(eid)
+        return (out | {local}) if local else out
+
+    def acknowledged(self, batch: str, device: str) -> None:
+        """A device acknowledged an `emergency` command of `batch`."""
+        self._acked.setdefault(batch, set()).add(device)
+        while len(self._acked) > MAX_ACKED_BATCHES:
+            self._acked.popitem(last=False)
+
+    def emergency_of(self, batch: str) -> str | None:
+        """The active emergency a device command batch turned on."""
+        eid = self._batches.get(batch)
+        return eid if eid in self.active else None
+
+    def acked(self, eid: str) -> set[str]:
+        """The devices that acknowledged showing the emergency (this node's)."""
+        out: set[str] = set()
+        for batch, e in self._batches.items():
+            if e == eid:
+                out |= self._acked.get(batch, set())
+        return out
 
     # ---- content -----------------------------------------------------------------------------
     def _attention(self, spec: Record) -> Source:
@@ -611,6 +642,9 @@ class EmergencyService:
                 del self._linked[lb]
                 self._stop_broadcast(lb, cause)
         self._covered.pop(eid, None)
+        for batch in [b for b, e in self._batches.items() if e == eid]:
+            del self._batches[batch]
+            self._acked.pop(batch, None)
         rec = await self.store.get(KIND, eid)
         changed = False
         if rec is not None and rec.get("status") == "active":
@@ -686,6 +720,8 @@ class EmergencyService:
             except Exception:
                 log.exception("device commands failed event=emergency_devices_error id=%s", eid)
                 continue
+            if eid is not None and got.get("batch"):
+                self._batches[str(got["batch"])] = eid  # its acks count for that emergency
             self.stats["device_commands"] += int(got.get("devices", 0))
             total["devices"] += int(got.get("devices", 0))
             total["online"] += int(got.get("online", 0))

@@ -5,8 +5,16 @@
   "repeat": 1-10, "gap": s, "attention": {"before", "after", "media"?}, "volume": 0-100,
   "text": board text, "title"?}` -> `201` the emergency (persisted before the answer), with
   `devices` (commands sent / queued) and, for live, `whip`: the URL to publish the voice to.
+- `POST /api/v1/emergencies/preview` (same right and body; only `targets` is read): what would be
+  interrupted now, without starting anything: the programmes on air in the covered leaf areas of
+  the caller's subtree that an emergency of the caller's authority preempts (`programmes`
+  distinct broadcasts in `communes` leaf areas), and those it would wait behind (`waits`: an
+  emergency of the same or a higher authority).
 - `GET /api/v1/emergencies[?status=active|ended|all]`: those the caller's area is concerned by
-  (they target its subtree, or an area above it). `GET /api/v1/emergencies/{id}`.
+  (they target its subtree, or an area above it). `GET /api/v1/emergencies/{id}`, with `reach`:
+  its leaf areas on air and the loudspeakers and boards that acknowledged it (acked / total), all
+  cut down to the caller's subtree. Acknowledgements are told as the live event
+  `emergency_status` (`{"id"}`, at most every 0.3 s per emergency) to those it concerns.
 - `DELETE /api/v1/emergencies/{id}`: ends it (`200`, the record). Needs the emergency right at the
   issuer's area or above (`403` otherwise, and it stays on air); `409` when it is already over.
 - `POST /api/v1/alerts` (`application/cap+xml` or `application/xml`): a CAP 1.2 message.
@@ -26,6 +34,8 @@ from typing import Any
 
 from aiohttp import web
 
+from loa.relay.devices.protocol import DEVICE_KINDS
+from loa.streamer.broadcast import BroadcastClass
 from loa.streamer.emergency import cap as capmod
 from loa.streamer.emergency.service import (
     DuplicateAlert,
@@ -37,7 +47,8 @@ from loa.streamer.messages import say
 from loa.streamer.programmes import MAX_GAP, MAX_REPEAT
 from loa.streamer.state.store import Record
 from loa.web.api.schema import CODE, ID_PARAM, READ, STR, WRITE, body, obj, responses
-from loa.web.auth import Principal
+from loa.web.auth import Forbidden, Principal
+from loa.web.events import HUB
 from loa.web.http import (
     ApiError,
     audit,
@@ -57,6 +68,8 @@ routes = web.RouteTableDef()
 
 CAP_TYPES = ("application/cap+xml", "application/xml", "text/xml")
 MAX_TEXT = 5000
+MAX_PREVIEW_ROWS = 200  # areas listed by a preview (the counts cover them all)
+STATUS_EVERY = 0.3  # seconds between two `emergency_status` events of one emergency
 
 
 def service(request: web.Request) -> EmergencyService:
@@ -92,7 +105,10 @@ def _targets(node: Node, p: Principal, data: dict[str, Any]) -> list[str]:
         raise ApiError(422, say("emergency.targets"), "targets")
     targets = list(dict.fromkeys(raw))
     for t in targets:
-        scoped_area(p, node.tree, t, "targets")
+        try:
+            scoped_area(p, node.tree, t, "targets")
+        except Forbidden as e:  # named, so the console shows it under the area picker
+            raise ApiError(403, str(e), "targets") from None
     return targets
 
 
@@ -164,6 +180,38 @@ async def emergency_create(request: web.Request) -> web.Response:
     return ok(_public(rec), 201)
 
 
+def _preempts(node: Node, depth: int, now: dict[str, Any]) -> bool:
+    """An emergency issued at `depth` takes the air from what is on air (streamer/arbiter.py:
+    class, then the authority nearest the root; an equal one keeps the air: earlier start)."""
+    cls = BroadcastClass.parse(str(now["class"]))
+    if cls is not BroadcastClass.emergency:
+        return True
+    issuer = now.get("issuer")
+    return not (isinstance(issuer, str) and issuer in node.tree) or depth < node.tree.depth(issuer)
+
+
+@routes.post("/api/v1/emergencies/preview")
+async def emergency_preview(request: web.Request) -> web.Response:
+    p = principal(request)
+    _require_right(p)
+    node = request.app[NODE]
+    targets = _targets(node, p, await read_json(request))
+    depth = node.tree.depth(p.area)
+    leaves = node.tree.resolve_leaves(targets)
+    interrupted: list[dict[str, Any]] = []
+    waits: list[dict[str, Any]] = []
+    for code in leaves:
+        now = node.engine.on_air(code)
+        if not now["broadcast"]:
+            continue
+        row = {"area": code, "name": node.tree.get(code).name,
+               **{k: now[k] for k in ("broadcast", "title", "class", "issuer")}}
+        (interrupted if _preempts(node, depth, now) else waits).append(row)
+    return ok({"areas": len(leaves), "communes": len(interrupted),
+               "programmes": len({r["broadcast"] for r in interrupted}),
+               "interrupted": interrupted[:MAX_PREVIEW_ROWS], "waits": waits[:MAX_PREVIEW_ROWS]})
+
+
 @routes.get("/api/v1/emergencies")
 async def emergency_list(request: web.Request) -> web.Response:
     p = principal(request)
@@ -193,7 +241,35 @@ async def emergency_get(request: web.Request) -> web.Response:
     out = _public(rec)
     node = request.app[NODE]
     out["on_air"] = [node.engine.on_air(a) for a in rec.get("areas", []) if a in node.tree]
+    out["reach"] = _reach(node, p, rec)
     return ok(out)
+
+
+def _reach(node: Node, p: Principal, rec: Record) -> dict[str, Any]:
+    """Where the emergency stands in the caller's subtree: its leaf areas on air (this node's
+    broadcast of it), loudspeakers and boards that acknowledged it, of those there."""
+    tree = node.tree
+    svc = node.emergency
+
+    def mine(code: str) -> bool:
+        return code in tree and tree.contains(p.area, code)
+
+    leaves = [a for a in rec.get("areas", []) if mine(a)]
+    bids = svc.broadcasts(rec["id"]) if rec.get("status") == "active" else set()
+    on_air = [a for a in leaves if bids and node.engine.on_air(a)["broadcast"] in bids]
+    covered = {a for a in tree.covered([t for t in rec.get("targets", []) if t in tree])
+               if mine(a)}
+    acked = svc.acked(rec["id"])
+    counts = {kind: {"acked": 0, "total": 0} for kind in DEVICE_KINDS}
+    for d in node.devices.find(covered):
+        c = counts.get(d.record.get("kind", ""))
+        if c is None or d.record.get("revoked"):
+            continue
+        c["total"] += 1
+        c["acked"] += d.id in acked
+    return {"areas": len(leaves), "on_air": [{"code": a, "name": tree.get(a).name}
+                                             for a in on_air],
+            "loudspeakers": counts["loudspeaker"], "boards": counts["board"]}
 
 
 @routes.delete("/api/v1/emergencies/{id}")
@@ -254,9 +330,44 @@ async def alert_receive(request: web.Request) -> web.StreamResponse:
     return ok(_public(body), status)
 
 
+def _tell_acks(app: web.Application) -> None:
+    """Devices acknowledging an emergency become `emergency_status` events (at most one per
+    emergency every STATUS_EVERY seconds: thousands of loudspeakers ack within a second) for the
+    clients its targets concern; they read the counts of their own subtree with GET."""
+    node = app[NODE]
+    waiting: set[str] = set()  # batches with acks not told yet
+
+    def tell(batch: str) -> None:
+        waiting.discard(batch)
+        eid = node.emergency.emergency_of(batch)
+        rec = node.emergency.active.get(eid) if eid else None
+        if rec is not None:
+            app[HUB].publish("emergency_status", {"id": eid}, list(rec["targets"]))
+
+    def on_ack(cmd: Record, _t: float) -> None:
+        batch = cmd.get("batch")
+        if cmd.get("command") != "emergency" or cmd.get("status") != "acked" or not batch:
+            return
+        node.emergency.acknowledged(batch, cmd["device"])
+        if batch not in waiting:
+            waiting.add(batch)
+            asyncio.get_running_loop().call_later(STATUS_EVERY, tell, batch)
+
+    async def start(_app: web.Application) -> None:
+        node.devices.ack_listeners.append(on_ack)
+
+    async def stop(_app: web.Application) -> None:
+        if on_ack in node.devices.ack_listeners:
+            node.devices.ack_listeners.remove(on_ack)
+
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
+
+
 def setup(app: web.Application) -> None:
     """Register routes. The service is app[NODE].emergency (started)."""
     app.add_routes(routes)
+    _tell_acks(app)
 
 
 # ---- OpenAPI -------------------------------------------------------------------------------------
@@ -275,6 +386,7 @@ def openapi_paths() -> dict[str, Any]:
                           "media": STR}),
         "volume": {"type": "integer", "minimum": 0, "maximum": 100},
         "text": STR, "title": STR}, ["targets", "content"])
+    preview = {**create, "required": ["targets"]}
     status = {"name": "status", "in": "query",
               "schema": {"type": "string", "enum": ["active", "ended", "all"]}}
     return {
@@ -284,6 +396,10 @@ def openapi_paths() -> dict[str, Any]:
             "post": {"summary": say("openapi.emergency_start"),
                      **secured, "requestBody": body(create),
                      "responses": responses(201, *WRITE)},
+        },
+        "/api/v1/emergencies/preview": {
+            "post": {"summary": say("openapi.emergency_preview"), **secured,
+                     "requestBody": body(preview), "responses": responses(200, *WRITE)},
         },
         "/api/v1/emergencies/{id}": {
             "parameters": [ID_PARAM],

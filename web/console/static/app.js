@@ -7,16 +7,22 @@ import { api, session, ApiFailure } from "./api.js";
 import * as live from "./live.js";
 import { Overview } from "./overview.js";
 import { Account } from "./account.js";
+import { Emergency } from "./emergency.js";
 import { Devices, Device } from "./devices.js";
 import { Boards } from "./boards.js";
 import { Reports } from "./reports.js";
 import { Admin } from "./admin.js";
 
-// Each screen: its address (#/id or #/id/arg), its title's text key, who may see it, and what
-// it draws. #/overview/CODE opens the overview at another area (the server decides if it may).
+// Each screen: its address (#/id or #/id/arg), its title's text key, who may see it (`why`: the
+// reason shown to whoever else opens its address), and what it draws. #/overview/CODE opens the
+// overview at another area (the server decides if it may).
 const SCREENS = [
   { id: "overview", key: "console.overview", may: (s) => s.rights.includes("read"),
     draw: (s, arg) => html`<${Overview} key=${arg || s.area.code} root=${arg || s.area.code} />` },
+  { id: "emergency", key: "console.emergency.title",
+    may: (s) => s.rights.includes("emergency") && s.rights.includes("air"),
+    why: () => t("console.emergency.no_right"),
+    draw: (s, arg) => html`<${Emergency} key=${arg} id=${arg} />` },
   { id: "devices", key: "console.devices", may: (s) => s.rights.includes("read"),
     draw: (s, arg) => (arg ? html`<${Device} key=${arg} id=${arg} />` : html`<${Devices} />`) },
   { id: "boards", key: "console.boards", may: (s) => s.rights.includes("read"), draw: () => html`<${Boards} />` },
@@ -64,6 +70,7 @@ function Shell() {
   const [id, ...rest] = route.value.split("/");
   const screen = mine.find((x) => x.id === id) || mine[0];
   const arg = screen.id === id ? decodeURIComponent(rest.join("/")) : "";
+  const barred = SCREENS.find((x) => x.id === id && x.why && !x.may(s));
   const logout = async () => {
     try { await api("DELETE", "/api/v1/auth/session"); } finally { session.value = null; }
   };
@@ -73,8 +80,10 @@ function Shell() {
     </header>
     <nav class="screens" aria-label=${t("console.screens")}><ul>
       ${mine.map((x) => html`<li><a href=${`#/${x.id}`}
-        aria-current=${x === screen ? "page" : undefined}>${t(x.key)}</a></li>`)}</ul></nav>
-    <main data-screen=${screen.id}>${screen.draw(s, arg)}</main>`;
+        aria-current=${x === screen && !barred ? "page" : undefined}>${t(x.key)}</a></li>`)}</ul></nav>
+    <main data-screen=${barred ? id : screen.id}>${barred
+      ? html`<h1>${t(barred.key)}</h1><p class="error" role="alert">${barred.why()}</p>`
+      : screen.draw(s, arg)}</main>`;
 }
 
 function App() {

@@ -4,7 +4,7 @@
 // since events may have been missed meanwhile.
 const handlers = new Map(); // type -> Set of functions
 let source = null;
-const TYPES = ["onair", "device", "emergency", "programme", "schedule", "command"];
+const TYPES = ["onair", "device", "emergency", "programme", "schedule", "command", "emergency_status"];
 
 function emit(type, data) {
   for (const fn of handlers.get(type) || []) fn(data);
