@@ -13,6 +13,7 @@ from loa.web.api.schema import (
     CODE,
     CODE_PARAM,
     CODES,
+    ERROR,
     ID_PARAM,
     RANGE_PARAMS,
     READ,
@@ -51,6 +52,13 @@ BROADCAST: S = obj({
     "targets": TARGETS, "class": {"type": "string", "enum": CODES},
     "policy": {"type": "string", "enum": ["resume", "skip", "overlay"]},
 }, ["targets"])
+
+
+AUDIO: S = {code: {"description": desc, "content": {"audio/wav": {"schema": {
+    "type": "string", "format": "binary"}}}} for code, desc in (("200", "OK"),
+                                                                ("206", "Partial content"))}
+AUDIO["416"] = {"description": "Range not satisfiable",
+                "content": {"application/json": {"schema": ERROR}}}
 
 
 def document() -> S:
@@ -156,6 +164,13 @@ def document() -> S:
             "delete": {"summary": say("openapi.media_delete"), **secured,
                        "responses": responses(204, 401, 403, 404, 409)},
         },
+        "/api/v1/media/{id}/audio": {
+            "parameters": [ID_PARAM],
+            "get": {"summary": say("openapi.media_audio"), **secured,
+                    "parameters": [{"name": "Range", "in": "header", "required": False,
+                                    "schema": {"type": "string", "example": "bytes=0-1023"}}],
+                    "responses": {**responses(401, 403, 404), **AUDIO}},
+        },
         "/api/v1/tts": {
             "post": {"summary": say("openapi.tts"), **secured,
                      "requestBody": body(obj({"text": {"type": "string", "maxLength": 5000},
@@ -165,8 +180,10 @@ def document() -> S:
         "/api/v1/programmes": {
             "get": {"summary": say("openapi.programmes"), **secured,
                     "parameters": [{"name": "status", "in": "query", "schema": {
-                        "type": "string", "enum": ["draft", "pending", "approved", "rejected"]}}],
-                    "responses": responses(*READ)},
+                        "type": "string", "enum": ["draft", "pending", "approved", "rejected"]}},
+                        {"name": "under", "in": "query", "schema": CODE,
+                         "description": "only programmes of this area's subtree"}],
+                    "responses": responses(*READ, 422)},
             "post": {"summary": say("openapi.programme_create"), **secured,
                      "requestBody": body(PROGRAMME), "responses": responses(201, *WRITE)},
         },
