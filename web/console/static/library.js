@@ -199,7 +199,7 @@ function Item({ m, mayEdit }) {
   const handed = above(m);
   return html`<li class="media" data-id=${m.id}>
     <div class="what"><strong class="title">${m.title}</strong>
-      <span class="facts">${length(m.duration)} · ${dateTime(m.created)} · ${m.owner} · ${m.area}
+      <span class="meta">${length(m.duration)} · ${dateTime(m.created)} · ${m.owner} · ${m.area}
         ${m.tts ? ` · ${t("console.library.from_tts")}` : ""}</span></div>
     <div class="actions"><${Listen} id=${m.id} title=${m.title} />
       ${mayEdit && !handed && !asking && html`<button type="button" class="delete"

@@ -61,7 +61,7 @@ function Content({ p }) {
 }
 
 function Facts({ p }) {
-  return html`<span class="facts">${typeText()[p.type] || p.type}
+  return html`<span class="meta">${typeText()[p.type] || p.type}
     ${p.duration ? ` · ${length(p.duration)}` : ""}${p.repeat > 1 ? ` · ×${p.repeat}` : ""}
     · ${p.area} · ${p.owner} · ${dateTime(p.created)}</span>`;
 }
@@ -148,7 +148,7 @@ function Pending({ p }) {
   });
   return html`<li class="pending" data-id=${p.id}>
     <div class="what"><strong class="title">${p.title}</strong><${Facts} p=${p} />
-      ${p.submitted_by && html`<span class="facts">${t("console.programmes.submitted_by", { who: p.submitted_by })}</span>`}</div>
+      ${p.submitted_by && html`<span class="meta">${t("console.programmes.submitted_by", { who: p.submitted_by })}</span>`}</div>
     <${Content} p=${p} />
     <form class="approve" onSubmit=${approve.submit}>
       <${Elsewhere} failure=${approve.failure} shown=${[]} />
