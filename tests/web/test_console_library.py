@@ -6,6 +6,7 @@ Range, the approver's `under=` filter), scoped to the caller's area."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +163,24 @@ async def test_refused_uploads_show_the_servers_reason_and_store_nothing(tmp_pat
         # the English side of the same reason after the switch
         await page.click("button.lang")
         await expect(page.locator("main h1")).to_have_text("Library")
+
+
+async def test_recording_from_the_microphone_is_uploaded(tmp_path: Path) -> None:
+    fake_microphone = ("--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream")
+    async with serving(live_config(tmp_path)) as srv, chromium(*fake_microphone) as browser:
+        page = await phone(browser, permissions=["microphone"])
+        await login(page, f"{srv.base}/", "xa11")
+        await page.click(LIBRARY)
+        await page.click("button.record")
+        await expect(page.locator(".recording time")).to_have_text("0:02")  # two seconds in
+        await shots(page, "library-recording")
+        await page.click("button.stop")
+        await expect(page.locator("li.upload .state")).to_have_text("đã lưu vào thư viện")
+        item = page.locator("li.media")
+        await expect(item.locator(".title")).to_have_text(re.compile(r"^Ghi âm \d\d:\d\d "))
+        status, body = await srv.call("xa11", "GET", "/api/v1/media")
+        assert body["media"][0]["filename"].endswith(".webm")
+        assert 1.5 < body["media"][0]["duration"] < 6, body
 
 
 async def test_text_to_speech_preview_search_filter_and_audited_delete(tmp_path: Path) -> None:

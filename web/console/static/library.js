@@ -91,6 +91,7 @@ function Upload() {
 
 // ---- microphone ----------------------------------------------------------------------------
 const recorder = signal(null); // the MediaRecorder while recording
+const elapsed = signal(0); // seconds recorded so far, shown while recording
 
 async function record(setProblem) {
   if (!navigator.mediaDevices?.getUserMedia || !window.MediaRecorder) {
@@ -105,7 +106,9 @@ async function record(setProblem) {
   const parts = [];
   const started = Date.now() / 1000;
   rec.ondataavailable = (ev) => parts.push(ev.data);
+  const clock = setInterval(() => { elapsed.value = Date.now() / 1000 - started; }, 1000);
   rec.onstop = () => {
+    clearInterval(clock);
     stream.getTracks().forEach((track) => track.stop());
     recorder.value = null;
     const type = rec.mimeType || "audio/webm";
@@ -114,6 +117,7 @@ async function record(setProblem) {
     send(new File(parts, `${title.replace(/[^\p{L}\p{N}]+/gu, "-")}.${ext}`, { type }), title);
   };
   rec.start();
+  elapsed.value = 0;
   recorder.value = rec;
 }
 
@@ -122,7 +126,7 @@ function Recorder() {
   const rec = recorder.value;
   return html`<section aria-labelledby="record-title">
     <h2 id="record-title">${t("console.library.record")}</h2>
-    ${rec ? html`<p class="recording" role="status">${t("console.library.recording")}</p>
+    ${rec ? html`<p class="recording" role="status">${t("console.library.recording")} <time>${length(elapsed.value)}</time></p>
         <button type="button" class="stop" onClick=${() => rec.stop()}>${t("console.library.stop_and_upload")}</button>`
       : html`<button type="button" class="record" onClick=${() => record(setProblem)}>${t("console.library.start_recording")}</button>`}
     ${problem && html`<p class="error" role="alert">${problem}</p>`}</section>`;
