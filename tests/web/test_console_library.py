@@ -269,6 +269,9 @@ async def test_programme_form_shows_each_refusal_under_its_field(tmp_path: Path)
         await expect(row.locator(".title")).to_have_text("Tiếp sóng VOV")
         await expect(row.locator(".spoken")).to_have_text("Loa phát thanh xã xin thông báo")
         await expect(row.locator(".meta")).to_contain_text("×2")
+        await page.click(LIBRARY)  # the editor uploads, records and makes speech
+        await expect(page.locator("#media-files")).to_be_attached()
+        assert await page.locator("button.record, form.tts").count() == 2
 
 
 async def test_rights_scope_of_the_audio_and_the_queue(tmp_path: Path) -> None:
@@ -291,6 +294,10 @@ async def test_rights_scope_of_the_audio_and_the_queue(tmp_path: Path) -> None:
         assert status == 200  # several ranges: the whole file, as RFC 9110 allows
         status, _ = await audio(srv, None, district["id"])
         assert status == 401
+        async with srv.http.head(f"{srv.base}/api/v1/media/{district['id']}/audio", headers={
+                "Authorization": f"Bearer {await srv.login('xa11')}"}) as r:
+            assert (r.status, r.headers["Content-Length"], await r.read()) == (
+                200, str(44 + 48000 * 2), b"")
 
         # the approver's queue: pending programmes of their subtree only, never a sibling's
         for who, media in (("xa12", x2), ("huyen1", district)):

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -193,6 +194,20 @@ def _byte_range(request: web.Request, total: int) -> tuple[int, int] | None:
     return start, end
 
 
+async def _send_span(resp: web.StreamResponse, f: BinaryIO, head: bytes, start: int,
+                     end: int) -> None:
+    """Bytes [start, end) of `head` followed by the file `f`."""
+    if start < len(head):
+        await resp.write(head[start:end])
+    pos = max(start - len(head), 0)
+    await asyncio.to_thread(f.seek, pos)
+    left = end - len(head) - pos
+    while left > 0 and (chunk := await asyncio.to_thread(f.read, min(CHUNK, left))):
+        await resp.write(chunk)
+        left -= len(chunk)
+    await resp.write_eof()
+
+
 @routes.get("/api/v1/media/{id}/audio")
 async def media_audio(request: web.Request) -> web.StreamResponse:
     """The audio as it airs (normalised), a WAV the console's <audio> plays and seeks in."""
@@ -213,18 +228,11 @@ async def media_audio(request: web.Request) -> web.StreamResponse:
             "Cache-Control": "private, no-cache", "Content-Length": str(end - start),
             **({"Content-Range": f"bytes {start}-{end - 1}/{total}"} if span else {})})
         await resp.prepare(request)
-        if start < len(head):
-            await resp.write(head[start:end])
-        pos = max(start - len(head), 0)
-        await asyncio.to_thread(f.seek, pos)
-        left = end - len(head) - pos
-        while left > 0:
-            chunk = await asyncio.to_thread(f.read, min(CHUNK, left))
-            if not chunk:
-                break
-            await resp.write(chunk)
-            left -= len(chunk)
-        await resp.write_eof()
+        if request.method == "HEAD":  # the headers only: a StreamResponse would send the body
+            await resp.write_eof()
+            return resp
+        with contextlib.suppress(ConnectionResetError):  # a seeking <audio> drops requests
+            await _send_span(resp, f, head, start, end)
         return resp
     finally:
         await asyncio.to_thread(f.close)
