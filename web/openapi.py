@@ -13,6 +13,7 @@ from loa.web.api.schema import (
     CODE,
     CODE_PARAM,
     CODES,
+    ERROR,
     ID_PARAM,
     RANGE_PARAMS,
     READ,
@@ -54,6 +55,11 @@ BROADCAST: S = obj({
 
 
 CLASS_PARAM: S = {"name": "class", "in": "query", "schema": {"type": "string", "enum": CODES}}
+AUDIO: S = {code: {"description": desc, "content": {"audio/wav": {"schema": {
+    "type": "string", "format": "binary"}}}} for code, desc in (("200", "OK"),
+                                                                ("206", "Partial content"))}
+AUDIO["416"] = {"description": "Range not satisfiable",
+                "content": {"application/json": {"schema": ERROR}}}
 
 
 def document() -> S:
@@ -174,6 +180,13 @@ def document() -> S:
             "delete": {"summary": say("openapi.media_delete"), **secured,
                        "responses": responses(204, 401, 403, 404, 409)},
         },
+        "/api/v1/media/{id}/audio": {
+            "parameters": [ID_PARAM],
+            "get": {"summary": say("openapi.media_audio"), **secured,
+                    "parameters": [{"name": "Range", "in": "header", "required": False,
+                                    "schema": {"type": "string", "example": "bytes=0-1023"}}],
+                    "responses": {**responses(401, 403, 404), **AUDIO}},
+        },
         "/api/v1/tts": {
             "post": {"summary": say("openapi.tts"), **secured,
                      "requestBody": body(obj({"text": {"type": "string", "maxLength": 5000},
@@ -183,8 +196,10 @@ def document() -> S:
         "/api/v1/programmes": {
             "get": {"summary": say("openapi.programmes"), **secured,
                     "parameters": [{"name": "status", "in": "query", "schema": {
-                        "type": "string", "enum": ["draft", "pending", "approved", "rejected"]}}],
-                    "responses": responses(*READ)},
+                        "type": "string", "enum": ["draft", "pending", "approved", "rejected"]}},
+                        {"name": "under", "in": "query", "schema": CODE,
+                         "description": "only programmes of this area's subtree"}],
+                    "responses": responses(*READ, 422)},
             "post": {"summary": say("openapi.programme_create"), **secured,
                      "requestBody": body(PROGRAMME), "responses": responses(201, *WRITE)},
         },

@@ -125,7 +125,12 @@ async def programme_list(request: web.Request) -> web.Response:
     status = request.query.get("status")
     items = await node.store.find("programme", status=status) if status else \
         await node.store.find("programme")
-    return ok({"programmes": [x for x in items if p.related(node.tree, x["area"])]})
+    # ?under=CODE: that area's subtree only (an approver's queue: what they may decide on)
+    under = request.query.get("under")
+    if under is not None:
+        scoped_area(p, node.tree, under, "under")
+    return ok({"programmes": [x for x in items if p.related(node.tree, x["area"]) and (
+        under is None or node.tree.contains(under, x["area"]))]})
 
 
 @routes.get("/api/v1/programmes/{id}")

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from aiohttp import BodyPartReader, MultipartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from loa.codecs.decode import MediaError
+from loa.streamer.clock import SAMPLE_RATE
 from loa.streamer.library import MediaLibrary
 from loa.streamer.messages import say
 from loa.streamer.state.store import Record
@@ -163,6 +166,76 @@ async def _media(request: web.Request) -> Record:
 @routes.get("/api/v1/media/{id}")
 async def media_get(request: web.Request) -> web.Response:
     return ok(await _media(request))
+
+
+def wav_header(pcm_bytes: int) -> bytes:
+    """The 44-byte RIFF header of the stored audio (48 kHz mono 16-bit PCM, `pcm_bytes` long):
+    with it the stored file plays in any browser as it is, without a decode."""
+    rate, channels, width = SAMPLE_RATE, 1, 2
+    return (b"RIFF" + struct.pack("<I", 36 + pcm_bytes) + b"WAVE"
+            + b"fmt " + struct.pack("<IHHIIHH", 16, 1, channels, rate, rate * channels * width,
+                                    channels * width, 8 * width)
+            + b"data" + struct.pack("<I", pcm_bytes))
+
+
+def _byte_range(request: web.Request, total: int) -> tuple[int, int] | None:
+    """[start, end) of the one range asked (None: the whole body). An unreadable Range is
+    ignored as RFC 9110 allows; a range past the end is 416."""
+    try:
+        wanted = request.http_range
+    except ValueError:
+        return None
+    if wanted.start is None and wanted.stop is None:
+        return None
+    start, end, _ = wanted.indices(total)
+    if start >= total or start >= end:
+        raise ApiError(416, say("media.range", size=total),
+                       headers={"Content-Range": f"bytes */{total}"})
+    return start, end
+
+
+async def _send_span(resp: web.StreamResponse, f: BinaryIO, head: bytes, start: int,
+                     end: int) -> None:
+    """Bytes [start, end) of `head` followed by the file `f`."""
+    if start < len(head):
+        await resp.write(head[start:end])
+    pos = max(start - len(head), 0)
+    await asyncio.to_thread(f.seek, pos)
+    left = end - len(head) - pos
+    while left > 0 and (chunk := await asyncio.to_thread(f.read, min(CHUNK, left))):
+        await resp.write(chunk)
+        left -= len(chunk)
+    await resp.write_eof()
+
+
+@routes.get("/api/v1/media/{id}/audio")
+async def media_audio(request: web.Request) -> web.StreamResponse:
+    """The audio as it airs (normalised), a WAV the console's <audio> plays and seeks in."""
+    m = await _media(request)
+    pcm = node_of(request).library.pcm_path(m["sha256"])
+    try:
+        f = await asyncio.to_thread(open, pcm, "rb")
+    except OSError:
+        raise ApiError(404, say("media.file_missing", media=m["id"])) from None
+    try:
+        size = await asyncio.to_thread(f.seek, 0, 2)
+        head = wav_header(size)
+        total = len(head) + size
+        span = _byte_range(request, total)
+        start, end = span or (0, total)
+        resp = web.StreamResponse(status=206 if span else 200, headers={
+            "Content-Type": "audio/wav", "Accept-Ranges": "bytes",
+            "Cache-Control": "private, no-cache", "Content-Length": str(end - start),
+            **({"Content-Range": f"bytes {start}-{end - 1}/{total}"} if span else {})})
+        await resp.prepare(request)
+        if request.method == "HEAD":  # the headers only: a StreamResponse would send the body
+            await resp.write_eof()
+            return resp
+        with contextlib.suppress(ConnectionResetError):  # a seeking <audio> drops requests
+            await _send_span(resp, f, head, start, end)
+        return resp
+    finally:
+        await asyncio.to_thread(f.close)
 
 
 @routes.delete("/api/v1/media/{id}")

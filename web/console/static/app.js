@@ -7,6 +7,8 @@ import { api, session, ApiFailure } from "./api.js";
 import * as live from "./live.js";
 import { Overview } from "./overview.js";
 import { Account } from "./account.js";
+import { Library } from "./library.js";
+import { Programmes } from "./programmes.js";
 import { Emergency } from "./emergency.js";
 import { Devices, Device } from "./devices.js";
 import { Boards } from "./boards.js";
@@ -19,6 +21,10 @@ import { Admin } from "./admin.js";
 const SCREENS = [
   { id: "overview", key: "console.overview", may: (s) => s.rights.includes("read"),
     draw: (s, arg) => html`<${Overview} key=${arg || s.area.code} root=${arg || s.area.code} />` },
+  { id: "library", key: "console.library", may: (s) => s.rights.includes("read"),
+    draw: () => html`<${Library} />` },
+  { id: "programmes", key: "console.programmes", may: (s) => s.rights.includes("read"),
+    draw: () => html`<${Programmes} />` },
   { id: "emergency", key: "console.emergency.title",
     may: (s) => s.rights.includes("emergency") && s.rights.includes("air"),
     why: () => t("console.emergency.no_right"),
