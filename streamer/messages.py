@@ -443,6 +443,10 @@ CATALOGUE: dict[str, Text] = {
     # api: air, emergency
     "programme.unknown": Text("không có chương trình", "unknown programme"),
     "schedule.unknown": Text("không có lịch", "unknown schedule"),
+    "schedule.above": Text("lịch của cấp trên ({area}): bạn chỉ được xem, không được sửa hay xoá",
+                           "a schedule of a higher level ({area}): you may read it, not change "
+                           "or delete it"),
+    "schedule.calendar_days": Text("số ngày phải từ 1 đến {limit}", "days must be 1..{limit}"),
     "broadcast.not_string": Text("sai kiểu dữ liệu", "{field} must be a string"),
     "broadcast.approved_only": Text("chỉ phát được chương trình đã duyệt",
                                     "you may only air approved programmes"),
@@ -637,6 +641,9 @@ CATALOGUE: dict[str, Text] = {
     "openapi.schedules": Text("Lịch phát", "schedules"),
     "openapi.schedule_create": Text("Đặt lịch", "schedule a programme (conflicts are reported)"),
     "openapi.schedule_delete": Text("Xoá lịch", "delete"),
+    "openapi.schedule_update": Text("Bật hoặc tắt lịch", "turn a schedule off or on"),
+    "openapi.schedule_calendar": Text("Lịch theo ngày của một khu vực",
+                                      "an area's airings day by day, with the levels above"),
     "openapi.broadcasts": Text("Đang phát", "what is on air per area and why"),
     "openapi.broadcast_start": Text("Phát ngay", "start a broadcast"),
     "openapi.broadcast_stop": Text("Dừng", "stop (the issuer's authority or above)"),
