@@ -342,12 +342,13 @@ async def schedule_calendar(request: web.Request) -> web.Response:
 
 async def _changeable_schedule(request: web.Request) -> Record:
     """The schedule of the path, for a change: unknown or of another branch is 404; one a
-    higher level made (it concerns the caller, who may read it) is 403."""
+    higher level made for the caller's areas (which it may read) is 403."""
     p = principal(request)
     p.require("air")
     node = node_of(request)
     s = await node.store.get("schedule", request.match_info["id"])
-    if s is None or not p.related(node.tree, s.get("area")):
+    if s is None or not p.related(node.tree, s.get("area")) or not any(
+            p.related(node.tree, t) for t in s.get("targets") or []):
         raise ApiError(404, say("schedule.unknown"))
     if not node.tree.contains(p.area, s["area"]):
         raise ApiError(403, say("schedule.above", area=node.tree.get(s["area"]).name))
