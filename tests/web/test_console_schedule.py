@@ -194,6 +194,7 @@ async def test_a_district_schedule_is_read_only_for_the_commune_and_its_delete_r
         page = await phone(browser)
         await login(page, f"{srv.base}/", "xem11")
         await open_schedule(page, "Xã 1 huyện 1")
+        above = page.locator(f"li.airing[data-schedule='{theirs['id']}']")
         await expect(above.locator(".readonly")).to_have_text("Chỉ xem: bạn không có quyền phát sóng")
         await expect(page.locator("form.schedule-form")).to_have_count(0)
         await expect(page.locator("main p.note")).to_have_text("Chỉ xem: bạn không có quyền phát sóng")
