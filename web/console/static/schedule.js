@@ -8,7 +8,7 @@ import { html, t, half, word } from "./i18n.js";
 import { api, session, ApiFailure } from "./api.js";
 import { on } from "./live.js";
 import { date, time } from "./format.js";
-import { ScheduleForm, weekdayName, kindName } from "./scheduleform.js";
+import { ScheduleForm, weekdayName, kindName, shown, isoDate } from "./scheduleform.js";
 
 // Calendar dates as "yyyy-mm-dd" strings; arithmetic in UTC, where a day is always 24 h.
 function addDays(iso, n) {
@@ -18,7 +18,6 @@ function addDays(iso, n) {
 }
 const monday = (iso) => addDays(iso, -((new Date(`${iso}T00:00:00Z`).getUTCDay() + 6) % 7));
 const today = () => date(Date.now() / 1000).split("/").reverse().join("-");
-const shown = (iso) => iso.split("-").reverse().join("/");
 
 const failed = (e) => (e instanceof ApiFailure ? half(e.message) : t("console.network"));
 
@@ -78,6 +77,7 @@ export function Schedule({ area }) {
   const areas = useAreas(s.area);
   const [view, setView] = useState("day");
   const [day, setDay] = useState(today());
+  const [typed, setTyped] = useState(null); // the date field while it is not a whole date
   const [data, setData] = useState(null);
   const [failure, setFailure] = useState("");
   const first = view === "week" ? monday(day) : day;
@@ -104,14 +104,19 @@ export function Schedule({ area }) {
         <button type="button" aria-pressed=${view === "week" ? "true" : "false"}
           onClick=${() => setView("week")}>${t("console.schedule.week_view")}</button></span>
       <span class="field"><label for="sched-day">${t("console.schedule.date")}</label>
-        <input type="date" id="sched-day" value=${day} required
-          onChange=${(e) => e.target.value && setDay(e.target.value)} /></span>
+        <input type="text" inputmode="numeric" autocomplete="off" id="sched-day"
+          value=${typed ?? shown(day)} onInput=${(e) => {
+            const iso = isoDate(e.target.value);
+            if (/^\d{4}-\d{2}-\d{2}$/.test(iso) && !Number.isNaN(Date.parse(iso))) {
+              setDay(iso); setTyped(null);
+            } else setTyped(e.target.value);
+          }} /></span>
       <span class="steps">
         <button type="button" class="previous" aria-label=${t("console.schedule.previous")}
-          onClick=${() => setDay(addDays(day, -step))}>‹</button>
-        <button type="button" class="today" onClick=${() => setDay(today())}>${t("console.schedule.today")}</button>
+          onClick=${() => { setTyped(null); setDay(addDays(day, -step)); }}>‹</button>
+        <button type="button" class="today" onClick=${() => { setTyped(null); setDay(today()); }}>${t("console.schedule.today")}</button>
         <button type="button" class="next" aria-label=${t("console.schedule.next")}
-          onClick=${() => setDay(addDays(day, step))}>›</button></span>
+          onClick=${() => { setTyped(null); setDay(addDays(day, step)); }}>›</button></span>
     </div>
     ${data ? html`<ol class=${`calendar ${view}`} aria-label=${t("console.schedule.calendar")}>
         ${data.days.map((d) => html`<${Day} key=${d.date} day=${d} reload=${load} />`)}</ol>`

@@ -29,14 +29,27 @@ function conflictText(c) {
     title: c.title || c.schedule, area: c.area_name || "?", at: dateTime(c.at) });
 }
 
+// Dates are typed dd/mm/yyyy and times HH:MM[:SS] (text fields: a browser's own date and time
+// pickers follow its locale, 12-hour clock included). The API gets yyyy-mm-dd; what does not
+// parse goes as typed, for the API to refuse under its field.
+export const shown = (iso) => iso.split("-").reverse().join("/");
+
+export function isoDate(text) {
+  const m = /^(\d{1,2})\/(\d{1,2})\/(\d{4})$/.exec(text.trim());
+  return m ? `${m[3]}-${m[2].padStart(2, "0")}-${m[1].padStart(2, "0")}` : text.trim();
+}
+
 function body(f, kind, targets) {
-  const out = { programme: f.get("programme"), targets, kind, time: f.get("time"),
+  const day = (name) => (f.get(name).trim() ? isoDate(f.get(name)) : null);
+  const out = { programme: f.get("programme"), targets, kind, time: f.get("time").trim(),
                 class: f.get("class") };
-  if (kind === "once") out.date = f.get("date") || null;
+  if (kind === "once") out.date = day("date");
   if (kind === "weekly") out.weekdays = f.getAll("weekdays");
-  if (kind !== "once") { out.from = f.get("from") || null; out.until = f.get("until") || null; }
+  if (kind !== "once") { out.from = day("from"); out.until = day("until"); }
   return out;
 }
+
+const DATE_INPUT = { type: "text", inputmode: "numeric", autocomplete: "off" };
 
 function Problem({ name, failure }) {
   return failure && failure.field === name
@@ -70,7 +83,7 @@ export function ScheduleForm({ area, day, saved }) {
       if (answer.conflicts.length) { setPending({ body: b, conflicts: answer.conflicts }); return; }
       await api("POST", "/api/v1/schedules", b);
     }
-    setPending(null); setStored(true); form.reset(); setKind("once"); saved();
+    setPending(null); setStored(true); form.elements.time.value = ""; saved();
   });
   const failure = check.failure;
   if (!programmes) return html`<p class="loading">${t("console.loading")}</p>`;
@@ -87,19 +100,19 @@ export function ScheduleForm({ area, day, saved }) {
         <input type="radio" id=${`kind-${k}`} name="kind" value=${k} checked=${kind === k}
           onChange=${() => setKind(k)} /><label for=${`kind-${k}`}>${kindName(k)}</label></span>`)}
     </fieldset>
-    ${kind === "once" && html`<${Field} name="date" type="date" label=${t("console.schedule.on_date")}
-        defaultValue=${day} failure=${failure} />`}
-    <${Field} name="time" type="time" step="1" label=${t("console.schedule.time")}
-      required failure=${failure} />
+    ${kind === "once" && html`<${Field} name="date" ...${DATE_INPUT} label=${t("console.schedule.on_date")}
+        defaultValue=${shown(day)} failure=${failure} />`}
+    <${Field} name="time" type="text" inputmode="numeric" autocomplete="off"
+      label=${t("console.schedule.time")} required failure=${failure} />
     ${kind === "weekly" && html`<fieldset class="weekdays" id="weekdays" ...${described("weekdays", failure)}>
         <legend>${t("console.schedule.weekdays")}</legend>
         ${WEEKDAYS.map((d) => html`<span class="choice" key=${d}>
           <input type="checkbox" id=${`weekday-${d}`} name="weekdays" value=${d} />
           <label for=${`weekday-${d}`}>${weekdayName(d)}</label></span>`)}
         <${Problem} name="weekdays" failure=${failure} /></fieldset>`}
-    ${kind !== "once" && html`<${Field} name="from" type="date" label=${t("console.schedule.from")}
+    ${kind !== "once" && html`<${Field} name="from" ...${DATE_INPUT} label=${t("console.schedule.from")}
         failure=${failure} />
-      <${Field} name="until" type="date" label=${t("console.schedule.until")} failure=${failure} />`}
+      <${Field} name="until" ...${DATE_INPUT} label=${t("console.schedule.until")} failure=${failure} />`}
     <label for="class">${t("console.schedule.class")}</label>
     <select id="class" name="class" ...${described("class", failure)}>
       ${CLASSES.map((c) => html`<option key=${c} value=${c}>${word("class", c)}</option>`)}</select>
