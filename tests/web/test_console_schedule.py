@@ -183,6 +183,11 @@ async def test_a_district_schedule_is_read_only_for_the_commune_and_its_delete_r
         }""", theirs["id"])
         assert (status, text) == (403, vi("schedule.above", area="Huyện 1"))
         assert await srv.node.store.get("schedule", theirs["id"]) is not None
+        # live: what the district schedules for the commune appears without a reload
+        later = await scheduled(srv, "huyen1", programme=district, targets=[X1], kind="daily",
+                                time="12:00")
+        await expect(page.locator(f"li.airing[data-schedule='{later['id']}'] .readonly")
+                     ).to_have_text("Chỉ xem: lịch của cấp trên (Huyện 1)")
 
         # its own: turned off (kept, shown off), on again, then deleted after a second click
         await ours.locator("button.toggle").click()
@@ -195,6 +200,15 @@ async def test_a_district_schedule_is_read_only_for_the_commune_and_its_delete_r
         await ours.locator("button.confirm-delete").click()
         await expect(ours).to_have_count(0)
         assert await srv.node.store.get("schedule", mine["id"]) is None
+
+        # the district picks its commune: there its own schedule is its to change
+        page = await phone(browser)
+        await login(page, f"{srv.base}/", "huyen1")
+        await open_schedule(page, "Huyện 1")
+        await page.locator("#sched-area").select_option(X1)
+        await expect(page.locator("main h1")).to_have_text("Lịch phát: Xã 1 huyện 1")
+        await expect(page.locator(f"li.airing[data-schedule='{theirs['id']}'] button.delete")
+                     ).to_be_visible()
 
         # a viewer sees the calendar, no form, the reason for both
         page = await phone(browser)
