@@ -3,7 +3,7 @@
 // columns on a wide screen. What a higher level scheduled for the area shows read-only with the
 // reason; the caller's own schedules can be turned off/on or deleted. Live: any `schedule`
 // event or a resync reloads the view.
-import { useEffect, useState } from "preact/hooks";
+import { useEffect, useRef, useState } from "preact/hooks";
 import { html, t, half, word } from "./i18n.js";
 import { api, session, ApiFailure } from "./api.js";
 import { on } from "./live.js";
@@ -81,9 +81,14 @@ export function Schedule({ area }) {
   const [data, setData] = useState(null);
   const [failure, setFailure] = useState("");
   const first = view === "week" ? monday(day) : day;
-  const load = () => api("GET", `/api/v1/schedules/calendar?area=${encodeURIComponent(area)}`
-                                + `&from=${first}&days=${view === "week" ? 7 : 1}`)
-    .then((d) => { setData(d); setFailure(""); }).catch((e) => setFailure(failed(e)));
+  const latest = useRef(0); // an answer to an older request (a day or view since left) is dropped
+  const load = () => {
+    const asked = ++latest.current;
+    return api("GET", `/api/v1/schedules/calendar?area=${encodeURIComponent(area)}`
+                      + `&from=${first}&days=${view === "week" ? 7 : 1}`)
+      .then((d) => { if (asked === latest.current) { setData(d); setFailure(""); } })
+      .catch((e) => { if (asked === latest.current) setFailure(failed(e)); });
+  };
   useEffect(() => {
     load();
     const offs = [on("schedule", load), on("resync", load)];
