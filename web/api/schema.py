@@ -30,7 +30,7 @@ def body(schema: S, ctype: str = "application/json") -> S:
 def responses(*codes: int, created: bool = False) -> S:
     out: S = {}
     for c in codes:
-        desc = {200: "OK", 201: "Created", 204: "No Content", 304: "Not modified",
+        desc = {200: "OK", 201: "Created", 204: "No Content", 304: "Not modified (ETag)",
                 400: "Malformed request",
                 401: "Not authenticated", 403: "Forbidden", 404: "Not found", 409: "Conflict",
                 413: "Too large", 415: "Unsupported media type", 422: "Invalid field",
