@@ -174,6 +174,8 @@ def attempts(w: World) -> dict[tuple[str, str], Callable[[], list[Attempt]] | st
             ("/api/v1/schedules", {"json": {"programme": a["file_ok"], "targets": [B],
                                             "kind": "daily", "time": "06:00"}})],
         ("DELETE", "/api/v1/schedules/{id}"): lambda: [(f"/api/v1/schedules/{b['schedule']}", {})],
+        ("PATCH", "/api/v1/schedules/{id}"): lambda: [
+            (f"/api/v1/schedules/{b['schedule']}", {"json": {"enabled": False}})],
         ("POST", "/api/v1/broadcasts"): lambda: [
             ("/api/v1/broadcasts", {"json": {"media": media_b, "targets": [A]}}),
             *[("/api/v1/broadcasts", {"json": {"programme": b[k], "targets": [A]}})

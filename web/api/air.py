@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from aiohttp import web
 
 from loa.relay.urlpolicy import RELAY_SCHEMES, check_url
 from loa.streamer import programmes
+from loa.streamer.areas import AreaTree
 from loa.streamer.broadcast import BroadcastClass, Policy
 from loa.streamer.messages import say
-from loa.streamer.schedule import ScheduleError, find_conflicts, validate_schedule
+from loa.streamer.schedule import (
+    DEFAULT_TZ,
+    WEEKDAYS,
+    ScheduleError,
+    find_conflicts,
+    occurrences,
+    validate_schedule,
+)
 from loa.streamer.state.store import Record
 from loa.streamer.station import ContentError
 from loa.web.api.core import node_of
@@ -28,12 +38,15 @@ from loa.web.http import (
     principal,
     read_json,
     reference,
+    refuse_unknown,
     scoped_area,
     status_of,
     str_list,
 )
+from loa.web.node import Node
 
 routes = web.RouteTableDef()
+ZONE = ZoneInfo(DEFAULT_TZ)  # the calendar's days are the province's days
 
 
 @contextlib.contextmanager
@@ -203,8 +216,43 @@ async def programme_reject(request: web.Request) -> web.Response:
 
 
 # ---- schedules -----------------------------------------------------------------------------
+def _covers(tree: AreaTree) -> Callable[[str, str], bool]:
+    """Two areas share loudspeakers when one contains the other."""
+    return lambda a, b: a in tree and b in tree and (tree.contains(a, b) or tree.contains(b, a))
+
+
+async def _titles(node: Node, schedules: Iterable[Record]) -> dict[str, str | None]:
+    """Programme id -> title, each programme read once."""
+    out: dict[str, str | None] = {}
+    for s in schedules:
+        pid = s.get("programme")
+        if isinstance(pid, str) and pid not in out:
+            out[pid] = (await node.store.get("programme", pid) or {}).get("title")
+    return out
+
+
+async def _conflicts(request: web.Request, rec: Record) -> list[dict[str, Any]]:
+    """find_conflicts with what the console shows of each: the other schedule's title and the
+    area that made it (only when that area concerns the caller)."""
+    p = principal(request)
+    node = node_of(request)
+    existing = await node.store.find("schedule")
+    durations = await programmes.airtimes(node.store, existing + [rec])
+    found = find_conflicts(rec, existing, durations, covers=_covers(node.tree))
+    by_id = {s["id"]: s for s in existing}
+    titles = await _titles(node, [by_id[c["schedule"]] for c in found])
+    for c in found:
+        other = by_id[c["schedule"]]
+        if p.related(node.tree, other["area"]):
+            c.update(title=titles.get(other["programme"]), area=other["area"],
+                     area_name=node.tree.get(other["area"]).name)
+    return found
+
+
 @routes.post("/api/v1/schedules")
 async def schedule_create(request: web.Request) -> web.Response:
+    """Stores a schedule and reports its conflicts; with ?dry_run=1 only checks it (same
+    answers, nothing stored): the console shows the conflicts before the operator saves."""
     p = principal(request)
     p.require("air")
     node = node_of(request)
@@ -223,11 +271,9 @@ async def schedule_create(request: web.Request) -> web.Response:
         rec = validate_schedule(rec)
     except ScheduleError as e:
         raise ApiError(422, str(e), e.field) from None
-    existing = await node.store.find("schedule")
-    durations = await programmes.airtimes(node.store, existing + [rec])
-    conflicts = find_conflicts(rec, existing, durations,
-                               covers=lambda a, b: a in node.tree and b in node.tree and (
-                                   node.tree.contains(a, b) or node.tree.contains(b, a)))
+    conflicts = await _conflicts(request, rec)
+    if request.query.get("dry_run") in ("1", "true"):
+        return ok({**rec, "conflicts": conflicts, "stored": False})
     await node.store.create("schedule", rec)
     await audit(request, "schedule.create", rec["id"], programme=pid)
     _schedule_event(request, rec, "created")
@@ -243,15 +289,94 @@ async def schedule_list(request: web.Request) -> web.Response:
                              and tree.contains(p.area, s["area"])]})
 
 
-@routes.delete("/api/v1/schedules/{id}")
-async def schedule_delete(request: web.Request) -> web.Response:
+CALENDAR_DAYS = 31
+
+
+def _calendar_range(request: web.Request) -> tuple[dt.date, int]:
+    raw = request.query.get("from")
+    try:
+        first = dt.date.fromisoformat(raw) if raw else dt.datetime.now(ZONE).date()
+    except ValueError:
+        raise ApiError(422, say("schedule.date", field="from", value=raw), "from") from None
+    days = request.query.get("days", "7")
+    if not days.isdigit() or not 1 <= int(days) <= CALENDAR_DAYS:
+        raise ApiError(422, say("schedule.calendar_days", limit=CALENDAR_DAYS), "days")
+    return first, int(days)
+
+
+@routes.get("/api/v1/schedules/calendar")
+async def schedule_calendar(request: web.Request) -> web.Response:
+    """What airs in an area day by day (Asia/Ho_Chi_Minh): its own and its subtree's schedules
+    and those of the levels above that cover it; `mine` says whether the caller may change one
+    (a higher level's is read-only for it)."""
+    p = principal(request)
+    p.require("read")
+    node = node_of(request)
+    tree = node.tree
+    area = scoped_area(p, tree, request.query.get("area") or p.area)
+    first, count = _calendar_range(request)
+    days = [first + dt.timedelta(days=i) for i in range(count)]
+    start = dt.datetime.combine(first, dt.time(), tzinfo=ZONE).timestamp()
+    end = dt.datetime.combine(days[-1] + dt.timedelta(days=1), dt.time(), tzinfo=ZONE).timestamp()
+    covers = _covers(tree)
+    found: list[tuple[float, Record]] = []
+    for s in await node.store.find("schedule"):
+        if not p.related(tree, s.get("area")) or not any(
+                covers(t, area) for t in s.get("targets") or [] if isinstance(t, str)):
+            continue
+        try:
+            found.extend((at, s) for at in occurrences(s, start, end))
+        except ScheduleError:
+            continue  # the scheduler logs it; the calendar shows what will air
+    found.sort(key=lambda x: x[0])
+    titles = await _titles(node, [s for _, s in found])
+    may_air = p.can("air")
+    by_day: dict[str, list[Record]] = {d.isoformat(): [] for d in days}
+    for at, s in found:
+        day = dt.datetime.fromtimestamp(at, ZONE).date().isoformat()
+        by_day[day].append({
+            "schedule": s["id"], "at": at, "programme": s["programme"],
+            "title": titles.get(s["programme"]), "kind": s["kind"], "class": s["class"],
+            "enabled": s.get("enabled", True), "targets": s["targets"],
+            "area": s["area"], "area_name": tree.get(s["area"]).name,
+            "mine": may_air and tree.contains(p.area, s["area"])})
+    return ok({"area": area, "area_name": tree.get(area).name,
+               "days": [{"date": d.isoformat(), "weekday": WEEKDAYS[d.weekday()],
+                         "items": by_day[d.isoformat()]} for d in days]})
+
+
+async def _changeable_schedule(request: web.Request) -> Record:
+    """The schedule of the path, for a change: unknown or of another branch is 404; one a
+    higher level made for the caller's areas (which it may read) is 403."""
     p = principal(request)
     p.require("air")
     node = node_of(request)
     s = await node.store.get("schedule", request.match_info["id"])
-    if s is None or s["area"] not in node.tree or not node.tree.contains(p.area, s["area"]):
+    if s is None or not p.related(node.tree, s.get("area")) or not any(
+            p.related(node.tree, t) for t in s.get("targets") or []):
         raise ApiError(404, say("schedule.unknown"))
-    await node.store.delete("schedule", s["id"])
+    if not node.tree.contains(p.area, s["area"]):
+        raise ApiError(403, say("schedule.above", area=node.tree.get(s["area"]).name))
+    return s
+
+
+@routes.patch("/api/v1/schedules/{id}")
+async def schedule_update(request: web.Request) -> web.Response:
+    """Turns a schedule off (and on again) without losing it."""
+    s = await _changeable_schedule(request)
+    data = await read_json(request)
+    refuse_unknown(data, {"enabled"})
+    enabled = field(data, "enabled", bool)
+    s = await node_of(request).store.update("schedule", s["id"], {"enabled": enabled})
+    await audit(request, "schedule.update", s["id"], enabled=enabled)
+    _schedule_event(request, s, "changed")
+    return ok(s)
+
+
+@routes.delete("/api/v1/schedules/{id}")
+async def schedule_delete(request: web.Request) -> web.Response:
+    s = await _changeable_schedule(request)
+    await node_of(request).store.delete("schedule", s["id"])
     await audit(request, "schedule.delete", s["id"])
     _schedule_event(request, s, "deleted")
     return web.Response(status=204)

@@ -7,6 +7,7 @@ import { api, session, ApiFailure } from "./api.js";
 import * as live from "./live.js";
 import { Overview } from "./overview.js";
 import { Account } from "./account.js";
+import { Schedule } from "./schedule.js";
 import { Library } from "./library.js";
 import { Programmes } from "./programmes.js";
 import { Emergency } from "./emergency.js";
@@ -25,6 +26,8 @@ const SCREENS = [
     draw: () => html`<${Library} />` },
   { id: "programmes", key: "console.programmes", may: (s) => s.rights.includes("read"),
     draw: () => html`<${Programmes} />` },
+  { id: "schedule", key: "console.schedule", may: (s) => s.rights.includes("read"),
+    draw: (s, arg) => html`<${Schedule} key=${arg || s.area.code} area=${arg || s.area.code} />` },
   { id: "emergency", key: "console.emergency.title",
     may: (s) => s.rights.includes("emergency") && s.rights.includes("air"),
     why: () => t("console.emergency.no_right"),
