@@ -204,6 +204,9 @@ def attempts(w: World) -> dict[tuple[str, str], Callable[[], list[Attempt]] | st
             ("/api/v1/emergencies", {"json": {"targets": [A], "content": {"media": media_b}}}),
             ("/api/v1/emergencies", {"json": {"targets": [A], "content": {"text": "Cháy"},
                                               "attention": {"media": media_b}}})],
+        ("POST", "/api/v1/emergencies/preview"): lambda: [  # tells what B has on air
+            ("/api/v1/emergencies/preview", {"json": {"targets": [B],
+                                                      "content": {"text": "Cháy"}}})],
         ("DELETE", "/api/v1/emergencies/{id}"): lambda: [
             (f"/api/v1/emergencies/{b['emergency']}", {})],
         ("POST", "/api/v1/alerts"): lambda: [
