@@ -1,0 +1,177 @@
+"""The console's air screen (issue 11, screen 6) in Chromium against a real node on the realtime
+clock: going live from the (fake) browser microphone over WHIP with the session cookie, ON AIR and
+the level meter, FFmpeg hearing it on the commune's stream and the programme under it resuming
+after stop; a programme started now to two ticked communes, heard in both, preempted in one by a
+district priority broadcast; the classes the user may use; the API's refusals by their field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import aiohttp
+from playwright.async_api import Page, Route, expect
+
+from tests.apiclient import tone_file
+from tests.audio import peak_hz
+from tests.emergencynode import X1, X2, Srv, live_config, serving
+from tests.httpstreams import ffmpeg_record
+from tests.web.browser import axe_violations, chromium, login, phone, shots
+
+FAKE_MIC = ("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream")
+
+
+async def _approved(srv: Srv, tone: Path, title: str, author: str) -> str:
+    """A file programme of `author`'s area, submitted and approved: its id."""
+    form = aiohttp.FormData()
+    form.add_field("title", title)
+    form.add_field("file", tone.read_bytes(), filename=tone.name)
+    status, media = await srv.call(author, "POST", "/api/v1/media", data=form)
+    assert status == 201, media
+    status, prog = await srv.call(author, "POST", "/api/v1/programmes", json={
+        "title": title, "type": "file", "media": media["id"]})
+    assert status == 201, prog
+    for who, action in ((author, "submit"), ("duyet1", "approve")):
+        status, body = await srv.call(who, "POST", f"/api/v1/programmes/{prog['id']}/{action}")
+        assert status == 200, body
+    return str(prog["id"])
+
+
+async def _heard_hz(srv: Srv, out: Path) -> float:
+    pcm, rate = await ffmpeg_record(f"{srv.base}/streams/{X1}.mp3?burst_ms=0", out, 3)
+    return peak_hz(pcm, rate)
+
+
+async def _air_screen(page: Page, base: str, who: str) -> None:
+    await login(page, f"{base}/", who)
+    await page.click("nav.screens >> text=Phát ngay")
+    await expect(page.locator("main h1")).to_have_text("Phát ngay")
+    await expect(page.locator(".pick-tree input[type=checkbox]").first).to_be_visible()
+
+
+async def test_commune_goes_live_from_the_microphone_then_the_programme_resumes(
+        tmp_path: Path) -> None:
+    mic = tone_file(tmp_path / "tone-700.wav", 700, 60, ("-ar", "48000"))
+    async with serving(live_config(tmp_path), realtime=True) as srv, \
+            chromium(*FAKE_MIC, f"--use-file-for-fake-audio-capture={mic}") as browser:
+        music = await _approved(srv, tone_file(tmp_path / "tone-440.wav", 440, 120),
+                                "Nhạc nền xã", "bientap11")
+        status, under = await srv.call("xa11", "POST", "/api/v1/broadcasts", json={
+            "programme": music, "targets": [X1], "class": "background"})
+        assert status == 201, under
+        assert abs(await _heard_hz(srv, tmp_path / "before.wav") - 440) < 15
+
+        page = await phone(browser, permissions=["microphone"], bypass_csp=True)
+        await _air_screen(page, srv.base, "xa11")
+        background = page.locator(f"li.broadcast[data-broadcast='{under['id']}']")
+        await expect(background.locator(f"li[data-code={X1}]")).to_contain_text("đang được nghe")
+        # a plain operator: no emergency class, and the reason is said
+        await expect(page.locator("#class option")).to_have_text(["thông thường", "ưu tiên"])
+        await expect(page.locator("#class-note")).to_have_text("Phát khẩn cấp cần quyền khẩn cấp")
+        await page.locator(f".pick-tree input[data-code={X1}]").check()
+        await page.fill("#title", "Thông báo của xã")
+        assert await axe_violations(page) == [], "idle"
+        await shots(page, "air-idle")
+
+        await page.click("button.go-live")
+        await expect(page.locator("#live-state")).to_have_text("ĐANG PHÁT TRỰC TIẾP")
+        await page.wait_for_function("document.querySelector('meter.level').value > 0.05")
+        live = page.locator("li.broadcast:has(> strong:text-is('Thông báo của xã'))")
+        await expect(live.locator(f"li[data-code={X1}]")).to_contain_text("đang được nghe")
+        await expect(background.locator(f"li[data-code={X1}]")).to_contain_text(
+            "bị chặn bởi Thông báo của xã (thông thường, Xã 1 huyện 1)")
+        assert abs(await _heard_hz(srv, tmp_path / "live.wav") - 700) < 15
+        stored = await page.evaluate("JSON.stringify(Object.entries(localStorage))")
+        assert "token" not in stored and "csrf" not in stored
+        assert await axe_violations(page) == [], "on air"
+        await shots(page, "air-on-air")
+
+        await page.click("button.stop-live")
+        await expect(page.locator("button.go-live")).to_be_visible()
+        await expect(live).to_have_count(0)
+        await expect(background.locator(f"li[data-code={X1}]")).to_contain_text("đang được nghe")
+        assert abs(await _heard_hz(srv, tmp_path / "after.wav") - 440) < 15
+        _, now = await srv.call("xa11", "GET", "/api/v1/broadcasts")
+        assert [b["id"] for b in now["broadcasts"]] == [under["id"]]
+
+
+async def test_programme_now_to_two_communes_heard_then_preempted_in_one(tmp_path: Path) -> None:
+    async with serving(live_config(tmp_path), realtime=True) as srv, chromium() as browser:
+        tone = tone_file(tmp_path / "tone.wav", 440, 120)
+        await _approved(srv, tone, "Bản tin trưa", "huyen1")
+        storm = await _approved(srv, tone, "Tin bão", "huyen1")
+        page = await phone(browser)
+        blocked: list[str] = []
+        page.on("console", lambda m: blocked.append(m.text) if "Content Security" in m.text
+                else None)
+        await _air_screen(page, srv.base, "huyen1")
+        for code in (X1, X2):
+            await page.locator(f".pick-tree input[data-code={code}]").check()
+        await page.select_option("#programme", label="Bản tin trưa")
+        await page.select_option("#class", "normal")
+        await page.click("form.air-now button[type=submit]")
+        noon = page.locator("li.broadcast:has(> strong:text-is('Bản tin trưa'))")
+        for code in (X1, X2):
+            await expect(noon.locator(f"li[data-code={code}]")).to_contain_text("đang được nghe")
+
+        status, body = await srv.call("huyen1", "POST", "/api/v1/broadcasts", json={
+            "programme": storm, "targets": [X1], "class": "priority"})
+        assert status == 201, body
+        await expect(noon.locator(f"li[data-code={X1}]")).to_have_text(
+            "Xã 1 huyện 1 bị chặn bởi Tin bão (ưu tiên, Huyện 1)")
+        await expect(noon.locator(f"li[data-code={X2}]")).to_contain_text("đang được nghe")
+        await shots(page, "air-preempted")
+
+        # stopping from the page: the programme leaves the list, the priority one stays
+        await noon.get_by_role("button", name="Dừng Bản tin trưa").click()
+        await expect(noon).to_have_count(0)
+        await expect(page.locator("li.broadcast:has(> strong:text-is('Tin bão'))")).to_have_count(1)
+        assert blocked == []
+
+
+async def _force_targets(route: Route) -> None:
+    """The page's request with another commune as its target, as a forged client would send."""
+    if route.request.method != "POST":
+        await route.continue_()
+    elif "/whip/" in route.request.url:
+        await route.continue_(url=route.request.url.replace(f"/whip/{X1}", f"/whip/{X2}"))
+    else:
+        body = json.loads(route.request.post_data or "{}")
+        await route.continue_(post_data=json.dumps({**body, "targets": [X2]}))
+
+
+async def test_classes_offered_and_refusals_shown_by_their_field(tmp_path: Path) -> None:
+    mic = tone_file(tmp_path / "tone-700.wav", 700, 10, ("-ar", "48000"))
+    async with serving(live_config(tmp_path), realtime=True) as srv, \
+            chromium(*FAKE_MIC, f"--use-file-for-fake-audio-capture={mic}") as browser:
+        await _approved(srv, tone_file(tmp_path / "tone.wav", 440, 5), "Bản tin xã", "bientap11")
+        # the emergency right adds the emergency class
+        page = await phone(browser)
+        await _air_screen(page, srv.base, "tinh")
+        await expect(page.locator("#class option")).to_have_text(
+            ["thông thường", "ưu tiên", "khẩn cấp"])
+        await expect(page.locator("#class-note")).to_have_count(0)
+
+        page = await phone(browser, permissions=["microphone"])
+        await _air_screen(page, srv.base, "xa11")
+        # no target: the API's 422 under the area picker
+        await page.click("form.air-now button[type=submit]")
+        error = page.locator("#targets-error")
+        await expect(error).to_have_text("danh sách rỗng")
+        await expect(page.locator("fieldset#targets")).to_have_attribute(
+            "aria-describedby", "targets-error")
+        await page.click("button.go-live")
+        await expect(error).to_have_text("Chọn ít nhất một khu vực phát")
+        await shots(page, "air-no-target")
+
+        # another commune forced into the requests: the server's 403 under the picker
+        await page.locator(f".pick-tree input[data-code={X1}]").check()
+        await page.route("**/api/v1/broadcasts", _force_targets)
+        await page.route("**/whip/**", _force_targets)
+        await page.click("form.air-now button[type=submit]")
+        await expect(error).to_contain_text(f"khu vực {X2} ngoài phạm vi của bạn")
+        await page.click("button.go-live")
+        await expect(error).to_contain_text(f"khu vực {X2} ngoài phạm vi của bạn")
+        await expect(page.locator("button.go-live")).to_be_enabled()
+        _, now = await srv.call("tinh", "GET", "/api/v1/broadcasts")
+        assert now["broadcasts"] == []
