@@ -12,10 +12,12 @@ from pathlib import Path
 import aiohttp
 from playwright.async_api import Page, Route, expect
 
-from tests.apiclient import tone_file
+from loa.streamer.messages import say
+from tests.apiclient import PASSWORD, tone_file
 from tests.audio import peak_hz
 from tests.emergencynode import X1, X2, Srv, live_config, serving
 from tests.httpstreams import ffmpeg_record
+from tests.relay.test_webrtc import whip_offer
 from tests.web.browser import axe_violations, chromium, login, phone, shots
 
 FAKE_MIC = ("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream")
@@ -175,3 +177,46 @@ async def test_classes_offered_and_refusals_shown_by_their_field(tmp_path: Path)
         await expect(page.locator("button.go-live")).to_be_enabled()
         _, now = await srv.call("tinh", "GET", "/api/v1/broadcasts")
         assert now["broadcasts"] == []
+
+
+async def test_whip_takes_the_console_session_with_its_csrf_value(tmp_path: Path) -> None:
+    async with serving(live_config(tmp_path)) as srv, \
+            aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:
+        async with http.post(f"{srv.base}/api/v1/auth/session",
+                             json={"username": "xa11", "password": PASSWORD}) as r:
+            assert r.status == 200
+            csrf = (await r.json())["csrf"]
+        pc = await whip_offer(700)
+        sdp = pc.localDescription.sdp
+
+        async def post(targets: str, **headers: str) -> tuple[int, object, str, str]:
+            async with http.post(f"{srv.base}/whip/{targets}", data=sdp, headers={
+                    "Content-Type": "application/sdp", **headers}) as r:
+                body = await r.json() if r.content_type == "application/json" else await r.text()
+                return (r.status, body, r.headers.get("Location", ""),
+                        r.headers.get("Loa-Broadcast", ""))
+
+        # the cookie alone (a cross-site form would carry it) is refused
+        status, body, _, _ = await post(X1)
+        assert status == 403 and body == {"error": say("auth.csrf_missing")}
+        # another commune: 403 naming the field, like the broadcasts API's
+        status, body, _, _ = await post(X2, **{"X-CSRF-Token": csrf})
+        assert status == 403 and isinstance(body, dict) and body["field"] == "targets"
+        assert f"khu vực {X2} ngoài phạm vi" in body["error"]
+        status, body = await srv.call("xa11", "POST", "/api/v1/broadcasts", json={
+            "programme": "x", "targets": [X1, X2]})
+        assert status == 403 and body["field"] == "targets", body
+        assert await srv.node.store.find("broadcast") == []
+
+        status, _, location, bid = await post(X1, **{"X-CSRF-Token": csrf, "Origin": srv.base})
+        assert status == 201 and location.startswith("/whip/session/")
+        rec = await srv.node.store.get("broadcast", bid)
+        assert rec is not None and rec["user"] == "xa11" and rec["targets"] == [X1]
+        assert rec["spec"] == {"live": "whip"}
+        async with http.delete(srv.base + location) as r:
+            assert r.status == 403  # ending it needs the CSRF value too
+        async with http.delete(srv.base + location, headers={"X-CSRF-Token": csrf}) as r:
+            assert r.status == 204
+        srv.run(0.1)
+        assert srv.node.engine.live_broadcast(bid) is None
+        await pc.close()

@@ -111,6 +111,8 @@ function OnAirNow() {
   return html`<section class=${`live ${live.value.phase}`} aria-labelledby="live-state">
     <p id="live-state" class="on-air-state" role="status">
       ${airing ? t("console.air.on_air") : t("console.air.connecting")}</p>
+    <p class="live-what">${live.value.title || t("console.air.live_title_hint")}
+      · ${live.value.targets.map(areaName).join(", ")}</p>
     <label for="level">${t("console.air.level")}</label>
     <meter id="level" class="level" ref=${level} min="0" max="1" low="0.6" high="0.9" optimum="0.3"></meter>
     <form onSubmit=${stop.submit}><button type="submit" class="stop-live"
@@ -119,7 +121,7 @@ function OnAirNow() {
 }
 
 function GoLive({ go }) {
-  if (live.value) return html`<${OnAirNow} />`;
+  if (live.value) return null; // the ON AIR panel heads the screen instead
   const elsewhere = go.failure && ["class", "targets"].includes(go.failure.field);
   return html`<form class="live" onSubmit=${go.submit}><h2>${t("console.air.live")}</h2>
     <${Field} name="title" label=${t("console.air.live_title")} failure=${go.failure}
@@ -133,14 +135,15 @@ async function startLive(form) {
   if (!targets.value.length) { // no WHIP address without a target: said where the API says it
     throw new ApiFailure(422, { error: t("console.air.no_targets"), field: "targets" });
   }
-  live.value = { phase: "connecting" };
+  const what = { title: form.get("title").trim(), targets: targets.value };
+  live.value = { phase: "connecting", ...what };
   try {
     const handle = await goLive({
-      targets: targets.value, klass: klass.value, title: form.get("title").trim(),
+      targets: what.targets, klass: klass.value, title: what.title,
       onLevel: (v) => { if (meter) meter.value = v; },
       onEnd: () => { live.value = null; reload(); },
     });
-    live.value = { phase: "on", ...handle };
+    live.value = { phase: "on", ...what, ...handle };
   } catch (e) {
     live.value = null;
     if (e instanceof ApiFailure) throw e;
@@ -187,6 +190,7 @@ export function Air() {
   const shown = (last.current === "start" ? start : go).failure;
   const at = (name) => (shown && shown.field === name ? shown : null);
   return html`<h1>${t("console.air.title")}</h1>
+    ${live.value && html`<${OnAirNow} />`}
     ${failure.value && html`<p class="error" role="alert">${failure.value}</p>`}
     <div class="air">
       <${AreaPicker} root=${s.area} value=${targets.value} legend=${t("console.air.targets")}
