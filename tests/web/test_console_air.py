@@ -6,6 +6,7 @@ district priority broadcast; the classes the user may use; the API's refusals by
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -177,6 +178,22 @@ async def test_classes_offered_and_refusals_shown_by_their_field(tmp_path: Path)
         await expect(page.locator("button.go-live")).to_be_enabled()
         _, now = await srv.call("tinh", "GET", "/api/v1/broadcasts")
         assert now["broadcasts"] == []
+
+        # logging out while live ends the broadcast: the microphone's peer closes
+        await page.unroute("**/api/v1/broadcasts")
+        await page.unroute("**/whip/**")
+        await page.click("button.go-live")
+        await expect(page.locator("#live-state")).to_have_text("ĐANG PHÁT TRỰC TIẾP")
+        loop = asyncio.get_running_loop()
+        ended: asyncio.Future[str] = loop.create_future()
+        srv.node.engine.ended_listeners.append(  # called on the engine's tick
+            lambda b, cause: loop.call_soon_threadsafe(
+                lambda: ended.done() or ended.set_result(cause)))
+        await page.click("text=Đăng xuất")
+        assert (await asyncio.wait_for(ended, 15)).startswith("whip-")
+        await _air_screen(page, srv.base, "xa11")
+        await expect(page.locator(".area-picker .chosen")).to_have_text("Chưa chọn khu vực nào")
+        await expect(page.locator("section.mine")).to_contain_text("Không có buổi phát nào")
 
 
 async def test_whip_takes_the_console_session_with_its_csrf_value(tmp_path: Path) -> None:

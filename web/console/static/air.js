@@ -2,7 +2,7 @@
 // programme now (POST /api/v1/broadcasts) or the browser microphone over WHIP (whip.js). Where
 // each broadcast of the user's area is actually heard comes from GET /api/v1/broadcasts and the
 // live `onair` events: per target area, heard, or preempted by the programme that wins there.
-import { signal } from "@preact/signals";
+import { signal, effect } from "@preact/signals";
 import { useEffect, useRef } from "preact/hooks";
 import { html, t, half, word } from "./i18n.js";
 import { api, session, ApiFailure } from "./api.js";
@@ -25,14 +25,15 @@ function problem(e) {
 }
 
 async function reload() {
+  const mine = live.value; // as it was before asking: a later one may not be listed yet
   try {
     const data = await api("GET", "/api/v1/broadcasts");
     onAir.value = Object.fromEntries(data.areas.map((a) => [a.area, a]));
     const area = session.value.area.code;
     broadcasts.value = data.broadcasts.filter((b) => b.issuer === area);
-    const mine = live.value;
     // a live broadcast stopped elsewhere (another operator, the API) ends the microphone here
-    if (mine?.phase === "on" && !data.broadcasts.some((b) => b.id === mine.broadcast)) endLive();
+    if (mine?.phase === "on" && live.value === mine
+        && !data.broadcasts.some((b) => b.id === mine.broadcast)) endLive();
     failure.value = "";
   } catch (e) { failure.value = problem(e); }
 }
@@ -46,6 +47,17 @@ function endLive() {
   live.value?.close?.();
   live.value = null;
 }
+
+// Logging out ends a live broadcast (its peer closes, so the node ends it) and forgets the
+// choices: the next user of this browser starts from nothing.
+effect(() => {
+  if (session.value) return;
+  endLive();
+  targets.value = [];
+  klass.value = "normal";
+  broadcasts.value = [];
+  onAir.value = {};
+});
 
 function classes(s) {
   return ["normal", "priority", ...(s.rights.includes("emergency") ? ["emergency"] : [])];
@@ -62,7 +74,7 @@ function Where({ b, code }) {
                                         class: word("class", now.class),
                                         issuer: areaName(now.issuer) });
   }
-  return html`<li data-code=${code} class=${heard ? "heard" : "preempted"}>
+  return html`<li data-code=${code} class=${heard ? "heard" : now?.broadcast ? "preempted" : "idle"}>
     <span class="place">${areaName(code)}</span> <span class="state">${state}</span></li>`;
 }
 
@@ -111,8 +123,8 @@ function OnAirNow() {
   return html`<section class=${`live ${live.value.phase}`} aria-labelledby="live-state">
     <p id="live-state" class="on-air-state" role="status">
       ${airing ? t("console.air.on_air") : t("console.air.connecting")}</p>
-    <p class="live-what">${live.value.title || t("console.air.live_title_hint")}
-      · ${live.value.targets.map(areaName).join(", ")}</p>
+    <p class="live-what">${`${live.value.title || t("console.air.live_title_hint")} · ${
+      live.value.targets.map(areaName).join(", ")}`}</p>
     <label for="level">${t("console.air.level")}</label>
     <meter id="level" class="level" ref=${level} min="0" max="1" low="0.6" high="0.9" optimum="0.3"></meter>
     <form onSubmit=${stop.submit}><button type="submit" class="stop-live"
