@@ -18,8 +18,8 @@ from tests.apiclient import PASSWORD, tone_file
 from tests.audio import peak_hz
 from tests.emergencynode import X1, X2, Srv, live_config, serving
 from tests.httpstreams import ffmpeg_record
-from tests.relay.test_webrtc import whip_offer
-from tests.web.browser import axe_violations, chromium, login, phone, shots
+from tests.web.browser import XSS, axe_violations, chromium, login, phone, shots
+from tests.webrtcpeers import ToneTrack, offer_pc
 
 FAKE_MIC = ("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream")
 
@@ -102,8 +102,10 @@ async def test_programme_now_to_two_communes_heard_then_preempted_in_one(tmp_pat
     async with serving(live_config(tmp_path), realtime=True) as srv, chromium() as browser:
         tone = tone_file(tmp_path / "tone.wav", 440, 120)
         await _approved(srv, tone, "Bản tin trưa", "huyen1")
-        storm = await _approved(srv, tone, "Tin bão", "huyen1")
+        storm = await _approved(srv, tone, f"Tin bão {XSS}", "huyen1")
         page = await phone(browser)
+        dialogs: list[str] = []
+        page.on("dialog", lambda d: dialogs.append(d.message))
         blocked: list[str] = []
         page.on("console", lambda m: blocked.append(m.text) if "Content Security" in m.text
                 else None)
@@ -121,14 +123,19 @@ async def test_programme_now_to_two_communes_heard_then_preempted_in_one(tmp_pat
             "programme": storm, "targets": [X1], "class": "priority"})
         assert status == 201, body
         await expect(noon.locator(f"li[data-code={X1}]")).to_have_text(
-            "Xã 1 huyện 1 bị chặn bởi Tin bão (ưu tiên, Huyện 1)")
+            f"Xã 1 huyện 1 bị chặn bởi Tin bão {XSS} (ưu tiên, Huyện 1)")
         await expect(noon.locator(f"li[data-code={X2}]")).to_contain_text("đang được nghe")
+        assert await page.locator("main img").count() == 0 and dialogs == []
         await shots(page, "air-preempted")
+        await page.click("button.lang")
+        await expect(noon.locator(f"li[data-code={X1}]")).to_have_text(
+            f"Xã 1 huyện 1 preempted by Tin bão {XSS} (priority, Huyện 1)")
+        await page.click("button.lang")
 
         # stopping from the page: the programme leaves the list, the priority one stays
         await noon.get_by_role("button", name="Dừng Bản tin trưa").click()
         await expect(noon).to_have_count(0)
-        await expect(page.locator("li.broadcast:has(> strong:text-is('Tin bão'))")).to_have_count(1)
+        await expect(page.locator("li.broadcast", has_text="Tin bão")).to_have_count(1)
         assert blocked == []
 
 
@@ -203,7 +210,8 @@ async def test_whip_takes_the_console_session_with_its_csrf_value(tmp_path: Path
                              json={"username": "xa11", "password": PASSWORD}) as r:
             assert r.status == 200
             csrf = (await r.json())["csrf"]
-        pc = await whip_offer(700)
+        pc = offer_pc("sendonly", None, ToneTrack(700))
+        await pc.setLocalDescription(await pc.createOffer())
         sdp = pc.localDescription.sdp
 
         async def post(targets: str, **headers: str) -> tuple[int, object, str, str]:
