@@ -958,6 +958,36 @@ CATALOGUE: dict[str, Text] = {
     # (end console: schedule)
 
     # console: air (air.js: air now and go live)
+    "console.air.title": Text("Phát ngay", "Air now"),
+    "console.air.targets": Text("Khu vực phát", "Where to air"),
+    "console.air.class": Text("Loại bản tin", "Class"),
+    "console.air.no_emergency": Text("Phát khẩn cấp cần quyền khẩn cấp",
+                                     "Emergency needs the emergency right"),
+    "console.air.programme_now": Text("Phát chương trình ngay", "Start a programme now"),
+    "console.air.programme": Text("Chương trình đã duyệt", "Approved programme"),
+    "console.air.no_programmes": Text("Chưa có chương trình nào đã duyệt",
+                                      "No approved programme yet"),
+    "console.air.start": Text("Phát ngay", "Start now"),
+    "console.air.started": Text("Đã bắt đầu phát", "Started"),
+    "console.air.live": Text("Phát trực tiếp từ micrô", "Go live from the microphone"),
+    "console.air.live_title": Text("Tiêu đề buổi phát", "Title of the live broadcast"),
+    "console.air.live_title_hint": Text("Trực tiếp", "Live"),
+    "console.air.go_live": Text("Bắt đầu phát trực tiếp", "Go live"),
+    "console.air.no_targets": Text("Chọn ít nhất một khu vực phát", "Choose at least one area"),
+    "console.air.no_mic": Text("Không dùng được micrô: {error}", "Microphone unavailable: {error}"),
+    "console.air.connecting": Text("Đang kết nối…", "Connecting…"),
+    "console.air.on_air": Text("ĐANG PHÁT TRỰC TIẾP", "ON AIR"),
+    "console.air.level": Text("Mức âm micrô", "Microphone level"),
+    "console.air.stop_live": Text("Dừng phát trực tiếp", "Stop the live broadcast"),
+    "console.air.mine": Text("Đang phát từ {area}", "On air from {area}"),
+    "console.air.none": Text("Không có buổi phát nào", "Nothing on air"),
+    "console.air.heard": Text("đang được nghe", "heard"),
+    "console.air.preempted": Text("bị chặn bởi {title} ({class}, {issuer})",
+                                  "preempted by {title} ({class}, {issuer})"),
+    "console.air.stop": Text("Dừng", "Stop"),
+    "console.air.stop_named": Text("Dừng {title}", "Stop {title}"),
+    "console.air.stop_needs_emergency": Text("cần quyền khẩn cấp để dừng",
+                                             "stopping needs the emergency right"),
     # (end console: air)
 
     # console: emergency (emergency.js)

@@ -140,10 +140,13 @@ def refuse_unknown(data: dict[str, Any], allowed: set[str]) -> None:
 def scoped_area(p: Principal, tree: AreaTree, code: object, name: str | None = "area",
                 missing: int = 422) -> str:
     """An area a request names: known to the tree (else `missing`: 422 for a body field, 404 for
-    a path) and inside the caller's subtree (else 403)."""
+    a path) and inside the caller's subtree (else 403); both name the field `name`."""
     if not isinstance(code, str) or code not in tree:
         raise ApiError(missing, say("area.unknown", area=code), name)
-    p.require_area(tree, code)
+    try:
+        p.require_area(tree, code)
+    except Forbidden as e:
+        raise ApiError(403, str(e), name) from None
     return code
 
 
@@ -279,25 +282,36 @@ def body_limit_middleware(limits: dict[str, int]) -> Callable[..., Awaitable[web
     return middleware
 
 
+async def identify(request: web.Request) -> tuple[Principal, str]:
+    """The caller: a bearer header, else the console's session cookie (AuthError: 401). A
+    cookie's write without its session's CSRF value is Forbidden (403). Sets PRINCIPAL and
+    TOKEN_ID (and CSRF for a cookie session). Used by the API and by WHIP (the console)."""
+    store: Store = request.app[STORE]
+    header = request.headers.get("Authorization")
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if header or not cookie:  # a bearer header wins: scripts need no CSRF
+        p, tid = await authenticate(store, header)
+    else:
+        p, tid, csrf = await authenticate_token(store, cookie)
+        # A cookie rides along with any cross-site request: a write must prove it comes
+        # from the console, which alone read the session's csrf value.
+        if request.method in WRITES and not csrf_matches(
+                csrf, request.headers.get("X-CSRF-Token")):
+            raise Forbidden(say("auth.csrf_missing"))
+        if csrf:
+            request[CSRF] = csrf
+    request[PRINCIPAL] = p
+    request[TOKEN_ID] = tid
+    return p, tid
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     path = request.path
     if path.startswith("/api/") and (request.method, path) not in PUBLIC \
             and request.method != "OPTIONS":
-        store: Store = request.app[STORE]
-        header = request.headers.get("Authorization")
-        cookie = request.cookies.get(SESSION_COOKIE)
-        if header or not cookie:  # a bearer header wins: scripts need no CSRF
-            p, tid = await authenticate(store, header)
-        else:
-            p, tid, csrf = await authenticate_token(store, cookie)
-            # A cookie rides along with any cross-site request: a write must prove it comes
-            # from the console, which alone read the session's csrf value.
-            if request.method in WRITES and not csrf_matches(
-                    csrf, request.headers.get("X-CSRF-Token")):
-                return error_response(403, say("auth.csrf_missing"))
-            if csrf:
-                request[CSRF] = csrf
-        request[PRINCIPAL] = p
-        request[TOKEN_ID] = tid
+        try:
+            await identify(request)
+        except Forbidden as e:
+            return error_response(403, str(e))
     return await handler(request)

@@ -8,9 +8,11 @@
   Bearer` or `?token=`. Offers are limited per client address (token bucket, 429 +
   Retry-After): a peer costs far more than an HTTP listener, and the peer limit is shared.
 - `POST /whip/{A,B,...}?class=normal|priority|emergency&title=...` with `Authorization: Bearer`
-  -> 201, the answer, `Location: /whip/session/{id}`; the publisher's audio airs live in those
-  areas until `DELETE /whip/session/{id}` (same token, or an operator above the issuer), the peer
-  goes away, or the broadcast is stopped.
+  or the console's session cookie + `X-CSRF-Token` -> 201, the answer, `Location:
+  /whip/session/{id}`, `Loa-Broadcast: {broadcast id}`; the publisher's audio airs live in those
+  areas until `DELETE /whip/session/{id}` (same token or session, or an operator above the
+  issuer), the peer goes away, or the broadcast is stopped. Refusals name their `field`
+  (targets, class) as the API's do.
 
 ICE candidates are gathered before answering (no trickle). Errors are JSON, Vietnamese first.
 """
@@ -31,7 +33,7 @@ from loa.streamer.messages import say
 from loa.streamer.station import Content
 from loa.web.auth import AuthError, Forbidden, Principal, authenticate
 from loa.web.build import stop_whip_broadcast
-from loa.web.http import PRINCIPAL, audit, error_response
+from loa.web.http import PRINCIPAL, audit, error_response, identify
 from loa.web.node import NODE
 
 log = logging.getLogger("loa.webrtc")
@@ -42,12 +44,13 @@ MAX_TITLE = 200
 MAX_TARGETS = 200
 CORS = {
     "Access-Control-Allow-Origin": "*",
-    "Access-Control-Expose-Headers": "Location, Accept-Post",
+    "Access-Control-Expose-Headers": "Location, Accept-Post, Loa-Broadcast",
 }
 
 
-def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
-    return error_response(status, message, headers={**CORS, **(headers or {})})
+def _error(status: int, message: str, headers: dict[str, str] | None = None,
+           field: str | None = None) -> web.Response:
+    return error_response(status, message, field, headers={**CORS, **(headers or {})})
 
 
 async def _options(request: web.Request) -> web.Response:
@@ -75,9 +78,9 @@ async def _read_offer(request: web.Request, max_bytes: int) -> str | web.Respons
         return _error(400, say("webrtc.offer_bad_encoding"))
 
 
-def _answer(sdp: str, location: str) -> web.Response:
+def _answer(sdp: str, location: str, extra: dict[str, str] | None = None) -> web.Response:
     return web.Response(status=201, text=sdp, content_type="application/sdp",
-                        headers={**CORS, "Location": location})
+                        headers={**CORS, "Location": location, **(extra or {})})
 
 
 # ---- WHEP ----------------------------------------------------------------------------------------
@@ -168,12 +171,14 @@ async def whep_get(request: web.Request) -> web.StreamResponse:
 
 # ---- WHIP ----------------------------------------------------------------------------------------
 async def _principal(request: web.Request) -> tuple[Principal, str] | web.Response:
+    """A bearer token (OBS, scripts) or the console's session cookie with its CSRF header: the
+    console never holds a token the page's scripts could read."""
     try:
-        p, tid = await authenticate(request.app[NODE].store, request.headers.get("Authorization"))
+        return await identify(request)
     except AuthError as e:
         return _error(401, str(e), {"WWW-Authenticate": "Bearer"})
-    request[PRINCIPAL] = p
-    return p, tid
+    except Forbidden as e:
+        return _error(403, str(e))
 
 
 async def whip_post(request: web.Request) -> web.StreamResponse:
@@ -188,19 +193,20 @@ async def whip_post(request: web.Request) -> web.StreamResponse:
     targets = list(dict.fromkeys(
         t.strip() for t in request.match_info["targets"].split(",") if t.strip()))
     if not targets or len(targets) > MAX_TARGETS:
-        return _error(400, say("webrtc.bad_targets"))
+        return _error(400, say("webrtc.bad_targets"), field="targets")
     for t in targets:
         if t not in node.tree:
-            return _error(404, say("area.unknown", area=t))
+            return _error(404, say("area.unknown", area=t), field="targets")
         try:
             principal.require_area(node.tree, t)
         except Forbidden as e:
-            return _error(403, str(e))
+            return _error(403, str(e), field="targets")
     klass = request.query.get("class", "normal").strip().lower()
     if klass not in CLASSES:
-        return _error(400, say("webrtc.bad_class", value=klass, classes=" | ".join(CLASSES)))
+        return _error(400, say("webrtc.bad_class", value=klass, classes=" | ".join(CLASSES)),
+                      field="class")
     if klass == "emergency" and not principal.emergency:
-        return _error(403, say("webrtc.no_emergency_right"))
+        return _error(403, say("webrtc.no_emergency_right"), field="class")
     title = " ".join(request.query.get("title", "").split())[:MAX_TITLE] or LIVE_TITLE
     offer = await _read_offer(request, relay.settings.max_sdp_bytes)
     if isinstance(offer, web.Response):
@@ -225,13 +231,13 @@ async def whip_post(request: web.Request) -> web.StreamResponse:
     except Exception:
         await relay.close_whip(session.id, "air-failed")
         raise
-    session.bid = str(record["id"])
+    session.bid = bid = str(record["id"])
     if session.closed:  # the peer went away while the broadcast was being persisted
         stop_whip_broadcast(node.station, session, "whip-ended")
     await audit(request, "live.whip", session.bid, targets=targets, klass=klass, title=title)
     log.info("whip live on air event=whip_live session=%s broadcast=%s user=%s class=%s "
              "targets=%s", session.id, session.bid, principal.username, klass, ",".join(targets))
-    return _answer(answer, f"/whip/session/{session.id}")
+    return _answer(answer, f"/whip/session/{session.id}", {"Loa-Broadcast": bid})
 
 
 async def whip_delete(request: web.Request) -> web.StreamResponse:

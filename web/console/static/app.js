@@ -7,6 +7,7 @@ import { api, session, ApiFailure } from "./api.js";
 import * as live from "./live.js";
 import { Overview } from "./overview.js";
 import { Account } from "./account.js";
+import { Air } from "./air.js";
 import { Schedule } from "./schedule.js";
 import { Library } from "./library.js";
 import { Programmes } from "./programmes.js";
@@ -22,6 +23,8 @@ import { Admin } from "./admin.js";
 const SCREENS = [
   { id: "overview", key: "console.overview", may: (s) => s.rights.includes("read"),
     draw: (s, arg) => html`<${Overview} key=${arg || s.area.code} root=${arg || s.area.code} />` },
+  { id: "air", key: "console.air.title", may: (s) => s.rights.includes("air"),
+    draw: () => html`<${Air} />` },
   { id: "library", key: "console.library", may: (s) => s.rights.includes("read"),
     draw: () => html`<${Library} />` },
   { id: "programmes", key: "console.programmes", may: (s) => s.rights.includes("read"),
