@@ -988,6 +988,8 @@ CATALOGUE: dict[str, Text] = {
     "console.air.stop_named": Text("Dừng {title}", "Stop {title}"),
     "console.air.stop_needs_emergency": Text("cần quyền khẩn cấp để dừng",
                                              "stopping needs the emergency right"),
+    "console.air.no_right": Text("Tài khoản của bạn không có quyền phát sóng",
+                                 "Your account may not put anything on air"),
     # (end console: air)
 
     # console: emergency (emergency.js)
@@ -1010,9 +1012,10 @@ CATALOGUE: dict[str, Text] = {
     "console.emergency.media": Text("Chọn tệp âm thanh", "Choose the audio"),
     "console.emergency.no_media": Text("Thư viện chưa có tệp nào", "The library is empty"),
     "console.emergency.live_note": Text(
-        "Tín hiệu chú ý phát ngay; giọng nói trực tiếp được gửi tới địa chỉ WHIP hiện ở bước sau",
-        "The attention signal airs at once; the live voice is published to the WHIP address "
-        "shown next"),
+        "Tín hiệu chú ý phát ngay; ở bước sau bấm nói trực tiếp qua micrô (hoặc gửi từ phòng thu "
+        "tới địa chỉ WHIP hiện ở đó)",
+        "The attention signal airs at once; next, speak live on the microphone (or publish "
+        "from a studio to the WHIP address shown there)"),
     "console.emergency.repeat": Text("Số lần phát (1-10)", "Times to air (1-10)"),
     "console.emergency.gap": Text("Nghỉ giữa các lần (giây)", "Pause between (seconds)"),
     "console.emergency.volume": Text("Âm lượng loa (0-100)", "Loudspeaker volume (0-100)"),
@@ -1035,6 +1038,9 @@ CATALOGUE: dict[str, Text] = {
     "console.emergency.started": Text("Bắt đầu {at}, người phát: {who}", "Started {at} by {who}"),
     "console.emergency.whip": Text("Gửi giọng nói trực tiếp tới: {url}",
                                    "Publish the live voice to: {url}"),
+    "console.emergency.voice_start": Text("NÓI TRỰC TIẾP QUA MICRÔ", "SPEAK LIVE ON THE MICROPHONE"),
+    "console.emergency.voice_on_air": Text("● GIỌNG NÓI ĐANG PHÁT", "● VOICE ON AIR"),
+    "console.emergency.voice_stop": Text("Tắt micrô", "Turn the microphone off"),
     "console.emergency.stop": Text("DỪNG PHÁT KHẨN CẤP", "STOP THE EMERGENCY"),
     "console.emergency.stop_above": Text(
         "Không được dừng: tin khẩn cấp do cấp trên ({issuer}) phát",
@@ -1230,6 +1236,8 @@ CATALOGUE: dict[str, Text] = {
     "console.admin.filter": Text("Lọc", "Filter"),
     "console.admin.no_entries": Text("Không có mục nào", "No entries"),
     "console.admin.older": Text("Xem các mục cũ hơn", "Older entries"),
+    "console.admin.no_right": Text("Chỉ quản trị viên mới mở được màn hình này",
+                                   "Only administrators may open this screen"),
     # (end console: admin)
 
     # (end console)

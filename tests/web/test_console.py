@@ -150,7 +150,13 @@ async def test_commune_sees_its_subtree_and_the_refusal_and_changes_its_password
         await login(page, f"{srv.base}/", "xa11")
         await expect(page.locator("main h1")).to_have_text("Tổng quan: Xã 1 huyện 1")
         await expect(page.locator("main")).not_to_contain_text("Xã 2 huyện 1")
-        await expect(page.locator("nav.screens a")).to_have_text(["Tổng quan", "Tài khoản"])
+        # an operator's screens; no emergency (no right) and no administration (not an admin)
+        await expect(page.locator("nav.screens a")).to_have_text([
+            "Tổng quan", "Phát ngay", "Thư viện âm thanh", "Chương trình và duyệt", "Lịch phát",
+            "Thiết bị", "Bảng tin", "Báo cáo", "Tài khoản"])
+        await page.goto(f"{srv.base}/#/admin")  # typed by hand: the reason, not a blank page
+        await expect(page.locator("main[data-screen=admin] .error[role=alert]")).to_have_text(
+            "Chỉ quản trị viên mới mở được màn hình này")
         # dd/mm/yyyy HH:MM in Asia/Ho_Chi_Minh even in a browser set to UTC
         shown = await page.evaluate(
             "import('/console/static/format.js').then(m => m.dateTime(1767225600))")

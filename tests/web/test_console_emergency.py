@@ -13,7 +13,10 @@ from pathlib import Path
 
 from playwright.async_api import expect
 
+from tests.apiclient import tone_file
+from tests.audio import peak_hz
 from tests.emergencynode import X1, X2, X3, DeviceWs, Srv, live_config, serving, settle, start_music
+from tests.httpstreams import ffmpeg_record
 from tests.web.browser import XSS, axe_violations, chromium, login, phone, shots
 
 TEXT = "Bão số năm sắp đổ bộ, người dân sơ tán ngay."
@@ -227,3 +230,42 @@ async def test_no_screen_without_the_right_and_a_commune_may_not_stop_the_provin
         status, got = await srv.call("xa11em", "DELETE", f"/api/v1/emergencies/{em['id']}")
         assert status == 403 and "cấp trên" in got["error"]
         assert (await srv.node.store.get("emergency", em["id"]))["status"] == "active"
+
+
+async def test_live_voice_emergency_from_the_console_microphone_is_heard(tmp_path: Path) -> None:
+    """Content "live": the status page publishes the (fake) microphone over WHIP with the session;
+    FFmpeg hears its 700 Hz on the target commune's stream after the attention signal, the
+    bystander commune keeps its music; the microphone off, the emergency ends and the music is
+    back."""
+    mic = tone_file(tmp_path / "tone-700.wav", 700, 60, ("-ar", "48000"))
+    async with serving(live_config(tmp_path), realtime=True) as srv, \
+            chromium("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+                     f"--use-file-for-fake-audio-capture={mic}") as browser:
+        music = start_music(srv.node)
+        page = await phone(browser, permissions=["microphone"], bypass_csp=True)
+        await login(page, f"{srv.base}/", "tinh")
+        await page.click("nav.screens >> text=Khẩn cấp")
+        tree = page.locator(".pick-tree")
+        await tree.locator("li[data-code=T01-H1] button.expand").click()
+        await tree.locator(f"input[data-code={X1}]").check()
+        await page.locator("input[name=kind][value=live]").check()
+        await page.click("button.em-next")
+        await page.click("button.em-go")
+        await page.click("button.em-voice-start")
+        await expect(page.locator(".em-voice-state")).to_have_text("● GIỌNG NÓI ĐANG PHÁT")
+        assert await page.locator("#em-level").evaluate("m => m.value") >= 0  # fed by the mic
+        await shots(page, "emergency-voice")
+        assert await axe_violations(page) == []
+        pcm, rate = await ffmpeg_record(f"{srv.base}/streams/{X1}.mp3?burst_ms=0",
+                                        tmp_path / "x1.wav", 8)
+        assert abs(peak_hz(pcm[-3 * rate:], rate) - 700) < 15  # the voice, after the attention
+        pcm, rate = await ffmpeg_record(f"{srv.base}/streams/{X3}.mp3?burst_ms=0",
+                                        tmp_path / "x3.wav", 2)
+        assert abs(peak_hz(pcm, rate) - 400) < 15  # the bystander's music (tests/emergencynode)
+        assert srv.node.engine.on_air(X3)["broadcast"] == music[X3]
+        # the voice was the message: the microphone off, the emergency ends (closing signal)
+        await page.click("button.em-voice-stop")
+        await expect(page.locator(".em-state")).to_contain_text("Đã kết thúc", timeout=15_000)
+        pcm, rate = await ffmpeg_record(f"{srv.base}/streams/{X1}.mp3?burst_ms=0",
+                                        tmp_path / "after.wav", 2)
+        assert abs(peak_hz(pcm, rate) - 300) < 15  # X1's music is back

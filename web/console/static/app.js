@@ -24,7 +24,7 @@ const SCREENS = [
   { id: "overview", key: "console.overview", may: (s) => s.rights.includes("read"),
     draw: (s, arg) => html`<${Overview} key=${arg || s.area.code} root=${arg || s.area.code} />` },
   { id: "air", key: "console.air.title", may: (s) => s.rights.includes("air"),
-    draw: () => html`<${Air} />` },
+    why: () => t("console.air.no_right"), draw: () => html`<${Air} />` },
   { id: "library", key: "console.library", may: (s) => s.rights.includes("read"),
     draw: () => html`<${Library} />` },
   { id: "programmes", key: "console.programmes", may: (s) => s.rights.includes("read"),
@@ -41,7 +41,7 @@ const SCREENS = [
   { id: "reports", key: "console.reports", may: (s) => s.rights.includes("read"),
     draw: (s, arg) => html`<${Reports} key=${arg} area=${arg || s.area.code} />` },
   { id: "admin", key: "console.admin", may: (s) => s.rights.includes("admin"),
-    draw: (s, arg) => html`<${Admin} tab=${arg} />` },
+    why: () => t("console.admin.no_right"), draw: (s, arg) => html`<${Admin} tab=${arg} />` },
   { id: "account", key: "console.account", may: () => true, draw: () => html`<${Account} />` },
 ];
 

@@ -10,9 +10,40 @@ import { on } from "./live.js";
 import { useSubmit, Field, FormError } from "./forms.js";
 import { AreaPicker } from "./areapicker.js";
 import { dateTime } from "./format.js";
+import { goLive } from "./whip.js";
 
 function message(e) {
   return e instanceof ApiFailure ? half(e.message) : t("console.network");
+}
+
+// The live voice of an emergency whose content is the microphone: this page publishes it over
+// WHIP (the session cookie and CSRF header, like the air screen) to the emergency's targets; the
+// record's `whip` address stays shown for an outside encoder (OBS, a studio).
+function LiveVoice({ rec }) {
+  const meter = useRef(null);
+  const [voice, setVoice] = useState(null); // {stop} while the microphone is on air
+  const [failure, setFailure] = useState("");
+  useEffect(() => () => { voice?.stop(); }, [voice]); // leaving the page ends the voice
+  const speak = async () => {
+    setFailure("");
+    try {
+      setVoice(await goLive({ targets: rec.targets, klass: "emergency", title: rec.title,
+                              onLevel: (v) => { if (meter.current) meter.current.value = v; },
+                              onEnd: () => setVoice(null) }));
+    } catch (e) {
+      setFailure(e instanceof ApiFailure ? half(e.message)
+                                         : t("console.air.no_mic", { error: e.message || e.name }));
+    }
+  };
+  return html`<div class="em-voice">
+    ${voice
+      ? html`<p class="em-voice-state" role="status">${t("console.emergency.voice_on_air")}</p>
+        <label for="em-level">${t("console.air.level")}</label>
+        <meter id="em-level" ref=${meter} min="0" max="1" low="0.6" high="0.9" optimum="0.3"></meter>
+        <button type="button" class="em-voice-stop" onClick=${() => voice.stop()}>${t("console.emergency.voice_stop")}</button>`
+      : html`<button type="button" class="em-voice-start" onClick=${speak}>${t("console.emergency.voice_start")}</button>`}
+    ${failure && html`<p class="error" role="alert">${failure}</p>`}
+    <p class="em-note">${t("console.emergency.whip", { url: rec.whip })}</p></div>`;
 }
 
 // The request body from the form: the same for the preview and the start.
@@ -204,7 +235,7 @@ function Live({ id }) {
       ${st.on_air.length > 0 && html`<ul class="em-areas" aria-label=${t("console.emergency.areas_on_air")}>
         ${st.on_air.map((a) => html`<li key=${a.code}>${a.name}</li>`)}</ul>`}
       <p class="em-meta">${t("console.emergency.started", { at: dateTime(rec.created), who: rec.user })}</p>
-      ${rec.whip && !ended && html`<p class="em-note">${t("console.emergency.whip", { url: rec.whip })}</p>`}
+      ${rec.whip && !ended && html`<${LiveVoice} rec=${rec} />`}
       ${failure && html`<p class="error" role="alert">${failure}</p>`}
       ${!ended && html`<div class="em-actions">
         <button type="button" class="em-stop" onClick=${stop} disabled=${Boolean(above)}
