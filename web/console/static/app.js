@@ -2,6 +2,7 @@
 // Preact + htm: every text goes through the template, so it is rendered escaped.
 import { render } from "preact";
 import { signal } from "@preact/signals";
+import { useEffect } from "preact/hooks";
 import { html, t, lang, setLang, half, loadTexts } from "./i18n.js";
 import { api, session, ApiFailure } from "./api.js";
 import * as live from "./live.js";
@@ -86,6 +87,10 @@ function Shell() {
   const logout = async () => {
     try { await api("DELETE", "/api/v1/auth/session"); } finally { session.value = null; }
   };
+  useEffect(() => { // the phone's row of screens shows the current one
+    document.querySelector("nav.screens [aria-current=page]")
+      ?.scrollIntoView({ block: "nearest", inline: "nearest" });
+  }, [screen.id]);
   return html`<header><strong>${t("console.title")}</strong>
       <span class="who">${s.user.username} · ${s.area.name}</span>
       <${LangSwitch} /><button type="button" onClick=${logout}>${t("console.logout")}</button>
