@@ -75,6 +75,23 @@ class Srv:
         assert self.clock is not None, "virtual clock only"
         self.clock.run(int(round(seconds * 50)))
 
+    async def approved(self, tone: Path, title: str, author: str,
+                       approver: str = "duyet1") -> str:
+        """A file programme of `author`'s area made of `tone`, submitted and approved: its id."""
+        form = aiohttp.FormData()
+        form.add_field("title", title)
+        form.add_field("file", tone.read_bytes(), filename=tone.name)
+        status, media = await self.call(author, "POST", "/api/v1/media", data=form)
+        assert status == 201, media
+        status, prog = await self.call(author, "POST", "/api/v1/programmes", json={
+            "title": title, "type": "file", "media": media["id"]})
+        assert status == 201, prog
+        for who, action in ((author, "submit"), (approver, "approve")):
+            status, body = await self.call(who, "POST",
+                                           f"/api/v1/programmes/{prog['id']}/{action}")
+            assert status == 200, body
+        return str(prog["id"])
+
     async def device(self, area: str, kind: str = "loudspeaker", **caps: Any) -> DeviceWs:
         dev_id, key = await self.provision(area, kind, **caps)
         d = DeviceWs(self, dev_id)

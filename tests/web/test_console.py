@@ -81,20 +81,10 @@ async def test_login_account_language_and_logout_in_chromium(tmp_path: Path) -> 
 
 async def _on_air_programme(srv: Srv, tmp_path: Path, area: str) -> str:
     """A tone programme of the district, approved, put on air in `area` now: its broadcast id."""
-    tone = tone_file(tmp_path / "tone.wav", 440, 30)
-    form = aiohttp.FormData()
-    form.add_field("title", "tone")
-    form.add_field("file", tone.read_bytes(), filename="tone.wav")
-    status, media = await srv.call("huyen1", "POST", "/api/v1/media", data=form)
-    assert status == 201, media
-    status, prog = await srv.call("huyen1", "POST", "/api/v1/programmes", json={
-        "title": "Bản tin sáng", "type": "file", "media": media["id"]})
-    assert status == 201, prog
-    for who, action in (("huyen1", "submit"), ("duyet1", "approve")):
-        status, body = await srv.call(who, "POST", f"/api/v1/programmes/{prog['id']}/{action}")
-        assert status == 200, body
+    prog = await srv.approved(tone_file(tmp_path / "tone.wav", 440, 30), "Bản tin sáng",
+                              "huyen1")
     status, b = await srv.call("huyen1", "POST", "/api/v1/broadcasts",
-                               json={"programme": prog["id"], "targets": [area]})
+                               json={"programme": prog, "targets": [area]})
     assert status == 201, b
     return str(b["id"])
 

@@ -24,22 +24,6 @@ from tests.webrtcpeers import ToneTrack, offer_pc
 FAKE_MIC = ("--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream")
 
 
-async def _approved(srv: Srv, tone: Path, title: str, author: str) -> str:
-    """A file programme of `author`'s area, submitted and approved: its id."""
-    form = aiohttp.FormData()
-    form.add_field("title", title)
-    form.add_field("file", tone.read_bytes(), filename=tone.name)
-    status, media = await srv.call(author, "POST", "/api/v1/media", data=form)
-    assert status == 201, media
-    status, prog = await srv.call(author, "POST", "/api/v1/programmes", json={
-        "title": title, "type": "file", "media": media["id"]})
-    assert status == 201, prog
-    for who, action in ((author, "submit"), ("duyet1", "approve")):
-        status, body = await srv.call(who, "POST", f"/api/v1/programmes/{prog['id']}/{action}")
-        assert status == 200, body
-    return str(prog["id"])
-
-
 async def _heard_hz(srv: Srv, out: Path) -> float:
     pcm, rate = await ffmpeg_record(f"{srv.base}/streams/{X1}.mp3?burst_ms=0", out, 3)
     return peak_hz(pcm, rate)
@@ -57,7 +41,7 @@ async def test_commune_goes_live_from_the_microphone_then_the_programme_resumes(
     mic = tone_file(tmp_path / "tone-700.wav", 700, 60, ("-ar", "48000"))
     async with serving(live_config(tmp_path), realtime=True) as srv, \
             chromium(*FAKE_MIC, f"--use-file-for-fake-audio-capture={mic}") as browser:
-        music = await _approved(srv, tone_file(tmp_path / "tone-440.wav", 440, 120),
+        music = await srv.approved(tone_file(tmp_path / "tone-440.wav", 440, 120),
                                 "Nhạc nền xã", "bientap11")
         status, under = await srv.call("xa11", "POST", "/api/v1/broadcasts", json={
             "programme": music, "targets": [X1], "class": "background"})
@@ -101,8 +85,8 @@ async def test_commune_goes_live_from_the_microphone_then_the_programme_resumes(
 async def test_programme_now_to_two_communes_heard_then_preempted_in_one(tmp_path: Path) -> None:
     async with serving(live_config(tmp_path), realtime=True) as srv, chromium() as browser:
         tone = tone_file(tmp_path / "tone.wav", 440, 120)
-        await _approved(srv, tone, "Bản tin trưa", "huyen1")
-        storm = await _approved(srv, tone, f"Tin bão {XSS}", "huyen1")
+        await srv.approved(tone, "Bản tin trưa", "huyen1")
+        storm = await srv.approved(tone, f"Tin bão {XSS}", "huyen1")
         page = await phone(browser)
         dialogs: list[str] = []
         page.on("dialog", lambda d: dialogs.append(d.message))
@@ -154,7 +138,7 @@ async def test_classes_offered_and_refusals_shown_by_their_field(tmp_path: Path)
     mic = tone_file(tmp_path / "tone-700.wav", 700, 10, ("-ar", "48000"))
     async with serving(live_config(tmp_path), realtime=True) as srv, \
             chromium(*FAKE_MIC, f"--use-file-for-fake-audio-capture={mic}") as browser:
-        await _approved(srv, tone_file(tmp_path / "tone.wav", 440, 5), "Bản tin xã", "bientap11")
+        await srv.approved(tone_file(tmp_path / "tone.wav", 440, 5), "Bản tin xã", "bientap11")
         # the emergency right adds the emergency class
         page = await phone(browser)
         await _air_screen(page, srv.base, "tinh")

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import aiohttp
 from playwright.async_api import Page, expect
 
 from loa.streamer.messages import say
@@ -33,19 +32,7 @@ def vi(key: str, **params: Any) -> str:
 async def approved(srv: Srv, tmp_path: Path, title: str, who: str = "xa11", hz: float = 660,
                    seconds: float = 30) -> str:
     """A tone programme of `who`'s area, approved by the district's approver: its id."""
-    tone = tone_file(tmp_path / f"tone-{hz}.wav", hz, seconds)
-    form = aiohttp.FormData()
-    form.add_field("title", title)
-    form.add_field("file", tone.read_bytes(), filename=tone.name)
-    status, media = await srv.call(who, "POST", "/api/v1/media", data=form)
-    assert status == 201, media
-    status, prog = await srv.call(who, "POST", "/api/v1/programmes", json={
-        "title": title, "type": "file", "media": media["id"]})
-    assert status == 201, prog
-    for person, action in ((who, "submit"), ("duyet1", "approve")):
-        status, body = await srv.call(person, "POST", f"/api/v1/programmes/{prog['id']}/{action}")
-        assert status == 200, body
-    return str(prog["id"])
+    return await srv.approved(tone_file(tmp_path / f"tone-{hz}.wav", hz, seconds), title, who)
 
 
 async def scheduled(srv: Srv, who: str, **body: Any) -> dict[str, Any]:
