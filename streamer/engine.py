@@ -219,7 +219,9 @@ class Engine:
         main = self.broadcasts.get(st.main) if st.main else None
         return {
             "area": area,
-            "broadcast": st.main,
+            # a broadcast stopped since the last tick is gone, though the area's next tick has
+            # yet to switch: nothing (a half record with no class) is reported on air
+            "broadcast": st.main if main else None,
             "title": main.b.title if main else None,
             "class": main.b.cls.name if main else None,
             "issuer": main.b.issuer if main else None,

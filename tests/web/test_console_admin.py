@@ -311,7 +311,8 @@ async def test_admin_users_areas_and_audit_in_chromium(tmp_path: Path) -> None:
         await login(other, f"{srv.base}/", "xa12")
         await expect(other.locator("nav.screens")).not_to_contain_text("Quản trị")
         await other.goto(f"{srv.base}/#/admin/users")
-        await expect(other.locator("main h1")).to_have_text("Tổng quan: Xã 2 huyện 1")
+        await expect(other.locator("main[data-screen=admin] .error[role=alert]")).to_have_text(
+            "Chỉ quản trị viên mới mở được màn hình này")
         refusal = await other.evaluate("""import('/console/static/api.js').then(m =>
             m.api('GET', '/api/v1/users').then(() => 'allowed', e => `${e.status} ${e.message}`))""")
         assert refusal.startswith("403 "), refusal
