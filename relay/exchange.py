@@ -22,6 +22,7 @@ from typing import Any
 import aiohttp
 from yarl import URL
 
+from loa.streamer.messages import say
 from loa.streamer.state.store import Conflict, Record, Store, StoreUnavailable
 
 log = logging.getLogger("loa.exchange")
@@ -88,7 +89,7 @@ def signed_headers(peer: str, secret: str, method: str, path: str, body: bytes,
 
 
 class SignatureRefused(Exception):
-    """Why a request is not from a peer we know (its text is a message catalogue key)."""
+    """Why a request is not from a peer we know (bilingual text)."""
 
 
 def verified_peer(settings: ExchangeSettings, headers: Mapping[str, str], method: str,
@@ -97,15 +98,15 @@ def verified_peer(settings: ExchangeSettings, headers: Mapping[str, str], method
     peer, ts, sig = (headers.get(h, "") for h in (PEER, TIMESTAMP, SIGNATURE))
     secret = settings.secret(peer)
     if not peer or not ts or not sig or secret is None:
-        raise SignatureRefused("exchange.unsigned")
+        raise SignatureRefused(say("exchange.unsigned"))
     try:
         stamp = int(ts)
     except ValueError:
-        raise SignatureRefused("exchange.stale") from None
+        raise SignatureRefused(say("exchange.stale")) from None
     if abs((time.time() if now is None else now) - stamp) > settings.max_skew:
-        raise SignatureRefused("exchange.stale")
+        raise SignatureRefused(say("exchange.stale"))
     if not hmac.compare_digest(signature(secret, ts, method, path, body), sig):
-        raise SignatureRefused("exchange.bad_signature")
+        raise SignatureRefused(say("exchange.bad_signature"))
     return peer
 
 

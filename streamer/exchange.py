@@ -101,7 +101,7 @@ def _attachment(i: int, raw: Any, max_bytes: int) -> Attachment:
     try:
         data = base64.b64decode("".join(inline.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise BulletinError(say("exchange.bad_base64", name=name), field=f"{name}.data") from None
+        raise BulletinError(say("exchange.bad_encoding", name=name), field=f"{name}.data") from None
     att = Attachment(mime, digest.lower(), data=data)
     verify(att, data, name)
     return att

@@ -355,7 +355,7 @@ CATALOGUE: dict[str, Text] = {
                                     "{name}: mime, sha256 and one of uri or data"),
     "exchange.attachment_too_large": Text("tệp đính kèm {name} quá lớn",
                                           "{name} is over [exchange] attachment_mb"),
-    "exchange.bad_base64": Text("{name} không phải base64", "{name}: data is not base64"),
+    "exchange.bad_encoding": Text("{name} không phải base64", "{name}: data is not base64"),
     "exchange.digest_mismatch": Text("{name}: mã băm sha256 không khớp",
                                      "{name}: the content does not match its sha256"),
     "exchange.nothing_to_air": Text("bản tin không có nội dung để phát",

@@ -50,7 +50,7 @@ async def _peer(request: web.Request, raw: bytes) -> str:
         return verified_peer(service(request).settings, request.headers, request.method,
                              request.raw_path, raw)
     except SignatureRefused as e:
-        raise ApiError(401, say(str(e)), headers={"WWW-Authenticate": "HMAC-SHA256"}) from None
+        raise ApiError(401, str(e), headers={"WWW-Authenticate": "HMAC-SHA256"}) from None
 
 
 @routes.post(BULLETINS)
