@@ -15,7 +15,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,8 @@ PEER = "X-Loa-Peer"
 TIMESTAMP = "X-Loa-Timestamp"  # unix seconds
 SIGNATURE = "X-Loa-Signature"  # "sha256=<hex>"
 OUTBOX = "exchange_out"  # store kind of our outgoing messages (the pull feed and the outbox)
+CURSORS = "exchange_cursor"  # store kind: id = peer, `cursor` = where its bulletin feed stands
+MAX_FEED = 64 * 1024 * 1024  # a page of a peer's bulletin feed
 PUSH_TIMEOUT = 10.0
 
 
@@ -54,17 +56,24 @@ class ExchangeSettings:
     max_skew: float = 300.0  # seconds a signed request's timestamp may differ from our clock
     retry_min: float = 1.0  # first wait before a failed push is retried, doubling ...
     retry_max: float = 300.0  # ... up to this
+    pull: list[str] = field(default_factory=list)  # "central=https://.../bulletins": we poll
+    pull_interval: float = 30.0  # seconds between two polls of a peer's bulletin feed
     stats_interval: float = 3600.0  # seconds between two statistics messages (0: none)
     attachment_mb: int = 20  # largest attachment of a bulletin (inline or by uri)
     _secrets: dict[str, str] = field(default_factory=dict, repr=False)
     _push_urls: dict[str, str] = field(default_factory=dict, repr=False)
+    _pull_urls: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._secrets = _pairs("peers", self.peers)
         self._push_urls = _pairs("push", self.push)
-        unknown = set(self._push_urls) - set(self._secrets)
+        self._pull_urls = _pairs("pull", self.pull)
+        unknown = (set(self._push_urls) | set(self._pull_urls)) - set(self._secrets)
         if unknown:
-            raise ValueError(f"[exchange] push names peers without a secret: {sorted(unknown)}")
+            raise ValueError(f"[exchange] push or pull names peers without a secret: "
+                             f"{sorted(unknown)}")
+        if self.pull_interval <= 0:
+            raise ValueError("[exchange] pull_interval must be > 0")
 
     def secret(self, peer: str) -> str | None:
         return self._secrets.get(peer)
@@ -74,6 +83,9 @@ class ExchangeSettings:
 
     def push_url(self, peer: str) -> str | None:
         return self._push_urls.get(peer)
+
+    def pull_urls(self) -> dict[str, str]:
+        return dict(self._pull_urls)
 
 
 def signature(secret: str, ts: str, method: str, path: str, body: bytes) -> str:
@@ -215,6 +227,77 @@ class Outbox:
             log.info("push failed event=exchange_push_failed peer=%s id=%s error=%s", peer,
                      rec["id"], type(e).__name__)
             return False
+
+
+class Poller:
+    """Bulletins down by pull: every `pull_interval` each peer's feed is read after our cursor
+    (`GET url?since=CURSOR`, signed, `If-None-Match`), each bulletin handed to `receive`
+    (which deduplicates by id), then the cursor the feed gave is stored: a restart resumes."""
+
+    def __init__(self, store: Store, settings: ExchangeSettings,
+                 receive: Callable[[str, bytes], Awaitable[Any]]) -> None:
+        self.store = store
+        self.settings = settings
+        self.receive = receive
+        self._tasks: list[asyncio.Task[None]] = []
+        self._etags: dict[str, str] = {}
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._run(peer, url))
+                       for peer, url in self.settings.pull_urls().items()]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def _run(self, peer: str, url: str) -> None:
+        loop = asyncio.get_running_loop()
+        async with aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=PUSH_TIMEOUT)) as http:
+            deadline = loop.time()
+            while True:
+                deadline += self.settings.pull_interval  # absolute: no drift
+                try:
+                    await self.poll(http, peer, url)
+                except (aiohttp.ClientError, TimeoutError, OSError, ValueError,
+                        StoreUnavailable) as e:
+                    log.info("pull failed event=exchange_pull_failed peer=%s error=%s", peer,
+                             type(e).__name__)
+                except Exception:  # noqa: BLE001 - a bulletin that cannot air: next poll again
+                    log.exception("pull failed event=exchange_pull_failed peer=%s", peer)
+                await asyncio.sleep(max(0.0, deadline - loop.time()))
+
+    async def poll(self, http: aiohttp.ClientSession, peer: str, url: str) -> int:
+        """One read of the peer's feed: the number of bulletins handed over."""
+        secret = self.settings.secret(peer)
+        assert secret is not None  # settings refuse a pull without a secret
+        at = await self.store.get(CURSORS, peer)
+        target = URL(url)
+        if at and at.get("cursor"):
+            target = target.update_query(since=at["cursor"])
+        headers = signed_headers(peer, secret, "GET", target.raw_path_qs, b"")
+        if peer in self._etags:
+            headers["If-None-Match"] = self._etags[peer]
+        async with http.get(target, headers=headers) as r:
+            if r.status == 304:
+                return 0
+            if r.status != 200:
+                raise ValueError(f"HTTP {r.status}")
+            raw = await r.content.read(MAX_FEED + 1)
+            etag = r.headers.get("ETag")
+        page = json.loads(raw) if len(raw) <= MAX_FEED else None
+        if not isinstance(page, dict) or not isinstance(page.get("bulletins"), list):
+            raise ValueError("not a bulletin feed page")
+        for bulletin in page["bulletins"]:
+            await self.receive(peer, json.dumps(bulletin, ensure_ascii=False).encode())
+        if isinstance(page.get("cursor"), str):
+            await self.store.put(CURSORS, {"id": peer, "cursor": page["cursor"]})
+        if etag:
+            self._etags[peer] = etag
+        return len(page["bulletins"])
 
 
 def _dumps(message: Any) -> bytes:

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from loa.relay.devices.protocol import DEVICE_KINDS
-from loa.relay.exchange import Outbox
+from loa.relay.exchange import Outbox, Poller
 from loa.streamer import exchange as model
 from loa.streamer.asrun import asrun_rows, hours_per_area
 from loa.streamer.broadcast import Broadcast
@@ -49,6 +49,7 @@ class ExchangeService:
         self.node = node
         self.settings = node.cfg.exchange
         self.outbox = Outbox(node.store, self.settings)
+        self.poller = Poller(node.store, self.settings, self.receive_pulled)
         self._lock = asyncio.Lock()  # one bulletin at a time: a replay racing its first copy
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -65,6 +66,7 @@ class ExchangeService:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.outbox.start()
+        self.poller.start()
         self.node.engine.ended_listeners.append(self._on_end_thread)
         if self.settings.stats_interval > 0 and self.settings.peers:
             self._spawn(self._statistics_loop())
@@ -75,6 +77,7 @@ class ExchangeService:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.poller.stop()
         await self.outbox.stop()
 
     def _spawn(self, coro: Any) -> None:
@@ -119,6 +122,20 @@ class ExchangeService:
         log.info("bulletin on air event=exchange_bulletin peer=%s id=%s class=%s areas=%d",
                  peer, bulletin.id[:128], bulletin.klass, len(aired["areas"]))
         return 201, answer
+
+    async def receive_pulled(self, peer: str, raw: bytes) -> None:
+        """A bulletin read from the peer's feed: the same checks; a refusal becomes a refused
+        `ack` message (the peer's only way to hear of it) and the feed moves on."""
+        try:
+            await self.receive(peer, raw)
+        except Refused as e:
+            data = json.loads(raw)
+            bid = data.get("id") if isinstance(data, dict) else None
+            log.warning("pulled bulletin refused event=exchange_refused peer=%s status=%d "
+                        "field=%s", peer, e.status, e.field)
+            if isinstance(bid, str) and model.ID.fullmatch(bid):
+                await self.outbox.put(peer, self._message("ack", f"ack:{bid}", {
+                    "bulletin": bid, "status": "refused", "error": str(e), "field": e.field}))
 
     async def _audio(self, b: model.Bulletin, peer: str) -> str | None:
         """The audio attachment as a library media id (checked against its digest), or None

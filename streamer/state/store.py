@@ -80,6 +80,7 @@ KINDS: Mapping[str, Kind] = {
     # first answer kept for replays) and our messages to peers (the pull feed and push outbox).
     "bulletin": Kind(indexed=("peer", "broadcast")),
     "exchange_out": Kind(indexed=("peer", "push")),
+    "exchange_cursor": Kind(),  # id = peer: where we stand in its bulletin feed
     "rtp_group": Kind(indexed=("block",), unique=("block",)),  # id = area: its multicast block
 }
 

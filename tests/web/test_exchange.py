@@ -45,6 +45,24 @@ class Central:
     pushes: int = 0
     bad_signatures: int = 0
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    feed: list[dict[str, Any]] = field(default_factory=list)  # bulletins the node may pull
+    polls: list[tuple[str | None, str | None]] = field(default_factory=list)  # since, etag
+    served: int = 0  # pages with bulletins
+
+    async def bulletins(self, request: web.Request) -> web.Response:
+        """The central's bulletin feed. It ignores `since` and sends no ETag twice, so the node
+        reads the same page twice (and must air it once), then answers 304 to its ETag."""
+        expected = sign("GET", request.path_qs, b"", float(request.headers["X-Loa-Timestamp"]))
+        if expected["X-Loa-Signature"] != request.headers.get("X-Loa-Signature"):
+            return web.Response(status=401)
+        match = request.headers.get("If-None-Match")
+        self.polls.append((request.query.get("since"), match))
+        tag = f'"{len(self.feed)}"'
+        if match == tag:
+            return web.Response(status=304)
+        self.served += bool(self.feed)
+        return web.json_response({"bulletins": self.feed, "cursor": str(len(self.feed))},
+                                 headers={"ETag": tag} if self.served > 2 else {})
 
     async def webhook(self, request: web.Request) -> web.Response:
         raw = await request.read()
@@ -74,6 +92,7 @@ async def central() -> AsyncIterator[Central]:
     c = Central()
     app = web.Application()
     app.router.add_post("/webhook", c.webhook)
+    app.router.add_get("/bulletins", c.bulletins)
     runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -88,6 +107,8 @@ async def srv(tmp_path: Path, central: Central) -> AsyncIterator[Srv]:
     cfg = live_config(tmp_path)
     cfg.exchange.peers = [f"{PEER}={SECRET}"]
     cfg.exchange.push = [f"{PEER}={central.url}/webhook"]
+    cfg.exchange.pull = [f"{PEER}={central.url}/bulletins"]
+    cfg.exchange.pull_interval = 0.05
     cfg.exchange.retry_min = 0.05
     cfg.exchange.stats_interval = 0
     cfg.exchange.__post_init__()
@@ -254,6 +275,26 @@ async def test_pull_with_since_cursor_and_etag(srv: Srv, central: Central):
     status, out = await srv.call(None, "GET", path, headers=sign("GET", path, b"",
                                                                  secret="sai"))
     assert status == 401, out
+
+
+async def test_bulletins_pulled_from_the_central_feed_air_once(srv: Srv, central: Central):
+    central.feed += [bulletin("F-1", "normal", ["T01-H2"]),
+                     bulletin("F-BAD", "normal", ["T99-KHONG-CO"])]
+    async with asyncio.timeout(WAIT):  # read twice without an ETag, then 304 to it
+        while ("2", '"2"') not in central.polls:
+            await asyncio.sleep(0.02)
+    srv.run(0.1)
+    got = await srv.node.store.get("bulletin", f"{PEER}:F-1")
+    assert got is not None and await srv.node.store.count("bulletin") == 1
+    for area in ("T01-H2-X1", "T01-H2-X2", "T01-H2-X3"):
+        now = srv.node.engine.on_air(area)
+        assert now["broadcast"] == got["broadcast"] and now["class"] == "normal", now
+    assert srv.node.engine.on_air("T01-H1-X1")["broadcast"] is None
+    assert await srv.node.store.count("broadcast") == 1
+    refused = await central.message("ack:F-BAD")  # the central hears of the refusal
+    assert refused["status"] == "refused" and refused["field"] == "targets", refused
+    assert central.polls[0][0] is None and central.polls[-1][0] == "2"  # the cursor, kept
+    assert (await srv.node.store.get("exchange_cursor", PEER))["cursor"] == "2"
 
 
 async def test_exchange_openapi_documents_exactly_its_routes(srv: Srv):
