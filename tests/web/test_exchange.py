@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from loa.web.config import Config
 from tests.apiclient import tone_file
 from tests.emergencynode import Srv, live_config, serving
 
@@ -48,6 +49,7 @@ class Central:
     feed: list[dict[str, Any]] = field(default_factory=list)  # bulletins the node may pull
     polls: list[tuple[str | None, str | None]] = field(default_factory=list)  # since, etag
     served: int = 0  # pages with bulletins
+    down: bool = False  # the webhook answers 503 to everything
 
     async def bulletins(self, request: web.Request) -> web.Response:
         """The central's bulletin feed. It ignores `since` and sends no ETag twice, so the node
@@ -72,7 +74,7 @@ class Central:
                                    request.headers.get("X-Loa-Signature", "")):
             self.bad_signatures += 1
             return web.Response(status=401)
-        if self.pushes == 1:
+        if self.pushes == 1 or self.down:
             return web.Response(status=503)
         msg = json.loads(raw)
         self.messages.setdefault(msg["id"], msg)
@@ -102,8 +104,7 @@ async def central() -> AsyncIterator[Central]:
     await runner.cleanup()
 
 
-@pytest.fixture
-async def srv(tmp_path: Path, central: Central) -> AsyncIterator[Srv]:
+def exchange_config(tmp_path: Path, central: Central) -> Config:
     cfg = live_config(tmp_path)
     cfg.exchange.peers = [f"{PEER}={SECRET}"]
     cfg.exchange.push = [f"{PEER}={central.url}/webhook"]
@@ -112,7 +113,12 @@ async def srv(tmp_path: Path, central: Central) -> AsyncIterator[Srv]:
     cfg.exchange.retry_min = 0.05
     cfg.exchange.stats_interval = 0
     cfg.exchange.__post_init__()
-    async with serving(cfg) as s:
+    return cfg
+
+
+@pytest.fixture
+async def srv(tmp_path: Path, central: Central) -> AsyncIterator[Srv]:
+    async with serving(exchange_config(tmp_path, central)) as s:
         yield s
 
 
@@ -295,6 +301,24 @@ async def test_bulletins_pulled_from_the_central_feed_air_once(srv: Srv, central
     assert refused["status"] == "refused" and refused["field"] == "targets", refused
     assert central.polls[0][0] is None and central.polls[-1][0] == "2"  # the cursor, kept
     assert (await srv.node.store.get("exchange_cursor", PEER))["cursor"] == "2"
+
+
+async def test_a_restart_loses_no_message_of_the_outbox(tmp_path: Path, central: Central):
+    central.down = True
+    cfg = exchange_config(tmp_path, central)
+    async with serving(cfg) as first:
+        status, _ = await push(first, bulletin("O-1", "normal"))
+        assert status == 201
+        async with asyncio.timeout(WAIT):  # refused at least twice, retried with backoff
+            while (await first.node.store.get("exchange_out", f"{PEER}:ack:O-1")
+                   )["attempts"] < 2:
+                await asyncio.sleep(0.02)
+    central.down = False
+    async with serving(cfg) as second:
+        ack = await central.message("ack:O-1")
+        assert ack["bulletin"] == "O-1"
+        status, again = await push(second, bulletin("O-1", "normal"))  # still deduplicated
+        assert status == 200 and again["duplicate"] is True
 
 
 async def test_exchange_openapi_documents_exactly_its_routes(srv: Srv):
