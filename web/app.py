@@ -12,6 +12,7 @@ from loa.web.api import areas as api_areas
 from loa.web.api import core as api_core
 from loa.web.api import devices as api_devices
 from loa.web.api import emergency as api_emergency
+from loa.web.api import exchange as api_exchange
 from loa.web.api import media as api_media
 from loa.web.api import overview as api_overview
 from loa.web.api import reports as api_reports
@@ -34,7 +35,8 @@ MAX_UPLOAD_OVERHEAD = 1024 * 1024
 
 def create_app(node: Node) -> web.Application:
     max_upload = node.cfg.media.max_mb * 1024 * 1024 + MAX_UPLOAD_OVERHEAD
-    limits = body_limit_middleware({"/api/v1/media": max_upload})
+    limits = body_limit_middleware({"/api/v1/media": max_upload,
+                                    api_exchange.BULLETINS: node.exchange.body_limit})
     app = web.Application(middlewares=[refusal_audit_middleware, error_middleware, limits,
                                        auth_middleware],
                           client_max_size=max_upload)
@@ -50,6 +52,7 @@ def create_app(node: Node) -> web.Application:
     api_reports.setup(app)
     api_devices.setup(app)
     api_emergency.setup(app)
+    api_exchange.setup(app)
     monitor.setup(app)
     board.setup(app)
     console.setup(app)

@@ -14,6 +14,7 @@ from typing import Any
 
 from loa.codecs.encoders import EncoderSettings
 from loa.relay.devices.manager import DeviceSettings
+from loa.relay.exchange import ExchangeSettings
 from loa.relay.hls import HlsSettings
 from loa.relay.icecast import HttpStreamSettings
 from loa.relay.inputs import RelayInputSettings
@@ -83,6 +84,7 @@ class Config:
     devices: DeviceSettings = field(default_factory=DeviceSettings)
     emergency: EmergencySettings = field(default_factory=EmergencySettings)
     fetch: FetchSettings = field(default_factory=FetchSettings)
+    exchange: ExchangeSettings = field(default_factory=ExchangeSettings)
 
     @property
     def data_dir(self) -> Path:
@@ -181,4 +183,8 @@ def load_config(path: str | os.PathLike[str] | None = None,
         cfg.fetch.__post_init__()
     except ValueError as e:
         raise ConfigError(f"[fetch] {e}") from None
+    try:
+        cfg.exchange.__post_init__()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     return cfg

@@ -40,6 +40,7 @@ from loa.web.auth import LoginGuard, Role, add_user
 from loa.web.cap_fetch import cap_fetcher
 from loa.web.config import Config, ConfigError
 from loa.web.emergency_devices import EmergencyDeviceCommands
+from loa.web.exchange import ExchangeService
 from loa.web.offer_buckets import OfferBuckets
 from loa.web.relay_inputs import RelayInputs
 
@@ -84,6 +85,7 @@ class Node:
         self.login_guard: LoginGuard
         self.devices: DeviceManager
         self.emergency: EmergencyService
+        self.exchange: ExchangeService  # with the central source system
         self.http: HttpStreamer
         self.fanout: FanoutPool | None = None  # `[http_streams] workers` > 0
         self.rtp: RtpOut | None = None  # [rtp] enabled
@@ -159,6 +161,9 @@ class Node:
             devices=EmergencyDeviceCommands(self.devices),
             fetch=cap_fetcher(settings, cfg.fetch), node_id=self.node_id)
         await self._start_emergency()  # before the Station's generic restore
+        self.exchange = ExchangeService(self)
+        self._stops.append(self.exchange.stop)
+        await self.exchange.start()
         self.http = build.http_streamer(cfg, self.hub, self.engine.on_air)
         self.fanout = build.fanout_pool(cfg, self.http)
         if self.fanout is not None:

@@ -129,6 +129,8 @@ def attempts(w: World) -> dict[tuple[str, str], Callable[[], list[Attempt]] | st
         ("POST", "/api/v1/auth/password"): "changes the caller's own password only",
         ("POST", "/api/v1/devices/provision"): "public: a device's one-time token (401 below)",
         ("POST", "/api/v1/tts"): "speaks into the caller's own area (checked below)",
+        ("POST", "/api/exchange/v1/bulletins"): "peer-signed: a user's token is no credential "
+                                                "(401 below)",
         ("POST", "/api/v1/areas"): lambda: [
             ("/api/v1/areas", {"json": {"code": "X2-MOI", "name": "Thôn mới", "parent": B}})],
         ("POST", "/api/v1/areas/import"): lambda: [
@@ -246,7 +248,9 @@ async def test_cross_area_sweep_of_every_write_operation(api: Api, tmp_path: Pat
     assert len(before) >= 12, sorted(before)
     status, doc = await api.call("qtvA", "GET", "/api/v1/openapi.json")
     assert status == 200
-    ops = [(m.upper(), path) for path, item in doc["paths"].items()
+    status, exchange = await api.call(None, "GET", "/api/exchange/v1/openapi.json")
+    assert status == 200
+    ops = [(m.upper(), path) for path, item in {**doc["paths"], **exchange["paths"]}.items()
            for m in ("post", "put", "patch", "delete") if m in item]
     table = attempts(w)
     unknown = [op for op in ops if op not in table]
@@ -284,6 +288,10 @@ async def test_cross_area_sweep_of_every_write_operation(api: Api, tmp_path: Pat
     status, tts = await api.call("qtvA", "POST", "/api/v1/tts",
                                  json={"text": "Thông báo của xã A"})
     assert status == 201 and tts["area"] == A
+    status, out = await api.call("qtvA", "POST", "/api/exchange/v1/bulletins", json={
+        "id": "X", "sender": "x", "sent": "2026-12-07T08:00:00+07:00", "class": "emergency",
+        "title": "x", "text": "x", "targets": [B]})
+    assert status == 401 and await api.node.store.count("bulletin") == 0, out
     assert await snapshot(api) == before
 
 

@@ -13,10 +13,10 @@ from zoneinfo import ZoneInfo
 from aiohttp import web
 
 from loa.streamer.areas import AreaTree
+from loa.streamer.asrun import asrun_rows, hours_per_area
 from loa.streamer.broadcast import BroadcastClass
 from loa.streamer.messages import say
 from loa.streamer.state.store import Record
-from loa.streamer.station import node_marks
 from loa.web.api.core import node_of
 from loa.web.http import ApiError, ok, principal, scoped_area
 
@@ -54,24 +54,10 @@ async def _entries(request: web.Request) -> tuple[list[Record], float, float]:
     klass = request.query.get("class") or None
     if klass is not None and klass not in BroadcastClass.__members__:
         raise ApiError(422, say("class.bad", value=klass), "class")
-    rows = await node.store.read_log("asrun", since=since - 86400, until=until, limit=200_000)
-    # Segments still on air (or left open by a crash not yet recovered): no end, `on_air`,
-    # `seen` the last time their node marked itself on air.
-    marks = await node_marks(node.store)
-    rows += [{**{k: v for k, v in r.items() if k != "node"}, "end": None,
-              "seconds": None, "end_cause": None, "on_air": True,
-              "seen": marks.get(r.get("node", ""))}
-             for r in await node.store.find("onair")]
-    now = time.time()
-    out = [r for r in rows if r.get("area") in inside and _end(r, now) > since
-           and r["start"] < until and (klass is None or r.get("class") == klass)]
-    out.sort(key=lambda r: (r["start"], r["area"]))
+    rows = await asrun_rows(node.store, since, until)
+    out = [r for r in rows if r.get("area") in inside and (klass is None or
+                                                           r.get("class") == klass)]
     return out, since, until
-
-
-def _end(row: Record, now: float) -> float:
-    """An open entry counts as on air until now."""
-    return float(row["end"]) if row.get("end") is not None else max(now, row["start"])
 
 
 @routes.get("/api/v1/reports/asrun")
@@ -95,18 +81,15 @@ async def asrun(request: web.Request) -> web.StreamResponse:
 async def summary(request: web.Request) -> web.Response:
     """Hours on air per area and class, and bulletins per local day."""
     rows, since, until = await _entries(request)
-    now = time.time()
-    hours: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    hours = hours_per_area(rows, since, until)
     per_day: dict[str, set[str]] = defaultdict(set)
     for r in rows:
-        start, end = max(r["start"], since), min(_end(r, now), until)
-        hours[r["area"]][r.get("class") or "unknown"] += (end - start) / 3600
         if r.get("class") != "background":
             per_day[datetime.fromtimestamp(r["start"], TZ).date().isoformat()].add(r["broadcast"])
     out: dict[str, Any] = {
         "from": since,
         "to": until,
-        "hours": {a: {c: round(h, 6) for c, h in cs.items()} for a, cs in sorted(hours.items())},
+        "hours": hours,
         "bulletins_per_day": {d: len(ids) for d, ids in sorted(per_day.items())},
         "names": {a: _name(node_of(request).tree, a) for a in sorted(hours)},
     }

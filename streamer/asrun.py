@@ -1,0 +1,41 @@
+"""Reading the as-run log: the entries of a period (closed, and those still on air) and the
+hours on air per area and class. The reports API and the exchange's statistics use both."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+from loa.streamer.state.store import Record, Store
+from loa.streamer.station import node_marks
+
+
+async def asrun_rows(store: Store, since: float, until: float) -> list[Record]:
+    """As-run entries overlapping [since, until), closed and still on air, by start."""
+    rows = await store.read_log("asrun", since=since - 86400, until=until, limit=200_000)
+    # Segments still on air (or left open by a crash not yet recovered): no end, `on_air`,
+    # `seen` the last time their node marked itself on air.
+    marks = await node_marks(store)
+    rows += [{**{k: v for k, v in r.items() if k != "node"}, "end": None,
+              "seconds": None, "end_cause": None, "on_air": True,
+              "seen": marks.get(r.get("node", ""))}
+             for r in await store.find("onair")]
+    now = time.time()
+    out = [r for r in rows if end_of(r, now) > since and r["start"] < until]
+    out.sort(key=lambda r: (r["start"], r["area"]))
+    return out
+
+
+def hours_per_area(rows: list[Record], since: float, until: float) -> dict[str, dict[str, float]]:
+    """Hours on air per area and class within [since, until)."""
+    now = time.time()
+    hours: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
+    for r in rows:
+        start, end = max(r["start"], since), min(end_of(r, now), until)
+        hours[r["area"]][r.get("class") or "unknown"] += (end - start) / 3600
+    return {a: {c: round(h, 6) for c, h in cs.items()} for a, cs in sorted(hours.items())}
+
+
+def end_of(row: Record, now: float) -> float:
+    """An open entry counts as on air until now."""
+    return float(row["end"]) if row.get("end") is not None else max(now, row["start"])

@@ -1,0 +1,331 @@
+"""The exchange with the central source system (docs/exchange.md): a stand-in central system (an
+aiohttp server started here) pushes signed bulletins to a node on a real port (virtual clock),
+and receives the node's signed acknowledgements and delivery reports on its webhook."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from loa.web.config import Config
+from tests.apiclient import tone_file
+from tests.emergencynode import Srv, live_config, serving
+
+SECRET = "bi-mat-trung-uong-0123456789"
+PEER = "central"
+H1_LEAVES = {"T01-H1-X1", "T01-H1-X2", "T01-H1-X3"}
+WAIT = 20.0
+
+
+def sign(method: str, path: str, body: bytes, ts: float | None = None,
+         secret: str = SECRET) -> dict[str, str]:
+    """Signed the way docs/exchange.md says, written out here (not the product's helper)."""
+    stamp = str(int(time.time() if ts is None else ts))
+    mac = hmac.new(secret.encode(), f"{stamp}\n{method}\n{path}\n".encode() + body,
+                   hashlib.sha256).hexdigest()
+    return {"X-Loa-Peer": PEER, "X-Loa-Timestamp": stamp, "X-Loa-Signature": f"sha256={mac}"}
+
+
+@dataclass
+class Central:
+    """The stand-in central system: its webhook refuses the first push (503) to make the node
+    retry, then keeps each message once by id, after checking its signature."""
+    url: str = ""
+    messages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    pushes: int = 0
+    bad_signatures: int = 0
+    arrived: asyncio.Event = field(default_factory=asyncio.Event)
+    feed: list[dict[str, Any]] = field(default_factory=list)  # bulletins the node may pull
+    polls: list[tuple[str | None, str | None]] = field(default_factory=list)  # since, etag
+    served: int = 0  # pages with bulletins
+    down: bool = False  # the webhook answers 503 to everything
+
+    async def bulletins(self, request: web.Request) -> web.Response:
+        """The central's bulletin feed. It ignores `since` and sends no ETag twice, so the node
+        reads the same page twice (and must air it once), then answers 304 to its ETag."""
+        expected = sign("GET", request.path_qs, b"", float(request.headers["X-Loa-Timestamp"]))
+        if expected["X-Loa-Signature"] != request.headers.get("X-Loa-Signature"):
+            return web.Response(status=401)
+        match = request.headers.get("If-None-Match")
+        self.polls.append((request.query.get("since"), match))
+        tag = f'"{len(self.feed)}"'
+        if match == tag:
+            return web.Response(status=304)
+        self.served += bool(self.feed)
+        return web.json_response({"bulletins": self.feed, "cursor": str(len(self.feed))},
+                                 headers={"ETag": tag} if self.served > 2 else {})
+
+    async def webhook(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        self.pushes += 1
+        expected = sign("POST", request.path, raw, float(request.headers["X-Loa-Timestamp"]))
+        if not hmac.compare_digest(expected["X-Loa-Signature"],
+                                   request.headers.get("X-Loa-Signature", "")):
+            self.bad_signatures += 1
+            return web.Response(status=401)
+        if self.pushes == 1 or self.down:
+            return web.Response(status=503)
+        msg = json.loads(raw)
+        self.messages.setdefault(msg["id"], msg)
+        self.arrived.set()
+        return web.Response(status=204)
+
+    async def message(self, mid: str) -> dict[str, Any]:
+        async with asyncio.timeout(WAIT):
+            while mid not in self.messages:
+                self.arrived.clear()
+                await self.arrived.wait()
+        return self.messages[mid]
+
+
+@pytest.fixture
+async def central() -> AsyncIterator[Central]:
+    c = Central()
+    app = web.Application()
+    app.router.add_post("/webhook", c.webhook)
+    app.router.add_get("/bulletins", c.bulletins)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    c.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    yield c
+    await runner.cleanup()
+
+
+def exchange_config(tmp_path: Path, central: Central) -> Config:
+    cfg = live_config(tmp_path)
+    cfg.exchange.peers = [f"{PEER}={SECRET}"]
+    cfg.exchange.push = [f"{PEER}={central.url}/webhook"]
+    cfg.exchange.pull = [f"{PEER}={central.url}/bulletins"]
+    cfg.exchange.pull_interval = 0.05
+    cfg.exchange.retry_min = 0.05
+    cfg.exchange.stats_interval = 0
+    cfg.exchange.__post_init__()
+    return cfg
+
+
+@pytest.fixture
+async def srv(tmp_path: Path, central: Central) -> AsyncIterator[Srv]:
+    async with serving(exchange_config(tmp_path, central)) as s:
+        yield s
+
+
+def bulletin(bid: str, klass: str = "priority", targets: list[str] | None = None,
+             **extra: Any) -> dict[str, Any]:
+    return {"id": bid, "sender": "ttcs@mic.gov.vn", "sent": "2026-12-07T08:00:00+07:00",
+            "class": klass, "title": f"Bản tin {bid}", "text": "Thông báo lịch tiêm chủng.",
+            "targets": targets or ["T01-H1"], **extra}
+
+
+async def push(srv: Srv, body: dict[str, Any] | bytes, **sign_kw: Any) -> tuple[int, Any]:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    path = "/api/exchange/v1/bulletins"
+    headers = {"Content-Type": "application/json", **sign("POST", path, raw, **sign_kw)}
+    return await srv.call(None, "POST", path, data=raw, headers=headers)
+
+
+async def pull(srv: Srv, query: str = "", etag: str | None = None) -> tuple[int, Any, str]:
+    path = "/api/exchange/v1/messages" + query
+    headers = sign("GET", path, b"")
+    if etag:
+        headers["If-None-Match"] = etag
+    async with srv.http.get(srv.base + path, headers=headers) as r:
+        body = await r.json() if r.status == 200 else None
+        return r.status, body, r.headers.get("ETag", "")
+
+
+async def counts(srv: Srv) -> dict[str, int]:
+    store = srv.node.store
+    return {k: await store.count(k) for k in ("bulletin", "broadcast", "media", "emergency")}
+
+
+def on_air(srv: Srv) -> dict[str, Any]:
+    return {a: srv.node.engine.on_air(a)["broadcast"] for a in srv.node.tree.subtree("T01")}
+
+
+async def test_pushed_bulletin_airs_and_the_signed_delivery_report_names_the_areas(
+        srv: Srv, central: Central):
+    status, answer = await push(srv, bulletin("B-1"))
+    assert status == 201, answer
+    assert set(answer["areas"]) == H1_LEAVES and answer["class"] == "priority"
+    srv.run(0.1)
+    for area in H1_LEAVES:  # the right class, with the province root's authority
+        now = srv.node.engine.on_air(area)
+        assert now["broadcast"] == answer["broadcast"], now
+        assert now["class"] == "priority" and now["issuer"] == "T01", now
+    for area in ("T01-H2-X1", "T01-H2-X2"):
+        assert srv.node.engine.on_air(area)["broadcast"] is None
+    ack = await central.message("ack:B-1")
+    assert ack["bulletin"] == "B-1" and set(ack["areas"]) == H1_LEAVES
+    srv.run(10)  # the spoken bulletin ends
+    report = await central.message("delivery:B-1")
+    assert report["status"] == "aired" and report["class"] == "priority"
+    reached = {a["code"] for a in report["areas"]}
+    assert H1_LEAVES <= reached and not reached & {"T01-H2-X1", "T01-H2-X2", "T01-H2-X3"}
+    x1 = next(a for a in report["areas"] if a["code"] == "T01-H1-X1")
+    assert x1["name"] == "Xã 1 huyện 1" and 0.5 < x1["seconds"] < 10, x1
+    assert report["loudspeakers"] == {"total": 0, "online": 0, "acked": None}
+    assert central.pushes >= 3 and central.bad_signatures == 0  # the first push was retried
+    async with asyncio.timeout(WAIT):  # the outbox marks it once the webhook answered
+        while (rec := await srv.node.store.get("exchange_out", f"{PEER}:delivery:B-1")
+               )["push"] != "delivered":
+            await asyncio.sleep(0.01)
+    assert rec["attempts"] == 0
+
+
+async def test_emergency_bulletin_airs_at_once_through_the_emergency_service(
+        srv: Srv, central: Central, tmp_path: Path):
+    wav = tone_file(tmp_path / "canh-bao.wav", 700, 2)
+    data = wav.read_bytes()
+    body = bulletin("E-1", "emergency", ["T01-H2-X1"], text=None, attachments=[{
+        "mime": "audio/wav", "sha256": hashlib.sha256(data).hexdigest(),
+        "data": base64.b64encode(data).decode()}])
+    status, answer = await push(srv, body)
+    assert status == 201, answer
+    srv.run(0.1)
+    now = srv.node.engine.on_air("T01-H2-X1")
+    assert now["class"] == "emergency" and now["issuer"] == "T01", now
+    assert srv.node.engine.on_air("T01-H2-X2")["broadcast"] is None
+    rec = await srv.node.store.get("emergency", answer["emergency"])
+    assert rec["user"] == f"exchange:{PEER}" and rec["spec"]["content"].get("media")
+
+
+async def test_replayed_bulletin_is_deduplicated(srv: Srv, central: Central):
+    status, first = await push(srv, bulletin("B-2", "normal"))
+    assert status == 201, first
+    before = await counts(srv)
+    status, again = await push(srv, bulletin("B-2", "normal"))
+    assert status == 200 and again == {**first, "duplicate": True}
+    assert await counts(srv) == before
+    assert sum(b == first["broadcast"] for b in set(on_air(srv).values())) <= 1
+    status, out = await push(srv, bulletin("B-2", "normal", text="Nội dung khác."))
+    assert status == 409 and out["field"] == "id", out
+    assert await counts(srv) == before
+    path = "/api/exchange/v1/bulletins/B-2"
+    status, got = await srv.call(None, "GET", path, headers=sign("GET", path, b""))
+    assert status == 200 and got == first
+
+
+@pytest.mark.parametrize("case", ["bad_signature", "stale", "unsigned", "digest", "area",
+                                  "expired"])
+async def test_refused_bulletins_store_nothing_and_change_nothing_on_air(
+        srv: Srv, central: Central, case: str):
+    data = b"RIFF-not-really-audio"
+    body = bulletin("R-1")
+    kw: dict[str, Any] = {}
+    if case == "bad_signature":
+        kw["secret"] = "sai-bi-mat"
+    elif case == "stale":
+        kw["ts"] = time.time() - 3600
+    elif case == "digest":
+        body.update(text=None, attachments=[{"mime": "audio/wav", "sha256": "0" * 64,
+                                             "data": base64.b64encode(data).decode()}])
+    elif case == "area":
+        body["targets"] = ["T01-H1", "T99-KHONG-CO"]
+    elif case == "expired":
+        body["valid_until"] = "2020-01-01T00:00:00+07:00"
+    srv.run(0.1)
+    before, air = await counts(srv), on_air(srv)
+    if case == "unsigned":
+        status, out = await srv.call(None, "POST", "/api/exchange/v1/bulletins", json=body)
+    else:
+        status, out = await push(srv, body, **kw)
+    expected = {"bad_signature": (401, None), "stale": (401, None), "unsigned": (401, None),
+                "digest": (422, "attachments[0].sha256"), "area": (422, "targets"),
+                "expired": (422, "valid_until")}[case]
+    assert (status, out.get("field")) == expected, out
+    assert " / " in out["error"] and SECRET not in json.dumps(out)
+    srv.run(0.1)
+    assert await counts(srv) == before and on_air(srv) == air
+    if status == 401:  # audited as a refusal, without the signature or the secret
+        audit = await srv.node.store.read_log("audit", limit=1000)
+        refused = [e for e in audit if e["action"] == "refused"]
+        assert refused and refused[-1]["details"]["status"] == 401
+        assert SECRET not in json.dumps(audit)
+
+
+async def test_pull_with_since_cursor_and_etag(srv: Srv, central: Central):
+    status, _ = await push(srv, bulletin("P-1", "normal"))
+    assert status == 201
+    status, page, etag = await pull(srv)
+    assert status == 200 and [m["id"] for m in page["messages"]] == ["ack:P-1"], page
+    assert page["messages"][0]["type"] == "ack" and etag
+    status, _, _ = await pull(srv, "", etag)
+    assert status == 304  # the same page again
+    cursor = page["cursor"]
+    status, empty, etag2 = await pull(srv, f"?since={cursor}")
+    assert status == 200 and empty["messages"] == [] and empty["cursor"] == cursor
+    status, _, _ = await pull(srv, f"?since={cursor}", etag2)
+    assert status == 304  # nothing new
+    status, _ = await push(srv, bulletin("P-2", "normal"))
+    assert status == 201
+    status, page2, _ = await pull(srv, f"?since={cursor}", etag2)
+    assert status == 200 and [m["id"] for m in page2["messages"]] == ["ack:P-2"]
+    stats = await srv.node.exchange.statistics()
+    assert stats[0]["message"]["stations"] == 6
+    status, page3, _ = await pull(srv, f"?since={page2['cursor']}&type=statistics")
+    assert status == 200 and page3["messages"][0]["devices"]["loudspeaker"]["total"] == 0
+    path = "/api/exchange/v1/messages"
+    status, out = await srv.call(None, "GET", path, headers=sign("GET", path, b"",
+                                                                 secret="sai"))
+    assert status == 401, out
+
+
+async def test_bulletins_pulled_from_the_central_feed_air_once(srv: Srv, central: Central):
+    central.feed += [bulletin("F-1", "normal", ["T01-H2"]),
+                     bulletin("F-BAD", "normal", ["T99-KHONG-CO"])]
+    async with asyncio.timeout(WAIT):  # read twice without an ETag, then 304 to it
+        while ("2", '"2"') not in central.polls:
+            await asyncio.sleep(0.02)
+    srv.run(0.1)
+    got = await srv.node.store.get("bulletin", f"{PEER}:F-1")
+    assert got is not None and await srv.node.store.count("bulletin") == 1
+    for area in ("T01-H2-X1", "T01-H2-X2", "T01-H2-X3"):
+        now = srv.node.engine.on_air(area)
+        assert now["broadcast"] == got["broadcast"] and now["class"] == "normal", now
+    assert srv.node.engine.on_air("T01-H1-X1")["broadcast"] is None
+    assert await srv.node.store.count("broadcast") == 1
+    refused = await central.message("ack:F-BAD")  # the central hears of the refusal
+    assert refused["status"] == "refused" and refused["field"] == "targets", refused
+    assert central.polls[0][0] is None and central.polls[-1][0] == "2"  # the cursor, kept
+    assert (await srv.node.store.get("exchange_cursor", PEER))["cursor"] == "2"
+
+
+async def test_a_restart_loses_no_message_of_the_outbox(tmp_path: Path, central: Central):
+    central.down = True
+    cfg = exchange_config(tmp_path, central)
+    async with serving(cfg) as first:
+        status, _ = await push(first, bulletin("O-1", "normal"))
+        assert status == 201
+        async with asyncio.timeout(WAIT):  # refused at least twice, retried with backoff
+            while (await first.node.store.get("exchange_out", f"{PEER}:ack:O-1")
+                   )["attempts"] < 2:
+                await asyncio.sleep(0.02)
+    central.down = False
+    async with serving(cfg) as second:
+        ack = await central.message("ack:O-1")
+        assert ack["bulletin"] == "O-1"
+        status, again = await push(second, bulletin("O-1", "normal"))  # still deduplicated
+        assert status == 200 and again["duplicate"] is True
+
+
+async def test_exchange_openapi_documents_exactly_its_routes(srv: Srv):
+    status, doc = await srv.call(None, "GET", "/api/exchange/v1/openapi.json")
+    assert status == 200
+    documented = {(m.upper(), p) for p, item in doc["paths"].items() for m in item}
+    routed = {(r.method, r.resource.canonical) for r in srv.app.router.routes()
+              if r.resource is not None and r.resource.canonical.startswith("/api/exchange/")
+              and r.method in ("GET", "POST")}
+    assert documented == routed

@@ -1,0 +1,275 @@
+"""The exchange with the central source system (docs/exchange.md), composed from the node's
+services: a bulletin received is checked, stored once per id, and handed to the machinery of
+its class (`hand_off`); when it ends, a delivery report from the as-run log goes up; statistics
+go up every `[exchange] stats_interval`. Messages up are stored in the outbox (relay/exchange.py)
+first, so a peer may pull them and the push survives a restart."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from loa.relay.devices.protocol import DEVICE_KINDS
+from loa.relay.exchange import Outbox, Poller
+from loa.streamer import exchange as model
+from loa.streamer.asrun import asrun_rows, hours_per_area
+from loa.streamer.broadcast import Broadcast
+from loa.streamer.emergency.service import Request
+from loa.streamer.messages import say
+from loa.streamer.state.store import Record, canon
+
+if TYPE_CHECKING:
+    from loa.web.node import Node
+
+log = logging.getLogger("loa.exchange")
+VERSION = 1
+KIND = "bulletin"
+
+
+def iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds")
+
+
+class Refused(Exception):
+    """A bulletin refused before anything was stored: HTTP status, bilingual text, field."""
+
+    def __init__(self, status: int, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.field = field
+
+
+class ExchangeService:
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.settings = node.cfg.exchange
+        self.outbox = Outbox(node.store, self.settings)
+        self.poller = Poller(node.store, self.settings, self.receive_pulled)
+        self._lock = asyncio.Lock()  # one bulletin at a time: a replay racing its first copy
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def max_bytes(self) -> int:
+        return self.settings.attachment_mb * 1024 * 1024
+
+    @property
+    def body_limit(self) -> int:
+        """A bulletin's JSON: one largest attachment in base64 and 1 MiB of the rest."""
+        return self.max_bytes * 4 // 3 + 1024 * 1024
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.outbox.start()
+        self.poller.start()
+        self.node.engine.ended_listeners.append(self._on_end_thread)
+        if self.settings.stats_interval > 0 and self.settings.peers:
+            self._spawn(self._statistics_loop())
+
+    async def stop(self) -> None:
+        if self._on_end_thread in self.node.engine.ended_listeners:
+            self.node.engine.ended_listeners.remove(self._on_end_thread)
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.poller.stop()
+        await self.outbox.stop()
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ---- bulletins down -------------------------------------------------------------------
+    async def receive(self, peer: str, raw: bytes) -> tuple[int, Record]:
+        """(201, answer) for a new bulletin on air; (200, the first answer) for a replay."""
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise Refused(400, say("http.malformed_json", error="JSON")) from None
+        if not isinstance(data, dict):
+            raise Refused(400, say("http.json_not_object"))
+        try:
+            bulletin = model.parse(data, self.node.tree, self.max_bytes)
+        except model.BulletinError as e:
+            raise Refused(422, str(e), e.field) from None
+        key = f"{peer}:{bulletin.id}"
+        digest = hashlib.sha256(canon(data).encode()).hexdigest()
+        async with self._lock:
+            known = await self.node.store.get(KIND, key)
+            if known is not None:
+                if known["digest"] != digest:
+                    raise Refused(409, say("exchange.replay_differs"), "id")
+                return 200, {**known["answer"], "duplicate": True}
+            if bulletin.valid_until is not None and bulletin.valid_until <= time.time():
+                raise Refused(422, say("exchange.expired"), "valid_until")
+            media = await self._audio(bulletin, peer)
+            aired = await self.hand_off(bulletin, peer, media)
+            answer: Record = {"id": bulletin.id, "status": "accepted", "class": bulletin.klass,
+                              "areas": aired["areas"], "received": iso(time.time()),
+                              **{k: aired[k] for k in ("broadcast", "emergency") if k in aired}}
+            await self.node.store.create(KIND, {
+                "id": key, "peer": peer, "digest": digest, "received": time.time(),
+                "broadcast": aired.get("broadcast"), "bulletin": bulletin.id,
+                "class": bulletin.klass, "answer": answer})
+        await self.outbox.put(peer, self._message("ack", f"ack:{bulletin.id}", {
+            "bulletin": bulletin.id, "status": "accepted", "areas": aired["areas"]}))
+        log.info("bulletin on air event=exchange_bulletin peer=%s id=%s class=%s areas=%d",
+                 peer, bulletin.id[:128], bulletin.klass, len(aired["areas"]))
+        return 201, answer
+
+    async def receive_pulled(self, peer: str, raw: bytes) -> None:
+        """A bulletin read from the peer's feed: the same checks; a refusal becomes a refused
+        `ack` message (the peer's only way to hear of it) and the feed moves on."""
+        try:
+            await self.receive(peer, raw)
+        except Refused as e:
+            data = json.loads(raw)
+            bid = data.get("id") if isinstance(data, dict) else None
+            log.warning("pulled bulletin refused event=exchange_refused peer=%s status=%d "
+                        "field=%s", peer, e.status, e.field)
+            if isinstance(bid, str) and model.ID.fullmatch(bid):
+                await self.outbox.put(peer, self._message("ack", f"ack:{bid}", {
+                    "bulletin": bid, "status": "refused", "error": str(e), "field": e.field}))
+
+    async def _audio(self, b: model.Bulletin, peer: str) -> str | None:
+        """The audio attachment as a library media id (checked against its digest), or None
+        when the text is read instead."""
+        att = b.audio
+        if att is None:
+            return None
+        data = att.data
+        if data is None:
+            assert att.uri is not None
+            fetch = self.node.emergency.fetch
+            try:
+                if fetch is None:
+                    raise ValueError("no fetcher")
+                data = await fetch(att.uri)
+            except Exception as e:  # noqa: BLE001 - the sender's URI: refused, with why
+                raise Refused(422, say("exchange.fetch_failed", error=str(e)[:200]),
+                              "attachments") from None
+            try:
+                model.verify(att, data, "attachments")
+            except model.BulletinError as e:
+                raise Refused(422, str(e), e.field) from None
+        library = self.node.library
+        tmp = library.temp_path(".audio")
+        await asyncio.to_thread(tmp.write_bytes, data)
+        try:
+            media = await library.ingest(tmp, title=b.title, area=self._root(), owner=peer,
+                                         filename="exchange", extra={"bulletin": b.id})
+        except ValueError as e:  # MediaError: not audio
+            raise Refused(422, say("exchange.not_audio", error=e), "attachments") from None
+        return str(media["id"])
+
+    def _root(self) -> str:
+        return self.node.tree.roots()[0].code
+
+    async def hand_off(self, b: model.Bulletin, peer: str, media: str | None) -> Record:
+        """Put a bulletin on air by its class, with the province root's authority: emergency
+        through the emergency service, normal and priority as a broadcast of that class (from
+        `valid_from` when later). The one place that would route normal bulletins to the
+        communes' inbox instead."""
+        node, root, user = self.node, self._root(), f"exchange:{peer}"
+        spec: Record = {"media": media} if media else {"text": b.text}
+        if b.klass == "emergency":
+            rec = await node.emergency.create(Request(
+                targets=b.targets, content=spec, issuer=root, user=user, title=b.title,
+                text=b.text, expires=b.valid_until))
+            return {"emergency": rec["id"], "broadcast": rec["broadcast"],
+                    "areas": rec["areas"]}
+        content = await node.station.content(spec, area=root, owner=user,
+                                             require_approved=False)
+        content.title = b.title
+        now = time.time()
+        start = b.valid_from if b.valid_from is not None and b.valid_from > now else None
+        rec = await node.station.air(content, targets=b.targets, klass=b.klass, issuer=root,
+                                     user=user, spec={**spec, "bulletin": b.id}, start=start)
+        if b.valid_until is not None:
+            asyncio.get_running_loop().call_later(b.valid_until - now, self._expire, rec["id"])
+        return {"broadcast": rec["id"], "areas": node.tree.resolve_leaves(b.targets)}
+
+    def _expire(self, bid: str) -> None:
+        if self.node.engine.live_broadcast(bid) is not None:
+            self.node.station.stop(bid, by_area=None, cause="expired")
+
+    # ---- reports up ------------------------------------------------------------------------
+    def _message(self, kind: str, mid: str, body: Record) -> Record:
+        return {"id": mid, "type": kind, "version": VERSION, "sender": self.node.node_id,
+                "sent": iso(time.time()), **body}
+
+    def _on_end_thread(self, b: Broadcast, cause: str) -> None:
+        loop = self._loop
+        if loop is not None:
+            loop.call_soon_threadsafe(self._spawn, self.report(b.id, cause))
+
+    async def report(self, bid: str, cause: str) -> Record | None:
+        """The delivery report of the bulletin that aired as broadcast `bid`, from the as-run
+        log (areas, when, how long) and the devices (loudspeakers there, online, acked)."""
+        found = await self.node.store.find(KIND, broadcast=bid)
+        if not found:
+            return None
+        rec = found[0]
+        await self.node.station.flush()  # the as-run entries of its last segments
+        rows = await self.node.store.read_log("asrun", broadcast=bid, limit=100_000)
+        areas: dict[str, Record] = {}
+        tree = self.node.tree
+        for r in rows:
+            a = areas.setdefault(r["area"], {"code": r["area"], "start": r["start"],
+                                             "end": r["end"], "seconds": 0.0})
+            a.update(start=min(a["start"], r["start"]), end=max(a["end"], r["end"]),
+                     seconds=round(a["seconds"] + float(r.get("seconds") or 0), 3))
+        reached = [{**a, "name": tree.get(a["code"]).name if a["code"] in tree else a["code"],
+                    "start": iso(a["start"]), "end": iso(a["end"])}
+                   for a in sorted(areas.values(), key=lambda a: (a["start"], a["code"]))]
+        leaves = {a["code"] for a in reached if a["code"] in tree
+                  and not tree.get(a["code"]).children}
+        speakers = [d for d in self.node.devices.find(leaves, kind="loudspeaker")
+                    if not d.record.get("revoked")]
+        eid = rec["answer"].get("emergency")
+        acked = self.node.emergency.acked(eid) if eid else None
+        message = self._message("delivery", f"delivery:{rec['bulletin']}", {
+            "bulletin": rec["bulletin"], "class": rec["class"],
+            "status": "aired" if reached else "not_aired", "end_cause": cause,
+            "areas": reached, "loudspeakers": {
+                "total": len(speakers),
+                "online": sum(d.status != "offline" for d in speakers),
+                "acked": None if acked is None else sum(d.id in acked for d in speakers)}})
+        return await self.outbox.put(rec["peer"], message)
+
+    async def statistics(self, until: float | None = None) -> list[Record]:
+        """One statistics message per peer for the last interval: stations (leaf areas),
+        devices online per kind, hours aired per area and class."""
+        until = time.time() if until is None else until
+        since = until - (self.settings.stats_interval or 3600.0)
+        rows = await asrun_rows(self.node.store, since, until)
+        devices = {k: {"total": 0, "online": 0} for k in DEVICE_KINDS}
+        for d in self.node.devices.find():
+            c = devices.get(d.record.get("kind", ""))
+            if c is not None and not d.record.get("revoked"):
+                c["total"] += 1
+                c["online"] += d.status != "offline"
+        body = {"period": {"from": iso(since), "to": iso(until)},
+                "stations": len(self.node.tree.resolve_leaves([self._root()])),
+                "devices": devices, "hours": hours_per_area(rows, since, until)}
+        mid = f"statistics:{self.node.node_id[:32]}:{int(until)}"
+        return [await self.outbox.put(peer, self._message("statistics", mid, body))
+                for peer in self.settings.peer_names()]
+
+    async def _statistics_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        every = self.settings.stats_interval
+        deadline = loop.time() + every
+        while True:
+            await asyncio.sleep(max(0.0, deadline - loop.time()))
+            deadline += every  # absolute deadlines: no drift over days
+            try:
+                await self.statistics()
+            except Exception:  # noqa: BLE001 - logged; the next interval tries again
+                log.exception("statistics not stored event=exchange_statistics_failed")
