@@ -18,6 +18,7 @@ thread, tests call it from a virtual clock. Commands from other threads go throu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 from collections import defaultdict, deque
@@ -115,6 +116,23 @@ class _Live:
         self.shared: Playhead | None = None  # live (unseekable) sources: one playhead for all
         self.candidate = arbiter.Candidate(b.id, b.cls, authority, start_tick, b.seq,
                                            b.policy is Policy.overlay)
+        self.yielding: dict[str, arbiter.Candidate] = {}  # area -> its rank under `after_own`
+
+    def order(self, tree: AreaTree) -> set[str]:
+        """Rank it in each area of a commune in `b.after_own` as that commune's, after its own.
+        Returns the areas whose rank changed."""
+        before = self.yielding
+        self.yielding = {}
+        for code in self.areas:
+            commune = next((a for a in tree.ancestors(code) if a in self.b.after_own), None)
+            if commune is not None:
+                self.yielding[code] = dataclasses.replace(
+                    self.candidate, authority=tree.depth(commune), yields=True)
+        return {c for c in before.keys() | self.yielding.keys()
+                if before.get(c) != self.yielding.get(c)}
+
+    def candidate_in(self, code: str) -> arbiter.Candidate:
+        return self.yielding.get(code, self.candidate)
 
 
 class _AreaState:
@@ -177,6 +195,7 @@ class Engine:
         start_tick = self.n if b.start is None else tick_of(b.start)
         end_tick = None if b.end is None else tick_of(b.end)
         live = _Live(b, authority, start_tick, end_tick, areas)
+        live.order(self.tree)
         self.broadcasts[b.id] = live  # visible to stop() at once; airs from the tick thread
         self._commands.put(lambda: self._accept(live))
         return b.id
@@ -189,6 +208,21 @@ class Engine:
         if by_area is not None and not self.tree.contains(by_area, live.b.issuer):
             raise AuthorityError(say("broadcast.not_yours", area=by_area, issuer=live.b.issuer))
         self._commands.put(lambda: self._end(live, cause))
+
+    def reorder(self, bid: str, after_own: frozenset[str]) -> None:
+        """Change the communes that put a broadcast after their own (TT 39: the commune orders
+        a priority clash); the areas whose order changed re-arbitrate at the next tick."""
+        live = self.broadcasts.get(bid)
+        if live is None:
+            raise KeyError(bid)
+
+        def apply() -> None:
+            live.b.after_own = after_own
+            for code in live.order(self.tree):
+                if live.active and live.b.id in self.areas[code].candidates:
+                    self._mark(code, "reorder", live.b.id)
+
+        self._commands.put(apply)
 
     def add_area(self, code: str) -> None:
         """An area added to the tree (API, import) gets its state; it hears its ancestors'
@@ -210,6 +244,7 @@ class Engine:
             if live.active and above & set(live.b.targets):
                 live.areas.append(code)
                 live.remaining.add(code)
+                live.order(self.tree)
                 st.candidates.add(live.b.id)
         self._mark(code, "start", None)
 
@@ -342,8 +377,8 @@ class Engine:
     # ---- arbitration -------------------------------------------------------------------------
     def _arbitrate(self, st: _AreaState, n: int, cause: str, by: str | None) -> None:
         s = n * FRAME
-        decision = arbiter.decide(self.broadcasts[b].candidate for b in st.candidates
-                                  if b in self.broadcasts)
+        decision = arbiter.decide(self.broadcasts[b].candidate_in(st.code)
+                                  for b in st.candidates if b in self.broadcasts)
         new_main, overlays = decision.main, decision.overlays
         main = self.broadcasts[new_main] if new_main else None
         audible = decision.audible

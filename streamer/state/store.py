@@ -76,6 +76,8 @@ KINDS: Mapping[str, Kind] = {
     # leaves them here, closed at the next start at their node's last "still on air" mark).
     "onair": Kind(indexed=("area", "node")),
     "node": Kind(),  # id = node id, `seen` = its last "still on air" mark
+    "bulletin": Kind(indexed=("area",)),  # sent down by a province or district (inbox.py)
+    "inbox": Kind(indexed=("area", "bulletin", "schedule")),  # one per commune a bulletin reaches
     "rtp_group": Kind(indexed=("block",), unique=("block",)),  # id = area: its multicast block
 }
 

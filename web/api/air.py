@@ -265,19 +265,30 @@ async def schedule_create(request: web.Request) -> web.Response:
         programmes.check_schedulable(prog, direct=p.can("direct"))
     rec: Record = {k: data.get(k) for k in ("kind", "time", "date", "weekdays", "from", "until",
                                             "tz", "enabled") if k in data}
-    rec.update({"id": uuid.uuid4().hex[:12], "programme": pid, "targets": targets,
-                "class": cls, "area": p.area, "owner": p.username, "created": time.time()})
+    rec.update({"programme": pid, "targets": targets, "class": cls, "area": p.area})
+    rec, conflicts = await checked_schedule(request, rec)
+    if request.query.get("dry_run") in ("1", "true"):
+        return ok({**rec, "conflicts": conflicts, "stored": False})
+    await store_schedule(request, rec)
+    return ok({**rec, "conflicts": conflicts}, 201)
+
+
+async def checked_schedule(request: web.Request, fields: Record
+                           ) -> tuple[Record, list[dict[str, Any]]]:
+    """A new schedule of the caller (validated, 422 naming the field) and its conflicts."""
+    rec = {**fields, "id": uuid.uuid4().hex[:12], "owner": principal(request).username,
+           "created": time.time()}
     try:
         rec = validate_schedule(rec)
     except ScheduleError as e:
         raise ApiError(422, str(e), e.field) from None
-    conflicts = await _conflicts(request, rec)
-    if request.query.get("dry_run") in ("1", "true"):
-        return ok({**rec, "conflicts": conflicts, "stored": False})
-    await node.store.create("schedule", rec)
-    await audit(request, "schedule.create", rec["id"], programme=pid)
+    return rec, await _conflicts(request, rec)
+
+
+async def store_schedule(request: web.Request, rec: Record) -> None:
+    await node_of(request).store.create("schedule", rec)
+    await audit(request, "schedule.create", rec["id"], programme=rec["programme"])
     _schedule_event(request, rec, "created")
-    return ok({**rec, "conflicts": conflicts}, 201)
 
 
 @routes.get("/api/v1/schedules")
