@@ -250,7 +250,7 @@ def openapi_paths() -> S:
 
     def action(summary: str, schema: S) -> S:
         return {"parameters": [ID_PARAM], "post": {
-            "summary": say(summary), **secured, "requestBody": body(schema),
+            "summary": summary, **secured, "requestBody": body(schema),
             "responses": responses(200, 404, 409, *WRITE)}}
 
     return {
@@ -267,9 +267,9 @@ def openapi_paths() -> S:
             "parameters": [{"name": "state", "in": "query", "required": False,
                             "schema": {"type": "string", "enum": list(inbox.STATES)}}],
             "responses": responses(*READ, 422)}},
-        "/api/v1/inbox/{id}/schedule": action("openapi.inbox_schedule", when),
-        "/api/v1/inbox/{id}/decline": action("openapi.inbox_decline",
+        "/api/v1/inbox/{id}/schedule": action(say("openapi.inbox_schedule"), when),
+        "/api/v1/inbox/{id}/decline": action(say("openapi.inbox_decline"),
                                              obj({"reason": STR}, ["reason"])),
-        "/api/v1/inbox/{id}/order": action("openapi.inbox_order", obj(
+        "/api/v1/inbox/{id}/order": action(say("openapi.inbox_order"), obj(
             {"order": {"type": "string", "enum": list(inbox.ORDERS)}}, ["order"])),
     }
