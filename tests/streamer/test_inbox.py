@@ -26,7 +26,7 @@ def test_a_bulletin_put_after_the_communes_own_ranks_just_below_it_within_its_cl
     # Yielding to the commune moves it below the district's too, never below a lower class.
     assert arbiter.decide([after, district]).main == "huyen"
     assert arbiter.decide([after, arbiter.Candidate("n", N, 0, start_tick=0)]).main == "tinh"
-    # ... and it still outranks the commune's own of the class when its own started later.
+    # ... and it stays after the commune's own, even one that starts later.
     assert arbiter.decide([after, arbiter.Candidate("own2", P, 2, start_tick=900)]).main \
         == "own2"
 

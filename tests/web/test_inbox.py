@@ -16,6 +16,7 @@ from loa.streamer.clock import FRAME, tick_of
 from loa.streamer.schedule import DEFAULT_TZ, ZoneInfo
 from tests.apiclient import Api, approved_programme, make_config, media_id, running_api, tone_file
 from tests.helpers import until
+from tests.web.test_events import open_stream
 
 X1, X2, X3 = "T01-H1-X1", "T01-H1-X2", "T01-H1-X3"
 
@@ -180,3 +181,19 @@ async def test_a_commune_cannot_send_bulletins_up_or_sideways(api, tmp_path):
         assert status == want and out["error"], (who, targets, out)
     assert await api.node.store.count("bulletin") == 0
     assert await api.node.store.count("inbox") == 0
+
+
+async def test_inbox_changes_reach_the_commune_and_the_sender_on_the_event_stream(api, tmp_path):
+    pid = await programme(api, tmp_path, "tinh", 650, 1)
+    mine, sender, sibling = [await open_stream(api, w) for w in ("xa11", "tinh", "xa12")]
+    sent = await send(api, "tinh", pid, [X1], "normal")
+    (entry,) = sent["entries"]
+    seen = await mine.until("inbox", id=entry["id"], state="pending")
+    assert seen[-1][1]["from"] == "T01" and seen[-1][1]["area"] == X1
+    await api.call("xa11", "POST", f"/api/v1/inbox/{entry['id']}/decline", json={"reason": "Bận"})
+    seen = await sender.until("inbox", id=entry["id"], state="declined")
+    assert seen[-1][1]["reason"] == "Bận"
+    # The sibling commune hears nothing of X1's inbox: a later event of its own comes first.
+    other = await send(api, "tinh", pid, [X2], "normal")
+    seen = await sibling.until("inbox", area=X2)
+    assert [d["id"] for n, d in seen if n == "inbox"] == [other["entries"][0]["id"]]
