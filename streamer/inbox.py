@@ -37,7 +37,10 @@ class InboxError(ContentError):
 
 
 def check_class(value: str) -> str:
-    name = BroadcastClass.parse(value).name  # ValueError names the class
+    try:
+        name = BroadcastClass.parse(value).name
+    except ValueError as e:
+        raise InboxError(str(e), field="class") from None
     if name not in FLOW:
         raise InboxError(say("inbox.class", classes=", ".join(FLOW)), field="class")
     return name
@@ -69,19 +72,20 @@ def entries(bulletin: Record, codes: Iterable[str]) -> list[Record]:
              "order": DEFAULT_ORDER, "created": bulletin["created"]} for code in codes]
 
 
-def _require_pending(entry: Record, action: str) -> None:
+def require_pending(entry: Record, action: str) -> None:
+    """Only a pending entry is scheduled or declined (checked before reading a request body)."""
     if entry["state"] != "pending":
         raise InboxError(say("inbox.not_pending", action=action, state=entry["state"]),
                          kind="conflict")
 
 
 def scheduling(entry: Record, schedule_id: str, user: str) -> Record:
-    _require_pending(entry, "schedule")
+    require_pending(entry, "schedule")
     return {"state": "scheduled", "schedule": schedule_id, "by": user}
 
 
 def declining(entry: Record, reason: str, user: str) -> Record:
-    _require_pending(entry, "decline")
+    require_pending(entry, "decline")
     reason = reason.strip()
     if not reason or len(reason) > MAX_REASON:
         raise InboxError(say("inbox.reason", limit=MAX_REASON), field="reason")

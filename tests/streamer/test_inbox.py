@@ -115,7 +115,7 @@ def test_inbox_rules():
     assert {e["state"] for e in prio} == {"aired"}
     prio[1].update(inbox.ordering(prio[1], "after"))
     assert inbox.after_own(prio) == frozenset({X2})
-    with pytest.raises(ValueError):
+    with pytest.raises(inbox.InboxError):
         inbox.check_class("urgent")
     with pytest.raises(inbox.InboxError):
         inbox.check_class("background")

@@ -9,8 +9,6 @@ published on the event stream (`inbox`) to the areas it concerns.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Iterator
 
 from aiohttp import web
 
@@ -18,8 +16,7 @@ from loa.streamer import inbox, programmes
 from loa.streamer.engine import OnAirChange
 from loa.streamer.messages import say
 from loa.streamer.state.store import Record
-from loa.streamer.station import ContentError
-from loa.web.api.air import checked_schedule, store_schedule
+from loa.web.api.air import checked_schedule, rule_errors, store_schedule
 from loa.web.api.core import node_of
 from loa.web.api.schema import ID_PARAM, READ, STR, TARGETS, WRITE, S, body, obj, responses
 from loa.web.events import HUB, EventHub, hub_of
@@ -32,23 +29,12 @@ from loa.web.http import (
     read_json,
     reference,
     refuse_unknown,
-    status_of,
     str_list,
 )
 from loa.web.node import NODE, Node
 
 routes = web.RouteTableDef()
 SCHEDULE_FIELDS = {"kind", "time", "date", "weekdays", "from", "until", "tz"}
-
-
-@contextlib.contextmanager
-def _rule_errors() -> Iterator[None]:
-    try:
-        yield
-    except ContentError as e:  # inbox.InboxError included
-        raise ApiError(status_of(e), str(e), e.field) from None
-    except ValueError as e:  # a class name that is no class
-        raise ApiError(422, str(e), "class") from None
 
 
 def _event(hub: EventHub, entry: Record) -> None:
@@ -71,14 +57,14 @@ async def bulletin_send(request: web.Request) -> web.Response:
     for t in targets:
         if t not in node.tree:
             raise ApiError(422, say("area.unknown", area=t), "targets")
-    with _rule_errors():
+    with rule_errors():
         klass = inbox.check_class(field(data, "class", str, required=False, default="normal"))
         codes = inbox.communes(node.tree, p.area, targets)
     if klass == "emergency" and not p.emergency:
         raise ApiError(403, say("emergency.no_right"))
     prog = await reference(request, node.tree, "programme", field(data, "programme", str),
                            "programme")
-    with _rule_errors():
+    with rule_errors():
         programmes.check_schedulable(prog, direct=p.can("direct") or klass == "emergency")
         content = await node.station.programme_content(prog) if klass != "normal" else None
     bulletin = inbox.new_bulletin(p.area, p.username, prog, klass, targets)
@@ -162,8 +148,8 @@ async def inbox_schedule(request: web.Request) -> web.Response:
     """Schedules a normal bulletin in the commune (kind "once" unless given): a schedule like
     POST /api/v1/schedules makes, issued by the commune."""
     entry = await _entry(request)
-    with _rule_errors():
-        inbox.scheduling(entry, "", "")  # refuse before reading the body
+    with rule_errors():
+        inbox.require_pending(entry, "schedule")  # before reading the body
     data = await read_json(request)
     refuse_unknown(data, SCHEDULE_FIELDS)
     sched, conflicts = await checked_schedule(request, {
@@ -178,8 +164,8 @@ async def inbox_schedule(request: web.Request) -> web.Response:
 @routes.post("/api/v1/inbox/{id}/decline")
 async def inbox_decline(request: web.Request) -> web.Response:
     entry = await _entry(request)
-    with _rule_errors():
-        inbox.scheduling(entry, "", "")  # the same "still pending" check, before the body
+    with rule_errors():
+        inbox.require_pending(entry, "decline")
         changes = inbox.declining(entry, field(await read_json(request), "reason", str),
                                   principal(request).username)
     return ok(await _changed(request, entry, changes, "decline"))
@@ -192,7 +178,7 @@ async def inbox_order(request: web.Request) -> web.Response:
     entry = await _entry(request)
     data = await read_json(request)
     refuse_unknown(data, {"order"})
-    with _rule_errors():
+    with rule_errors():
         changes = inbox.ordering(entry, field(data, "order", str))
     entry = await _changed(request, entry, changes, "order")
     node = node_of(request)
