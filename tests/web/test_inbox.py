@@ -197,3 +197,17 @@ async def test_inbox_changes_reach_the_commune_and_the_sender_on_the_event_strea
     other = await send(api, "tinh", pid, [X2], "normal")
     seen = await sibling.until("inbox", area=X2)
     assert [d["id"] for n, d in seen if n == "inbox"] == [other["entries"][0]["id"]]
+
+
+async def test_the_communes_order_survives_a_restart(tmp_path):
+    cfg = make_config(tmp_path)
+    async with running_api(cfg) as api:
+        pid = await programme(api, tmp_path, "huyen1", 820, 30, approver="duyet1")
+        sent = await send(api, "huyen1", pid, [X1, X2], "priority")
+        (entry,) = [e for e in sent["entries"] if e["area"] == X1]
+        status, _ = await api.call("xa11", "POST", f"/api/v1/inbox/{entry['id']}/order",
+                                   json={"order": "after"})
+        assert status == 200
+    async with running_api(cfg) as api:
+        restored = api.node.engine.live_broadcast(sent["broadcast"])
+        assert restored is not None and restored.after_own == frozenset({X1})

@@ -185,8 +185,10 @@ async def inbox_order(request: web.Request) -> web.Response:
     bulletin = await node.store.get("bulletin", entry["bulletin"]) or {}
     bid = bulletin.get("broadcast")
     if bid and node.engine.live_broadcast(bid) is not None:
-        node.engine.reorder(bid, inbox.after_own(
-            await node.store.find("inbox", bulletin=entry["bulletin"])))
+        after = inbox.after_own(await node.store.find("inbox", bulletin=entry["bulletin"]))
+        # Kept on the broadcast's record too: a restart puts it back in the same order.
+        await node.store.update("broadcast", bid, {"after_own": sorted(after)})
+        node.engine.reorder(bid, after)
     return ok(entry)
 
 
