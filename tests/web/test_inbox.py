@@ -15,8 +15,8 @@ import pytest
 from loa.streamer.clock import FRAME, tick_of
 from loa.streamer.schedule import DEFAULT_TZ, ZoneInfo
 from tests.apiclient import Api, approved_programme, make_config, media_id, running_api, tone_file
+from tests.eventstream import open_stream
 from tests.helpers import until
-from tests.web.test_events import open_stream
 
 X1, X2, X3 = "T01-H1-X1", "T01-H1-X2", "T01-H1-X3"
 
