@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import queue
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -118,18 +118,27 @@ class _Live:
                                            b.policy is Policy.overlay)
         self.yielding: dict[str, arbiter.Candidate] = {}  # area -> its rank under `after_own`
 
-    def order(self, tree: AreaTree) -> set[str]:
-        """Rank it in each area of a commune in `b.after_own` as that commune's, after its own.
-        Returns the areas whose rank changed."""
-        before = self.yielding
-        self.yielding = {}
-        for code in self.areas:
+    def order(self, tree: AreaTree, within: Iterable[str] | None = None) -> set[str]:
+        """Rank it in each area of a commune in `b.after_own` as that commune's, after its own;
+        only below `within` (the communes whose choice changed) when given. Returns the areas
+        whose rank changed."""
+        if within is None:
+            codes: Iterable[str] = self.areas
+        else:
+            mine = set(self.areas)
+            codes = [c for w in within if w in tree for c in tree.subtree(w) if c in mine]
+        changed = set()
+        for code in codes:
             commune = next((a for a in tree.ancestors(code) if a in self.b.after_own), None)
-            if commune is not None:
-                self.yielding[code] = dataclasses.replace(
-                    self.candidate, authority=tree.depth(commune), yields=True)
-        return {c for c in before.keys() | self.yielding.keys()
-                if before.get(c) != self.yielding.get(c)}
+            rank = None if commune is None else dataclasses.replace(
+                self.candidate, authority=tree.depth(commune), yields=True)
+            if self.yielding.get(code) != rank:
+                changed.add(code)
+                if rank is None:
+                    del self.yielding[code]
+                else:
+                    self.yielding[code] = rank
+        return changed
 
     def candidate_in(self, code: str) -> arbiter.Candidate:
         return self.yielding.get(code, self.candidate)
@@ -217,8 +226,9 @@ class Engine:
             raise KeyError(bid)
 
         def apply() -> None:
+            changed = live.b.after_own ^ after_own
             live.b.after_own = after_own
-            for code in live.order(self.tree):
+            for code in live.order(self.tree, changed):
                 if live.active and live.b.id in self.areas[code].candidates:
                     self._mark(code, "reorder", live.b.id)
 
