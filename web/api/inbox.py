@@ -69,13 +69,13 @@ async def bulletin_send(request: web.Request) -> web.Response:
         content = await node.station.programme_content(prog) if klass != "normal" else None
     bulletin = inbox.new_bulletin(p.area, p.username, prog, klass, targets)
     entries = inbox.entries(bulletin, codes)
+    await node.store.create("bulletin", bulletin)  # stored before anything airs
+    await node.store.put_many("inbox", entries)
     if content is not None:  # priority and emergency air at once, with the sender's authority
         rec = await node.station.air(content, targets=targets, klass=klass, issuer=p.area,
                                      user=p.username, spec={"programme": prog["id"]},
                                      extra={"bulletin": bulletin["id"]})
-        bulletin["broadcast"] = rec["id"]
-    await node.store.create("bulletin", bulletin)
-    await node.store.put_many("inbox", entries)
+        bulletin = await node.store.update("bulletin", bulletin["id"], {"broadcast": rec["id"]})
     await audit(request, "bulletin.send", bulletin["id"], targets=targets, **{"class": klass})
     for e in entries:
         _event(hub_of(request), e)
