@@ -18,9 +18,10 @@ from collections.abc import Iterable
 
 from loa.streamer.areas import AreaTree
 from loa.streamer.broadcast import BroadcastClass
+from loa.streamer.engine import Engine
 from loa.streamer.messages import say
-from loa.streamer.state.store import Record
-from loa.streamer.station import ContentError
+from loa.streamer.state.store import Record, Store
+from loa.streamer.station import ContentError, Station
 
 # class -> the state an entry starts in: it waits for the commune, or it is on air already.
 FLOW = {"normal": "pending", "priority": "aired", "emergency": "aired"}
@@ -105,3 +106,32 @@ def ordering(entry: Record, order: str) -> Record:
 def after_own(entries_of_bulletin: Iterable[Record]) -> frozenset[str]:
     """The communes that put the bulletin after their own: what the engine ranks by."""
     return frozenset(e["area"] for e in entries_of_bulletin if e.get("order") == "after")
+
+
+async def deliver(store: Store, station: Station, tree: AreaTree, bulletin: Record,
+                  programme: Record) -> list[Record]:
+    """Store a bulletin and an entry per commune it reaches, then air it at once when its class
+    says so (priority, emergency), with the sender's authority. What the API's send does, and
+    what a link from a parent node calls with the parent's bulletin. Returns the entries."""
+    made = entries(bulletin, tree.resolve_leaves(bulletin["targets"]))
+    content = None if FLOW[bulletin["class"]] == "pending" else \
+        await station.programme_content(programme)  # a bad programme refuses before storing
+    await store.create("bulletin", bulletin)  # stored before anything airs
+    await store.put_many("inbox", made)
+    if content is not None:
+        rec = await station.air(content, targets=bulletin["targets"], klass=bulletin["class"],
+                                issuer=bulletin["area"], user=bulletin["user"],
+                                spec={"programme": programme["id"]},
+                                extra={"bulletin": bulletin["id"]})
+        bulletin.update(await store.update("bulletin", bulletin["id"], {"broadcast": rec["id"]}))
+    return made
+
+
+async def apply_order(store: Store, engine: Engine, bulletin_id: str) -> None:
+    """After a commune changed its order: re-rank the bulletin on air (from the next tick) and
+    keep the order on its broadcast's record, so a restart airs it in the same order."""
+    bid = ((await store.get("bulletin", bulletin_id)) or {}).get("broadcast")
+    if bid and engine.live_broadcast(bid) is not None:
+        after = after_own(await store.find("inbox", bulletin=bulletin_id))
+        await store.update("broadcast", bid, {"after_own": sorted(after)})
+        engine.reorder(bid, after)

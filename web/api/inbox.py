@@ -59,23 +59,15 @@ async def bulletin_send(request: web.Request) -> web.Response:
             raise ApiError(422, say("area.unknown", area=t), "targets")
     with rule_errors():
         klass = inbox.check_class(field(data, "class", str, required=False, default="normal"))
-        codes = inbox.communes(node.tree, p.area, targets)
+        inbox.communes(node.tree, p.area, targets)  # below the sender only
     if klass == "emergency" and not p.emergency:
         raise ApiError(403, say("emergency.no_right"))
     prog = await reference(request, node.tree, "programme", field(data, "programme", str),
                            "programme")
+    bulletin = inbox.new_bulletin(p.area, p.username, prog, klass, targets)
     with rule_errors():
         programmes.check_schedulable(prog, direct=p.can("direct") or klass == "emergency")
-        content = await node.station.programme_content(prog) if klass != "normal" else None
-    bulletin = inbox.new_bulletin(p.area, p.username, prog, klass, targets)
-    entries = inbox.entries(bulletin, codes)
-    await node.store.create("bulletin", bulletin)  # stored before anything airs
-    await node.store.put_many("inbox", entries)
-    if content is not None:  # priority and emergency air at once, with the sender's authority
-        rec = await node.station.air(content, targets=targets, klass=klass, issuer=p.area,
-                                     user=p.username, spec={"programme": prog["id"]},
-                                     extra={"bulletin": bulletin["id"]})
-        bulletin = await node.store.update("bulletin", bulletin["id"], {"broadcast": rec["id"]})
+        entries = await inbox.deliver(node.store, node.station, node.tree, bulletin, prog)
     await audit(request, "bulletin.send", bulletin["id"], targets=targets, **{"class": klass})
     for e in entries:
         _event(hub_of(request), e)
@@ -182,13 +174,7 @@ async def inbox_order(request: web.Request) -> web.Response:
         changes = inbox.ordering(entry, field(data, "order", str))
     entry = await _changed(request, entry, changes, "order")
     node = node_of(request)
-    bulletin = await node.store.get("bulletin", entry["bulletin"]) or {}
-    bid = bulletin.get("broadcast")
-    if bid and node.engine.live_broadcast(bid) is not None:
-        after = inbox.after_own(await node.store.find("inbox", bulletin=entry["bulletin"]))
-        # Kept on the broadcast's record too: a restart puts it back in the same order.
-        await node.store.update("broadcast", bid, {"after_own": sorted(after)})
-        node.engine.reorder(bid, after)
+    await inbox.apply_order(node.store, node.engine, entry["bulletin"])
     return ok(entry)
 
 
