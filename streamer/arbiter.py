@@ -1,7 +1,9 @@
 """The priority arbiter: who is on air in an area, and what a change is called (DESIGN.md "Priority").
 
 In each area the winner is the highest class, then the highest authority (the issuer nearest the
-root), then the earliest start (then the earlier accepted, so ties never flip). Overlays do not
+root), then the earliest start (then the earlier accepted, so ties never flip). A bulletin from
+above that a commune put after its own (TT 39: the commune orders a priority clash) takes the
+commune's authority and `yields`: it ranks just after the commune's own of its class. Overlays do not
 take the air: they duck the winner, and only those ranked above it are heard.
 
 Pure: it sees candidates and names a decision; the engine owns playheads, fades and the clock.
@@ -15,7 +17,7 @@ from dataclasses import dataclass, field
 from loa.streamer.broadcast import BroadcastClass
 from loa.streamer.clock import FRAME
 
-Rank = tuple[int, int, int, int]
+Rank = tuple[int, int, bool, int, int]
 
 
 @dataclass(frozen=True)
@@ -28,12 +30,13 @@ class Candidate:
     start_tick: int
     seq: int = 0  # acceptance order, the last tie-break
     overlay: bool = False
+    yields: bool = False  # after the broadcasts of its class issued at `authority` itself
     rank: Rank = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Lower sorts first: higher class, then nearer the root, then earlier start.
-        object.__setattr__(self, "rank",
-                           (-int(self.cls), self.authority, self.start_tick, self.seq))
+        object.__setattr__(self, "rank", (-int(self.cls), self.authority, self.yields,
+                                          self.start_tick, self.seq))
 
 
 @dataclass(frozen=True)

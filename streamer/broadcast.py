@@ -52,6 +52,9 @@ class Broadcast:
     gain: float = 1.0  # programme volume, linear
     duck_db: float | None = None  # overlays: how far to duck what is under them
     title: str = ""
+    # Areas (communes) that put this bulletin after their own of its class: in them and below
+    # it ranks as theirs, just after theirs (arbiter.Candidate.yields).
+    after_own: frozenset[str] = frozenset()
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     seq: int = field(default_factory=lambda: next(_seq))
 

@@ -18,10 +18,11 @@ thread, tests call it from a virtual clock. Commands from other threads go throu
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -115,6 +116,32 @@ class _Live:
         self.shared: Playhead | None = None  # live (unseekable) sources: one playhead for all
         self.candidate = arbiter.Candidate(b.id, b.cls, authority, start_tick, b.seq,
                                            b.policy is Policy.overlay)
+        self.yielding: dict[str, arbiter.Candidate] = {}  # area -> its rank under `after_own`
+
+    def order(self, tree: AreaTree, within: Iterable[str] | None = None) -> set[str]:
+        """Rank it in each area of a commune in `b.after_own` as that commune's, after its own;
+        only below `within` (the communes whose choice changed) when given. Returns the areas
+        whose rank changed."""
+        if within is None:
+            codes: Iterable[str] = self.areas
+        else:
+            mine = set(self.areas)
+            codes = [c for w in within if w in tree for c in tree.subtree(w) if c in mine]
+        changed = set()
+        for code in codes:
+            commune = next((a for a in tree.ancestors(code) if a in self.b.after_own), None)
+            rank = None if commune is None else dataclasses.replace(
+                self.candidate, authority=tree.depth(commune), yields=True)
+            if self.yielding.get(code) != rank:
+                changed.add(code)
+                if rank is None:
+                    del self.yielding[code]
+                else:
+                    self.yielding[code] = rank
+        return changed
+
+    def candidate_in(self, code: str) -> arbiter.Candidate:
+        return self.yielding.get(code, self.candidate)
 
 
 class _AreaState:
@@ -177,6 +204,7 @@ class Engine:
         start_tick = self.n if b.start is None else tick_of(b.start)
         end_tick = None if b.end is None else tick_of(b.end)
         live = _Live(b, authority, start_tick, end_tick, areas)
+        live.order(self.tree)
         self.broadcasts[b.id] = live  # visible to stop() at once; airs from the tick thread
         self._commands.put(lambda: self._accept(live))
         return b.id
@@ -189,6 +217,22 @@ class Engine:
         if by_area is not None and not self.tree.contains(by_area, live.b.issuer):
             raise AuthorityError(say("broadcast.not_yours", area=by_area, issuer=live.b.issuer))
         self._commands.put(lambda: self._end(live, cause))
+
+    def reorder(self, bid: str, after_own: frozenset[str]) -> None:
+        """Change the communes that put a broadcast after their own (TT 39: the commune orders
+        a priority clash); the areas whose order changed re-arbitrate at the next tick."""
+        live = self.broadcasts.get(bid)
+        if live is None:
+            raise KeyError(bid)
+
+        def apply() -> None:
+            changed = live.b.after_own ^ after_own
+            live.b.after_own = after_own
+            for code in live.order(self.tree, changed):
+                if live.active and live.b.id in self.areas[code].candidates:
+                    self._mark(code, "reorder", live.b.id)
+
+        self._commands.put(apply)
 
     def add_area(self, code: str) -> None:
         """An area added to the tree (API, import) gets its state; it hears its ancestors'
@@ -210,6 +254,7 @@ class Engine:
             if live.active and above & set(live.b.targets):
                 live.areas.append(code)
                 live.remaining.add(code)
+                live.order(self.tree)
                 st.candidates.add(live.b.id)
         self._mark(code, "start", None)
 
@@ -344,8 +389,8 @@ class Engine:
     # ---- arbitration -------------------------------------------------------------------------
     def _arbitrate(self, st: _AreaState, n: int, cause: str, by: str | None) -> None:
         s = n * FRAME
-        decision = arbiter.decide(self.broadcasts[b].candidate for b in st.candidates
-                                  if b in self.broadcasts)
+        decision = arbiter.decide(self.broadcasts[b].candidate_in(st.code)
+                                  for b in st.candidates if b in self.broadcasts)
         new_main, overlays = decision.main, decision.overlays
         main = self.broadcasts[new_main] if new_main else None
         audible = decision.audible

@@ -164,7 +164,8 @@ class Station:
     async def air(self, content: Content, *, targets: list[str], klass: str, issuer: str,
                   user: str, policy: str = "resume", spec: Record | None = None,
                   start: float | None = None, offset: float = 0.0, bid: str | None = None,
-                  extra: Record | None = None, persist: bool = True) -> Record:
+                  extra: Record | None = None, persist: bool = True,
+                  after_own: frozenset[str] = frozenset()) -> Record:
         """Persist, then start. `start` is a wall-clock epoch (None: now); `offset` seconds into
         the content (a restart resuming a broadcast that was on air: its record is stored
         already, `persist=False`, so it airs even when the store refuses writes)."""
@@ -175,7 +176,7 @@ class Station:
             src = src.at(int(offset * SAMPLE_RATE))
         b = Broadcast(src, list(targets), issuer=issuer, klass=cls, policy=pol,
                       start=None if start is None else self.media_seconds(start),
-                      title=content.title, gain=content.gain)
+                      title=content.title, gain=content.gain, after_own=after_own)
         if bid:
             b.id = bid
         now = time.time()
@@ -229,7 +230,7 @@ class Station:
             await self.air(content, targets=rec["targets"], klass=rec["class"],
                            issuer=rec["issuer"], user=rec["user"], policy=rec["policy"],
                            spec=rec["spec"], offset=max(0.0, elapsed), bid=rec["id"],
-                           persist=False)
+                           persist=False, after_own=frozenset(rec.get("after_own", ())))
             log.info("restored after restart event=restored id=%s offset=%.2f", rec["id"], elapsed)
             restored.append(rec["id"])
         return restored

@@ -13,6 +13,7 @@ from loa.web.api import core as api_core
 from loa.web.api import devices as api_devices
 from loa.web.api import emergency as api_emergency
 from loa.web.api import exchange as api_exchange
+from loa.web.api import inbox as api_inbox
 from loa.web.api import media as api_media
 from loa.web.api import overview as api_overview
 from loa.web.api import reports as api_reports
@@ -49,6 +50,7 @@ def create_app(node: Node) -> web.Application:
     events.setup(app)
     api_media.setup(app)
     api_air.setup(app)
+    api_inbox.setup(app)
     api_reports.setup(app)
     api_devices.setup(app)
     api_emergency.setup(app)

@@ -4,7 +4,7 @@ the areas related to it (Principal.related).
 One hub per app fans in the engine's on-air changes, the bus topics "device.status" and
 "emergency", device command acknowledgements (`command`: one per single command, a batch's counts
 at most every BATCH_EVERY seconds, so a bulk command to 10,000 devices never floods the queues),
-and programme/schedule changes published by the API handlers. Each client has a
+and programme/schedule/inbox changes published by the API handlers. Each client has a
 bounded queue: on overflow the oldest events go and one `resync` tells it to reload its view.
 Engine listeners run on the engine's tick: they only append to queues, never wait.
 """

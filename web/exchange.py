@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("loa.exchange")
 VERSION = 1
-KIND = "bulletin"
+KIND = "exchange_in"
 
 
 def iso(epoch: float) -> str:

@@ -94,6 +94,9 @@ class Node:
         self.whep_offers: OfferBuckets
         self._tasks: list[asyncio.Task[None]] = []
         self._known_schedules: list[Record] = []
+        # broadcast id -> inbox entry it airs (a scheduled bulletin from above): marked aired
+        # when it goes on air (web/api/inbox.py listens to the engine)
+        self.inbox_airing: dict[str, str] = {}
         self._stops: list[Callable[[], Awaitable[None]]] = []  # of what started, in order
         self._closes: list[Callable[[], Awaitable[None]]] = []  # client connections
         self._clients_closed = False
@@ -277,6 +280,8 @@ class Node:
             "user": sched.get("owner", ""), "spec": {"programme": prog["id"]},
             "schedule": sched["id"], "started": occurrence, "offset": 0.0,
             "duration": content.duration})
+        if sched.get("inbox"):
+            self.inbox_airing[b.id] = sched["inbox"]
         return b, content.duration or 0.0
 
     async def _bootstrap_admin(self) -> None:

@@ -279,6 +279,9 @@ def document() -> S:
 
     paths.update(monitor.openapi_paths())
     paths.update(api_emergency.openapi_paths())
+    from loa.web.api import inbox as api_inbox
+
+    paths.update(api_inbox.openapi_paths())
     return {
         "openapi": "3.0.3",
         "info": {"title": "Loa API", "version": "1",

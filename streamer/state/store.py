@@ -76,9 +76,11 @@ KINDS: Mapping[str, Kind] = {
     # leaves them here, closed at the next start at their node's last "still on air" mark).
     "onair": Kind(indexed=("area", "node")),
     "node": Kind(),  # id = node id, `seen` = its last "still on air" mark
-    # The exchange with the central system: bulletins received (id = "peer:bulletin id", the
+    "bulletin": Kind(indexed=("area",)),  # sent down by a province or district (inbox.py)
+    "inbox": Kind(indexed=("area", "bulletin", "schedule")),  # one per commune a bulletin reaches
+    # The exchange with the central system: its bulletins received (id = "peer:bulletin id", the
     # first answer kept for replays) and our messages to peers (the pull feed and push outbox).
-    "bulletin": Kind(indexed=("peer", "broadcast")),
+    "exchange_in": Kind(indexed=("peer", "broadcast")),
     "exchange_out": Kind(indexed=("peer", "push")),
     "exchange_cursor": Kind(),  # id = peer: where we stand in its bulletin feed
     "rtp_group": Kind(indexed=("block",), unique=("block",)),  # id = area: its multicast block

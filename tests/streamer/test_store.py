@@ -362,6 +362,20 @@ async def test_find_filters_on_indexed_fields_ordered_by_id(store: AnyStore) -> 
         {"id": "s2", "area": "T02", "programme": "p1"}]
 
 
+async def test_inbox_entries_are_found_by_commune_bulletin_and_schedule(store: AnyStore) -> None:
+    """What web/api/inbox.py reads: a commune's inbox, a bulletin's entries, the entry a
+    schedule airs; an entry's state moves by update and its schedule index follows."""
+    await store.create("bulletin", {"id": "b1", "area": "T01", "targets": ["T01-H1"]})
+    await store.put_many("inbox", [
+        {"id": f"e{i}", "bulletin": "b1", "area": code, "state": "pending"}
+        for i, code in enumerate(("T01-H1-X1", "T01-H1-X2"))])
+    await store.update("inbox", "e0", {"state": "scheduled", "schedule": "s9"})
+    assert [r["id"] for r in await store.find("inbox", bulletin="b1")] == ["e0", "e1"]
+    assert [r["id"] for r in await store.find("inbox", area="T01-H1-X2")] == ["e1"]
+    assert (await store.find("inbox", schedule="s9"))[0]["state"] == "scheduled"
+    assert [r["id"] for r in await store.find("bulletin", area="T01")] == ["b1"]
+
+
 async def test_find_compares_values_as_json(store: AnyStore) -> None:
     await store.put_many("area", [
         {"id": "a", "parent": 1}, {"id": "b", "parent": "1"}, {"id": "c", "parent": 1.5},

@@ -148,7 +148,7 @@ async def pull(srv: Srv, query: str = "", etag: str | None = None) -> tuple[int,
 
 async def counts(srv: Srv) -> dict[str, int]:
     store = srv.node.store
-    return {k: await store.count(k) for k in ("bulletin", "broadcast", "media", "emergency")}
+    return {k: await store.count(k) for k in ("exchange_in", "broadcast", "media", "emergency")}
 
 
 def on_air(srv: Srv) -> dict[str, Any]:
@@ -290,8 +290,8 @@ async def test_bulletins_pulled_from_the_central_feed_air_once(srv: Srv, central
         while ("2", '"2"') not in central.polls:
             await asyncio.sleep(0.02)
     srv.run(0.1)
-    got = await srv.node.store.get("bulletin", f"{PEER}:F-1")
-    assert got is not None and await srv.node.store.count("bulletin") == 1
+    got = await srv.node.store.get("exchange_in", f"{PEER}:F-1")
+    assert got is not None and await srv.node.store.count("exchange_in") == 1
     for area in ("T01-H2-X1", "T01-H2-X2", "T01-H2-X3"):
         now = srv.node.engine.on_air(area)
         assert now["broadcast"] == got["broadcast"] and now["class"] == "normal", now

@@ -92,6 +92,12 @@ async def build(api: Api, tmp_path: Path) -> World:
             "media": ids["media"], "targets": [area]}))["id"]
         ids["emergency"] = (await created(api, who, "POST", "/api/v1/emergencies", json={
             "targets": [area], "content": {"media": ids["media"]}}))["id"]
+    # The district's bulletin in both communes' inboxes.
+    pid = await programme(api, "qtv1", "approved", type="tts")
+    sent = await created(api, "huyen1", "POST", "/api/v1/bulletins",
+                         json={"programme": pid, "targets": [A, B]})
+    for e in sent["entries"]:
+        (w.a if e["area"] == A else w.b)["inbox"] = e["id"]
     return w
 
 
@@ -211,6 +217,16 @@ def attempts(w: World) -> dict[tuple[str, str], Callable[[], list[Attempt]] | st
                                                       "content": {"text": "Cháy"}}})],
         ("DELETE", "/api/v1/emergencies/{id}"): lambda: [
             (f"/api/v1/emergencies/{b['emergency']}", {})],
+        ("POST", "/api/v1/bulletins"): lambda: [  # a commune sends nothing, up or sideways
+            ("/api/v1/bulletins", {"json": {"programme": a["file_ok"], "targets": [B]}}),
+            ("/api/v1/bulletins", {"json": {"programme": b["file_ok"], "targets": [A]}})],
+        ("POST", "/api/v1/inbox/{id}/schedule"): lambda: [
+            (f"/api/v1/inbox/{b['inbox']}/schedule", {"json": {"time": "06:00",
+                                                               "date": "2030-01-01"}})],
+        ("POST", "/api/v1/inbox/{id}/decline"): lambda: [
+            (f"/api/v1/inbox/{b['inbox']}/decline", {"json": {"reason": "Không"}})],
+        ("POST", "/api/v1/inbox/{id}/order"): lambda: [
+            (f"/api/v1/inbox/{b['inbox']}/order", {"json": {"order": "after"}})],
         ("POST", "/api/v1/alerts"): lambda: [
             ("/api/v1/alerts", {"data": cap_alert(B),
                                 "headers": {"Content-Type": "application/cap+xml"}})],
@@ -227,7 +243,8 @@ def media_form(area: str) -> FormData:
     return form
 
 
-KINDS = ("media", "programme", "schedule", "device", "emergency", "user", "area", "broadcast")
+KINDS = ("media", "programme", "schedule", "device", "emergency", "user", "area", "broadcast",
+         "bulletin", "inbox")
 
 
 async def snapshot(api: Api) -> dict[str, Any]:

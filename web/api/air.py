@@ -50,7 +50,7 @@ ZONE = ZoneInfo(DEFAULT_TZ)  # the calendar's days are the province's days
 
 
 @contextlib.contextmanager
-def _rule_errors() -> Iterator[None]:
+def rule_errors() -> Iterator[None]:
     """A programme or content rule that refuses becomes the status of its kind, same text."""
     try:
         yield
@@ -103,7 +103,7 @@ async def _programme_fields(request: web.Request, data: dict[str, Any],
     async def relay_url(url: str) -> None:
         await check_url(url, RELAY_SCHEMES, node.cfg.fetch)  # UrlRefused is a ValueError
 
-    with _rule_errors():
+    with rule_errors():
         return await programmes.programme_fields(_Body(merged), media, relay_url)
 
 
@@ -173,7 +173,7 @@ async def _transition(request: web.Request, action: str) -> web.Response:
     p.require_area(node.tree, prog["area"])
     changes: Record
     p.require("edit" if action == "submit" else "approve")
-    with _rule_errors():
+    with rule_errors():
         if action == "submit":
             changes = programmes.submission(prog, p.username)
         elif action == "approve":
@@ -261,23 +261,34 @@ async def schedule_create(request: web.Request) -> web.Response:
     cls = _class(data, p)
     pid = field(data, "programme", str)
     prog = await reference(request, node.tree, "programme", pid, "programme")
-    with _rule_errors():
+    with rule_errors():
         programmes.check_schedulable(prog, direct=p.can("direct"))
     rec: Record = {k: data.get(k) for k in ("kind", "time", "date", "weekdays", "from", "until",
                                             "tz", "enabled") if k in data}
-    rec.update({"id": uuid.uuid4().hex[:12], "programme": pid, "targets": targets,
-                "class": cls, "area": p.area, "owner": p.username, "created": time.time()})
+    rec.update({"programme": pid, "targets": targets, "class": cls, "area": p.area})
+    rec, conflicts = await checked_schedule(request, rec)
+    if request.query.get("dry_run") in ("1", "true"):
+        return ok({**rec, "conflicts": conflicts, "stored": False})
+    await store_schedule(request, rec)
+    return ok({**rec, "conflicts": conflicts}, 201)
+
+
+async def checked_schedule(request: web.Request, fields: Record
+                           ) -> tuple[Record, list[dict[str, Any]]]:
+    """A new schedule of the caller (validated, 422 naming the field) and its conflicts."""
+    rec = {**fields, "id": uuid.uuid4().hex[:12], "owner": principal(request).username,
+           "created": time.time()}
     try:
         rec = validate_schedule(rec)
     except ScheduleError as e:
         raise ApiError(422, str(e), e.field) from None
-    conflicts = await _conflicts(request, rec)
-    if request.query.get("dry_run") in ("1", "true"):
-        return ok({**rec, "conflicts": conflicts, "stored": False})
-    await node.store.create("schedule", rec)
-    await audit(request, "schedule.create", rec["id"], programme=pid)
+    return rec, await _conflicts(request, rec)
+
+
+async def store_schedule(request: web.Request, rec: Record) -> None:
+    await node_of(request).store.create("schedule", rec)
+    await audit(request, "schedule.create", rec["id"], programme=rec["programme"])
     _schedule_event(request, rec, "created")
-    return ok({**rec, "conflicts": conflicts}, 201)
 
 
 @routes.get("/api/v1/schedules")
@@ -402,7 +413,7 @@ async def broadcast_start(request: web.Request) -> web.Response:
             await reference(request, node.tree, k, v, k, missing=404)
     if "programme" not in spec and not p.can("direct") and cls != "emergency":
         raise ApiError(403, say("broadcast.approved_only"))
-    with _rule_errors():
+    with rule_errors():
         content = await node.station.content(
             spec, area=p.area, owner=p.username,
             require_approved=not p.can("direct") and cls != "emergency")

@@ -1,0 +1,137 @@
+"""The TT 39 rules between levels: bulletins a province or district sends down, and the inbox of
+each commune they reach.
+
+A bulletin names content (an approved programme), a class and target areas below the sender. Each
+commune it covers (a leaf of the area tree) gets one inbox entry, whose life the class decides
+(`FLOW`): a `normal` one waits until the commune schedules it (through the schedules) or declines
+it with a reason the sender reads; `priority` and `emergency` ones air at once with the sender's
+authority. When a priority bulletin meets the commune's own priority broadcast the commune orders
+them: the entry's `order` ("before" or "after" its own), which the engine ranks by
+(`Broadcast.after_own`). The rules raise `InboxError`; the HTTP layer maps it to a status.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterable
+
+from loa.streamer.areas import AreaTree
+from loa.streamer.broadcast import BroadcastClass
+from loa.streamer.engine import Engine
+from loa.streamer.messages import say
+from loa.streamer.state.store import Record, Store
+from loa.streamer.station import ContentError, Station
+
+# class -> the state an entry starts in: it waits for the commune, or it is on air already.
+FLOW = {"normal": "pending", "priority": "aired", "emergency": "aired"}
+STATES = ("pending", "scheduled", "declined", "aired")
+ORDERS = ("before", "after")
+# Levels keep priority slots province > district > commune (DESIGN.md "Priority"): until the
+# commune says otherwise, the bulletin from above goes first and the commune's own resumes after.
+DEFAULT_ORDER = "before"
+MAX_REASON = 500
+
+
+class InboxError(ContentError):
+    """A bulletin or inbox entry breaks a rule: a bad target, a transition its state forbids."""
+
+
+def check_class(value: str) -> str:
+    try:
+        name = BroadcastClass.parse(value).name
+    except ValueError as e:
+        raise InboxError(str(e), field="class") from None
+    if name not in FLOW:
+        raise InboxError(say("inbox.class", classes=", ".join(FLOW)), field="class")
+    return name
+
+
+def communes(tree: AreaTree, sender: str, targets: Iterable[str]) -> list[str]:
+    """The leaf areas (communes) a bulletin reaches. Every target lies strictly below the
+    sender: a bulletin goes down, never to the sender's own area, up or sideways."""
+    targets = list(targets)
+    for t in targets:
+        if t == sender or not tree.contains(sender, t):
+            raise InboxError(say("inbox.not_below", area=t), kind="forbidden", field="targets")
+    return tree.resolve_leaves(targets)
+
+
+def new_bulletin(sender: str, user: str, programme: Record, klass: str,
+                 targets: list[str], now: float | None = None) -> Record:
+    return {"id": uuid.uuid4().hex[:12], "area": sender, "user": user,
+            "programme": programme["id"], "title": programme["title"], "class": klass,
+            "targets": targets, "created": time.time() if now is None else now}
+
+
+def entries(bulletin: Record, codes: Iterable[str]) -> list[Record]:
+    """One inbox entry per commune, in the state its class starts in."""
+    state = FLOW[bulletin["class"]]
+    return [{"id": uuid.uuid4().hex[:12], "bulletin": bulletin["id"], "area": code,
+             "from": bulletin["area"], "class": bulletin["class"], "title": bulletin["title"],
+             "programme": bulletin["programme"], "state": state,
+             "order": DEFAULT_ORDER, "created": bulletin["created"]} for code in codes]
+
+
+def require_pending(entry: Record, action: str) -> None:
+    """Only a pending entry is scheduled or declined (checked before reading a request body)."""
+    if entry["state"] != "pending":
+        raise InboxError(say("inbox.not_pending", action=action, state=entry["state"]),
+                         kind="conflict")
+
+
+def scheduling(entry: Record, schedule_id: str, user: str) -> Record:
+    require_pending(entry, "schedule")
+    return {"state": "scheduled", "schedule": schedule_id, "by": user}
+
+
+def declining(entry: Record, reason: str, user: str) -> Record:
+    require_pending(entry, "decline")
+    reason = reason.strip()
+    if not reason or len(reason) > MAX_REASON:
+        raise InboxError(say("inbox.reason", limit=MAX_REASON), field="reason")
+    return {"state": "declined", "reason": reason, "by": user}
+
+
+def ordering(entry: Record, order: str) -> Record:
+    """Only a priority bulletin is ordered against the commune's own (an emergency always goes
+    first, a normal one airs when the commune schedules it)."""
+    if order not in ORDERS:
+        raise InboxError(say("inbox.order", orders=", ".join(ORDERS)), field="order")
+    if entry["class"] != "priority":
+        raise InboxError(say("inbox.order_class"), kind="conflict", field="order")
+    return {"order": order}
+
+
+def after_own(entries_of_bulletin: Iterable[Record]) -> frozenset[str]:
+    """The communes that put the bulletin after their own: what the engine ranks by."""
+    return frozenset(e["area"] for e in entries_of_bulletin if e.get("order") == "after")
+
+
+async def deliver(store: Store, station: Station, tree: AreaTree, bulletin: Record,
+                  programme: Record) -> list[Record]:
+    """Store a bulletin and an entry per commune it reaches, then air it at once when its class
+    says so (priority, emergency), with the sender's authority. What the API's send does, and
+    what a link from a parent node calls with the parent's bulletin. Returns the entries."""
+    made = entries(bulletin, tree.resolve_leaves(bulletin["targets"]))
+    content = None if FLOW[bulletin["class"]] == "pending" else \
+        await station.programme_content(programme)  # a bad programme refuses before storing
+    await store.create("bulletin", bulletin)  # stored before anything airs
+    await store.put_many("inbox", made)
+    if content is not None:
+        rec = await station.air(content, targets=bulletin["targets"], klass=bulletin["class"],
+                                issuer=bulletin["area"], user=bulletin["user"],
+                                spec={"programme": programme["id"]},
+                                extra={"bulletin": bulletin["id"]})
+        bulletin.update(await store.update("bulletin", bulletin["id"], {"broadcast": rec["id"]}))
+    return made
+
+
+async def apply_order(store: Store, engine: Engine, bulletin_id: str) -> None:
+    """After a commune changed its order: re-rank the bulletin on air (from the next tick) and
+    keep the order on its broadcast's record, so a restart airs it in the same order."""
+    bid = ((await store.get("bulletin", bulletin_id)) or {}).get("broadcast")
+    if bid and engine.live_broadcast(bid) is not None:
+        after = after_own(await store.find("inbox", bulletin=bulletin_id))
+        await store.update("broadcast", bid, {"after_own": sorted(after)})
+        engine.reorder(bid, after)
