@@ -308,7 +308,7 @@ async def test_cross_area_sweep_of_every_write_operation(api: Api, tmp_path: Pat
     status, out = await api.call("qtvA", "POST", "/api/exchange/v1/bulletins", json={
         "id": "X", "sender": "x", "sent": "2026-12-07T08:00:00+07:00", "class": "emergency",
         "title": "x", "text": "x", "targets": [B]})
-    assert status == 401 and await api.node.store.count("bulletin") == 0, out
+    assert status == 401 and await api.node.store.count("exchange_in") == 0, out
     assert await snapshot(api) == before
 
 
