@@ -556,6 +556,8 @@ async def monitor_json(app: web.Application, scope: str, depth: int | None = Non
             "engine": engine_figures(node),
             "devices": collected.devices,  # over the whole subtree of the scope
             "transports": transport_figures(app, collected),
+            "links": {"children": node.links.stats(),  # issue 12: the links between nodes
+                      "upstream": node.upstream.stats() if node.upstream else None},
         },
         "areas": areas,
     }

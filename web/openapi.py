@@ -279,6 +279,9 @@ def document() -> S:
 
     paths.update(monitor.openapi_paths())
     paths.update(api_emergency.openapi_paths())
+    from loa.web.api import nodes as api_nodes
+
+    paths.update(api_nodes.openapi_paths())
     return {
         "openapi": "3.0.3",
         "info": {"title": "Loa API", "version": "1",

@@ -76,6 +76,7 @@ KINDS: Mapping[str, Kind] = {
     # leaves them here, closed at the next start at their node's last "still on air" mark).
     "onair": Kind(indexed=("area", "node")),
     "node": Kind(),  # id = node id, `seen` = its last "still on air" mark
+    "node_key": Kind(indexed=("area",)),  # a child node's link credential (only its hash)
     "rtp_group": Kind(indexed=("block",), unique=("block",)),  # id = area: its multicast block
 }
 

@@ -92,6 +92,8 @@ async def build(api: Api, tmp_path: Path) -> World:
             "media": ids["media"], "targets": [area]}))["id"]
         ids["emergency"] = (await created(api, who, "POST", "/api/v1/emergencies", json={
             "targets": [area], "content": {"media": ids["media"]}}))["id"]
+        ids["node"] = (await created(api, who, "POST", "/api/v1/nodes", json={
+            "name": f"Nút {area}", "area": area}))["id"]
     return w
 
 
@@ -199,6 +201,10 @@ def attempts(w: World) -> dict[tuple[str, str], Callable[[], list[Attempt]] | st
             (f"/api/v1/devices/{b['device']}/provisioning", {})],
         ("POST", "/api/v1/devices/{id}/commands"): lambda: [
             (f"/api/v1/devices/{b['device']}/commands", {"json": {"command": "stop"}})],
+        ("POST", "/api/v1/nodes"): lambda: [
+            ("/api/v1/nodes", {"json": {"name": "Nút lạ", "area": B}})],
+        ("POST", "/api/v1/nodes/{id}/revoke"): lambda: [
+            (f"/api/v1/nodes/{b['node']}/revoke", {})],
         ("POST", "/api/v1/emergencies"): lambda: [
             ("/api/v1/emergencies", {"json": {"targets": [B], "content": {"text": "Cháy"}}}),
             ("/api/v1/emergencies", {"json": {"targets": [A], "content": {"media": media_b}}}),

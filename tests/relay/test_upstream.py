@@ -1,0 +1,288 @@
+"""The link between nodes (issue 12): two real nodes on loopback, a province parent and a district
+child, each with its own data directory; the child's [upstream] names the parent and a key the
+parent issued. What the child airs is checked in its engine and heard in its area's Opus stream
+(decoded with FFmpeg's libopus through PyAV)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from loa.codecs.encoders import Packet
+from loa.relay.link import CLOSE_AREAS, CLOSE_CREDENTIAL, encode_frame
+from loa.streamer.broadcast import Broadcast
+from loa.streamer.engine import OnAirChange
+from loa.streamer.sources import ToneSource
+from loa.web.auth import add_user
+from loa.web.config import Config
+from loa.web.node import Node
+from loa.web.testing import LOCAL, LiveNode, start_node
+from tests.apiclient import PASSWORD, make_config
+from tests.audio import decode_packets, peak_hz, rms
+from tests.helpers import until
+
+DISTRICT = "T01-H1"
+COMMUNE = "T01-H1-X1"
+ADMIN = "qtvtinh"  # the province's admin on the parent
+
+
+async def people(node: Node) -> None:
+    if not await node.store.find("user", username=ADMIN):
+        await add_user(node.store, node.tree, ADMIN, "admin", "T01", PASSWORD, emergency=True)
+
+
+@dataclass
+class Listener:
+    """An area's Opus stream on a node, as a loudspeaker would pull it."""
+
+    packets: list[Packet] = field(default_factory=list)
+
+    def hears(self, hz: float, seconds: float = 0.4) -> bool:
+        n = int(seconds / 0.02)
+        if len(self.packets) < n + 5:
+            return False
+        pcm, rate = decode_packets("opus", self.packets[-n - 5:])
+        pcm = pcm[-int(seconds * rate):]
+        return abs(peak_hz(pcm, rate) - hz) < 8 and rms(pcm) > 0.05
+
+
+def listen(node: Node, area: str) -> Listener:
+    got = Listener()
+    sub = node.hub.subscribe(area, "opus")
+    sub.on_packets = got.packets.extend
+    return got
+
+
+async def api(http: aiohttp.ClientSession, base: str, method: str, path: str,
+              token: str | None = None, **kw: object) -> tuple[int, dict]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with http.request(method, base + path, headers=headers, **kw) as r:
+        return r.status, await r.json()
+
+
+@dataclass
+class Pair:
+    parent: LiveNode
+    child: LiveNode
+    parent_cfg: Config
+    http: aiohttp.ClientSession
+    token: str
+    node_id: str
+    key: str
+
+    @property
+    def link(self):  # the child's upstream link
+        assert self.child.node.upstream is not None
+        return self.child.node.upstream
+
+
+def node_config(where: Path) -> Config:
+    where.mkdir()
+    return make_config(where)
+
+
+def child_config(tmp_path: Path, url: str, key: str, areas: list[str]) -> Config:
+    cfg = node_config(tmp_path / "child")
+    cfg.upstream.url, cfg.upstream.key, cfg.upstream.areas = url, key, areas
+    cfg.upstream.hold_s = 0.5
+    return cfg
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
+    pcfg = node_config(tmp_path / "parent")
+    parent = await start_node(pcfg, prepare=people)
+    http = aiohttp.ClientSession()
+    status, out = await api(http, parent.url, "POST", "/api/v1/auth/token",
+                            json={"username": ADMIN, "password": PASSWORD})
+    assert status == 201, out
+    token = out["token"]
+    status, cred = await api(http, parent.url, "POST", "/api/v1/nodes", token,
+                             json={"name": "Nút huyện 1", "area": DISTRICT})
+    assert status == 201 and cred["area"] == DISTRICT and "key_hash" not in cred, cred
+    child = await start_node(child_config(tmp_path, parent.url, cred["key"], [DISTRICT]))
+    p = Pair(parent, child, pcfg, http, token, cred["id"], cred["key"])
+    try:
+        yield p
+    finally:
+        await child.stop()
+        await p.parent.stop()
+        await http.close()
+
+
+def own_programme(node: Node) -> str:
+    return node.engine.start(Broadcast(ToneSource(440, 0.3), [DISTRICT], issuer=DISTRICT,
+                                       klass="normal", title="Chương trình huyện"))
+
+
+def province(node: Node, klass: str, hz: float = 1000, title: str = "Bản tin tỉnh") -> str:
+    return node.engine.start(Broadcast(ToneSource(hz, 0.3), ["T01"], issuer="T01",
+                                       klass=klass, title=title))
+
+
+async def test_province_broadcast_preempts_the_districts_own_and_survives_outages(pair: Pair):
+    child, parent = pair.child.node, pair.parent.node
+    ear = listen(child, DISTRICT)
+    await until(lambda: pair.link.state == "up", "the link up")
+    own = own_programme(child)
+    await until(lambda: ear.hears(440), "the district's own programme")
+
+    switched: dict[str, float] = {}
+
+    def on_change(c: OnAirChange) -> None:
+        if c.area == DISTRICT and c.after is not None:
+            switched.setdefault(c.after, time.perf_counter())
+
+    child.engine.listeners.append(on_change)
+    t0 = time.perf_counter()
+    bid = province(parent, "priority")
+    await until(lambda: child.engine.main_of(DISTRICT) == bid, "the province on the child")
+    print(f"\nparent start -> child on-air switch: {(switched[bid] - t0) * 1000:.1f} ms")
+    for area in (DISTRICT, COMMUNE):
+        on = child.engine.on_air(area)
+        assert (on["broadcast"], on["class"], on["issuer"], on["title"]) == \
+            (bid, "priority", "T01", "Bản tin tỉnh"), on
+    rec = await child.store.get("broadcast", bid)
+    assert rec is not None and rec["class"] == "priority" and rec["issuer"] == "T01"
+    assert rec["targets"] == [DISTRICT]  # cut to the child's part of the tree
+    await until(lambda: ear.hears(1000), "the province's tone on the child's stream")
+
+    parent.engine.stop(bid)
+    await until(lambda: child.engine.main_of(DISTRICT) == own, "the district's own again")
+    await until(lambda: ear.hears(440), "the district's own programme heard again")
+
+    # The link drops under a broadcast and returns: held meanwhile, started once, no gap in rank.
+    second = province(parent, "priority", 800, "Bản tin tỉnh 2")
+    await until(lambda: ear.hears(800), "the second province broadcast")
+    started = pair.link.counts["started"]
+    connects = pair.link.counts["connects"]
+    t_drop = time.perf_counter()
+    for feed in list(parent.links.feeds):
+        assert feed.end is not None
+        feed.end(1001, "test: the network drops")
+    await until(lambda: pair.link.counts["connects"] == connects + 1, "the link back")
+    print(f"link dropped -> resynced: {(time.perf_counter() - t_drop) * 1000:.0f} ms")
+    assert child.engine.main_of(DISTRICT) == second
+    assert pair.link.counts["started"] == started  # the hello's broadcast was not started again
+    await until(lambda: ear.hears(800), "the second broadcast heard after the reconnect")
+
+    # The parent stops: the child lets the parent's broadcast go after its hold, airs its own.
+    await pair.parent.stop()
+    await until(lambda: pair.link.state == "down", "the link down")
+    await until(lambda: child.engine.main_of(DISTRICT) == own, "the own programme back")
+    await until(lambda: ear.hears(440), "the own programme heard while the parent is down")
+    assert (await api(pair.http, pair.child.url, "GET", "/healthz"))[0] == 200
+
+    # The parent returns on its address: the child reconnects within about a second.
+    t_back = time.perf_counter()
+    pair.parent = await start_node(pair.parent_cfg, prepare=people, port=pair.parent.port)
+    await until(lambda: pair.link.state == "up", "the link up again", timeout=5)
+    back = time.perf_counter() - t_back
+    print(f"parent restarted -> link up: {back * 1000:.0f} ms")
+    assert back < 2.0
+    assert child.engine.main_of(DISTRICT) == own and not pair.link.remotes
+
+
+async def test_refused_credentials_and_areas_and_garbage_leave_the_air_alone(pair: Pair):
+    child, parent = pair.child.node, pair.parent.node
+    await until(lambda: pair.link.state == "up", "the link up")
+    own = own_programme(child)
+    held = province(parent, "normal", 600, "Nhạc tỉnh")  # above the district's own there too
+    await until(lambda: child.engine.main_of(DISTRICT) == held, "the province's on the child")
+    ws_url = pair.parent.url.replace("http", "ws", 1) + "/api/v1/nodes/link"
+    auth = {"Authorization": f"Node {pair.key}"}
+
+    async def refusal(url: str, headers: dict[str, str]) -> tuple[int | None, str]:
+        async with pair.http.ws_connect(url, headers=headers) as ws:
+            msg = await ws.receive()
+            return ws.close_code, str(msg.extra)
+
+    code, reason = await refusal(ws_url + "?areas=T01-H2", auth)
+    assert code == CLOSE_AREAS and "T01-H2" in reason and "outside" in reason
+    code, reason = await refusal(ws_url, {"Authorization": f"Node {pair.node_id}.wrong"})
+    assert code == CLOSE_CREDENTIAL and "wrong node key" in reason
+
+    # A child that sends garbage is cut off; the parent's air does not move.
+    async with pair.http.ws_connect(ws_url, headers=auth) as ws:
+        hello = await ws.receive_json()
+        assert hello["type"] == "hello" and hello["areas"] == [DISTRICT]
+        await ws.send_bytes(b"\x00garbage")
+        while (msg := await ws.receive()).type not in (aiohttp.WSMsgType.CLOSE,
+                                                       aiohttp.WSMsgType.CLOSED):
+            pass
+        assert ws.close_code == 1003
+    assert parent.engine.main_of(DISTRICT) == held
+
+    # Revoked: the child's link is ended with the reason, it stays refused, its own airs on.
+    status, rec = await api(pair.http, pair.parent.url, "POST",
+                            f"/api/v1/nodes/{pair.node_id}/revoke", pair.token)
+    assert status == 200 and rec["revoked"] is True
+    await until(lambda: pair.link.state == "refused", "the child refused")
+    assert "revoked" in pair.link.reason
+    assert not pair.link.remotes
+    await until(lambda: child.engine.main_of(DISTRICT) == own, "the own programme on air")
+    status, mon = await api(pair.http, pair.parent.url, "GET", "/api/v1/nodes", pair.token)
+    assert status == 200 and mon["nodes"][0]["revoked"] and not mon["nodes"][0]["connected"]
+    audit = await parent.store.read_log("audit", limit=100)
+    assert any(e["action"] == "node.revoke" and e["target"] == pair.node_id for e in audit)
+
+
+async def test_garbage_from_the_parent_is_refused_without_disturbing_the_air(tmp_path: Path):
+    """A stand-in parent that says hello with one broadcast, then sends junk between its frames."""
+    from loa.codecs.opus import Opus
+    from tests.audio import tone_pcm
+
+    enc = Opus(32000, 5)
+    pcm = tone_pcm(3.0, 1000)
+    frames = [enc.encode(pcm[i:i + 960]) for i in range(0, pcm.shape[0] - 960, 960)]
+    event = {"id": "tinh0000001", "class": "emergency", "authority": 0, "issuer": "T01",
+             "issuer_path": ["T01"], "title": "Khẩn cấp tỉnh", "policy": "resume",
+             "targets": [DISTRICT]}
+
+    async def link(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        await ws.send_str(json.dumps({"type": "hello", "areas": [DISTRICT],
+                                      "broadcasts": [event]}))
+        for i, f in enumerate(frames):
+            if i % 10 == 5:
+                await ws.send_bytes(b"\x01\xff" + b"x" * 30)  # an id length past the end
+                await ws.send_bytes(encode_frame("tinh0000001", i * 960, b""))
+                await ws.send_str("{not json")
+                await ws.send_str(json.dumps({"type": "explode"}))
+                await ws.send_bytes(encode_frame("tinh0000001", (i - 3) * 960, f))  # late
+            await ws.send_bytes(encode_frame("tinh0000001", i * 960, f))
+        await ws.receive()  # until the child goes
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/api/v1/nodes/link", link)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, LOCAL, 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    child = await start_node(child_config(tmp_path, f"http://{LOCAL}:{port}", "x.y", [DISTRICT]))
+    try:
+        link = child.node.upstream
+        assert link is not None
+        ear = listen(child.node, DISTRICT)
+        await until(lambda: child.node.engine.main_of(DISTRICT) == "tinh0000001",
+                    "the stand-in's emergency on air")
+        on = child.node.engine.on_air(COMMUNE)
+        assert (on["class"], on["issuer"], on["title"]) == ("emergency", "T01", "Khẩn cấp tỉnh")
+        await until(lambda: ear.hears(1000), "the emergency's tone through the junk")
+        await until(lambda: link.counts["bad_events"] >= 4, "junk events counted")
+        assert link.counts["bad_frames"] >= 4 and link.counts["late"] >= 2
+        assert link.state == "up" and link.counts["started"] == 1
+        assert child.node.engine.main_of(DISTRICT) == "tinh0000001"
+    finally:
+        await child.stop()
+        await runner.cleanup()
