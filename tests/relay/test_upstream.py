@@ -107,7 +107,8 @@ async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
     status, cred = await api(http, parent.url, "POST", "/api/v1/nodes", token,
                              json={"name": "Nút huyện 1", "area": DISTRICT})
     assert status == 201 and cred["area"] == DISTRICT and "key_hash" not in cred, cred
-    child = await start_node(child_config(tmp_path, parent.url, cred["key"], [DISTRICT]))
+    child = await start_node(child_config(tmp_path, parent.url, cred["key"], [DISTRICT]),
+                             prepare=people)
     p = Pair(parent, child, pcfg, http, token, cred["id"], cred["key"])
     try:
         yield p
@@ -178,7 +179,11 @@ async def test_province_broadcast_preempts_the_districts_own_and_survives_outage
     await until(lambda: pair.link.state == "down", "the link down")
     await until(lambda: child.engine.main_of(DISTRICT) == own, "the own programme back")
     await until(lambda: ear.hears(440), "the own programme heard while the parent is down")
-    assert (await api(pair.http, pair.child.url, "GET", "/healthz"))[0] == 200
+    status, out = await api(pair.http, pair.child.url, "POST", "/api/v1/auth/token",
+                            json={"username": ADMIN, "password": PASSWORD})
+    status, mon = await api(pair.http, pair.child.url, "GET", "/api/v1/monitor", out["token"])
+    shown = mon["node"]["links"]["upstream"]
+    assert status == 200 and shown["state"] == "down" and shown["reason"], shown
 
     # The parent returns on its address: the child reconnects within about a second.
     t_back = time.perf_counter()
@@ -214,8 +219,8 @@ async def test_refused_credentials_and_areas_and_garbage_leave_the_air_alone(pai
         hello = await ws.receive_json()
         assert hello["type"] == "hello" and hello["areas"] == [DISTRICT]
         await ws.send_bytes(b"\x00garbage")
-        while (msg := await ws.receive()).type not in (aiohttp.WSMsgType.CLOSE,
-                                                       aiohttp.WSMsgType.CLOSED):
+        while (await ws.receive()).type not in (aiohttp.WSMsgType.CLOSE,
+                                                aiohttp.WSMsgType.CLOSED):
             pass
         assert ws.close_code == 1003
     assert parent.engine.main_of(DISTRICT) == held
