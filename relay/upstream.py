@@ -81,6 +81,7 @@ class UpstreamLink:
                        "concealed": 0, "bad_frames": 0, "bad_events": 0, "unknown": 0}
         self._task: asyncio.Task[None] | None = None
         self._hold: asyncio.TimerHandle | None = None
+        self._released = False  # this outage's hold is over
 
     @property
     def ws_url(self) -> str:
@@ -96,6 +97,11 @@ class UpstreamLink:
             await asyncio.gather(self._task, return_exceptions=True)
         if self._hold is not None:
             self._hold.cancel()
+
+    @property
+    def holding(self) -> bool:
+        """The link is down and the parent's broadcasts are still held (within `hold_s`)."""
+        return self._hold is not None
 
     def stats(self) -> dict[str, Any]:
         return {"url": self.settings.url, "areas": self.settings.areas, "state": self.state,
@@ -155,7 +161,7 @@ class UpstreamLink:
         return greeted
 
     def _lost(self) -> None:
-        if self.remotes and self._hold is None:
+        if self.remotes and self._hold is None and not self._released:
             self._hold = asyncio.get_running_loop().call_later(self.settings.hold_s,
                                                                self._let_go)
 
@@ -164,6 +170,7 @@ class UpstreamLink:
         self._hold = None
         if self.state == "up":
             return
+        self._released = True  # once per outage: what is left (emergencies) stays
         for bid, r in list(self.remotes.items()):
             if not r.emergency:
                 self._stop(bid, "upstream-lost")
@@ -191,6 +198,7 @@ class UpstreamLink:
         if self._hold is not None:
             self._hold.cancel()
             self._hold = None
+        self._released = False
         self.counts["connects"] += 1
         self._set("up")
         wanted = {str(e["id"]) for e in events}

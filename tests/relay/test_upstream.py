@@ -288,6 +288,12 @@ async def test_garbage_from_the_parent_is_refused_without_disturbing_the_air(tmp
         assert link.counts["bad_frames"] >= 4 and link.counts["late"] >= 2
         assert link.state == "up" and link.counts["started"] == 1
         assert child.node.engine.main_of(DISTRICT) == "tinh0000001"
+        # The parent gone past the hold: its emergency stays on the air until it says otherwise.
+        await runner.cleanup()
+        await until(lambda: link.state == "down" and link.holding, "the link down, holding")
+        await until(lambda: not link.holding, "the hold over")
+        assert child.node.engine.main_of(DISTRICT) == "tinh0000001"
+        assert list(link.remotes) == ["tinh0000001"]
     finally:
         await child.stop()
         await runner.cleanup()
