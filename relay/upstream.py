@@ -227,11 +227,14 @@ class UpstreamLink:
         push = LivePush(target_ms=self.settings.buffer_ms,
                         max_ms=self.settings.buffer_ms + 100, name=str(event["title"]))
         self.remotes[bid] = Remote(event, push)
-        await self.station.air(Content(push, str(event["title"]), None), targets=targets,
-                               klass=cls.name, issuer=issuer, user="upstream",
-                               policy=str(event.get("policy", "resume")),
-                               spec={"live": "upstream", "upstream": self.settings.url},
-                               bid=bid)
+        # On the air first, stored after: the parent holds the truth and has stored it; the
+        # record here is for this node's lists and as-run (a restart ends it: "live").
+        rec = await self.station.air(Content(push, str(event["title"]), None),
+                                     targets=targets, klass=cls.name, issuer=issuer,
+                                     user="upstream", policy=str(event.get("policy", "resume")),
+                                     spec={"live": "upstream", "upstream": self.settings.url},
+                                     bid=bid, persist=False)
+        await self.station.store.put("broadcast", rec)
         self.counts["started"] += 1
         log.info("parent broadcast on event=upstream_start id=%s class=%s issuer=%s "
                  "targets=%s", bid, cls.name, issuer, ",".join(targets))

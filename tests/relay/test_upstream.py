@@ -88,11 +88,23 @@ def node_config(where: Path) -> Config:
     return make_config(where)
 
 
-def child_config(tmp_path: Path, url: str, key: str, areas: list[str]) -> Config:
-    cfg = node_config(tmp_path / "child")
+def child_config(tmp_path: Path, url: str, key: str, areas: list[str],
+                 name: str = "child") -> Config:
+    cfg = node_config(tmp_path / name)
     cfg.upstream.url, cfg.upstream.key, cfg.upstream.areas = url, key, areas
     cfg.upstream.hold_s = 0.5
     return cfg
+
+
+async def issue_key(http: aiohttp.ClientSession, base: str, area: str) -> tuple[str, dict]:
+    """The parent's admin logs in and registers a child node for `area`: (token, record+key)."""
+    status, out = await api(http, base, "POST", "/api/v1/auth/token",
+                            json={"username": ADMIN, "password": PASSWORD})
+    assert status == 201, out
+    status, cred = await api(http, base, "POST", "/api/v1/nodes", out["token"],
+                             json={"name": f"Nút {area}", "area": area})
+    assert status == 201 and cred["area"] == area and "key_hash" not in cred, cred
+    return out["token"], cred
 
 
 @pytest.fixture
@@ -100,13 +112,7 @@ async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
     pcfg = node_config(tmp_path / "parent")
     parent = await start_node(pcfg, prepare=people)
     http = aiohttp.ClientSession()
-    status, out = await api(http, parent.url, "POST", "/api/v1/auth/token",
-                            json={"username": ADMIN, "password": PASSWORD})
-    assert status == 201, out
-    token = out["token"]
-    status, cred = await api(http, parent.url, "POST", "/api/v1/nodes", token,
-                             json={"name": "Nút huyện 1", "area": DISTRICT})
-    assert status == 201 and cred["area"] == DISTRICT and "key_hash" not in cred, cred
+    token, cred = await issue_key(http, parent.url, DISTRICT)
     child = await start_node(child_config(tmp_path, parent.url, cred["key"], [DISTRICT]),
                              prepare=people)
     p = Pair(parent, child, pcfg, http, token, cred["id"], cred["key"])
@@ -297,3 +303,50 @@ async def test_garbage_from_the_parent_is_refused_without_disturbing_the_air(tmp
     finally:
         await child.stop()
         await runner.cleanup()
+
+
+async def test_three_levels_province_district_commune(pair: Pair, tmp_path: Path):
+    """The district node is itself a parent: its commune node hears the province through it,
+    the district's own above the commune's own, with the same ids, classes and issuers."""
+    province_node, district = pair.parent.node, pair.child.node
+    _, cred = await issue_key(pair.http, pair.child.url, COMMUNE)
+    commune = await start_node(child_config(tmp_path, pair.child.url, cred["key"], [COMMUNE],
+                                            "commune"))
+    try:
+        c = commune.node
+        assert c.upstream is not None
+        ear = listen(c, COMMUNE)
+        await until(lambda: c.upstream.state == "up" and pair.link.state == "up", "both links")
+        own = c.engine.start(Broadcast(ToneSource(500, 0.3), [COMMUNE], issuer=COMMUNE,
+                                       title="Bản tin xã"))
+        await until(lambda: ear.hears(500), "the commune's own")
+        districts = own_programme(district)
+        await until(lambda: c.engine.main_of(COMMUNE) == districts, "the district's on the commune")
+        await until(lambda: ear.hears(440), "the district's heard on the commune")
+        switched: dict[str, float] = {}
+        c.engine.listeners.append(
+            lambda ch: switched.setdefault(ch.after or "", time.perf_counter()))
+        t0 = time.perf_counter()
+        bid = province(province_node, "emergency", 1000, "Khẩn cấp: lũ")
+        await until(lambda: c.engine.main_of(COMMUNE) == bid, "the province on the commune")
+        print(f"\nprovince start -> commune on-air switch, 2 hops: "
+              f"{(switched[bid] - t0) * 1000:.1f} ms")
+        on = c.engine.on_air(COMMUNE)
+        assert (on["class"], on["issuer"], on["title"]) == ("emergency", "T01", "Khẩn cấp: lũ")
+        await until(lambda: ear.hears(1000), "the province's tone two hops down")
+        province_node.engine.stop(bid)
+        await until(lambda: c.engine.main_of(COMMUNE) == districts, "the district's back")
+        took = []  # measured, not asserted: the province's start to the commune's switch
+        for n in range(5):
+            t0 = time.perf_counter()
+            again = province(province_node, "emergency", 1000, f"Khẩn cấp {n}")
+            await until(lambda: c.engine.main_of(COMMUNE) == again, "an emergency", step=0.005)
+            took.append((switched[again] - t0) * 1000)
+            province_node.engine.stop(again)
+            await until(lambda: c.engine.main_of(COMMUNE) == districts, "the district's back")
+        print(f"2 hops, 5 emergencies: p50 {sorted(took)[2]:.1f} ms, max {max(took):.1f} ms")
+        district.engine.stop(districts)
+        await until(lambda: c.engine.main_of(COMMUNE) == own, "the commune's own back")
+        await until(lambda: ear.hears(500), "the commune's own heard again")
+    finally:
+        await commune.stop()
