@@ -340,7 +340,8 @@ async def test_three_levels_province_district_commune(pair: Pair, tmp_path: Path
         for n in range(5):
             t0 = time.perf_counter()
             again = province(province_node, "emergency", 1000, f"Khẩn cấp {n}")
-            await until(lambda: c.engine.main_of(COMMUNE) == again, "an emergency", step=0.005)
+            await until(lambda a=again: c.engine.main_of(COMMUNE) == a, "an emergency",
+                        step=0.005)
             took.append((switched[again] - t0) * 1000)
             province_node.engine.stop(again)
             await until(lambda: c.engine.main_of(COMMUNE) == districts, "the district's back")
