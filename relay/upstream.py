@@ -208,19 +208,21 @@ class UpstreamLink:
         for e in events:
             await self._start(e)
 
-    def _issuer(self, event: dict[str, Any]) -> str | None:
-        """The issuer, or its nearest ancestor this node's tree knows."""
+    def issuer_here(self, event: dict[str, Any], targets: list[str]) -> str:
+        """The issuer as this node's arbiter knows it: itself, else its nearest ancestor in this
+        node's tree, else (an issuer above this tree's root, a national source) the root."""
         path = [str(c) for c in event.get("issuer_path") or [event["issuer"]]]
-        return next((c for c in reversed(path) if c in self.tree), None)
+        known = next((c for c in reversed(path) if c in self.tree), None)
+        return known or self.tree.ancestors(targets[0])[-1]
 
     async def _start(self, event: dict[str, Any]) -> None:
         bid = str(event["id"])
         if bid in self.remotes:
             return  # idempotent: a repeated start, or a hello after a reconnect
-        issuer = self._issuer(event)
         targets = [str(t) for t in event["targets"] if str(t) in self.tree]
-        if issuer is None or not targets:
+        if not targets:
             raise LinkError(say("upstream.outside_tree", id=bid, issuer=event["issuer"]))
+        issuer = self.issuer_here(event, targets)
         cls = BroadcastClass.parse(event["class"])
         # A burst (the parent's encoder catching up, a reconnect) beyond 100 ms over the
         # target is dropped at once rather than played late.

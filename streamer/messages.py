@@ -585,10 +585,10 @@ CATALOGUE: dict[str, Text] = {
     "link.unknown_node": Text("không có nút con này", "unknown child node"),
     "upstream.closed": Text("nút cha đóng liên kết (mã {code})",
                             "the parent closed the link (code {code})"),
-    "upstream.outside_tree": Text("phát sóng {id} của nút cha ({issuer}) không thuộc cây khu vực "
+    "upstream.outside_tree": Text("phát sóng {id} của nút cha ({issuer}) không tới khu vực nào "
                                   "của nút này",
-                                  "the parent's broadcast {id} ({issuer}) is outside this "
-                                  "node's area tree"),
+                                  "the parent's broadcast {id} ({issuer}) reaches no area of "
+                                  "this node"),
     "openapi.nodes": Text("Các nút con và trạng thái liên kết",
                           "Child nodes and link state"),
     "openapi.node_create": Text("Đăng ký nút con cho một khu vực (trả khóa một lần)",

@@ -5,6 +5,7 @@ parent issued. What the child airs is checked in its engine and heard in its are
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -246,60 +247,79 @@ async def test_refused_credentials_and_areas_and_garbage_leave_the_air_alone(pai
 
 
 async def test_garbage_from_the_parent_is_refused_without_disturbing_the_air(tmp_path: Path):
-    """A stand-in parent that says hello with one broadcast, then sends junk between its frames."""
+    """A stand-in parent: says hello with an emergency and sends its frames in real time with junk
+    between them; then is unreachable (503) past the hold; then returns with nothing on air."""
     from loa.codecs.opus import Opus
     from tests.audio import tone_pcm
 
     enc = Opus(32000, 5)
     pcm = tone_pcm(3.0, 1000)
     frames = [enc.encode(pcm[i:i + 960]) for i in range(0, pcm.shape[0] - 960, 960)]
-    event = {"id": "tinh0000001", "class": "emergency", "authority": 0, "issuer": "T01",
+    bid = "tinh0000001"
+    event = {"id": bid, "class": "emergency", "authority": 0, "issuer": "T01",
              "issuer_path": ["T01"], "title": "Khẩn cấp tỉnh", "policy": "resume",
              "targets": [DISTRICT]}
+    stand_in: dict[str, object] = {"mode": "serve"}
 
-    async def link(request: web.Request) -> web.WebSocketResponse:
+    async def link(request: web.Request) -> web.StreamResponse:
+        if stand_in["mode"] == "down":
+            return web.Response(status=503)
         ws = web.WebSocketResponse()
         await ws.prepare(request)
+        stand_in["ws"] = ws
+        on_air = [event] if stand_in["mode"] == "serve" else []
         await ws.send_str(json.dumps({"type": "hello", "areas": [DISTRICT],
-                                      "broadcasts": [event]}))
-        for i, f in enumerate(frames):
+                                      "broadcasts": on_air}))
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for i, f in enumerate(frames if on_air else []):
+            await asyncio.sleep(max(0.0, t0 + i * 0.02 - loop.time()))  # real-time pacing
             if i % 10 == 5:
                 await ws.send_bytes(b"\x01\xff" + b"x" * 30)  # an id length past the end
-                await ws.send_bytes(encode_frame("tinh0000001", i * 960, b""))
+                await ws.send_bytes(encode_frame(bid, i * 960, b""))
                 await ws.send_str("{not json")
                 await ws.send_str(json.dumps({"type": "explode"}))
-                await ws.send_bytes(encode_frame("tinh0000001", (i - 3) * 960, f))  # late
-            await ws.send_bytes(encode_frame("tinh0000001", i * 960, f))
-        await ws.receive()  # until the child goes
+                await ws.send_bytes(encode_frame(bid, (i - 3) * 960, f))  # late
+            await ws.send_bytes(encode_frame(bid, i * 960, f))
+        await ws.receive()  # until either side closes
         return ws
 
     app = web.Application()
     app.router.add_get("/api/v1/nodes/link", link)
     runner = web.AppRunner(app)
     await runner.setup()
-    site = web.TCPSite(runner, LOCAL, 0)
-    await site.start()
+    await web.TCPSite(runner, LOCAL, 0).start()
     port = runner.addresses[0][1]
     child = await start_node(child_config(tmp_path, f"http://{LOCAL}:{port}", "x.y", [DISTRICT]))
     try:
-        link = child.node.upstream
+        engine, link = child.node.engine, child.node.upstream
         assert link is not None
         ear = listen(child.node, DISTRICT)
-        await until(lambda: child.node.engine.main_of(DISTRICT) == "tinh0000001",
-                    "the stand-in's emergency on air")
-        on = child.node.engine.on_air(COMMUNE)
+        own = own_programme(child.node)
+        await until(lambda: engine.main_of(DISTRICT) == bid, "the stand-in's emergency on air")
+        on = engine.on_air(COMMUNE)
         assert (on["class"], on["issuer"], on["title"]) == ("emergency", "T01", "Khẩn cấp tỉnh")
         await until(lambda: ear.hears(1000), "the emergency's tone through the junk")
         await until(lambda: link.counts["bad_events"] >= 4, "junk events counted")
         assert link.counts["bad_frames"] >= 4 and link.counts["late"] >= 2
         assert link.state == "up" and link.counts["started"] == 1
-        assert child.node.engine.main_of(DISTRICT) == "tinh0000001"
-        # The parent gone past the hold: its emergency stays on the air until it says otherwise.
-        await runner.cleanup()
+        assert engine.main_of(DISTRICT) == bid
+
+        # Unreachable past the hold: the parent's emergency stays until the parent ends it.
+        stand_in["mode"] = "down"
+        ws = stand_in["ws"]
+        assert isinstance(ws, web.WebSocketResponse)
+        await ws.close()
         await until(lambda: link.state == "down" and link.holding, "the link down, holding")
         await until(lambda: not link.holding, "the hold over")
-        assert child.node.engine.main_of(DISTRICT) == "tinh0000001"
-        assert list(link.remotes) == ["tinh0000001"]
+        assert engine.main_of(DISTRICT) == bid and list(link.remotes) == [bid]
+
+        # Back, with nothing on the air: the hello's resync stops it; the district's own returns.
+        stand_in["mode"] = "empty"
+        await until(lambda: link.state == "up", "the link back", timeout=5)
+        await until(lambda: engine.main_of(DISTRICT) == own, "the own programme after the resync")
+        assert not link.remotes and link.counts["started"] == 1 and link.counts["stopped"] == 1
+        await until(lambda: ear.hears(440), "the own programme heard")
     finally:
         await child.stop()
         await runner.cleanup()
@@ -351,3 +371,14 @@ async def test_three_levels_province_district_commune(pair: Pair, tmp_path: Path
         await until(lambda: ear.hears(500), "the commune's own heard again")
     finally:
         await commune.stop()
+
+
+async def test_an_issuer_this_tree_lacks_maps_to_its_nearest_known_ancestor(pair: Pair):
+    link = pair.link
+
+    def issuer(path: list[str]) -> str:
+        return link.issuer_here({"issuer": path[-1], "issuer_path": path}, [COMMUNE])
+
+    assert issuer(["T01", "T01-H1"]) == "T01-H1"
+    assert issuer(["T01", "T01-H9"]) == "T01"  # a district this node does not know
+    assert issuer(["VN"]) == "T01"  # above this tree: its root, the highest authority here
