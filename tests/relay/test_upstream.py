@@ -191,6 +191,10 @@ async def test_province_broadcast_preempts_the_districts_own_and_survives_outage
     status, mon = await api(pair.http, pair.child.url, "GET", "/api/v1/monitor", out["token"])
     shown = mon["node"]["links"]["upstream"]
     assert status == 200 and shown["state"] == "down" and shown["reason"], shown
+    async with pair.http.get(pair.child.url + "/metrics",
+                             headers={"Authorization": f"Bearer {out['token']}"}) as r:
+        metrics = await r.text()
+    assert "\nloa_upstream_up 0\n" in metrics, metrics[-800:]
 
     # The parent returns on its address: the child reconnects within about a second.
     t_back = time.perf_counter()
