@@ -187,6 +187,7 @@ class Engine:
         self._fresh_tick = -1
         self.changes: deque[OnAirChange] = deque(maxlen=10_000)
         self.listeners: list[Callable[[OnAirChange], None]] = []
+        self.started_listeners: list[Callable[[Broadcast], None]] = []  # on the air (tick thread)
         self.ended_listeners: list[Callable[[Broadcast, str], None]] = []
         self.stats = {"ticks": 0, "mix_renders": 0, "encodes": 0, "source_errors": 0}
         silence = self._mix_for(())
@@ -275,6 +276,15 @@ class Engine:
             "mix": st.mix.id if st.mix else None,
         }
 
+    def active(self) -> list[Broadcast]:
+        """The broadcasts on the air now (accepted and started), any thread."""
+        return [live.b for live in list(self.broadcasts.values()) if live.active]
+
+    def main_of(self, area: str) -> str | None:
+        """The id of the broadcast an area hears now (None: silence or an unknown area)."""
+        st = self.areas.get(area)
+        return st.main if st else None
+
     def live_broadcast(self, bid: str) -> Broadcast | None:
         live = self.broadcasts.get(bid)
         return live.b if live else None
@@ -346,6 +356,8 @@ class Engine:
         for code in live.areas:
             self.areas[code].candidates.add(live.b.id)
             self._mark(code, "start", live.b.id)
+        for cb in self.started_listeners:
+            cb(live.b)
 
     def _mark(self, code: str, cause: str, by: str | None) -> None:
         # The first cause of a tick wins: it is the event that made the area change.

@@ -15,6 +15,7 @@ from loa.web.api import emergency as api_emergency
 from loa.web.api import exchange as api_exchange
 from loa.web.api import inbox as api_inbox
 from loa.web.api import media as api_media
+from loa.web.api import nodes as api_nodes
 from loa.web.api import overview as api_overview
 from loa.web.api import reports as api_reports
 from loa.web.api import session as api_session
@@ -55,6 +56,7 @@ def create_app(node: Node) -> web.Application:
     api_devices.setup(app)
     api_emergency.setup(app)
     api_exchange.setup(app)
+    api_nodes.setup(app)
     monitor.setup(app)
     board.setup(app)
     console.setup(app)

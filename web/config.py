@@ -19,6 +19,7 @@ from loa.relay.hls import HlsSettings
 from loa.relay.icecast import HttpStreamSettings
 from loa.relay.inputs import RelayInputSettings
 from loa.relay.rtp.out import RtpSettings
+from loa.relay.upstream import UpstreamSettings
 from loa.relay.urlpolicy import FetchSettings
 from loa.relay.webrtc import WebRtcSettings
 from loa.streamer.emergency.service import EmergencySettings
@@ -85,6 +86,7 @@ class Config:
     emergency: EmergencySettings = field(default_factory=EmergencySettings)
     fetch: FetchSettings = field(default_factory=FetchSettings)
     exchange: ExchangeSettings = field(default_factory=ExchangeSettings)
+    upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
 
     @property
     def data_dir(self) -> Path:

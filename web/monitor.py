@@ -556,6 +556,8 @@ async def monitor_json(app: web.Application, scope: str, depth: int | None = Non
             "engine": engine_figures(node),
             "devices": collected.devices,  # over the whole subtree of the scope
             "transports": transport_figures(app, collected),
+            "links": {"children": node.links.stats(),  # issue 12: the links between nodes
+                      "upstream": node.upstream.stats() if node.upstream else None},
         },
         "areas": areas,
     }
@@ -638,6 +640,8 @@ class MetricsSnapshot:
     transports: dict[str, Any]
     areas: list[str]
     device_events: dict[str, int] | None
+    upstream: dict[str, Any] | None = None  # the link to this node's parent, if any
+    children: int = 0  # child nodes linked to this node
 
 
 async def metrics_snapshot(app: web.Application) -> MetricsSnapshot:
@@ -648,7 +652,8 @@ async def metrics_snapshot(app: web.Application) -> MetricsSnapshot:
         node=node, collected=c, uptime=time.time() - node.started, clock=clock_figures(node),
         lag=node.lag.as_dict(), engine=engine_figures(node),
         transports=transport_figures(app, c), areas=[a.code for a in list(node.tree)],
-        device_events=dict(mgr.stats) if mgr is not None else None)
+        device_events=dict(mgr.stats) if mgr is not None else None,
+        upstream=node.upstream.stats() if node.upstream else None, children=len(node.links.feeds))
 
 
 async def metrics_text(app: web.Application) -> str:
@@ -786,6 +791,14 @@ def format_metrics(snap: MetricsSnapshot) -> str:
     if snap.device_events is not None:
         e.add("loa_device_events_total", "counter", "Device control channel events.",
               [({"event": k}, v) for k, v in snap.device_events.items()])
+    e.one("loa_link_children", "gauge", "Child nodes linked to this node.", snap.children)
+    up = snap.upstream
+    if up is not None:
+        e.one("loa_upstream_up", "gauge", "1 while the link to the parent node is up.",
+              int(up["state"] == "up"))
+        e.add("loa_upstream_total", "counter", "The parent link's frames and refusals.",
+              [({"event": k}, up[k]) for k in ("connects", "started", "stopped", "frames",
+                                               "late", "concealed", "bad_frames", "bad_events")])
     return e.text()
 
 

@@ -19,7 +19,9 @@ from loa.relay.devices.manager import DeviceManager
 from loa.relay.fanout import FanoutPool
 from loa.relay.hls import HlsService
 from loa.relay.icecast import HttpStreamer
+from loa.relay.link import LinkServer
 from loa.relay.rtp.out import RtpConfigError, RtpOut
+from loa.relay.upstream import UpstreamLink
 from loa.relay.webrtc import WebRtcRelay
 from loa.streamer.areas import AreaTree
 from loa.streamer.broadcast import Broadcast
@@ -92,6 +94,8 @@ class Node:
         self.hls: HlsService | None = None  # [hls] enabled
         self.webrtc: WebRtcRelay
         self.whep_offers: OfferBuckets
+        self.links: LinkServer  # children linked to this node
+        self.upstream: UpstreamLink | None = None  # [upstream] url: this node's parent
         self._tasks: list[asyncio.Task[None]] = []
         self._known_schedules: list[Record] = []
         # broadcast id -> inbox entry it airs (a scheduled bulletin from above): marked aired
@@ -148,6 +152,10 @@ class Node:
         await self._start_services(loop)
         # Last, once every transport and input is up: a relay broadcast needs its input.
         await self.station.restore()
+        if cfg.upstream.url:  # the parent's broadcasts join what this node airs of its own
+            self.upstream = UpstreamLink(cfg.upstream, self.station, self.tree)
+            self._stops.append(self.upstream.close)
+            await self.upstream.start()
 
     async def _start_services(self, loop: asyncio.AbstractEventLoop) -> None:
         cfg = self.cfg
@@ -191,6 +199,8 @@ class Node:
         self.webrtc = build.webrtc_relay(cfg, self.hub, self.tree, self.station)
         self.whep_offers = OfferBuckets(cfg.webrtc.whep_offers_per_s, cfg.webrtc.whep_burst)
         await self._start_webrtc(loop)
+        self.links = LinkServer(self.engine, self.tree, self.hub, loop)
+        self._closes.append(self.links.close)
 
     async def _start_emergency(self) -> None:
         svc = self.emergency

@@ -282,6 +282,9 @@ def document() -> S:
     from loa.web.api import inbox as api_inbox
 
     paths.update(api_inbox.openapi_paths())
+    from loa.web.api import nodes as api_nodes
+
+    paths.update(api_nodes.openapi_paths())
     return {
         "openapi": "3.0.3",
         "info": {"title": "Loa API", "version": "1",

@@ -83,6 +83,7 @@ KINDS: Mapping[str, Kind] = {
     "exchange_in": Kind(indexed=("peer", "broadcast")),
     "exchange_out": Kind(indexed=("peer", "push")),
     "exchange_cursor": Kind(),  # id = peer: where we stand in its bulletin feed
+    "node_key": Kind(indexed=("area",)),  # a child node's link credential (only its hash)
     "rtp_group": Kind(indexed=("block",), unique=("block",)),  # id = area: its multicast block
 }
 

@@ -98,6 +98,8 @@ async def build(api: Api, tmp_path: Path) -> World:
                          json={"programme": pid, "targets": [A, B]})
     for e in sent["entries"]:
         (w.a if e["area"] == A else w.b)["inbox"] = e["id"]
+        ids["node"] = (await created(api, who, "POST", "/api/v1/nodes", json={
+            "name": f"Nút {area}", "area": area}))["id"]
     return w
 
 
@@ -207,6 +209,10 @@ def attempts(w: World) -> dict[tuple[str, str], Callable[[], list[Attempt]] | st
             (f"/api/v1/devices/{b['device']}/provisioning", {})],
         ("POST", "/api/v1/devices/{id}/commands"): lambda: [
             (f"/api/v1/devices/{b['device']}/commands", {"json": {"command": "stop"}})],
+        ("POST", "/api/v1/nodes"): lambda: [
+            ("/api/v1/nodes", {"json": {"name": "Nút lạ", "area": B}})],
+        ("POST", "/api/v1/nodes/{id}/revoke"): lambda: [
+            (f"/api/v1/nodes/{b['node']}/revoke", {})],
         ("POST", "/api/v1/emergencies"): lambda: [
             ("/api/v1/emergencies", {"json": {"targets": [B], "content": {"text": "Cháy"}}}),
             ("/api/v1/emergencies", {"json": {"targets": [A], "content": {"media": media_b}}}),
