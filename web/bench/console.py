@@ -8,8 +8,9 @@ through Playwright (a separate process: its CPU is not the node's). Figures, med
   headers, from Chromium's own network accounting) until the login form is usable, and the
   time until it is (`interactive_ms`). Goal: at most 300 KB, within 1 s.
 - `overview`: log in as the province operator until its overview shows the 50 districts with
-  what is on air and device counts over 10,000 devices (`overview_ms`), then open a district of
-  ~99 communes (`district_ms`). Goal: within 1 s.
+  what is on air and device counts over 10,000 devices (`login_to_overview_ms`: argon2's
+  deliberate cost included), the same page reloaded in the session until it shows them again
+  (`overview_ms`), then open a district of ~99 communes (`district_ms`). Goal: within 1 s.
 - `on_air_visible`: with the overview open, a broadcast starts in a commune: the delay from the
   engine's switch (its on-air listener, wall clock) to the page's row showing it (a
   MutationObserver's wall clock in the page), p50 and p99 over `rounds` starts and stops.
@@ -88,15 +89,20 @@ async def _overview(browser: Any, base: str, district: str) -> tuple[dict[str, f
     await page.goto(f"{base}/")
     await page.fill("#username", USER)
     await page.fill("#password", PASSWORD)
+    rows = page.locator("#level-root > li.area-row").nth(49)
     t0 = time.perf_counter()
     await page.click("button[type=submit]")
-    await page.locator("#level-root > li.area-row").nth(49).wait_for(timeout=WAIT_MS)
+    await rows.wait_for(timeout=WAIT_MS)
+    login = (time.perf_counter() - t0) * 1000
+    t0 = time.perf_counter()  # the overview opened afresh in a logged-in page (modules cached)
+    await page.reload()
+    await rows.wait_for(timeout=WAIT_MS)
     overview = (time.perf_counter() - t0) * 1000
     t0 = time.perf_counter()
     await page.click(f"li[data-code='{district}'] > .row button.name")
     await page.locator(f"#level-{district} > li").nth(90).wait_for(timeout=WAIT_MS)
     opened = (time.perf_counter() - t0) * 1000
-    return {"overview_ms": overview, "district_ms": opened}, page
+    return {"login_to_overview_ms": login, "overview_ms": overview, "district_ms": opened}, page
 
 
 WATCH = """([code, onAir]) => new Promise((resolve) => {
@@ -249,7 +255,8 @@ async def main(rounds: int) -> dict[str, Any]:
                         if i < rounds - 1:
                             await page.context.close()
                     out["overview"] = {k: median([v[k] for v in views])
-                                       for k in ("overview_ms", "district_ms")}
+                                       for k in ("login_to_overview_ms", "overview_ms",
+                                                 "district_ms")}
                     log("on-air changes")
                     delays = await _on_air_visible(page, live.node, http, live.url, auth,
                                                    media, commune, rounds * 2)
