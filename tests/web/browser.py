@@ -10,11 +10,10 @@ from typing import Any
 
 from playwright.async_api import Browser, Page, async_playwright, expect
 
+from loa.web.bench.console import CHROMIUM_ARGS
 from tests.apiclient import PASSWORD
 
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 async def shots(page: Page, name: str) -> None:

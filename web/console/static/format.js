@@ -25,3 +25,13 @@ export function time(epochSeconds) {
 export function dateTime(epochSeconds) {
   return epochSeconds ? `${time(epochSeconds)} ${date(epochSeconds)}` : "";
 }
+
+// A date typed dd/mm/yyyy -> yyyy-mm-dd (+ `plus` days), or null when it is no calendar date.
+export function isoDay(text, plus = 0) {
+  const m = /^(\d{1,2})\/(\d{1,2})\/(\d{4})$/.exec(text.trim());
+  if (!m) return null;
+  const d = new Date(Date.UTC(+m[3], +m[2] - 1, +m[1]));
+  if (d.getUTCDate() !== +m[1] || d.getUTCMonth() !== +m[2] - 1) return null;
+  d.setUTCDate(d.getUTCDate() + plus);
+  return d.toISOString().slice(0, 10);
+}

@@ -7,21 +7,11 @@ import { html, t, half, word } from "./i18n.js";
 import { api, session, ApiFailure } from "./api.js";
 import { useSubmit, Field, FormError } from "./forms.js";
 import { on } from "./live.js";
-import { date, dateTime } from "./format.js";
+import { date, dateTime, isoDay } from "./format.js";
 
 const CLASSES = ["emergency", "priority", "normal", "background"];
 const SHOWN_ROWS = 500; // the rest is in the CSV
 const DAY = 86400;
-
-// dd/mm/yyyy -> yyyy-mm-dd (+ `plus` days), or null when it is no date.
-function isoDay(text, plus = 0) {
-  const m = /^(\d{1,2})\/(\d{1,2})\/(\d{4})$/.exec(text.trim());
-  if (!m) return null;
-  const d = new Date(Date.UTC(+m[3], +m[2] - 1, +m[1]));
-  if (d.getUTCDate() !== +m[1] || d.getUTCMonth() !== +m[2] - 1) return null;
-  d.setUTCDate(d.getUTCDate() + plus);
-  return d.toISOString().slice(0, 10);
-}
 
 function duration(hours) {
   const s = Math.round(hours * 3600);

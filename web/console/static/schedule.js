@@ -7,8 +7,8 @@ import { useEffect, useRef, useState } from "preact/hooks";
 import { html, t, half, word } from "./i18n.js";
 import { api, session, ApiFailure } from "./api.js";
 import { on } from "./live.js";
-import { date, time } from "./format.js";
-import { ScheduleForm, weekdayName, kindName, shown, isoDate } from "./scheduleform.js";
+import { date, time, isoDay } from "./format.js";
+import { ScheduleForm, weekdayName, kindName, shown } from "./scheduleform.js";
 
 // Calendar dates as "yyyy-mm-dd" strings; arithmetic in UTC, where a day is always 24 h.
 function addDays(iso, n) {
@@ -111,8 +111,8 @@ export function Schedule({ area }) {
       <span class="field"><label for="sched-day">${t("console.schedule.date")}</label>
         <input type="text" inputmode="numeric" autocomplete="off" id="sched-day"
           value=${typed ?? shown(day)} onInput=${(e) => {
-            const iso = isoDate(e.target.value);
-            if (/^\d{4}-\d{2}-\d{2}$/.test(iso) && !Number.isNaN(Date.parse(iso))) {
+            const iso = isoDay(e.target.value);
+            if (iso) {
               setDay(iso); setTyped(null);
             } else setTyped(e.target.value);
           }} /></span>

@@ -6,7 +6,7 @@ import { html, t, word } from "./i18n.js";
 import { api, session } from "./api.js";
 import { useSubmit, Field, FormError } from "./forms.js";
 import { AreaPicker } from "./areapicker.js";
-import { dateTime } from "./format.js";
+import { dateTime, isoDay } from "./format.js";
 
 const KINDS = ["once", "daily", "weekly"];
 const WEEKDAYS = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
@@ -34,10 +34,7 @@ function conflictText(c) {
 // parse goes as typed, for the API to refuse under its field.
 export const shown = (iso) => iso.split("-").reverse().join("/");
 
-export function isoDate(text) {
-  const m = /^(\d{1,2})\/(\d{1,2})\/(\d{4})$/.exec(text.trim());
-  return m ? `${m[3]}-${m[2].padStart(2, "0")}-${m[1].padStart(2, "0")}` : text.trim();
-}
+const isoDate = (text) => isoDay(text) ?? text.trim(); // what does not parse: the API says why
 
 function body(f, kind, targets) {
   const day = (name) => (f.get(name).trim() ? isoDate(f.get(name)) : null);
