@@ -23,6 +23,7 @@ from loa.relay.link import LinkServer
 from loa.relay.rtp.out import RtpConfigError, RtpOut
 from loa.relay.upstream import UpstreamLink
 from loa.relay.webrtc import WebRtcRelay
+from loa.streamer.alerts import Alerts
 from loa.streamer.areas import AreaTree
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.clock import TICK, LoopLagMonitor, RealClock
@@ -72,6 +73,7 @@ class Node:
         self.bus: Bus
         self.tree: AreaTree
         self.hub = PacketHub()
+        self.alerts = Alerts()  # what needs a person; notifiers subscribe
         self.engine: Engine
         self.clock: RealClock | None = None
         self.lag = LoopLagMonitor()
