@@ -34,6 +34,7 @@ OUTBOX = "exchange_out"  # store kind of our outgoing messages (the pull feed an
 CURSORS = "exchange_cursor"  # store kind: id = peer, `cursor` = where its bulletin feed stands
 MAX_FEED = 64 * 1024 * 1024  # a page of a peer's bulletin feed
 PUSH_TIMEOUT = 10.0
+PRUNE_EVERY = 3600.0  # seconds between two prunings of the outbox
 
 
 def _pairs(name: str, items: list[str]) -> dict[str, str]:
@@ -60,6 +61,7 @@ class ExchangeSettings:
     pull_interval: float = 30.0  # seconds between two polls of a peer's bulletin feed
     stats_interval: float = 3600.0  # seconds between two statistics messages (0: none)
     attachment_mb: int = 20  # largest attachment of a bulletin (inline or by uri)
+    keep_days: float = 90.0  # messages pushed (or left for pulling) this long ago are deleted
     _secrets: dict[str, str] = field(default_factory=dict, repr=False)
     _push_urls: dict[str, str] = field(default_factory=dict, repr=False)
     _pull_urls: dict[str, str] = field(default_factory=dict, repr=False)
@@ -74,6 +76,8 @@ class ExchangeSettings:
                              f"{sorted(unknown)}")
         if self.pull_interval <= 0:
             raise ValueError("[exchange] pull_interval must be > 0")
+        if self.keep_days <= 0:
+            raise ValueError("[exchange] keep_days must be > 0")
 
     def secret(self, peer: str) -> str | None:
         return self._secrets.get(peer)
@@ -104,12 +108,13 @@ class SignatureRefused(Exception):
     """Why a request is not from a peer we know (bilingual text)."""
 
 
-def verified_peer(settings: ExchangeSettings, headers: Mapping[str, str], method: str,
-                  path: str, body: bytes, now: float | None = None) -> str:
-    """The peer that signed this request, or SignatureRefused with the reason's key."""
+def claimed_peer(settings: ExchangeSettings, headers: Mapping[str, str],
+                 now: float | None = None) -> str:
+    """The peer a request says it is from, when it names a known peer with a fresh timestamp
+    (else SignatureRefused): checked before the body is read, so a stranger cannot make the
+    node read megabytes; the signature itself needs the body (`verified_peer`)."""
     peer, ts, sig = (headers.get(h, "") for h in (PEER, TIMESTAMP, SIGNATURE))
-    secret = settings.secret(peer)
-    if not peer or not ts or not sig or secret is None:
+    if not peer or not ts or not sig or settings.secret(peer) is None:
         raise SignatureRefused(say("exchange.unsigned"))
     try:
         stamp = int(ts)
@@ -117,7 +122,17 @@ def verified_peer(settings: ExchangeSettings, headers: Mapping[str, str], method
         raise SignatureRefused(say("exchange.stale")) from None
     if abs((time.time() if now is None else now) - stamp) > settings.max_skew:
         raise SignatureRefused(say("exchange.stale"))
-    if not hmac.compare_digest(signature(secret, ts, method, path, body), sig):
+    return peer
+
+
+def verified_peer(settings: ExchangeSettings, headers: Mapping[str, str], method: str,
+                  path: str, body: bytes, now: float | None = None) -> str:
+    """The peer that signed this request, or SignatureRefused with the reason's key."""
+    peer = claimed_peer(settings, headers, now)
+    secret = settings.secret(peer)
+    assert secret is not None  # claimed_peer knows it
+    if not hmac.compare_digest(signature(secret, headers[TIMESTAMP], method, path, body),
+                               headers[SIGNATURE]):
         raise SignatureRefused(say("exchange.bad_signature"))
     return peer
 
@@ -169,12 +184,30 @@ class Outbox:
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
+    async def prune(self, now: float | None = None) -> int:
+        """Delete the messages older than `keep_days` that need nothing more: pushed, or for
+        a peer that pulls (it had that long to read them). One still to be pushed is kept
+        however old: nothing is lost while a peer's webhook is down."""
+        cutoff = (time.time() if now is None else now) - self.settings.keep_days * 86400
+        old = [r for state in ("delivered", "pull")
+               for r in await self.store.find(OUTBOX, push=state) if r["created"] < cutoff]
+        for rec in old:
+            await self.store.delete(OUTBOX, rec["id"])
+        if old:
+            log.info("outbox pruned event=exchange_pruned messages=%d", len(old))
+        return len(old)
+
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        prune_at = loop.time()
         async with aiohttp.ClientSession(
                 timeout=aiohttp.ClientTimeout(total=PUSH_TIMEOUT)) as http:
             while True:
                 self._wake.clear()
                 try:
+                    if loop.time() >= prune_at:
+                        prune_at = loop.time() + PRUNE_EVERY
+                        await self.prune()
                     wait = await self._push_due(http)
                 except StoreUnavailable as e:
                     log.warning("outbox store unavailable event=exchange_store error=%s", e)

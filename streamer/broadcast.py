@@ -49,6 +49,7 @@ class Broadcast:
     policy: Policy | str = Policy.resume
     start: float | None = None  # media seconds; None = at the next tick
     end: float | None = None  # media seconds; None = when the source ends
+    end_cause: str = "ended"  # the as-run's end cause when `end` is reached ("expired": a validity)
     gain: float = 1.0  # programme volume, linear
     duck_db: float | None = None  # overlays: how far to duck what is under them
     title: str = ""

@@ -368,7 +368,7 @@ class Engine:
             self._activate(self._pending.pop(0))
         for live in list(self.broadcasts.values()):
             if live.active and live.end_tick is not None and live.end_tick <= n:
-                self._end(live, "ended")
+                self._end(live, live.b.end_cause)
 
     def _end(self, live: _Live, cause: str) -> None:
         if live in self._pending:

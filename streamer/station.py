@@ -165,10 +165,11 @@ class Station:
                   user: str, policy: str = "resume", spec: Record | None = None,
                   start: float | None = None, offset: float = 0.0, bid: str | None = None,
                   extra: Record | None = None, persist: bool = True,
-                  after_own: frozenset[str] = frozenset()) -> Record:
+                  after_own: frozenset[str] = frozenset(), until: float | None = None) -> Record:
         """Persist, then start. `start` is a wall-clock epoch (None: now); `offset` seconds into
         the content (a restart resuming a broadcast that was on air: its record is stored
-        already, `persist=False`, so it airs even when the store refuses writes)."""
+        already, `persist=False`, so it airs even when the store refuses writes). `until`, a
+        wall-clock epoch, ends it there (`expired`), on the media clock and across restarts."""
         cls = BroadcastClass.parse(klass)
         pol = Policy(policy)
         src = content.source
@@ -176,7 +177,9 @@ class Station:
             src = src.at(int(offset * SAMPLE_RATE))
         b = Broadcast(src, list(targets), issuer=issuer, klass=cls, policy=pol,
                       start=None if start is None else self.media_seconds(start),
-                      title=content.title, gain=content.gain, after_own=after_own)
+                      title=content.title, gain=content.gain, after_own=after_own,
+                      end=None if until is None else self.media_seconds(until),
+                      end_cause="expired")
         if bid:
             b.id = bid
         now = time.time()
@@ -193,6 +196,7 @@ class Station:
             "started": start if start is not None else now,
             "offset": offset,
             "duration": content.duration,
+            **({} if until is None else {"until": until}),
             **(extra or {}),
         }
         if persist:
@@ -220,6 +224,10 @@ class Station:
             if dur is not None and elapsed >= dur:
                 self._end_record(rec["id"], "restart-over")
                 continue
+            until = rec.get("until")
+            if until is not None and until <= now:
+                self._end_record(rec["id"], "expired")
+                continue
             try:
                 content = await self.content(rec["spec"], area=rec["issuer"], owner=rec["user"],
                                              require_approved=False)
@@ -230,7 +238,8 @@ class Station:
             await self.air(content, targets=rec["targets"], klass=rec["class"],
                            issuer=rec["issuer"], user=rec["user"], policy=rec["policy"],
                            spec=rec["spec"], offset=max(0.0, elapsed), bid=rec["id"],
-                           persist=False, after_own=frozenset(rec.get("after_own", ())))
+                           persist=False, after_own=frozenset(rec.get("after_own", ())),
+                           until=until)
             log.info("restored after restart event=restored id=%s offset=%.2f", rec["id"], elapsed)
             restored.append(rec["id"])
         return restored

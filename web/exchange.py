@@ -190,14 +190,9 @@ class ExchangeService:
         now = time.time()
         start = b.valid_from if b.valid_from is not None and b.valid_from > now else None
         rec = await node.station.air(content, targets=b.targets, klass=b.klass, issuer=root,
-                                     user=user, spec={**spec, "bulletin": b.id}, start=start)
-        if b.valid_until is not None:
-            asyncio.get_running_loop().call_later(b.valid_until - now, self._expire, rec["id"])
+                                     user=user, spec={**spec, "bulletin": b.id}, start=start,
+                                     until=b.valid_until)
         return {"broadcast": rec["id"], "areas": node.tree.resolve_leaves(b.targets)}
-
-    def _expire(self, bid: str) -> None:
-        if self.node.engine.live_broadcast(bid) is not None:
-            self.node.station.stop(bid, by_area=None, cause="expired")
 
     # ---- reports up ------------------------------------------------------------------------
     def _message(self, kind: str, mid: str, body: Record) -> Record:

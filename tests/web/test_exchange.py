@@ -329,3 +329,72 @@ async def test_exchange_openapi_documents_exactly_its_routes(srv: Srv):
               if r.resource is not None and r.resource.canonical.startswith("/api/exchange/")
               and r.method in ("GET", "POST")}
     assert documented == routed
+
+
+async def test_validity_ends_the_bulletin_on_the_media_clock_across_a_restart(
+        tmp_path: Path, central: Central):
+    """`valid_until` ends an airing bulletin (end cause `expired`) even when the node restarted
+    in between: the end is stored with the broadcast, not held in a timer of the process."""
+    wav = tone_file(tmp_path / "dai.wav", 600, 30)  # longer than its validity
+    data = wav.read_bytes()
+    until = time.time() + 8
+    body = bulletin("V-1", "normal", ["T01-H2-X1"], text=None,
+                    valid_until=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(until)),
+                    attachments=[{"mime": "audio/wav", "sha256": hashlib.sha256(data).hexdigest(),
+                                  "data": base64.b64encode(data).decode()}])
+    cfg = exchange_config(tmp_path, central)
+    async with serving(cfg) as first:
+        status, answer = await push(first, body)
+        assert status == 201, answer
+        first.run(1)
+        assert first.node.engine.on_air("T01-H2-X1")["broadcast"] == answer["broadcast"]
+    async with serving(cfg) as second:
+        second.run(0.2)  # restored at its offset, with its end
+        assert second.node.engine.on_air("T01-H2-X1")["broadcast"] == answer["broadcast"]
+        left = int(until) - time.time()
+        second.run(max(0.0, left - 1))
+        assert second.node.engine.on_air("T01-H2-X1")["broadcast"] == answer["broadcast"]
+        second.run(1.2)
+        assert second.node.engine.on_air("T01-H2-X1")["broadcast"] is None
+        report = await central.message("delivery:V-1")
+        assert report["end_cause"] == "expired" and report["status"] == "aired", report
+        rec = await second.node.store.get("broadcast", answer["broadcast"])
+        assert rec["end_cause"] == "expired" and rec["until"] == int(until), rec
+
+
+async def test_a_stranger_is_refused_before_its_body_is_read(srv: Srv, central: Central):
+    """Unsigned or signed by an unknown peer: 401 as soon as the headers are in, while the
+    announced 10 MB body has not been sent at all (a stranger cannot make the node read it)."""
+    host, port = srv.base.removeprefix("http://").split(":")
+    for headers in ({}, {"X-Loa-Peer": "ai-do", "X-Loa-Timestamp": str(int(time.time())),
+                         "X-Loa-Signature": "sha256=00"}):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        lines = ["POST /api/exchange/v1/bulletins HTTP/1.1", f"Host: {host}",
+                 "Content-Type: application/json", "Content-Length: 10000000",
+                 *(f"{k}: {v}" for k, v in headers.items())]
+        writer.write(("\r\n".join(lines) + "\r\n\r\n").encode())
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), WAIT)  # hang guard, not a timing
+        assert status.startswith(b"HTTP/1.1 401"), status
+        writer.close()
+    assert await counts(srv) == {"exchange_in": 0, "broadcast": 0, "media": 0, "emergency": 0}
+
+
+async def test_the_outbox_prunes_what_was_pushed_or_left_to_pull_long_ago(
+        srv: Srv, central: Central):
+    """`keep_days` after it was written a message that needs nothing more is deleted; one still
+    to be pushed is kept however old (a webhook down for months loses nothing)."""
+    outbox = srv.node.exchange.outbox
+    store = srv.node.store
+    day = 86400.0
+    old = time.time() - 100 * day  # keep_days defaults to 90
+    for mid, push_state in (("old-delivered", "delivered"), ("old-pull", "pull"),
+                            ("old-pending", "pending"), ("new-delivered", "delivered")):
+        await store.create("exchange_out", {
+            "id": f"{PEER}:{mid}", "peer": PEER, "type": "ack", "message": {"id": mid},
+            "created": old if mid.startswith("old") else time.time(), "push": push_state,
+            "attempts": 0, "next_try": time.time() + day})
+    assert await outbox.prune() == 2
+    left = {r["id"] for r in await store.find("exchange_out")}
+    assert {f"{PEER}:old-pending", f"{PEER}:new-delivered"} <= left
+    assert not left & {f"{PEER}:old-delivered", f"{PEER}:old-pull"}

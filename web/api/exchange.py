@@ -24,6 +24,7 @@ from loa.relay.exchange import (
     SIGNATURE,
     TIMESTAMP,
     SignatureRefused,
+    claimed_peer,
     cursor_of,
     verified_peer,
 )
@@ -43,12 +44,15 @@ def service(request: web.Request) -> ExchangeService:
     return request.app[NODE].exchange
 
 
-async def _peer(request: web.Request, raw: bytes) -> str:
+async def _peer(request: web.Request, raw: bytes | None) -> str:
     """The peer that signed the request, or 401 with the reason (audited for writes by the
-    refusal middleware, without the signature or the secret)."""
+    refusal middleware, without the signature or the secret). `raw` None: only who it claims
+    to be and when (before a body is read)."""
+    settings = service(request).settings
     try:
-        return verified_peer(service(request).settings, request.headers, request.method,
-                             request.raw_path, raw)
+        if raw is None:
+            return claimed_peer(settings, request.headers)
+        return verified_peer(settings, request.headers, request.method, request.raw_path, raw)
     except SignatureRefused as e:
         raise ApiError(401, str(e), headers={"WWW-Authenticate": "HMAC-SHA256"}) from None
 
@@ -56,6 +60,7 @@ async def _peer(request: web.Request, raw: bytes) -> str:
 @routes.post(BULLETINS)
 async def bulletin_receive(request: web.Request) -> web.Response:
     svc = service(request)
+    await _peer(request, None)  # a stranger is refused before its body is read
     limit = svc.body_limit
     if request.content_length is not None and request.content_length > limit:
         return error_response(413, say("http.body_too_large"))
