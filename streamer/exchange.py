@@ -20,7 +20,10 @@ from loa.streamer.messages import say
 
 CLASSES = ("normal", "priority", "emergency")  # TT 39 thông thường, ưu tiên, khẩn cấp
 FIELDS = {"id", "sender", "sent", "class", "title", "text", "attachments", "targets",
-          "valid_from", "valid_until"}
+          "valid_from", "valid_until", "type", "references"}
+# CAP msgType: a new bulletin, one that replaces those it references, or the end of them.
+TYPES = ("alert", "update", "cancel")
+MAX_REFERENCES = 100
 ID = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
 MAX_TEXT = 5000
 MAX_TITLE = 200
@@ -51,6 +54,8 @@ class Bulletin:
     valid_from: float | None
     valid_until: float | None
     attachments: list[Attachment] = field(default_factory=list)
+    type: str = "alert"
+    references: list[str] = field(default_factory=list)  # ids of the same sender's bulletins
 
     @property
     def audio(self) -> Attachment | None:
@@ -122,6 +127,22 @@ def parse(data: dict[str, Any], tree: AreaTree, max_bytes: int) -> Bulletin:
     bid = data.get("id")
     if not isinstance(bid, str) or not ID.fullmatch(bid):
         raise BulletinError(say("exchange.bad_id"), field="id")
+    kind = data.get("type", "alert")
+    if kind not in TYPES:
+        raise BulletinError(say("exchange.bad_type", types=", ".join(TYPES)), field="type")
+    refs = data.get("references", [])
+    if not isinstance(refs, list) or len(refs) > MAX_REFERENCES or not all(
+            isinstance(r, str) and ID.fullmatch(r) and r != bid for r in refs) \
+            or (kind != "alert") != bool(refs):
+        raise BulletinError(say("exchange.bad_references", limit=MAX_REFERENCES),
+                            field="references")
+    sent = _time(data, "sent", required=True)
+    assert sent is not None
+    sender = _string(data, "sender", 200) or ""
+    if kind == "cancel":  # ends what it references: nothing of its own to air
+        return Bulletin(id=bid, sender=sender, sent=sent, klass="normal", title="", text=None,
+                        targets=[], valid_from=None, valid_until=None, type=kind,
+                        references=list(dict.fromkeys(refs)))
     klass = data.get("class")
     if klass not in CLASSES:
         raise BulletinError(say("exchange.bad_class", classes=", ".join(CLASSES)), field="class")
@@ -144,11 +165,9 @@ def parse(data: dict[str, Any], tree: AreaTree, max_bytes: int) -> Bulletin:
     valid_until = _time(data, "valid_until", required=False)
     if valid_until is not None and valid_from is not None and valid_until <= valid_from:
         raise BulletinError(say("report.to_before_from"), field="valid_until")
-    sent = _time(data, "sent", required=True)
-    assert sent is not None
     return Bulletin(
-        id=bid, sender=_string(data, "sender", 200) or "", sent=sent,
+        id=bid, sender=sender, sent=sent,
         klass=BroadcastClass.parse(klass).name,
         title=_string(data, "title", MAX_TITLE) or "", text=text,
         targets=list(dict.fromkeys(targets)), valid_from=valid_from, valid_until=valid_until,
-        attachments=attachments)
+        attachments=attachments, type=kind, references=list(dict.fromkeys(refs)))

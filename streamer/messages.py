@@ -368,6 +368,13 @@ CATALOGUE: dict[str, Text] = {
     "exchange.not_audio": Text("tệp đính kèm không phải âm thanh",
                                "the audio attachment is not audio: {error}"),
     "exchange.unknown_bulletin": Text("không có bản tin này", "unknown bulletin"),
+    "exchange.bad_type": Text("type phải là một trong {types}", "type must be one of {types}"),
+    "exchange.bad_references": Text(
+        "references: mã các bản tin được cập nhật hoặc hủy (1 đến {limit}, chỉ với update, cancel)",
+        "references: the ids of the bulletins updated or cancelled (1 to {limit}, only with "
+        "update and cancel)"),
+    "exchange.unknown_references": Text("không có bản tin nào trong references để hủy",
+                                        "none of the referenced bulletins is known here"),
     "exchange.bad_limit": Text("limit không hợp lệ", "limit: 1 to {limit}"),
     "openapi.exchange_bulletin": Text("Nhận bản tin từ hệ thống nguồn trung ương",
                                       "Receive a bulletin from the central source system"),

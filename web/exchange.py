@@ -108,19 +108,32 @@ class ExchangeService:
                 return 200, {**known["answer"], "duplicate": True}
             if bulletin.valid_until is not None and bulletin.valid_until <= time.time():
                 raise Refused(422, say("exchange.expired"), "valid_until")
-            media = await self._audio(bulletin, peer)
-            aired = await self.hand_off(bulletin, peer, media)
-            answer: Record = {"id": bulletin.id, "status": "accepted", "class": bulletin.klass,
-                              "areas": aired["areas"], "received": iso(time.time()),
-                              **{k: aired[k] for k in ("broadcast", "emergency") if k in aired}}
+            if bulletin.type == "cancel":
+                aired = {"areas": [], "ended": await self._end(peer, bulletin, "cancelled")}
+                if not aired["ended"]:  # CAP: a Cancel of nothing known is refused
+                    raise Refused(404, say("exchange.unknown_references"), "references")
+            else:
+                media = await self._audio(bulletin, peer)
+                aired = await self.hand_off(bulletin, peer, media)
+                # An update replaces: the new one is on air before the old ones end.
+                aired["ended"] = await self._end(peer, bulletin, "updated")
+            status = "cancelled" if bulletin.type == "cancel" else "accepted"
+            answer: Record = {"id": bulletin.id, "status": status, "type": bulletin.type,
+                              **({} if bulletin.type == "cancel" else {"class": bulletin.klass}),
+                              "areas": aired["areas"],
+                              "received": iso(time.time()),
+                              **{k: aired[k] for k in ("broadcast", "emergency", "ended")
+                                 if aired.get(k)}}
             await self.node.store.create(KIND, {
                 "id": key, "peer": peer, "digest": digest, "received": time.time(),
                 "broadcast": aired.get("broadcast"), "bulletin": bulletin.id,
                 "class": bulletin.klass, "answer": answer})
         await self.outbox.put(peer, self._message("ack", f"ack:{bulletin.id}", {
-            "bulletin": bulletin.id, "status": "accepted", "areas": aired["areas"]}))
-        log.info("bulletin on air event=exchange_bulletin peer=%s id=%s class=%s areas=%d",
-                 peer, bulletin.id[:128], bulletin.klass, len(aired["areas"]))
+            "bulletin": bulletin.id, "status": status, "areas": aired["areas"],
+            **({"ended": aired["ended"]} if aired.get("ended") else {})}))
+        log.info("bulletin %s event=exchange_bulletin peer=%s id=%s type=%s class=%s areas=%d "
+                 "ended=%d", status, peer, bulletin.id[:128], bulletin.type, bulletin.klass,
+                 len(aired["areas"]), len(aired.get("ended", ())))
         return 201, answer
 
     async def receive_pulled(self, peer: str, raw: bytes) -> None:
@@ -167,6 +180,25 @@ class ExchangeService:
         except ValueError as e:  # MediaError: not audio
             raise Refused(422, say("exchange.not_audio", error=e), "attachments") from None
         return str(media["id"])
+
+    async def _end(self, peer: str, b: model.Bulletin, cause: str) -> list[str]:
+        """End what the bulletins `b` references put on air (an emergency through the
+        emergency service, a broadcast at once or before it starts); the ids known here."""
+        known = []
+        for ref in b.references:
+            rec = await self.node.store.get(KIND, f"{peer}:{ref}")
+            if rec is None:
+                continue
+            known.append(ref)
+            if rec.get("ended_by"):
+                continue
+            eid = rec["answer"].get("emergency")
+            if eid:
+                await self.node.emergency.end(eid, cause, user=f"exchange:{peer}")
+            elif rec.get("broadcast") and self.node.engine.live_broadcast(rec["broadcast"]):
+                self.node.station.stop(rec["broadcast"], by_area=None, cause=cause)
+            await self.node.store.update(KIND, rec["id"], {"ended_by": b.id})
+        return known
 
     def _root(self) -> str:
         return self.node.tree.roots()[0].code

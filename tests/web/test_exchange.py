@@ -398,3 +398,49 @@ async def test_the_outbox_prunes_what_was_pushed_or_left_to_pull_long_ago(
     left = {r["id"] for r in await store.find("exchange_out")}
     assert {f"{PEER}:old-pending", f"{PEER}:new-delivered"} <= left
     assert not left & {f"{PEER}:old-delivered", f"{PEER}:old-pull"}
+
+
+async def test_an_update_replaces_and_a_cancel_ends_what_was_on_air(srv: Srv, central: Central):
+    """CAP's msgType: an update airs in place of the bulletins it references (the new one on
+    air before the old ones end), a cancel ends them (emergencies through the emergency
+    service), a cancel of nothing known is 404 with nothing stored."""
+    status, first = await push(srv, bulletin("U-1", "normal", ["T01-H2"], text="Bản cũ. " * 40))
+    assert status == 201, first
+    srv.run(0.2)
+    assert srv.node.engine.on_air("T01-H2-X1")["broadcast"] == first["broadcast"]
+    status, upd = await push(srv, bulletin("U-2", "normal", ["T01-H2"], text="Bản mới. " * 40,
+                                           type="update", references=["U-1"]))
+    assert status == 201 and upd["ended"] == ["U-1"] and upd["type"] == "update", upd
+    srv.run(0.2)
+    for area in ("T01-H2-X1", "T01-H2-X2", "T01-H2-X3"):
+        assert srv.node.engine.on_air(area)["broadcast"] == upd["broadcast"]
+    await srv.node.station.flush()  # broadcast records are written through the station's queue
+    old = await srv.node.store.get("broadcast", first["broadcast"])
+    assert old["status"] == "ended" and old["end_cause"] == "updated", old
+    report = await central.message("delivery:U-1")
+    assert report["end_cause"] == "updated"
+
+    status, emerg = await push(srv, bulletin("U-3", "emergency", ["T01-H1-X1"]))
+    assert status == 201, emerg
+    srv.run(0.2)
+    assert srv.node.engine.on_air("T01-H1-X1")["class"] == "emergency"
+    cancel = {"id": "U-4", "sender": "ttcs@mic.gov.vn", "sent": "2026-12-07T09:00:00+07:00",
+              "type": "cancel", "references": ["U-2", "U-3", "KHONG-CO"]}
+    status, out = await push(srv, cancel)
+    assert status == 201 and out["status"] == "cancelled", out
+    assert out["ended"] == ["U-2", "U-3"] and "class" not in out
+    srv.run(0.2)
+    for area in ("T01-H1-X1", "T01-H2-X1"):
+        assert srv.node.engine.on_air(area)["broadcast"] is None, area
+    assert (await srv.node.store.get("emergency", emerg["emergency"]))["end_cause"] == "cancelled"
+    ack = await central.message("ack:U-4")
+    assert ack["status"] == "cancelled" and ack["ended"] == ["U-2", "U-3"]
+
+    before = await counts(srv)
+    status, out = await push(srv, {**cancel, "id": "U-5", "references": ["KHONG-CO"]})
+    assert (status, out["field"]) == (404, "references"), out
+    for bad in ({"type": "cancel"}, {"type": "update"}, {"references": ["U-1"]},
+                {"type": "revoke", "references": ["U-1"]}):
+        status, out = await push(srv, bulletin("U-6", "normal", **bad))
+        assert status == 422 and out["field"] in ("references", "type"), (bad, out)
+    assert await counts(srv) == before

@@ -4,7 +4,8 @@ Peers are programs, not people: no bearer token, every request signed with the p
 secret (relay/exchange.py; `[exchange] peers`). Its own OpenAPI document is served at
 `/api/exchange/v1/openapi.json` (the one public route).
 
-- `POST /bulletins`: a bulletin down; `201` on air, `200` a replay (the first answer, with
+- `POST /bulletins`: a bulletin down (or an update or cancel of earlier ones); `201` on air
+  (cancelled), `404` a cancel of nothing known, `200` a replay (the first answer, with
   `"duplicate": true`), `409` the same id with other content, `401` unsigned, badly signed or
   stale, `422` naming the field (unknown area, digest mismatch, ...), nothing stored then.
 - `GET /bulletins/{id}`: the answer given to one of the caller's bulletins (pull acknowledgement).
@@ -80,7 +81,8 @@ async def bulletin_receive(request: web.Request) -> web.Response:
         raise ApiError(e.status, str(e), e.field) from None
     if status == 201:
         await audit(request, "exchange.bulletin", f"{peer}:{answer['id']}", peer=peer,
-                    areas=len(answer["areas"]), **{"class": answer["class"]})
+                    areas=len(answer["areas"]), type=answer["type"],
+                    ended=answer.get("ended", []), **{"class": answer.get("class")})
     return ok(answer, status)
 
 
@@ -130,8 +132,10 @@ BULLETIN: S = obj({
     "title": STR, "text": {"type": "string", "maxLength": 5000},
     "attachments": {"type": "array", "items": ATTACHMENT},
     "targets": {"type": "array", "items": STR, "minItems": 1},
-    "valid_from": TIME, "valid_until": TIME}, ["id", "sender", "sent", "class", "title",
-                                               "targets"])
+    "valid_from": TIME, "valid_until": TIME,
+    "type": {"type": "string", "enum": ["alert", "update", "cancel"], "default": "alert"},
+    "references": {"type": "array", "maxItems": 100, "items": STR}},
+    ["id", "sender", "sent"])  # class, title, targets too, except in a cancel
 MESSAGE: S = obj({"id": STR, "type": {"type": "string",
                                       "enum": ["ack", "delivery", "statistics"]},
                   "version": {"type": "integer"}, "sender": STR, "sent": TIME}, ["id", "type"])
@@ -156,8 +160,8 @@ def document() -> S:
             BULLETINS: {"post": {
                 "summary": say("openapi.exchange_bulletin"), "parameters": SIGNED,
                 "requestBody": body(BULLETIN),
-                "responses": {"201": {"description": "On air"},
-                              **_answers(200, 400, 409, 413, 415, 422)}}},
+                "responses": {"201": {"description": "On air, or cancelled"},
+                              **_answers(200, 400, 404, 409, 413, 415, 422)}}},
             BULLETINS + "/{id}": {"get": {
                 "summary": say("openapi.exchange_bulletin_status"),
                 "parameters": [ID_PARAM, *SIGNED], "responses": _answers(200, 404)}},
