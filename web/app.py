@@ -8,6 +8,7 @@ from aiohttp import web
 
 from loa.web import board, console, events, monitor, openapi
 from loa.web.api import air as api_air
+from loa.web.api import archive as api_archive
 from loa.web.api import areas as api_areas
 from loa.web.api import core as api_core
 from loa.web.api import devices as api_devices
@@ -57,6 +58,7 @@ def create_app(node: Node) -> web.Application:
     api_emergency.setup(app)
     api_exchange.setup(app)
     api_nodes.setup(app)
+    api_archive.setup(app)
     monitor.setup(app)
     board.setup(app)
     console.setup(app)

@@ -50,6 +50,10 @@ async def load_tree(store: Store, cfg: Config) -> AreaTree:
     return tree
 
 
+def archive_dir(cfg: Config) -> Path:
+    return Path(cfg.archive.dir).expanduser() if cfg.archive.dir else cfg.data_dir / "archive"
+
+
 def area_record(code: str, tree: AreaTree) -> dict[str, object]:
     a = tree.get(code)
     return {"id": a.code, "name": a.name, "level": a.level, "parent": a.parent,

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loa.codecs.encoders import EncoderSettings
+from loa.relay.archive import ArchiveSettings
 from loa.relay.devices.manager import DeviceSettings
 from loa.relay.exchange import ExchangeSettings
 from loa.relay.hls import HlsSettings
@@ -87,6 +88,7 @@ class Config:
     fetch: FetchSettings = field(default_factory=FetchSettings)
     exchange: ExchangeSettings = field(default_factory=ExchangeSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    archive: ArchiveSettings = field(default_factory=ArchiveSettings)
 
     @property
     def data_dir(self) -> Path:
@@ -187,6 +189,7 @@ def load_config(path: str | os.PathLike[str] | None = None,
         raise ConfigError(f"[fetch] {e}") from None
     try:
         cfg.exchange.__post_init__()
+        cfg.archive.__post_init__()
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return cfg

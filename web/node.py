@@ -15,6 +15,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from loa.relay.archive import Archive
 from loa.relay.devices.manager import DeviceManager
 from loa.relay.fanout import FanoutPool
 from loa.relay.hls import HlsService
@@ -25,6 +26,7 @@ from loa.relay.upstream import UpstreamLink
 from loa.relay.webrtc import WebRtcRelay
 from loa.streamer.alerts import Alerts
 from loa.streamer.areas import AreaTree
+from loa.streamer.areasettings import AreaSettings
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.clock import TICK, LoopLagMonitor, RealClock
 from loa.streamer.emergency.service import EmergencyService, node_identity
@@ -98,6 +100,8 @@ class Node:
         self.whep_offers: OfferBuckets
         self.links: LinkServer  # children linked to this node
         self.upstream: UpstreamLink | None = None  # [upstream] url: this node's parent
+        self.area_settings: AreaSettings  # what each area's people chose (archive, ...)
+        self.archive: Archive  # the as-aired recordings of the areas that chose them
         self._tasks: list[asyncio.Task[None]] = []
         self._known_schedules: list[Record] = []
         # broadcast id -> inbox entry it airs (a scheduled bulletin from above): marked aired
@@ -124,6 +128,8 @@ class Node:
                       "reason=%s", self.store.read_only)
         self.bus = await open_bus(cfg.store, cfg.store_prefix)
         self.tree = await build.load_tree(self.store, cfg)
+        self.area_settings = AreaSettings(self.store, self.tree)
+        await self.area_settings.load()
         self.hub.loop = loop
         self.engine = Engine(self.tree, cfg.engine, self.hub)
         self.library = MediaLibrary(data / "media", self.store, LibrarySettings(
@@ -203,6 +209,10 @@ class Node:
         await self._start_webrtc(loop)
         self.links = LinkServer(self.engine, self.tree, self.hub, loop)
         self._closes.append(self.links.close)
+        self.archive = Archive(cfg.archive, build.archive_dir(cfg), self.hub, self.tree,
+                               self.area_settings, self.station.wall, self.alerts)
+        self._stops.append(self.archive.stop)
+        await self.archive.start()
 
     async def _start_emergency(self) -> None:
         svc = self.emergency

@@ -285,6 +285,9 @@ def document() -> S:
     from loa.web.api import nodes as api_nodes
 
     paths.update(api_nodes.openapi_paths())
+    from loa.web.api import archive as api_archive
+
+    paths.update(api_archive.openapi_paths())
     return {
         "openapi": "3.0.3",
         "info": {"title": "Loa API", "version": "1",

@@ -233,6 +233,12 @@ def attempts(w: World) -> dict[tuple[str, str], Callable[[], list[Attempt]] | st
             (f"/api/v1/inbox/{b['inbox']}/decline", {"json": {"reason": "Không"}})],
         ("POST", "/api/v1/inbox/{id}/order"): lambda: [
             (f"/api/v1/inbox/{b['inbox']}/order", {"json": {"order": "after"}})],
+        ("PATCH", "/api/v1/areas/{code}/settings"): lambda: [
+            (f"/api/v1/areas/{B}/settings", {"json": {"archive": {"enabled": True}}})],
+        ("POST", "/api/v1/archive/replay"): lambda: [
+            ("/api/v1/archive/replay", {"json": {"area": B, "from": 0, "to": 60}}),
+            ("/api/v1/archive/replay", {"json": {"area": A, "from": 0, "to": 60,
+                                                 "targets": [B]}})],
         ("POST", "/api/v1/alerts"): lambda: [
             ("/api/v1/alerts", {"data": cap_alert(B),
                                 "headers": {"Content-Type": "application/cap+xml"}})],
@@ -250,7 +256,7 @@ def media_form(area: str) -> FormData:
 
 
 KINDS = ("media", "programme", "schedule", "device", "emergency", "user", "area", "broadcast",
-         "bulletin", "inbox")
+         "bulletin", "inbox", "area_settings")
 
 
 async def snapshot(api: Api) -> dict[str, Any]:

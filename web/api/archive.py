@@ -1,0 +1,240 @@
+"""Area settings, the as-aired archive (relay/archive.py) and replay.
+
+- `GET /api/v1/areas/{code}/settings`: the area's own settings and the effective ones (each
+  with the area that set it); `PATCH` sets sections (`{"archive": {...}}`, `null` to inherit).
+- `GET /api/v1/archive/{code}/segments?from=&to=`: the recorded files of an area.
+- `GET /api/v1/archive/{code}/audio?from=&to=`: what the area carried in a span, as one Ogg
+  Opus file to keep as evidence (audited).
+- `POST /api/v1/archive/replay`: the archived audio of an as-run entry (or of a span) becomes a
+  library item, aired again at once when `targets` are given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiohttp import web
+
+from loa.codecs.decode import MediaError
+from loa.relay.archive import size_of
+from loa.streamer.areasettings import SECTIONS, SettingsError
+from loa.streamer.messages import say
+from loa.streamer.state.store import Record
+from loa.web.api.air import _class, _targets
+from loa.web.api.core import node_of
+from loa.web.api.reports import _epoch
+from loa.web.api.schema import (
+    CODE_PARAM,
+    RANGE_PARAMS,
+    READ,
+    STR,
+    TARGETS,
+    WRITE,
+    body,
+    obj,
+    responses,
+)
+from loa.web.http import (
+    ApiError,
+    audit,
+    field,
+    ok,
+    principal,
+    read_json,
+    refuse_unknown,
+    scoped_area,
+)
+
+routes = web.RouteTableDef()
+MAX_SPAN_S = 24 * 3600  # one download or replay: a day at most
+
+
+def _settings_out(request: web.Request, code: str) -> Record:
+    settings = node_of(request).area_settings
+    effective = {}
+    for section in SECTIONS:
+        value, source = settings.effective(code, section)
+        effective[section] = {"value": value, "from": source}
+    return {"area": code, "own": settings.own(code), "effective": effective}
+
+
+@routes.get("/api/v1/areas/{code}/settings")
+async def settings_get(request: web.Request) -> web.Response:
+    p = principal(request)
+    code = scoped_area(p, node_of(request).tree, request.match_info["code"], None, missing=404)
+    return ok(_settings_out(request, code))
+
+
+@routes.patch("/api/v1/areas/{code}/settings")
+async def settings_patch(request: web.Request) -> web.Response:
+    p = principal(request)
+    p.require("air")  # the area's operator chooses (a commune for itself)
+    node = node_of(request)
+    code = scoped_area(p, node.tree, request.match_info["code"], None, missing=404)
+    data = await read_json(request)
+    refuse_unknown(data, set(SECTIONS))
+    try:  # every section checked before any is stored
+        for section, value in data.items():
+            if value is not None:
+                SECTIONS[section](value)
+        for section, value in data.items():
+            await node.area_settings.put(code, section, value)
+    except SettingsError as e:
+        raise ApiError(422, str(e), e.field) from None
+    await audit(request, "area.settings", code, **{k: v for k, v in data.items()})
+    return ok(_settings_out(request, code))
+
+
+def _span(request: web.Request) -> tuple[float, float]:
+    until = _epoch(request, "to", time.time())
+    since = _epoch(request, "from", until - 3600)
+    if until <= since:
+        raise ApiError(422, say("report.to_before_from"), "to")
+    if until - since > MAX_SPAN_S:
+        raise ApiError(422, say("archive.span_too_long", hours=MAX_SPAN_S // 3600), "to")
+    return since, until
+
+
+@routes.get("/api/v1/archive/{code}/segments")
+async def segments(request: web.Request) -> web.Response:
+    p = principal(request)
+    node = node_of(request)
+    code = scoped_area(p, node.tree, request.match_info["code"], None, missing=404)
+    until = _epoch(request, "to", time.time())
+    since = _epoch(request, "from", until - 86400)
+    segs = await asyncio.to_thread(node.archive.segments, code)
+    sizes = await asyncio.to_thread(lambda: [size_of(s.path) for s in segs])
+    out = []
+    for i, s in enumerate(segs):
+        end = segs[i + 1].start if i + 1 < len(segs) else None
+        if s.start < until and (end is None or end > since):
+            out.append({"start": s.start, "next": end, "bytes": sizes[i]})
+    return ok({"area": code, "recording": code in node.archive.recorders,
+               "stopped": node.archive.stopped, "segments": out})
+
+
+@routes.get("/api/v1/archive/{code}/audio")
+async def audio(request: web.Request) -> web.Response:
+    p = principal(request)
+    node = node_of(request)
+    code = scoped_area(p, node.tree, request.match_info["code"], None, missing=404)
+    since, until = _span(request)
+    await node.archive.flush()  # what the recorder holds in memory belongs to the span too
+    data, first, seconds = await asyncio.to_thread(node.archive.read, code, since, until)
+    if not data:
+        raise ApiError(404, say("archive.nothing"), "from")
+    await audit(request, "archive.download", code, **{"from": since, "to": until,
+                                                      "seconds": round(seconds, 3)})
+    name = f"loa-{code}-{int(first)}.opus"
+    return web.Response(body=data, content_type="audio/ogg", headers={
+        "Content-Disposition": f'attachment; filename="{name}"',
+        "Loa-Archive-From": f"{first:.3f}", "Loa-Archive-Seconds": f"{seconds:.3f}"})
+
+
+async def _asrun_entry(request: web.Request, eid: str) -> Record:
+    node = node_of(request)
+    found = await node.store.read_log("asrun", id=eid, limit=1)
+    if not found:
+        raise ApiError(404, say("archive.unknown_asrun"), "asrun")
+    entry = found[0]
+    scoped_area(principal(request), node.tree, entry.get("area"), "asrun")
+    if entry.get("end") is None:
+        raise ApiError(422, say("archive.asrun_on_air"), "asrun")
+    return entry
+
+
+@routes.post("/api/v1/archive/replay")
+async def replay(request: web.Request) -> web.Response:
+    p = principal(request)
+    p.require("edit")
+    node = node_of(request)
+    data = await read_json(request)
+    refuse_unknown(data, {"asrun", "area", "from", "to", "title", "targets", "class"})
+    eid = field(data, "asrun", str, required=False)
+    if eid is not None:
+        entry = await _asrun_entry(request, eid)
+        area, since, until = entry["area"], float(entry["start"]), float(entry["end"])
+        title = entry.get("title") or area
+    else:
+        area = scoped_area(p, node.tree, field(data, "area", str))
+        since = float(field(data, "from", (int, float)))
+        until = float(field(data, "to", (int, float)))
+        if not 0 < until - since <= MAX_SPAN_S:
+            raise ApiError(422, say("archive.span_too_long", hours=MAX_SPAN_S // 3600), "to")
+        title = area
+    # A library item's name, not a message: in the operators' language only.
+    title = field(data, "title", str, required=False) or f"Phát lại: {title}"
+    airing = data.get("targets") is not None
+    if airing:
+        p.require("air")
+        targets, cls = _targets(request, data), _class(data, p)
+    await node.archive.flush()
+    ogg, first, seconds = await asyncio.to_thread(node.archive.read, area, since, until)
+    if not ogg:
+        raise ApiError(404, say("archive.nothing"), "asrun" if eid else "from")
+    tmp = node.library.temp_path(".opus")
+    await asyncio.to_thread(tmp.write_bytes, ogg)
+    try:
+        media = await node.library.ingest(tmp, title=title[:200], area=p.area, owner=p.username,
+                                          filename="archive.opus", extra={
+                                              "archive": {"area": area, "from": first,
+                                                          "seconds": round(seconds, 3),
+                                                          "asrun": eid}})
+    except MediaError as e:
+        raise ApiError(422, str(e), "asrun") from None
+    out: dict[str, Any] = {"media": media}
+    if airing:
+        # It aired already in the caller's subtree: airing it again needs no new approval.
+        content = await node.station.content({"media": media["id"]}, area=p.area,
+                                             owner=p.username, require_approved=False)
+        out["broadcast"] = await node.station.air(
+            content, targets=targets, klass=cls, issuer=p.area, user=p.username,
+            spec={"media": media["id"], "replay": eid or area})
+    await audit(request, "archive.replay", media["id"], area=area, asrun=eid,
+                broadcast=out.get("broadcast", {}).get("id"))
+    return ok(out, 201)
+
+
+def openapi_paths() -> dict[str, Any]:
+    secured: dict[str, Any] = {"security": [{"bearer": []}]}
+    span = [p for p in RANGE_PARAMS if p["name"] != "area"]
+    return {
+        "/api/v1/areas/{code}/settings": {
+            "parameters": [CODE_PARAM],
+            "get": {"summary": say("openapi.area_settings"), **secured,
+                    "responses": responses(*READ, 404)},
+            "patch": {"summary": say("openapi.area_settings_patch"), **secured,
+                      "requestBody": body(obj({"archive": obj({
+                          "enabled": {"type": "boolean"},
+                          "retention_days": {"type": "integer", "minimum": 1,
+                                             "maximum": 3650}})})),
+                      "responses": responses(200, *WRITE, 404)},
+        },
+        "/api/v1/archive/{code}/segments": {
+            "parameters": [CODE_PARAM, *span],
+            "get": {"summary": say("openapi.archive_segments"), **secured,
+                    "responses": responses(*READ, 404, 422)},
+        },
+        "/api/v1/archive/{code}/audio": {
+            "parameters": [CODE_PARAM, *span],
+            "get": {"summary": say("openapi.archive_audio"), **secured,
+                    "responses": {**responses(*READ, 404, 422), "200": {
+                        "description": "Ogg Opus",
+                        "content": {"audio/ogg": {"schema": {"type": "string",
+                                                             "format": "binary"}}}}}},
+        },
+        "/api/v1/archive/replay": {
+            "post": {"summary": say("openapi.archive_replay"), **secured,
+                     "requestBody": body(obj({
+                         "asrun": STR, "area": STR, "from": {"type": "number"},
+                         "to": {"type": "number"}, "title": STR, "targets": TARGETS,
+                         "class": STR})),
+                     "responses": responses(201, *WRITE, 404)},
+        },
+    }
+
+
+def setup(app: web.Application) -> None:
+    app.add_routes(routes)
