@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     pre = bsub.add_parser("preempt", help="emergency switch latency per transport")
     pre.add_argument("--devices", type=int, default=200)
     pre.add_argument("--rounds", type=int, default=10)
+    arc = bsub.add_parser("archive", help="CPU of recording an area's stream (as-aired archive)")
+    arc.add_argument("--areas", type=int, default=200)
+    arc.add_argument("--seconds", type=float, default=60.0)
     dev = bsub.add_parser("devices", help="control-channel cost per device")
     dev.add_argument("--n", type=int, default=1000)
     dev.add_argument("--seconds", type=float, default=30.0)
@@ -122,6 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from loa.web.bench.preempt import run as run_preempt
 
         return int(run_preempt(args))
+    if args.command == "bench" and args.bench == "archive":
+        from loa.web.bench.archive import run as run_archive
+
+        return run_archive(args)
     if args.command == "bench" and args.bench == "devices":
         from loa.web.bench.devices import run as run_devices
 

@@ -75,3 +75,15 @@ def test_bench_console_runs_in_chromium_on_a_5000_area_province(
     assert result["on_air_visible_ms"]["n"] == 4  # two starts and two stops seen on the page
     api = result["areas_api"]
     assert api["whole_gzip_kb"] > 0 and api["baseline_whole_ms_p50"] == 340
+
+
+def test_bench_archive_records_every_area_from_its_packets(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["bench", "archive", "--areas", "3", "--seconds", "2"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and len(out) == 1
+    result = json.loads(out[0])
+    assert result["bench"] == "archive" and result["areas"] == 3
+    # 32 kbit/s of Opus is 14.4 MB an hour; Ogg pages add a little, nothing is re-encoded.
+    assert 14_000_000 < result["bytes_per_area_hour"] < 17_000_000, result
+    assert result["cpu_per_area_share_of_core"] > 0
