@@ -43,6 +43,7 @@ from loa.streamer.tts import Speech
 from loa.web import build
 from loa.web.auth import LoginGuard, Role, add_user
 from loa.web.cap_fetch import cap_fetcher
+from loa.web.captures import Captures
 from loa.web.config import Config, ConfigError
 from loa.web.emergency_devices import EmergencyDeviceCommands
 from loa.web.exchange import ExchangeService
@@ -102,6 +103,7 @@ class Node:
         self.upstream: UpstreamLink | None = None  # [upstream] url: this node's parent
         self.area_settings: AreaSettings  # what each area's people chose (archive, ...)
         self.archive: Archive  # the as-aired recordings of the areas that chose them
+        self.captures: Captures  # relay inputs recorded at a set time, aired later
         self._tasks: list[asyncio.Task[None]] = []
         self._known_schedules: list[Record] = []
         # broadcast id -> inbox entry it airs (a scheduled bulletin from above): marked aired
@@ -213,6 +215,9 @@ class Node:
                                self.area_settings, self.station.wall, self.alerts)
         self._stops.append(self.archive.stop)
         await self.archive.start()
+        self.captures = Captures(self)
+        self._stops.append(self.captures.stop)
+        await self.captures.start()
 
     async def _start_emergency(self) -> None:
         svc = self.emergency

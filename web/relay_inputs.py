@@ -40,21 +40,28 @@ class RelayInputs:
         self.inputs: list[RelayInput] = []
         engine.ended_listeners.append(self._ended_thread)
 
-    async def factory(self, prog: Record) -> Source:
+    async def open(self, prog: Record) -> RelayInput:
+        """A started input of a relay programme's URL, checked against the URL policy again
+        (the name may resolve elsewhere than when it was stored); the caller closes it."""
         url = prog.get("url")
         if not isinstance(url, str) or not url.strip():
             raise ContentError(say("relay.programme_no_url"), "url")
-        try:  # again when it opens: the name may resolve elsewhere than when it was stored
+        try:
             await check_url(url, RELAY_SCHEMES, self.policy)
         except UrlRefused as e:
             log.warning("relay url refused event=relay_url_refused programme=%s url=%s "
                         "reason=%s", prog.get("id"), safe_url(url), e)
             raise ContentError(str(e), "url") from None
         inp = RelayInput(url, self.settings, name=str(prog.get("title") or "relay"))
-        self.inputs.append(inp)
         inp.start()
         log.info("relay input started event=relay_input_start programme=%s url=%s",
                  prog.get("id"), safe_url(url))
+        return inp
+
+    async def factory(self, prog: Record) -> Source:
+        """The station's relay_factory: an input whose life follows its broadcast."""
+        inp = await self.open(prog)
+        self.inputs.append(inp)
         self.loop.call_later(ORPHAN_SECONDS, self._reap_if_orphan, inp)
         return inp.push
 

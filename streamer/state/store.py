@@ -85,6 +85,7 @@ KINDS: Mapping[str, Kind] = {
     "exchange_cursor": Kind(),  # id = peer: where we stand in its bulletin feed
     "node_key": Kind(indexed=("area",)),  # a child node's link credential (only its hash)
     "rtp_group": Kind(indexed=("block",), unique=("block",)),  # id = area: its multicast block
+    "capture": Kind(indexed=("area", "status")),  # scheduled captures of inputs (web/captures.py)
     "area_settings": Kind(),  # id = area: the sections its people set (streamer/areasettings.py)
 }
 

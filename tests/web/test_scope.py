@@ -10,6 +10,7 @@ the sweep does not know how to fill fails the test, so the sweep stays complete.
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +93,10 @@ async def build(api: Api, tmp_path: Path) -> World:
             "media": ids["media"], "targets": [area]}))["id"]
         ids["emergency"] = (await created(api, who, "POST", "/api/v1/emergencies", json={
             "targets": [area], "content": {"media": ids["media"]}}))["id"]
+        ids["relay"] = await programme(api, who, "approved", type="relay",
+                                       url="http://203.0.113.5/khong-co.mp3")
+        ids["capture"] = (await created(api, who, "POST", "/api/v1/captures", json={
+            "programme": ids["relay"], "start": time.time() + 3600, "seconds": 60}))["id"]
     # The district's bulletin in both communes' inboxes.
     pid = await programme(api, "qtv1", "approved", type="tts")
     sent = await created(api, "huyen1", "POST", "/api/v1/bulletins",
@@ -235,6 +240,14 @@ def attempts(w: World) -> dict[tuple[str, str], Callable[[], list[Attempt]] | st
             (f"/api/v1/inbox/{b['inbox']}/order", {"json": {"order": "after"}})],
         ("PATCH", "/api/v1/areas/{code}/settings"): lambda: [
             (f"/api/v1/areas/{B}/settings", {"json": {"archive": {"enabled": True}}})],
+        ("POST", "/api/v1/captures"): lambda: [
+            ("/api/v1/captures", {"json": {"programme": b["relay"], "start": 4e9,
+                                           "seconds": 60}}),
+            ("/api/v1/captures", {"json": {"programme": a["relay"], "start": 4e9,
+                                           "seconds": 60,
+                                           "air": {"targets": [B], "at": 4e9 + 120}}})],
+        ("DELETE", "/api/v1/captures/{id}"): lambda: [
+            (f"/api/v1/captures/{b['capture']}", {})],
         ("POST", "/api/v1/archive/replay"): lambda: [
             ("/api/v1/archive/replay", {"json": {"area": B, "from": 0, "to": 60}}),
             ("/api/v1/archive/replay", {"json": {"area": A, "from": 0, "to": 60,
@@ -256,7 +269,7 @@ def media_form(area: str) -> FormData:
 
 
 KINDS = ("media", "programme", "schedule", "device", "emergency", "user", "area", "broadcast",
-         "bulletin", "inbox", "area_settings")
+         "bulletin", "inbox", "area_settings", "capture")
 
 
 async def snapshot(api: Api) -> dict[str, Any]:

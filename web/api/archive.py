@@ -7,12 +7,16 @@
   Opus file to keep as evidence (audited).
 - `POST /api/v1/archive/replay`: the archived audio of an as-run entry (or of a span) becomes a
   library item, aired again at once when `targets` are given.
+- `/api/v1/captures` (POST, GET), `/api/v1/captures/{id}` (GET, DELETE): a relay programme's
+  input recorded at a set time into the library, aired later (web/captures.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import uuid
+from datetime import datetime
 from typing import Any
 
 from aiohttp import web
@@ -22,11 +26,13 @@ from loa.relay.archive import size_of
 from loa.streamer.areasettings import SECTIONS, SettingsError
 from loa.streamer.messages import say
 from loa.streamer.state.store import Record
+from loa.web import captures
 from loa.web.api.air import _class, _targets
 from loa.web.api.core import node_of
-from loa.web.api.reports import _epoch
+from loa.web.api.reports import TZ, _epoch
 from loa.web.api.schema import (
     CODE_PARAM,
+    ID_PARAM,
     RANGE_PARAMS,
     READ,
     STR,
@@ -43,6 +49,7 @@ from loa.web.http import (
     ok,
     principal,
     read_json,
+    reference,
     refuse_unknown,
     scoped_area,
 )
@@ -197,6 +204,94 @@ async def replay(request: web.Request) -> web.Response:
     return ok(out, 201)
 
 
+def _when(data: dict[str, Any], name: str) -> float:
+    """An instant of a JSON body: epoch seconds or ISO 8601 (local time when no offset)."""
+    value = field(data, name, (int, float, str))
+    if isinstance(value, str):
+        try:
+            dt = datetime.fromisoformat(value)
+        except ValueError:
+            raise ApiError(422, say("report.bad_time", name=name), name) from None
+        return (dt if dt.tzinfo else dt.replace(tzinfo=TZ)).timestamp()
+    return float(value)
+
+
+def _capture_of(request: web.Request, rec: Record | None) -> Record:
+    node = node_of(request)
+    if rec is None or rec["area"] not in node.tree or not node.tree.contains(
+            principal(request).area, rec["area"]):
+        raise ApiError(404, say("capture.unknown"))
+    return rec
+
+
+@routes.post("/api/v1/captures")
+async def capture_create(request: web.Request) -> web.Response:
+    p = principal(request)
+    p.require("edit")
+    node = node_of(request)
+    data = await read_json(request)
+    refuse_unknown(data, {"programme", "start", "seconds", "title", "air"})
+    prog = await reference(request, node.tree, "programme", data.get("programme"), "programme")
+    if prog.get("type") != "relay":
+        raise ApiError(422, say("capture.not_relay"), "programme")
+    if prog.get("status") != "approved" and not p.can("direct"):
+        raise ApiError(403, say("broadcast.approved_only"), "programme")
+    start = _when(data, "start")
+    seconds = field(data, "seconds", (int, float))
+    if not 1 <= seconds <= captures.MAX_SECONDS:
+        raise ApiError(422, say("capture.bad_seconds", limit=captures.MAX_SECONDS), "seconds")
+    if start + seconds <= time.time():
+        raise ApiError(422, say("capture.past"), "start")
+    title = field(data, "title", str, required=False) or prog["title"]
+    rec: Record = {"id": uuid.uuid4().hex[:12], "area": p.area, "owner": p.username,
+                   "programme": prog["id"], "title": title[:200], "start": start,
+                   "seconds": float(seconds), "status": "scheduled", "created": time.time()}
+    air = data.get("air")
+    if air is not None:
+        if not isinstance(air, dict):
+            raise ApiError(422, say("field.type", name="air", kind="object"), "air")
+        refuse_unknown(air, {"targets", "class", "at"})
+        p.require("air")
+        at = _when(air, "at")
+        if at < start + seconds:
+            raise ApiError(422, say("capture.air_before_end"), "air.at")
+        rec["air"] = {"targets": _targets(request, air), "class": _class(air, p), "at": at}
+    await node.store.create(captures.KIND, rec)
+    node.captures.arm(rec)
+    await audit(request, "capture.create", rec["id"], programme=prog["id"], start=start,
+                seconds=rec["seconds"], air=rec.get("air"))
+    return ok(rec, 201)
+
+
+@routes.get("/api/v1/captures")
+async def capture_list(request: web.Request) -> web.Response:
+    p = principal(request)
+    node = node_of(request)
+    mine = [r for r in await node.store.find(captures.KIND)
+            if r["area"] in node.tree and node.tree.contains(p.area, r["area"])]
+    mine.sort(key=lambda r: r["start"], reverse=True)
+    return ok({"captures": mine[:500]})
+
+
+@routes.get("/api/v1/captures/{id}")
+async def capture_get(request: web.Request) -> web.Response:
+    node = node_of(request)
+    return ok(_capture_of(request, await node.store.get(captures.KIND, request.match_info["id"])))
+
+
+@routes.delete("/api/v1/captures/{id}")
+async def capture_cancel(request: web.Request) -> web.Response:
+    p = principal(request)
+    p.require("edit")
+    node = node_of(request)
+    rec = _capture_of(request, await node.store.get(captures.KIND, request.match_info["id"]))
+    if rec["status"] in ("aired", "failed", "missed", "cancelled"):
+        raise ApiError(409, say("capture.over", status=rec["status"]), "id")
+    rec = await node.captures.cancel(rec["id"])
+    await audit(request, "capture.cancel", rec["id"])
+    return ok(rec)
+
+
 def openapi_paths() -> dict[str, Any]:
     secured: dict[str, Any] = {"security": [{"bearer": []}]}
     span = [p for p in RANGE_PARAMS if p["name"] != "area"]
@@ -224,6 +319,26 @@ def openapi_paths() -> dict[str, Any]:
                         "description": "Ogg Opus",
                         "content": {"audio/ogg": {"schema": {"type": "string",
                                                              "format": "binary"}}}}}},
+        },
+        "/api/v1/captures": {
+            "get": {"summary": say("openapi.captures"), **secured, "responses": responses(*READ)},
+            "post": {"summary": say("openapi.capture_create"), **secured,
+                     "requestBody": body(obj({
+                         "programme": STR, "start": {"type": ["number", "string"]},
+                         "seconds": {"type": "number", "minimum": 1,
+                                     "maximum": captures.MAX_SECONDS},
+                         "title": STR, "air": obj({"targets": TARGETS, "class": STR,
+                                                   "at": {"type": ["number", "string"]}},
+                                                  ["targets", "at"])},
+                         ["programme", "start", "seconds"])),
+                     "responses": responses(201, *WRITE)},
+        },
+        "/api/v1/captures/{id}": {
+            "parameters": [ID_PARAM],
+            "get": {"summary": say("openapi.capture"), **secured,
+                    "responses": responses(*READ, 404)},
+            "delete": {"summary": say("openapi.capture_cancel"), **secured,
+                       "responses": responses(200, 401, 403, 404, 409)},
         },
         "/api/v1/archive/replay": {
             "post": {"summary": say("openapi.archive_replay"), **secured,
