@@ -258,12 +258,12 @@ CATALOGUE: dict[str, Text] = {
     "agent.whep_failed": Text("WHEP lỗi", "WHEP failed: {error}"),
     "agent.webrtc_no_media": Text("WebRTC không có dữ liệu", "no WebRTC media"),
     "agent.webrtc_ended": Text("WebRTC kết thúc", "WebRTC ended: {kind}"),
-    "agent.no_sound_device": Text("không có thiết bị âm thanh: cần 'aplay' (ALSA)",
-                                  "no sound device: 'default' needs ALSA's aplay; "
+    "agent.no_sound_device": Text("không mở được thiết bị âm thanh ALSA {device}",
+                                  "cannot open the ALSA sound device {device}: {error}; "
                                   "use --sink null or --sink wav:FILE"),
     "agent.no_directory": Text("không có thư mục", "no such directory: {path}"),
     "agent.unknown_sink": Text("sink không hợp lệ",
-                               "unknown sink {spec!r}: null | wav:FILE | default"),
+                               "unknown sink {spec!r}: null | wav:FILE | default | alsa:DEVICE"),
     "sim.board_no_audio": Text("bảng tin không phát âm thanh", "a board plays no audio"),
     "sim.negative_counts": Text("--speakers/--boards/--decode phải >= 0", "must be >= 0"),
     "sim.outside_token_area": Text("hoặc ngoài quyền", "or outside the token's area"),

@@ -36,7 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     device = sub.add_parser("device", help="the reference loudspeaker agent")
     device.add_argument("--server", required=True, help="http://host:port of the Loa node")
     device.add_argument("--key", required=True, help="DEVICE_ID:KEY from provisioning")
-    device.add_argument("--sink", default="null", help="null | wav:FILE | default")
+    device.add_argument("--sink", default="null",
+                        help="null | wav:FILE | default | alsa:DEVICE (a sound card: "
+                             "a loudspeaker's amplifier, a commune FM transmitter's input)")
     device.add_argument("--transport", default=None, choices=["http", "rtp", "webrtc"],
                         help="override the preference the server sends")
     device.add_argument("--target-delay-ms", type=float, default=300.0,

@@ -1,16 +1,17 @@
 """Where a device's audio goes: `null`, `wav:FILE` (with each frame's instants in
-FILE.timing.csv) or `default` (ALSA through `aplay`)."""
+FILE.timing.csv), `default` or `alsa:DEVICE` (a sound card through ALSA: a loudspeaker's
+amplifier, or the line input of a commune's FM transmitter when the agent runs as its bridge)."""
 
 from __future__ import annotations
 
 import csv
-import shutil
-import subprocess
+import os
 import wave
 from contextlib import suppress
 from pathlib import Path
 from typing import TextIO
 
+import av
 import numpy as np
 
 from loa.relay.agent.playout import SAMPLE_RATE, PlayRecord
@@ -58,29 +59,41 @@ class WavSink:
         self._timing.close()
 
 
-class AplaySink:
-    """The sound card through ALSA's `aplay` (raw s16le 48 kHz mono on its stdin)."""
+SYSTEM_ALSA_CONF = Path("/usr/share/alsa/alsa.conf")
 
-    def __init__(self) -> None:
-        exe = shutil.which("aplay")
-        if exe is None:
-            raise SinkError(say("agent.no_sound_device"))
-        self._proc = subprocess.Popen([exe, "-q", "-t", "raw", "-f", "S16_LE", "-r",
-                                       str(SAMPLE_RATE), "-c", "1", "-B", "100000"],
-                                      stdin=subprocess.PIPE)
+
+class AlsaSink:
+    """A sound card through ALSA (PyAV's `alsa` output; no external player): `default`, a card
+    (`hw:1,0`) or a PCM named in asound.conf. Writes are paced by the player's clock; ALSA's own
+    buffer absorbs the card's small drift against it."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        # PyAV's wheels carry their own alsa-lib, built to read its configuration from a path
+        # that exists only on their build machine: point it at the system's (Debian:
+        # libasound2-data), or no card and no asound.conf PCM is known.
+        if "ALSA_CONFIG_PATH" not in os.environ and SYSTEM_ALSA_CONF.exists():
+            os.environ["ALSA_CONFIG_PATH"] = str(SYSTEM_ALSA_CONF)
+        try:
+            self._out = av.open(device, "w", format="alsa")
+            self._stream = self._out.add_stream("pcm_s16le", rate=SAMPLE_RATE, layout="mono")
+            self._out.start_encoding()  # opens the device now: a wrong name fails at start
+        except (av.FFmpegError, OSError, ValueError) as e:
+            raise SinkError(say("agent.no_sound_device", device=device, error=e)) from None
 
     def write(self, pcm: np.ndarray, rec: PlayRecord) -> None:
-        assert self._proc.stdin is not None
-        self._proc.stdin.write(to_s16(pcm))
+        s16 = (np.clip(pcm, -1.0, 1.0) * 32767).astype(np.int16).reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(s16, format="s16", layout="mono")
+        frame.sample_rate = SAMPLE_RATE
+        for packet in self._stream.encode(frame):
+            self._out.mux(packet)
 
     def close(self) -> None:
-        if self._proc.stdin is not None:
-            with suppress(OSError):
-                self._proc.stdin.close()
-        try:
-            self._proc.wait(2.0)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
+        with suppress(av.FFmpegError, OSError, ValueError):
+            for packet in self._stream.encode(None):
+                self._out.mux(packet)
+        with suppress(av.FFmpegError, OSError, ValueError):
+            self._out.close()
 
 
 class SinkError(LoaError, ValueError):
@@ -89,8 +102,9 @@ class SinkError(LoaError, ValueError):
     kind = "invalid"
 
 
-def make_sink(spec: str) -> NullSink | WavSink | AplaySink:
-    """`null`, `wav:FILE` or `default`; SinkError with a bilingual reason otherwise."""
+def make_sink(spec: str) -> NullSink | WavSink | AlsaSink:
+    """`null`, `wav:FILE`, `default` or `alsa:DEVICE`; SinkError with a bilingual reason
+    otherwise."""
     if spec == "null":
         return NullSink()
     if spec.startswith("wav:") and len(spec) > 4:
@@ -99,5 +113,7 @@ def make_sink(spec: str) -> NullSink | WavSink | AplaySink:
             raise SinkError(say("agent.no_directory", path=path.parent))
         return WavSink(path)
     if spec == "default":
-        return AplaySink()
+        return AlsaSink("default")
+    if spec.startswith("alsa:") and len(spec) > 5:
+        return AlsaSink(spec[5:])
     raise SinkError(say("agent.unknown_sink", spec=spec))
