@@ -369,6 +369,10 @@ CATALOGUE: dict[str, Text] = {
                                "the audio attachment is not audio: {error}"),
     "exchange.unknown_bulletin": Text("không có bản tin này", "unknown bulletin"),
     # the as-aired archive (relay/archive.py) and area settings
+    "programme.fm_frequency": Text("tần số FM từ {low} đến {high} MHz",
+                                   "frequency_mhz: {low} to {high}"),
+    "programme.fm_duration": Text("chương trình FM cần thời lượng (1 đến {limit} giây)",
+                                  "an FM programme needs its duration: 1 to {limit} seconds"),
     "capture.unknown": Text("không có lịch thu này", "unknown capture"),
     "capture.not_relay": Text("chỉ thu được chương trình tiếp sóng",
                               "only a relay programme can be captured"),

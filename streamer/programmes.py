@@ -20,7 +20,9 @@ from loa.streamer.messages import say
 from loa.streamer.state.store import Record, Store
 from loa.streamer.station import ContentError
 
-PROGRAMME_TYPES = ("file", "playlist", "tts", "relay", "live")
+PROGRAMME_TYPES = ("file", "playlist", "tts", "relay", "live", "fm")
+FM_BAND = (76.0, 108.0)  # MHz (relay/devices/protocol.py: the receivers' band)
+MAX_FM_SECONDS = 86400.0
 ACTIONS = ("submit", "approve", "reject")
 FALLBACK_SECONDS = 60.0  # airtime counted for a programme whose length is known only on air
 MAX_REPEAT = 10  # plays of a programme's (or an emergency's) message
@@ -92,6 +94,16 @@ async def programme_fields(fields: Fields, media: MediaLookup, check_url: UrlChe
         except ValueError as e:
             raise ProgrammeError(str(e), field="url") from None
         out["url"] = url
+    if kind == "fm":  # an FM station the area's receivers tune: it has no end of its own
+        mhz = fields.value("frequency_mhz", float)
+        if not FM_BAND[0] <= mhz <= FM_BAND[1]:
+            raise ProgrammeError(say("programme.fm_frequency", low=FM_BAND[0], high=FM_BAND[1]),
+                                 field="frequency_mhz")
+        seconds = fields.value("duration", float)
+        if not 1 <= seconds <= MAX_FM_SECONDS:
+            raise ProgrammeError(say("programme.fm_duration", limit=int(MAX_FM_SECONDS)),
+                                 field="duration")
+        out.update(frequency_mhz=round(mhz, 2), duration=seconds)
     return out
 
 

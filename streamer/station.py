@@ -23,7 +23,7 @@ from loa.streamer.engine import Engine, OnAirChange
 from loa.streamer.errors import Kind, LoaError
 from loa.streamer.library import MediaLibrary
 from loa.streamer.messages import say
-from loa.streamer.sources import Playlist, Source
+from loa.streamer.sources import Playlist, Silence, Source
 from loa.streamer.state.store import Record, Store, StoreUnavailable
 from loa.streamer.tts import Speech
 
@@ -149,6 +149,11 @@ class Station:
                 raise ContentError(say("programme.relay_unavailable"), field="type")
             src = await self.relay_factory(prog)
             return Content(src, prog["title"], None, prog, gain)
+        elif kind == "fm":
+            # The receivers air it (web/fm.py tunes them); the stream holds its place, silent,
+            # so the arbiter ranks it and a preemption takes it off the receivers too.
+            seconds = float(prog["duration"])
+            return Content(Silence(seconds), prog["title"], seconds, prog)
         else:
             raise ContentError(say("programme.cannot_air_type", type=kind), field="type")
         if not items:

@@ -95,7 +95,7 @@ class Srv:
     async def device(self, area: str, kind: str = "loudspeaker", **caps: Any) -> DeviceWs:
         dev_id, key = await self.provision(area, kind, **caps)
         d = DeviceWs(self, dev_id)
-        await d.connect(key, kind)
+        await d.connect(key, kind, caps)
         return d
 
     async def provision(self, area: str, kind: str = "loudspeaker", **caps: Any
@@ -122,9 +122,9 @@ class DeviceWs:
     commands: list[dict[str, Any]] = field(default_factory=list)
     welcome: dict[str, Any] | None = None
 
-    async def connect(self, key: str, kind: str) -> None:
+    async def connect(self, key: str, kind: str, extra: dict[str, Any] | None = None) -> None:
         self.ws = await self.srv.http.ws_connect(self.srv.base + "/api/v1/devices/connect")
-        caps: dict[str, Any] = {"codecs": ["opus"], "transports": ["http"]}
+        caps: dict[str, Any] = {"codecs": ["opus"], "transports": ["http"], **(extra or {})}
         if kind == "board":
             caps["display"] = {"width": 1920, "height": 1080}
         await self.ws.send_str(json.dumps({"v": 1, "type": "hello", "device": self.id,

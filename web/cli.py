@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     device = sub.add_parser("device", help="the reference loudspeaker agent")
     device.add_argument("--server", required=True, help="http://host:port of the Loa node")
     device.add_argument("--key", required=True, help="DEVICE_ID:KEY from provisioning")
+    device.add_argument("--fm-receiver", action="store_true",
+                        help="say it has an FM tuner: it takes `fm` commands (tune, off)")
     device.add_argument("--sink", default="null",
                         help="null | wav:FILE | default | alsa:DEVICE (a sound card: "
                              "a loudspeaker's amplifier, a commune FM transmitter's input)")

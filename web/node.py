@@ -47,6 +47,7 @@ from loa.web.captures import Captures
 from loa.web.config import Config, ConfigError
 from loa.web.emergency_devices import EmergencyDeviceCommands
 from loa.web.exchange import ExchangeService
+from loa.web.fm import FmTuning
 from loa.web.offer_buckets import OfferBuckets
 from loa.web.relay_inputs import RelayInputs
 
@@ -104,6 +105,7 @@ class Node:
         self.area_settings: AreaSettings  # what each area's people chose (archive, ...)
         self.archive: Archive  # the as-aired recordings of the areas that chose them
         self.captures: Captures  # relay inputs recorded at a set time, aired later
+        self.fm: FmTuning  # receivers tuned while an FM programme wins their area
         self._tasks: list[asyncio.Task[None]] = []
         self._known_schedules: list[Record] = []
         # broadcast id -> inbox entry it airs (a scheduled bulletin from above): marked aired
@@ -182,6 +184,9 @@ class Node:
             devices=EmergencyDeviceCommands(self.devices),
             fetch=cap_fetcher(settings, cfg.fetch), node_id=self.node_id)
         await self._start_emergency()  # before the Station's generic restore
+        self.fm = FmTuning(self)
+        self._stops.append(self.fm.stop)
+        self.fm.start()
         self.exchange = ExchangeService(self)
         self._stops.append(self.exchange.stop)
         await self.exchange.start()

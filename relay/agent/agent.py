@@ -94,6 +94,7 @@ class AgentOptions:
     target_delay_ms: float = 300.0
     seconds: float | None = None
     impair: Impairment = field(default_factory=Impairment)
+    fm_receiver: bool = False  # says it has an FM tuner (capability `fm`): takes `fm` commands
 
 
 class Agent:
@@ -113,6 +114,7 @@ class Agent:
         self.executed: list[Command] = []  # every command run once, in order (tests, logs)
         self._tasks: set[asyncio.Task[None]] = set()
         self._power_gen = 0
+        self.fm: dict[str, Any] = {"on": False}  # the tuner: while on, the stream is not played
 
     @property
     def volume(self) -> int:
@@ -124,7 +126,10 @@ class Agent:
         if self.opts.transport in transports:
             transports.remove(self.opts.transport)
             transports.insert(0, self.opts.transport)
-        return {"codecs": list(CODECS), "transports": transports}
+        caps: dict[str, Any] = {"codecs": list(CODECS), "transports": transports}
+        if self.opts.fm_receiver:
+            caps["fm"] = True
+        return caps
 
     async def run(self, stop: asyncio.Event | None = None) -> int:
         stop = stop or asyncio.Event()
@@ -179,7 +184,7 @@ class Agent:
 
     def _apply_gain(self) -> None:
         self.player.gain = gain_of(self.vol.level) if self.power_on and self.relays \
-            and all(self.relays) else 0.0
+            and all(self.relays) and not self.fm["on"] else 0.0
 
     # ---- commands ----
     async def on_command(self, cmd: Command) -> Outcome:
@@ -219,6 +224,15 @@ class Agent:
             if not isinstance(on, bool):
                 return False, MISSING_ON
             self._emergency(on, a.get("volume"))
+        elif name == "fm" and self.opts.fm_receiver:
+            # No tuner in the reference agent: it mutes the stream while "tuned" and reports
+            # the tuner's state; a real receiver plays the station and reports its signal.
+            if a.get("on") is True and isinstance(a.get("frequency_mhz"), int | float):
+                self.fm = {"on": True, "frequency_mhz": float(a["frequency_mhz"])}
+            elif a.get("on") is False:
+                self.fm = {"on": False}
+            else:
+                return False, MISSING_ON
         elif name == "display":
             return False, NO_DISPLAY
         else:
@@ -314,7 +328,8 @@ class Agent:
                 "network": {"type": "ethernet"}, "firmware": FIRMWARE,
                 "power": {"amp": self.power_on and all(self.relays),
                           "relays": list(self.relays[:8])},
-                "faults": self.faults()}
+                "faults": self.faults(), **({"fm": dict(self.fm)} if self.opts.fm_receiver
+                                            else {})}
 
 
 # ---- command line ------------------------------------------------------------------------------
@@ -332,6 +347,7 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
     return AgentOptions(server=str(args.server), device=device, key=key,
                         sink=str(getattr(args, "sink", "null") or "null"), transport=transport,
                         target_delay_ms=delay, seconds=float(seconds) if seconds else None,
+                        fm_receiver=bool(getattr(args, "fm_receiver", False)),
                         impair=Impairment.parse(os.environ.get("LOA_AGENT_IMPAIR")))
 
 

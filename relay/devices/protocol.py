@@ -37,7 +37,7 @@ CLOSE_REPLACED = 4009  # another connection of the same device took over
 DEVICE_KINDS = ("loudspeaker", "board")
 TRANSPORTS = ("http", "hls", "rtp", "webrtc")
 CODECS = ("opus", "mp3", "aac", "pcmu", "pcma")
-COMMANDS = ("play", "stop", "volume", "power", "reboot", "display", "emergency")
+COMMANDS = ("play", "stop", "volume", "power", "reboot", "display", "emergency", "fm")
 STATES = ("playing", "idle", "off")
 NETWORKS = ("4g", "3g", "5g", "ethernet", "wifi")
 DEVICE_STATUSES = ("online", "offline", "fault")
@@ -168,7 +168,7 @@ def _names(v: Any, name: str, choices: tuple[str, ...]) -> list[str]:
 def validate_capabilities(v: Any) -> dict[str, Any]:
     """{"codecs": [...], "transports": [...], "display": {"width", "height"}?}."""
     caps = _obj(v, "capabilities")
-    _no_extra(caps, ("codecs", "transports", "display"), "capabilities")
+    _no_extra(caps, ("codecs", "transports", "display", "fm"), "capabilities")
     out: dict[str, Any] = {
         "codecs": _names(caps.get("codecs", ["opus", "mp3"]), "capabilities.codecs", CODECS),
         "transports": _names(caps.get("transports", ["http"]), "capabilities.transports",
@@ -176,6 +176,8 @@ def validate_capabilities(v: Any) -> dict[str, Any]:
     }
     if not out["codecs"] or not out["transports"]:
         raise ProtocolError(say("protocol.no_capabilities"), "capabilities")
+    if (fm := _bool(caps, "fm", path="capabilities.")) is not None:
+        out["fm"] = fm  # an FM receiver: it can air an `fm` programme itself
     if caps.get("display") is not None:
         d = _obj(caps["display"], "capabilities.display")
         _no_extra(d, ("width", "height"), "capabilities.display")
@@ -429,6 +431,8 @@ def validate_command(command: Any, args: Any) -> dict[str, Any]:
             out["volume"] = vol
         if (text := _str(a, "text", MAX_TEXT, path="args.")) is not None:
             out["text"] = text
+    elif command == "fm":
+        out = validate_fm(a)
     return out
 
 
@@ -543,6 +547,8 @@ def parse_heartbeat(msg: dict[str, Any]) -> dict[str, Any]:
         if (em := _bool(d, "emergency", path="display.")) is not None:
             disp["emergency"] = em
         out["display"] = disp
+    if msg.get("fm") is not None:
+        out["fm"] = parse_fm_telemetry(msg["fm"])
     faults = msg.get("faults", [])
     if not isinstance(faults, list) or len(faults) > MAX_FAULTS or not all(
             isinstance(f, str) and 0 < len(f) <= 64 for f in faults):
@@ -598,3 +604,31 @@ def ack_message(cid: str, ok: bool, error: str | None = None) -> dict[str, Any]:
 def heartbeat_message(telemetry: dict[str, Any]) -> dict[str, Any]:
     """A heartbeat with the device's telemetry (`parse_heartbeat`)."""
     return {"v": PROTOCOL_VERSION, "type": "heartbeat", **telemetry}
+
+
+# ---- FM receivers (issue 14: FM stations on IP) ---------------------------------------------------
+# A loudspeaker with an FM receiver (capability `fm`) airs an `fm` programme by tuning it: the node
+# sends `fm` {"on": true, "frequency_mhz"} when such a programme wins its area and {"on": false}
+# when it stops winning (ended, preempted); the device reports its tuner in heartbeats.
+FM_BAND = (76.0, 108.0)  # MHz: the Japanese band's bottom to the top of the common one
+
+
+def validate_fm(a: dict[str, Any]) -> dict[str, Any]:
+    """`fm` command args: {"on": true, "frequency_mhz": 76-108} or {"on": false}."""
+    _no_extra(a, ("on", "frequency_mhz"), "args")
+    on = _bool(a, "on", path="args.", required=True)
+    if not on:
+        return {"on": False}
+    return {"on": True, "frequency_mhz": _num(a, "frequency_mhz", *FM_BAND, path="args.",
+                                              required=True)}
+
+
+def parse_fm_telemetry(v: Any) -> dict[str, Any]:
+    """A heartbeat's tuner: {"on", "frequency_mhz"?, "rssi_dbm"?} (receivers report signal)."""
+    f = _obj(v, "fm")
+    out: dict[str, Any] = {"on": bool(_bool(f, "on", path="fm.", required=True))}
+    if (mhz := _num(f, "frequency_mhz", *FM_BAND, path="fm.")) is not None:
+        out["frequency_mhz"] = mhz
+    if (rssi := _num(f, "rssi_dbm", -150, 20, path="fm.")) is not None:
+        out["rssi_dbm"] = rssi
+    return out

@@ -309,6 +309,30 @@ async def test_agent_reconnects_after_a_server_restart(tmp_path: Path) -> None:
         await stop_node(srv)
 
 
+async def test_agent_with_an_fm_receiver_tunes_and_reports_it(
+        server: Server, tmp_path: Path) -> None:
+    dev, key = await server.device()
+    run = agent(server, dev, key, transport="http", fm_receiver=True)
+    a = run.agent
+    try:
+        await until(lambda: a.player.totals["frames"] >= 50, "the stream plays", timeout=30.0)
+        assert a.player.gain > 0
+        status, body = await server.post(f"/api/v1/devices/{dev}/commands", {
+            "command": "fm", "args": {"on": True, "frequency_mhz": 99.9}})
+        assert status == 202, body
+        await until(lambda: a.fm["on"], "tuned", timeout=20.0)
+        assert a.player.gain == 0.0  # the tuner plays, not the stream
+        assert a.telemetry()["fm"] == {"on": True, "frequency_mhz": 99.9}
+        rec = await server.node.store.get("device", dev)
+        assert rec["capabilities"]["fm"] is True
+        status, body = await server.post(f"/api/v1/devices/{dev}/commands", {
+            "command": "fm", "args": {"on": False}})
+        await until(lambda: not a.fm["on"] and a.player.gain > 0, "back on the stream",
+                    timeout=20.0)
+    finally:
+        assert await run.finish() == 0
+
+
 # ---- (e) an FM transmitter's bridge: the area's stream to a sound card through ALSA -------------
 async def test_agent_as_fm_bridge_plays_the_area_into_an_alsa_device(
         server: Server, tmp_path: Path) -> None:
