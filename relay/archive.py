@@ -43,6 +43,7 @@ RATE = 48_000
 ZONE = ZoneInfo("Asia/Ho_Chi_Minh")
 MAX_RETENTION_DAYS = 3650
 ALERT_KIND = "archive_disk_full"
+RESUME_HEADROOM_MB = 1.0
 
 
 @dataclass
@@ -62,17 +63,22 @@ class ArchiveSettings:
 
 
 def check_area_setting(value: Any) -> Record:
-    """The `archive` area setting: {"enabled": bool, "retention_days": 1..3650}."""
-    if not isinstance(value, dict) or set(value) - {"enabled", "retention_days"}:
-        raise SettingsError(say("archive.bad_setting"), field="archive")
+    """An area's `archive` setting: {"enabled": bool, "retention_days": 1..3650} (the fields
+    refused are named as in the body of PUT /api/v1/areas/{code}/archive)."""
+    if not isinstance(value, dict):
+        raise SettingsError(say("archive.bad_setting"), field="enabled")
+    unknown = sorted(set(value) - {"enabled", "retention_days"})
+    if unknown:
+        raise SettingsError(say("field.unchangeable", fields=", ".join(unknown)),
+                            field=unknown[0])
     enabled = value.get("enabled", False)
     days = value.get("retention_days", 30)
     if not isinstance(enabled, bool):
-        raise SettingsError(say("archive.bad_setting"), field="archive.enabled")
+        raise SettingsError(say("archive.bad_setting"), field="enabled")
     if isinstance(days, bool) or not isinstance(days, int) \
             or not 1 <= days <= MAX_RETENTION_DAYS:
         raise SettingsError(say("archive.bad_retention", limit=MAX_RETENTION_DAYS),
-                            field="archive.retention_days")
+                            field="retention_days")
     return {"enabled": enabled, "retention_days": days}
 
 
@@ -257,7 +263,9 @@ class Archive:
             if not self.stopped:
                 self._stop_recording(say("archive.disk_low", free=round(free_mb),
                                          min=self.settings.min_free_mb))
-        elif self.stopped:
+        elif self.stopped and free_mb >= self.settings.min_free_mb + RESUME_HEADROOM_MB:
+            # Some room above the floor first: a disk that just refused a write is not
+            # retried (and the alert not cleared and raised again) at every check.
             log.warning("archive recording again event=archive_resumed free_mb=%.0f", free_mb)
             self.stopped = None
             self.alerts.clear(ALERT_KIND, "archive")
@@ -337,7 +345,8 @@ class Archive:
 
     def _packets(self, area: str, since: float, until: float
                  ) -> Iterator[tuple[float, int, bytes]]:
-        """(start time, samples, Opus packet) of the archived packets starting in the span."""
+        """(start time, samples, Opus packet) of the archived packets whose middle lies in the
+        span."""
         segs = self.segments(area)
         for i, seg in enumerate(segs):
             if seg.start >= until or (i + 1 < len(segs) and segs[i + 1].start <= since):
@@ -355,7 +364,9 @@ class Archive:
                 pos = page.granule - sum(durations)  # the granule is its last packet's end
                 for p, d in zip(parts, durations, strict=True):
                     at = seg.start + pos / RATE
-                    if since <= at < until:
+                    # By its middle: a span that begins on a packet's edge (as-run times do)
+                    # is not moved by the file name's rounding to the millisecond.
+                    if since <= at + d / (2 * RATE) < until:
                         yield at, d, p
                     pos += d
 

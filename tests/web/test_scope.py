@@ -238,8 +238,10 @@ def attempts(w: World) -> dict[tuple[str, str], Callable[[], list[Attempt]] | st
             (f"/api/v1/inbox/{b['inbox']}/decline", {"json": {"reason": "Không"}})],
         ("POST", "/api/v1/inbox/{id}/order"): lambda: [
             (f"/api/v1/inbox/{b['inbox']}/order", {"json": {"order": "after"}})],
-        ("PATCH", "/api/v1/areas/{code}/settings"): lambda: [
-            (f"/api/v1/areas/{B}/settings", {"json": {"archive": {"enabled": True}}})],
+        ("PUT", "/api/v1/areas/{code}/archive"): lambda: [
+            (f"/api/v1/areas/{B}/archive", {"json": {"enabled": True}})],
+        ("DELETE", "/api/v1/areas/{code}/archive"): lambda: [
+            (f"/api/v1/areas/{B}/archive", {})],
         ("POST", "/api/v1/captures"): lambda: [
             ("/api/v1/captures", {"json": {"programme": b["relay"], "start": 4e9,
                                            "seconds": 60}}),

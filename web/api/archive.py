@@ -1,7 +1,7 @@
-"""Area settings, the as-aired archive (relay/archive.py) and replay.
+"""The as-aired archive (relay/archive.py), replay and scheduled captures.
 
-- `GET /api/v1/areas/{code}/settings`: the area's own settings and the effective ones (each
-  with the area that set it); `PATCH` sets sections (`{"archive": {...}}`, `null` to inherit).
+- `GET /api/v1/areas/{code}/archive`: whether the area records, its own setting or the one it
+  inherits (and from where); `PUT` sets its own, `DELETE` inherits again.
 - `GET /api/v1/archive/{code}/segments?from=&to=`: the recorded files of an area.
 - `GET /api/v1/archive/{code}/audio?from=&to=`: what the area carried in a span, as one Ogg
   Opus file to keep as evidence (audited).
@@ -23,7 +23,7 @@ from aiohttp import web
 
 from loa.codecs.decode import MediaError
 from loa.relay.archive import size_of
-from loa.streamer.areasettings import SECTIONS, SettingsError
+from loa.streamer.areasettings import SettingsError
 from loa.streamer.messages import say
 from loa.streamer.state.store import Record
 from loa.web import captures
@@ -58,40 +58,45 @@ routes = web.RouteTableDef()
 MAX_SPAN_S = 24 * 3600  # one download or replay: a day at most
 
 
-def _settings_out(request: web.Request, code: str) -> Record:
-    settings = node_of(request).area_settings
-    effective = {}
-    for section in SECTIONS:
-        value, source = settings.effective(code, section)
-        effective[section] = {"value": value, "from": source}
-    return {"area": code, "own": settings.own(code), "effective": effective}
+ARCHIVE_PATH = "/api/v1/areas/{code}/archive"
 
 
-@routes.get("/api/v1/areas/{code}/settings")
-async def settings_get(request: web.Request) -> web.Response:
+def _archive_out(request: web.Request, code: str) -> Record:
+    node = node_of(request)
+    value, source = node.area_settings.effective(code, "archive")
+    return {"area": code, "own": node.area_settings.own(code).get("archive"), "from": source,
+            "effective": value, "recording": code in node.archive.recorders,
+            "stopped": node.archive.stopped}
+
+
+@routes.get(ARCHIVE_PATH)
+async def archive_get(request: web.Request) -> web.Response:
     p = principal(request)
     code = scoped_area(p, node_of(request).tree, request.match_info["code"], None, missing=404)
-    return ok(_settings_out(request, code))
+    return ok(_archive_out(request, code))
 
 
-@routes.patch("/api/v1/areas/{code}/settings")
-async def settings_patch(request: web.Request) -> web.Response:
+async def _archive_set(request: web.Request, value: Record | None) -> web.Response:
     p = principal(request)
     p.require("air")  # the area's operator chooses (a commune for itself)
     node = node_of(request)
     code = scoped_area(p, node.tree, request.match_info["code"], None, missing=404)
-    data = await read_json(request)
-    refuse_unknown(data, set(SECTIONS))
-    try:  # every section checked before any is stored
-        for section, value in data.items():
-            if value is not None:
-                SECTIONS[section](value)
-        for section, value in data.items():
-            await node.area_settings.put(code, section, value)
+    try:
+        stored = await node.area_settings.put(code, "archive", value)
     except SettingsError as e:
         raise ApiError(422, str(e), e.field) from None
-    await audit(request, "area.settings", code, **{k: v for k, v in data.items()})
-    return ok(_settings_out(request, code))
+    await audit(request, "area.archive", code, setting=stored)
+    return ok(_archive_out(request, code))
+
+
+@routes.put(ARCHIVE_PATH)
+async def archive_put(request: web.Request) -> web.Response:
+    return await _archive_set(request, await read_json(request))
+
+
+@routes.delete(ARCHIVE_PATH)
+async def archive_delete(request: web.Request) -> web.Response:
+    return await _archive_set(request, None)  # the area follows what is above it again
 
 
 def _span(request: web.Request) -> tuple[float, float]:
@@ -296,16 +301,17 @@ def openapi_paths() -> dict[str, Any]:
     secured: dict[str, Any] = {"security": [{"bearer": []}]}
     span = [p for p in RANGE_PARAMS if p["name"] != "area"]
     return {
-        "/api/v1/areas/{code}/settings": {
+        ARCHIVE_PATH: {
             "parameters": [CODE_PARAM],
-            "get": {"summary": say("openapi.area_settings"), **secured,
+            "get": {"summary": say("openapi.area_archive"), **secured,
                     "responses": responses(*READ, 404)},
-            "patch": {"summary": say("openapi.area_settings_patch"), **secured,
-                      "requestBody": body(obj({"archive": obj({
-                          "enabled": {"type": "boolean"},
-                          "retention_days": {"type": "integer", "minimum": 1,
-                                             "maximum": 3650}})})),
-                      "responses": responses(200, *WRITE, 404)},
+            "put": {"summary": say("openapi.area_archive_put"), **secured,
+                    "requestBody": body(obj({
+                        "enabled": {"type": "boolean"},
+                        "retention_days": {"type": "integer", "minimum": 1, "maximum": 3650}})),
+                    "responses": responses(200, *WRITE, 404)},
+            "delete": {"summary": say("openapi.area_archive_delete"), **secured,
+                       "responses": responses(200, 401, 403, 404)},
         },
         "/api/v1/archive/{code}/segments": {
             "parameters": [CODE_PARAM, *span],
