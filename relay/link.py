@@ -92,12 +92,20 @@ def cut_targets(tree: AreaTree, targets: list[str], areas: list[str]) -> list[st
     return list(out)
 
 
-def event_of(tree: AreaTree, b: Broadcast, targets: list[str]) -> dict[str, Any]:
+def event_of(tree: AreaTree, b: Broadcast, targets: list[str],
+             origin: dict[str, Any] | None = None) -> dict[str, Any]:
     """A broadcast as a child receives it: what its arbiter needs, and the issuer's path from
-    the root so a child whose tree lacks the issuer can map it to the nearest area it knows."""
-    return {"id": b.id, "class": b.cls.name, "authority": tree.depth(b.issuer),
-            "issuer": b.issuer, "issuer_path": list(reversed(tree.ancestors(b.issuer))),
-            "title": b.title, "policy": str(b.policy), "targets": targets}
+    the root so a child whose tree lacks the issuer can map it to the nearest area it knows.
+    A broadcast this node relays from its own parent (`origin`, the event it arrived with) goes
+    on with its original issuer, path and authority: a middle node that maps an issuer it lacks
+    to an ancestor must not hand the mapped one further down."""
+    event = {"id": b.id, "class": b.cls.name, "authority": tree.depth(b.issuer),
+             "issuer": b.issuer, "issuer_path": list(reversed(tree.ancestors(b.issuer))),
+             "title": b.title, "policy": str(b.policy), "targets": targets}
+    if origin is not None:
+        event.update({k: origin[k] for k in ("issuer", "issuer_path", "authority")
+                      if k in origin})
+    return event
 
 
 @dataclass
@@ -151,6 +159,8 @@ class LinkServer:
         self.hub = hub
         self.loop = loop
         self.feeds: list[Feed] = []
+        # The event a broadcast relayed from this node's own parent arrived with (None: ours).
+        self.origin: Callable[[str], dict[str, Any] | None] = lambda bid: None
         engine.started_listeners.append(self._started_thread)
         engine.ended_listeners.append(self._ended_thread)
 
@@ -196,7 +206,7 @@ class LinkServer:
 
         sub.on_packets = packets
         feed.subs[b.id] = sub
-        return event_of(self.tree, b, targets)
+        return event_of(self.tree, b, targets, self.origin(b.id))
 
     def attach(self, feed: Feed) -> None:
         """A child connected: its hello lists what is on the air for it now."""

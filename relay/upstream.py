@@ -39,6 +39,7 @@ from loa.streamer.station import Content, Station
 
 log = logging.getLogger("loa.upstream")
 
+ORIGIN = ("issuer", "issuer_path", "authority")  # as the first node issued it, kept in the record
 MAX_CONCEAL = 5  # lost frames concealed (Opus PLC); a longer gap resumes without filling it
 
 
@@ -208,6 +209,12 @@ class UpstreamLink:
         for e in events:
             await self._start(e)
 
+    def origin(self, bid: str) -> dict[str, Any] | None:
+        """The event one of the parent's broadcasts arrived with (a middle node relays it on
+        unchanged); None for a broadcast of this node's own."""
+        r = self.remotes.get(bid)
+        return r.event if r is not None else None
+
     def issuer_here(self, event: dict[str, Any], targets: list[str]) -> str:
         """The issuer as this node's arbiter knows it: itself, else its nearest ancestor in this
         node's tree, else (an issuer above this tree's root, a national source) the root."""
@@ -235,7 +242,8 @@ class UpstreamLink:
                                      targets=targets, klass=cls.name, issuer=issuer,
                                      user="upstream", policy=str(event.get("policy", "resume")),
                                      spec={"live": "upstream", "upstream": self.settings.url},
-                                     bid=bid, persist=False)
+                                     bid=bid, persist=False,
+                                     extra={"origin": {k: event.get(k) for k in ORIGIN}})
         await self.station.store.put("broadcast", rec)
         self.counts["started"] += 1
         log.info("parent broadcast on event=upstream_start id=%s class=%s issuer=%s "

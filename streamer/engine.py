@@ -464,7 +464,8 @@ class Engine:
         if not src.seekable:
             if live.shared is None:
                 live.shared = Playhead(live.b.id, src)
-                self.playheads[live.shared.id] = live.shared
+            # (Again) after a time preempted everywhere: render drops a cursor nobody hears.
+            self.playheads[live.shared.id] = live.shared
             return live.shared
         # Areas that (re)start this broadcast at the same sample in the same tick share a cursor.
         key = (live.b.id, position, n)

@@ -156,6 +156,7 @@ class Node:
         await self.station.restore()
         if cfg.upstream.url:  # the parent's broadcasts join what this node airs of its own
             self.upstream = UpstreamLink(cfg.upstream, self.station, self.tree)
+            self.links.origin = self.upstream.origin  # relayed on to children as it came
             self._stops.append(self.upstream.close)
             await self.upstream.start()
 
