@@ -24,6 +24,7 @@ import json
 import logging
 import re
 import struct
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -46,6 +47,7 @@ _ID = re.compile(rb"[0-9A-Za-z_.:-]{1,64}")
 MAX_OPUS = 1275 * 3  # RFC 6716: a packet never exceeds 120 ms of 1275-byte frames
 CLOSE_CREDENTIAL = 4401  # WebSocket close codes of a refusal, with the reason as close text
 CLOSE_AREAS = 4403
+CLOSE_LOOP = 4508  # the child is already in this node's chain of parents (HTTP 508's number)
 CLOSE_GOING_AWAY = 1001
 MAX_FRAMES_QUEUED = 250  # 5 s of 20 ms frames per child; beyond, the oldest are dropped
 
@@ -161,6 +163,10 @@ class LinkServer:
         self.feeds: list[Feed] = []
         # The event a broadcast relayed from this node's own parent arrived with (None: ours).
         self.origin: Callable[[str], dict[str, Any] | None] = lambda bid: None
+        # This node's id, then its parent's, and so on up: the loop guard's path. A child whose
+        # id is in it is refused; every child learns it (hello, then `path` when it changes).
+        self.chain: Callable[[], list[str]] = lambda: []
+        self.refusals: deque[dict[str, Any]] = deque(maxlen=20)  # the latest, for the monitor
         engine.started_listeners.append(self._started_thread)
         engine.ended_listeners.append(self._ended_thread)
 
@@ -212,9 +218,24 @@ class LinkServer:
         """A child connected: its hello lists what is on the air for it now."""
         self.feeds.append(feed)
         events = [e for b in self.engine.active() if (e := self._follow(feed, b)) is not None]
-        feed.queue_text({"type": "hello", "areas": feed.areas, "broadcasts": events})
+        feed.queue_text({"type": "hello", "areas": feed.areas, "path": self.chain(),
+                         "broadcasts": events})
         log.info("child linked event=link_up node=%s areas=%s broadcasts=%d", feed.node,
                  ",".join(feed.areas), len(events))
+
+    def loop_reason(self, child: str) -> str | None:
+        """Why a child node with this id must be refused (it is in our chain), or None."""
+        return say("link.loop", node=child) if child in self.chain() else None
+
+    def refused(self, node: str, code: int, reason: str) -> None:
+        self.refusals.append({"node": node, "code": code, "reason": reason,
+                              "path": self.chain(), "at": time.time()})
+
+    def path_changed(self) -> None:
+        """This node's own parents changed: every child learns the new path (loop guard)."""
+        path = self.chain()
+        for feed in self.feeds:
+            feed.queue_text({"type": "path", "path": path})
 
     def detach(self, feed: Feed) -> None:
         feed.closed = True

@@ -23,13 +23,15 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
 from loa.codecs.opus import OpusDecoder
-from loa.relay.link import CLOSE_AREAS, CLOSE_CREDENTIAL, LinkError, decode_frame
+from loa.relay.link import CLOSE_AREAS, CLOSE_CREDENTIAL, CLOSE_LOOP, LinkError, decode_frame
+from loa.streamer.alerts import Alert, Alerts
 from loa.streamer.areas import AreaTree
 from loa.streamer.broadcast import BroadcastClass
 from loa.streamer.clock import FRAME
@@ -69,12 +71,25 @@ class Remote:
         return self.event["class"] == BroadcastClass.emergency.name
 
 
+class LoopRefused(Exception):
+    """This node is in its parent's chain: the link is refused (reason in the message)."""
+
+
 class UpstreamLink:
-    def __init__(self, settings: UpstreamSettings, station: Station, tree: AreaTree) -> None:
+    def __init__(self, settings: UpstreamSettings, station: Station, tree: AreaTree,
+                 alerts: Alerts | None = None) -> None:
         self.settings = settings
         self.station = station
         self.tree = tree
+        self.alerts = alerts
         self.remotes: dict[str, Remote] = {}
+        # The parent's chain (its id, its parent's, ...): the loop guard, told by the parent.
+        self.path: list[str] = []
+        self.path_listeners: list[Callable[[], None]] = []  # this node's children are told
+        # Set once this node knows what its parent airs (the first hello, or the first hold
+        # over, or a refusal): a middle node says hello to its own children only then, or a
+        # child reconnecting after this node's restart would drop what it still holds.
+        self.synced = asyncio.Event()
         self.state = "connecting"  # connecting | up | down | refused
         self.reason = ""
         self.since = time.time()
@@ -87,7 +102,8 @@ class UpstreamLink:
     @property
     def ws_url(self) -> str:
         base = self.settings.url.rstrip("/").replace("http", "ws", 1)
-        return f"{base}/api/v1/nodes/link?areas={','.join(self.settings.areas)}"
+        return (f"{base}/api/v1/nodes/link?areas={','.join(self.settings.areas)}"
+                f"&node={self.station.node_id}")
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -147,7 +163,14 @@ class UpstreamLink:
         while True:
             msg = await ws.receive()
             if msg.type is aiohttp.WSMsgType.TEXT:
-                greeted = await self._event(msg.data) or greeted
+                try:
+                    greeted = await self._event(msg.data) or greeted
+                except LoopRefused as e:  # found here: the parent's chain holds this node
+                    await ws.close(code=CLOSE_LOOP,
+                                   message=str(e).encode()[:123].decode("utf-8", "ignore").encode())
+                    self._set("refused", str(e))
+                    self._loop(str(e))
+                    return False
             elif msg.type is aiohttp.WSMsgType.BINARY:
                 self._frame(msg.data)
             else:  # CLOSE (with the parent's reason), CLOSED, ERROR
@@ -158,7 +181,10 @@ class UpstreamLink:
         if not reason:
             exc = ws.exception()
             reason = str(exc) if exc is not None else say("upstream.closed", code=code)
-        self._set("refused" if code in (CLOSE_CREDENTIAL, CLOSE_AREAS) else "down", reason)
+        self._set("refused" if code in (CLOSE_CREDENTIAL, CLOSE_AREAS, CLOSE_LOOP) else "down",
+                  reason)
+        if code == CLOSE_LOOP:
+            self._loop(reason)
         return greeted
 
     def _lost(self) -> None:
@@ -166,8 +192,28 @@ class UpstreamLink:
             self._hold = asyncio.get_running_loop().call_later(self.settings.hold_s,
                                                                self._let_go)
 
+    def _loop(self, reason: str) -> None:
+        self.synced.set()
+        if self.alerts is not None:
+            self.alerts.raise_(Alert("link_loop", self.settings.url, self.tree.roots()[0].code,
+                                     reason, "critical"))
+
+    def _chain(self, path: Any) -> None:
+        """The parent's chain, from hello or `path`: refused when this node is in it."""
+        if not isinstance(path, list):
+            return
+        path = [str(p) for p in path]
+        if self.station.node_id in path:
+            raise LoopRefused(say("upstream.loop", node=self.station.node_id,
+                                  path=" > ".join(path)))
+        if path != self.path:
+            self.path = path
+            for tell in self.path_listeners:
+                tell()
+
     def _let_go(self) -> None:
         """The link stayed down through the hold: the child's own programmes take the air."""
+        self.synced.set()
         self._hold = None
         if self.state == "up":
             return
@@ -182,8 +228,11 @@ class UpstreamLink:
             msg = json.loads(data)
             kind = msg["type"]
             if kind == "hello":
+                self._chain(msg.get("path"))
                 await self._hello(msg["broadcasts"])
                 return True
+            if kind == "path":
+                self._chain(msg["path"])
             if kind == "start":
                 await self._start(msg["broadcast"])
             elif kind == "stop":
@@ -208,6 +257,9 @@ class UpstreamLink:
                 self._stop(bid, "upstream-resync")
         for e in events:
             await self._start(e)
+        self.synced.set()
+        if self.alerts is not None:
+            self.alerts.clear("link_loop", self.settings.url)
 
     def origin(self, bid: str) -> dict[str, Any] | None:
         """The event one of the parent's broadcasts arrived with (a middle node relays it on

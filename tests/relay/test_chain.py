@@ -93,6 +93,22 @@ async def test_the_district_killed_and_restarted(tmp_path: Path) -> None:
         ids = [r["id"] for r in seen["all"]]
         assert sorted(ids) == sorted({own, districts, alarm}), seen["all"]  # none twice
         shown(seen["records"][alarm], "emergency", 0, P, "Khẩn cấp: cháy")
+
+        # Killed again under the emergency: the commune keeps it (a parent's emergency stays
+        # until the parent ends it); back, the district says hello only once it knows the
+        # province's air again, so the commune neither drops the emergency nor starts it twice.
+        await dist.kill()
+        await eventually(lambda: _state(c, 2, "down"), "the commune's link down again")
+        await eventually(lambda: _holding_nothing(c, 2), "the hold over")
+        # Its rank is kept (nothing lower takes the air), its audio waits for the link.
+        assert (await on_air(c.ops[2], C))["area"]["broadcast"] == alarm
+        before = await c.apis[2].upstream()
+        await dist.start()
+        await eventually(lambda: _connects(c, 2, before["connects"] + 1), "the link back again")
+        after = await c.apis[2].upstream()
+        assert after["stopped"] == before["stopped"] and alarm in after["broadcasts"], after
+        assert len(comm.logged(f"event=upstream_start id={alarm} ")) == 1  # never twice
+        await hears(comm, C, 1000, "the emergency, never interrupted")
         await c.ops[0].ok("DELETE", f"/api/v1/broadcasts/{alarm}")
         await hears(comm, C, 440, "the district's own programme again, resumed")
         seen = await on_air(c.ops[2], C)
@@ -102,3 +118,109 @@ async def test_the_district_killed_and_restarted(tmp_path: Path) -> None:
 
 async def _state(c, i: int, state: str) -> bool:
     return (await c.apis[i].upstream()).get("state") == state
+
+
+async def test_a_loop_is_refused_and_nothing_on_air_moves(tmp_path: Path) -> None:
+    """The province node reconfigured as a child of its own child (province -> district ->
+    province): the district refuses it (4508, the reason, its log and monitor), the province's
+    link shows `refused` and raises an alert, and both keep airing what they aired."""
+    async with chain(tmp_path, [P, D]) as c:
+        prov, dist = c.nodes
+        music = await air_tone(c.ops[0], tmp_path, 300, [P], "normal", "Nhạc tỉnh")
+        await hears(dist, D, 300, "the province's programme on the district node")
+        prov_id = (prov.root / "data" / "node-id").read_text().strip()
+        key = await c.apis[1].node_key(D, "the province, wrongly below its district")
+        await prov.kill()
+        prov.sections["upstream"] = {"url": dist.url, "key": key, "areas": [D], "hold_s": 0.5}
+        await prov.start()
+        await eventually(lambda: _state(c, 0, "refused"), "the province's link refused")
+        up = await c.apis[0].upstream()
+        assert "loop" in up["reason"] and prov_id in up["reason"], up
+        mon = await c.apis[1].ok("GET", "/api/v1/monitor")
+        refusal = mon["node"]["links"]["refused"][-1]
+        assert (refusal["node"], refusal["code"]) == (prov_id, 4508), refusal
+        assert refusal["path"][1] == prov_id  # the district's chain: itself, then the province
+        assert dist.logged(f"event=link_refused .*node={prov_id} code=4508")
+        assert prov.logged("event=alert_raised kind=link_loop")
+        # Nothing on air moved: the province's programme (restored) airs on both nodes.
+        await eventually(lambda: _state(c, 1, "up"), "the district's own link back")
+        await hears(prov, P, 300, "the province's own programme")
+        await hears(dist, D, 300, "the province's programme on the district, as before")
+        assert (await on_air(c.ops[1], D))["area"]["broadcast"] == music
+
+
+async def test_a_node_linked_to_itself_is_refused(tmp_path: Path) -> None:
+    async with chain(tmp_path, [P]) as c:
+        node, = c.nodes
+        own = await air_tone(c.ops[0], tmp_path, 300, [P], "normal", "Nhạc tỉnh")
+        key = await c.apis[0].node_key(D, "itself")
+        await node.kill()
+        node.sections["upstream"] = {"url": node.url, "key": key, "areas": [D]}
+        await node.start()
+        await eventually(lambda: _state(c, 0, "refused"), "the link to itself refused")
+        assert "loop" in (await c.apis[0].upstream())["reason"]
+        await hears(node, D, 300, "its own programme, untouched")
+        assert (await on_air(c.ops[0], P))["area"]["broadcast"] == own
+
+
+async def test_a_parent_whose_chain_holds_the_child_is_refused_by_the_child(
+        tmp_path: Path) -> None:
+    """The child finds the loop itself in the parent's hello (a parent that did not check, or
+    a chain that changed since): it closes with 4508 and its own air does not move."""
+    from aiohttp import web
+
+    from loa.relay.link import CLOSE_LOOP
+    from loa.streamer.broadcast import Broadcast
+    from loa.streamer.sources import ToneSource
+    from loa.web.testing import LOCAL, start_node
+    from tests.apiclient import make_config
+    from tests.helpers import until
+
+    closed: list[int | None] = []
+    me: dict[str, str] = {}
+
+    async def link(request: web.Request) -> web.WebSocketResponse:
+        ws = web.WebSocketResponse()
+        await ws.prepare(request)
+        me["id"] = request.query["node"]
+        await ws.send_json({"type": "hello", "areas": [D], "path": ["tinh", me["id"]],
+                            "broadcasts": [{"id": "tinh000001", "class": "emergency",
+                                            "authority": 0, "issuer": P, "issuer_path": [P],
+                                            "title": "Vòng lặp", "policy": "resume",
+                                            "targets": [D]}]})
+        await ws.receive()
+        closed.append(ws.close_code)
+        return ws
+
+    app = web.Application()
+    app.router.add_get("/api/v1/nodes/link", link)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, LOCAL, 0).start()
+    (tmp_path / "child").mkdir()
+    cfg = make_config(tmp_path / "child")
+    cfg.upstream.url, cfg.upstream.key = f"http://{LOCAL}:{runner.addresses[0][1]}", "x.y"
+    cfg.upstream.areas = [D]
+    child = await start_node(cfg)
+    try:
+        engine, up = child.node.engine, child.node.upstream
+        assert up is not None
+        own = engine.start(Broadcast(ToneSource(440, 0.3), [D], issuer=D, title="Nhạc huyện"))
+        await until(lambda: up.state == "refused" and closed, "the loop refused")
+        assert closed[0] == CLOSE_LOOP and me["id"] == child.node.node_id
+        assert "loop" in up.reason and not up.remotes and up.counts["started"] == 0
+        assert engine.main_of(D) == own
+        assert ("link_loop", cfg.upstream.url) in child.node.alerts.active
+    finally:
+        await child.stop()
+        await runner.cleanup()
+
+
+async def _connects(c, i: int, n: int) -> bool:
+    return (await c.apis[i].upstream()).get("connects", 0) >= n
+
+
+async def _holding_nothing(c, i: int) -> bool:
+    """The hold after a link loss is over: what is left of the parent's is kept for good."""
+    up = await c.apis[i].upstream()
+    return up["state"] == "down" and up["stopped"] > 0 and len(up["broadcasts"]) == 1
