@@ -285,6 +285,11 @@ class Engine:
         st = self.areas.get(area)
         return st.main if st else None
 
+    def overlays_of(self, area: str) -> tuple[str, ...]:
+        """The overlays an area hears over its main broadcast now (any thread)."""
+        st = self.areas.get(area)
+        return st.overlays if st else ()
+
     def live_broadcast(self, bid: str) -> Broadcast | None:
         live = self.broadcasts.get(bid)
         return live.b if live else None

@@ -224,3 +224,73 @@ async def _holding_nothing(c, i: int) -> bool:
     """The hold after a link loss is over: what is left of the parent's is kept for good."""
     up = await c.apis[i].upstream()
     return up["state"] == "down" and up["stopped"] > 0 and len(up["broadcasts"]) == 1
+
+
+async def test_areas_that_hear_different_things_each_get_their_own(tmp_path: Path) -> None:
+    """A province broadcast to two communes of a district node, preempted on the province node
+    in one of them only: the district node still gets its audio for the other (the link takes
+    each frame from an area that hears it, not from one representative area), and airs the
+    preempting one where it belongs. In-process nodes: each area's Opus packets read directly."""
+    import aiohttp
+
+    from loa.streamer.broadcast import Broadcast
+    from loa.streamer.sources import ToneSource
+    from loa.web.auth import add_user
+    from loa.web.testing import start_node
+    from tests.apiclient import PASSWORD, make_config
+    from tests.audio import decode_packets, peak_hz, rms
+    from tests.helpers import until
+
+    X1, X2 = "T01-H1-X1", "T01-H1-X2"
+
+    async def admin(node) -> None:
+        await add_user(node.store, node.tree, "qtv", "admin", P, PASSWORD, emergency=True)
+
+    (tmp_path / "p").mkdir()
+    parent = await start_node(make_config(tmp_path / "p"), prepare=admin)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(parent.url + "/api/v1/auth/token",
+                             json={"username": "qtv", "password": PASSWORD}) as r:
+            token = (await r.json())["token"]
+        async with http.post(parent.url + "/api/v1/nodes", json={"name": "huyện", "area": D},
+                             headers={"Authorization": f"Bearer {token}"}) as r:
+            key = (await r.json())["key"]
+    (tmp_path / "c").mkdir()
+    cfg = make_config(tmp_path / "c")
+    cfg.upstream.url, cfg.upstream.key, cfg.upstream.areas = parent.url, key, [D]
+    child = await start_node(cfg)
+    try:
+        up, engine = child.node.upstream, child.node.engine
+        assert up is not None
+        await until(lambda: up.state == "up", "the link up")
+        got: dict[str, list] = {X1: [], X2: []}
+        for area, packets in got.items():
+            child.node.hub.subscribe(area, "opus").on_packets = packets.extend
+
+        def hz(area: str) -> tuple[float, float]:
+            if len(got[area]) < 30:
+                return 0.0, 0.0
+            pcm, rate = decode_packets("opus", got[area][-30:])
+            pcm = pcm[-int(0.4 * rate):]
+            return peak_hz(pcm, rate), rms(pcm)
+
+        def hears(area: str, f: float) -> bool:
+            h, level = hz(area)
+            return abs(h - f) < 8 and level > 0.05
+
+        pe = parent.node.engine
+        bulletin = pe.start(Broadcast(ToneSource(650, 0.3), [X1, X2], issuer=P,
+                                      klass="priority", title="Bản tin tỉnh"))
+        await until(lambda: hears(X1, 650) and hears(X2, 650), "the bulletin in both")
+        alarm = pe.start(Broadcast(ToneSource(1000, 0.3), [X1], issuer=P, klass="emergency",
+                                   title="Khẩn cấp xã 1"))
+        await until(lambda: engine.main_of(X1) == alarm, "the emergency in commune 1")
+        assert pe.main_of(X2) == bulletin and engine.main_of(X2) == bulletin
+        await until(lambda: hears(X1, 1000), "the emergency heard in commune 1")
+        got[X2].clear()
+        await until(lambda: len(got[X2]) >= 60, "1.2 s of commune 2")
+        assert hears(X2, 650), hz(X2)  # the bulletin, not silence, in the other commune
+        assert up.counts["concealed"] == 0  # whole: no frame lost at the switch
+    finally:
+        await child.stop()
+        await parent.stop()
