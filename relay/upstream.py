@@ -10,7 +10,10 @@ once (libopus) into a `LivePush` whatever the number of areas that hear it.
 Control events are idempotent by id, and every (re)connection starts with the parent's `hello`:
 what is missing starts, what is gone stops, what is known stays (never started twice).
 
-The parent unreachable: reconnect after 0.25 s, doubling to at most `backoff_max` (1 s). What
+The parent unreachable: reconnect after 0.25 s, doubling to at most `backoff_max` (0.5 s, so
+the parent's audio is back within a second of the network's return, the attempt and the jitter
+buffer included; each wait cut by up to a quarter at random so the communes of a restarted
+parent do not reconnect in lockstep). What
 the parent was airing is held `hold_s` (a reconnect within it changes nothing on the air) and
 then let go, so the child's own programmes come back; a parent's emergency is kept until the
 parent says it is over. A refused credential is logged and shown with the parent's reason; the
@@ -22,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -51,7 +55,7 @@ class UpstreamSettings:
     key: str = ""  # the node credential the parent issued (POST /api/v1/nodes)
     areas: list[str] = field(default_factory=list)  # the part of the tree this node serves
     backoff_min: float = 0.25
-    backoff_max: float = 1.0
+    backoff_max: float = 0.5
     hold_s: float = 2.0  # after a link loss, the parent's broadcasts (not emergencies) stay
     buffer_ms: float = 60.0  # the jitter buffer of each of the parent's broadcasts
     heartbeat_s: float = 1.0  # a silent dead link is noticed within about this
@@ -153,7 +157,7 @@ class UpstreamLink:
                         self._stop(bid, "upstream-refused")
                 self._lost()
                 # A backoff between attempts, not a wait for a condition.
-                await asyncio.sleep(delay)
+                await asyncio.sleep(delay * (1 - 0.25 * random.random()))
                 delay = min(delay * 2, s.backoff_max)
 
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> bool:

@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,8 @@ class Chain:
     areas: list[str]
     http: aiohttp.ClientSession
     upstream: dict[str, Any] = field(default_factory=dict)  # more [upstream] keys (hold_s ...)
+    # The URL node i reaches its parent at, from the parent's own (a proxy that drops the link)
+    via: Callable[[int, str], Awaitable[str]] | None = None
     nodes: list[NodeProcess] = field(default_factory=list)
     apis: list[NodeApi] = field(default_factory=list)  # each node's bootstrap admin (root area)
     ops: list[NodeApi] = field(default_factory=list)  # each node's operator of its own area
@@ -246,7 +249,10 @@ class Chain:
             sections: dict[str, dict[str, Any]] = {}
             if i:
                 key = await self.apis[i - 1].node_key(area, f"node {i} {area}")
-                sections["upstream"] = {"url": self.nodes[i - 1].url, "key": key,
+                url = self.nodes[i - 1].url
+                if self.via is not None:
+                    url = await self.via(i, url)
+                sections["upstream"] = {"url": url, "key": key,
                                         "areas": [area], **self.upstream}
             proc = NodeProcess(f"n{i}-{area}", self.root / f"n{i}", self.areas_csv, sections)
             self.nodes.append(proc)
