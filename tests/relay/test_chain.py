@@ -291,6 +291,19 @@ async def test_areas_that_hear_different_things_each_get_their_own(tmp_path: Pat
         await until(lambda: len(got[X2]) >= 60, "1.2 s of commune 2")
         assert hears(X2, 650), hz(X2)  # the bulletin, not silence, in the other commune
         assert up.counts["concealed"] == 0  # whole: no frame lost at the switch
+
+        # An overlay over it in commune 1 only: commune 2's frames (the bulletin alone) are the
+        # ones sent, and the child mixes the overlay itself where it belongs (not twice, not
+        # in commune 2).
+        pe.stop(alarm)
+        over = pe.start(Broadcast(ToneSource(1000, 0.3), [X1], issuer=P, klass="emergency",
+                                  policy="overlay", title="Thông báo xã 1"))
+        await until(lambda: engine.overlays_of(X1) == (over,), "the overlay in commune 1")
+        assert pe.overlays_of(X1) == (over,) and not engine.overlays_of(X2)
+        await until(lambda: hears(X1, 1000), "the overlay heard over the bulletin in commune 1")
+        got[X2].clear()
+        await until(lambda: len(got[X2]) >= 60, "1.2 s of commune 2")
+        assert hears(X2, 650), hz(X2)  # the bulletin alone: not the overlay's mix
     finally:
         await child.stop()
         await parent.stop()
