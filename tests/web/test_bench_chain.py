@@ -22,6 +22,8 @@ def test_bench_chain_one_hop(capsys: pytest.CaptureFixture[str]) -> None:
     assert first["end_to_end"]["n"] == 2 and first["per_hop"][0]["n"] == 2
     # The child has it after its parent: each round's frame reached the origin's probe first.
     assert 0 < first["at_node"][0]["p50"] <= first["end_to_end"]["p50"]
+    heard = r["emergency_first_audio_ms"]
+    assert len(heard["at_node"]) == 2 and heard["end_to_end"]["p50"] >= first["end_to_end"]["p50"]
     out_ = r["link_outage"]
     assert out_["outage_s"] == 0.5 and out_["local_programme_gap_ms"] >= 0
     assert out_["parent_audio_gap_ms"] >= out_["back_on_parent_audio_ms"] > 0

@@ -9,8 +9,10 @@ broadcast leaves a node only once that node has it on the air there and encoded.
 
 - `emergency_first_packet_ms`: `--rounds` emergencies from the province node's API (a tone
   media item, the whole province, `POST /api/v1/broadcasts` class emergency): from the request
-  to the first frame of it at each node (`at_node`), per hop (node i minus node i - 1) and end
-  to end (the last node), p50 and p99. Loopback, one machine: no WAN in it.
+  to the first frame of it at each node (`at_node`: it is on the air there), per hop (node i
+  minus node i - 1) and end to end (the last node), p50 and p99. Loopback, one machine: no WAN
+  in it. `emergency_first_audio_ms`: the same to its first loud frame (a child's jitter buffer
+  fills `[upstream] buffer_ms`, 60 ms, before it plays: the first frames are silence).
 - `link_outage`: the last link goes through a TCP proxy in this process that drops every
   connection and refuses new ones for `--outage` seconds. First with only the last node's own
   programme on the air there: `local_programme_gap_ms` is how much of it was missing or silent
@@ -237,12 +239,14 @@ async def measure(hops: int, rounds: int, outage: float, cpu_seconds: float,
 
             # ---- emergencies: first frame at every node ------------------------------------
             at_node: list[list[float]] = [[] for _ in range(hops + 1)]
+            heard_at: list[list[float]] = [[] for _ in range(hops + 1)]
             for r in range(rounds):
                 t0 = time.perf_counter()
                 bid = await chain.ops[0].air(alarm, [ROOT], "emergency")
-                await until(lambda b=bid: all(p.first(b) for p in probes), f"emergency {r}")
+                await until(lambda b=bid: all(p.loud(b) for p in probes), f"emergency {r}")
                 for i, p in enumerate(probes):
                     at_node[i].append((p.first(bid) or t0) - t0)
+                    heard_at[i].append(p.loud(bid)[0] - t0)
                 await chain.ops[0].ok("DELETE", f"/api/v1/broadcasts/{bid}")
                 await asyncio.sleep(0.3)
             per_hop = [[(b - a) * 1000 for a, b in zip(at_node[i - 1], at_node[i], strict=True)]
@@ -252,6 +256,8 @@ async def measure(hops: int, rounds: int, outage: float, cpu_seconds: float,
                 "per_hop": [{"hop": i + 1, **stats(v)} for i, v in enumerate(per_hop)],
                 "end_to_end": stats([t * 1000 for t in at_node[-1]]),
             }
+            first_audio = {"at_node": [stats([t * 1000 for t in ts]) for ts in heard_at],
+                           "end_to_end": stats([t * 1000 for t in heard_at[-1]])}
             log(f"emergencies: {json.dumps(first_packet['end_to_end'])}")
 
             # ---- the last link drops and returns ---------------------------------------------
@@ -328,7 +334,8 @@ async def measure(hops: int, rounds: int, outage: float, cpu_seconds: float,
         <= GOALS["back_on_parent_audio_ms"],
     }
     return {"bench": "chain", "hops": hops, "nodes": hops + 1, "rounds": rounds,
-            "emergency_first_packet_ms": first_packet, "link_outage": outage_figures,
+            "emergency_first_packet_ms": first_packet, "emergency_first_audio_ms": first_audio,
+            "link_outage": outage_figures,
             "cpu": cpu, "cpu_per_relayed_broadcast_percent": cpu["per_relayed_broadcast_percent"],
             "goals": GOALS, "met": met, "baseline": {"icecast_master_slave": ICECAST}}
 
