@@ -237,7 +237,7 @@ class UpstreamLink:
                 return True
             if kind == "path":
                 self._chain(msg["path"])
-            if kind == "start":
+            elif kind == "start":
                 await self._start(msg["broadcast"])
             elif kind == "stop":
                 self._stop(str(msg["id"]), str(msg.get("cause") or "upstream-stop"))

@@ -165,8 +165,9 @@ async def test_a_node_linked_to_itself_is_refused(tmp_path: Path) -> None:
 
 async def test_a_parent_whose_chain_holds_the_child_is_refused_by_the_child(
         tmp_path: Path) -> None:
-    """The child finds the loop itself in the parent's hello (a parent that did not check, or
-    a chain that changed since): it closes with 4508 and its own air does not move."""
+    """The child finds the loop itself in the parent's chain (a parent that did not check, or a
+    chain that changed since): first in a `path` event (the chain above changed), then in the
+    next hello; it closes with 4508 each time, and its own programme keeps the air."""
     from aiohttp import web
 
     from loa.relay.link import CLOSE_LOOP
@@ -178,16 +179,19 @@ async def test_a_parent_whose_chain_holds_the_child_is_refused_by_the_child(
 
     closed: list[int | None] = []
     me: dict[str, str] = {}
+    event = {"id": "tinh000001", "class": "priority", "authority": 0, "issuer": P,
+             "issuer_path": [P], "title": "Bản tin tỉnh", "policy": "resume", "targets": [D]}
 
     async def link(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse()
         await ws.prepare(request)
         me["id"] = request.query["node"]
-        await ws.send_json({"type": "hello", "areas": [D], "path": ["tinh", me["id"]],
-                            "broadcasts": [{"id": "tinh000001", "class": "emergency",
-                                            "authority": 0, "issuer": P, "issuer_path": [P],
-                                            "title": "Vòng lặp", "policy": "resume",
-                                            "targets": [D]}]})
+        looped = ["tinh", "huyen", me["id"]]
+        await ws.send_json({"type": "hello", "areas": [D], "broadcasts": [event],
+                            "path": looped if closed else ["tinh"]})
+        if not closed:
+            await until(lambda: me.get("go"), "the test's go")
+            await ws.send_json({"type": "path", "path": looped})  # a chain that changed
         await ws.receive()
         closed.append(ws.close_code)
         return ws
@@ -206,24 +210,18 @@ async def test_a_parent_whose_chain_holds_the_child_is_refused_by_the_child(
         engine, up = child.node.engine, child.node.upstream
         assert up is not None
         own = engine.start(Broadcast(ToneSource(440, 0.3), [D], issuer=D, title="Nhạc huyện"))
-        await until(lambda: up.state == "refused" and closed, "the loop refused")
-        assert closed[0] == CLOSE_LOOP and me["id"] == child.node.node_id
-        assert "loop" in up.reason and not up.remotes and up.counts["started"] == 0
-        assert engine.main_of(D) == own
+        await until(lambda: engine.main_of(D) == event["id"], "the parent's bulletin on air")
+        assert up.path == ["tinh"] and up.state == "up"
+        me["go"] = "1"
+        await until(lambda: len(closed) >= 2, "refused on the path event, then on hello")
+        assert closed[:2] == [CLOSE_LOOP, CLOSE_LOOP] and me["id"] == child.node.node_id
+        assert up.state == "refused" and "loop" in up.reason and not up.remotes
+        assert up.counts["bad_events"] == 0 and up.counts["started"] == 1
+        await until(lambda: engine.main_of(D) == own, "its own programme back on the air")
         assert ("link_loop", cfg.upstream.url) in child.node.alerts.active
     finally:
         await child.stop()
         await runner.cleanup()
-
-
-async def _connects(c, i: int, n: int) -> bool:
-    return (await c.apis[i].upstream()).get("connects", 0) >= n
-
-
-async def _holding_nothing(c, i: int) -> bool:
-    """The hold after a link loss is over: what is left of the parent's is kept for good."""
-    up = await c.apis[i].upstream()
-    return up["state"] == "down" and up["stopped"] > 0 and len(up["broadcasts"]) == 1
 
 
 async def test_areas_that_hear_different_things_each_get_their_own(tmp_path: Path) -> None:
@@ -307,3 +305,13 @@ async def test_areas_that_hear_different_things_each_get_their_own(tmp_path: Pat
     finally:
         await child.stop()
         await parent.stop()
+
+
+async def _connects(c, i: int, n: int) -> bool:
+    return (await c.apis[i].upstream()).get("connects", 0) >= n
+
+
+async def _holding_nothing(c, i: int) -> bool:
+    """The hold after a link loss is over: what is left of the parent's is kept for good."""
+    up = await c.apis[i].upstream()
+    return up["state"] == "down" and up["stopped"] > 0 and len(up["broadcasts"]) == 1
