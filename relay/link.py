@@ -6,11 +6,12 @@ areas: the resync after every reconnect), `start` and `stop`. Binary messages ar
 packet of 20 ms per message, tagged with its broadcast id and its media timestamp (`frame`).
 
 Encode once: the link sends no audio of its own. For each broadcast it subscribes to the Opus
-channel of one representative area (the first of the broadcast's targets cut to the child's
-areas): the engine already encodes that area's composition once for every listener of it, and a
-second child, or a loudspeaker listening there, shares the same packets. A packet is tagged with
-the broadcast the area hears at that moment, so a broadcast the parent itself preempts there
-sends nothing while it is preempted (the preempting one, also sent, is what the child airs).
+channels of the areas of the child's that the broadcast reaches (`Follow`): the engine already
+encodes each composition once for every listener of it, and a second child, or a loudspeaker
+listening there, shares the same packets. Each frame goes once, from an area that hears the
+broadcast (alone when one can), so a broadcast the parent preempts in one of those areas and not
+in another still reaches the child whole; while it is preempted in all of them it sends nothing
+(the preempting one, also sent, is what the child airs).
 
 A child that reads too slowly loses its oldest media frames (never control events): the link is
 live, not a download. TCP keeps order within a connection; the timestamps let the child drop
@@ -20,10 +21,12 @@ what is late after a reconnect and conceal what was lost.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import re
 import struct
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -46,6 +49,7 @@ _ID = re.compile(rb"[0-9A-Za-z_.:-]{1,64}")
 MAX_OPUS = 1275 * 3  # RFC 6716: a packet never exceeds 120 ms of 1275-byte frames
 CLOSE_CREDENTIAL = 4401  # WebSocket close codes of a refusal, with the reason as close text
 CLOSE_AREAS = 4403
+CLOSE_LOOP = 4508  # the child is already in this node's chain of parents (HTTP 508's number)
 CLOSE_GOING_AWAY = 1001
 MAX_FRAMES_QUEUED = 250  # 5 s of 20 ms frames per child; beyond, the oldest are dropped
 
@@ -92,12 +96,66 @@ def cut_targets(tree: AreaTree, targets: list[str], areas: list[str]) -> list[st
     return list(out)
 
 
-def event_of(tree: AreaTree, b: Broadcast, targets: list[str]) -> dict[str, Any]:
+def event_of(tree: AreaTree, b: Broadcast, targets: list[str],
+             origin: dict[str, Any] | None = None) -> dict[str, Any]:
     """A broadcast as a child receives it: what its arbiter needs, and the issuer's path from
-    the root so a child whose tree lacks the issuer can map it to the nearest area it knows."""
-    return {"id": b.id, "class": b.cls.name, "authority": tree.depth(b.issuer),
-            "issuer": b.issuer, "issuer_path": list(reversed(tree.ancestors(b.issuer))),
-            "title": b.title, "policy": str(b.policy), "targets": targets}
+    the root so a child whose tree lacks the issuer can map it to the nearest area it knows.
+    A broadcast this node relays from its own parent (`origin`, the event it arrived with) goes
+    on with its original issuer, path and authority: a middle node that maps an issuer it lacks
+    to an ancestor must not hand the mapped one further down."""
+    event = {"id": b.id, "class": b.cls.name, "authority": tree.depth(b.issuer),
+             "issuer": b.issuer, "issuer_path": list(reversed(tree.ancestors(b.issuer))),
+             "title": b.title, "policy": str(b.policy), "targets": targets}
+    if origin is not None:
+        event.update({k: origin[k] for k in ("issuer", "issuer_path", "authority")
+                      if k in origin})
+    return event
+
+
+class Follow:
+    """One broadcast's media for one child, taken from the Opus channels of every area of the
+    child's it reaches: each 20 ms frame is sent once (by media timestamp), from an area where
+    the broadcast is what is heard, alone if one such area has no overlay over it.
+
+    Why every area and not one representative: the parent's arbiter may preempt the broadcast in
+    one of them (another broadcast on that commune alone) and not in another. The child ranks
+    the same broadcasts itself (the preempting one reaches it too), so it needs the broadcast's
+    own audio for as long as any of its areas may hear it; one area's composition would carry
+    the preempting audio under this broadcast's id, or nothing. Encode once still holds: areas
+    hearing the same composition share one encoder, and every packet comes from the encoders
+    the parent runs for that audio anyway."""
+
+    def __init__(self, engine: Engine, hub: PacketHub, feed: Feed, bid: str,
+                 areas: list[str]) -> None:
+        self.engine = engine
+        self.feed = feed
+        self.bid = bid
+        self.areas = areas
+        self.sent_end = -1  # media timestamp just past the last frame sent
+        self.subs: list[Subscription] = []
+        for area in areas:
+            sub = hub.subscribe(area, "opus", maxlen=50)
+            sub.on_packets = functools.partial(self._packets, area)
+            self.subs.append(sub)
+
+    def _heard(self, area: str) -> tuple[bool, bool]:
+        """(the broadcast is what `area` hears, with nothing mixed over it)."""
+        if self.engine.main_of(area) != self.bid:
+            return False, False
+        return True, not self.engine.overlays_of(area)
+
+    def _packets(self, area: str, batch: list[Packet]) -> None:
+        heard, alone = self._heard(area)
+        if not heard or not alone and any(self._heard(a)[1] for a in self.areas if a != area):
+            return
+        for p in batch:
+            if p.pts >= self.sent_end:
+                self.feed.queue_frame(encode_frame(self.bid, p.pts, p.data))
+                self.sent_end = p.end
+
+    def close(self) -> None:
+        for sub in self.subs:
+            sub.close()
 
 
 @dataclass
@@ -108,7 +166,7 @@ class Feed:
     areas: list[str]
     send_text: Callable[[str], Awaitable[None]]
     send_bytes: Callable[[bytes], Awaitable[None]]
-    subs: dict[str, Subscription] = field(default_factory=dict)
+    subs: dict[str, Follow] = field(default_factory=dict)  # by broadcast id
     control: deque[str] = field(default_factory=deque)
     frames: deque[bytes] = field(default_factory=lambda: deque(maxlen=MAX_FRAMES_QUEUED))
     sent_frames: int = 0
@@ -151,6 +209,12 @@ class LinkServer:
         self.hub = hub
         self.loop = loop
         self.feeds: list[Feed] = []
+        # The event a broadcast relayed from this node's own parent arrived with (None: ours).
+        self.origin: Callable[[str], dict[str, Any] | None] = lambda bid: None
+        # This node's id, then its parent's, and so on up: the loop guard's path. A child whose
+        # id is in it is refused; every child learns it (hello, then `path` when it changes).
+        self.chain: Callable[[], list[str]] = lambda: []
+        self.refusals: deque[dict[str, Any]] = deque(maxlen=20)  # the latest, for the monitor
         engine.started_listeners.append(self._started_thread)
         engine.ended_listeners.append(self._ended_thread)
 
@@ -186,25 +250,31 @@ class LinkServer:
         targets = cut_targets(self.tree, b.targets, feed.areas)
         if not targets:
             return None
-        area, bid = targets[0], b.id
-        sub = self.hub.subscribe(area, "opus", maxlen=50)
-
-        def packets(batch: list[Packet]) -> None:
-            if self.engine.main_of(area) == bid:
-                for p in batch:
-                    feed.queue_frame(encode_frame(bid, p.pts, p.data))
-
-        sub.on_packets = packets
-        feed.subs[b.id] = sub
-        return event_of(self.tree, b, targets)
+        feed.subs[b.id] = Follow(self.engine, self.hub, feed, b.id, targets)
+        return event_of(self.tree, b, targets, self.origin(b.id))
 
     def attach(self, feed: Feed) -> None:
         """A child connected: its hello lists what is on the air for it now."""
         self.feeds.append(feed)
         events = [e for b in self.engine.active() if (e := self._follow(feed, b)) is not None]
-        feed.queue_text({"type": "hello", "areas": feed.areas, "broadcasts": events})
+        feed.queue_text({"type": "hello", "areas": feed.areas, "path": self.chain(),
+                         "broadcasts": events})
         log.info("child linked event=link_up node=%s areas=%s broadcasts=%d", feed.node,
                  ",".join(feed.areas), len(events))
+
+    def loop_reason(self, child: str) -> str | None:
+        """Why a child node with this id must be refused (it is in our chain), or None."""
+        return say("link.loop", node=child) if child in self.chain() else None
+
+    def refused(self, node: str, code: int, reason: str) -> None:
+        self.refusals.append({"node": node, "code": code, "reason": reason,
+                              "path": self.chain(), "at": time.time()})
+
+    def path_changed(self) -> None:
+        """This node's own parents changed: every child learns the new path (loop guard)."""
+        path = self.chain()
+        for feed in self.feeds:
+            feed.queue_text({"type": "path", "path": path})
 
     def detach(self, feed: Feed) -> None:
         feed.closed = True

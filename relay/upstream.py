@@ -10,7 +10,10 @@ once (libopus) into a `LivePush` whatever the number of areas that hear it.
 Control events are idempotent by id, and every (re)connection starts with the parent's `hello`:
 what is missing starts, what is gone stops, what is known stays (never started twice).
 
-The parent unreachable: reconnect after 0.25 s, doubling to at most `backoff_max` (1 s). What
+The parent unreachable: reconnect after 0.25 s, doubling to at most `backoff_max` (0.5 s, so
+the parent's audio is back within a second of the network's return, the attempt and the jitter
+buffer included; each wait cut by up to a quarter at random so the communes of a restarted
+parent do not reconnect in lockstep). What
 the parent was airing is held `hold_s` (a reconnect within it changes nothing on the air) and
 then let go, so the child's own programmes come back; a parent's emergency is kept until the
 parent says it is over. A refused credential is logged and shown with the parent's reason; the
@@ -22,14 +25,17 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
 from loa.codecs.opus import OpusDecoder
-from loa.relay.link import CLOSE_AREAS, CLOSE_CREDENTIAL, LinkError, decode_frame
+from loa.relay.link import CLOSE_AREAS, CLOSE_CREDENTIAL, CLOSE_LOOP, LinkError, decode_frame
+from loa.streamer.alerts import Alert, Alerts
 from loa.streamer.areas import AreaTree
 from loa.streamer.broadcast import BroadcastClass
 from loa.streamer.clock import FRAME
@@ -39,6 +45,7 @@ from loa.streamer.station import Content, Station
 
 log = logging.getLogger("loa.upstream")
 
+ORIGIN = ("issuer", "issuer_path", "authority")  # as the first node issued it, kept in the record
 MAX_CONCEAL = 5  # lost frames concealed (Opus PLC); a longer gap resumes without filling it
 
 
@@ -48,7 +55,7 @@ class UpstreamSettings:
     key: str = ""  # the node credential the parent issued (POST /api/v1/nodes)
     areas: list[str] = field(default_factory=list)  # the part of the tree this node serves
     backoff_min: float = 0.25
-    backoff_max: float = 1.0
+    backoff_max: float = 0.5
     hold_s: float = 2.0  # after a link loss, the parent's broadcasts (not emergencies) stay
     buffer_ms: float = 60.0  # the jitter buffer of each of the parent's broadcasts
     heartbeat_s: float = 1.0  # a silent dead link is noticed within about this
@@ -68,12 +75,25 @@ class Remote:
         return self.event["class"] == BroadcastClass.emergency.name
 
 
+class LoopRefused(Exception):
+    """This node is in its parent's chain: the link is refused (reason in the message)."""
+
+
 class UpstreamLink:
-    def __init__(self, settings: UpstreamSettings, station: Station, tree: AreaTree) -> None:
+    def __init__(self, settings: UpstreamSettings, station: Station, tree: AreaTree,
+                 alerts: Alerts | None = None) -> None:
         self.settings = settings
         self.station = station
         self.tree = tree
+        self.alerts = alerts
         self.remotes: dict[str, Remote] = {}
+        # The parent's chain (its id, its parent's, ...): the loop guard, told by the parent.
+        self.path: list[str] = []
+        self.path_listeners: list[Callable[[], None]] = []  # this node's children are told
+        # Set once this node knows what its parent airs (the first hello, or the first hold
+        # over, or a refusal): a middle node says hello to its own children only then, or a
+        # child reconnecting after this node's restart would drop what it still holds.
+        self.synced = asyncio.Event()
         self.state = "connecting"  # connecting | up | down | refused
         self.reason = ""
         self.since = time.time()
@@ -86,7 +106,8 @@ class UpstreamLink:
     @property
     def ws_url(self) -> str:
         base = self.settings.url.rstrip("/").replace("http", "ws", 1)
-        return f"{base}/api/v1/nodes/link?areas={','.join(self.settings.areas)}"
+        return (f"{base}/api/v1/nodes/link?areas={','.join(self.settings.areas)}"
+                f"&node={self.station.node_id}")
 
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -136,7 +157,7 @@ class UpstreamLink:
                         self._stop(bid, "upstream-refused")
                 self._lost()
                 # A backoff between attempts, not a wait for a condition.
-                await asyncio.sleep(delay)
+                await asyncio.sleep(delay * (1 - 0.25 * random.random()))
                 delay = min(delay * 2, s.backoff_max)
 
     async def _serve(self, ws: aiohttp.ClientWebSocketResponse) -> bool:
@@ -146,7 +167,14 @@ class UpstreamLink:
         while True:
             msg = await ws.receive()
             if msg.type is aiohttp.WSMsgType.TEXT:
-                greeted = await self._event(msg.data) or greeted
+                try:
+                    greeted = await self._event(msg.data) or greeted
+                except LoopRefused as e:  # found here: the parent's chain holds this node
+                    await ws.close(code=CLOSE_LOOP,
+                                   message=str(e).encode()[:123].decode("utf-8", "ignore").encode())
+                    self._set("refused", str(e))
+                    self._loop(str(e))
+                    return False
             elif msg.type is aiohttp.WSMsgType.BINARY:
                 self._frame(msg.data)
             else:  # CLOSE (with the parent's reason), CLOSED, ERROR
@@ -157,7 +185,10 @@ class UpstreamLink:
         if not reason:
             exc = ws.exception()
             reason = str(exc) if exc is not None else say("upstream.closed", code=code)
-        self._set("refused" if code in (CLOSE_CREDENTIAL, CLOSE_AREAS) else "down", reason)
+        self._set("refused" if code in (CLOSE_CREDENTIAL, CLOSE_AREAS, CLOSE_LOOP) else "down",
+                  reason)
+        if code == CLOSE_LOOP:
+            self._loop(reason)
         return greeted
 
     def _lost(self) -> None:
@@ -165,8 +196,28 @@ class UpstreamLink:
             self._hold = asyncio.get_running_loop().call_later(self.settings.hold_s,
                                                                self._let_go)
 
+    def _loop(self, reason: str) -> None:
+        self.synced.set()
+        if self.alerts is not None:
+            self.alerts.raise_(Alert("link_loop", self.settings.url, self.tree.roots()[0].code,
+                                     reason, "critical"))
+
+    def _chain(self, path: Any) -> None:
+        """The parent's chain, from hello or `path`: refused when this node is in it."""
+        if not isinstance(path, list):
+            return
+        path = [str(p) for p in path]
+        if self.station.node_id in path:
+            raise LoopRefused(say("upstream.loop", node=self.station.node_id,
+                                  path=" > ".join(path)))
+        if path != self.path:
+            self.path = path
+            for tell in self.path_listeners:
+                tell()
+
     def _let_go(self) -> None:
         """The link stayed down through the hold: the child's own programmes take the air."""
+        self.synced.set()
         self._hold = None
         if self.state == "up":
             return
@@ -181,9 +232,12 @@ class UpstreamLink:
             msg = json.loads(data)
             kind = msg["type"]
             if kind == "hello":
+                self._chain(msg.get("path"))
                 await self._hello(msg["broadcasts"])
                 return True
-            if kind == "start":
+            if kind == "path":
+                self._chain(msg["path"])
+            elif kind == "start":
                 await self._start(msg["broadcast"])
             elif kind == "stop":
                 self._stop(str(msg["id"]), str(msg.get("cause") or "upstream-stop"))
@@ -207,6 +261,15 @@ class UpstreamLink:
                 self._stop(bid, "upstream-resync")
         for e in events:
             await self._start(e)
+        self.synced.set()
+        if self.alerts is not None:
+            self.alerts.clear("link_loop", self.settings.url)
+
+    def origin(self, bid: str) -> dict[str, Any] | None:
+        """The event one of the parent's broadcasts arrived with (a middle node relays it on
+        unchanged); None for a broadcast of this node's own."""
+        r = self.remotes.get(bid)
+        return r.event if r is not None else None
 
     def issuer_here(self, event: dict[str, Any], targets: list[str]) -> str:
         """The issuer as this node's arbiter knows it: itself, else its nearest ancestor in this
@@ -235,7 +298,8 @@ class UpstreamLink:
                                      targets=targets, klass=cls.name, issuer=issuer,
                                      user="upstream", policy=str(event.get("policy", "resume")),
                                      spec={"live": "upstream", "upstream": self.settings.url},
-                                     bid=bid, persist=False)
+                                     bid=bid, persist=False,
+                                     extra={"origin": {k: event.get(k) for k in ORIGIN}})
         await self.station.store.put("broadcast", rec)
         self.counts["started"] += 1
         log.info("parent broadcast on event=upstream_start id=%s class=%s issuer=%s "

@@ -285,6 +285,11 @@ class Engine:
         st = self.areas.get(area)
         return st.main if st else None
 
+    def overlays_of(self, area: str) -> tuple[str, ...]:
+        """The overlays an area hears over its main broadcast now (any thread)."""
+        st = self.areas.get(area)
+        return st.overlays if st else ()
+
     def live_broadcast(self, bid: str) -> Broadcast | None:
         live = self.broadcasts.get(bid)
         return live.b if live else None
@@ -464,7 +469,8 @@ class Engine:
         if not src.seekable:
             if live.shared is None:
                 live.shared = Playhead(live.b.id, src)
-                self.playheads[live.shared.id] = live.shared
+            # (Again) after a time preempted everywhere: render drops a cursor nobody hears.
+            self.playheads[live.shared.id] = live.shared
             return live.shared
         # Areas that (re)start this broadcast at the same sample in the same tick share a cursor.
         key = (live.b.id, position, n)

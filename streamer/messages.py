@@ -672,6 +672,12 @@ CATALOGUE: dict[str, Text] = {
     "link.going_away": Text("nút cha đang dừng", "the parent node is shutting down"),
     "link.needs_websocket": Text("liên kết nút cần WebSocket", "the node link needs a WebSocket"),
     "link.unknown_node": Text("không có nút con này", "unknown child node"),
+    "link.loop": Text("vòng lặp: nút {node} đã ở trong chuỗi",
+                      "link loop: node {node} is in the chain"),
+    "upstream.loop": Text("vòng lặp liên kết: nút này ({node}) có trong chuỗi của nút cha "
+                          "{path}; liên kết bị từ chối",
+                          "link loop: this node ({node}) is in its parent's chain {path}; "
+                          "link refused"),
     "upstream.closed": Text("nút cha đóng liên kết (mã {code})",
                             "the parent closed the link (code {code})"),
     "upstream.outside_tree": Text("phát sóng {id} của nút cha ({issuer}) không tới khu vực nào "

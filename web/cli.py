@@ -83,6 +83,14 @@ def build_parser() -> argparse.ArgumentParser:
     arc = bsub.add_parser("archive", help="CPU of recording an area's stream (as-aired archive)")
     arc.add_argument("--areas", type=int, default=200)
     arc.add_argument("--seconds", type=float, default=60.0)
+    chain = bsub.add_parser("chain", help="node processes linked parent to child: emergency "
+                            "latency per hop, a link's outage, CPU per relayed broadcast")
+    chain.add_argument("--hops", type=int, default=2, help="links: hops + 1 node processes")
+    chain.add_argument("--rounds", type=int, default=20, help="emergencies measured")
+    chain.add_argument("--outage", type=float, default=3.0, help="seconds the last link is down")
+    chain.add_argument("--cpu-seconds", type=float, default=5.0, help="each CPU window")
+    chain.add_argument("--relayed", type=int, default=4,
+                       help="the province's broadcasts relayed for the CPU figure")
     dev = bsub.add_parser("devices", help="control-channel cost per device")
     dev.add_argument("--n", type=int, default=1000)
     dev.add_argument("--seconds", type=float, default=30.0)
@@ -133,6 +141,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from loa.web.bench.archive import run as run_archive
 
         return run_archive(args)
+    if args.command == "bench" and args.bench == "chain":
+        from loa.web.bench.chain import run as run_chain
+
+        return int(run_chain(args))
     if args.command == "bench" and args.bench == "devices":
         from loa.web.bench.devices import run as run_devices
 

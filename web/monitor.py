@@ -557,6 +557,7 @@ async def monitor_json(app: web.Application, scope: str, depth: int | None = Non
             "devices": collected.devices,  # over the whole subtree of the scope
             "transports": transport_figures(app, collected),
             "links": {"children": node.links.stats(),  # issue 12: the links between nodes
+                      "refused": list(node.links.refusals),  # the latest refusals (loop ...)
                       "upstream": node.upstream.stats() if node.upstream else None},
         },
         "areas": areas,

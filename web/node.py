@@ -165,7 +165,9 @@ class Node:
         # Last, once every transport and input is up: a relay broadcast needs its input.
         await self.station.restore()
         if cfg.upstream.url:  # the parent's broadcasts join what this node airs of its own
-            self.upstream = UpstreamLink(cfg.upstream, self.station, self.tree)
+            self.upstream = UpstreamLink(cfg.upstream, self.station, self.tree, self.alerts)
+            self.links.origin = self.upstream.origin  # relayed on to children as it came
+            self.upstream.path_listeners.append(self.links.path_changed)
             self._stops.append(self.upstream.close)
             await self.upstream.start()
 
@@ -215,6 +217,7 @@ class Node:
         self.whep_offers = OfferBuckets(cfg.webrtc.whep_offers_per_s, cfg.webrtc.whep_burst)
         await self._start_webrtc(loop)
         self.links = LinkServer(self.engine, self.tree, self.hub, loop)
+        self.links.chain = lambda: [self.node_id, *(self.upstream.path if self.upstream else [])]
         self._closes.append(self.links.close)
         self.archive = Archive(cfg.archive, build.archive_dir(cfg), self.hub, self.tree,
                                self.area_settings, self.station.wall, self.alerts)

@@ -314,3 +314,29 @@ def test_a_subscriber_that_falls_behind_loses_packets_and_delays_nobody():
     assert len(slow.queue) == 10 and slow.dropped == len(got) - 10
     assert [p.pts for p in slow.queue] == [p.pts for p in got[-10:]]  # it keeps the newest
     assert e.stats["ticks"] == 200
+
+
+def test_a_live_source_preempted_everywhere_is_heard_again_when_it_resumes():
+    """A live input (WHIP, the parent's broadcast on a child node) preempted in every area it
+    reaches, then back on top: heard from the sample it resumes at, not left silent."""
+    from loa.streamer.sources import LivePush
+    from tests.audio import tone_pcm
+
+    e, clock = make()
+    sub = e.hub.subscribe("T01-H1-X1", PCM, maxlen=100_000)
+    live = LivePush(target_ms=20, max_ms=200)
+    e.start(Broadcast(live, ["T01-H1"], issuer="T01-H1", klass="priority", start=0.0))
+    feed = tone_pcm(0.02, 650)  # 13 whole periods a frame
+
+    def run(seconds: float) -> np.ndarray:  # the input writes in real time, one frame a tick
+        for _ in range(int(seconds * 50)):
+            live.write(feed[:FRAME])
+            clock.run(1)
+        return pcm(sub)
+
+    assert abs(peak_hz(run(1.0)[-24_000:], 48_000) - 650) < 3
+    alarm = e.start(Broadcast(ToneSource(1000, 0.3), ["T01"], issuer="T01", klass="emergency"))
+    assert abs(peak_hz(run(1.0)[-24_000:], 48_000) - 1000) < 3
+    e.stop(alarm)
+    back = run(1.0)[-24_000:]
+    assert abs(peak_hz(back, 48_000) - 650) < 3 and rms(back) > 0.2

@@ -430,7 +430,9 @@ async def broadcast_list(request: web.Request) -> web.Response:
     areas = []
     for code in node.tree.subtree(p.area):
         areas.append(node.engine.on_air(code))
-    live = [r for r in await node.store.find("broadcast", status="on-air")
+    # Authority is the issuer's level in this node's tree (what its arbiter ranks by).
+    live = [{**r, "authority": node.tree.depth(r["issuer"]) if r["issuer"] in node.tree else None}
+            for r in await node.store.find("broadcast", status="on-air")
             if any(p.related(node.tree, t) for t in r["targets"])]
     return ok({"areas": areas, "broadcasts": live})
 

@@ -11,6 +11,7 @@ and the reason as its text, so the child can show why. The messages: relay/link.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -19,7 +20,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from loa.relay.devices.records import new_id, same_hash, secret_hash
-from loa.relay.link import CLOSE_AREAS, CLOSE_CREDENTIAL, Feed
+from loa.relay.link import CLOSE_AREAS, CLOSE_CREDENTIAL, CLOSE_LOOP, Feed
 from loa.streamer.messages import say
 from loa.streamer.state.store import Record
 from loa.web.api.devices import _reason
@@ -78,13 +79,21 @@ async def link(request: web.Request) -> web.StreamResponse:
     if not ws.can_prepare(request).ok:
         return error_response(426, say("link.needs_websocket"), headers={"Upgrade": "websocket"})
     await ws.prepare(request)
+    child = request.query.get("node", "")[:64]  # the child's node id (loop guard)
     try:
         rec = await _credential(node, request.headers.get("Authorization", ""))
         areas = _areas(node, rec, request.query.get("areas", ""))
+        if (loop := node.links.loop_reason(child)) is not None:
+            raise ApiError(CLOSE_LOOP, loop)
     except ApiError as e:
-        log.info("child node refused event=link_refused peer=%s reason=%s", request.remote, e)
+        log.warning("child node refused event=link_refused peer=%s node=%s code=%d reason=%s",
+                    request.remote, child, e.status, e)
+        node.links.refused(child, e.status, str(e))
         await ws.close(code=e.status, message=_reason(str(e)))
         return ws
+    if node.upstream is not None:  # a middle node: hello once it knows what its parent airs
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(node.upstream.synced.wait(), node.upstream.settings.hold_s)
 
     tasks: set[asyncio.Task[bool]] = set()
 
@@ -171,7 +180,8 @@ def openapi_paths() -> dict[str, Any]:
         },
         LINK_PATH: {
             "get": {"summary": say("openapi.node_link"), "security": [],
-                    "parameters": [{"name": "areas", "in": "query", "schema": STR}],
+                    "parameters": [{"name": "areas", "in": "query", "schema": STR},
+                                   {"name": "node", "in": "query", "schema": STR}],
                     "responses": {"101": {"description": "Switching Protocols"},
                                   "426": {"description": "Upgrade Required"}}},
         },
