@@ -597,6 +597,21 @@ CATALOGUE: dict[str, Text] = {
                             "expected epoch seconds or ISO 8601"),
     "report.to_before_from": Text("to phải sau from", "to must be after from"),
     "asrun.on_air": Text("đang phát", "on air"),
+    # proof of delivery (web/api/delivery.py)
+    "delivery.played": Text("đã phát tới {n}/{m} cụm loa",
+                            "played on {n} of {m} loudspeaker clusters"),
+    "delivery.subject": Text("cần tham số emergency (mã tình huống khẩn cấp)",
+                             "the emergency query parameter is required"),
+    "delivery.not_yours": Text("tình huống khẩn cấp này không thuộc khu vực của bạn",
+                               "this emergency does not concern your area"),
+    "delivery.offline": Text("mất kết nối", "offline"),
+    "delivery.no_ack": Text("chưa xác nhận lệnh khẩn cấp",
+                            "did not acknowledge the emergency command"),
+    "delivery.silent": Text("đã nhận lệnh nhưng không phát ({state})",
+                            "acknowledged but did not play ({state})"),
+    "delivery.no_report": Text("đã nhận lệnh, chưa báo đang phát",
+                               "acknowledged, no report of playing"),
+    "delivery.yes": Text("đã phát", "played"),
     # devices over HTTP (web/api/devices.py): close reasons and API refusals
     "device.needs_websocket": Text("cần nâng cấp lên WebSocket",
                                    "this endpoint needs a WebSocket upgrade"),
@@ -794,6 +809,9 @@ CATALOGUE: dict[str, Text] = {
                               "one emergency, with what is on air in its areas and `reach`: "
                               "the caller's areas on air, loudspeakers and boards that "
                               "acknowledged it"),
+    "openapi.delivery": Text("Báo cáo phát tới cụm loa",
+                             "proof of delivery of an emergency: per loudspeaker of the "
+                             "caller's subtree, whether it played it (JSON or CSV)"),
     "openapi.emergency_preview": Text("Xem trước tình huống khẩn cấp",
                                       "what an emergency to these targets would interrupt now "
                                       "(nothing starts)"),

@@ -16,6 +16,7 @@ from pathlib import Path
 from aiohttp import web
 
 from loa.relay.devices.manager import DeviceManager
+from loa.relay.devices.proof import DeliveryLog
 from loa.relay.fanout import FanoutPool
 from loa.relay.hls import HlsService
 from loa.relay.icecast import HttpStreamer
@@ -89,6 +90,7 @@ class Node:
         self.login_guard: LoginGuard
         self.devices: DeviceManager
         self.emergency: EmergencyService
+        self.delivery: DeliveryLog  # proof of delivery: what each loudspeaker played
         self.exchange: ExchangeService  # with the central source system
         self.http: HttpStreamer
         self.fanout: FanoutPool | None = None  # `[http_streams] workers` > 0
@@ -174,6 +176,9 @@ class Node:
             devices=EmergencyDeviceCommands(self.devices),
             fetch=cap_fetcher(settings, cfg.fetch), node_id=self.node_id)
         await self._start_emergency()  # before the Station's generic restore
+        self.delivery = DeliveryLog(self.store, self.devices, self.airs, self.node_id)
+        self._stops.append(self.delivery.stop)
+        await self.delivery.start()
         self.exchange = ExchangeService(self)
         self._stops.append(self.exchange.stop)
         await self.exchange.start()
@@ -203,6 +208,11 @@ class Node:
         await self._start_webrtc(loop)
         self.links = LinkServer(self.engine, self.tree, self.hub, loop)
         self._closes.append(self.links.close)
+
+    def airs(self, subject: str, area: str) -> bool:
+        """This node airs `subject` (an emergency, or a broadcast id) in `area` now."""
+        on = self.engine.main_of(area)
+        return on is not None and (on == subject or on in self.emergency.broadcasts(subject))
 
     async def _start_emergency(self) -> None:
         svc = self.emergency

@@ -40,6 +40,7 @@ from loa.relay.devices.protocol import (
     ack_message,
     heartbeat_message,
     hello_message,
+    playing_message,
     same_version,
 )
 from loa.streamer.errors import LoaError
@@ -184,6 +185,8 @@ class DeviceClient:
         self.attempted = asyncio.Event()  # set once the first connection was welcomed or failed
         self._stopping = asyncio.Event()
         self._send_lock = asyncio.Lock()
+        self._playing: tuple[str | None, str] | None = None  # what it plays (proof of delivery)
+        self._playing_sent: tuple[str | None, str] | None = None  # ... as the node last heard
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -255,6 +258,9 @@ class DeviceClient:
                 return ws.close_code
             await self._welcome(welcome)
             self.connected = True
+            self._playing_sent = None  # a new connection hears it again
+            if self._playing is not None:
+                await self.report_playing(*self._playing)
             if self.own_heartbeat:
                 hb = asyncio.get_running_loop().create_task(self._heartbeats())
             async for msg in ws:
@@ -374,6 +380,14 @@ class DeviceClient:
         except (aiohttp.ClientError, ConnectionError, RuntimeError):
             return False
         return True
+
+    async def report_playing(self, broadcast: str | None, state: str) -> None:
+        """Tell the node what the device plays (the broadcast it hears, its stream state) when
+        that changed since the node last heard it; again on every new connection."""
+        self._playing = (broadcast, state)
+        if self.connected and self._playing != self._playing_sent \
+                and await self._send(playing_message(broadcast, state)):
+            self._playing_sent = (broadcast, state)
 
     # ---- heartbeats ----------------------------------------------------------------------------
     async def send_heartbeat(self) -> bool:

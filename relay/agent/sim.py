@@ -126,10 +126,13 @@ def save_fleet(path: Path, server: str, entries: list[FleetEntry]) -> None:
 class SimDevice:
     """A light loudspeaker or board: protocol only, unless it decodes audio."""
 
-    def __init__(self, fleet: Fleet, entry: FleetEntry, decode: bool) -> None:
+    def __init__(self, fleet: Fleet, entry: FleetEntry, decode: bool,
+                 broken: bool = False) -> None:
         self.fleet = fleet
         self.entry = entry
         self.board = entry.kind == "board"
+        self.broken = broken and not self.board  # amplifier fault: connected, acks, silent
+        self.hearing: str | None = None  # the emergency it was told it hears
         self.vol = Volume(80)
         self.power = True
         self.playing = not self.board
@@ -164,10 +167,29 @@ class SimDevice:
         p = self.player
         return p is not None and p.playing and time.monotonic() - p.last_audio < 2.0
 
+    def play_state(self) -> str:
+        """What its horns do (the `playing` report): a decoding device plays when its decoder
+        hears the stream; the others as their simulated state says."""
+        if not self.power:
+            return "off"
+        if self.board or self.broken or not self.playing or self.vol.level == 0:
+            return "idle"
+        if self.player is not None:
+            return "playing" if self.hears_audio() and self.player.gain > 0 else "idle"
+        return "playing"
+
+    def report(self) -> None:
+        """Tell the node what it plays now (soon: after the ack of the command that changed it)."""
+        if not self.board:
+            loop = asyncio.get_running_loop()
+            loop.call_soon(lambda: self.fleet.spawn(
+                self.client.report_playing(self.hearing, self.play_state())))
+
     async def on_config(self, config: dict[str, Any]) -> None:
         self.vol.configure(config.get("volume"))
         if (em := commands.config_emergency(config)) is not None:
             self._emergency(*em)
+            self.hearing = commands.config_broadcast(config)
         disp = config.get("display")
         if self.board and isinstance(disp, dict) and isinstance(disp.get("items"), list):
             self.display_items = [str(i.get("id")) for i in disp["items"]
@@ -178,6 +200,7 @@ class SimDevice:
             if self.playing and (changed or not self.pipeline.running):
                 self.pipeline.start()
         self._gain()
+        self.report()
 
     def _gain(self) -> None:
         if self.player is not None:
@@ -219,6 +242,7 @@ class SimDevice:
             if not isinstance(a.get("on"), bool):
                 return False, commands.MISSING_ON
             self._emergency(a["on"], a.get("volume"))
+            self.hearing = commands.command_broadcast(a)
         elif name == "display":
             items = a.get("items")
             if a.get("clear"):
@@ -233,6 +257,7 @@ class SimDevice:
         else:
             return False, commands.unsupported(name)
         self._gain()
+        self.report()
         return True, None
 
     def telemetry(self) -> dict[str, Any]:
@@ -242,7 +267,7 @@ class SimDevice:
                              "network": {"type": "4g", "signal_dbm": round(self.signal, 1)},
                              "firmware": FIRMWARE,
                              "power": {"amp": self.power, "relays": [self.power, self.power]},
-                             "faults": []}
+                             "faults": ["amp_fault"] if self.broken else []}
         config = self.client.config or {}
         streams = config.get("streams") or []
         if self.pipeline is not None and self.pipeline.input is not None:
@@ -264,7 +289,8 @@ class Fleet:
 
     def __init__(self, server: str, token: str | None, speakers: int, boards: int = 0,
                  decode: int = 0, area: str | None = None, *, fleet_file: Path | None = None,
-                 status_every: float = 10.0, connect_batch: int = CONNECT_BATCH) -> None:
+                 status_every: float = 10.0, connect_batch: int = CONNECT_BATCH,
+                 broken: int = 0) -> None:
         if speakers < 0 or boards < 0 or decode < 0:
             raise ValueError(say("sim.negative_counts"))
         ws_url(server)  # validates the URL
@@ -273,6 +299,7 @@ class Fleet:
         self.speakers = speakers
         self.boards = boards
         self.decode = min(decode, speakers)
+        self.broken = max(0, min(broken, speakers - self.decode))  # the last speakers: amp fault
         self.area = area
         self.fleet_file = fleet_file or Path(FLEET_FILE)
         self.status_every = status_every
@@ -284,6 +311,12 @@ class Fleet:
         self.registered = 0  # devices registered by this run
         self.reused = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._spawned: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Any) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._spawned.add(t)
+        t.add_done_callback(self._spawned.discard)
 
     # ---- registration ----
     async def _leaf_areas(self) -> list[str]:
@@ -394,9 +427,13 @@ class Fleet:
             raise
         speakers = [e for e in self.entries if e.kind == "loudspeaker"]
         decoding = {e.id for e in speakers[: self.decode]}
-        self.devices = [SimDevice(self, e, e.id in decoding) for e in self.entries]
+        broken = {e.id for e in speakers[len(speakers) - self.broken:]} if self.broken else set()
+        self.devices = [SimDevice(self, e, e.id in decoding, e.id in broken)
+                        for e in self.entries]
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._connect()))
+        if self.decode:
+            self._tasks.append(loop.create_task(self._decoder_reports()))
         self._tasks.append(loop.create_task(self._heartbeats()))
         if self.status_every > 0:
             self._tasks.append(loop.create_task(self._status()))
@@ -443,6 +480,15 @@ class Fleet:
                                       d.entry.id)
             await asyncio.sleep(max(0.01, t0 + slot * step - loop.time()))
 
+    async def _decoder_reports(self) -> None:
+        """Decoding devices play what their decoder hears: told when it changes."""
+        while True:
+            for d in self.decoders():
+                if d.client.connected:
+                    with suppress(Exception):
+                        await d.client.report_playing(d.hearing, d.play_state())
+            await asyncio.sleep(0.25)
+
     def counts(self) -> dict[str, Any]:
         c = {"devices": len(self.devices),
              "connected": sum(d.client.connected for d in self.devices),
@@ -483,6 +529,8 @@ class Fleet:
             with suppress(asyncio.CancelledError):
                 await t
         self._tasks.clear()
+        for t in list(self._spawned):
+            t.cancel()
         await asyncio.gather(*(d.stop() for d in self.devices), return_exceptions=True)
         tasks = [d.task for d in self.devices if d.task is not None]
         if tasks:

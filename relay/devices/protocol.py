@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -358,7 +359,7 @@ def emergency_state(args: dict[str, Any], previous: dict[str, Any] | None, now: 
     if not args["on"]:
         return None
     since = previous["since"] if previous and previous.get("on") else round(now, 3)
-    return {"on": True, **{k: args[k] for k in ("text", "volume") if k in args},
+    return {"on": True, **{k: args[k] for k in ("text", "volume", "broadcast") if k in args},
             "since": since}
 
 
@@ -423,12 +424,14 @@ def validate_command(command: Any, args: Any) -> dict[str, Any]:
         if len(encode(out)) > MAX_DISPLAY_BYTES:
             raise ProtocolError(say("protocol.display_too_large", limit=MAX_DISPLAY_BYTES), "args")
     elif command == "emergency":
-        _no_extra(a, ("on", "volume", "text"), "args")
+        _no_extra(a, ("on", "volume", "text", "broadcast"), "args")
         out["on"] = _bool(a, "on", path="args.", required=True)
         if (vol := _int(a, "volume", 0, 100, path="args.")) is not None:
             out["volume"] = vol
         if (text := _str(a, "text", MAX_TEXT, path="args.")) is not None:
             out["text"] = text
+        if (bid := _str(a, "broadcast", MAX_ID, path="args.")) is not None:
+            out["broadcast"] = bid  # what the device hears: proof of delivery, below
     return out
 
 
@@ -598,3 +601,26 @@ def ack_message(cid: str, ok: bool, error: str | None = None) -> dict[str, Any]:
 def heartbeat_message(telemetry: dict[str, Any]) -> dict[str, Any]:
     """A heartbeat with the device's telemetry (`parse_heartbeat`)."""
     return {"v": PROTOCOL_VERSION, "type": "heartbeat", **telemetry}
+
+
+# ---- proof of delivery (issue 13): what a loudspeaker hears ---------------------------------------
+# The `emergency` command names the emergency it turns on (`args.broadcast`, kept in
+# `config.emergency`), and the device says what it plays whenever that changes: a `playing`
+# message with the broadcast it hears (null: only its area's stream) and its stream state
+# ("playing": the stream's audio reaches the horns; "idle": it does not, e.g. stopped, stalled or a
+# broken amplifier; "off": powered off). The node keeps it as proof (relay/devices/proof.py).
+def playing_message(broadcast: str | None, state: str) -> dict[str, Any]:
+    """What a device plays now (`parse_playing`)."""
+    return {"v": PROTOCOL_VERSION, "type": "playing", "broadcast": broadcast, "state": state,
+            "at": round(time.time(), 3)}
+
+
+def parse_playing(msg: dict[str, Any]) -> tuple[str | None, str]:
+    """(broadcast or None, state) of a `playing` message; ProtocolError naming the bad field."""
+    bid = _str(msg, "broadcast", MAX_ID)
+    state = _str(msg, "state", 16, required=True, choices=STATES)
+    assert state is not None
+    if bid == "":
+        raise ProtocolError(say("protocol.not_string", name="broadcast", limit=MAX_ID),
+                            "broadcast")
+    return bid, state

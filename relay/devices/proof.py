@@ -1,0 +1,133 @@
+"""Proof of delivery: which loudspeaker acknowledged and actually played a broadcast or emergency.
+
+Evidence comes from the device (relay/devices/protocol.py, "proof of delivery"): the ack of the
+`emergency` command that names it, and `playing` reports (the broadcast the device hears and its
+stream state). A device counts as having played a subject when it reported `playing` it while
+this node aired that subject in the device's area (`airs`, the node's own as-run view): a device
+that claims an emergency its area does not hear proves nothing.
+
+One record per subject and device (store kind `delivery`, id `<subject>.<device>`): `subject`,
+`device`, `area`, `acked` (epoch of its ack), `played` (epoch it first played it), `state` (its
+last report), `node`. Written behind (relay/devices/writer.py: thousands of reports in a few
+`put_many`), read back from the store, so the proof survives a restart and every node of a
+cluster reads what the node serving each device recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from loa.relay.devices.manager import Device, DeviceManager
+from loa.relay.devices.writer import Writer
+from loa.streamer.state.store import Record, Store
+
+log = logging.getLogger("loa.devices")
+
+KIND = "delivery"
+MAX_CACHED = 100_000  # records kept in memory to merge reports into (the rest: read back)
+
+Airs = Callable[[str, str], bool]  # (subject, area) -> this node airs the subject there now
+
+
+def proof_id(subject: str, device: str) -> str:
+    return f"{subject}.{device}"
+
+
+class DeliveryLog:
+    """Records acks and `playing` reports of this node's devices; answers per subject."""
+
+    def __init__(self, store: Store, devices: DeviceManager, airs: Airs, node_id: str = ""
+                 ) -> None:
+        self.store = store
+        self.devices = devices
+        self.airs = airs
+        self.node_id = node_id
+        self._writer = Writer(store, KIND)
+        self._cache: OrderedDict[str, Record] = OrderedDict()
+        self._todo: list[tuple[str, Device, dict[str, Any]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def start(self) -> None:
+        self._writer.start()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+        self.devices.playing_listeners.append(self._on_playing)
+        self.devices.ack_listeners.append(self._on_ack)
+
+    async def stop(self) -> None:
+        if self._on_playing in self.devices.playing_listeners:
+            self.devices.playing_listeners.remove(self._on_playing)
+        if self._on_ack in self.devices.ack_listeners:
+            self.devices.ack_listeners.remove(self._on_ack)
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.wait([self._task], timeout=5.0)
+        await self._writer.stop()
+
+    # ---- evidence (manager callbacks, on the loop: never block, never raise) -------------------
+    def _on_ack(self, cmd: Record, _t: float) -> None:
+        args = cmd.get("args") or {}
+        subject = args.get("broadcast") if cmd.get("command") == "emergency" else None
+        dev = self.devices.get(str(cmd.get("device")))
+        if cmd.get("status") == "acked" and isinstance(subject, str) and dev is not None:
+            self._queue(subject, dev, {"acked": cmd.get("acked") or time.time()})
+
+    def _on_playing(self, dev: Device, subject: str | None, state: str) -> None:
+        if subject is None:  # only its area's stream: nothing to prove
+            return
+        change: dict[str, Any] = {"state": state, "reported": time.time()}
+        if state == "playing" and self.airs(subject, dev.record["area"]):
+            change["played"] = change["reported"]
+        self._queue(subject, dev, change)
+
+    def _queue(self, subject: str, dev: Device, change: dict[str, Any]) -> None:
+        self._todo.append((subject, dev, change))
+        self._idle.clear()
+        self._wake.set()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._todo:
+                todo, self._todo = self._todo, []
+                for subject, dev, change in todo:
+                    try:
+                        await self._merge(subject, dev, change)
+                    except Exception:  # a store read failing: this report is lost, logged
+                        log.exception("delivery proof failed event=delivery_error subject=%s "
+                                      "device=%s", subject, dev.id)
+            self._idle.set()
+
+    async def _merge(self, subject: str, dev: Device, change: dict[str, Any]) -> None:
+        pid = proof_id(subject, dev.id)
+        rec = self._cache.get(pid)
+        if rec is None:  # after a restart, or first served by another node: the store's
+            rec = await self.store.get(KIND, pid) or {
+                "id": pid, "subject": subject, "device": dev.id, "acked": None, "played": None,
+                "state": None}
+            self._cache[pid] = rec
+            while len(self._cache) > MAX_CACHED:
+                self._cache.popitem(last=False)
+        rec["area"] = dev.record["area"]
+        rec["node"] = self.node_id
+        for k, v in change.items():
+            if k in ("acked", "played"):
+                rec[k] = rec.get(k) or v  # the first time is the proof
+            else:
+                rec[k] = v
+        self._writer.mark(rec)
+
+    # ---- queries ---------------------------------------------------------------------------------
+    async def proofs(self, subject: str) -> dict[str, Record]:
+        """Device id -> its record for a subject, as every node recorded it."""
+        await self._idle.wait()
+        await self._writer.flush()
+        return {r["device"]: r for r in await self.store.find(KIND, subject=subject)}

@@ -1,0 +1,125 @@
+"""Proof of delivery over HTTP (the evidence: relay/devices/proof.py).
+
+For an emergency, every loudspeaker of its targets in the caller's subtree: whether it played it
+(it reported hearing it while its area aired it), when it acknowledged the command, and why not
+when it did not (offline, no ack, acked but silent). Read from the store: the same answer on
+every node of a cluster and after a restart.
+
+- `delivery` in `GET /api/v1/emergencies/{id}` (`summary`): `{"played", "total", "text":
+  "đã phát tới 47/50 cụm loa / ...", "missing": [...]}`.
+- `GET /api/v1/reports/delivery?emergency=ID[&format=csv]`: one row per loudspeaker; an
+  emergency that does not concern the caller's area is `403`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+
+from loa.streamer.messages import say
+from loa.streamer.state.store import Record
+from loa.web.api.reports import TZ
+from loa.web.api.schema import READ, STR, responses
+from loa.web.auth import Principal
+from loa.web.http import ApiError, ok, principal
+from loa.web.node import NODE, Node
+
+routes = web.RouteTableDef()
+MAX_MISSING = 500  # loudspeakers named in `missing` (the counts cover them all)
+FIELDS = ["device", "name", "area", "area_name", "status", "played", "acked", "state", "reason"]
+
+
+def concerns(node: Node, p: Principal, rec: Record) -> bool:
+    """The caller's area is concerned: a target lies in its subtree, or above it."""
+    return p.area in node.tree and any(p.related(node.tree, t) for t in rec.get("targets", []))
+
+
+def _reason(status: str, proof: Record | None) -> str | None:
+    if proof is not None and proof.get("played"):
+        return None
+    if proof is None or not proof.get("acked"):
+        return say("delivery.offline") if status == "offline" else say("delivery.no_ack")
+    state = proof.get("state")
+    return say("delivery.silent", state=state) if state else say("delivery.no_report")
+
+
+async def rows(node: Node, p: Principal, rec: Record) -> list[Record]:
+    """Every loudspeaker of the emergency's targets in the caller's subtree, with its proof."""
+    tree = node.tree
+    covered = {a for a in tree.covered([t for t in rec.get("targets", []) if t in tree])
+               if tree.contains(p.area, a)} if p.area in tree else set()
+    speakers = [d for d in node.devices.find(covered, kind="loudspeaker")
+                if not d.record.get("revoked")]
+    speakers.sort(key=lambda d: (d.record["area"], d.record.get("name", ""), d.id))
+    proofs = await node.delivery.proofs(rec["id"]) if speakers else {}
+    out = []
+    for d in speakers:
+        pr = proofs.get(d.id)
+        area = d.record["area"]
+        out.append({"device": d.id, "name": d.record.get("name"), "area": area,
+                    "area_name": tree.get(area).name if area in tree else area,
+                    "status": d.status, "played": (pr or {}).get("played"),
+                    "acked": (pr or {}).get("acked"), "state": (pr or {}).get("state"),
+                    "reason": _reason(d.status, pr)})
+    return out
+
+
+def summarise(table: list[Record]) -> dict[str, Any]:
+    played = sum(1 for r in table if r["played"])
+    missing = [r for r in table if not r["played"]]
+    return {"played": played, "total": len(table),
+            "text": say("delivery.played", n=played, m=len(table)),
+            "missing": missing[:MAX_MISSING], "missing_count": len(missing)}
+
+
+async def summary(node: Node, p: Principal, rec: Record) -> dict[str, Any]:
+    return summarise(await rows(node, p, rec))
+
+
+def _iso(t: float | None) -> str:
+    return datetime.fromtimestamp(t, TZ).isoformat(timespec="seconds") if t else ""
+
+
+@routes.get("/api/v1/reports/delivery")
+async def delivery_report(request: web.Request) -> web.StreamResponse:
+    p = principal(request)
+    p.require("read")
+    node = request.app[NODE]
+    eid = request.query.get("emergency")
+    if not eid:
+        raise ApiError(422, say("delivery.subject"), "emergency")
+    rec = await node.store.get("emergency", eid)
+    if rec is None:
+        raise ApiError(404, say("emergency.unknown"))
+    if not concerns(node, p, rec):
+        raise ApiError(403, say("delivery.not_yours"), "emergency")
+    table = await rows(node, p, rec)
+    if request.query.get("format") == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in table:
+            w.writerow({**r, "played": _iso(r["played"]), "acked": _iso(r["acked"]),
+                        "state": r["state"] or "", "reason": r["reason"] or say("delivery.yes")})
+        name = f"delivery-{eid}.csv"
+        return web.Response(text=buf.getvalue(), content_type="text/csv", charset="utf-8",
+                            headers={"Content-Disposition": f'attachment; filename="{name}"'})
+    return ok({"emergency": eid, "title": rec.get("title"), "status": rec.get("status"),
+               **summarise(table), "devices": table})
+
+
+def setup(app: web.Application) -> None:
+    app.add_routes(routes)
+
+
+def openapi_paths() -> dict[str, Any]:
+    return {"/api/v1/reports/delivery": {"get": {
+        "summary": say("openapi.delivery"), "security": [{"bearer": []}],
+        "parameters": [{"name": "emergency", "in": "query", "required": True, "schema": STR},
+                       {"name": "format", "in": "query",
+                        "schema": {"type": "string", "enum": ["json", "csv"]}}],
+        "responses": responses(*READ, 404, 422)}}}
