@@ -85,6 +85,8 @@ KINDS: Mapping[str, Kind] = {
     "exchange_cursor": Kind(),  # id = peer: where we stand in its bulletin feed
     "node_key": Kind(indexed=("area",)),  # a child node's link credential (only its hash)
     "rtp_group": Kind(indexed=("block",), unique=("block",)),  # id = area: its multicast block
+    # proof of delivery (relay/devices/proof.py): id = "<emergency>.<device>", what it played
+    "delivery": Kind(indexed=("subject",)),
 }
 
 LOGS = ("audit", "asrun")

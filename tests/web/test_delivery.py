@@ -1,0 +1,175 @@
+"""Proof of delivery (issue 13) against a real node on 127.0.0.1 and real devices: the fleet
+simulator over the control channel, two of its loudspeakers decoding their area's HTTP Opus
+stream. An emergency to a district's loudspeakers where one is offline and one has a broken
+amplifier: the proof says k/N and names the missing ones with the reason; the decoders that
+claim to have played it hear its attention signal; the proof survives a restart of the node; a
+commune sees its own part, another commune's operator gets 403; the CSV holds every loudspeaker."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from loa.relay.agent.sim import Fleet, recent_audio
+from loa.web.auth import add_user
+from tests.apiclient import PASSWORD
+from tests.audio import peak_hz
+from tests.helpers import Server, start_node, stop_node, until
+
+DISTRICT = "T01-H1"
+TEXT = "Lũ quét tại thượng nguồn, người dân sơ tán lên cao ngay."
+
+
+def _settings(cfg: Any) -> None:
+    cfg.devices.heartbeat = 2.0
+    cfg.devices.retry_interval = 1.0
+
+
+async def _call(srv: Server, token: str, path: str) -> tuple[int, Any]:
+    async with srv.http.get(srv.base + path,
+                            headers={"Authorization": f"Bearer {token}"}) as r:
+        body = await (r.json() if r.content_type == "application/json" else r.text())
+        return r.status, body
+
+
+async def _login(srv: Server, who: str) -> str:
+    async with srv.http.post(f"{srv.base}/api/v1/auth/token",
+                             json={"username": who, "password": PASSWORD}) as r:
+        assert r.status == 201, await r.text()
+        return str((await r.json())["token"])
+
+
+def _hears_attention(pcm: np.ndarray) -> bool:
+    """The last 0.2 s are one of the attention signal's tones (800 or 1000 Hz)."""
+    if len(pcm) < 9600 or float(np.abs(pcm[-9600:]).max()) < 0.02:
+        return False
+    hz = peak_hz(pcm[-9600:], 48_000)
+    return abs(hz - 800) < 15 or abs(hz - 1000) < 15
+
+
+async def test_emergency_proof_names_the_missing_survives_restart_and_is_scoped(
+        tmp_path: Path) -> None:
+    srv = await start_node(tmp_path, _settings, "T01")
+    token = srv.token
+    for who, area in (("xa11", "T01-H1-X1"), ("xa21", "T01-H2-X1")):
+        await add_user(srv.node.store, srv.node.tree, who, "operator", area, password=PASSWORD)
+    offline_id, _ = await srv.device(DISTRICT + "-X3", name="Cụm loa mất điện")
+    fleet = Fleet(srv.base, token, speakers=6, decode=2, broken=1, area=DISTRICT,
+                  fleet_file=tmp_path / "fleet.json", status_every=0)
+    await fleet.start()
+    try:
+        await until(lambda: fleet.counts()["connected"] == 6, "the fleet connected",
+                    timeout=60.0, step=0.1)
+        decoders = fleet.decoders()
+        await until(lambda: all(d.hears_audio() for d in decoders), "the decoders hear the tone",
+                    timeout=60.0, step=0.1)
+        broken = next(d for d in fleet.devices if d.broken)
+        status, em = await srv.post("/api/v1/emergencies", {
+            "targets": [DISTRICT], "content": {"text": TEXT}})
+        assert status == 201, em
+        eid = em["id"]
+
+        # the decoders that will be counted as having played it do hear it
+        await until(lambda: all(_hears_attention(recent_audio(d)) for d in decoders),
+                    "the decoders hearing the attention signal", timeout=30.0, step=0.05)
+
+        async def delivery() -> dict[str, Any]:
+            status, one = await _call(srv, token, f"/api/v1/emergencies/{eid}")
+            assert status == 200, one
+            return dict(one["delivery"])
+
+        async def settled() -> bool:
+            d = await delivery()
+            return d["played"] == 5 and all(m["reason"] and "không phát" in m["reason"]
+                                            for m in d["missing"] if m["device"] == broken.entry.id)
+
+        await until(settled, "5 loudspeakers proven to have played it", timeout=30.0, step=0.1)
+        d = await delivery()
+        assert (d["played"], d["total"]) == (5, 7)
+        assert d["text"].startswith("đã phát tới 5/7 cụm loa")
+        missing = {m["device"]: m for m in d["missing"]}
+        assert set(missing) == {offline_id, broken.entry.id}
+        assert missing[offline_id]["name"] == "Cụm loa mất điện"
+        assert missing[offline_id]["reason"].startswith("mất kết nối")
+        assert missing[broken.entry.id]["acked"] and missing[broken.entry.id]["state"] == "idle"
+        # the acks are durable too: six devices answered, the offline one could not
+        status, one = await _call(srv, token, f"/api/v1/emergencies/{eid}")
+        assert one["reach"]["loudspeakers"] == {"acked": 6, "total": 7}
+
+        # a commune sees its own loudspeakers only; another district's commune: 403
+        xa11 = await _login(srv, "xa11")
+        status, mine = await _call(srv, xa11, f"/api/v1/reports/delivery?emergency={eid}")
+        assert status == 200, mine
+        assert {r["area"] for r in mine["devices"]} == {"T01-H1-X1"}
+        assert mine["total"] == sum(1 for e in fleet.entries if e.area == "T01-H1-X1")
+        xa21 = await _login(srv, "xa21")
+        status, refused = await _call(srv, xa21, f"/api/v1/reports/delivery?emergency={eid}")
+        assert status == 403 and refused["field"] == "emergency", refused
+        status, _ = await _call(srv, xa21, "/api/v1/reports/delivery?emergency=nope")
+        assert status == 404
+        status, refused = await _call(srv, xa21, "/api/v1/reports/delivery")
+        assert status == 422 and refused["field"] == "emergency"
+
+        # the CSV: one row per loudspeaker, the played ones with the time, the others why not
+        status, text = await _call(srv, token, f"/api/v1/reports/delivery?emergency={eid}"
+                                               "&format=csv")
+        assert status == 200
+        rows = list(csv.DictReader(io.StringIO(text)))
+        assert len(rows) == 7 and rows[0].keys() >= {"device", "name", "area", "played",
+                                                    "reason"}
+        by_id = {r["device"]: r for r in rows}
+        assert by_id[offline_id]["played"] == "" and "offline" in by_id[offline_id]["reason"]
+        assert by_id[broken.entry.id]["played"] == ""
+        played = [r for r in rows if r["played"]]
+        assert len(played) == 5 and all(r["played"].endswith("+07:00") for r in played)
+        assert all(r["reason"] == "đã phát / played" for r in played)
+    finally:
+        await fleet.stop()
+        await stop_node(srv)
+
+    # a restart: the proof is read back from the store (no device is connected any more)
+    srv = await start_node(tmp_path, _settings, "T01", token=token)
+    try:
+        assert srv.node.devices.connected == 0
+        status, one = await _call(srv, token, f"/api/v1/emergencies/{eid}")
+        assert status == 200, one
+        assert (one["delivery"]["played"], one["delivery"]["total"]) == (5, 7)
+        assert {m["device"] for m in one["delivery"]["missing"]} == {offline_id,
+                                                                     broken.entry.id}
+    finally:
+        await stop_node(srv)
+
+
+async def test_a_device_claiming_an_emergency_its_area_does_not_air_proves_nothing(
+        tmp_path: Path) -> None:
+    srv = await start_node(tmp_path, _settings, "T01")
+    dev, key = await srv.device("T01-H2-X1")
+    try:
+        status, em = await srv.post("/api/v1/emergencies", {
+            "targets": ["T01-H1-X1"], "content": {"text": TEXT}})
+        assert status == 201, em
+        async with srv.http.ws_connect(srv.base + "/api/v1/devices/connect") as ws:
+            await ws.send_json({"v": 1, "type": "hello", "device": dev, "key": key,
+                                "firmware": "test"})
+            assert (await ws.receive_json(timeout=15))["type"] == "welcome"
+            # malformed reports are refused with the field named and change nothing
+            await ws.send_json({"v": 1, "type": "playing", "broadcast": em["id"],
+                                "state": "loud"})
+            err = await ws.receive_json(timeout=15)
+            assert err["type"] == "error" and "state" in err["error"]
+            await ws.send_json({"v": 1, "type": "playing", "broadcast": em["id"],
+                                "state": "playing"})
+            await until(lambda: _proof(srv, em["id"], dev), "the report recorded")
+        proofs = await srv.node.delivery.proofs(em["id"])
+        assert proofs[dev]["state"] == "playing" and proofs[dev]["played"] is None
+    finally:
+        await stop_node(srv)
+
+
+async def _proof(srv: Server, eid: str, dev: str) -> bool:
+    return dev in await srv.node.delivery.proofs(eid)
+
