@@ -20,6 +20,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from contextlib import suppress
 from typing import Any
 
 from loa.relay.devices.manager import Device, DeviceManager
@@ -30,6 +31,8 @@ log = logging.getLogger("loa.devices")
 
 KIND = "delivery"
 MAX_CACHED = 100_000  # records kept in memory to merge reports into (the rest: read back)
+RECHECK = 0.1  # seconds between two looks at a `playing` report its area did not air yet
+RECHECK_FOR = 10.0  # ... for this long: a device hears an emergency before the node's next tick
 
 Airs = Callable[[str, str], bool]  # (subject, area) -> this node airs the subject there now
 
@@ -50,6 +53,8 @@ class DeliveryLog:
         self._writer = Writer(store, KIND)
         self._cache: OrderedDict[str, Record] = OrderedDict()
         self._todo: list[tuple[str, Device, dict[str, Any]]] = []
+        # "playing" reports of a subject not (yet) on air in the device's area: looked at again
+        self._unproven: dict[str, tuple[str, Device, float]] = {}  # proof id -> (.., deadline)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
@@ -83,9 +88,23 @@ class DeliveryLog:
         if subject is None:  # only its area's stream: nothing to prove
             return
         change: dict[str, Any] = {"state": state, "reported": time.time()}
-        if state == "playing" and self.airs(subject, dev.record["area"]):
-            change["played"] = change["reported"]
+        pid = proof_id(subject, dev.id)
+        self._unproven.pop(pid, None)
+        if state == "playing":
+            if self.airs(subject, dev.record["area"]):
+                change["played"] = change["reported"]
+            else:  # the command can outrun the engine's next tick: look again shortly
+                self._unproven[pid] = (subject, dev, time.monotonic() + RECHECK_FOR)
         self._queue(subject, dev, change)
+
+    def _recheck(self) -> None:
+        now = time.monotonic()
+        for pid, (subject, dev, deadline) in list(self._unproven.items()):
+            if self.airs(subject, dev.record["area"]):
+                del self._unproven[pid]
+                self._queue(subject, dev, {"played": time.time()})
+            elif now > deadline:
+                del self._unproven[pid]
 
     def _queue(self, subject: str, dev: Device, change: dict[str, Any]) -> None:
         self._todo.append((subject, dev, change))
@@ -94,7 +113,12 @@ class DeliveryLog:
 
     async def _run(self) -> None:
         while True:
-            await self._wake.wait()
+            if self._unproven:
+                with suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), RECHECK)
+                self._recheck()
+            else:
+                await self._wake.wait()
             self._wake.clear()
             while self._todo:
                 todo, self._todo = self._todo, []

@@ -5,8 +5,8 @@ For an emergency, every loudspeaker of its targets in the caller's subtree: whet
 when it did not (offline, no ack, acked but silent). Read from the store: the same answer on
 every node of a cluster and after a restart.
 
-- `delivery` in `GET /api/v1/emergencies/{id}` (`summary`): `{"played", "total", "text":
-  "đã phát tới 47/50 cụm loa / ...", "missing": [...]}`.
+- `delivery` in `GET /api/v1/emergencies/{id}` (`summary`): `{"played", "total", "text"
+  (say "delivery.played": "47/50" in words), "missing": [...]}`.
 - `GET /api/v1/reports/delivery?emergency=ID[&format=csv]`: one row per loudspeaker; an
   emergency that does not concern the caller's area is `403`.
 """
