@@ -305,8 +305,8 @@ class Agent:
         assert self.client is not None
         while True:
             state = "playing" if self.audible() else "off" if not self.power_on else "idle"
-            with suppress(Exception):
-                await self.client.report_playing(self.hearing, state)
+            with suppress(Exception):  # the emergency it was told of, else its stream's broadcast
+                await self.client.report_playing(self.hearing or self.client.on_air, state)
             await asyncio.sleep(REPORT_EVERY)
 
     def stream_figures(self) -> dict[str, Any]:

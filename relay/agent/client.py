@@ -40,6 +40,7 @@ from loa.relay.devices.protocol import (
     ack_message,
     heartbeat_message,
     hello_message,
+    parse_onair,
     playing_message,
     same_version,
 )
@@ -156,6 +157,7 @@ class DeviceClient:
                  session: aiohttp.ClientSession, firmware: str,
                  telemetry: Callable[[], dict[str, Any]], on_command: CommandHandler,
                  on_config: ConfigHandler | None = None,
+                 on_onair: Callable[[str | None], Awaitable[None]] | None = None,
                  capabilities: dict[str, Any] | None = None, own_heartbeat: bool = True,
                  backoff_min: float = 1.0, backoff_max: float = 60.0,
                  hello_timeout: float = 15.0) -> None:
@@ -168,6 +170,7 @@ class DeviceClient:
         self.telemetry = telemetry
         self.on_command = on_command
         self.on_config = on_config
+        self.on_onair = on_onair
         self.capabilities = capabilities
         self.own_heartbeat = own_heartbeat
         self.backoff_min = backoff_min
@@ -185,6 +188,7 @@ class DeviceClient:
         self.attempted = asyncio.Event()  # set once the first connection was welcomed or failed
         self._stopping = asyncio.Event()
         self._send_lock = asyncio.Lock()
+        self.on_air: str | None = None  # the broadcast its area's stream carries (`onair`)
         self._playing: tuple[str | None, str] | None = None  # what it plays (proof of delivery)
         self._playing_sent: tuple[str | None, str] | None = None  # ... as the node last heard
 
@@ -258,7 +262,8 @@ class DeviceClient:
                 return ws.close_code
             await self._welcome(welcome)
             self.connected = True
-            self._playing_sent = None  # a new connection hears it again
+            self._playing_sent = None  # a new connection hears it again ...
+            self.on_air = None  # ... and tells what the stream carries when it hears it
             if self._playing is not None:
                 await self.report_playing(*self._playing)
             if self.own_heartbeat:
@@ -331,6 +336,10 @@ class DeviceClient:
                         self.device, str(msg.get("error"))[:300])
         elif kind == "welcome":
             await self._welcome(msg)
+        elif kind == "onair":
+            self.on_air = parse_onair(msg)
+            if self.on_onair is not None:
+                await self.on_onair(self.on_air)
         # unknown types: ignored (a newer server)
 
     async def _command(self, msg: dict[str, Any]) -> None:

@@ -146,7 +146,7 @@ class SimDevice:
         self.client = DeviceClient(
             fleet.server, entry.id, entry.key, session=fleet.session, firmware=FIRMWARE,
             telemetry=self.telemetry, on_command=self.on_command, on_config=self.on_config,
-            capabilities=BOARD_CAPS if self.board else SPEAKER_CAPS, own_heartbeat=False)
+            on_onair=self.on_onair, capabilities=BOARD_CAPS if self.board else SPEAKER_CAPS, own_heartbeat=False)
         self.task: asyncio.Task[int] | None = None
 
     def start(self) -> None:
@@ -183,7 +183,14 @@ class SimDevice:
         if not self.board:
             loop = asyncio.get_running_loop()
             loop.call_soon(lambda: self.fleet.spawn(
-                self.client.report_playing(self.hearing, self.play_state())))
+                self.client.report_playing(self.heard(), self.play_state())))
+
+    def heard(self) -> str | None:
+        """The emergency it was told of, else the broadcast its stream carries."""
+        return self.hearing or self.client.on_air
+
+    async def on_onair(self, _bid: str | None) -> None:
+        self.report()
 
     async def on_config(self, config: dict[str, Any]) -> None:
         self.vol.configure(config.get("volume"))
@@ -486,7 +493,7 @@ class Fleet:
             for d in self.decoders():
                 if d.client.connected:
                     with suppress(Exception):
-                        await d.client.report_playing(d.hearing, d.play_state())
+                        await d.client.report_playing(d.heard(), d.play_state())
             await asyncio.sleep(0.25)
 
     def counts(self) -> dict[str, Any]:

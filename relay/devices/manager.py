@@ -621,6 +621,14 @@ class DeviceManager:
             return False
         return True
 
+    async def tell(self, devices: list[Device], data: bytes) -> int:
+        """A notice (no id, no ack, not kept) to those of `devices` connected here: sent."""
+        sent = 0
+        for dev in devices:
+            if dev.link is not None and await self._send(dev, data):
+                sent += 1
+        return sent
+
     async def _try_send(self, dev: Device, rec: Record, data: bytes | None = None) -> None:
         """Send a queued/sent command once more and schedule its retry."""
         if await self._send(dev, data or command_message(rec)):

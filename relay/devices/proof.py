@@ -1,5 +1,10 @@
 """Proof of delivery: which loudspeaker acknowledged and actually played a broadcast or emergency.
 
+What a loudspeaker hears is told to it: the `emergency` command names its emergency, and an
+`onair` notice names the broadcast its stream carries (to a device that reports what it plays:
+after its first `playing` report on this node or one that names nothing, then whenever its
+area's stream changes), so its `playing` reports can name it back.
+
 Evidence comes from the device (relay/devices/protocol.py, "proof of delivery"): the ack of the
 `emergency` command that names it, and `playing` reports (the broadcast the device hears and its
 stream state). A device counts as having played a subject when it reported `playing` it while
@@ -24,6 +29,7 @@ from contextlib import suppress
 from typing import Any
 
 from loa.relay.devices.manager import Device, DeviceManager
+from loa.relay.devices.protocol import onair_message
 from loa.relay.devices.writer import Writer
 from loa.streamer.state.store import Record, Store
 
@@ -35,6 +41,7 @@ RECHECK = 0.1  # seconds between two looks at a `playing` report its area did no
 RECHECK_FOR = 10.0  # ... for this long: a device hears an emergency before the node's next tick
 
 Airs = Callable[[str, str], bool]  # (subject, area) -> this node airs the subject there now
+OnAir = Callable[[str], tuple[str | None, str | None]]  # area -> (broadcast, title) on air now
 
 
 def proof_id(subject: str, device: str) -> str:
@@ -44,11 +51,15 @@ def proof_id(subject: str, device: str) -> str:
 class DeliveryLog:
     """Records acks and `playing` reports of this node's devices; answers per subject."""
 
-    def __init__(self, store: Store, devices: DeviceManager, airs: Airs, node_id: str = ""
-                 ) -> None:
+    def __init__(self, store: Store, devices: DeviceManager, airs: Airs, on_air: OnAir,
+                 node_id: str = "") -> None:
         self.store = store
         self.devices = devices
         self.airs = airs
+        self.on_air = on_air
+        self._changed: set[str] = set()  # areas whose stream changed, told at the next turn
+        self._reporting: set[str] = set()  # devices that report what they play: told `onair`
+        self._telling: set[asyncio.Task[int]] = set()
         self.node_id = node_id
         self._writer = Writer(store, KIND)
         self._cache: OrderedDict[str, Record] = OrderedDict()
@@ -71,10 +82,36 @@ class DeliveryLog:
             self.devices.playing_listeners.remove(self._on_playing)
         if self._on_ack in self.devices.ack_listeners:
             self.devices.ack_listeners.remove(self._on_ack)
+        for t in list(self._telling):
+            t.cancel()
         if self._task is not None:
             self._task.cancel()
             await asyncio.wait([self._task], timeout=5.0)
         await self._writer.stop()
+
+    # ---- what the loudspeakers hear (`onair`) ----------------------------------------------------
+    def _tell(self, devices: list[Device], area: str) -> None:
+        t = asyncio.get_running_loop().create_task(
+            self.devices.tell(devices, onair_message(*self.on_air(area))))
+        self._telling.add(t)
+        t.add_done_callback(self._telling.discard)
+
+    def area_changed(self, area: str) -> None:
+        """An area's stream carries another broadcast (on the loop): its connected loudspeakers
+        are told at the next turn of the loop, every area changed by then in one pass."""
+        if not self._changed:
+            asyncio.get_running_loop().call_soon(self._tell_changed)
+        self._changed.add(area)
+
+    def _tell_changed(self) -> None:
+        changed, self._changed = self._changed, set()
+        by_area: dict[str, list[Device]] = {}
+        for dev in self.devices.devices.values():
+            area = dev.record["area"]
+            if dev.link is not None and area in changed and dev.id in self._reporting:
+                by_area.setdefault(area, []).append(dev)
+        for area, devs in by_area.items():
+            self._tell(devs, area)
 
     # ---- evidence (manager callbacks, on the loop: never block, never raise) -------------------
     def _on_ack(self, cmd: Record, _t: float) -> None:
@@ -85,7 +122,11 @@ class DeliveryLog:
             self._queue(subject, dev, {"acked": cmd.get("acked") or time.time()})
 
     def _on_playing(self, dev: Device, subject: str | None, state: str) -> None:
-        if subject is None:  # only its area's stream: nothing to prove
+        if dev.id not in self._reporting or subject is None:
+            # it speaks proof of delivery and does not know what it hears (it just connected)
+            self._reporting.add(dev.id)
+            self._tell([dev], dev.record["area"])
+        if subject is None:  # nothing named: nothing to prove
             return
         change: dict[str, Any] = {"state": state, "reported": time.time()}
         pid = proof_id(subject, dev.id)

@@ -604,11 +604,25 @@ def heartbeat_message(telemetry: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- proof of delivery (issue 13): what a loudspeaker hears ---------------------------------------
-# The `emergency` command names the emergency it turns on (`args.broadcast`, kept in
-# `config.emergency`), and the device says what it plays whenever that changes: a `playing`
-# message with the broadcast it hears (null: only its area's stream) and its stream state
-# ("playing": the stream's audio reaches the horns; "idle": it does not, e.g. stopped, stalled or a
-# broken amplifier; "off": powered off). The node keeps it as proof (relay/devices/proof.py).
+# The node tells a loudspeaker what its area's stream carries (`onair`, the stream's metadata on
+# the control channel: after the welcome and whenever it changes) and the `emergency` command
+# names the emergency it turns on (`args.broadcast`, kept in `config.emergency`). The device says
+# what it plays whenever that changes: a `playing` message with the broadcast it hears (the
+# emergency, else the stream's broadcast; null: nothing) and its stream state ("playing": the
+# stream's audio reaches the horns; "idle": it does not, e.g. stopped, stalled or a broken
+# amplifier; "off": powered off). The node keeps it as proof (relay/devices/proof.py).
+def onair_message(broadcast: str | None, title: str | None) -> bytes:
+    """What the area's stream carries now (node -> loudspeaker)."""
+    return encode({"v": PROTOCOL_VERSION, "type": "onair", "broadcast": broadcast,
+                   "title": (title or "")[:MAX_TITLE] or None})
+
+
+def parse_onair(msg: dict[str, Any]) -> str | None:
+    """The broadcast of an `onair` message (None: silence or unreadable)."""
+    bid = msg.get("broadcast")
+    return bid if isinstance(bid, str) and 0 < len(bid) <= MAX_ID else None
+
+
 def playing_message(broadcast: str | None, state: str) -> dict[str, Any]:
     """What a device plays now (`parse_playing`)."""
     return {"v": PROTOCOL_VERSION, "type": "playing", "broadcast": broadcast, "state": state,

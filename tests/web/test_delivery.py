@@ -18,7 +18,7 @@ from loa.relay.agent.sim import Fleet, recent_audio
 from loa.web.auth import add_user
 from tests.apiclient import PASSWORD
 from tests.audio import peak_hz
-from tests.helpers import Server, start_node, stop_node, until
+from tests.helpers import Server, delete_prefix, start_node, stop_node, until
 
 DISTRICT = "T01-H1"
 TEXT = "Lũ quét tại thượng nguồn, người dân sơ tán lên cao ngay."
@@ -159,7 +159,7 @@ async def test_a_device_claiming_an_emergency_its_area_does_not_air_proves_nothi
             # malformed reports are refused with the field named and change nothing
             await ws.send_json({"v": 1, "type": "playing", "broadcast": em["id"],
                                 "state": "loud"})
-            err = await ws.receive_json(timeout=15)
+            err = await ws.receive_json(timeout=15)  # a device that never reported: no onair
             assert err["type"] == "error" and "state" in err["error"]
             await ws.send_json({"v": 1, "type": "playing", "broadcast": em["id"],
                                 "state": "playing"})
@@ -173,3 +173,84 @@ async def test_a_device_claiming_an_emergency_its_area_does_not_air_proves_nothi
 async def _proof(srv: Server, eid: str, dev: str) -> bool:
     return dev in await srv.node.delivery.proofs(eid)
 
+
+
+async def test_a_cluster_proves_on_every_node_what_one_node_s_devices_played(
+        tmp_path: Path, redis_url: str, redis_prefix: str) -> None:
+    a = await start_node(tmp_path / "a", _settings, "T01", store=redis_url, prefix=redis_prefix)
+    b = await start_node(tmp_path / "b", _settings, "T01", store=redis_url, prefix=redis_prefix,
+                         token=a.token)
+    fleet = Fleet(a.base, a.token, speakers=3, area=DISTRICT,
+                  fleet_file=tmp_path / "fleet.json", status_every=0)
+    try:
+        await fleet.start()
+        await until(lambda: fleet.counts()["connected"] == 3, "the fleet connected to node a",
+                    timeout=60.0, step=0.1)
+        # issued on node b: node a airs it (the bus) and commands the devices connected to it
+        status, em = await b.post("/api/v1/emergencies", {
+            "targets": [DISTRICT], "content": {"text": TEXT}})
+        assert status == 201, em
+
+        async def played_on_b() -> bool:
+            status, one = await _call(b, b.token, f"/api/v1/emergencies/{em['id']}")
+            assert status == 200, one
+            return bool(one["delivery"]["played"] == 3 and one["delivery"]["total"] == 3)
+
+        await until(played_on_b, "node b seeing what node a's devices played", timeout=30.0,
+                    step=0.1)
+        proofs = await b.node.delivery.proofs(em["id"])
+        assert {r["node"] for r in proofs.values()} == {a.node.node_id}
+    finally:
+        await fleet.stop()
+        await stop_node(b)
+        await stop_node(a)
+        await delete_prefix(redis_url, redis_prefix)
+
+
+async def test_a_broadcast_s_proof_comes_from_what_the_stream_carries(tmp_path: Path) -> None:
+    srv = await start_node(tmp_path, _settings, "T01")
+    fleet = Fleet(srv.base, srv.token, speakers=4, decode=1, area=DISTRICT,
+                  fleet_file=tmp_path / "fleet.json", status_every=0)
+    try:
+        await fleet.start()
+        await until(lambda: fleet.counts()["connected"] == 4, "the fleet connected",
+                    timeout=60.0, step=0.1)
+        status, b = await srv.post("/api/v1/broadcasts", {
+            "text": "Thông báo lịch tiêm phòng cho trẻ em.", "targets": ["T01-H1-X1", "T01-H1-X2"],
+            "class": "priority"})
+        assert status == 201, b
+        # the loudspeakers are told what their stream carries, and report playing it
+        covered = [d for d in fleet.devices if d.entry.area in ("T01-H1-X1", "T01-H1-X2")]
+        await until(lambda: all(d.client.on_air == b["id"] for d in covered),
+                    "the covered loudspeakers told what is on air", timeout=30.0, step=0.05)
+
+        async def played() -> bool:
+            status, one = await _call(srv, srv.token, f"/api/v1/broadcasts/{b['id']}")
+            assert status == 200, one
+            return bool(one["delivery"]["played"] == len(covered))
+
+        await until(played, "every covered loudspeaker proven", timeout=30.0, step=0.1)
+        status, one = await _call(srv, srv.token, f"/api/v1/broadcasts/{b['id']}")
+        assert one["delivery"]["total"] == len(covered) and one["delivery"]["missing"] == []
+        # the one outside the targets is not counted, and did not play it
+        outside = [d for d in fleet.devices if d not in covered]
+        assert outside and all(d.client.on_air != b["id"] for d in outside)
+        status, text = await _call(srv, srv.token, f"/api/v1/reports/delivery?broadcast={b['id']}"
+                                                   "&format=csv")
+        assert status == 200
+        rows = list(csv.DictReader(io.StringIO(text)))
+        assert sorted(r["device"] for r in rows) == sorted(d.entry.id for d in covered)
+        assert all(r["played"] for r in rows)
+        xa21 = await _add_and_login(srv, "xa21", "T01-H2-X1")
+        status, _ = await _call(srv, xa21, f"/api/v1/reports/delivery?broadcast={b['id']}")
+        assert status == 403
+        status, _ = await _call(srv, xa21, f"/api/v1/broadcasts/{b['id']}")
+        assert status == 404
+    finally:
+        await fleet.stop()
+        await stop_node(srv)
+
+
+async def _add_and_login(srv: Server, who: str, area: str) -> str:
+    await add_user(srv.node.store, srv.node.tree, who, "operator", area, password=PASSWORD)
+    return await _login(srv, who)

@@ -1,14 +1,14 @@
 """Proof of delivery over HTTP (the evidence: relay/devices/proof.py).
 
-For an emergency, every loudspeaker of its targets in the caller's subtree: whether it played it
-(it reported hearing it while its area aired it), when it acknowledged the command, and why not
-when it did not (offline, no ack, acked but silent). Read from the store: the same answer on
-every node of a cluster and after a restart.
+For an emergency or a broadcast, every loudspeaker of its targets in the caller's subtree:
+whether it played it (it reported hearing it while its area aired it), when it acknowledged the
+emergency command, and why not when it did not (offline, no ack, silent, not aired there). Read
+from the store: the same answer on every node of a cluster and after a restart.
 
-- `delivery` in `GET /api/v1/emergencies/{id}` (`summary`): `{"played", "total", "text"
-  (say "delivery.played": "47/50" in words), "missing": [...]}`.
-- `GET /api/v1/reports/delivery?emergency=ID[&format=csv]`: one row per loudspeaker; an
-  emergency that does not concern the caller's area is `403`.
+- `delivery` in `GET /api/v1/emergencies/{id}` and `GET /api/v1/broadcasts/{id}` (`summary`):
+  `{"played", "total", "text" (say "delivery.played": "47/50" in words), "missing": [...]}`.
+- `GET /api/v1/reports/delivery?emergency=ID|broadcast=ID[&format=csv]`: one row per
+  loudspeaker; a subject that does not concern the caller's area is `403`.
 """
 
 from __future__ import annotations
@@ -38,12 +38,18 @@ def concerns(node: Node, p: Principal, rec: Record) -> bool:
     return p.area in node.tree and any(p.related(node.tree, t) for t in rec.get("targets", []))
 
 
-def _reason(status: str, proof: Record | None) -> str | None:
-    if proof is not None and proof.get("played"):
+def _reason(status: str, proof: Record | None, commanded: bool) -> str | None:
+    """Why a loudspeaker did not play it (None: it did)."""
+    pr = proof or {}
+    if pr.get("played"):
         return None
-    if proof is None or not proof.get("acked"):
-        return say("delivery.offline") if status == "offline" else say("delivery.no_ack")
-    state = proof.get("state")
+    if not pr.get("acked") and not pr.get("state"):
+        if status == "offline":
+            return say("delivery.offline")
+        return say("delivery.no_ack") if commanded else say("delivery.no_report")
+    state = pr.get("state")
+    if state == "playing":  # it played something, while its area aired something else
+        return say("delivery.not_aired")
     return say("delivery.silent", state=state) if state else say("delivery.no_report")
 
 
@@ -64,7 +70,7 @@ async def rows(node: Node, p: Principal, rec: Record) -> list[Record]:
                     "area_name": tree.get(area).name if area in tree else area,
                     "status": d.status, "played": (pr or {}).get("played"),
                     "acked": (pr or {}).get("acked"), "state": (pr or {}).get("state"),
-                    "reason": _reason(d.status, pr)})
+                    "reason": _reason(d.status, pr, "areas" in rec)})
     return out
 
 
@@ -89,14 +95,16 @@ async def delivery_report(request: web.Request) -> web.StreamResponse:
     p = principal(request)
     p.require("read")
     node = request.app[NODE]
-    eid = request.query.get("emergency")
-    if not eid:
+    kind = next((k for k in ("emergency", "broadcast") if request.query.get(k)), None)
+    if kind is None:
         raise ApiError(422, say("delivery.subject"), "emergency")
-    rec = await node.store.get("emergency", eid)
+    eid = request.query[kind]
+    rec = await node.store.get(kind, eid)
     if rec is None:
-        raise ApiError(404, say("emergency.unknown"))
+        raise ApiError(404, say("emergency.unknown") if kind == "emergency"
+                       else say("broadcast.unknown"))
     if not concerns(node, p, rec):
-        raise ApiError(403, say("delivery.not_yours"), "emergency")
+        raise ApiError(403, say("delivery.not_yours"), kind)
     table = await rows(node, p, rec)
     if request.query.get("format") == "csv":
         buf = io.StringIO()
@@ -108,7 +116,7 @@ async def delivery_report(request: web.Request) -> web.StreamResponse:
         name = f"delivery-{eid}.csv"
         return web.Response(text=buf.getvalue(), content_type="text/csv", charset="utf-8",
                             headers={"Content-Disposition": f'attachment; filename="{name}"'})
-    return ok({"emergency": eid, "title": rec.get("title"), "status": rec.get("status"),
+    return ok({kind: eid, "title": rec.get("title"), "status": rec.get("status"),
                **summarise(table), "devices": table})
 
 
@@ -119,7 +127,8 @@ def setup(app: web.Application) -> None:
 def openapi_paths() -> dict[str, Any]:
     return {"/api/v1/reports/delivery": {"get": {
         "summary": say("openapi.delivery"), "security": [{"bearer": []}],
-        "parameters": [{"name": "emergency", "in": "query", "required": True, "schema": STR},
+        "parameters": [{"name": "emergency", "in": "query", "schema": STR},
+                       {"name": "broadcast", "in": "query", "schema": STR},
                        {"name": "format", "in": "query",
                         "schema": {"type": "string", "enum": ["json", "csv"]}}],
         "responses": responses(*READ, 404, 422)}}}
