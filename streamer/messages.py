@@ -206,6 +206,8 @@ CATALOGUE: dict[str, Text] = {
     "protocol.missing_type": Text("thiếu loại thông điệp", "missing message type"),
     "protocol.hello_first": Text("thông điệp đầu tiên phải là hello",
                                  "first message must be hello"),
+    "protocol.bad_shown": Text("báo cáo hiển thị cần item, since, at (at không trước since)",
+                               "a shown report needs item, since and at (at not before since)"),
     "protocol.bad_gps": Text("gps là [vĩ độ, kinh độ]", "gps must be [lat, lon]"),
     "protocol.bad_relays": Text("power.relays là tối đa {limit} giá trị true/false",
                                 "power.relays must be at most {limit} booleans"),
@@ -815,6 +817,10 @@ CATALOGUE: dict[str, Text] = {
                               "one emergency, with what is on air in its areas and `reach`: "
                               "the caller's areas on air, loudspeakers and boards that "
                               "acknowledged it"),
+    "openapi.shown": Text("Báo cáo hiển thị trên bảng tin",
+                          "boards' proof of play: per board, item and day, when it was on "
+                          "screen (JSON or CSV)"),
+    "report.bad_day": Text("{name}: cần ngày dạng YYYY-MM-DD", "{name}: expected YYYY-MM-DD"),
     "openapi.delivery": Text("Báo cáo phát tới cụm loa",
                              "proof of delivery of an emergency: per loudspeaker of the "
                              "caller's subtree, whether it played it (JSON or CSV)"),

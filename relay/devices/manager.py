@@ -58,6 +58,7 @@ from loa.relay.devices.protocol import (
     DEVICE_STATUSES,
     FINAL,
     PROTOCOL_VERSION,
+    REPORTS,
     STATEFUL_COMMANDS,
     ProtocolError,
     command_message,
@@ -70,7 +71,7 @@ from loa.relay.devices.protocol import (
     parse_heartbeat,
     parse_hello,
     parse_message,
-    parse_playing,
+    parse_report,
 )
 from loa.relay.devices.records import new_id, new_key, public_device, same_hash, secret_hash
 from loa.relay.devices.streams import StreamOffer, stream_urls
@@ -215,8 +216,8 @@ class DeviceManager:
         self.devices: dict[str, Device] = {}
         self.connected = 0
         self.ack_listeners: list[Callable[[Record, float], None]] = []  # (command, loop time)
-        # `playing` reports (device, broadcast or None, state): proof of delivery (proof.py)
-        self.playing_listeners: list[Callable[[Device, str | None, str], None]] = []
+        # `playing` and `shown` reports (device, parse_report's dict): proof (proof.py)
+        self.report_listeners: list[Callable[[Device, dict[str, Any]], None]] = []
         self._devw = Writer(store, "device")
         self._cmdw = Writer(store, "command")
         self._heap: list[tuple[float, int, str, str]] = []  # due, seq, device, command id
@@ -502,10 +503,10 @@ class DeviceManager:
                 await self._heartbeat(dev, parse_heartbeat(msg))
             elif kind == "ack":
                 self._ack(dev, *parse_ack(msg))
-            elif kind == "playing":
-                bid, state = parse_playing(msg)
-                for fn in self.playing_listeners:
-                    fn(dev, bid, state)
+            elif kind in REPORTS:
+                report = parse_report(msg)
+                for fn in self.report_listeners:
+                    fn(dev, report)
             else:
                 raise ProtocolError(say("protocol.unknown_type", kind=kind),
                                     "type")

@@ -16,6 +16,10 @@ One record per subject and device (store kind `delivery`, id `<subject>.<device>
 last report), `node`. Written behind (relay/devices/writer.py: thousands of reports in a few
 `put_many`), read back from the store, so the proof survives a restart and every node of a
 cluster reads what the node serving each device recorded.
+
+Boards' proof of play (`shown` reports): one record per board, item and local day (store kind
+`shown`, id `<device>.<item>.<YYYY-MM-DD>`): `first` and `last` time on screen, `shows` (times it
+came on), `seconds` on screen, `area`, `day`.
 """
 
 from __future__ import annotations
@@ -26,16 +30,21 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import suppress
+from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from loa.relay.devices.manager import Device, DeviceManager
 from loa.relay.devices.protocol import onair_message
 from loa.relay.devices.writer import Writer
+from loa.streamer.schedule import DEFAULT_TZ
 from loa.streamer.state.store import Record, Store
 
 log = logging.getLogger("loa.devices")
 
 KIND = "delivery"
+SHOWN = "shown"
+TZ = ZoneInfo(DEFAULT_TZ)  # a board's day is the local day
 MAX_CACHED = 100_000  # records kept in memory to merge reports into (the rest: read back)
 RECHECK = 0.1  # seconds between two looks at a `playing` report its area did not air yet
 RECHECK_FOR = 10.0  # ... for this long: a device hears an emergency before the node's next tick
@@ -62,6 +71,7 @@ class DeliveryLog:
         self._telling: set[asyncio.Task[int]] = set()
         self.node_id = node_id
         self._writer = Writer(store, KIND)
+        self._shown = Writer(store, SHOWN)
         self._cache: OrderedDict[str, Record] = OrderedDict()
         self._todo: list[tuple[str, Device, dict[str, Any]]] = []
         # "playing" reports of a subject not (yet) on air in the device's area: looked at again
@@ -73,13 +83,14 @@ class DeliveryLog:
 
     async def start(self) -> None:
         self._writer.start()
+        self._shown.start()
         self._task = asyncio.get_running_loop().create_task(self._run())
-        self.devices.playing_listeners.append(self._on_playing)
+        self.devices.report_listeners.append(self._on_report)
         self.devices.ack_listeners.append(self._on_ack)
 
     async def stop(self) -> None:
-        if self._on_playing in self.devices.playing_listeners:
-            self.devices.playing_listeners.remove(self._on_playing)
+        if self._on_report in self.devices.report_listeners:
+            self.devices.report_listeners.remove(self._on_report)
         if self._on_ack in self.devices.ack_listeners:
             self.devices.ack_listeners.remove(self._on_ack)
         for t in list(self._telling):
@@ -88,6 +99,7 @@ class DeliveryLog:
             self._task.cancel()
             await asyncio.wait([self._task], timeout=5.0)
         await self._writer.stop()
+        await self._shown.stop()
 
     # ---- what the loudspeakers hear (`onair`) ----------------------------------------------------
     def _tell(self, devices: list[Device], area: str) -> None:
@@ -120,6 +132,12 @@ class DeliveryLog:
         dev = self.devices.get(str(cmd.get("device")))
         if cmd.get("status") == "acked" and isinstance(subject, str) and dev is not None:
             self._queue(subject, dev, {"acked": cmd.get("acked") or time.time()})
+
+    def _on_report(self, dev: Device, report: dict[str, Any]) -> None:
+        if report["type"] == "playing":
+            self._on_playing(dev, report["broadcast"], report["state"])
+        else:
+            self._queue("", dev, report)  # shown: merged in order with the store read
 
     def _on_playing(self, dev: Device, subject: str | None, state: str) -> None:
         if dev.id not in self._reporting or subject is None:
@@ -165,7 +183,10 @@ class DeliveryLog:
                 todo, self._todo = self._todo, []
                 for subject, dev, change in todo:
                     try:
-                        await self._merge(subject, dev, change)
+                        if change.get("type") == "shown":
+                            await self._merge_shown(dev, change)
+                        else:
+                            await self._merge(subject, dev, change)
                     except Exception:  # a store read failing: this report is lost, logged
                         log.exception("delivery proof failed event=delivery_error subject=%s "
                                       "device=%s", subject, dev.id)
@@ -190,9 +211,36 @@ class DeliveryLog:
                 rec[k] = v
         self._writer.mark(rec)
 
+    async def _merge_shown(self, dev: Device, r: dict[str, Any]) -> None:
+        day = datetime.fromtimestamp(r["since"], TZ).date().isoformat()
+        pid = f"{dev.id}.{r['item']}.{day}"
+        rec = self._cache.get(pid)
+        if rec is None:
+            rec = await self.store.get(SHOWN, pid) or {
+                "id": pid, "device": dev.id, "item": r["item"], "day": day, "first": r["since"],
+                "last": r["since"], "shows": 0, "seconds": 0.0, "since": None}
+            self._cache[pid] = rec
+            while len(self._cache) > MAX_CACHED:
+                self._cache.popitem(last=False)
+        if rec["since"] != r["since"]:  # it came on screen (again)
+            rec["shows"] += 1
+            rec["since"] = r["since"]
+            rec["last"] = max(rec["last"], r["since"])
+        rec["seconds"] = round(rec["seconds"] + max(0.0, r["at"] - rec["last"]), 3)
+        rec["last"] = max(rec["last"], r["at"])
+        rec["area"] = dev.record["area"]
+        rec["region"] = r["region"]
+        self._shown.mark(rec)
+
     # ---- queries ---------------------------------------------------------------------------------
     async def proofs(self, subject: str) -> dict[str, Record]:
         """Device id -> its record for a subject, as every node recorded it."""
         await self._idle.wait()
         await self._writer.flush()
         return {r["device"]: r for r in await self.store.find(KIND, subject=subject)}
+
+    async def shown(self, area: str | None = None) -> list[Record]:
+        """Boards' proof of play records (of one area, or all), as every node recorded them."""
+        await self._idle.wait()
+        await self._shown.flush()
+        return await (self.store.find(SHOWN, area=area) if area else self.store.find(SHOWN))

@@ -638,3 +638,27 @@ def parse_playing(msg: dict[str, Any]) -> tuple[str | None, str]:
         raise ProtocolError(say("protocol.not_string", name="broadcast", limit=MAX_ID),
                             "broadcast")
     return bid, state
+
+
+# Boards: proof of play. The board says which item of its display content is on screen: when it
+# comes on (`at` = `since`), while it stays (with every heartbeat) and when it goes off.
+REPORTS = ("playing", "shown")  # device -> node reports of proof (relay/devices/proof.py)
+
+
+def shown_message(item: str, region: str, since: float, at: float) -> dict[str, Any]:
+    return {"v": PROTOCOL_VERSION, "type": "shown", "item": item, "region": region,
+            "since": round(since, 3), "at": round(at, 3)}
+
+
+def parse_report(msg: dict[str, Any]) -> dict[str, Any]:
+    """A `playing` or `shown` message, validated: {"type", ...its fields}."""
+    if msg["type"] == "playing":
+        bid, state = parse_playing(msg)
+        return {"type": "playing", "broadcast": bid, "state": state}
+    item = _str(msg, "item", 64, required=True)
+    region = _str(msg, "region", 8, choices=REGIONS) or "main"
+    since = _epoch(msg, "since", "")
+    at = _epoch(msg, "at", "")
+    if not item or since is None or at is None or at < since:
+        raise ProtocolError(say("protocol.bad_shown"), "since")
+    return {"type": "shown", "item": item, "region": region, "since": since, "at": at}

@@ -9,6 +9,9 @@ from the store: the same answer on every node of a cluster and after a restart.
   `{"played", "total", "text" (say "delivery.played": "47/50" in words), "missing": [...]}`.
 - `GET /api/v1/reports/delivery?emergency=ID|broadcast=ID[&format=csv]`: one row per
   loudspeaker; a subject that does not concern the caller's area is `403`.
+- `GET /api/v1/reports/shown?area=CODE&from=YYYY-MM-DD&to=YYYY-MM-DD[&format=csv]`: boards'
+  proof of play, one row per board, item and day (first and last time on screen, times shown,
+  seconds), for the boards of the area's subtree (the caller's area by default).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from loa.streamer.state.store import Record
 from loa.web.api.reports import TZ
 from loa.web.api.schema import READ, STR, responses
 from loa.web.auth import Principal
-from loa.web.http import ApiError, ok, principal
+from loa.web.http import ApiError, ok, principal, scoped_area
 from loa.web.node import NODE, Node
 
 routes = web.RouteTableDef()
@@ -120,6 +123,48 @@ async def delivery_report(request: web.Request) -> web.StreamResponse:
                **summarise(table), "devices": table})
 
 
+SHOWN_FIELDS = ["device", "name", "area", "area_name", "item", "region", "day", "first", "last",
+                "shows", "seconds"]
+
+
+def _day(request: web.Request, name: str) -> str | None:
+    v = request.query.get(name) or None
+    if v is not None:
+        try:
+            return datetime.strptime(v, "%Y-%m-%d").date().isoformat()
+        except ValueError:
+            raise ApiError(422, say("report.bad_day", name=name), name) from None
+    return v
+
+
+@routes.get("/api/v1/reports/shown")
+async def shown_report(request: web.Request) -> web.StreamResponse:
+    p = principal(request)
+    p.require("read")
+    node = request.app[NODE]
+    area = scoped_area(p, node.tree, request.query.get("area") or p.area)
+    since, until = _day(request, "from"), _day(request, "to")
+    inside = set(node.tree.subtree(area))
+    rows = []
+    for r in await node.delivery.shown():
+        if r.get("area") not in inside or (since and r["day"] < since) \
+                or (until and r["day"] > until):
+            continue
+        dev = node.devices.get(r["device"])
+        rows.append({**r, "name": dev.record.get("name") if dev else None,
+                     "area_name": node.tree.get(r["area"]).name})
+    rows.sort(key=lambda r: (r["day"], r["area"], r["device"], r["first"]))
+    if request.query.get("format") == "csv":
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, SHOWN_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "first": _iso(r["first"]), "last": _iso(r["last"])})
+        return web.Response(text=buf.getvalue(), content_type="text/csv", charset="utf-8",
+                            headers={"Content-Disposition": 'attachment; filename="shown.csv"'})
+    return ok({"area": area, "items": [{k: r.get(k) for k in SHOWN_FIELDS} for r in rows]})
+
+
 def setup(app: web.Application) -> None:
     app.add_routes(routes)
 
@@ -131,4 +176,12 @@ def openapi_paths() -> dict[str, Any]:
                        {"name": "broadcast", "in": "query", "schema": STR},
                        {"name": "format", "in": "query",
                         "schema": {"type": "string", "enum": ["json", "csv"]}}],
-        "responses": responses(*READ, 404, 422)}}}
+        "responses": responses(*READ, 404, 422)}},
+        "/api/v1/reports/shown": {"get": {
+            "summary": say("openapi.shown"), "security": [{"bearer": []}],
+            "parameters": [{"name": "area", "in": "query", "schema": STR},
+                           {"name": "from", "in": "query", "schema": STR},
+                           {"name": "to", "in": "query", "schema": STR},
+                           {"name": "format", "in": "query",
+                            "schema": {"type": "string", "enum": ["json", "csv"]}}],
+            "responses": responses(*READ, 422)}}}

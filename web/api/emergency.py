@@ -351,18 +351,19 @@ def _tell_acks(app: web.Application) -> None:
         if cmd.get("command") == "emergency" and cmd.get("status") == "acked" and batch:
             soon(node.emergency.emergency_of(batch))
 
-    def on_playing(_dev: Any, bid: str | None, _state: str) -> None:
-        soon(bid)
+    def on_report(_dev: Any, report: Record) -> None:
+        if report["type"] == "playing":
+            soon(report["broadcast"])
 
     async def start(_app: web.Application) -> None:
         node.devices.ack_listeners.append(on_ack)
-        node.devices.playing_listeners.append(on_playing)
+        node.devices.report_listeners.append(on_report)
 
     async def stop(_app: web.Application) -> None:
         if on_ack in node.devices.ack_listeners:
             node.devices.ack_listeners.remove(on_ack)
-        if on_playing in node.devices.playing_listeners:
-            node.devices.playing_listeners.remove(on_playing)
+        if on_report in node.devices.report_listeners:
+            node.devices.report_listeners.remove(on_report)
 
     app.on_startup.append(start)
     app.on_cleanup.append(stop)
