@@ -332,6 +332,10 @@ CATALOGUE: dict[str, Text] = {
     "area.cycle": Text("vòng lặp trong cây khu vực", "cycle in the area tree: {codes}"),
     "area.row_columns": Text("dòng {row}: thiếu cột",
                              "row {row}: expected code,name,level,parent_code"),
+    "area.bad_coordinates": Text("lat, lon phải là độ thập phân (lat -90..90, lon -180..180), "
+                                 "cả hai hoặc không",
+                                 "lat, lon must be decimal degrees (lat -90..90, lon -180..180), "
+                                 "both or neither"),
     "area.bad_csv": Text("CSV không hợp lệ", "malformed CSV: {error}"),
     "media.unknown_id": Text("không có tệp âm thanh", "unknown media {media}"),
     "tts.cannot_speak": Text("không đọc được văn bản", "cannot speak the text: {error}"),
@@ -817,6 +821,11 @@ CATALOGUE: dict[str, Text] = {
                               "one emergency, with what is on air in its areas and `reach`: "
                               "the caller's areas on air, loudspeakers and boards that "
                               "acknowledged it"),
+    "openapi.map": Text("Bản đồ (GeoJSON)",
+                        "areas with coordinates and devices with a GPS fix of the caller's "
+                        "subtree, as GeoJSON"),
+    "geo.bad_depth": Text("depth: số nguyên 0..{limit}", "depth: an integer 0..{limit}"),
+    "geo.bad_choice": Text("{name}: một trong {allowed}", "{name}: one of {allowed}"),
     "openapi.shown": Text("Báo cáo hiển thị trên bảng tin",
                           "boards' proof of play: per board, item and day, when it was on "
                           "screen (JSON or CSV)"),
@@ -1164,6 +1173,8 @@ CATALOGUE: dict[str, Text] = {
     "console.emergency.speaker": Text("Cụm loa", "Loudspeaker cluster"),
     "console.emergency.area": Text("Khu vực", "Area"),
     "console.emergency.why": Text("Lý do", "Why"),
+    "console.air.delivery_csv": Text("Tải danh sách cụm loa (CSV)",
+                                     "Download the loudspeakers (CSV)"),
     "console.emergency.delivery_csv": Text("Tải báo cáo phát tới cụm loa (CSV)",
                                            "Download the proof of delivery (CSV)"),
     "console.emergency.boards": Text("Bảng tin đang hiển thị", "Boards showing it"),

@@ -14,6 +14,7 @@ from loa.web.api import delivery as api_delivery
 from loa.web.api import devices as api_devices
 from loa.web.api import emergency as api_emergency
 from loa.web.api import exchange as api_exchange
+from loa.web.api import geo as api_geo
 from loa.web.api import inbox as api_inbox
 from loa.web.api import media as api_media
 from loa.web.api import nodes as api_nodes
@@ -55,6 +56,7 @@ def create_app(node: Node) -> web.Application:
     api_inbox.setup(app)
     api_reports.setup(app)
     api_delivery.setup(app)
+    api_geo.setup(app)
     api_devices.setup(app)
     api_emergency.setup(app)
     api_exchange.setup(app)

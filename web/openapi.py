@@ -290,6 +290,9 @@ def document() -> S:
     from loa.web.api import delivery as api_delivery
 
     paths.update(api_delivery.openapi_paths())
+    from loa.web.api import geo as api_geo
+
+    paths.update(api_geo.openapi_paths())
     return {
         "openapi": "3.0.3",
         "info": {"title": "Loa API", "version": "1",
