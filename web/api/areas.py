@@ -168,7 +168,7 @@ async def area_update(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/areas/import")
 async def area_import(request: web.Request) -> web.Response:
-    """CSV of the official administrative units list (code,name,level,parent_code); every new
+    """CSV of the official administrative units list (code,name,level,parent_code[,lat,lon]); every new
     area must hang below the caller's area. Every row is checked first and every problem
     reported (line, field, error); `dry_run=1` stops there and tells what would be imported.
     All or nothing."""
