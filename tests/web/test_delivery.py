@@ -7,6 +7,7 @@ commune sees its own part, another commune's operator gets 403; the CSV holds ev
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from loa.relay.agent.agent import Agent, AgentOptions
 from loa.relay.agent.sim import Fleet, recent_audio
 from loa.web.auth import add_user
 from tests.apiclient import PASSWORD
@@ -254,3 +256,41 @@ async def test_a_broadcast_s_proof_comes_from_what_the_stream_carries(tmp_path: 
 async def _add_and_login(srv: Server, who: str, area: str) -> str:
     await add_user(srv.node.store, srv.node.tree, who, "operator", area, password=PASSWORD)
     return await _login(srv, who)
+
+
+async def test_the_reference_agent_proves_what_its_decoder_hears(tmp_path: Path) -> None:
+    srv = await start_node(tmp_path, _settings, "T01")
+    dev, key = await srv.device("T01-H1-X2", name="Loa tham chiếu")
+    agent = Agent(AgentOptions(srv.base, dev, key))
+    stop = asyncio.Event()
+    task = asyncio.get_running_loop().create_task(agent.run(stop))
+    try:
+        await until(lambda: agent.audible(), "the agent playing its area's tone", timeout=30.0)
+        status, em = await srv.post("/api/v1/emergencies", {
+            "targets": ["T01-H1-X2"], "content": {"text": TEXT}})
+        assert status == 201, em
+        await until(lambda: _hears_attention(agent.player.recent_pcm()),
+                    "the agent's decoder hearing the attention signal", timeout=30.0, step=0.05)
+
+        async def proven() -> bool:
+            status, one = await _call(srv, srv.token, f"/api/v1/emergencies/{em['id']}")
+            assert status == 200, one
+            return bool(one["delivery"]["played"] == 1)
+
+        await until(proven, "the agent's proof", timeout=30.0, step=0.1)
+        assert agent.hearing == em["id"]
+        # the emergency ends: the agent names what its stream carries again (the tone)
+        status, _ = await srv.post("/api/v1/emergencies", {"targets": []})
+        assert status == 422
+        async with srv.http.delete(f"{srv.base}/api/v1/emergencies/{em['id']}",
+                                   headers=srv.headers()) as r:
+            assert r.status == 200
+        await until(lambda: agent.hearing is None and agent.client is not None
+                    and agent.client.on_air is not None, "the agent back on its area's stream",
+                    timeout=30.0)
+        tone = srv.node.engine.on_air("T01-H1-X2")["broadcast"]
+        assert agent.client is not None and agent.client.on_air == tone
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 20)
+        await stop_node(srv)
