@@ -48,6 +48,7 @@ TZ = ZoneInfo(DEFAULT_TZ)  # a board's day is the local day
 MAX_CACHED = 100_000  # records kept in memory to merge reports into (the rest: read back)
 RECHECK = 0.1  # seconds between two looks at a `playing` report its area did not air yet
 RECHECK_FOR = 10.0  # ... for this long: a device hears an emergency before the node's next tick
+SETTLE_WAIT = 1.0  # seconds a reader waits for the reports received before it to be merged
 
 Airs = Callable[[str, str], bool]  # (subject, area) -> this node airs the subject there now
 OnAir = Callable[[str], tuple[str | None, str | None]]  # area -> (broadcast, title) on air now
@@ -58,7 +59,8 @@ def proof_id(subject: str, device: str) -> str:
 
 
 class DeliveryLog:
-    """Records acks and `playing` reports of this node's devices; answers per subject."""
+    """Records acks, `playing` and `shown` reports of this node's devices, tells loudspeakers
+    what their stream carries; answers per subject (and boards' proof of play)."""
 
     def __init__(self, store: Store, devices: DeviceManager, airs: Airs, on_air: OnAir,
                  node_id: str = "") -> None:
@@ -233,14 +235,20 @@ class DeliveryLog:
         self._shown.mark(rec)
 
     # ---- queries ---------------------------------------------------------------------------------
+    async def _settled(self) -> None:
+        """Reports received so far merged (bounded: a steady stream of reports never holds a
+        reader back for long)."""
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), SETTLE_WAIT)
+
     async def proofs(self, subject: str) -> dict[str, Record]:
         """Device id -> its record for a subject, as every node recorded it."""
-        await self._idle.wait()
+        await self._settled()
         await self._writer.flush()
         return {r["device"]: r for r in await self.store.find(KIND, subject=subject)}
 
     async def shown(self, area: str | None = None) -> list[Record]:
         """Boards' proof of play records (of one area, or all), as every node recorded them."""
-        await self._idle.wait()
+        await self._settled()
         await self._shown.flush()
         return await (self.store.find(SHOWN, area=area) if area else self.store.find(SHOWN))
