@@ -605,12 +605,13 @@ def heartbeat_message(telemetry: dict[str, Any]) -> dict[str, Any]:
 
 # ---- proof of delivery (issue 13): what a loudspeaker hears ---------------------------------------
 # The node tells a loudspeaker what its area's stream carries (`onair`, the stream's metadata on
-# the control channel: after the welcome and whenever it changes) and the `emergency` command
-# names the emergency it turns on (`args.broadcast`, kept in `config.emergency`). The device says
-# what it plays whenever that changes: a `playing` message with the broadcast it hears (the
-# emergency, else the stream's broadcast; null: nothing) and its stream state ("playing": the
-# stream's audio reaches the horns; "idle": it does not, e.g. stopped, stalled or a broken
-# amplifier; "off": powered off). The node keeps it as proof (relay/devices/proof.py).
+# the control channel: in answer to its first `playing` report, then whenever it changes) and the
+# `emergency` command names the emergency it turns on (`args.broadcast`, kept in
+# `config.emergency`). The device says what it plays whenever that changes: a `playing` message
+# with the broadcast it hears (the emergency, else the stream's broadcast; null: nothing) and its
+# stream state ("playing": the stream's audio reaches the horns; "idle": it does not, e.g.
+# stopped, stalled or a broken amplifier; "off": powered off). The node keeps it as proof
+# (relay/devices/proof.py).
 def onair_message(broadcast: str | None, title: str | None) -> bytes:
     """What the area's stream carries now (node -> loudspeaker)."""
     return encode({"v": PROTOCOL_VERSION, "type": "onair", "broadcast": broadcast,
@@ -641,13 +642,9 @@ def parse_playing(msg: dict[str, Any]) -> tuple[str | None, str]:
 
 
 # Boards: proof of play. The board says which item of its display content is on screen: when it
-# comes on (`at` = `since`), while it stays (with every heartbeat) and when it goes off.
+# comes on (`at` = `since`), while it stays (with every heartbeat) and when it goes off
+# (`shown`, sent by the board page, web/static/board.js).
 REPORTS = ("playing", "shown")  # device -> node reports of proof (relay/devices/proof.py)
-
-
-def shown_message(item: str, region: str, since: float, at: float) -> dict[str, Any]:
-    return {"v": PROTOCOL_VERSION, "type": "shown", "item": item, "region": region,
-            "since": round(since, 3), "at": round(at, 3)}
 
 
 def parse_report(msg: dict[str, Any]) -> dict[str, Any]:
