@@ -13,12 +13,13 @@ import io
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
 
 from loa.relay.agent.agent import Agent, AgentOptions
 from loa.relay.agent.sim import Fleet, recent_audio
 from loa.web.auth import add_user
-from tests.apiclient import PASSWORD
+from tests.apiclient import PASSWORD, tone_file
 from tests.audio import peak_hz
 from tests.helpers import Server, delete_prefix, start_node, stop_node, until
 
@@ -217,9 +218,19 @@ async def test_a_broadcast_s_proof_comes_from_what_the_stream_carries(tmp_path: 
         await fleet.start()
         await until(lambda: fleet.counts()["connected"] == 4, "the fleet connected",
                     timeout=60.0, step=0.1)
+        await until(lambda: all(d.hears_audio() for d in fleet.decoders()),
+                    "the decoder hearing its area's stream", timeout=60.0, step=0.1)
+        # a minute of 700 Hz from the library, aired at once to two communes
+        form = aiohttp.FormData()
+        form.add_field("title", "Thông báo tiêm phòng")
+        form.add_field("file", tone_file(tmp_path / "tb.wav", 700, 60).read_bytes(),
+                       filename="tb.wav")
+        async with srv.http.post(srv.base + "/api/v1/media", data=form,
+                                 headers=srv.headers()) as r:
+            assert r.status == 201, await r.text()
+            media = (await r.json())["id"]
         status, b = await srv.post("/api/v1/broadcasts", {
-            "text": "Thông báo lịch tiêm phòng cho trẻ em.", "targets": ["T01-H1-X1", "T01-H1-X2"],
-            "class": "priority"})
+            "media": media, "targets": ["T01-H1-X1", "T01-H1-X2"], "class": "priority"})
         assert status == 201, b
         # the loudspeakers are told what their stream carries, and report playing it
         covered = [d for d in fleet.devices if d.entry.area in ("T01-H1-X1", "T01-H1-X2")]
