@@ -56,15 +56,18 @@ def _reason(status: str, proof: Record | None, commanded: bool) -> str | None:
     return say("delivery.silent", state=state) if state else say("delivery.no_report")
 
 
-async def rows(node: Node, p: Principal, rec: Record) -> list[Record]:
-    """Every loudspeaker of the emergency's targets in the caller's subtree, with its proof."""
+async def rows(node: Node, p: Principal, rec: Record,
+               proofs: dict[str, Record] | None = None) -> list[Record]:
+    """Every loudspeaker of the subject's targets in the caller's subtree, with its proof
+    (`proofs`: the subject's records, when the caller has read them already)."""
     tree = node.tree
     covered = {a for a in tree.covered([t for t in rec.get("targets", []) if t in tree])
                if tree.contains(p.area, a)} if p.area in tree else set()
     speakers = [d for d in node.devices.find(covered, kind="loudspeaker")
                 if not d.record.get("revoked")]
     speakers.sort(key=lambda d: (d.record["area"], d.record.get("name", ""), d.id))
-    proofs = await node.delivery.proofs(rec["id"]) if speakers else {}
+    if proofs is None:
+        proofs = await node.delivery.proofs(rec["id"]) if speakers else {}
     out = []
     for d in speakers:
         pr = proofs.get(d.id)
@@ -85,8 +88,9 @@ def summarise(table: list[Record]) -> dict[str, Any]:
             "missing": missing[:MAX_MISSING], "missing_count": len(missing)}
 
 
-async def summary(node: Node, p: Principal, rec: Record) -> dict[str, Any]:
-    return summarise(await rows(node, p, rec))
+async def summary(node: Node, p: Principal, rec: Record,
+                  proofs: dict[str, Record] | None = None) -> dict[str, Any]:
+    return summarise(await rows(node, p, rec, proofs))
 
 
 def _iso(t: float | None) -> str:

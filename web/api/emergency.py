@@ -236,7 +236,7 @@ async def emergency_get(request: web.Request) -> web.Response:
     out["on_air"] = [node.engine.on_air(a) for a in rec.get("areas", []) if a in node.tree]
     proofs = await node.delivery.proofs(rec["id"])
     out["reach"] = _reach(node, p, rec, {d for d, r in proofs.items() if r.get("acked")})
-    out["delivery"] = await summary(node, p, rec)
+    out["delivery"] = await summary(node, p, rec, proofs)
     return ok(out)
 
 
