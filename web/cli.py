@@ -48,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--speakers", type=int, default=100)
     sim.add_argument("--boards", type=int, default=0)
     sim.add_argument("--decode", type=int, default=0, help="how many also decode audio")
+    sim.add_argument("--broken", type=int, default=0,
+                     help="how many loudspeakers have a broken amplifier (ack, report silence)")
     sim.add_argument("--token", default=None,
                      help="admin bearer token used to register the fleet (or LOA_TOKEN)")
     sim.add_argument("--area", default=None, help="register the fleet under this area")

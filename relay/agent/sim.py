@@ -1,7 +1,7 @@
 """`loa sim`: a fleet of light simulated devices in one process, against a real node.
 
-    loa sim --server URL --speakers N --boards M [--decode K] [--token T | env LOA_TOKEN]
-            [--area CODE] [--seconds S]
+    loa sim --server URL --speakers N --boards M [--decode K] [--broken B]
+            [--token T | env LOA_TOKEN] [--area CODE] [--seconds S]
 
 Fleet. With an admin bearer token the simulator registers the devices it needs through the REST
 API (`POST /api/v1/devices`, spread round-robin over the leaf areas under `--area`, or under the
@@ -16,6 +16,10 @@ play, stop, volume, power, reboot and emergency; boards accept display, emergenc
 reboot and refuse audio commands, like the board page. One task sends every heartbeat of the
 fleet, spread evenly over the interval the server gives (N devices: one every interval/N s), so
 10,000 devices on a 60 s interval make a steady 167 messages per second, never a burst.
+
+Proof of delivery. Loudspeakers report what they play (`playing`: the emergency they were told
+of, else the broadcast their stream carries, from `onair`); the last B (`--broken`) have a broken
+amplifier: connected, they ack commands but report `idle` (and the `amp_fault` fault).
 
 Audio. The first K loudspeakers also play their area's HTTP Opus stream through the reference
 agent's pipeline (relay/agent/pipeline.py) into a null sink: real decoding, real loss/jitter
@@ -560,13 +564,13 @@ def recent_audio(dev: SimDevice) -> np.ndarray:
 async def run_fleet(server_url: str, token: str | None, speakers: int, boards: int,
                     decode: int, area: str | None, stop_event: asyncio.Event, *,
                     fleet_file: Path | None = None, status_every: float = 10.0,
-                    duration: float | None = None, summary: dict[str, Any] | None = None
-                    ) -> int:
+                    duration: float | None = None, summary: dict[str, Any] | None = None,
+                    broken: int = 0) -> int:
     """Run a fleet until `stop_event` is set (or `duration` seconds after it is ready); 0 when
     it ran, 1 when it could not be prepared (the reason is printed). `summary`, when given,
     receives the final counts and what the process spent while the fleet ran."""
     fleet = Fleet(server_url, token, speakers, boards, decode, area, fleet_file=fleet_file,
-                  status_every=status_every)
+                  status_every=status_every, broken=broken)
     try:
         await fleet.start()
     except (ApiFailure, aiohttp.ClientError, OSError) as e:
@@ -620,7 +624,7 @@ async def _main(args: argparse.Namespace, token: str | None) -> int:
     code = await run_fleet(args.server, token, int(args.speakers), int(args.boards),
                            int(args.decode or 0), args.area, stop, fleet_file=fleet_file,
                            duration=float(args.seconds) if args.seconds else None,
-                           summary=summary)
+                           summary=summary, broken=int(getattr(args, "broken", 0) or 0))
     if code == 0:
         print(json.dumps({"sim": summary}, ensure_ascii=False), flush=True)
     return code
