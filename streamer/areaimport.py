@@ -1,4 +1,6 @@
-"""Checking an area list (CSV: code, name, level, parent_code) before anything is stored: every
+"""Checking an area list (CSV: code, name, level, parent_code[, lat, lon]) before anything is
+stored (lat, lon: the area's centre in decimal degrees, optional; CAP polygons and the map use
+them): every
 row's problem at once, with its line and field, so an operator fixes the whole file in one pass.
 
 A pure function of the text and two sets of codes (the tree's, and the caller's subtree): it runs
@@ -13,7 +15,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-from loa.streamer.areas import CODE_RE, HEADER_CELLS
+from loa.streamer.areas import CODE_RE, HEADER_CELLS, AreaError, coordinates
 from loa.streamer.errors import Kind
 from loa.streamer.messages import say
 
@@ -28,6 +30,8 @@ class Row:
     name: str
     level: str
     parent: str
+    lat: float | None = None
+    lon: float | None = None
 
 
 @dataclass(frozen=True)
@@ -83,8 +87,13 @@ def _read(text: str) -> tuple[list[Row], list[Problem]]:
             if len(cells) < 3:
                 problems.append(Problem(line, "columns", say("area.import_columns")))
                 continue
+            try:
+                lat, lon = coordinates(*(cells[4:6] + ["", ""])[:2])
+            except AreaError as e:
+                problems.append(Problem(line, "lat", str(e)))
+                continue
             rows.append(Row(line, cells[0].strip(), cells[1].strip(), cells[2].strip(),
-                            cells[3].strip() if len(cells) > 3 else ""))
+                            cells[3].strip() if len(cells) > 3 else "", lat, lon))
     except csv.Error as e:
         problems.append(Problem(reader.line_num, "file", say("area.bad_csv", error=e)))
     return rows, problems

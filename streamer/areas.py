@@ -12,6 +12,7 @@ import re
 import unicodedata
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from loa.streamer.errors import LoaError
 from loa.streamer.messages import say
@@ -117,16 +118,16 @@ class AreaTree:
         return area
 
     @classmethod
-    def from_rows(cls, rows: Iterable[tuple[str, str, str, str | None]],
-                  strict: bool = True) -> AreaTree:
-        """Build from (code, name, level, parent_code) rows in any order.
+    def from_rows(cls, rows: Iterable[tuple[Any, ...]], strict: bool = True) -> AreaTree:
+        """Build from (code, name, level, parent_code[, lat, lon]) rows in any order.
 
         Unknown parents, cycles and duplicate codes are reported with the row that caused them.
         `strict=False` loads stored codes that predate the code alphabet.
         """
         tree = cls()
         pending: dict[str, tuple[int, str, str, str | None]] = {}
-        for i, (code, name, level, parent) in enumerate(rows, start=1):
+        coords: dict[str, tuple[float | None, float | None]] = {}
+        for i, (code, name, level, parent, *where) in enumerate(rows, start=1):
             try:
                 code = _clean_code(code, strict)
             except AreaError as e:
@@ -135,6 +136,8 @@ class AreaTree:
             if code in pending:
                 raise AreaError(say("area.row_duplicate", row=i, code=code))
             pending[code] = (i, name, level, parent)
+            if len(where) == 2:
+                coords[code] = (where[0], where[1])
         for code, (i, _name, _level, parent) in pending.items():
             if parent is not None and parent not in pending:
                 raise AreaError(say("area.row_unknown_parent", row=i, parent=parent, code=code))
@@ -145,7 +148,8 @@ class AreaTree:
             progress = False
             for code, (_i, name, level, parent) in pending.items():
                 if code not in placed and (parent is None or parent in placed):
-                    tree.add(code, name, level, parent, strict=strict)
+                    tree.add(code, name, level, parent, *coords.get(code, (None, None)),
+                             strict=strict)
                     placed.add(code)
                     progress = True
         if len(placed) < len(pending):
@@ -237,13 +241,28 @@ class AreaTree:
 HEADER_CELLS = {"code", "ma", "mã", "ma_dvhc", "mã đvhc"}  # a header row's first cell
 
 
-def parse_csv(text: str) -> list[tuple[str, str, str, str | None]]:
-    """Official administrative units list: columns code, name, level, parent_code.
+def coordinates(lat: str, lon: str) -> tuple[float | None, float | None]:
+    """Optional `lat`, `lon` cells of an area list: both empty, or both degrees in range."""
+    lat, lon = lat.strip(), lon.strip()
+    if not lat and not lon:
+        return None, None
+    try:
+        y, x = float(lat), float(lon)
+    except ValueError:
+        raise AreaError(say("area.bad_coordinates")) from None
+    if not (-90 <= y <= 90 and -180 <= x <= 180):
+        raise AreaError(say("area.bad_coordinates"))
+    return y, x
+
+
+def parse_csv(text: str) -> list[tuple[Any, ...]]:
+    """Official administrative units list: columns code, name, level, parent_code, and the
+    optional lat, lon (decimal degrees, WGS 84) of the area's centre.
 
     A header row is recognised by its first cell (`code`, `ma`, `mã`) and skipped.
     """
     reader = csv.reader(io.StringIO(text.lstrip("\ufeff")))
-    rows: list[tuple[str, str, str, str | None]] = []
+    rows: list[tuple[Any, ...]] = []
     try:
         for i, row in enumerate(reader, start=1):
             if not row or all(not c.strip() for c in row):
@@ -253,7 +272,11 @@ def parse_csv(text: str) -> list[tuple[str, str, str, str | None]]:
             if len(row) < 3:
                 raise AreaError(say("area.row_columns", row=i))
             parent = row[3] if len(row) > 3 else None
-            rows.append((row[0].strip(), row[1], row[2], parent))
+            try:
+                where = coordinates(*(row[4:6] + ["", ""])[:2])
+            except AreaError as e:
+                raise AreaError(say("area.row", row=i, error=e)) from None
+            rows.append((row[0].strip(), row[1], row[2], parent, *where))
     except csv.Error as e:
         raise AreaError(say("area.bad_csv", error=e)) from None
     return rows

@@ -57,12 +57,14 @@ class Server:
 
 
 async def start_node(data: Path, configure: Callable[[Any], None], tone_area: str, *,
-                     port: int = 0, token: str | None = None) -> Server:
+                     port: int = 0, token: str | None = None, store: str = "sqlite",
+                     prefix: str = "loa:") -> Server:
     """A node serving on 127.0.0.1 (`port` 0: any), `tone_area` and its children hearing a
-    440 Hz tone; `token` reuses an admin token of a node on the same data directory."""
+    440 Hz tone; `token` reuses an admin token of a node on the same data directory (or the
+    same `store`: a node of the same cluster)."""
     data.mkdir(parents=True, exist_ok=True)
-    live = await start_node_on(make_config(data), configure=configure, host=LOCAL, port=port,
-                               access_log=None)
+    live = await start_node_on(make_config(data, store=store, prefix=prefix),
+                               configure=configure, host=LOCAL, port=port, access_log=None)
     node, base = live.node, live.url
     http = aiohttp.ClientSession()
     if token is None:

@@ -11,9 +11,11 @@ from loa.web.api import air as api_air
 from loa.web.api import archive as api_archive
 from loa.web.api import areas as api_areas
 from loa.web.api import core as api_core
+from loa.web.api import delivery as api_delivery
 from loa.web.api import devices as api_devices
 from loa.web.api import emergency as api_emergency
 from loa.web.api import exchange as api_exchange
+from loa.web.api import geo as api_geo
 from loa.web.api import inbox as api_inbox
 from loa.web.api import media as api_media
 from loa.web.api import nodes as api_nodes
@@ -54,6 +56,8 @@ def create_app(node: Node) -> web.Application:
     api_air.setup(app)
     api_inbox.setup(app)
     api_reports.setup(app)
+    api_delivery.setup(app)
+    api_geo.setup(app)
     api_devices.setup(app)
     api_emergency.setup(app)
     api_exchange.setup(app)

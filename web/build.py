@@ -38,8 +38,8 @@ async def load_tree(store: Store, cfg: Config) -> AreaTree:
     rows = await store.find("area")
     if rows:
         # Not strict: a tree stored before the code alphabet (streamer/areas.py) still loads.
-        return AreaTree.from_rows([(r["id"], r["name"], r.get("level", ""), r.get("parent"))
-                                   for r in rows], strict=False)
+        return AreaTree.from_rows([(r["id"], r["name"], r.get("level", ""), r.get("parent"),
+                                    r.get("lat"), r.get("lon")) for r in rows], strict=False)
     if cfg.areas.csv:
         text = await asyncio.to_thread(Path(cfg.areas.csv).read_text, encoding="utf-8")
         tree = AreaTree.from_csv(text)

@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--speakers", type=int, default=100)
     sim.add_argument("--boards", type=int, default=0)
     sim.add_argument("--decode", type=int, default=0, help="how many also decode audio")
+    sim.add_argument("--broken", type=int, default=0,
+                     help="how many loudspeakers have a broken amplifier (ack, report silence)")
     sim.add_argument("--token", default=None,
                      help="admin bearer token used to register the fleet (or LOA_TOKEN)")
     sim.add_argument("--area", default=None, help="register the fleet under this area")
@@ -95,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--n", type=int, default=1000)
     dev.add_argument("--seconds", type=float, default=30.0)
     dev.add_argument("--heartbeat", type=float, default=30.0)
+    dev.add_argument("--proof", action="store_true",
+                     help="also: an emergency's delivery proof from every device (ms)")
     fan = bsub.add_parser("fanout", help="delivery cost per listener of one transport")
     fan.add_argument("--transport", required=True, choices=["http", "rtp", "webrtc"])
     fan.add_argument("--listeners", type=int, default=1000)

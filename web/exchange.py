@@ -260,14 +260,17 @@ class ExchangeService:
         speakers = [d for d in self.node.devices.find(leaves, kind="loudspeaker")
                     if not d.record.get("revoked")]
         eid = rec["answer"].get("emergency")
-        acked = self.node.emergency.acked(eid) if eid else None
+        proofs = await self.node.delivery.proofs(eid) if eid else None  # durable, any node
         message = self._message("delivery", f"delivery:{rec['bulletin']}", {
             "bulletin": rec["bulletin"], "class": rec["class"],
             "status": "aired" if reached else "not_aired", "end_cause": cause,
             "areas": reached, "loudspeakers": {
                 "total": len(speakers),
                 "online": sum(d.status != "offline" for d in speakers),
-                "acked": None if acked is None else sum(d.id in acked for d in speakers)}})
+                "acked": None if proofs is None else sum(
+                    bool((proofs.get(d.id) or {}).get("acked")) for d in speakers),
+                "played": None if proofs is None else sum(
+                    bool((proofs.get(d.id) or {}).get("played")) for d in speakers)}})
         return await self.outbox.put(rec["peer"], message)
 
     async def statistics(self, until: float | None = None) -> list[Record]:

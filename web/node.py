@@ -5,6 +5,7 @@ reverse; the HTTP routes only read them (`app[NODE].rtp`, `.http`, `.devices`, .
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import shutil
@@ -17,6 +18,7 @@ from aiohttp import web
 
 from loa.relay.archive import Archive
 from loa.relay.devices.manager import DeviceManager
+from loa.relay.devices.proof import DeliveryLog
 from loa.relay.fanout import FanoutPool
 from loa.relay.hls import HlsService
 from loa.relay.icecast import HttpStreamer
@@ -30,7 +32,7 @@ from loa.streamer.areasettings import AreaSettings
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.clock import TICK, LoopLagMonitor, RealClock
 from loa.streamer.emergency.service import EmergencyService, node_identity
-from loa.streamer.engine import Engine
+from loa.streamer.engine import Engine, OnAirChange
 from loa.streamer.hub import PacketHub
 from loa.streamer.library import LibrarySettings, MediaLibrary
 from loa.streamer.messages import say
@@ -93,6 +95,7 @@ class Node:
         self.login_guard: LoginGuard
         self.devices: DeviceManager
         self.emergency: EmergencyService
+        self.delivery: DeliveryLog  # proof of delivery: what each loudspeaker played
         self.exchange: ExchangeService  # with the central source system
         self.http: HttpStreamer
         self.fanout: FanoutPool | None = None  # `[http_streams] workers` > 0
@@ -189,6 +192,23 @@ class Node:
         self.fm = FmTuning(self)
         self._stops.append(self.fm.stop)
         self.fm.start()
+        self.delivery = DeliveryLog(self.store, self.devices, self.airs, self._on_air,
+                                    self.node_id)
+        self._stops.append(self.delivery.stop)
+        await self.delivery.start()
+        delivery = self.delivery
+
+        def stream_changed(c: OnAirChange) -> None:  # engine thread: hop to the loop, no more
+            with contextlib.suppress(RuntimeError):  # the loop closed at shutdown
+                loop.call_soon_threadsafe(delivery.area_changed, c.area)
+
+        self.engine.listeners.append(stream_changed)
+
+        async def unhook() -> None:
+            if stream_changed in self.engine.listeners:
+                self.engine.listeners.remove(stream_changed)
+
+        self._stops.append(unhook)
         self.exchange = ExchangeService(self)
         self._stops.append(self.exchange.stop)
         await self.exchange.start()
@@ -226,6 +246,17 @@ class Node:
         self.captures = Captures(self)
         self._stops.append(self.captures.stop)
         await self.captures.start()
+
+    def airs(self, subject: str, area: str) -> bool:
+        """This node airs `subject` (an emergency, or a broadcast id) in `area` now."""
+        on = self.engine.main_of(area)
+        return on is not None and (on == subject or on in self.emergency.broadcasts(subject))
+
+    def _on_air(self, area: str) -> tuple[str | None, str | None]:
+        if area not in self.tree:
+            return None, None
+        now = self.engine.on_air(area)
+        return now["broadcast"], now["title"]  # type: ignore[return-value]
 
     async def _start_emergency(self) -> None:
         svc = self.emergency

@@ -255,6 +255,8 @@ def document() -> S:
         },
         "/api/v1/broadcasts/{id}": {
             "parameters": [ID_PARAM],
+            "get": {"summary": say("openapi.broadcast"), **secured,
+                    "responses": responses(*READ, 404)},
             "delete": {"summary": say("openapi.broadcast_stop"), **secured,
                        "responses": responses(204, 401, 403, 404)},
         },
@@ -288,6 +290,12 @@ def document() -> S:
     from loa.web.api import archive as api_archive
 
     paths.update(api_archive.openapi_paths())
+    from loa.web.api import delivery as api_delivery
+
+    paths.update(api_delivery.openapi_paths())
+    from loa.web.api import geo as api_geo
+
+    paths.update(api_geo.openapi_paths())
     return {
         "openapi": "3.0.3",
         "info": {"title": "Loa API", "version": "1",

@@ -64,6 +64,8 @@ from loa.relay.agent.commands import (
     MISSING_ON,
     NO_DISPLAY,
     Volume,
+    command_broadcast,
+    config_broadcast,
     config_emergency,
     gain_of,
     is_volume,
@@ -81,6 +83,8 @@ from loa.streamer.messages import say
 log = logging.getLogger("loa.agent")
 
 STALLED_AFTER = 10.0  # seconds playing without audio before the `stream_stalled` fault
+HEARD_WITHIN = 1.0  # seconds since the last real audio frame for the horns to count as playing
+REPORT_EVERY = 0.25  # seconds between two looks at what the device plays (proof of delivery)
 
 
 # ---- the agent ---------------------------------------------------------------------------------
@@ -115,6 +119,7 @@ class Agent:
         self._tasks: set[asyncio.Task[None]] = set()
         self._power_gen = 0
         self.fm: dict[str, Any] = {"on": False}  # the tuner: while on, the stream is not played
+        self.hearing: str | None = None  # the emergency it was told it hears (proof of delivery)
 
     @property
     def volume(self) -> int:
@@ -143,6 +148,7 @@ class Agent:
                                    on_config=self.on_config, capabilities=self.capabilities())
         self._apply_gain()
         client_task = asyncio.get_running_loop().create_task(self.client.run())
+        self._spawn(self._report_playing())
         stop_task = asyncio.get_running_loop().create_task(stop.wait())
         code = 0
         try:
@@ -175,6 +181,7 @@ class Agent:
         self.vol.configure(config.get("volume"))
         if (em := config_emergency(config)) is not None:
             self._emergency(*em)
+            self.hearing = config_broadcast(config)
         streams = config.get("streams")
         changed = self.pipeline.set_streams(streams if isinstance(streams, list) else [])
         if self.playing and (changed or not self.pipeline.running) \
@@ -224,6 +231,7 @@ class Agent:
             if not isinstance(on, bool):
                 return False, MISSING_ON
             self._emergency(on, a.get("volume"))
+            self.hearing = command_broadcast(a)
         elif name == "fm" and self.opts.fm_receiver:
             # No tuner in the reference agent: it mutes the stream while "tuned" and reports
             # the tuner's state; a real receiver plays the station and reports its signal.
@@ -300,6 +308,20 @@ class Agent:
                 and self.player.playing:
             return "playing"
         return "idle"
+
+    def audible(self) -> bool:
+        """The stream's audio reaches the horns: playing, amplifier on, real audio just now."""
+        return self.state() == "playing" and self.player.gain > 0 \
+            and time.monotonic() - self.player.last_audio < HEARD_WITHIN
+
+    async def _report_playing(self) -> None:
+        """What the device plays, told to the node when it changes (`playing`)."""
+        assert self.client is not None
+        while True:
+            state = "playing" if self.audible() else "off" if not self.power_on else "idle"
+            with suppress(Exception):  # the emergency it was told of, else its stream's broadcast
+                await self.client.report_playing(self.hearing or self.client.on_air, state)
+            await asyncio.sleep(REPORT_EVERY)
 
     def stream_figures(self) -> dict[str, Any]:
         pipe = self.pipeline

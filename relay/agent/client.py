@@ -40,6 +40,8 @@ from loa.relay.devices.protocol import (
     ack_message,
     heartbeat_message,
     hello_message,
+    parse_onair,
+    playing_message,
     same_version,
 )
 from loa.streamer.errors import LoaError
@@ -155,6 +157,7 @@ class DeviceClient:
                  session: aiohttp.ClientSession, firmware: str,
                  telemetry: Callable[[], dict[str, Any]], on_command: CommandHandler,
                  on_config: ConfigHandler | None = None,
+                 on_onair: Callable[[str | None], Awaitable[None]] | None = None,
                  capabilities: dict[str, Any] | None = None, own_heartbeat: bool = True,
                  backoff_min: float = 1.0, backoff_max: float = 60.0,
                  hello_timeout: float = 15.0) -> None:
@@ -167,6 +170,7 @@ class DeviceClient:
         self.telemetry = telemetry
         self.on_command = on_command
         self.on_config = on_config
+        self.on_onair = on_onair
         self.capabilities = capabilities
         self.own_heartbeat = own_heartbeat
         self.backoff_min = backoff_min
@@ -184,6 +188,9 @@ class DeviceClient:
         self.attempted = asyncio.Event()  # set once the first connection was welcomed or failed
         self._stopping = asyncio.Event()
         self._send_lock = asyncio.Lock()
+        self.on_air: str | None = None  # the broadcast its area's stream carries (`onair`)
+        self._playing: tuple[str | None, str] | None = None  # what it plays (proof of delivery)
+        self._playing_sent: tuple[str | None, str] | None = None  # ... as the node last heard
 
     # ---- lifecycle -----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -255,6 +262,10 @@ class DeviceClient:
                 return ws.close_code
             await self._welcome(welcome)
             self.connected = True
+            self._playing_sent = None  # a new connection hears it again ...
+            self.on_air = None  # ... and tells what the stream carries when it hears it
+            if self._playing is not None:
+                await self.report_playing(*self._playing)
             if self.own_heartbeat:
                 hb = asyncio.get_running_loop().create_task(self._heartbeats())
             async for msg in ws:
@@ -325,6 +336,10 @@ class DeviceClient:
                         self.device, str(msg.get("error"))[:300])
         elif kind == "welcome":
             await self._welcome(msg)
+        elif kind == "onair":
+            self.on_air = parse_onair(msg)
+            if self.on_onair is not None:
+                await self.on_onair(self.on_air)
         # unknown types: ignored (a newer server)
 
     async def _command(self, msg: dict[str, Any]) -> None:
@@ -374,6 +389,14 @@ class DeviceClient:
         except (aiohttp.ClientError, ConnectionError, RuntimeError):
             return False
         return True
+
+    async def report_playing(self, broadcast: str | None, state: str) -> None:
+        """Tell the node what the device plays (the broadcast it hears, its stream state) when
+        that changed since the node last heard it; again on every new connection."""
+        self._playing = (broadcast, state)
+        if self.connected and self._playing != self._playing_sent \
+                and await self._send(playing_message(broadcast, state)):
+            self._playing_sent = (broadcast, state)
 
     # ---- heartbeats ----------------------------------------------------------------------------
     async def send_heartbeat(self) -> bool:

@@ -84,6 +84,19 @@ def config_emergency(config: dict[str, Any]) -> tuple[bool, Any] | None:
     return None
 
 
+def config_broadcast(config: dict[str, Any]) -> str | None:
+    """The emergency a `welcome`/`config` says the device hears (`emergency.broadcast`)."""
+    em = config.get("emergency")
+    bid = em.get("broadcast") if isinstance(em, dict) and em.get("on") else None
+    return bid if isinstance(bid, str) and bid else None
+
+
+def command_broadcast(args: dict[str, Any]) -> str | None:
+    """The emergency an `emergency` command turns on (None: off, or unnamed)."""
+    bid = args.get("broadcast")
+    return bid if args.get("on") is True and isinstance(bid, str) and bid else None
+
+
 def stream_figures(url: str, fig: dict[str, Any], play: dict[str, Any]) -> dict[str, Any]:
     """A heartbeat's `stream`: the input's figures (`fig`: loss, jitter) and the player's
     (`play`: latency) since the last one, clamped and rounded as the protocol carries them."""

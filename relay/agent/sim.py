@@ -1,7 +1,7 @@
 """`loa sim`: a fleet of light simulated devices in one process, against a real node.
 
-    loa sim --server URL --speakers N --boards M [--decode K] [--token T | env LOA_TOKEN]
-            [--area CODE] [--seconds S]
+    loa sim --server URL --speakers N --boards M [--decode K] [--broken B]
+            [--token T | env LOA_TOKEN] [--area CODE] [--seconds S]
 
 Fleet. With an admin bearer token the simulator registers the devices it needs through the REST
 API (`POST /api/v1/devices`, spread round-robin over the leaf areas under `--area`, or under the
@@ -16,6 +16,10 @@ play, stop, volume, power, reboot and emergency; boards accept display, emergenc
 reboot and refuse audio commands, like the board page. One task sends every heartbeat of the
 fleet, spread evenly over the interval the server gives (N devices: one every interval/N s), so
 10,000 devices on a 60 s interval make a steady 167 messages per second, never a burst.
+
+Proof of delivery. Loudspeakers report what they play (`playing`: the emergency they were told
+of, else the broadcast their stream carries, from `onair`); the last B (`--broken`) have a broken
+amplifier: connected, they ack commands but report `idle` (and the `amp_fault` fault).
 
 Audio. The first K loudspeakers also play their area's HTTP Opus stream through the reference
 agent's pipeline (relay/agent/pipeline.py) into a null sink: real decoding, real loss/jitter
@@ -126,10 +130,13 @@ def save_fleet(path: Path, server: str, entries: list[FleetEntry]) -> None:
 class SimDevice:
     """A light loudspeaker or board: protocol only, unless it decodes audio."""
 
-    def __init__(self, fleet: Fleet, entry: FleetEntry, decode: bool) -> None:
+    def __init__(self, fleet: Fleet, entry: FleetEntry, decode: bool,
+                 broken: bool = False) -> None:
         self.fleet = fleet
         self.entry = entry
         self.board = entry.kind == "board"
+        self.broken = broken and not self.board  # amplifier fault: connected, acks, silent
+        self.hearing: str | None = None  # the emergency it was told it hears
         self.vol = Volume(80)
         self.power = True
         self.playing = not self.board
@@ -143,7 +150,7 @@ class SimDevice:
         self.client = DeviceClient(
             fleet.server, entry.id, entry.key, session=fleet.session, firmware=FIRMWARE,
             telemetry=self.telemetry, on_command=self.on_command, on_config=self.on_config,
-            capabilities=BOARD_CAPS if self.board else SPEAKER_CAPS, own_heartbeat=False)
+            on_onair=self.on_onair, capabilities=BOARD_CAPS if self.board else SPEAKER_CAPS, own_heartbeat=False)
         self.task: asyncio.Task[int] | None = None
 
     def start(self) -> None:
@@ -164,10 +171,36 @@ class SimDevice:
         p = self.player
         return p is not None and p.playing and time.monotonic() - p.last_audio < 2.0
 
+    def play_state(self) -> str:
+        """What its horns do (the `playing` report): a decoding device plays when its decoder
+        hears the stream; the others as their simulated state says."""
+        if not self.power:
+            return "off"
+        if self.board or self.broken or not self.playing or self.vol.level == 0:
+            return "idle"
+        if self.player is not None:
+            return "playing" if self.hears_audio() and self.player.gain > 0 else "idle"
+        return "playing"
+
+    def report(self) -> None:
+        """Tell the node what it plays now (soon: after the ack of the command that changed it)."""
+        if not self.board:
+            loop = asyncio.get_running_loop()
+            loop.call_soon(lambda: self.fleet.spawn(
+                self.client.report_playing(self.heard(), self.play_state())))
+
+    def heard(self) -> str | None:
+        """The emergency it was told of, else the broadcast its stream carries."""
+        return self.hearing or self.client.on_air
+
+    async def on_onair(self, _bid: str | None) -> None:
+        self.report()
+
     async def on_config(self, config: dict[str, Any]) -> None:
         self.vol.configure(config.get("volume"))
         if (em := commands.config_emergency(config)) is not None:
             self._emergency(*em)
+            self.hearing = commands.config_broadcast(config)
         disp = config.get("display")
         if self.board and isinstance(disp, dict) and isinstance(disp.get("items"), list):
             self.display_items = [str(i.get("id")) for i in disp["items"]
@@ -178,6 +211,7 @@ class SimDevice:
             if self.playing and (changed or not self.pipeline.running):
                 self.pipeline.start()
         self._gain()
+        self.report()
 
     def _gain(self) -> None:
         if self.player is not None:
@@ -219,6 +253,7 @@ class SimDevice:
             if not isinstance(a.get("on"), bool):
                 return False, commands.MISSING_ON
             self._emergency(a["on"], a.get("volume"))
+            self.hearing = commands.command_broadcast(a)
         elif name == "display":
             items = a.get("items")
             if a.get("clear"):
@@ -233,6 +268,7 @@ class SimDevice:
         else:
             return False, commands.unsupported(name)
         self._gain()
+        self.report()
         return True, None
 
     def telemetry(self) -> dict[str, Any]:
@@ -242,7 +278,7 @@ class SimDevice:
                              "network": {"type": "4g", "signal_dbm": round(self.signal, 1)},
                              "firmware": FIRMWARE,
                              "power": {"amp": self.power, "relays": [self.power, self.power]},
-                             "faults": []}
+                             "faults": ["amp_fault"] if self.broken else []}
         config = self.client.config or {}
         streams = config.get("streams") or []
         if self.pipeline is not None and self.pipeline.input is not None:
@@ -264,7 +300,8 @@ class Fleet:
 
     def __init__(self, server: str, token: str | None, speakers: int, boards: int = 0,
                  decode: int = 0, area: str | None = None, *, fleet_file: Path | None = None,
-                 status_every: float = 10.0, connect_batch: int = CONNECT_BATCH) -> None:
+                 status_every: float = 10.0, connect_batch: int = CONNECT_BATCH,
+                 broken: int = 0) -> None:
         if speakers < 0 or boards < 0 or decode < 0:
             raise ValueError(say("sim.negative_counts"))
         ws_url(server)  # validates the URL
@@ -273,6 +310,7 @@ class Fleet:
         self.speakers = speakers
         self.boards = boards
         self.decode = min(decode, speakers)
+        self.broken = max(0, min(broken, speakers - self.decode))  # the last speakers: amp fault
         self.area = area
         self.fleet_file = fleet_file or Path(FLEET_FILE)
         self.status_every = status_every
@@ -284,6 +322,12 @@ class Fleet:
         self.registered = 0  # devices registered by this run
         self.reused = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self._spawned: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Any) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._spawned.add(t)
+        t.add_done_callback(self._spawned.discard)
 
     # ---- registration ----
     async def _leaf_areas(self) -> list[str]:
@@ -394,9 +438,13 @@ class Fleet:
             raise
         speakers = [e for e in self.entries if e.kind == "loudspeaker"]
         decoding = {e.id for e in speakers[: self.decode]}
-        self.devices = [SimDevice(self, e, e.id in decoding) for e in self.entries]
+        broken = {e.id for e in speakers[len(speakers) - self.broken:]} if self.broken else set()
+        self.devices = [SimDevice(self, e, e.id in decoding, e.id in broken)
+                        for e in self.entries]
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._connect()))
+        if self.decode:
+            self._tasks.append(loop.create_task(self._decoder_reports()))
         self._tasks.append(loop.create_task(self._heartbeats()))
         if self.status_every > 0:
             self._tasks.append(loop.create_task(self._status()))
@@ -443,6 +491,15 @@ class Fleet:
                                       d.entry.id)
             await asyncio.sleep(max(0.01, t0 + slot * step - loop.time()))
 
+    async def _decoder_reports(self) -> None:
+        """Decoding devices play what their decoder hears: told when it changes."""
+        while True:
+            for d in self.decoders():
+                if d.client.connected:
+                    with suppress(Exception):
+                        await d.client.report_playing(d.heard(), d.play_state())
+            await asyncio.sleep(0.25)
+
     def counts(self) -> dict[str, Any]:
         c = {"devices": len(self.devices),
              "connected": sum(d.client.connected for d in self.devices),
@@ -483,6 +540,8 @@ class Fleet:
             with suppress(asyncio.CancelledError):
                 await t
         self._tasks.clear()
+        for t in list(self._spawned):
+            t.cancel()
         await asyncio.gather(*(d.stop() for d in self.devices), return_exceptions=True)
         tasks = [d.task for d in self.devices if d.task is not None]
         if tasks:
@@ -505,13 +564,13 @@ def recent_audio(dev: SimDevice) -> np.ndarray:
 async def run_fleet(server_url: str, token: str | None, speakers: int, boards: int,
                     decode: int, area: str | None, stop_event: asyncio.Event, *,
                     fleet_file: Path | None = None, status_every: float = 10.0,
-                    duration: float | None = None, summary: dict[str, Any] | None = None
-                    ) -> int:
+                    duration: float | None = None, summary: dict[str, Any] | None = None,
+                    broken: int = 0) -> int:
     """Run a fleet until `stop_event` is set (or `duration` seconds after it is ready); 0 when
     it ran, 1 when it could not be prepared (the reason is printed). `summary`, when given,
     receives the final counts and what the process spent while the fleet ran."""
     fleet = Fleet(server_url, token, speakers, boards, decode, area, fleet_file=fleet_file,
-                  status_every=status_every)
+                  status_every=status_every, broken=broken)
     try:
         await fleet.start()
     except (ApiFailure, aiohttp.ClientError, OSError) as e:
@@ -565,7 +624,7 @@ async def _main(args: argparse.Namespace, token: str | None) -> int:
     code = await run_fleet(args.server, token, int(args.speakers), int(args.boards),
                            int(args.decode or 0), args.area, stop, fleet_file=fleet_file,
                            duration=float(args.seconds) if args.seconds else None,
-                           summary=summary)
+                           summary=summary, broken=int(getattr(args, "broken", 0) or 0))
     if code == 0:
         print(json.dumps({"sim": summary}, ensure_ascii=False), flush=True)
     return code

@@ -58,6 +58,7 @@ from loa.relay.devices.protocol import (
     DEVICE_STATUSES,
     FINAL,
     PROTOCOL_VERSION,
+    REPORTS,
     STATEFUL_COMMANDS,
     ProtocolError,
     command_message,
@@ -70,6 +71,7 @@ from loa.relay.devices.protocol import (
     parse_heartbeat,
     parse_hello,
     parse_message,
+    parse_report,
 )
 from loa.relay.devices.records import new_id, new_key, public_device, same_hash, secret_hash
 from loa.relay.devices.streams import StreamOffer, stream_urls
@@ -214,6 +216,8 @@ class DeviceManager:
         self.devices: dict[str, Device] = {}
         self.connected = 0
         self.ack_listeners: list[Callable[[Record, float], None]] = []  # (command, loop time)
+        # `playing` and `shown` reports (device, parse_report's dict): proof (proof.py)
+        self.report_listeners: list[Callable[[Device, dict[str, Any]], None]] = []
         self._devw = Writer(store, "device")
         self._cmdw = Writer(store, "command")
         self._heap: list[tuple[float, int, str, str]] = []  # due, seq, device, command id
@@ -499,6 +503,10 @@ class DeviceManager:
                 await self._heartbeat(dev, parse_heartbeat(msg))
             elif kind == "ack":
                 self._ack(dev, *parse_ack(msg))
+            elif kind in REPORTS:
+                report = parse_report(msg)
+                for fn in self.report_listeners:
+                    fn(dev, report)
             else:
                 raise ProtocolError(say("protocol.unknown_type", kind=kind),
                                     "type")
@@ -613,6 +621,14 @@ class DeviceManager:
         except Exception:  # the connection is going away: its handler will notice
             return False
         return True
+
+    async def tell(self, devices: list[Device], data: bytes) -> int:
+        """A notice (no id, no ack, not kept) to those of `devices` connected here: sent."""
+        sent = 0
+        for dev in devices:
+            if dev.link is not None and await self._send(dev, data):
+                sent += 1
+        return sent
 
     async def _try_send(self, dev: Device, rec: Record, data: bytes | None = None) -> None:
         """Send a queued/sent command once more and schedule its retry."""

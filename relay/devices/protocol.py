@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
@@ -360,7 +361,7 @@ def emergency_state(args: dict[str, Any], previous: dict[str, Any] | None, now: 
     if not args["on"]:
         return None
     since = previous["since"] if previous and previous.get("on") else round(now, 3)
-    return {"on": True, **{k: args[k] for k in ("text", "volume") if k in args},
+    return {"on": True, **{k: args[k] for k in ("text", "volume", "broadcast") if k in args},
             "since": since}
 
 
@@ -425,12 +426,14 @@ def validate_command(command: Any, args: Any) -> dict[str, Any]:
         if len(encode(out)) > MAX_DISPLAY_BYTES:
             raise ProtocolError(say("protocol.display_too_large", limit=MAX_DISPLAY_BYTES), "args")
     elif command == "emergency":
-        _no_extra(a, ("on", "volume", "text"), "args")
+        _no_extra(a, ("on", "volume", "text", "broadcast"), "args")
         out["on"] = _bool(a, "on", path="args.", required=True)
         if (vol := _int(a, "volume", 0, 100, path="args.")) is not None:
             out["volume"] = vol
         if (text := _str(a, "text", MAX_TEXT, path="args.")) is not None:
             out["text"] = text
+        if (bid := _str(a, "broadcast", MAX_ID, path="args.")) is not None:
+            out["broadcast"] = bid  # what the device hears: proof of delivery, below
     elif command == "fm":
         out = validate_fm(a)
     return out
@@ -632,3 +635,59 @@ def parse_fm_telemetry(v: Any) -> dict[str, Any]:
     if (rssi := _num(f, "rssi_dbm", -150, 20, path="fm.")) is not None:
         out["rssi_dbm"] = rssi
     return out
+# ---- proof of delivery (issue 13): what a loudspeaker hears ---------------------------------------
+# The node tells a loudspeaker what its area's stream carries (`onair`, the stream's metadata on
+# the control channel: in answer to its first `playing` report, then whenever it changes) and the
+# `emergency` command names the emergency it turns on (`args.broadcast`, kept in
+# `config.emergency`). The device says what it plays whenever that changes: a `playing` message
+# with the broadcast it hears (the emergency, else the stream's broadcast; null: nothing) and its
+# stream state ("playing": the stream's audio reaches the horns; "idle": it does not, e.g.
+# stopped, stalled or a broken amplifier; "off": powered off). The node keeps it as proof
+# (relay/devices/proof.py).
+def onair_message(broadcast: str | None, title: str | None) -> bytes:
+    """What the area's stream carries now (node -> loudspeaker)."""
+    return encode({"v": PROTOCOL_VERSION, "type": "onair", "broadcast": broadcast,
+                   "title": (title or "")[:MAX_TITLE] or None})
+
+
+def parse_onair(msg: dict[str, Any]) -> str | None:
+    """The broadcast of an `onair` message (None: silence or unreadable)."""
+    bid = msg.get("broadcast")
+    return bid if isinstance(bid, str) and 0 < len(bid) <= MAX_ID else None
+
+
+def playing_message(broadcast: str | None, state: str) -> dict[str, Any]:
+    """What a device plays now (`parse_playing`)."""
+    return {"v": PROTOCOL_VERSION, "type": "playing", "broadcast": broadcast, "state": state,
+            "at": round(time.time(), 3)}
+
+
+def parse_playing(msg: dict[str, Any]) -> tuple[str | None, str]:
+    """(broadcast or None, state) of a `playing` message; ProtocolError naming the bad field."""
+    bid = _str(msg, "broadcast", MAX_ID)
+    state = _str(msg, "state", 16, required=True, choices=STATES)
+    assert state is not None
+    if bid == "":
+        raise ProtocolError(say("protocol.not_string", name="broadcast", limit=MAX_ID),
+                            "broadcast")
+    return bid, state
+
+
+# Boards: proof of play. The board says which item of its display content is on screen: when it
+# comes on (`at` = `since`), while it stays (with every heartbeat) and when it goes off
+# (`shown`, sent by the board page, web/static/board.js).
+REPORTS = ("playing", "shown")  # device -> node reports of proof (relay/devices/proof.py)
+
+
+def parse_report(msg: dict[str, Any]) -> dict[str, Any]:
+    """A `playing` or `shown` message, validated: {"type", ...its fields}."""
+    if msg["type"] == "playing":
+        bid, state = parse_playing(msg)
+        return {"type": "playing", "broadcast": bid, "state": state}
+    item = _str(msg, "item", 64, required=True)
+    region = _str(msg, "region", 8, choices=REGIONS) or "main"
+    since = _epoch(msg, "since", "")
+    at = _epoch(msg, "at", "")
+    if not item or since is None or at is None or at < since:
+        raise ProtocolError(say("protocol.bad_shown"), "since")
+    return {"type": "shown", "item": item, "region": region, "since": since, "at": at}

@@ -64,7 +64,6 @@ import functools
 import logging
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,7 +96,6 @@ MAX_BOARD_TEXT = 2000  # the device protocol's limit for `emergency.text`
 MAX_TITLE = 200
 ATTENTION_TONES = (800.0, 1000.0)
 ATTENTION_STEP = 0.25  # seconds per tone
-MAX_ACKED_BATCHES = 256
 
 
 @dataclass
@@ -295,9 +293,6 @@ class EmergencyService:
         self._covered: dict[str, set[str]] = {}  # eid -> areas its targets cover
         self._winners: dict[str, str] = {}  # area -> the emergency its devices show
         self._batches: dict[str, str] = {}  # device command batch -> the emergency it shows
-        # batch -> devices that acknowledged it; kept apart from `_batches` because a connected
-        # device may ack before `issue` returns the batch id (bounded: emergency batches only)
-        self._acked: OrderedDict[str, set[str]] = OrderedDict()
         self._timers: dict[str, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._lock = asyncio.Lock()
@@ -371,24 +366,10 @@ class EmergencyService:
         local = self._local.get(eid)
         return (out | {local}) if local else out
 
-    def acknowledged(self, batch: str, device: str) -> None:
-        """A device acknowledged an `emergency` command of `batch`."""
-        self._acked.setdefault(batch, set()).add(device)
-        while len(self._acked) > MAX_ACKED_BATCHES:
-            self._acked.popitem(last=False)
-
     def emergency_of(self, batch: str) -> str | None:
         """The active emergency a device command batch turned on."""
         eid = self._batches.get(batch)
         return eid if eid in self.active else None
-
-    def acked(self, eid: str) -> set[str]:
-        """The devices that acknowledged showing the emergency (this node's)."""
-        out: set[str] = set()
-        for batch, e in self._batches.items():
-            if e == eid:
-                out |= self._acked.get(batch, set())
-        return out
 
     # ---- content -----------------------------------------------------------------------------
     def _attention(self, spec: Record) -> Source:
@@ -644,7 +625,6 @@ class EmergencyService:
         self._covered.pop(eid, None)
         for batch in [b for b, e in self._batches.items() if e == eid]:
             del self._batches[batch]
-            self._acked.pop(batch, None)
         rec = await self.store.get(KIND, eid)
         changed = False
         if rec is not None and rec.get("status") == "active":
@@ -711,7 +691,9 @@ class EmergencyService:
                 ttl = None
             else:
                 rec = self.active[eid]
-                args = {"on": True, "volume": int(rec["volume"]), "text": rec["text"]}
+                # `broadcast`: the devices report what they hear by it (proof of delivery)
+                args = {"on": True, "volume": int(rec["volume"]), "text": rec["text"],
+                        "broadcast": eid}
                 ttl = None if rec.get("duration") is None or rec.get("live") else \
                     float(rec["duration"]) + 60.0
             try:

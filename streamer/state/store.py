@@ -87,6 +87,9 @@ KINDS: Mapping[str, Kind] = {
     "rtp_group": Kind(indexed=("block",), unique=("block",)),  # id = area: its multicast block
     "capture": Kind(indexed=("area", "status")),  # scheduled captures of inputs (web/captures.py)
     "area_settings": Kind(),  # id = area: the sections its people set (streamer/areasettings.py)
+    # proof of delivery (relay/devices/proof.py): id = "<emergency>.<device>", what it played
+    "delivery": Kind(indexed=("subject",)),
+    "shown": Kind(indexed=("area", "day")),  # boards' proof of play: per board, item and day
 }
 
 LOGS = ("audit", "asrun")

@@ -77,7 +77,8 @@ async def test_preempts_targets_in_one_tick_devices_follow_and_it_ends_by_itself
         assert rec is not None and rec["status"] == "active" and rec["areas"] == [X1, X2]
         assert em["devices"] == {"devices": 2, "online": 2}
         on = await board.command("emergency")
-        assert on["args"] == {"on": True, "volume": 90, "text": "BÃO SỐ 5: sơ tán ngay"}
+        assert on["args"] == {"on": True, "volume": 90, "text": "BÃO SỐ 5: sơ tán ngay",
+                              "broadcast": em["id"]}  # named: the proof of delivery names it
         assert (await speaker.command("emergency"))["args"]["on"] is True
         srv.run(3.5)
         await settle()
@@ -214,7 +215,8 @@ async def test_a_lower_authority_waits_behind_the_province(tmp_path: Path) -> No
         assert status == 200
         # X1 now airs the district's emergency from its start, and its board shows it.
         assert (await board.command("emergency"))["args"] == {"on": True, "volume": 100,
-                                                              "text": "HUYỆN"}
+                                                              "text": "HUYỆN",
+                                                              "broadcast": dist["id"]}
         srv.run(0.1)
         after = next(c for c in node.engine.changes if c.area == X1
                      and c.after == dist["broadcast"])

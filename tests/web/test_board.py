@@ -530,3 +530,47 @@ async def test_board_page_is_static_and_safe(api: Api) -> None:
         assert r.status == 304
     r = await api.client.get("/board/../app.py")
     assert r.status == 404
+
+
+async def test_board_reports_proof_of_play_kept_per_item_and_day(api: Api,
+                                                                 browser: Browser) -> None:
+    board, key = await register(api)
+    ctx, page = await new_page(browser)
+    await page.goto(str(api.client.make_url(f"/board?device={board}&key={key}")))
+    await connected(api, board)
+    status, _ = await api.call("xa11", "POST", f"/api/v1/devices/{board}/commands", json={
+        "command": "display", "args": {"items": [
+            {"id": "tiem-chung", "type": "text", "text": NOTICE, "duration_s": 1},
+            {"id": "ve-sinh", "type": "text", "text": TICKER, "duration_s": 1}]}})
+    assert status == 202
+    active = page.locator("#region-main .item.active")
+    for item in ("tiem-chung", "ve-sinh", "tiem-chung", "ve-sinh"):
+        await expect(active).to_have_attribute("data-id", item)
+
+    async def report() -> dict[str, Any]:
+        status, body = await api.call("xa11", "GET", "/api/v1/reports/shown")
+        assert status == 200, body
+        return {r["item"]: r for r in body["items"]}
+
+    async def both_twice() -> bool:
+        got = await report()
+        return all(got.get(i, {}).get("shows", 0) >= 2 for i in ("tiem-chung", "ve-sinh"))
+
+    await eventually(both_twice, timeout=15.0)
+    got = await report()
+    today = dt.datetime.now(VN).date().isoformat()
+    for r in got.values():
+        assert r["device"] == board and r["name"] == "Bảng tin chợ xã" and r["day"] == today
+        assert r["area"] == "T01-H1-X1" and r["region"] == "main"
+        assert r["last"] > r["first"] and 0.5 < r["seconds"] <= r["last"] - r["first"] + 0.01
+    # the CSV holds the same rows; another commune may not read this one's boards
+    status, text = await api.call("xa11", "GET", "/api/v1/reports/shown?format=csv")
+    assert status == 200 and text.splitlines()[0].startswith("device,name,area")
+    assert sum(1 for line in text.splitlines() if f"{board}," in line) == 2
+    status, other = await api.call("xa12", "GET", "/api/v1/reports/shown")
+    assert status == 200 and other["items"] == []
+    status, _ = await api.call("xa12", "GET", "/api/v1/reports/shown?area=T01-H1-X1")
+    assert status == 403
+    status, bad = await api.call("xa11", "GET", "/api/v1/reports/shown?from=05/12/2026")
+    assert status == 422 and bad["field"] == "from"
+    await ctx.close()

@@ -102,10 +102,18 @@ async def test_programme_now_to_two_communes_heard_then_preempted_in_one(tmp_pat
         noon = page.locator("li.broadcast:has(> strong:text-is('Bản tin trưa'))")
         for code in (X1, X2):
             await expect(noon.locator(f"li[data-code={code}]")).to_contain_text("đang được nghe")
+        # a loudspeaker of X1 reports playing it: proof of delivery under the broadcast
+        speaker = await srv.device(X1)
+        (noon_rec,) = [r for r in await srv.node.store.find("broadcast", status="on-air")
+                       if r["title"] == "Bản tin trưa"]
+        assert speaker.ws is not None
+        await speaker.ws.send_str(json.dumps({"v": 1, "type": "playing",
+                                              "broadcast": noon_rec["id"], "state": "playing"}))
 
         status, body = await srv.call("huyen1", "POST", "/api/v1/broadcasts", json={
             "programme": storm, "targets": [X1], "class": "priority"})
         assert status == 201, body
+        await expect(noon.locator("p.played")).to_contain_text("Đã phát tới 1/1 cụm loa")
         await expect(noon.locator(f"li[data-code={X1}]")).to_have_text(
             f"Xã 1 huyện 1 bị chặn bởi Tin bão {XSS} (ưu tiên, Huyện 1)")
         await expect(noon.locator(f"li[data-code={X2}]")).to_contain_text("đang được nghe")

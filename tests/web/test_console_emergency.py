@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -185,6 +186,16 @@ async def test_province_runs_a_tts_emergency_to_two_communes_and_stops_it(tmp_pa
             await expect(page.locator(".em-boards strong")).to_have_text("0/0")
             await expect(page.locator(".em-areas li")).to_have_text(["Xã 1 huyện 1",
                                                                      "Xã 2 huyện 1"])
+            # proof of delivery: one loudspeaker reports playing it, the other is named
+            assert speakers[0].ws is not None
+            await speakers[0].ws.send_str(json.dumps({"v": 1, "type": "playing",
+                                                      "broadcast": em["id"],
+                                                      "state": "playing"}))
+            await expect(page.locator(".em-played")).to_have_text("Đã phát tới 1/2 cụm loa")
+            await expect(page.locator(".em-missing tbody td")).to_have_text([
+                f"loudspeaker {X2}", "Xã 2 huyện 1", "đã nhận lệnh, chưa báo đang phát"])
+            await expect(page.locator(".em-delivery a.csv")).to_have_attribute(
+                "href", f"/api/v1/reports/delivery?emergency={em['id']}&format=csv")
             await shots(page, "emergency-live")
             assert await axe_violations(page) == []
             # stop: what was preempted resumes

@@ -176,7 +176,7 @@ async def test_pushed_bulletin_airs_and_the_signed_delivery_report_names_the_are
     assert H1_LEAVES <= reached and not reached & {"T01-H2-X1", "T01-H2-X2", "T01-H2-X3"}
     x1 = next(a for a in report["areas"] if a["code"] == "T01-H1-X1")
     assert x1["name"] == "Xã 1 huyện 1" and 0.5 < x1["seconds"] < 10, x1
-    assert report["loudspeakers"] == {"total": 0, "online": 0, "acked": None}
+    assert report["loudspeakers"] == {"total": 0, "online": 0, "acked": None, "played": None}
     assert central.pushes >= 3 and central.bad_signatures == 0  # the first push was retried
     async with asyncio.timeout(WAIT):  # the outbox marks it once the webhook answered
         while (rec := await srv.node.store.get("exchange_out", f"{PEER}:delivery:B-1")

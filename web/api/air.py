@@ -27,6 +27,7 @@ from loa.streamer.schedule import (
 )
 from loa.streamer.state.store import Record
 from loa.streamer.station import ContentError
+from loa.web.api import delivery
 from loa.web.api.core import node_of
 from loa.web.auth import Principal
 from loa.web.events import hub_of
@@ -435,6 +436,18 @@ async def broadcast_list(request: web.Request) -> web.Response:
             for r in await node.store.find("broadcast", status="on-air")
             if any(p.related(node.tree, t) for t in r["targets"])]
     return ok({"areas": areas, "broadcasts": live})
+
+
+@routes.get("/api/v1/broadcasts/{id}")
+async def broadcast_get(request: web.Request) -> web.Response:
+    """One broadcast (on air or ended) of the caller's concern, with its proof of delivery."""
+    p = principal(request)
+    p.require("read")
+    node = node_of(request)
+    rec = await node.store.get("broadcast", request.match_info["id"])
+    if rec is None or not delivery.concerns(node, p, rec):
+        raise ApiError(404, say("broadcast.unknown"))
+    return ok({**rec, "delivery": await delivery.summary(node, p, rec)})
 
 
 @routes.delete("/api/v1/broadcasts/{id}")

@@ -168,7 +168,7 @@ async def area_update(request: web.Request) -> web.Response:
 
 @routes.post("/api/v1/areas/import")
 async def area_import(request: web.Request) -> web.Response:
-    """CSV of the official administrative units list (code,name,level,parent_code); every new
+    """CSV of the official administrative units list (code,name,level,parent_code[,lat,lon]); every new
     area must hang below the caller's area. Every row is checked first and every problem
     reported (line, field, error); `dry_run=1` stops there and tells what would be imported.
     All or nothing."""
@@ -190,7 +190,7 @@ async def area_import(request: web.Request) -> web.Response:
     checked = await asyncio.to_thread(areaimport.check, text, known, inside)
     problems = [e.as_dict() for e in checked.problems[:areaimport.MAX_PROBLEMS]]
     rows = [{"line": r.line, "code": r.code, "name": r.name, "level": r.level,
-             "parent": r.parent} for r in checked.rows[:1000]]
+             "parent": r.parent, "lat": r.lat, "lon": r.lon} for r in checked.rows[:1000]]
     if dry_run:
         return ok({"valid": not checked.problems, "count": len(checked.rows), "rows": rows,
                    "problems": len(checked.problems), "errors": problems})
@@ -210,7 +210,7 @@ async def _add_all(request: web.Request, rows: list[areaimport.Row]) -> list[str
     added: list[str] = []
     try:
         for r in rows:  # parents first
-            added.append(node.tree.add(r.code, r.name, r.level, r.parent).code)
+            added.append(node.tree.add(r.code, r.name, r.level, r.parent, r.lat, r.lon).code)
         await node.store.put_many("area", [area_record(c, node.tree) for c in added])
     except BaseException:
         for code in reversed(added):

@@ -46,6 +46,7 @@ from loa.streamer.emergency.service import (
 from loa.streamer.messages import say
 from loa.streamer.programmes import MAX_GAP, MAX_REPEAT
 from loa.streamer.state.store import Record
+from loa.web.api.delivery import concerns, summary
 from loa.web.api.schema import CODE, ID_PARAM, READ, STR, WRITE, body, obj, responses
 from loa.web.auth import Forbidden, Principal
 from loa.web.events import HUB
@@ -84,14 +85,6 @@ def cap_status(e: capmod.CapError) -> int:
 def _require_right(p: Principal) -> None:
     if not p.emergency or not p.can("air"):
         raise ApiError(403, say("emergency.no_right"))
-
-
-def _concerns(node: Node, p: Principal, rec: Record) -> bool:
-    """The caller's area is concerned: a target lies in its subtree, or above it."""
-    tree = node.tree
-    if p.area not in tree:
-        return False
-    return any(p.related(tree, t) for t in rec.get("targets", []))
 
 
 def _public(rec: Record) -> Record:
@@ -221,14 +214,14 @@ async def emergency_list(request: web.Request) -> web.Response:
     if status not in ("active", "ended", "all"):
         raise ApiError(422, "status: active | ended | all", "status")
     rows = await service(request).records(None if status == "all" else status)
-    rows = [_public(r) for r in rows if _concerns(node, p, r)]
+    rows = [_public(r) for r in rows if concerns(node, p, r)]
     rows.sort(key=lambda r: r.get("created", 0), reverse=True)
     return ok({"emergencies": rows})
 
 
 async def _visible(request: web.Request, p: Principal) -> Record:
     rec = await service(request).get(request.match_info["id"])
-    if rec is None or not _concerns(request.app[NODE], p, rec):
+    if rec is None or not concerns(request.app[NODE], p, rec):
         raise ApiError(404, say("emergency.unknown"))
     return rec
 
@@ -241,13 +234,16 @@ async def emergency_get(request: web.Request) -> web.Response:
     out = _public(rec)
     node = request.app[NODE]
     out["on_air"] = [node.engine.on_air(a) for a in rec.get("areas", []) if a in node.tree]
-    out["reach"] = _reach(node, p, rec)
+    proofs = await node.delivery.proofs(rec["id"])
+    out["reach"] = _reach(node, p, rec, {d for d, r in proofs.items() if r.get("acked")})
+    out["delivery"] = await summary(node, p, rec, proofs)
     return ok(out)
 
 
-def _reach(node: Node, p: Principal, rec: Record) -> dict[str, Any]:
+def _reach(node: Node, p: Principal, rec: Record, acked: set[str]) -> dict[str, Any]:
     """Where the emergency stands in the caller's subtree: its leaf areas on air (this node's
-    broadcast of it), loudspeakers and boards that acknowledged it, of those there."""
+    broadcast of it), loudspeakers and boards that acknowledged it (on any node, kept in the
+    store: relay/devices/proof.py) while it is active, of those there."""
     tree = node.tree
     svc = node.emergency
 
@@ -259,7 +255,8 @@ def _reach(node: Node, p: Principal, rec: Record) -> dict[str, Any]:
     on_air = [a for a in leaves if bids and node.engine.on_air(a)["broadcast"] in bids]
     covered = {a for a in tree.covered([t for t in rec.get("targets", []) if t in tree])
                if mine(a)}
-    acked = svc.acked(rec["id"])
+    if rec.get("status") != "active":
+        acked = set()
     counts = {kind: {"acked": 0, "total": 0} for kind in DEVICE_KINDS}
     for d in node.devices.find(covered):
         c = counts.get(d.record.get("kind", ""))
@@ -331,34 +328,42 @@ async def alert_receive(request: web.Request) -> web.StreamResponse:
 
 
 def _tell_acks(app: web.Application) -> None:
-    """Devices acknowledging an emergency become `emergency_status` events (at most one per
-    emergency every STATUS_EVERY seconds: thousands of loudspeakers ack within a second) for the
-    clients its targets concern; they read the counts of their own subtree with GET."""
+    """Devices acknowledging an emergency or reporting that they play it become
+    `emergency_status` events (at most one per emergency every STATUS_EVERY seconds: thousands of
+    loudspeakers ack within a second) for the clients its targets concern; they read the counts
+    of their own subtree with GET."""
     node = app[NODE]
-    waiting: set[str] = set()  # batches with acks not told yet
+    waiting: set[str] = set()  # emergencies with news not told yet
 
-    def tell(batch: str) -> None:
-        waiting.discard(batch)
-        eid = node.emergency.emergency_of(batch)
-        rec = node.emergency.active.get(eid) if eid else None
+    def tell(eid: str) -> None:
+        waiting.discard(eid)
+        rec = node.emergency.active.get(eid)
         if rec is not None:
             app[HUB].publish("emergency_status", {"id": eid}, list(rec["targets"]))
 
+    def soon(eid: str | None) -> None:
+        if eid is not None and eid in node.emergency.active and eid not in waiting:
+            waiting.add(eid)
+            asyncio.get_running_loop().call_later(STATUS_EVERY, tell, eid)
+
     def on_ack(cmd: Record, _t: float) -> None:
         batch = cmd.get("batch")
-        if cmd.get("command") != "emergency" or cmd.get("status") != "acked" or not batch:
-            return
-        node.emergency.acknowledged(batch, cmd["device"])
-        if batch not in waiting:
-            waiting.add(batch)
-            asyncio.get_running_loop().call_later(STATUS_EVERY, tell, batch)
+        if cmd.get("command") == "emergency" and cmd.get("status") == "acked" and batch:
+            soon(node.emergency.emergency_of(batch))
+
+    def on_report(_dev: Any, report: Record) -> None:
+        if report["type"] == "playing":
+            soon(report["broadcast"])
 
     async def start(_app: web.Application) -> None:
         node.devices.ack_listeners.append(on_ack)
+        node.devices.report_listeners.append(on_report)
 
     async def stop(_app: web.Application) -> None:
         if on_ack in node.devices.ack_listeners:
             node.devices.ack_listeners.remove(on_ack)
+        if on_report in node.devices.report_listeners:
+            node.devices.report_listeners.remove(on_report)
 
     app.on_startup.append(start)
     app.on_cleanup.append(stop)

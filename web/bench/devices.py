@@ -24,6 +24,12 @@ is set (e.g. "700,10,1000"): with ~10,000 connections a full (generation 2) coll
 about a million aiohttp objects and pauses the loop for up to a second, and a fan-out that
 allocates 10,000 command records triggers one. The thresholds in use are part of the output.
 
+With `--proof`: then an emergency to the whole province (the media clock runs for this phase,
+so it is on air), every device acks its `emergency` command and reports `playing` it (the
+protocol's proof of delivery); `delivery_proof` gives the time from the request until
+`GET /api/v1/emergencies/{id}` says every loudspeaker played it (polled every 100 ms, so up to
+100 ms late), the 201's time, and the goal (10 s for 2,000 devices).
+
 Only the JSON object goes to stdout; progress goes to stderr.
 """
 
@@ -183,9 +189,14 @@ class FleetDevice(asyncio.Protocol):
                 else:
                     self._fail(RuntimeError(f"no welcome: {payload[:200]!r}"))
             elif b'"type":"command"' in payload:
-                cid = json.loads(payload)["id"]
+                msg = json.loads(payload)
+                cid = msg["id"]
                 self.send(b'{"v":1,"type":"ack","id":"' + cid.encode() + b'","ok":true}')
                 self.fleet.acks += 1
+                bid = msg["args"].get("broadcast") if msg["command"] == "emergency" else None
+                if bid:  # proof of delivery: the device plays the emergency it was told of
+                    self.send(json.dumps({"v": 1, "type": "playing", "broadcast": bid,
+                                          "state": "playing"}).encode())
         elif opcode == 0x8:
             self.send(payload[:2], 0x8)
             self.closed = True
@@ -256,7 +267,49 @@ def fleet_main(path: str) -> None:
 
 
 # ---- the server side -------------------------------------------------------------------------------
-async def _bench(n: int, seconds: float, heartbeat: float) -> dict[str, Any]:
+PROOF_GOAL_S = 10.0  # issue 13: delivery proof of an emergency to 2,000 devices within 10 s
+PROOF_POLL = 0.1
+
+
+async def _proof(http: ClientSession, base: str, headers: dict[str, str], n: int,
+                 tick: Any) -> dict[str, Any]:
+    """An emergency to the whole province; the time until its delivery proof is complete."""
+    from loa.streamer.clock import RealClock
+
+    loop = asyncio.get_running_loop()
+    clock = RealClock(tick)
+    clock.start()
+    try:
+        ts = loop.time()
+        async with http.post(base + "/api/v1/emergencies", headers=headers, json={
+                "targets": [ROOT], "content": {"text": "Đo thời gian xác nhận phát."},
+                "repeat": 10, "gap": 5}) as r:
+            body = await r.json()
+            if r.status != 201:
+                raise RuntimeError(f"emergency: {r.status} {body}")
+        api_s = loop.time() - ts
+        eid, played, total = body["id"], 0, 0
+        async with asyncio.timeout(WAIT_LIMIT):
+            while played < n:
+                async with http.get(f"{base}/api/v1/emergencies/{eid}", headers=headers) as r:
+                    d = (await r.json())["delivery"]
+                played, total = d["played"], d["total"]
+                if played < n:
+                    await asyncio.sleep(PROOF_POLL)
+        complete_s = loop.time() - ts
+        _say(f"delivery proof: {played}/{total} loudspeakers in {complete_s * 1000:.0f} ms")
+        async with http.delete(f"{base}/api/v1/emergencies/{eid}", headers=headers) as r:
+            await r.read()
+    finally:
+        clock.stop()
+    return {"devices": n, "played": played, "total": total,
+            "api_201_ms": round(api_s * 1000, 1), "complete_ms": round(complete_s * 1000, 1),
+            "poll_ms": PROOF_POLL * 1000, "goal_ms": PROOF_GOAL_S * 1000,
+            "within_goal": complete_s <= PROOF_GOAL_S}
+
+
+async def _bench(n: int, seconds: float, heartbeat: float, proof: bool = False
+                 ) -> dict[str, Any]:
     from loa.relay.devices.manager import DeviceSettings
     from loa.relay.devices.records import new_device_record, new_key, secret_hash
     from loa.streamer.state.open import open_store
@@ -385,6 +438,8 @@ async def _bench(n: int, seconds: float, heartbeat: float) -> dict[str, Any]:
                 _say(f"command {c + 1}: all {n} acked in {max(lat) * 1000:.0f} ms")
                 await asyncio.sleep(1.0)  # let the ack writes settle between commands
             mgr.ack_listeners.remove(on_ack)
+            delivery = await _proof(http, base, headers, n, live.node.engine.tick) \
+                if proof else None
         finally:
             await http.close()
             if proc.returncode is None:
@@ -407,6 +462,7 @@ async def _bench(n: int, seconds: float, heartbeat: float) -> dict[str, Any]:
             "commands": FANOUT_COMMANDS,
         },
         "store": "sqlite", "media_clock": False, "gc_threshold": list(gc.get_threshold()),
+        **({"delivery_proof": delivery} if delivery is not None else {}),
     }
 
 
@@ -415,7 +471,8 @@ def run(args: argparse.Namespace) -> int:
     if n < 1:
         print("--n must be at least 1", file=sys.stderr)
         return 2
-    result = asyncio.run(_bench(n, float(args.seconds), float(args.heartbeat)))
+    result = asyncio.run(_bench(n, float(args.seconds), float(args.heartbeat),
+                                bool(getattr(args, "proof", False))))
     print(json.dumps(result), flush=True)
     return 0
 

@@ -285,11 +285,21 @@
     }
     const next = idx >= 0 ? sigs[idx] : null;
     if (next !== region.current) {
+      reportShown(region, t); // proof of play: the outgoing item's end ...
       region.current = next;
       region.since = t;
       activate(region, next);
+      reportShown(region, t); // ... and the new one's start
     }
     return items.length > 0;
+  }
+
+  /** Proof of play (`shown`): the item a region shows, since when, seen at `at`. */
+  function reportShown(region, at) {
+    const box = region.boxes.get(region.current);
+    if (!box || !box.dataset.id) return;
+    send({type: "shown", item: box.dataset.id.slice(0, 64), region: region.name,
+      since: region.since, at: Math.max(at, region.since)});
   }
 
   function setTicker(text) {
@@ -450,6 +460,7 @@
       const box = region.boxes.get(region.current);
       if (!box || el.board.hidden) continue;
       shown.push(box.dataset.id);
+      reportShown(region, now());
       const v = box.querySelector("video");
       if (v && !v.paused) playing = true;
     }
@@ -615,8 +626,8 @@
     el.loginDevice = $("login-device");
     el.loginKey = $("login-key");
     state.regions = {
-      main: {el: $("region-main"), boxes: new Map(), current: null, since: 0},
-      side: {el: $("region-side"), boxes: new Map(), current: null, since: 0},
+      main: {name: "main", el: $("region-main"), boxes: new Map(), current: null, since: 0},
+      side: {name: "side", el: $("region-side"), boxes: new Map(), current: null, since: 0},
     };
     window.addEventListener("resize", refit);
   }

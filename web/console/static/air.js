@@ -3,7 +3,7 @@
 // each broadcast of the user's area is actually heard comes from GET /api/v1/broadcasts and the
 // live `onair` events: per target area, heard, or preempted by the programme that wins there.
 import { signal, effect } from "@preact/signals";
-import { useEffect, useRef } from "preact/hooks";
+import { useEffect, useRef, useState } from "preact/hooks";
 import { html, t, half, word } from "./i18n.js";
 import { api, session, ApiFailure } from "./api.js";
 import { on } from "./live.js";
@@ -78,6 +78,25 @@ function Where({ b, code }) {
     <span class="place">${areaName(code)}</span> <span class="state">${state}</span></li>`;
 }
 
+// Proof of delivery: loudspeakers of its targets that played it (GET /api/v1/broadcasts/{id}),
+// read again when what is on air changes, and once more when their reports have come in.
+function Played({ b }) {
+  const [d, setD] = useState(null);
+  const changed = onAir.value;
+  useEffect(() => {
+    let gone = false;
+    const load = () => api("GET", `/api/v1/broadcasts/${encodeURIComponent(b.id)}`)
+      .then((r) => { if (!gone) setD(r.delivery); }, () => {});
+    load();
+    const timer = setTimeout(load, 2000);
+    return () => { gone = true; clearTimeout(timer); };
+  }, [b.id, changed]);
+  if (!d || !d.total) return null;
+  return html`<p class="played">${t("console.emergency.played", { n: d.played, m: d.total })}
+    · <a class="csv" href=${`/api/v1/reports/delivery?broadcast=${encodeURIComponent(b.id)}&format=csv`}
+      download=${`delivery-${b.id}.csv`}>${t("console.air.delivery_csv")}</a></p>`;
+}
+
 function Broadcast({ b, mayEmergency }) {
   const stop = useSubmit(async () => {
     if (live.value?.broadcast === b.id) { await live.value.stop(); live.value = null; } else {
@@ -90,6 +109,7 @@ function Broadcast({ b, mayEmergency }) {
     <strong>${b.title || b.id}</strong>
     <span class="why">${word("class", b.class)}${b.user ? ` · ${b.user}` : ""}</span>
     <ul class="where">${b.targets.map((c) => html`<${Where} key=${c} b=${b} code=${c} />`)}</ul>
+    <${Played} b=${b} />
     <form class="stop" onSubmit=${stop.submit}>
       <button type="submit" disabled=${locked || stop.busy}
         aria-label=${t("console.air.stop_named", { title: b.title || b.id })}>${t("console.air.stop")}</button>

@@ -14,7 +14,7 @@ import { DeviceMap } from "./map.js";
 const PAGE = 50;
 const filters = signal({ status: "", kind: "" });
 const trail = signal([]); // [{code, name}] from the caller's area down to the filtered one
-const below = signal([]); // areas just below the filtered one (with lat/lon, for the map too)
+const below = signal([]); // areas just below the filtered one (the area filter offers them)
 const list = signal(null); // {total, devices} of the page shown
 const offset = signal(0);
 const view = signal("list"); // or "map"
@@ -234,7 +234,8 @@ function DeviceList() {
     </div>
     ${!l ? (!failure.value && html`<p class="loading">${t("console.loading")}</p>`)
       : view.value === "map"
-        ? html`<${DeviceMap} areas=${below.value} devices=${l.devices} onArea=${goTo} />`
+        ? html`<${DeviceMap} area=${here()} status=${filters.value.status} kind=${filters.value.kind}
+            version=${l} onArea=${goTo} />`
         : html`<${Pager} total=${l.total} />
           ${l.devices.length ? html`<ul class="device-list">${l.devices.map((d) => html`<${Row} key=${d.id} d=${d} />`)}</ul>`
                              : html`<p>${t("console.devices.none")}</p>`}`}

@@ -186,6 +186,25 @@ function Count({ label, c, cls }) {
     <dd><strong>${c.acked}/${c.total}</strong></dd></div>`;
 }
 
+// Proof of delivery: loudspeakers that played it (reported hearing it while their area aired
+// it), the missing ones named with the reason, and the whole table as CSV.
+function Delivery({ id, d }) {
+  return html`<section class="em-delivery" aria-labelledby="em-delivery-title">
+    <h3 id="em-delivery-title">${t("console.emergency.delivery")}</h3>
+    <p class="em-played" aria-live="polite"><strong>${t("console.emergency.played", { n: d.played, m: d.total })}</strong></p>
+    ${d.missing_count > 0 && html`<table class="em-missing">
+      <caption>${t("console.emergency.missing", { n: d.missing_count })}</caption>
+      <thead><tr><th scope="col">${t("console.emergency.speaker")}</th>
+        <th scope="col">${t("console.emergency.area")}</th>
+        <th scope="col">${t("console.emergency.why")}</th></tr></thead>
+      <tbody>${d.missing.map((m) => html`<tr key=${m.device}>
+        <td><a href=${`#/devices/${encodeURIComponent(m.device)}`}>${m.name}</a></td>
+        <td>${m.area_name}</td><td>${half(m.reason)}</td></tr>`)}</tbody></table>`}
+    <p><a class="csv" href=${`/api/v1/reports/delivery?emergency=${encodeURIComponent(id)}&format=csv`}
+      download=${`delivery-${id}.csv`}>${t("console.emergency.delivery_csv")}</a></p>
+  </section>`;
+}
+
 function Live({ id }) {
   const s = session.value;
   const [rec, setRec] = useState(null);
@@ -232,6 +251,7 @@ function Live({ id }) {
         <${Count} label=${t("console.emergency.speakers")} c=${st.loudspeakers} cls="em-speakers" />
         <${Count} label=${t("console.emergency.boards")} c=${st.boards} cls="em-boards" />
       </dl>
+      ${rec.delivery && html`<${Delivery} id=${id} d=${rec.delivery} />`}
       ${st.on_air.length > 0 && html`<ul class="em-areas" aria-label=${t("console.emergency.areas_on_air")}>
         ${st.on_air.map((a) => html`<li key=${a.code}>${a.name}</li>`)}</ul>`}
       <p class="em-meta">${t("console.emergency.started", { at: dateTime(rec.created), who: rec.user })}</p>

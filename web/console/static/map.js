@@ -1,7 +1,9 @@
 // A map without tiles (nodes run on closed networks): the areas and devices that have coordinates
-// (areas' lat/lon from the tree, devices' GPS from their heartbeat) drawn as an SVG, every marker
-// a link with its name, reachable by keyboard.
+// (GET /api/v1/map.geojson: areas' lat/lon from the area list, devices' GPS from their heartbeat)
+// drawn as an SVG, every marker a link with its name, reachable by keyboard.
+import { useEffect, useState } from "preact/hooks";
 import { html, t, word } from "./i18n.js";
+import { api } from "./api.js";
 
 const W = 1000;
 const H = 640;
@@ -20,14 +22,26 @@ function project(points) {
   return (p) => [x0 + (p.lon - w) * shrink * scale, y0 + (n - p.lat) * scale];
 }
 
-export function DeviceMap({ areas, devices, onArea }) {
-  const placed = [
-    ...areas.filter((a) => a.lat != null && a.lon != null)
-      .map((a) => ({ kind: "area", key: a.code, name: a.name, lat: a.lat, lon: a.lon, area: a })),
-    ...devices.filter((d) => Array.isArray(d.telemetry?.gps))
-      .map((d) => ({ kind: "device", key: d.id, name: d.name, lat: d.telemetry.gps[0],
-                     lon: d.telemetry.gps[1], status: d.status })),
-  ];
+// The areas just below `area` and the devices of its subtree (filtered as the list is); read
+// again whenever `version` (the list shown) changes, so statuses follow the live events.
+export function DeviceMap({ area, status, kind, version, onArea }) {
+  const [geo, setGeo] = useState(null);
+  useEffect(() => {
+    let gone = false;
+    const q = new URLSearchParams({ area, depth: 1 });
+    if (status) q.set("status", status);
+    if (kind) q.set("kind", kind);
+    api("GET", `/api/v1/map.geojson?${q}`).then((g) => { if (!gone) setGeo(g); },
+                                                 () => { if (!gone) setGeo({ features: [] }); });
+    return () => { gone = true; };
+  }, [area, status, kind, version]);
+  if (!geo) return html`<p class="loading">${t("console.loading")}</p>`;
+  const placed = geo.features.filter((f) => f.properties.code !== area).map(({ geometry, properties: p }) => {
+    const [lon, lat] = geometry.coordinates;
+    return p.kind === "area"
+      ? { kind: "area", key: p.code, name: p.name, lat, lon, area: { code: p.code, name: p.name } }
+      : { kind: "device", key: p.id, name: p.name, lat, lon, status: p.status };
+  });
   if (!placed.length) return html`<p class="map-empty">${t("console.devices.map_empty")}</p>`;
   const at = project(placed);
   return html`<figure class="device-map">
