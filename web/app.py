@@ -13,6 +13,7 @@ from loa.web.api import core as api_core
 from loa.web.api import devices as api_devices
 from loa.web.api import emergency as api_emergency
 from loa.web.api import exchange as api_exchange
+from loa.web.api import firmware as api_firmware
 from loa.web.api import inbox as api_inbox
 from loa.web.api import media as api_media
 from loa.web.api import nodes as api_nodes
@@ -38,6 +39,8 @@ MAX_UPLOAD_OVERHEAD = 1024 * 1024
 def create_app(node: Node) -> web.Application:
     max_upload = node.cfg.media.max_mb * 1024 * 1024 + MAX_UPLOAD_OVERHEAD
     limits = body_limit_middleware({"/api/v1/media": max_upload,
+                                    "/api/v1/firmware": node.cfg.firmware.max_mb * 2**20
+                                    + MAX_UPLOAD_OVERHEAD,
                                     api_exchange.BULLETINS: node.exchange.body_limit})
     app = web.Application(middlewares=[refusal_audit_middleware, error_middleware, limits,
                                        auth_middleware],
@@ -54,6 +57,7 @@ def create_app(node: Node) -> web.Application:
     api_inbox.setup(app)
     api_reports.setup(app)
     api_devices.setup(app)
+    api_firmware.setup(app)
     api_emergency.setup(app)
     api_exchange.setup(app)
     api_nodes.setup(app)

@@ -285,6 +285,9 @@ def document() -> S:
     from loa.web.api import nodes as api_nodes
 
     paths.update(api_nodes.openapi_paths())
+    from loa.web.api import firmware as api_firmware
+
+    paths.update(api_firmware.openapi_paths())
     return {
         "openapi": "3.0.3",
         "info": {"title": "Loa API", "version": "1",

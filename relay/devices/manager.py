@@ -214,6 +214,8 @@ class DeviceManager:
         self.devices: dict[str, Device] = {}
         self.connected = 0
         self.ack_listeners: list[Callable[[Record, float], None]] = []  # (command, loop time)
+        # Device message types served by other modules (e.g. `firmware`: relay/devices/ota.py)
+        self.handlers: dict[str, Callable[[Device, dict[str, Any]], Awaitable[None]]] = {}
         self._devw = Writer(store, "device")
         self._cmdw = Writer(store, "command")
         self._heap: list[tuple[float, int, str, str]] = []  # due, seq, device, command id
@@ -499,6 +501,8 @@ class DeviceManager:
                 await self._heartbeat(dev, parse_heartbeat(msg))
             elif kind == "ack":
                 self._ack(dev, *parse_ack(msg))
+            elif kind in self.handlers:
+                await self.handlers[kind](dev, msg)
             else:
                 raise ProtocolError(say("protocol.unknown_type", kind=kind),
                                     "type")

@@ -85,6 +85,8 @@ KINDS: Mapping[str, Kind] = {
     "exchange_cursor": Kind(),  # id = peer: where we stand in its bulletin feed
     "node_key": Kind(indexed=("area",)),  # a child node's link credential (only its hash)
     "rtp_group": Kind(indexed=("block",), unique=("block",)),  # id = area: its multicast block
+    "firmware": Kind(indexed=("model",)),  # an OTA image (relay/devices/ota.py)
+    "rollout": Kind(indexed=("state", "area")),  # its staged rollout, device by device
 }
 
 LOGS = ("audit", "asrun")
