@@ -1339,7 +1339,7 @@ CATALOGUE: dict[str, Text] = {
     # OTA firmware (relay/devices/ota.py, web/api/firmware.py, relay/agent/ota.py)
     "ota.bad_name": Text("{name}: chỉ gồm chữ, số và . _ + - (tối đa 64 ký tự)",
                          "{name}: ASCII letters, digits and . _ + - only (at most 64)"),
-    "ota.bad_sha256": Text("sha256 phải là 64 chữ số hex", "sha256 must be 64 hex digits"),
+    "ota.bad_digest": Text("sha256 phải là 64 chữ số hex", "sha256 must be 64 hex digits"),
     "ota.untrusted_model": Text("không có khóa tin cậy cho dòng thiết bị {model}",
                                 "no trusted key for model {model} ([firmware] keys)"),
     "ota.empty_image": Text("tệp firmware rỗng", "the firmware image is empty"),
@@ -1369,7 +1369,7 @@ CATALOGUE: dict[str, Text] = {
                              "hoặc khóa tin cậy)",
                              "this device cannot update (no --state-dir or --firmware-key)"),
     "agent.ota_wrong_model": Text("firmware dành cho dòng {model}", "firmware is for model {model}"),
-    "agent.ota_size": Text("tệp tải về bị cắt hoặc thừa: {got} / {want} byte",
+    "agent.ota_size": Text("tệp tải về bị cắt hoặc thừa: {got} trên {want} byte",
                            "downloaded image truncated or too long: {got} of {want} bytes"),
     "agent.ota_digest": Text("sha256 của tệp tải về không khớp",
                              "the downloaded image's sha256 does not match"),

@@ -675,7 +675,7 @@ def firmware_args(args: Any) -> dict[str, Any]:
                            "signature": _str(a, "signature", 128, path="args.", required=True),
                            "url": _str(a, "url", MAX_URL, path="args.", required=True)}
     if not _SHA256.match(out["sha256"]):
-        raise ProtocolError(say("ota.bad_sha256"), "args.sha256")
+        raise ProtocolError(say("ota.bad_digest"), "args.sha256")
     if not out["url"].startswith("/") or out["url"].startswith("//"):
         raise ProtocolError(say("protocol.not_page_url", name="args.url"), "args.url")
     return out
