@@ -1393,6 +1393,18 @@ CATALOGUE: dict[str, Text] = {
     "openapi.rollout_resume": Text("Tiếp tục đợt cập nhật (chấp nhận các lỗi đã có)",
                                    "resume a rollout (accepting the failures so far)"),
     # (end OTA firmware)
+
+    # quiet hours and time-of-day volume (streamer/airtime.py)
+    "airtime.bad_object": Text("airtime phải là {{\"hours\": [...], \"volume\": [...]}} hoặc null",
+                               "airtime must be {{\"hours\": [...], \"volume\": [...]}} or null"),
+    "airtime.bad_rows": Text("{name}: danh sách tối đa {limit} dòng",
+                             "{name}: a list of at most {limit} rows"),
+    "airtime.bad_time": Text("{name}: giờ dạng HH:MM", "{name}: a time as HH:MM"),
+    "airtime.bad_window": Text("{name}: [\"từ HH:MM\", \"đến HH:MM\"], hai giờ khác nhau",
+                               "{name}: [\"from HH:MM\", \"to HH:MM\"], two different times"),
+    "airtime.bad_volume_row": Text("{name}: cần from, to và percent",
+                                   "{name}: needs from, to and percent"),
+    "airtime.bad_percent": Text("{name}: âm lượng 0-100 %", "{name}: a volume of 0-100 %"),
 }
 
 
