@@ -1405,6 +1405,13 @@ CATALOGUE: dict[str, Text] = {
     "airtime.bad_volume_row": Text("{name}: cần from, to và percent",
                                    "{name}: needs from, to and percent"),
     "airtime.bad_percent": Text("{name}: âm lượng 0-100 %", "{name}: a volume of 0-100 %"),
+    "openapi.airtime": Text("Giờ được phát và âm lượng theo giờ của khu vực (của riêng nó hoặc "
+                            "thừa hưởng)", "an area's quiet hours and volume by time of day "
+                            "(its own or inherited)"),
+    "openapi.airtime_set": Text("Đặt giờ được phát và âm lượng theo giờ của khu vực",
+                                "set an area's own quiet hours and volume table"),
+    "openapi.airtime_clear": Text("Bỏ quy định riêng, dùng quy định của cấp trên",
+                                  "drop the area's own rule: inherit again"),
 }
 
 

@@ -8,6 +8,7 @@ from aiohttp import web
 
 from loa.web import board, console, events, monitor, openapi
 from loa.web.api import air as api_air
+from loa.web.api import airtime as api_airtime
 from loa.web.api import areas as api_areas
 from loa.web.api import core as api_core
 from loa.web.api import devices as api_devices
@@ -49,6 +50,7 @@ def create_app(node: Node) -> web.Application:
     app[STORE] = node.store
     api_core.setup(app)
     api_areas.setup(app)
+    api_airtime.setup(app)
     api_session.setup(app)
     api_overview.setup(app)
     events.setup(app)

@@ -24,6 +24,7 @@ from loa.relay.link import LinkServer
 from loa.relay.rtp.out import RtpConfigError, RtpOut
 from loa.relay.upstream import UpstreamLink
 from loa.relay.webrtc import WebRtcRelay
+from loa.streamer.airtime import Airtime, parse_rule
 from loa.streamer.alerts import Alerts
 from loa.streamer.areas import AreaTree
 from loa.streamer.broadcast import Broadcast
@@ -82,6 +83,7 @@ class Node:
         self.speech: Speech
         self.station: Station
         self.started = time.time()
+        self.media_epoch = 0.0  # wall clock of media time 0 (set at start)
         self.bootstrap_password: str | None = None
         self.node_id = ""  # stable across restarts: emergencies, devices, as-run, RTP groups
         self.scheduler: Scheduler
@@ -149,6 +151,11 @@ class Node:
             await self._bootstrap_admin()
         except StoreUnavailable as e:
             log.error("no admin created event=store_degraded reason=%s", e)
+        self.media_epoch = media_epoch
+        try:
+            await self.load_airtime()
+        except StoreUnavailable as e:
+            log.error("quiet hours not loaded event=store_degraded reason=%s", e)
         self.scheduler = Scheduler(self.engine, media_epoch, self._scheduled_broadcast)
         if self.realtime:
             self.lag.start()
@@ -160,6 +167,13 @@ class Node:
             self.upstream = UpstreamLink(cfg.upstream, self.station, self.tree)
             self._stops.append(self.upstream.close)
             await self.upstream.start()
+
+    async def load_airtime(self) -> None:
+        """Quiet hours and volumes of every area (their own, from the store) into the engine,
+        each inherited down the tree (streamer/airtime.py)."""
+        own = {r["id"]: parse_rule(r["rule"]) for r in await self.store.find("airtime")
+               if r["id"] in self.tree}
+        self.engine.set_airtime(Airtime.of(self.tree, own, self.media_epoch) if own else None)
 
     async def _start_services(self, loop: asyncio.AbstractEventLoop) -> None:
         cfg = self.cfg

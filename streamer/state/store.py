@@ -87,6 +87,7 @@ KINDS: Mapping[str, Kind] = {
     "rtp_group": Kind(indexed=("block",), unique=("block",)),  # id = area: its multicast block
     "firmware": Kind(indexed=("model",)),  # an OTA image (relay/devices/ota.py)
     "rollout": Kind(indexed=("state", "area")),  # its staged rollout, device by device
+    "airtime": Kind(),  # id = area: its own quiet hours and volume table (streamer/airtime.py)
 }
 
 LOGS = ("audit", "asrun")

@@ -110,6 +110,8 @@ async def build(api: Api, tmp_path: Path) -> World:
                                          data=firmware_form(f"2.0-{area}")))["id"]
         ids["rollout"] = (await created(api, who, "POST", "/api/v1/rollouts", json={
             "firmware": ids["firmware"], "area": area}))["id"]
+        await created(api, who, "PUT", f"/api/v1/areas/{area}/airtime",
+                      json={"hours": [["05:00", "22:00"]]})
         ids["user"] = (await created(api, who, "POST", "/api/v1/users", json={
             "username": f"nguoi-{area}", "role": "editor", "area": area,
             "password": PASSWORD}))["id"]
@@ -258,6 +260,11 @@ def attempts(w: World) -> dict[tuple[str, str], Callable[[], list[Attempt]] | st
             (f"/api/v1/inbox/{b['inbox']}/decline", {"json": {"reason": "Không"}})],
         ("POST", "/api/v1/inbox/{id}/order"): lambda: [
             (f"/api/v1/inbox/{b['inbox']}/order", {"json": {"order": "after"}})],
+        ("PUT", "/api/v1/areas/{code}/airtime"): lambda: [
+            (f"/api/v1/areas/{B}/airtime", {"json": {"hours": [["05:00", "06:00"]]}}),
+            ("/api/v1/areas/T01-H1/airtime", {"json": {"hours": [["05:00", "06:00"]]}})],
+        ("DELETE", "/api/v1/areas/{code}/airtime"): lambda: [
+            (f"/api/v1/areas/{B}/airtime", {})],
         ("POST", "/api/v1/firmware"): lambda: [
             ("/api/v1/firmware", {"data": firmware_form("3.0", B)})],
         ("POST", "/api/v1/rollouts"): lambda: [
@@ -284,7 +291,7 @@ def media_form(area: str) -> FormData:
 
 
 KINDS = ("media", "programme", "schedule", "device", "emergency", "user", "area", "broadcast",
-         "bulletin", "inbox", "firmware", "rollout")
+         "bulletin", "inbox", "firmware", "rollout", "airtime")
 
 
 async def snapshot(api: Api) -> dict[str, Any]:
