@@ -1333,6 +1333,25 @@ CATALOGUE: dict[str, Text] = {
     "console.admin.no_right": Text("Chỉ quản trị viên mới mở được màn hình này",
                                    "Only administrators may open this screen"),
     # (end console: admin)
+    "console.airtime": Text("Giờ được phát và âm lượng", "Quiet hours and volume"),
+    "console.airtime.help": Text("Chương trình thường và nhạc nền chỉ phát trong khung giờ này, "
+                                 "với âm lượng theo giờ; tin khẩn cấp và tin ưu tiên luôn phát. "
+                                 "Để trống: không giới hạn.",
+                                 "Normal programmes and background music air only in these hours, "
+                                 "at the volume of the hour; emergencies and priority bulletins "
+                                 "always air. Empty: no limit."),
+    "console.airtime.none": Text("Chưa có quy định: phát cả ngày, âm lượng 100 %",
+                                 "No rule: all day at 100 %"),
+    "console.airtime.own": Text("Quy định riêng của khu vực này", "This area's own rule"),
+    "console.airtime.inherited": Text("Đang dùng quy định của {area}", "Following {area}'s rule"),
+    "console.airtime.hours": Text("Được phát", "May air"),
+    "console.airtime.volume": Text("Âm lượng theo giờ", "Volume by time of day"),
+    "console.airtime.from": Text("Từ (HH:MM)", "From (HH:MM)"),
+    "console.airtime.to": Text("Đến (HH:MM)", "To (HH:MM)"),
+    "console.airtime.percent": Text("Âm lượng (%)", "Volume (%)"),
+    "console.airtime.save": Text("Lưu giờ phát", "Save hours"),
+    "console.airtime.saved": Text("Đã lưu giờ phát", "Hours saved"),
+    "console.airtime.inherit": Text("Dùng quy định cấp trên", "Use the rule from above"),
 
     # (end console)
 
