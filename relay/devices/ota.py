@@ -114,6 +114,7 @@ class Ota:
         self.dir = data_dir / "firmware"
         self.rollouts: dict[str, Record] = {}  # running or halted, by id
         self._commands: dict[str, tuple[str, str]] = {}  # command id -> (rollout, device)
+        self._dirty: set[str] = set()  # rollouts changed since they were last stored
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()  # one change of rollout state at a time
 
@@ -225,6 +226,7 @@ class Ota:
             r["state"] = "running"
             r["reason"] = None
             r["accepted_failures"] = self._failures(r)
+            self._dirty.add(r["id"])
             self.alerts.clear("ota_halted", r["id"])
             await self._drive(r)
 
@@ -248,6 +250,7 @@ class Ota:
             d["state"] = ACCEPTED
         else:
             self._fail(d, rec.get("error") or say("outbox.refused"))
+        self._dirty.add(r["id"])
         self._wake(r)
 
     async def _report(self, dev: Device, msg: dict[str, Any]) -> None:
@@ -266,6 +269,7 @@ class Ota:
             d["state"], d["at"] = INSTALLED, time.time()
         elif state != "installed":
             self._fail(d, f"{state}: {error or ''}".strip(": "))
+        self._dirty.add(r["id"])
         self._wake(r)
 
     def _fail(self, d: Record, error: str) -> None:
@@ -279,7 +283,8 @@ class Ota:
             async with self._lock:
                 if r["state"] == "running":
                     await self._drive(r)
-                else:
+                elif r["id"] in self._dirty:
+                    self._dirty.discard(r["id"])
                     await self.store.put("rollout", r)
 
         task = loop.create_task(go())
@@ -315,8 +320,10 @@ class Ota:
             dev = self.devices.get(dev_id)
             if dev is not None and dev.record.get("firmware") == target:
                 d["state"], d["at"] = INSTALLED, now
+                self._dirty.add(r["id"])
             elif now - float(d["sent"]) > r["come_back_s"]:
                 self._fail(d, say("ota.not_back", seconds=r["come_back_s"]))
+                self._dirty.add(r["id"])
         failures = self._failures(r) - r["accepted_failures"]
         if failures > r["max_failures"]:
             await self._halt(r, say("ota.too_many_failures", failures=failures,
@@ -327,15 +334,20 @@ class Ota:
         stage = r["stage"]
         done_upto = sizes[stage] if stage >= 0 else 0
         if all(r["devices"][i]["state"] in SETTLED for i in order[:done_upto]):
+            self._dirty.add(r["id"])
             if stage + 1 >= len(sizes):
                 r["state"] = "done"
                 self.rollouts.pop(r["id"], None)
+                for cid in [c for c, (rid, _) in self._commands.items() if rid == r["id"]]:
+                    del self._commands[cid]
                 log.info("rollout done event=ota_done id=%s failures=%d", r["id"],
                          self._failures(r))
             else:
                 r["stage"] = stage + 1
                 await self._send(r, order[done_upto:sizes[stage + 1]])
-        await self.store.put("rollout", r)
+        if r["id"] in self._dirty:  # a large fleet's record is not rewritten every second
+            self._dirty.discard(r["id"])
+            await self.store.put("rollout", r)
 
     async def _send(self, r: Record, ids: list[str]) -> None:
         fw = await self.store.get("firmware", r["firmware"])
@@ -357,6 +369,7 @@ class Ota:
     async def _halt(self, r: Record, reason: str) -> None:
         r["state"] = "halted"
         r["reason"] = reason
+        self._dirty.discard(r["id"])
         await self.store.put("rollout", r)
         log.warning("rollout halted event=ota_halted id=%s reason=%s", r["id"], reason)
         self._raise(r)
