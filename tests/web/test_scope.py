@@ -342,7 +342,7 @@ async def test_cross_area_sweep_of_every_write_operation(api: Api, tmp_path: Pat
                if e["action"] == "refused" and e["user"] == "qtvA"]
     assert sum(e["details"]["status"] == 403 for e in entries) == refused403
     assert all(e["area"] == A and e["ip"] and e["details"]["method"] in
-               ("POST", "PATCH", "DELETE") and e["target"].startswith("/api/v1/")
+               ("POST", "PUT", "PATCH", "DELETE") and e["target"].startswith("/api/v1/")
                and e["details"]["reason"] for e in entries)
     assert PASSWORD not in str(entries) and api.tokens["qtvA"] not in str(entries)
     # The operations that name nothing of another area.
