@@ -162,12 +162,13 @@ class FirmwareSlot:
             return None
         cid, version = str(m.get("command") or ""), str(m["version"])
         if m.get("boots", 0) >= 1:
-            return self._roll_back(cid, version, "a start did not finish")
+            return await asyncio.to_thread(self._roll_back, cid, version,
+                                           "a start did not finish")
         m["boots"] = m.get("boots", 0) + 1
         await asyncio.to_thread(self._save)
         ok, error = await self._check(version)
         if not ok:
-            return self._roll_back(cid, version, error)
+            return await asyncio.to_thread(self._roll_back, cid, version, error)
         m["trial"] = False
         await asyncio.to_thread(self._save)
         log.info("firmware started event=agent_ota_installed version=%s", version)

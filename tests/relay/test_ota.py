@@ -327,3 +327,22 @@ async def test_an_image_tampered_with_on_the_node_is_refused_by_the_agent(
         assert x.agent.firmware == FIRMWARE
     finally:
         await x.finish()
+
+
+# ---- a start that died on trial ------------------------------------------------------------------
+async def test_a_start_that_died_on_trial_rolls_back_at_the_next(tmp_path: Path) -> None:
+    """A power cut (or a crash) during the first start of a new version: the marker says a start
+    was tried and never decided, so the next start goes back to the previous version."""
+    from loa.relay.agent.ota import FirmwareSlot
+    from loa.relay.devices.protocol import parse_firmware_report
+
+    (tmp_path / "firmware.json").write_text(json.dumps(
+        {"version": NEW, "previous": OLD, "trial": True, "boots": 1, "command": "c1"}))
+    slot = FirmwareSlot(tmp_path, FIRMWARE, None)
+    slot.load()
+    report = await slot.boot()
+    assert report is not None
+    assert parse_firmware_report(report)[:3] == ("c1", NEW, "rolled_back")
+    assert slot.firmware == FIRMWARE
+    assert json.loads((tmp_path / "firmware.json").read_text())["version"] == OLD
+    assert await slot.boot() is None  # nothing on trial any more
