@@ -57,7 +57,7 @@ export function Airtime({ area, canEdit }) {
     : view.from === area ? t("console.airtime.own") : t("console.airtime.inherited", { area: view.from });
   return html`<section class="airtime" aria-labelledby="airtime-title">
     <h2 id="airtime-title">${t("console.airtime")}</h2>
-    <p class="note">${t("console.airtime.help")}</p>
+    <p class="airtime-help">${t("console.airtime.help")}</p>
     <p class="airtime-source">${source}</p>
     <form class="airtime-form" key=${version} onSubmit=${(ev) => {
       ev.preventDefault(); send("PUT", ruleOf(new FormData(ev.target)));
