@@ -77,6 +77,14 @@ async def test_quiet_hours_are_set_validated_inherited_and_applied(api: Api, tmp
     assert api.node.engine.main_of(X2) is not None
     assert api.node.engine.live_broadcast(api.node.engine.main_of(X2)).cls.name == "emergency"
 
+    # a commune created now follows its district's rule from the next tick
+    status, _ = await api.call("qtv1", "POST", "/api/v1/areas", json={
+        "code": "T01-H1-X9", "name": "Xã mới", "level": "commune", "parent": "T01-H1"})
+    assert status == 201
+    api.run(0.1)
+    assert api.node.engine.airtime is not None
+    assert api.node.engine.airtime.rules["T01-H1-X9"] == api.node.engine.airtime.rules[X2]
+
     # dropping X1's own rule brings the district's back
     status, body = await api.call("xa11", "DELETE", f"/api/v1/areas/{X1}/airtime")
     assert status == 200 and body["from"] == "T01-H1", body
