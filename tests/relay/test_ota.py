@@ -346,3 +346,41 @@ async def test_a_start_that_died_on_trial_rolls_back_at_the_next(tmp_path: Path)
     assert slot.firmware == FIRMWARE
     assert json.loads((tmp_path / "firmware.json").read_text())["version"] == OLD
     assert await slot.boot() is None  # nothing on trial any more
+
+
+# ---- who a rollout takes -------------------------------------------------------------------------
+async def test_a_rollout_takes_the_model_in_the_area_and_group_and_checks_its_stages(
+        server: Server) -> None:
+    from loa.relay.agent.client import register
+
+    async def dev(area: str, groups: list[str], firmware: str) -> str:
+        did, _ = await register(server.http, server.base, server.token, name="Cụm",
+                                kind="loudspeaker", area=area, groups=groups)
+        await server.node.devices.update(did, {"firmware": firmware})  # as it would report
+        return did
+
+    d1 = await dev(AREA, ["cho"], FIRMWARE)
+    d2 = await dev("T01-H1-X2", ["cho", "truong"], FIRMWARE)
+    await dev(AREA, [], FIRMWARE)  # not in the group
+    await dev("T01-H2-X1", ["cho"], FIRMWARE)  # another district
+    await dev(AREA, ["cho"], "other-model/1.0")  # another model
+    image = os.urandom(10_000)
+    status, fw = await upload(server, image, NEW, sign(image))
+    assert status == 201, fw
+    base = {"firmware": fw["id"], "area": "T01-H1", "group": "cho"}
+    for bad, field in (({"stages": [50]}, "stages"), ({"stages": [60, 40, 100]}, "stages"),
+                       ({"canary": 0}, "canary"), ({"come_back_s": 1}, "come_back_s"),
+                       ({"wave": 1}, "wave"), ({"group": "khong-co"}, "area"),
+                       ({"firmware": "khong-co"}, "firmware")):
+        status, body = await server.post("/api/v1/rollouts", {**base, **bad})
+        assert (status, body.get("field")) == (422, field), (bad, body)
+    assert await server.node.store.find("rollout") == []
+    r = await rollout(server, {**base, "canary": 1, "stages": [50, 100]})
+    assert r["order"] == [d1, d2] and r["sizes"] == [1, 1, 2]
+    assert r["counts"]["sent"] == 1 and r["devices"][d1]["state"] == "sent"
+    assert await commands(server, d1) == ["firmware"] and await commands(server, d2) == []
+    status, body = await server.post(f"/api/v1/rollouts/{r['id']}/halt", {})
+    assert status == 200 and body["state"] == "halted", body
+    assert ("ota_halted", r["id"]) in server.node.alerts.active
+    status, body = await server.post(f"/api/v1/rollouts/{r['id']}/halt", {})
+    assert status == 409, body
