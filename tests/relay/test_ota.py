@@ -384,3 +384,13 @@ async def test_a_rollout_takes_the_model_in_the_area_and_group_and_checks_its_st
     assert ("ota_halted", r["id"]) in server.node.alerts.active
     status, body = await server.post(f"/api/v1/rollouts/{r['id']}/halt", {})
     assert status == 409, body
+
+
+def test_a_bad_trusted_key_stops_start_up() -> None:
+    from loa.web.config import ConfigError, load_config
+
+    cfg = load_config(None, env={"LOA_FIRMWARE_KEYS": f"{MODEL}={PUB}"})
+    assert list(cfg.firmware.trusted()) == [MODEL]
+    for bad in (f"{MODEL}=bm90IGEga2V5", PUB, f"={PUB}"):
+        with pytest.raises(ConfigError):
+            load_config(None, env={"LOA_FIRMWARE_KEYS": bad})
