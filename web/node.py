@@ -24,7 +24,7 @@ from loa.relay.link import LinkServer
 from loa.relay.rtp.out import RtpConfigError, RtpOut
 from loa.relay.upstream import UpstreamLink
 from loa.relay.webrtc import WebRtcRelay
-from loa.streamer.airtime import Airtime, parse_rule
+from loa.streamer.airtime import Airtime, AirtimeError, parse_rule
 from loa.streamer.alerts import Alerts
 from loa.streamer.areas import AreaTree
 from loa.streamer.broadcast import Broadcast
@@ -171,8 +171,14 @@ class Node:
     async def load_airtime(self) -> None:
         """Quiet hours and volumes of every area (their own, from the store) into the engine,
         each inherited down the tree (streamer/airtime.py)."""
-        own = {r["id"]: parse_rule(r["rule"]) for r in await self.store.find("airtime")
-               if r["id"] in self.tree}
+        own = {}
+        for r in await self.store.find("airtime"):
+            try:
+                if r["id"] in self.tree:
+                    own[r["id"]] = parse_rule(r.get("rule"))
+            except AirtimeError as e:  # a record spoiled by hand must not keep a node down
+                log.error("quiet hours ignored event=airtime_invalid area=%s error=%s",
+                          r["id"], e)
         self.engine.set_airtime(Airtime.of(self.tree, own, self.media_epoch) if own else None)
 
     async def _start_services(self, loop: asyncio.AbstractEventLoop) -> None:
