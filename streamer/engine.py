@@ -29,6 +29,7 @@ import numpy as np
 
 from loa.codecs.encoders import Encoder, EncoderSettings, Packet
 from loa.streamer import arbiter
+from loa.streamer.airtime import Airtime, Rule
 from loa.streamer.areas import AreaTree
 from loa.streamer.broadcast import Broadcast, BroadcastClass, Policy
 from loa.streamer.clock import FRAME, SAMPLE_RATE, tick_of
@@ -190,6 +191,9 @@ class Engine:
         self.started_listeners: list[Callable[[Broadcast], None]] = []  # on the air (tick thread)
         self.ended_listeners: list[Callable[[Broadcast, str], None]] = []
         self.stats = {"ticks": 0, "mix_renders": 0, "encodes": 0, "source_errors": 0}
+        self.airtime: Airtime | None = None  # quiet hours and time-of-day volume (tick thread)
+        self._air_areas: dict[Rule, list[str]] = {}
+        self._air_state: dict[Rule, tuple[bool, int]] = {}
         silence = self._mix_for(())
         for code in self.areas:
             self.areas[code].mix = silence
@@ -234,6 +238,32 @@ class Engine:
                     self._mark(code, "reorder", live.b.id)
 
         self._commands.put(apply)
+
+    def set_airtime(self, airtime: Airtime | None) -> None:
+        """New quiet hours and volumes (streamer/airtime.py); every area re-arbitrates at the
+        next tick."""
+
+        def apply() -> None:
+            old = set(self.airtime.rules) if self.airtime else set()
+            self.airtime = airtime
+            self._air_areas = airtime.by_rule() if airtime else {}
+            self._air_state = airtime.state(self.n) if airtime else {}
+            for code in old | set(airtime.rules if airtime else ()):
+                if code in self.areas:
+                    self._mark(code, "airtime", None)
+
+        self._commands.put(apply)
+
+    def _airtime_tick(self, n: int) -> None:
+        """Mark the areas whose rule says something else at this tick than at the last."""
+        assert self.airtime is not None
+        state = self.airtime.state(n)
+        for rule, now in state.items():
+            if self._air_state.get(rule) != now:
+                for code in self._air_areas.get(rule, ()):
+                    if code in self.areas:
+                        self._mark(code, "quiet_hours", None)
+        self._air_state = state
 
     def add_area(self, code: str) -> None:
         """An area added to the tree (API, import) gets its state; it hears its ancestors'
@@ -327,6 +357,8 @@ class Engine:
             except queue.Empty:
                 break
         self._due(n)
+        if self.airtime is not None:
+            self._airtime_tick(n)
         regroup: set[str] = set()
         dirty, self._dirty = self._dirty, {}
         for code, (cause, by) in dirty.items():
@@ -406,8 +438,11 @@ class Engine:
     # ---- arbitration -------------------------------------------------------------------------
     def _arbitrate(self, st: _AreaState, n: int, cause: str, by: str | None) -> None:
         s = n * FRAME
+        air = self.airtime
         decision = arbiter.decide(self.broadcasts[b].candidate_in(st.code)
-                                  for b in st.candidates if b in self.broadcasts)
+                                  for b in st.candidates if b in self.broadcasts and (
+                                      air is None or air.allows(st.code,
+                                                                self.broadcasts[b].b.cls, n)))
         new_main, overlays = decision.main, decision.overlays
         main = self.broadcasts[new_main] if new_main else None
         audible = decision.audible
@@ -435,6 +470,8 @@ class Engine:
         for bid in audible:
             lv = self.broadcasts[bid]
             target = lv.b.gain * (duck if bid == new_main and overlays else 1.0)
+            if air is not None:
+                target *= air.gain(st.code, lv.b.cls, n)
             if bid in st.layers:
                 ph, env = st.layers[bid]
                 g = env.at(s)

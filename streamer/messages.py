@@ -1443,8 +1443,104 @@ CATALOGUE: dict[str, Text] = {
     "console.admin.no_right": Text("Chỉ quản trị viên mới mở được màn hình này",
                                    "Only administrators may open this screen"),
     # (end console: admin)
+    "console.airtime": Text("Giờ được phát và âm lượng", "Quiet hours and volume"),
+    "console.airtime.help": Text("Chương trình thường và nhạc nền chỉ phát trong khung giờ này, "
+                                 "với âm lượng theo giờ; tin khẩn cấp và tin ưu tiên luôn phát. "
+                                 "Để trống: không giới hạn.",
+                                 "Normal programmes and background music air only in these hours, "
+                                 "at the volume of the hour; emergencies and priority bulletins "
+                                 "always air. Empty: no limit."),
+    "console.airtime.none": Text("Chưa có quy định: phát cả ngày, âm lượng 100 %",
+                                 "No rule: all day at 100 %"),
+    "console.airtime.own": Text("Quy định riêng của khu vực này", "This area's own rule"),
+    "console.airtime.inherited": Text("Đang dùng quy định của {area}", "Following {area}'s rule"),
+    "console.airtime.hours": Text("Được phát", "May air"),
+    "console.airtime.volume": Text("Âm lượng theo giờ", "Volume by time of day"),
+    "console.airtime.from": Text("Từ (HH:MM)", "From (HH:MM)"),
+    "console.airtime.to": Text("Đến (HH:MM)", "To (HH:MM)"),
+    "console.airtime.percent": Text("Âm lượng (%)", "Volume (%)"),
+    "console.airtime.save": Text("Lưu giờ phát", "Save hours"),
+    "console.airtime.saved": Text("Đã lưu giờ phát", "Hours saved"),
+    "console.airtime.inherit": Text("Dùng quy định cấp trên", "Use the rule from above"),
 
     # (end console)
+
+    # OTA firmware (relay/devices/ota.py, web/api/firmware.py, relay/agent/ota.py)
+    "ota.bad_name": Text("{name}: chỉ gồm chữ, số và . _ + - (tối đa 64 ký tự)",
+                         "{name}: ASCII letters, digits and . _ + - only (at most 64)"),
+    "ota.bad_digest": Text("sha256 phải là 64 chữ số hex", "sha256 must be 64 hex digits"),
+    "ota.untrusted_model": Text("không có khóa tin cậy cho dòng thiết bị {model}",
+                                "no trusted key for model {model} ([firmware] keys)"),
+    "ota.empty_image": Text("tệp firmware rỗng", "the firmware image is empty"),
+    "ota.bad_signature": Text("chữ ký không khớp với tệp (tệp hỏng, bị cắt, sai phiên bản "
+                              "hoặc ký bằng khóa khác)",
+                              "the signature does not match this image, model and version "
+                              "(corrupt, truncated, relabelled or signed with another key)"),
+    "ota.version_exists": Text("đã có firmware {model} {version}",
+                               "firmware {model} {version} was uploaded already"),
+    "ota.no_devices": Text("không có thiết bị {model} nào trong khu vực",
+                           "no {model} device in this area"),
+    "ota.not_halted": Text("đợt cập nhật không bị dừng", "the rollout is not halted"),
+    "ota.not_running": Text("đợt cập nhật không đang chạy", "the rollout is not running"),
+    "ota.not_back": Text("thiết bị không trở lại với phiên bản mới sau {seconds:g} giây",
+                         "not back on the new version within {seconds:g} s"),
+    "ota.too_many_failures": Text("{failures} thiết bị cập nhật lỗi (cho phép {limit})",
+                                  "{failures} devices failed to update (limit {limit})"),
+    "ota.halted": Text("Dừng cập nhật firmware {model} {version}: {reason}",
+                       "Firmware rollout {model} {version} halted: {reason}"),
+    "ota.halted_by": Text("dừng bởi {user}", "halted by {user}"),
+    "ota.unknown_image": Text("không có firmware này", "unknown firmware image"),
+    "ota.unknown_rollout": Text("không có đợt cập nhật này", "unknown rollout"),
+    "ota.out_of_range": Text("{name} phải trong khoảng {lo}-{hi}", "{name} must be {lo}-{hi}"),
+    "ota.bad_stages": Text("stages: các tỷ lệ % tăng dần từ 1 đến 100, kết thúc bằng 100",
+                           "stages: rising percentages 1-100 that end with 100"),
+    "agent.ota_unable": Text("thiết bị không cập nhật được firmware (thiếu thư mục trạng thái "
+                             "hoặc khóa tin cậy)",
+                             "this device cannot update (no --state-dir or --firmware-key)"),
+    "agent.ota_wrong_model": Text("firmware dành cho dòng {model}", "firmware is for model {model}"),
+    "agent.ota_size": Text("tệp tải về bị cắt hoặc thừa: {got} trên {want} byte",
+                           "downloaded image truncated or too long: {got} of {want} bytes"),
+    "agent.ota_digest": Text("sha256 của tệp tải về không khớp",
+                             "the downloaded image's sha256 does not match"),
+    "agent.ota_signature": Text("chữ ký firmware không hợp lệ",
+                                "the firmware signature does not verify"),
+    "agent.ota_download": Text("không tải được firmware", "download failed: {error}"),
+    "agent.ota_no_start": Text("phiên bản mới không khởi động được, đã quay lại bản cũ",
+                               "the new version did not start, rolled back: {error}"),
+    "openapi.firmware": Text("Các bản firmware", "firmware images of the caller's area and above"),
+    "openapi.firmware_upload": Text("Tải lên firmware có chữ ký ed25519",
+                                    "upload a firmware image with its ed25519 signature"),
+    "openapi.firmware_item": Text("Một bản firmware", "one firmware image"),
+    "openapi.firmware_download": Text("Thiết bị tải firmware (khóa thiết bị, hỗ trợ Range)",
+                                      "a device downloads an image (device key, Range)"),
+    "openapi.rollouts": Text("Các đợt cập nhật firmware", "firmware rollouts"),
+    "openapi.rollout_create": Text("Cập nhật firmware theo từng đợt",
+                                   "start a staged firmware rollout"),
+    "openapi.rollout": Text("Một đợt cập nhật, từng thiết bị",
+                            "one rollout, device by device"),
+    "openapi.rollout_halt": Text("Dừng đợt cập nhật", "halt a rollout"),
+    "openapi.rollout_resume": Text("Tiếp tục đợt cập nhật (chấp nhận các lỗi đã có)",
+                                   "resume a rollout (accepting the failures so far)"),
+    # (end OTA firmware)
+
+    # quiet hours and time-of-day volume (streamer/airtime.py)
+    "airtime.bad_object": Text("airtime phải là {{\"hours\": [...], \"volume\": [...]}} hoặc null",
+                               "airtime must be {{\"hours\": [...], \"volume\": [...]}} or null"),
+    "airtime.bad_rows": Text("{name}: danh sách tối đa {limit} dòng",
+                             "{name}: a list of at most {limit} rows"),
+    "airtime.bad_time": Text("{name}: giờ dạng HH:MM", "{name}: a time as HH:MM"),
+    "airtime.bad_window": Text("{name}: [\"từ HH:MM\", \"đến HH:MM\"], hai giờ khác nhau",
+                               "{name}: [\"from HH:MM\", \"to HH:MM\"], two different times"),
+    "airtime.bad_volume_row": Text("{name}: cần from, to và percent",
+                                   "{name}: needs from, to and percent"),
+    "airtime.bad_percent": Text("{name}: âm lượng 0-100 %", "{name}: a volume of 0-100 %"),
+    "openapi.airtime": Text("Giờ được phát và âm lượng theo giờ của khu vực (của riêng nó hoặc "
+                            "thừa hưởng)", "an area's quiet hours and volume by time of day "
+                            "(its own or inherited)"),
+    "openapi.airtime_set": Text("Đặt giờ được phát và âm lượng theo giờ của khu vực",
+                                "set an area's own quiet hours and volume table"),
+    "openapi.airtime_clear": Text("Bỏ quy định riêng, dùng quy định của cấp trên",
+                                  "drop the area's own rule: inherit again"),
 }
 
 

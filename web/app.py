@@ -8,6 +8,7 @@ from aiohttp import web
 
 from loa.web import board, console, events, monitor, openapi
 from loa.web.api import air as api_air
+from loa.web.api import airtime as api_airtime
 from loa.web.api import archive as api_archive
 from loa.web.api import areas as api_areas
 from loa.web.api import core as api_core
@@ -15,6 +16,7 @@ from loa.web.api import delivery as api_delivery
 from loa.web.api import devices as api_devices
 from loa.web.api import emergency as api_emergency
 from loa.web.api import exchange as api_exchange
+from loa.web.api import firmware as api_firmware
 from loa.web.api import geo as api_geo
 from loa.web.api import inbox as api_inbox
 from loa.web.api import media as api_media
@@ -41,6 +43,8 @@ MAX_UPLOAD_OVERHEAD = 1024 * 1024
 def create_app(node: Node) -> web.Application:
     max_upload = node.cfg.media.max_mb * 1024 * 1024 + MAX_UPLOAD_OVERHEAD
     limits = body_limit_middleware({"/api/v1/media": max_upload,
+                                    "/api/v1/firmware": node.cfg.firmware.max_mb * 2**20
+                                    + MAX_UPLOAD_OVERHEAD,
                                     api_exchange.BULLETINS: node.exchange.body_limit})
     app = web.Application(middlewares=[refusal_audit_middleware, error_middleware, limits,
                                        auth_middleware],
@@ -49,6 +53,7 @@ def create_app(node: Node) -> web.Application:
     app[STORE] = node.store
     api_core.setup(app)
     api_areas.setup(app)
+    api_airtime.setup(app)
     api_session.setup(app)
     api_overview.setup(app)
     events.setup(app)
@@ -59,6 +64,7 @@ def create_app(node: Node) -> web.Application:
     api_delivery.setup(app)
     api_geo.setup(app)
     api_devices.setup(app)
+    api_firmware.setup(app)
     api_emergency.setup(app)
     api_exchange.setup(app)
     api_nodes.setup(app)

@@ -46,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--target-delay-ms", type=float, default=300.0,
                         help="synchronised playout delay after the RTCP time mapping")
     device.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    device.add_argument("--state-dir", default=None,
+                        help="firmware version marker and images (OTA updates need it)")
+    device.add_argument("--firmware-key", default=None,
+                        help="base64 ed25519 public key firmware images must be signed with")
+    device.add_argument("--boot-check", default=None,
+                        help="command run at the first start of a new firmware; "
+                             "non-zero exit rolls it back")
 
     sim = sub.add_parser("sim", help="a fleet of light simulated devices")
     sim.add_argument("--server", required=True)

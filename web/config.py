@@ -15,6 +15,7 @@ from typing import Any
 from loa.codecs.encoders import EncoderSettings
 from loa.relay.archive import ArchiveSettings
 from loa.relay.devices.manager import DeviceSettings
+from loa.relay.devices.ota import FirmwareSettings
 from loa.relay.exchange import ExchangeSettings
 from loa.relay.hls import HlsSettings
 from loa.relay.icecast import HttpStreamSettings
@@ -84,6 +85,7 @@ class Config:
     webrtc: WebRtcSettings = field(default_factory=WebRtcSettings)
     inputs: RelayInputSettings = field(default_factory=RelayInputSettings)
     devices: DeviceSettings = field(default_factory=DeviceSettings)
+    firmware: FirmwareSettings = field(default_factory=FirmwareSettings)
     emergency: EmergencySettings = field(default_factory=EmergencySettings)
     fetch: FetchSettings = field(default_factory=FetchSettings)
     exchange: ExchangeSettings = field(default_factory=ExchangeSettings)
@@ -187,6 +189,10 @@ def load_config(path: str | os.PathLike[str] | None = None,
         cfg.fetch.__post_init__()
     except ValueError as e:
         raise ConfigError(f"[fetch] {e}") from None
+    try:
+        cfg.firmware.trusted()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     try:
         cfg.exchange.__post_init__()
         cfg.archive.__post_init__()

@@ -296,6 +296,12 @@ def document() -> S:
     from loa.web.api import geo as api_geo
 
     paths.update(api_geo.openapi_paths())
+    from loa.web.api import firmware as api_firmware
+
+    paths.update(api_firmware.openapi_paths())
+    from loa.web.api import airtime as api_airtime
+
+    paths.update(api_airtime.openapi_paths())
     return {
         "openapi": "3.0.3",
         "info": {"title": "Loa API", "version": "1",

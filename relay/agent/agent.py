@@ -54,6 +54,7 @@ import sys
 import time
 from contextlib import suppress
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -75,9 +76,17 @@ from loa.relay.agent.commands import (
 from loa.relay.agent.firmware import FIRMWARE
 from loa.relay.agent.impair import Impairment
 from loa.relay.agent.inputs import WebRtcInput
+from loa.relay.agent.ota import FirmwareSlot, Refused
 from loa.relay.agent.pipeline import CODECS, TRANSPORTS, Pipeline
 from loa.relay.agent.playout import Player
 from loa.relay.agent.sinks import make_sink
+from loa.relay.devices.protocol import (
+    FIRMWARE_COMMAND,
+    ProtocolError,
+    firmware_args,
+    firmware_report,
+    public_key,
+)
 from loa.streamer.messages import say
 
 log = logging.getLogger("loa.agent")
@@ -99,6 +108,9 @@ class AgentOptions:
     seconds: float | None = None
     impair: Impairment = field(default_factory=Impairment)
     fm_receiver: bool = False  # says it has an FM tuner (capability `fm`): takes `fm` commands
+    state_dir: str | None = None  # firmware marker and images (OTA); None: cannot update
+    firmware_key: str | None = None  # base64 ed25519 public key the device trusts for OTA
+    boot_check: str | None = None  # the start check of a new version (exit 0 = started)
 
 
 class Agent:
@@ -120,6 +132,17 @@ class Agent:
         self._power_gen = 0
         self.fm: dict[str, Any] = {"on": False}  # the tuner: while on, the stream is not played
         self.hearing: str | None = None  # the emergency it was told it hears (proof of delivery)
+        self.slot: FirmwareSlot | None = None
+        if opts.state_dir:
+            self.slot = FirmwareSlot(Path(opts.state_dir), FIRMWARE,
+                                     public_key(opts.firmware_key) if opts.firmware_key else None,
+                                     opts.boot_check)
+        self.ota_report: dict[str, Any] | None = None  # sent after the next welcome
+        self._updating: str | None = None  # the command id of the update in progress
+
+    @property
+    def firmware(self) -> str:
+        return self.slot.firmware if self.slot is not None else FIRMWARE
 
     @property
     def volume(self) -> int:
@@ -139,11 +162,14 @@ class Agent:
     async def run(self, stop: asyncio.Event | None = None) -> int:
         stop = stop or asyncio.Event()
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+        if self.slot is not None:
+            await asyncio.to_thread(self.slot.load)
+            self.ota_report = await self.slot.boot()  # a version on trial starts now
         self.player.start()
         self.pipeline = Pipeline(self.player, self.session, prefer=self.opts.transport,
                                  impair=self.opts.impair)
         self.client = DeviceClient(self.opts.server, self.opts.device, self.opts.key,
-                                   session=self.session, firmware=FIRMWARE,
+                                   session=self.session, firmware=self.firmware,
                                    telemetry=self.telemetry, on_command=self.on_command,
                                    on_config=self.on_config, capabilities=self.capabilities())
         self._apply_gain()
@@ -177,7 +203,10 @@ class Agent:
 
     # ---- configuration ----
     async def on_config(self, config: dict[str, Any]) -> None:
-        assert self.pipeline is not None
+        assert self.pipeline is not None and self.client is not None
+        if self.ota_report is not None:  # the outcome of an update, once connected again
+            report, self.ota_report = self.ota_report, None
+            await self.client.send(report)
         self.vol.configure(config.get("volume"))
         if (em := config_emergency(config)) is not None:
             self._emergency(*em)
@@ -243,6 +272,8 @@ class Agent:
                 return False, MISSING_ON
         elif name == "display":
             return False, NO_DISPLAY
+        elif name == FIRMWARE_COMMAND:
+            return self._firmware(cmd)
         else:
             return False, unsupported(name)
         self.executed.append(cmd)
@@ -300,6 +331,51 @@ class Agent:
         self.playing = True
         await self.client.reconnect()  # the welcome of the new connection restarts the stream
 
+    # ---- OTA firmware (relay/agent/ota.py) ----
+    def _firmware(self, cmd: Command) -> Outcome:
+        """Accept an update at once (the ack), then download, verify, apply and restart."""
+        slot = self.slot
+        if slot is None or slot.key is None:
+            return False, say("agent.ota_unable")
+        try:
+            args = firmware_args(cmd.args)
+        except ProtocolError as e:
+            return False, str(e)
+        if args["model"] != slot.model:
+            return False, say("agent.ota_wrong_model", model=args["model"])
+        if self._updating is None:
+            self._updating = cmd.id
+            self._spawn(self._update(cmd.id, args))
+        return True, None
+
+    async def _update(self, cid: str, args: dict[str, Any]) -> None:
+        assert self.slot is not None and self.session is not None and self.client is not None
+        slot = self.slot
+        url = self.opts.server.rstrip("/") + args["url"]
+        auth = {"Authorization": f"Device {self.opts.device}:{self.opts.key}"}
+        try:
+            part = await slot.download(self.session, url, auth, args)
+            try:
+                await asyncio.to_thread(slot.verify, part, args)
+            except Refused:
+                await asyncio.to_thread(slot.discard, part)  # a bad image is not resumed
+                raise
+        except Refused as e:
+            log.warning("firmware refused event=agent_ota_refused version=%s error=%s",
+                        args["version"], e)
+            await self.client.send(firmware_report(cid, args["version"], "refused", str(e)))
+            self._updating = None
+            return
+        await asyncio.to_thread(slot.apply, part, args, cid)
+        # The restart: the new version starts (or is rolled back) and connects again.
+        assert self.pipeline is not None
+        await self.pipeline.stop()
+        self.ota_report = await slot.boot()
+        self.client.firmware = slot.firmware
+        self._updating = None
+        self.playing = True
+        await self.client.reconnect()
+
     # ---- telemetry ----
     def state(self) -> str:
         if not self.power_on:
@@ -347,7 +423,7 @@ class Agent:
         if pipe is not None and isinstance(pipe.input, WebRtcInput):
             self._spawn(pipe.input.refresh_stats())  # figures for the next heartbeat
         return {"state": self.state(), "volume": self.vol.level, "stream": self.stream_figures(),
-                "network": {"type": "ethernet"}, "firmware": FIRMWARE,
+                "network": {"type": "ethernet"}, "firmware": self.firmware,
                 "power": {"amp": self.power_on and all(self.relays),
                           "relays": list(self.relays[:8])},
                 "faults": self.faults(), **({"fm": dict(self.fm)} if self.opts.fm_receiver
@@ -366,11 +442,16 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
     if not 20 <= delay <= 10_000:
         raise ValueError(say("agent.bad_target_delay"))
     seconds = getattr(args, "seconds", None)
+    key_b64 = getattr(args, "firmware_key", None)
+    if key_b64:
+        public_key(key_b64)  # ValueError: refused at start, not at the first update
     return AgentOptions(server=str(args.server), device=device, key=key,
                         sink=str(getattr(args, "sink", "null") or "null"), transport=transport,
                         target_delay_ms=delay, seconds=float(seconds) if seconds else None,
                         fm_receiver=bool(getattr(args, "fm_receiver", False)),
-                        impair=Impairment.parse(os.environ.get("LOA_AGENT_IMPAIR")))
+                        impair=Impairment.parse(os.environ.get("LOA_AGENT_IMPAIR")),
+                        state_dir=getattr(args, "state_dir", None), firmware_key=key_b64,
+                        boot_check=getattr(args, "boot_check", None))
 
 
 async def _main(opts: AgentOptions, sink: Any) -> int:

@@ -379,6 +379,11 @@ class DeviceClient:
         if await self._send(ack_message(cid, ok, error)):
             self.stats["acks" if ok else "nacks"] += 1
 
+    async def send(self, msg: dict[str, Any]) -> bool:
+        """Send one message of the device's own (e.g. a firmware report); False when not
+        connected."""
+        return await self._send(msg)
+
     async def _send(self, msg: dict[str, Any]) -> bool:
         ws = self._ws
         if ws is None or ws.closed:

@@ -218,6 +218,8 @@ class DeviceManager:
         self.ack_listeners: list[Callable[[Record, float], None]] = []  # (command, loop time)
         # `playing` and `shown` reports (device, parse_report's dict): proof (proof.py)
         self.report_listeners: list[Callable[[Device, dict[str, Any]], None]] = []
+        # Device message types served by other modules (e.g. `firmware`: relay/devices/ota.py)
+        self.handlers: dict[str, Callable[[Device, dict[str, Any]], Awaitable[None]]] = {}
         self._devw = Writer(store, "device")
         self._cmdw = Writer(store, "command")
         self._heap: list[tuple[float, int, str, str]] = []  # due, seq, device, command id
@@ -507,6 +509,8 @@ class DeviceManager:
                 report = parse_report(msg)
                 for fn in self.report_listeners:
                     fn(dev, report)
+            elif kind in self.handlers:
+                await self.handlers[kind](dev, msg)
             else:
                 raise ProtocolError(say("protocol.unknown_type", kind=kind),
                                     "type")

@@ -10,6 +10,8 @@ nothing of sessions or storage (relay/devices/manager.py) nor of the device's au
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import math
 import re
@@ -18,6 +20,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from loa.streamer.errors import LoaError
 from loa.streamer.messages import say
@@ -691,3 +696,96 @@ def parse_report(msg: dict[str, Any]) -> dict[str, Any]:
     if not item or since is None or at is None or at < since:
         raise ProtocolError(say("protocol.bad_shown"), "since")
     return {"type": "shown", "item": item, "region": region, "since": since, "at": at}
+# ---- OTA firmware (docs/device-protocol.md, "Firmware updates") ------------------------------------
+# Kept apart: the `firmware` command is issued by rollouts only (relay/devices/ota.py), never by
+# POST /devices/commands (it is not in COMMANDS); the device answers it with an ack (accepted or
+# refused at once) and later with one `firmware` report (installed, refused, rolled_back).
+FIRMWARE_COMMAND = "firmware"
+FIRMWARE_REPORT = "firmware"  # the message type of the report a device sends
+FIRMWARE_STATES = ("installed", "refused", "rolled_back")
+MAX_VERSION = 64
+_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")  # also a model name
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def firmware_manifest(model: str, version: str, size: int, sha256: str) -> bytes:
+    """The bytes an ed25519 firmware signature covers: model and version are signed with the
+    image's size and digest, so a signed image cannot be relabelled (a downgrade) nor cut."""
+    return f"loa-firmware/1\n{model}\n{version}\n{size}\n{sha256}\n".encode()
+
+
+def public_key(b64: str) -> Ed25519PublicKey:
+    """An ed25519 public key from the base64 of its 32 raw bytes (ValueError otherwise)."""
+    try:
+        raw = base64.b64decode(b64.strip(), validate=True)
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except (binascii.Error, ValueError, UnsupportedAlgorithm):
+        raise ValueError("not the base64 of a 32-byte ed25519 public key") from None
+
+
+def signature_ok(keys: Iterable[Ed25519PublicKey], manifest: bytes, signature_b64: str) -> bool:
+    """Whether one of `keys` signed `manifest` (the signature as base64 of its 64 bytes)."""
+    try:
+        sig = base64.b64decode(signature_b64, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    for key in keys:
+        try:
+            key.verify(sig, manifest)
+            return True
+        except InvalidSignature:
+            continue
+    return False
+
+
+def split_firmware(reported: Any) -> tuple[str, str]:
+    """A device reports its firmware as "MODEL/VERSION" (hello, heartbeats): (model, version);
+    ("", "") when it reports none or another form."""
+    if not isinstance(reported, str) or reported.count("/") != 1:
+        return "", ""
+    model, version = reported.split("/")
+    return (model, version) if _VERSION.match(model) and _VERSION.match(version) else ("", "")
+
+
+def valid_version(v: Any, name: str) -> str:
+    """A model or version name: ASCII letters, digits and . _ + - (at most 64)."""
+    if not isinstance(v, str) or not _VERSION.match(v):
+        raise ProtocolError(say("ota.bad_name", name=name), name)
+    return v
+
+
+def firmware_args(args: Any) -> dict[str, Any]:
+    """The args of a `firmware` command as a device reads them (ProtocolError naming the field):
+    {"model", "version", "size", "sha256", "signature" (base64), "url" (a path on the node)}."""
+    a = _obj(args, "args")
+    _no_extra(a, ("model", "version", "size", "sha256", "signature", "url"), "args")
+    out: dict[str, Any] = {"model": valid_version(a.get("model"), "args.model"),
+                           "version": valid_version(a.get("version"), "args.version"),
+                           "size": _int(a, "size", 1, 2**31, path="args.", required=True),
+                           "sha256": _str(a, "sha256", 64, path="args.", required=True),
+                           "signature": _str(a, "signature", 128, path="args.", required=True),
+                           "url": _str(a, "url", MAX_URL, path="args.", required=True)}
+    if not _SHA256.match(out["sha256"]):
+        raise ProtocolError(say("ota.bad_digest"), "args.sha256")
+    if not out["url"].startswith("/") or out["url"].startswith("//"):
+        raise ProtocolError(say("protocol.not_page_url", name="args.url"), "args.url")
+    return out
+
+
+def firmware_report(cid: str, version: str, state: str, error: str | None = None
+                    ) -> dict[str, Any]:
+    """What a device says of a `firmware` command once it is settled (`parse_firmware_report`)."""
+    msg: dict[str, Any] = {"v": PROTOCOL_VERSION, "type": FIRMWARE_REPORT, "id": cid,
+                           "version": version, "state": state}
+    if error:
+        msg["error"] = error[:MAX_ERROR]
+    return msg
+
+
+def parse_firmware_report(msg: dict[str, Any]) -> tuple[str, str, str, str | None]:
+    """(command id, version, state, error) of a device's `firmware` report."""
+    cid = _str(msg, "id", MAX_ID, required=True)
+    version = valid_version(msg.get("version"), "version")
+    state = _str(msg, "state", 16, required=True, choices=FIRMWARE_STATES)
+    assert cid is not None and state is not None
+    return cid, version, state, _str(msg, "error", MAX_ERROR)

@@ -90,6 +90,9 @@ KINDS: Mapping[str, Kind] = {
     # proof of delivery (relay/devices/proof.py): id = "<emergency>.<device>", what it played
     "delivery": Kind(indexed=("subject",)),
     "shown": Kind(indexed=("area", "day")),  # boards' proof of play: per board, item and day
+    "firmware": Kind(indexed=("model",)),  # an OTA image (relay/devices/ota.py)
+    "rollout": Kind(indexed=("state", "area")),  # its staged rollout, device by device
+    "airtime": Kind(),  # id = area: its own quiet hours and volume table (streamer/airtime.py)
 }
 
 LOGS = ("audit", "asrun")

@@ -10,6 +10,7 @@ the sweep does not know how to fill fails the test, so the sweep stays complete.
 from __future__ import annotations
 
 import base64
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,18 +19,25 @@ from typing import Any
 
 import pytest
 from aiohttp import FormData
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from loa.relay.devices.protocol import firmware_manifest
 from loa.web.auth import add_user
 from tests.apiclient import PASSWORD, Api, make_config, running_api, tone_file
 
 A = "T01-H1-X1"
 B = "T01-H1-X2"
 NEW_PASSWORD = "mat-khau-moi-456"
+FW_KEY = Ed25519PrivateKey.generate()  # OTA: the vendor key the node trusts for model "loa"
 
 
 @pytest.fixture
 async def api(tmp_path):
-    async with running_api(make_config(tmp_path, max_mb=1, max_seconds=600)) as a:
+    cfg = make_config(tmp_path, max_mb=1, max_seconds=600)
+    pub = FW_KEY.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    cfg.firmware.keys = [f"loa={base64.b64encode(pub).decode()}"]
+    async with running_api(cfg) as a:
         for name, area in (("qtvA", A), ("qtvB", B)):
             await add_user(a.node.store, a.node.tree, name, "admin", area, PASSWORD,
                            emergency=True, direct=True)
@@ -50,6 +58,18 @@ async def upload(api: Api, who: str, tone: Path, area: str | None = None) -> dic
         form.add_field("area", area)
     form.add_field("file", tone.read_bytes(), filename=tone.name)
     return await created(api, who, "POST", "/api/v1/media", data=form)
+
+
+def firmware_form(version: str, area: str | None = None) -> FormData:
+    image = f"firmware {version}".encode()
+    manifest = firmware_manifest("loa", version, len(image), hashlib.sha256(image).hexdigest())
+    form = FormData()
+    for k, v in (("model", "loa"), ("version", version), ("area", area),
+                 ("signature", base64.b64encode(FW_KEY.sign(manifest)).decode())):
+        if v:
+            form.add_field(k, v)
+    form.add_field("file", image, filename="fw.bin")
+    return form
 
 
 async def programme(api: Api, who: str, status: str, **body: Any) -> str:
@@ -86,6 +106,13 @@ async def build(api: Api, tmp_path: Path) -> World:
             "time": "05:00"}))["id"]
         ids["device"] = (await created(api, who, "POST", "/api/v1/devices", json={
             "name": f"Cụm loa {area}", "kind": "loudspeaker", "area": area}))["id"]
+        await api.node.devices.update(ids["device"], {"firmware": "loa/1.0"})  # as reported
+        ids["firmware"] = (await created(api, who, "POST", "/api/v1/firmware",
+                                         data=firmware_form(f"2.0-{area}")))["id"]
+        ids["rollout"] = (await created(api, who, "POST", "/api/v1/rollouts", json={
+            "firmware": ids["firmware"], "area": area}))["id"]
+        await created(api, who, "PUT", f"/api/v1/areas/{area}/airtime",
+                      json={"hours": [["05:00", "22:00"]]})
         ids["user"] = (await created(api, who, "POST", "/api/v1/users", json={
             "username": f"nguoi-{area}", "role": "editor", "area": area,
             "password": PASSWORD}))["id"]
@@ -254,6 +281,20 @@ def attempts(w: World) -> dict[tuple[str, str], Callable[[], list[Attempt]] | st
             ("/api/v1/archive/replay", {"json": {"area": B, "from": 0, "to": 60}}),
             ("/api/v1/archive/replay", {"json": {"area": A, "from": 0, "to": 60,
                                                  "targets": [B]}})],
+        ("PUT", "/api/v1/areas/{code}/airtime"): lambda: [
+            (f"/api/v1/areas/{B}/airtime", {"json": {"hours": [["05:00", "06:00"]]}}),
+            ("/api/v1/areas/T01-H1/airtime", {"json": {"hours": [["05:00", "06:00"]]}})],
+        ("DELETE", "/api/v1/areas/{code}/airtime"): lambda: [
+            (f"/api/v1/areas/{B}/airtime", {})],
+        ("POST", "/api/v1/firmware"): lambda: [
+            ("/api/v1/firmware", {"data": firmware_form("3.0", B)})],
+        ("POST", "/api/v1/rollouts"): lambda: [
+            ("/api/v1/rollouts", {"json": {"firmware": b["firmware"], "area": A}}),
+            ("/api/v1/rollouts", {"json": {"firmware": a["firmware"], "area": B}})],
+        ("POST", "/api/v1/rollouts/{id}/halt"): lambda: [
+            (f"/api/v1/rollouts/{b['rollout']}/halt", {})],
+        ("POST", "/api/v1/rollouts/{id}/resume"): lambda: [
+            (f"/api/v1/rollouts/{b['rollout']}/resume", {})],
         ("POST", "/api/v1/alerts"): lambda: [
             ("/api/v1/alerts", {"data": cap_alert(B),
                                 "headers": {"Content-Type": "application/cap+xml"}})],
@@ -271,7 +312,7 @@ def media_form(area: str) -> FormData:
 
 
 KINDS = ("media", "programme", "schedule", "device", "emergency", "user", "area", "broadcast",
-         "bulletin", "inbox", "area_settings", "capture")
+         "bulletin", "inbox", "area_settings", "capture", "firmware", "rollout", "airtime")
 
 
 async def snapshot(api: Api) -> dict[str, Any]:
@@ -322,7 +363,7 @@ async def test_cross_area_sweep_of_every_write_operation(api: Api, tmp_path: Pat
                if e["action"] == "refused" and e["user"] == "qtvA"]
     assert sum(e["details"]["status"] == 403 for e in entries) == refused403
     assert all(e["area"] == A and e["ip"] and e["details"]["method"] in
-               ("POST", "PATCH", "DELETE") and e["target"].startswith("/api/v1/")
+               ("POST", "PUT", "PATCH", "DELETE") and e["target"].startswith("/api/v1/")
                and e["details"]["reason"] for e in entries)
     assert PASSWORD not in str(entries) and api.tokens["qtvA"] not in str(entries)
     # The operations that name nothing of another area.

@@ -141,6 +141,7 @@ async def area_create(request: web.Request) -> web.Response:
         node.tree.remove(code)  # all or nothing: the tree never holds an unstored area
         raise
     node.engine.add_area(code)
+    await node.load_airtime()  # it follows the quiet hours of the areas above it
     await audit(request, "area.create", code, parent=parent)
     return ok(_area_out(node.tree, code), 201)
 
@@ -218,6 +219,7 @@ async def _add_all(request: web.Request, rows: list[areaimport.Row]) -> list[str
         raise
     for code in added:
         node.engine.add_area(code)
+    await node.load_airtime()  # they follow the quiet hours of the areas above them
     await audit(request, "area.import", None, count=len(added))
     return added
 

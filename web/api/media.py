@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import errno
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -75,8 +75,18 @@ async def upload(request: web.Request) -> web.Response:
 
 
 async def _read_form(request: web.Request, lib: MediaLibrary) -> dict[str, Any]:
-    """The upload's fields, the file in a temp file (removed here if anything fails), within
-    bounded parts: a body of many parts or huge part headers is refused at once."""
+    form = await read_form(request, lib.temp_path, lib.settings.max_bytes, ("title", "area"))
+    if "title" in form:
+        form["title"] = form["title"][:200].strip()
+    return form
+
+
+async def read_form(request: web.Request, temp: Callable[[], Path], max_bytes: int,
+                    texts: tuple[str, ...]) -> dict[str, Any]:
+    """A multipart upload: the text parts named in `texts` (stripped) and one `file` part in a
+    temp file made by `temp()` (removed here if anything fails; "filename" its name), within
+    bounded parts: a body of many parts or huge part headers is refused at once. Parts of other
+    names are read and ignored. Used by the media library and firmware uploads."""
     form: dict[str, Any] = {}
     try:
         try:  # aiohttp's own limits (8 KB a header, 128 headers) are far above what we use
@@ -93,16 +103,14 @@ async def _read_form(request: web.Request, lib: MediaLibrary) -> dict[str, Any]:
                                         error=f"more than {MAX_PARTS} parts"))
             if not isinstance(part, BodyPartReader):  # nested multipart: never ours
                 raise ApiError(400, say("media.malformed_multipart", error="nested multipart part"))
-            if part.name == "title":
-                form["title"] = (await _text(part))[:200].strip()
-            elif part.name == "area":
-                form["area"] = (await _text(part)).strip()
+            if part.name in texts:
+                form[part.name] = (await _text(part)).strip()
             elif part.name == "file":
                 if "file" in form:
                     raise ApiError(422, say("media.one_file"), "file")
                 form["filename"] = (part.filename or "")[:200]
-                form["file"] = await asyncio.to_thread(lib.temp_path)
-                await _receive(part, form["file"], lib.settings.max_bytes)
+                form["file"] = await asyncio.to_thread(temp)
+                await _receive(part, form["file"], max_bytes)
         if "file" not in form:
             raise ApiError(422, say("media.no_file"), "file")
     except BaseException:

@@ -9,6 +9,7 @@ import { api, session, ApiFailure } from "./api.js";
 import { on } from "./live.js";
 import { date, time, isoDay } from "./format.js";
 import { ScheduleForm, weekdayName, kindName, shown } from "./scheduleform.js";
+import { Airtime } from "./airtime.js";
 
 // Calendar dates as "yyyy-mm-dd" strings; arithmetic in UTC, where a day is always 24 h.
 function addDays(iso, n) {
@@ -129,5 +130,6 @@ export function Schedule({ area }) {
     <h2>${t("console.schedule.new")}</h2>
     ${s.rights.includes("air")
       ? html`<${ScheduleForm} area=${area} day=${day} saved=${load} />`
-      : html`<p class="note">${t("console.schedule.no_air_right")}</p>`}`;
+      : html`<p class="note">${t("console.schedule.no_air_right")}</p>`}
+    <${Airtime} area=${area} canEdit=${s.rights.includes("air")} />`;
 }
