@@ -15,11 +15,13 @@ from pathlib import Path
 
 from aiohttp import web
 
+from loa.relay.devices.history import DeviceHistory, device_alerts
 from loa.relay.devices.manager import DeviceManager
 from loa.relay.fanout import FanoutPool
 from loa.relay.hls import HlsService
 from loa.relay.icecast import HttpStreamer
 from loa.relay.link import LinkServer
+from loa.relay.notify import Notifier
 from loa.relay.rtp.out import RtpConfigError, RtpOut
 from loa.relay.upstream import UpstreamLink
 from loa.relay.webrtc import WebRtcRelay
@@ -88,6 +90,8 @@ class Node:
         self.inputs: RelayInputs
         self.login_guard: LoginGuard
         self.devices: DeviceManager
+        self.history: DeviceHistory  # every device's online/offline/fault intervals
+        self.notifier: Notifier  # alerts to the people responsible (webhooks, e-mail)
         self.emergency: EmergencyService
         self.exchange: ExchangeService  # with the central source system
         self.http: HttpStreamer
@@ -167,6 +171,7 @@ class Node:
         self._stops.append(self.devices.stop)
         self._closes.append(self.devices.close_all)
         await self.devices.start()
+        await self._start_alerting()
         settings = build.emergency_settings(cfg)
         self.emergency = EmergencyService(
             engine=self.engine, station=self.station, store=self.store, bus=self.bus,
@@ -203,6 +208,19 @@ class Node:
         await self._start_webrtc(loop)
         self.links = LinkServer(self.engine, self.tree, self.hub, loop)
         self._closes.append(self.links.close)
+
+    async def _start_alerting(self) -> None:
+        """Outage history and device alerts from the device manager; the notifier telling the
+        people; then the alerts of outages open before a restart (sent once: same ids)."""
+        self.history = DeviceHistory(self.store, self.devices,
+                                     sample_interval=self.devices.settings.heartbeat)
+        self._stops.append(self.history.stop)
+        await self.history.start()
+        self.devices.status_listeners += [self.history.on_status, device_alerts(self.alerts)]
+        self.notifier = Notifier(self.store, self.tree, self.alerts, self.cfg.alerts)
+        self._stops.append(self.notifier.stop)
+        await self.notifier.start()
+        self.history.raise_open(self.alerts)
 
     async def _start_emergency(self) -> None:
         svc = self.emergency
