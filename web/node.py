@@ -212,8 +212,9 @@ class Node:
     async def _start_alerting(self) -> None:
         """Outage history and device alerts from the device manager; the notifier telling the
         people; then the alerts of outages open before a restart (sent once: same ids)."""
-        self.history = DeviceHistory(self.store, self.devices,
-                                     sample_interval=self.devices.settings.heartbeat)
+        # Signal sampled once a heartbeat, at most once a minute.
+        self.history = DeviceHistory(self.store, self.devices, sample_interval=max(
+            60.0, self.devices.settings.heartbeat))
         self._stops.append(self.history.stop)
         await self.history.start()
         self.devices.status_listeners += [self.history.on_status, device_alerts(self.alerts)]

@@ -353,7 +353,7 @@ def roll_up(tallies: dict[str, Tally], areas: dict[str, str], tree: AreaTree,
         code = areas.get(dev, "")
         if code not in tree:
             continue
-        for a in [code, *tree.ancestors(code)]:
+        for a in tree.ancestors(code):  # the area itself, then up
             if a in inside:
                 out.setdefault(a, Tally()).add(t)
     return out
