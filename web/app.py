@@ -9,6 +9,7 @@ from aiohttp import web
 from loa.web import board, console, events, monitor, openapi
 from loa.web.api import air as api_air
 from loa.web.api import areas as api_areas
+from loa.web.api import contacts as api_contacts
 from loa.web.api import core as api_core
 from loa.web.api import devices as api_devices
 from loa.web.api import emergency as api_emergency
@@ -16,6 +17,7 @@ from loa.web.api import exchange as api_exchange
 from loa.web.api import inbox as api_inbox
 from loa.web.api import media as api_media
 from loa.web.api import nodes as api_nodes
+from loa.web.api import outages as api_outages
 from loa.web.api import overview as api_overview
 from loa.web.api import reports as api_reports
 from loa.web.api import session as api_session
@@ -53,6 +55,8 @@ def create_app(node: Node) -> web.Application:
     api_air.setup(app)
     api_inbox.setup(app)
     api_reports.setup(app)
+    api_outages.setup(app)
+    api_contacts.setup(app)
     api_devices.setup(app)
     api_emergency.setup(app)
     api_exchange.setup(app)

@@ -285,6 +285,11 @@ def document() -> S:
     from loa.web.api import nodes as api_nodes
 
     paths.update(api_nodes.openapi_paths())
+    from loa.web.api import contacts as api_contacts
+    from loa.web.api import outages as api_outages
+
+    paths.update(api_outages.openapi_paths())
+    paths.update(api_contacts.openapi_paths())
     return {
         "openapi": "3.0.3",
         "info": {"title": "Loa API", "version": "1",
