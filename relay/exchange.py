@@ -201,6 +201,10 @@ class Outbox:
                 except StoreUnavailable as e:
                     log.warning("outbox store unavailable event=exchange_store error=%s", e)
                     wait = self.settings.retry_max
+                except Exception:  # a bug in one delivery must not end every later one
+                    log.exception("outbox round failed event=exchange_outbox_error kind=%s",
+                                  self.kind)
+                    wait = self.settings.retry_max
                 try:
                     await asyncio.wait_for(self._wake.wait(), wait)
                 except TimeoutError:

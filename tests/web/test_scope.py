@@ -92,6 +92,8 @@ async def build(api: Api, tmp_path: Path) -> World:
             "media": ids["media"], "targets": [area]}))["id"]
         ids["emergency"] = (await created(api, who, "POST", "/api/v1/emergencies", json={
             "targets": [area], "content": {"media": ids["media"]}}))["id"]
+        ids["contact"] = (await created(api, who, "POST", "/api/v1/alert-contacts", json={
+            "area": area, "name": f"Cán bộ {area}", "email": f"canbo@{area.lower()}.vn"}))["id"]
     # The district's bulletin in both communes' inboxes.
     pid = await programme(api, "qtv1", "approved", type="tts")
     sent = await created(api, "huyen1", "POST", "/api/v1/bulletins",
@@ -209,6 +211,11 @@ def attempts(w: World) -> dict[tuple[str, str], Callable[[], list[Attempt]] | st
             (f"/api/v1/devices/{b['device']}/provisioning", {})],
         ("POST", "/api/v1/devices/{id}/commands"): lambda: [
             (f"/api/v1/devices/{b['device']}/commands", {"json": {"command": "stop"}})],
+        ("POST", "/api/v1/alert-contacts"): lambda: [
+            ("/api/v1/alert-contacts", {"json": {"area": B, "name": "x",
+                                                 "email": "x@example.vn"}})],
+        ("DELETE", "/api/v1/alert-contacts/{id}"): lambda: [
+            (f"/api/v1/alert-contacts/{b['contact']}", {})],
         ("POST", "/api/v1/nodes"): lambda: [
             ("/api/v1/nodes", {"json": {"name": "Nút lạ", "area": B}})],
         ("POST", "/api/v1/nodes/{id}/revoke"): lambda: [
@@ -250,7 +257,7 @@ def media_form(area: str) -> FormData:
 
 
 KINDS = ("media", "programme", "schedule", "device", "emergency", "user", "area", "broadcast",
-         "bulletin", "inbox")
+         "bulletin", "inbox", "alert_contact")
 
 
 async def snapshot(api: Api) -> dict[str, Any]:
