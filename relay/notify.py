@@ -318,26 +318,28 @@ def render_mail(message: Record, sender: str, to: str, tree: AreaTree) -> MIMETe
     an encoded word and the next (Vietnamese subjects came out as "(T01)mất")."""
     if message["type"] == "digest":
         title = "[Loa] " + say("notify.digest_subject", day=message["day"],
-                                         area=_area_name(tree, message["area"]),
-                                         n=len(message["active"]))
+                               area=_area_name(tree, message["area"]),
+                               n=len(message["active"]))
         lines = [say("notify.digest_intro", area=_area_name(tree, message["area"]),
                      n=len(message["active"]), changes=message["changes"]), ""]
         lines += [f"- {a['text']} ({say('notify.since', at=_local(a['since']))})"
                   for a in message["active"]] or [say("notify.digest_none")]
     else:
-        key = {"raised": "notify.raised", "cleared": "notify.cleared",
-               "flapping": "notify.flapping"}[message["state"]]
+        where = {"area": _area_name(tree, message["area"]), "since": _local(message["since"])}
+        if message["state"] == "raised":
+            what = say("notify.raised", **where)
+        elif message["state"] == "cleared":
+            what = say("notify.cleared", cleared=_local(message["cleared"]), **where)
+        else:
+            what = say("notify.flapping", held=message["held"], area=where["area"])
         title = "[Loa] " + message["text"]
-        lines = [message["text"], "",
-                 say(key, area=_area_name(tree, message["area"]),
-                     since=_local(message["since"]), cleared=_local(message["cleared"]),
-                     held=message["held"])]
+        lines = [message["text"], "", what]
         faults = message.get("detail", {}).get("faults")
         if faults:
             lines.append(say("notify.faults", faults=", ".join(faults)))
     lines += ["", say("notify.footer")]
     mail = MIMEText("\n".join(lines) + "\n", "plain", "utf-8")
-    mail["Subject"] = Header(title, "utf-8")
+    mail["Subject"] = Header(title, "utf-8")  # type: ignore[assignment]  # compat32 takes it
     mail["From"] = sender
     mail["To"] = to
     return mail
