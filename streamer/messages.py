@@ -1329,6 +1329,21 @@ CATALOGUE: dict[str, Text] = {
     "console.reports.issuer": Text("Người phát", "Issuer"),
     "console.reports.end_cause": Text("Lý do kết thúc", "End cause"),
     "console.reports.on_air": Text("đang phát", "on air"),
+    "console.availability": Text("Tỷ lệ hoạt động của cụm loa", "Loudspeaker availability"),
+    "console.availability.month": Text("Tháng", "Month"),
+    "console.availability.csv": Text("Tải theo khu vực (CSV)", "Download per area (CSV)"),
+    "console.availability.csv_devices": Text("Tải theo cụm loa (CSV)",
+                                             "Download per device (CSV)"),
+    "console.availability.xlsx": Text("Tải bảng tính (XLSX)", "Download the workbook (XLSX)"),
+    "console.availability.condition": Text("Tình trạng cụm loa (XLSX)",
+                                           "Device condition (XLSX)"),
+    "console.availability.nothing": Text("Chưa có số liệu cụm loa trong tháng này",
+                                         "No device history for this month"),
+    "console.availability.devices": Text("Số cụm loa", "Devices"),
+    "console.availability.share": Text("Tỷ lệ hoạt động", "Availability"),
+    "console.availability.fault_h": Text("Giờ báo lỗi", "Hours in fault"),
+    "console.availability.offline_h": Text("Giờ mất kết nối", "Hours offline"),
+    "console.availability.outages": Text("Số lần mất kết nối", "Outages"),
     # (end console: reports)
 
     # console: admin (admin.js)

@@ -21,6 +21,7 @@ import pytest
 from aiohttp import web
 from aiosmtpd.controller import Controller
 from openpyxl import load_workbook
+from playwright.async_api import expect
 
 from loa.relay.devices.history import TZ, month_bounds
 from loa.relay.devices.manager import DeviceSettings
@@ -28,7 +29,10 @@ from loa.relay.devices.records import new_device_record, new_key, secret_hash
 from loa.relay.exchange import PEER, SIGNATURE, TIMESTAMP, signature
 from loa.streamer.alerts import Alert
 from loa.web.config import Config
+from loa.web.node import Node
 from tests.apiclient import Api, make_config, running_api
+from tests.emergencynode import live_config, serving
+from tests.web.browser import axe_violations, chromium, login, phone, shots
 
 
 async def until(cond: Any, timeout: float = 10.0) -> None:
@@ -62,9 +66,8 @@ async def api(tmp_path: Path) -> AsyncIterator[Api]:
 
 
 # ---- reports -----------------------------------------------------------------------------------
-async def seed(api: Api) -> tuple[str, str, float]:
-    """Two devices in two communes of district H1, one in H2, over October 2026 (local)."""
-    node = api.node
+async def seed(node: Node) -> tuple[str, str, float]:
+    """Two devices in two communes of district H1 over October 2026 (local)."""
     ids = []
     for area, name in (("T01-H1-X1", "Loa Đầu Làng"), ("T01-H1-X2", "Loa Chợ")):
         rec = new_device_record(name, "loudspeaker", area, {}, [], volume=80)
@@ -95,7 +98,7 @@ async def seed(api: Api) -> tuple[str, str, float]:
 
 
 async def test_availability_as_json_csv_and_xlsx(api: Api) -> None:
-    d1, d2, month_s = await seed(api)
+    d1, d2, month_s = await seed(api.node)
     status, body = await api.call("huyen1", "GET",
                                   "/api/v1/reports/availability?area=T01-H1&month=2026-10")
     assert status == 200, body
@@ -155,6 +158,35 @@ async def test_availability_as_json_csv_and_xlsx(api: Api) -> None:
                        ("by=commune", "by")):
         status, err = await api.call("huyen1", "GET", "/api/v1/reports/availability?" + query)
         assert status == 422 and err["field"] == fld
+
+
+async def test_the_reports_screen_shows_the_month_and_downloads_the_apis_csv(
+        tmp_path: Path) -> None:
+    async with serving(live_config(tmp_path)) as srv, chromium() as browser:
+        d1, d2, _ = await seed(srv.node)
+        page = await phone(browser, accept_downloads=True, bypass_csp=True)
+        await login(page, f"{srv.base}/", "huyen1")
+        await page.goto(f"{srv.base}/#/reports/T01-H1")
+        section = page.locator("section.availability")
+        await expect(section.locator("h2")).to_have_text("Tỷ lệ hoạt động của cụm loa")
+        await page.select_option("#availability-month", "2026-10")
+        rows = section.locator("tbody tr")
+        await expect(rows).to_have_count(3)
+        status, api_rows = await srv.call("huyen1", "GET", "/api/v1/reports/availability"
+                                          "?area=T01-H1&month=2026-10")
+        assert status == 200
+        for r in api_rows["areas"]:
+            row = section.locator(f"tr[data-area='{r['area']}']")
+            await expect(row.locator("td.share")).to_have_text(f"{r['availability_pct']} %")
+        await expect(section.locator("tr[data-area='T01-H1-X1']")).to_contain_text("6.0")
+        await shots(page, "reports-availability")
+        assert await axe_violations(page) == []
+        async with page.expect_download() as info:
+            await page.click("a.availability-csv-devices")
+        got = Path(await (await info.value).path()).read_bytes().decode("utf-8")
+        href = await page.locator("a.availability-csv-devices").get_attribute("href")
+        status, text = await srv.call("huyen1", "GET", str(href))
+        assert status == 200 and got == text and d1 in got and d2 in got
 
 
 # ---- alerts: webhooks ------------------------------------------------------------------------
