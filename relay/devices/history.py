@@ -52,9 +52,15 @@ def month_of(ts: float) -> str:
 
 def month_bounds(month: str) -> tuple[float, float]:
     """(start, end) epoch seconds of a local month "YYYY-MM"; ValueError if malformed."""
-    start = datetime.strptime(month, "%Y-%m").replace(tzinfo=TZ)
-    nxt = start.replace(year=start.year + 1, month=1) if start.month == 12 else \
-        start.replace(month=start.month + 1)
+    if len(month) != 7 or month[4] != "-" or not (month[:4] + month[5:]).isdigit():
+        raise ValueError(f"not a month: {month!r}")
+    return _bounds(int(month[:4]), int(month[5:]))
+
+
+def _bounds(year: int, month: int) -> tuple[float, float]:
+    start = datetime(year, month, 1, tzinfo=TZ)  # ValueError for month 13
+    nxt = datetime(year + 1, 1, 1, tzinfo=TZ) if month == 12 else \
+        datetime(year, month + 1, 1, tzinfo=TZ)
     return start.timestamp(), nxt.timestamp()
 
 
@@ -62,7 +68,8 @@ def pieces(start: float, end: float) -> list[tuple[float, float]]:
     """[start, end) cut at every local month start inside it."""
     out = []
     while True:
-        _, month_end = month_bounds(month_of(start))
+        local = datetime.fromtimestamp(start, TZ)
+        _, month_end = _bounds(local.year, local.month)
         if end <= month_end:
             out.append((start, end))
             return out
@@ -101,6 +108,8 @@ class DeviceHistory:
         now = time.time()
         for dev in (self.devices.devices.values() if self.devices is not None else ()):
             cur = self.open.get(dev.id)
+            if cur is None and not dev.record.get("last_seen"):
+                continue  # never connected yet (not installed): its history starts then
             if cur is None or cur["status"] != dev.status:
                 self._switch(dev.id, dev.record["area"], dev.status, "start",
                              list(dev.record.get("faults") or []), now)

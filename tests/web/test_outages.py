@@ -371,3 +371,15 @@ async def test_device_going_offline_mails_the_commune_and_flapping_is_bounded(
         await api.node.notifier.tick()  # once a day
         await asyncio.sleep(0.2)
         assert len(box.mails) == 6
+
+
+def test_bench_outages_counts_what_it_did(capsys: pytest.CaptureFixture[str]) -> None:
+    from loa.web.cli import main
+
+    assert main(["bench", "outages", "--devices", "30", "--changes", "4", "--rounds", "1"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    # 30 devices: online, then 4 changes (offline, fault, online, offline): 4 closed intervals
+    # and 2 connections (the first, and fault after offline) each.
+    assert (out["bench"], out["areas"], out["status_events"]) == ("outages", 5000, 150)
+    # Communes 0-29 lie in 30 different districts (the bench province deals them round).
+    assert out["log_entries"] == 30 * (4 + 2) and out["area_rows"] == 30 + 30 + 1
