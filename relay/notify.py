@@ -34,6 +34,7 @@ from datetime import datetime, timedelta
 from email.header import Header
 from email.mime.text import MIMEText
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import aiohttp
 
@@ -47,7 +48,7 @@ log = logging.getLogger("loa.notify")
 
 CONTACTS = "alert_contact"
 OUTBOX = "alert_out"
-TZ_NAME = "Asia/Ho_Chi_Minh"
+TZ = ZoneInfo("Asia/Ho_Chi_Minh")
 DAY = 86400.0
 
 
@@ -130,6 +131,7 @@ class Notifier:
         self._flaps: dict[tuple[str, str], _Flap] = {}
         self._recent: deque[tuple[float, str]] = deque()  # (when, area) of every change
         self._pending: set[asyncio.Task[None]] = set()
+        self._tail: asyncio.Task[None] | None = None  # the last of them (see _spawn)
         self._ticker: asyncio.Task[None] | None = None
         self._next_digest = 0.0
         self.stats = {"sent": 0, "held": 0, "summaries": 0, "digests": 0, "mails": 0}
@@ -198,7 +200,7 @@ class Notifier:
                 elif f.last is not None and f.last.cleared is not None:
                     del self._flaps[key]  # over and quiet: forgotten
         if self.settings.digest_time and now >= self._next_digest:
-            day = datetime.fromtimestamp(self._next_digest, self.tree_tz()).date().isoformat()
+            day = datetime.fromtimestamp(self._next_digest, TZ).date().isoformat()
             self._next_digest = self._digest_after(now)
             self._spawn(self._digest(day, now))
         await self.settle()
@@ -209,7 +211,16 @@ class Notifier:
         self._spawn(self._tell(f.last, "flapping", f.held))
 
     def _spawn(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
+        """Store messages in the order of the changes (a `cleared` never before its
+        `raised`): each task waits for the one before it."""
+        before = self._tail
+
+        async def in_order() -> None:
+            if before is not None:
+                await asyncio.gather(before, return_exceptions=True)
+            await coro
+
+        task = self._tail = asyncio.get_running_loop().create_task(in_order())
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
 
@@ -279,17 +290,12 @@ class Notifier:
         return True
 
     # ---- the digest's time ------------------------------------------------------------------
-    @staticmethod
-    def tree_tz() -> Any:
-        from zoneinfo import ZoneInfo
-        return ZoneInfo(TZ_NAME)
-
     def _digest_after(self, now: float) -> float:
         """The first digest time (local) strictly after `now`."""
         if not self.settings.digest_time:
             return float("inf")
         hh, mm = (int(x) for x in self.settings.digest_time.split(":"))
-        local = datetime.fromtimestamp(now, self.tree_tz())
+        local = datetime.fromtimestamp(now, TZ)
         at = local.replace(hour=hh, minute=mm, second=0, microsecond=0)
         if at.timestamp() <= now:
             at = (local + timedelta(days=1)).replace(hour=hh, minute=mm, second=0,
@@ -305,7 +311,7 @@ def _state(alert: Alert) -> str:
 def _local(ts: float | None) -> str:
     if ts is None:
         return ""
-    return datetime.fromtimestamp(ts, Notifier.tree_tz()).strftime("%H:%M %d/%m/%Y")
+    return datetime.fromtimestamp(ts, TZ).strftime("%H:%M %d/%m/%Y")
 
 
 def _area_name(tree: AreaTree, code: str) -> str:
