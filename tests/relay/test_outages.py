@@ -28,6 +28,7 @@ from loa.streamer.areas import AreaTree
 from loa.streamer.state.store_sqlite import SqliteStore
 from loa.web.testing import LiveNode, start_node
 from tests.apiclient import SAMPLE_CSV, make_config
+from tests.helpers import delete_prefix
 
 HEARTBEAT = 0.3  # offline after two missed: ~0.66 s
 
@@ -86,7 +87,10 @@ async def test_intervals_recorded_as_devices_go_away(tmp_path: Path) -> None:
 
 async def test_intervals_recorded_in_redis_alike(tmp_path: Path, redis_url: str,
                                                  redis_prefix: str) -> None:
-    await intervals_as_devices_go_away(tmp_path, redis_url, redis_prefix)
+    try:
+        await intervals_as_devices_go_away(tmp_path, redis_url, redis_prefix)
+    finally:
+        await delete_prefix(redis_url, redis_prefix)
 
 
 async def intervals_as_devices_go_away(tmp_path: Path, store: str, prefix: str) -> None:
@@ -143,15 +147,24 @@ async def intervals_as_devices_go_away(tmp_path: Path, store: str, prefix: str) 
 
 async def test_open_outages_survive_a_restart_and_are_alerted_again(tmp_path: Path) -> None:
     async with live(tmp_path) as node, aiohttp.ClientSession() as http:
+        contact = {"id": "c1", "area": "T01-H2", "name": "Huyện 2", "email": "h2@example.vn"}
+        await node.node.store.create("alert_contact", contact)
+        node.node.notifier.contacts.set(contact)
         a, key = await device(node, "T01-H2-X1", "Loa C")
         ws = await connect(http, node, a, key)
         await ws.close()
         await until(lambda: node.node.devices.devices[a].status == "offline")
         since = node.node.alerts.active[("device_offline", a)].since
+        await node.node.notifier.settle()
+        told = [r["id"] for r in await node.node.store.find("alert_out")]
+        assert len(told) == 1  # the district's contact, once
     async with live(tmp_path) as node:
-        # The outage open before the restart goes on, with its start; its alert is active again.
+        # The outage open before the restart goes on, with its start; its alert is active
+        # again, and the contact is not told twice.
         assert node.node.history.open[a]["start"] == since
         assert node.node.alerts.active[("device_offline", a)].since == since
+        await node.node.notifier.settle()
+        assert [r["id"] for r in await node.node.store.find("alert_out")] == told
 
 
 async def test_availability_is_exact_on_a_controlled_timeline(tmp_path: Path) -> None:
