@@ -30,7 +30,7 @@ from loa.web.testing import LiveNode, start_node
 from tests.apiclient import SAMPLE_CSV, make_config
 from tests.helpers import delete_prefix
 
-HEARTBEAT = 0.3  # offline after two missed: ~0.66 s
+HEARTBEAT = 1.0  # offline after two missed: 2.1 s (a quick reconnect fits well inside)
 
 
 @asynccontextmanager
@@ -119,6 +119,17 @@ async def intervals_as_devices_go_away(tmp_path: Path, store: str, prefix: str) 
         ws_b = await connect(http, node, b, key_b)
         await until(lambda: mgr.devices[b].status == "online")
         assert ("device_offline", b) not in alerts.active
+        # B reboots quickly (a new connection before two heartbeats are missed): a
+        # connection, no outage.
+        await ws_b.close()
+        ws_b = await connect(http, node, b, key_b)
+        rows_b = await intervals(node, b)
+        assert [(r["type"], r.get("status"), r.get("end_cause")) for r in rows_b] == [
+            ("connect", None, None), ("interval", "online", "missed_heartbeats"),
+            ("interval", "offline", "connected"), ("connect", None, None),
+            ("connect", None, None)]
+        opened = await node.node.store.get("device_interval", b)
+        assert opened is not None and opened["status"] == "online"
 
         rows_a = await intervals(node, a)
         assert [(r["type"], r.get("status"), r.get("cause"), r.get("end_cause"))
@@ -132,12 +143,6 @@ async def intervals_as_devices_go_away(tmp_path: Path, store: str, prefix: str) 
             assert earlier["end"] == later["start"]  # no gap, no overlap
         assert node.node.history.open[a]["status"] == "offline"
         assert node.node.history.open[a]["cause"] == "missed_heartbeats"
-        rows_b = await intervals(node, b)
-        assert [(r["type"], r.get("status"), r.get("end_cause")) for r in rows_b] == [
-            ("connect", None, None), ("interval", "online", "missed_heartbeats"),
-            ("interval", "offline", "connected"), ("connect", None, None)]
-        opened = await node.node.store.get("device_interval", b)
-        assert opened is not None and opened["status"] == "online"
         month = await node.node.store.find("device_month",
                                            month=datetime.now(TZ).strftime("%Y-%m"))
         assert [(m["device"], m["n"], m["last"]) for m in month] == [(a, 1, -75.0)]
