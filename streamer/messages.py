@@ -1329,6 +1329,25 @@ CATALOGUE: dict[str, Text] = {
     "console.reports.issuer": Text("Người phát", "Issuer"),
     "console.reports.end_cause": Text("Lý do kết thúc", "End cause"),
     "console.reports.on_air": Text("đang phát", "on air"),
+    "console.contacts": Text("Người nhận cảnh báo", "Alert contacts"),
+    "console.contacts.about": Text("Mỗi người nhận được báo các cảnh báo của khu vực mình và mọi "
+                                   "khu vực bên dưới (cụm loa mất kết nối, báo lỗi), kèm một "
+                                   "thư tóm tắt mỗi sáng.",
+                                   "Each contact hears the alerts of its area and of every area "
+                                   "below it (devices offline, faults), and a digest each "
+                                   "morning."),
+    "console.contacts.new": Text("Thêm người nhận", "Add a contact"),
+    "console.contacts.name": Text("Tên người hoặc đơn vị", "Person or office"),
+    "console.contacts.channel": Text("Nhận qua", "Told by"),
+    "console.contacts.email": Text("Thư điện tử", "E-mail"),
+    "console.contacts.webhook": Text("Webhook (hệ thống khác)", "Webhook (another system)"),
+    "console.contacts.address": Text("Địa chỉ thư hoặc URL", "E-mail address or URL"),
+    "console.contacts.add": Text("Thêm", "Add"),
+    "console.contacts.secret": Text("Khóa ký webhook (chỉ hiện một lần):",
+                                    "The webhook's signing secret (shown once):"),
+    "console.contacts.none": Text("Chưa có người nhận nào", "No contacts yet"),
+    "console.contacts.remove": Text("Xóa người nhận {name}", "Remove contact {name}"),
+    "console.contacts.remove_short": Text("Xóa", "Remove"),
     "console.availability": Text("Tỷ lệ hoạt động của cụm loa", "Loudspeaker availability"),
     "console.availability.month": Text("Tháng", "Month"),
     "console.availability.csv": Text("Tải theo khu vực (CSV)", "Download per area (CSV)"),

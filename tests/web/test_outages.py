@@ -189,6 +189,43 @@ async def test_the_reports_screen_shows_the_month_and_downloads_the_apis_csv(
         assert status == 200 and got == text and d1 in got and d2 in got
 
 
+async def test_admin_names_the_contacts_in_the_console(tmp_path: Path) -> None:
+    cfg = live_config(tmp_path)
+    cfg.fetch.allow_networks = ["127.0.0.0/8"]
+    cfg.fetch.__post_init__()
+    async with serving(cfg) as srv, chromium() as browser:
+        page = await phone(browser, bypass_csp=True)
+        await login(page, f"{srv.base}/", "qtv1")
+        await page.goto(f"{srv.base}/#/admin/alerts")
+        await expect(page.locator("main")).to_contain_text("Chưa có người nhận nào")
+        # another district's area: the server's 403 under the area field
+        await page.fill("#contact-name", "Trung tâm huyện 2")
+        await page.fill("#contact-area", "T01-H2")
+        await page.fill("#address", "h2@example.vn")
+        await page.click("form.new-contact button[type=submit]")
+        await expect(page.locator("#contact-area-error")).to_contain_text("ngoài phạm vi")
+        # a webhook for the district: its secret shown once, the contact listed
+        await page.fill("#contact-area", "T01-H1")
+        await page.select_option("#channel", "webhook")
+        await page.fill("#address", "http://169.254.169.254/hook")
+        await page.click("form.new-contact button[type=submit]")
+        await expect(page.locator("#address-error")).to_contain_text("link-local")
+        await page.fill("#address", "http://127.0.0.1:9/loa/hook")
+        await page.click("form.new-contact button[type=submit]")
+        secret = page.locator("form.new-contact .secret code")
+        await expect(secret).to_have_count(1)
+        rows = page.locator("ul.contacts li")
+        await expect(rows).to_have_count(1)
+        await expect(rows.first).to_contain_text("Trung tâm huyện 2")
+        stored = await srv.node.store.find("alert_contact")
+        assert [c["secret"] for c in stored] == [await secret.text_content()]
+        await shots(page, "admin-alerts")
+        assert await axe_violations(page) == []
+        await rows.first.locator("button").click()
+        await expect(page.locator("main")).to_contain_text("Chưa có người nhận nào")
+        assert await srv.node.store.count("alert_contact") == 0
+
+
 # ---- alerts: webhooks ------------------------------------------------------------------------
 class Receiver:
     """A webhook receiver on 127.0.0.1 that fails while `failing` is set."""
