@@ -34,6 +34,7 @@ OUTBOX = "exchange_out"  # store kind of our outgoing messages (the pull feed an
 CURSORS = "exchange_cursor"  # store kind: id = peer, `cursor` = where its bulletin feed stands
 MAX_FEED = 64 * 1024 * 1024  # a page of a peer's bulletin feed
 PUSH_TIMEOUT = 10.0
+CLAIM_WINDOW = 3 * PUSH_TIMEOUT  # seconds one node holds an attempt at a push (see _push_due)
 
 
 def _pairs(name: str, items: list[str]) -> dict[str, str]:
@@ -217,6 +218,12 @@ class Outbox:
         for rec in sorted(await self.store.find(self.kind, push="pending"), key=cursor_of):
             if rec["next_try"] > now:
                 nxt = min(nxt, rec["next_try"] - now)
+                continue
+            # Nodes of a cluster share the outbox: the store's atomic counter lets one of them
+            # make each attempt (a node that dies in it leaves the attempt to the others once
+            # the window has passed).
+            if await self.store.hit(f"{self.kind}:{rec['id']}:{rec['attempts']}",
+                                    CLAIM_WINDOW) > 1:
                 continue
             if await self._deliver(http, rec):
                 await self.store.update(self.kind, rec["id"], {"push": "delivered",

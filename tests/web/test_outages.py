@@ -420,3 +420,38 @@ def test_bench_outages_counts_what_it_did(capsys: pytest.CaptureFixture[str]) ->
     assert (out["bench"], out["areas"], out["status_events"]) == ("outages", 5000, 150)
     # Communes 0-29 lie in 30 different districts (the bench province deals them round).
     assert out["log_entries"] == 30 * (4 + 2) and out["area_rows"] == 30 + 30 + 1
+
+
+async def test_two_nodes_sharing_the_outbox_push_each_message_once(
+        tmp_path: Path, redis_url: str, redis_prefix: str) -> None:
+    """Two nodes of a cluster (one Redis store) each run the alert outbox: a receiver gets
+    each message once."""
+    from tests.helpers import delete_prefix
+
+    rx = Receiver()
+    rx.failing = False
+    await rx.start()
+    try:
+        for n in ("a", "b"):
+            (tmp_path / n).mkdir()
+        cfgs = [config(tmp_path / n) for n in ("a", "b")]
+        for cfg in cfgs:
+            cfg.store, cfg.store_prefix = redis_url, redis_prefix
+        async with running_api(cfgs[0]) as a, running_api(cfgs[1]) as b:
+            status, c = await a.call("qtv1", "POST", "/api/v1/alert-contacts", json={
+                "area": "T01-H1", "name": "Trung tâm", "webhook": rx.url})
+            assert status == 201
+            await b.node.notifier.tick()  # b reads the contact from the shared store
+            for node in (a.node, b.node):  # both raise it (as after a restart): one message
+                node.alerts.raise_(offline("loa-7", "T01-H1-X1", since=1_796_000_000.0))
+                await node.notifier.settle()
+            for i in range(20):
+                a.node.alerts.raise_(offline(f"loa-x{i}", "T01-H1-X3", since=1_796_000_000.0))
+            await a.node.notifier.settle()
+            await until(lambda: len(rx.got) == 21)
+            await asyncio.sleep(0.5)  # several rounds of both outboxes: nothing more
+            assert len(rx.got) == 21
+            assert len({json.loads(body)["id"] for _, body in rx.got}) == 21
+    finally:
+        await rx.stop()
+        await delete_prefix(redis_url, redis_prefix)
