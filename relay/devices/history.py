@@ -29,6 +29,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from loa.relay.devices.manager import Device, DeviceManager
 from loa.relay.devices.writer import WRITER_STOP_TIMEOUT, Writer
 from loa.streamer.alerts import Alert, Alerts
 from loa.streamer.areas import AreaTree
@@ -81,8 +82,8 @@ def pieces(start: float, end: float) -> list[tuple[float, float]]:
 class DeviceHistory:
     """Records the intervals of the devices this node serves (see the module's docstring)."""
 
-    def __init__(self, store: Store, devices: Any = None, sample_interval: float = 300.0
-                 ) -> None:
+    def __init__(self, store: Store, devices: DeviceManager | None = None,
+                 sample_interval: float = 300.0) -> None:
         self.store = store
         self.devices = devices  # the DeviceManager whose telemetry is sampled (None: none)
         self.sample_interval = sample_interval
@@ -106,7 +107,7 @@ class DeviceHistory:
             self.open[rec["id"]] = rec
             self.restored.add(rec["id"])
         now = time.time()
-        for dev in (self.devices.devices.values() if self.devices is not None else ()):
+        for dev in self._served():
             cur = self.open.get(dev.id)
             if cur is None and not dev.record.get("last_seen"):
                 continue  # never connected yet (not installed): its history starts then
@@ -136,10 +137,17 @@ class DeviceHistory:
         await self._opens.stop()
         await self._months.stop()
 
+    def _served(self) -> list[Device]:
+        """The devices whose history this node keeps: not those another node of a cluster
+        serves (that node records and clears them)."""
+        if self.devices is None:
+            return []
+        return [d for d in self.devices.devices.values() if not self.devices.remote(d)]
+
     def raise_open(self, alerts: Alerts) -> None:
         """After a restart: the alerts of the outages and faults that were open before it,
         with their start, so notifiers see them (and send nothing twice: same ids)."""
-        for dev in (self.devices.devices.values() if self.devices is not None else ()):
+        for dev in self._served():
             cur = self.open.get(dev.id)
             if dev.id in self.restored and cur is not None and cur["status"] != "online":
                 raise_device_alert(alerts, dev.id, dev.record.get("name") or dev.id,
