@@ -17,7 +17,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 from yarl import URL
@@ -35,6 +35,7 @@ CURSORS = "exchange_cursor"  # store kind: id = peer, `cursor` = where its bulle
 MAX_FEED = 64 * 1024 * 1024  # a page of a peer's bulletin feed
 PUSH_TIMEOUT = 10.0
 PRUNE_EVERY = 3600.0  # seconds between two prunings of the outbox
+CLAIM_WINDOW = 3 * PUSH_TIMEOUT  # seconds one node holds an attempt at a push (see _push_due)
 
 
 def _pairs(name: str, items: list[str]) -> dict[str, str]:
@@ -143,34 +144,57 @@ def cursor_of(rec: Record) -> str:
     return f"{rec['created']:.6f}-{rec['id']}"
 
 
+class PushTargets(Protocol):
+    """Where an Outbox pushes (ExchangeSettings for the exchange; alert contacts for alerts)."""
+
+    retry_min: float
+    retry_max: float
+    keep_days: float  # what needs nothing more is deleted this long after it was written
+
+    def push_url(self, peer: str) -> str | None: ...
+
+    def secret(self, peer: str) -> str | None: ...
+
+
+Deliver = Callable[[aiohttp.ClientSession, Record], Awaitable[bool]]
+
+
 class Outbox:
     """Our messages to the peers: every one is stored first (the pull feed reads them); those
     for a peer with a webhook are pushed, retried with capped backoff until a 2xx, across
-    restarts. Ids are the messages' own, so a receiver deduplicates a push it already has."""
+    restarts. Ids are the messages' own, so a receiver deduplicates a push it already has.
 
-    def __init__(self, store: Store, settings: ExchangeSettings) -> None:
+    `kind` is the store kind it keeps its messages in; `deliver` replaces the signed webhook
+    POST for messages that go another way (alert e-mails), and may call `push` itself."""
+
+    def __init__(self, store: Store, settings: PushTargets, kind: str = OUTBOX,
+                 deliver: Deliver | None = None) -> None:
         self.store = store
         self.settings = settings
+        self.kind = kind
+        self._deliver: Deliver = deliver or self.push
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.stats = {"pushed": 0, "failed": 0}
 
-    async def put(self, peer: str, message: Record) -> Record:
-        """Store a message (idempotent by id: the stored one wins) and push it if we may."""
+    async def put(self, peer: str, message: Record, push: bool | None = None) -> Record:
+        """Store a message (idempotent by id: the stored one wins) and push it if we may
+        (`push`: whether to, when the peer has no webhook URL but another way, e-mail)."""
         # One record per peer and message id (two peers may get a message of the same id).
+        if push is None:
+            push = bool(self.settings.push_url(peer))
         rec: Record = {"id": f"{peer}:{message['id']}", "peer": peer, "type": message["type"],
                        "created": time.time(), "message": message,
-                       "push": "pending" if self.settings.push_url(peer) else "pull",
-                       "attempts": 0, "next_try": 0.0}
+                       "push": "pending" if push else "pull", "attempts": 0, "next_try": 0.0}
         try:
-            await self.store.create(OUTBOX, rec)
+            await self.store.create(self.kind, rec)
         except Conflict:
-            return await self.store.get(OUTBOX, rec["id"]) or rec
+            return await self.store.get(self.kind, rec["id"]) or rec
         self._wake.set()
         return rec
 
     async def feed(self, peer: str, since: str | None, limit: int) -> list[Record]:
-        rows = sorted(await self.store.find(OUTBOX, peer=peer), key=cursor_of)
+        rows = sorted(await self.store.find(self.kind, peer=peer), key=cursor_of)
         if since:
             rows = [r for r in rows if cursor_of(r) > since]
         return rows[:limit]
@@ -190,11 +214,12 @@ class Outbox:
         however old: nothing is lost while a peer's webhook is down."""
         cutoff = (time.time() if now is None else now) - self.settings.keep_days * 86400
         old = [r for state in ("delivered", "pull")
-               for r in await self.store.find(OUTBOX, push=state) if r["created"] < cutoff]
+               for r in await self.store.find(self.kind, push=state) if r["created"] < cutoff]
         for rec in old:
-            await self.store.delete(OUTBOX, rec["id"])
+            await self.store.delete(self.kind, rec["id"])
         if old:
-            log.info("outbox pruned event=exchange_pruned messages=%d", len(old))
+            log.info("outbox pruned event=exchange_pruned kind=%s messages=%d", self.kind,
+                     len(old))
         return len(old)
 
     async def _run(self) -> None:
@@ -212,6 +237,10 @@ class Outbox:
                 except StoreUnavailable as e:
                     log.warning("outbox store unavailable event=exchange_store error=%s", e)
                     wait = self.settings.retry_max
+                except Exception:  # a bug in one delivery must not end every later one
+                    log.exception("outbox round failed event=exchange_outbox_error kind=%s",
+                                  self.kind)
+                    wait = self.settings.retry_max
                 try:
                     await asyncio.wait_for(self._wake.wait(), wait)
                 except TimeoutError:
@@ -221,26 +250,33 @@ class Outbox:
         """Push what is due; the seconds until the next retry falls due."""
         now = time.time()
         nxt = self.settings.retry_max
-        for rec in sorted(await self.store.find(OUTBOX, push="pending"), key=cursor_of):
+        for rec in sorted(await self.store.find(self.kind, push="pending"), key=cursor_of):
             if rec["next_try"] > now:
                 nxt = min(nxt, rec["next_try"] - now)
                 continue
-            if await self._push(http, rec):
-                await self.store.update(OUTBOX, rec["id"], {"push": "delivered",
-                                                            "delivered": time.time()})
+            # Nodes of a cluster share the outbox: the store's atomic counter lets one of them
+            # make each attempt (a node that dies in it leaves the attempt to the others once
+            # the window has passed).
+            if await self.store.hit(f"{self.kind}:{rec['id']}:{rec['attempts']}",
+                                    CLAIM_WINDOW) > 1:
+                continue
+            if await self._deliver(http, rec):
+                await self.store.update(self.kind, rec["id"], {"push": "delivered",
+                                                               "delivered": time.time()})
                 self.stats["pushed"] += 1
                 continue
             attempts = rec["attempts"] + 1
             s = self.settings
             # Capped exponential backoff with jitter: many nodes do not retry in lockstep.
             delay = min(s.retry_max, s.retry_min * 2 ** (attempts - 1)) * random.uniform(0.75, 1)
-            await self.store.update(OUTBOX, rec["id"], {"attempts": attempts,
-                                                        "next_try": now + delay})
+            await self.store.update(self.kind, rec["id"], {"attempts": attempts,
+                                                           "next_try": now + delay})
             self.stats["failed"] += 1
             nxt = min(nxt, delay)
         return max(nxt, 0.01)
 
-    async def _push(self, http: aiohttp.ClientSession, rec: Record) -> bool:
+    async def push(self, http: aiohttp.ClientSession, rec: Record) -> bool:
+        """POST the message to the peer's webhook, signed; True on a 2xx."""
         peer = rec["peer"]
         url, secret = self.settings.push_url(peer), self.settings.secret(peer)
         if url is None or secret is None:  # configuration changed since: pull only now
@@ -253,12 +289,12 @@ class Outbox:
             async with http.post(url, data=body, headers=headers) as r:
                 ok = 200 <= r.status < 300
                 if not ok:
-                    log.warning("push refused event=exchange_push_refused peer=%s id=%s "
-                                "status=%d", peer, rec["id"], r.status)
+                    log.warning("push refused event=exchange_push_refused kind=%s peer=%s "
+                                "id=%s status=%d", self.kind, peer, rec["id"], r.status)
                 return ok
         except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            log.info("push failed event=exchange_push_failed peer=%s id=%s error=%s", peer,
-                     rec["id"], type(e).__name__)
+            log.info("push failed event=exchange_push_failed kind=%s peer=%s id=%s error=%s",
+                     self.kind, peer, rec["id"], type(e).__name__)
             return False
 
 

@@ -11,6 +11,7 @@ from loa.web.api import air as api_air
 from loa.web.api import airtime as api_airtime
 from loa.web.api import archive as api_archive
 from loa.web.api import areas as api_areas
+from loa.web.api import contacts as api_contacts
 from loa.web.api import core as api_core
 from loa.web.api import delivery as api_delivery
 from loa.web.api import devices as api_devices
@@ -21,6 +22,7 @@ from loa.web.api import geo as api_geo
 from loa.web.api import inbox as api_inbox
 from loa.web.api import media as api_media
 from loa.web.api import nodes as api_nodes
+from loa.web.api import outages as api_outages
 from loa.web.api import overview as api_overview
 from loa.web.api import reports as api_reports
 from loa.web.api import session as api_session
@@ -63,6 +65,8 @@ def create_app(node: Node) -> web.Application:
     api_reports.setup(app)
     api_delivery.setup(app)
     api_geo.setup(app)
+    api_outages.setup(app)
+    api_contacts.setup(app)
     api_devices.setup(app)
     api_firmware.setup(app)
     api_emergency.setup(app)

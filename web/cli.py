@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--heartbeat", type=float, default=30.0)
     dev.add_argument("--proof", action="store_true",
                      help="also: an emergency's delivery proof from every device (ms)")
+    out = bsub.add_parser("outages", help="outage history cost and a month's availability report")
+    out.add_argument("--devices", type=int, default=2000)
+    out.add_argument("--changes", type=int, default=30, help="status changes per device")
+    out.add_argument("--rounds", type=int, default=3)
     fan = bsub.add_parser("fanout", help="delivery cost per listener of one transport")
     fan.add_argument("--transport", required=True, choices=["http", "rtp", "webrtc"])
     fan.add_argument("--listeners", type=int, default=1000)
@@ -164,6 +168,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from loa.web.bench.console import run as run_console
 
         return int(run_console(args))
+    if args.command == "bench" and args.bench == "outages":
+        from loa.web.bench.outages import run as run_outages
+
+        return run_outages(args)
     if args.command == "bench" and args.bench == "api":
         from loa.web.bench.api import run
 

@@ -20,6 +20,7 @@ from loa.relay.exchange import ExchangeSettings
 from loa.relay.hls import HlsSettings
 from loa.relay.icecast import HttpStreamSettings
 from loa.relay.inputs import RelayInputSettings
+from loa.relay.notify import NotifySettings
 from loa.relay.rtp.out import RtpSettings
 from loa.relay.upstream import UpstreamSettings
 from loa.relay.urlpolicy import FetchSettings
@@ -91,6 +92,7 @@ class Config:
     exchange: ExchangeSettings = field(default_factory=ExchangeSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     archive: ArchiveSettings = field(default_factory=ArchiveSettings)
+    alerts: NotifySettings = field(default_factory=NotifySettings)
 
     @property
     def data_dir(self) -> Path:
@@ -193,9 +195,10 @@ def load_config(path: str | os.PathLike[str] | None = None,
         cfg.firmware.trusted()
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    try:
-        cfg.exchange.__post_init__()
-        cfg.archive.__post_init__()
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
+    for check in (cfg.exchange.__post_init__, cfg.archive.__post_init__,
+                  cfg.alerts.__post_init__):
+        try:
+            check()
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return cfg

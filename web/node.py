@@ -17,6 +17,7 @@ from pathlib import Path
 from aiohttp import web
 
 from loa.relay.archive import Archive
+from loa.relay.devices.history import DeviceHistory, device_alerts
 from loa.relay.devices.manager import DeviceManager
 from loa.relay.devices.ota import Ota
 from loa.relay.devices.proof import DeliveryLog
@@ -24,6 +25,7 @@ from loa.relay.fanout import FanoutPool
 from loa.relay.hls import HlsService
 from loa.relay.icecast import HttpStreamer
 from loa.relay.link import LinkServer
+from loa.relay.notify import Notifier
 from loa.relay.rtp.out import RtpConfigError, RtpOut
 from loa.relay.upstream import UpstreamLink
 from loa.relay.webrtc import WebRtcRelay
@@ -98,6 +100,8 @@ class Node:
         self.login_guard: LoginGuard
         self.devices: DeviceManager
         self.ota: Ota  # firmware images and staged rollouts
+        self.history: DeviceHistory  # every device's online/offline/fault intervals
+        self.notifier: Notifier  # alerts to the people responsible (webhooks, e-mail)
         self.emergency: EmergencyService
         self.delivery: DeliveryLog  # proof of delivery: what each loudspeaker played
         self.exchange: ExchangeService  # with the central source system
@@ -208,6 +212,7 @@ class Node:
                        cfg.data_dir)
         self._stops.append(self.ota.stop)
         await self.ota.start()
+        await self._start_alerting()
         settings = build.emergency_settings(cfg)
         self.emergency = EmergencyService(
             engine=self.engine, station=self.station, store=self.store, bus=self.bus,
@@ -283,6 +288,20 @@ class Node:
             return None, None
         now = self.engine.on_air(area)
         return now["broadcast"], now["title"]  # type: ignore[return-value]
+
+    async def _start_alerting(self) -> None:
+        """Outage history and device alerts from the device manager; the notifier telling the
+        people; then the alerts of outages open before a restart (sent once: same ids)."""
+        # Signal sampled once a heartbeat, at most once a minute.
+        self.history = DeviceHistory(self.store, self.devices, sample_interval=max(
+            60.0, self.devices.settings.heartbeat))
+        self._stops.append(self.history.stop)
+        await self.history.start()
+        self.devices.status_listeners += [self.history.on_status, device_alerts(self.alerts)]
+        self.notifier = Notifier(self.store, self.tree, self.alerts, self.cfg.alerts)
+        self._stops.append(self.notifier.stop)
+        await self.notifier.start()
+        self.history.raise_open(self.alerts)
 
     async def _start_emergency(self) -> None:
         svc = self.emergency

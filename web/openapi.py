@@ -302,6 +302,11 @@ def document() -> S:
     from loa.web.api import airtime as api_airtime
 
     paths.update(api_airtime.openapi_paths())
+    from loa.web.api import contacts as api_contacts
+    from loa.web.api import outages as api_outages
+
+    paths.update(api_outages.openapi_paths())
+    paths.update(api_contacts.openapi_paths())
     return {
         "openapi": "3.0.3",
         "info": {"title": "Loa API", "version": "1",

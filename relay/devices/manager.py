@@ -220,6 +220,9 @@ class DeviceManager:
         self.report_listeners: list[Callable[[Device, dict[str, Any]], None]] = []
         # Device message types served by other modules (e.g. `firmware`: relay/devices/ota.py)
         self.handlers: dict[str, Callable[[Device, dict[str, Any]], Awaitable[None]]] = {}
+        # Told of every status change and of every connection (outage history, alerts): the
+        # `device.status` event; status == previous for a device that reconnected while online.
+        self.status_listeners: list[Callable[[dict[str, Any]], None]] = []
         self._devw = Writer(store, "device")
         self._cmdw = Writer(store, "command")
         self._heap: list[tuple[float, int, str, str]] = []  # due, seq, device, command id
@@ -454,6 +457,7 @@ class DeviceManager:
                 await self._status(dev, status, "connected")
             else:
                 self._devw.mark(rec)
+                self._tell(self._event(dev, status, "connected"))
             await self._publish_node(dev)
             await self._deliver_backlog(dev, link)
         except BaseException:  # cancelled (shutdown) or worse: no dead link left behind
@@ -562,12 +566,24 @@ class DeviceManager:
         """Set a status and queue its write; the event to announce once it is written."""
         previous, dev.status = dev.status, status
         self._persist_one(dev)
-        r = dev.record
         log.info("device status event=device_status device=%s status=%s previous=%s reason=%s",
                  dev.id, status, previous, reason)
+        ev = self._event(dev, previous, reason)
+        self._tell(ev)
+        return ev
+
+    def _event(self, dev: Device, previous: str, reason: str) -> dict[str, Any]:
+        r = dev.record
         return {"v": PROTOCOL_VERSION, "device": dev.id, "name": r["name"], "kind": r["kind"],
-                "area": r["area"], "status": status, "previous": previous, "reason": reason,
+                "area": r["area"], "status": dev.status, "previous": previous, "reason": reason,
                 "faults": r.get("faults", []), "ts": time.time()}
+
+    def _tell(self, ev: dict[str, Any]) -> None:
+        for fn in self.status_listeners:
+            try:
+                fn(ev)
+            except Exception:  # a listener's bug must not stop the control channel
+                log.exception("status listener failed event=device_status_listener_error")
 
     async def _announce(self, events: list[dict[str, Any]]) -> None:
         """Status events go out once the store has the change: a subscriber that reads the

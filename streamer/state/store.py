@@ -93,9 +93,17 @@ KINDS: Mapping[str, Kind] = {
     "firmware": Kind(indexed=("model",)),  # an OTA image (relay/devices/ota.py)
     "rollout": Kind(indexed=("state", "area")),  # its staged rollout, device by device
     "airtime": Kind(),  # id = area: its own quiet hours and volume table (streamer/airtime.py)
+    # Outage history (relay/devices/history.py): each device's open interval (id = device), its
+    # signal per month (id = device:YYYY-MM); closed intervals are the log `device_intervals`.
+    "device_interval": Kind(indexed=("area",)),
+    "device_month": Kind(indexed=("month",)),
+    # Alerts to people (relay/notify.py): who is told of an area's alerts, and the outbox of
+    # signed webhook pushes (relay/exchange.py's Outbox, of its own kind).
+    "alert_contact": Kind(indexed=("area",)),
+    "alert_out": Kind(indexed=("peer", "push")),
 }
 
-LOGS = ("audit", "asrun")
+LOGS = ("audit", "asrun", "device_intervals")
 
 
 class Store(abc.ABC):

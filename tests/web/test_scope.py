@@ -124,6 +124,8 @@ async def build(api: Api, tmp_path: Path) -> World:
                                        url="http://203.0.113.5/khong-co.mp3")
         ids["capture"] = (await created(api, who, "POST", "/api/v1/captures", json={
             "programme": ids["relay"], "start": time.time() + 3600, "seconds": 60}))["id"]
+        ids["contact"] = (await created(api, who, "POST", "/api/v1/alert-contacts", json={
+            "area": area, "name": f"Cán bộ {area}", "email": f"canbo@{area.lower()}.vn"}))["id"]
     # The district's bulletin in both communes' inboxes.
     pid = await programme(api, "qtv1", "approved", type="tts")
     sent = await created(api, "huyen1", "POST", "/api/v1/bulletins",
@@ -241,6 +243,11 @@ def attempts(w: World) -> dict[tuple[str, str], Callable[[], list[Attempt]] | st
             (f"/api/v1/devices/{b['device']}/provisioning", {})],
         ("POST", "/api/v1/devices/{id}/commands"): lambda: [
             (f"/api/v1/devices/{b['device']}/commands", {"json": {"command": "stop"}})],
+        ("POST", "/api/v1/alert-contacts"): lambda: [
+            ("/api/v1/alert-contacts", {"json": {"area": B, "name": "x",
+                                                 "email": "x@example.vn"}})],
+        ("DELETE", "/api/v1/alert-contacts/{id}"): lambda: [
+            (f"/api/v1/alert-contacts/{b['contact']}", {})],
         ("POST", "/api/v1/nodes"): lambda: [
             ("/api/v1/nodes", {"json": {"name": "Nút lạ", "area": B}})],
         ("POST", "/api/v1/nodes/{id}/revoke"): lambda: [
@@ -312,7 +319,8 @@ def media_form(area: str) -> FormData:
 
 
 KINDS = ("media", "programme", "schedule", "device", "emergency", "user", "area", "broadcast",
-         "bulletin", "inbox", "area_settings", "capture", "firmware", "rollout", "airtime")
+         "bulletin", "inbox", "area_settings", "capture", "firmware", "rollout", "airtime",
+         "alert_contact")
 
 
 async def snapshot(api: Api) -> dict[str, Any]:

@@ -1,16 +1,18 @@
 // Administration of the caller's subtree: users (create, role, emergency right, disable, a new
 // password shown once), the area tree with its CSV import (every row checked by a dry run, its
-// errors shown, before anything is stored) and the audit log (newest first, filtered, paged).
+// errors shown, before anything is stored), the audit log (newest first, filtered, paged) and
+// who is told of alerts (contacts.js).
 // The server decides; a refusal is shown next to the field or the action it concerns.
 import { useEffect, useState } from "preact/hooks";
 import { html, t, half, word } from "./i18n.js";
 import { api, session, ApiFailure } from "./api.js";
 import { useSubmit, Field, FormError } from "./forms.js";
 import { dateTime } from "./format.js";
+import { Contacts } from "./contacts.js";
 
 const ROLES = ["viewer", "editor", "operator", "approver", "admin"];
 const tabs = () => [["users", t("console.admin.users")], ["areas", t("console.admin.areas")],
-                    ["audit", t("console.admin.audit")]];
+                    ["audit", t("console.admin.audit")], ["alerts", t("console.contacts")]];
 
 function message(e) {
   return e instanceof ApiFailure ? half(e.message) : t("console.network");
@@ -225,11 +227,17 @@ function Audit() {
       ${t("console.admin.older")}</button>`}`;
 }
 
+function Alerts() {
+  const [areas] = useAreas();
+  return html`<${Contacts} areas=${areas} />`;
+}
+
 export function Admin({ tab }) {
-  const current = ["users", "areas", "audit"].includes(tab) ? tab : "users";
+  const current = ["users", "areas", "audit", "alerts"].includes(tab) ? tab : "users";
   return html`<h1>${t("console.admin")}</h1>
     <nav class="tabs" aria-label=${t("console.admin")}><ul>
       ${tabs().map(([id, name]) => html`<li><a href=${`#/admin/${id}`}
         aria-current=${id === current ? "page" : undefined}>${name}</a></li>`)}</ul></nav>
-    ${current === "users" ? html`<${Users} />` : current === "areas" ? html`<${Areas} />` : html`<${Audit} />`}`;
+    ${current === "users" ? html`<${Users} />` : current === "areas" ? html`<${Areas} />`
+      : current === "alerts" ? html`<${Alerts} />` : html`<${Audit} />`}`;
 }

@@ -8,6 +8,7 @@ import { api, session, ApiFailure } from "./api.js";
 import { useSubmit, Field, FormError } from "./forms.js";
 import { on } from "./live.js";
 import { date, dateTime, isoDay } from "./format.js";
+import { Availability } from "./availability.js";
 
 const CLASSES = ["emergency", "priority", "normal", "background"];
 const SHOWN_ROWS = 500; // the rest is in the CSV
@@ -171,5 +172,6 @@ export function Reports({ area }) {
     ${!data ? html`<p class="loading">${t("console.loading")}</p>` : html`
       <${Charts} summary=${data.summary} />
       <h2>${t("console.reports.asrun")}</h2>
-      <${AsRun} entries=${data.entries} />`}`;
+      <${AsRun} entries=${data.entries} />
+      <${Availability} area=${area} />`}`;
 }
