@@ -49,7 +49,7 @@ import json
 import logging
 import math
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -472,6 +472,16 @@ def _subtree_totals(tree: AreaTree, scope: str, c: Collected, listed: set[str]
     return out
 
 
+def active_alerts(node: Any, scope: str) -> list[dict[str, Any]]:
+    """The node's active alerts about areas of `scope`'s subtree, oldest first."""
+    tree = node.tree
+    out = [{"kind": a.kind, "subject": a.subject, "area": a.area, "severity": a.severity,
+            "text": a.text, "since": round(a.since, 3), "detail": a.detail}
+           for a in node.alerts.active.values()
+           if a.area in tree and tree.contains(scope, a.area)]
+    return sorted(out, key=lambda a: a["since"])
+
+
 async def monitor_json(app: web.Application, scope: str, depth: int | None = None,
                        root: str | None = None) -> dict[str, Any]:
     """The monitor document for the subtree of `scope`, down to `depth` levels below it;
@@ -556,6 +566,8 @@ async def monitor_json(app: web.Application, scope: str, depth: int | None = Non
             "engine": engine_figures(node),
             "devices": collected.devices,  # over the whole subtree of the scope
             "transports": transport_figures(app, collected),
+            # What needs a person now (streamer/alerts.py): those about this subtree.
+            "alerts": active_alerts(node, scope),
             "links": {"children": node.links.stats(),  # issue 12: the links between nodes
                       "refused": list(node.links.refusals),  # the latest refusals (loop ...)
                       "upstream": node.upstream.stats() if node.upstream else None},
@@ -643,6 +655,7 @@ class MetricsSnapshot:
     device_events: dict[str, int] | None
     upstream: dict[str, Any] | None = None  # the link to this node's parent, if any
     children: int = 0  # child nodes linked to this node
+    alerts: dict[tuple[str, str], int] = field(default_factory=dict)  # (kind, severity) -> n
 
 
 async def metrics_snapshot(app: web.Application) -> MetricsSnapshot:
@@ -654,7 +667,8 @@ async def metrics_snapshot(app: web.Application) -> MetricsSnapshot:
         lag=node.lag.as_dict(), engine=engine_figures(node),
         transports=transport_figures(app, c), areas=[a.code for a in list(node.tree)],
         device_events=dict(mgr.stats) if mgr is not None else None,
-        upstream=node.upstream.stats() if node.upstream else None, children=len(node.links.feeds))
+        upstream=node.upstream.stats() if node.upstream else None, children=len(node.links.feeds),
+        alerts=dict(Counter((a.kind, a.severity) for a in node.alerts.active.values())))
 
 
 async def metrics_text(app: web.Application) -> str:
@@ -793,6 +807,8 @@ def format_metrics(snap: MetricsSnapshot) -> str:
         e.add("loa_device_events_total", "counter", "Device control channel events.",
               [({"event": k}, v) for k, v in snap.device_events.items()])
     e.one("loa_link_children", "gauge", "Child nodes linked to this node.", snap.children)
+    e.add("loa_alerts_active", "gauge", "Active alerts (things that need a person) by kind.",
+          [({"kind": k, "severity": s}, n) for (k, s), n in sorted(snap.alerts.items())])
     up = snap.upstream
     if up is not None:
         e.one("loa_upstream_up", "gauge", "1 while the link to the parent node is up.",

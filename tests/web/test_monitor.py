@@ -436,3 +436,21 @@ async def test_page_logs_in_shows_the_area_and_listens(server: Server) -> None:
         finally:
             await browser.close()
     assert server.node.engine.on_air("T01-H1-X1")["broadcast"] == bid  # nothing stopped it
+
+
+async def test_active_alerts_are_in_the_monitor_of_their_subtree_and_in_metrics(api: Api) -> None:
+    from loa.streamer.alerts import Alert
+    alerts = api.node.alerts
+    alerts.raise_(Alert("device_offline", "loa-x11", "T01-H1-X1", "mất kết nối / offline"))
+    alerts.raise_(Alert("dead_air", "T01-H2-X1", "T01-H2-X1", "im lặng / dead air", "critical"))
+    status, body = await api.call("xa11", "GET", "/api/v1/monitor")
+    assert status == 200, body
+    assert [(a["kind"], a["area"]) for a in body["node"]["alerts"]] == [
+        ("device_offline", "T01-H1-X1")]  # the other commune's alert is not its business
+    status, body = await api.call("tinh", "GET", "/api/v1/monitor")
+    assert {a["kind"] for a in body["node"]["alerts"]} == {"device_offline", "dead_air"}
+    series, _ = await get_metrics(api.client)
+    assert val(series, "loa_alerts_active", kind="dead_air", severity="critical") == 1
+    alerts.clear("dead_air", "T01-H2-X1")
+    status, body = await api.call("tinh", "GET", "/api/v1/monitor")
+    assert [a["kind"] for a in body["node"]["alerts"]] == ["device_offline"]
