@@ -133,32 +133,47 @@ class Outbox:
     for a peer with a webhook are pushed, retried with capped backoff until a 2xx, across
     restarts. Ids are the messages' own, so a receiver deduplicates a push it already has."""
 
-    def __init__(self, store: Store, settings: ExchangeSettings) -> None:
+    def __init__(self, store: Store, settings: ExchangeSettings, kind: str = OUTBOX) -> None:
         self.store = store
         self.settings = settings
+        self.kind = kind  # the store kind; the link to a parent node keeps its own (uplink.py)
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.stats = {"pushed": 0, "failed": 0}
 
-    async def put(self, peer: str, message: Record) -> Record:
-        """Store a message (idempotent by id: the stored one wins) and push it if we may."""
+    async def put(self, peer: str, message: Record, replace: bool = False) -> Record:
+        """Store a message (idempotent by id: the stored one wins, unless `replace`: a newer
+        state of the same thing, queued anew) and push it if we may."""
         # One record per peer and message id (two peers may get a message of the same id).
         rec: Record = {"id": f"{peer}:{message['id']}", "peer": peer, "type": message["type"],
                        "created": time.time(), "message": message,
                        "push": "pending" if self.settings.push_url(peer) else "pull",
                        "attempts": 0, "next_try": 0.0}
+        if replace:
+            await self.store.put(self.kind, rec)
+            self._wake.set()
+            return rec
         try:
-            await self.store.create(OUTBOX, rec)
+            await self.store.create(self.kind, rec)
         except Conflict:
-            return await self.store.get(OUTBOX, rec["id"]) or rec
+            return await self.store.get(self.kind, rec["id"]) or rec
         self._wake.set()
         return rec
 
     async def feed(self, peer: str, since: str | None, limit: int) -> list[Record]:
-        rows = sorted(await self.store.find(OUTBOX, peer=peer), key=cursor_of)
+        rows = sorted(await self.store.find(self.kind, peer=peer), key=cursor_of)
         if since:
             rows = [r for r in rows if cursor_of(r) > since]
         return rows[:limit]
+
+    async def done(self, rec: Record) -> None:
+        """A message the peer has taken: deleted, unless a newer state replaced it meanwhile."""
+        now = await self.store.get(self.kind, rec["id"])
+        if now is not None and now["created"] == rec["created"]:
+            await self.store.delete(self.kind, rec["id"])
+
+    async def queued(self, peer: str) -> int:
+        return await self.store.count(self.kind, peer=peer)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -188,12 +203,12 @@ class Outbox:
         """Push what is due; the seconds until the next retry falls due."""
         now = time.time()
         nxt = self.settings.retry_max
-        for rec in sorted(await self.store.find(OUTBOX, push="pending"), key=cursor_of):
+        for rec in sorted(await self.store.find(self.kind, push="pending"), key=cursor_of):
             if rec["next_try"] > now:
                 nxt = min(nxt, rec["next_try"] - now)
                 continue
             if await self._push(http, rec):
-                await self.store.update(OUTBOX, rec["id"], {"push": "delivered",
+                await self.store.update(self.kind, rec["id"], {"push": "delivered",
                                                             "delivered": time.time()})
                 self.stats["pushed"] += 1
                 continue
@@ -201,7 +216,7 @@ class Outbox:
             s = self.settings
             # Capped exponential backoff with jitter: many nodes do not retry in lockstep.
             delay = min(s.retry_max, s.retry_min * 2 ** (attempts - 1)) * random.uniform(0.75, 1)
-            await self.store.update(OUTBOX, rec["id"], {"attempts": attempts,
+            await self.store.update(self.kind, rec["id"], {"attempts": attempts,
                                                         "next_try": now + delay})
             self.stats["failed"] += 1
             nxt = min(nxt, delay)

@@ -24,7 +24,7 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -36,6 +36,9 @@ from loa.streamer.clock import FRAME
 from loa.streamer.messages import say
 from loa.streamer.sources import LivePush
 from loa.streamer.station import Content, Station
+
+if TYPE_CHECKING:
+    from loa.relay.uplink import Uplink
 
 log = logging.getLogger("loa.upstream")
 
@@ -52,6 +55,8 @@ class UpstreamSettings:
     hold_s: float = 2.0  # after a link loss, the parent's broadcasts (not emergencies) stay
     buffer_ms: float = 60.0  # the jitter buffer of each of the parent's broadcasts
     heartbeat_s: float = 1.0  # a silent dead link is noticed within about this
+    queue_max: int = 100_000  # upward messages kept for the parent (relay/uplink.py)
+    audit_s: float = 3600.0  # an audit summary goes up this often (0: never)
 
 
 @dataclass
@@ -82,6 +87,7 @@ class UpstreamLink:
         self._task: asyncio.Task[None] | None = None
         self._hold: asyncio.TimerHandle | None = None
         self._released = False  # this outage's hold is over
+        self.uplink: Uplink | None = None  # what goes up (relay/uplink.py), sent once greeted
 
     @property
     def ws_url(self) -> str:
@@ -143,16 +149,24 @@ class UpstreamLink:
         """Read until the link ends; True when the parent said hello (a healthy connection)."""
         greeted = False
         reason = ""
-        while True:
-            msg = await ws.receive()
-            if msg.type is aiohttp.WSMsgType.TEXT:
-                greeted = await self._event(msg.data) or greeted
-            elif msg.type is aiohttp.WSMsgType.BINARY:
-                self._frame(msg.data)
-            else:  # CLOSE (with the parent's reason), CLOSED, ERROR
-                if msg.type is aiohttp.WSMsgType.CLOSE and msg.extra:
-                    reason = str(msg.extra)
-                break
+        sender: asyncio.Task[None] | None = None
+        try:
+            while True:
+                msg = await ws.receive()
+                if msg.type is aiohttp.WSMsgType.TEXT:
+                    greeted = await self._event(msg.data) or greeted
+                    if greeted and sender is None and self.uplink is not None:
+                        sender = self.uplink.attach(ws.send_str)
+                elif msg.type is aiohttp.WSMsgType.BINARY:
+                    self._frame(msg.data)
+                else:  # CLOSE (with the parent's reason), CLOSED, ERROR
+                    if msg.type is aiohttp.WSMsgType.CLOSE and msg.extra:
+                        reason = str(msg.extra)
+                    break
+        finally:
+            if sender is not None:
+                sender.cancel()
+                await asyncio.gather(sender, return_exceptions=True)
         code = ws.close_code
         if not reason:
             exc = ws.exception()
@@ -187,6 +201,8 @@ class UpstreamLink:
                 await self._start(msg["broadcast"])
             elif kind == "stop":
                 self._stop(str(msg["id"]), str(msg.get("cause") or "upstream-stop"))
+            elif kind == "ack" and self.uplink is not None:
+                self.uplink.acked(msg)
             else:
                 raise LinkError(say("link.event_unknown", type=kind))
         except (ValueError, KeyError, TypeError, LinkError) as e:

@@ -21,6 +21,7 @@ from loa.relay.hls import HlsService
 from loa.relay.icecast import HttpStreamer
 from loa.relay.link import LinkServer
 from loa.relay.rtp.out import RtpConfigError, RtpOut
+from loa.relay.uplink import Uplink, UplinkReceiver
 from loa.relay.upstream import UpstreamLink
 from loa.relay.webrtc import WebRtcRelay
 from loa.streamer.alerts import Alerts
@@ -98,6 +99,8 @@ class Node:
         self.whep_offers: OfferBuckets
         self.links: LinkServer  # children linked to this node
         self.upstream: UpstreamLink | None = None  # [upstream] url: this node's parent
+        self.uplink: Uplink | None = None  # what this node reports to its parent
+        self.uplink_in: UplinkReceiver  # what its children report to it
         self._tasks: list[asyncio.Task[None]] = []
         self._known_schedules: list[Record] = []
         # broadcast id -> inbox entry it airs (a scheduled bulletin from above): marked aired
@@ -142,6 +145,11 @@ class Node:
         self.station = Station(self.engine, self.store, self.library, self.speech, loop,
                                media_epoch, node_id=self.node_id,
                                relay_factory=self.inputs.factory)
+        self.uplink_in = UplinkReceiver(self.store, self.tree)
+        if cfg.upstream.url:  # before the station's start: what a crash left open goes up too
+            self.uplink = self.uplink_in.forward = Uplink(self.store, cfg.upstream, self.tree,
+                                                          self.alerts)
+            self.station.closed_hooks.append(self.uplink.asrun)
         self.station.start()
         try:
             await self._bootstrap_admin()
@@ -157,7 +165,18 @@ class Node:
         if cfg.upstream.url:  # the parent's broadcasts join what this node airs of its own
             self.upstream = UpstreamLink(cfg.upstream, self.station, self.tree)
             self._stops.append(self.upstream.close)
+            if self.uplink is not None:
+                self.upstream.uplink = self.uplink
+                self._stops.append(self.uplink.close)
+                self.uplink.start(self.bus, self.engine.ended_listeners, self.station.flush,
+                                  self._speakers)
             await self.upstream.start()
+
+    def _speakers(self, areas: set[str]) -> tuple[int, int]:
+        """Loudspeakers of these areas: (total, online), for the parent's delivery counts."""
+        found = [d for d in self.devices.find(areas, kind="loudspeaker")
+                 if not d.record.get("revoked")]
+        return len(found), sum(d.status != "offline" for d in found)
 
     async def _start_services(self, loop: asyncio.AbstractEventLoop) -> None:
         cfg = self.cfg
