@@ -14,10 +14,12 @@ import asyncio
 import logging
 import secrets
 import time
+from collections import Counter
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from loa.relay.devices.protocol import DEVICE_STATUSES
 from loa.relay.devices.records import new_id, same_hash, secret_hash
 from loa.relay.link import CLOSE_AREAS, CLOSE_CREDENTIAL, Feed, LinkError
 from loa.relay.uplink import MAX_MESSAGE
@@ -147,8 +149,17 @@ async def node_list(request: web.Request) -> web.Response:
     mine = [r for r in await node.store.find("node_key")
             if r["area"] in node.tree and node.tree.contains(p.area, r["area"])]
     mine.sort(key=lambda r: r["id"])
-    return ok({"nodes": [public_node(r, node) for r in mine], "links": node.links.stats(),
-               "upstream": node.upstream.stats() if node.upstream else None})
+    # The devices each child reported (relay/uplink.py), by status, its own children's included.
+    devices: dict[str, Counter[str]] = {r["id"]: Counter() for r in mine}
+    for d in await node.store.find("node_device"):
+        if d.get("node") in devices:
+            devices[d["node"]][d["status"]] += 1
+    return ok({"nodes": [{**public_node(r, node), "devices": {
+                   s: devices[r["id"]][s] for s in DEVICE_STATUSES}} for r in mine],
+               "links": node.links.stats(),
+               "upstream": node.upstream.stats() if node.upstream else None,
+               "uplink": node.uplink.stats() if node.uplink else None,
+               "reports": node.uplink_in.counts})
 
 
 @routes.post("/api/v1/nodes/{id}/revoke")
