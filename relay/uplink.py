@@ -309,6 +309,8 @@ class UplinkReceiver:
         self.store = store
         self.tree = tree
         self.forward: Uplink | None = None  # this node's own way up, when it has a parent
+        # Told of each message taken, after it is stored: (type, what was stored).
+        self.taken: list[Callable[[str, Record], Awaitable[None]]] = []
         self.counts = {t: 0 for t in TYPES} | {"refused": 0}
 
     def parse(self, data: str) -> Record:
@@ -364,17 +366,24 @@ class UplinkReceiver:
         key = f"{node['id']}:{mid}"
         kind = msg["type"]
         if kind == "asrun":
-            await self._asrun(node, key, msg, origin)
+            stored = await self._asrun(node, key, msg, origin)
         elif kind == "device":
-            await self._device(node, key, msg, origin)
+            stored = await self._device(node, key, msg, origin)
         elif kind == "delivery":
-            await self._delivery(node, key, msg, origin)
+            stored = await self._delivery(node, key, msg, origin)
         else:
-            await self._audit(node, key, msg, origin)
+            stored = await self._audit(node, key, msg, origin)
         if self.forward is not None:
             await self.forward.forward(node, msg)
+        for hook in self.taken:
+            try:
+                await hook(kind, stored)
+            except StoreUnavailable:
+                raise
+            except Exception:  # noqa: BLE001 - a listener's fault must not refuse the report
+                log.exception("uplink listener failed event=uplink_error type=%s", kind)
 
-    async def _asrun(self, node: Record, key: str, msg: Record, origin: list[str]) -> None:
+    async def _asrun(self, node: Record, key: str, msg: Record, origin: list[str]) -> Record:
         e = msg.get("entry")
         if not isinstance(e, dict) or set(e) - set(ASRUN_FIELDS):
             raise Refused(say("uplink.bad_field", field="entry"))
@@ -393,9 +402,9 @@ class UplinkReceiver:
             "start": start, "end": end, "seconds": round(end - start, 3),
             "node": node["id"], "node_name": node["name"], "via": origin,
             "ts": min(end, time.time())}
-        await self.store.append("asrun", entry)  # once per id: a replay adds nothing
+        return await self.store.append("asrun", entry)  # once per id: a replay adds nothing
 
-    async def _device(self, node: Record, key: str, msg: Record, origin: list[str]) -> None:
+    async def _device(self, node: Record, key: str, msg: Record, origin: list[str]) -> Record:
         d = msg.get("device")
         if not isinstance(d, dict):
             raise Refused(say("uplink.bad_field", field="device"))
@@ -409,8 +418,10 @@ class UplinkReceiver:
         known = await self.store.get("node_device", key)
         if known is None or known["changed"] <= rec["changed"]:  # a replay of an older state
             await self.store.put("node_device", rec)
+        return rec
 
-    async def _delivery(self, node: Record, key: str, msg: Record, origin: list[str]) -> None:
+    async def _delivery(self, node: Record, key: str, msg: Record, origin: list[str]
+                        ) -> Record:
         bid = _text(msg.get("broadcast"), 64, "broadcast", optional=False)
         assert bid is not None
         rec = await self.store.get("broadcast", bid)
@@ -429,15 +440,15 @@ class UplinkReceiver:
                                 for k in ("total", "online")}}
         rows = [r for r in rec.get("delivery", [])
                 if (r.get("node"), r.get("via")) != (node["id"], origin)]
-        await self.store.update("broadcast", bid, {"delivery": [*rows, row]})
+        return await self.store.update("broadcast", bid, {"delivery": [*rows, row]})
 
-    async def _audit(self, node: Record, key: str, msg: Record, origin: list[str]) -> None:
+    async def _audit(self, node: Record, key: str, msg: Record, origin: list[str]) -> Record:
         since, until = _number(msg.get("from"), "from"), _number(msg.get("to"), "to")
         actions = msg.get("actions")
         if not isinstance(actions, dict) or len(actions) > 200:
             raise Refused(say("uplink.bad_field", field="actions"))
         counts = {_text(a, 64, "actions") or "": _count(n, "actions") for a, n in actions.items()}
-        await self.store.append("audit", {
+        return await self.store.append("audit", {
             "id": key, "user": f"node:{node['name']}", "area": node["area"],
             "action": "node.audit_summary", "target": node["id"], "ip": None,
             "ts": min(until, time.time()),

@@ -194,6 +194,7 @@ class Node:
             fetch=cap_fetcher(settings, cfg.fetch), node_id=self.node_id)
         await self._start_emergency()  # before the Station's generic restore
         self.exchange = ExchangeService(self)
+        self.uplink_in.taken.append(self.exchange.child_report)  # children in its reports
         self._stops.append(self.exchange.stop)
         await self.exchange.start()
         self.http = build.http_streamer(cfg, self.hub, self.engine.on_air)

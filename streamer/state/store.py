@@ -87,7 +87,7 @@ KINDS: Mapping[str, Kind] = {
     # Upward over the node link (relay/uplink.py): the child's queue of reports not yet acked
     # by its parent, and on the parent the devices its children reported (id = "node:device").
     "uplink_out": Kind(indexed=("peer", "push")),
-    "node_device": Kind(indexed=("node", "area")),
+    "node_device": Kind(indexed=("node", "area", "kind")),
     "rtp_group": Kind(indexed=("block",), unique=("block",)),  # id = area: its multicast block
 }
 

@@ -60,7 +60,7 @@ async def own_programme(node: NodeProcess, tone: Path, area: str) -> str:
     bid = str(b["id"])
     await eventually(lambda: entries(node, bid), "the programme on air")
     status, out = await node.call("DELETE", f"/api/v1/broadcasts/{bid}")
-    assert status == 200, out
+    assert status == 204, out
 
     async def closed() -> bool:
         return any(e["end"] is not None for e in await entries(node, bid))

@@ -38,7 +38,7 @@ async def _device_counts(node: Node, rows: set[str]) -> dict[str, dict[str, int]
     counts = {c: {**dict.fromkeys(DEVICE_STATUSES, 0), "total": 0} for c in rows}
     tree = node.tree
     pairs = Counter((dev.record.get("area"), dev.status) for dev in node.devices.devices.values())
-    pairs.update((d.get("area"), d.get("status")) for d in await node.store.find("node_device"))
+    pairs.update((d.get("area"), str(d.get("status"))) for d in await node.store.find("node_device"))
     for (where, status), n in pairs.items():
         if not isinstance(where, str) or where not in tree:
             continue
