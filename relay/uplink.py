@@ -50,9 +50,11 @@ PARENT = "parent"  # its one peer
 TYPES = ("asrun", "device", "delivery", "audit")
 WINDOW = 64  # messages sent and not yet acked
 MAX_MESSAGE = 16 * 1024  # bytes of one upward message
+AUDIT_CATCH_UP = 24  # audit windows summarised again at start (idempotent at the parent)
 RETRY_S = 1.0  # the parent's store was unavailable: the window is sent again after this
 ASRUN_FIELDS = ("area", "broadcast", "title", "class", "issuer", "start", "end", "seconds",
                 "start_cause", "end_cause", "preempted", "followed_by")
+SUMMARY = "node.audit_summary"  # the audit action of a child's summary on its parent
 _ID = re.compile(r"[0-9A-Za-z_.:-]{1,240}")
 _CLASSES = frozenset(BroadcastClass.__members__)
 
@@ -133,13 +135,19 @@ class Uplink:
             "seconds": round(sum(float(r.get("seconds") or 0) for r in rows), 3),
             "loudspeakers": {"total": total, "online": online}, "origin": []}, replace=True)
 
-    async def audit_summary(self, until: float) -> None:
-        since = until - self.settings.audit_s
-        rows = await self.store.read_log("audit", since=since, until=until, limit=1_000_000)
-        actions = Counter(str(r.get("action"))[:64] for r in rows)
-        await self.put("audit", f"audit:{int(until)}", {
-            "from": since, "to": until, "actions": dict(actions.most_common(200)),
-            "origin": []})
+    async def audit_summary(self, window: int) -> None:
+        """The writes of one window of `audit_s` seconds (windows are aligned on the clock, so
+        a repeat after a restart is the same message), counted by action; none when empty."""
+        every = self.settings.audit_s
+        since, until = window * every, (window + 1) * every
+        rows = [r for r in await self.store.read_log("audit", since=since, until=until,
+                                                     limit=1_000_000)
+                if r.get("action") != SUMMARY]  # a child's summaries go up on their own
+        if rows:
+            actions = Counter(str(r.get("action"))[:64] for r in rows)
+            await self.put("audit", f"audit:{int(since)}", {
+                "from": since, "to": until, "actions": dict(actions.most_common(200)),
+                "origin": []})
 
     async def forward(self, node: Record, msg: Record) -> None:
         """A message a child of this node sent and this node took: up again, under its id."""
@@ -189,16 +197,24 @@ class Uplink:
             await sub.close()
 
     async def _audits(self) -> None:
+        """Each window once it is over (and a little: writes of its last instant land), and at
+        start the last AUDIT_CATCH_UP windows: those a stop interrupted go up too."""
         loop = asyncio.get_running_loop()
         every = self.settings.audit_s
-        deadline = loop.time() + every
+        settle = min(every / 2, 5.0)
+        window = int(time.time() // every)
+        todo = list(range(window - AUDIT_CATCH_UP, window))
+        deadline = loop.time() + (window + 1) * every + settle - time.time()
         while True:
+            for w in todo:
+                try:
+                    await self.audit_summary(w)
+                except StoreUnavailable as e:
+                    log.error("audit summary not queued event=uplink_error error=%s", e)
             await asyncio.sleep(max(0.0, deadline - loop.time()))
             deadline += every  # absolute deadlines: no drift
-            try:
-                await self.audit_summary(time.time())
-            except StoreUnavailable as e:
-                log.error("audit summary not queued event=uplink_error error=%s", e)
+            todo = [window]
+            window += 1
 
     async def close(self) -> None:
         for t in list(self._tasks):
@@ -450,6 +466,6 @@ class UplinkReceiver:
         counts = {_text(a, 64, "actions") or "": _count(n, "actions") for a, n in actions.items()}
         return await self.store.append("audit", {
             "id": key, "user": f"node:{node['name']}", "area": node["area"],
-            "action": "node.audit_summary", "target": node["id"], "ip": None,
+            "action": SUMMARY, "target": node["id"], "ip": None,
             "ts": min(until, time.time()),
             "details": {"from": since, "to": until, "actions": counts, "via": origin}})

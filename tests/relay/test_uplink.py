@@ -15,10 +15,30 @@ from typing import Any
 
 import aiohttp
 
+from loa.relay.uplink import PARENT, Uplink
+from loa.relay.upstream import UpstreamSettings
+from loa.streamer.alerts import Alerts
+from loa.streamer.areas import sample_tree
+from loa.streamer.sources import ToneSource
+from loa.streamer.state.open import open_store
+from loa.streamer.station import Content
 from loa.web.api.nodes import CLOSE_PROTOCOL
-from tests.apiclient import tone_file
+from loa.web.testing import start_node
+from tests.apiclient import PASSWORD, tone_file
+from tests.helpers import until
 from tests.nodes import WAIT, NodeProcess, chain
-from tests.relay.test_upstream import COMMUNE, DISTRICT, Pair, pair  # noqa: F401 (fixture)
+from tests.relay.test_upstream import (  # noqa: F401 (pair: the fixture)
+    ADMIN,
+    COMMUNE,
+    DISTRICT,
+    Pair,
+    api,
+    child_config,
+    issue_key,
+    node_config,
+    pair,
+    people,
+)
 
 COMMUNE_OUTSIDE = "T01-H2-X1"  # a commune of the other district
 
@@ -221,3 +241,114 @@ async def _get(p: Pair, path: str) -> tuple[int, Any]:
     headers = {"Authorization": f"Bearer {p.token}"}
     async with p.http.get(p.parent.url + path, headers=headers) as r:
         return r.status, await r.json()
+
+
+# ---- device status, delivery counts and audit summaries ---------------------------------------------
+async def test_device_status_delivery_counts_and_audit_summaries_reach_the_parent(
+        tmp_path: Path) -> None:
+    parent = await start_node(node_config(tmp_path / "parent"), prepare=people)
+    http = aiohttp.ClientSession()
+    child = None
+    try:
+        token, cred = await issue_key(http, parent.url, DISTRICT)
+        ccfg = child_config(tmp_path, parent.url, cred["key"], [DISTRICT])
+        ccfg.upstream.audit_s = 1.0
+        child = await start_node(ccfg, prepare=people)
+        up = child.node.upstream
+        assert up is not None
+        await until(lambda: up.state == "up", "the link up")
+
+        # A loudspeaker of the child's commune connects (a real device session on the child).
+        status, out = await api(http, child.url, "POST", "/api/v1/auth/token",
+                                json={"username": ADMIN, "password": PASSWORD})
+        assert status == 201, out
+        status, dev = await api(http, child.url, "POST", "/api/v1/devices", out["token"],
+                                json={"name": "Loa chợ", "kind": "loudspeaker",
+                                      "area": COMMUNE})
+        assert status == 201, dev
+        status, prov = await api(http, child.url, "POST", "/api/v1/devices/provision",
+                                 json={"device": dev["id"], "token": dev["provisioning_token"]})
+        assert status == 201, prov
+        ws = await http.ws_connect(child.url + "/api/v1/devices/connect")
+        await ws.send_str(json.dumps({"v": 1, "type": "hello", "device": dev["id"],
+                                      "key": prov["key"], "firmware": "1.0.0"}))
+        assert json.loads((await ws.receive()).data)["type"] == "welcome"
+        key = f"{cred['id']}:device:{dev['id']}"
+
+        async def remote_status() -> str | None:
+            rec = await parent.node.store.get("node_device", key)
+            return rec["status"] if rec else None
+
+        await until(lambda: _is(remote_status(), "online"), "the device online at the parent")
+        status, ov = await api(http, parent.url, "GET", "/api/v1/overview?root=T01", token)
+        assert status == 200, ov
+        row = next(c for c in ov["children"] if c["code"] == DISTRICT)
+        assert row["devices"]["online"] == 1 and row["devices"]["total"] == 1, row
+        status, nodes = await api(http, parent.url, "GET", "/api/v1/nodes", token)
+        assert nodes["nodes"][0]["devices"] == {"online": 1, "offline": 0, "fault": 0}
+
+        # A province broadcast airs at the child; when it ends, the child's delivery counts are
+        # on the parent's broadcast record and its as-run entries in the parent's reports.
+        rec = await parent.node.station.air(Content(ToneSource(1000, 0.3), "Bản tin tỉnh", None),
+                                            targets=["T01"], klass="normal", issuer="T01",
+                                            user="test")
+        bid = rec["id"]
+        await until(lambda: any(e["broadcast"] == bid for e in child.node.station.open_entries()),
+                    "on air at the child")
+        parent.node.station.stop(bid, None)
+
+        async def delivered() -> list[dict[str, Any]]:
+            b = await parent.node.store.get("broadcast", bid)
+            return list((b or {}).get("delivery", []))
+
+        await until(delivered, "the child's delivery counts")
+        (row,) = await delivered()
+        assert row["node"] == cred["id"] and row["areas"] >= 1 and row["seconds"] > 0, row
+        assert row["loudspeakers"] == {"total": 1, "online": 1}, row
+        status, rep = await api(http, parent.url, "GET",
+                                f"/api/v1/reports/asrun?to={time.time() + 60}", token)
+        mine = [e for e in rep["entries"] if e["broadcast"] == bid and e.get("node")]
+        assert mine and all(e["node"] == cred["id"] for e in mine), rep
+
+        # The loudspeaker reports a fault: faulty at the parent too.
+        await ws.send_str(json.dumps({"v": 1, "type": "heartbeat", "state": "playing",
+                                      "volume": 70, "faults": ["speaker_open"]}))
+        await until(lambda: _is(remote_status(), "fault"), "the device faulty at the parent")
+        await ws.close()
+
+        # Audit summaries: the child's writes (the device's registration) counted at the parent.
+        async def summaries() -> list[dict[str, Any]]:
+            return [e for e in await parent.node.store.read_log("audit",
+                                                                 action="node.audit_summary")
+                    if e["details"]["actions"].get("device.create")]
+
+        await until(summaries, "an audit summary at the parent")
+        s = (await summaries())[0]
+        assert s["target"] == cred["id"] and s["area"] == DISTRICT, s
+    finally:
+        if child is not None:
+            await child.stop()
+        await parent.stop()
+        await http.close()
+
+
+async def _is(value: Awaitable[Any], want: Any) -> bool:
+    return await value == want
+
+
+async def test_a_full_queue_drops_new_reports_with_an_alert(tmp_path: Path) -> None:
+    store = await open_store("sqlite", tmp_path / "data")
+    alerts = Alerts()
+    up = Uplink(store, UpstreamSettings(queue_max=2), sample_tree(), alerts)
+    try:
+        entry = {"id": "e1", "area": COMMUNE, "broadcast": "b1", "start": 1.0, "end": 2.0}
+        await up.asrun(entry)
+        await up.asrun(entry)  # the same entry again: queued once
+        await up.asrun({**entry, "id": "e2"})
+        assert not alerts.active
+        await up.asrun({**entry, "id": "e3"})  # beyond queue_max: dropped, counted, alerted
+        queued = await up.queue.feed(PARENT, None, 10)
+        assert [r["message"]["id"] for r in queued] == ["asrun:e1", "asrun:e2"]
+        assert up.counts["dropped"] == 1 and ("uplink_full", "parent") in alerts.active
+    finally:
+        await store.close()
