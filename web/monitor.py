@@ -557,7 +557,9 @@ async def monitor_json(app: web.Application, scope: str, depth: int | None = Non
             "devices": collected.devices,  # over the whole subtree of the scope
             "transports": transport_figures(app, collected),
             "links": {"children": node.links.stats(),  # issue 12: the links between nodes
-                      "upstream": node.upstream.stats() if node.upstream else None},
+                      "upstream": node.upstream.stats() if node.upstream else None,
+                      "uplink": node.uplink.stats() if node.uplink else None,
+                      "reports": node.uplink_in.counts},
         },
         "areas": areas,
     }
@@ -642,6 +644,8 @@ class MetricsSnapshot:
     device_events: dict[str, int] | None
     upstream: dict[str, Any] | None = None  # the link to this node's parent, if any
     children: int = 0  # child nodes linked to this node
+    uplink: dict[str, Any] | None = None  # reports queued for the parent, if any
+    reports: dict[str, int] | None = None  # reports taken from (or refused to) the children
 
 
 async def metrics_snapshot(app: web.Application) -> MetricsSnapshot:
@@ -653,7 +657,8 @@ async def metrics_snapshot(app: web.Application) -> MetricsSnapshot:
         lag=node.lag.as_dict(), engine=engine_figures(node),
         transports=transport_figures(app, c), areas=[a.code for a in list(node.tree)],
         device_events=dict(mgr.stats) if mgr is not None else None,
-        upstream=node.upstream.stats() if node.upstream else None, children=len(node.links.feeds))
+        upstream=node.upstream.stats() if node.upstream else None, children=len(node.links.feeds),
+        uplink=node.uplink.stats() if node.uplink else None, reports=dict(node.uplink_in.counts))
 
 
 async def metrics_text(app: web.Application) -> str:
@@ -799,6 +804,16 @@ def format_metrics(snap: MetricsSnapshot) -> str:
         e.add("loa_upstream_total", "counter", "The parent link's frames and refusals.",
               [({"event": k}, up[k]) for k in ("connects", "started", "stopped", "frames",
                                                "late", "concealed", "bad_frames", "bad_events")])
+    if snap.uplink is not None:
+        e.one("loa_uplink_queued", "gauge", "Reports queued for the parent node, not yet acked.",
+              snap.uplink["queued_now"])
+        e.add("loa_uplink_total", "counter", "Reports to the parent node by event.",
+              [({"event": k}, snap.uplink[k]) for k in ("queued", "sent", "acked", "refused",
+                                                        "dropped", "retries")])
+    if snap.reports:
+        e.add("loa_uplink_received_total", "counter",
+              "Reports from child nodes by type (refused: outside the child's area or invalid).",
+              [({"type": k}, v) for k, v in snap.reports.items()])
     return e.text()
 
 
