@@ -23,21 +23,19 @@ from loa.streamer.sources import ToneSource
 from loa.streamer.state.open import open_store
 from loa.streamer.station import Content
 from loa.web.api.nodes import CLOSE_PROTOCOL
-from loa.web.testing import start_node
+from loa.web.config import Config
 from tests.apiclient import PASSWORD, tone_file
 from tests.helpers import until
-from tests.nodes import WAIT, NodeProcess, chain
-from tests.relay.test_upstream import (  # noqa: F401 (pair: the fixture)
+from tests.nodes import (
     ADMIN,
     COMMUNE,
     DISTRICT,
-    Pair,
+    WAIT,
+    Linked,
+    NodeProcess,
     api,
-    child_config,
-    issue_key,
-    node_config,
-    pair,
-    people,
+    chain,
+    linked,
 )
 
 COMMUNE_OUTSIDE = "T01-H2-X1"  # a commune of the other district
@@ -169,10 +167,15 @@ def report(cursor: str, mid: str, area: str, **entry: Any) -> str:
 
 
 async def test_reports_outside_the_childs_part_are_refused_and_replays_add_nothing(
-        pair: Pair) -> None:  # noqa: F811 (the fixture of test_upstream)
+        tmp_path: Path) -> None:
+    async with linked(tmp_path) as pair:
+        await outside_refused(pair)
+
+
+async def outside_refused(pair: Linked) -> None:
     parent = pair.parent.node
     url = pair.parent.url + f"/api/v1/nodes/link?areas={DISTRICT}"
-    headers = {"Authorization": f"Node {pair.key}"}
+    headers = {"Authorization": f"Node {pair.cred['key']}"}
 
     async def stored(mid: str) -> list[dict[str, Any]]:
         return await parent.store.read_log("asrun", broadcast="b-" + mid)
@@ -192,7 +195,7 @@ async def test_reports_outside_the_childs_part_are_refused_and_replays_add_nothi
         assert ack == {"type": "ack", "cursor": "c1"}
         assert (await send(report("c2", "e1", COMMUNE)))["cursor"] == "c2"  # a replay
         rows = await stored("e1")
-        assert len(rows) == 1 and rows[0]["node"] == pair.node_id and rows[0]["area"] == COMMUNE
+        assert len(rows) == 1 and rows[0]["node"] == pair.cred["id"] and rows[0]["area"] == COMMUNE
 
         # Another district's commune: refused with the reason, counted, nothing stored.
         ack = await send(report("c3", "e2", COMMUNE_OUTSIDE))
@@ -237,7 +240,7 @@ async def test_reports_outside_the_childs_part_are_refused_and_replays_add_nothi
         assert ws.close_code == CLOSE_PROTOCOL and "text" in str(msg.extra), msg
 
 
-async def _get(p: Pair, path: str) -> tuple[int, Any]:
+async def _get(p: Linked, path: str) -> tuple[int, Any]:
     headers = {"Authorization": f"Bearer {p.token}"}
     async with p.http.get(p.parent.url + path, headers=headers) as r:
         return r.status, await r.json()
@@ -246,90 +249,86 @@ async def _get(p: Pair, path: str) -> tuple[int, Any]:
 # ---- device status, delivery counts and audit summaries ---------------------------------------------
 async def test_device_status_delivery_counts_and_audit_summaries_reach_the_parent(
         tmp_path: Path) -> None:
-    parent = await start_node(node_config(tmp_path / "parent"), prepare=people)
-    http = aiohttp.ClientSession()
-    child = None
-    try:
-        token, cred = await issue_key(http, parent.url, DISTRICT)
-        ccfg = child_config(tmp_path, parent.url, cred["key"], [DISTRICT])
-        ccfg.upstream.audit_s = 1.0
-        child = await start_node(ccfg, prepare=people)
-        up = child.node.upstream
-        assert up is not None
-        await until(lambda: up.state == "up", "the link up")
+    def audit_often(cfg: Config) -> None:
+        cfg.upstream.audit_s = 1.0
 
-        # A loudspeaker of the child's commune connects (a real device session on the child).
-        status, out = await api(http, child.url, "POST", "/api/v1/auth/token",
-                                json={"username": ADMIN, "password": PASSWORD})
-        assert status == 201, out
-        status, dev = await api(http, child.url, "POST", "/api/v1/devices", out["token"],
-                                json={"name": "Loa chợ", "kind": "loudspeaker",
-                                      "area": COMMUNE})
-        assert status == 201, dev
-        status, prov = await api(http, child.url, "POST", "/api/v1/devices/provision",
-                                 json={"device": dev["id"], "token": dev["provisioning_token"]})
-        assert status == 201, prov
-        ws = await http.ws_connect(child.url + "/api/v1/devices/connect")
-        await ws.send_str(json.dumps({"v": 1, "type": "hello", "device": dev["id"],
-                                      "key": prov["key"], "firmware": "1.0.0"}))
-        assert json.loads((await ws.receive()).data)["type"] == "welcome"
-        key = f"{cred['id']}:device:{dev['id']}"
+    async with linked(tmp_path, audit_often) as pair:
+        await reports_reach_the_parent(pair)
 
-        async def remote_status() -> str | None:
-            rec = await parent.node.store.get("node_device", key)
-            return rec["status"] if rec else None
 
-        await until(lambda: _is(remote_status(), "online"), "the device online at the parent")
-        status, ov = await api(http, parent.url, "GET", "/api/v1/overview?root=T01", token)
-        assert status == 200, ov
-        row = next(c for c in ov["children"] if c["code"] == DISTRICT)
-        assert row["devices"]["online"] == 1 and row["devices"]["total"] == 1, row
-        status, nodes = await api(http, parent.url, "GET", "/api/v1/nodes", token)
-        assert nodes["nodes"][0]["devices"] == {"online": 1, "offline": 0, "fault": 0}
+async def reports_reach_the_parent(pair: Linked) -> None:
+    parent, child, http, token, cred = pair.parent, pair.child, pair.http, pair.token, pair.cred
+    up = child.node.upstream
+    assert up is not None
+    await until(lambda: up.state == "up", "the link up")
 
-        # A province broadcast airs at the child; when it ends, the child's delivery counts are
-        # on the parent's broadcast record and its as-run entries in the parent's reports.
-        rec = await parent.node.station.air(Content(ToneSource(1000, 0.3), "Bản tin tỉnh", None),
-                                            targets=["T01"], klass="normal", issuer="T01",
-                                            user="test")
-        bid = rec["id"]
-        await until(lambda: any(e["broadcast"] == bid for e in child.node.station.open_entries()),
-                    "on air at the child")
-        parent.node.station.stop(bid, None)
+    # A loudspeaker of the child's commune connects (a real device session on the child).
+    status, out = await api(http, child.url, "POST", "/api/v1/auth/token",
+                            json={"username": ADMIN, "password": PASSWORD})
+    assert status == 201, out
+    status, dev = await api(http, child.url, "POST", "/api/v1/devices", out["token"],
+                            json={"name": "Loa chợ", "kind": "loudspeaker",
+                                  "area": COMMUNE})
+    assert status == 201, dev
+    status, prov = await api(http, child.url, "POST", "/api/v1/devices/provision",
+                             json={"device": dev["id"], "token": dev["provisioning_token"]})
+    assert status == 201, prov
+    ws = await http.ws_connect(child.url + "/api/v1/devices/connect")
+    await ws.send_str(json.dumps({"v": 1, "type": "hello", "device": dev["id"],
+                                  "key": prov["key"], "firmware": "1.0.0"}))
+    assert json.loads((await ws.receive()).data)["type"] == "welcome"
+    key = f"{cred['id']}:device:{dev['id']}"
 
-        async def delivered() -> list[dict[str, Any]]:
-            b = await parent.node.store.get("broadcast", bid)
-            return list((b or {}).get("delivery", []))
+    async def remote_status() -> str | None:
+        rec = await parent.node.store.get("node_device", key)
+        return rec["status"] if rec else None
 
-        await until(delivered, "the child's delivery counts")
-        (row,) = await delivered()
-        assert row["node"] == cred["id"] and row["areas"] >= 1 and row["seconds"] > 0, row
-        assert row["loudspeakers"] == {"total": 1, "online": 1}, row
-        status, rep = await api(http, parent.url, "GET",
-                                f"/api/v1/reports/asrun?to={time.time() + 60}", token)
-        mine = [e for e in rep["entries"] if e["broadcast"] == bid and e.get("node")]
-        assert mine and all(e["node"] == cred["id"] for e in mine), rep
+    await until(lambda: _is(remote_status(), "online"), "the device online at the parent")
+    status, ov = await api(http, parent.url, "GET", "/api/v1/overview?root=T01", token)
+    assert status == 200, ov
+    row = next(c for c in ov["children"] if c["code"] == DISTRICT)
+    assert row["devices"]["online"] == 1 and row["devices"]["total"] == 1, row
+    status, nodes = await api(http, parent.url, "GET", "/api/v1/nodes", token)
+    assert nodes["nodes"][0]["devices"] == {"online": 1, "offline": 0, "fault": 0}
 
-        # The loudspeaker reports a fault: faulty at the parent too.
-        await ws.send_str(json.dumps({"v": 1, "type": "heartbeat", "state": "playing",
-                                      "volume": 70, "faults": ["speaker_open"]}))
-        await until(lambda: _is(remote_status(), "fault"), "the device faulty at the parent")
-        await ws.close()
+    # A province broadcast airs at the child; when it ends, the child's delivery counts are
+    # on the parent's broadcast record and its as-run entries in the parent's reports.
+    rec = await parent.node.station.air(Content(ToneSource(1000, 0.3), "Bản tin tỉnh", None),
+                                        targets=["T01"], klass="normal", issuer="T01",
+                                        user="test")
+    bid = rec["id"]
+    await until(lambda: any(e["broadcast"] == bid for e in child.node.station.open_entries()),
+                "on air at the child")
+    parent.node.station.stop(bid, None)
 
-        # Audit summaries: the child's writes (the device's registration) counted at the parent.
-        async def summaries() -> list[dict[str, Any]]:
-            return [e for e in await parent.node.store.read_log("audit",
-                                                                 action="node.audit_summary")
-                    if e["details"]["actions"].get("device.create")]
+    async def delivered() -> list[dict[str, Any]]:
+        b = await parent.node.store.get("broadcast", bid)
+        return list((b or {}).get("delivery", []))
 
-        await until(summaries, "an audit summary at the parent")
-        s = (await summaries())[0]
-        assert s["target"] == cred["id"] and s["area"] == DISTRICT, s
-    finally:
-        if child is not None:
-            await child.stop()
-        await parent.stop()
-        await http.close()
+    await until(delivered, "the child's delivery counts")
+    (row,) = await delivered()
+    assert row["node"] == cred["id"] and row["areas"] >= 1 and row["seconds"] > 0, row
+    assert row["loudspeakers"] == {"total": 1, "online": 1}, row
+    status, rep = await api(http, parent.url, "GET",
+                            f"/api/v1/reports/asrun?to={time.time() + 60}", token)
+    mine = [e for e in rep["entries"] if e["broadcast"] == bid and e.get("node")]
+    assert mine and all(e["node"] == cred["id"] for e in mine), rep
+
+    # The loudspeaker reports a fault: faulty at the parent too.
+    await ws.send_str(json.dumps({"v": 1, "type": "heartbeat", "state": "playing",
+                                  "volume": 70, "faults": ["speaker_open"]}))
+    await until(lambda: _is(remote_status(), "fault"), "the device faulty at the parent")
+    await ws.close()
+
+    # Audit summaries: the child's writes (the device's registration) counted at the parent.
+    async def summaries() -> list[dict[str, Any]]:
+        return [e for e in await parent.node.store.read_log("audit",
+                                                             action="node.audit_summary")
+                if e["details"]["actions"].get("device.create")]
+
+    await until(summaries, "an audit summary at the parent")
+    s = (await summaries())[0]
+    assert s["target"] == cred["id"] and s["area"] == DISTRICT, s
 
 
 async def _is(value: Awaitable[Any], want: Any) -> bool:
