@@ -205,9 +205,13 @@ class Linked:
 
 
 @asynccontextmanager
-async def linked(where: Path, configure: Callable[[Config], None] | None = None
+async def linked(where: Path, configure: Callable[[Config], None] | None = None,
+                 configure_parent: Callable[[Config], None] | None = None
                  ) -> AsyncIterator[Linked]:
-    parent = await start_node(node_config(where / "parent"), prepare=people)
+    pcfg = node_config(where / "parent")
+    if configure_parent is not None:
+        configure_parent(pcfg)
+    parent = await start_node(pcfg, prepare=people)
     http = aiohttp.ClientSession()
     child: LiveNode | None = None
     try:

@@ -15,6 +15,7 @@ from typing import Any
 
 import aiohttp
 
+from loa.relay.exchange import ExchangeSettings
 from loa.relay.uplink import PARENT, Uplink
 from loa.relay.upstream import UpstreamSettings
 from loa.streamer.alerts import Alerts
@@ -39,6 +40,7 @@ from tests.nodes import (
 )
 
 COMMUNE_OUTSIDE = "T01-H2-X1"  # a commune of the other district
+PEER = "central"  # the central source system, on the parent's exchange
 
 
 async def eventually(fn: Callable[[], Awaitable[Any]], what: str) -> Any:
@@ -252,7 +254,11 @@ async def test_device_status_delivery_counts_and_audit_summaries_reach_the_paren
     def audit_often(cfg: Config) -> None:
         cfg.upstream.audit_s = 1.0
 
-    async with linked(tmp_path, audit_often) as pair:
+    def central_peer(cfg: Config) -> None:  # the exchange, pull only: its outbox is read
+        cfg.exchange = ExchangeSettings(peers=[f"{PEER}=bi-mat-trung-uong-0123456789"],
+                                        stats_interval=0)
+
+    async with linked(tmp_path, audit_often, central_peer) as pair:
         await reports_reach_the_parent(pair)
 
 
@@ -290,6 +296,41 @@ async def reports_reach_the_parent(pair: Linked) -> None:
     assert row["devices"]["online"] == 1 and row["devices"]["total"] == 1, row
     status, nodes = await api(http, parent.url, "GET", "/api/v1/nodes", token)
     assert nodes["nodes"][0]["devices"] == {"online": 1, "offline": 0, "fault": 0}
+
+    # The central system's bulletin to the district airs at the parent and at the child: the
+    # exchange's delivery report (revised when the child's entries come after the end) counts
+    # the child's loudspeaker, and so do the statistics.
+    status, _ = await parent.node.exchange.receive(PEER, json.dumps({
+        "id": "B-1", "sender": "ttcs", "sent": "2026-12-07T08:00:00+07:00", "class": "normal",
+        "title": "Thông báo", "text": "Thông báo của trung ương", "targets": [DISTRICT]}).encode())
+    assert status == 201
+
+    async def latest() -> dict[str, Any] | None:
+        found = [r["message"] for r in await parent.node.store.find("exchange_out", peer=PEER)
+                 if r["type"] == "delivery"]
+        return max(found, key=lambda m: m["revision"]) if found else None
+
+    async def complete() -> bool:
+        """The latest report holds every as-run entry of the bulletin, the child's included
+        (in revision 1, or a later one when the child's came after the end)."""
+        report, out = await latest(), await parent.node.store.find("exchange_in", peer=PEER)
+        if report is None or not out or child.node.uplink.pending:  # type: ignore[union-attr]
+            return False
+        rows = await parent.node.store.read_log("asrun", broadcast=out[0]["broadcast"])
+        if not any(r.get("node") == cred["id"] for r in rows):
+            return False
+        want: dict[str, float] = {}
+        for r in rows:
+            want[r["area"]] = round(want.get(r["area"], 0.0) + r["seconds"], 3)
+        return {a["code"]: a["seconds"] for a in report["areas"]} == want
+
+    await until(complete, "a delivery report with the child's entries", timeout=WAIT)
+    delivery = await latest()
+    assert delivery is not None and delivery["bulletin"] == "B-1", delivery
+    assert COMMUNE in {a["code"] for a in delivery["areas"]}
+    assert delivery["loudspeakers"] == {"total": 1, "online": 1, "acked": None}, delivery
+    (stats,) = await parent.node.exchange.statistics()
+    assert stats["message"]["devices"]["loudspeaker"] == {"total": 1, "online": 1}, stats
 
     # A province broadcast airs at the child; when it ends, the child's delivery counts are
     # on the parent's broadcast record and its as-run entries in the parent's reports.
