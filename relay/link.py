@@ -47,6 +47,7 @@ MAX_OPUS = 1275 * 3  # RFC 6716: a packet never exceeds 120 ms of 1275-byte fram
 CLOSE_CREDENTIAL = 4401  # WebSocket close codes of a refusal, with the reason as close text
 CLOSE_AREAS = 4403
 CLOSE_GOING_AWAY = 1001
+REPORTS_VERSION = 1  # the hello says the parent takes reports up (relay/uplink.py)
 MAX_FRAMES_QUEUED = 250  # 5 s of 20 ms frames per child; beyond, the oldest are dropped
 
 
@@ -202,7 +203,8 @@ class LinkServer:
         """A child connected: its hello lists what is on the air for it now."""
         self.feeds.append(feed)
         events = [e for b in self.engine.active() if (e := self._follow(feed, b)) is not None]
-        feed.queue_text({"type": "hello", "areas": feed.areas, "broadcasts": events})
+        feed.queue_text({"type": "hello", "areas": feed.areas, "broadcasts": events,
+                         "reports": REPORTS_VERSION})
         log.info("child linked event=link_up node=%s areas=%s broadcasts=%d", feed.node,
                  ",".join(feed.areas), len(events))
 

@@ -47,7 +47,11 @@ log = logging.getLogger("loa.uplink")
 
 KIND = "uplink_out"  # store kind of the child's upward queue
 PARENT = "parent"  # its one peer
-TYPES = ("asrun", "device", "delivery", "audit")
+# Each type's fields besides "type", "id", "cursor" and "origin" (the node names below the sender).
+FIELDS = {"asrun": {"entry"}, "device": {"device"},
+          "delivery": {"broadcast", "areas", "seconds", "loudspeakers"},
+          "audit": {"from", "to", "actions"}}
+TYPES = tuple(FIELDS)
 WINDOW = 64  # messages sent and not yet acked
 MAX_MESSAGE = 16 * 1024  # bytes of one upward message
 AUDIT_CATCH_UP = 24  # audit windows summarised again at start (idempotent at the parent)
@@ -375,6 +379,9 @@ class UplinkReceiver:
         assert mid is not None
         if not _ID.fullmatch(mid):
             raise Refused(say("uplink.bad_field", field="id"))
+        extra = sorted(set(msg) - FIELDS[msg["type"]] - {"type", "id", "cursor", "origin"})
+        if extra:
+            raise Refused(say("uplink.bad_field", field=extra[0][:40]))
         origin = msg.get("origin", [])
         if not isinstance(origin, list) or len(origin) > 8 \
                 or not all(isinstance(o, str) and 0 < len(o) <= 100 for o in origin):

@@ -88,6 +88,7 @@ class UpstreamLink:
         self._hold: asyncio.TimerHandle | None = None
         self._released = False  # this outage's hold is over
         self.uplink: Uplink | None = None  # what goes up (relay/uplink.py), sent once greeted
+        self.takes_reports = False  # the parent's hello says it takes them
 
     @property
     def ws_url(self) -> str:
@@ -155,7 +156,8 @@ class UpstreamLink:
                 msg = await ws.receive()
                 if msg.type is aiohttp.WSMsgType.TEXT:
                     greeted = await self._event(msg.data) or greeted
-                    if greeted and sender is None and self.uplink is not None:
+                    if greeted and sender is None and self.uplink is not None \
+                            and self.takes_reports:
                         sender = self.uplink.attach(ws.send_str)
                 elif msg.type is aiohttp.WSMsgType.BINARY:
                     self._frame(msg.data)
@@ -196,6 +198,7 @@ class UpstreamLink:
             kind = msg["type"]
             if kind == "hello":
                 await self._hello(msg["broadcasts"])
+                self.takes_reports = bool(msg.get("reports"))  # an older parent does not
                 return True
             if kind == "start":
                 await self._start(msg["broadcast"])

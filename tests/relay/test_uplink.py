@@ -184,7 +184,7 @@ async def outside_refused(pair: Linked) -> None:
 
     async with pair.http.ws_connect(url, headers=headers) as ws:
         hello = json.loads((await ws.receive()).data)
-        assert hello["type"] == "hello"
+        assert hello["type"] == "hello" and hello["reports"] == 1
 
         async def send(text: str) -> dict[str, Any]:
             await ws.send_str(text)
@@ -195,6 +195,8 @@ async def outside_refused(pair: Linked) -> None:
 
         ack = await send(report("c1", "e1", COMMUNE))
         assert ack == {"type": "ack", "cursor": "c1"}
+        extra = json.loads(report("c0", "e0", COMMUNE)) | {"junk": "x" * 100}
+        assert "junk" in (await send(json.dumps(extra)))["refused"]  # a field no type has
         assert (await send(report("c2", "e1", COMMUNE)))["cursor"] == "c2"  # a replay
         rows = await stored("e1")
         assert len(rows) == 1 and rows[0]["node"] == pair.cred["id"] and rows[0]["area"] == COMMUNE
@@ -210,7 +212,7 @@ async def outside_refused(pair: Linked) -> None:
             ack = await send(bad)
             assert ack["cursor"] == cursor and ack["refused"], ack
         assert [await stored(m) for m in ("e3", "e4", "e5")] == [[], [], []]
-        assert parent.uplink_in.counts["refused"] == 4 and parent.uplink_in.counts["asrun"] == 2
+        assert parent.uplink_in.counts["refused"] == 5 and parent.uplink_in.counts["asrun"] == 2
 
         # Devices: the child's inside count on the province's overview; outside is refused.
         def device(cursor: str, dev: str, area: str) -> str:
