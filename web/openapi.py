@@ -255,6 +255,8 @@ def document() -> S:
         },
         "/api/v1/broadcasts/{id}": {
             "parameters": [ID_PARAM],
+            "get": {"summary": say("openapi.broadcast_get"), **secured,
+                    "responses": responses(200, 401, 404)},
             "delete": {"summary": say("openapi.broadcast_stop"), **secured,
                        "responses": responses(204, 401, 403, 404)},
         },

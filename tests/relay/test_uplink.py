@@ -24,6 +24,7 @@ from loa.streamer.sources import ToneSource
 from loa.streamer.state.open import open_store
 from loa.streamer.station import Content
 from loa.web.api.nodes import CLOSE_PROTOCOL
+from loa.web.auth import add_user
 from loa.web.config import Config
 from tests.apiclient import PASSWORD, tone_file
 from tests.helpers import until
@@ -331,6 +332,23 @@ async def reports_reach_the_parent(pair: Linked) -> None:
     assert delivery is not None and delivery["bulletin"] == "B-1", delivery
     assert COMMUNE in {a["code"] for a in delivery["areas"]}
     assert delivery["loudspeakers"] == {"total": 1, "online": 1, "acked": None}, delivery
+    # The bulletin's broadcast record on the parent holds the child's delivery counts; another
+    # district's user does not see it.
+    (received,) = await parent.node.store.find("exchange_in", peer=PEER)
+    path = f"/api/v1/broadcasts/{received['broadcast']}"
+
+    async def with_delivery() -> bool:
+        status, b = await api(http, parent.url, "GET", path, token)
+        assert status == 200, b
+        return any(r["node"] == cred["id"] for r in b.get("delivery", []))
+
+    await until(with_delivery, "the child's delivery on the bulletin's record")
+    await add_user(parent.node.store, parent.node.tree, "xem2", "viewer", "T01-H2", PASSWORD)
+    status, out = await api(http, parent.url, "POST", "/api/v1/auth/token",
+                            json={"username": "xem2", "password": PASSWORD})
+    assert status == 201, out
+    status, b = await api(http, parent.url, "GET", path, out["token"])
+    assert status == 404 and "field" not in b, b
     (stats,) = await parent.node.exchange.statistics()
     assert stats["message"]["devices"]["loudspeaker"] == {"total": 1, "online": 1}, stats
 

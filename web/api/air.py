@@ -435,6 +435,18 @@ async def broadcast_list(request: web.Request) -> web.Response:
     return ok({"areas": areas, "broadcasts": live})
 
 
+@routes.get("/api/v1/broadcasts/{id}")
+async def broadcast_get(request: web.Request) -> web.Response:
+    """One broadcast's record, on air or ended, with `delivery`: what each child node reported
+    of it (areas, seconds, loudspeakers; relay/uplink.py). Another branch's is unknown here."""
+    p = principal(request)
+    node = node_of(request)
+    rec = await node.store.get("broadcast", request.match_info["id"])
+    if rec is None or not any(p.related(node.tree, t) for t in rec.get("targets", [])):
+        raise ApiError(404, say("broadcast.unknown"))
+    return ok(rec)
+
+
 @routes.delete("/api/v1/broadcasts/{id}")
 async def broadcast_stop(request: web.Request) -> web.Response:
     p = principal(request)
