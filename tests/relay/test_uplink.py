@@ -138,6 +138,19 @@ async def test_asrun_of_an_outage_reaches_the_province_once_and_a_replay_adds_no
             await eventually(lambda: drained(commune), "the commune's queue acked and emptied")
             await eventually(lambda: drained(district), "the district's queue acked and emptied")
 
+            # The commune airs in a neighbour's area (its own tree has it, its key does not):
+            # the district refuses that report, the commune drops it, nothing is stored above.
+            other = await own_programme(commune, tone, "T01-H1-X2")
+
+            async def refused() -> bool:
+                u = await uplink(commune)
+                return u["refused"] >= 1 and u["queued_now"] == 0
+
+            await eventually(refused, "the neighbour's entry refused")
+            assert await entries(district, other) == [] and await entries(province, other) == []
+            status, body = await district.call("GET", "/api/v1/nodes")
+            assert status == 200 and body["reports"]["refused"] >= 1, body
+
             # The summary on the province counts the commune's time too.
             status, summary = await province.call(
                 "GET", f"/api/v1/reports/summary?to={time.time() + 60}")
