@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from loa.relay.devices.protocol import DEVICE_KINDS
 from loa.relay.exchange import Outbox, Poller
 from loa.streamer import exchange as model
-from loa.streamer.asrun import asrun_rows, hours_per_area
+from loa.streamer.asrun import asrun_rows, counted_once, hours_per_area
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.emergency.service import Request
 from loa.streamer.messages import say
@@ -220,7 +220,8 @@ class ExchangeService:
         rec = found[0]
         revision = int(rec.get("reported") or 0) + 1
         await self.node.station.flush()  # the as-run entries of its last segments
-        rows = await self.node.store.read_log("asrun", broadcast=bid, limit=100_000)
+        rows = counted_once(await self.node.store.read_log("asrun", broadcast=bid,
+                                                           limit=100_000))
         areas: dict[str, Record] = {}
         tree = self.node.tree
         for r in rows:
@@ -291,7 +292,7 @@ class ExchangeService:
                 c["online"] += r.get("status") != "offline"
         body = {"period": {"from": iso(since), "to": iso(until)},
                 "stations": len(self.node.tree.resolve_leaves([self._root()])),
-                "devices": devices, "hours": hours_per_area(rows, since, until)}
+                "devices": devices, "hours": hours_per_area(counted_once(rows), since, until)}
         mid = f"statistics:{self.node.node_id[:32]}:{int(until)}"
         return [await self.outbox.put(peer, self._message("statistics", mid, body))
                 for peer in self.settings.peer_names()]
