@@ -85,6 +85,10 @@ class Uplink:
         self._acks: deque[dict[str, Any]] = deque()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._full = False
+        self._unhook: Callable[[], None] | None = None  # stops following the engine's ends
+        # What to send on this connection, oldest first: read from the store once when the
+        # link comes up, then fed by put() (a backlog of any size is read once, not per round).
+        self._backlog: deque[Record] | None = None
 
     # ---- what goes up -----------------------------------------------------------------------
     async def put(self, kind: str, mid: str, body: Record, replace: bool = False) -> bool:
@@ -96,7 +100,9 @@ class Uplink:
                       "queued=%d dropped=%d", kind, mid, self.pending, self.counts["dropped"])
             self._alert(True)
             return False
-        await self.queue.put(PARENT, {"id": mid, "type": kind, **body}, replace=replace)
+        rec = await self.queue.put(PARENT, {"id": mid, "type": kind, **body}, replace=replace)
+        if self._backlog is not None:  # connected: the sender takes it from memory
+            self._backlog.append(rec)
         self.pending += 1
         self.counts["queued"] += 1
         self._wake.set()
@@ -172,6 +178,7 @@ class Uplink:
                 loop.call_soon_threadsafe(self._spawn, self._after_end(b.id, flush, speakers))
 
         ended.append(on_end)
+        self._unhook = lambda: ended.remove(on_end)
         self._spawn(self._devices(bus))
         if self.settings.audit_s > 0:
             self._spawn(self._audits())
@@ -221,6 +228,9 @@ class Uplink:
             window += 1
 
     async def close(self) -> None:
+        if self._unhook is not None:
+            self._unhook()
+            self._unhook = None
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -229,6 +239,7 @@ class Uplink:
     def attach(self, send: Callable[[str], Awaitable[None]]) -> asyncio.Task[None]:
         """The link is up (the parent said hello): send what is queued, then what comes."""
         self._acks.clear()
+        self._backlog = None
         return asyncio.get_running_loop().create_task(self._send(send))
 
     def acked(self, msg: Record) -> None:
@@ -240,7 +251,7 @@ class Uplink:
 
     async def _send(self, send: Callable[[str], Awaitable[None]]) -> None:
         inflight: deque[tuple[str, Record]] = deque()
-        sent: set[str] = set()  # cursors sent on this connection
+        sent: set[str] = set()  # cursors sent on this connection, not yet acked
         while True:
             try:
                 await self._round(send, inflight, sent)
@@ -252,28 +263,30 @@ class Uplink:
                      inflight: deque[tuple[str, Record]], sent: set[str]) -> None:
         """Apply the acks, fill the window, wait for news (an ack, a message queued)."""
         self._wake.clear()
-        if await self._settle(inflight):
+        if await self._settle(inflight, sent):
             inflight.clear()
             sent.clear()
+            self._backlog = None
             self.counts["retries"] += 1
             # A backoff before resending, not a wait for a condition.
             await asyncio.sleep(RETRY_S)
             return
-        if len(inflight) < WINDOW:
-            for rec in await self.queue.feed(PARENT, None, 2 * WINDOW):
-                c = cursor_of(rec)
-                if c in sent:
-                    continue
-                if len(inflight) >= WINDOW:
-                    break
-                await send(json.dumps({**rec["message"], "cursor": c},
-                                      ensure_ascii=False))
-                sent.add(c)
-                inflight.append((c, rec))
-                self.counts["sent"] += 1
+        if self._backlog is None:
+            self._backlog = deque()  # what is put while the store is read lands here, after it
+            stored = await self.queue.feed(PARENT, None, self.settings.queue_max + WINDOW)
+            self._backlog.extendleft(reversed(stored))
+        while len(inflight) < WINDOW and self._backlog:
+            rec = self._backlog.popleft()
+            c = cursor_of(rec)
+            if c in sent:  # queued again while on its way (an idempotent put)
+                continue
+            await send(json.dumps({**rec["message"], "cursor": c}, ensure_ascii=False))
+            sent.add(c)
+            inflight.append((c, rec))
+            self.counts["sent"] += 1
         await self._wake.wait()
 
-    async def _settle(self, inflight: deque[tuple[str, Record]]) -> bool:
+    async def _settle(self, inflight: deque[tuple[str, Record]], sent: set[str]) -> bool:
         """Apply the acks received: delete what the parent took. True: resend the window."""
         while self._acks:
             ack = self._acks.popleft()
@@ -285,6 +298,7 @@ class Uplink:
             while inflight:
                 c, rec = inflight.popleft()
                 await self.queue.done(rec)
+                sent.discard(c)
                 self.counts["acked"] += 1
                 if c == cursor:
                     break
