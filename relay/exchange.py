@@ -166,11 +166,13 @@ class Outbox:
             rows = [r for r in rows if cursor_of(r) > since]
         return rows[:limit]
 
-    async def done(self, rec: Record) -> None:
-        """A message the peer has taken: deleted, unless a newer state replaced it meanwhile."""
+    async def done(self, rec: Record) -> bool:
+        """A message the peer has taken: deleted (True), unless a newer state replaced it
+        meanwhile or it is gone already."""
         now = await self.store.get(self.kind, rec["id"])
-        if now is not None and now["created"] == rec["created"]:
-            await self.store.delete(self.kind, rec["id"])
+        if now is None or now["created"] != rec["created"]:
+            return False
+        return await self.store.delete(self.kind, rec["id"])
 
     async def queued(self, peer: str) -> int:
         return await self.store.count(self.kind, peer=peer)

@@ -32,6 +32,8 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import aiohttp
+
 from loa.relay.devices.protocol import DEVICE_KINDS, DEVICE_STATUSES
 from loa.relay.exchange import ExchangeSettings, Outbox, cursor_of
 from loa.relay.link import LinkError
@@ -80,7 +82,9 @@ class Uplink:
         self.queue = Outbox(store, ExchangeSettings(), kind=KIND)  # never pushes: the link sends
         self.counts = {"queued": 0, "sent": 0, "acked": 0, "refused": 0, "dropped": 0,
                        "retries": 0}
-        self.pending = 0  # messages in the queue, as last counted
+        # Messages in the queue: counted in the store once, then kept here (a count per
+        # message would cost O(queue)); counted again before anything is dropped.
+        self.pending: int | None = None
         self._wake = asyncio.Event()
         self._acks: deque[dict[str, Any]] = deque()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -89,21 +93,25 @@ class Uplink:
         # What to send on this connection, oldest first: read from the store once when the
         # link comes up, then fed by put() (a backlog of any size is read once, not per round).
         self._backlog: deque[Record] | None = None
+        self._sender: asyncio.Task[None] | None = None  # sends on the connection that is up
 
     # ---- what goes up -----------------------------------------------------------------------
     async def put(self, kind: str, mid: str, body: Record, replace: bool = False) -> bool:
         """Queue one message (idempotent by id); False when the queue is full and it is dropped."""
-        self.pending = await self.queue.queued(PARENT)
+        if self.pending is None or self.pending >= self.settings.queue_max:
+            self.pending = await self.queue.queued(PARENT)  # counted, not estimated
         if self.pending >= self.settings.queue_max:
             self.counts["dropped"] += 1
             log.error("upward queue full, message dropped event=uplink_full type=%s id=%s "
                       "queued=%d dropped=%d", kind, mid, self.pending, self.counts["dropped"])
             self._alert(True)
             return False
+        before = time.time()
         rec = await self.queue.put(PARENT, {"id": mid, "type": kind, **body}, replace=replace)
         if self._backlog is not None:  # connected: the sender takes it from memory
             self._backlog.append(rec)
-        self.pending += 1
+        if rec["created"] >= before:  # stored now (not one already queued under its id)
+            self.pending += 1
         self.counts["queued"] += 1
         self._wake.set()
         return True
@@ -180,6 +188,7 @@ class Uplink:
         ended.append(on_end)
         self._unhook = lambda: ended.remove(on_end)
         self._spawn(self._devices(bus))
+        self._spawn(self._count())
         if self.settings.audit_s > 0:
             self._spawn(self._audits())
 
@@ -187,6 +196,14 @@ class Uplink:
         task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    async def _count(self) -> None:
+        """What a restart left in the queue, for the figures before the link is up."""
+        try:
+            if self.pending is None:
+                self.pending = await self.queue.queued(PARENT)
+        except StoreUnavailable as e:
+            log.error("upward queue not counted event=uplink_error error=%s", e)
 
     async def _after_end(self, bid: str, flush: Callable[[], Awaitable[Any]],
                          speakers: Speakers) -> None:
@@ -228,6 +245,7 @@ class Uplink:
             window += 1
 
     async def close(self) -> None:
+        await self.detach()
         if self._unhook is not None:
             self._unhook()
             self._unhook = None
@@ -236,11 +254,23 @@ class Uplink:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # ---- the link (relay/upstream.py calls these) ----------------------------------------------
-    def attach(self, send: Callable[[str], Awaitable[None]]) -> asyncio.Task[None]:
-        """The link is up (the parent said hello): send what is queued, then what comes."""
+    def attach(self, send: Callable[[str], Awaitable[None]]) -> None:
+        """The link is up (the parent said hello): send what is queued, then what comes.
+        Called again on the same connection, it changes nothing."""
+        if self._sender is not None:
+            return
         self._acks.clear()
         self._backlog = None
-        return asyncio.get_running_loop().create_task(self._send(send))
+        self.pending = None  # counted again: the estimate never drifts for long
+        self._sender = asyncio.get_running_loop().create_task(self._send(send))
+
+    async def detach(self) -> None:
+        """The connection is over."""
+        if self._sender is not None:
+            self._sender.cancel()
+            await asyncio.gather(self._sender, return_exceptions=True)
+            self._sender = None
+        self._backlog = None
 
     def acked(self, msg: Record) -> None:
         """The parent's `ack` (text event on the link): applied by the sender task."""
@@ -258,6 +288,8 @@ class Uplink:
             except StoreUnavailable as e:
                 log.error("upward queue unreadable event=uplink_error error=%s", e)
                 await asyncio.sleep(RETRY_S)  # a backoff, not a wait for a condition
+            except (ConnectionError, aiohttp.ClientError):
+                return  # the connection is over: the link reconnects, this task is detached
 
     async def _round(self, send: Callable[[str], Awaitable[None]],
                      inflight: deque[tuple[str, Record]], sent: set[str]) -> None:
@@ -297,7 +329,8 @@ class Uplink:
                 continue  # not of this window (a reset): harmless
             while inflight:
                 c, rec = inflight.popleft()
-                await self.queue.done(rec)
+                if await self.queue.done(rec) and self.pending:
+                    self.pending -= 1
                 sent.discard(c)
                 self.counts["acked"] += 1
                 if c == cursor:
@@ -306,13 +339,12 @@ class Uplink:
                 self.counts["refused"] += 1
                 log.warning("parent refused a report event=uplink_refused id=%s reason=%s",
                             ack.get("id"), ack["refused"])
-        self.pending = await self.queue.queued(PARENT)
-        if self.pending < self.settings.queue_max:
+        if self.pending is not None and self.pending < self.settings.queue_max:
             self._alert(False)
         return False
 
     def stats(self) -> dict[str, Any]:
-        return {"queued_now": self.pending, **self.counts}
+        return {"queued_now": self.pending or 0, **self.counts}
 
 
 # ---- the parent ----------------------------------------------------------------------------------

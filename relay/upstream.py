@@ -138,6 +138,8 @@ class UpstreamLink:
                             delay = s.backoff_min
                 except (aiohttp.ClientError, OSError, TimeoutError) as e:
                     self._set("down", str(e) or type(e).__name__)
+                if self.uplink is not None:
+                    await self.uplink.detach()  # what was not acked goes on the next one
                 if self.state == "refused":  # no longer this parent's child: its own air only
                     for bid in list(self.remotes):
                         self._stop(bid, "upstream-refused")
@@ -150,25 +152,18 @@ class UpstreamLink:
         """Read until the link ends; True when the parent said hello (a healthy connection)."""
         greeted = False
         reason = ""
-        sender: asyncio.Task[None] | None = None
-        try:
-            while True:
-                msg = await ws.receive()
-                if msg.type is aiohttp.WSMsgType.TEXT:
-                    greeted = await self._event(msg.data) or greeted
-                    if greeted and sender is None and self.uplink is not None \
-                            and self.takes_reports:
-                        sender = self.uplink.attach(ws.send_str)
-                elif msg.type is aiohttp.WSMsgType.BINARY:
-                    self._frame(msg.data)
-                else:  # CLOSE (with the parent's reason), CLOSED, ERROR
-                    if msg.type is aiohttp.WSMsgType.CLOSE and msg.extra:
-                        reason = str(msg.extra)
-                    break
-        finally:
-            if sender is not None:
-                sender.cancel()
-                await asyncio.gather(sender, return_exceptions=True)
+        while True:
+            msg = await ws.receive()
+            if msg.type is aiohttp.WSMsgType.TEXT:
+                greeted = await self._event(msg.data) or greeted
+                if greeted and self.takes_reports and self.uplink is not None:
+                    self.uplink.attach(ws.send_str)  # once per connection
+            elif msg.type is aiohttp.WSMsgType.BINARY:
+                self._frame(msg.data)
+            else:  # CLOSE (with the parent's reason), CLOSED, ERROR
+                if msg.type is aiohttp.WSMsgType.CLOSE and msg.extra:
+                    reason = str(msg.extra)
+                break
         code = ws.close_code
         if not reason:
             exc = ws.exception()
