@@ -261,7 +261,6 @@ class Uplink:
             return
         self._acks.clear()
         self._backlog = None
-        self.pending = None  # counted again: the estimate never drifts for long
         self._sender = asyncio.get_running_loop().create_task(self._send(send))
 
     async def detach(self) -> None:
@@ -306,6 +305,7 @@ class Uplink:
         if self._backlog is None:
             self._backlog = deque()  # what is put while the store is read lands here, after it
             stored = await self.queue.feed(PARENT, None, self.settings.queue_max + WINDOW)
+            self.pending = len(stored) + len(self._backlog)  # counted again at each connection
             self._backlog.extendleft(reversed(stored))
         while len(inflight) < WINDOW and self._backlog:
             rec = self._backlog.popleft()
