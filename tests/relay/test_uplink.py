@@ -1,7 +1,7 @@
 """Upward over the node link, store and forward (issue 12): what a child node reports reaches its
 parent and the levels above once, across outages and replays; what a child may not report is
-refused and nothing is stored. The chain test runs real `loa serve` processes (tests/nodes.py),
-each with its own data directory, on loopback."""
+refused and nothing is stored. The chain test runs real `loa serve` processes (tests/nodes.py,
+loa.web.nodeproc), each with its own data directory, on loopback."""
 
 from __future__ import annotations
 
@@ -26,19 +26,11 @@ from loa.streamer.station import Content
 from loa.web.api.nodes import CLOSE_PROTOCOL
 from loa.web.auth import add_user
 from loa.web.config import Config
+from loa.web.nodeproc import NodeApi
 from tests.apiclient import PASSWORD, tone_file
 from tests.helpers import until
-from tests.nodes import (
-    ADMIN,
-    COMMUNE,
-    DISTRICT,
-    WAIT,
-    Linked,
-    NodeProcess,
-    api,
-    chain,
-    linked,
-)
+from tests.linkpair import ADMIN, COMMUNE, DISTRICT, Linked, api, linked
+from tests.nodes import WAIT, chain
 
 COMMUNE_OUTSIDE = "T01-H2-X1"  # a commune of the other district
 PEER = "central"  # the central source system, on the parent's exchange
@@ -55,19 +47,19 @@ async def eventually(fn: Callable[[], Awaitable[Any]], what: str) -> Any:
         await asyncio.sleep(0.2)
 
 
-async def entries(node: NodeProcess, bid: str) -> list[dict[str, Any]]:
+async def entries(node: NodeApi, bid: str) -> list[dict[str, Any]]:
     status, body = await node.call("GET", f"/api/v1/reports/asrun?to={time.time() + 60}")
     assert status == 200, body
     return [e for e in body["entries"] if e["broadcast"] == bid]
 
 
-async def uplink(node: NodeProcess) -> dict[str, Any]:
+async def uplink(node: NodeApi) -> dict[str, Any]:
     status, body = await node.call("GET", "/api/v1/nodes")
     assert status == 200, body
     return dict(body["uplink"])
 
 
-async def own_programme(node: NodeProcess, tone: Path, area: str) -> str:
+async def own_programme(node: NodeApi, tone: Path, area: str) -> str:
     """Air a media item of the node's own in `area`, wait until it is on air, stop it, wait
     until its as-run entry is closed: the broadcast id."""
     form = aiohttp.FormData()
@@ -93,84 +85,75 @@ async def own_programme(node: NodeProcess, tone: Path, area: str) -> str:
 async def test_asrun_of_an_outage_reaches_the_province_once_and_a_replay_adds_nothing(
         tmp_path: Path) -> None:
     tone = tone_file(tmp_path / "tone.wav", 440, 30)
-    async with aiohttp.ClientSession() as http:
-        nodes: list[NodeProcess] = []
-        try:
-            nodes = await chain(tmp_path, http, [("tinh", "T01"), ("huyen", DISTRICT),
-                                                 ("xa", COMMUNE)])
-            province, district, commune = nodes
+    async with chain(tmp_path, ["T01", DISTRICT, COMMUNE]) as c:
+        (province, district, commune), procs = c.apis, c.nodes
 
-            async def state(n: NodeProcess, want: str) -> bool:
-                return await n.link_state() == want
+        async def state(n: NodeApi, want: str) -> bool:
+            return (await n.upstream()).get("state") == want
 
-            await eventually(lambda: state(commune, "up"), "the commune linked")
-            await eventually(lambda: state(district, "up"), "the district linked")
+        # The middle node dies: the commune airs its own programme meanwhile.
+        await procs[1].kill()
+        await eventually(lambda: state(commune, "down"), "the commune's link down")
+        bid = await own_programme(commune, tone, COMMUNE)
+        assert len(await entries(commune, bid)) == 1
+        assert (await uplink(commune))["queued_now"] >= 1  # kept for the parent
+        assert await entries(province, bid) == []
 
-            # The middle node dies: the commune airs its own programme meanwhile.
-            await district.kill()
-            await eventually(lambda: state(commune, "down"), "the commune's link down")
-            bid = await own_programme(commune, tone, COMMUNE)
-            assert len(await entries(commune, bid)) == 1
-            assert (await uplink(commune))["queued_now"] >= 1  # kept for the parent
-            assert await entries(province, bid) == []
+        # The commune restarts during the outage (its queue is on disk); a copy of its data
+        # directory keeps that queue, unacknowledged, for the replay below.
+        await procs[2].stop()
+        saved = tmp_path / "xa-saved"
+        shutil.copytree(procs[2].root / "data", saved)
+        await procs[2].start()
 
-            # The commune restarts during the outage (its queue is on disk); a copy of its data
-            # directory keeps that queue, unacknowledged, for the replay below.
-            await commune.stop()
-            saved = tmp_path / "xa-saved"
-            shutil.copytree(commune.data, saved)
-            await commune.start()
+        # The district returns: the entry reaches the province, once, tagged with the node.
+        await procs[1].start()
+        got = await eventually(lambda: entries(province, bid), "the entry at the province")
+        assert len(got) == 1, got
+        e = got[0]
+        assert e["area"] == COMMUNE and e["end"] is not None, e
+        assert e["node_name"] == f"node 1 {DISTRICT}" and e["via"] == [f"node 2 {COMMUNE}"], e
+        assert e["title"] == "Chương trình xã"
+        at_district = await entries(district, bid)
+        assert len(at_district) == 1 and at_district[0]["node_name"] == f"node 2 {COMMUNE}"
 
-            # The district returns: the entry reaches the province, once, tagged with the node.
-            await district.start()
-            got = await eventually(lambda: entries(province, bid), "the entry at the province")
-            assert len(got) == 1, got
-            e = got[0]
-            assert e["area"] == COMMUNE and e["end"] is not None and e["node_name"] == "Nút huyen"
-            assert e["via"] == ["Nút xa"] and e["title"] == "Chương trình xã"
-            at_district = await entries(district, bid)
-            assert len(at_district) == 1 and at_district[0]["node_name"] == "Nút xa"
+        async def drained(n: NodeApi) -> bool:
+            u = await uplink(n)
+            return u["queued_now"] == 0 and u["acked"] >= 1
 
-            async def drained(n: NodeProcess) -> bool:
-                u = await uplink(n)
-                return u["queued_now"] == 0 and u["acked"] >= 1
+        await eventually(lambda: drained(commune), "the commune's queue acked and emptied")
+        await eventually(lambda: drained(district), "the district's queue acked and emptied")
 
-            await eventually(lambda: drained(commune), "the commune's queue acked and emptied")
-            await eventually(lambda: drained(district), "the district's queue acked and emptied")
+        # The commune airs in a neighbour's area (its own tree has it, its key does not): the
+        # district refuses that report, the commune drops it, nothing is stored above.
+        other = await own_programme(commune, tone, "T01-H1-X2")
 
-            # The commune airs in a neighbour's area (its own tree has it, its key does not):
-            # the district refuses that report, the commune drops it, nothing is stored above.
-            other = await own_programme(commune, tone, "T01-H1-X2")
+        async def refused() -> bool:
+            u = await uplink(commune)
+            return u["refused"] >= 1 and u["queued_now"] == 0
 
-            async def refused() -> bool:
-                u = await uplink(commune)
-                return u["refused"] >= 1 and u["queued_now"] == 0
+        await eventually(refused, "the neighbour's entry refused")
+        assert await entries(district, other) == [] and await entries(province, other) == []
+        status, body = await district.call("GET", "/api/v1/nodes")
+        assert status == 200 and body["reports"]["refused"] >= 1, body
 
-            await eventually(refused, "the neighbour's entry refused")
-            assert await entries(district, other) == [] and await entries(province, other) == []
-            status, body = await district.call("GET", "/api/v1/nodes")
-            assert status == 200 and body["reports"]["refused"] >= 1, body
+        # The summary on the province counts the commune's time too.
+        status, summary = await province.call(
+            "GET", f"/api/v1/reports/summary?to={time.time() + 60}")
+        assert status == 200 and summary["hours"][COMMUNE]["normal"] > 0, summary
 
-            # The summary on the province counts the commune's time too.
-            status, summary = await province.call(
-                "GET", f"/api/v1/reports/summary?to={time.time() + 60}")
-            assert status == 200 and summary["hours"][COMMUNE]["normal"] > 0, summary
-
-            # Replay: the commune comes back with its old, unacknowledged queue and sends it all
-            # again, through a second reconnect; the district and the province add nothing.
-            await commune.stop()
-            shutil.rmtree(commune.data)
-            shutil.copytree(saved, commune.data)
-            await commune.start()
-            await eventually(lambda: drained(commune), "the replay acked")
-            await eventually(lambda: drained(district), "the replay forwarded and acked")
-            assert len(await entries(district, bid)) == 1
-            assert len(await entries(province, bid)) == 1
-            status, body = await district.call("GET", "/api/v1/nodes")
-            assert status == 200 and body["reports"]["asrun"] >= 2, body  # it did arrive again
-        finally:
-            for n in nodes:
-                await n.close()
+        # Replay: the commune comes back with its old, unacknowledged queue and sends it all
+        # again, through a second reconnect; the district and the province add nothing.
+        await procs[2].stop()
+        shutil.rmtree(procs[2].root / "data")
+        shutil.copytree(saved, procs[2].root / "data")
+        await procs[2].start()
+        await eventually(lambda: drained(commune), "the replay acked")
+        await eventually(lambda: drained(district), "the replay forwarded and acked")
+        assert len(await entries(district, bid)) == 1
+        assert len(await entries(province, bid)) == 1
+        status, body = await district.call("GET", "/api/v1/nodes")
+        assert status == 200 and body["reports"]["asrun"] >= 2, body  # it did arrive again
 
 
 # ---- a child that reports what it may not: in process, a raw link --------------------------------
