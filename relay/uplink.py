@@ -15,7 +15,7 @@ Parent (`UplinkReceiver`): each message is validated; one about an area outside 
 area (or a broadcast that never reached it) is refused in its ack, counted and not stored. What
 is taken is stored scoped to that area: as-run entries in this node's own as-run log tagged with
 the node (`node`, `node_name`, `via`: the node names below it), devices as `node_device`
-records, deliveries on the broadcast record (`delivery`), audit summaries in the audit log. A
+records, deliveries on the broadcast record (`children`: one row per node), audit summaries in the audit log. A
 parent that has a parent of its own forwards what it took (same message, `origin` lengthened),
 so the province's reports cover its whole tree.
 """
@@ -507,9 +507,9 @@ class UplinkReceiver:
                "seconds": _number(msg.get("seconds"), "seconds"),
                "loudspeakers": {k: _count(sp.get(k), f"loudspeakers.{k}")
                                 for k in ("total", "online")}}
-        rows = [r for r in rec.get("delivery", [])
+        rows = [r for r in rec.get("children", [])
                 if (r.get("node"), r.get("via")) != (node["id"], origin)]
-        return await self.store.update("broadcast", bid, {"delivery": [*rows, row]})
+        return await self.store.update("broadcast", bid, {"children": [*rows, row]})
 
     async def _audit(self, node: Record, key: str, msg: Record, origin: list[str]) -> Record:
         since, until = _number(msg.get("from"), "from"), _number(msg.get("to"), "to")

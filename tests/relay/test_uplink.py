@@ -340,7 +340,7 @@ async def reports_reach_the_parent(pair: Linked) -> None:
     async def with_delivery() -> bool:
         status, b = await api(http, parent.url, "GET", path, token)
         assert status == 200, b
-        return any(r["node"] == cred["id"] for r in b.get("delivery", []))
+        return any(r["node"] == cred["id"] for r in b.get("children", []))
 
     await until(with_delivery, "the child's delivery on the bulletin's record")
     await add_user(parent.node.store, parent.node.tree, "xem2", "viewer", "T01-H2", PASSWORD)
@@ -364,7 +364,7 @@ async def reports_reach_the_parent(pair: Linked) -> None:
 
     async def delivered() -> list[dict[str, Any]]:
         b = await parent.node.store.get("broadcast", bid)
-        return list((b or {}).get("delivery", []))
+        return list((b or {}).get("children", []))
 
     await until(delivered, "the child's delivery counts")
     (row,) = await delivered()

@@ -437,7 +437,7 @@ async def broadcast_list(request: web.Request) -> web.Response:
 
 @routes.get("/api/v1/broadcasts/{id}")
 async def broadcast_get(request: web.Request) -> web.Response:
-    """One broadcast's record, on air or ended, with `delivery`: what each child node reported
+    """One broadcast's record, on air or ended, with `children`: what each child node reported
     of it (areas, seconds, loudspeakers; relay/uplink.py). Another branch's is unknown here."""
     p = principal(request)
     node = node_of(request)
