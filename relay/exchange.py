@@ -177,15 +177,21 @@ class Outbox:
         self._task: asyncio.Task[None] | None = None
         self.stats = {"pushed": 0, "failed": 0}
 
-    async def put(self, peer: str, message: Record, push: bool | None = None) -> Record:
-        """Store a message (idempotent by id: the stored one wins) and push it if we may
-        (`push`: whether to, when the peer has no webhook URL but another way, e-mail)."""
+    async def put(self, peer: str, message: Record, push: bool | None = None,
+                  replace: bool = False) -> Record:
+        """Store a message (idempotent by id: the stored one wins, unless `replace`: a newer
+        state of the same thing, queued anew) and push it if we may (`push`: whether to, when
+        the peer has no webhook URL but another way, e-mail)."""
         # One record per peer and message id (two peers may get a message of the same id).
         if push is None:
             push = bool(self.settings.push_url(peer))
         rec: Record = {"id": f"{peer}:{message['id']}", "peer": peer, "type": message["type"],
                        "created": time.time(), "message": message,
                        "push": "pending" if push else "pull", "attempts": 0, "next_try": 0.0}
+        if replace:
+            await self.store.put(self.kind, rec)
+            self._wake.set()
+            return rec
         try:
             await self.store.create(self.kind, rec)
         except Conflict:
@@ -198,6 +204,17 @@ class Outbox:
         if since:
             rows = [r for r in rows if cursor_of(r) > since]
         return rows[:limit]
+
+    async def done(self, rec: Record) -> bool:
+        """A message the peer has taken: deleted (True), unless a newer state replaced it
+        meanwhile or it is gone already."""
+        now = await self.store.get(self.kind, rec["id"])
+        if now is None or now["created"] != rec["created"]:
+            return False
+        return await self.store.delete(self.kind, rec["id"])
+
+    async def queued(self, peer: str) -> int:
+        return await self.store.count(self.kind, peer=peer)
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())

@@ -51,6 +51,7 @@ CLOSE_CREDENTIAL = 4401  # WebSocket close codes of a refusal, with the reason a
 CLOSE_AREAS = 4403
 CLOSE_LOOP = 4508  # the child is already in this node's chain of parents (HTTP 508's number)
 CLOSE_GOING_AWAY = 1001
+REPORTS_VERSION = 1  # the hello says the parent takes reports up (relay/uplink.py)
 MAX_FRAMES_QUEUED = 250  # 5 s of 20 ms frames per child; beyond, the oldest are dropped
 
 
@@ -258,7 +259,7 @@ class LinkServer:
         self.feeds.append(feed)
         events = [e for b in self.engine.active() if (e := self._follow(feed, b)) is not None]
         feed.queue_text({"type": "hello", "areas": feed.areas, "path": self.chain(),
-                         "broadcasts": events})
+                         "broadcasts": events, "reports": REPORTS_VERSION})
         log.info("child linked event=link_up node=%s areas=%s broadcasts=%d", feed.node,
                  ",".join(feed.areas), len(events))
 

@@ -29,7 +29,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -42,6 +42,9 @@ from loa.streamer.clock import FRAME
 from loa.streamer.messages import say
 from loa.streamer.sources import LivePush
 from loa.streamer.station import Content, Station
+
+if TYPE_CHECKING:
+    from loa.relay.uplink import Uplink
 
 log = logging.getLogger("loa.upstream")
 
@@ -59,6 +62,8 @@ class UpstreamSettings:
     hold_s: float = 2.0  # after a link loss, the parent's broadcasts (not emergencies) stay
     buffer_ms: float = 60.0  # the jitter buffer of each of the parent's broadcasts
     heartbeat_s: float = 1.0  # a silent dead link is noticed within about this
+    queue_max: int = 100_000  # upward messages kept for the parent (relay/uplink.py)
+    audit_s: float = 3600.0  # an audit summary goes up this often (0: never)
 
 
 @dataclass
@@ -102,6 +107,8 @@ class UpstreamLink:
         self._task: asyncio.Task[None] | None = None
         self._hold: asyncio.TimerHandle | None = None
         self._released = False  # this outage's hold is over
+        self.uplink: Uplink | None = None  # what goes up (relay/uplink.py), sent once greeted
+        self.takes_reports = False  # the parent's hello says it takes them
 
     @property
     def ws_url(self) -> str:
@@ -152,6 +159,8 @@ class UpstreamLink:
                             delay = s.backoff_min
                 except (aiohttp.ClientError, OSError, TimeoutError) as e:
                     self._set("down", str(e) or type(e).__name__)
+                if self.uplink is not None:
+                    await self.uplink.detach()  # what was not acked goes on the next one
                 if self.state == "refused":  # no longer this parent's child: its own air only
                     for bid in list(self.remotes):
                         self._stop(bid, "upstream-refused")
@@ -175,6 +184,8 @@ class UpstreamLink:
                     self._set("refused", str(e))
                     self._loop(str(e))
                     return False
+                if greeted and self.takes_reports and self.uplink is not None:
+                    self.uplink.attach(ws.send_str)  # once per connection
             elif msg.type is aiohttp.WSMsgType.BINARY:
                 self._frame(msg.data)
             else:  # CLOSE (with the parent's reason), CLOSED, ERROR
@@ -234,6 +245,7 @@ class UpstreamLink:
             if kind == "hello":
                 self._chain(msg.get("path"))
                 await self._hello(msg["broadcasts"])
+                self.takes_reports = bool(msg.get("reports"))  # an older parent does not
                 return True
             if kind == "path":
                 self._chain(msg["path"])
@@ -241,6 +253,8 @@ class UpstreamLink:
                 await self._start(msg["broadcast"])
             elif kind == "stop":
                 self._stop(str(msg["id"]), str(msg.get("cause") or "upstream-stop"))
+            elif kind == "ack" and self.uplink is not None:
+                self.uplink.acked(msg)
             else:
                 raise LinkError(say("link.event_unknown", type=kind))
         except (ValueError, KeyError, TypeError, LinkError) as e:

@@ -1,5 +1,6 @@
-"""Reading the as-run log: the entries of a period (closed, and those still on air) and the
-hours on air per area and class. The reports API and the exchange's statistics use both."""
+"""Reading the as-run log: the entries of a period (closed, and those still on air), those to
+add up when child nodes report too, and the hours on air per area and class. The reports API
+and the exchange's statistics use them."""
 
 from __future__ import annotations
 
@@ -24,6 +25,15 @@ async def asrun_rows(store: Store, since: float, until: float) -> list[Record]:
     out = [r for r in rows if end_of(r, now) > since and r["start"] < until]
     out.sort(key=lambda r: (r["start"], r["area"]))
     return out
+
+
+def counted_once(rows: list[Record]) -> list[Record]:
+    """The entries to add up: where a child node reported a broadcast in an area (its entries
+    carry `node`), this node's own entries of that broadcast there give way to the child's.
+    This node's mixer composes every area of its tree, but the loudspeakers of the child's
+    areas listen to the child: counting both would double the hours."""
+    below = {(r["area"], r.get("broadcast")) for r in rows if r.get("node")}
+    return [r for r in rows if r.get("node") or (r["area"], r.get("broadcast")) not in below]
 
 
 def hours_per_area(rows: list[Record], since: float, until: float) -> dict[str, dict[str, float]]:

@@ -716,8 +716,8 @@ CATALOGUE: dict[str, Text] = {
     "link.bad_credential": Text("khóa nút không đúng", "wrong node key"),
     "link.revoked": Text("khóa nút đã bị thu hồi", "the node key is revoked"),
     "link.bad_name": Text("tên nút: 1-100 ký tự", "node name: 1-100 characters"),
-    "link.child_sends": Text("nút con không gửi gì trên liên kết",
-                             "a child node sends nothing on the link"),
+    "link.child_sends": Text("nút con chỉ gửi báo cáo (văn bản) trên liên kết",
+                             "a child node sends only its reports (text) on the link"),
     "link.event_unknown": Text("sự kiện liên kết không rõ: {type}", "unknown link event: {type}"),
     "link.frame_short": Text("khung liên kết bị cụt hoặc sai dạng",
                              "link frame truncated or malformed"),
@@ -734,6 +734,15 @@ CATALOGUE: dict[str, Text] = {
                           "{path}; liên kết bị từ chối",
                           "link loop: this node ({node}) is in its parent's chain {path}; "
                           "link refused"),
+    "uplink.full": Text("hàng đợi báo cáo lên nút cha đã đầy ({limit}): báo cáo mới bị bỏ",
+                        "the queue of reports to the parent node is full ({limit}): new "
+                        "reports are dropped"),
+    "uplink.bad_field": Text("báo cáo lên nút cha: trường {field} không hợp lệ",
+                             "report to the parent node: invalid field {field}"),
+    "uplink.too_large": Text("báo cáo lên nút cha quá lớn (tối đa {limit} byte)",
+                             "report to the parent node too large (max {limit} bytes)"),
+    "uplink.not_reached": Text("phát sóng {id} không tới khu vực của nút này",
+                               "broadcast {id} never reached this node's area"),
     "upstream.closed": Text("nút cha đóng liên kết (mã {code})",
                             "the parent closed the link (code {code})"),
     "upstream.outside_tree": Text("phát sóng {id} của nút cha ({issuer}) không tới khu vực nào "
@@ -890,8 +899,9 @@ CATALOGUE: dict[str, Text] = {
     "openapi.broadcast_start": Text("Phát ngay", "start a broadcast"),
     "openapi.broadcast_stop": Text("Dừng", "stop (the issuer's authority or above)"),
     "openapi.broadcast": Text("Một buổi phát thanh",
-                              "one broadcast, with `delivery`: the loudspeakers of the caller's "
-                              "subtree that played it"),
+                              "one broadcast, with `delivery` (the loudspeakers of the caller's "
+                              "subtree that played it) and `children` (what child nodes "
+                              "reported of it)"),
     "openapi.asrun": Text("Nhật ký phát sóng", "as-run log (JSON or CSV)"),
     "openapi.summary": Text("Báo cáo", "hours on air per area and class, bulletins per day"),
     "openapi.devices": Text("Thiết bị", "devices of the caller's area"),

@@ -85,6 +85,9 @@ class Station:
         self._aired: set[str] = set()  # broadcasts this node aired whose end is not written
         self.store_down: str | None = None  # why the last write failed, until one succeeds
         self.dropped = 0  # writes dropped from a full queue
+        # Told of every closed as-run entry inside its retried write (the upward queue to a
+        # parent node): each must be idempotent by the entry's id.
+        self.closed_hooks: list[Callable[[Record], Awaitable[None]]] = []
         engine.listeners.append(self._on_change_thread)
         engine.ended_listeners.append(self._on_end_thread)
 
@@ -397,6 +400,8 @@ class Station:
         out = {k: v for k, v in entry.items() if k != "node"}
         # ts (what reports select by): when it ended, not when a retry or a restart wrote it
         await self.store.append("asrun", {**out, "ts": min(out["end"], time.time())})
+        for hook in self.closed_hooks:
+            await hook(out)
         await self.store.delete("onair", entry["id"])
 
     def _on_end(self, bid: str, cause: str, at: float) -> None:

@@ -123,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     fan.add_argument("--workers", type=int, default=None,
                      help="http: fan-out worker processes (default: [http_streams] workers); "
                           "webrtc: WHEP worker processes (default: [webrtc] workers)")
+    upl = bsub.add_parser("uplink", help="an outage's backlog of reports drained up the link")
+    upl.add_argument("--entries", type=int, default=10_000)
     return ap
 
 
@@ -172,6 +174,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from loa.web.bench.outages import run as run_outages
 
         return run_outages(args)
+    if args.command == "bench" and args.bench == "uplink":
+        from loa.web.bench.uplink import run as run_uplink
+
+        return run_uplink(args)
     if args.command == "bench" and args.bench == "api":
         from loa.web.bench.api import run
 

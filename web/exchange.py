@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from loa.relay.devices.protocol import DEVICE_KINDS
 from loa.relay.exchange import Outbox, Poller
 from loa.streamer import exchange as model
-from loa.streamer.asrun import asrun_rows, hours_per_area
+from loa.streamer.asrun import asrun_rows, counted_once, hours_per_area
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.emergency.service import Request
 from loa.streamer.messages import say
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("loa.exchange")
 VERSION = 1
 KIND = "exchange_in"
+REVISE_S = 2.0  # a child's entries arriving together make one revised delivery report
 
 
 def iso(epoch: float) -> str:
@@ -53,6 +54,7 @@ class ExchangeService:
         self._lock = asyncio.Lock()  # one bulletin at a time: a replay racing its first copy
         self._tasks: set[asyncio.Task[Any]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._revising: set[str] = set()  # broadcasts whose revised delivery report is due
 
     @property
     def max_bytes(self) -> int:
@@ -243,8 +245,10 @@ class ExchangeService:
         if not found:
             return None
         rec = found[0]
+        revision = int(rec.get("reported") or 0) + 1
         await self.node.station.flush()  # the as-run entries of its last segments
-        rows = await self.node.store.read_log("asrun", broadcast=bid, limit=100_000)
+        rows = counted_once(await self.node.store.read_log("asrun", broadcast=bid,
+                                                           limit=100_000))
         areas: dict[str, Record] = {}
         tree = self.node.tree
         for r in rows:
@@ -259,19 +263,45 @@ class ExchangeService:
                   and not tree.get(a["code"]).children}
         speakers = [d for d in self.node.devices.find(leaves, kind="loudspeaker")
                     if not d.record.get("revoked")]
+        below = [d for d in await self.node.store.find("node_device", kind="loudspeaker")
+                 if d.get("area") in leaves]  # those child nodes reported
         eid = rec["answer"].get("emergency")
         proofs = await self.node.delivery.proofs(eid) if eid else None  # durable, any node
-        message = self._message("delivery", f"delivery:{rec['bulletin']}", {
-            "bulletin": rec["bulletin"], "class": rec["class"],
+        # A child node's entries may arrive after the end (an outage): each later arrival
+        # sends the whole report again as a new revision, under its own id.
+        mid = f"delivery:{rec['bulletin']}" + (f":{revision}" if revision > 1 else "")
+        message = self._message("delivery", mid, {
+            "bulletin": rec["bulletin"], "class": rec["class"], "revision": revision,
             "status": "aired" if reached else "not_aired", "end_cause": cause,
             "areas": reached, "loudspeakers": {
-                "total": len(speakers),
-                "online": sum(d.status != "offline" for d in speakers),
+                "total": len(speakers) + len(below),
+                "online": sum(d.status != "offline" for d in speakers)
+                + sum(d.get("status") != "offline" for d in below),
                 "acked": None if proofs is None else sum(
                     bool((proofs.get(d.id) or {}).get("acked")) for d in speakers),
                 "played": None if proofs is None else sum(
                     bool((proofs.get(d.id) or {}).get("played")) for d in speakers)}})
-        return await self.outbox.put(rec["peer"], message)
+        out = await self.outbox.put(rec["peer"], message)
+        await self.node.store.update(KIND, rec["id"], {"reported": revision, "end_cause": cause})
+        return out
+
+    async def child_report(self, kind: str, entry: Record) -> None:
+        """A child node's as-run entry was stored here (relay/uplink.py): when its broadcast is
+        a bulletin already reported, a revision follows (one per burst of arrivals)."""
+        bid = entry.get("broadcast")
+        if kind != "asrun" or not isinstance(bid, str) or bid in self._revising:
+            return
+        found = await self.node.store.find(KIND, broadcast=bid)
+        if not found or not found[0].get("reported"):
+            return  # not a bulletin, or its end's report will hold the entry
+        self._revising.add(bid)
+        cause = found[0].get("end_cause")
+        asyncio.get_running_loop().call_later(
+            REVISE_S, lambda: self._spawn(self._revise(bid, cause)))
+
+    async def _revise(self, bid: str, cause: str | None) -> None:
+        self._revising.discard(bid)
+        await self.report(bid, cause or "ended")
 
     async def statistics(self, until: float | None = None) -> list[Record]:
         """One statistics message per peer for the last interval: stations (leaf areas),
@@ -285,9 +315,14 @@ class ExchangeService:
             if c is not None and not d.record.get("revoked"):
                 c["total"] += 1
                 c["online"] += d.status != "offline"
+        for r in await self.node.store.find("node_device"):  # those of the child nodes
+            c = devices.get(r.get("kind", ""))
+            if c is not None:
+                c["total"] += 1
+                c["online"] += r.get("status") != "offline"
         body = {"period": {"from": iso(since), "to": iso(until)},
                 "stations": len(self.node.tree.resolve_leaves([self._root()])),
-                "devices": devices, "hours": hours_per_area(rows, since, until)}
+                "devices": devices, "hours": hours_per_area(counted_once(rows), since, until)}
         mid = f"statistics:{self.node.node_id[:32]}:{int(until)}"
         return [await self.outbox.put(peer, self._message("statistics", mid, body))
                 for peer in self.settings.peer_names()]

@@ -570,7 +570,9 @@ async def monitor_json(app: web.Application, scope: str, depth: int | None = Non
             "alerts": active_alerts(node, scope),
             "links": {"children": node.links.stats(),  # issue 12: the links between nodes
                       "refused": list(node.links.refusals),  # the latest refusals (loop ...)
-                      "upstream": node.upstream.stats() if node.upstream else None},
+                      "upstream": node.upstream.stats() if node.upstream else None,
+                      "uplink": node.uplink.stats() if node.uplink else None,
+                      "reports": node.uplink_in.counts},
         },
         "areas": areas,
     }
@@ -656,6 +658,8 @@ class MetricsSnapshot:
     upstream: dict[str, Any] | None = None  # the link to this node's parent, if any
     children: int = 0  # child nodes linked to this node
     alerts: dict[tuple[str, str], int] = field(default_factory=dict)  # (kind, severity) -> n
+    uplink: dict[str, Any] | None = None  # reports queued for the parent, if any
+    reports: dict[str, int] | None = None  # reports taken from (or refused to) the children
 
 
 async def metrics_snapshot(app: web.Application) -> MetricsSnapshot:
@@ -668,7 +672,8 @@ async def metrics_snapshot(app: web.Application) -> MetricsSnapshot:
         transports=transport_figures(app, c), areas=[a.code for a in list(node.tree)],
         device_events=dict(mgr.stats) if mgr is not None else None,
         upstream=node.upstream.stats() if node.upstream else None, children=len(node.links.feeds),
-        alerts=dict(Counter((a.kind, a.severity) for a in node.alerts.active.values())))
+        alerts=dict(Counter((a.kind, a.severity) for a in node.alerts.active.values())),
+        uplink=node.uplink.stats() if node.uplink else None, reports=dict(node.uplink_in.counts))
 
 
 async def metrics_text(app: web.Application) -> str:
@@ -816,6 +821,16 @@ def format_metrics(snap: MetricsSnapshot) -> str:
         e.add("loa_upstream_total", "counter", "The parent link's frames and refusals.",
               [({"event": k}, up[k]) for k in ("connects", "started", "stopped", "frames",
                                                "late", "concealed", "bad_frames", "bad_events")])
+    if snap.uplink is not None:
+        e.one("loa_uplink_queued", "gauge", "Reports queued for the parent node, not yet acked.",
+              snap.uplink["queued_now"])
+        e.add("loa_uplink_total", "counter", "Reports to the parent node by event.",
+              [({"event": k}, snap.uplink[k]) for k in ("queued", "sent", "acked", "refused",
+                                                        "dropped", "retries")])
+    if snap.reports:
+        e.add("loa_uplink_received_total", "counter",
+              "Reports from child nodes by type (refused: outside the child's area or invalid).",
+              [({"type": k}, v) for k, v in snap.reports.items()])
     return e.text()
 
 

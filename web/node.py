@@ -27,6 +27,7 @@ from loa.relay.icecast import HttpStreamer
 from loa.relay.link import LinkServer
 from loa.relay.notify import Notifier
 from loa.relay.rtp.out import RtpConfigError, RtpOut
+from loa.relay.uplink import Uplink, UplinkReceiver
 from loa.relay.upstream import UpstreamLink
 from loa.relay.webrtc import WebRtcRelay
 from loa.streamer.airtime import Airtime, AirtimeError, parse_rule
@@ -117,6 +118,8 @@ class Node:
         self.archive: Archive  # the as-aired recordings of the areas that chose them
         self.captures: Captures  # relay inputs recorded at a set time, aired later
         self.fm: FmTuning  # receivers tuned while an FM programme wins their area
+        self.uplink: Uplink | None = None  # what this node reports to its parent
+        self.uplink_in: UplinkReceiver  # what its children report to it
         self._tasks: list[asyncio.Task[None]] = []
         self._known_schedules: list[Record] = []
         # broadcast id -> inbox entry it airs (a scheduled bulletin from above): marked aired
@@ -163,6 +166,11 @@ class Node:
         self.station = Station(self.engine, self.store, self.library, self.speech, loop,
                                media_epoch, node_id=self.node_id,
                                relay_factory=self.inputs.factory)
+        self.uplink_in = UplinkReceiver(self.store, self.tree)
+        if cfg.upstream.url:  # before the station's start: what a crash left open goes up too
+            self.uplink = self.uplink_in.forward = Uplink(self.store, cfg.upstream, self.tree,
+                                                          self.alerts)
+            self.station.closed_hooks.append(self.uplink.asrun)
         self.station.start()
         try:
             await self._bootstrap_admin()
@@ -185,6 +193,11 @@ class Node:
             self.links.origin = self.upstream.origin  # relayed on to children as it came
             self.upstream.path_listeners.append(self.links.path_changed)
             self._stops.append(self.upstream.close)
+            if self.uplink is not None:
+                self.upstream.uplink = self.uplink
+                self._stops.append(self.uplink.close)
+                self.uplink.start(self.bus, self.engine.ended_listeners, self.station.flush,
+                                  self._speakers)
             await self.upstream.start()
 
     async def load_airtime(self) -> None:
@@ -199,6 +212,11 @@ class Node:
                 log.error("quiet hours ignored event=airtime_invalid area=%s error=%s",
                           r["id"], e)
         self.engine.set_airtime(Airtime.of(self.tree, own, self.media_epoch) if own else None)
+    def _speakers(self, areas: set[str]) -> tuple[int, int]:
+        """Loudspeakers of these areas: (total, online), for the parent's delivery counts."""
+        found = [d for d in self.devices.find(areas, kind="loudspeaker")
+                 if not d.record.get("revoked")]
+        return len(found), sum(d.status != "offline" for d in found)
 
     async def _start_services(self, loop: asyncio.AbstractEventLoop) -> None:
         cfg = self.cfg
@@ -241,6 +259,7 @@ class Node:
 
         self._stops.append(unhook)
         self.exchange = ExchangeService(self)
+        self.uplink_in.taken.append(self.exchange.child_report)  # children in its reports
         self._stops.append(self.exchange.stop)
         await self.exchange.start()
         self.http = build.http_streamer(cfg, self.hub, self.engine.on_air)

@@ -84,6 +84,10 @@ KINDS: Mapping[str, Kind] = {
     "exchange_out": Kind(indexed=("peer", "push")),
     "exchange_cursor": Kind(),  # id = peer: where we stand in its bulletin feed
     "node_key": Kind(indexed=("area",)),  # a child node's link credential (only its hash)
+    # Upward over the node link (relay/uplink.py): the child's queue of reports not yet acked
+    # by its parent, and on the parent the devices its children reported (id = "node:device").
+    "uplink_out": Kind(indexed=("peer", "push")),
+    "node_device": Kind(indexed=("node", "area", "kind")),
     "rtp_group": Kind(indexed=("block",), unique=("block",)),  # id = area: its multicast block
     "capture": Kind(indexed=("area", "status")),  # scheduled captures of inputs (web/captures.py)
     "area_settings": Kind(),  # id = area: the sections its people set (streamer/areasettings.py)

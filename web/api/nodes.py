@@ -15,12 +15,15 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import Counter
 from typing import Any
 
 from aiohttp import WSMsgType, web
 
+from loa.relay.devices.protocol import DEVICE_STATUSES
 from loa.relay.devices.records import new_id, same_hash, secret_hash
-from loa.relay.link import CLOSE_AREAS, CLOSE_CREDENTIAL, CLOSE_LOOP, Feed
+from loa.relay.link import CLOSE_AREAS, CLOSE_CREDENTIAL, CLOSE_LOOP, Feed, LinkError
+from loa.relay.uplink import MAX_MESSAGE
 from loa.streamer.messages import say
 from loa.streamer.state.store import Record
 from loa.web.api.devices import _reason
@@ -42,7 +45,7 @@ log = logging.getLogger("loa.nodes")
 routes = web.RouteTableDef()
 
 LINK_PATH = "/api/v1/nodes/link"
-CLOSE_PROTOCOL = 1003  # the child sends nothing but pongs: anything else is refused
+CLOSE_PROTOCOL = 1003  # the child sends its reports up and pongs: anything else is refused
 
 
 def public_node(rec: Record, node: Node) -> Record:
@@ -75,7 +78,7 @@ def _areas(node: Node, rec: Record, query: str) -> list[str]:
 @routes.get(LINK_PATH)
 async def link(request: web.Request) -> web.StreamResponse:
     node = request.app[NODE]
-    ws = web.WebSocketResponse(compress=False, max_msg_size=4096, heartbeat=2.0)
+    ws = web.WebSocketResponse(compress=False, max_msg_size=MAX_MESSAGE, heartbeat=2.0)
     if not ws.can_prepare(request).ok:
         return error_response(426, say("link.needs_websocket"), headers={"Upgrade": "websocket"})
     await ws.prepare(request)
@@ -108,11 +111,20 @@ async def link(request: web.Request) -> web.StreamResponse:
     pump = asyncio.get_running_loop().create_task(feed.pump())
     try:
         async for msg in ws:
-            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
-                log.info("child node sent a message event=link_protocol_error node=%s",
-                         rec["id"])
-                await ws.close(code=CLOSE_PROTOCOL, message=_reason(say("link.child_sends")))
-                break
+            if msg.type is WSMsgType.TEXT:  # the child's reports up (relay/uplink.py)
+                try:
+                    feed.queue_text(await node.uplink_in.receive(rec, msg.data))
+                    continue
+                except LinkError as e:
+                    why = str(e)
+            elif msg.type is WSMsgType.BINARY:
+                why = say("link.child_sends")
+            else:
+                continue
+            log.info("child node sent what is no upward report event=link_protocol_error "
+                     "node=%s reason=%s", rec["id"], why)
+            await ws.close(code=CLOSE_PROTOCOL, message=_reason(why))
+            break
     finally:
         node.links.detach(feed)
         pump.cancel()
@@ -146,8 +158,17 @@ async def node_list(request: web.Request) -> web.Response:
     mine = [r for r in await node.store.find("node_key")
             if r["area"] in node.tree and node.tree.contains(p.area, r["area"])]
     mine.sort(key=lambda r: r["id"])
-    return ok({"nodes": [public_node(r, node) for r in mine], "links": node.links.stats(),
-               "upstream": node.upstream.stats() if node.upstream else None})
+    # The devices each child reported (relay/uplink.py), by status, its own children's included.
+    devices: dict[str, Counter[str]] = {r["id"]: Counter() for r in mine}
+    for d in await node.store.find("node_device"):
+        if d.get("node") in devices:
+            devices[d["node"]][d["status"]] += 1
+    return ok({"nodes": [{**public_node(r, node), "devices": {
+                   s: devices[r["id"]][s] for s in DEVICE_STATUSES}} for r in mine],
+               "links": node.links.stats(),
+               "upstream": node.upstream.stats() if node.upstream else None,
+               "uplink": node.uplink.stats() if node.uplink else None,
+               "reports": node.uplink_in.counts})
 
 
 @routes.post("/api/v1/nodes/{id}/revoke")

@@ -31,12 +31,14 @@ def _on_air(node: Node, code: str) -> dict[str, Any] | None:
     return {k: now[k] for k in ("broadcast", "title", "class", "issuer", "since")}
 
 
-def _device_counts(node: Node, rows: set[str]) -> dict[str, dict[str, int]]:
+async def _device_counts(node: Node, rows: set[str]) -> dict[str, dict[str, int]]:
     """Devices by status for each row, over its whole subtree: one pass over the devices, then
-    one walk up the tree per (area, status) pair (10,000 devices sit in ~5,000 areas)."""
+    one walk up the tree per (area, status) pair (10,000 devices sit in ~5,000 areas). Those of
+    child nodes count too, as they last reported them (relay/uplink.py)."""
     counts = {c: {**dict.fromkeys(DEVICE_STATUSES, 0), "total": 0} for c in rows}
     tree = node.tree
     pairs = Counter((dev.record.get("area"), dev.status) for dev in node.devices.devices.values())
+    pairs.update((d.get("area"), str(d.get("status"))) for d in await node.store.find("node_device"))
     for (where, status), n in pairs.items():
         if not isinstance(where, str) or where not in tree:
             continue
@@ -115,7 +117,7 @@ async def overview(request: web.Request) -> web.Response:
     tree = node.tree
     root = scoped_area(p, tree, request.query.get("root") or p.area, "root", missing=404)
     children = list(tree.get(root).children)
-    counts = _device_counts(node, {root, *children})
+    counts = await _device_counts(node, {root, *children})
     return ok({"root": {**_row(node, root, counts), "path": area_out(tree, root)["path"]},
                "children": [_row(node, c, counts) for c in children],
                "emergencies": _emergencies(node, root),

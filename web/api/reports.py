@@ -13,7 +13,7 @@ from zoneinfo import ZoneInfo
 from aiohttp import web
 
 from loa.streamer.areas import AreaTree
-from loa.streamer.asrun import asrun_rows, hours_per_area
+from loa.streamer.asrun import asrun_rows, counted_once, hours_per_area
 from loa.streamer.broadcast import BroadcastClass
 from loa.streamer.messages import say
 from loa.streamer.state.store import Record
@@ -81,7 +81,7 @@ async def asrun(request: web.Request) -> web.StreamResponse:
 async def summary(request: web.Request) -> web.Response:
     """Hours on air per area and class, and bulletins per local day."""
     rows, since, until = await _entries(request)
-    hours = hours_per_area(rows, since, until)
+    hours = hours_per_area(counted_once(rows), since, until)
     per_day: dict[str, set[str]] = defaultdict(set)
     for r in rows:
         if r.get("class") != "background":
