@@ -42,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--target-delay-ms", type=float, default=300.0,
                         help="synchronised playout delay after the RTCP time mapping")
     device.add_argument("--seconds", type=float, default=None, help="stop after this long")
+    device.add_argument("--control", default="ws", choices=["ws", "mqtt"],
+                        help="control channel: the node's WebSocket or the MQTT broker")
+    device.add_argument("--broker", default=None,
+                        help="mqtt://host:port of the broker (default: the server's host:1883)")
 
     sim = sub.add_parser("sim", help="a fleet of light simulated devices")
     sim.add_argument("--server", required=True)
@@ -52,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="admin bearer token used to register the fleet (or LOA_TOKEN)")
     sim.add_argument("--area", default=None, help="register the fleet under this area")
     sim.add_argument("--seconds", type=float, default=None)
+    sim.add_argument("--control", default="ws", choices=["ws", "mqtt"],
+                     help="control channel: the node's WebSocket or the MQTT broker")
+    sim.add_argument("--broker", default=None,
+                     help="mqtt://host:port of the broker (default: the server's host:1883)")
 
     demo = sub.add_parser("demo", help="run the engine with a sample province")
     _common(demo)

@@ -14,6 +14,7 @@ from typing import Any
 
 from loa.codecs.encoders import EncoderSettings
 from loa.relay.devices.manager import DeviceSettings
+from loa.relay.devices.mqtt import MqttSettings
 from loa.relay.exchange import ExchangeSettings
 from loa.relay.hls import HlsSettings
 from loa.relay.icecast import HttpStreamSettings
@@ -83,6 +84,7 @@ class Config:
     webrtc: WebRtcSettings = field(default_factory=WebRtcSettings)
     inputs: RelayInputSettings = field(default_factory=RelayInputSettings)
     devices: DeviceSettings = field(default_factory=DeviceSettings)
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
     emergency: EmergencySettings = field(default_factory=EmergencySettings)
     fetch: FetchSettings = field(default_factory=FetchSettings)
     exchange: ExchangeSettings = field(default_factory=ExchangeSettings)
@@ -187,6 +189,8 @@ def load_config(path: str | os.PathLike[str] | None = None,
         raise ConfigError(f"[fetch] {e}") from None
     try:
         cfg.exchange.__post_init__()
+        cfg.mqtt.__post_init__()
+        cfg.mqtt.broker()
     except ValueError as e:
         raise ConfigError(str(e)) from None
     return cfg

@@ -16,6 +16,7 @@ from pathlib import Path
 from aiohttp import web
 
 from loa.relay.devices.manager import DeviceManager
+from loa.relay.devices.mqtt import MqttBinding
 from loa.relay.fanout import FanoutPool
 from loa.relay.hls import HlsService
 from loa.relay.icecast import HttpStreamer
@@ -88,6 +89,7 @@ class Node:
         self.inputs: RelayInputs
         self.login_guard: LoginGuard
         self.devices: DeviceManager
+        self.mqtt: MqttBinding | None = None  # [mqtt] enabled: devices over the broker
         self.emergency: EmergencyService
         self.exchange: ExchangeService  # with the central source system
         self.http: HttpStreamer
@@ -167,6 +169,10 @@ class Node:
         self._stops.append(self.devices.stop)
         self._closes.append(self.devices.close_all)
         await self.devices.start()
+        self.mqtt = build.mqtt_binding(cfg, self.devices, self.node_id)
+        if self.mqtt is not None:
+            self._stops.append(self.mqtt.close)
+            await self.mqtt.start()
         settings = build.emergency_settings(cfg)
         self.emergency = EmergencyService(
             engine=self.engine, station=self.station, store=self.store, bus=self.bus,

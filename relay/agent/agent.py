@@ -73,6 +73,7 @@ from loa.relay.agent.commands import (
 from loa.relay.agent.firmware import FIRMWARE
 from loa.relay.agent.impair import Impairment
 from loa.relay.agent.inputs import WebRtcInput
+from loa.relay.agent.mqtt import CONTROLS, control_client
 from loa.relay.agent.pipeline import CODECS, TRANSPORTS, Pipeline
 from loa.relay.agent.playout import Player
 from loa.relay.agent.sinks import make_sink
@@ -94,6 +95,8 @@ class AgentOptions:
     target_delay_ms: float = 300.0
     seconds: float | None = None
     impair: Impairment = field(default_factory=Impairment)
+    control: str = "ws"  # ws | mqtt (relay/agent/mqtt.py)
+    broker: str | None = None  # mqtt://host:port; None: the node's host, port 1883
 
 
 class Agent:
@@ -132,10 +135,11 @@ class Agent:
         self.player.start()
         self.pipeline = Pipeline(self.player, self.session, prefer=self.opts.transport,
                                  impair=self.opts.impair)
-        self.client = DeviceClient(self.opts.server, self.opts.device, self.opts.key,
-                                   session=self.session, firmware=FIRMWARE,
-                                   telemetry=self.telemetry, on_command=self.on_command,
-                                   on_config=self.on_config, capabilities=self.capabilities())
+        self.client = control_client(self.opts.control, self.opts.broker, self.opts.server,
+                                     self.opts.device, self.opts.key,
+                                     session=self.session, firmware=FIRMWARE,
+                                     telemetry=self.telemetry, on_command=self.on_command,
+                                     on_config=self.on_config, capabilities=self.capabilities())
         self._apply_gain()
         client_task = asyncio.get_running_loop().create_task(self.client.run())
         stop_task = asyncio.get_running_loop().create_task(stop.wait())
@@ -329,7 +333,11 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
     if not 20 <= delay <= 10_000:
         raise ValueError(say("agent.bad_target_delay"))
     seconds = getattr(args, "seconds", None)
-    return AgentOptions(server=str(args.server), device=device, key=key,
+    control = str(getattr(args, "control", "ws") or "ws")
+    if control not in CONTROLS:
+        raise ValueError(f"--control: {', '.join(CONTROLS)}")
+    return AgentOptions(control=control, broker=getattr(args, "broker", None) or None,
+                        server=str(args.server), device=device, key=key,
                         sink=str(getattr(args, "sink", "null") or "null"), transport=transport,
                         target_delay_ms=delay, seconds=float(seconds) if seconds else None,
                         impair=Impairment.parse(os.environ.get("LOA_AGENT_IMPAIR")))
