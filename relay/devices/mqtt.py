@@ -424,6 +424,7 @@ class MqttBinding:
             err = answers[0].get("error")
             if err and "not found" not in str(err).lower():
                 raise LoaError(say("mqtt.account_failed", error=err), kind="unavailable")
+            self.publish(self.topics.config(device), b"", retain=True)  # clears the retained
             return
         p, role = self.topics.prefix, f"loa-device-{device}"
         answers = await self._admin([
