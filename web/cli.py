@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--n", type=int, default=1000)
     dev.add_argument("--seconds", type=float, default=30.0)
     dev.add_argument("--heartbeat", type=float, default=30.0)
+    dev.add_argument("--control", default="ws", choices=["ws", "mqtt"],
+                     help="mqtt: the MQTT binding on a Mosquitto it starts, beside WebSocket")
     fan = bsub.add_parser("fanout", help="delivery cost per listener of one transport")
     fan.add_argument("--transport", required=True, choices=["http", "rtp", "webrtc"])
     fan.add_argument("--listeners", type=int, default=1000)
