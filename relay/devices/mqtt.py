@@ -121,6 +121,26 @@ class Topics:
         return dev if dev and "/" not in dev else None
 
 
+def device_role(device: str) -> str:
+    return f"loa-device-{device}"
+
+
+def role_acls(prefix: str, device: str) -> list[dict[str, Any]]:
+    """What a device may do: publish its uplink, subscribe to and receive its own downlink."""
+    down = f"{prefix}/sub/{device}/#"
+    return [{"acltype": "publishClientSend", "topic": f"{prefix}/pub/{device}", "allow": True},
+            {"acltype": "subscribePattern", "topic": down, "allow": True},
+            {"acltype": "publishClientReceive", "topic": down, "allow": True}]
+
+
+def account_commands(prefix: str, device: str, key: str) -> list[dict[str, Any]]:
+    """The dynamic-security commands creating a device's role and account."""
+    role = device_role(device)
+    return [{"command": "createRole", "rolename": role, "acls": role_acls(prefix, device)},
+            {"command": "createClient", "username": device, "password": key,
+             "clientid": device, "roles": [{"rolename": role}]}]
+
+
 def close_message(code: int, reason: str) -> bytes:
     return encode({"v": PROTOCOL_VERSION, "type": "close", "code": code, "reason": reason})
 
@@ -428,31 +448,24 @@ class MqttBinding:
             return
         await self.set_keys([(device, key)])
 
-    # The plugin rewrites its file once per message, not per command; a message of 50 accounts
-    # is answered in about half a second (Mosquitto 2.0.11; its time grows faster than linearly).
     ACCOUNTS_PER_MESSAGE = 50
 
     async def set_keys(self, keys: list[tuple[str, str]]) -> None:
-        """Create device accounts afresh (id, key), many per broker message (a fleet migrated
-        at once costs a few rewrites of the plugin's file, not one per device)."""
+        """Create device accounts (id, key), many per broker message. Mosquitto 2.0 rewrites the
+        plugin's file after every command, so a new account costs two commands (its role, its
+        client) and only an existing one is deleted and created again."""
         p = self.topics.prefix
         for i in range(0, len(keys), self.ACCOUNTS_PER_MESSAGE):
-            commands: list[dict[str, Any]] = []
-            for device, key in keys[i:i + self.ACCOUNTS_PER_MESSAGE]:
-                role = f"loa-device-{device}"
-                commands += [
-                    {"command": "deleteClient", "username": device},
-                    {"command": "deleteRole", "rolename": role},
-                    {"command": "createRole", "rolename": role, "acls": [
-                        {"acltype": "publishClientSend", "topic": f"{p}/pub/{device}",
-                         "allow": True},
-                        {"acltype": "subscribePattern", "topic": f"{p}/sub/{device}/#",
-                         "allow": True},
-                        {"acltype": "publishClientReceive", "topic": f"{p}/sub/{device}/#",
-                         "allow": True}]},
-                    {"command": "createClient", "username": device, "password": key,
-                     "clientid": device, "roles": [{"rolename": role}]}]
-            answers = await self._admin(commands)
+            chunk = keys[i:i + self.ACCOUNTS_PER_MESSAGE]
+            answers = await self._admin([c for d, k in chunk for c in account_commands(p, d, k)])
+            again = [(d, k) for j, (d, k) in enumerate(chunk)
+                     if answers[2 * j].get("error") or answers[2 * j + 1].get("error")]
+            if not again:
+                continue
+            answers = await self._admin([c for d, k in again for c in (
+                {"command": "deleteClient", "username": d},
+                {"command": "deleteRole", "rolename": device_role(d)},
+                *account_commands(p, d, k))])
             for j, a in enumerate(answers):
                 if j % 4 >= 2 and a.get("error"):  # deleting what is not there is fine
                     raise LoaError(say("mqtt.account_failed", error=a["error"]),
