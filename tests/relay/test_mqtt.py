@@ -8,8 +8,9 @@ import asyncio
 import json
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +21,44 @@ from aiomqtt.exceptions import MqttConnectError
 
 from loa.relay.agent.client import Command, Outcome
 from loa.relay.agent.mqtt import MqttDeviceClient
-from loa.relay.devices.manager import DeviceSettings
+from loa.relay.devices.manager import DeviceManager, DeviceSettings
 from loa.relay.devices.mosquitto import ManagedBroker, free_port
 from loa.relay.devices.mqtt import MqttSettings
 from loa.web.auth import add_user
 from loa.web.node import Node
 from loa.web.testing import start_node
 from tests.apiclient import PASSWORD, PEOPLE, make_config
-from tests.relay.test_devices import EXTRA_PEOPLE, Server, eventually
+from tests.helpers import until
 
 ADMIN, ADMIN_PASSWORD = "loa-admin", "broker-admin-secret"
+EXTRA_PEOPLE = {"qtvtinh": ("admin", "T01", True)}
+
+
+@dataclass
+class Server:
+    node: Node
+    base: str
+    http: aiohttp.ClientSession
+    tokens: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def mgr(self) -> DeviceManager:
+        return self.node.devices
+
+    async def call(self, who: str | None, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {self.tokens[who]}"} if who else {}
+        async with self.http.request(method, self.base + path, headers=headers, **kw) as r:
+            return r.status, await r.json(content_type=None)
+
+    async def register(self, area: str) -> dict[str, Any]:
+        status, dev = await self.call("qtvtinh", "POST", "/api/v1/devices", json={
+            "name": f"Cụm loa {area}", "kind": "loudspeaker", "area": area})
+        assert status == 201, dev
+        return dev
+
+
+async def eventually(cond: Callable[[], Any], timeout: float = 5.0) -> None:
+    await until(cond, "the condition", timeout)
 
 
 @asynccontextmanager
