@@ -21,9 +21,10 @@ from aiomqtt.exceptions import MqttConnectError
 
 from loa.relay.agent.client import Command, Outcome
 from loa.relay.agent.mqtt import MqttDeviceClient
+from loa.relay.agent.sim import Fleet
 from loa.relay.devices.manager import DeviceManager, DeviceSettings
 from loa.relay.devices.mosquitto import ManagedBroker, free_port
-from loa.relay.devices.mqtt import MqttSettings
+from loa.relay.devices.mqtt import MqttLink, MqttSettings
 from loa.web.auth import add_user
 from loa.web.node import Node
 from loa.web.testing import start_node
@@ -334,3 +335,26 @@ async def test_commands_survive_a_broker_restart(srv: Server, broker: ManagedBro
     await eventually(acked, timeout=30)
     assert [c.args for c in sp.commands if c.id == body["id"]] == [{"volume": 61}]
     assert await sp.stop() == 0
+
+
+async def test_sim_fleet_over_mqtt(srv: Server, broker: ManagedBroker, tmp_path: Path) -> None:
+    """`loa sim --control mqtt`: registered and provisioned through the REST API, connected
+    through the broker, every device acknowledges one bulk command."""
+    fleet = Fleet(srv.base, srv.tokens["qtvtinh"], speakers=20, boards=2, area="T01",
+                  fleet_file=tmp_path / "fleet.json", status_every=0, control="mqtt",
+                  broker=broker.url)
+    await fleet.start()
+    try:
+        await until(lambda: fleet.counts()["connected"] == 22, "22 devices connected", 60.0)
+        await until(lambda: srv.mgr.connected == 22, "22 sessions on the node", 30.0)
+        assert all(isinstance(d.link, MqttLink) for d in srv.mgr.devices.values())
+        status, body = await srv.call("qtvtinh", "POST", "/api/v1/devices/commands", json={
+            "area": "T01", "command": "power", "args": {"on": True}})
+        assert status == 202 and body["online"] == 22, body
+
+        async def acked() -> bool:
+            t = srv.mgr.tally(body["command_batch"])
+            return t is not None and t["acked"] == 22
+        await until(acked, "22 acks", 30.0)
+    finally:
+        await fleet.stop()
