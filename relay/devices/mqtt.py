@@ -52,6 +52,7 @@ from loa.relay.devices.manager import DeviceManager, HelloRejected
 from loa.relay.devices.protocol import (
     CLOSE_MALFORMED_HELLO,
     CLOSE_REPLACED,
+    CLOSE_TOO_BIG,
     PROTOCOL_VERSION,
     ProtocolError,
     encode,
@@ -298,10 +299,13 @@ class MqttBinding:
     # ---- device messages -----------------------------------------------------------------------
     async def _message(self, device: str, payload: bytes) -> None:
         mgr = self.manager
-        if len(payload) > mgr.settings.max_message_kb * 1024:
-            self._refuse(device, CLOSE_MALFORMED_HELLO, say("mqtt.too_big"))
-            return
         link = self.links.get(device)
+        if len(payload) > mgr.settings.max_message_kb * 1024:  # as a WebSocket: 1009
+            if link is not None:
+                link.close(CLOSE_TOO_BIG, say("mqtt.too_big"))
+            else:
+                self._refuse(device, CLOSE_TOO_BIG, say("mqtt.too_big"))
+            return
         dev = mgr.get(device) if link is not None else None
         try:
             msg = parse_message(payload)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -358,3 +359,17 @@ async def test_sim_fleet_over_mqtt(srv: Server, broker: ManagedBroker, tmp_path:
         await until(acked, "22 acks", 30.0)
     finally:
         await fleet.stop()
+
+
+def test_bench_devices_mqtt_beside_websocket() -> None:
+    """`loa bench devices --control mqtt` prints both transports' figures from one run."""
+    out = subprocess.run([sys.executable, "-m", "loa.web.cli", "bench", "devices", "--control",
+                          "mqtt", "--n", "30", "--seconds", "1", "--heartbeat", "1"],
+                         stdout=subprocess.PIPE, check=True, timeout=600)
+    result = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    mqtt, ws = result["mqtt"], result["websocket"]
+    assert (mqtt["control"], ws["control"], mqtt["devices"], ws["devices"]) == (
+        "mqtt", "ws", 30, 30)
+    for r in (mqtt, ws):  # every device acked every command of the fan-out
+        assert r["command_fanout_ms"]["commands"] == 5 and r["heartbeats_in_window"] > 0
+    assert mqtt["broker_cpu_fraction"] >= 0 and mqtt["bytes_per_device"] > 0

@@ -1,4 +1,5 @@
-"""`loa bench devices --n N --seconds S --heartbeat H`: what the control channel costs per device.
+"""`loa bench devices --n N --seconds S --heartbeat H [--control mqtt]`: what the control channel
+costs per device.
 
 This process runs a real node (SQLite store, in-process bus, no media clock: nothing is on air, so
 only the control channel costs CPU) with its HTTP server on 127.0.0.1. A child process runs N
@@ -18,6 +19,16 @@ Measured in the server process:
   the REST path operators use); for each device, the time from the request to its ack arriving at
   the server. p50/p99 over every device of every command; `all_acked_ms` is the slowest command's
   last ack.
+
+`--control mqtt`: the same measures for the MQTT binding (docs/device-protocol.md 10), then the
+WebSocket ones in a fresh process, printed side by side (`{"mqtt": {...}, "websocket": {...}}`).
+This process starts a Mosquitto with dynamic security and persistence
+(relay/devices/mosquitto.py) whose device accounts are seeded in its file before it starts (as the
+registry is seeded in the store: provisioning 10,000 devices one by one through the broker costs
+Mosquitto 2.0 one rewrite of its file per command); the node connects to it, the fleet's devices
+log in to it with their keys and their last will. `server_cpu_fraction` and `bytes_per_device` are
+the node's; `broker_cpu_fraction` and `broker_bytes_per_device` (VmRSS delta of the broker from
+before the fleet connects to after the window) the broker's, `node_and_broker_cpu_fraction` both.
 
 The server process runs with Python's default cyclic-GC thresholds unless LOA_BENCH_GC_THRESHOLD
 is set (e.g. "700,10,1000"): with ~10,000 connections a full (generation 2) collection walks
