@@ -182,6 +182,9 @@ class MqttLink:
             del b.links[self.device]
         if code != CLOSE_REPLACED:  # replaced: the device's own new session goes on
             b.publish(b.topics.down(self.device), close_message(code, reason))
+        dev = b.manager.get(self.device)
+        if dev is not None and dev.link is self:  # closed for abuse or size: the session ends
+            b._spawn(b.manager.disconnected(dev, self))
 
 
 class MqttBinding:

@@ -373,3 +373,33 @@ def test_bench_devices_mqtt_beside_websocket() -> None:
     for r in (mqtt, ws):  # every device acked every command of the fan-out
         assert r["command_fanout_ms"]["commands"] == 5 and r["heartbeats_in_window"] > 0
     assert mqtt["broker_cpu_fraction"] >= 0 and mqtt["bytes_per_device"] > 0
+
+
+async def test_bad_messages_get_errors_and_an_oversized_one_ends_the_session(
+        srv: Server, broker: ManagedBroker) -> None:
+    dev_id, key = await provisioned(srv)
+    async with raw(broker, dev_id, key) as c:
+        await c.subscribe(f"vs/sub/{dev_id}", qos=1)
+        up = f"vs/pub/{dev_id}"
+
+        async def next_of(kind: str) -> dict[str, Any]:
+            async with asyncio.timeout(5):
+                async for m in c.messages:
+                    msg: dict[str, Any] = json.loads(m.payload)  # type: ignore[arg-type]
+                    if msg["type"] == kind:
+                        return msg
+            raise AssertionError(kind)
+
+        await c.publish(up, json.dumps({"v": 1, "type": "heartbeat", "state": "idle"}), qos=1)
+        assert (await next_of("close"))["code"] == 4000  # hello first
+        await c.publish(up, json.dumps({"v": 1, "type": "hello", "device": dev_id}), qos=1)
+        await next_of("welcome")
+        await c.publish(up, b"{not json", qos=1)
+        assert "error" in await next_of("error")
+        await c.publish(up, json.dumps({"v": 1, "type": "heartbeat", "state": "loud"}), qos=1)
+        assert "state" in (await next_of("error"))["error"]
+        assert srv.mgr.get(dev_id).status == "online"  # type: ignore[union-attr]
+        await c.publish(up, b"x" * (65 * 1024), qos=1)
+        assert (await next_of("close"))["code"] == 1009
+        await until(lambda: srv.mgr.get(dev_id).link is None,  # type: ignore[union-attr]
+                    "the session ended")
