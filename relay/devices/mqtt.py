@@ -239,7 +239,11 @@ class MqttBinding:
                         host, port, username=s.username or None, password=s.password or None,
                         identifier=self.client_id, clean_session=False,
                         keepalive=s.keepalive, tls_params=aiomqtt.TLSParameters() if tls
-                        else None, max_inflight_messages=1000,
+                        else None,
+                        # No in-flight cap: with paho's cap (20, or 1000) a fan-out's messages
+                        # beyond it wait in paho, and the second fan-out of a 4,000-device bench
+                        # never left it (133 of 4,000 sent). The broker's own queue bounds it.
+                        max_inflight_messages=0,
                         max_queued_outgoing_messages=0) as client:
                     self.client = client
                     self.connected = True
@@ -310,6 +314,10 @@ class MqttBinding:
                 self._refuse(device, CLOSE_TOO_BIG, say("mqtt.too_big"))
             return
         dev = mgr.get(device) if link is not None else None
+        if link is not None and dev is not None and b'"hello"' not in payload \
+                and b'"offline"' not in payload:
+            await mgr.receive(dev, link, payload)  # heartbeat or ack: parsed once, there
+            return
         try:
             msg = parse_message(payload)
         except ProtocolError as e:

@@ -51,7 +51,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 from typing import Any
 
@@ -541,9 +541,14 @@ async def _bench(n: int, seconds: float, heartbeat: float, control: str = "ws"
                     body = await r.json()
                     if r.status != 202 or body["online"] != n:
                         raise RuntimeError(f"bulk command: {r.status} {body}")
+                    batch = body["command_batch"]
                 accepted.append(loop.time() - ts)
                 async with asyncio.timeout(WAIT_LIMIT):
-                    await done.wait()
+                    while not done.is_set():  # progress while it waits (a stuck fan-out shows)
+                        with suppress(TimeoutError):
+                            await asyncio.wait_for(done.wait(), 10.0)
+                        if not done.is_set():
+                            _say(f"command {c + 1}: {len(acks)} of {n} acked; {mgr.tally(batch)}")
                 lat = [t - ts for t in acks.values()]
                 latencies += lat
                 last.append(max(lat))
