@@ -555,6 +555,7 @@ async def _bench(n: int, seconds: float, heartbeat: float, control: str = "ws"
                 _say(f"command {c + 1}: all {n} acked in {max(lat) * 1000:.0f} ms")
                 await asyncio.sleep(1.0)  # let the ack writes settle between commands
             mgr.ack_listeners.remove(on_ack)
+            binding = dict(live.node.mqtt.stats) if live.node.mqtt is not None else {}
         finally:
             await http.close()
             if proc.returncode is None:
@@ -568,7 +569,7 @@ async def _bench(n: int, seconds: float, heartbeat: float, control: str = "ws"
                 "node_and_broker_cpu_fraction": round((cpu1 - cpu0 + bcpu1 - bcpu0) / (t1 - t0),
                                                       4),
                 "broker_bytes_per_device": round((broker_rss1 - broker_rss0) / n),
-                "accounts_seeded_s": round(accounts_s, 2)}
+                "accounts_seeded_s": round(accounts_s, 2), "binding_stats": binding}
     return {
         "bench": "devices", "control": control, "devices": n, "heartbeat_s": heartbeat,
         **mqtt,
