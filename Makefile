@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # Debian packages the tests and the demo use (decoders, the Vietnamese voice).
-DEB_PKGS := ffmpeg espeak-ng libasound2-data chromium fonts-dejavu-core vlc-bin vlc-plugin-base gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good
+DEB_PKGS := ffmpeg espeak-ng libasound2-data chromium fonts-dejavu-core vlc-bin vlc-plugin-base gstreamer1.0-tools gstreamer1.0-plugins-base gstreamer1.0-plugins-good mosquitto
 
 .PHONY: demo test lint typecheck pytest bench sysdeps console clean
 

@@ -226,6 +226,13 @@ CATALOGUE: dict[str, Text] = {
     "device.replaced": Text("kết nối mới thay thế", "replaced by a new connection"),
     "device.too_many_errors": Text("quá nhiều lỗi", "too many malformed messages"),
     "device.missed_heartbeats": Text("mất nhịp tim", "missed heartbeats"),
+    # the MQTT binding (relay/devices/mqtt.py)
+    "mqtt.broker_unavailable": Text("máy chủ MQTT không trả lời", "the MQTT broker does not answer"),
+    "mqtt.account_failed": Text("không cập nhật được tài khoản MQTT của thiết bị",
+                                "the device's MQTT account was not changed: {error}"),
+    "mqtt.too_big": Text("thông điệp quá lớn", "message too large"),
+    "mqtt.wrong_device": Text("hello phải mang mã thiết bị của chủ đề",
+                              "the hello must name the device of its topic"),
     "outbox.full": Text("hàng đợi đầy", "too many undelivered commands"),
     "outbox.superseded": Text("đã có lệnh mới hơn", "superseded by a newer command"),
     "outbox.refused": Text("thiết bị từ chối", "refused by the device"),

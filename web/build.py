@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from loa.relay.devices.manager import DeviceManager, DeviceSettings, StreamOffer
+from loa.relay.devices.mqtt import MqttBinding
 from loa.relay.fanout import FanoutPool
 from loa.relay.hls import HlsService
 from loa.relay.icecast import HttpStreamer
@@ -171,3 +172,12 @@ def whip_closer(relay: WebRtcRelay, loop: asyncio.AbstractEventLoop
 def device_manager(cfg: Config, store: Store, bus: Bus, node_id: str) -> DeviceManager:
     return DeviceManager(store, bus.publish, device_settings(cfg), stream_offer(cfg),
                          bus=bus if bus.shared else None, node_id=node_id)
+
+
+def mqtt_binding(cfg: Config, devices: DeviceManager, node_id: str) -> MqttBinding | None:
+    """The MQTT transport of the device channel when `[mqtt] enabled`; devices' stream URLs
+    use the node's public URL (`[server] public_url`, else its HTTP address)."""
+    if not cfg.mqtt.enabled:
+        return None
+    public = cfg.server.public_url.rstrip("/") or f"http://{cfg.server.http}"
+    return MqttBinding(devices, cfg.mqtt, node_id, public)

@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     device.add_argument("--boot-check", default=None,
                         help="command run at the first start of a new firmware; "
                              "non-zero exit rolls it back")
+    device.add_argument("--control", default="ws", choices=["ws", "mqtt"],
+                        help="control channel: the node's WebSocket or the MQTT broker")
+    device.add_argument("--broker", default=None,
+                        help="mqtt://host:port of the broker (default: the server's host:1883)")
 
     sim = sub.add_parser("sim", help="a fleet of light simulated devices")
     sim.add_argument("--server", required=True)
@@ -65,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="admin bearer token used to register the fleet (or LOA_TOKEN)")
     sim.add_argument("--area", default=None, help="register the fleet under this area")
     sim.add_argument("--seconds", type=float, default=None)
+    sim.add_argument("--control", default="ws", choices=["ws", "mqtt"],
+                     help="control channel: the node's WebSocket or the MQTT broker")
+    sim.add_argument("--broker", default=None,
+                     help="mqtt://host:port of the broker (default: the server's host:1883)")
 
     demo = sub.add_parser("demo", help="run the engine with a sample province")
     _common(demo)
@@ -110,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--devices", type=int, default=2000)
     out.add_argument("--changes", type=int, default=30, help="status changes per device")
     out.add_argument("--rounds", type=int, default=3)
+    dev.add_argument("--control", default="ws", choices=["ws", "mqtt"],
+                     help="mqtt: the MQTT binding on a Mosquitto it starts, beside WebSocket")
     fan = bsub.add_parser("fanout", help="delivery cost per listener of one transport")
     fan.add_argument("--transport", required=True, choices=["http", "rtp", "webrtc"])
     fan.add_argument("--listeners", type=int, default=1000)

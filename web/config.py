@@ -15,6 +15,7 @@ from typing import Any
 from loa.codecs.encoders import EncoderSettings
 from loa.relay.archive import ArchiveSettings
 from loa.relay.devices.manager import DeviceSettings
+from loa.relay.devices.mqtt import MqttSettings
 from loa.relay.devices.ota import FirmwareSettings
 from loa.relay.exchange import ExchangeSettings
 from loa.relay.hls import HlsSettings
@@ -87,6 +88,7 @@ class Config:
     inputs: RelayInputSettings = field(default_factory=RelayInputSettings)
     devices: DeviceSettings = field(default_factory=DeviceSettings)
     firmware: FirmwareSettings = field(default_factory=FirmwareSettings)
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
     emergency: EmergencySettings = field(default_factory=EmergencySettings)
     fetch: FetchSettings = field(default_factory=FetchSettings)
     exchange: ExchangeSettings = field(default_factory=ExchangeSettings)
@@ -193,6 +195,8 @@ def load_config(path: str | os.PathLike[str] | None = None,
         raise ConfigError(f"[fetch] {e}") from None
     try:
         cfg.firmware.trusted()
+        cfg.mqtt.__post_init__()
+        cfg.mqtt.broker()
     except ValueError as e:
         raise ConfigError(str(e)) from None
     for check in (cfg.exchange.__post_init__, cfg.archive.__post_init__,

@@ -19,6 +19,7 @@ from aiohttp import web
 from loa.relay.archive import Archive
 from loa.relay.devices.history import DeviceHistory, device_alerts
 from loa.relay.devices.manager import DeviceManager
+from loa.relay.devices.mqtt import MqttBinding
 from loa.relay.devices.ota import Ota
 from loa.relay.devices.proof import DeliveryLog
 from loa.relay.fanout import FanoutPool
@@ -103,6 +104,7 @@ class Node:
         self.ota: Ota  # firmware images and staged rollouts
         self.history: DeviceHistory  # every device's online/offline/fault intervals
         self.notifier: Notifier  # alerts to the people responsible (webhooks, e-mail)
+        self.mqtt: MqttBinding | None = None  # [mqtt] enabled: devices over the broker
         self.emergency: EmergencyService
         self.delivery: DeliveryLog  # proof of delivery: what each loudspeaker played
         self.exchange: ExchangeService  # with the central source system
@@ -231,6 +233,10 @@ class Node:
         self._stops.append(self.ota.stop)
         await self.ota.start()
         await self._start_alerting()
+        self.mqtt = build.mqtt_binding(cfg, self.devices, self.node_id)
+        if self.mqtt is not None:
+            self._stops.append(self.mqtt.close)
+            await self.mqtt.start()
         settings = build.emergency_settings(cfg)
         self.emergency = EmergencyService(
             engine=self.engine, station=self.station, store=self.store, bus=self.bus,

@@ -76,6 +76,7 @@ from loa.relay.agent.commands import (
 from loa.relay.agent.firmware import FIRMWARE
 from loa.relay.agent.impair import Impairment
 from loa.relay.agent.inputs import WebRtcInput
+from loa.relay.agent.mqtt import CONTROLS, control_client
 from loa.relay.agent.ota import FirmwareSlot, Refused
 from loa.relay.agent.pipeline import CODECS, TRANSPORTS, Pipeline
 from loa.relay.agent.playout import Player
@@ -111,6 +112,8 @@ class AgentOptions:
     state_dir: str | None = None  # firmware marker and images (OTA); None: cannot update
     firmware_key: str | None = None  # base64 ed25519 public key the device trusts for OTA
     boot_check: str | None = None  # the start check of a new version (exit 0 = started)
+    control: str = "ws"  # ws | mqtt (relay/agent/mqtt.py)
+    broker: str | None = None  # mqtt://host:port; None: the node's host, port 1883
 
 
 class Agent:
@@ -168,10 +171,11 @@ class Agent:
         self.player.start()
         self.pipeline = Pipeline(self.player, self.session, prefer=self.opts.transport,
                                  impair=self.opts.impair)
-        self.client = DeviceClient(self.opts.server, self.opts.device, self.opts.key,
-                                   session=self.session, firmware=self.firmware,
-                                   telemetry=self.telemetry, on_command=self.on_command,
-                                   on_config=self.on_config, capabilities=self.capabilities())
+        self.client = control_client(self.opts.control, self.opts.broker, self.opts.server,
+                                     self.opts.device, self.opts.key,
+                                     session=self.session, firmware=self.firmware,
+                                     telemetry=self.telemetry, on_command=self.on_command,
+                                     on_config=self.on_config, capabilities=self.capabilities())
         self._apply_gain()
         client_task = asyncio.get_running_loop().create_task(self.client.run())
         self._spawn(self._report_playing())
@@ -445,7 +449,11 @@ def options_from_args(args: argparse.Namespace) -> AgentOptions:
     key_b64 = getattr(args, "firmware_key", None)
     if key_b64:
         public_key(key_b64)  # ValueError: refused at start, not at the first update
-    return AgentOptions(server=str(args.server), device=device, key=key,
+    control = str(getattr(args, "control", "ws") or "ws")
+    if control not in CONTROLS:
+        raise ValueError(f"--control: {', '.join(CONTROLS)}")
+    return AgentOptions(control=control, broker=getattr(args, "broker", None) or None,
+                        server=str(args.server), device=device, key=key,
                         sink=str(getattr(args, "sink", "null") or "null"), transport=transport,
                         target_delay_ms=delay, seconds=float(seconds) if seconds else None,
                         fm_receiver=bool(getattr(args, "fm_receiver", False)),

@@ -61,7 +61,6 @@ from loa.relay.agent import commands
 from loa.relay.agent.client import (
     ApiFailure,
     Command,
-    DeviceClient,
     Outcome,
     api_call,
     provision,
@@ -70,6 +69,7 @@ from loa.relay.agent.client import (
 )
 from loa.relay.agent.commands import Volume, gain_of
 from loa.relay.agent.firmware import version
+from loa.relay.agent.mqtt import control_client
 from loa.relay.agent.pipeline import Pipeline
 from loa.relay.agent.playout import Player
 from loa.relay.agent.sinks import NullSink
@@ -147,8 +147,9 @@ class SimDevice:
         if decode and not self.board:
             self.player = Player(NullSink(), target_delay=0.3)
         assert fleet.session is not None
-        self.client = DeviceClient(
-            fleet.server, entry.id, entry.key, session=fleet.session, firmware=FIRMWARE,
+        self.client = control_client(
+            fleet.control, fleet.broker, fleet.server, entry.id, entry.key,
+            session=fleet.session, firmware=FIRMWARE,
             telemetry=self.telemetry, on_command=self.on_command, on_config=self.on_config,
             on_onair=self.on_onair, capabilities=BOARD_CAPS if self.board else SPEAKER_CAPS, own_heartbeat=False)
         self.task: asyncio.Task[int] | None = None
@@ -301,11 +302,13 @@ class Fleet:
     def __init__(self, server: str, token: str | None, speakers: int, boards: int = 0,
                  decode: int = 0, area: str | None = None, *, fleet_file: Path | None = None,
                  status_every: float = 10.0, connect_batch: int = CONNECT_BATCH,
-                 broken: int = 0) -> None:
+                 broken: int = 0, control: str = "ws", broker: str | None = None) -> None:
         if speakers < 0 or boards < 0 or decode < 0:
             raise ValueError(say("sim.negative_counts"))
         ws_url(server)  # validates the URL
         self.server = server.rstrip("/")
+        self.control = control  # ws | mqtt (relay/agent/mqtt.py)
+        self.broker = broker
         self.token = token
         self.speakers = speakers
         self.boards = boards
@@ -565,12 +568,14 @@ async def run_fleet(server_url: str, token: str | None, speakers: int, boards: i
                     decode: int, area: str | None, stop_event: asyncio.Event, *,
                     fleet_file: Path | None = None, status_every: float = 10.0,
                     duration: float | None = None, summary: dict[str, Any] | None = None,
-                    broken: int = 0) -> int:
+                    broken: int = 0, control: str = "ws",
+                    broker: str | None = None) -> int:
     """Run a fleet until `stop_event` is set (or `duration` seconds after it is ready); 0 when
     it ran, 1 when it could not be prepared (the reason is printed). `summary`, when given,
     receives the final counts and what the process spent while the fleet ran."""
     fleet = Fleet(server_url, token, speakers, boards, decode, area, fleet_file=fleet_file,
-                  status_every=status_every, broken=broken)
+                  status_every=status_every, broken=broken, control=control,
+                  broker=broker)
     try:
         await fleet.start()
     except (ApiFailure, aiohttp.ClientError, OSError) as e:
@@ -624,7 +629,9 @@ async def _main(args: argparse.Namespace, token: str | None) -> int:
     code = await run_fleet(args.server, token, int(args.speakers), int(args.boards),
                            int(args.decode or 0), args.area, stop, fleet_file=fleet_file,
                            duration=float(args.seconds) if args.seconds else None,
-                           summary=summary, broken=int(getattr(args, "broken", 0) or 0))
+                           summary=summary, broken=int(getattr(args, "broken", 0) or 0),
+                           control=str(getattr(args, "control", "ws")),
+                           broker=getattr(args, "broker", None) or None)
     if code == 0:
         print(json.dumps({"sim": summary}, ensure_ascii=False), flush=True)
     return code

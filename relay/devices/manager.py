@@ -223,6 +223,9 @@ class DeviceManager:
         # Told of every status change and of every connection (outage history, alerts): the
         # `device.status` event; status == previous for a device that reconnected while online.
         self.status_listeners: list[Callable[[dict[str, Any]], None]] = []
+        # Told a device's new key (provisioned) or None (revoked, deleted) before the change is
+        # made: a transport with its own accounts (the MQTT broker) follows; raising refuses it.
+        self.key_listeners: list[Callable[[str, str | None], Awaitable[None]]] = []
         self._devw = Writer(store, "device")
         self._cmdw = Writer(store, "command")
         self._heap: list[tuple[float, int, str, str]] = []  # due, seq, device, command id
@@ -363,11 +366,15 @@ class DeviceManager:
                     or float(prov.get("expires", 0)) < time.time():
                 return None
             key = new_key()
+            for fn in self.key_listeners:
+                await fn(device_id, key)
             await self.update(device_id, {"key_hash": secret_hash(key), "provision": None,
                                           "revoked": False, "provisioned_at": time.time()})
             return key
 
     async def revoke(self, device_id: str) -> Device:
+        for fn in self.key_listeners:
+            await fn(device_id, None)
         dev = await self.update(device_id, {"revoked": True, "revoked_at": time.time()})
         await self._close_session(dev, say("device.key_revoked"))
         return dev
@@ -386,9 +393,11 @@ class DeviceManager:
             self.connected -= 1
 
     async def remove(self, device_id: str) -> bool:
-        dev = self.devices.pop(device_id, None)
-        if dev is None:
+        if device_id not in self.devices:
             return False
+        for fn in self.key_listeners:
+            await fn(device_id, None)
+        dev = self.devices.pop(device_id)
         await self._close_session(dev, say("device.deleted"))
         self._devw.forget(device_id)
         self._tele_dirty.discard(device_id)
@@ -410,18 +419,20 @@ class DeviceManager:
                 "power_schedule": r.get("power_schedule", []),
                 "display": r.get("display"), "emergency": r.get("emergency")}
 
-    async def hello(self, link: Link, raw: str | bytes, public: str) -> Device:
+    async def hello(self, link: Link, raw: str | bytes, public: str, *,
+                    trusted: bool = False) -> Device:
         """Authenticate the first message of a connection; welcome and deliver the backlog.
-        HelloRejected carries the close code."""
+        HelloRejected carries the close code. `trusted`: the transport authenticated the device
+        (the MQTT broker, by its own account): no key in the hello, revocation still checked."""
         try:
-            hello = parse_hello(parse_message(raw))
+            hello = parse_hello(parse_message(raw), key_required=not trusted)
         except ProtocolError as e:
             raise HelloRejected(CLOSE_MALFORMED_HELLO, say("device.bad_hello", error=e)) from None
         dev = self.devices.get(hello.device)
         if dev is None or (self.bus is not None and dev.link is None):
             # Registered by another node, or changed there (revoked, moved) since: the store's.
             dev = await self._load(hello.device, fresh=True)
-        if dev is None or not same_hash(dev.record.get("key_hash"), hello.key):
+        if dev is None or not (trusted or same_hash(dev.record.get("key_hash"), hello.key)):
             raise HelloRejected(CLOSE_UNAUTHORISED,
                                 say("device.unknown_or_wrong_key"))
         if dev.record.get("revoked"):
@@ -496,6 +507,17 @@ class DeviceManager:
         dev.ready = False
         self.connected -= 1
         log.info("device disconnected event=device_disconnect device=%s", dev.id)
+
+    async def gone(self, dev: Device, link: Link, reason: str) -> None:
+        """The transport knows the device is gone (the MQTT broker's last will): offline at once,
+        not after two missed heartbeats."""
+        if dev.link is not link:
+            return  # a newer connection of the device took over
+        await self.disconnected(dev, link)
+        if dev.status != "offline" and not self.remote(dev):
+            dev.record["node"] = ""
+            await self._publish_node(dev)
+            await self._status(dev, "offline", reason)
 
     async def receive(self, dev: Device, link: Link, raw: str | bytes) -> None:
         """One message of an authenticated connection."""

@@ -483,12 +483,14 @@ class Hello:
     capabilities: dict[str, Any] | None
 
 
-def parse_hello(msg: dict[str, Any]) -> Hello:
+def parse_hello(msg: dict[str, Any], *, key_required: bool = True) -> Hello:
+    """`key_required=False`: the transport authenticated the device already (MQTT: the broker
+    checked its password), the hello carries no key."""
     if msg.get("type") != "hello":
         raise ProtocolError(say("protocol.hello_first"))
     device = _str(msg, "device", MAX_ID, required=True)
-    key = _str(msg, "key", 256, required=True)
-    assert device is not None and key is not None
+    key = _str(msg, "key", 256, required=key_required) or ""
+    assert device is not None
     caps = msg.get("capabilities")
     return Hello(device, key, _str(msg, "firmware", 64),
                  None if caps is None else validate_capabilities(caps))

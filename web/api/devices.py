@@ -274,7 +274,11 @@ async def device_provision(request: web.Request) -> web.Response:
         raise ApiError(401, say("device.bad_provisioning_token"))
     await audit(request, "device.provision", device_id)
     ws = public_base(request, node).replace("http", "ws", 1)
-    return ok({"device": device_id, "key": key, "connect": f"{ws}/api/v1/devices/connect"}, 201)
+    out = {"device": device_id, "key": key, "connect": f"{ws}/api/v1/devices/connect"}
+    if node.mqtt is not None:  # the broker the device may log in to instead (its id, its key)
+        m = node.cfg.mqtt
+        out["mqtt"] = {"url": m.device_url or m.url, "prefix": m.prefix, "username": device_id}
+    return ok(out, 201)
 
 
 @routes.post("/api/v1/devices/commands")
@@ -448,7 +452,7 @@ def openapi_paths() -> dict[str, Any]:
             "post": {"summary": say("openapi.device_provision"), "security": [],
                      "requestBody": body(obj({"device": STR, "token": STR},
                                              ["device", "token"])),
-                     "responses": responses(201, 400, 401, 415, 422, 429)},
+                     "responses": responses(201, 400, 401, 415, 422, 429, 503)},
         },
         "/api/v1/devices/connect": {
             "get": {"summary": say("openapi.device_connect"),

@@ -1,4 +1,5 @@
-"""`loa bench devices --n N --seconds S --heartbeat H`: what the control channel costs per device.
+"""`loa bench devices --n N --seconds S --heartbeat H [--control mqtt]`: what the control channel
+costs per device.
 
 This process runs a real node (SQLite store, in-process bus, no media clock: nothing is on air, so
 only the control channel costs CPU) with its HTTP server on 127.0.0.1. A child process runs N
@@ -18,6 +19,16 @@ Measured in the server process:
   the REST path operators use); for each device, the time from the request to its ack arriving at
   the server. p50/p99 over every device of every command; `all_acked_ms` is the slowest command's
   last ack.
+
+`--control mqtt`: the same measures for the MQTT binding (docs/device-protocol.md 11), then the
+WebSocket ones in a fresh process, printed side by side (`{"mqtt": {...}, "websocket": {...}}`).
+This process starts a Mosquitto with dynamic security and persistence
+(relay/devices/mosquitto.py) whose device accounts are seeded in its file before it starts (as the
+registry is seeded in the store: provisioning 10,000 devices one by one through the broker costs
+Mosquitto 2.0 one rewrite of its file per command); the node connects to it, the fleet's devices
+log in to it with their keys and their last will. `server_cpu_fraction` and `bytes_per_device` are
+the node's; `broker_cpu_fraction` and `broker_bytes_per_device` (VmRSS delta of the broker from
+before the fleet connects to after the window) the broker's, `node_and_broker_cpu_fraction` both.
 
 The server process runs with Python's default cyclic-GC thresholds unless LOA_BENCH_GC_THRESHOLD
 is set (e.g. "700,10,1000"): with ~10,000 connections a full (generation 2) collection walks
@@ -43,8 +54,10 @@ import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
+from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 from typing import Any
 
@@ -219,6 +232,120 @@ class FleetDevice(asyncio.Protocol):
             self.welcomed.set_exception(exc or ConnectionError("connection lost"))
 
 
+def _mqtt_str(s: str | bytes) -> bytes:
+    b = s.encode() if isinstance(s, str) else s
+    return len(b).to_bytes(2, "big") + b
+
+
+def _mqtt_packet(first: int, body: bytes) -> bytes:
+    n, length = len(body), b""
+    while True:  # the remaining length, 7 bits per byte
+        n, digit = divmod(n, 128)
+        length += bytes((digit | 0x80 if n else digit,))
+        if not n:
+            return bytes((first,)) + length + body
+
+
+class MqttFleetDevice(asyncio.Protocol):
+    """One simulated device on a raw asyncio connection speaking the MQTT 3.1.1 packets a
+    device needs (CONNECT with its will, SUBSCRIBE, PUBLISH QoS 1 both ways, PUBACK), for the
+    reason FleetDevice hand-frames WebSocket: the fleet must cost far less per message than the
+    node and the broker it loads. Loa's own side uses aiomqtt (relay/devices/mqtt.py)."""
+
+    __slots__ = ("fleet", "i", "dev_id", "key", "transport", "buf", "welcomed", "closed", "pid",
+                 "up")
+
+    def __init__(self, fleet: Fleet, i: int, dev_id: str, key: str) -> None:
+        self.fleet = fleet
+        self.i = i
+        self.dev_id = dev_id
+        self.key = key
+        self.up = _mqtt_str(f"vs/pub/{dev_id}")
+        self.transport: asyncio.Transport | None = None
+        self.buf = b""
+        self.welcomed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.closed = False
+        self.pid = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        # clean session, will QoS 1, user name and password; keepalive 300 s
+        flags = 0x02 | 0x04 | 0x08 | 0x40 | 0x80
+        body = (_mqtt_str("MQTT") + bytes((4, flags)) + (300).to_bytes(2, "big")
+                + _mqtt_str(self.dev_id) + self.up
+                + _mqtt_str(b'{"v":1,"type":"offline"}')
+                + _mqtt_str(self.dev_id) + _mqtt_str(self.key))
+        transport.write(_mqtt_packet(0x10, body)
+                        + _mqtt_packet(0x82, (1).to_bytes(2, "big")
+                                       + _mqtt_str(f"vs/sub/{self.dev_id}/#") + b"\x01"))
+
+    def send(self, payload: bytes) -> None:
+        self.pid = self.pid % 65535 + 1
+        if self.transport is not None and not self.closed:
+            self.transport.write(_mqtt_packet(0x32, self.up + self.pid.to_bytes(2, "big")
+                                              + payload))
+
+    def data_received(self, data: bytes) -> None:
+        buf = self.buf + data
+        while len(buf) >= 2:
+            n, mult, pos = 0, 1, 1
+            while True:
+                if pos >= len(buf):
+                    self.buf = buf
+                    return
+                b = buf[pos]
+                n += (b & 0x7F) * mult
+                mult *= 128
+                pos += 1
+                if not b & 0x80:
+                    break
+            if len(buf) < pos + n:
+                break
+            self._packet(buf[0], buf[pos:pos + n])
+            buf = buf[pos + n:]
+        self.buf = buf
+
+    def _packet(self, first: int, body: bytes) -> None:
+        kind = first >> 4
+        if kind == 2 and body[1] != 0:  # CONNACK refused
+            self._fail(RuntimeError(f"CONNACK {body[1]}"))
+        elif kind == 9 and body[2] >= 0x80:  # SUBACK refused
+            self._fail(RuntimeError("SUBACK refused"))
+        elif kind == 9:
+            self.send(json.dumps({"v": 1, "type": "hello", "device": self.dev_id,
+                                  "firmware": "2.4.1"}).encode())
+        elif kind == 3:
+            qos = (first >> 1) & 3
+            tlen = int.from_bytes(body[:2], "big")
+            start = 2 + tlen
+            if qos:
+                if self.transport is not None and not self.closed:
+                    self.transport.write(b"\x40\x02" + body[start:start + 2])
+                start += 2
+            payload = body[start:]
+            if not self.welcomed.done():
+                if b'"type":"welcome"' in payload:
+                    self.welcomed.set_result(None)
+                elif b'"type":"close"' in payload:
+                    self._fail(RuntimeError(f"closed: {payload[:200]!r}"))
+            elif b'"type":"command"' in payload:
+                cid = json.loads(payload)["id"]
+                self.send(b'{"v":1,"type":"ack","id":"' + cid.encode() + b'","ok":true}')
+                self.fleet.acks += 1
+
+    def _fail(self, exc: Exception) -> None:
+        if not self.welcomed.done():
+            self.welcomed.set_exception(exc)
+        if self.transport is not None:
+            self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if not self.welcomed.done():
+            self.welcomed.set_exception(exc or ConnectionError("connection lost"))
+
+
 class Fleet:
     def __init__(self, host: str, port: int) -> None:
         self.host = host
@@ -234,12 +361,16 @@ async def _fleet(spec: dict[str, Any]) -> None:
     devices: list[list[str]] = spec["devices"]
     n = len(devices)
     gate = asyncio.Semaphore(CONNECT_AT_ONCE)
-    conns: list[FleetDevice] = []
+    conns: list[FleetDevice | MqttFleetDevice] = []
+    mqtt = spec.get("control") == "mqtt"
+    port = spec["broker_port"] if mqtt else fleet.port
 
     async def connect(i: int, dev_id: str, key: str) -> None:
         async with gate:
+            proto: FleetDevice | MqttFleetDevice
             _, proto = await loop.create_connection(
-                lambda: FleetDevice(fleet, i, dev_id, key), fleet.host, fleet.port)
+                (lambda: MqttFleetDevice(fleet, i, dev_id, key)) if mqtt
+                else (lambda: FleetDevice(fleet, i, dev_id, key)), fleet.host, port)
             await proto.welcomed
         conns.append(proto)
 
@@ -308,9 +439,20 @@ async def _proof(http: ClientSession, base: str, headers: dict[str, str], n: int
             "within_goal": complete_s <= PROOF_GOAL_S}
 
 
-async def _bench(n: int, seconds: float, heartbeat: float, proof: bool = False
+def proc_rss(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+async def _bench(n: int, seconds: float, heartbeat: float, control: str = "ws",
+                 proof: bool = False
                  ) -> dict[str, Any]:
     from loa.relay.devices.manager import DeviceSettings
+    from loa.relay.devices.mosquitto import ManagedBroker
+    from loa.relay.devices.mqtt import MqttSettings
     from loa.relay.devices.records import new_device_record, new_key, secret_hash
     from loa.streamer.state.open import open_store
     from loa.streamer.state.store import Record
@@ -326,7 +468,8 @@ async def _bench(n: int, seconds: float, heartbeat: float, proof: bool = False
     if nofile < n + 200:
         raise RuntimeError(f"open files limit {nofile} is below {n + 200}: raise `ulimit -n`")
     loop = asyncio.get_running_loop()
-    with tempfile.TemporaryDirectory(prefix="loa-bench-devices-") as tmp:
+    async with AsyncExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="loa-bench-devices-"))
         csv_text, communes = areas_csv(n)
         csv = Path(tmp) / "areas.csv"
         csv.write_text(csv_text, encoding="utf-8")
@@ -357,10 +500,24 @@ async def _bench(n: int, seconds: float, heartbeat: float, proof: bool = False
         # start), so the baseline is taken after a node without devices has started and
         # stopped once: its imports and one-time caches are then in rss0, and bytes_per_device
         # counts what the devices cost, as before.
+        broker: ManagedBroker | None = None
+        accounts_s = 0.0
+        if control == "mqtt":  # a broker with dynamic security, as docs/device-protocol.md 11
+            broker = ManagedBroker(Path(tmp) / "broker", "loa-admin", password)
+            stack.push_async_callback(broker.stop)  # before the directory goes
+            t = loop.time()
+            await broker.seed([(d, k) for d, k in keys])  # as the store: seeded, not provisioned
+            accounts_s = loop.time() - t
+            await broker.start()
+            cfg.mqtt = MqttSettings(enabled=True, url=broker.url, username="loa-admin",
+                                    password=password)
         warm = load_config(None, env={}, data=str(Path(tmp) / "warm"))
         warm.areas.csv = str(csv)
-        async with running_node(warm, realtime=False, handle_signals=False):
-            pass
+        warm.mqtt = cfg.mqtt
+        async with running_node(warm, realtime=False, handle_signals=False) as w:
+            if w.node.mqtt is not None:
+                async with asyncio.timeout(30):
+                    await w.node.mqtt.ready.wait()
         gc.collect()
         rss0 = rss_bytes()
 
@@ -371,8 +528,13 @@ async def _bench(n: int, seconds: float, heartbeat: float, proof: bool = False
         live = await start_node(cfg, realtime=False, prepare=prepare, backlog=4096,
                                 access_log=None, handle_signals=False)
         mgr, port, base = live.node.devices, live.port, live.url
+        if live.node.mqtt is not None:
+            async with asyncio.timeout(30):
+                await live.node.mqtt.ready.wait()
+        broker_rss0 = proc_rss(broker.proc.pid) if broker and broker.proc else 0
         spec_path = Path(tmp) / "fleet.json"
-        spec_path.write_text(json.dumps({"host": "127.0.0.1", "port": port,
+        spec_path.write_text(json.dumps({"host": "127.0.0.1", "port": port, "control": control,
+                                         "broker_port": broker.port if broker else 0,
                                          "heartbeat": heartbeat, "devices": keys}),
                              encoding="utf-8")
         del keys
@@ -397,11 +559,14 @@ async def _bench(n: int, seconds: float, heartbeat: float, proof: bool = False
 
             # One heartbeat interval to reach the steady state, then the measured window.
             await asyncio.sleep(min(heartbeat, 30.0))
+            bcpu0 = broker.cpu_seconds() if broker else 0.0
             hb0, cpu0, t0 = mgr.stats["heartbeats"], cpu_seconds(), loop.time()
             await asyncio.sleep(seconds)
             cpu1, t1, hb1 = cpu_seconds(), loop.time(), mgr.stats["heartbeats"]
+            bcpu1 = broker.cpu_seconds() if broker else 0.0
             gc.collect()
             rss1 = rss_bytes()
+            broker_rss1 = proc_rss(broker.proc.pid) if broker and broker.proc else 0
             _say(f"window {t1 - t0:.1f} s: {hb1 - hb0} heartbeats, "
                  f"{(cpu1 - cpu0) / (t1 - t0):.3f} of a core")
 
@@ -429,9 +594,14 @@ async def _bench(n: int, seconds: float, heartbeat: float, proof: bool = False
                     body = await r.json()
                     if r.status != 202 or body["online"] != n:
                         raise RuntimeError(f"bulk command: {r.status} {body}")
+                    batch = body["command_batch"]
                 accepted.append(loop.time() - ts)
                 async with asyncio.timeout(WAIT_LIMIT):
-                    await done.wait()
+                    while not done.is_set():  # progress while it waits (a stuck fan-out shows)
+                        with suppress(TimeoutError):
+                            await asyncio.wait_for(done.wait(), 10.0)
+                        if not done.is_set():
+                            _say(f"command {c + 1}: {len(acks)} of {n} acked; {mgr.tally(batch)}")
                 lat = [t - ts for t in acks.values()]
                 latencies += lat
                 last.append(max(lat))
@@ -440,14 +610,24 @@ async def _bench(n: int, seconds: float, heartbeat: float, proof: bool = False
             mgr.ack_listeners.remove(on_ack)
             delivery = await _proof(http, base, headers, n, live.node.engine.tick) \
                 if proof else None
+            binding = dict(live.node.mqtt.stats) if live.node.mqtt is not None else {}
         finally:
             await http.close()
             if proc.returncode is None:
                 proc.terminate()
             await proc.wait()
             await live.stop()
+    mqtt: dict[str, Any] = {}
+    if broker is not None:
+        mqtt = {"broker": "mosquitto (dynamic security, persistence)",
+                "broker_cpu_fraction": round((bcpu1 - bcpu0) / (t1 - t0), 4),
+                "node_and_broker_cpu_fraction": round((cpu1 - cpu0 + bcpu1 - bcpu0) / (t1 - t0),
+                                                      4),
+                "broker_bytes_per_device": round((broker_rss1 - broker_rss0) / n),
+                "accounts_seeded_s": round(accounts_s, 2), "binding_stats": binding}
     return {
-        "bench": "devices", "devices": n, "heartbeat_s": heartbeat,
+        "bench": "devices", "control": control, "devices": n, "heartbeat_s": heartbeat,
+        **mqtt,
         "window_s": round(t1 - t0, 2),
         "heartbeats_in_window": hb1 - hb0,
         "server_cpu_fraction": round((cpu1 - cpu0) / (t1 - t0), 4),
@@ -471,9 +651,22 @@ def run(args: argparse.Namespace) -> int:
     if n < 1:
         print("--n must be at least 1", file=sys.stderr)
         return 2
-    result = asyncio.run(_bench(n, float(args.seconds), float(args.heartbeat),
-                                bool(getattr(args, "proof", False))))
-    print(json.dumps(result), flush=True)
+    control = str(getattr(args, "control", "ws") or "ws")
+    proof = bool(getattr(args, "proof", False))
+    if control != "mqtt":
+        result = asyncio.run(_bench(n, float(args.seconds), float(args.heartbeat), proof=proof))
+        print(json.dumps(result), flush=True)
+        return 0
+    # MQTT beside WebSocket in one run: one after the other (not competing for the cores), the
+    # WebSocket one in a fresh process so neither's memory figure holds the other's leftovers.
+    mqtt = asyncio.run(_bench(n, float(args.seconds), float(args.heartbeat), "mqtt", proof))
+    out = subprocess.run([sys.executable, "-m", "loa.web.cli", "bench", "devices", "--n", str(n),
+                          "--seconds", str(args.seconds), "--heartbeat", str(args.heartbeat),
+                          *(["--proof"] if proof else [])],
+                         stdout=subprocess.PIPE, check=True)
+    ws = json.loads(out.stdout.decode().strip().splitlines()[-1])
+    print(json.dumps({"bench": "devices", "devices": n, "mqtt": mqtt, "websocket": ws}),
+          flush=True)
     return 0
 
 
