@@ -20,7 +20,7 @@ from loa.streamer.messages import say
 from loa.streamer.state.store import Record, Store
 from loa.streamer.station import ContentError
 
-PROGRAMME_TYPES = ("file", "playlist", "tts", "relay", "live")
+PROGRAMME_TYPES = ("file", "playlist", "tts", "relay", "live", "ingest")
 ACTIONS = ("submit", "approve", "reject")
 FALLBACK_SECONDS = 60.0  # airtime counted for a programme whose length is known only on air
 MAX_REPEAT = 10  # plays of a programme's (or an emergency's) message
@@ -42,10 +42,12 @@ class Fields(Protocol):
 
 
 MediaLookup = Callable[[str, str], Awaitable[Record]]  # (media id, field) -> the media record
+MountLookup = Callable[[str], Awaitable[Record]]  # mount id -> the mount (in the caller's scope)
 UrlCheck = Callable[[str], Awaitable[None]]  # raises ValueError with the reason to refuse
 
 
-async def programme_fields(fields: Fields, media: MediaLookup, check_url: UrlCheck) -> Record:
+async def programme_fields(fields: Fields, media: MediaLookup, check_url: UrlCheck,
+                           mount: MountLookup | None = None) -> Record:
     """The stored fields of a programme, validated, with its duration (one play) where known."""
     title = fields.value("title", str)
     if not title.strip() or len(title) > 200:
@@ -92,6 +94,11 @@ async def programme_fields(fields: Fields, media: MediaLookup, check_url: UrlChe
         except ValueError as e:
             raise ProgrammeError(str(e), field="url") from None
         out["url"] = url
+    if kind == "ingest":
+        mid = fields.value("mount", str)
+        if mount is None:
+            raise ProgrammeError(say("programme.ingest_unavailable"), field="type")
+        out["mount"] = (await mount(mid))["id"]
     return out
 
 

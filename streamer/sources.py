@@ -319,6 +319,9 @@ class LivePush(Source):
         self.underruns = 0
         self.overruns = 0
         self.closed = False
+        # Levels watched (dBFS) -> the read position after the last 20 ms at or above it: how
+        # long the source has been quieter than that (dead air), measured on the media clock.
+        self._loud: dict[float, int] = {}
 
     @property
     def finished(self) -> bool:
@@ -371,7 +374,25 @@ class LivePush(Source):
                 n = 0
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
+    def watch(self, level_db: float) -> None:
+        """Track the last time the audio read reached `level_db` (RMS of a read, dBFS)."""
+        self._loud.setdefault(level_db, self.position)
+
+    def loud_at(self, level_db: float) -> int:
+        """The read position after the last read at or above a watched level."""
+        return self._loud.get(level_db, self.position)
+
     def read(self, n: int = FRAME) -> np.ndarray:
+        out = self._read(n)
+        if self._loud:
+            power = float(np.dot(out, out)) / max(n, 1)
+            level = 10 * math.log10(power) if power > 0 else -math.inf
+            for watched in tuple(self._loud):
+                if level >= watched:
+                    self._loud[watched] = self.position
+        return out
+
+    def _read(self, n: int) -> np.ndarray:
         self.position += n
         with self._lock:
             if self._buffering:

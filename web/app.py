@@ -15,6 +15,7 @@ from loa.web.api import emergency as api_emergency
 from loa.web.api import exchange as api_exchange
 from loa.web.api import inbox as api_inbox
 from loa.web.api import media as api_media
+from loa.web.api import mounts as api_mounts
 from loa.web.api import nodes as api_nodes
 from loa.web.api import overview as api_overview
 from loa.web.api import reports as api_reports
@@ -29,6 +30,7 @@ from loa.web.http import (
 from loa.web.node import NODE, Node
 from loa.web.streams import hls as streams_hls
 from loa.web.streams import http as streams_http
+from loa.web.streams import ingest as streams_ingest
 from loa.web.streams import rtp as streams_rtp
 from loa.web.streams import webrtc as streams_webrtc
 
@@ -57,6 +59,7 @@ def create_app(node: Node) -> web.Application:
     api_emergency.setup(app)
     api_exchange.setup(app)
     api_nodes.setup(app)
+    api_mounts.setup(app)
     monitor.setup(app)
     board.setup(app)
     console.setup(app)
@@ -65,6 +68,7 @@ def create_app(node: Node) -> web.Application:
     streams_rtp.setup(app)
     streams_hls.setup(app)
     streams_webrtc.setup(app)
+    streams_ingest.setup(app)
 
     async def close_clients(_app: web.Application) -> None:
         await node.close_clients()  # before aiohttp waits for the handlers of streams, links

@@ -17,13 +17,16 @@ from loa.relay.devices.manager import DeviceSettings
 from loa.relay.exchange import ExchangeSettings
 from loa.relay.hls import HlsSettings
 from loa.relay.icecast import HttpStreamSettings
+from loa.relay.ingest import IngestSettings
 from loa.relay.inputs import RelayInputSettings
 from loa.relay.rtp.out import RtpSettings
 from loa.relay.upstream import UpstreamSettings
 from loa.relay.urlpolicy import FetchSettings
 from loa.relay.webrtc import WebRtcSettings
+from loa.streamer.deadair import DeadAirSettings
 from loa.streamer.emergency.service import EmergencySettings
 from loa.streamer.engine import EngineSettings
+from loa.streamer.messages import say
 
 
 class ConfigError(ValueError):
@@ -87,6 +90,8 @@ class Config:
     fetch: FetchSettings = field(default_factory=FetchSettings)
     exchange: ExchangeSettings = field(default_factory=ExchangeSettings)
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
+    ingest: IngestSettings = field(default_factory=IngestSettings)
+    dead_air: DeadAirSettings = field(default_factory=DeadAirSettings)
 
     @property
     def data_dir(self) -> Path:
@@ -185,6 +190,8 @@ def load_config(path: str | os.PathLike[str] | None = None,
         cfg.fetch.__post_init__()
     except ValueError as e:
         raise ConfigError(f"[fetch] {e}") from None
+    if (bad := cfg.dead_air.check()) is not None:
+        raise ConfigError(f"[dead_air] {bad}: " + say(f"deadair.{bad.split('_')[0]}"))
     try:
         cfg.exchange.__post_init__()
     except ValueError as e:
