@@ -41,12 +41,12 @@ class DeadAirSettings:
     seconds: float = 10.0  # silence this long on the air is dead air
     enabled: bool = True
 
-    def check(self) -> str | None:
-        """The field that is out of range, or None."""
+    def check(self) -> tuple[str, str] | None:
+        """(the field out of range, why), or None."""
         if not LEVEL_RANGE[0] <= self.level_db <= LEVEL_RANGE[1]:
-            return "level_db"
+            return "level_db", say("deadair.level")
         if not SECONDS_RANGE[0] <= self.seconds <= SECONDS_RANGE[1]:
-            return "seconds"
+            return "seconds", say("deadair.seconds")
         return None
 
 

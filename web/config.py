@@ -26,7 +26,6 @@ from loa.relay.webrtc import WebRtcSettings
 from loa.streamer.deadair import DeadAirSettings
 from loa.streamer.emergency.service import EmergencySettings
 from loa.streamer.engine import EngineSettings
-from loa.streamer.messages import say
 
 
 class ConfigError(ValueError):
@@ -191,7 +190,7 @@ def load_config(path: str | os.PathLike[str] | None = None,
     except ValueError as e:
         raise ConfigError(f"[fetch] {e}") from None
     if (bad := cfg.dead_air.check()) is not None:
-        raise ConfigError(f"[dead_air] {bad}: " + say(f"deadair.{bad.split('_')[0]}"))
+        raise ConfigError(f"[dead_air] {bad[0]}: {bad[1]}")
     try:
         cfg.exchange.__post_init__()
     except ValueError as e:

@@ -85,6 +85,8 @@ KINDS: Mapping[str, Kind] = {
     "exchange_cursor": Kind(),  # id = peer: where we stand in its bulletin feed
     "node_key": Kind(indexed=("area",)),  # a child node's link credential (only its hash)
     "rtp_group": Kind(indexed=("block",), unique=("block",)),  # id = area: its multicast block
+    "mount": Kind(indexed=("name", "area"), unique=("name",)),  # ingest: only its password's hash
+    "dead_air": Kind(),  # id = area: its own dead-air level and time
 }
 
 LOGS = ("audit", "asrun")

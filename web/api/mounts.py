@@ -174,7 +174,7 @@ async def dead_air_put(request: web.Request) -> web.Response:
         enabled=field(data, "enabled", bool, required=False, default=base.enabled))
     bad = s.check()
     if bad is not None:
-        raise ApiError(422, say(f"deadair.{bad.split('_')[0]}"), bad)
+        raise ApiError(422, bad[1], bad[0])
     await node.store.put("dead_air", {"id": code, "level_db": s.level_db, "seconds": s.seconds,
                                       "enabled": s.enabled})
     node.dead_air.areas[code] = s

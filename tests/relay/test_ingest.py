@@ -1,0 +1,217 @@
+"""Ingest from real encoders: FFmpeg pushes with its `icecast://` protocol (PUT, and the legacy
+SOURCE method) to a node on the real clock; FFmpeg on the area's stream hears the pushed tone.
+Refusals (wrong password, another area's mount) air nothing; an encoder that drops gives the air
+to the area's fallback, one that comes back within the grace changes nothing on the air."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import numpy as np
+import pytest
+
+from loa.streamer.clock import SAMPLE_RATE
+from loa.streamer.sources import ToneSource
+from loa.streamer.station import Content
+from loa.web.auth import add_user
+from loa.web.node import Node
+from loa.web.testing import start_node
+from tests.apiclient import PASSWORD, PEOPLE, make_config
+from tests.audio import peak_hz, rms
+from tests.helpers import until
+from tests.httpstreams import ffmpeg_record
+
+X1 = "T01-H1-X1"
+X2 = "T01-H1-X2"
+FALLBACK_HZ = 440.0
+
+
+@dataclass
+class Rig:
+    node: Node
+    url: str
+    port: int
+    session: aiohttp.ClientSession
+    tokens: dict[str, str]
+    background: str = ""
+
+    async def call(self, who: str, method: str, path: str, **kw: Any) -> tuple[int, Any]:
+        async with self.session.request(method, self.url + path, headers={
+                "Authorization": f"Bearer {self.tokens[who]}"}, **kw) as r:
+            body = await r.json() if r.content_type == "application/json" else await r.text()
+            return r.status, body
+
+    async def mount(self, **body: Any) -> dict[str, Any]:
+        status, out = await self.call("qtv1", "POST", "/api/v1/mounts", json=body)
+        assert status == 201, out
+        return out
+
+    async def hears(self, area: str, tmp: Path, seconds: float = 2.0) -> float:
+        pcm, rate = await ffmpeg_record(f"{self.url}/streams/{area}.mp3?burst_ms=0",
+                                        tmp / f"{area}.wav", seconds)
+        tail = pcm[int(0.5 * rate):]
+        assert rms(tail) > 0.02, "silence"
+        return peak_hz(tail, rate)
+
+
+@pytest.fixture
+async def rig(tmp_path) -> AsyncIterator[Rig]:
+    async def people(node: Node) -> None:
+        for name in ("tinh", "qtv1", "xa11", "xa12"):
+            role, area, emergency = PEOPLE[name]
+            await add_user(node.store, node.tree, name, role, area, PASSWORD, emergency)
+
+    on = await start_node(make_config(tmp_path), prepare=people, shutdown_timeout=0.5)
+    session = aiohttp.ClientSession()
+    tokens = {}
+    for name in ("tinh", "qtv1"):
+        async with session.post(on.url + "/api/v1/auth/token",
+                                json={"username": name, "password": PASSWORD}) as r:
+            tokens[name] = (await r.json())["token"]
+    r = Rig(on.node, on.url, on.port, session, tokens)
+    rec = await on.node.station.air(Content(ToneSource(FALLBACK_HZ, 0.3), "Nhạc nền", None),
+                                    targets=[X1], klass="background", issuer=X1, user="test")
+    r.background = rec["id"]
+    try:
+        yield r
+    finally:
+        await session.close()
+        await on.stop()
+
+
+def basic(user: str, password: str, ctype: str = "audio/mpeg") -> dict[str, str]:
+    return {"Authorization": aiohttp.encode_basic_auth(user, password), "Content-Type": ctype}
+
+
+def push(url: str, hz: float, *, fmt: str = "mp3", legacy: bool = False,
+         seconds: float = 60) -> subprocess.Popen[bytes]:
+    """FFmpeg as the studio's encoder: a tone, in real time, to an icecast:// URL."""
+    codec = ["-c:a", "libmp3lame", "-b:a", "64k", "-content_type", "audio/mpeg"] \
+        if fmt == "mp3" else ["-c:a", "libopus", "-b:a", "32k", "-content_type", "audio/ogg"]
+    return subprocess.Popen([
+        "ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-f", "lavfi", "-i",
+        f"sine=frequency={hz}:duration={seconds}", "-af", "volume=4", *codec,
+        *(["-legacy_icecast", "1"] if legacy else []), "-f", fmt, url],
+        stderr=subprocess.PIPE)
+
+
+async def ended(proc: subprocess.Popen[bytes]) -> tuple[int, str]:
+    rc = await asyncio.to_thread(proc.wait, 30)
+    return rc, (proc.stderr.read() if proc.stderr else b"").decode(errors="replace")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+async def test_ffmpeg_pushes_mp3_to_a_mount_bound_to_an_area_and_the_area_hears_it(rig, tmp_path):
+    m = await rig.mount(name="studio-huyen", area="T01-H1", targets=[X1], title="Phòng thu")
+    assert "secret_hash" not in m and m["path"] == "/ingest/studio-huyen"
+    url = f"icecast://source:{m['password']}@127.0.0.1:{rig.port}/ingest/studio-huyen"
+    enc = push(url, 1000)
+    try:
+        def on_air() -> bool:
+            mount = rig.node.ingests.mounts.get(m["id"])
+            return mount is not None and mount.auto is not None \
+                and rig.node.engine.main_of(X1) == mount.auto
+
+        await until(on_air, "the mount on air")
+        assert abs(await rig.hears(X1, tmp_path) - 1000) < 5
+        status, listed = await rig.call("qtv1", "GET", "/api/v1/mounts")
+        [state] = [x["state"] for x in listed["mounts"] if x["id"] == m["id"]]
+        assert state["connected"] and state["format"] == "mp3" and state["bytes"] > 0
+        bid = rig.node.ingests.mounts[m["id"]].auto
+    finally:
+        stop(enc)
+    # The encoder is gone: after the grace the live broadcast ends, the fallback airs.
+    await until(lambda: rig.node.engine.main_of(X1) == rig.background, "fallback on air")
+    assert rig.node.engine.live_broadcast(bid) is None
+    assert abs(await rig.hears(X1, tmp_path) - FALLBACK_HZ) < 5
+    audit = [e for e in await rig.node.store.read_log("audit", limit=500)
+             if e["action"] == "ingest.connect"]
+    assert audit and audit[0]["target"] == m["id"] and m["password"] not in str(audit)
+
+
+async def test_ogg_opus_over_legacy_source_airs_an_ingest_programme_only_while_connected(
+        rig, tmp_path):
+    m = await rig.mount(name="xa-phu-thuan", area=X1, title="Đài xã")
+    status, prog = await rig.call("tinh", "POST", "/api/v1/programmes", json={
+        "title": "Trực tiếp từ xã", "type": "ingest", "mount": m["id"]})
+    assert status == 201, prog
+    status, b = await rig.call("tinh", "POST", "/api/v1/broadcasts", json={
+        "programme": prog["id"], "targets": [X1]})
+    assert status == 201, b
+    # No encoder yet: the programme is accepted, held; the area keeps its fallback.
+    await until(lambda: rig.node.engine.held(b["id"], X1), "held while no encoder")
+    assert rig.node.engine.main_of(X1) == rig.background
+    # A Loa operator of the commune pushes with their own account, Ogg Opus, legacy SOURCE.
+    url = f"icecast://xa11:{PASSWORD}@127.0.0.1:{rig.port}/ingest/xa-phu-thuan"
+    enc = push(url, 880, fmt="ogg", legacy=True)
+    try:
+        await until(lambda: rig.node.engine.main_of(X1) == b["id"], "the ingest on air")
+        assert abs(await rig.hears(X1, tmp_path) - 880) < 5
+        # The encoder reconnects at once (a network cut): nothing changes on the air.
+        stop(enc)
+        enc = push(url, 880, fmt="ogg", legacy=True)
+        await asyncio.sleep(2.0)
+        assert rig.node.engine.main_of(X1) == b["id"]
+        assert not [c for c in rig.node.engine.changes if c.cause == "input-down"]
+        assert abs(await rig.hears(X1, tmp_path) - 880) < 5
+    finally:
+        stop(enc)
+    await until(lambda: rig.node.engine.main_of(X1) == rig.background, "fallback on air")
+    [down] = [c for c in rig.node.engine.changes if c.cause == "input-down" and c.area == X1]
+    assert down.before == b["id"] and down.after == rig.background
+    assert rig.node.engine.live_broadcast(b["id"]) is not None  # held, not ended
+
+
+async def test_wrong_password_and_another_areas_mount_are_refused_and_nothing_airs(rig):
+    m = await rig.mount(name="xa-1", area=X1, targets=[X1])
+    url = f"icecast://source:sai-mat-khau@127.0.0.1:{rig.port}/ingest/xa-1"
+    rc, err = await ended(push(url, 1000, seconds=3))
+    assert rc != 0 and "401" in err, err
+    # An operator of the neighbouring commune: a valid account, another area's mount.
+    async with rig.session.put(f"{rig.url}/ingest/xa-1", data=b"\xff\xfb" * 100,
+                               headers=basic("xa12", PASSWORD, "audio/mpeg")) as r:
+        assert r.status == 403
+        assert "ngoài khu vực" in (await r.json())["error"]
+    async with rig.session.put(f"{rig.url}/ingest/xa-1", data=b"x",
+                               headers=basic("source", "sai")) as r:
+        assert r.status == 401 and r.headers["WWW-Authenticate"].startswith("Basic")
+    async with rig.session.put(f"{rig.url}/ingest/khong-co", data=b"x",
+                               headers=basic("source", "sai")) as r:
+        assert r.status == 404
+    await asyncio.sleep(0.5)
+    assert rig.node.engine.main_of(X1) == rig.background
+    assert rig.node.ingests.mounts.get(m["id"]) is None or \
+        rig.node.ingests.mounts[m["id"]].connections == 0
+    refused = [e for e in await rig.node.store.read_log("audit", limit=500)
+               if e["action"] == "refused" and e["target"] == "/ingest/xa-1"]
+    assert {e["details"]["status"] for e in refused} == {401, 403}
+    assert PASSWORD not in str(refused) and m["password"] not in str(refused)
+
+
+async def test_a_garbage_pusher_is_cut_and_what_is_on_air_goes_on(rig):
+    m = await rig.mount(name="rac", area=X1, targets=[X1])
+    async with rig.session.put(f"{rig.url}/ingest/rac", data=b"<html>rac</html>" * 20_000,
+                               headers=basic("source", m["password"], "audio/mpeg")) as r:
+        assert r.status == 200
+        await r.read()
+    mount = rig.node.ingests.mounts[m["id"]]
+    await until(lambda: mount.connection is None and mount.last_error, "the push cut")
+    await asyncio.sleep(1.5)
+    assert rig.node.engine.main_of(X1) == rig.background
+    assert not [c for c in rig.node.engine.changes if c.area == X1 and c.cause == "source-error"]
+    tap = rig.node.hub.subscribe(X1, "pcm")
+    await asyncio.sleep(0.5)
+    pcm = np.frombuffer(b"".join(p.data for p in tap.drain()), np.float32)
+    tap.close()
+    assert abs(peak_hz(pcm, SAMPLE_RATE) - FALLBACK_HZ) < 5
