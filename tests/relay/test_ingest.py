@@ -215,3 +215,40 @@ async def test_a_garbage_pusher_is_cut_and_what_is_on_air_goes_on(rig):
     pcm = np.frombuffer(b"".join(p.data for p in tap.drain()), np.float32)
     tap.close()
     assert abs(peak_hz(pcm, SAMPLE_RATE) - FALLBACK_HZ) < 5
+
+
+async def test_dead_air_on_a_pushed_stream_airs_the_fallback_and_alerts_until_audio_returns(rig):
+    """The area's own level and time, set through the API: a studio that goes quiet for 2 s
+    loses the air to the area's background, and gets it back when it speaks again."""
+    for bad, name in (({"seconds": 1}, "seconds"), ({"level_db": 0}, "level_db"),
+                      ({"seconds": "2"}, "seconds"), ({"x": 1}, "x")):
+        status, out = await rig.call("qtv1", "PUT", f"/api/v1/areas/{X1}/dead-air", json=bad)
+        assert status == 422 and out["field"] == name, out
+    status, out = await rig.call("qtv1", "PUT", f"/api/v1/areas/{X1}/dead-air",
+                                 json={"level_db": -45, "seconds": 2})
+    assert status == 200 and out == {"area": X1, "level_db": -45.0, "seconds": 2.0,
+                                     "enabled": True, "inherited": False}
+    status, out = await rig.call("qtv1", "GET", "/api/v1/areas/T01-H1/dead-air")
+    assert out["seconds"] == 10.0 and out["inherited"]  # the node's default above X1
+    m = await rig.mount(name="studio-im-lang", area=X1, targets=[X1])
+    url = f"icecast://source:{m['password']}@127.0.0.1:{rig.port}/ingest/studio-im-lang"
+    # Tone for 3 s, silence for 5 s, tone again.
+    enc = subprocess.Popen([
+        "ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-f", "lavfi", "-i",
+        "aevalsrc='if(lt(t,3)+gt(t,8),0.5*sin(2*PI*1000*t),0)':d=20:s=44100",
+        "-c:a", "libmp3lame", "-b:a", "64k", "-content_type", "audio/mpeg", "-f", "mp3", url])
+    try:
+        await until(lambda: [c for c in rig.node.engine.changes
+                             if c.area == X1 and c.cause == "dead-air"], "dead air")
+        mount = rig.node.ingests.mounts[m["id"]]
+        assert rig.node.engine.main_of(X1) == rig.background
+        [alert] = [a for a in rig.node.alerts.active.values() if a.kind == "dead_air"]
+        assert alert.area == X1 and alert.detail["broadcast"] == mount.auto
+        assert alert.detail["seconds"] == 2.0 and alert.detail["level_db"] == -45.0
+        await until(lambda: rig.node.engine.main_of(X1) == mount.auto, "audio back", 30)
+        assert not [a for a in rig.node.alerts.active.values() if a.kind == "dead_air"]
+        [back] = [c for c in rig.node.engine.changes if c.area == X1
+                  and c.cause == "dead-air-over"]
+        assert back.before == rig.background and back.after == mount.auto
+    finally:
+        stop(enc)
