@@ -35,6 +35,7 @@ import av
 import numpy as np
 
 from loa.relay.inputs import InputDown, decoded_audio
+from loa.relay.rtp.push import RtpReceiver, rtp_spec
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.clock import SAMPLE_RATE
 from loa.streamer.engine import Engine
@@ -61,6 +62,8 @@ class IngestSettings:
     probesize: int = 8192
     analyzeduration_ms: int = 200
     max_connections: int = 200  # encoders pushing at once, node-wide
+    rtp_address: str = "0.0.0.0"  # where RTP push mounts listen (each on its own port)
+    rtp_timeout: float = 0.5  # no RTP packet for this long: the encoder is gone (then grace_s)
 
 
 class Pipe:
@@ -156,6 +159,9 @@ class Mount:
         self.up = False  # an encoder is connected (or was, within the grace)
         self.connections = 0
         self.last_error = ""
+        self.rtp: RtpReceiver | None = None  # an RTP push mount's socket
+        self.rtp_last = 0.0  # loop time of its last packet
+        self.receiving = False  # RTP packets flow
 
     def deliver(self, pcm: np.ndarray) -> None:
         for push in list(self.pushes):
@@ -163,7 +169,12 @@ class Mount:
 
     def stats(self) -> dict[str, Any]:
         c = self.connection
-        return {"connected": c is not None, "up": self.up, "connections": self.connections,
+        rtp = self.rtp
+        return {"connected": c is not None or self.receiving, "up": self.up,
+                "connections": self.connections,
+                "rtp": None if rtp is None else {"port": rtp.spec.port, "codec": rtp.spec.codec,
+                                                 "receiving": self.receiving,
+                                                 **vars(rtp.stats)},
                 "remote": c.remote if c else None, "since": c.started if c else None,
                 "bytes": c.pipe.received if c else 0, "format": c.fmt if c else None,
                 "seconds": round(c.samples / SAMPLE_RATE, 2) if c else 0.0,
@@ -179,6 +190,7 @@ class Ingests:
         self.loop = loop
         self.settings = settings or IngestSettings()
         self.mounts: dict[str, Mount] = {}
+        self._watch: asyncio.Task[None] | None = None
         self._of_push: dict[int, Mount] = {}  # id(LivePush) -> its mount
         # Automatic airing of a mount bound to targets (set by the web layer: it persists it).
         self.on_up: Callable[[Mount], Any] | None = None
@@ -200,6 +212,9 @@ class Ingests:
         if m is not None and m.connection is not None:
             m.connection.stop.set()
             m.connection.pipe.end()
+        if m is not None and m.rtp is not None:
+            m.rtp.close()
+            m.rtp = None
 
     def subscribe(self, record: dict[str, Any], name: str) -> LivePush:
         """A jitter buffer for one broadcast airing the mount (the programme's source)."""
@@ -248,15 +263,7 @@ class Ingests:
         conn = Connection(m, Pipe(self.loop, s.pipe_kb * 1024, s.read_timeout), fmt, remote)
         m.connection = conn
         m.connections += 1
-        if m.down_timer is not None:
-            m.down_timer.cancel()
-            m.down_timer = None
-        if not m.up:
-            m.up = True
-            for bid in self._airing(m):
-                self.engine.hold(bid, HOLD, False)
-            if self.on_up is not None:
-                self.on_up(m)
+        self._found(m)
         conn.thread = threading.Thread(target=self._decode, args=(conn,), daemon=True,
                                        name="loa-ingest")
         conn.thread.start()
@@ -277,12 +284,27 @@ class Ingests:
         m.last_error = conn.ended
         log.info("ingest disconnected event=ingest_down mount=%s remote=%s why=%s seconds=%.1f",
                  m.record["name"], conn.remote, conn.ended, conn.samples / SAMPLE_RATE)
+        self._lost(m)
+
+    def _found(self, m: Mount) -> None:
+        """Audio comes to the mount (a connection, RTP packets): what airs it is released."""
+        if m.down_timer is not None:
+            m.down_timer.cancel()
+            m.down_timer = None
+        if not m.up:
+            m.up = True
+            for bid in self._airing(m):
+                self.engine.hold(bid, HOLD, False)
+            if self.on_up is not None:
+                self.on_up(m)
+
+    def _lost(self, m: Mount) -> None:
         if m.down_timer is None:
             m.down_timer = self.loop.call_later(self.settings.grace_s, self._gone, m)
 
     def _gone(self, m: Mount) -> None:
         m.down_timer = None
-        if m.connection is not None or not m.up:
+        if m.connection is not None or m.receiving or not m.up:
             return
         m.up = False
         for bid in self._airing(m):
@@ -291,6 +313,46 @@ class Ingests:
                     m.record["name"])
         if self.on_down is not None:
             self.on_down(m)
+
+    # ---- RTP push ------------------------------------------------------------------------------
+    async def listen_rtp(self, record: dict[str, Any]) -> None:
+        """Open the UDP port of an RTP push mount (RtpSpecError, OSError when it cannot)."""
+        spec = rtp_spec(record)
+        if spec is None:
+            return
+        m = self.mount(record)
+        if m.rtp is not None:
+            m.rtp.close()
+            m.rtp = None
+
+        def packet() -> None:
+            m.rtp_last = self.loop.time()
+            if not m.receiving:
+                m.receiving = True
+                m.connections += 1
+                log.info("rtp push receiving event=ingest_up mount=%s port=%d codec=%s",
+                         record["name"], spec.port, spec.codec)
+                self._found(m)
+
+        _, proto = await self.loop.create_datagram_endpoint(
+            lambda: RtpReceiver(spec, m.deliver, packet),
+            local_addr=(self.settings.rtp_address, spec.port))
+        m.rtp = proto
+        if self._watch is None:
+            self._watch = self.loop.create_task(self._watch_rtp())
+
+    async def _watch_rtp(self) -> None:
+        """RTP has no hang-up: a mount whose packets stopped for `rtp_timeout` is lost."""
+        step = self.settings.rtp_timeout / 2
+        while True:
+            await asyncio.sleep(step)
+            now = self.loop.time()
+            for m in list(self.mounts.values()):
+                if m.receiving and now - m.rtp_last > self.settings.rtp_timeout:
+                    m.receiving = False
+                    m.last_error = f"no RTP for {self.settings.rtp_timeout:g} s"
+                    log.info("rtp push stopped event=ingest_down mount=%s", m.record["name"])
+                    self._lost(m)
 
     # ---- the decoder thread ------------------------------------------------------------------
     def _decode(self, conn: Connection) -> None:
@@ -334,6 +396,11 @@ class Ingests:
                                             if cb != self._started_thread]
         self.engine.ended_listeners[:] = [cb for cb in self.engine.ended_listeners
                                           if cb != self._ended_thread]
+        if self._watch is not None:
+            self._watch.cancel()
+        for m in self.mounts.values():
+            if m.rtp is not None:
+                m.rtp.close()
         conns = [m.connection for m in self.mounts.values() if m.connection is not None]
         for c in conns:
             c.stop.set()

@@ -1358,6 +1358,15 @@ CATALOGUE: dict[str, Text] = {
     "ingest.name_taken": Text("đã có điểm thu tên này", "mount {mount} exists already"),
     "ingest.target_outside": Text("khu vực {area} nằm ngoài {own}",
                                   "target {area} is outside the mount's area {own}"),
+    "ingest.rtp_sdp": Text("SDP của bộ mã hóa không hợp lệ",
+                           "the encoder's SDP has no usable audio section"),
+    "ingest.rtp_codec": Text("mã hóa RTP: opus, pcmu hoặc l16", "rtp codec: opus, pcmu or l16"),
+    "ingest.rtp_numbers": Text("RTP: cổng 1024-65535, loại tải 0-127, tần số 8000-48000 "
+                               "(opus 48000, pcmu 8000), 1 hoặc 2 kênh",
+                               "rtp: port 1024-65535, payload_type 0-127, rate 8000-48000 "
+                               "(opus 48000, pcmu 8000), 1 or 2 channels"),
+    "ingest.rtp_source": Text("nguồn RTP: một mạng (CIDR)", "rtp source: a network (CIDR)"),
+    "ingest.rtp_port_taken": Text("cổng {port} đã được dùng", "port {port} is taken"),
     "programme.ingest_unavailable": Text("chưa thu được luồng đẩy",
                                          "ingest is not available"),
     "openapi.mounts": Text("Các điểm thu", "Ingest mounts of the caller's subtree"),

@@ -159,6 +159,7 @@ class Node:
         except StoreUnavailable as e:
             log.error("dead-air settings not loaded event=store_degraded reason=%s", e)
         self._tasks.append(loop.create_task(self._watch_dead_air()))
+        await self._listen_rtp_mounts()
         try:
             await self._bootstrap_admin()
         except StoreUnavailable as e:
@@ -182,6 +183,21 @@ class Node:
             raise ContentError(say("ingest.unknown_mount", mount=str(prog.get("mount"))[:64]),
                                "mount")
         return self.ingests.subscribe(rec, str(prog.get("title") or rec["name"]))
+
+    async def _listen_rtp_mounts(self) -> None:
+        """RTP push mounts listen from the start: a hardware encoder just sends."""
+        try:
+            mounts = await self.store.find("mount")
+        except StoreUnavailable as e:
+            log.error("mounts not loaded event=store_degraded reason=%s", e)
+            return
+        for rec in mounts:
+            if rec.get("rtp") or rec.get("sdp"):
+                try:
+                    await self.ingests.listen_rtp(rec)
+                except (OSError, ValueError) as e:
+                    log.error("rtp push mount cannot listen event=ingest_error mount=%s "
+                              "error=%s", rec["name"], e)
 
     async def _watch_dead_air(self) -> None:
         loop = asyncio.get_running_loop()

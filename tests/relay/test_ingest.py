@@ -6,6 +6,8 @@ to the area's fallback, one that comes back within the grace changes nothing on 
 from __future__ import annotations
 
 import asyncio
+import random
+import socket
 import subprocess
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -67,7 +69,9 @@ async def rig(tmp_path) -> AsyncIterator[Rig]:
             role, area, emergency = PEOPLE[name]
             await add_user(node.store, node.tree, name, role, area, PASSWORD, emergency)
 
-    on = await start_node(make_config(tmp_path), prepare=people, shutdown_timeout=0.5)
+    cfg = make_config(tmp_path)
+    cfg.ingest.rtp_address = "127.0.0.1"
+    on = await start_node(cfg, prepare=people, shutdown_timeout=0.5)
     session = aiohttp.ClientSession()
     tokens = {}
     for name in ("tinh", "qtv1"):
@@ -250,5 +254,123 @@ async def test_dead_air_on_a_pushed_stream_airs_the_fallback_and_alerts_until_au
         [back] = [c for c in rig.node.engine.changes if c.area == X1
                   and c.cause == "dead-air-over"]
         assert back.before == rig.background and back.after == mount.auto
+    finally:
+        stop(enc)
+
+
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sk:
+        sk.bind(("127.0.0.1", 0))
+        return int(sk.getsockname()[1])
+
+
+class Impairer(asyncio.DatagramProtocol):
+    """A bad network between the encoder and the node: 5 % of the packets lost, 5 % arrive
+    after the packet that followed them."""
+
+    def __init__(self, to: tuple[str, int], seed: int = 7) -> None:
+        self.to = to
+        self.rng = random.Random(seed)
+        self.held: bytes | None = None
+        self.sent = self.dropped = self.swapped = 0
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        assert self.transport is not None
+        r = self.rng.random()
+        if r < 0.05:
+            self.dropped += 1
+            return
+        if self.held is None and r < 0.10:
+            self.held = data  # goes out after the next one
+            self.swapped += 1
+            return
+        self.transport.sendto(data, self.to)
+        if self.held is not None:
+            self.transport.sendto(self.held, self.to)
+            self.held = None
+        self.sent += 1
+
+
+async def test_rtp_push_with_loss_and_reordering_still_plays_without_a_stall(rig, tmp_path):
+    port = free_udp_port()
+    m = await rig.mount(name="barix", area=X1, targets=[X1],
+                        rtp={"port": port, "codec": "opus", "payload_type": 101})
+    loop = asyncio.get_running_loop()
+    transport, imp = await loop.create_datagram_endpoint(
+        lambda: Impairer(("127.0.0.1", port)), local_addr=("127.0.0.1", 0))
+    bad_port = transport.get_extra_info("sockname")[1]
+    enc = subprocess.Popen([
+        "ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-f", "lavfi", "-i",
+        "sine=frequency=660:duration=60", "-af", "volume=4", "-ac", "1", "-c:a", "libopus",
+        "-b:a", "32k", "-frame_duration", "20", "-payload_type", "101", "-f", "rtp",
+        f"rtp://127.0.0.1:{bad_port}"], stdout=subprocess.DEVNULL)
+    try:
+        def on_air() -> bool:
+            mount = rig.node.ingests.mounts.get(m["id"])
+            return mount is not None and mount.auto is not None \
+                and rig.node.engine.main_of(X1) == mount.auto
+
+        await until(on_air, "the RTP push on air")
+        await asyncio.sleep(1.0)  # the jitter buffer settles
+        tap = rig.node.hub.subscribe(X1, "pcm", maxlen=10_000)
+        assert abs(await rig.hears(X1, tmp_path, 3.0) - 660) < 5
+        pcm = np.frombuffer(b"".join(p.data for p in tap.drain()), np.float32)
+        tap.close()
+        assert pcm.shape[0] >= 2 * SAMPLE_RATE
+        # No stall: every 100 ms carries the tone (losses concealed, order restored).
+        windows = pcm[:pcm.shape[0] // 4800 * 4800].reshape(-1, 4800)
+        quiet = [i for i, w in enumerate(windows) if rms(w) < 0.05]
+        assert not quiet, (quiet, len(windows))
+        state = rig.node.ingests.mounts[m["id"]].stats()["rtp"]
+        assert imp.dropped and imp.swapped
+        assert state["lost"] > 0 and state["reordered"] > 0 and state["late"] == 0, state
+        assert not [c for c in rig.node.engine.changes if c.cause == "input-down"]
+    finally:
+        stop(enc)
+        transport.close()
+    await until(lambda: rig.node.engine.main_of(X1) == rig.background, "fallback on air")
+
+
+async def test_rtp_push_described_by_the_encoders_sdp_pcmu_and_bad_settings_refused(
+        rig, tmp_path):
+    port = free_udp_port()
+    for bad in ({"port": 80, "codec": "opus", "payload_type": 96},
+                {"port": port, "codec": "mp3", "payload_type": 14},
+                {"port": port, "codec": "pcmu", "rate": 16000},
+                {"port": port, "codec": "l16", "payload_type": 96, "source": "not-a-net"}):
+        status, out = await rig.call("qtv1", "POST", "/api/v1/mounts",
+                                     json={"name": "sai", "area": X1, "rtp": bad})
+        assert status == 422 and out["field"] == "rtp", (bad, out)
+    status, out = await rig.call("qtv1", "POST", "/api/v1/mounts",
+                                 json={"name": "sai", "area": X1, "sdp": "v=0\r\nxx"})
+    assert status == 422 and out["field"] == "sdp", out
+    assert not await rig.node.store.find("mount")
+    sdp_file = tmp_path / "encoder.sdp"
+    enc = subprocess.Popen([
+        "ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-f", "lavfi", "-i",
+        "sine=frequency=500:duration=60", "-af", "volume=4", "-ac", "1", "-ar", "8000",
+        "-c:a", "pcm_mulaw", "-f", "rtp", "-sdp_file", str(sdp_file),
+        f"rtp://127.0.0.1:{port}"], stdout=subprocess.DEVNULL)
+    try:
+        await until(lambda: sdp_file.exists() and "m=audio" in sdp_file.read_text(),
+                    "the encoder's SDP")
+        m = await rig.mount(name="barix-g711", area=X1, targets=[X1],
+                            sdp=sdp_file.read_text())
+        assert m["sdp"] and m["state"]["rtp"]["codec"] == "pcmu"
+        status, out = await rig.call("qtv1", "POST", "/api/v1/mounts", json={
+            "name": "trung-cong", "area": X1, "rtp": {"port": port, "codec": "pcmu"}})
+        assert status == 409 and out["field"] == "rtp", out
+
+        def on_air() -> bool:
+            mount = rig.node.ingests.mounts.get(m["id"])
+            return mount is not None and mount.auto is not None \
+                and rig.node.engine.main_of(X1) == mount.auto
+
+        await until(on_air, "the RTP push on air")
+        assert abs(await rig.hears(X1, tmp_path) - 500) < 5
     finally:
         stop(enc)

@@ -22,6 +22,7 @@ from typing import Any
 from aiohttp import web
 
 from loa.relay.devices.records import new_id, secret_hash
+from loa.relay.rtp.push import RtpSpec, RtpSpecError, rtp_spec
 from loa.streamer.broadcast import BroadcastClass
 from loa.streamer.deadair import DeadAirSettings
 from loa.streamer.messages import say
@@ -80,7 +81,7 @@ async def mount_create(request: web.Request) -> web.Response:
     p.require("admin")
     node = request.app[NODE]
     data = await read_json(request)
-    refuse_unknown(data, {"name", "area", "title", "class", "targets", "user"})
+    refuse_unknown(data, {"name", "area", "title", "class", "targets", "user", "rtp", "sdp"})
     area = scoped_area(p, node.tree, field(data, "area", str, required=False, default=p.area))
     name = field(data, "name", str)
     if not NAME.match(name):
@@ -108,10 +109,46 @@ async def mount_create(request: web.Request) -> web.Response:
                    "class": klass, "targets": targets, "user": user,
                    "secret_hash": secret_hash(password), "owner": p.username,
                    "created": time.time()}
-    await node.store.create("mount", rec)
+    if data.get("rtp") is not None or data.get("sdp") is not None:
+        await _rtp(node, rec, data)
+    try:
+        await node.store.create("mount", rec)
+    except BaseException:
+        node.ingests.forget(rec["id"])
+        raise
     await audit(request, "mount.create", rec["id"], name=name, area=area, klass=klass,
                 targets=targets)
     return ok({**public_mount(rec, node), "password": password}, 201)
+
+
+async def _rtp(node: Node, rec: Record, data: dict[str, Any]) -> None:
+    """An RTP push mount: its port (or the encoder's SDP) checked and opened before it is
+    stored, so a mount never names a port it cannot listen on."""
+    if data.get("sdp") is not None:
+        rec["sdp"] = field(data, "sdp", str)
+    if data.get("rtp") is not None:
+        rec["rtp"] = field(data, "rtp", dict)
+    try:
+        spec = rtp_spec(rec)
+    except RtpSpecError as e:
+        raise ApiError(422, str(e), e.field) from None
+    assert spec is not None
+    taken = [m for m in await node.store.find("mount")
+             if (s := _spec_or_none(m)) is not None and s.port == spec.port]
+    if taken:
+        raise ApiError(409, say("ingest.rtp_port_taken", port=spec.port), "rtp")
+    try:
+        await node.ingests.listen_rtp(rec)
+    except OSError as e:
+        raise ApiError(409, say("ingest.rtp_port_taken", port=spec.port) + f" ({e.strerror})",
+                       "rtp") from None
+
+
+def _spec_or_none(rec: Record) -> RtpSpec | None:
+    try:
+        return rtp_spec(rec)
+    except RtpSpecError:
+        return None
 
 
 @routes.get("/api/v1/mounts")
@@ -207,7 +244,14 @@ def openapi_paths() -> dict[str, Any]:
                      "requestBody": body(obj({
                          "name": {"type": "string", "pattern": NAME.pattern}, "area": CODE,
                          "title": STR, "class": {"type": "string", "enum": CODES},
-                         "targets": {**TARGETS, "minItems": 0}, "user": STR}, ["name"])),
+                         "targets": {**TARGETS, "minItems": 0}, "user": STR,
+                         "sdp": STR, "rtp": obj({
+                             "port": {"type": "integer", "minimum": 1024, "maximum": 65535},
+                             "codec": {"type": "string", "enum": ["opus", "pcmu", "l16"]},
+                             "payload_type": {"type": "integer", "minimum": 0, "maximum": 127},
+                             "rate": {"type": "integer", "minimum": 8000, "maximum": 48000},
+                             "channels": {"type": "integer", "minimum": 1, "maximum": 2},
+                             "source": STR})}, ["name"])),
                      "responses": responses(201, 409, *WRITE)},
         },
         "/api/v1/mounts/{id}": {
