@@ -27,14 +27,14 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import av
 import numpy as np
 
-from loa.relay.inputs import InputDown, decoded_audio
+from loa.relay.inputs import InputDown, MonoResampler, decoded_audio
 from loa.relay.rtp.push import RtpReceiver, rtp_spec
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.clock import SAMPLE_RATE
@@ -44,6 +44,8 @@ from loa.streamer.sources import LivePush
 log = logging.getLogger("loa.relay.ingest")
 
 HOLD = "input-down"
+PARSED = {"mp3": "mp3float", "aac": "aac"}  # formats decoded frame by frame (no demuxer)
+GARBAGE_BYTES = 64 * 1024  # pushed without any audio decoded: not an audio stream
 FORMATS = {  # Content-Type (without parameters) -> FFmpeg demuxer; others are probed
     "audio/mpeg": "mp3", "audio/mp3": "mp3", "audio/ogg": "ogg", "application/ogg": "ogg",
     "audio/opus": "ogg", "audio/aac": "aac", "audio/aacp": "aac", "audio/x-aac": "aac",
@@ -358,24 +360,14 @@ class Ingests:
     def _decode(self, conn: Connection) -> None:
         s = self.settings
         why = "ended"
+        t0 = time.monotonic()
         try:
-            opts = {"probesize": str(s.probesize),
-                    "analyzeduration": str(s.analyzeduration_ms * 1000), "fflags": "nobuffer"}
-            container = av.open(conn.pipe, "r", format=conn.fmt, options=opts)
-            try:
-                t0 = time.monotonic()
-
-                def bad() -> None:
-                    conn.bad_packets += 1
-
-                for pcm in decoded_audio(container, conn.stop.is_set, s.max_bad_packets, bad):
-                    conn.mount.deliver(pcm)
-                    conn.samples += pcm.shape[0]
-                    ahead = conn.samples / SAMPLE_RATE - (time.monotonic() - t0)
-                    if ahead > s.max_ahead_s and conn.stop.wait(ahead - s.max_ahead_s):
-                        break
-            finally:
-                container.close()
+            for pcm in (self._parsed(conn) if conn.fmt in PARSED else self._demuxed(conn)):
+                conn.mount.deliver(pcm)
+                conn.samples += pcm.shape[0]
+                ahead = conn.samples / SAMPLE_RATE - (time.monotonic() - t0)
+                if ahead > s.max_ahead_s and conn.stop.wait(ahead - s.max_ahead_s):
+                    break
         except InputDown as e:
             why = str(e)
         except av.FFmpegError as e:
@@ -390,6 +382,50 @@ class Ingests:
             self.loop.call_soon_threadsafe(conn.done.set)
         except RuntimeError:  # the loop is closed: shutting down
             pass
+
+    def _demuxed(self, conn: Connection) -> Iterator[np.ndarray]:
+        """Any container FFmpeg recognises (Ogg, or a stream without a Content-Type)."""
+        s = self.settings
+        opts = {"probesize": str(s.probesize),
+                "analyzeduration": str(s.analyzeduration_ms * 1000), "fflags": "nobuffer"}
+        container = av.open(conn.pipe, "r", format=conn.fmt, options=opts)
+        try:
+
+            def bad() -> None:
+                conn.bad_packets += 1
+
+            yield from decoded_audio(container, conn.stop.is_set, s.max_bad_packets, bad)
+        finally:
+            container.close()
+
+    def _parsed(self, conn: Connection) -> Iterator[np.ndarray]:
+        """MP3 and ADTS AAC, frame by frame through FFmpeg's parser: its demuxer reads 1 KiB
+        packets, 128 ms of a 64 kbit/s stream, before it hands one over."""
+        s = self.settings
+        cc = cast(av.AudioCodecContext, av.CodecContext.create(PARSED[conn.fmt or ""], "r"))
+        mono = MonoResampler()
+        bad = 0
+        waste = 0  # bytes read since the last decoded audio
+        while not conn.stop.is_set():
+            data = conn.pipe.read(4096)
+            if not data:
+                return
+            waste += len(data)
+            for packet in cc.parse(data):
+                try:
+                    frames = cc.decode(packet)
+                except (av.InvalidDataError, ValueError) as e:
+                    bad += 1
+                    conn.bad_packets += 1
+                    if bad >= s.max_bad_packets:
+                        raise InputDown(f"undecodable audio: {e}") from None
+                    continue
+                bad = 0
+                for frame in frames:
+                    waste = 0
+                    yield from mono(frame)
+            if waste > GARBAGE_BYTES:
+                raise InputDown(f"no audio in {waste // 1024} KiB")
 
     async def close_all(self) -> None:
         self.engine.started_listeners[:] = [cb for cb in self.engine.started_listeners

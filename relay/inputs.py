@@ -129,8 +129,7 @@ def decoded_audio(container: Any, stopped: Callable[[], bool], max_bad: int,
     if not container.streams.audio:
         raise InputDown("no audio stream")
     stream = container.streams.audio[0]
-    resampler: av.AudioResampler | None = None
-    shape: tuple[str, str, int] | None = None
+    mono = MonoResampler()
     bad = 0
     for packet in container.demux(stream):
         if stopped():
@@ -146,16 +145,28 @@ def decoded_audio(container: Any, stopped: Callable[[], bool], max_bad: int,
             continue
         bad = 0
         for frame in frames:
-            key = (frame.format.name, frame.layout.name, frame.sample_rate)
-            if resampler is None or key != shape:
-                # A new stream shape (an HLS discontinuity, a changed station): start a new
-                # resampler rather than feeding the old one frames it was not made for.
-                resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
-                shape = key
-            for out in resampler.resample(frame):
-                yield out.to_ndarray().reshape(-1)
+            for pcm in mono(frame):
+                yield pcm
                 if stopped():
                     return
+
+
+class MonoResampler:
+    """Decoded frames of any shape -> 48 kHz mono float32 chunks."""
+
+    def __init__(self) -> None:
+        self.resampler: av.AudioResampler | None = None
+        self.shape: tuple[str, str, int] | None = None
+
+    def __call__(self, frame: av.AudioFrame) -> Iterator[np.ndarray]:
+        key = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if self.resampler is None or key != self.shape:
+            # A new stream shape (an HLS discontinuity, a changed station): start a new
+            # resampler rather than feeding the old one frames it was not made for.
+            self.resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            self.shape = key
+        for out in self.resampler.resample(frame):
+            yield out.to_ndarray().reshape(-1)
 
 
 class RelayInput:

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     dev.add_argument("--n", type=int, default=1000)
     dev.add_argument("--seconds", type=float, default=30.0)
     dev.add_argument("--heartbeat", type=float, default=30.0)
+    ing = bsub.add_parser("ingest", help="CPU per pushing encoder, push-to-air latency")
+    ing.add_argument("--sources", type=int, default=10)
+    ing.add_argument("--seconds", type=float, default=20.0)
     fan = bsub.add_parser("fanout", help="delivery cost per listener of one transport")
     fan.add_argument("--transport", required=True, choices=["http", "rtp", "webrtc"])
     fan.add_argument("--listeners", type=int, default=1000)
@@ -134,6 +137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from loa.web.bench.api import run
 
         return int(run(args))
+    if args.command == "bench" and args.bench == "ingest":
+        from loa.web.bench.ingest import run as run_ingest
+
+        return int(run_ingest(args))
     if args.command == "bench" and args.bench == "fanout":
         import importlib
 

@@ -75,3 +75,13 @@ def test_bench_console_runs_in_chromium_on_a_5000_area_province(
     assert result["on_air_visible_ms"]["n"] == 4  # two starts and two stops seen on the page
     api = result["areas_api"]
     assert api["whole_gzip_kb"] > 0 and api["baseline_whole_ms_p50"] == 340
+
+
+def test_bench_ingest_pushes_real_encoders_and_measures_the_bursts(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["bench", "ingest", "--sources", "2", "--seconds", "3"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["bench"], result["sources"], result["connected"]) == ("ingest", 2, 2)
+    assert result["push_to_air_ms"]["bursts"] >= 2
+    assert result["cpu_per_ingest_percent"] is not None
