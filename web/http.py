@@ -193,7 +193,7 @@ async def audit(request: web.Request, action: str, target: str | None = None,
     })
 
 
-WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE", "SOURCE"})  # SOURCE: legacy Icecast push
 
 
 @web.middleware

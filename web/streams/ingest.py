@@ -47,15 +47,16 @@ class _Raw:
         self.conn: Connection | None = None
         self.eof = False
         self.paused = False
+        self._resumer: asyncio.Task[None] | None = None
 
     def feed_data(self, data: bytes) -> tuple[bool, bytes]:
         if self.conn is None:
             self.held += data
             if len(self.held) >= PREAUTH_BYTES:
                 self._pause()
-        elif not self.conn.pipe.feed(bytes(data)):
-            self._pause()
-            asyncio.get_running_loop().create_task(self._resume(self.conn))
+        elif not self.conn.pipe.feed(bytes(data)) and not self.paused:
+            self._pause()  # TCP pushes back on the encoder until the decoder made room
+            self._resumer = asyncio.get_running_loop().create_task(self._resume(self.conn))
         return False, b""
 
     def feed_eof(self) -> None:
