@@ -55,7 +55,8 @@ FORMATS = {  # Content-Type (without parameters) -> FFmpeg demuxer; others are p
 @dataclass
 class IngestSettings:
     buffer_ms: float = 150.0  # jitter buffer of each broadcast airing a mount (its target delay)
-    max_buffer_ms: float = 1000.0  # beyond this the oldest audio is dropped
+    max_buffer_ms: float = 500.0  # beyond this the oldest audio is dropped (a media clock stall)
+    catch_up_ms: float = 100.0  # a buffer steadily this far above buffer_ms is cut back to it
     grace_s: float = 1.0  # an encoder back within this is seamless; after it, fallback
     pipe_kb: int = 256  # pushed bytes waiting for the decoder, at most
     max_ahead_s: float = 1.0  # decoded audio ahead of real time, at most
@@ -222,7 +223,8 @@ class Ingests:
         """A jitter buffer for one broadcast airing the mount (the programme's source)."""
         m = self.mount(record)
         s = self.settings
-        push = LivePush(target_ms=s.buffer_ms, max_ms=s.max_buffer_ms, name=name)
+        push = LivePush(target_ms=s.buffer_ms, max_ms=s.max_buffer_ms, name=name,
+                        catch_up_ms=s.catch_up_ms)
         m.pushes.append(push)
         self._of_push[id(push)] = m
         return push

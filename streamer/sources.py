@@ -304,10 +304,15 @@ class LivePush(Source):
 
     seekable = False
 
-    def __init__(self, target_ms: float = 60.0, max_ms: float = 500.0, name: str = "live") -> None:
+    def __init__(self, target_ms: float = 60.0, max_ms: float = 500.0, name: str = "live",
+                 catch_up_ms: float | None = None) -> None:
         self.name = name
         self.target = int(target_ms * SAMPLE_RATE / 1000)
         self.max = int(max_ms * SAMPLE_RATE / 1000)
+        # When the average fill stays this far above the target (a burst after the sender or
+        # the media clock stalled), cut back to the target at once instead of draining at 0.5 %.
+        self.catch_up = None if catch_up_ms is None else int(catch_up_ms * SAMPLE_RATE / 1000)
+        self.catch_ups = 0
         self.length = None
         self.position = 0
         self._chunks: deque[np.ndarray] = deque()
@@ -401,6 +406,10 @@ class LivePush(Source):
                 self._buffering = False
             # Drift correction: a slow average steers the consumption rate.
             self._avg_fill += 0.02 * (self._fill - self._avg_fill)
+            if self.catch_up is not None and self._avg_fill > self.target + self.catch_up:
+                self.catch_ups += 1
+                self._drop(self._fill - self.target)
+                self._avg_fill = float(self._fill)
             error = (self._avg_fill - self.target) / max(self.target, 1)
             ratio = 1.0 + max(-0.005, min(0.005, 0.05 * error))
             need_f = n * ratio + self._frac
