@@ -377,3 +377,23 @@ async def test_rtp_push_described_by_the_encoders_sdp_pcmu_and_bad_settings_refu
         assert abs(await rig.hears(X1, tmp_path) - 500) < 5
     finally:
         stop(enc)
+
+
+async def test_aac_adts_push_is_heard(rig, tmp_path):
+    m = await rig.mount(name="studio-aac", area=X1, targets=[X1])
+    url = f"icecast://source:{m['password']}@127.0.0.1:{rig.port}/ingest/studio-aac"
+    enc = subprocess.Popen([
+        "ffmpeg", "-nostdin", "-loglevel", "error", "-re", "-f", "lavfi", "-i",
+        "sine=frequency=750:duration=60", "-af", "volume=4", "-c:a", "aac", "-b:a", "64k",
+        "-content_type", "audio/aac", "-f", "adts", url], stderr=subprocess.PIPE)
+    try:
+        def on_air() -> bool:
+            mount = rig.node.ingests.mounts.get(m["id"])
+            return mount is not None and mount.auto is not None \
+                and rig.node.engine.main_of(X1) == mount.auto
+
+        await until(on_air, "the AAC push on air")
+        assert abs(await rig.hears(X1, tmp_path) - 750) < 5
+        assert rig.node.ingests.mounts[m["id"]].stats()["format"] == "aac"
+    finally:
+        stop(enc)

@@ -140,18 +140,18 @@ async def ingest(request: web.Request) -> web.StreamResponse:
     name = request.match_info["mount"]
     found = await node.store.find("mount", name=name)
     if not found:
-        return error_response(404, say("ingest.unknown_mount", mount=name[:64]))
+        return _closing(error_response(404, say("ingest.unknown_mount", mount=name[:64])))
     rec = found[0]
     refused = await _refusal(node, request, rec)
     if refused is not None:
         log.info("ingest refused event=ingest_refused mount=%s remote=%s status=%d",
                  rec["name"], request.remote, refused.status)
-        refused.force_close()
-        return refused
+        return _closing(refused)
     m = node.ingests.mounts.get(rec["id"])
     if node.ingests.connected() >= node.ingests.settings.max_connections and (
             m is None or m.connection is None):
-        return error_response(503, say("ingest.too_many"), headers={"Retry-After": "10"})
+        return _closing(error_response(503, say("ingest.too_many"),
+                                       headers={"Retry-After": "10"}))
     if request.headers.get("Expect", "").lower() == "100-continue":
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0
@@ -173,6 +173,12 @@ async def ingest(request: web.Request) -> web.StreamResponse:
         await conn.done.wait()
     finally:
         node.ingests.close(conn, "hung up")
+    return resp
+
+
+def _closing(resp: web.Response) -> web.Response:
+    """A refusal ends the connection: what the encoder sends after its head is no request."""
+    resp.force_close()
     return resp
 
 
