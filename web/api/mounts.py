@@ -132,7 +132,8 @@ async def _rtp(node: Node, rec: Record, data: dict[str, Any]) -> None:
         spec = rtp_spec(rec)
     except RtpSpecError as e:
         raise ApiError(422, str(e), e.field) from None
-    assert spec is not None
+    if spec is None:  # an empty object or SDP
+        raise ApiError(422, say("ingest.rtp_codec"), "rtp")
     taken = [m for m in await node.store.find("mount")
              if (s := _spec_or_none(m)) is not None and s.port == spec.port]
     if taken:
