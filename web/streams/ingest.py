@@ -2,10 +2,12 @@
 
 Encoders speak it two ways: `PUT` with `Expect: 100-continue` (Icecast 2.4, ffmpeg's
 `icecast://`), or the legacy `SOURCE` method (`-legacy_icecast 1`, old BUTT, Barix), and both
-send the audio as the rest of the connection with no length and no chunking. aiohttp's HTTP
-parser would read those bytes as a next request, so the handler takes the connection's bytes over
-at once (`protocol.set_parser`, as aiohttp's WebSocket does), buffers at most PREAUTH_BYTES while
-it checks the credential, then answers `200` (what a legacy client waits for) and feeds the pipe.
+send the audio as the rest of the connection with no length and no chunking, often in the same
+TCP segment as the head. aiohttp's HTTP parser would read those bytes as a next request, so the
+head of such a request alone is parsed and what follows is kept as an upgraded connection's tail
+(`_data_received`); the handler takes the bytes over (`protocol.set_parser`, as aiohttp's
+WebSocket does), holds at most PREAUTH_BYTES while it checks the credential, then answers `200`
+(what a legacy client waits for) and feeds the pipe.
 A client that does send a framed body (chunked or with a length) is read through aiohttp.
 
 Credentials (HTTP Basic): the mount's own (user `source` or the mount's `user`, its password,
@@ -23,6 +25,7 @@ import logging
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from loa.relay.devices.records import same_hash
 from loa.relay.ingest import Connection, Mount
@@ -223,7 +226,43 @@ def _logged(task: asyncio.Task[None]) -> None:
         log.error("ingest could not air event=ingest_error error=%s", task.exception())
 
 
+# ---- the request head apart from the audio behind it -------------------------------------------
+_plain_data_received = RequestHandler.data_received
+_heads: dict[RequestHandler, bytes] = {}  # a source's request head, while it is incomplete
+MAX_HEAD = 16 * 1024
+
+
+def _source_head(data: bytes) -> bool:
+    return data.startswith((b"SOURCE ", b"PUT /ingest/"))
+
+
+def _data_received(self: RequestHandler, data: bytes) -> None:
+    """An encoder sends its audio right behind the request head, with no length, often in the
+    same segment: aiohttp's parser would take it for a next request (400, the Ogg headers
+    lost). The head alone goes to the parser; what follows is kept as an upgraded connection's
+    tail (aiohttp's own path for WebSocket), which the handler takes with `set_parser`."""
+    pending = _heads.pop(self, None)
+    if pending is None and not (self._payload_parser is None and not self._upgraded
+                                and _source_head(data)):
+        return _plain_data_received(self, data)
+    buf = (pending or b"") + data
+    end = buf.find(b"\r\n\r\n")
+    if end < 0 and len(buf) <= MAX_HEAD:
+        if len(_heads) < 10_000:  # (a flood of half heads falls back to the plain parser)
+            _heads[self] = buf
+            return None
+    head = buf[:end + 4] if end >= 0 else buf
+    lower = head.lower()
+    if end < 0 or b"\r\ncontent-length:" in lower or b"\r\ntransfer-encoding:" in lower:
+        return _plain_data_received(self, buf)  # a framed body: aiohttp reads it
+    _plain_data_received(self, head)
+    self._upgraded = True
+    self._message_tail += buf[end + 4:]
+    return None
+
+
 def setup(app: web.Application) -> None:
+    RequestHandler.data_received = _data_received  # type: ignore[method-assign]
     auto_air(app[NODE])
     app.router.add_route("PUT", "/ingest/{mount}", ingest, expect_handler=_no_expect)
     app.router.add_route("SOURCE", "/ingest/{mount}", ingest)
