@@ -32,6 +32,7 @@ from tests.httpstreams import ffmpeg_record
 X1 = "T01-H1-X1"
 X2 = "T01-H1-X2"
 FALLBACK_HZ = 440.0
+HZ_TOL = 10.0  # the tones differ by 60 Hz at least; a glitch under load smears the peak a little
 
 
 @dataclass
@@ -156,7 +157,7 @@ async def test_ffmpeg_pushes_mp3_to_a_mount_bound_to_an_area_and_the_area_hears_
                 and rig.node.engine.main_of(X1) == mount.auto
 
         await until(on_air, "the mount on air")
-        assert abs(await rig.hears(X1, tmp_path) - 1000) < 5
+        assert abs(await rig.hears(X1, tmp_path) - 1000) < HZ_TOL
         status, listed = await rig.call("qtv1", "GET", "/api/v1/mounts")
         [state] = [x["state"] for x in listed["mounts"] if x["id"] == m["id"]]
         assert state["connected"] and state["format"] == "mp3" and state["bytes"] > 0
@@ -166,7 +167,7 @@ async def test_ffmpeg_pushes_mp3_to_a_mount_bound_to_an_area_and_the_area_hears_
     # The encoder is gone: after the grace the live broadcast ends, the fallback airs.
     await until(lambda: rig.node.engine.main_of(X1) == rig.background, "fallback on air")
     assert rig.node.engine.live_broadcast(bid) is None
-    assert abs(await rig.hears(X1, tmp_path) - FALLBACK_HZ) < 5
+    assert abs(await rig.hears(X1, tmp_path) - FALLBACK_HZ) < HZ_TOL
     audit = [e for e in await rig.node.store.read_log("audit", limit=500)
              if e["action"] == "ingest.connect"]
     assert audit and audit[0]["target"] == m["id"] and m["password"] not in str(audit)
@@ -189,7 +190,7 @@ async def test_ogg_opus_over_legacy_source_airs_an_ingest_programme_only_while_c
     enc = push(url, 880, fmt="ogg", legacy=True)
     try:
         await until(lambda: rig.node.engine.main_of(X1) == b["id"], "the ingest on air")
-        assert abs(await rig.hears(X1, tmp_path) - 880) < 5
+        assert abs(await rig.hears(X1, tmp_path) - 880) < HZ_TOL
         # The encoder reconnects at once (a network cut): nothing changes on the air. (The
         # second connection is a plain socket sending FFmpeg's Ogg: starting FFmpeg again can
         # take longer than the grace on a loaded machine.)
@@ -200,7 +201,7 @@ async def test_ogg_opus_over_legacy_source_airs_an_ingest_programme_only_while_c
         await asyncio.sleep(2.0)
         assert rig.node.engine.main_of(X1) == b["id"]
         assert not [c for c in rig.node.engine.changes if c.cause == "input-down"]
-        assert abs(await rig.hears(X1, tmp_path) - 880) < 5
+        assert abs(await rig.hears(X1, tmp_path) - 880) < HZ_TOL
     finally:
         stop(enc)
     again.cancel()
@@ -255,7 +256,7 @@ async def test_a_garbage_pusher_is_cut_and_what_is_on_air_goes_on(rig):
     await asyncio.sleep(0.5)
     pcm = np.frombuffer(b"".join(p.data for p in tap.drain()), np.float32)
     tap.close()
-    assert abs(peak_hz(pcm, SAMPLE_RATE) - FALLBACK_HZ) < 5
+    assert abs(peak_hz(pcm, SAMPLE_RATE) - FALLBACK_HZ) < HZ_TOL
 
 
 async def test_dead_air_on_a_pushed_stream_airs_the_fallback_and_alerts_until_audio_returns(rig):
@@ -354,7 +355,7 @@ async def test_rtp_push_with_loss_and_reordering_still_plays_without_a_stall(rig
         await until(on_air, "the RTP push on air")
         await asyncio.sleep(1.0)  # the jitter buffer settles
         tap = rig.node.hub.subscribe(X1, "pcm", maxlen=10_000)
-        assert abs(await rig.hears(X1, tmp_path, 3.0) - 660) < 5
+        assert abs(await rig.hears(X1, tmp_path, 3.0) - 660) < HZ_TOL
         pcm = np.frombuffer(b"".join(p.data for p in tap.drain()), np.float32)
         tap.close()
         assert pcm.shape[0] >= 2 * SAMPLE_RATE
@@ -408,7 +409,7 @@ async def test_rtp_push_described_by_the_encoders_sdp_pcmu_and_bad_settings_refu
                 and rig.node.engine.main_of(X1) == mount.auto
 
         await until(on_air, "the RTP push on air")
-        assert abs(await rig.hears(X1, tmp_path) - 500) < 5
+        assert abs(await rig.hears(X1, tmp_path) - 500) < HZ_TOL
     finally:
         stop(enc)
 
@@ -427,7 +428,7 @@ async def test_aac_adts_push_is_heard(rig, tmp_path):
                 and rig.node.engine.main_of(X1) == mount.auto
 
         await until(on_air, "the AAC push on air")
-        assert abs(await rig.hears(X1, tmp_path) - 750) < 5
+        assert abs(await rig.hears(X1, tmp_path) - 750) < HZ_TOL
         assert rig.node.ingests.mounts[m["id"]].stats()["format"] == "aac"
     finally:
         stop(enc)
