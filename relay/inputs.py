@@ -29,7 +29,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -119,6 +119,54 @@ class InputDown(LoaError):
     """The input cannot be opened, carries no audio, or stopped."""
 
     kind = "unavailable"
+
+
+def decoded_audio(container: Any, stopped: Callable[[], bool], max_bad: int,
+                  on_bad: Callable[[], None] | None = None) -> Iterator[np.ndarray]:
+    """The first audio stream of an open PyAV container, decoded and resampled to 48 kHz mono
+    float32, chunk by chunk, until it ends or `stopped()`; InputDown when it has no audio or
+    `max_bad` packets in a row do not decode (garbage, or the wrong format)."""
+    if not container.streams.audio:
+        raise InputDown("no audio stream")
+    stream = container.streams.audio[0]
+    mono = MonoResampler()
+    bad = 0
+    for packet in container.demux(stream):
+        if stopped():
+            return
+        try:
+            frames = packet.decode()
+        except (av.InvalidDataError, ValueError) as e:
+            bad += 1
+            if on_bad is not None:
+                on_bad()
+            if bad >= max_bad:
+                raise InputDown(f"undecodable audio: {e}") from None
+            continue
+        bad = 0
+        for frame in frames:
+            for pcm in mono(frame):
+                yield pcm
+                if stopped():
+                    return
+
+
+class MonoResampler:
+    """Decoded frames of any shape -> 48 kHz mono float32 chunks."""
+
+    def __init__(self) -> None:
+        self.resampler: av.AudioResampler | None = None
+        self.shape: tuple[str, str, int] | None = None
+
+    def __call__(self, frame: av.AudioFrame) -> Iterator[np.ndarray]:
+        key = (frame.format.name, frame.layout.name, frame.sample_rate)
+        if self.resampler is None or key != self.shape:
+            # A new stream shape (an HLS discontinuity, a changed station): start a new
+            # resampler rather than feeding the old one frames it was not made for.
+            self.resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
+            self.shape = key
+        for out in self.resampler.resample(frame):
+            yield out.to_ndarray().reshape(-1)
 
 
 class RelayInput:
@@ -258,37 +306,16 @@ class RelayInput:
         try:
             if self._stop.is_set():
                 return "closed"
-            if not container.streams.audio:
-                raise InputDown("no audio stream")
-            stream = container.streams.audio[0]
-            resampler: av.AudioResampler | None = None
-            shape: tuple[str, str, int] | None = None
-            bad = 0
-            for packet in container.demux(stream):
+
+            def bad() -> None:
+                self.bad_packets += 1
+
+            for pcm in decoded_audio(container, self._stop.is_set,
+                                     self.settings.max_bad_packets, bad):
+                self._write(pcm)
                 if self._stop.is_set():
                     return "closed"
-                try:
-                    frames = packet.decode()
-                except (av.InvalidDataError, ValueError) as e:
-                    bad += 1
-                    self.bad_packets += 1
-                    if bad >= self.settings.max_bad_packets:
-                        raise InputDown(f"undecodable audio: {e}") from None
-                    continue
-                bad = 0
-                for frame in frames:
-                    key = (frame.format.name, frame.layout.name, frame.sample_rate)
-                    if resampler is None or key != shape:
-                        # A new stream shape (an HLS discontinuity, a changed station): start a
-                        # new resampler rather than feeding the old one frames it was not made for.
-                        resampler = av.AudioResampler(format="flt", layout="mono",
-                                                      rate=SAMPLE_RATE)
-                        shape = key
-                    for out in resampler.resample(frame):
-                        self._write(out.to_ndarray().reshape(-1))
-                        if self._stop.is_set():
-                            return "closed"
-            return "ended"
+            return "closed" if self._stop.is_set() else "ended"
         finally:
             container.close()
 

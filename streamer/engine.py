@@ -152,6 +152,7 @@ class _AreaState:
         self.main: str | None = None
         self.overlays: tuple[str, ...] = ()
         self.paused: dict[str, int] = {}
+        self.held: dict[str, set[str]] = {}  # bid -> why it is off the air here (Engine.hold)
         self.layers: dict[str, tuple[Playhead, Envelope]] = {}  # bid -> (playhead, envelope)
         self.fading: list[tuple[Playhead, Envelope]] = []  # outgoing layers, fading to 0
         self.mix: Mix | None = None
@@ -222,6 +223,39 @@ class Engine:
         if by_area is not None and not self.tree.contains(by_area, live.b.issuer):
             raise AuthorityError(say("broadcast.not_yours", area=by_area, issuer=live.b.issuer))
         self._commands.put(lambda: self._end(live, cause))
+
+    def hold(self, bid: str, reason: str, on: bool = True,
+             areas: Iterable[str] | None = None) -> None:
+        """Take a broadcast off the air in `areas` (default: all it covers) without ending it,
+        or give it back (`on=False`): its input is gone, it airs dead air. Its areas fall back
+        to what ranks next at the next tick (on-air cause `reason`, then `reason-over`); holds
+        of different reasons add up; a held live source keeps being read in real time."""
+        live = self.broadcasts.get(bid)
+        if live is None:
+            raise KeyError(bid)
+        codes = None if areas is None else list(areas)
+        self._commands.put(lambda: self._hold(live, reason, on, codes))
+
+    def _hold(self, live: _Live, reason: str, on: bool, codes: list[str] | None) -> None:
+        bid = live.b.id
+        if bid not in self.broadcasts:
+            return
+        for code in live.areas if codes is None else codes:
+            st = self.areas.get(code)
+            if st is None:
+                continue
+            reasons = st.held.setdefault(bid, set())
+            was = bool(reasons)
+            (reasons.add if on else reasons.discard)(reason)
+            if not reasons:
+                del st.held[bid]
+            if was != bool(reasons) and bid in st.candidates:
+                self._mark(code, reason if on else f"{reason}-over", bid)
+
+    def held(self, bid: str, area: str) -> bool:
+        """The broadcast is held off the air in the area (any thread)."""
+        st = self.areas.get(area)
+        return st is not None and bool(st.held.get(bid))
 
     def reorder(self, bid: str, after_own: frozenset[str]) -> None:
         """Change the communes that put a broadcast after their own (TT 39: the commune orders
@@ -351,12 +385,9 @@ class Engine:
     def tick(self, n: int) -> None:
         self.n = n
         s = n * FRAME
-        while True:
-            try:
-                self._commands.get_nowait()()
-            except queue.Empty:
-                break
+        self._run_commands()
         self._due(n)
+        self._run_commands()  # what started listeners asked (a hold) acts in the start's tick
         if self.airtime is not None:
             self._airtime_tick(n)
         regroup: set[str] = set()
@@ -374,6 +405,13 @@ class Engine:
             self._regroup(regroup)
         self._render(n, s)
         self.stats["ticks"] += 1
+
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                self._commands.get_nowait()()
+            except queue.Empty:
+                break
 
     def _accept(self, live: _Live) -> None:
         if live.b.id not in self.broadcasts:
@@ -431,6 +469,9 @@ class Engine:
         if self.broadcasts.pop(live.b.id, None) is None:
             return
         live.active = False
+        for code in live.areas:
+            if code in self.areas:
+                self.areas[code].held.pop(live.b.id, None)
         log.info("broadcast over event=broadcast_end id=%s cause=%s", live.b.id, cause)
         for cb in self.ended_listeners:
             cb(live.b, cause)
@@ -440,7 +481,8 @@ class Engine:
         s = n * FRAME
         air = self.airtime
         decision = arbiter.decide(self.broadcasts[b].candidate_in(st.code)
-                                  for b in st.candidates if b in self.broadcasts and (
+                                  for b in st.candidates
+                                  if b in self.broadcasts and b not in st.held and (
                                       air is None or air.allows(st.code,
                                                                 self.broadcasts[b].b.cls, n)))
         new_main, overlays = decision.main, decision.overlays
@@ -458,7 +500,7 @@ class Engine:
                 st.fading.append((ph, ramp(s, g, 0.0, self.fade)))
             if bid in st.candidates:
                 lv = self.broadcasts[bid]
-                if lv.b.policy is Policy.skip:
+                if lv.b.policy is Policy.skip and bid not in st.held:
                     self._drop(st.code, bid, "skipped", mark=False)
                 elif ph.source.seekable:
                     st.paused[bid] = ph.source.position
@@ -506,7 +548,7 @@ class Engine:
         if not src.seekable:
             if live.shared is None:
                 live.shared = Playhead(live.b.id, src)
-            # (Again) after a time preempted everywhere: render drops a cursor nobody hears.
+            # (again after a preemption or a hold: the cursor is dropped while no area hears it)
             self.playheads[live.shared.id] = live.shared
             return live.shared
         # Areas that (re)start this broadcast at the same sample in the same tick share a cursor.

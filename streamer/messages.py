@@ -1633,6 +1633,46 @@ CATALOGUE: dict[str, Text] = {
                                 "set an area's own quiet hours and volume table"),
     "openapi.airtime_clear": Text("Bỏ quy định riêng, dùng quy định của cấp trên",
                                   "drop the area's own rule: inherit again"),
+    # ingest (Icecast source, RTP push) and dead air
+    "deadair.alert": Text("mất tín hiệu: \"{title}\" im lặng quá {seconds} giây (dưới {level} dBFS), "
+                          "đang phát chương trình dự phòng",
+                          "dead air: \"{title}\" silent for {seconds} s (below {level} dBFS), "
+                          "fallback on air"),
+    "deadair.level": Text("mức im lặng: từ -90 đến -10 dBFS", "level_db: -90 to -10 dBFS"),
+    "deadair.seconds": Text("thời gian im lặng: từ 2 đến 3600 giây", "seconds: 2 to 3600"),
+    "ingest.credential": Text("sai tên hoặc mật khẩu của điểm thu",
+                              "wrong ingest user or password"),
+    "ingest.outside": Text("điểm thu {mount} thuộc {area}, ngoài khu vực {own} của bạn",
+                           "mount {mount} belongs to {area}, outside your area {own}"),
+    "ingest.no_emergency_right": Text("điểm thu khẩn cấp cần quyền khẩn cấp",
+                                      "an emergency mount needs the emergency right"),
+    "ingest.unknown_mount": Text("không có điểm thu", "unknown mount {mount}"),
+    "ingest.mount_out_of_scope": Text("điểm thu {mount} không thuộc khu vực của bạn",
+                                      "{name}: mount {mount} is outside your area"),
+    "ingest.too_many": Text("đã đủ số bộ mã hóa đang đẩy", "too many encoders pushing"),
+    "ingest.bad_name": Text("tên: 1-64 ký tự chữ, số, '.', '_' hoặc '-'",
+                            "name: 1-64 letters, digits, '.', '_' or '-'"),
+    "ingest.name_taken": Text("đã có điểm thu tên này", "mount {mount} exists already"),
+    "ingest.target_outside": Text("khu vực {area} nằm ngoài {own}",
+                                  "target {area} is outside the mount's area {own}"),
+    "ingest.rtp_sdp": Text("SDP của bộ mã hóa không hợp lệ",
+                           "the encoder's SDP has no usable audio section"),
+    "ingest.rtp_codec": Text("mã hóa RTP: opus, pcmu hoặc l16", "rtp codec: opus, pcmu or l16"),
+    "ingest.rtp_numbers": Text("RTP: cổng 1024-65535, loại tải 0-127, tần số 8000-48000 "
+                               "(opus 48000, pcmu 8000), 1 hoặc 2 kênh",
+                               "rtp: port 1024-65535, payload_type 0-127, rate 8000-48000 "
+                               "(opus 48000, pcmu 8000), 1 or 2 channels"),
+    "ingest.rtp_source": Text("nguồn RTP: một mạng (CIDR)", "rtp source: a network (CIDR)"),
+    "ingest.rtp_port_taken": Text("cổng {port} đã được dùng", "port {port} is taken"),
+    "programme.ingest_unavailable": Text("chưa thu được luồng đẩy",
+                                         "ingest is not available"),
+    "openapi.mounts": Text("Các điểm thu", "Ingest mounts of the caller's subtree"),
+    "openapi.mount_create": Text("Tạo điểm thu", "Create an ingest mount (password shown once)"),
+    "openapi.mount": Text("Một điểm thu", "An ingest mount and its connection"),
+    "openapi.mount_delete": Text("Xóa điểm thu", "Delete an ingest mount"),
+    "openapi.dead_air": Text("Ngưỡng mất tín hiệu", "Dead-air level and time of an area"),
+    "openapi.dead_air_set": Text("Đặt ngưỡng mất tín hiệu", "Set an area's dead-air level and time"),
+    "openapi.dead_air_reset": Text("Dùng ngưỡng kế thừa", "Return an area to inherited dead-air settings"),
 }
 
 

@@ -20,7 +20,7 @@ from loa.streamer.messages import say
 from loa.streamer.state.store import Record, Store
 from loa.streamer.station import ContentError
 
-PROGRAMME_TYPES = ("file", "playlist", "tts", "relay", "live", "fm")
+PROGRAMME_TYPES = ("file", "playlist", "tts", "relay", "live", "fm", "ingest")
 FM_BAND = (76.0, 108.0)  # MHz (relay/devices/protocol.py: the receivers' band)
 MAX_FM_SECONDS = 86400.0
 ACTIONS = ("submit", "approve", "reject")
@@ -44,10 +44,12 @@ class Fields(Protocol):
 
 
 MediaLookup = Callable[[str, str], Awaitable[Record]]  # (media id, field) -> the media record
+MountLookup = Callable[[str], Awaitable[Record]]  # mount id -> the mount (in the caller's scope)
 UrlCheck = Callable[[str], Awaitable[None]]  # raises ValueError with the reason to refuse
 
 
-async def programme_fields(fields: Fields, media: MediaLookup, check_url: UrlCheck) -> Record:
+async def programme_fields(fields: Fields, media: MediaLookup, check_url: UrlCheck,
+                           mount: MountLookup | None = None) -> Record:
     """The stored fields of a programme, validated, with its duration (one play) where known."""
     title = fields.value("title", str)
     if not title.strip() or len(title) > 200:
@@ -104,6 +106,11 @@ async def programme_fields(fields: Fields, media: MediaLookup, check_url: UrlChe
             raise ProgrammeError(say("programme.fm_duration", limit=int(MAX_FM_SECONDS)),
                                  field="duration")
         out.update(frequency_mhz=round(mhz, 2), duration=seconds)
+    if kind == "ingest":
+        mid = fields.value("mount", str)
+        if mount is None:
+            raise ProgrammeError(say("programme.ingest_unavailable"), field="type")
+        out["mount"] = (await mount(mid))["id"]
     return out
 
 

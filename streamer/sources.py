@@ -304,10 +304,15 @@ class LivePush(Source):
 
     seekable = False
 
-    def __init__(self, target_ms: float = 60.0, max_ms: float = 500.0, name: str = "live") -> None:
+    def __init__(self, target_ms: float = 60.0, max_ms: float = 500.0, name: str = "live",
+                 catch_up_ms: float | None = None) -> None:
         self.name = name
         self.target = int(target_ms * SAMPLE_RATE / 1000)
         self.max = int(max_ms * SAMPLE_RATE / 1000)
+        # When the average fill stays this far above the target (a burst after the sender or
+        # the media clock stalled), cut back to the target at once instead of draining at 0.5 %.
+        self.catch_up = None if catch_up_ms is None else int(catch_up_ms * SAMPLE_RATE / 1000)
+        self.catch_ups = 0
         self.length = None
         self.position = 0
         self._chunks: deque[np.ndarray] = deque()
@@ -319,6 +324,9 @@ class LivePush(Source):
         self.underruns = 0
         self.overruns = 0
         self.closed = False
+        # Levels watched (dBFS) -> the read position after the last 20 ms at or above it: how
+        # long the source has been quieter than that (dead air), measured on the media clock.
+        self._loud: dict[float, int] = {}
 
     @property
     def finished(self) -> bool:
@@ -371,7 +379,25 @@ class LivePush(Source):
                 n = 0
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
+    def watch(self, level_db: float) -> None:
+        """Track the last time the audio read reached `level_db` (RMS of a read, dBFS)."""
+        self._loud.setdefault(level_db, self.position)
+
+    def loud_at(self, level_db: float) -> int:
+        """The read position after the last read at or above a watched level."""
+        return self._loud.get(level_db, self.position)
+
     def read(self, n: int = FRAME) -> np.ndarray:
+        out = self._read(n)
+        if self._loud:
+            power = float(np.dot(out, out)) / max(n, 1)
+            level = 10 * math.log10(power) if power > 0 else -math.inf
+            for watched in tuple(self._loud):
+                if level >= watched:
+                    self._loud[watched] = self.position
+        return out
+
+    def _read(self, n: int) -> np.ndarray:
         self.position += n
         with self._lock:
             if self._buffering:
@@ -380,6 +406,10 @@ class LivePush(Source):
                 self._buffering = False
             # Drift correction: a slow average steers the consumption rate.
             self._avg_fill += 0.02 * (self._fill - self._avg_fill)
+            if self.catch_up is not None and self._avg_fill > self.target + self.catch_up:
+                self.catch_ups += 1
+                self._drop(self._fill - self.target)
+                self._avg_fill = float(self._fill)
             error = (self._avg_fill - self.target) / max(self.target, 1)
             ratio = 1.0 + max(-0.005, min(0.005, 0.05 * error))
             need_f = n * ratio + self._frac

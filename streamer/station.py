@@ -65,7 +65,8 @@ Write = Callable[[], Awaitable[Any]]
 class Station:
     def __init__(self, engine: Engine, store: Store, library: MediaLibrary, speech: Speech,
                  loop: asyncio.AbstractEventLoop, media_epoch: float,
-                 node_id: str = "", relay_factory: LiveFactory | None = None) -> None:
+                 node_id: str = "", relay_factory: LiveFactory | None = None,
+                 ingest_factory: LiveFactory | None = None) -> None:
         self.engine = engine
         self.store = store
         self.library = library
@@ -73,6 +74,7 @@ class Station:
         self.loop = loop
         self.media_epoch = media_epoch  # wall-clock epoch of media time 0
         self.relay_factory = relay_factory  # opens the input of a relay programme
+        self.ingest_factory = ingest_factory  # the jitter buffer of an ingest programme's mount
         self.node_id = node_id  # names this node's open as-run entries in a shared store
         self._open: dict[tuple[str, str], Record] = {}  # (area, broadcast) -> as-run entry
         self._ops: deque[Write | None] = deque()  # None: the writer's stop sentinel
@@ -157,6 +159,11 @@ class Station:
             # so the arbiter ranks it and a preemption takes it off the receivers too.
             seconds = float(prog["duration"])
             return Content(Silence(seconds), prog["title"], seconds, prog)
+        elif kind == "ingest":
+            if self.ingest_factory is None:
+                raise ContentError(say("programme.ingest_unavailable"), field="type")
+            src = await self.ingest_factory(prog)
+            return Content(src, prog["title"], None, prog, gain)
         else:
             raise ContentError(say("programme.cannot_air_type", type=kind), field="type")
         if not items:

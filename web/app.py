@@ -21,6 +21,7 @@ from loa.web.api import firmware as api_firmware
 from loa.web.api import geo as api_geo
 from loa.web.api import inbox as api_inbox
 from loa.web.api import media as api_media
+from loa.web.api import mounts as api_mounts
 from loa.web.api import nodes as api_nodes
 from loa.web.api import outages as api_outages
 from loa.web.api import overview as api_overview
@@ -36,6 +37,7 @@ from loa.web.http import (
 from loa.web.node import NODE, Node
 from loa.web.streams import hls as streams_hls
 from loa.web.streams import http as streams_http
+from loa.web.streams import ingest as streams_ingest
 from loa.web.streams import rtp as streams_rtp
 from loa.web.streams import webrtc as streams_webrtc
 
@@ -73,6 +75,7 @@ def create_app(node: Node) -> web.Application:
     api_exchange.setup(app)
     api_nodes.setup(app)
     api_archive.setup(app)
+    api_mounts.setup(app)
     monitor.setup(app)
     board.setup(app)
     console.setup(app)
@@ -81,6 +84,7 @@ def create_app(node: Node) -> web.Application:
     streams_rtp.setup(app)
     streams_hls.setup(app)
     streams_webrtc.setup(app)
+    streams_ingest.setup(app)
 
     async def close_clients(_app: web.Application) -> None:
         await node.close_clients()  # before aiohttp waits for the handlers of streams, links

@@ -200,6 +200,19 @@ async def login(store: Store, guard: LoginGuard, username: str, password: str, i
                 ttl: float = TOKEN_TTL, csrf: str | None = None) -> tuple[str, Record]:
     """Password -> bearer token (a session cookie's token when `csrf` is given: the token
     record holds the value every unsafe request of that session must repeat)."""
+    user = await check_password(store, guard, username, password, ip)
+    token = secrets.token_urlsafe(32)
+    now = time.time()
+    await store.put("token", {"id": token_id(token), "user": user["id"], "created": now,
+                              "expires": now + ttl, "ip": ip,
+                              **({"csrf": csrf} if csrf else {})})
+    return token, user
+
+
+async def check_password(store: Store, guard: LoginGuard, username: str, password: str,
+                         ip: str) -> Record:
+    """The enabled user with this name and password, or AuthError; failures are counted per
+    name and address (RateLimited at the limit). Logins and encoders pushing audio use it."""
     keys = [f"login:u:{username}", f"login:ip:{ip}"]
     guard.check(keys)
     users = await store.find("user", username=username)
@@ -212,12 +225,7 @@ async def login(store: Store, guard: LoginGuard, username: str, password: str, i
     if not ok or user is None:
         await guard.failed(keys)
         raise AuthError(say("auth.wrong_password"))
-    token = secrets.token_urlsafe(32)
-    now = time.time()
-    await store.put("token", {"id": token_id(token), "user": user["id"], "created": now,
-                              "expires": now + ttl, "ip": ip,
-                              **({"csrf": csrf} if csrf else {})})
-    return token, user
+    return user
 
 
 async def authenticate(store: Store, header: str | None) -> tuple[Principal, str]:

@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--rounds", type=int, default=3)
     dev.add_argument("--control", default="ws", choices=["ws", "mqtt"],
                      help="mqtt: the MQTT binding on a Mosquitto it starts, beside WebSocket")
+    ing = bsub.add_parser("ingest", help="CPU per pushing encoder, push-to-air latency")
+    ing.add_argument("--sources", type=int, default=10)
+    ing.add_argument("--seconds", type=float, default=20.0)
     fan = bsub.add_parser("fanout", help="delivery cost per listener of one transport")
     fan.add_argument("--transport", required=True, choices=["http", "rtp", "webrtc"])
     fan.add_argument("--listeners", type=int, default=1000)
@@ -192,6 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from loa.web.bench.api import run
 
         return int(run(args))
+    if args.command == "bench" and args.bench == "ingest":
+        from loa.web.bench.ingest import run as run_ingest
+
+        return int(run_ingest(args))
     if args.command == "bench" and args.bench == "fanout":
         import importlib
 

@@ -20,12 +20,14 @@ from loa.relay.devices.ota import FirmwareSettings
 from loa.relay.exchange import ExchangeSettings
 from loa.relay.hls import HlsSettings
 from loa.relay.icecast import HttpStreamSettings
+from loa.relay.ingest import IngestSettings
 from loa.relay.inputs import RelayInputSettings
 from loa.relay.notify import NotifySettings
 from loa.relay.rtp.out import RtpSettings
 from loa.relay.upstream import UpstreamSettings
 from loa.relay.urlpolicy import FetchSettings
 from loa.relay.webrtc import WebRtcSettings
+from loa.streamer.deadair import DeadAirSettings
 from loa.streamer.emergency.service import EmergencySettings
 from loa.streamer.engine import EngineSettings
 
@@ -95,6 +97,8 @@ class Config:
     upstream: UpstreamSettings = field(default_factory=UpstreamSettings)
     archive: ArchiveSettings = field(default_factory=ArchiveSettings)
     alerts: NotifySettings = field(default_factory=NotifySettings)
+    ingest: IngestSettings = field(default_factory=IngestSettings)
+    dead_air: DeadAirSettings = field(default_factory=DeadAirSettings)
 
     @property
     def data_dir(self) -> Path:
@@ -193,6 +197,8 @@ def load_config(path: str | os.PathLike[str] | None = None,
         cfg.fetch.__post_init__()
     except ValueError as e:
         raise ConfigError(f"[fetch] {e}") from None
+    if (bad := cfg.dead_air.check()) is not None:
+        raise ConfigError(f"[dead_air] {bad[0]}: {bad[1]}")
     try:
         cfg.firmware.trusted()
         cfg.mqtt.__post_init__()

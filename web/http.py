@@ -157,6 +157,8 @@ REF_TEXTS: dict[str, tuple[Callable[[str], str], Callable[[str, str], str]]] = {
               lambda name, rid: say("media.out_of_scope", name=name, media=rid)),
     "programme": (lambda rid: say("programme.unknown_id", programme=rid),
                   lambda name, rid: say("programme.out_of_scope", name=name, programme=rid)),
+    "mount": (lambda rid: say("ingest.unknown_mount", mount=rid[:64]),
+              lambda name, rid: say("ingest.mount_out_of_scope", name=name, mount=rid[:64])),
 }
 
 
@@ -191,7 +193,7 @@ async def audit(request: web.Request, action: str, target: str | None = None,
     })
 
 
-WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE", "SOURCE"})  # SOURCE: legacy Icecast push
 
 
 @web.middleware

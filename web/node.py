@@ -25,6 +25,7 @@ from loa.relay.devices.proof import DeliveryLog
 from loa.relay.fanout import FanoutPool
 from loa.relay.hls import HlsService
 from loa.relay.icecast import HttpStreamer
+from loa.relay.ingest import Ingests
 from loa.relay.link import LinkServer
 from loa.relay.notify import Notifier
 from loa.relay.rtp.out import RtpConfigError, RtpOut
@@ -37,16 +38,18 @@ from loa.streamer.areas import AreaTree
 from loa.streamer.areasettings import AreaSettings
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.clock import TICK, LoopLagMonitor, RealClock
+from loa.streamer.deadair import CHECK_S, DeadAir, DeadAirSettings
 from loa.streamer.emergency.service import EmergencyService, node_identity
 from loa.streamer.engine import Engine, OnAirChange
 from loa.streamer.hub import PacketHub
 from loa.streamer.library import LibrarySettings, MediaLibrary
 from loa.streamer.messages import say
 from loa.streamer.schedule import Scheduler
+from loa.streamer.sources import Source
 from loa.streamer.state.bus import Bus
 from loa.streamer.state.open import open_bus, open_store
 from loa.streamer.state.store import Record, Store, StoreUnavailable
-from loa.streamer.station import Station
+from loa.streamer.station import ContentError, Station
 from loa.streamer.tts import Speech
 from loa.web import build
 from loa.web.auth import LoginGuard, Role, add_user
@@ -99,6 +102,8 @@ class Node:
         self.scheduler: Scheduler
         # The services (web/build.py), started in this order by start().
         self.inputs: RelayInputs
+        self.ingests: Ingests  # encoders pushing to /ingest/<mount>
+        self.dead_air: DeadAir
         self.login_guard: LoginGuard
         self.devices: DeviceManager
         self.ota: Ota  # firmware images and staged rollouts
@@ -165,15 +170,27 @@ class Node:
             media_epoch = time.time()
         self.inputs = RelayInputs(self.engine, loop, cfg.fetch, build.relay_input_settings(cfg))
         self._stops.append(self.inputs.close)
+        self.ingests = Ingests(self.engine, loop, cfg.ingest)
+        self._stops.append(self.ingests.close_all)
         self.station = Station(self.engine, self.store, self.library, self.speech, loop,
                                media_epoch, node_id=self.node_id,
-                               relay_factory=self.inputs.factory)
+                               relay_factory=self.inputs.factory,
+                               ingest_factory=self._ingest_source)
         self.uplink_in = UplinkReceiver(self.store, self.tree)
         if cfg.upstream.url:  # before the station's start: what a crash left open goes up too
             self.uplink = self.uplink_in.forward = Uplink(self.store, cfg.upstream, self.tree,
                                                           self.alerts)
             self.station.closed_hooks.append(self.uplink.asrun)
         self.station.start()
+        self.dead_air = DeadAir(self.engine, self.tree, self.alerts, cfg.dead_air)
+        try:
+            for rec in await self.store.find("dead_air"):
+                self.dead_air.areas[rec["id"]] = DeadAirSettings(
+                    float(rec["level_db"]), float(rec["seconds"]), bool(rec["enabled"]))
+        except StoreUnavailable as e:
+            log.error("dead-air settings not loaded event=store_degraded reason=%s", e)
+        self._tasks.append(loop.create_task(self._watch_dead_air()))
+        await self._listen_rtp_mounts()
         try:
             await self._bootstrap_admin()
         except StoreUnavailable as e:
@@ -214,11 +231,46 @@ class Node:
                 log.error("quiet hours ignored event=airtime_invalid area=%s error=%s",
                           r["id"], e)
         self.engine.set_airtime(Airtime.of(self.tree, own, self.media_epoch) if own else None)
+
     def _speakers(self, areas: set[str]) -> tuple[int, int]:
         """Loudspeakers of these areas: (total, online), for the parent's delivery counts."""
         found = [d for d in self.devices.find(areas, kind="loudspeaker")
                  if not d.record.get("revoked")]
         return len(found), sum(d.status != "offline" for d in found)
+
+    async def _ingest_source(self, prog: Record) -> Source:
+        """The source of an ingest programme: a jitter buffer fed by its mount's encoder."""
+        rec = await self.store.get("mount", str(prog.get("mount")))
+        if rec is None:
+            raise ContentError(say("ingest.unknown_mount", mount=str(prog.get("mount"))[:64]),
+                               "mount")
+        return self.ingests.subscribe(rec, str(prog.get("title") or rec["name"]))
+
+    async def _listen_rtp_mounts(self) -> None:
+        """RTP push mounts listen from the start: a hardware encoder just sends."""
+        try:
+            mounts = await self.store.find("mount")
+        except StoreUnavailable as e:
+            log.error("mounts not loaded event=store_degraded reason=%s", e)
+            return
+        for rec in mounts:
+            if rec.get("rtp") or rec.get("sdp"):
+                try:
+                    await self.ingests.listen_rtp(rec)
+                except (OSError, ValueError) as e:
+                    log.error("rtp push mount cannot listen event=ingest_error mount=%s "
+                              "error=%s", rec["name"], e)
+
+    async def _watch_dead_air(self) -> None:
+        loop = asyncio.get_running_loop()
+        at = loop.time()
+        while True:
+            at += CHECK_S
+            await asyncio.sleep(max(0.0, at - loop.time()))
+            try:
+                self.dead_air.check()
+            except Exception:  # the watch must outlive a bug in one check
+                log.exception("dead-air check failed event=dead_air_error")
 
     async def _start_services(self, loop: asyncio.AbstractEventLoop) -> None:
         cfg = self.cfg

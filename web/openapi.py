@@ -28,9 +28,9 @@ from loa.web.api.schema import (
 
 PROGRAMME: S = obj({
     "title": {"type": "string", "minLength": 1, "maxLength": 200},
-    "type": {"type": "string", "enum": ["file", "playlist", "tts", "relay", "live"]},
+    "type": {"type": "string", "enum": ["file", "playlist", "tts", "relay", "live", "ingest"]},
     "media": STR, "items": {"type": "array", "items": STR},
-    "text": STR, "url": STR, "area": CODE,
+    "text": STR, "url": STR, "area": CODE, "mount": STR,
     "volume": {"type": "integer", "minimum": 0, "maximum": 150},
     "repeat": {"type": "integer", "minimum": 1, "maximum": 10},
     "gap": {"type": "number", "minimum": 0, "maximum": 7200},
@@ -307,6 +307,9 @@ def document() -> S:
 
     paths.update(api_outages.openapi_paths())
     paths.update(api_contacts.openapi_paths())
+    from loa.web.api import mounts as api_mounts
+
+    paths.update(api_mounts.openapi_paths())
     return {
         "openapi": "3.0.3",
         "info": {"title": "Loa API", "version": "1",

@@ -105,6 +105,8 @@ KINDS: Mapping[str, Kind] = {
     # signed webhook pushes (relay/exchange.py's Outbox, of its own kind).
     "alert_contact": Kind(indexed=("area",)),
     "alert_out": Kind(indexed=("peer", "push")),
+    "mount": Kind(indexed=("name", "area"), unique=("name",)),  # ingest: only its password's hash
+    "dead_air": Kind(),  # id = area: its own dead-air level and time
 }
 
 LOGS = ("audit", "asrun", "device_intervals")

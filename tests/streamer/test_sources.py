@@ -164,3 +164,20 @@ async def test_files_are_normalised_to_the_target_loudness(tmp_path):
     ffmpeg_tone(whisper, 700, 4, 48000, ("-af", "volume=-40dB"))  # about -61 LUFS
     src = await load_file(whisper, loudness_target=-20.0)
     assert src.gain == pytest.approx(10 ** (12 / 20))  # boost capped at +12 dB: no noise pumping
+
+
+def test_live_push_catch_up_cuts_a_lasting_excess_back_to_the_target_once():
+    """After a stall (400 ms arrive at once on top of a steady stream) an ingest's buffer is cut
+    back to its target within about a second of reads, instead of draining at 0.5 %; a buffer
+    without catch_up keeps the excess (drift correction only)."""
+    fills = {}
+    for catch_up in (None, 100.0):
+        push = LivePush(target_ms=150, max_ms=1000, catch_up_ms=catch_up)
+        push.write(np.zeros(int(0.15 * 48_000), np.float32))
+        push.write(np.ones(int(0.4 * 48_000), np.float32) * 0.1)  # the burst after a stall
+        for _ in range(100):  # 2 s: one frame in, one frame out
+            push.write(np.ones(FRAME, np.float32) * 0.1)
+            push.read(FRAME)
+        fills[catch_up] = (push.fill_ms, push.catch_ups)
+    assert fills[None][0] > 500 and fills[None][1] == 0
+    assert 100 <= fills[100.0][0] <= 260 and fills[100.0][1] == 1, fills

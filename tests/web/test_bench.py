@@ -87,3 +87,11 @@ def test_bench_archive_records_every_area_from_its_packets(
     # 32 kbit/s of Opus is 14.4 MB an hour; Ogg pages add a little, nothing is re-encoded.
     assert 14_000_000 < result["bytes_per_area_hour"] < 17_000_000, result
     assert result["cpu_per_area_share_of_core"] > 0
+def test_bench_ingest_pushes_real_encoders_and_measures_the_bursts(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    rc = main(["bench", "ingest", "--sources", "2", "--seconds", "3"])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["bench"], result["sources"], result["connected"]) == ("ingest", 2, 2)
+    assert result["push_to_air_ms"]["bursts"] >= 2
+    assert result["cpu_per_ingest_percent"] is not None

@@ -609,3 +609,14 @@ async def test_area_changes_never_break_the_broadcast_list(tmp_path, name):
         assert status == 200, body
         if created:
             assert code in [a["area"] for a in body["areas"]]
+
+
+# web/api/mounts.py _rtp(): an empty `rtp` object or `sdp` string asks for no RTP at all; it
+# reached an assert (500) before it was refused with 422.
+@pytest.mark.parametrize("extra", [{"rtp": {}}, {"sdp": ""}])
+async def test_a_mount_with_an_empty_rtp_or_sdp_is_refused(tmp_path, extra):
+    async with running_api(make_config(tmp_path)) as api:
+        status, body = await api.call("qtv1", "POST", "/api/v1/mounts",
+                                      json={"name": "rong", **extra})
+        assert status == 422 and body["field"] in ("rtp", "sdp"), body
+        assert not await api.node.store.find("mount")

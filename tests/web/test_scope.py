@@ -126,6 +126,11 @@ async def build(api: Api, tmp_path: Path) -> World:
             "programme": ids["relay"], "start": time.time() + 3600, "seconds": 60}))["id"]
         ids["contact"] = (await created(api, who, "POST", "/api/v1/alert-contacts", json={
             "area": area, "name": f"Cán bộ {area}", "email": f"canbo@{area.lower()}.vn"}))["id"]
+        ids["mount"] = (await created(api, who, "POST", "/api/v1/mounts", json={
+            "name": f"studio-{area}", "area": area, "targets": [area]}))["id"]
+        await created(api, who, "PUT", f"/api/v1/areas/{area}/dead-air", json={"seconds": 20})
+        ids["ingest_prog"] = await programme(api, who, "draft", type="ingest",
+                                             mount=ids["mount"])
     # The district's bulletin in both communes' inboxes.
     pid = await programme(api, "qtv1", "approved", type="tts")
     sent = await created(api, "huyen1", "POST", "/api/v1/bulletins",
@@ -199,12 +204,15 @@ def attempts(w: World) -> dict[tuple[str, str], Callable[[], list[Attempt]] | st
                                              "area": B}}),
             ("/api/v1/programmes", {"json": {"title": "x", "type": "file", "media": media_b}}),
             ("/api/v1/programmes", {"json": {"title": "x", "type": "playlist",
-                                             "items": [a["media"], media_b]}})],
+                                             "items": [a["media"], media_b]}}),
+            ("/api/v1/programmes", {"json": {"title": "x", "type": "ingest",
+                                             "mount": b["mount"]}})],
         ("PATCH", "/api/v1/programmes/{id}"): lambda: [
             *[(f"/api/v1/programmes/{b[k]}", {"json": {"title": "Bị sửa"}})
               for k in ("file_ok", "file_draft", "pending")],
             (f"/api/v1/programmes/{a['file_draft']}", {"json": {"media": media_b}}),
-            (f"/api/v1/programmes/{a['list_draft']}", {"json": {"items": [media_b]}})],
+            (f"/api/v1/programmes/{a['list_draft']}", {"json": {"items": [media_b]}}),
+            (f"/api/v1/programmes/{a['ingest_prog']}", {"json": {"mount": b["mount"]}})],
         ("POST", "/api/v1/programmes/{id}/submit"): lambda: [
             (f"/api/v1/programmes/{b['file_draft']}/submit", {})],
         ("POST", "/api/v1/programmes/{id}/approve"): lambda: [
@@ -252,6 +260,14 @@ def attempts(w: World) -> dict[tuple[str, str], Callable[[], list[Attempt]] | st
             ("/api/v1/nodes", {"json": {"name": "Nút lạ", "area": B}})],
         ("POST", "/api/v1/nodes/{id}/revoke"): lambda: [
             (f"/api/v1/nodes/{b['node']}/revoke", {})],
+        ("POST", "/api/v1/mounts"): lambda: [
+            ("/api/v1/mounts", {"json": {"name": "la", "area": B}}),
+            ("/api/v1/mounts", {"json": {"name": "la", "area": A, "targets": [B]}})],
+        ("DELETE", "/api/v1/mounts/{id}"): lambda: [(f"/api/v1/mounts/{b['mount']}", {})],
+        ("PUT", "/api/v1/areas/{code}/dead-air"): lambda: [
+            (f"/api/v1/areas/{B}/dead-air", {"json": {"seconds": 5}})],
+        ("DELETE", "/api/v1/areas/{code}/dead-air"): lambda: [
+            (f"/api/v1/areas/{B}/dead-air", {})],
         ("POST", "/api/v1/emergencies"): lambda: [
             ("/api/v1/emergencies", {"json": {"targets": [B], "content": {"text": "Cháy"}}}),
             ("/api/v1/emergencies", {"json": {"targets": [A], "content": {"media": media_b}}}),
@@ -320,7 +336,7 @@ def media_form(area: str) -> FormData:
 
 KINDS = ("media", "programme", "schedule", "device", "emergency", "user", "area", "broadcast",
          "bulletin", "inbox", "area_settings", "capture", "firmware", "rollout", "airtime",
-         "alert_contact")
+         "alert_contact", "mount", "dead_air")
 
 
 async def snapshot(api: Api) -> dict[str, Any]:

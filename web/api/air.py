@@ -104,8 +104,11 @@ async def _programme_fields(request: web.Request, data: dict[str, Any],
     async def relay_url(url: str) -> None:
         await check_url(url, RELAY_SCHEMES, node.cfg.fetch)  # UrlRefused is a ValueError
 
+    async def mount(mid: str) -> Record:
+        return await reference(request, node.tree, "mount", mid, "mount")
+
     with rule_errors():
-        return await programmes.programme_fields(_Body(merged), media, relay_url)
+        return await programmes.programme_fields(_Body(merged), media, relay_url, mount)
 
 
 @routes.post("/api/v1/programmes")
