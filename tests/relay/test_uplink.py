@@ -331,7 +331,8 @@ async def reports_reach_the_parent(pair: Linked) -> None:
     delivery = await latest()
     assert delivery is not None and delivery["bulletin"] == "B-1", delivery
     assert COMMUNE in {a["code"] for a in delivery["areas"]}
-    assert delivery["loudspeakers"] == {"total": 1, "online": 1, "acked": None}, delivery
+    assert delivery["loudspeakers"] == {"total": 1, "online": 1, "acked": None,
+                                        "played": None}, delivery
     # The bulletin's broadcast record on the parent holds the child's delivery counts; another
     # district's user does not see it.
     (received,) = await parent.node.store.find("exchange_in", peer=PEER)
