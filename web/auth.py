@@ -78,9 +78,13 @@ class Principal:
         if not self.can(right):
             raise Forbidden(say("auth.role_may_not", role=self.role, right=right))
 
+    def inside(self, tree: AreaTree, code: object) -> bool:
+        """The area lies in this user's subtree (an area the tree no longer knows does not)."""
+        return isinstance(code, str) and code in tree and tree.contains(self.area, code)
+
     def require_area(self, tree: AreaTree, code: str) -> None:
         """The area must lie inside this user's subtree."""
-        if code not in tree or not tree.contains(self.area, code):
+        if not self.inside(tree, code):
             raise Forbidden(say("auth.area_outside", area=code, own=self.area))
 
     def related(self, tree: AreaTree, code: object) -> bool:

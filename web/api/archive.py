@@ -223,8 +223,7 @@ def _when(data: dict[str, Any], name: str) -> float:
 
 def _capture_of(request: web.Request, rec: Record | None) -> Record:
     node = node_of(request)
-    if rec is None or rec["area"] not in node.tree or not node.tree.contains(
-            principal(request).area, rec["area"]):
+    if rec is None or not principal(request).inside(node.tree, rec["area"]):
         raise ApiError(404, say("capture.unknown"))
     return rec
 
@@ -273,7 +272,7 @@ async def capture_list(request: web.Request) -> web.Response:
     p = principal(request)
     node = node_of(request)
     mine = [r for r in await node.store.find(captures.KIND)
-            if r["area"] in node.tree and node.tree.contains(p.area, r["area"])]
+            if p.inside(node.tree, r["area"])]
     mine.sort(key=lambda r: r["start"], reverse=True)
     return ok({"captures": mine[:500]})
 

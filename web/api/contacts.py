@@ -50,7 +50,7 @@ async def contact_list(request: web.Request) -> web.Response:
     p.require("admin")
     node = node_of(request)
     mine = [public_contact(c) for c in node.notifier.contacts.by_id.values()
-            if c["area"] in node.tree and node.tree.contains(p.area, c["area"])]
+            if p.inside(node.tree, c["area"])]
     return ok({"contacts": sorted(mine, key=lambda c: (c["area"], c["name"], c["id"]))})
 
 

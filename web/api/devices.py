@@ -170,8 +170,7 @@ def _device(request: web.Request, p: Principal) -> Device:
     """The device of the path, if it lies in the caller's area (404 otherwise: no probing)."""
     node = request.app[NODE]
     dev = _mgr(request).get(request.match_info["id"])
-    if dev is None or dev.record["area"] not in node.tree \
-            or not node.tree.contains(p.area, dev.record["area"]):
+    if dev is None or not p.inside(node.tree, dev.record["area"]):
         raise ApiError(404, say("device.unknown"))
     return dev
 
@@ -316,7 +315,7 @@ async def device_batch(request: web.Request) -> web.Response:
     p.require("read")
     tree = request.app[NODE].tree
     t = _mgr(request).tally(request.match_info["batch"])
-    if t is None or t["area"] not in tree or not tree.contains(p.area, t["area"]):
+    if t is None or not p.inside(tree, t["area"]):
         raise ApiError(404, say("device.unknown_batch"))
     return ok(t)
 

@@ -246,15 +246,11 @@ def _reach(node: Node, p: Principal, rec: Record, acked: set[str]) -> dict[str, 
     store: relay/devices/proof.py) while it is active, of those there."""
     tree = node.tree
     svc = node.emergency
-
-    def mine(code: str) -> bool:
-        return code in tree and tree.contains(p.area, code)
-
-    leaves = [a for a in rec.get("areas", []) if mine(a)]
+    leaves = [a for a in rec.get("areas", []) if p.inside(tree, a)]
     bids = svc.broadcasts(rec["id"]) if rec.get("status") == "active" else set()
     on_air = [a for a in leaves if bids and node.engine.on_air(a)["broadcast"] in bids]
     covered = {a for a in tree.covered([t for t in rec.get("targets", []) if t in tree])
-               if mine(a)}
+               if p.inside(tree, a)}
     if rec.get("status") != "active":
         acked = set()
     counts = {kind: {"acked": 0, "total": 0} for kind in DEVICE_KINDS}

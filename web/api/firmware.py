@@ -188,7 +188,7 @@ async def _rollout(request: web.Request) -> Record:
     rid = request.match_info["id"]
     r = _ota(request).rollouts.get(rid) or await node.store.get("rollout", rid)
     p = principal(request)
-    if r is None or r["area"] not in node.tree or not node.tree.contains(p.area, r["area"]):
+    if r is None or not p.inside(node.tree, r["area"]):
         raise ApiError(404, say("ota.unknown_rollout"))
     return r
 
@@ -199,7 +199,7 @@ async def rollout_list(request: web.Request) -> web.Response:
     p.require("read")
     node = request.app[NODE]
     rows = [r for r in await node.store.find("rollout")
-            if r["area"] in node.tree and node.tree.contains(p.area, r["area"])]
+            if p.inside(node.tree, r["area"])]
     rows.sort(key=lambda r: r["created"], reverse=True)
     ota = _ota(request)
     return ok({"rollouts": [ota.summary(ota.rollouts.get(r["id"], r)) for r in rows]})

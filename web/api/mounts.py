@@ -158,7 +158,7 @@ async def mount_list(request: web.Request) -> web.Response:
     p.require("read")
     node = request.app[NODE]
     mine = [r for r in await node.store.find("mount")
-            if r["area"] in node.tree and node.tree.contains(p.area, r["area"])]
+            if p.inside(node.tree, r["area"])]
     mine.sort(key=lambda r: r["name"])
     return ok({"mounts": [public_mount(r, node) for r in mine]})
 

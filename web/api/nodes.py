@@ -156,7 +156,7 @@ async def node_list(request: web.Request) -> web.Response:
     p.require("read")
     node = request.app[NODE]
     mine = [r for r in await node.store.find("node_key")
-            if r["area"] in node.tree and node.tree.contains(p.area, r["area"])]
+            if p.inside(node.tree, r["area"])]
     mine.sort(key=lambda r: r["id"])
     # The devices each child reported (relay/uplink.py), by status, its own children's included.
     devices: dict[str, Counter[str]] = {r["id"]: Counter() for r in mine}
@@ -177,7 +177,7 @@ async def node_revoke(request: web.Request) -> web.Response:
     p.require("admin")
     node = request.app[NODE]
     rec = await node.store.get("node_key", request.match_info["id"])
-    if rec is None or rec["area"] not in node.tree or not node.tree.contains(p.area, rec["area"]):
+    if rec is None or not p.inside(node.tree, rec["area"]):
         raise ApiError(404, say("link.unknown_node"))
     rec = await node.store.update("node_key", rec["id"], {"revoked": True})
     ended = node.links.revoke(rec["id"], say("link.revoked"))
