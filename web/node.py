@@ -103,6 +103,9 @@ class Node:
         # broadcast id -> inbox entry it airs (a scheduled bulletin from above): marked aired
         # when it goes on air (web/api/inbox.py listens to the engine)
         self.inbox_airing: dict[str, str] = {}
+        # told of every inbox entry once it is stored changed: the event stream, the
+        # exchange's delivery report, the report up to this node's parent (web/api/inbox.py)
+        self.inbox_listeners: list[Callable[[Record], None]] = []
         self._stops: list[Callable[[], Awaitable[None]]] = []  # of what started, in order
         self._closes: list[Callable[[], Awaitable[None]]] = []  # client connections
         self._clients_closed = False

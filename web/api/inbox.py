@@ -9,6 +9,7 @@ published on the event stream (`inbox`) to the areas it concerns.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from aiohttp import web
 
@@ -19,7 +20,7 @@ from loa.streamer.state.store import Record
 from loa.web.api.air import checked_schedule, rule_errors, store_schedule
 from loa.web.api.core import node_of
 from loa.web.api.schema import ID_PARAM, READ, STR, TARGETS, WRITE, S, body, obj, responses
-from loa.web.events import HUB, EventHub, hub_of
+from loa.web.events import HUB, EventHub
 from loa.web.http import (
     ApiError,
     audit,
@@ -37,11 +38,20 @@ routes = web.RouteTableDef()
 SCHEDULE_FIELDS = {"kind", "time", "date", "weekdays", "from", "until", "tz"}
 
 
-def _event(hub: EventHub, entry: Record) -> None:
-    """To the commune's users, the levels above it (the sender among them) and no other."""
-    hub.publish("inbox", {k: entry.get(k) for k in (
-        "id", "bulletin", "area", "from", "class", "title", "state", "order", "reason")},
-        [entry["area"]])
+def publisher(hub: EventHub) -> Callable[[Record], None]:
+    """The `inbox` event: to the commune's users, the levels above it (the sender among them)
+    and no other."""
+    def publish(entry: Record) -> None:
+        hub.publish("inbox", {k: entry.get(k) for k in (
+            "id", "bulletin", "area", "from", "class", "title", "state", "order", "reason",
+            "node")}, [entry["area"]])
+    return publish
+
+
+def notify(node: Node, entry: Record) -> None:
+    """An entry changed (it is stored): whoever follows inbox entries hears of it."""
+    for listener in list(node.inbox_listeners):
+        listener(entry)
 
 
 @routes.post("/api/v1/bulletins")
@@ -52,7 +62,7 @@ async def bulletin_send(request: web.Request) -> web.Response:
     if not node.tree.get(p.area).children:
         raise ApiError(403, say("bulletin.no_right"))
     data = await read_json(request)
-    refuse_unknown(data, {"programme", "targets", "class"})
+    refuse_unknown(data, {"programme", "media", "targets", "class"})
     targets = str_list(data, "targets")
     for t in targets:
         if t not in node.tree:
@@ -62,15 +72,25 @@ async def bulletin_send(request: web.Request) -> web.Response:
         inbox.communes(node.tree, p.area, targets)  # below the sender only
     if klass == "emergency" and not p.emergency:
         raise ApiError(403, say("emergency.no_right"))
-    prog = await reference(request, node.tree, "programme", field(data, "programme", str),
-                           "programme")
-    bulletin = inbox.new_bulletin(p.area, p.username, prog, klass, targets)
+    if (data.get("media") is None) == (data.get("programme") is None):
+        raise ApiError(422, say("inbox.media_or_programme"), "programme")
+    direct = p.can("direct") or klass == "emergency"
+    if data.get("media") is not None:  # a media item, aired directly: as POST /broadcasts
+        media = await reference(request, node.tree, "media", data["media"], "media")
+        if not direct:
+            raise ApiError(403, say("broadcast.approved_only"), "media")
+        prog = inbox.media_programme(media, p.area, p.username)
+    else:
+        prog = await reference(request, node.tree, "programme", data["programme"], "programme")
+    bulletin = inbox.new_bulletin(p.area, p.username, prog, klass, targets,
+                                  **({"media": data["media"]} if data.get("media") else {}))
     with rule_errors():
-        programmes.check_schedulable(prog, direct=p.can("direct") or klass == "emergency")
-        entries = await inbox.deliver(node.store, node.station, node.tree, bulletin, prog)
+        programmes.check_schedulable(prog, direct=direct)
+        entries = await inbox.deliver(node.store, node.station, node.tree, bulletin, prog,
+                                      emergency=node.emergency)
     await audit(request, "bulletin.send", bulletin["id"], targets=targets, **{"class": klass})
     for e in entries:
-        _event(hub_of(request), e)
+        notify(node, e)
     return ok({**bulletin, "entries": entries}, 201)
 
 
@@ -124,6 +144,8 @@ async def _entry(request: web.Request) -> Record:
     e = await node.store.get("inbox", request.match_info["id"])
     if e is None or e["area"] not in node.tree or not node.tree.contains(p.area, e["area"]):
         raise ApiError(404, say("inbox.unknown"))
+    with rule_errors():
+        inbox.require_here(e)
     return e
 
 
@@ -131,7 +153,7 @@ async def _changed(request: web.Request, entry: Record, changes: Record, action:
     entry = await node_of(request).store.update("inbox", entry["id"], changes)
     await audit(request, f"inbox.{action}", entry["id"], bulletin=entry["bulletin"],
                 **{k: v for k, v in changes.items() if k != "by"})
-    _event(hub_of(request), entry)
+    notify(node_of(request), entry)
     return entry
 
 
@@ -181,9 +203,8 @@ async def inbox_order(request: web.Request) -> web.Response:
 class _Airing:
     """Marks a scheduled inbox entry aired when its broadcast first goes on air."""
 
-    def __init__(self, node: Node, hub: EventHub) -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
-        self.hub = hub
         self.loop = asyncio.get_running_loop()
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -198,24 +219,24 @@ class _Airing:
         task.add_done_callback(self.tasks.discard)
 
     async def _aired(self, eid: str) -> None:
-        _event(self.hub, await self.node.store.update("inbox", eid, {"state": "aired"}))
+        notify(self.node, await self.node.store.update("inbox", eid, {"state": "aired"}))
 
 
 def setup(app: web.Application) -> None:
     app.add_routes(routes)
     node = app[NODE]
+    node.inbox_listeners.append(publisher(app[HUB]))
 
     async def start(_app: web.Application) -> None:
-        node.engine.listeners.append(_Airing(node, app[HUB]).on_air)
+        node.engine.listeners.append(_Airing(node).on_air)
 
     app.on_startup.append(start)
 
 
 def openapi_paths() -> S:
     secured: S = {"security": [{"bearer": []}]}
-    bulletin: S = obj({"programme": STR, "targets": TARGETS,
-                       "class": {"type": "string", "enum": list(inbox.FLOW)}},
-                      ["programme", "targets"])
+    bulletin: S = obj({"programme": STR, "media": STR, "targets": TARGETS,
+                       "class": {"type": "string", "enum": list(inbox.FLOW)}}, ["targets"])
     when: S = obj({"kind": {"type": "string", "enum": ["once", "daily", "weekly"]},
                    "time": {"type": "string", "example": "05:00"},
                    "date": {"type": "string", "example": "2026-12-01"},
