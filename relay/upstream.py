@@ -23,6 +23,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,6 +83,8 @@ class UpstreamLink:
         self._task: asyncio.Task[None] | None = None
         self._hold: asyncio.TimerHandle | None = None
         self._released = False  # this outage's hold is over
+        # a `bulletin` message (the TT 39 inbox, relay/bulletins.py): handed over, never waited
+        self.on_bulletin: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def ws_url(self) -> str:
@@ -187,6 +190,8 @@ class UpstreamLink:
                 await self._start(msg["broadcast"])
             elif kind == "stop":
                 self._stop(str(msg["id"]), str(msg.get("cause") or "upstream-stop"))
+            elif kind == "bulletin" and self.on_bulletin is not None:
+                self.on_bulletin(msg)
             else:
                 raise LinkError(say("link.event_unknown", type=kind))
         except (ValueError, KeyError, TypeError, LinkError) as e:

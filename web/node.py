@@ -15,6 +15,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from loa.relay.bulletins import Downlink, Uplink
 from loa.relay.devices.manager import DeviceManager
 from loa.relay.fanout import FanoutPool
 from loa.relay.hls import HlsService
@@ -98,6 +99,8 @@ class Node:
         self.whep_offers: OfferBuckets
         self.links: LinkServer  # children linked to this node
         self.upstream: UpstreamLink | None = None  # [upstream] url: this node's parent
+        self.downlink: Downlink  # bulletins to the children (relay/bulletins.py)
+        self.uplink: Uplink | None = None  # bulletins from the parent, answers back up
         self._tasks: list[asyncio.Task[None]] = []
         self._known_schedules: list[Record] = []
         # broadcast id -> inbox entry it airs (a scheduled bulletin from above): marked aired
@@ -160,6 +163,13 @@ class Node:
         if cfg.upstream.url:  # the parent's broadcasts join what this node airs of its own
             self.upstream = UpstreamLink(cfg.upstream, self.station, self.tree)
             self._stops.append(self.upstream.close)
+            self.uplink = Uplink(cfg.upstream.url, cfg.upstream.key, self.upstream.settings.areas
+                                 or [self.tree.roots()[0].code], self.store, self.tree,
+                                 self.library, self._inbox_changed, self.downlink.send)
+            self.upstream.on_bulletin = self.uplink.on_message
+            self.inbox_listeners.append(self.uplink.wake)
+            self._stops.append(self.uplink.close)
+            await self.uplink.start()
             await self.upstream.start()
 
     async def _start_services(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -206,6 +216,7 @@ class Node:
         await self._start_webrtc(loop)
         self.links = LinkServer(self.engine, self.tree, self.hub, loop)
         self._closes.append(self.links.close)
+        self.downlink = Downlink(self.links, self.store, self.tree, self.station)
 
     async def _start_emergency(self) -> None:
         svc = self.emergency
@@ -276,6 +287,10 @@ class Node:
         ready = bool(store["writable"]) and writable and free_mb >= MIN_FREE_MB
         return {"ready": ready, "store": store, "disk": {
             "writable": writable, "free_mb": free_mb, "min_free_mb": MIN_FREE_MB}}
+
+    def _inbox_changed(self, entry: Record) -> None:
+        for listener in list(self.inbox_listeners):
+            listener(entry)
 
     async def _scheduled_broadcast(self, sched: Record, occurrence: float
                                    ) -> tuple[Broadcast, float] | None:

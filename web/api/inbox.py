@@ -9,10 +9,12 @@ published on the event stream (`inbox`) to the areas it concerns.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 from aiohttp import web
 
+from loa.relay.bulletins import MEDIA_PATH, REPORT_PATH, BulletinRefused
 from loa.streamer import inbox, programmes
 from loa.streamer.engine import OnAirChange
 from loa.streamer.messages import say
@@ -22,6 +24,7 @@ from loa.web.api.core import node_of
 from loa.web.api.schema import ID_PARAM, READ, STR, TARGETS, WRITE, S, body, obj, responses
 from loa.web.events import HUB, EventHub
 from loa.web.http import (
+    PUBLIC,
     ApiError,
     audit,
     field,
@@ -34,6 +37,7 @@ from loa.web.http import (
 )
 from loa.web.node import NODE, Node
 
+log = logging.getLogger("loa.inbox")
 routes = web.RouteTableDef()
 SCHEDULE_FIELDS = {"kind", "time", "date", "weekdays", "from", "until", "tz"}
 
@@ -89,6 +93,7 @@ async def bulletin_send(request: web.Request) -> web.Response:
         entries = await inbox.deliver(node.store, node.station, node.tree, bulletin, prog,
                                       emergency=node.emergency)
     await audit(request, "bulletin.send", bulletin["id"], targets=targets, **{"class": klass})
+    await node.downlink.send(bulletin, entries)
     for e in entries:
         notify(node, e)
     return ok({**bulletin, "entries": entries}, 201)
@@ -200,6 +205,55 @@ async def inbox_order(request: web.Request) -> web.Response:
     return ok(entry)
 
 
+async def _node_key(request: web.Request) -> Record:
+    """The child node's credential (`Authorization: Node <key>`), or 401 with the reason."""
+    from loa.web.api.nodes import _credential  # the one check of a node key
+
+    try:
+        return await _credential(node_of(request), request.headers.get("Authorization", ""))
+    except ApiError as e:
+        raise ApiError(401, str(e)) from None
+
+
+@routes.get(MEDIA_PATH)
+async def node_media(request: web.Request) -> web.StreamResponse:
+    """A child node fetches the audio of a bulletin to its communes (the original upload; the
+    child checks its SHA-256 and decodes it into its own library)."""
+    key = await _node_key(request)
+    node = node_of(request)
+    try:
+        media = await node.downlink.media_for(key, request.query.get("id", ""))
+    except BulletinRefused as e:
+        raise ApiError(404, str(e), "id") from None
+    path = node.library.original_path(media["sha256"])
+    if not await asyncio.to_thread(path.exists):
+        raise ApiError(404, say("media.file_missing", media=media["id"]), "id")
+    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+
+@routes.post(REPORT_PATH)
+async def node_report(request: web.Request) -> web.Response:
+    """A child node reports what its communes did with bulletins from here: received,
+    scheduled, declined (with the reason), aired, ordered. Idempotent: a replay changes
+    nothing; an entry that is not the child's is refused by itself, the rest applied."""
+    key = await _node_key(request)
+    node = node_of(request)
+    data = await read_json(request)
+    refuse_unknown(data, {"entries"})
+    try:
+        changed, refused = await node.downlink.report(key, data.get("entries"))
+    except BulletinRefused as err:
+        raise ApiError(422, str(err), "entries") from None
+    for e in changed:
+        await audit(request, "inbox.report", e["id"], node=key["id"], bulletin=e["bulletin"],
+                    state=e["state"], reason=e.get("reason"), order=e.get("order"))
+        notify(node, e)
+    if refused:
+        log.warning("child's inbox report refused in part event=inbox_report_refused node=%s "
+                    "refused=%d", key["id"], len(refused))
+    return ok({"changed": [e["id"] for e in changed], "refused": refused})
+
+
 class _Airing:
     """Marks a scheduled inbox entry aired when its broadcast first goes on air."""
 
@@ -223,6 +277,7 @@ class _Airing:
 
 
 def setup(app: web.Application) -> None:
+    PUBLIC.update({("GET", MEDIA_PATH), ("POST", REPORT_PATH)})  # a child's node key
     app.add_routes(routes)
     node = app[NODE]
     node.inbox_listeners.append(publisher(app[HUB]))
@@ -267,4 +322,18 @@ def openapi_paths() -> S:
                                              obj({"reason": STR}, ["reason"])),
         "/api/v1/inbox/{id}/order": action(say("openapi.inbox_order"), obj(
             {"order": {"type": "string", "enum": list(inbox.ORDERS)}}, ["order"])),
+        MEDIA_PATH: {"get": {
+            "summary": say("openapi.node_media"), "security": [],
+            "parameters": [{"name": "id", "in": "query", "required": True, "schema": STR}],
+            "responses": {"200": {"description": "audio/*",
+                                  "content": {"application/octet-stream": {}}},
+                          **responses(401, 404)}}},
+        REPORT_PATH: {"post": {
+            "summary": say("openapi.node_inbox_report"), "security": [],
+            "requestBody": body(obj({"entries": {"type": "array", "items": obj({
+                "id": STR, "state": {"type": "string", "enum": list(inbox.STATES)},
+                "order": {"type": "string", "enum": list(inbox.ORDERS)},
+                "reason": {"type": ["string", "null"]}}, ["id", "state", "order"])}},
+                ["entries"])),
+            "responses": responses(200, 401, 422)}},
     }

@@ -1,0 +1,264 @@
+"""The TT 39 inbox across the link (relay/bulletins.py): two real nodes on loopback, a province
+parent and a district child serving T01-H1, each with its own data directory. A bulletin the
+province sends to communes the child serves lands in the CHILD's inbox; what the communes do
+there reaches the province's GET /api/v1/bulletins/{id}."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from loa.relay.bulletins import MEDIA_PATH, REPORT_PATH
+from loa.streamer.broadcast import Broadcast
+from loa.streamer.schedule import DEFAULT_TZ, ZoneInfo
+from loa.streamer.sources import ToneSource
+from loa.web.auth import add_user
+from loa.web.node import Node
+from loa.web.testing import LiveNode, start_node
+from tests.apiclient import PASSWORD, make_config, tone_file
+from tests.audio import decode_packets, peak_hz, rms
+from tests.helpers import until
+
+DISTRICT = "T01-H1"
+X1, X2, X3 = "T01-H1-X1", "T01-H1-X2", "T01-H1-X3"
+USERS = (("tinh", "operator", "T01", True), ("qtvtinh", "admin", "T01", True),
+         ("xa11", "operator", X1, False), ("xa12", "operator", X2, False))
+
+
+async def people(node: Node) -> None:
+    for name, role, area, emergency in USERS:
+        if not await node.store.find("user", username=name):
+            await add_user(node.store, node.tree, name, role, area, PASSWORD,
+                           emergency=emergency)
+
+
+@dataclass
+class Pair:
+    parent: LiveNode
+    child: LiveNode
+    http: aiohttp.ClientSession
+    node_id: str
+    key: str
+    tokens: dict[tuple[str, str], str]
+
+    async def call(self, where: str, who: str | None, method: str, path: str,
+                   **kw: Any) -> tuple[int, Any]:
+        live = self.parent if where == "parent" else self.child
+        headers = dict(kw.pop("headers", {}))
+        if who is not None:
+            if (where, who) not in self.tokens:
+                async with self.http.post(live.url + "/api/v1/auth/token",
+                                          json={"username": who, "password": PASSWORD}) as r:
+                    self.tokens[(where, who)] = (await r.json())["token"]
+            headers["Authorization"] = f"Bearer {self.tokens[(where, who)]}"
+        async with self.http.request(method, live.url + path, headers=headers, **kw) as r:
+            return r.status, await r.json(content_type=None)
+
+
+@pytest.fixture
+async def pair(tmp_path: Path) -> AsyncIterator[Pair]:
+    (tmp_path / "parent").mkdir()
+    parent = await start_node(make_config(tmp_path / "parent"), prepare=people)
+    http = aiohttp.ClientSession()
+    p = Pair(parent, parent, http, "", "", {})
+    status, cred = await p.call("parent", "qtvtinh", "POST", "/api/v1/nodes",
+                                json={"name": "Nút huyện 1", "area": DISTRICT})
+    assert status == 201, cred
+    (tmp_path / "child").mkdir()
+    cfg = make_config(tmp_path / "child")
+    cfg.upstream.url, cfg.upstream.key, cfg.upstream.areas = parent.url, cred["key"], [DISTRICT]
+    p.child = await start_node(cfg, prepare=people)
+    p.node_id, p.key = cred["id"], cred["key"]
+    try:
+        yield p
+    finally:
+        await p.child.stop()
+        await parent.stop()
+        await http.close()
+
+
+async def upload(p: Pair, path: Path) -> dict[str, Any]:
+    with path.open("rb") as f:
+        form = aiohttp.FormData()
+        form.add_field("title", "Bản tin tỉnh")
+        form.add_field("file", f, filename=path.name)
+        status, media = await p.call("parent", "tinh", "POST", "/api/v1/media", data=form)
+    assert status == 201, media
+    return dict(media)
+
+
+def heard(packets: list[Any], hz: float) -> bool:
+    if len(packets) < 30:
+        return False
+    pcm, rate = decode_packets("opus", packets[-25:])
+    pcm = pcm[-int(0.4 * rate):]
+    return abs(peak_hz(pcm, rate) - hz) < 8 and rms(pcm) > 0.05
+
+
+async def test_a_normal_bulletin_waits_in_the_child_nodes_inbox_and_the_answers_go_up(
+        pair: Pair, tmp_path: Path):
+    child, parent = pair.child.node, pair.parent.node
+    assert child.upstream is not None and child.uplink is not None
+    await until(lambda: child.upstream.state == "up", "the link up")
+    media = await upload(pair, tone_file(tmp_path / "tin.wav", 900, 2))
+    status, sent = await pair.call("parent", "tinh", "POST", "/api/v1/bulletins", json={
+        "media": media["id"], "targets": [X1, X2], "class": "normal"})
+    assert status == 201, sent
+    # On the parent the entries are the child's: nobody acts on them here.
+    assert {e["area"]: e.get("node") for e in sent["entries"]} == {
+        X1: pair.node_id, X2: pair.node_id}
+    status, out = await pair.call("parent", "tinh", "POST",
+                                  f"/api/v1/inbox/{sent['entries'][0]['id']}/decline",
+                                  json={"reason": "x"})
+    assert status == 409 and pair.node_id in out["error"], out
+
+    # In the child's inbox, pending; the audio fetched once, the same bytes as uploaded.
+    async def box(who: str) -> list[dict[str, Any]]:
+        status, out = await pair.call("child", who, "GET", "/api/v1/inbox")
+        assert status == 200, out
+        return list(out["entries"])
+
+    await until(lambda: _len(box("xa11"), 1), "the bulletin in X1's inbox on the child")
+    (e1,) = await box("xa11")
+    assert (e1["state"], e1["from"], e1["class"], e1["title"], e1["bulletin"]) == (
+        "pending", "T01", "normal", "Bản tin tỉnh", sent["id"])
+    (fetched,) = [m for m in await child.store.find("media") if m.get("bulletin") == sent["id"]]
+    assert fetched["sha256"] == media["sha256"] == hashlib.sha256(
+        (tmp_path / "tin.wav").read_bytes()).hexdigest()
+    assert await child.store.count("broadcast") == 0  # nothing airs before the commune says
+    # The child reported them received: the province sees it.
+    await until(lambda: _all_received(pair, sent["id"]), "received reported up")
+
+    # X2 declines on the child: the province reads the reason.
+    (e2,) = await box("xa12")
+    status, out = await pair.call("child", "xa12", "POST", f"/api/v1/inbox/{e2['id']}/decline",
+                                  json={"reason": "Trùng lịch họp dân"})
+    assert status == 200 and out["state"] == "declined", out
+    # X1 schedules it three seconds from now: it airs from the child, the parent not involved.
+    ear: list[Any] = []
+    child.hub.subscribe(X1, "opus").on_packets = ear.extend
+    at = math.ceil(time.time()) + 3
+    local = dt.datetime.fromtimestamp(at, ZoneInfo(DEFAULT_TZ))
+    status, out = await pair.call("child", "xa11", "POST", f"/api/v1/inbox/{e1['id']}/schedule",
+                                  json={"date": local.date().isoformat(),
+                                        "time": local.strftime("%H:%M:%S")})
+    assert status == 200 and out["state"] == "scheduled", out
+    await until(lambda: (child.engine.on_air(X1) or {}).get("title") == "Bản tin tỉnh",
+                "the bulletin on the child's air in X1")
+    assert child.engine.on_air(X1)["issuer"] == "T01"  # the sender's authority
+    await until(lambda: heard(ear, 900), "the bulletin's tone on X1's stream on the child")
+
+    async def states() -> dict[str, tuple[str, str | None]]:
+        _, b = await pair.call("parent", "tinh", "GET", f"/api/v1/bulletins/{sent['id']}")
+        return {e["area"]: (e["state"], e.get("reason")) for e in b["entries"]}
+
+    await until(lambda: _eq(states(), {X1: ("aired", None),
+                                       X2: ("declined", "Trùng lịch họp dân")}),
+                "the communes' answers on the province")
+    audit = await parent.store.read_log("audit", limit=100)
+    assert any(a["action"] == "inbox.report" and a["details"]["node"] == pair.node_id
+               and a["details"]["state"] == "declined" for a in audit)
+
+    # Idempotent by id: a reconnect resends nothing new, a replayed report changes nothing.
+    received = child.uplink.counts["received"]
+    connects = child.upstream.counts["connects"]
+    for feed in list(parent.links.feeds):
+        assert feed.end is not None
+        feed.end(1001, "test: the network drops")
+    await until(lambda: child.upstream.counts["connects"] == connects + 1, "the link back")
+    assert child.uplink.counts["received"] == received
+    assert sorted(e["area"] for e in await child.store.find("inbox")) == [X1, X2]
+    auth = {"Authorization": f"Node {pair.key}"}
+    replay = {"entries": [{"id": e2["id"], "state": "declined", "order": "before",
+                           "reason": "Trùng lịch họp dân"}]}
+    status, out = await pair.call("parent", None, "POST", REPORT_PATH, json=replay,
+                                  headers=auth)
+    assert status == 200 and out == {"changed": [], "refused": []}, out
+    # Bad input from a child: another node's entry, a backwards state, no key; nothing changes.
+    before = await parent.store.find("inbox")
+    status, out = await pair.call("parent", None, "POST", REPORT_PATH, headers=auth, json={
+        "entries": [{"id": "nope", "state": "aired", "order": "before", "reason": None},
+                    {"id": e2["id"], "state": "pending", "order": "before", "reason": None}]})
+    assert status == 200 and out["changed"] == [] and len(out["refused"]) == 2, out
+    status, out = await pair.call("parent", None, "POST", REPORT_PATH, json=replay)
+    assert status == 401, out
+    status, out = await pair.call("parent", None, "GET", MEDIA_PATH,
+                                  params={"id": media["id"]},
+                                  headers={"Authorization": f"Node {pair.node_id}.wrong"})
+    assert status == 401 and "wrong node key" in out["error"], out
+    assert await parent.store.find("inbox") == before
+
+
+async def _len(value: Any, n: int) -> bool:
+    return len(await value) == n
+
+
+async def _eq(value: Any, want: Any) -> bool:
+    return bool(await value == want)
+
+
+async def _all_received(p: Pair, bid: str) -> bool:
+    _, b = await p.call("parent", "tinh", "GET", f"/api/v1/bulletins/{bid}")
+    return all(e.get("received") for e in b["entries"])
+
+
+async def test_priority_is_ordered_on_the_child_and_an_emergency_goes_through_its_service(
+        pair: Pair, tmp_path: Path):
+    child, parent = pair.child.node, pair.parent.node
+    assert child.upstream is not None
+    await until(lambda: child.upstream.state == "up", "the link up")
+    own = child.engine.start(Broadcast(ToneSource(500, 0.3), [X1], issuer=X1, klass="priority",
+                                       title="Bản tin xã"))
+    media = await upload(pair, tone_file(tmp_path / "ut.wav", 800, 30))
+    status, sent = await pair.call("parent", "tinh", "POST", "/api/v1/bulletins", json={
+        "media": media["id"], "targets": [X1, X2], "class": "priority"})
+    assert status == 201, sent
+    bid = sent["broadcast"]
+    # Default order: the province's bulletin before the commune's own, on the child.
+    await until(lambda: child.engine.main_of(X1) == bid, "the province's priority on the child")
+    status, out = await pair.call("child", "xa11", "GET", "/api/v1/inbox")
+    await until(lambda: _len(_entries(pair, "xa11"), 1), "the entry in X1's inbox")
+    (entry,) = await _entries(pair, "xa11")
+    assert (entry["class"], entry["state"], entry["order"]) == ("priority", "aired", "before")
+    # The commune puts it after its own: on the child's air at once, and the province sees it.
+    status, out = await pair.call("child", "xa11", "POST", f"/api/v1/inbox/{entry['id']}/order",
+                                  json={"order": "after"})
+    assert status == 200 and out["order"] == "after", out
+    await until(lambda: child.engine.main_of(X1) == own, "the commune's own first")
+    assert child.engine.main_of(X2) == bid  # X2 kept the default
+    await until(lambda: _orders(pair, sent["id"], {X1: "after", X2: "before"}),
+                "the order reported to the province")
+    assert parent.engine.live_broadcast(bid).after_own == frozenset({X1})
+
+    # An emergency bulletin: the province's emergency service (attention signal first), on the
+    # child at once, its entries aired with no one's say.
+    status, em = await pair.call("parent", "tinh", "POST", "/api/v1/bulletins", json={
+        "media": media["id"], "targets": [DISTRICT], "class": "emergency"})
+    assert status == 201, em
+    status, rec = await pair.call("parent", "tinh", "GET", f"/api/v1/emergencies/{em['emergency']}")
+    assert status == 200 and rec["status"] == "active" and rec["broadcast"] == em["broadcast"]
+    await until(lambda: all(child.engine.main_of(x) == em["broadcast"] for x in (X1, X2, X3)),
+                "the emergency on the child everywhere")
+    assert child.engine.on_air(X1)["class"] == "emergency"
+    await until(lambda: _len(_entries(pair, "xa12"), 2), "the emergency in X2's inbox")
+    assert {e["state"] for e in await _entries(pair, "xa12")} == {"aired"}
+
+
+async def _entries(p: Pair, who: str) -> list[dict[str, Any]]:
+    status, out = await p.call("child", who, "GET", "/api/v1/inbox")
+    assert status == 200, out
+    return list(out["entries"])
+
+
+async def _orders(p: Pair, bid: str, want: dict[str, str]) -> bool:
+    _, b = await p.call("parent", "tinh", "GET", f"/api/v1/bulletins/{bid}")
+    return {e["area"]: e["order"] for e in b["entries"]} == want
