@@ -345,11 +345,15 @@ class Uplink:
                                   headers=self.headers) as r:
             if r.status != 200:
                 raise BulletinRefused(say("bulletin.fetch_failed", status=r.status))
-            data = await r.content.read(limit + 1)
+            data = bytearray()
+            async for chunk in r.content.iter_chunked(1 << 16):
+                data += chunk
+                if len(data) > limit:
+                    break
         if len(data) > limit or hashlib.sha256(data).hexdigest() != sha:
             raise BulletinRefused(say("bulletin.digest_mismatch"))
         tmp = self.library.temp_path(".audio")
-        await asyncio.to_thread(tmp.write_bytes, data)
+        await asyncio.to_thread(tmp.write_bytes, bytes(data))
         rec = await self.library.ingest(tmp, title=str(m.get("title") or bid), area=sender,
                                         owner="upstream", filename="upstream",
                                         extra={"bulletin": bid})
