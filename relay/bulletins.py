@@ -181,7 +181,7 @@ class Downlink:
                                           state=entry["state"]))
             if state == "declined" and not reason:
                 raise BulletinRefused(say("inbox.reason", limit=inbox.MAX_REASON))
-            changes.update(state=state, reason=reason)
+            changes.update(state=state, reason=reason, changed=time.time())
         if order != entry.get("order") and entry["class"] == "priority":
             changes["order"] = order
         return entry, changes

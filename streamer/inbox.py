@@ -72,14 +72,14 @@ def new_bulletin(sender: str, user: str, programme: Record, klass: str,
             "targets": targets, "created": time.time() if now is None else now, **extra}
 
 
-def media_programme(media: Record, sender: str, user: str, *, text: str | None = None,
-                    now: float | None = None) -> Record:
+def media_programme(title: str, sender: str, user: str, *, media: Record | None = None,
+                    text: str | None = None, now: float | None = None) -> Record:
     """The approved programme a media bulletin (or, with `text`, a spoken one) airs: stored
     with the bulletin, so its content is a programme like any other bulletin's."""
     at = time.time() if now is None else now
-    body: Record = {"type": "tts", "text": text, "duration": None} if text is not None else \
-        {"type": "file", "media": media["id"], "duration": media.get("duration")}
-    return {"id": uuid.uuid4().hex[:12], "title": media["title"], **body, "volume": 100,
+    body: Record = {"type": "file", "media": media["id"], "duration": media.get("duration")} \
+        if media is not None else {"type": "tts", "text": text, "duration": None}
+    return {"id": uuid.uuid4().hex[:12], "title": title, **body, "volume": 100,
             "repeat": 1, "gap": 0.0, "area": sender, "owner": user, "status": "approved",
             "approved_by": user, "approved_at": at, "created": at, "bulletin": True}
 
@@ -134,7 +134,7 @@ def require_pending(entry: Record, action: str) -> None:
 
 def scheduling(entry: Record, schedule_id: str, user: str) -> Record:
     require_pending(entry, "schedule")
-    return {"state": "scheduled", "schedule": schedule_id, "by": user}
+    return {"state": "scheduled", "schedule": schedule_id, "by": user, "changed": time.time()}
 
 
 def declining(entry: Record, reason: str, user: str) -> Record:
@@ -142,7 +142,7 @@ def declining(entry: Record, reason: str, user: str) -> Record:
     reason = reason.strip()
     if not reason or len(reason) > MAX_REASON:
         raise InboxError(say("inbox.reason", limit=MAX_REASON), field="reason")
-    return {"state": "declined", "reason": reason, "by": user}
+    return {"state": "declined", "reason": reason, "by": user, "changed": time.time()}
 
 
 def ordering(entry: Record, order: str) -> Record:
@@ -162,10 +162,10 @@ def after_own(entries_of_bulletin: Iterable[Record]) -> frozenset[str]:
 
 async def deliver(store: Store, station: Station, tree: AreaTree, bulletin: Record,
                   programme: Record, *, emergency: EmergencyService | None = None,
-                  start: float | None = None) -> list[Record]:
+                  start: float | None = None, expires: float | None = None) -> list[Record]:
     """Store a bulletin and an entry per commune it reaches, then air it at once when its class
     says so, with the sender's authority: priority as a broadcast (from `start`, an epoch,
-    when later), emergency through the emergency service. What the API's send, the exchange
+    when later), emergency through the emergency service (ending at `expires`). What the API's send, the exchange
     and a child receiving its parent's bulletin call. Returns the entries."""
     keys = await store.find("node_key")
     codes = tree.resolve_leaves(bulletin["targets"])
@@ -192,7 +192,8 @@ async def deliver(store: Store, station: Station, tree: AreaTree, bulletin: Reco
         em = await emergency.create(Request(
             targets=bulletin["targets"], content=spec, issuer=bulletin["area"],
             user=bulletin["user"], title=bulletin["title"],
-            repeat=int(programme.get("repeat", 1)), gap=float(programme.get("gap", 0.0))))
+            repeat=int(programme.get("repeat", 1)), gap=float(programme.get("gap", 0.0)),
+            expires=expires))
         bulletin.update(await store.update("bulletin", bulletin["id"], {
             "broadcast": em["broadcast"], "emergency": em["id"]}))
     return made

@@ -165,7 +165,7 @@ class Node:
             self._stops.append(self.upstream.close)
             self.uplink = Uplink(cfg.upstream.url, cfg.upstream.key, self.upstream.settings.areas
                                  or [self.tree.roots()[0].code], self.store, self.tree,
-                                 self.library, self._inbox_changed, self.downlink.send)
+                                 self.library, self.inbox_changed, self.downlink.send)
             self.upstream.on_bulletin = self.uplink.on_message
             self.inbox_listeners.append(self.uplink.wake)
             self._stops.append(self.uplink.close)
@@ -288,7 +288,8 @@ class Node:
         return {"ready": ready, "store": store, "disk": {
             "writable": writable, "free_mb": free_mb, "min_free_mb": MIN_FREE_MB}}
 
-    def _inbox_changed(self, entry: Record) -> None:
+    def inbox_changed(self, entry: Record) -> None:
+        """An inbox entry changed (stored): every listener hears of it."""
         for listener in list(self.inbox_listeners):
             listener(entry)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from aiohttp import web
@@ -54,8 +55,7 @@ def publisher(hub: EventHub) -> Callable[[Record], None]:
 
 def notify(node: Node, entry: Record) -> None:
     """An entry changed (it is stored): whoever follows inbox entries hears of it."""
-    for listener in list(node.inbox_listeners):
-        listener(entry)
+    node.inbox_changed(entry)
 
 
 @routes.post("/api/v1/bulletins")
@@ -83,7 +83,7 @@ async def bulletin_send(request: web.Request) -> web.Response:
         media = await reference(request, node.tree, "media", data["media"], "media")
         if not direct:
             raise ApiError(403, say("broadcast.approved_only"), "media")
-        prog = inbox.media_programme(media, p.area, p.username)
+        prog = inbox.media_programme(media["title"], p.area, p.username, media=media)
     else:
         prog = await reference(request, node.tree, "programme", data["programme"], "programme")
     bulletin = inbox.new_bulletin(p.area, p.username, prog, klass, targets,
@@ -273,7 +273,8 @@ class _Airing:
         task.add_done_callback(self.tasks.discard)
 
     async def _aired(self, eid: str) -> None:
-        notify(self.node, await self.node.store.update("inbox", eid, {"state": "aired"}))
+        notify(self.node, await self.node.store.update("inbox", eid, {
+            "state": "aired", "changed": time.time()}))
 
 
 def setup(app: web.Application) -> None:
