@@ -121,7 +121,11 @@ async def bulletin_list(request: web.Request) -> web.Response:
 @routes.get("/api/v1/bulletins/{id}")
 async def bulletin_get(request: web.Request) -> web.Response:
     b = await _bulletin(request)
-    return ok({**b, "entries": await node_of(request).store.find("inbox", bulletin=b["id"])})
+    tree = node_of(request).tree
+    found = sorted(await node_of(request).store.find("inbox", bulletin=b["id"]),
+                   key=lambda e: e["area"])
+    return ok({**b, "entries": [{**e, "area_name": tree.get(e["area"]).name
+                                 if e["area"] in tree else e["area"]} for e in found]})
 
 
 @routes.get("/api/v1/inbox")
@@ -134,11 +138,26 @@ async def inbox_list(request: web.Request) -> web.Response:
     if state is not None and state not in inbox.STATES:
         raise ApiError(422, say("field.type", name="state", kind=" | ".join(inbox.STATES)),
                        "state")
+    progs: dict[str, Record | None] = {}
     found = await node.store.find("inbox", area=p.area) if not node.tree.get(p.area).children \
         else [e for e in await node.store.find("inbox")
               if e["area"] in node.tree and node.tree.contains(p.area, e["area"])]
     found = [e for e in found if state is None or e["state"] == state]
-    return ok({"entries": sorted(found, key=lambda e: -e["created"])})
+    return ok({"entries": [{**e, **await _shown(node, e, progs)}
+                           for e in sorted(found, key=lambda e: -e["created"])]})
+
+
+async def _shown(node: Node, entry: Record, progs: dict[str, Record | None]) -> Record:
+    """What a person needs beside an entry: the sender's name, what to listen to (the media
+    of its programme) or read (a spoken one's text)."""
+    pid = entry.get("programme") or ""
+    if pid not in progs:
+        progs[pid] = await node.store.get("programme", pid) if pid else None
+    prog = progs[pid] or {}
+    listen = [prog["media"]] if prog.get("type") == "file" else list(prog.get("items") or [])
+    sender = entry.get("from") or ""
+    return {"from_name": node.tree.get(sender).name if sender in node.tree else sender,
+            "listen": listen, "text": prog.get("text") if prog.get("type") == "tts" else None}
 
 
 async def _entry(request: web.Request) -> Record:
