@@ -156,7 +156,9 @@ async def _shown(node: Node, entry: Record, progs: dict[str, Record | None]) -> 
     prog = progs[pid] or {}
     listen = [prog["media"]] if prog.get("type") == "file" else list(prog.get("items") or [])
     sender = entry.get("from") or ""
+    area = entry["area"]
     return {"from_name": node.tree.get(sender).name if sender in node.tree else sender,
+            "area_name": node.tree.get(area).name if area in node.tree else area,
             "listen": listen, "text": prog.get("text") if prog.get("type") == "tts" else None}
 
 

@@ -6,7 +6,7 @@
 import { signal } from "@preact/signals";
 import { useEffect, useState } from "preact/hooks";
 import { html, t, half, word } from "./i18n.js";
-import { api, ApiFailure } from "./api.js";
+import { api, session, ApiFailure } from "./api.js";
 import { useSubmit, Field, FormError } from "./forms.js";
 import { on } from "./live.js";
 import { dateTime, isoDay } from "./format.js";
@@ -107,8 +107,9 @@ function Entry({ e }) {
   return html`<li class=${`inbox-entry class-${e.class}`} data-id=${e.id} data-area=${e.area}>
     <div class="what"><strong class="title">${e.title}</strong>
       <span class=${`badge state-${e.state}`}>${stateText()[e.state] || e.state}</span>
-      <span class="meta">${word("class", e.class)} · ${t("console.inbox.from", { from: e.from_name || e.from })}
-        · ${dateTime(e.created)}</span></div>
+      <span class="meta">${[word("class", e.class), t("console.inbox.from", { from: e.from_name || e.from }),
+                            e.area !== session.value.area.code ? e.area_name : null,
+                            dateTime(e.created)].filter(Boolean).join(" · ")}</span></div>
     ${e.state === "declined" && e.reason && html`<p class="reason">${t("console.inbox.declined_because")} <q>${e.reason}</q></p>`}
     <div class="actions"><${Content} e=${e} /></div>
     ${e.class === "normal" && e.state === "pending" && html`<div class="decide">
@@ -139,7 +140,8 @@ export function Inbox() {
     const offs = [on("inbox", reload), on("resync", reload)];
     return () => offs.forEach((off) => off());
   }, []);
-  const box = entries.value;
+  const own = session.value.area.code; // a level's own bulletins are under "sent", not here
+  const box = entries.value && entries.value.filter((e) => e.from !== own);
   const mine = sent.value;
   return html`<h1>${t("console.inbox")}</h1>
     ${failure.value && html`<p class="error" role="alert">${failure.value}</p>`}
