@@ -262,3 +262,86 @@ async def _entries(p: Pair, who: str) -> list[dict[str, Any]]:
 async def _orders(p: Pair, bid: str, want: dict[str, str]) -> bool:
     _, b = await p.call("parent", "tinh", "GET", f"/api/v1/bulletins/{bid}")
     return {e["area"]: e["order"] for e in b["entries"]} == want
+
+
+async def test_three_levels_the_district_node_passes_it_down_and_the_answer_up(
+        pair: Pair, tmp_path: Path):
+    """Province -> district node -> commune node: the bulletin reaches the commune node's inbox
+    through the district (its audio fetched from the district), the decline climbs back."""
+    district = pair.child.node
+    status, cred = await pair.call("child", "qtvtinh", "POST", "/api/v1/nodes",
+                                   json={"name": "Nút xã 1", "area": X1})
+    assert status == 201, cred
+    (tmp_path / "commune").mkdir()
+    cfg = make_config(tmp_path / "commune")
+    cfg.upstream.url, cfg.upstream.key, cfg.upstream.areas = pair.child.url, cred["key"], [X1]
+    commune = await start_node(cfg, prepare=people)
+    try:
+        c = commune.node
+        assert c.upstream is not None and district.upstream is not None
+        await until(lambda: c.upstream.state == "up" and district.upstream.state == "up",
+                    "both links up")
+        media = await upload(pair, tone_file(tmp_path / "ba.wav", 750, 2))
+        status, sent = await pair.call("parent", "tinh", "POST", "/api/v1/bulletins", json={
+            "media": media["id"], "targets": [X1], "class": "normal"})
+        assert status == 201, sent
+
+        async def commune_box() -> list[dict[str, Any]]:
+            async with pair.http.post(commune.url + "/api/v1/auth/token",
+                                      json={"username": "xa11", "password": PASSWORD}) as r:
+                token = (await r.json())["token"]
+            async with pair.http.get(commune.url + "/api/v1/inbox",
+                                     headers={"Authorization": f"Bearer {token}"}) as r:
+                return list((await r.json())["entries"])
+
+        await until(lambda: _len(commune_box(), 1), "the bulletin on the commune node")
+        (entry,) = await commune_box()
+        assert (entry["id"], entry["from"], entry["state"]) == (
+            sent["entries"][0]["id"], "T01", "pending")
+        assert [m["sha256"] for m in await c.store.find("media")] == [media["sha256"]]
+        # On the district node the entry is the commune node's: refused there.
+        status, out = await pair.call("child", "qtvtinh", "POST",
+                                      f"/api/v1/inbox/{entry['id']}/decline",
+                                      json={"reason": "x"})
+        assert status == 409, out
+        async with pair.http.post(commune.url + "/api/v1/auth/token",
+                                  json={"username": "xa11", "password": PASSWORD}) as r:
+            token = (await r.json())["token"]
+        async with pair.http.post(commune.url + f"/api/v1/inbox/{entry['id']}/decline",
+                                  json={"reason": "Mất điện cả xã"},
+                                  headers={"Authorization": f"Bearer {token}"}) as r:
+            assert r.status == 200, await r.text()
+
+        async def on_province() -> tuple[str, str | None]:
+            _, b = await pair.call("parent", "tinh", "GET", f"/api/v1/bulletins/{sent['id']}")
+            (e,) = b["entries"]
+            return e["state"], e.get("reason")
+
+        await until(lambda: _eq(on_province(), ("declined", "Mất điện cả xã")),
+                    "the commune's decline on the province, through the district")
+    finally:
+        await commune.stop()
+
+
+async def test_bad_bulletin_messages_from_a_parent_change_nothing(pair: Pair):
+    child = pair.child.node
+    assert child.uplink is not None
+    good = {"id": "b1", "class": "normal", "title": "x", "created": 1.0, "from": "T01",
+            "from_path": ["T01"], "content": {"type": "file", "media": []}}
+    bad = [
+        {"type": "bulletin", "bulletin": {**good, "id": "b1", "class": "loud"}, "entries": [
+            {"id": "e1", "area": X1}]},  # no such class
+        {"type": "bulletin", "bulletin": {**good, "id": "b2"}, "entries": [
+            {"id": "e2", "area": "T01-H2-X1"}]},  # outside the child's part of the tree
+        {"type": "bulletin", "bulletin": {**good, "id": "b3"}, "entries": [
+            {"id": "e3", "area": X1}]},  # nothing to air
+        {"type": "bulletin", "bulletin": {**good, "id": "b4", "content": {
+            "type": "file", "media": [{"id": "m", "sha256": "0" * 64}]}}, "entries": [
+            {"id": "e4", "area": X1}]},  # media the parent does not have for it: 404
+        {"type": "bulletin", "bulletin": "junk", "entries": []},
+    ]
+    for msg in bad:
+        child.uplink.on_message(msg)
+    await until(lambda: child.uplink.counts["refused"] >= 4, "the bad bulletins refused")
+    assert await child.store.count("bulletin") == 0 and await child.store.count("inbox") == 0
+    assert await child.store.count("programme") == 0
