@@ -191,7 +191,7 @@ async def deliver(store: Store, station: Station, tree: AreaTree, bulletin: Reco
     elif emergency is not None and klass == "emergency":
         em = await emergency.create(Request(
             targets=bulletin["targets"], content=spec, issuer=bulletin["area"],
-            user=bulletin["user"], title=bulletin["title"],
+            user=bulletin["user"], title=bulletin["title"], text=bulletin.get("text"),
             repeat=int(programme.get("repeat", 1)), gap=float(programme.get("gap", 0.0)),
             expires=expires))
         bulletin.update(await store.update("bulletin", bulletin["id"], {

@@ -188,7 +188,7 @@ class ExchangeService:
             prog = inbox.media_programme(b.title, root, user, media=rec)
         else:
             prog = inbox.media_programme(b.title, root, user, text=b.text)
-        bulletin = inbox.new_bulletin(root, user, prog, b.klass, b.targets,
+        bulletin = inbox.new_bulletin(root, user, prog, b.klass, b.targets, text=b.text,
                                       exchange={"peer": peer, "id": b.id})
         now = time.time()
         start = b.valid_from if b.valid_from is not None and b.valid_from > now else None
