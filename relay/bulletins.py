@@ -46,6 +46,7 @@ MEDIA_PATH = "/api/v1/nodes/media"
 REPORT_PATH = "/api/v1/nodes/inbox"
 REPORTED = ("state", "order", "reason")  # what a report carries of an entry
 MAX_REPORT = 200  # entries per report
+RETRY_MAX = 60.0  # a bulletin's fetch is retried, doubling from 1 s, while the wait is below this
 
 
 class BulletinRefused(ValueError):
@@ -110,22 +111,31 @@ class Downlink:
 
     async def send(self, bulletin: Record, entries: list[Record]) -> None:
         """A bulletin just stored: to each connected child that serves some of its communes
-        (one not connected gets it when it reconnects)."""
+        (one not connected, or one this fails for, gets it when it reconnects)."""
         for feed in list(self.links.feeds):
             mine = self._mine(feed, entries)
-            if mine:
-                feed.queue_text(await self.message(bulletin, mine))
+            try:
+                if mine:
+                    feed.queue_text(await self.message(bulletin, mine))
+            except Exception as e:  # noqa: BLE001 - stored: the child's next hello resends it
+                log.warning("bulletin not sent down event=bulletin_down_failed node=%s id=%s "
+                            "error=%s", feed.node, bulletin["id"], e)
 
     async def resend(self, feed: Feed) -> None:
-        """After a child's hello: every bulletin it has not reported receiving."""
-        waiting: dict[str, list[Record]] = {}
-        for e in self._mine(feed, await self.store.find("inbox")):
-            if not e.get("received"):
-                waiting.setdefault(e["bulletin"], []).append(e)
-        for bid, entries in sorted(waiting.items(), key=lambda kv: kv[1][0]["created"]):
-            b = await self.store.get("bulletin", bid)
-            if b is not None:
-                feed.queue_text(await self.message(b, entries))
+        """After a child's hello: every bulletin it has not reported receiving. A failure
+        (the store down) is logged; the link and what it carries go on."""
+        try:
+            waiting: dict[str, list[Record]] = {}
+            for e in self._mine(feed, await self.store.find("inbox")):
+                if not e.get("received"):
+                    waiting.setdefault(e["bulletin"], []).append(e)
+            for bid, entries in sorted(waiting.items(), key=lambda kv: kv[1][0]["created"]):
+                b = await self.store.get("bulletin", bid)
+                if b is not None:
+                    feed.queue_text(await self.message(b, entries))
+        except Exception as e:  # noqa: BLE001 - its next connection tries again
+            log.warning("bulletins not resent event=bulletin_down_failed node=%s error=%s",
+                        feed.node, e)
 
     async def media_for(self, key: Record, mid: str) -> Record:
         """A media record a child may fetch: one a bulletin to its communes plays."""
@@ -246,14 +256,30 @@ class Uplink:
 
     async def _receive(self, msg: dict[str, Any], bid: str) -> None:
         try:
-            await self.receive(msg)
+            delay = 1.0
+            while True:
+                try:
+                    await self.receive(msg)
+                    return
+                except (aiohttp.ClientError, OSError, TimeoutError, StoreUnavailable) as e:
+                    if delay > RETRY_MAX:  # given up here: the next hello resends it
+                        raise
+                    log.warning("bulletin not received yet event=bulletin_retry id=%s "
+                                "error=%s", bid[:64], e)
+                    # A backoff between attempts, not a wait for a condition.
+                    await asyncio.sleep(delay)
+                    delay *= 2
         except (BulletinRefused, ValueError, KeyError, TypeError) as e:
             self.counts["refused"] += 1
             log.warning("bulletin from the parent refused event=bulletin_refused id=%s "
                         "error=%s", bid[:64], e)
         except (aiohttp.ClientError, OSError, TimeoutError, StoreUnavailable) as e:
-            log.warning("bulletin not received, the parent resends it event=bulletin_retry "
-                        "id=%s error=%s", bid[:64], e)
+            log.warning("bulletin not received, the parent resends it after a reconnect "
+                        "event=bulletin_retry id=%s error=%s", bid[:64], e)
+        except Exception:  # noqa: BLE001 - a parent's message must never stop this node
+            self.counts["refused"] += 1
+            log.exception("bulletin from the parent failed event=bulletin_refused id=%s",
+                          bid[:64])
         finally:
             self._busy.discard(bid)
 
