@@ -252,6 +252,18 @@ async def test_priority_is_ordered_on_the_child_and_an_emergency_goes_through_it
     await until(lambda: _orders(pair, sent["id"], {X1: "after", X2: "before"}),
                 "the order reported to the province")
     assert parent.engine.live_broadcast(bid).after_own == frozenset({X1})
+    # The link lost past its hold (the parent's broadcast let go here), then back: the hello
+    # airs it again in the commune's order.
+    link = child.upstream
+    connects = link.counts["connects"]
+    for feed in list(parent.links.feeds):
+        assert feed.end is not None
+        feed.end(1001, "test: the network drops")
+    link._stop(bid, "upstream-lost")  # what the hold's end does
+    await until(lambda: link.counts["connects"] > connects and bid in link.remotes,
+                "the link back, the bulletin again")
+    assert child.engine.live_broadcast(bid).after_own == frozenset({X1})
+    await until(lambda: child.engine.main_of(X1) == own, "still the commune's own first")
 
     # An emergency bulletin: the province's emergency service (attention signal first), on the
     # child at once, its entries aired with no one's say.
