@@ -251,7 +251,8 @@ async def test_priority_is_ordered_on_the_child_and_an_emergency_goes_through_it
     assert child.engine.main_of(X2) == bid  # X2 kept the default
     await until(lambda: _orders(pair, sent["id"], {X1: "after", X2: "before"}),
                 "the order reported to the province")
-    assert parent.engine.live_broadcast(bid).after_own == frozenset({X1})
+    await until(lambda: parent.engine.live_broadcast(bid).after_own == frozenset({X1}),
+                "the order on the parent's air too (from its next tick)")
     # The link lost past its hold (the parent's broadcast let go here), then back: the hello
     # airs it again in the commune's order.
     link = child.upstream
