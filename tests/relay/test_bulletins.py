@@ -263,7 +263,8 @@ async def test_priority_is_ordered_on_the_child_and_an_emergency_goes_through_it
     link._stop(bid, "upstream-lost")  # what the hold's end does
     await until(lambda: link.counts["connects"] > connects and bid in link.remotes,
                 "the link back, the bulletin again")
-    assert child.engine.live_broadcast(bid).after_own == frozenset({X1})
+    await until(lambda: getattr(child.engine.live_broadcast(bid), "after_own", None)
+                == frozenset({X1}), "aired again after the commune's own")
     await until(lambda: child.engine.main_of(X1) == own, "still the commune's own first")
 
     # An emergency bulletin: the province's emergency service (attention signal first), on the
