@@ -30,6 +30,13 @@ async function reload() {
   } catch (e) { failure.value = e instanceof ApiFailure ? half(e.message) : t("console.network"); }
 }
 
+// Events come in bursts (a bulletin to a whole district is one per commune): one reload each.
+let pending = null;
+function reloadSoon() {
+  clearTimeout(pending);
+  pending = setTimeout(reload, 200);
+}
+
 const path = (e, action) => `/api/v1/inbox/${encodeURIComponent(e.id)}/${action}`;
 
 function Content({ e }) {
@@ -137,7 +144,7 @@ function Sent({ b }) {
 export function Inbox() {
   useEffect(() => {
     reload();
-    const offs = [on("inbox", reload), on("resync", reload)];
+    const offs = [on("inbox", reloadSoon), on("resync", reload)];
     return () => offs.forEach((off) => off());
   }, []);
   const own = session.value.area.code; // a level's own bulletins are under "sent", not here
