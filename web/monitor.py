@@ -557,7 +557,9 @@ async def monitor_json(app: web.Application, scope: str, depth: int | None = Non
             "devices": collected.devices,  # over the whole subtree of the scope
             "transports": transport_figures(app, collected),
             "links": {"children": node.links.stats(),  # issue 12: the links between nodes
-                      "upstream": node.upstream.stats() if node.upstream else None},
+                      "upstream": node.upstream.stats() if node.upstream else None,
+                      # the TT 39 inbox over the link: received, refused, reported up
+                      "bulletins": dict(node.uplink.counts) if node.uplink else None},
         },
         "areas": areas,
     }

@@ -149,8 +149,11 @@ async def test_a_normal_bulletin_waits_in_the_child_nodes_inbox_and_the_answers_
     assert fetched["sha256"] == media["sha256"] == hashlib.sha256(
         (tmp_path / "tin.wav").read_bytes()).hexdigest()
     assert await child.store.count("broadcast") == 0  # nothing airs before the commune says
-    # The child reported them received: the province sees it.
+    # The child reported them received: the province sees it; the child's monitor counts it.
     await until(lambda: _all_received(pair, sent["id"]), "received reported up")
+    status, mon = await pair.call("child", "qtvtinh", "GET", "/api/v1/monitor")
+    shown = mon["node"]["links"]["bulletins"]
+    assert status == 200 and shown["received"] == 1 and shown["refused"] == 0, shown
 
     # X2 declines on the child: the province reads the reason.
     (e2,) = await box("xa12")
