@@ -252,6 +252,12 @@ async def test_priority_is_ordered_on_the_child_and_an_emergency_goes_through_it
     assert status == 200 and out["order"] == "after", out
     await until(lambda: child.engine.main_of(X1) == own, "the commune's own first")
     assert child.engine.main_of(X2) == bid  # X2 kept the default
+    # Sample-exact on the child's media clock: its own resumes where the bulletin stopped it.
+    x1 = [c for c in child.engine.changes if c.area == X1]
+    began = next(c.sample for c in x1 if c.after == own)
+    stopped = next(c.sample for c in x1 if c.after == bid and c.before == own)
+    back = next(c for c in x1 if c.after == own and c.cause == "reorder")
+    assert back.before == bid and back.resumed_at == stopped - began, (back, began, stopped)
     await until(lambda: _orders(pair, sent["id"], {X1: "after", X2: "before"}),
                 "the order reported to the province")
     await until(lambda: parent.engine.live_broadcast(bid).after_own == frozenset({X1}),
