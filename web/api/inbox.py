@@ -22,6 +22,7 @@ from loa.streamer.messages import say
 from loa.streamer.state.store import Record
 from loa.web.api.air import checked_schedule, rule_errors, store_schedule
 from loa.web.api.core import node_of
+from loa.web.api.nodes import _credential
 from loa.web.api.schema import ID_PARAM, READ, STR, TARGETS, WRITE, S, body, obj, responses
 from loa.web.events import HUB, EventHub
 from loa.web.http import (
@@ -227,9 +228,8 @@ async def inbox_order(request: web.Request) -> web.Response:
 
 
 async def _node_key(request: web.Request) -> Record:
-    """The child node's credential (`Authorization: Node <key>`), or 401 with the reason."""
-    from loa.web.api.nodes import _credential  # the one check of a node key
-
+    """The child node's credential (`Authorization: Node <key>`, checked where the link
+    checks it), or 401 with the reason."""
     try:
         return await _credential(node_of(request), request.headers.get("Authorization", ""))
     except ApiError as e:
