@@ -1048,6 +1048,8 @@ CATALOGUE: dict[str, Text] = {
     "console.inbox.communes": Text("Các xã với «{title}»", "The communes and “{title}”"),
     "console.inbox.commune": Text("Xã", "Commune"),
     "console.inbox.state": Text("Trạng thái", "State"),
+    "console.inbox.not_at_node": Text("chưa đến nút {node} (mất kết nối?)",
+                                      "not yet at node {node} (link down?)"),
     "console.inbox.detail": Text("Lý do hoặc thứ tự", "Reason or order"),
     "console.schedule.calendar": Text("Lịch theo ngày", "Day by day"),
     "console.schedule.area": Text("Khu vực", "Area"),

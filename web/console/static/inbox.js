@@ -136,7 +136,8 @@ function Sent({ b }) {
       <tbody>${b.entries.map((e) => html`<tr data-area=${e.area}>
         <th scope="row">${e.area_name || e.area}</th>
         <td class=${`state-${e.state}`}>${stateText()[e.state] || e.state}</td>
-        <td>${e.state === "declined" ? e.reason : e.class === "priority"
+        <td>${e.node && !e.received ? t("console.inbox.not_at_node", { node: e.node })
+          : e.state === "declined" ? e.reason : e.class === "priority"
           ? (e.order === "after" ? t("console.inbox.after") : t("console.inbox.before")) : ""}</td></tr>`)}
       </tbody></table></li>`;
 }
