@@ -99,7 +99,7 @@ class Downlink:
                              for m in media]}
         return {"type": "bulletin", "bulletin": {
             **{k: bulletin.get(k) for k in ("id", "class", "title", "created", "broadcast",
-                                            "emergency")},
+                                            "emergency", "valid_until")},
             "from": bulletin["area"], "from_path": list(reversed(self.tree.ancestors(
                 bulletin["area"]))) if bulletin["area"] in self.tree else [bulletin["area"]],
             "content": content},
@@ -306,6 +306,7 @@ class Uplink:
                       "programme": prog["id"] if prog else None, "title": str(b["title"]),
                       "class": klass, "targets": codes, "created": float(b["created"]),
                       "broadcast": b.get("broadcast"), "emergency": b.get("emergency"),
+                      "valid_until": float(b["valid_until"]) if b.get("valid_until") else None,
                       "upstream": self.url}
             await self.store.put("bulletin", stored)
         keys = await self.store.find("node_key")

@@ -18,6 +18,7 @@ on it there, and the child reports the state back (relay/bulletins.py). The rule
 
 from __future__ import annotations
 
+import datetime as dt
 import time
 import uuid
 from collections.abc import Iterable
@@ -27,6 +28,7 @@ from loa.streamer.broadcast import BroadcastClass
 from loa.streamer.emergency.service import EmergencyService, Request
 from loa.streamer.engine import Engine
 from loa.streamer.messages import say
+from loa.streamer.schedule import DEFAULT_TZ, ZoneInfo, occurrences
 from loa.streamer.state.store import Record, Store
 from loa.streamer.station import ContentError, Station
 
@@ -135,6 +137,19 @@ def require_pending(entry: Record, action: str) -> None:
 def scheduling(entry: Record, schedule_id: str, user: str) -> Record:
     require_pending(entry, "schedule")
     return {"state": "scheduled", "schedule": schedule_id, "by": user, "changed": time.time()}
+
+
+def check_validity(bulletin: Record | None, schedule: Record, now: float | None = None) -> None:
+    """A bulletin valid until a time (the central system's `valid_until`) is scheduled to air
+    before it, or not at all."""
+    until = (bulletin or {}).get("valid_until")
+    if until is None:
+        return
+    start = time.time() if now is None else now
+    if not occurrences(schedule, start, float(until)):
+        at = dt.datetime.fromtimestamp(float(until), ZoneInfo(DEFAULT_TZ))
+        raise InboxError(say("inbox.after_validity", until=at.strftime("%H:%M %d/%m/%Y")),
+                         field="date" if schedule.get("kind") == "once" else "time")
 
 
 def declining(entry: Record, reason: str, user: str) -> Record:

@@ -489,6 +489,8 @@ CATALOGUE: dict[str, Text] = {
     "inbox.order_class": Text("chỉ bản tin ưu tiên mới được sắp thứ tự",
                               "only a priority bulletin is ordered against the commune's own"),
     "inbox.unknown": Text("không có bản tin", "unknown inbox entry"),
+    "inbox.after_validity": Text("bản tin chỉ có hiệu lực đến {until}: hãy phát trước lúc đó",
+                                 "the bulletin is valid until {until}: air it before then"),
     "inbox.at_child": Text("xã này do nút {node} phục vụ: xử lý bản tin tại nút đó",
                            "this commune is served by node {node}: act on the bulletin there"),
     "inbox.emergency_content": Text(

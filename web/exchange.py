@@ -189,6 +189,7 @@ class ExchangeService:
         else:
             prog = inbox.media_programme(b.title, root, user, text=b.text)
         bulletin = inbox.new_bulletin(root, user, prog, b.klass, b.targets, text=b.text,
+                                      valid_until=b.valid_until,
                                       exchange={"peer": peer, "id": b.id})
         now = time.time()
         start = b.valid_from if b.valid_from is not None and b.valid_from > now else None

@@ -247,6 +247,26 @@ async def test_a_normal_bulletin_waits_in_the_communes_inboxes_and_the_report_na
     assert partial and all(m["status"] == "partial" for m in partial)
 
 
+async def test_a_normal_bulletin_is_scheduled_within_its_validity_or_not_at_all(
+        srv: Srv, central: Central):
+    until = dt.datetime.now(ZoneInfo(DEFAULT_TZ)).replace(microsecond=0) + dt.timedelta(
+        minutes=10)
+    status, answer = await push(srv, bulletin("V-1", "normal", ["T01-H1-X1"],
+                                              valid_until=until.isoformat()))
+    assert status == 201, answer
+    (entry,) = (await srv.call("xa11", "GET", "/api/v1/inbox"))[1]["entries"]
+    late = until + dt.timedelta(days=1)
+    status, out = await srv.call("xa11", "POST", f"/api/v1/inbox/{entry['id']}/schedule", json={
+        "date": late.date().isoformat(), "time": late.strftime("%H:%M")})
+    assert status == 422 and out["field"] == "date", out
+    assert until.strftime("%H:%M %d/%m/%Y") in out["error"]
+    assert await srv.node.store.count("schedule") == 0
+    soon = until - dt.timedelta(minutes=5)
+    status, out = await srv.call("xa11", "POST", f"/api/v1/inbox/{entry['id']}/schedule", json={
+        "date": soon.date().isoformat(), "time": soon.strftime("%H:%M:%S")})
+    assert status == 200 and out["state"] == "scheduled", out
+
+
 async def test_replayed_bulletin_is_deduplicated(srv: Srv, central: Central):
     status, first = await push(srv, bulletin("B-2", "normal"))
     assert status == 201, first

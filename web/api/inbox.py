@@ -196,6 +196,9 @@ async def inbox_schedule(request: web.Request) -> web.Response:
     sched, conflicts = await checked_schedule(request, {
         "kind": "once", **data, "programme": entry["programme"], "targets": [entry["area"]],
         "class": entry["class"], "area": entry["area"], "inbox": entry["id"]})
+    with rule_errors():
+        inbox.check_validity(await node_of(request).store.get("bulletin", entry["bulletin"]),
+                             sched)
     await store_schedule(request, sched)
     entry = await _changed(request, entry, inbox.scheduling(
         entry, sched["id"], principal(request).username), "schedule")
