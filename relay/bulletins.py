@@ -395,8 +395,7 @@ class Uplink:
             try:
                 await self.report_due()
                 delay = 0.25
-            except (aiohttp.ClientError, OSError, TimeoutError, StoreUnavailable,
-                    BulletinRefused) as e:
+            except Exception as e:  # noqa: BLE001 - the network, the store, a parent's odd answer
                 log.warning("inbox report not delivered event=inbox_report_retry error=%s", e)
                 # A backoff between attempts, not a wait for a condition.
                 await asyncio.sleep(delay)
@@ -416,7 +415,7 @@ class Uplink:
             async with self._http.post(self.url + REPORT_PATH, json=body,
                                        headers=self.headers) as r:
                 answer = await r.json(content_type=None)
-                if r.status != 200:
+                if r.status != 200 or not isinstance(answer, dict):
                     raise BulletinRefused(str(answer.get("error") if isinstance(answer, dict)
                                               else r.status))
             for bad in answer.get("refused", []):  # the parent will not take it: not resent
