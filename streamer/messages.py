@@ -1024,6 +1024,8 @@ CATALOGUE: dict[str, Text] = {
     "console.schedule": Text("Lịch phát", "Schedule"),
     "console.inbox": Text("Hộp thư bản tin", "Bulletin inbox"),
     "console.inbox.received": Text("Bản tin cấp trên gửi", "Bulletins from above"),
+    "console.inbox.read_only": Text("Bạn chỉ được xem: lên lịch, từ chối hay sắp thứ tự cần quyền phát",
+                                    "Read only: scheduling, declining and ordering need the right to air"),
     "console.inbox.empty": Text("Chưa có bản tin nào", "No bulletins yet"),
     "console.inbox.sent": Text("Bản tin đã gửi xuống", "Bulletins sent down"),
     "console.inbox.pending": Text("chờ xử lý", "waiting"),

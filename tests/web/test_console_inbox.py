@@ -125,3 +125,11 @@ async def test_a_commune_answers_its_inbox_on_a_phone_and_the_province_sees_it_l
             ["đã phát", "phát sau bản tin của xã"])
         await shots(wide, "inbox-sent")
         assert await axe_violations(wide) == [], "sent"
+
+        # A viewer of the commune reads the inbox, with no form to act and the reason why.
+        viewer = await phone(browser)
+        await login(viewer, f"{srv.base}/", "xem11")
+        await viewer.click("nav.screens >> text=Hộp thư bản tin")
+        await expect(viewer.locator("li.inbox-entry")).to_have_count(3)
+        await expect(viewer.locator(".read-only")).to_be_visible()
+        await expect(viewer.locator("li.inbox-entry form, li.inbox-entry fieldset")).to_have_count(0)

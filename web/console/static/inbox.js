@@ -111,6 +111,7 @@ function OrderIt({ e }) {
 }
 
 function Entry({ e }) {
+  const may = session.value.rights.includes("air") && !e.node; // a child node's commune acts there
   return html`<li class=${`inbox-entry class-${e.class}`} data-id=${e.id} data-area=${e.area}>
     <div class="what"><strong class="title">${e.title}</strong>
       <span class=${`badge state-${e.state}`}>${stateText()[e.state] || e.state}</span>
@@ -119,9 +120,9 @@ function Entry({ e }) {
                             dateTime(e.created)].filter(Boolean).join(" · ")}</span></div>
     ${e.state === "declined" && e.reason && html`<p class="reason">${t("console.inbox.declined_because")} <q>${e.reason}</q></p>`}
     <div class="actions"><${Content} e=${e} /></div>
-    ${e.class === "normal" && e.state === "pending" && html`<div class="decide">
+    ${may && e.class === "normal" && e.state === "pending" && html`<div class="decide">
       <${ScheduleIt} e=${e} /><${DeclineIt} e=${e} /></div>`}
-    ${e.class === "priority" && html`<${OrderIt} e=${e} />`}
+    ${may && e.class === "priority" && html`<${OrderIt} e=${e} />`}
     ${e.class === "emergency" && html`<p class="note">${t("console.inbox.emergency_note")}</p>`}
   </li>`;
 }
@@ -154,6 +155,7 @@ export function Inbox() {
   return html`<h1>${t("console.inbox")}</h1>
     ${failure.value && html`<p class="error" role="alert">${failure.value}</p>`}
     <section aria-labelledby="inbox-title"><h2 id="inbox-title">${t("console.inbox.received")}</h2>
+      ${!session.value.rights.includes("air") && html`<p class="note read-only">${t("console.inbox.read_only")}</p>`}
       ${!box ? html`<p class="loading">${t("console.loading")}</p>`
         : box.length ? html`<ul class="inbox-list">${box.map((e) => html`<${Entry} key=${e.id} e=${e} />`)}</ul>`
         : html`<p>${t("console.inbox.empty")}</p>`}</section>
