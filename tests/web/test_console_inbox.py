@@ -16,6 +16,7 @@ from playwright.async_api import expect
 from loa.streamer.messages import say
 from tests.apiclient import tone_file
 from tests.emergencynode import Srv, live_config, serving
+from tests.helpers import until
 from tests.web.browser import XSS, axe_violations, chromium, login, phone, shots
 
 ZONE = ZoneInfo("Asia/Ho_Chi_Minh")
@@ -98,8 +99,11 @@ async def test_a_commune_answers_its_inbox_on_a_phone_and_the_province_sees_it_l
         await expect(three.locator("input[value=before]")).to_be_checked()
         await three.locator("input[value=after]").check()
         await expect(three.locator("input[value=after]")).to_be_checked()
-        entry = await srv.node.store.get("inbox", entry_of(urgent, X1))
-        assert entry is not None and entry["order"] == "after"
+        async def order() -> str:
+            entry = await srv.node.store.get("inbox", entry_of(urgent, X1))
+            return str((entry or {}).get("order"))
+
+        await until(lambda: _is(order(), "after"), "the order stored")
         aired = await srv.node.store.get("broadcast", urgent["broadcast"])
         assert aired is not None and aired["after_own"] == [X1]  # the engine's, at its tick
         assert await page.locator("main img").count() == 0 and dialogs == []
@@ -133,3 +137,7 @@ async def test_a_commune_answers_its_inbox_on_a_phone_and_the_province_sees_it_l
         await expect(viewer.locator("li.inbox-entry")).to_have_count(3)
         await expect(viewer.locator(".read-only")).to_be_visible()
         await expect(viewer.locator("li.inbox-entry form, li.inbox-entry fieldset")).to_have_count(0)
+
+
+async def _is(value: Any, want: str) -> bool:
+    return bool(await value == want)

@@ -150,7 +150,9 @@ export function Inbox() {
     return () => offs.forEach((off) => off());
   }, []);
   const own = session.value.area.code; // a level's own bulletins are under "sent", not here
-  const box = entries.value && entries.value.filter((e) => e.from !== own);
+  const waiting = (e) => (e.state === "pending" ? 0 : 1); // what needs the commune first
+  const box = entries.value && entries.value.filter((e) => e.from !== own)
+    .sort((a, b) => waiting(a) - waiting(b) || b.created - a.created);
   const mine = sent.value;
   return html`<h1>${t("console.inbox")}</h1>
     ${failure.value && html`<p class="error" role="alert">${failure.value}</p>`}
