@@ -181,6 +181,9 @@ async def test_pushed_bulletin_airs_and_the_signed_delivery_report_names_the_are
     x1 = next(a for a in report["areas"] if a["code"] == "T01-H1-X1")
     assert x1["name"] == "Xã 1 huyện 1" and 0.5 < x1["seconds"] < 10, x1
     assert report["loudspeakers"] == {"total": 0, "online": 0, "acked": None}
+    # What each commune's inbox says: a priority bulletin aired in all, in the default order.
+    assert {(c["code"], c["state"]) for c in report["communes"]} == {
+        (code, "aired") for code in H1_LEAVES}
     assert central.pushes >= 3 and central.bad_signatures == 0  # the first push was retried
     async with asyncio.timeout(WAIT):  # the outbox marks it once the webhook answered
         while (rec := await srv.node.store.get("exchange_out", f"{PEER}:delivery:B-1")
