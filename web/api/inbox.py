@@ -3,7 +3,9 @@
 A province or district sends a bulletin (POST /api/v1/bulletins); each commune it covers reads it
 in GET /api/v1/inbox and schedules or declines a normal one, or orders a priority one against its
 own; the sender follows the states in GET /api/v1/bulletins/{id}. Every change is audited and
-published on the event stream (`inbox`) to the areas it concerns.
+told to `Node.inbox_changed` (the event stream's `inbox`, the exchange's delivery report, the
+report up to a parent node). A child node, with its node key, fetches a bulletin's audio
+(GET /api/v1/nodes/media) and reports its communes' answers (POST /api/v1/nodes/inbox).
 """
 
 from __future__ import annotations
@@ -54,11 +56,6 @@ def publisher(hub: EventHub) -> Callable[[Record], None]:
     return publish
 
 
-def notify(node: Node, entry: Record) -> None:
-    """An entry changed (it is stored): whoever follows inbox entries hears of it."""
-    node.inbox_changed(entry)
-
-
 @routes.post("/api/v1/bulletins")
 async def bulletin_send(request: web.Request) -> web.Response:
     p = principal(request)
@@ -96,7 +93,7 @@ async def bulletin_send(request: web.Request) -> web.Response:
     await audit(request, "bulletin.send", bulletin["id"], targets=targets, **{"class": klass})
     await node.downlink.send(bulletin, entries)
     for e in entries:
-        notify(node, e)
+        node.inbox_changed(e)
     return ok({**bulletin, "entries": entries}, 201)
 
 
@@ -180,7 +177,7 @@ async def _changed(request: web.Request, entry: Record, changes: Record, action:
     entry = await node_of(request).store.update("inbox", entry["id"], changes)
     await audit(request, f"inbox.{action}", entry["id"], bulletin=entry["bulletin"],
                 **{k: v for k, v in changes.items() if k != "by"})
-    notify(node_of(request), entry)
+    node_of(request).inbox_changed(entry)
     return entry
 
 
@@ -271,7 +268,7 @@ async def node_report(request: web.Request) -> web.Response:
     for e in changed:
         await audit(request, "inbox.report", e["id"], node=key["id"], bulletin=e["bulletin"],
                     state=e["state"], reason=e.get("reason"), order=e.get("order"))
-        notify(node, e)
+        node.inbox_changed(e)
     if refused:
         log.warning("child's inbox report refused in part event=inbox_report_refused node=%s "
                     "refused=%d", key["id"], len(refused))
@@ -297,7 +294,7 @@ class _Airing:
         task.add_done_callback(self.tasks.discard)
 
     async def _aired(self, eid: str) -> None:
-        notify(self.node, await self.node.store.update("inbox", eid, {
+        self.node.inbox_changed(await self.node.store.update("inbox", eid, {
             "state": "aired", "changed": time.time()}))
 
 
