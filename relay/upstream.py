@@ -109,6 +109,8 @@ class UpstreamLink:
         self._released = False  # this outage's hold is over
         self.uplink: Uplink | None = None  # what goes up (relay/uplink.py), sent once greeted
         self.takes_reports = False  # the parent's hello says it takes them
+        # a `bulletin` message (the TT 39 inbox, relay/bulletins.py): handed over, never waited
+        self.on_bulletin: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def ws_url(self) -> str:
@@ -255,6 +257,8 @@ class UpstreamLink:
                 self._stop(str(msg["id"]), str(msg.get("cause") or "upstream-stop"))
             elif kind == "ack" and self.uplink is not None:
                 self.uplink.acked(msg)
+            elif kind == "bulletin" and self.on_bulletin is not None:
+                self.on_bulletin(msg)
             else:
                 raise LinkError(say("link.event_unknown", type=kind))
         except (ValueError, KeyError, TypeError, LinkError) as e:
@@ -306,18 +310,29 @@ class UpstreamLink:
         push = LivePush(target_ms=self.settings.buffer_ms,
                         max_ms=self.settings.buffer_ms + 100, name=str(event["title"]))
         self.remotes[bid] = Remote(event, push)
+        after = await self._after_own(bid) if cls is BroadcastClass.priority else frozenset()
         # On the air first, stored after: the parent holds the truth and has stored it; the
         # record here is for this node's lists and as-run (a restart ends it: "live").
         rec = await self.station.air(Content(push, str(event["title"]), None),
                                      targets=targets, klass=cls.name, issuer=issuer,
                                      user="upstream", policy=str(event.get("policy", "resume")),
                                      spec={"live": "upstream", "upstream": self.settings.url},
-                                     bid=bid, persist=False,
-                                     extra={"origin": {k: event.get(k) for k in ORIGIN}})
+                                     bid=bid, persist=False, after_own=after,
+                                     extra={"origin": {k: event.get(k) for k in ORIGIN},
+                                            **({"after_own": sorted(after)} if after else {})})
         await self.station.store.put("broadcast", rec)
         self.counts["started"] += 1
         log.info("parent broadcast on event=upstream_start id=%s class=%s issuer=%s "
                  "targets=%s", bid, cls.name, issuer, ",".join(targets))
+
+    async def _after_own(self, bid: str) -> frozenset[str]:
+        """The communes here that put this priority bulletin after their own (TT 39; kept on
+        its record by the inbox): it airs again in the same order after a link loss."""
+        try:
+            known = await self.station.store.get("broadcast", bid)
+        except Exception:  # noqa: BLE001 - the store down: the default order, on air anyway
+            return frozenset()
+        return frozenset((known or {}).get("after_own") or [])
 
     def _stop(self, bid: str, cause: str) -> None:
         r = self.remotes.pop(bid, None)

@@ -85,6 +85,10 @@ class MediaLibrary:
     def pcm_path(self, sha: str) -> Path:
         return self.root / sha[:2] / f"{sha}.s16"
 
+    def original_path(self, sha: str) -> Path:
+        """The bytes as uploaded (what a child node fetches and checks against `sha`)."""
+        return self._orig_path(sha)
+
     def _orig_path(self, sha: str) -> Path:
         return self.root / sha[:2] / f"{sha}.orig"
 

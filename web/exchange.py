@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 from loa.relay.devices.protocol import DEVICE_KINDS
 from loa.relay.exchange import Outbox, Poller
 from loa.streamer import exchange as model
+from loa.streamer import inbox
 from loa.streamer.asrun import asrun_rows, counted_once, hours_per_area
 from loa.streamer.broadcast import Broadcast
-from loa.streamer.emergency.service import Request
+from loa.streamer.errors import LoaError
 from loa.streamer.messages import say
 from loa.streamer.state.store import Record, canon
 
@@ -70,12 +71,15 @@ class ExchangeService:
         self.outbox.start()
         self.poller.start()
         self.node.engine.ended_listeners.append(self._on_end_thread)
+        self.node.inbox_listeners.append(self._inbox_changed)
         if self.settings.stats_interval > 0 and self.settings.peers:
             self._spawn(self._statistics_loop())
 
     async def stop(self) -> None:
         if self._on_end_thread in self.node.engine.ended_listeners:
             self.node.engine.ended_listeners.remove(self._on_end_thread)
+        if self._inbox_changed in self.node.inbox_listeners:
+            self.node.inbox_listeners.remove(self._inbox_changed)
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -129,7 +133,7 @@ class ExchangeService:
             await self.node.store.create(KIND, {
                 "id": key, "peer": peer, "digest": digest, "received": time.time(),
                 "broadcast": aired.get("broadcast"), "bulletin": bulletin.id,
-                "class": bulletin.klass, "answer": answer})
+                "inbox": aired.get("bulletin"), "class": bulletin.klass, "answer": answer})
         await self.outbox.put(peer, self._message("ack", f"ack:{bulletin.id}", {
             "bulletin": bulletin.id, "status": status, "areas": aired["areas"],
             **({"ended": aired["ended"]} if aired.get("ended") else {})}))
@@ -206,27 +210,68 @@ class ExchangeService:
         return self.node.tree.roots()[0].code
 
     async def hand_off(self, b: model.Bulletin, peer: str, media: str | None) -> Record:
-        """Put a bulletin on air by its class, with the province root's authority: emergency
-        through the emergency service, normal and priority as a broadcast of that class (from
-        `valid_from` when later). The one place that would route normal bulletins to the
-        communes' inbox instead."""
+        """Hand a bulletin to the TT 39 inbox with the province root's authority (its text read
+        by TTS when no audio): `normal` waits in each target commune's inbox until the commune
+        schedules or declines it (reported up as they answer), `priority` airs at once (from
+        `valid_from` when later) and each commune orders a clash, `emergency` airs at once
+        through the emergency service."""
         node, root, user = self.node, self._root(), f"exchange:{peer}"
-        spec: Record = {"media": media} if media else {"text": b.text}
-        if b.klass == "emergency":
-            rec = await node.emergency.create(Request(
-                targets=b.targets, content=spec, issuer=root, user=user, title=b.title,
-                text=b.text, expires=b.valid_until))
-            return {"emergency": rec["id"], "broadcast": rec["broadcast"],
-                    "areas": rec["areas"]}
-        content = await node.station.content(spec, area=root, owner=user,
-                                             require_approved=False)
-        content.title = b.title
+        if media is not None:
+            rec = await node.store.get("media", media)
+            assert rec is not None
+            prog = inbox.media_programme(b.title, root, user, media=rec)
+        else:
+            prog = inbox.media_programme(b.title, root, user, text=b.text)
+        bulletin = inbox.new_bulletin(root, user, prog, b.klass, b.targets, text=b.text,
+                                      valid_until=b.valid_until,
+                                      exchange={"peer": peer, "id": b.id})
         now = time.time()
         start = b.valid_from if b.valid_from is not None and b.valid_from > now else None
-        rec = await node.station.air(content, targets=b.targets, klass=b.klass, issuer=root,
-                                     user=user, spec={**spec, "bulletin": b.id}, start=start,
-                                     until=b.valid_until)
-        return {"broadcast": rec["id"], "areas": node.tree.resolve_leaves(b.targets)}
+        try:
+            entries = await inbox.deliver(node.store, node.station, node.tree, bulletin, prog,
+                                          emergency=node.emergency, start=start,
+                                          expires=b.valid_until)
+        except LoaError as err:
+            raise Refused(422, str(err), err.field) from None
+        await node.downlink.send(bulletin, entries)
+        for e in entries:
+            node.inbox_changed(e)
+        bid = bulletin.get("broadcast")
+        return {"bulletin": bulletin["id"], "areas": [e["area"] for e in entries],
+                **({"broadcast": bid} if bid else {}),
+                **({"emergency": bulletin["emergency"]} if bulletin.get("emergency") else {})}
+
+    def _inbox_changed(self, entry: Record) -> None:
+        """A commune answered a normal bulletin from the central system: report it up."""
+        if entry.get("class") == "normal" and self._loop is not None:
+            self._spawn(self.communes_report(str(entry["bulletin"])))
+
+    async def _communes(self, bulletin_id: str) -> list[Record]:
+        tree = self.node.tree
+        return [{"code": e["area"], "name": tree.get(e["area"]).name if e["area"] in tree
+                 else e["area"], "state": e["state"], "reason": e.get("reason"),
+                 "at": iso(e["changed"]) if e.get("changed") else None}
+                for e in sorted(await self.node.store.find("inbox", bulletin=bulletin_id),
+                                key=lambda e: e["area"])]
+
+    async def communes_report(self, bulletin_id: str) -> Record | None:
+        """The `delivery` report of a normal bulletin: what each commune did (pending,
+        scheduled, declined with its reason, aired, and when). One message per distinct set of
+        answers (ids carry their digest: a replay stores nothing twice); the last, when every
+        commune has declined or aired it, is `delivery:<id>` with status `complete`."""
+        b = await self.node.store.get("bulletin", bulletin_id)
+        ext = (b or {}).get("exchange")
+        if not ext:
+            return None
+        communes = await self._communes(bulletin_id)
+        if all(c["state"] == "pending" for c in communes):
+            return None  # nobody has answered yet: the ack said as much
+        complete = all(c["state"] in inbox.FINAL for c in communes)
+        digest = hashlib.sha256(canon(communes).encode()).hexdigest()[:12]
+        mid = f"delivery:{ext['id']}" + ("" if complete else f":{digest}")
+        return await self.outbox.put(ext["peer"], self._message("delivery", mid, {
+            "bulletin": ext["id"], "class": "normal",
+            "status": "complete" if complete else "partial", "communes": communes}))
 
     # ---- reports up ------------------------------------------------------------------------
     def _message(self, kind: str, mid: str, body: Record) -> Record:
@@ -267,13 +312,14 @@ class ExchangeService:
                  if d.get("area") in leaves]  # those child nodes reported
         eid = rec["answer"].get("emergency")
         proofs = await self.node.delivery.proofs(eid) if eid else None  # durable, any node
+        communes = await self._communes(rec["inbox"]) if rec.get("inbox") else []
         # A child node's entries may arrive after the end (an outage): each later arrival
         # sends the whole report again as a new revision, under its own id.
         mid = f"delivery:{rec['bulletin']}" + (f":{revision}" if revision > 1 else "")
         message = self._message("delivery", mid, {
             "bulletin": rec["bulletin"], "class": rec["class"], "revision": revision,
             "status": "aired" if reached else "not_aired", "end_cause": cause,
-            "areas": reached, "loudspeakers": {
+            "areas": reached, "communes": communes, "loudspeakers": {
                 "total": len(speakers) + len(below),
                 "online": sum(d.status != "offline" for d in speakers)
                 + sum(d.get("status") != "offline" for d in below),

@@ -572,7 +572,10 @@ async def monitor_json(app: web.Application, scope: str, depth: int | None = Non
                       "refused": list(node.links.refusals),  # the latest refusals (loop ...)
                       "upstream": node.upstream.stats() if node.upstream else None,
                       "uplink": node.uplink.stats() if node.uplink else None,
-                      "reports": node.uplink_in.counts},
+                      "reports": node.uplink_in.counts,
+                      # the TT 39 inbox over the link: received, refused, reported up
+                      "bulletins": dict(node.parent_bulletins.counts)
+                      if node.parent_bulletins else None},
         },
         "areas": areas,
     }

@@ -17,6 +17,7 @@ from pathlib import Path
 from aiohttp import web
 
 from loa.relay.archive import Archive
+from loa.relay.bulletins import Downlink, ParentBulletins
 from loa.relay.devices.history import DeviceHistory, device_alerts
 from loa.relay.devices.manager import DeviceManager
 from loa.relay.devices.mqtt import MqttBinding
@@ -127,11 +128,16 @@ class Node:
         self.fm: FmTuning  # receivers tuned while an FM programme wins their area
         self.uplink: Uplink | None = None  # what this node reports to its parent
         self.uplink_in: UplinkReceiver  # what its children report to it
+        self.downlink: Downlink  # bulletins to the children (relay/bulletins.py)
+        self.parent_bulletins: ParentBulletins | None = None  # bulletins from above, answers up
         self._tasks: list[asyncio.Task[None]] = []
         self._known_schedules: list[Record] = []
         # broadcast id -> inbox entry it airs (a scheduled bulletin from above): marked aired
         # when it goes on air (web/api/inbox.py listens to the engine)
         self.inbox_airing: dict[str, str] = {}
+        # told of every inbox entry once it is stored changed: the event stream, the
+        # exchange's delivery report, the report up to this node's parent (web/api/inbox.py)
+        self.inbox_listeners: list[Callable[[Record], None]] = []
         self._stops: list[Callable[[], Awaitable[None]]] = []  # of what started, in order
         self._closes: list[Callable[[], Awaitable[None]]] = []  # client connections
         self._clients_closed = False
@@ -217,6 +223,13 @@ class Node:
                 self._stops.append(self.uplink.close)
                 self.uplink.start(self.bus, self.engine.ended_listeners, self.station.flush,
                                   self._speakers)
+            self.parent_bulletins = ParentBulletins(cfg.upstream.url, cfg.upstream.key, self.upstream.settings.areas
+                                 or [self.tree.roots()[0].code], self.store, self.tree,
+                                 self.library, self.inbox_changed, self.downlink.send)
+            self.upstream.on_bulletin = self.parent_bulletins.on_message
+            self.inbox_listeners.append(self.parent_bulletins.wake)
+            self._stops.append(self.parent_bulletins.close)
+            await self.parent_bulletins.start()
             await self.upstream.start()
 
     async def load_airtime(self) -> None:
@@ -379,6 +392,7 @@ class Node:
         self._stops.append(self.notifier.stop)
         await self.notifier.start()
         self.history.raise_open(self.alerts)
+        self.downlink = Downlink(self.links, self.store, self.tree, self.station)
 
     async def _start_emergency(self) -> None:
         svc = self.emergency
@@ -449,6 +463,11 @@ class Node:
         ready = bool(store["writable"]) and writable and free_mb >= MIN_FREE_MB
         return {"ready": ready, "store": store, "disk": {
             "writable": writable, "free_mb": free_mb, "min_free_mb": MIN_FREE_MB}}
+
+    def inbox_changed(self, entry: Record) -> None:
+        """An inbox entry changed (stored): every listener hears of it."""
+        for listener in list(self.inbox_listeners):
+            listener(entry)
 
     async def _scheduled_broadcast(self, sched: Record, occurrence: float
                                    ) -> tuple[Broadcast, float] | None:

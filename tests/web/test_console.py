@@ -143,7 +143,7 @@ async def test_commune_sees_its_subtree_and_the_refusal_and_changes_its_password
         # an operator's screens; no emergency (no right) and no administration (not an admin)
         await expect(page.locator("nav.screens a")).to_have_text([
             "Tổng quan", "Phát ngay", "Thư viện âm thanh", "Chương trình và duyệt", "Lịch phát",
-            "Thiết bị", "Bảng tin", "Báo cáo", "Tài khoản"])
+            "Hộp thư bản tin", "Thiết bị", "Bảng tin", "Báo cáo", "Tài khoản"])
         await page.goto(f"{srv.base}/#/admin")  # typed by hand: the reason, not a blank page
         await expect(page.locator("main[data-screen=admin] .error[role=alert]")).to_have_text(
             "Chỉ quản trị viên mới mở được màn hình này")

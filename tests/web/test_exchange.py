@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import hashlib
 import hmac
 import json
+import math
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -18,6 +20,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
+from loa.streamer.clock import FRAME, tick_of
+from loa.streamer.schedule import DEFAULT_TZ, ZoneInfo
 from loa.web.config import Config
 from tests.apiclient import tone_file
 from tests.emergencynode import Srv, live_config, serving
@@ -177,6 +181,9 @@ async def test_pushed_bulletin_airs_and_the_signed_delivery_report_names_the_are
     x1 = next(a for a in report["areas"] if a["code"] == "T01-H1-X1")
     assert x1["name"] == "Xã 1 huyện 1" and 0.5 < x1["seconds"] < 10, x1
     assert report["loudspeakers"] == {"total": 0, "online": 0, "acked": None, "played": None}
+    # What each commune's inbox says: a priority bulletin aired in all, in the default order.
+    assert {(c["code"], c["state"]) for c in report["communes"]} == {
+        (code, "aired") for code in H1_LEAVES}
     assert central.pushes >= 3 and central.bad_signatures == 0  # the first push was retried
     async with asyncio.timeout(WAIT):  # the outbox marks it once the webhook answered
         while (rec := await srv.node.store.get("exchange_out", f"{PEER}:delivery:B-1")
@@ -202,6 +209,67 @@ async def test_emergency_bulletin_airs_at_once_through_the_emergency_service(
     assert rec["user"] == f"exchange:{PEER}" and rec["spec"]["content"].get("media")
 
 
+async def test_a_normal_bulletin_waits_in_the_communes_inboxes_and_the_report_names_answers(
+        srv: Srv, central: Central):
+    status, answer = await push(srv, bulletin("N-1", "normal", ["T01-H1-X1", "T01-H1-X2"]))
+    assert status == 201 and "broadcast" not in answer, answer
+    assert sorted(answer["areas"]) == ["T01-H1-X1", "T01-H1-X2"]
+    srv.run(1)
+    assert await srv.node.store.count("broadcast") == 0  # not straight to air
+    status, box = await srv.call("xa11", "GET", "/api/v1/inbox")
+    (e1,) = box["entries"]
+    assert (e1["from"], e1["class"], e1["title"], e1["state"]) == (
+        "T01", "normal", "Bản tin N-1", "pending")
+    status, box = await srv.call("xa12", "GET", "/api/v1/inbox")
+    (e2,) = box["entries"]
+    status, out = await srv.call("xa12", "POST", f"/api/v1/inbox/{e2['id']}/decline",
+                                 json={"reason": "Xã đang có bão, ưu tiên tin khẩn"})
+    assert status == 200, out
+    # X1 schedules it: the scheduler starts it (virtual clock), the entry turns aired.
+    at = math.ceil(time.time()) + 5
+    local = dt.datetime.fromtimestamp(at, ZoneInfo(DEFAULT_TZ))
+    status, out = await srv.call("xa11", "POST", f"/api/v1/inbox/{e1['id']}/schedule", json={
+        "date": local.date().isoformat(), "time": local.strftime("%H:%M:%S")})
+    assert status == 200 and out["state"] == "scheduled", out
+    node = srv.node
+    (bid,) = await node.scheduler.run_once(at - 3, await node.store.find("schedule"))
+    assert srv.clock is not None
+    start = tick_of(at - node.station.media_epoch)
+    srv.clock.run(start + 10 - srv.clock.n)
+    # At the scheduled sample, the text read by TTS, in X1 only.
+    assert [(c.sample, c.cause) for c in node.engine.changes if c.after == bid] == [
+        (start * FRAME, "start")]
+    report = await central.message("delivery:N-1")  # every commune has answered: complete
+    assert report["status"] == "complete" and report["class"] == "normal", report
+    assert [(c["code"], c["state"], c["reason"]) for c in report["communes"]] == [
+        ("T01-H1-X1", "aired", None),
+        ("T01-H1-X2", "declined", "Xã đang có bão, ưu tiên tin khẩn")]
+    assert all(c["at"] for c in report["communes"])
+    # ... after partial reports as they answered (each once, by its own id).
+    partial = [m for mid, m in central.messages.items() if mid.startswith("delivery:N-1:")]
+    assert partial and all(m["status"] == "partial" for m in partial)
+
+
+async def test_a_normal_bulletin_is_scheduled_within_its_validity_or_not_at_all(
+        srv: Srv, central: Central):
+    until = dt.datetime.now(ZoneInfo(DEFAULT_TZ)).replace(microsecond=0) + dt.timedelta(
+        minutes=10)
+    status, answer = await push(srv, bulletin("V-1", "normal", ["T01-H1-X1"],
+                                              valid_until=until.isoformat()))
+    assert status == 201, answer
+    (entry,) = (await srv.call("xa11", "GET", "/api/v1/inbox"))[1]["entries"]
+    late = until + dt.timedelta(days=1)
+    status, out = await srv.call("xa11", "POST", f"/api/v1/inbox/{entry['id']}/schedule", json={
+        "date": late.date().isoformat(), "time": late.strftime("%H:%M")})
+    assert status == 422 and out["field"] == "date", out
+    assert until.strftime("%H:%M %d/%m/%Y") in out["error"]
+    assert await srv.node.store.count("schedule") == 0
+    soon = until - dt.timedelta(minutes=5)
+    status, out = await srv.call("xa11", "POST", f"/api/v1/inbox/{entry['id']}/schedule", json={
+        "date": soon.date().isoformat(), "time": soon.strftime("%H:%M:%S")})
+    assert status == 200 and out["state"] == "scheduled", out
+
+
 async def test_replayed_bulletin_is_deduplicated(srv: Srv, central: Central):
     status, first = await push(srv, bulletin("B-2", "normal"))
     assert status == 201, first
@@ -209,7 +277,7 @@ async def test_replayed_bulletin_is_deduplicated(srv: Srv, central: Central):
     status, again = await push(srv, bulletin("B-2", "normal"))
     assert status == 200 and again == {**first, "duplicate": True}
     assert await counts(srv) == before
-    assert sum(b == first["broadcast"] for b in set(on_air(srv).values())) <= 1
+    assert await srv.node.store.count("inbox") == 3  # one entry per commune, once
     status, out = await push(srv, bulletin("B-2", "normal", text="Nội dung khác."))
     assert status == 409 and out["field"] == "id", out
     assert await counts(srv) == before
@@ -292,11 +360,11 @@ async def test_bulletins_pulled_from_the_central_feed_air_once(srv: Srv, central
     srv.run(0.1)
     got = await srv.node.store.get("exchange_in", f"{PEER}:F-1")
     assert got is not None and await srv.node.store.count("exchange_in") == 1
-    for area in ("T01-H2-X1", "T01-H2-X2", "T01-H2-X3"):
-        now = srv.node.engine.on_air(area)
-        assert now["broadcast"] == got["broadcast"] and now["class"] == "normal", now
-    assert srv.node.engine.on_air("T01-H1-X1")["broadcast"] is None
-    assert await srv.node.store.count("broadcast") == 1
+    # Normal: in the communes' inboxes, once, until they schedule it; nothing on air.
+    entries = await srv.node.store.find("inbox", bulletin=got["inbox"])
+    assert sorted((e["area"], e["state"]) for e in entries) == [
+        ("T01-H2-X1", "pending"), ("T01-H2-X2", "pending"), ("T01-H2-X3", "pending")]
+    assert await srv.node.store.count("broadcast") == 0
     refused = await central.message("ack:F-BAD")  # the central hears of the refusal
     assert refused["status"] == "refused" and refused["field"] == "targets", refused
     assert central.polls[0][0] is None and central.polls[-1][0] == "2"  # the cursor, kept

@@ -164,6 +164,10 @@ async def test_an_emergency_from_above_airs_at_once_and_needs_no_one(api, tmp_pa
         assert api.node.engine.on_air(code)["class"] == "emergency"
     assert changes(api, X1) == []
     assert {e["state"] for e in sent["entries"]} == {"aired"}
+    # Through the emergency service, not as a bare broadcast: its record, its attention signal.
+    em = await api.node.store.get("emergency", sent["emergency"])
+    assert em is not None and em["broadcast"] == sent["broadcast"] and em["issuer"] == "T01"
+    assert em["spec"]["attention"]["before"] is True, em["spec"]
     status, out = await api.call("huyen2", "POST",
                                  f"/api/v1/inbox/{sent['entries'][0]['id']}/order",
                                  json={"order": "after"})

@@ -174,6 +174,8 @@ def attempts(w: World) -> dict[tuple[str, str], Callable[[], list[Attempt]] | st
         ("POST", "/api/v1/auth/session"): "public login: names no area",
         ("DELETE", "/api/v1/auth/session"): "ends the caller's own session",
         ("POST", "/api/v1/auth/password"): "changes the caller's own password only",
+        ("POST", "/api/v1/nodes/inbox"): "a child node's key, scoped to the key's area "
+                                          "(tests/relay/test_bulletins.py)",
         ("POST", "/api/v1/devices/provision"): "public: a device's one-time token (401 below)",
         ("POST", "/api/v1/tts"): "speaks into the caller's own area (checked below)",
         ("POST", "/api/exchange/v1/bulletins"): "peer-signed: a user's token is no credential "

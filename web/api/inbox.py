@@ -3,24 +3,32 @@
 A province or district sends a bulletin (POST /api/v1/bulletins); each commune it covers reads it
 in GET /api/v1/inbox and schedules or declines a normal one, or orders a priority one against its
 own; the sender follows the states in GET /api/v1/bulletins/{id}. Every change is audited and
-published on the event stream (`inbox`) to the areas it concerns.
+told to `Node.inbox_changed` (the event stream's `inbox`, the exchange's delivery report, the
+report up to a parent node). A child node, with its node key, fetches a bulletin's audio
+(GET /api/v1/nodes/media) and reports its communes' answers (POST /api/v1/nodes/inbox).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
+from collections.abc import Callable
 
 from aiohttp import web
 
+from loa.relay.bulletins import MEDIA_PATH, REPORT_PATH, BulletinRefused
 from loa.streamer import inbox, programmes
 from loa.streamer.engine import OnAirChange
 from loa.streamer.messages import say
 from loa.streamer.state.store import Record
 from loa.web.api.air import checked_schedule, rule_errors, store_schedule
 from loa.web.api.core import node_of
+from loa.web.api.nodes import _credential
 from loa.web.api.schema import ID_PARAM, READ, STR, TARGETS, WRITE, S, body, obj, responses
-from loa.web.events import HUB, EventHub, hub_of
+from loa.web.events import HUB, EventHub
 from loa.web.http import (
+    PUBLIC,
     ApiError,
     audit,
     field,
@@ -33,15 +41,19 @@ from loa.web.http import (
 )
 from loa.web.node import NODE, Node
 
+log = logging.getLogger("loa.inbox")
 routes = web.RouteTableDef()
 SCHEDULE_FIELDS = {"kind", "time", "date", "weekdays", "from", "until", "tz"}
 
 
-def _event(hub: EventHub, entry: Record) -> None:
-    """To the commune's users, the levels above it (the sender among them) and no other."""
-    hub.publish("inbox", {k: entry.get(k) for k in (
-        "id", "bulletin", "area", "from", "class", "title", "state", "order", "reason")},
-        [entry["area"]])
+def publisher(hub: EventHub) -> Callable[[Record], None]:
+    """The `inbox` event: to the commune's users, the levels above it (the sender among them)
+    and no other."""
+    def publish(entry: Record) -> None:
+        hub.publish("inbox", {k: entry.get(k) for k in (
+            "id", "bulletin", "area", "from", "class", "title", "state", "order", "reason",
+            "node")}, [entry["area"]])
+    return publish
 
 
 @routes.post("/api/v1/bulletins")
@@ -52,7 +64,7 @@ async def bulletin_send(request: web.Request) -> web.Response:
     if not node.tree.get(p.area).children:
         raise ApiError(403, say("bulletin.no_right"))
     data = await read_json(request)
-    refuse_unknown(data, {"programme", "targets", "class"})
+    refuse_unknown(data, {"programme", "media", "targets", "class"})
     targets = str_list(data, "targets")
     for t in targets:
         if t not in node.tree:
@@ -62,15 +74,26 @@ async def bulletin_send(request: web.Request) -> web.Response:
         inbox.communes(node.tree, p.area, targets)  # below the sender only
     if klass == "emergency" and not p.emergency:
         raise ApiError(403, say("emergency.no_right"))
-    prog = await reference(request, node.tree, "programme", field(data, "programme", str),
-                           "programme")
-    bulletin = inbox.new_bulletin(p.area, p.username, prog, klass, targets)
+    if (data.get("media") is None) == (data.get("programme") is None):
+        raise ApiError(422, say("inbox.media_or_programme"), "programme")
+    direct = p.can("direct") or klass == "emergency"
+    if data.get("media") is not None:  # a media item, aired directly: as POST /broadcasts
+        media = await reference(request, node.tree, "media", data["media"], "media")
+        if not direct:
+            raise ApiError(403, say("broadcast.approved_only"), "media")
+        prog = inbox.media_programme(media["title"], p.area, p.username, media=media)
+    else:
+        prog = await reference(request, node.tree, "programme", data["programme"], "programme")
+    bulletin = inbox.new_bulletin(p.area, p.username, prog, klass, targets,
+                                  **({"media": data["media"]} if data.get("media") else {}))
     with rule_errors():
-        programmes.check_schedulable(prog, direct=p.can("direct") or klass == "emergency")
-        entries = await inbox.deliver(node.store, node.station, node.tree, bulletin, prog)
+        programmes.check_schedulable(prog, direct=direct)
+        entries = await inbox.deliver(node.store, node.station, node.tree, bulletin, prog,
+                                      emergency=node.emergency)
     await audit(request, "bulletin.send", bulletin["id"], targets=targets, **{"class": klass})
+    await node.downlink.send(bulletin, entries)
     for e in entries:
-        _event(hub_of(request), e)
+        node.inbox_changed(e)
     return ok({**bulletin, "entries": entries}, 201)
 
 
@@ -96,7 +119,11 @@ async def bulletin_list(request: web.Request) -> web.Response:
 @routes.get("/api/v1/bulletins/{id}")
 async def bulletin_get(request: web.Request) -> web.Response:
     b = await _bulletin(request)
-    return ok({**b, "entries": await node_of(request).store.find("inbox", bulletin=b["id"])})
+    tree = node_of(request).tree
+    found = sorted(await node_of(request).store.find("inbox", bulletin=b["id"]),
+                   key=lambda e: e["area"])
+    return ok({**b, "entries": [{**e, "area_name": tree.get(e["area"]).name
+                                 if e["area"] in tree else e["area"]} for e in found]})
 
 
 @routes.get("/api/v1/inbox")
@@ -109,11 +136,28 @@ async def inbox_list(request: web.Request) -> web.Response:
     if state is not None and state not in inbox.STATES:
         raise ApiError(422, say("field.type", name="state", kind=" | ".join(inbox.STATES)),
                        "state")
+    progs: dict[str, Record | None] = {}
     found = await node.store.find("inbox", area=p.area) if not node.tree.get(p.area).children \
         else [e for e in await node.store.find("inbox")
               if e["area"] in node.tree and node.tree.contains(p.area, e["area"])]
     found = [e for e in found if state is None or e["state"] == state]
-    return ok({"entries": sorted(found, key=lambda e: -e["created"])})
+    return ok({"entries": [{**e, **await _shown(node, e, progs)}
+                           for e in sorted(found, key=lambda e: -e["created"])]})
+
+
+async def _shown(node: Node, entry: Record, progs: dict[str, Record | None]) -> Record:
+    """What a person needs beside an entry: the sender's name, what to listen to (the media
+    of its programme) or read (a spoken one's text)."""
+    pid = entry.get("programme") or ""
+    if pid not in progs:
+        progs[pid] = await node.store.get("programme", pid) if pid else None
+    prog = progs[pid] or {}
+    listen = [prog["media"]] if prog.get("type") == "file" else list(prog.get("items") or [])
+    sender = entry.get("from") or ""
+    area = entry["area"]
+    return {"from_name": node.tree.get(sender).name if sender in node.tree else sender,
+            "area_name": node.tree.get(area).name if area in node.tree else area,
+            "listen": listen, "text": prog.get("text") if prog.get("type") == "tts" else None}
 
 
 async def _entry(request: web.Request) -> Record:
@@ -124,6 +168,8 @@ async def _entry(request: web.Request) -> Record:
     e = await node.store.get("inbox", request.match_info["id"])
     if e is None or e["area"] not in node.tree or not node.tree.contains(p.area, e["area"]):
         raise ApiError(404, say("inbox.unknown"))
+    with rule_errors():
+        inbox.require_here(e)
     return e
 
 
@@ -131,7 +177,7 @@ async def _changed(request: web.Request, entry: Record, changes: Record, action:
     entry = await node_of(request).store.update("inbox", entry["id"], changes)
     await audit(request, f"inbox.{action}", entry["id"], bulletin=entry["bulletin"],
                 **{k: v for k, v in changes.items() if k != "by"})
-    _event(hub_of(request), entry)
+    node_of(request).inbox_changed(entry)
     return entry
 
 
@@ -147,6 +193,9 @@ async def inbox_schedule(request: web.Request) -> web.Response:
     sched, conflicts = await checked_schedule(request, {
         "kind": "once", **data, "programme": entry["programme"], "targets": [entry["area"]],
         "class": entry["class"], "area": entry["area"], "inbox": entry["id"]})
+    with rule_errors():
+        inbox.check_validity(await node_of(request).store.get("bulletin", entry["bulletin"]),
+                             sched)
     await store_schedule(request, sched)
     entry = await _changed(request, entry, inbox.scheduling(
         entry, sched["id"], principal(request).username), "schedule")
@@ -178,12 +227,59 @@ async def inbox_order(request: web.Request) -> web.Response:
     return ok(entry)
 
 
+async def _node_key(request: web.Request) -> Record:
+    """The child node's credential (`Authorization: Node <key>`, checked where the link
+    checks it), or 401 with the reason."""
+    try:
+        return await _credential(node_of(request), request.headers.get("Authorization", ""))
+    except ApiError as e:
+        raise ApiError(401, str(e)) from None
+
+
+@routes.get(MEDIA_PATH)
+async def node_media(request: web.Request) -> web.StreamResponse:
+    """A child node fetches the audio of a bulletin to its communes (the original upload; the
+    child checks its SHA-256 and decodes it into its own library)."""
+    key = await _node_key(request)
+    node = node_of(request)
+    try:
+        media = await node.downlink.media_for(key, request.query.get("id", ""))
+    except BulletinRefused as e:
+        raise ApiError(404, str(e), "id") from None
+    path = node.library.original_path(media["sha256"])
+    if not await asyncio.to_thread(path.exists):
+        raise ApiError(404, say("media.file_missing", media=media["id"]), "id")
+    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+
+@routes.post(REPORT_PATH)
+async def node_report(request: web.Request) -> web.Response:
+    """A child node reports what its communes did with bulletins from here: received,
+    scheduled, declined (with the reason), aired, ordered. Idempotent: a replay changes
+    nothing; an entry that is not the child's is refused by itself, the rest applied."""
+    key = await _node_key(request)
+    node = node_of(request)
+    data = await read_json(request)
+    refuse_unknown(data, {"entries"})
+    try:
+        changed, refused = await node.downlink.report(key, data.get("entries"))
+    except BulletinRefused as err:
+        raise ApiError(422, str(err), "entries") from None
+    for e in changed:
+        await audit(request, "inbox.report", e["id"], node=key["id"], bulletin=e["bulletin"],
+                    state=e["state"], reason=e.get("reason"), order=e.get("order"))
+        node.inbox_changed(e)
+    if refused:
+        log.warning("child's inbox report refused in part event=inbox_report_refused node=%s "
+                    "refused=%d", key["id"], len(refused))
+    return ok({"changed": [e["id"] for e in changed], "refused": refused})
+
+
 class _Airing:
     """Marks a scheduled inbox entry aired when its broadcast first goes on air."""
 
-    def __init__(self, node: Node, hub: EventHub) -> None:
+    def __init__(self, node: Node) -> None:
         self.node = node
-        self.hub = hub
         self.loop = asyncio.get_running_loop()
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -198,24 +294,26 @@ class _Airing:
         task.add_done_callback(self.tasks.discard)
 
     async def _aired(self, eid: str) -> None:
-        _event(self.hub, await self.node.store.update("inbox", eid, {"state": "aired"}))
+        self.node.inbox_changed(await self.node.store.update("inbox", eid, {
+            "state": "aired", "changed": time.time()}))
 
 
 def setup(app: web.Application) -> None:
+    PUBLIC.update({("GET", MEDIA_PATH), ("POST", REPORT_PATH)})  # a child's node key
     app.add_routes(routes)
     node = app[NODE]
+    node.inbox_listeners.append(publisher(app[HUB]))
 
     async def start(_app: web.Application) -> None:
-        node.engine.listeners.append(_Airing(node, app[HUB]).on_air)
+        node.engine.listeners.append(_Airing(node).on_air)
 
     app.on_startup.append(start)
 
 
 def openapi_paths() -> S:
     secured: S = {"security": [{"bearer": []}]}
-    bulletin: S = obj({"programme": STR, "targets": TARGETS,
-                       "class": {"type": "string", "enum": list(inbox.FLOW)}},
-                      ["programme", "targets"])
+    bulletin: S = obj({"programme": STR, "media": STR, "targets": TARGETS,
+                       "class": {"type": "string", "enum": list(inbox.FLOW)}}, ["targets"])
     when: S = obj({"kind": {"type": "string", "enum": ["once", "daily", "weekly"]},
                    "time": {"type": "string", "example": "05:00"},
                    "date": {"type": "string", "example": "2026-12-01"},
@@ -246,4 +344,18 @@ def openapi_paths() -> S:
                                              obj({"reason": STR}, ["reason"])),
         "/api/v1/inbox/{id}/order": action(say("openapi.inbox_order"), obj(
             {"order": {"type": "string", "enum": list(inbox.ORDERS)}}, ["order"])),
+        MEDIA_PATH: {"get": {
+            "summary": say("openapi.node_media"), "security": [],
+            "parameters": [{"name": "id", "in": "query", "required": True, "schema": STR}],
+            "responses": {"200": {"description": "audio/*",
+                                  "content": {"application/octet-stream": {}}},
+                          **responses(401, 404)}}},
+        REPORT_PATH: {"post": {
+            "summary": say("openapi.node_inbox_report"), "security": [],
+            "requestBody": body(obj({"entries": {"type": "array", "items": obj({
+                "id": STR, "state": {"type": "string", "enum": list(inbox.STATES)},
+                "order": {"type": "string", "enum": list(inbox.ORDERS)},
+                "reason": {"type": ["string", "null"]}}, ["id", "state", "order"])}},
+                ["entries"])),
+            "responses": responses(200, 401, 422)}},
     }

@@ -108,6 +108,7 @@ async def link(request: web.Request) -> web.StreamResponse:
 
     feed = Feed(rec["id"], areas, ws.send_str, ws.send_bytes, end=end)
     node.links.attach(feed)
+    await node.downlink.resend(feed)  # the bulletins it has not reported receiving
     pump = asyncio.get_running_loop().create_task(feed.pump())
     try:
         async for msg in ws:

@@ -10,6 +10,7 @@ import { Overview } from "./overview.js";
 import { Account } from "./account.js";
 import { Air } from "./air.js";
 import { Schedule } from "./schedule.js";
+import { Inbox } from "./inbox.js";
 import { Library } from "./library.js";
 import { Programmes } from "./programmes.js";
 import { Emergency } from "./emergency.js";
@@ -32,6 +33,8 @@ const SCREENS = [
     draw: () => html`<${Programmes} />` },
   { id: "schedule", key: "console.schedule", may: (s) => s.rights.includes("read"),
     draw: (s, arg) => html`<${Schedule} key=${arg || s.area.code} area=${arg || s.area.code} />` },
+  { id: "inbox", key: "console.inbox", may: (s) => s.rights.includes("read"),
+    draw: () => html`<${Inbox} />` },
   { id: "emergency", key: "console.emergency.title",
     may: (s) => s.rights.includes("emergency") && s.rights.includes("air"),
     why: () => t("console.emergency.no_right"),

@@ -4,7 +4,8 @@
 // since events may have been missed meanwhile.
 const handlers = new Map(); // type -> Set of functions
 let source = null;
-const TYPES = ["onair", "device", "emergency", "programme", "schedule", "command", "emergency_status"];
+const TYPES = ["onair", "device", "emergency", "programme", "schedule", "command", "emergency_status",
+               "inbox"];
 
 function emit(type, data) {
   for (const fn of handlers.get(type) || []) fn(data);
