@@ -34,13 +34,13 @@ from loa.streamer.station import ContentError, Station
 
 # class -> the state an entry starts in: it waits for the commune, or it is on air already.
 FLOW = {"normal": "pending", "priority": "aired", "emergency": "aired"}
-STATES = ("pending", "scheduled", "declined", "aired")
+STATES = ("pending", "scheduled", "declined", "aired", "cancelled")
 ORDERS = ("before", "after")
 # Levels keep priority slots province > district > commune (DESIGN.md "Priority"): until the
 # commune says otherwise, the bulletin from above goes first and the commune's own resumes after.
 DEFAULT_ORDER = "before"
 MAX_REASON = 500
-FINAL = ("declined", "aired")  # a commune's last word on an entry
+FINAL = ("declined", "aired", "cancelled")  # a commune's last word, or the sender's cancel
 
 
 class InboxError(ContentError):

@@ -1189,6 +1189,7 @@ CATALOGUE: dict[str, Text] = {
     "console.inbox.scheduled": Text("đã lên lịch", "scheduled"),
     "console.inbox.declined": Text("đã từ chối", "declined"),
     "console.inbox.aired": Text("đã phát", "aired"),
+    "console.inbox.cancelled": Text("cấp trên đã hủy", "cancelled by the sender"),
     "console.inbox.from": Text("từ {from}", "from {from}"),
     "console.inbox.declined_because": Text("Lý do từ chối:", "Declined because:"),
     "console.inbox.date": Text("Ngày phát (dd/mm/yyyy)", "Date (dd/mm/yyyy)"),

@@ -203,8 +203,24 @@ class ExchangeService:
                 await self.node.emergency.end(eid, cause, user=f"exchange:{peer}")
             elif rec.get("broadcast") and self.node.engine.live_broadcast(rec["broadcast"]):
                 self.node.station.stop(rec["broadcast"], by_area=None, cause=cause)
+            if rec.get("inbox"):
+                await self._withdraw(str(rec["inbox"]), cause)
             await self.node.store.update(KIND, rec["id"], {"ended_by": b.id})
         return known
+
+    async def _withdraw(self, bulletin_id: str, cause: str) -> None:
+        """A cancelled or replaced bulletin leaves the communes' inboxes of this node: what
+        waits there or is scheduled (its schedule removed) turns `cancelled`; what aired or was
+        declined stays as it was."""
+        store = self.node.store
+        for e in await store.find("inbox", bulletin=bulletin_id):
+            if e["state"] not in ("pending", "scheduled") or e.get("node"):
+                continue  # a child node's entry: its node answers for it
+            if e.get("schedule"):
+                await store.delete("schedule", str(e["schedule"]))
+            e = await store.update("inbox", e["id"], {"state": "cancelled", "reason": cause,
+                                                      "changed": time.time()})
+            self.node.inbox_changed(e)
 
     def _root(self) -> str:
         return self.node.tree.roots()[0].code

@@ -360,6 +360,7 @@ class Node:
         self.links = LinkServer(self.engine, self.tree, self.hub, loop)
         self.links.chain = lambda: [self.node_id, *(self.upstream.path if self.upstream else [])]
         self._closes.append(self.links.close)
+        self.downlink = Downlink(self.links, self.store, self.tree, self.station)
         self.archive = Archive(cfg.archive, build.archive_dir(cfg), self.hub, self.tree,
                                self.area_settings, self.station.wall, self.alerts)
         self._stops.append(self.archive.stop)
@@ -392,7 +393,6 @@ class Node:
         self._stops.append(self.notifier.stop)
         await self.notifier.start()
         self.history.raise_open(self.alerts)
-        self.downlink = Downlink(self.links, self.store, self.tree, self.station)
 
     async def _start_emergency(self) -> None:
         svc = self.emergency

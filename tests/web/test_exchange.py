@@ -406,7 +406,7 @@ async def test_validity_ends_the_bulletin_on_the_media_clock_across_a_restart(
     wav = tone_file(tmp_path / "dai.wav", 600, 30)  # longer than its validity
     data = wav.read_bytes()
     until = time.time() + 8
-    body = bulletin("V-1", "normal", ["T01-H2-X1"], text=None,
+    body = bulletin("V-1", "priority", ["T01-H2-X1"], text=None,
                     valid_until=time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(until)),
                     attachments=[{"mime": "audio/wav", "sha256": hashlib.sha256(data).hexdigest(),
                                   "data": base64.b64encode(data).decode()}])
@@ -472,11 +472,11 @@ async def test_an_update_replaces_and_a_cancel_ends_what_was_on_air(srv: Srv, ce
     """CAP's msgType: an update airs in place of the bulletins it references (the new one on
     air before the old ones end), a cancel ends them (emergencies through the emergency
     service), a cancel of nothing known is 404 with nothing stored."""
-    status, first = await push(srv, bulletin("U-1", "normal", ["T01-H2"], text="Bản cũ. " * 40))
+    status, first = await push(srv, bulletin("U-1", "priority", ["T01-H2"], text="Bản cũ. " * 40))
     assert status == 201, first
     srv.run(0.2)
     assert srv.node.engine.on_air("T01-H2-X1")["broadcast"] == first["broadcast"]
-    status, upd = await push(srv, bulletin("U-2", "normal", ["T01-H2"], text="Bản mới. " * 40,
+    status, upd = await push(srv, bulletin("U-2", "priority", ["T01-H2"], text="Bản mới. " * 40,
                                            type="update", references=["U-1"]))
     assert status == 201 and upd["ended"] == ["U-1"] and upd["type"] == "update", upd
     srv.run(0.2)
@@ -509,6 +509,37 @@ async def test_an_update_replaces_and_a_cancel_ends_what_was_on_air(srv: Srv, ce
     assert (status, out["field"]) == (404, "references"), out
     for bad in ({"type": "cancel"}, {"type": "update"}, {"references": ["U-1"]},
                 {"type": "revoke", "references": ["U-1"]}):
-        status, out = await push(srv, bulletin("U-6", "normal", **bad))
+        status, out = await push(srv, bulletin("U-6", "priority", **bad))
         assert status == 422 and out["field"] in ("references", "type"), (bad, out)
     assert await counts(srv) == before
+
+
+async def test_a_cancel_withdraws_a_normal_bulletin_from_the_communes_inboxes(
+        srv: Srv, central: Central):
+    """What waits or is scheduled turns `cancelled` (its schedule removed: it never airs);
+    what a commune declined stays declined; the delivery report says so."""
+    status, answer = await push(srv, bulletin("W-1", "normal", ["T01-H1-X1", "T01-H1-X2"]))
+    assert status == 201, answer
+    (e1,) = (await srv.call("xa11", "GET", "/api/v1/inbox"))[1]["entries"]
+    (e2,) = (await srv.call("xa12", "GET", "/api/v1/inbox"))[1]["entries"]
+    local = dt.datetime.fromtimestamp(math.ceil(time.time()) + 3600, ZoneInfo(DEFAULT_TZ))
+    status, out = await srv.call("xa11", "POST", f"/api/v1/inbox/{e1['id']}/schedule", json={
+        "date": local.date().isoformat(), "time": local.strftime("%H:%M:%S")})
+    assert status == 200 and out["state"] == "scheduled", out
+    assert await srv.node.store.count("schedule") == 1
+    status, out = await srv.call("xa12", "POST", f"/api/v1/inbox/{e2['id']}/decline",
+                                 json={"reason": "Đã có tin tương tự"})
+    assert status == 200, out
+    status, out = await push(srv, {"id": "W-2", "sender": "ttcs@mic.gov.vn",
+                                   "sent": "2026-12-07T09:00:00+07:00", "type": "cancel",
+                                   "references": ["W-1"]})
+    assert status == 201 and out["ended"] == ["W-1"], out
+    assert await srv.node.store.count("schedule") == 0
+    (e1,) = (await srv.call("xa11", "GET", "/api/v1/inbox"))[1]["entries"]
+    (e2,) = (await srv.call("xa12", "GET", "/api/v1/inbox"))[1]["entries"]
+    assert (e1["state"], e1["reason"]) == ("cancelled", "cancelled")
+    assert e2["state"] == "declined"
+    report = await central.message("delivery:W-1")  # every commune's last word is in
+    assert report["status"] == "complete", report
+    assert [(c["code"], c["state"]) for c in report["communes"]] == [
+        ("T01-H1-X1", "cancelled"), ("T01-H1-X2", "declined")]

@@ -17,7 +17,8 @@ const sent = signal(null); // bulletins the caller's level sent, with their comm
 const failure = signal("");
 
 const stateText = () => ({ pending: t("console.inbox.pending"), scheduled: t("console.inbox.scheduled"),
-                           declined: t("console.inbox.declined"), aired: t("console.inbox.aired") });
+                           declined: t("console.inbox.declined"), aired: t("console.inbox.aired"),
+                           cancelled: t("console.inbox.cancelled") });
 
 async function reload() {
   try {
