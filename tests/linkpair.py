@@ -55,7 +55,7 @@ async def issue_key(http: aiohttp.ClientSession, base: str, area: str) -> tuple[
     assert status == 201, out
     status, cred = await api(http, base, "POST", "/api/v1/nodes", out["token"],
                              json={"name": f"Nút {area}", "area": area})
-    assert status == 201, cred
+    assert status == 201 and cred["area"] == area and "key_hash" not in cred, cred
     return out["token"], cred
 
 

@@ -300,7 +300,7 @@ async def reports_reach_the_parent(pair: Linked) -> None:
     # exchange's delivery report (revised when the child's entries come after the end) counts
     # the child's loudspeaker, and so do the statistics.
     status, _ = await parent.node.exchange.receive(PEER, json.dumps({
-        "id": "B-1", "sender": "ttcs", "sent": "2026-12-07T08:00:00+07:00", "class": "normal",
+        "id": "B-1", "sender": "ttcs", "sent": "2026-12-07T08:00:00+07:00", "class": "priority",
         "title": "Thông báo", "text": "Thông báo của trung ương", "targets": [DISTRICT]}).encode())
     assert status == 201
 

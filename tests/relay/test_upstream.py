@@ -21,22 +21,14 @@ from loa.relay.link import CLOSE_AREAS, CLOSE_CREDENTIAL, encode_frame
 from loa.streamer.broadcast import Broadcast
 from loa.streamer.engine import OnAirChange
 from loa.streamer.sources import ToneSource
-from loa.web.auth import add_user
 from loa.web.config import Config
 from loa.web.node import Node
 from loa.web.testing import LOCAL, LiveNode, start_node
-from tests.apiclient import PASSWORD, make_config
+from tests import linkpair
+from tests.apiclient import PASSWORD
 from tests.audio import decode_packets, peak_hz, rms
 from tests.helpers import until
-
-DISTRICT = "T01-H1"
-COMMUNE = "T01-H1-X1"
-ADMIN = "qtvtinh"  # the province's admin on the parent
-
-
-async def people(node: Node) -> None:
-    if not await node.store.find("user", username=ADMIN):
-        await add_user(node.store, node.tree, ADMIN, "admin", "T01", PASSWORD, emergency=True)
+from tests.linkpair import ADMIN, COMMUNE, DISTRICT, api, issue_key, node_config, people
 
 
 @dataclass
@@ -61,13 +53,6 @@ def listen(node: Node, area: str) -> Listener:
     return got
 
 
-async def api(http: aiohttp.ClientSession, base: str, method: str, path: str,
-              token: str | None = None, **kw: object) -> tuple[int, dict]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    async with http.request(method, base + path, headers=headers, **kw) as r:
-        return r.status, await r.json()
-
-
 @dataclass
 class Pair:
     parent: LiveNode
@@ -84,28 +69,9 @@ class Pair:
         return self.child.node.upstream
 
 
-def node_config(where: Path) -> Config:
-    where.mkdir()
-    return make_config(where)
-
-
 def child_config(tmp_path: Path, url: str, key: str, areas: list[str],
                  name: str = "child") -> Config:
-    cfg = node_config(tmp_path / name)
-    cfg.upstream.url, cfg.upstream.key, cfg.upstream.areas = url, key, areas
-    cfg.upstream.hold_s = 0.5
-    return cfg
-
-
-async def issue_key(http: aiohttp.ClientSession, base: str, area: str) -> tuple[str, dict]:
-    """The parent's admin logs in and registers a child node for `area`: (token, record+key)."""
-    status, out = await api(http, base, "POST", "/api/v1/auth/token",
-                            json={"username": ADMIN, "password": PASSWORD})
-    assert status == 201, out
-    status, cred = await api(http, base, "POST", "/api/v1/nodes", out["token"],
-                             json={"name": f"Nút {area}", "area": area})
-    assert status == 201 and cred["area"] == area and "key_hash" not in cred, cred
-    return out["token"], cred
+    return linkpair.child_config(tmp_path / name, url, key, areas)
 
 
 @pytest.fixture
