@@ -55,7 +55,7 @@ from loa.web.http import (
 )
 
 routes = web.RouteTableDef()
-MAX_SPAN_S = 24 * 3600  # one download or replay: a day at most
+MAX_SPAN_S = 3 * 3600  # one download or replay: ~50 MB of 32 kbit/s Opus, built in memory
 
 
 ARCHIVE_PATH = "/api/v1/areas/{code}/archive"
