@@ -84,7 +84,9 @@ async def test_a_relay_is_captured_at_its_time_and_aired_later(tmp_path: Path):
             assert abs(peak_hz(pcm[len(pcm) // 2:], rate) - 520) < 5  # the station, heard
 
             rec = await state(srv, rec["id"], "aired")
-            assert srv.node.engine.on_air(X1)["broadcast"] == rec["broadcast"]
+            async with asyncio.timeout(WAIT):  # on air from the media clock's next tick
+                while srv.node.engine.on_air(X1)["broadcast"] != rec["broadcast"]:
+                    await asyncio.sleep(0.02)
             b = await srv.node.store.get("broadcast", rec["broadcast"])
             assert b["issuer"] == X1 and b["user"] == "xa11" and b["spec"]["capture"] == rec["id"]
             status, listed = await srv.call("xa11", "GET", "/api/v1/captures")

@@ -226,7 +226,9 @@ function Live({ id }) {
     load();
     const offs = [on("emergency_status", (ev) => ev.id === id && soon()),
                   on("emergency", (ev) => ev.id === id && soon()),
-                  on("onair", (ev) => areas.current.has(ev.area) && soon()), on("resync", load)];
+                  // before the first answer names the areas, any change may be one of them
+                  on("onair", (ev) => (!areas.current.size || areas.current.has(ev.area)) && soon()),
+                  on("resync", load)];
     return () => { clearTimeout(timer); offs.forEach((off) => off()); };
   }, [id]);
   if (!rec) return html`<h1>${t("console.emergency.title")}</h1>
