@@ -267,7 +267,9 @@ class Ingests:
         conn = Connection(m, Pipe(self.loop, s.pipe_kb * 1024, s.read_timeout), fmt, remote)
         m.connection = conn
         m.connections += 1
-        self._found(m)
+        # A connection alone airs nothing (an Ogg encoder's first page can take a second): the
+        # mount is up on its first decoded audio. A grace running meanwhile ends in no change
+        # while this connection lives (`_gone`).
         conn.thread = threading.Thread(target=self._decode, args=(conn,), daemon=True,
                                        name="loa-ingest")
         conn.thread.start()
@@ -301,6 +303,11 @@ class Ingests:
                 self.engine.hold(bid, HOLD, False)
             if self.on_up is not None:
                 self.on_up(m)
+
+    def _heard(self, conn: Connection) -> None:
+        """A connection's first audio: the mount is up, unless another took it over."""
+        if conn.mount.connection is conn and not conn.stop.is_set():
+            self._found(conn.mount)
 
     def _lost(self, m: Mount) -> None:
         if m.down_timer is None:
@@ -366,6 +373,8 @@ class Ingests:
         try:
             for pcm in (self._parsed(conn) if conn.fmt in PARSED else self._demuxed(conn)):
                 conn.mount.deliver(pcm)
+                if not conn.samples:
+                    self.loop.call_soon_threadsafe(self._heard, conn)
                 conn.samples += pcm.shape[0]
                 ahead = conn.samples / SAMPLE_RATE - (time.monotonic() - t0)
                 if ahead > s.max_ahead_s and conn.stop.wait(ahead - s.max_ahead_s):

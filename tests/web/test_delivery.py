@@ -277,6 +277,8 @@ async def test_the_reference_agent_proves_what_its_decoder_hears(tmp_path: Path)
     task = asyncio.get_running_loop().create_task(agent.run(stop))
     try:
         await until(lambda: agent.audible(), "the agent playing its area's tone", timeout=30.0)
+        tone = srv.node.engine.on_air("T01-H1-X2")["broadcast"]
+        assert tone is not None
         status, em = await srv.post("/api/v1/emergencies", {
             "targets": ["T01-H1-X2"], "content": {"text": TEXT}})
         assert status == 201, em
@@ -296,10 +298,12 @@ async def test_the_reference_agent_proves_what_its_decoder_hears(tmp_path: Path)
         async with srv.http.delete(f"{srv.base}/api/v1/emergencies/{em['id']}",
                                    headers=srv.headers()) as r:
             assert r.status == 200
-        await until(lambda: agent.hearing is None and agent.client is not None
-                    and agent.client.on_air is not None, "the agent back on its area's stream",
-                    timeout=30.0)
-        tone = srv.node.engine.on_air("T01-H1-X2")["broadcast"]
+
+        def back() -> bool:  # the client's on_air follows the node's tick, it may lag a moment
+            return (agent.hearing is None and agent.client is not None
+                    and agent.client.on_air not in (None, em["broadcast"]))
+
+        await until(back, "the agent back on its area's stream", timeout=30.0)
         assert agent.client is not None and agent.client.on_air == tone
     finally:
         stop.set()
