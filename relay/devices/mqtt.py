@@ -41,6 +41,7 @@ import itertools
 import json
 import logging
 import random
+from collections import deque
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
@@ -202,9 +203,11 @@ class MqttBinding:
         self.connected = False
         self.ready = asyncio.Event()  # connected, accounts set up, subscribed
         self.stats = {"connects": 0, "received": 0, "published": 0, "publish_errors": 0,
-                      "wills": 0, "refused": 0, "write_kicks": 0}
+                      "wills": 0, "refused": 0}
         self._task: asyncio.Task[None] | None = None
-        self._hellos: dict[str, list[bytes]] = {}  # device -> messages held while its hello runs
+        # device -> its messages not yet handled: one device's in order (its hello before what
+        # follows), devices independent (one waiting on the store holds up no other)
+        self._inbox: dict[str, deque[bytes]] = {}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._answers: dict[str, asyncio.Future[dict[str, Any]]] = {}
         self._seq = itertools.count()
@@ -245,6 +248,7 @@ class MqttBinding:
                         # never left it (133 of 4,000 sent). The broker's own queue bounds it.
                         max_inflight_messages=0,
                         max_queued_outgoing_messages=0) as client:
+                    self._own_writes(client)
                     self.client = client
                     self.connected = True
                     self.stats["connects"] += 1
@@ -254,7 +258,6 @@ class MqttBinding:
                     log.info("mqtt connected event=mqtt_connect broker=%s:%d client=%s",
                              host, port, self.client_id)
                     reader = asyncio.get_running_loop().create_task(self._read(client))
-                    flusher = asyncio.get_running_loop().create_task(self._flush(client))
                     try:
                         if s.accounts:
                             await self._setup()
@@ -262,7 +265,6 @@ class MqttBinding:
                         delay = RECONNECT_MIN
                         await reader
                     finally:
-                        flusher.cancel()
                         reader.cancel()
                         with suppress(asyncio.CancelledError, aiomqtt.MqttError):
                             await reader
@@ -276,21 +278,36 @@ class MqttBinding:
             await asyncio.sleep(delay * random.uniform(0.75, 1.0))
             delay = min(delay * 2, RECONNECT_MAX)
 
-    async def _flush(self, client: aiomqtt.Client) -> None:
-        """Write what paho holds when no writer callback is registered for it. aiomqtt adds
-        the socket's writer callback later (call_soon_threadsafe) but removes it at once, so
-        under a fan-out the add can land after paho already counts it removed: paho then holds
-        its packets (and the PUBACKs of what it reads) until something else writes. Seen with
-        10,000 devices: a fan-out stalled at 3,015 acks."""
+    @staticmethod
+    def _own_writes(client: aiomqtt.Client) -> None:
+        """Register paho's socket writer on this loop ourselves. aiomqtt adds the writer later
+        (call_soon_threadsafe, as if paho ran in another thread) but removes it at once, so
+        under a fan-out the add can land after paho counts it removed: paho then holds its
+        packets (and the PUBACKs of what it reads) until something else writes (seen with 10,000
+        devices: a fan-out stalled at 3,015 acks). Past the connect, paho runs on this loop's
+        thread only: add and remove are both immediate."""
         paho = client._client  # noqa: SLF001
-        while True:
-            await asyncio.sleep(0.05)
-            if paho.want_write():
-                self.stats["write_kicks"] += 1
-                try:
-                    paho.loop_write()
-                except OSError:
-                    return  # the connection is going: the reader ends the session
+        loop = asyncio.get_running_loop()
+
+        def writable() -> None:
+            try:
+                paho.loop_write()
+            except Exception:  # noqa: BLE001 - the connection is going: the reader ends it
+                sock = paho.socket()
+                if sock is not None:
+                    loop.remove_writer(sock.fileno())
+
+        def register(_c: Any, _u: Any, sock: Any) -> None:
+            loop.add_writer(sock.fileno(), writable)
+
+        def unregister(_c: Any, _u: Any, sock: Any) -> None:
+            loop.remove_writer(sock.fileno())
+
+        paho.on_socket_register_write = register
+        paho.on_socket_unregister_write = unregister
+        sock = paho.socket()
+        if sock is not None and paho.want_write():
+            register(paho, None, sock)
 
     async def _read(self, client: aiomqtt.Client) -> None:
         try:
@@ -312,14 +329,24 @@ class MqttBinding:
             if dev is None:
                 continue
             self.stats["received"] += 1
-            held = self._hellos.get(dev)
-            if held is not None:  # its hello is being answered: keep the order
-                held.append(payload)
-                continue
-            try:
-                await self._message(dev, payload)
-            except Exception:
-                log.exception("mqtt message failed event=mqtt_message_error device=%s", dev)
+            inbox = self._inbox.get(dev)
+            if inbox is not None:  # the device's earlier messages are being handled
+                inbox.append(payload)
+            else:
+                self._inbox[dev] = deque((payload,))
+                self._spawn(self._drain(dev))
+
+    async def _drain(self, device: str) -> None:
+        inbox = self._inbox[device]
+        try:
+            while inbox:
+                try:
+                    await self._message(device, inbox.popleft())
+                except Exception:
+                    log.exception("mqtt message failed event=mqtt_message_error device=%s",
+                                  device)
+        finally:
+            del self._inbox[device]
 
     # ---- device messages -----------------------------------------------------------------------
     async def _message(self, device: str, payload: bytes) -> None:
@@ -344,8 +371,7 @@ class MqttBinding:
             return
         kind = msg.get("type")
         if kind == "hello":
-            self._hellos[device] = []
-            self._spawn(self._hello(device, msg, payload))
+            await self._hello(device, msg, payload)
         elif kind == "offline":  # the broker published the device's last will
             self.stats["wills"] += 1
             if link is not None and dev is not None:
@@ -358,32 +384,23 @@ class MqttBinding:
             await mgr.receive(dev, link, payload)
 
     async def _hello(self, device: str, msg: dict[str, Any], payload: bytes) -> None:
+        if msg.get("device") != device:  # a device speaks for itself only
+            self._refuse(device, CLOSE_MALFORMED_HELLO, say("mqtt.wrong_device"))
+            return
+        link = MqttLink(self, device)
+        old = self.links.get(device)
+        self.links[device] = link
         try:
-            if msg.get("device") != device:  # a device speaks for itself only
-                self._refuse(device, CLOSE_MALFORMED_HELLO, say("mqtt.wrong_device"))
-                return
-            link = MqttLink(self, device)
-            old = self.links.get(device)
-            self.links[device] = link
-            try:
-                await self.manager.hello(link, payload, self.public,
-                                         trusted=self.settings.accounts)
-            except HelloRejected as e:
-                if self.links.get(device) is link:
-                    del self.links[device]
-                    if old is not None:
-                        old.closed = True
-                self._refuse(device, e.code, e.reason)
-                return
-            if old is not None:
-                old.closed = True
-        finally:
-            for later in self._hellos.pop(device, []):
-                try:
-                    await self._message(device, later)
-                except Exception:
-                    log.exception("mqtt message failed event=mqtt_message_error device=%s",
-                                  device)
+            await self.manager.hello(link, payload, self.public, trusted=self.settings.accounts)
+        except HelloRejected as e:
+            if self.links.get(device) is link:
+                del self.links[device]
+                if old is not None:
+                    old.closed = True
+            self._refuse(device, e.code, e.reason)
+            return
+        if old is not None:
+            old.closed = True
 
     def _refuse(self, device: str, code: int, reason: str) -> None:
         self.stats["refused"] += 1
