@@ -48,7 +48,10 @@ def broker_conf(directory: Path, port: int) -> str:
         f"persistence_location {directory}/",
         "autosave_interval 1",  # queued messages on disk within a second
         "max_queued_messages 0",  # no cap per client: the node's session holds a fleet's acks
-        "max_inflight_messages 1000",
+        # No in-flight window either: Mosquitto 2.0.11 (Debian 12) can lose count of a client's
+        # in-flight quota under load and then holds that client's messages for good (fixed in
+        # 2.0.13); seen as a 10,000-device fan-out whose acks stopped reaching the node.
+        "max_inflight_messages 0",
         "max_keepalive 600",
         "log_type error",
         "log_type warning",
