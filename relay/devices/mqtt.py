@@ -283,9 +283,10 @@ class MqttBinding:
         """Register paho's socket writer on this loop ourselves. aiomqtt adds the writer later
         (call_soon_threadsafe, as if paho ran in another thread) but removes it at once, so
         under a fan-out the add can land after paho counts it removed: paho then holds its
-        packets (and the PUBACKs of what it reads) until something else writes (seen with 10,000
-        devices: a fan-out stalled at 3,015 acks). Past the connect, paho runs on this loop's
-        thread only: add and remove are both immediate."""
+        packets (and the PUBACKs of what it reads) until something else writes. Past the connect,
+        paho runs on this loop's thread only: add and remove are both immediate. (A 10,000-device
+        fan-out that stalled was first put down to this; Mosquitto 2.0.11's in-flight quota was the
+        cause that its fix removed, see mosquitto.py.)"""
         paho = client._client  # noqa: SLF001
         loop = asyncio.get_running_loop()
 
